@@ -1,0 +1,274 @@
+"""The one client every process uses to reach the bus: connect, provision, KV and watch.
+
+Only this package imports ``nats``. A :class:`Bus` is an async context manager over one
+NATS connection with JetStream; it reconnects forever in the background and tells every
+open watch to resync after a reconnect (see :mod:`bus.watch`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+from pydantic import BaseModel, ValidationError
+
+from bus import subjects
+from bus.errors import BusUnavailable, RegistryError
+from bus.schemas import DatabaseResource, FetcherStatus
+from bus.watch import Event, KvWatch, describe
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class BucketSpec:
+    """How a KV bucket is provisioned."""
+
+    name: str
+    description: str
+    history: int = 1
+    ttl: float | None = None
+
+
+BUCKETS: dict[str, BucketSpec] = {
+    subjects.DATABASES_BUCKET: BucketSpec(
+        subjects.DATABASES_BUCKET, "fleetgate database resources (written by discovery)"
+    ),
+    subjects.DISCOVERY_STATUS_BUCKET: BucketSpec(
+        subjects.DISCOVERY_STATUS_BUCKET, "fleetgate discovery fetcher status"
+    ),
+}
+
+
+def decode(model: type[M], key: str, data: bytes) -> M | None:
+    """Parse a record; a record we cannot read is logged and skipped, never fatal."""
+    try:
+        return model.model_validate_json(data)
+    except ValidationError as exc:
+        logger.warning("skipping unreadable %s record %r: %s", model.__name__, key, exc)
+        return None
+
+
+class Bus:
+    """One NATS connection with JetStream, and typed access to the registry."""
+
+    def __init__(self, nc: NATS, url: str) -> None:
+        self.nc = nc
+        self.url = url
+        self.js = nc.jetstream(timeout=10)
+        self._buckets: dict[str, KeyValue] = {}
+        self._watches: set[KvWatch[Any]] = set()
+        self.reconnects = 0
+        self.closing = False
+
+    # -- connection -------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        name: str,
+        connect_timeout: float = 5.0,
+        reconnect_wait: float = 0.5,
+    ) -> Bus:
+        """Connect to NATS at ``url``; raise BusUnavailable with the URL when unreachable."""
+        bus: Bus | None = None
+
+        async def on_error(exc: Exception) -> None:
+            logger.warning("NATS %s: %s", url, describe(exc))
+
+        async def on_disconnect() -> None:
+            if bus is not None and not bus.closing:
+                logger.warning("disconnected from NATS at %s; reconnecting", url)
+
+        async def on_reconnect() -> None:
+            logger.info("reconnected to NATS at %s", url)
+            if bus is not None:
+                bus._on_reconnect()
+
+        try:
+            nc = await nats.connect(
+                url,
+                name=name,
+                connect_timeout=connect_timeout,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=reconnect_wait,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+            )
+        except (OSError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
+            raise BusUnavailable(
+                f"cannot reach NATS at {url} ({describe(exc)}); start nats-server "
+                "there, or point at yours with --nats URL or FLEETGATE_NATS_URL"
+            ) from exc
+        bus = cls(nc, url)
+        return bus
+
+    def _on_reconnect(self) -> None:
+        self.reconnects += 1
+        for watch in list(self._watches):
+            watch.resync()
+
+    async def close(self) -> None:
+        """Stop every watch and close the connection (pending writes are flushed)."""
+        self.closing = True
+        for watch in list(self._watches):
+            await watch.stop()
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except (TimeoutError, nats.errors.Error) as exc:
+                logger.debug("drain failed (%s); closing", exc)
+                await self.nc.close()
+
+    async def __aenter__(self) -> Bus:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- buckets ------------------------------------------------------------------------
+
+    async def provision(self, *specs: BucketSpec) -> None:
+        """Create the buckets that do not exist yet; an existing bucket is left as it is."""
+        for spec in specs or tuple(BUCKETS.values()):
+            await self._open(spec, create=True)
+
+    async def bucket(self, name: str, *, create: bool = True) -> KeyValue:
+        """The KV bucket ``name``, provisioned on first use when ``create`` (the default)."""
+        kv = self._buckets.get(name)
+        if kv is None:
+            spec = BUCKETS.get(name) or BucketSpec(name, name)
+            kv = await self._open(spec, create=create)
+        return kv
+
+    async def _open(self, spec: BucketSpec, *, create: bool) -> KeyValue:
+        try:
+            try:
+                kv = await self.js.key_value(spec.name)
+            except nats.js.errors.BucketNotFoundError:
+                if not create:
+                    raise RegistryError(
+                        f"bucket {spec.name} does not exist yet: start discovery (or an "
+                        "agent) once against this NATS so it is created"
+                    ) from None
+                config = KeyValueConfig(
+                    bucket=spec.name,
+                    description=spec.description,
+                    history=spec.history,
+                    ttl=spec.ttl,
+                    storage=StorageType.FILE,
+                )
+                try:
+                    kv = await self.js.create_key_value(config=config)
+                except nats.js.errors.BadRequestError:
+                    # Someone else created it between our two calls: use theirs.
+                    kv = await self.js.key_value(spec.name)
+        except nats.js.errors.ServiceUnavailableError as exc:
+            raise RegistryError(
+                f"JetStream is not enabled on the NATS server at {self.url}: start it with -js "
+                "(or 'jetstream {}' in its config)"
+            ) from exc
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise RegistryError(
+                f"no JetStream answer from {self.url} for bucket {spec.name}: is JetStream "
+                "enabled (nats-server -js) and are we allowed to use it?"
+            ) from exc
+        self._buckets[spec.name] = kv
+        return kv
+
+    # -- generic typed KV ---------------------------------------------------------------
+
+    async def put(self, bucket: str, key: str, record: BaseModel) -> int:
+        kv = await self.bucket(bucket)
+        return int(await kv.put(key, record.model_dump_json(exclude_none=True).encode()))
+
+    async def get(self, bucket: str, key: str, model: type[M]) -> M | None:
+        kv = await self.bucket(bucket)
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        return decode(model, key, entry.value or b"")
+
+    async def delete(self, bucket: str, key: str) -> None:
+        kv = await self.bucket(bucket)
+        await kv.delete(key)
+
+    def watch(
+        self, bucket: str, model: type[M], *, keys: str = ">", create: bool = True
+    ) -> AsyncIterator[Event[M]]:
+        """Snapshot, then :class:`~bus.watch.Synced`, then changes; resyncs after reconnects."""
+        watch: KvWatch[M] = KvWatch(
+            open_bucket=lambda: self.bucket(bucket, create=create),
+            keys=keys,
+            decode=lambda key, data: decode(model, key, data),
+        )
+        return self._run_watch(watch)
+
+    async def _run_watch(self, watch: KvWatch[M]) -> AsyncIterator[Event[M]]:
+        self._watches.add(watch)
+        try:
+            async for event in watch:
+                yield event
+        finally:
+            self._watches.discard(watch)
+            await watch.stop()
+
+    async def snapshot(
+        self, bucket: str, model: type[M], *, keys: str = ">", create: bool = True
+    ) -> dict[str, M]:
+        """Every record of a bucket now, keyed by KV key."""
+        out: dict[str, M] = {}
+        async for event in self.watch(bucket, model, keys=keys, create=create):
+            if event.kind == "synced":
+                break
+            if event.kind == "upsert" and event.value is not None:
+                out[event.key] = event.value
+        return out
+
+    # -- the registry of databases ------------------------------------------------------
+
+    async def put_resource(self, resource: DatabaseResource) -> int:
+        return await self.put(
+            subjects.DATABASES_BUCKET, subjects.database_key(resource.name), resource
+        )
+
+    async def delete_resource(self, name: str) -> None:
+        await self.delete(subjects.DATABASES_BUCKET, subjects.database_key(name))
+
+    async def get_resource(self, name: str) -> DatabaseResource | None:
+        return await self.get(
+            subjects.DATABASES_BUCKET, subjects.database_key(name), DatabaseResource
+        )
+
+    async def list_resources(self, *, create: bool = True) -> list[DatabaseResource]:
+        found = await self.snapshot(subjects.DATABASES_BUCKET, DatabaseResource, create=create)
+        return sorted(found.values(), key=lambda r: r.name)
+
+    def watch_resources(self) -> AsyncIterator[Event[DatabaseResource]]:
+        return self.watch(subjects.DATABASES_BUCKET, DatabaseResource)
+
+    async def put_fetcher_status(self, status: FetcherStatus) -> int:
+        key = subjects.fetcher_status_key(status.group, status.fetcher_id)
+        return await self.put(subjects.DISCOVERY_STATUS_BUCKET, key, status)
+
+    async def list_fetcher_status(self) -> list[FetcherStatus]:
+        found = await self.snapshot(subjects.DISCOVERY_STATUS_BUCKET, FetcherStatus)
+        return list(found.values())
+
+
+WatchFactory = Callable[[], AsyncIterator[Event[Any]]]

@@ -1,0 +1,191 @@
+"""A KV watch that never loses or duplicates state: snapshot, ``synced``, then changes.
+
+nats-py's ``kv.watch`` delivers the last value of every key, then a ``None`` marker,
+then live updates. :class:`KvWatch` turns that into :class:`Event` objects and adds
+what a long-running reader needs:
+
+* after a reconnect (``resync()``) or a broken watch it opens a new one, and at the new
+  snapshot's end emits only the difference to what it already reported: upserts for new
+  or changed keys, deletes for keys that vanished while it was away, then ``synced``;
+* it drops duplicates (a revision it already reported), so readers may apply events
+  blindly;
+* an unreadable record is logged and treated as absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+logger = logging.getLogger(__name__)
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one short phrase, even when its message is empty."""
+    return str(exc) or type(exc).__name__
+
+
+T = TypeVar("T")
+
+_RESYNC = object()
+_STOP = object()
+_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+
+
+@dataclass(frozen=True)
+class Event(Generic[T]):
+    """One change seen by a watch."""
+
+    kind: Literal["upsert", "deleted", "synced"]
+    key: str = ""
+    value: T | None = None
+    revision: int = 0
+
+
+class KvWatch(Generic[T]):
+    """Iterate once; stop with :meth:`stop`; :meth:`resync` forces a fresh snapshot."""
+
+    def __init__(
+        self,
+        *,
+        open_bucket: Callable[[], Awaitable[KeyValue]],
+        keys: str,
+        decode: Callable[[str, bytes], T | None],
+    ) -> None:
+        self._open_bucket = open_bucket
+        self._keys = keys
+        self._decode = decode
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._known: dict[str, int] = {}
+        self._watcher: Any = None
+        self._pump: asyncio.Task[None] | None = None
+        self._stopped = False
+        self.resyncs = 0
+
+    def resync(self) -> None:
+        """Start over with a new snapshot (called by the bus after a reconnect)."""
+        self._queue.put_nowait(_RESYNC)
+
+    async def stop(self) -> None:
+        """End the iteration and release the server-side consumer."""
+        self._stopped = True
+        self._queue.put_nowait(_STOP)
+        await self._close_watcher()
+
+    async def _close_watcher(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._pump
+            self._pump = None
+        if self._watcher is not None:
+            watcher, self._watcher = self._watcher, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(watcher.stop(), 2)
+
+    async def _open(self) -> None:
+        kv = await self._open_bucket()
+        self._watcher = await kv.watch(self._keys)
+        self._pump = asyncio.create_task(self._pump_from(self._watcher), name="kv-watch-pump")
+
+    async def _pump_from(self, watcher: Any) -> None:
+        try:
+            async for entry in watcher:
+                self._queue.put_nowait(entry)
+        except Exception as exc:  # the watch broke: make the reader reopen it
+            self._queue.put_nowait(exc)
+
+    def __aiter__(self) -> AsyncIterator[Event[T]]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[Event[T]]:
+        attempt = 0
+        while not self._stopped:
+            try:
+                await self._open()
+            except Exception as exc:
+                delay = _BACKOFF[min(attempt, len(_BACKOFF) - 1)]
+                attempt += 1
+                logger.warning(
+                    "cannot open watch on %s (%s); retrying in %.1fs",
+                    self._keys,
+                    describe(exc),
+                    delay,
+                )
+                await self._close_watcher()
+                await asyncio.sleep(delay)
+                continue
+            snapshot: dict[str, tuple[int, T]] | None = {}
+            while True:
+                item = await self._queue.get()
+                if item is _STOP:
+                    return
+                if item is _RESYNC or isinstance(item, Exception):
+                    if isinstance(item, Exception):
+                        logger.warning("watch on %s broke (%s); resyncing", self._keys, item)
+                    break
+                if item is None:  # end of the initial snapshot
+                    if snapshot is not None:
+                        for event in self._diff(snapshot):
+                            yield event
+                        snapshot = None
+                        attempt = 0
+                    continue
+                if snapshot is not None:
+                    self._collect(snapshot, item)
+                    continue
+                live = self._live(item)
+                if live is not None:
+                    yield live
+            self.resyncs += 1
+            await self._close_watcher()
+            self._drain()
+
+    def _drain(self) -> None:
+        while not self._queue.empty():
+            if self._queue.get_nowait() is _STOP:
+                self._stopped = True
+
+    def _collect(self, snapshot: dict[str, tuple[int, T]], entry: KeyValue.Entry) -> None:
+        if entry.operation in (KV_DEL, KV_PURGE):
+            snapshot.pop(entry.key, None)
+            return
+        value = self._decode(entry.key, entry.value or b"")
+        if value is None:
+            snapshot.pop(entry.key, None)
+        else:
+            snapshot[entry.key] = (entry.revision or 0, value)
+
+    def _diff(self, snapshot: dict[str, tuple[int, T]]) -> list[Event[T]]:
+        events: list[Event[T]] = []
+        for key in [k for k in self._known if k not in snapshot]:
+            del self._known[key]
+            events.append(Event("deleted", key))
+        for key, (revision, value) in snapshot.items():
+            if self._known.get(key) != revision:
+                self._known[key] = revision
+                events.append(Event("upsert", key, value, revision))
+        events.append(Event("synced"))
+        return events
+
+    def _live(self, entry: KeyValue.Entry) -> Event[T] | None:
+        revision = entry.revision or 0
+        if entry.operation in (KV_DEL, KV_PURGE):
+            if self._known.pop(entry.key, None) is None:
+                return None
+            return Event("deleted", entry.key, revision=revision)
+        if revision <= self._known.get(entry.key, 0):
+            return None  # already reported
+        value = self._decode(entry.key, entry.value or b"")
+        if value is None:
+            if self._known.pop(entry.key, None) is None:
+                return None
+            return Event("deleted", entry.key, revision=revision)
+        self._known[entry.key] = revision
+        return Event("upsert", entry.key, value, revision)

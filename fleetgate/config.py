@@ -1,0 +1,77 @@
+"""Loading YAML config files into pydantic models, with errors a person can act on."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+class ConfigError(Exception):
+    """A config file or flag is wrong; the message names the field and the fix."""
+
+
+def format_location(loc: tuple[int | str, ...]) -> str:
+    """``("aws", 0, "regions")`` -> ``aws[0].regions``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(top level)"
+
+
+def explain(error: ValidationError, source: str) -> ConfigError:
+    """Turn pydantic's errors into one message naming each field and what was expected."""
+    lines = []
+    for item in error.errors(include_url=False):
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see the sample config in deploy/)"
+        elif item["type"] == "missing":
+            msg = "required field is missing"
+        lines.append(f"  {format_location(tuple(item['loc']))}: {msg}")
+    return ConfigError(f"{source}: invalid config\n" + "\n".join(lines))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; raise ConfigError for a missing file or bad YAML."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read config file: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise ConfigError(f"{p}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping of settings at the top level")
+    return data
+
+
+def load_model(model: type[M], data: dict[str, Any], source: str) -> M:
+    """Validate ``data`` as ``model``; raise ConfigError naming every wrong field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise explain(exc, source) from None
+
+
+def resolve_nats_url(flag: str | None, configured: str | None = None) -> str:
+    """The NATS URL: ``--nats`` beats ``FLEETGATE_NATS_URL`` beats the config file."""
+    return flag or os.environ.get("FLEETGATE_NATS_URL") or configured or DEFAULT_NATS_URL

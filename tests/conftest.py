@@ -1,0 +1,68 @@
+"""Real parts for every test: nats-server with JetStream and moto's server as AWS."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+
+from bus import Bus
+from bus.server import NatsServer
+from sandbox.aws import MotoServer
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A fresh ``nats-server -js`` on an ephemeral loopback port with its own store."""
+    server = NatsServer(tmp_path / "nats").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
+    """A connected bus client with the registry buckets provisioned."""
+    client = await Bus.connect(nats_server.url, name="test")
+    await client.provision()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[MotoServer]:
+    server = MotoServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def aws(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> MotoServer:
+    """moto with no resources, and this process's AWS environment pointed at it."""
+    moto_server.reset()
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for key, value in moto_server.environ().items():
+        monkeypatch.setenv(key, value)
+    return moto_server
+
+
+def boto(service: str, region: str = "us-east-1", **kwargs: object) -> object:
+    """A boto3 client against the current environment (moto, when ``aws`` is in use)."""
+    return boto3.client(service, region_name=region, **kwargs)  # type: ignore[call-overload]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The current environment plus ``extra``, for running the ``fleetgate`` command."""
+    env = dict(os.environ)
+    env.update(extra)
+    return env

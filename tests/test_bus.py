@@ -1,0 +1,119 @@
+"""The registry client against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bus import Bus, DatabaseResource, DatabaseSpec, Metadata, subjects
+from bus.server import NatsServer, wait_port_free
+from bus.watch import Event
+
+
+def db(name: str, **labels: str) -> DatabaseResource:
+    return DatabaseResource(
+        metadata=Metadata(name=name, labels=labels), spec=DatabaseSpec(uri=f"{name}:6379")
+    )
+
+
+async def next_events(it: object, n: int) -> list[Event[DatabaseResource]]:
+    out = []
+    for _ in range(n):
+        out.append(await asyncio.wait_for(it.__anext__(), 10))  # type: ignore[attr-defined]
+    return out
+
+
+async def test_put_get_delete_list(bus: Bus) -> None:
+    await bus.put_resource(db("b", env="dev"))
+    await bus.put_resource(db("a", env="prod"))
+    got = await bus.get_resource("a")
+    assert got is not None and got.metadata.labels == {"env": "prod"}
+    assert [r.name for r in await bus.list_resources()] == ["a", "b"]
+    await bus.delete_resource("a")
+    assert await bus.get_resource("a") is None
+    assert [r.name for r in await bus.list_resources()] == ["b"]
+
+
+async def test_provision_is_idempotent(bus: Bus, nats_server: NatsServer) -> None:
+    await bus.put_resource(db("kept"))
+    other = await Bus.connect(nats_server.url, name="second")
+    try:
+        await other.provision()
+        await other.provision()
+        assert [r.name for r in await other.list_resources()] == ["kept"]
+    finally:
+        await other.close()
+
+
+async def test_unknown_fields_and_newer_versions_are_read(bus: Bus) -> None:
+    kv = await bus.bucket(subjects.DATABASES_BUCKET)
+    await kv.put(
+        "future",
+        b'{"schema_version": 9, "kind": "db", "new_thing": {"x": 1},'
+        b' "metadata": {"name": "future", "labels": {"a": "b"}, "colour": "red"},'
+        b' "spec": {"uri": "h:1", "protocol": "redis", "shiny": true}}',
+    )
+    await kv.put("garbage", b"not json")
+    found = {r.name: r for r in await bus.list_resources()}
+    assert set(found) == {"future"}
+    assert found["future"].schema_version == 9
+    assert found["future"].metadata.labels == {"a": "b"}
+
+
+async def test_watch_snapshot_synced_then_changes(bus: Bus) -> None:
+    await bus.put_resource(db("one"))
+    await bus.put_resource(db("two"))
+    it = bus.watch_resources().__aiter__()
+    first = await next_events(it, 3)
+    assert sorted((e.kind, e.key) for e in first[:2]) == [("upsert", "one"), ("upsert", "two")]
+    assert first[2].kind == "synced"
+    await bus.put_resource(db("three"))
+    await bus.delete_resource("one")
+    live = await next_events(it, 2)
+    assert [(e.kind, e.key) for e in live] == [("upsert", "three"), ("deleted", "one")]
+    await it.aclose()
+
+
+async def test_watch_of_empty_bucket_syncs(bus: Bus) -> None:
+    it = bus.watch_resources().__aiter__()
+    assert [e.kind for e in await next_events(it, 1)] == ["synced"]
+    await it.aclose()
+
+
+async def test_watch_survives_nats_restart_without_loss_or_duplicates(
+    nats_server: NatsServer,
+) -> None:
+    reader = await Bus.connect(nats_server.url, name="reader", reconnect_wait=0.1)
+    try:
+        await reader.provision()
+        await reader.put_resource(db("stays"))
+        await reader.put_resource(db("goes"))
+        it = reader.watch_resources().__aiter__()
+        assert [e.kind for e in await next_events(it, 3)][-1] == "synced"
+
+        port = nats_server.port
+        nats_server.stop()
+        wait_port_free("127.0.0.1", port)
+        # While the reader is away: a write and a delete by someone else.
+        nats_server.port = port
+        nats_server.start()
+        writer = await Bus.connect(nats_server.url, name="writer")
+        await writer.put_resource(db("new-while-away"))
+        await writer.delete_resource("goes")
+        await writer.close()
+
+        events = await next_events(it, 3)
+        assert sorted((e.kind, e.key) for e in events if e.kind != "synced") == [
+            ("deleted", "goes"),
+            ("upsert", "new-while-away"),
+        ]
+        assert events[-1].kind == "synced"
+        # Live changes still flow after the resync, exactly once each.
+        writer = await Bus.connect(nats_server.url, name="writer2")
+        await writer.put_resource(db("after"))
+        await writer.close()
+        (event,) = await next_events(it, 1)
+        assert (event.kind, event.key) == ("upsert", "after")
+        assert reader.reconnects >= 1
+        await it.aclose()
+    finally:
+        await reader.close()
