@@ -1,0 +1,1 @@
+"""The only package of discovery that talks to AWS (through aiobotocore)."""

@@ -1,0 +1,159 @@
+"""One fetcher: the MemoryDB clusters of one matcher in one region and account."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from bus import labels
+from bus.schemas import DatabaseResource
+from discovery.aws.errors import FetchError, map_error
+from discovery.aws.memorydb import AioMemoryDB, MemoryDBApi, MemoryDBUser
+from discovery.aws.session import AwsSession
+from discovery.convert import Context, convert, iam_users_of, usable
+from discovery.matchers import FetcherKey, role_account
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class FetchResult:
+    """What one fetcher saw. ``carried``: cluster ARNs whose last known resource stays as it
+    is, because part of what describes them (tags, VPC, users) could not be read."""
+
+    key: FetcherKey
+    account_id: str | None
+    fetcher_id: str | None
+    state: Literal["ok", "partial", "failed"] = "ok"
+    error: str = ""
+    resources: list[DatabaseResource] = field(default_factory=list)
+    carried: set[str] = field(default_factory=set)
+    clusters_seen: int = 0
+
+
+class RegionCache:
+    """Per-poll answers shared by every fetcher of one region and account (called once)."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[tuple[str, str, str], asyncio.Future[Any]] = {}
+
+    async def once(
+        self, kind: str, region: str, account: str, call: Callable[[], Awaitable[T]]
+    ) -> T:
+        key = (kind, region, account)
+        task = self._tasks.get(key)
+        if task is None:
+            task = asyncio.ensure_future(call())
+            self._tasks[key] = task
+        result: T = await asyncio.shield(task)
+        return result
+
+    def close(self) -> None:
+        for task in self._tasks.values():
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()  # mark retrieved
+
+
+async def fetch(
+    key: FetcherKey, *, session: AwsSession, group: str, cache: RegionCache, api_concurrency: int
+) -> FetchResult:
+    """Run one fetcher; never raises for AWS errors (they become a failed result)."""
+    role, external_id = key.role
+    result = FetchResult(key, role_account(role) if role else None, None)
+    try:
+        creds = await session.credentials(role, external_id, key.region)
+        if result.account_id is None:
+            result.account_id = await session.caller_account(key.region)
+        result.fetcher_id = key.fetcher_id(result.account_id)
+        async with session.client("memorydb", key.region, creds) as client:
+            api = AioMemoryDB(client, session, key.region)
+            await _collect(result, api, cache=cache, group=group, api_concurrency=api_concurrency)
+    except FetchError as exc:
+        result.state, result.error = "failed", str(exc)
+    except Exception as exc:  # unexpected: still never a reason to delete anything
+        result.state, result.error = "failed", str(map_error(exc, "fetch"))
+        logger.exception("fetcher %s %s failed unexpectedly", key.type, key.region)
+    if result.state == "failed":
+        result.resources, result.carried = [], set()
+    return result
+
+
+async def _collect(
+    result: FetchResult, api: MemoryDBApi, *, cache: RegionCache, group: str, api_concurrency: int
+) -> None:
+    key, account = result.key, result.account_id or ""
+    clusters = await api.describe_clusters()
+    result.clusters_seen = len(clusters)
+    kept = []
+    for cluster in clusters:
+        ok, reason = usable(cluster)
+        if ok:
+            kept.append(cluster)
+        else:
+            logger.debug("skipping %s", reason)
+    if not kept:
+        return
+    problems: list[str] = []
+
+    vpcs: dict[str, str] | None
+    try:
+        vpcs = await cache.once("subnets", key.region, account, api.describe_subnet_groups)
+    except FetchError as exc:
+        vpcs = None
+        problems.append(f"vpc-id unknown ({exc})")
+    users: list[MemoryDBUser] | None
+    try:
+        users = await cache.once("users", key.region, account, api.describe_users)
+    except FetchError as exc:
+        users = None
+        problems.append(f"IAM users unknown ({exc})")
+
+    limit = asyncio.Semaphore(api_concurrency)
+
+    async def tags_of(arn: str) -> dict[str, str] | FetchError:
+        async with limit:
+            try:
+                return await api.list_tags(arn)
+            except FetchError as exc:
+                return exc
+
+    all_tags = await asyncio.gather(*(tags_of(c["ARN"]) for c in kept))
+    role, external_id = key.role
+    ctx = Context(group, result.fetcher_id or "", role, external_id)
+    tag_failures = 0
+    for cluster, tags in zip(kept, all_tags, strict=True):
+        arn = cluster["ARN"]
+        if isinstance(tags, FetchError):
+            tag_failures += 1
+            result.carried.add(arn)
+            if tag_failures == 1:
+                problems.append(f"tags unknown ({tags})")
+            continue
+        vpc = vpcs.get(cluster.get("SubnetGroupName", "")) if vpcs is not None else None
+        try:
+            resource = convert(
+                cluster,
+                tags=tags,
+                vpc_id=vpc,
+                iam_users=iam_users_of(cluster.get("ACLName", ""), users),
+                ctx=ctx,
+            )
+        except (KeyError, ValueError) as exc:
+            logger.warning("cannot convert MemoryDB cluster %s: %s", arn, exc)
+            continue
+        if vpcs is None or users is None:
+            result.carried.add(arn)
+        if labels.matches(key.matcher.tags, resource.metadata.labels):
+            result.resources.append(resource)
+    if problems:
+        result.state = "partial"
+        if tag_failures > 1:
+            problems.append(f"ListTags failed for {tag_failures} clusters")
+        result.error = "; ".join(problems)

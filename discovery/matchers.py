@@ -1,0 +1,55 @@
+"""Expanding matchers into fetchers: one per (matcher, type, region, account)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from discovery.settings import AwsMatcher
+
+
+def matcher_digest(matcher: AwsMatcher) -> str:
+    """A short, stable id of what a matcher selects (not of its position in the file)."""
+    canonical = json.dumps(
+        {
+            "types": sorted(matcher.types),
+            "tags": {k: sorted([v] if isinstance(v, str) else v) for k, v in matcher.tags.items()},
+            "role": matcher.assume_role_arn or "",
+            "external_id": matcher.external_id or "",
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def role_account(arn: str) -> str:
+    """The account id of a role ARN."""
+    return arn.split(":")[4]
+
+
+@dataclass(frozen=True)
+class FetcherKey:
+    """One fetcher: a matcher, one type, one region, one account."""
+
+    matcher_index: int
+    matcher: AwsMatcher
+    type: str
+    region: str
+
+    @property
+    def role(self) -> tuple[str | None, str | None]:
+        return self.matcher.assume_role_arn, self.matcher.external_id
+
+    def fetcher_id(self, account_id: str) -> str:
+        return f"{self.type}.{self.region}.{account_id}.{matcher_digest(self.matcher)}"
+
+
+def expand(matchers: list[AwsMatcher]) -> list[FetcherKey]:
+    """Every fetcher the matchers ask for, in config order."""
+    return [
+        FetcherKey(index, matcher, kind, region)
+        for index, matcher in enumerate(matchers)
+        for kind in matcher.types
+        for region in matcher.regions
+    ]

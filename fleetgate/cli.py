@@ -1,0 +1,62 @@
+"""The ``fleetgate`` command. Each service registers its subcommands here.
+
+User mistakes (a bad config, an unreachable NATS) print one clear ``fleetgate: error:``
+message and exit non-zero; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from bus.errors import BusError
+from fleetgate import __version__
+from fleetgate.config import ConfigError
+from fleetgate.logs import setup_logging
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """A command-line mistake; the message says how to fix it."""
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dbservice import cli as db_cli
+    from discovery import cli as discovery_cli
+
+    parser = argparse.ArgumentParser(
+        prog="fleetgate",
+        description="Safe, audited access to fleets of MemoryDB and Valkey/Redis databases.",
+    )
+    parser.add_argument("--version", action="version", version=f"fleetgate {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    discovery_cli.register(sub, _common)
+    db_cli.register(sub, _common)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except (ConfigError, UsageError, BusError) as exc:
+        print(f"fleetgate: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError | UsageError) else 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
