@@ -7,6 +7,8 @@ open watch to resync after a reconnect (see :mod:`bus.watch`).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -81,11 +83,17 @@ class Bus:
         name: str,
         connect_timeout: float = 5.0,
         reconnect_wait: float = 0.5,
+        wait: float = 2.0,
     ) -> Bus:
-        """Connect to NATS at ``url``; raise BusUnavailable with the URL when unreachable."""
+        """Connect to NATS at ``url``, retrying for up to ``wait`` seconds (plus one
+        connect timeout); raise BusUnavailable naming the URL when it stays unreachable."""
         bus: Bus | None = None
+        first_errors: list[Exception] = []
 
         async def on_error(exc: Exception) -> None:
+            if bus is None:  # still connecting: the caller reports it once
+                first_errors.append(exc)
+                return
             logger.warning("NATS %s: %s", url, describe(exc))
 
         async def on_disconnect() -> None:
@@ -97,21 +105,38 @@ class Bus:
             if bus is not None:
                 bus._on_reconnect()
 
+        nc = NATS()
         try:
-            nc = await nats.connect(
-                url,
-                name=name,
-                connect_timeout=connect_timeout,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=reconnect_wait,
-                error_cb=on_error,
-                disconnected_cb=on_disconnect,
-                reconnected_cb=on_reconnect,
+            # nats-py retries the first connect forever when reconnects are unlimited:
+            # bound the first attempt ourselves, keep unlimited reconnects afterwards.
+            options: dict[str, Any] = {  # nats-py's hints say int; it takes float seconds
+                "connect_timeout": connect_timeout,
+                "reconnect_time_wait": reconnect_wait,
+            }
+            await asyncio.wait_for(
+                nc.connect(
+                    url,
+                    name=name,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                    **options,
+                ),
+                wait + connect_timeout,
             )
-        except (OSError, nats.errors.NoServersError, nats.errors.TimeoutError) as exc:
+        except (
+            OSError,
+            TimeoutError,
+            nats.errors.NoServersError,
+            nats.errors.TimeoutError,
+        ) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            reason = describe(first_errors[-1] if first_errors else exc)
             raise BusUnavailable(
-                f"cannot reach NATS at {url} ({describe(exc)}); start nats-server "
+                f"cannot reach NATS at {url} ({reason}); start nats-server "
                 "there, or point at yours with --nats URL or FLEETGATE_NATS_URL"
             ) from exc
         bus = cls(nc, url)
@@ -263,7 +288,7 @@ class Bus:
         return self.watch(subjects.DATABASES_BUCKET, DatabaseResource)
 
     async def put_fetcher_status(self, status: FetcherStatus) -> int:
-        key = subjects.fetcher_status_key(status.group, status.fetcher_id)
+        key = subjects.fetcher_status_key(status.group, status.fetcher)
         return await self.put(subjects.DISCOVERY_STATUS_BUCKET, key, status)
 
     async def list_fetcher_status(self) -> list[FetcherStatus]:

@@ -87,3 +87,17 @@ def parse_label_filter(text: str) -> dict[str, list[str]]:
         out.setdefault(key.strip(), []).extend(v.strip() for v in value.split("|"))
     check_selector(out)
     return out
+
+
+# Label keys every process agrees on (agents and roles select on them).
+LABEL_ACCOUNT_ID = "account-id"
+LABEL_REGION = "region"
+LABEL_ENGINE = "engine"
+LABEL_ENGINE_VERSION = "engine-version"
+LABEL_ENDPOINT_TYPE = "endpoint-type"
+LABEL_VPC_ID = "vpc-id"
+LABEL_CLOUD = "fleetgate.dev/cloud"
+LABEL_ORIGIN = "fleetgate.dev/origin"
+LABEL_DISCOVERY_TYPE = "fleetgate.dev/discovery-type"
+LABEL_DISCOVERED_NAME = "fleetgate.dev/discovered-name"
+LABEL_DISCOVERY_GROUP = "fleetgate.dev/discovery-group"

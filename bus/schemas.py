@@ -105,7 +105,10 @@ class FetcherStatus(Record):
 
     schema_version: int = SCHEMA_VERSION
     group: str = ""
-    fetcher_id: str
+    fetcher: str
+    """Status key: type, region and matcher (see discovery.matchers.FetcherKey)."""
+    fetcher_id: str = ""
+    """Owner id of the fetcher's resources; empty while its account is unknown."""
     matcher: int
     """Index of the matcher in the discovery config."""
     type: str

@@ -55,12 +55,18 @@ def sanitize(part: str) -> str:
     return re.sub(r"-{2,}", "-", text).strip("-")
 
 
+def _contains_run(name: str, part: str) -> bool:
+    """Whether ``part``'s '-'-separated words appear, in order and together, in ``name``."""
+    words, run = name.split("-"), part.split("-")
+    return any(words[i : i + len(run)] == run for i in range(len(words) - len(run) + 1))
+
+
 def discovered_name(cluster_name: str, region: str, account_id: str) -> str:
     """``<cluster>-memorydb-<region>-<account>``, skipping parts already in the name."""
     name = sanitize(cluster_name)
     for raw in ("memorydb", region, account_id):
         part = sanitize(raw)
-        if not part or part in name or not _FRAGMENT.match(part):
+        if not part or _contains_run(name, part) or not _FRAGMENT.match(part):
             continue
         name = f"{name}-{part}"
     return name

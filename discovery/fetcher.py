@@ -66,12 +66,13 @@ async def fetch(
 ) -> FetchResult:
     """Run one fetcher; never raises for AWS errors (they become a failed result)."""
     role, external_id = key.role
-    result = FetchResult(key, role_account(role) if role else None, None)
+    account = role_account(role) if role else None
+    result = FetchResult(key, account, key.fetcher_id(account) if account else None)
     try:
-        creds = await session.credentials(role, external_id, key.region)
         if result.account_id is None:
             result.account_id = await session.caller_account(key.region)
-        result.fetcher_id = key.fetcher_id(result.account_id)
+            result.fetcher_id = key.fetcher_id(result.account_id)
+        creds = await session.credentials(role, external_id, key.region)
         async with session.client("memorydb", key.region, creds) as client:
             api = AioMemoryDB(client, session, key.region)
             await _collect(result, api, cache=cache, group=group, api_concurrency=api_concurrency)

@@ -41,7 +41,13 @@ class FetcherKey:
     def role(self) -> tuple[str | None, str | None]:
         return self.matcher.assume_role_arn, self.matcher.external_id
 
+    @property
+    def status_key(self) -> str:
+        """Names the fetcher's status record; known even when the account is not."""
+        return f"{self.type}.{self.region}.{matcher_digest(self.matcher)}"
+
     def fetcher_id(self, account_id: str) -> str:
+        """Owner id written into each resource: which fetcher, in which account."""
         return f"{self.type}.{self.region}.{account_id}.{matcher_digest(self.matcher)}"
 
 

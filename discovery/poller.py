@@ -133,16 +133,15 @@ class Poller:
         """Write a fetcher's status only when it changed (an unchanged poll writes none)."""
         if self._statuses is None:
             found = await self.bus.snapshot(subjects.DISCOVERY_STATUS_BUCKET, FetcherStatus)
-            self._statuses = {s.fetcher_id: s for s in found.values()}
+            self._statuses = {s.fetcher: s for s in found.values()}
         now = utcnow()
         writes = 0
         for r in results:
-            if not r.fetcher_id:
-                continue
-            previous = self._statuses.get(r.fetcher_id)
+            previous = self._statuses.get(r.key.status_key)
             status = FetcherStatus(
                 group=self.settings.discovery_group,
-                fetcher_id=r.fetcher_id,
+                fetcher=r.key.status_key,
+                fetcher_id=r.fetcher_id or "",
                 matcher=r.key.matcher_index,
                 type=r.key.type,
                 region=r.key.region,
@@ -160,6 +159,6 @@ class Poller:
             if previous is not None and _status_content(previous) == _status_content(status):
                 continue
             await self.bus.put_fetcher_status(status)
-            self._statuses[r.fetcher_id] = status
+            self._statuses[r.key.status_key] = status
             writes += 1
         return writes

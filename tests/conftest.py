@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -12,6 +13,8 @@ import pytest
 from bus import Bus
 from bus.server import NatsServer
 from sandbox.aws import MotoServer
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
 
 
 @pytest.fixture

@@ -17,14 +17,20 @@ class Network:
 def client(service: str, region: str, creds: dict[str, str] | None = None) -> Any:
     kwargs: dict[str, Any] = {"region_name": region}
     if creds:
-        kwargs.update(aws_access_key_id=creds["AccessKeyId"],
-                      aws_secret_access_key=creds["SecretAccessKey"],
-                      aws_session_token=creds["SessionToken"])
+        kwargs.update(
+            aws_access_key_id=creds["AccessKeyId"],
+            aws_secret_access_key=creds["SecretAccessKey"],
+            aws_session_token=creds["SessionToken"],
+        )
     return boto3.client(service, **kwargs)
 
 
-def network(region: str, name: str = "sg-main", creds: dict[str, str] | None = None,
-            cidr: str = "10.0.0.0/16") -> Network:
+def network(
+    region: str,
+    name: str = "sg-main",
+    creds: dict[str, str] | None = None,
+    cidr: str = "10.0.0.0/16",
+) -> Network:
     ec2 = client("ec2", region, creds)
     vpc = ec2.create_vpc(CidrBlock=cidr)["Vpc"]["VpcId"]
     subnet = ec2.create_subnet(VpcId=vpc, CidrBlock=cidr.replace("/16", "/24"))["Subnet"]
@@ -34,11 +40,23 @@ def network(region: str, name: str = "sg-main", creds: dict[str, str] | None = N
     return Network(vpc, name)
 
 
-def cluster(region: str, name: str, *, net: Network | None = None, tags: dict[str, str] | None
-            = None, tls: bool = True, creds: dict[str, str] | None = None,
-            acl: str = "open-access", engine_version: str | None = None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"ClusterName": name, "NodeType": "db.t4g.small", "ACLName": acl,
-                              "TLSEnabled": tls}
+def cluster(
+    region: str,
+    name: str,
+    *,
+    net: Network | None = None,
+    tags: dict[str, str] | None = None,
+    tls: bool = True,
+    creds: dict[str, str] | None = None,
+    acl: str = "open-access",
+    engine_version: str | None = None,
+) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "ClusterName": name,
+        "NodeType": "db.t4g.small",
+        "ACLName": acl,
+        "TLSEnabled": tls,
+    }
     if net:
         kwargs["SubnetGroupName"] = net.subnet_group
     if tags:
@@ -64,6 +82,7 @@ def assume(role_arn: str, external_id: str | None = None) -> dict[str, str]:
     kwargs: dict[str, Any] = {"RoleArn": role_arn, "RoleSessionName": "seed"}
     if external_id:
         kwargs["ExternalId"] = external_id
-    creds: dict[str, str] = boto3.client("sts", region_name="us-east-1").assume_role(
-        **kwargs)["Credentials"]
+    creds: dict[str, str] = boto3.client("sts", region_name="us-east-1").assume_role(**kwargs)[
+        "Credentials"
+    ]
     return creds
