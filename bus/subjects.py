@@ -8,6 +8,10 @@ Buckets are split by who may write them, so NATS permissions can say exactly tha
 | ``fleetgate_databases``    | discovery only    | agents, ``db ls``, auth service |
 | ``fleetgate_discovery``    | discovery only    | operators (fetcher status)     |
 | ``fleetgate_db_servers``   | agents only       | ``db ls``, clients, auth       |
+| ``fleetgate_auth``         | ``auth init``     | agents, auth service, clients  |
+| ``fleetgate_roles``        | admins (``roles``) | agents, auth service          |
+| ``fleetgate_users``        | admins (``users``) | auth service only (hashes)    |
+| ``FLEETGATE_AUDIT`` stream | agents, auth svc  | auditors (``audit tail``)      |
 """
 
 from __future__ import annotations
@@ -24,7 +28,31 @@ DISCOVERY_STATUS_BUCKET: Final = "fleetgate_discovery"
 DB_SERVERS_BUCKET: Final = "fleetgate_db_servers"
 """Agent heartbeats, one per (database, agent), keyed by :func:`db_server_key`."""
 
-ALL_BUCKETS: Final = (DATABASES_BUCKET, DISCOVERY_STATUS_BUCKET, DB_SERVERS_BUCKET)
+AUTH_BUCKET: Final = "fleetgate_auth"
+"""The fleet CA certificate (key :data:`CA_KEY`); never a private key. Written by ``auth init``."""
+
+CA_KEY: Final = "ca"
+"""Key of the CA certificate record in :data:`AUTH_BUCKET`."""
+
+ROLES_BUCKET: Final = "fleetgate_roles"
+"""Roles, keyed by role name. Written by admins; read by agents on every new session."""
+
+USERS_BUCKET: Final = "fleetgate_users"
+"""Users with their password hashes, keyed by user name. Read only by the auth service."""
+
+AUDIT_STREAM: Final = "FLEETGATE_AUDIT"
+"""JetStream stream of audit events, on subjects ``fleetgate.audit.<event type>``."""
+
+AUDIT_SUBJECT_PREFIX: Final = "fleetgate.audit"
+
+ALL_BUCKETS: Final = (
+    DATABASES_BUCKET,
+    DISCOVERY_STATUS_BUCKET,
+    DB_SERVERS_BUCKET,
+    AUTH_BUCKET,
+    ROLES_BUCKET,
+    USERS_BUCKET,
+)
 
 _KEY_UNSAFE = re.compile(r"[^-/_a-zA-Z0-9]")
 
@@ -52,3 +80,26 @@ def db_server_key(database: str, host_id: str) -> str:
 def db_servers_of(database: str) -> str:
     """KV key filter matching every heartbeat for ``database``."""
     return f"{kv_token(database)}.*"
+
+
+def user_key(name: str) -> str:
+    """KV key of a user record."""
+    return kv_token(name)
+
+
+def role_key(name: str) -> str:
+    """KV key of a role record."""
+    return kv_token(name)
+
+
+def audit_subject(event_type: str) -> str:
+    """Subject of one audit event type: ``auth.login`` -> ``fleetgate.audit.auth.login``."""
+    return f"{AUDIT_SUBJECT_PREFIX}.{event_type}"
+
+
+def audit_filter(event_type: str | None = None, *, exact: bool = True) -> str:
+    """Subject filter: one event type, every type under a prefix (``db.session``, with
+    ``exact=False``), or every event when ``event_type`` is None."""
+    if not event_type:
+        return f"{AUDIT_SUBJECT_PREFIX}.>"
+    return audit_subject(event_type) if exact else f"{AUDIT_SUBJECT_PREFIX}.{event_type}.>"
