@@ -1,0 +1,214 @@
+"""Users, roles and the fleet CA certificate in the registry.
+
+Three buckets (names in :mod:`bus.subjects`), split by who may read them:
+
+* ``fleetgate_auth`` holds the CA certificate (key ``ca``), never a private key;
+* ``fleetgate_roles`` holds :class:`Role` records, read by agents on every new session so
+  a role edit applies to the next connection without a new login;
+* ``fleetgate_users`` holds :class:`User` records with password hashes, read only by the
+  auth service and admins.
+
+A role as people write it (``fleetgate roles create -f role.yaml``)::
+
+    kind: role
+    name: payments-dev
+    allow:
+      db_labels: {"env": ["dev", "staging"], "team": "payments"}
+      db_users: ["app", "{{internal.db_users}}"]
+      redis_commands: ["*"]
+    deny:
+      db_labels: {"pci": "true"}
+      redis_commands: ["FLUSHALL", "FLUSHDB", "CONFIG*", "KEYS"]
+    options: {max_session_ttl: 8h}
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from bus import subjects
+from bus.client import BUCKETS, BucketSpec, Bus
+from bus.labels import check_selector
+from bus.schemas import SCHEMA_VERSION, Record
+from fleetgate.durations import Duration
+
+DEFAULT_MAX_SESSION_TTL = 8 * 3600.0
+"""A role without ``options.max_session_ttl`` caps certificates at 8 hours."""
+
+DB_USERS_TRAIT = "{{internal.db_users}}"
+"""In a role's ``db_users``: expands to the user's own ``--db-users``."""
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
+"""Valid user and role names: letters, digits and ``. _ @ -``."""
+
+ACCESS_BUCKETS = (
+    BucketSpec(subjects.AUTH_BUCKET, "fleetgate fleet CA certificate (never keys)"),
+    BucketSpec(subjects.ROLES_BUCKET, "fleetgate roles", history=5),
+    BucketSpec(subjects.USERS_BUCKET, "fleetgate users and password hashes", history=5),
+)
+# Known to Bus.bucket()/provision() so the buckets get these specs when first used.
+BUCKETS.update({spec.name: spec for spec in ACCESS_BUCKETS})
+
+
+def check_name(kind: str, name: str) -> str:
+    if not NAME_RE.match(name):
+        raise ValueError(
+            f"{kind} name {name!r} is not valid: use letters, digits and . _ @ - "
+            "(at most 128, starting with a letter or digit)"
+        )
+    return name
+
+
+class RoleConditions(Record):
+    """One side (allow or deny) of a role."""
+
+    db_labels: dict[str, str | tuple[str, ...]] = Field(default_factory=dict)
+    """Label selector of databases (see :mod:`bus.labels`)."""
+    db_users: tuple[str, ...] = ()
+    """Database users (globs allowed); ``{{internal.db_users}}`` is the user's own list."""
+    redis_commands: tuple[str, ...] | None = None
+    """Command-name globs, case-insensitive. In ``allow``, None means every command."""
+
+    @field_validator("db_labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str | tuple[str, ...]]) -> dict[str, str | tuple[str, ...]]:
+        check_selector(value)
+        return value
+
+
+class RoleOptions(Record):
+    max_session_ttl: Duration = DEFAULT_MAX_SESSION_TTL
+    """Longest certificate a login may get while holding this role."""
+
+    @field_validator("max_session_ttl")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("max_session_ttl must be longer than zero")
+        return value
+
+
+class Role(Record):
+    """What the holders of a role may reach, as which db users, with which commands."""
+
+    kind: Literal["role"] = "role"
+    name: str
+    description: str = ""
+    allow: RoleConditions = RoleConditions()
+    deny: RoleConditions = RoleConditions()
+    options: RoleOptions = RoleOptions()
+    schema_version: int = SCHEMA_VERSION
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name("role", value)
+
+
+class User(Record):
+    """A person or program that may log in (or be signed for with ``auth sign``)."""
+
+    name: str
+    roles: tuple[str, ...] = ()
+    db_users: tuple[str, ...] = ()
+    """The user's own database users, for ``{{internal.db_users}}`` in roles."""
+    password_hash: str | None = None
+    """argon2id hash (PHC string); None for programs that never log in interactively."""
+    totp_secret: str | None = None
+    """Base32 secret of an optional TOTP second factor."""
+    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    schema_version: int = SCHEMA_VERSION
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name("user", value)
+
+
+class CACertificate(Record):
+    """The fleet CA as published in the registry."""
+
+    pem: str
+    """PEM of the CA certificate; may hold several during a CA rotation (all trusted)."""
+    fingerprint: str
+    """``SHA256:<hex>`` of the first certificate's DER, as ``auth init`` prints it."""
+    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+
+class Identity(Record):
+    """Who a certificate speaks for: embedded by the CA, read by agents and clients."""
+
+    user: str
+    roles: tuple[str, ...] = ()
+    db_users: tuple[str, ...] = ()
+    kind: Literal["user", "bot"] = "user"
+    """``user`` for an interactive login, ``bot`` for ``auth sign``."""
+    expires: datetime | None = None
+    """Not stored in the extension: taken from the certificate's notAfter."""
+    serial: str = ""
+    """The certificate serial number in hex, for audit correlation."""
+
+
+# -- registry access ----------------------------------------------------------------
+
+
+async def provision_access(bus: Bus) -> None:
+    """Create the access buckets that do not exist yet."""
+    await bus.provision(*ACCESS_BUCKETS)
+
+
+async def put_role(bus: Bus, role: Role) -> int:
+    return await bus.put(subjects.ROLES_BUCKET, subjects.role_key(role.name), role)
+
+
+async def get_role(bus: Bus, name: str) -> Role | None:
+    return await bus.get(subjects.ROLES_BUCKET, subjects.role_key(name), Role)
+
+
+async def get_roles(bus: Bus, names: tuple[str, ...] | list[str]) -> list[Role]:
+    """The current definitions of the named roles; unknown names are left out."""
+    found = [await get_role(bus, name) for name in names]
+    return [role for role in found if role is not None]
+
+
+async def list_roles(bus: Bus) -> list[Role]:
+    found = await bus.snapshot(subjects.ROLES_BUCKET, Role)
+    return sorted(found.values(), key=lambda r: r.name)
+
+
+async def delete_role(bus: Bus, name: str) -> None:
+    await bus.delete(subjects.ROLES_BUCKET, subjects.role_key(name))
+
+
+async def put_user(bus: Bus, user: User) -> int:
+    return await bus.put(subjects.USERS_BUCKET, subjects.user_key(user.name), user)
+
+
+async def get_user(bus: Bus, name: str) -> User | None:
+    return await bus.get(subjects.USERS_BUCKET, subjects.user_key(name), User)
+
+
+async def list_users(bus: Bus) -> list[User]:
+    found = await bus.snapshot(subjects.USERS_BUCKET, User)
+    return sorted(found.values(), key=lambda u: u.name)
+
+
+async def delete_user(bus: Bus, name: str) -> None:
+    await bus.delete(subjects.USERS_BUCKET, subjects.user_key(name))
+
+
+async def put_ca(bus: Bus, ca: CACertificate) -> int:
+    return await bus.put(subjects.AUTH_BUCKET, subjects.CA_KEY, ca)
+
+
+async def get_ca(bus: Bus) -> CACertificate | None:
+    return await bus.get(subjects.AUTH_BUCKET, subjects.CA_KEY, CACertificate)
+
+
+def role_document(role: Role) -> dict[str, Any]:
+    """A role as YAML/JSON people read (durations in seconds)."""
+    return role.model_dump(mode="json", exclude={"schema_version"})

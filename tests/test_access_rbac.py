@@ -1,0 +1,116 @@
+"""RBAC table tests: allow, deny, no role, db user templating, command globs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bus.access import Role
+from dbservice.rbac import CommandPolicy, check_command, check_db_access
+
+
+def role(name: str, **spec: Any) -> Role:
+    return Role.model_validate({"name": name, **spec})
+
+
+DEV = role(
+    "payments-dev",
+    allow={
+        "db_labels": {"env": ["dev", "staging"], "team": "payments"},
+        "db_users": ["app", "{{internal.db_users}}"],
+        "redis_commands": ["*"],
+    },
+    deny={
+        "db_labels": {"pci": "true"},
+        "redis_commands": ["FLUSHALL", "FLUSHDB", "CONFIG*", "KEYS"],
+    },
+)
+READER = role(
+    "reader",
+    allow={
+        "db_labels": {"env": "prod"},
+        "db_users": ["ro-*"],
+        "redis_commands": ["GET", "MGET", "H*"],
+    },
+)
+NO_ADMIN = role("no-admin", deny={"db_users": ["admin"]})
+EVERYTHING = role("everything", allow={"db_labels": {"*": "*"}, "db_users": ["*"]})
+
+DEV_DB = {"env": "dev", "team": "payments"}
+PCI_DB = {"env": "dev", "team": "payments", "pci": "true"}
+PROD_DB = {"env": "prod", "team": "payments"}
+
+
+@pytest.mark.parametrize(
+    ("roles", "labels", "db_user", "allowed", "reason_part"),
+    [
+        ([DEV], DEV_DB, "app", True, "payments-dev"),
+        ([DEV], {"env": "staging", "team": "payments"}, "app", True, ""),
+        ([DEV], DEV_DB, "alice-rw", True, ""),  # from {{internal.db_users}}
+        ([DEV], DEV_DB, "admin", False, "as db user 'admin'"),
+        ([DEV], PROD_DB, "app", False, "none of your roles allows access"),
+        ([DEV], {"env": "dev"}, "app", False, "none of your roles"),  # team label missing
+        ([DEV], PCI_DB, "app", False, "role payments-dev denies access"),
+        ([DEV, EVERYTHING], PCI_DB, "app", False, "denies"),  # deny beats another allow
+        ([EVERYTHING, NO_ADMIN], DEV_DB, "admin", False, "denies db user 'admin'"),
+        ([EVERYTHING, NO_ADMIN], DEV_DB, "app", True, ""),
+        ([READER], PROD_DB, "ro-batch", True, ""),
+        ([READER], PROD_DB, "rw", False, ""),
+        ([], DEV_DB, "app", False, "no roles"),
+        ([NO_ADMIN], DEV_DB, "app", False, "none of your roles"),  # deny-only role
+    ],
+)
+def test_db_access(
+    roles: list[Role], labels: dict[str, str], db_user: str, allowed: bool, reason_part: str
+) -> None:
+    decision = check_db_access(roles, ["alice-rw"], labels, db_user, database="orders")
+    assert decision.allowed is allowed, decision.reason
+    assert reason_part in decision.reason
+
+
+def test_templating_without_own_db_users_adds_nothing() -> None:
+    assert not check_db_access([DEV], [], DEV_DB, "{{internal.db_users}}")
+    assert not check_db_access([DEV], [], DEV_DB, "alice-rw")
+
+
+@pytest.mark.parametrize(
+    ("roles", "command", "allowed"),
+    [
+        ([DEV], "get", True),
+        ([DEV], "SET", True),
+        ([DEV], "FLUSHALL", False),
+        ([DEV], "config", False),
+        ([DEV], "CONFIGX", False),
+        ([DEV], "KEYS", False),
+        ([DEV], "KEYSPACE", True),  # exact name, not a prefix
+        ([READER], "GET", True),
+        ([READER], "HGETALL", True),
+        ([READER], "SET", False),
+        ([EVERYTHING], "FLUSHALL", True),  # allow.redis_commands absent: every command
+        ([EVERYTHING, DEV], "FLUSHALL", False),  # a deny in any role wins
+        ([], "GET", False),
+    ],
+)
+def test_command(roles: list[Role], command: str, allowed: bool) -> None:
+    assert check_command(roles, command).allowed is allowed
+
+
+def test_command_policy_takes_allows_only_from_granting_roles() -> None:
+    # Connected to prod through READER: DEV's "*" must not widen the commands.
+    roles = [DEV, READER]
+    access = check_db_access(roles, [], PROD_DB, "ro-x")
+    assert access.roles == ("reader",)
+    policy = CommandPolicy.build(roles, granting=access.roles)
+    assert policy.check("GET").allowed
+    assert not policy.check("SET").allowed
+    assert not policy.check("FLUSHDB").allowed
+    assert policy.check("KEYS").reason == "role payments-dev denies the command KEYS"
+
+
+def test_command_policy_caches_bounded() -> None:
+    policy = CommandPolicy.build([DEV])
+    assert policy.check("get") is policy.check("GET")
+    for i in range(3000):
+        policy.check(f"X{i}")
+    assert len(policy._cache) <= 1024
