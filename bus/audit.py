@@ -21,11 +21,11 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Final, Literal
 
 import nats.errors
 import nats.js.errors
-from nats.js.api import DeliverPolicy, StorageType, StreamConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from pydantic import Field, TypeAdapter, ValidationError
 
 from bus import subjects
@@ -183,13 +183,11 @@ async def read_events(
     """Events from the stream, oldest first: from ``since`` (or the last ``last``, or all),
     stopping when caught up unless ``follow``. ``subject`` narrows by event type."""
     filter_subject = subject or subjects.audit_filter()
-    options: dict[str, Any] = {}
+    config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     if since is not None:
-        options = {"deliver_policy": DeliverPolicy.BY_START_TIME, "opt_start_time": since}
-    elif last is not None:
-        options = {"deliver_policy": DeliverPolicy.ALL}
-    elif follow:
-        options = {"deliver_policy": DeliverPolicy.NEW}
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
+    elif follow and last is None:
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
     try:
         await bus.js.stream_info(subjects.AUDIT_STREAM)
     except nats.js.errors.NotFoundError:
@@ -198,12 +196,15 @@ async def read_events(
             "first starts against this NATS"
         ) from None
     sub = await bus.js.subscribe(
-        filter_subject, stream=subjects.AUDIT_STREAM, ordered_consumer=True, **options
+        filter_subject, stream=subjects.AUDIT_STREAM, ordered_consumer=True, config=config
     )
     try:
-        pending = (await sub.consumer_info()).num_pending or 0
-        skip = max(0, pending - last) if last is not None else 0
-        if pending == 0 and not follow:
+        info = await sub.consumer_info()
+        # A consistent count at the server: delivered (maybe in flight) plus not yet.
+        delivered = info.delivered.consumer_seq if info.delivered else 0
+        total = (info.num_pending or 0) + (delivered or 0)
+        skip = max(0, total - last) if last is not None else 0
+        if total == 0 and not follow:
             return
         while True:
             try:
