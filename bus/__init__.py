@@ -15,6 +15,7 @@ from bus.schemas import (
     Metadata,
     TLSSettings,
 )
+from bus.servers import DbServerHeartbeat, TargetHealth
 from bus.watch import Event
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "BusUnavailable",
     "DatabaseResource",
     "DatabaseSpec",
+    "DbServerHeartbeat",
     "DiscoveryOrigin",
     "Event",
     "FetcherStatus",
@@ -34,6 +36,7 @@ __all__ = [
     "Metadata",
     "RegistryError",
     "TLSSettings",
+    "TargetHealth",
     "matches",
     "parse_label_filter",
     "subjects",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -25,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from bus import subjects
 from bus.errors import BusUnavailable, RegistryError
 from bus.schemas import DatabaseResource, FetcherStatus
+from bus.servers import DbServerHeartbeat
 from bus.watch import Event, KvWatch, describe
 
 logger = logging.getLogger(__name__)
@@ -40,6 +42,9 @@ class BucketSpec:
     description: str
     history: int = 1
     ttl: float | None = None
+    marker_ttl: float | None = None
+    """Keep markers of expired keys this long, so watchers see expiries (per-message
+    TTLs, :meth:`Bus.put_expiring`, need nats-server 2.11+)."""
 
 
 BUCKETS: dict[str, BucketSpec] = {
@@ -48,6 +53,11 @@ BUCKETS: dict[str, BucketSpec] = {
     ),
     subjects.DISCOVERY_STATUS_BUCKET: BucketSpec(
         subjects.DISCOVERY_STATUS_BUCKET, "fleetgate discovery fetcher status"
+    ),
+    subjects.DB_SERVERS_BUCKET: BucketSpec(
+        subjects.DB_SERVERS_BUCKET,
+        "fleetgate agent heartbeats (written by agents, each with its own TTL)",
+        marker_ttl=60.0,
     ),
 }
 
@@ -195,6 +205,7 @@ class Bus:
                     description=spec.description,
                     history=spec.history,
                     ttl=spec.ttl,
+                    limit_marker_ttl=spec.marker_ttl,
                     storage=StorageType.FILE,
                 )
                 try:
@@ -294,6 +305,68 @@ class Bus:
     async def list_fetcher_status(self) -> list[FetcherStatus]:
         found = await self.snapshot(subjects.DISCOVERY_STATUS_BUCKET, FetcherStatus)
         return list(found.values())
+
+    # -- expiring records (agent heartbeats) ------------------------------------------
+
+    async def put_expiring(self, bucket: str, key: str, record: BaseModel, ttl: float) -> int:
+        """Put a record that the server removes ``ttl`` seconds (rounded up) after this
+        write unless it is written again."""
+        data = record.model_dump_json(exclude_none=True).encode()
+        return await self._publish_ttl(bucket, key, data, {}, ttl)
+
+    async def delete_expiring(self, bucket: str, key: str, marker_ttl: float = 60.0) -> None:
+        """Delete a key now, leaving a delete marker that itself expires."""
+        await self._publish_ttl(bucket, key, b"", {"KV-Operation": "PURGE"}, marker_ttl)
+
+    async def _publish_ttl(
+        self, bucket: str, key: str, data: bytes, headers: dict[str, str], ttl: float
+    ) -> int:
+        await self.bucket(bucket)
+        subject = subjects.kv_subject(bucket, key)
+        headers = {**headers, "Nats-TTL": str(max(1, math.ceil(ttl)))}
+        try:
+            ack = await self.js.publish(subject, data, headers=dict(headers))
+        except nats.js.errors.BadRequestError as exc:
+            if exc.err_code != 10166:  # per-message TTL is disabled on this bucket
+                raise
+            await self._allow_msg_ttl(bucket)
+            ack = await self.js.publish(subject, data, headers=dict(headers))
+        return int(ack.seq)
+
+    async def _allow_msg_ttl(self, bucket: str) -> None:
+        """Turn on per-message TTLs for a bucket created by older tools."""
+        spec = BUCKETS.get(bucket) or BucketSpec(bucket, bucket)
+        try:
+            info = await self.js.stream_info(f"KV_{bucket}")
+            config = info.config
+            config.allow_msg_ttl = True
+            config.subject_delete_marker_ttl = spec.marker_ttl
+            await self.js.update_stream(config)
+        except nats.errors.Error as exc:
+            raise RegistryError(
+                f"bucket {bucket} does not allow per-record TTLs and we may not change it "
+                f"({describe(exc)}): recreate it, or let an admin run an agent once"
+            ) from exc
+        logger.info("enabled per-message TTLs on bucket %s", bucket)
+
+    async def put_db_server(self, heartbeat: DbServerHeartbeat, ttl: float) -> int:
+        key = subjects.db_server_key(heartbeat.name, heartbeat.host_id)
+        return await self.put_expiring(subjects.DB_SERVERS_BUCKET, key, heartbeat, ttl)
+
+    async def delete_db_server(self, database: str, host_id: str) -> None:
+        key = subjects.db_server_key(database, host_id)
+        spec = BUCKETS[subjects.DB_SERVERS_BUCKET]
+        await self.delete_expiring(subjects.DB_SERVERS_BUCKET, key, spec.marker_ttl or 60.0)
+
+    async def list_db_servers(
+        self, database: str | None = None, *, create: bool = True
+    ) -> list[DbServerHeartbeat]:
+        """Live heartbeats, of one database or of all; expired ones are already gone."""
+        keys = subjects.db_servers_of(database) if database is not None else ">"
+        found = await self.snapshot(
+            subjects.DB_SERVERS_BUCKET, DbServerHeartbeat, keys=keys, create=create
+        )
+        return [hb for hb in found.values() if database is None or hb.name == database]
 
 
 WatchFactory = Callable[[], AsyncIterator[Event[Any]]]

@@ -82,6 +82,11 @@ def db_servers_of(database: str) -> str:
     return f"{kv_token(database)}.*"
 
 
+def kv_subject(bucket: str, key: str) -> str:
+    """The JetStream subject behind a KV key (for writes with per-message headers)."""
+    return f"$KV.{bucket}.{key}"
+
+
 def user_key(name: str) -> str:
     """KV key of a user record."""
     return kv_token(name)
