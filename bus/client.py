@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -62,6 +63,16 @@ BUCKETS: dict[str, BucketSpec] = {
 }
 
 
+def redact_url(url: str) -> str:
+    """Hide secrets in a URL that may be logged: ``nats://user:secret@h`` ->
+    ``nats://user:***@h``, ``nats://token@h`` -> ``nats://***@h``."""
+    return re.sub(
+        r"//([^/@:]*)(:[^/@]*)?@",
+        lambda m: f"//{m[1]}:***@" if m[2] else "//***@",
+        url,
+    )
+
+
 def decode(model: type[M], key: str, data: bytes) -> M | None:
     """Parse a record; a record we cannot read is logged and skipped, never fatal."""
     try:
@@ -74,10 +85,10 @@ def decode(model: type[M], key: str, data: bytes) -> M | None:
 class Bus:
     """One NATS connection with JetStream, and typed access to the registry."""
 
-    def __init__(self, nc: NATS, url: str) -> None:
+    def __init__(self, nc: NATS, url: str, *, request_timeout: float = 10.0) -> None:
         self.nc = nc
-        self.url = url
-        self.js = nc.jetstream(timeout=10)
+        self.url = redact_url(url)
+        self.js = nc.jetstream(timeout=request_timeout)
         self._buckets: dict[str, KeyValue] = {}
         self._watches: set[KvWatch[Any]] = set()
         self.reconnects = 0
@@ -94,24 +105,26 @@ class Bus:
         connect_timeout: float = 5.0,
         reconnect_wait: float = 0.5,
         wait: float = 2.0,
+        request_timeout: float = 10.0,
     ) -> Bus:
         """Connect to NATS at ``url``, retrying for up to ``wait`` seconds (plus one
         connect timeout); raise BusUnavailable naming the URL when it stays unreachable."""
         bus: Bus | None = None
+        shown = redact_url(url)
         first_errors: list[Exception] = []
 
         async def on_error(exc: Exception) -> None:
             if bus is None:  # still connecting: the caller reports it once
                 first_errors.append(exc)
                 return
-            logger.warning("NATS %s: %s", url, describe(exc))
+            logger.warning("NATS %s: %s", shown, describe(exc))
 
         async def on_disconnect() -> None:
             if bus is not None and not bus.closing:
-                logger.warning("disconnected from NATS at %s; reconnecting", url)
+                logger.warning("disconnected from NATS at %s; reconnecting", shown)
 
         async def on_reconnect() -> None:
-            logger.info("reconnected to NATS at %s", url)
+            logger.info("reconnected to NATS at %s", shown)
             if bus is not None:
                 bus._on_reconnect()
 
@@ -146,10 +159,10 @@ class Bus:
                 await nc.close()
             reason = describe(first_errors[-1] if first_errors else exc)
             raise BusUnavailable(
-                f"cannot reach NATS at {url} ({reason}); start nats-server "
+                f"cannot reach NATS at {shown} ({reason}); start nats-server "
                 "there, or point at yours with --nats URL or FLEETGATE_NATS_URL"
             ) from exc
-        bus = cls(nc, url)
+        bus = cls(nc, url, request_timeout=request_timeout)
         return bus
 
     def _on_reconnect(self) -> None:
@@ -228,30 +241,55 @@ class Bus:
 
     # -- generic typed KV ---------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _kv_call(self, what: str, bucket: str, key: str) -> AsyncIterator[None]:
+        """Turn a KV call's silence into an error that says what to check. NATS answers
+        a refused publish with no reply at all, so a timeout is also how a permission
+        problem looks from here (the server logs the violation)."""
+        try:
+            yield
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            raise RegistryError(
+                f"no answer to {what} {bucket}/{key} on {self.url} ({describe(exc)}): "
+                "is JetStream up, and may this NATS user do that?"
+            ) from exc
+
     async def put(self, bucket: str, key: str, record: BaseModel) -> int:
         kv = await self.bucket(bucket)
-        return int(await kv.put(key, record.model_dump_json(exclude_none=True).encode()))
+        async with self._kv_call("a write to", bucket, key):
+            return int(await kv.put(key, record.model_dump_json(exclude_none=True).encode()))
 
     async def get(self, bucket: str, key: str, model: type[M]) -> M | None:
         kv = await self.bucket(bucket)
-        try:
-            entry = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:
-            return None
+        async with self._kv_call("a read of", bucket, key):
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                return None
         return decode(model, key, entry.value or b"")
 
     async def delete(self, bucket: str, key: str) -> None:
         kv = await self.bucket(bucket)
-        await kv.delete(key)
+        async with self._kv_call("a delete in", bucket, key):
+            await kv.delete(key)
 
     def watch(
-        self, bucket: str, model: type[M], *, keys: str = ">", create: bool = True
+        self,
+        bucket: str,
+        model: type[M],
+        *,
+        keys: str = ">",
+        create: bool = True,
+        retry_open: bool = True,
     ) -> AsyncIterator[Event[M]]:
-        """Snapshot, then :class:`~bus.watch.Synced`, then changes; resyncs after reconnects."""
+        """Snapshot, then :class:`~bus.watch.Synced`, then changes; resyncs after reconnects.
+        With ``retry_open`` False a watch that cannot be opened raises RegistryError
+        instead of retrying (for one-shot reads)."""
         watch: KvWatch[M] = KvWatch(
             open_bucket=lambda: self.bucket(bucket, create=create),
             keys=keys,
             decode=lambda key, data: decode(model, key, data),
+            retry_open=retry_open,
         )
         return self._run_watch(watch)
 
@@ -269,7 +307,7 @@ class Bus:
     ) -> dict[str, M]:
         """Every record of a bucket now, keyed by KV key."""
         out: dict[str, M] = {}
-        async for event in self.watch(bucket, model, keys=keys, create=create):
+        async for event in self.watch(bucket, model, keys=keys, create=create, retry_open=False):
             if event.kind == "synced":
                 break
             if event.kind == "upsert" and event.value is not None:

@@ -53,6 +53,7 @@ class NatsServer:
         self.proc: subprocess.Popen[str] | None = None
         self._log: list[str] = []
         self._reader: threading.Thread | None = None
+        self._ready = False
 
     @property
     def url(self) -> str:
@@ -60,6 +61,7 @@ class NatsServer:
 
     def start(self, timeout: float = 15.0) -> NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        self._ready = False
         args = [
             nats_server_binary(),
             "-a",
@@ -82,11 +84,9 @@ class NatsServer:
         ready = threading.Event()
         self._reader = threading.Thread(target=self._read_log, args=(ready,), daemon=True)
         self._reader.start()
-        if not ready.wait(timeout):
+        if not ready.wait(timeout) or not self._ready:
             self.stop()
             raise RuntimeError("nats-server did not start:\n" + "\n".join(self._log[-20:]))
-        if self.proc.poll() is not None:
-            raise RuntimeError("nats-server exited:\n" + "\n".join(self._log[-20:]))
         return self
 
     def _read_log(self, ready: threading.Event) -> None:
@@ -98,6 +98,7 @@ class NatsServer:
             if match:
                 self.port = int(match.group(1))
             if "Server is ready" in line:
+                self._ready = True
                 ready.set()
         ready.set()  # exited: let start() notice
 

@@ -23,6 +23,8 @@ from typing import Any, Generic, Literal, TypeVar
 
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from bus.errors import RegistryError
+
 logger = logging.getLogger(__name__)
 
 
@@ -57,10 +59,12 @@ class KvWatch(Generic[T]):
         open_bucket: Callable[[], Awaitable[KeyValue]],
         keys: str,
         decode: Callable[[str, bytes], T | None],
+        retry_open: bool = True,
     ) -> None:
         self._open_bucket = open_bucket
         self._keys = keys
         self._decode = decode
+        self._retry_open = retry_open
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._known: dict[str, int] = {}
         self._watcher: Any = None
@@ -110,6 +114,14 @@ class KvWatch(Generic[T]):
             try:
                 await self._open()
             except Exception as exc:
+                if not self._retry_open:  # a one-shot read: say why, do not wait forever
+                    await self._close_watcher()
+                    if isinstance(exc, RegistryError):
+                        raise
+                    raise RegistryError(
+                        f"cannot read {self._keys!r} from the registry ({describe(exc)}): "
+                        "is JetStream up, and may this NATS user read the bucket?"
+                    ) from exc
                 delay = _BACKOFF[min(attempt, len(_BACKOFF) - 1)]
                 attempt += 1
                 logger.warning(
