@@ -31,6 +31,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from dbservice import cli as db_cli
+    from dbservice.agent import cli as agent_cli
     from discovery import cli as discovery_cli
 
     parser = argparse.ArgumentParser(
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     discovery_cli.register(sub, _common)
     db_cli.register(sub, _common)
+    agent_cli.register(sub, _common)
     return parser
 
 

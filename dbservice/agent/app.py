@@ -1,0 +1,135 @@
+"""The agent process: one bus connection, the registry watch, one supervisor of
+per-database workers, and a graceful stop on SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from bus import BUCKETS, Bus, DatabaseResource, subjects
+from dbservice.agent.config import AgentConfig
+from dbservice.agent.health import Prober, TLSContexts, probe
+from dbservice.agent.heartbeat import AgentIdentity, Announcer
+from dbservice.agent.identity import DataDir
+from dbservice.agent.served import Selection, follow_registry, static_resource
+from dbservice.agent.supervisor import Supervisor
+from dbservice.agent.worker import DatabaseWorker
+from fleetgate import __version__
+from fleetgate.aio import stop_on_signals
+from fleetgate.durations import format_duration
+
+logger = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT = 3.0
+
+
+class Agent:
+    """One agent. :meth:`run` serves until ``stop`` is set; ``supervisor`` and
+    ``synced`` are there for whoever embeds it (tests, the sandbox)."""
+
+    def __init__(self, config: AgentConfig, *, nats_url: str, prober: Prober = probe) -> None:
+        self.config = config
+        self.settings = config.db_service
+        self.nats_url = nats_url
+        self.prober = prober
+        self.synced = asyncio.Event()
+        """Set once the first registry snapshot has been reconciled."""
+        self.supervisor: Supervisor | None = None
+        self.identity: AgentIdentity | None = None
+        self.bus: Bus | None = None
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """0 after a graceful stop, 1 when the registry watch failed."""
+        began = time.monotonic()
+        data_dir = DataDir.open(self.settings.data_dir)
+        try:
+            bus = await Bus.connect(
+                self.nats_url, name=f"fleetgate-agent {self.settings.hostname}", reconnect_wait=0.5
+            )
+            self.bus = bus
+            try:
+                await bus.provision(BUCKETS[subjects.DB_SERVERS_BUCKET])
+                self.identity = AgentIdentity(
+                    host_id=data_dir.host_id,
+                    hostname=self.settings.hostname,
+                    version=__version__,
+                    addr=self.settings.advertise(),
+                )
+                return await self._serve(bus, self.identity, stop, began)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(bus.close(), CLOSE_TIMEOUT)
+        finally:
+            data_dir.close()
+
+    async def _serve(
+        self, bus: Bus, identity: AgentIdentity, stop: asyncio.Event, began: float
+    ) -> int:
+        settings = self.settings
+        announcer = Announcer(bus=bus, identity=identity, ttl=settings.heartbeat.ttl)
+        contexts = TLSContexts(extra_ca_file=settings.upstream_ca_file)
+
+        def make_worker(resource: DatabaseResource) -> DatabaseWorker:
+            return DatabaseWorker(
+                resource,
+                settings=settings,
+                announcer=announcer,
+                contexts=contexts,
+                prober=self.prober,
+            )
+
+        supervisor = Supervisor(make_worker=make_worker, announcer=announcer)
+        self.supervisor = supervisor
+        selection = Selection(settings.resources, [static_resource(d) for d in settings.databases])
+
+        def on_synced(count: int) -> None:
+            if not self.synced.is_set():
+                self.synced.set()
+                logger.info(
+                    "agent synced in %.3fs: serving %d databases", time.monotonic() - began, count
+                )
+
+        logger.info(
+            "agent %s (host_id %s, addr %s) starting: %d matchers, %d static databases, "
+            "health every %s, heartbeat TTL %s",
+            identity.hostname,
+            identity.host_id,
+            identity.addr,
+            len(settings.resources),
+            len(settings.databases),
+            format_duration(settings.health_check.interval),
+            format_duration(settings.heartbeat.ttl),
+        )
+        await supervisor.adjust(selection.static)  # static ones need no registry
+        watch = asyncio.create_task(
+            follow_registry(
+                bus=bus, selection=selection, supervisor=supervisor, on_synced=on_synced
+            ),
+            name="registry-watch",
+        )
+        stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+        status = 0
+        try:
+            await asyncio.wait({watch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            if watch.done():
+                status = 1
+                error = watch.exception()
+                logger.error("the registry watch ended (%s); stopping", error or "returned")
+        finally:
+            logger.info("stopping: deleting %d heartbeats", len(supervisor.handles))
+            for task in (watch, stopping):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            await supervisor.stop_all()
+        logger.info("agent stopped")
+        return status
+
+
+async def run_agent(config: AgentConfig, *, nats_url: str) -> int:
+    """The ``fleetgate agent run`` process: serve until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    stop_on_signals(stop)
+    return await Agent(config, nats_url=nats_url).run(stop)

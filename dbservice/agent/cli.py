@@ -1,0 +1,33 @@
+"""``fleetgate agent run -c FILE``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from fleetgate import aio
+from fleetgate.config import load_model, read_yaml, resolve_nats_url
+
+
+def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    group = sub.add_parser("agent", help="serve databases: health checks and heartbeats")
+    actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+    run = actions.add_parser(
+        "run", help="serve the databases the config selects until SIGTERM/SIGINT"
+    )
+    run.add_argument("-c", "--config", required=True, help="agent YAML config file")
+    run.add_argument(
+        "--nats", help="NATS URL (default: config, FLEETGATE_NATS_URL, nats://127.0.0.1:4222)"
+    )
+    common(run)
+    run.set_defaults(handler=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dbservice.agent.app import run_agent
+    from dbservice.agent.config import AgentConfig
+
+    config = load_model(AgentConfig, read_yaml(args.config), args.config)
+    url = resolve_nats_url(args.nats, config.nats.url)
+    return aio.run(run_agent(config, nats_url=url))

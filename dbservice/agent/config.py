@@ -1,0 +1,324 @@
+"""The agent's config file, validated with errors that name the field."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from bus.labels import check_selector, is_valid_label_key
+from fleetgate.durations import Duration
+
+_ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
+_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,126}[a-z0-9])?$")
+_HOST = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
+
+DEFAULT_DATA_DIR = "/var/lib/fleetgate/agent"
+DEFAULT_PORT = 6379
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def split_host_port(text: str, *, default_port: int | None = None) -> tuple[str, int]:
+    """``"h:6379"``, ``"[::1]:6379"`` (or ``"h"`` with a default port) -> (host, port);
+    ValueError with an example otherwise."""
+    text = text.strip()
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']' after an IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{text!r} is not host:port (example: [::1]:6379)")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    elif text.count(":") > 1:
+        raise ValueError(f"{text!r}: write IPv6 addresses in brackets, like [::1]:6379")
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"{text!r} has no port (example: 10.0.1.5:6379)")
+        return _check_host(host, text), default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"{text!r}: the port must be a number from 1 to 65535")
+    return _check_host(host, text), int(port_text)
+
+
+def _check_host(host: str, text: str) -> str:
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if not _HOST.match(host):
+        raise ValueError(f"{text!r}: {host!r} is not a host name or IP address")
+    return host
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class NatsSettings(Strict):
+    url: str | None = None
+    """NATS URL; ``--nats`` and ``FLEETGATE_NATS_URL`` take precedence."""
+
+
+class AwsRole(Strict):
+    """How the agent reaches the AWS APIs of the databases a matcher selects."""
+
+    assume_role_arn: str | None = None
+    external_id: str | None = None
+
+    @field_validator("assume_role_arn")
+    @classmethod
+    def _role(cls, arn: str | None) -> str | None:
+        if arn is not None and not _ROLE_ARN.match(arn):
+            raise ValueError(
+                f"{arn!r} is not an IAM role ARN (arn:aws:iam::123456789012:role/name)"
+            )
+        return arn
+
+    @model_validator(mode="after")
+    def _external_id_needs_role(self) -> AwsRole:
+        if self.external_id and not self.assume_role_arn:
+            raise ValueError("external_id is only used with assume_role_arn; set both")
+        return self
+
+
+class ResourceMatcher(Strict):
+    """Registry databases whose labels match are served (same semantics as discovery)."""
+
+    labels: dict[str, str | list[str]]
+    aws: AwsRole | None = None
+    """Applied to the databases this matcher selects; the last matching matcher wins."""
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str | list[str]]) -> dict[str, str | list[str]]:
+        if not labels:
+            raise ValueError("an empty selector matches nothing; use {'*': '*'} to serve all")
+        check_selector(labels)
+        return labels
+
+
+class TLSConfig(Strict):
+    """How the agent speaks TLS to a static database."""
+
+    mode: Literal["verify-full", "verify-ca", "insecure", "disabled"] = "verify-full"
+    ca_file: Path | None = None
+    """PEM bundle trusted besides the system roots."""
+    server_name: str | None = None
+    """Name to verify and send as SNI instead of the host of ``uri``."""
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, path: Path | None) -> Path | None:
+        return _readable_pem(path)
+
+
+def _readable_pem(path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if "-----BEGIN CERTIFICATE-----" not in text:
+        raise ValueError(f"{path} holds no PEM certificate")
+    return path
+
+
+class StaticDatabase(Strict):
+    """A database served from this config (e.g. self-hosted Valkey), not the registry."""
+
+    name: str
+    protocol: Literal["redis"] = "redis"
+    uri: str
+    """``host:port`` (the port defaults to 6379)."""
+    description: str = ""
+    static_labels: dict[str, str] = Field(default_factory=dict)
+    tls: TLSConfig = TLSConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not _NAME.match(name):
+            raise ValueError(
+                f"{name!r}: use lower-case letters, digits and '-' (example: cache-local)"
+            )
+        return name
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, uri: str) -> str:
+        for scheme in ("redis://", "rediss://", "valkey://", "valkeys://"):
+            if uri.startswith(scheme):
+                raise ValueError(f"{uri!r}: give host:port without a scheme; set TLS with tls.mode")
+        host, port = split_host_port(uri, default_port=DEFAULT_PORT)
+        return join_host_port(host, port)
+
+    @field_validator("static_labels")
+    @classmethod
+    def _labels(cls, labels: dict[str, str]) -> dict[str, str]:
+        for key in labels:
+            if not is_valid_label_key(key):
+                raise ValueError(f"{key!r} is not a valid label key")
+        return labels
+
+
+class HealthCheckConfig(Strict):
+    interval: Duration = 30.0
+    """Time between probes (jittered by up to 1/7)."""
+    timeout: Duration = 5.0
+    """Limit of one whole probe: TCP connect, TLS handshake and PING."""
+    healthy_threshold: int = Field(default=2, ge=1, le=100)
+    unhealthy_threshold: int = Field(default=1, ge=1, le=100)
+
+    @model_validator(mode="after")
+    def _check(self) -> HealthCheckConfig:
+        if self.interval < 1:
+            raise ValueError("interval must be at least 1s")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be more than 0s")
+        if self.timeout > self.interval:
+            raise ValueError("timeout cannot be longer than interval")
+        return self
+
+
+class HeartbeatConfig(Strict):
+    interval: Duration = 10.0
+    """Time between re-announcements of each served database (jittered)."""
+    ttl: Duration = 30.0
+    """A heartbeat not renewed within this time expires (whole seconds, rounded up)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> HeartbeatConfig:
+        if self.interval < 1:
+            raise ValueError("interval must be at least 1s")
+        if self.ttl < 2 * self.interval:
+            raise ValueError(
+                "ttl must be at least twice the interval, or a single late write lets "
+                "a live agent's heartbeat expire"
+            )
+        return self
+
+
+class DbService(Strict):
+    hostname: str = Field(default_factory=socket.gethostname)
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    """Keeps the agent's host_id across restarts; one agent per directory."""
+    listen_addr: str = "0.0.0.0:6390"
+    advertise_addr: str | None = None
+    """Address clients reach this agent at; derived from listen_addr when unset."""
+    resources: list[ResourceMatcher] = Field(default_factory=list)
+    databases: list[StaticDatabase] = Field(default_factory=list)
+    host_aliases: dict[str, str] = Field(default_factory=dict)
+    """Dial another address for a database host: ``host`` or ``host:port`` ->
+    ``host:port`` (or ``host``, keeping the port). For split-horizon DNS and tunnels."""
+    upstream_ca_file: Path | None = None
+    """A PEM bundle trusted for every database, besides the system roots."""
+    health_check: HealthCheckConfig = HealthCheckConfig()
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError("hostname cannot be empty")
+        return name.strip()
+
+    @field_validator("listen_addr")
+    @classmethod
+    def _listen(cls, addr: str) -> str:
+        host, port = split_host_port(addr)
+        return join_host_port(host, port)
+
+    @field_validator("advertise_addr")
+    @classmethod
+    def _advertise(cls, addr: str | None) -> str | None:
+        if addr is None:
+            return None
+        host, port = split_host_port(addr)
+        if host in ("0.0.0.0", "::"):
+            raise ValueError(f"{addr!r}: advertise an address clients can reach, not {host}")
+        return join_host_port(host, port)
+
+    @field_validator("host_aliases")
+    @classmethod
+    def _aliases(cls, aliases: dict[str, str]) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for source, target in aliases.items():
+            try:
+                _parse_alias_source(source)
+            except ValueError as exc:
+                raise ValueError(f"key {source!r}: {exc}") from None
+            if not isinstance(target, str):
+                raise ValueError(f"{source!r}: the target must be a string like 127.0.0.1:7000")
+            try:
+                split_host_port(target, default_port=0)
+            except ValueError as exc:
+                raise ValueError(f"{source!r}: target {exc}") from None
+            out[source.lower()] = target
+        return out
+
+    @field_validator("upstream_ca_file")
+    @classmethod
+    def _ca(cls, path: Path | None) -> Path | None:
+        return _readable_pem(path)
+
+    @model_validator(mode="after")
+    def _check(self) -> DbService:
+        if not self.resources and not self.databases:
+            raise ValueError(
+                "nothing to serve: add resources (label matchers over the registry) "
+                "or databases (static ones)"
+            )
+        seen: set[str] = set()
+        for db in self.databases:
+            if db.name in seen:
+                raise ValueError(f"databases: {db.name!r} is listed twice")
+            seen.add(db.name)
+        return self
+
+    def advertise(self) -> str:
+        """The address announced in heartbeats."""
+        if self.advertise_addr:
+            return self.advertise_addr
+        host, port = split_host_port(self.listen_addr)
+        if host in ("0.0.0.0", "::", ""):
+            host = outbound_ip() or self.hostname
+        return join_host_port(host, port)
+
+
+def _parse_alias_source(source: str) -> tuple[str, int | None]:
+    if ":" in source and not source.startswith("[") and source.count(":") == 1:
+        host, port = split_host_port(source)
+        return host, port
+    if source.startswith("["):
+        host, port = split_host_port(source)
+        return host, port
+    return _check_host(source, source), None
+
+
+def outbound_ip() -> str | None:
+    """The local address the kernel would use to reach other hosts (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("10.255.255.255", 1))
+            address: str = sock.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("0.") else address
+
+
+class AgentConfig(Strict):
+    nats: NatsSettings = NatsSettings()
+    db_service: DbService

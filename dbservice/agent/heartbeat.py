@@ -1,0 +1,93 @@
+"""Heartbeats: one record per served database in ``fleetgate_db_servers``, written with
+the configured TTL, so a killed agent's records expire on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import nats.errors
+
+from bus import Bus, BusError
+from bus.schemas import DatabaseResource, utcnow
+from bus.servers import DbServerHeartbeat, TargetHealth
+from bus.watch import describe
+
+logger = logging.getLogger(__name__)
+
+WRITE_ERRORS = (BusError, nats.errors.Error, TimeoutError, OSError)
+"""What a write may fail with while NATS is away; the caller retries."""
+
+
+@dataclass(frozen=True)
+class AgentIdentity:
+    host_id: str
+    hostname: str
+    version: str
+    addr: str
+
+
+class Announcer:
+    """Writes and deletes this agent's heartbeats; at most ``concurrency`` writes in
+    flight, each bounded by ``write_timeout``."""
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        identity: AgentIdentity,
+        ttl: float,
+        write_timeout: float = 5.0,
+        concurrency: int = 64,
+    ) -> None:
+        self.bus = bus
+        self.identity = identity
+        self.ttl = ttl
+        self.write_timeout = write_timeout
+        self._slots = asyncio.Semaphore(concurrency)
+        self.writes = 0
+        self.failures = 0
+
+    def record(self, database: DatabaseResource, health: TargetHealth) -> DbServerHeartbeat:
+        me = self.identity
+        return DbServerHeartbeat(
+            host_id=me.host_id,
+            hostname=me.hostname,
+            version=me.version,
+            addr=me.addr,
+            database=database,
+            target_health=health,
+            expires=utcnow() + timedelta(seconds=self.ttl),
+        )
+
+    async def put(self, database: DatabaseResource, health: TargetHealth) -> bool:
+        """Write one heartbeat; False (logged) when the bus is not reachable."""
+        try:
+            async with self._slots, asyncio.timeout(self.write_timeout):
+                await self.bus.put_db_server(self.record(database, health), self.ttl)
+        except WRITE_ERRORS as exc:
+            self.failures += 1
+            logger.warning(
+                "heartbeat for %s not written (%s); retrying", database.name, describe(exc)
+            )
+            return False
+        self.writes += 1
+        return True
+
+    async def delete(self, name: str) -> bool:
+        """Remove this agent's heartbeat for ``name`` now; False (logged) on failure,
+        in which case it expires with its TTL."""
+        try:
+            async with self._slots, asyncio.timeout(self.write_timeout):
+                await self.bus.delete_db_server(name, self.identity.host_id)
+        except WRITE_ERRORS as exc:
+            logger.warning(
+                "heartbeat for %s not deleted (%s); it expires within %gs",
+                name,
+                describe(exc),
+                self.ttl,
+            )
+            return False
+        return True

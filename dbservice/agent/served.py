@@ -1,0 +1,138 @@
+"""Which databases this agent serves: registry databases its matchers select, plus
+its static ones; and the loop that keeps the supervisor in step with the registry."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from bus import Bus
+from bus import labels as L
+from bus.labels import matches
+from bus.schemas import DatabaseResource, DatabaseSpec, Metadata, TLSSettings
+from dbservice.agent.config import ResourceMatcher, StaticDatabase
+from dbservice.agent.supervisor import Supervisor
+
+logger = logging.getLogger(__name__)
+
+ORIGIN_CONFIG = "config"
+"""``fleetgate.dev/origin`` of static databases (discovered ones say ``cloud``)."""
+
+
+def static_resource(db: StaticDatabase) -> DatabaseResource:
+    """A static database from the config, as the agent serves and announces it."""
+    ca_pem = Path(db.tls.ca_file).read_text() if db.tls.ca_file else None
+    return DatabaseResource(
+        metadata=Metadata(
+            name=db.name,
+            description=db.description,
+            labels={**db.static_labels, L.LABEL_ORIGIN: ORIGIN_CONFIG},
+        ),
+        spec=DatabaseSpec(
+            protocol=db.protocol,
+            uri=db.uri,
+            tls=TLSSettings(mode=db.tls.mode, ca_cert=ca_pem, server_name=db.tls.server_name),
+        ),
+    )
+
+
+class Selection:
+    """The matchers and static databases of one agent. Pure."""
+
+    def __init__(
+        self, matchers: Sequence[ResourceMatcher], static: Iterable[DatabaseResource]
+    ) -> None:
+        self.matchers = list(matchers)
+        self.static = {db.name: db for db in static}
+
+    def select(self, resource: DatabaseResource) -> DatabaseResource | None:
+        """``resource`` as served (the last matching matcher's AWS role applied), or None
+        when no matcher selects it or a static database has its name."""
+        if resource.name in self.static:
+            return None
+        role = None
+        matched = False
+        for matcher in self.matchers:
+            if matches(matcher.labels, resource.metadata.labels):
+                matched = True
+                if matcher.aws is not None and matcher.aws.assume_role_arn:
+                    role = matcher.aws
+        if not matched:
+            return None
+        aws = resource.spec.aws
+        if role is None or aws is None:
+            return resource
+        aws = aws.model_copy(
+            update={"assume_role_arn": role.assume_role_arn, "external_id": role.external_id}
+        )
+        return resource.model_copy(update={"spec": resource.spec.model_copy(update={"aws": aws})})
+
+    def desired(self, registry: Iterable[DatabaseResource]) -> dict[str, DatabaseResource]:
+        out = dict(self.static)
+        for resource in registry:
+            served = self.select(resource)
+            if served is not None:
+                out[served.name] = served
+        return out
+
+
+async def follow_registry(
+    *,
+    bus: Bus,
+    selection: Selection,
+    supervisor: Supervisor,
+    on_synced: Callable[[int], None] | None = None,
+) -> None:
+    """Watch the registry forever: at each ``synced`` reconcile the whole set (the only
+    time anything absent is removed); between, apply each change at once."""
+    registry: dict[str, DatabaseResource] = {}
+    synced = False
+    shadowed: set[str] = set()
+    async for event in bus.watch_resources():
+        if event.kind == "upsert" and event.value is not None:
+            resource = event.value
+            registry[event.key] = resource
+            if resource.name in selection.static and resource.name not in shadowed:
+                shadowed.add(resource.name)
+                logger.warning(
+                    "registry database %s has the name of a static database; serving the "
+                    "static one",
+                    resource.name,
+                )
+            if synced:
+                await _apply(supervisor, selection, resource.name, resource)
+        elif event.kind == "deleted":
+            old = registry.pop(event.key, None)
+            if synced and old is not None:
+                await _apply(supervisor, selection, old.name, None)
+        elif event.kind == "synced":
+            started = time.monotonic()
+            await supervisor.adjust(selection.desired(registry.values()))
+            if not synced:
+                logger.info(
+                    "registry synced: %d databases, %d served (%.2fs to reconcile)",
+                    len(registry),
+                    len(supervisor.handles),
+                    time.monotonic() - started,
+                )
+            synced = True
+            if on_synced is not None:
+                on_synced(len(supervisor.handles))
+
+
+async def _apply(
+    supervisor: Supervisor,
+    selection: Selection,
+    name: str,
+    resource: DatabaseResource | None,
+) -> None:
+    if name in selection.static:
+        return
+    served = selection.select(resource) if resource is not None else None
+    if served is not None:
+        supervisor.upsert(served)
+    elif name in supervisor.handles:
+        why = "deleted from the registry" if resource is None else "no longer matches"
+        await supervisor.remove(name, why)
