@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from bus.access import DB_USERS_TRAIT, Role
+from bus.access import DB_USERS_TRAIT, DEFAULT_MAX_SESSION_TTL, Role
 from bus.labels import matches
 
 
@@ -39,6 +39,12 @@ class Decision:
 
     def __bool__(self) -> bool:
         return self.allowed
+
+
+def session_ttl_cap(roles: Sequence[Role]) -> float:
+    """The longest certificate holders of ``roles`` may get: the shortest
+    ``options.max_session_ttl`` among them (8 hours with no roles)."""
+    return min((r.options.max_session_ttl for r in roles), default=DEFAULT_MAX_SESSION_TTL)
 
 
 def expand_db_users(patterns: Iterable[str], user_db_users: Sequence[str]) -> list[str]:

@@ -1,0 +1,165 @@
+"""The fleet CA: creation and publication, issuing, verifying, and real mTLS handshakes."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ssl
+import stat
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from bus import Bus
+from bus.access import Identity, get_ca
+from dbservice.auth.admin import AdminError, init_ca, sign_host, write_identity
+from dbservice.auth.ca import (
+    CertificateAuthority,
+    CertificateRejected,
+    cert_pem,
+    decode_identity,
+    identity_from_ssl,
+    key_pem,
+    load_certs,
+    mtls_client_context,
+    mtls_server_context,
+    new_key,
+    verify_client_certificate,
+)
+
+ALICE = Identity(user="alice", roles=("dev", "ops"), db_users=("alice-rw",))
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_init_creates_private_key_and_publishes_only_the_certificate(
+    bus: Bus, tmp_path: Path
+) -> None:
+    ca_dir = tmp_path / "ca"
+    result = await init_ca(bus, ca_dir)
+    assert result.created
+    assert mode(ca_dir) == 0o700
+    assert mode(ca_dir / "ca.key") == 0o600
+    assert mode(ca_dir / "ca.crt") == 0o644
+    published = await get_ca(bus)
+    assert published is not None
+    assert "PRIVATE" not in published.pem
+    assert published.pem == (ca_dir / "ca.crt").read_text()
+    assert published.fingerprint == result.ca.fingerprint
+
+    again = await init_ca(bus, ca_dir)  # idempotent: keeps the CA
+    assert not again.created and again.ca.fingerprint == result.ca.fingerprint
+
+    with pytest.raises(AdminError, match="already holds another CA"):
+        await init_ca(bus, tmp_path / "other")
+    assert not (tmp_path / "other" / "ca.key").exists()
+    replaced = await init_ca(bus, tmp_path / "other", force=True)
+    assert (await get_ca(bus)).fingerprint == replaced.ca.fingerprint  # type: ignore[union-attr]
+
+
+def test_load_refuses_a_key_readable_by_others(tmp_path: Path) -> None:
+    CertificateAuthority.create().save(tmp_path)
+    (tmp_path / "ca.key").chmod(0o644)
+    with pytest.raises(Exception, match="readable by others"):
+        CertificateAuthority.load(tmp_path)
+
+
+def test_issued_identity_round_trips_and_verifies() -> None:
+    ca = CertificateAuthority.create()
+    cert = ca.issue_client(new_key().public_key(), ALICE, 3600)
+    ident = verify_client_certificate(cert, [ca.cert])
+    assert (ident.user, ident.roles, ident.db_users, ident.kind) == (
+        "alice",
+        ("dev", "ops"),
+        ("alice-rw",),
+        "user",
+    )
+    assert ident.expires == cert.not_valid_after_utc
+    assert decode_identity(cert) == ident
+    # DER bytes as the TLS layer hands them over work the same
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    assert verify_client_certificate(cert.public_bytes(Encoding.DER), [ca.cert]).user == "alice"
+
+
+def test_expired_and_other_ca_certificates_are_rejected() -> None:
+    ca, other = CertificateAuthority.create(), CertificateAuthority.create()
+    cert = ca.issue_client(new_key().public_key(), ALICE, 60)
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+    with pytest.raises(CertificateRejected, match="expired"):
+        verify_client_certificate(cert, [ca.cert], now=later)
+    foreign = other.issue_client(new_key().public_key(), ALICE, 3600)
+    with pytest.raises(CertificateRejected, match="not issued by this fleet's CA"):
+        verify_client_certificate(foreign, [ca.cert])
+    server = ca.issue_server(new_key().public_key(), ["agent-1"], 3600)
+    with pytest.raises(CertificateRejected):
+        verify_client_certificate(server, [ca.cert])
+    # A CA bundle (rotation) trusts both.
+    assert verify_client_certificate(foreign, [ca.cert, other.cert]).user == "alice"
+    assert len(load_certs(ca.pem + other.pem)) == 2
+
+
+async def _handshake(
+    server_ctx: ssl.SSLContext,
+    client_ctx: ssl.SSLContext,
+    on_peer: Callable[[ssl.SSLObject], Awaitable[None]],
+) -> bytes:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ssl_object = writer.get_extra_info("ssl_object")
+        await on_peer(ssl_object)
+        writer.write(b"+OK\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection("127.0.0.1", port, ssl=client_ctx, server_hostname="127.0.0.1"),
+            5,
+        )
+        data = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        return data
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_real_mutual_tls_learns_the_identity_and_refuses_strangers(tmp_path: Path) -> None:
+    ca, other = CertificateAuthority.create(), CertificateAuthority.create()
+    sign_host(ca, ["127.0.0.1", "localhost"], 3600, tmp_path / "agent")
+    server_ctx = mtls_server_context(
+        ca.pem, tmp_path / "agent/cert.pem", tmp_path / "agent/key.pem"
+    )
+
+    def client(issuer: CertificateAuthority, name: str, ttl: float = 3600) -> ssl.SSLContext:
+        key = new_key()
+        cert = issuer.issue_client(key.public_key(), ALICE, ttl)
+        write_identity(tmp_path / name, key_pem(key), cert_pem(cert), ca.pem)
+        return mtls_client_context(
+            ca.pem, tmp_path / name / "cert.pem", tmp_path / name / "key.pem"
+        )
+
+    seen: list[Identity] = []
+
+    async def learn(ssl_object: ssl.SSLObject) -> None:
+        seen.append(identity_from_ssl(ssl_object, [ca.cert]))
+
+    assert await _handshake(server_ctx, client(ca, "alice"), learn) == b"+OK\r\n"
+    assert seen[0].user == "alice" and seen[0].roles == ("dev", "ops")
+
+    async def refused(ctx: ssl.SSLContext) -> bool:
+        try:
+            data = await _handshake(server_ctx, ctx, learn)
+        except (ssl.SSLError, ConnectionError, asyncio.IncompleteReadError):
+            return True
+        return data == b""  # TLS 1.3: the server's refusal can arrive as a closed stream
+
+    assert await refused(client(other, "stranger"))
+    assert await refused(client(ca, "expired", ttl=-30))
+    assert await refused(ssl.create_default_context(cadata=ca.pem))  # no certificate
+    assert len(seen) == 1
