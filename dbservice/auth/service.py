@@ -1,0 +1,342 @@
+"""The login service (``fleetgate auth run -c FILE``): HTTPS, aiohttp.
+
+API (JSON over HTTPS):
+
+* ``POST /v1/login`` ``{"user", "password", "totp"?, "csr", "ttl"?}`` -> 200
+  ``{"certificate", "ca", "user", "roles", "db_users", "expires", "ttl"}``. The CSR is made
+  on the client (its key never leaves the client) and must be for an EC P-256 key. The
+  certificate lives ``min(ttl, shortest max_session_ttl of the user's roles)``.
+  401 ``{"error"}`` for a wrong user or password (one message for both), 401 with
+  ``"need": "totp"`` when a second factor is required, 429 with ``Retry-After`` when
+  rate-limited, 400 for a malformed request.
+* ``GET /v1/ca`` -> ``{"pem", "fingerprint"}``: the fleet CA (clients pin it).
+* ``GET /healthz`` -> ``ok``.
+
+Failed logins are counted per user and per source address in a sliding window; past the
+limit the service answers 429 without checking the password. Every attempt is audited
+(``auth.login``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bus import Bus
+from bus.access import Identity, get_roles, get_user, provision_access
+from bus.audit import Login, ensure_audit_stream
+from dbservice.audit import AuditEmitter
+from dbservice.auth.ca import (
+    CertificateAuthority,
+    CertificateRejected,
+    cert_pem,
+    csr_public_key,
+    key_pem,
+    new_key,
+    write_private,
+)
+from dbservice.auth.passwords import verify_password, verify_totp
+from dbservice.rbac import session_ttl_cap
+from fleetgate.aio import stop_on_signals
+from fleetgate.durations import Duration, parse_duration
+
+logger = logging.getLogger(__name__)
+
+BAD_CREDENTIALS = "invalid user name or password"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NatsSettings(Strict):
+    url: str | None = None
+
+
+class RateLimitSettings(Strict):
+    per_user: int = Field(5, ge=1)
+    """Failed logins for one user name within ``window`` before it is refused."""
+    per_address: int = Field(20, ge=1)
+    """Failed logins from one source address within ``window`` before it is refused."""
+    window: Duration = 300.0
+
+
+class TLSSettings(Strict):
+    cert_file: str | None = None
+    """A server certificate (e.g. from your corporate CA); with ``key_file``."""
+    key_file: str | None = None
+    hosts: list[str] = Field(default_factory=lambda: ["localhost", "127.0.0.1"])
+    """Names and addresses clients use, when the service issues its own certificate
+    from the fleet CA (no ``cert_file``)."""
+    server_ttl: Duration = 30 * 86400.0
+
+
+class AuditSettings(Strict):
+    max_age: Duration = 90 * 86400.0
+    """How long the audit stream keeps events."""
+    queue_size: int = Field(10_000, ge=1)
+
+
+class AuthConfig(Strict):
+    """``fleetgate auth run -c FILE``."""
+
+    listen: str = "127.0.0.1:3025"
+    ca_dir: str
+    """The directory ``fleetgate auth init --dir`` wrote (ca.key, ca.crt)."""
+    host_id: str = Field(default_factory=socket.gethostname)
+    nats: NatsSettings = NatsSettings()
+    tls: TLSSettings = TLSSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    audit: AuditSettings = AuditSettings()
+
+
+class LoginRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    user: str = Field(min_length=1, max_length=128)
+    password: str = Field(max_length=1024)
+    totp: str | None = Field(None, max_length=16)
+    csr: str = Field(max_length=16384)
+    ttl: float | str | None = None
+
+
+class RateLimiter:
+    """Failures per key in a sliding window; bounded in the number of keys it keeps."""
+
+    def __init__(self, limit: int, window: float, *, max_keys: int = 100_000) -> None:
+        self.limit = limit
+        self.window = window
+        self.max_keys = max_keys
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def _recent(self, key: str, now: float) -> deque[float]:
+        times = self._failures.get(key)
+        if times is None:
+            return deque()
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+        return times
+
+    def retry_after(self, key: str, now: float | None = None) -> float | None:
+        """Seconds until ``key`` may try again, or None when it may now."""
+        now = time.monotonic() if now is None else now
+        times = self._recent(key, now)
+        if len(times) < self.limit:
+            return None
+        return max(0.0, times[-self.limit] + self.window - now)
+
+    def failure(self, key: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        times = self._failures.setdefault(key, deque(maxlen=self.limit))
+        times.append(now)
+        self._failures.move_to_end(key)
+        while len(self._failures) > self.max_keys:
+            self._failures.popitem(last=False)
+
+    def reset(self, key: str) -> None:
+        self._failures.pop(key, None)
+
+
+class LoginService:
+    """The HTTP handlers; collaborators passed in so tests run the real thing."""
+
+    def __init__(
+        self, *, config: AuthConfig, bus: Bus, ca: CertificateAuthority, audit: AuditEmitter
+    ) -> None:
+        self.config = config
+        self.bus = bus
+        self.ca = ca
+        self.audit = audit
+        limits = config.rate_limit
+        self.by_user = RateLimiter(limits.per_user, limits.window)
+        self.by_address = RateLimiter(limits.per_address, limits.window)
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024)
+        app.router.add_post("/v1/login", self.login)
+        app.router.add_get("/v1/ca", self.get_ca)
+        app.router.add_get("/healthz", self.health)
+        return app
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def get_ca(self, request: web.Request) -> web.Response:
+        return web.json_response({"pem": self.ca.pem, "fingerprint": self.ca.fingerprint})
+
+    def _refuse(
+        self, request: web.Request, user: str, reason: str, status: int, message: str, **extra: Any
+    ) -> web.Response:
+        self.audit.emit(
+            Login(user=user, client_addr=request.remote or "", success=False, reason=reason)
+        )
+        logger.info("login refused for %r from %s: %s", user, request.remote, reason)
+        headers = {}
+        if "retry_after" in extra:
+            headers["Retry-After"] = str(int(extra["retry_after"]) + 1)
+        return web.json_response({"error": message, **extra}, status=status, headers=headers)
+
+    async def login(self, request: web.Request) -> web.Response:
+        address = request.remote or "unknown"
+        try:
+            body = LoginRequest.model_validate(await request.json())
+        except (ValueError, ValidationError):
+            return web.json_response(
+                {"error": "expected JSON with user, password and csr"}, status=400
+            )
+        waits = [self.by_address.retry_after(address), self.by_user.retry_after(body.user)]
+        wait = max((w for w in waits if w is not None), default=None)
+        if wait is not None:
+            return self._refuse(
+                request,
+                body.user,
+                "rate limited",
+                429,
+                f"too many failed logins; try again in {int(wait) + 1}s",
+                retry_after=wait,
+            )
+        user = await get_user(self.bus, body.user)
+        ok = await asyncio.to_thread(
+            verify_password, user.password_hash if user else None, body.password
+        )
+        if not ok or user is None:
+            self.by_user.failure(body.user)
+            self.by_address.failure(address)
+            reason = "unknown user" if user is None else "wrong password"
+            return self._refuse(request, body.user, reason, 401, BAD_CREDENTIALS)
+        method = "password"
+        if user.totp_secret:
+            if not body.totp:
+                return self._refuse(
+                    request, user.name, "one-time code missing", 401,
+                    "a one-time code is required", need="totp",
+                )  # fmt: skip
+            if not verify_totp(user.totp_secret, body.totp):
+                self.by_user.failure(body.user)
+                self.by_address.failure(address)
+                return self._refuse(
+                    request, user.name, "wrong one-time code", 401, "invalid one-time code"
+                )
+            method = "password+totp"
+        try:
+            public_key, _ = csr_public_key(body.csr)
+            requested = parse_duration(body.ttl) if body.ttl is not None else None
+        except (CertificateRejected, ValueError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        roles = await get_roles(self.bus, user.roles)
+        missing = sorted(set(user.roles) - {r.name for r in roles})
+        if missing:
+            logger.warning("user %s names unknown roles: %s", user.name, ", ".join(missing))
+        cap = session_ttl_cap(roles)
+        ttl = min(requested, cap) if requested else cap
+        identity = Identity(user=user.name, roles=user.roles, db_users=user.db_users)
+        cert = self.ca.issue_client(public_key, identity, ttl)
+        self.by_user.reset(user.name)
+        expires = cert.not_valid_after_utc
+        self.audit.emit(
+            Login(
+                user=user.name,
+                roles=user.roles,
+                client_addr=address,
+                method=method,
+                expires=expires,
+            )
+        )
+        logger.info("login: %s from %s, certificate until %s", user.name, address, expires)
+        return web.json_response(
+            {
+                "certificate": cert_pem(cert),
+                "ca": self.ca.pem,
+                "user": user.name,
+                "roles": list(user.roles),
+                "db_users": list(user.db_users),
+                "expires": expires.isoformat(),
+                "ttl": ttl,
+            }
+        )
+
+
+def server_tls(config: AuthConfig, ca: CertificateAuthority) -> ssl.SSLContext:
+    """The service's TLS context: the configured certificate, or one issued now by the
+    fleet CA for ``tls.hosts`` (written next to the CA, key 0600)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if config.tls.cert_file:
+        ctx.load_cert_chain(config.tls.cert_file, config.tls.key_file)
+        return ctx
+    directory = Path(config.ca_dir) / "service"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    key = new_key()
+    cert = ca.issue_server(key.public_key(), config.tls.hosts, config.tls.server_ttl)
+    write_private(directory / "key.pem", key_pem(key))
+    (directory / "cert.pem").write_text(cert_pem(cert) + ca.pem)
+    ctx.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return ctx
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:3025")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass
+class RunningService:
+    runner: web.AppRunner
+    service: LoginService
+    port: int
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+
+async def start_service(
+    config: AuthConfig, *, bus: Bus, ca: CertificateAuthority, audit: AuditEmitter
+) -> RunningService:
+    """Serve the login API on ``config.listen`` (port 0: an ephemeral port)."""
+    host, port = split_listen(config.listen)
+    service = LoginService(config=config, bus=bus, ca=ca, audit=audit)
+    runner = web.AppRunner(service.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, ssl_context=server_tls(config, ca))
+    await site.start()
+    bound = runner.addresses[0][1] if runner.addresses else port
+    return RunningService(runner, service, int(bound))
+
+
+async def run_auth(config: AuthConfig, *, nats_url: str) -> int:
+    ca = CertificateAuthority.load(Path(config.ca_dir))
+    async with await Bus.connect(nats_url, name="fleetgate-auth") as bus:
+        await provision_access(bus)
+        await ensure_audit_stream(bus, max_age=config.audit.max_age)
+        emitter = AuditEmitter.for_bus(bus, host_id=config.host_id, maxsize=config.audit.queue_size)
+        async with emitter:
+            running = await start_service(config, bus=bus, ca=ca, audit=emitter)
+            logger.info(
+                "auth service on https://%s:%d (CA %s) since %s",
+                split_listen(config.listen)[0],
+                running.port,
+                ca.fingerprint,
+                datetime.now(UTC).isoformat(timespec="seconds"),
+            )
+            stop = asyncio.Event()
+            stop_on_signals(stop)
+            try:
+                await stop.wait()
+            finally:
+                await running.close()
+    return 0
