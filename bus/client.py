@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -104,18 +105,24 @@ class Bus:
         name: str,
         connect_timeout: float = 5.0,
         reconnect_wait: float = 0.5,
-        wait: float = 2.0,
+        wait: float = 0.0,
         request_timeout: float = 10.0,
     ) -> Bus:
-        """Connect to NATS at ``url``, retrying for up to ``wait`` seconds (plus one
-        connect timeout); raise BusUnavailable naming the URL when it stays unreachable."""
+        """Connect to NATS at ``url``; raise BusUnavailable naming the URL when it stays
+        unreachable. A refused connection is retried for ``wait`` seconds (0 for
+        commands people type: fail at once); one attempt takes at most
+        ``connect_timeout``. Once connected, reconnects never stop."""
         bus: Bus | None = None
         shown = redact_url(url)
         first_errors: list[Exception] = []
+        give_up = asyncio.Event()
+        deadline = time.monotonic() + wait
 
         async def on_error(exc: Exception) -> None:
             if bus is None:  # still connecting: the caller reports it once
                 first_errors.append(exc)
+                if time.monotonic() >= deadline:
+                    give_up.set()
                 return
             logger.warning("NATS %s: %s", shown, describe(exc))
 
@@ -129,26 +136,44 @@ class Bus:
                 bus._on_reconnect()
 
         nc = NATS()
-        try:
-            # nats-py retries the first connect forever when reconnects are unlimited:
-            # bound the first attempt ourselves, keep unlimited reconnects afterwards.
-            options: dict[str, Any] = {  # nats-py's hints say int; it takes float seconds
-                "connect_timeout": connect_timeout,
-                "reconnect_time_wait": reconnect_wait,
-            }
-            await asyncio.wait_for(
-                nc.connect(
-                    url,
-                    name=name,
-                    allow_reconnect=True,
-                    max_reconnect_attempts=-1,
-                    error_cb=on_error,
-                    disconnected_cb=on_disconnect,
-                    reconnected_cb=on_reconnect,
-                    **options,
-                ),
-                wait + connect_timeout,
+        # nats-py retries the first connect forever when reconnects are unlimited, so
+        # the first connect is bounded here; unlimited reconnects apply afterwards.
+        options: dict[str, Any] = {  # nats-py's hints say int; it takes float seconds
+            "connect_timeout": connect_timeout,
+            "reconnect_time_wait": reconnect_wait,
+        }
+        connecting = asyncio.ensure_future(
+            nc.connect(
+                url,
+                name=name,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                **options,
             )
+        )
+        giving_up = asyncio.ensure_future(give_up.wait())
+        try:
+            await asyncio.wait(
+                (connecting, giving_up),
+                timeout=wait + connect_timeout + 1,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            giving_up.cancel()
+            if not connecting.done():
+                connecting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await connecting
+                raise TimeoutError("no answer")
+            connecting.result()
+        except asyncio.CancelledError:
+            connecting.cancel()
+            giving_up.cancel()
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise
         except (
             OSError,
             TimeoutError,

@@ -20,11 +20,16 @@ from fleetgate.durations import format_duration
 
 logger = logging.getLogger(__name__)
 
+START_WAIT = 30.0
+"""Seconds the service keeps trying to reach NATS at start before giving up."""
+
 
 async def run_discovery(config: DiscoveryConfig, *, nats_url: str, once: bool) -> int:
     """Poll once (exit status 0 only if every fetcher succeeded) or until SIGTERM/SIGINT."""
     settings = config.discovery_service
-    async with await Bus.connect(nats_url, name="fleetgate-discovery") as bus:
+    # A service waits a while for NATS (it may be starting beside it); --once does not.
+    wait = 0.0 if once else START_WAIT
+    async with await Bus.connect(nats_url, name="fleetgate-discovery", wait=wait) as bus:
         await bus.provision()
         poller = Poller(settings=settings, bus=bus, session=AwsSession())
         if once:

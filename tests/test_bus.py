@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+from pathlib import Path
 
-from bus import Bus, DatabaseResource, DatabaseSpec, Metadata, subjects
+import pytest
+
+from bus import Bus, BusUnavailable, DatabaseResource, DatabaseSpec, Metadata, subjects
 from bus.server import NatsServer, wait_port_free
 from bus.watch import Event
 
@@ -117,3 +121,23 @@ async def test_watch_survives_nats_restart_without_loss_or_duplicates(
         await it.aclose()
     finally:
         await reader.close()
+
+
+async def test_connect_waits_for_a_starting_server_but_not_forever(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a free port, then nobody listening on it
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"nats://user:secret@127.0.0.1:{port}"
+    with pytest.raises(BusUnavailable) as refused:
+        await Bus.connect(url, name="nobody-there")
+    assert f"cannot reach NATS at nats://user:***@127.0.0.1:{port}" in str(refused.value)
+    assert "secret" not in str(refused.value)
+
+    server = NatsServer(tmp_path / "late", port=port)
+    later = asyncio.get_running_loop().call_later(0.5, server.start)
+    try:
+        bus = await Bus.connect(f"nats://127.0.0.1:{port}", name="patient", wait=10)
+        await bus.close()
+    finally:
+        later.cancel()
+        server.stop()
