@@ -10,6 +10,7 @@ from typing import Any
 
 from bus import Bus, DatabaseResource, RegistryError, parse_label_filter
 from bus.labels import matches
+from dbservice.auth import cli as auth_cli
 from fleetgate import aio
 from fleetgate.cli import UsageError
 from fleetgate.config import resolve_nats_url
@@ -30,6 +31,7 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
     )
     common(ls)
     ls.set_defaults(handler=_ls)
+    auth_cli.register_logout(actions, common)
 
 
 def _ls(args: argparse.Namespace) -> int:

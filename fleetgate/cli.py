@@ -30,8 +30,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dbservice import audit_cli
     from dbservice import cli as db_cli
     from dbservice.agent import cli as agent_cli
+    from dbservice.auth import cli as auth_cli
     from discovery import cli as discovery_cli
 
     parser = argparse.ArgumentParser(
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     discovery_cli.register(sub, _common)
     db_cli.register(sub, _common)
+    auth_cli.register(sub, _common)
+    audit_cli.register(sub, _common)
     agent_cli.register(sub, _common)
     return parser
 

@@ -1,0 +1,457 @@
+"""``fleetgate auth|users|roles|login|status`` and ``fleetgate db logout``."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from bus import Bus
+from bus.access import (
+    Role,
+    delete_role,
+    delete_user,
+    get_role,
+    get_user,
+    list_roles,
+    list_users,
+    put_role,
+    role_document,
+)
+from bus.audit import ensure_audit_stream, publish_event
+from bus.errors import BusError
+from fleetgate import aio
+from fleetgate.cli import UsageError
+from fleetgate.config import ConfigError, load_model, read_yaml, resolve_nats_url
+from fleetgate.durations import format_duration, parse_duration
+
+T = TypeVar("T")
+Common = Callable[[argparse.ArgumentParser], None]
+
+DEFAULT_CA_DIR = "/var/lib/fleetgate/ca"
+NATS_HELP = "NATS URL (default: FLEETGATE_NATS_URL or nats://127.0.0.1:4222)"
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro``; our own errors become one ``fleetgate: error:`` line."""
+    from dbservice.auth.admin import AdminError
+    from dbservice.auth.ca import CAError, CertificateRejected
+    from dbservice.auth.client import LoginError
+
+    try:
+        return aio.run(coro)
+    except (AdminError, CAError, CertificateRejected, LoginError) as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _duration(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("must be longer than zero")
+    return seconds
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _read_password(from_stdin: bool, *, prompt: str = "Password: ") -> str:
+    if from_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise UsageError("--password-stdin: no password on standard input")
+        return password
+    if not sys.stdin.isatty():
+        raise UsageError("no terminal to ask for the password: use --password-stdin")
+    return getpass.getpass(prompt)
+
+
+def register(sub: Any, common: Common) -> None:
+    _register_auth(sub, common)
+    _register_users(sub, common)
+    _register_roles(sub, common)
+    login = sub.add_parser("login", help="log in at the auth service and keep a certificate")
+    login.add_argument("--auth", required=True, help="the auth service, HOST:PORT")
+    login.add_argument("--user", required=True)
+    login.add_argument("--password-stdin", action="store_true", help="read the password there")
+    login.add_argument("--otp", help="one-time code, when your user has a second factor")
+    login.add_argument("--ttl", type=_duration, help="ask for a shorter certificate, e.g. 1h")
+    login.add_argument("--ca-file", help="CA certificate of the auth service (ca.crt)")
+    login.add_argument("--ca-fingerprint", help="SHA256:... of that CA, as auth init printed")
+    common(login)
+    login.set_defaults(handler=_login)
+    st = sub.add_parser("status", help="who you are logged in as, your roles, expiry")
+    st.add_argument("--format", default="text", choices=["text", "json"])
+    common(st)
+    st.set_defaults(handler=_status)
+
+
+def register_logout(actions: Any, common: Common) -> None:
+    """``fleetgate db logout [NAME]`` (added to the ``db`` group)."""
+    out = actions.add_parser("logout", help="remove your credentials (or one database's)")
+    out.add_argument("name", nargs="?", help="only this database's local state")
+    common(out)
+    out.set_defaults(handler=_logout)
+
+
+# -- auth ------------------------------------------------------------------------------
+
+
+def _register_auth(sub: Any, common: Common) -> None:
+    group = sub.add_parser("auth", help="the fleet CA and the login service")
+    actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+    init = actions.add_parser("init", help="create the fleet CA and publish its certificate")
+    init.add_argument("--dir", required=True, help="CA directory on the auth host")
+    init.add_argument("--force", action="store_true", help="replace an existing CA")
+    init.add_argument("--nats", help=NATS_HELP)
+    common(init)
+    init.set_defaults(handler=_auth_init)
+    run = actions.add_parser("run", help="serve logins over HTTPS")
+    run.add_argument("-c", "--config", required=True, help="auth service YAML config")
+    run.add_argument("--nats", help=NATS_HELP)
+    common(run)
+    run.set_defaults(handler=_auth_run)
+    sign = actions.add_parser("sign", help="issue a certificate for a program or a server")
+    who = sign.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", help="a registered user (CI jobs, services)")
+    who.add_argument("--host", type=_names, help="server names/addresses (agents): h1,10.0.0.1")
+    sign.add_argument("--ttl", type=_duration, default=3600.0, help="validity (default 1h)")
+    sign.add_argument("--out", required=True, help="directory for key.pem, cert.pem, ca.pem")
+    sign.add_argument(
+        "--ca-dir",
+        default=os.environ.get("FLEETGATE_CA_DIR", DEFAULT_CA_DIR),
+        help=f"CA directory (default: FLEETGATE_CA_DIR or {DEFAULT_CA_DIR})",
+    )
+    sign.add_argument("--nats", help=NATS_HELP)
+    common(sign)
+    sign.set_defaults(handler=_auth_sign)
+
+
+def _auth_init(args: argparse.Namespace) -> int:
+    from dbservice.auth.admin import init_ca
+
+    async def go() -> int:
+        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+            result = await init_ca(bus, Path(args.dir), force=args.force)
+            await ensure_audit_stream(bus)
+        verb = "created" if result.created else "kept the existing"
+        print(f"{verb} fleet CA in {args.dir} (key {args.dir}/ca.key, mode 0600)")
+        print(f"published its certificate to the registry; fingerprint {result.ca.fingerprint}")
+        print(
+            f"give people {result.cert_path} (or the fingerprint): "
+            "fleetgate login --auth HOST:PORT --user NAME --ca-file ca.crt"
+        )
+        return 0
+
+    return _run(go())
+
+
+def _auth_run(args: argparse.Namespace) -> int:
+    from dbservice.auth.service import AuthConfig, run_auth
+
+    config = load_model(AuthConfig, read_yaml(args.config), args.config)
+    return _run(run_auth(config, nats_url=resolve_nats_url(args.nats, config.nats.url)))
+
+
+def _auth_sign(args: argparse.Namespace) -> int:
+    from dbservice.auth.admin import AdminError, load_ca, sign_event, sign_host, sign_user
+
+    try:
+        ca = load_ca(Path(args.ca_dir))
+    except AdminError as exc:
+        raise UsageError(f"{exc} (or pass --ca-dir)") from None
+    out = Path(args.out)
+    if args.host:
+        try:
+            files = sign_host(ca, args.host, args.ttl, out)
+        except ValueError as exc:
+            raise UsageError(f"--host: {exc}") from None
+        print(f"server certificate for {', '.join(args.host)}, {format_duration(args.ttl)}:")
+        print("\n".join(f"  {f}" for f in files))
+        return 0
+
+    async def go() -> int:
+        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+            result = await sign_user(bus, ca, args.user, args.ttl, out)
+            try:
+                await ensure_audit_stream(bus)
+                await publish_event(bus, sign_event(result, os.uname().nodename))
+            except BusError as exc:
+                print(f"fleetgate: warning: not audited: {exc}", file=sys.stderr)
+        capped = " (capped by the user's roles)" if result.capped else ""
+        print(
+            f"certificate for {result.identity.user} "
+            f"(roles: {', '.join(result.identity.roles) or 'none'}) "
+            f"until {result.identity.expires:%Y-%m-%d %H:%M:%SZ}{capped}:"
+        )
+        print("\n".join(f"  {f}" for f in result.files))
+        return 0
+
+    return _run(go())
+
+
+# -- users -----------------------------------------------------------------------------
+
+
+def _register_users(sub: Any, common: Common) -> None:
+    group = sub.add_parser("users", help="manage users (admins, on the bus)")
+    actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="add a user")
+    add.add_argument("name")
+    add.add_argument("--roles", type=_names, required=True, help="r1,r2")
+    add.add_argument("--db-users", type=_names, default=[], help="for {{internal.db_users}}")
+    add.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from standard input (without it, the user can only get "
+        "certificates from auth sign)",
+    )
+    add.add_argument("--totp", action="store_true", help="require a one-time code at login")
+    add.add_argument("--replace", action="store_true", help="replace an existing user")
+    ls = actions.add_parser("ls", help="list users")
+    ls.add_argument("--format", default="text", choices=["text", "json"])
+    rm = actions.add_parser("rm", help="remove a user")
+    rm.add_argument("name")
+    for parser, handler in ((add, _users_add), (ls, _users_ls), (rm, _users_rm)):
+        parser.add_argument("--nats", help=NATS_HELP)
+        common(parser)
+        parser.set_defaults(handler=handler)
+
+
+def _users_add(args: argparse.Namespace) -> int:
+    from dbservice.auth.admin import add_user
+    from dbservice.auth.passwords import hash_password, new_totp_secret, totp_uri
+
+    password_hash = None
+    if args.password_stdin:
+        try:
+            password_hash = hash_password(_read_password(True))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    totp = new_totp_secret() if args.totp else None
+
+    async def go() -> int:
+        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+            user = await add_user(
+                bus,
+                args.name,
+                args.roles,
+                args.db_users,
+                password_hash=password_hash,
+                totp_secret=totp,
+                replace=args.replace,
+            )
+        print(f"user {user.name} with roles {', '.join(user.roles)}")
+        if password_hash is None:
+            print("no password: certificates only from fleetgate auth sign --user", user.name)
+        if totp:
+            print(
+                f"one-time codes: add this to an authenticator app:\n  {totp_uri(totp, user.name)}"
+            )
+        return 0
+
+    return _run(go())
+
+
+def _users_ls(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+            users = await list_users(bus)
+        if args.format == "json":
+            rows = [
+                {
+                    "name": u.name,
+                    "roles": list(u.roles),
+                    "db_users": list(u.db_users),
+                    "password": u.password_hash is not None,
+                    "totp": u.totp_secret is not None,
+                }
+                for u in users
+            ]
+            print(json.dumps(rows, indent=2))
+            return 0
+        table = [("NAME", "ROLES", "DB USERS", "LOGIN")]
+        for u in users:
+            login = "password" if u.password_hash else "sign only"
+            login += "+totp" if u.totp_secret else ""
+            table.append((u.name, ",".join(u.roles), ",".join(u.db_users), login))
+        _print_table(table)
+        return 0
+
+    return _run(go())
+
+
+def _users_rm(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+            if await get_user(bus, args.name) is None:
+                raise UsageError(f"no user {args.name!r} (see fleetgate users ls)")
+            await delete_user(bus, args.name)
+        print(f"removed user {args.name}; certificates already issued last until they expire")
+        return 0
+
+    return _run(go())
+
+
+# -- roles -----------------------------------------------------------------------------
+
+
+def _register_roles(sub: Any, common: Common) -> None:
+    group = sub.add_parser("roles", help="manage roles (admins, on the bus)")
+    actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = actions.add_parser("create", help="create a role from a YAML file")
+    create.add_argument("-f", "--file", required=True, help="role YAML (kind: role)")
+    create.add_argument("--replace", action="store_true", help="replace an existing role")
+    ls = actions.add_parser("ls", help="list roles")
+    ls.add_argument("--format", default="text", choices=["text", "json", "yaml"])
+    rm = actions.add_parser("rm", help="remove a role")
+    rm.add_argument("name")
+    for parser, handler in ((create, _roles_create), (ls, _roles_ls), (rm, _roles_rm)):
+        parser.add_argument("--nats", help=NATS_HELP)
+        common(parser)
+        parser.set_defaults(handler=handler)
+
+
+def load_role_file(path: str) -> Role:
+    from dbservice.auth.admin import parse_role
+
+    return parse_role(read_yaml(path), path)
+
+
+def _roles_create(args: argparse.Namespace) -> int:
+    role = load_role_file(args.file)
+
+    async def go() -> int:
+        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+            exists = await get_role(bus, role.name) is not None
+            if exists and not args.replace:
+                raise UsageError(f"role {role.name!r} exists already; pass --replace to change it")
+            await put_role(bus, role)
+        print(f"{'replaced' if exists else 'created'} role {role.name}")
+        return 0
+
+    return _run(go())
+
+
+def _roles_ls(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+            roles = await list_roles(bus)
+        docs = [role_document(r) for r in roles]
+        if args.format == "json":
+            print(json.dumps(docs, indent=2))
+        elif args.format == "yaml":
+            print(yaml.safe_dump_all(docs, sort_keys=False), end="")
+        else:
+            table = [("NAME", "ALLOW LABELS", "DB USERS", "MAX TTL")]
+            for r in roles:
+                labels = ", ".join(
+                    f"{k}={v if isinstance(v, str) else '|'.join(v)}"
+                    for k, v in r.allow.db_labels.items()
+                )
+                ttl = format_duration(r.options.max_session_ttl)
+                table.append((r.name, labels, ",".join(r.allow.db_users), ttl))
+            _print_table(table)
+        return 0
+
+    return _run(go())
+
+
+def _roles_rm(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+            if await get_role(bus, args.name) is None:
+                raise UsageError(f"no role {args.name!r} (see fleetgate roles ls)")
+            holders = [u.name for u in await list_users(bus) if args.name in u.roles]
+            await delete_role(bus, args.name)
+        print(f"removed role {args.name}")
+        if holders:
+            print(f"note: still named by users {', '.join(holders)} (it grants them nothing now)")
+        return 0
+
+    return _run(go())
+
+
+# -- login, status, logout ---------------------------------------------------------------
+
+
+def _confirm(fingerprint: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    answer = input(f"The auth service presents CA {fingerprint}.\nTrust it? [y/N] ")
+    return answer.strip().lower() in {"y", "yes"}
+
+
+def _login(args: argparse.Namespace) -> int:
+    from dbservice.auth.client import login
+
+    password = _read_password(args.password_stdin)
+    result = _run(
+        login(
+            args.auth,
+            args.user,
+            password,
+            totp=args.otp,
+            ttl=args.ttl,
+            ca_file=args.ca_file,
+            ca_fingerprint=args.ca_fingerprint,
+            confirm=None if args.password_stdin else _confirm,
+        )
+    )
+    identity = result.identity
+    print(
+        f"logged in as {identity.user} (roles: {', '.join(identity.roles) or 'none'}) "
+        f"until {identity.expires:%Y-%m-%d %H:%M:%SZ}"
+    )
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from dbservice.auth.client import status
+
+    try:
+        st = status()
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"stored credentials are unreadable ({exc}); log in again") from None
+    if st is None:
+        print("not logged in (fleetgate login --auth HOST:PORT --user NAME)", file=sys.stderr)
+        return 1
+    ident = st.identity
+    if args.format == "json":
+        doc = ident.model_dump(mode="json") | {"auth": st.auth, "expired": st.expired}
+        print(json.dumps(doc, indent=2))
+    else:
+        state = "EXPIRED" if st.expired else "valid"
+        print(f"user:      {ident.user} ({ident.kind})")
+        print(f"roles:     {', '.join(ident.roles) or '(none)'}")
+        print(f"db users:  {', '.join(ident.db_users) or '(none)'}")
+        print(f"expires:   {ident.expires:%Y-%m-%d %H:%M:%SZ} ({state})")
+        print(f"auth:      {st.auth or '(unknown)'}")
+    return 1 if st.expired else 0
+
+
+def _logout(args: argparse.Namespace) -> int:
+    from dbservice.auth.client import logout
+
+    removed = logout(args.name)
+    if not removed:
+        print("nothing to remove" + (f" for {args.name}" if args.name else ""))
+    for path in removed:
+        print(f"removed {path}")
+    return 0
+
+
+def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(f"{cell:<{widths[i]}}" for i, cell in enumerate(row)).rstrip())
