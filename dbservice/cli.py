@@ -10,6 +10,7 @@ from typing import Any
 
 from bus import Bus, DatabaseResource, RegistryError, parse_label_filter
 from bus.labels import matches
+from dbservice import servers_cli
 from dbservice.auth import cli as auth_cli
 from fleetgate import aio
 from fleetgate.cli import UsageError
@@ -32,6 +33,7 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
     common(ls)
     ls.set_defaults(handler=_ls)
     auth_cli.register_logout(actions, common)
+    servers_cli.register(actions, common)
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -39,28 +41,39 @@ def _ls(args: argparse.Namespace) -> int:
         selector = parse_label_filter(args.labels) if args.labels else None
     except ValueError as exc:
         raise UsageError(f"--labels: {exc}") from None
-    resources = aio.run(_list(resolve_nats_url(args.nats)))
+    resources, health = aio.run(_list(resolve_nats_url(args.nats)))
     if selector is not None:
         resources = [r for r in resources if matches(selector, r.metadata.labels)]
     if args.format == "json":
-        json.dump([as_json(r) for r in resources], sys.stdout, indent=2)
+        json.dump([as_json(r, health.get(r.name)) for r in resources], sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print_table(resources)
+        print_table(resources, health)
     return 0
 
 
-async def _list(url: str) -> list[DatabaseResource]:
+async def _list(url: str) -> tuple[list[DatabaseResource], dict[str, tuple[int, int]]]:
+    """Registry databases plus static ones that agents serve, and per database
+    (healthy agents, agents)."""
     async with await Bus.connect(url, name="fleetgate-cli") as bus:
         try:
-            return await bus.list_resources(create=False)
+            resources = await bus.list_resources(create=False)
         except RegistryError as exc:
             print(f"fleetgate: note: {exc}", file=sys.stderr)
-            return []
+            resources = []
+        servers = await servers_cli.read_servers(bus, None)
+    known = {r.name for r in resources}
+    for server in servers:
+        if server.name not in known:  # static: only agents know it
+            known.add(server.name)
+            resources.append(server.database)
+    resources.sort(key=lambda r: r.name)
+    return resources, servers_cli.health_counts(servers)
 
 
-def as_json(resource: DatabaseResource) -> dict[str, Any]:
+def as_json(resource: DatabaseResource, health: tuple[int, int] | None = None) -> dict[str, Any]:
     spec = resource.spec
+    healthy, agents = health or (0, 0)
     return {
         "name": resource.name,
         "description": resource.metadata.description,
@@ -68,7 +81,8 @@ def as_json(resource: DatabaseResource) -> dict[str, Any]:
         "uri": spec.uri,
         "labels": dict(sorted(resource.metadata.labels.items())),
         "aws": spec.aws.model_dump(mode="json") if spec.aws else None,
-        "tls": spec.tls.model_dump(mode="json", exclude_none=True),
+        "tls": spec.tls.model_dump(mode="json", exclude_none=True, exclude={"ca_cert"}),
+        "health": {"healthy": healthy, "agents": agents},
     }
 
 
@@ -78,11 +92,24 @@ def shown_labels(labels: dict[str, str]) -> str:
     )
 
 
-def print_table(resources: list[DatabaseResource]) -> None:
-    rows = [("NAME", "DESCRIPTION", "LABELS")]
-    rows += [(r.name, r.metadata.description, shown_labels(r.metadata.labels)) for r in resources]
-    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+def print_table(
+    resources: list[DatabaseResource], health: dict[str, tuple[int, int]] | None = None
+) -> None:
+    """NAME, DESCRIPTION, HEALTH (healthy agents / agents) and LABELS."""
+    health = health or {}
+    rows = [("NAME", "DESCRIPTION", "HEALTH", "LABELS")]
+    rows += [
+        (
+            r.name,
+            r.metadata.description,
+            servers_cli.health_cell(health.get(r.name)),
+            shown_labels(r.metadata.labels),
+        )
+        for r in resources
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
-        print(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]}".rstrip())
+        cells = "  ".join(f"{row[i]:<{widths[i]}}" for i in range(3))
+        print(f"{cells}  {row[3]}".rstrip())
     if not resources:
         print("(no databases)", file=sys.stderr)

@@ -1,0 +1,100 @@
+"""``fleetgate db servers NAME``: the agents serving a database, healthiest first; and
+the per-database health counts ``db ls`` shows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from bus import Bus, DbServerHeartbeat, RegistryError
+from bus.servers import health_rank
+from fleetgate import aio
+from fleetgate.config import resolve_nats_url
+
+
+def register(actions: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    servers = actions.add_parser("servers", help="list the agents serving a database")
+    servers.add_argument("name", metavar="NAME", help="database name (as in 'fleetgate db ls')")
+    servers.add_argument("--format", default="text", choices=["text", "json"])
+    servers.add_argument(
+        "--nats", help="NATS URL (default: FLEETGATE_NATS_URL or nats://127.0.0.1:4222)"
+    )
+    common(servers)
+    servers.set_defaults(handler=_servers)
+
+
+def _servers(args: argparse.Namespace) -> int:
+    found = aio.run(list_servers(resolve_nats_url(args.nats), args.name))
+    found.sort(key=health_rank)
+    if args.format == "json":
+        json.dump([server_json(s) for s in found], sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_servers(found)
+    if not found:
+        print(f"(no agent serves {args.name})", file=sys.stderr)
+    return 0
+
+
+async def list_servers(url: str, name: str | None) -> list[DbServerHeartbeat]:
+    async with await Bus.connect(url, name="fleetgate-cli") as bus:
+        return await read_servers(bus, name)
+
+
+async def read_servers(bus: Bus, name: str | None) -> list[DbServerHeartbeat]:
+    """Live heartbeats (of one database, or all); none when no agent ever ran."""
+    try:
+        return await bus.list_db_servers(name, create=False)
+    except RegistryError:
+        return []
+
+
+def server_json(server: DbServerHeartbeat) -> dict[str, Any]:
+    health = server.target_health
+    return {
+        "host_id": server.host_id,
+        "hostname": server.hostname,
+        "version": server.version,
+        "addr": server.addr,
+        "database": server.name,
+        "labels": dict(sorted(server.database.metadata.labels.items())),
+        "aws": (
+            server.database.spec.aws.model_dump(mode="json", exclude_none=True)
+            if server.database.spec.aws
+            else None
+        ),
+        "target_health": health.model_dump(mode="json", exclude_none=True),
+        "expires": server.expires.isoformat() if server.expires else None,
+    }
+
+
+def print_servers(servers: list[DbServerHeartbeat]) -> None:
+    rows = [("HOSTNAME", "HOST ID", "ADDRESS", "HEALTH", "VERSION", "MESSAGE")]
+    for s in servers:
+        health = s.target_health
+        message = health.message
+        if health.status != "healthy" and health.error:
+            message = f"{message}: {health.error}"
+        rows.append((s.hostname, s.host_id, s.addr, health.status, s.version, message))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        cells = [f"{cell:<{widths[i]}}" for i, cell in enumerate(row[:5])]
+        print("  ".join([*cells, row[5]]).rstrip())
+
+
+def health_counts(servers: Iterable[DbServerHeartbeat]) -> dict[str, tuple[int, int]]:
+    """Per database: (healthy agents, agents)."""
+    out: dict[str, tuple[int, int]] = {}
+    for server in servers:
+        healthy, total = out.get(server.name, (0, 0))
+        out[server.name] = (healthy + (server.target_health.status == "healthy"), total + 1)
+    return out
+
+
+def health_cell(counts: tuple[int, int] | None) -> str:
+    """``2/3`` (healthy agents / agents), ``0/0`` when no agent serves it."""
+    healthy, total = counts or (0, 0)
+    return f"{healthy}/{total}"
