@@ -178,7 +178,9 @@ def test_selection_last_matching_role_wins_and_static_shadows() -> None:
     assert only_a.spec.aws.assume_role_arn == role_a
     assert selection.select(resource("none", {"env": "dev"})) is None
     assert selection.select(resource("cache", {"env": "prod"})) is None
-    desired = selection.desired([resource("cache", {"env": "prod"}), resource("p", {"env": "prod"})])
+    desired = selection.desired(
+        [resource("cache", {"env": "prod"}), resource("p", {"env": "prod"})]
+    )
     assert sorted(desired) == ["cache", "p"]
     assert desired["cache"].spec.uri == "127.0.0.1:6379"
     assert desired["cache"].metadata.labels["fleetgate.dev/origin"] == "config"

@@ -9,6 +9,7 @@ consecutive passes (or ``unhealthy_threshold`` consecutive failures) are seen.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -129,13 +130,22 @@ async def probe(target: Target, limit: float) -> ProbeResult:
         return ProbeResult(False, f"no answer within {limit:g}s ({phase})")
     except ssl.SSLCertVerificationError as exc:
         return ProbeResult(False, f"{phase}: certificate not trusted: {exc.verify_message}")
+    except ssl.SSLError as exc:
+        return ProbeResult(False, f"{phase}: {exc.reason or exc}")
     except (OSError, EOFError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
-        return ProbeResult(False, f"{phase}: {reason}")
+        return ProbeResult(False, f"{phase}: {_reason(exc)}")
     finally:
         if writer is not None:
             writer.transport.abort()
     return _judge(line)
+
+
+def _reason(exc: BaseException) -> str:
+    """``Connection refused`` rather than asyncio's ``Connect call failed (...)``."""
+    errno = getattr(exc, "errno", None)
+    if isinstance(errno, int) and errno > 0:
+        return os.strerror(errno)
+    return str(exc) or type(exc).__name__
 
 
 def _judge(line: bytes) -> ProbeResult:
