@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from bus.access import Role
+from bus import Bus
+from bus.access import Identity, Role
 from dbservice.rbac import CommandPolicy, check_command, check_db_access
 
 
@@ -114,3 +115,20 @@ def test_command_policy_caches_bounded() -> None:
     for i in range(3000):
         policy.check(f"X{i}")
     assert len(policy._cache) <= 1024
+
+
+async def test_authorize_session_reads_current_roles(bus: Bus) -> None:
+    """A role edited after login applies to the next session, without a new login."""
+    from bus.access import put_role
+    from dbservice.auth.authorize import authorize_session, trusted_cas
+
+    alice = Identity(user="alice", roles=("payments-dev", "gone"), db_users=("alice-rw",))
+    await put_role(bus, DEV)
+    grant = await authorize_session(bus, alice, database="orders", labels=DEV_DB, db_user="app")
+    assert grant.allowed and grant.commands.check("GET") and not grant.commands.check("KEYS")
+    narrowed = DEV.model_copy(update={"allow": DEV.allow.model_copy(update={"db_users": ("ro",)})})
+    await put_role(bus, narrowed)
+    grant = await authorize_session(bus, alice, database="orders", labels=DEV_DB, db_user="app")
+    assert not grant.allowed and "as db user 'app'" in grant.decision.reason
+    assert not grant.commands.check("GET")
+    assert await trusted_cas(bus) == []
