@@ -46,7 +46,10 @@ class Agent:
         data_dir = DataDir.open(self.settings.data_dir)
         try:
             bus = await Bus.connect(
-                self.nats_url, name=f"fleetgate-agent {self.settings.hostname}", reconnect_wait=0.5
+                self.nats_url,
+                name=f"fleetgate-agent {self.settings.hostname}",
+                reconnect_wait=0.5,
+                wait=self.config.nats.start_wait,
             )
             self.bus = bus
             try:

@@ -69,6 +69,8 @@ def join_host_port(host: str, port: int) -> str:
 class NatsSettings(Strict):
     url: str | None = None
     """NATS URL; ``--nats`` and ``FLEETGATE_NATS_URL`` take precedence."""
+    start_wait: Duration = 30.0
+    """How long to keep trying to reach NATS at start (it may be starting beside us)."""
 
 
 class AwsRole(Strict):
