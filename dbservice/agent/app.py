@@ -23,6 +23,8 @@ from fleetgate.durations import format_duration
 logger = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 3.0
+PROBE_CONCURRENCY = 64
+"""Health probes in flight at once over all databases (each holds a socket)."""
 
 
 class Agent:
@@ -73,6 +75,7 @@ class Agent:
         settings = self.settings
         announcer = Announcer(bus=bus, identity=identity, ttl=settings.heartbeat.ttl)
         contexts = TLSContexts(extra_ca_file=settings.upstream_ca_file)
+        probe_slots = asyncio.Semaphore(PROBE_CONCURRENCY)
 
         def make_worker(resource: DatabaseResource) -> DatabaseWorker:
             return DatabaseWorker(
@@ -81,6 +84,7 @@ class Agent:
                 announcer=announcer,
                 contexts=contexts,
                 prober=self.prober,
+                probe_slots=probe_slots,
             )
 
         supervisor = Supervisor(make_worker=make_worker, announcer=announcer)

@@ -49,6 +49,7 @@ class DatabaseWorker:
         announcer: Announcer,
         contexts: TLSContexts,
         prober: Prober = probe,
+        probe_slots: asyncio.Semaphore | None = None,
         rng: Callable[[], float] = random.random,
     ) -> None:
         self.resource = resource
@@ -56,6 +57,8 @@ class DatabaseWorker:
         self.announcer = announcer
         self.contexts = contexts
         self.prober = prober
+        self.probe_slots = probe_slots or asyncio.Semaphore(1)
+        """Shared by every worker: bounds the probes (and sockets) in flight at once."""
         self.rng = rng
         self.aliases: Mapping[str, str] = settings.host_aliases
         self.state = self._new_state()
@@ -99,7 +102,8 @@ class DatabaseWorker:
             target = self._target()
             if isinstance(target, Target):
                 self.state.address, self.state.protocol = target.address, target.protocol
-                result = await self.prober(target, timeout)
+                async with self.probe_slots:
+                    result = await self.prober(target, timeout)
             else:
                 result = target
             state = self.state
