@@ -189,12 +189,16 @@ async def read_events(
     elif follow and last is None:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
     try:
-        await bus.js.stream_info(subjects.AUDIT_STREAM)
+        stream = await bus.js.stream_info(subjects.AUDIT_STREAM)
     except nats.js.errors.NotFoundError:
         raise RegistryError(
             "there is no audit stream yet: it is created when the auth service or an agent "
             "first starts against this NATS"
         ) from None
+    if last is not None and since is None and filter_subject == subjects.audit_filter():
+        # Unfiltered: start at the right sequence instead of replaying the stream.
+        first = max(stream.state.first_seq, stream.state.last_seq - last + 1, 1)
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first)
     sub = await bus.js.subscribe(
         filter_subject, stream=subjects.AUDIT_STREAM, ordered_consumer=True, config=config
     )

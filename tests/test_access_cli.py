@@ -230,3 +230,19 @@ def test_audit_search_filters(
     assert out.count("\n") == 2 and "eve@orders(admin)" in out
     code, _, err = run(capsys, "audit", "search", "--since", "yesterday")
     assert code == 2 and "--since" in one_error(err)
+
+
+def test_logout_refuses_paths(cli: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "db", "logout", "../identity")
+    assert code == 2 and "not a database name" in one_error(err)
+
+
+def test_sample_configs_load() -> None:
+    from dbservice.auth.admin import parse_role
+    from dbservice.auth.service import AuthConfig
+    from fleetgate.config import load_model, read_yaml
+
+    root = Path(__file__).parent.parent / "deploy"
+    load_model(AuthConfig, read_yaml(root / "auth.yaml"), "auth.yaml")
+    for path in (root / "roles").glob("*.yaml"):
+        assert parse_role(read_yaml(path), str(path)).allow.db_labels

@@ -51,6 +51,15 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
         raise UsageError(str(exc)) from None
 
 
+def _run_sync(call: Callable[[], T]) -> T:
+    from dbservice.auth.client import LoginError
+
+    try:
+        return call()
+    except LoginError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _duration(text: str) -> float:
     try:
         seconds = parse_duration(text)
@@ -417,11 +426,12 @@ def _login(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from dbservice.auth.ca import CertificateRejected
     from dbservice.auth.client import status
 
     try:
         st = status()
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, CertificateRejected) as exc:
         raise ConfigError(f"stored credentials are unreadable ({exc}); log in again") from None
     if st is None:
         print("not logged in (fleetgate login --auth HOST:PORT --user NAME)", file=sys.stderr)
@@ -443,7 +453,7 @@ def _status(args: argparse.Namespace) -> int:
 def _logout(args: argparse.Namespace) -> int:
     from dbservice.auth.client import logout
 
-    removed = logout(args.name)
+    removed = _run_sync(lambda: logout(args.name))
     if not removed:
         print("nothing to remove" + (f" for {args.name}" if args.name else ""))
     for path in removed:

@@ -252,6 +252,8 @@ def logout(name: str | None = None, home: Path | None = None) -> list[Path]:
     was removed. The pinned auth CA stays (it is trust, not a credential)."""
     home = home or fleetgate_home()
     if name:
+        if "/" in name or "\\" in name or name in {".", ".."}:
+            raise LoginError(f"{name!r} is not a database name")
         targets = [home / "db" / name]
     else:
         targets = [home / "identity", home / "db", home / "profile.json"]

@@ -163,6 +163,8 @@ class LoginService:
         limits = config.rate_limit
         self.by_user = RateLimiter(limits.per_user, limits.window)
         self.by_address = RateLimiter(limits.per_address, limits.window)
+        # Each argon2 verification takes 64 MiB and a CPU for ~50 ms: bound them.
+        self.verifications = asyncio.Semaphore(4)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)
@@ -209,9 +211,10 @@ class LoginService:
                 retry_after=wait,
             )
         user = await get_user(self.bus, body.user)
-        ok = await asyncio.to_thread(
-            verify_password, user.password_hash if user else None, body.password
-        )
+        async with self.verifications:
+            ok = await asyncio.to_thread(
+                verify_password, user.password_hash if user else None, body.password
+            )
         if not ok or user is None:
             self.by_user.failure(body.user)
             self.by_address.failure(address)
