@@ -86,34 +86,40 @@ async def follow_registry(
     on_synced: Callable[[int], None] | None = None,
 ) -> None:
     """Watch the registry forever: at each ``synced`` reconcile the whole set (the only
-    time anything absent is removed); between, apply each change at once."""
-    registry: dict[str, DatabaseResource] = {}
+    time anything absent is removed); between, apply each change at once. Only the
+    databases this agent serves are kept, keyed by registry key."""
+    chosen: dict[str, DatabaseResource] = {}
     synced = False
-    shadowed: set[str] = set()
+    seen = 0
     async for event in bus.watch_resources():
         if event.kind == "upsert" and event.value is not None:
+            seen += 1
             resource = event.value
-            registry[event.key] = resource
-            if resource.name in selection.static and resource.name not in shadowed:
-                shadowed.add(resource.name)
-                logger.warning(
-                    "registry database %s has the name of a static database; serving the "
-                    "static one",
-                    resource.name,
-                )
-            if synced:
-                await _apply(supervisor, selection, resource.name, resource)
+            if resource.name in selection.static:
+                _warn_shadowed(resource.name)
+            served = selection.select(resource)
+            old = chosen.pop(event.key, None)
+            if served is not None:
+                chosen[event.key] = served
+            if not synced:
+                continue
+            if served is not None:
+                supervisor.upsert(served)
+            elif old is not None:
+                await supervisor.remove(old.name, "no longer matches")
         elif event.kind == "deleted":
-            old = registry.pop(event.key, None)
+            old = chosen.pop(event.key, None)
             if synced and old is not None:
-                await _apply(supervisor, selection, old.name, None)
+                await supervisor.remove(old.name, "deleted from the registry")
         elif event.kind == "synced":
             started = time.monotonic()
-            await supervisor.adjust(selection.desired(registry.values()))
+            desired = dict(selection.static)
+            desired.update((r.name, r) for r in chosen.values())
+            await supervisor.adjust(desired)
             if not synced:
                 logger.info(
-                    "registry synced: %d databases, %d served (%.2fs to reconcile)",
-                    len(registry),
+                    "registry synced: %d databases read, %d served (%.2fs to reconcile)",
+                    seen,
                     len(supervisor.handles),
                     time.monotonic() - started,
                 )
@@ -122,17 +128,13 @@ async def follow_registry(
                 on_synced(len(supervisor.handles))
 
 
-async def _apply(
-    supervisor: Supervisor,
-    selection: Selection,
-    name: str,
-    resource: DatabaseResource | None,
-) -> None:
-    if name in selection.static:
-        return
-    served = selection.select(resource) if resource is not None else None
-    if served is not None:
-        supervisor.upsert(served)
-    elif name in supervisor.handles:
-        why = "deleted from the registry" if resource is None else "no longer matches"
-        await supervisor.remove(name, why)
+_shadowed: set[str] = set()
+
+
+def _warn_shadowed(name: str) -> None:
+    if name not in _shadowed:
+        _shadowed.add(name)
+        logger.warning(
+            "registry database %s has the name of a static database; serving the static one",
+            name,
+        )
