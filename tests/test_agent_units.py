@@ -218,3 +218,18 @@ def test_data_dir_keeps_host_id_and_refuses_a_second_agent(tmp_path: Path) -> No
     (tmp_path / "data" / "host_uuid").write_text("garbage")
     with pytest.raises(ConfigError, match="not a host id"):
         DataDir.open(tmp_path / "data")
+
+
+def test_sample_config_is_valid() -> None:
+    import yaml
+
+    sample = Path(__file__).resolve().parents[1] / "deploy" / "agent.yaml"
+    data = yaml.safe_load(sample.read_text())
+    for db in data["db_service"]["databases"]:
+        db.get("tls", {}).pop("ca_file", None)  # a path on the agent's host
+    cfg = load_model(AgentConfig, data, str(sample)).db_service
+    assert cfg.advertise() == "10.0.1.5:6390" and len(cfg.resources) == 2
+    assert resolve_alias("sessions.internal.example", 6380, cfg.host_aliases) == (
+        "10.20.0.15",
+        6380,
+    )
