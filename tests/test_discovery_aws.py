@@ -240,12 +240,13 @@ def test_cli_once_then_db_ls(
 
     assert main(["db", "ls", "--nats", nats_server.url]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAME", "DESCRIPTION", "LABELS"]
+    assert lines[0].split() == ["NAME", "DESCRIPTION", "HEALTH", "LABELS"]
     import re
 
     cells = re.split(r"\s{2,}", lines[1])
     assert cells[:2] == [f"carts-memorydb-us-east-1-{ACCOUNT}", "MemoryDB cluster in us-east-1"]
-    assert "env=staging" in cells[2] and "fleetgate.dev/" not in lines[1]
+    assert cells[2] == "0/0"  # no agent serves it
+    assert "env=staging" in cells[3] and "fleetgate.dev/" not in lines[1]
 
 
 def test_cli_errors_are_one_clear_line(
