@@ -290,3 +290,33 @@ async def test_nats_restart_under_running_agents(
         beats = await reader.list_db_servers()
         assert len(beats) == 6 == len({(b.host_id, b.name) for b in beats})
         await reader.close()
+
+
+async def test_agent_needs_only_the_agent_permissions_of_the_sample_nats_config(
+    tmp_path: Path, valkey: ValkeyNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-server.conf"
+    for user in ("discovery", "agent", "reader", "admin"):
+        monkeypatch.setenv(f"FLEETGATE_NATS_{user.upper()}_PASSWORD", f"pw-{user}")
+    server = NatsServer(tmp_path / "secured", config_file=conf).start()
+    try:
+        url = f"nats://{{}}:pw-{{}}@127.0.0.1:{server.port}".format
+        admin = await Bus.connect(url("admin", "admin"), name="admin")
+        await admin.provision()
+        await admin.close()
+        writer = await Bus.connect(url("discovery", "discovery"), name="discovery")
+        await writer.put_resource(db("orders", f"127.0.0.1:{valkey.port}", env="prod"))
+        await writer.close()
+        config = agent_config(tmp_path, "agent", resources=[{"labels": {"env": "prod"}}])
+        reader = await Bus.connect(url("reader", "reader"), name="reader")
+        async with running_agent(config, url("agent", "agent")):
+
+            async def healthy() -> bool:
+                beats = await reader.list_db_servers("orders", create=False)
+                return [b.target_health.status for b in beats] == ["healthy"]
+
+            await wait_until(healthy, 10, "heartbeat readable by the reader")
+        assert await reader.list_db_servers(create=False) == []
+        await reader.close()
+    finally:
+        server.stop()
