@@ -49,6 +49,7 @@ class Announcer:
         self._slots = asyncio.Semaphore(concurrency)
         self.writes = 0
         self.failures = 0
+        self._failing = False
 
     def record(self, database: DatabaseResource, health: TargetHealth) -> DbServerHeartbeat:
         me = self.identity
@@ -69,11 +70,21 @@ class Announcer:
                 await self.bus.put_db_server(self.record(database, health), self.ttl)
         except WRITE_ERRORS as exc:
             self.failures += 1
-            logger.warning(
-                "heartbeat for %s not written (%s); retrying", database.name, describe(exc)
-            )
+            if not self._failing:  # once per outage, not once per database and retry
+                self._failing = True
+                logger.warning(
+                    "heartbeats are not being written (%s, first for %s); retrying every "
+                    "second",
+                    describe(exc),
+                    database.name,
+                )
+            else:
+                logger.debug("heartbeat for %s not written: %s", database.name, describe(exc))
             return False
         self.writes += 1
+        if self._failing:
+            self._failing = False
+            logger.info("heartbeats are written again (%d failed writes so far)", self.failures)
         return True
 
     async def delete(self, name: str) -> bool:

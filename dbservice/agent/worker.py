@@ -107,8 +107,11 @@ class DatabaseWorker:
             else:
                 result = target
             state = self.state
+            was = state.status
             if state.observe(result, utcnow()):
-                log = logger.info if state.status == "healthy" else logger.warning
+                log = logger.warning if state.status == "unhealthy" else logger.info
+                if was == "unknown" and state.status == "healthy":
+                    log = logger.debug  # the expected start: one line per database is noise
                 log(
                     "%s is %s: %s%s",
                     self.name,
