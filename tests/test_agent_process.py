@@ -154,3 +154,32 @@ async def test_agent_cannot_reach_nats_is_one_line(tmp_path: Path) -> None:
     assert out.stderr.startswith("fleetgate: error: cannot reach NATS at nats://127.0.0.1:1")
     assert "Traceback" not in out.stderr
     assert time.monotonic() - began < 20
+
+
+async def test_stop_while_nats_is_down_is_still_quick(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    config = agent_config(
+        tmp_path,
+        "lonely",
+        databases=[{"name": "c", "uri": "127.0.0.1:1", "tls": {"mode": "disabled"}}],
+    )
+    config_file = tmp_path / "agent.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    proc = start_agent(config_file, nats_server.url, tmp_path / "agent.log")
+    try:
+
+        async def announced() -> bool:
+            return ("lonely", "c") in await health(bus)
+
+        await wait_until(announced, 20, "heartbeat")
+        await bus.close()
+        nats_server.stop()
+        await asyncio.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert await exited(proc, 10) == 0  # heartbeats are left to expire
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "expire with their TTL" in (tmp_path / "agent.log").read_text()

@@ -51,6 +51,10 @@ class Announcer:
         self.failures = 0
         self._failing = False
 
+    @property
+    def connected(self) -> bool:
+        return bool(self.bus.nc.is_connected)
+
     def record(self, database: DatabaseResource, health: TargetHealth) -> DbServerHeartbeat:
         me = self.identity
         return DbServerHeartbeat(

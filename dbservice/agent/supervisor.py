@@ -84,6 +84,13 @@ class Supervisor:
         """The agent is leaving: stop every worker, then delete every heartbeat."""
         handles, self.handles = self.handles, {}
         await asyncio.gather(*(self._cancel(h) for h in handles.values()))
+        if handles and not self.announcer.connected:
+            logger.warning(
+                "NATS is unreachable: %d heartbeats expire with their TTL (%gs)",
+                len(handles),
+                self.announcer.ttl,
+            )
+            return
         try:
             async with asyncio.timeout(STOP_TIMEOUT):
                 await asyncio.gather(*(self.announcer.delete(n) for n in handles))
