@@ -94,6 +94,14 @@ def check_db_access(
     return Decision(True, "allowed by role " + ", ".join(granting), granting)
 
 
+def can_reach(roles: Sequence[Role], db_labels: Mapping[str, str]) -> bool:
+    """Whether some role allows a database with ``db_labels`` and none denies it by
+    label (db users aside): what ``db ls`` shows a logged-in user."""
+    if any(r.deny.db_labels and matches(r.deny.db_labels, db_labels) for r in roles):
+        return False
+    return any(matches(r.allow.db_labels, db_labels) for r in roles)
+
+
 def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
     parts = [fnmatch.translate(p.strip().upper()) for p in patterns if p.strip()]
     return re.compile("|".join(parts)) if parts else None

@@ -8,7 +8,7 @@ import pytest
 
 from bus import Bus
 from bus.access import Identity, Role
-from dbservice.rbac import CommandPolicy, check_command, check_db_access
+from dbservice.rbac import CommandPolicy, can_reach, check_command, check_db_access
 
 
 def role(name: str, **spec: Any) -> Role:
@@ -132,3 +132,11 @@ async def test_authorize_session_reads_current_roles(bus: Bus) -> None:
     assert not grant.allowed and "as db user 'app'" in grant.decision.reason
     assert not grant.commands.check("GET")
     assert await trusted_cas(bus) == []
+
+
+def test_can_reach_for_listings() -> None:
+    assert can_reach([DEV], DEV_DB)
+    assert not can_reach([DEV], PCI_DB)
+    assert not can_reach([DEV], PROD_DB)
+    assert can_reach([DEV, READER], PROD_DB)
+    assert not can_reach([], DEV_DB)
