@@ -1,0 +1,418 @@
+"""Incremental parser of client commands (pure: it only sees bytes and calls back).
+
+For each command it reads the header, the name and the argument count, asks the hooks,
+and forwards the client's ORIGINAL bytes (runs of allowed commands go out in one write).
+Arguments are read only for AUTH, HELLO and CLIENT, and for names the agent asks to
+inspect; every other argument is skipped by length, so a large value passes through in
+the pieces it arrives in and is never held whole. What it keeps between reads is
+bounded: a partial count line, a partial name, or a partial inspected command.
+
+Inline commands are split like the server splits them and forwarded re-encoded as RESP.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Container, Sequence
+
+from .errors import ProtocolError, error_reply
+from .hooks import Action, Hello, SessionHooks
+from .inline import encode_command, split_args
+from .pending import Item, Local, Special, Sub
+from .settings import ProxyLimits
+
+_MAX_COUNT_LINE = 64
+"""Longest ``*<n>`` / ``$<n>`` line accepted (digits and sign)."""
+
+# Commands the engine itself looks at.
+_AUTH, _HELLO, _CLIENT, _SUB, _UNSUB, _MULTI, _ENDMULTI, _RESET, _MONITOR = range(1, 10)
+_SPECIAL: dict[str, int] = {
+    "AUTH": _AUTH,
+    "HELLO": _HELLO,
+    "CLIENT": _CLIENT,
+    "SUBSCRIBE": _SUB,
+    "PSUBSCRIBE": _SUB,
+    "SSUBSCRIBE": _SUB,
+    "UNSUBSCRIBE": _UNSUB,
+    "PUNSUBSCRIBE": _UNSUB,
+    "SUNSUBSCRIBE": _UNSUB,
+    "MULTI": _MULTI,
+    "EXEC": _ENDMULTI,
+    "DISCARD": _ENDMULTI,
+    "RESET": _RESET,
+    "MONITOR": _MONITOR,
+}
+_NEEDS_ARGS = frozenset({_AUTH, _HELLO, _CLIENT})
+
+_NAME_CACHE_MAX = 4096
+
+
+class CommandParser:
+    """Feed it what the client sends; it calls ``forward`` with bytes for the server,
+    appends to ``pending`` what each forwarded command is owed, and calls ``local`` with
+    replies of its own. Raises :class:`ProtocolError` on malformed input (the caller
+    sends :attr:`ProtocolError.reply` in turn and closes)."""
+
+    def __init__(
+        self,
+        *,
+        hooks: SessionHooks,
+        limits: ProxyLimits,
+        forward: Callable[[bytes | memoryview], None],
+        local: Callable[[Local], None],
+        pending: deque[Item],
+        inspect: Container[str] = frozenset(),
+    ) -> None:
+        self._hooks = hooks
+        self._on_command = hooks.on_command
+        self._limits = limits
+        self._max_bulk = limits.max_bulk
+        self._forward = forward
+        self._local = local
+        self._pending = pending
+        self._inspect = inspect
+        self._names: dict[bytes, str] = {}
+        self._rest = b""
+        self._args_left = 0
+        """Arguments of a command being streamed whose header is not read yet."""
+        self._bulk_left = 0
+        """Bytes (payload and CRLF) of the current streamed argument still to come."""
+        self._dropping = False
+        """The command being streamed was refused: its bytes are skipped, not sent."""
+        self._in_multi = False
+        self.commands = 0
+        """Commands seen (forwarded or answered locally)."""
+        self.refused = 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held between reads (a partial command header)."""
+        return len(self._rest)
+
+    # -- the hot path ------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        if self._rest:
+            data = self._rest + data
+            self._rest = b""
+        n = len(data)
+        p = 0
+        fwd = 0
+        if self._args_left or self._bulk_left:
+            p = self._skip(data, 0, n)
+            if self._dropping:
+                fwd = p
+            if self._args_left or self._bulk_left:
+                self._finish(data, fwd, p, n)
+                return
+            self._dropping = False
+        names = self._names
+        max_bulk = self._max_bulk
+        try:
+            while p < n:
+                start = p
+                if data[p] != 42:  # not '*': an inline command
+                    p, fwd = self._inline(data, p, n, fwd)
+                    if p == start:
+                        break
+                    continue
+                e = data.find(b"\r\n", p + 1, p + _MAX_COUNT_LINE)
+                if e < 0:
+                    if n - p >= _MAX_COUNT_LINE:
+                        raise ProtocolError("too big mbulk count string")
+                    break
+                try:
+                    argc = int(data[p + 1 : e])
+                except ValueError:
+                    raise ProtocolError("invalid multibulk length") from None
+                if argc > self._limits.max_multibulk:
+                    raise ProtocolError("invalid multibulk length")
+                q = e + 2
+                if argc <= 0:  # the server ignores empty commands without a reply
+                    p = q
+                    continue
+                if q >= n:
+                    break
+                if data[q] != 36:  # '$'
+                    raise ProtocolError(f"expected '$', got '{chr(data[q])}'")
+                e = data.find(b"\r\n", q + 1, q + _MAX_COUNT_LINE)
+                if e < 0:
+                    if n - q >= _MAX_COUNT_LINE:
+                        raise ProtocolError("too big bulk count string")
+                    break
+                try:
+                    size = int(data[q + 1 : e])
+                except ValueError:
+                    raise ProtocolError("invalid bulk length") from None
+                if size < 0 or size > max_bulk:
+                    raise ProtocolError("invalid bulk length")
+                if size > self._limits.max_inspect:
+                    raise ProtocolError("command name too long")
+                q = e + 2 + size
+                if q + 2 > n:
+                    break
+                raw = data[e + 2 : q]
+                name = names.get(raw)
+                if name is None:
+                    name = self._canonical(raw)
+                q += 2
+                spec = _SPECIAL.get(name)
+                if (spec is not None and spec in _NEEDS_ARGS) or name in self._inspect:
+                    args = self._collect(data, q, n, argc - 1, raw)
+                    if args is None:  # incomplete
+                        if n - start <= self._limits.max_inspect:
+                            break
+                        if spec is not None and spec in _NEEDS_ARGS:
+                            raise ProtocolError(f"{name} command longer than the proxy accepts")
+                    else:
+                        q, argv = args
+                        out = self._decide_with_args(name, spec, argc, argv)
+                        p = q
+                        if out is not None:  # refused or replaced
+                            if fwd < start:
+                                self._forward(data[fwd:start])
+                            if out:
+                                self._forward(out)
+                            fwd = q
+                        continue
+                # The common case: skip the arguments, decide on the name and count.
+                self._args_left = argc - 1
+                if self._args_left:
+                    q = self._skip(data, q, n)
+                verdict = self._on_command(name, argc, None)
+                self.commands += 1
+                if verdict is None and spec is not None:
+                    verdict = self._special(name, spec, argc)
+                elif verdict is None:
+                    self._pending.append(name)
+                if verdict is not None:
+                    self.refused += 1
+                    if fwd < start:
+                        self._forward(data[fwd:start])
+                    self._local(Local(verdict))
+                    fwd = q
+                    if self._args_left or self._bulk_left:
+                        self._dropping = True
+                p = q
+                if self._args_left or self._bulk_left:
+                    break
+        except ProtocolError:
+            # What was allowed before the bad command still goes to the server, so its
+            # replies come back ahead of the error.
+            if fwd < p and not self._dropping:
+                self._forward(data[fwd:p])
+            raise
+        self._finish(data, fwd, p, n)
+
+    def _finish(self, data: bytes, fwd: int, p: int, n: int) -> None:
+        """Send ``data[fwd:p]`` on, keep ``data[p:]`` for the next read."""
+        if fwd < p:
+            if fwd == 0 and p == n:
+                self._forward(data)
+            else:
+                self._forward(memoryview(data)[fwd:p])
+        if p < n:
+            self._rest = data[p:]
+
+    def _skip(self, data: bytes, p: int, n: int) -> int:
+        """Skip streamed arguments from ``p``; return where it stopped (``n`` inside a
+        payload, or the start of an incomplete argument header)."""
+        while True:
+            left = self._bulk_left
+            if left:
+                if n - p < left:
+                    self._bulk_left = left - (n - p)
+                    return n
+                p += left
+                self._bulk_left = 0
+            if not self._args_left:
+                return p
+            if p >= n:
+                return p
+            if data[p] != 36:
+                raise ProtocolError(f"expected '$', got '{chr(data[p])}'")
+            e = data.find(b"\r\n", p + 1, p + _MAX_COUNT_LINE)
+            if e < 0:
+                if n - p >= _MAX_COUNT_LINE:
+                    raise ProtocolError("too big bulk count string")
+                return p
+            try:
+                size = int(data[p + 1 : e])
+            except ValueError:
+                raise ProtocolError("invalid bulk length") from None
+            if size < 0 or size > self._max_bulk:
+                raise ProtocolError("invalid bulk length")
+            self._args_left -= 1
+            self._bulk_left = size + 2
+            p = e + 2
+
+    def _collect(
+        self, data: bytes, p: int, n: int, count: int, raw_name: bytes
+    ) -> tuple[int, list[bytes]] | None:
+        """All arguments when the whole command is in ``data``, else None."""
+        args = [raw_name]
+        for _ in range(count):
+            if p >= n:
+                return None
+            if data[p] != 36:
+                raise ProtocolError(f"expected '$', got '{chr(data[p])}'")
+            e = data.find(b"\r\n", p + 1, p + _MAX_COUNT_LINE)
+            if e < 0:
+                if n - p >= _MAX_COUNT_LINE:
+                    raise ProtocolError("too big bulk count string")
+                return None
+            try:
+                size = int(data[p + 1 : e])
+            except ValueError:
+                raise ProtocolError("invalid bulk length") from None
+            if size < 0 or size > self._max_bulk:
+                raise ProtocolError("invalid bulk length")
+            p = e + 2 + size + 2
+            if p > n:
+                return None
+            args.append(data[e + 2 : p - 2])
+        return p, args
+
+    def _canonical(self, raw: bytes) -> str:
+        name = raw.decode("latin-1").upper()
+        if len(self._names) < _NAME_CACHE_MAX:
+            self._names[raw] = name
+        return name
+
+    # -- inline commands -----------------------------------------------------------------
+
+    def _inline(self, data: bytes, p: int, n: int, fwd: int) -> tuple[int, int]:
+        """Handle one inline line at ``p``; returns (new p, new fwd); p unchanged when
+        the line is incomplete."""
+        limit = self._limits.max_inline
+        e = data.find(b"\n", p, p + limit + 1)
+        if e < 0:
+            if n - p > limit:
+                raise ProtocolError("too big inline request")
+            return p, fwd
+        line = data[p:e]
+        args = split_args(line)
+        if fwd < p:
+            self._forward(data[fwd:p])
+        if not args:  # an empty line: the server skips it without a reply
+            return e + 1, e + 1
+        name = self._canonical(args[0]) if args[0] not in self._names else self._names[args[0]]
+        spec = _SPECIAL.get(name)
+        out = self._decide_with_args(name, spec, len(args), args)
+        if out is None:
+            out = encode_command(args)
+        if out:
+            self._forward(out)
+        return e + 1, e + 1
+
+    # -- commands the engine looks at ----------------------------------------------------
+
+    def _decide_with_args(
+        self, name: str, spec: int | None, argc: int, args: Sequence[bytes]
+    ) -> bytes | None:
+        """For a command whose arguments are known: None to forward it as sent, bytes to
+        forward instead, ``b""`` when answered locally."""
+        self.commands += 1
+        verdict = self._on_command(name, argc, args)
+        if verdict is not None:
+            self.refused += 1
+            self._local(Local(verdict))
+            return b""
+        if spec == _AUTH:
+            return self._auth(args)
+        if spec == _HELLO:
+            return self._hello(args)
+        if spec == _CLIENT and argc >= 2 and args[1].upper() == b"REPLY":
+            self.refused += 1
+            self._local(Local(error_reply("CLIENT REPLY is not supported through the proxy")))
+            return b""
+        if spec is not None and spec not in _NEEDS_ARGS:
+            refusal = self._special(name, spec, argc)
+            if refusal is not None:
+                self.refused += 1
+                self._local(Local(refusal))
+                return b""
+            return None
+        self._pending.append(name)
+        return None
+
+    def _special(self, name: str, spec: int, argc: int) -> bytes | None:
+        """Record what a pub/sub, transaction or mode command is owed; a reply instead
+        when the engine cannot follow it."""
+        if spec in (_SUB, _UNSUB):
+            if self._in_multi:
+                return error_reply(f"{name} inside MULTI is not supported through the proxy")
+            if argc > 1:
+                self._pending.append(Sub(name, argc - 1))
+            elif spec == _UNSUB:
+                self._pending.append(Sub(name, -1))
+            else:  # the server answers with one error
+                self._pending.append(name)
+            return None
+        if spec == _MULTI:
+            self._in_multi = True
+        elif spec == _ENDMULTI:
+            self._in_multi = False
+        elif spec == _RESET:
+            self._in_multi = False
+            self._pending.append(Special(name))
+            return None
+        elif spec == _MONITOR:
+            self._pending.append(Special(name))
+            return None
+        self._pending.append(name)
+        return None
+
+    def _auth(self, args: Sequence[bytes]) -> bytes | None:
+        if len(args) == 2:
+            action = self._hooks.on_auth(None, args[1])
+        elif len(args) == 3:
+            action = self._hooks.on_auth(args[1], args[2])
+        else:  # the server answers with a syntax error
+            self._pending.append("AUTH")
+            return None
+        return self._apply(action, "AUTH", None)
+
+    def _hello(self, args: Sequence[bytes]) -> bytes | None:
+        hello = parse_hello(args)
+        if hello is None:  # malformed: the server says why
+            self._pending.append(Special("HELLO"))
+            return None
+        action = self._hooks.on_hello(hello)
+        protover = hello.protover
+        if action.replacement is not None:
+            replaced = parse_hello(action.replacement)
+            protover = replaced.protover if replaced is not None else None
+        return self._apply(action, "HELLO", protover)
+
+    def _apply(self, action: Action, name: str, protover: int | None) -> bytes | None:
+        if action.reply is not None:
+            self._local(Local(action.reply))
+            return b""
+        self._pending.append(Special(name, protover) if name == "HELLO" else name)
+        if action.replacement is not None:
+            return encode_command(action.replacement)
+        return None
+
+
+def parse_hello(args: Sequence[bytes]) -> Hello | None:
+    """``HELLO [protover [AUTH username password] [SETNAME clientname]]``; None when
+    malformed (then the server's own error reaches the client)."""
+    protover = username = password = setname = None
+    if len(args) > 1:
+        try:
+            protover = int(args[1])
+        except ValueError:
+            return None
+        i = 2
+        while i < len(args):
+            option = args[i].upper()
+            if option == b"AUTH" and i + 2 < len(args):
+                username, password = args[i + 1], args[i + 2]
+                i += 3
+            elif option == b"SETNAME" and i + 1 < len(args):
+                setname = args[i + 1]
+                i += 2
+            else:
+                return None
+    return Hello(protover, username, password, setname, tuple(args))

@@ -1,0 +1,43 @@
+"""Limits and timeouts of one proxy session (pure data, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyLimits:
+    """Everything a client (or a server) can make a session hold is bounded here."""
+
+    max_inline: int = 64 * 1024
+    """Longest inline command line (valkey-server's PROTO_INLINE_MAX_SIZE)."""
+    max_bulk: int = 512 * MiB
+    """Largest declared bulk argument (valkey-server's ``proto-max-bulk-len``)."""
+    max_multibulk: int = 1024 * 1024
+    """Most arguments in one command."""
+    max_inspect: int = 64 * 1024
+    """Largest command the engine reads whole to look at its arguments (AUTH, HELLO,
+    CLIENT, and the names a hook asks for); larger AUTH/HELLO/CLIENT are refused."""
+    max_reply_nesting: int = 128
+    """Deepest aggregate nesting accepted in a server reply."""
+    max_reply_line: int = 64 * MiB
+    """Longest simple reply line (status, error, number) accepted from the server."""
+    read_size: int = 256 * 1024
+    """Bytes asked for per read on either side; payloads pass through in pieces of at
+    most this size, so a large value is never held whole."""
+    max_pending: int = 100_000
+    """Commands forwarded but not yet answered before the engine stops reading the
+    client (pipelining back-pressure on top of the sockets' own)."""
+    write_high_water: int = 1 * MiB
+    """Transport write-buffer high-water mark on both sides (``drain`` blocks above)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyTimeouts:
+    idle: float | None = None
+    """Seconds without a byte in either direction before the session closes (None: never)."""
+    close_grace: float = 2.0
+    """After the client stops (EOF or protocol error), seconds to wait for the replies
+    already owed before closing."""

@@ -1,0 +1,102 @@
+"""A plain loopback listener that runs one :class:`ProxySession` per connection, for
+tests and benchmarks (the agent's own listener adds mutual TLS and identities)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Container
+from types import TracebackType
+
+from .hooks import PassThroughHooks, SessionHooks
+from .session import ProxySession, SessionStats
+from .settings import ProxyLimits, ProxyTimeouts
+from .upstream import UpstreamConnector
+
+logger = logging.getLogger(__name__)
+
+
+class LoopbackProxy:
+    """``async with LoopbackProxy(connector) as proxy:`` listens on ``proxy.port``."""
+
+    def __init__(
+        self,
+        connector: UpstreamConnector,
+        *,
+        hooks: Callable[[], SessionHooks] = PassThroughHooks,
+        limits: ProxyLimits | None = None,
+        timeouts: ProxyTimeouts | None = None,
+        inspect: Container[str] = frozenset(),
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.connector = connector
+        self.hooks = hooks
+        self.limits = limits or ProxyLimits()
+        self.timeouts = timeouts or ProxyTimeouts()
+        self.inspect = inspect
+        self.host = host
+        self.port = port
+        self.finished: list[SessionStats] = []
+        self.sessions: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self._closing = False
+
+    async def __aenter__(self) -> LoopbackProxy:
+        self._server = await asyncio.start_server(
+            self._accept, self.host, self.port, limit=self.limits.read_size
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        tasks = list(self.sessions)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.sessions.add(task)
+        try:
+            try:
+                upstream = await self.connector.connect()
+            except (OSError, TimeoutError) as exc:
+                logger.warning("upstream connect failed: %s", exc)
+                writer.write(b"-ERR failed to connect to the target database\r\n")
+                with contextlib.suppress(OSError):
+                    await writer.drain()
+                writer.close()
+                return
+            session = ProxySession(
+                (reader, writer),
+                upstream,
+                hooks=self.hooks(),
+                limits=self.limits,
+                timeouts=self.timeouts,
+                inspect=self.inspect,
+            )
+            self.finished.append(await session.run())
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            # Stopped by aclose(): end quietly (asyncio's stream callback would
+            # otherwise report the cancellation as an error).
+        finally:
+            self.sessions.discard(task)
+            if not writer.transport.is_closing():
+                writer.transport.abort()
