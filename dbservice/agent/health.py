@@ -21,8 +21,9 @@ from bus.servers import HealthStatus, TargetHealth
 from dbservice.agent.config import join_host_port, split_host_port
 
 PING = b"*1\r\n$4\r\nPING\r\n"
-ALIVE_ERRORS = (b"-NOAUTH", b"-WRONGPASS")
-"""Error replies that still prove a working server: it wants credentials we do not send."""
+ALIVE_ERRORS = (b"-NOAUTH", b"-WRONGPASS", b"-NOPERM")
+"""Error replies that still prove a working server: it wants credentials (or rights) the
+probe does not have."""
 
 
 @dataclass(frozen=True)

@@ -77,8 +77,7 @@ class Announcer:
             if not self._failing:  # once per outage, not once per database and retry
                 self._failing = True
                 logger.warning(
-                    "heartbeats are not being written (%s, first for %s); retrying every "
-                    "second",
+                    "heartbeats are not being written (%s, first for %s); retrying every second",
                     describe(exc),
                     database.name,
                 )

@@ -89,14 +89,20 @@ async def follow_registry(
     time anything absent is removed); between, apply each change at once. Only the
     databases this agent serves are kept, keyed by registry key."""
     chosen: dict[str, DatabaseResource] = {}
+    shadowed: set[str] = set()
     synced = False
     seen = 0
     async for event in bus.watch_resources():
         if event.kind == "upsert" and event.value is not None:
             seen += 1
             resource = event.value
-            if resource.name in selection.static:
-                _warn_shadowed(resource.name)
+            if resource.name in selection.static and resource.name not in shadowed:
+                shadowed.add(resource.name)
+                logger.warning(
+                    "registry database %s has the name of a static database; serving the "
+                    "static one",
+                    resource.name,
+                )
             served = selection.select(resource)
             old = chosen.pop(event.key, None)
             if served is not None:
@@ -126,15 +132,3 @@ async def follow_registry(
             synced = True
             if on_synced is not None:
                 on_synced(len(supervisor.handles))
-
-
-_shadowed: set[str] = set()
-
-
-def _warn_shadowed(name: str) -> None:
-    if name not in _shadowed:
-        _shadowed.add(name)
-        logger.warning(
-            "registry database %s has the name of a static database; serving the static one",
-            name,
-        )
