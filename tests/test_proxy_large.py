@@ -1,0 +1,116 @@
+"""Large values stream through the engine without being held whole, and valkey-cli
+works through it (interactive-style commands and ``--pipe`` mass insertion)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+import tracemalloc
+from collections.abc import Iterator
+
+import pytest
+
+from sandbox.valkeynode import ValkeyNode
+from tests.proxykit import ThreadedProxy, cmd, start_single_node, valkey_cli
+
+MiB = 1024 * 1024
+VALUE_SIZE = 64 * MiB + 12345
+
+CLIENT = textwrap.dedent(
+    """
+    import hashlib, sys, redis
+    port, size = int(sys.argv[1]), int(sys.argv[2])
+    value = (bytes(range(256)) * (size // 256 + 1))[:size]
+    r = redis.Redis(port=port, socket_timeout=60)
+    assert r.set("big", value)
+    assert r.strlen("big") == size
+    got = r.get("big")
+    assert hashlib.sha256(got).digest() == hashlib.sha256(value).digest()
+    pipe = r.pipeline(transaction=False)
+    pipe.get("big"); pipe.ping(); pipe.append("big", b"!"); pipe.strlen("big")
+    out = pipe.execute()
+    assert out[0] == value and out[1] is True and out[3] == size + 1
+    print("ok")
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
+    valkey = asyncio.run(start_single_node(tmp_path_factory.mktemp("valkey")))
+    try:
+        yield valkey
+    finally:
+        asyncio.run(valkey.stop())
+
+
+@pytest.fixture
+def proxy(node: ValkeyNode) -> Iterator[ThreadedProxy]:
+    asyncio.run(node.command("FLUSHALL"))
+    with ThreadedProxy(node.port) as running:
+        yield running
+
+
+@pytest.mark.slow
+def test_64mib_value_streams_with_bounded_memory(proxy: ThreadedProxy) -> None:
+    """The client runs in its own process, so this process's traced memory is the
+    engine's: its peak growth must stay far below the value's size."""
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        done = subprocess.run(
+            [sys.executable, "-c", CLIENT, str(proxy.port), str(VALUE_SIZE)],
+            capture_output=True,
+            timeout=120,
+            check=False,
+        )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert done.stdout.strip() == b"ok"
+    growth = peak - base
+    print(
+        f"engine peak memory growth moving 3 x {VALUE_SIZE / MiB:.1f} MiB: {growth / MiB:.2f} MiB"
+    )
+    assert growth < 8 * MiB, f"peak growth {growth / MiB:.1f} MiB"
+
+
+def cli(proxy: ThreadedProxy, *args: str, stdin: bytes | None = None) -> str:
+    done = subprocess.run(
+        [str(valkey_cli()), "-p", str(proxy.port), *args],
+        input=stdin,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stdout.decode()
+
+
+def test_valkey_cli_commands(proxy: ThreadedProxy) -> None:
+    assert cli(proxy, "PING").strip() == "PONG"
+    assert cli(proxy, "SET", "greeting", "hello world").strip() == "OK"
+    assert cli(proxy, "GET", "greeting").strip() == "hello world"
+    assert cli(proxy, "-3", "HSET", "h", "f", "v").strip() == "1"
+    out = cli(proxy, "-3", "HGETALL", "h")
+    assert "f" in out and "v" in out
+    # commands typed one per line, as a person at the prompt would
+    typed = b'SET a 1\nINCR a\nGET a\nLPUSH l x y\nLRANGE l 0 -1\nECHO "two words"\n'
+    lines = cli(proxy, stdin=typed).split()
+    assert lines[:4] == ["OK", "2", "2", "2"]
+    assert "two" in lines and "words" in lines
+
+
+def test_valkey_cli_pipe_mass_insertion(proxy: ThreadedProxy) -> None:
+    count = 20000
+    data = b"".join(cmd("SET", f"mass:{i}", f"value-{i}") for i in range(count))
+    out = cli(proxy, "--pipe", stdin=data)
+    assert f"errors: 0, replies: {count}" in out
+    assert cli(proxy, "DBSIZE").strip() == str(count)
+    assert cli(proxy, "GET", f"mass:{count - 1}").strip() == f"value-{count - 1}"
+    stats = proxy.finished(8)
+    assert any(s.commands >= count for s in stats)
