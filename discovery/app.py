@@ -11,7 +11,7 @@ from typing import Any
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from bus import Bus, BusError
+from bus import BUCKETS, Bus, BusError, subjects
 from discovery.aws.session import AwsSession
 from discovery.poller import Poller
 from discovery.settings import DiscoveryConfig
@@ -30,7 +30,10 @@ async def run_discovery(config: DiscoveryConfig, *, nats_url: str, once: bool) -
     # A service waits a while for NATS (it may be starting beside it); --once does not.
     wait = 0.0 if once else START_WAIT
     async with await Bus.connect(nats_url, name="fleetgate-discovery", wait=wait) as bus:
-        await bus.provision()
+        # Only the buckets discovery writes: NATS permissions may forbid creating others.
+        await bus.provision(
+            BUCKETS[subjects.DATABASES_BUCKET], BUCKETS[subjects.DISCOVERY_STATUS_BUCKET]
+        )
         poller = Poller(settings=settings, bus=bus, session=AwsSession())
         if once:
             report = await poller.poll_once()

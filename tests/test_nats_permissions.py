@@ -3,17 +3,24 @@ what it owns, and every reader can still watch the registry."""
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from bus import Bus, DatabaseResource, DatabaseSpec, Metadata, RegistryError, subjects
+from bus import BUCKETS, Bus, DatabaseResource, DatabaseSpec, Metadata, RegistryError, subjects
+from bus.access import Role, User
+from bus.audit import SessionStart, ensure_audit_stream, publish_event, read_events
 from bus.schemas import FetcherStatus, utcnow
 from bus.server import NatsServer
+from sandbox.aws import MotoServer
+from tests import seed
 
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-server.conf"
-USERS = ("discovery", "agent", "reader", "admin")
+USERS = ("discovery", "agent", "auth", "reader", "auditor", "admin")
 
 
 def db(name: str) -> DatabaseResource:
@@ -55,7 +62,9 @@ async def test_each_process_writes_only_what_it_owns(
     await admin.bucket(subjects.DB_SERVERS_BUCKET)
 
     discovery: Bus = await connect_as("discovery")
-    await discovery.provision()  # buckets exist: opening them is allowed
+    await discovery.provision(  # what discovery's start does: they exist, it may open them
+        BUCKETS[subjects.DATABASES_BUCKET], BUCKETS[subjects.DISCOVERY_STATUS_BUCKET]
+    )
     await discovery.put_resource(db("orders"))
     status = FetcherStatus(
         fetcher="memorydb.us-east-1.x",
@@ -67,7 +76,7 @@ async def test_each_process_writes_only_what_it_owns(
         last_attempt=utcnow(),
     )
     await discovery.put_fetcher_status(status)
-    with pytest.raises(RegistryError, match="may this NATS user do that"):
+    with pytest.raises(RegistryError, match="allowed to use it"):  # cannot even open it
         await discovery.put(subjects.DB_SERVERS_BUCKET, "orders.h1", db("x"))
 
     agent: Bus = await connect_as("agent")
@@ -85,3 +94,78 @@ async def test_each_process_writes_only_what_it_owns(
     # Nothing refused was written.
     assert [r.name for r in await admin.list_resources()] == ["orders"]
     assert list(await admin.snapshot(subjects.DB_SERVERS_BUCKET, DatabaseResource)) == ["orders.h1"]
+
+
+async def test_agents_read_roles_but_never_password_hashes_and_only_append_audit(
+    connect: Callable[[str], Awaitable[Bus]],
+) -> None:
+    admin = await connect("admin")
+    for bucket in subjects.ALL_BUCKETS:
+        await admin.bucket(bucket)
+    await ensure_audit_stream(admin)
+    await admin.put(subjects.ROLES_BUCKET, "dev", Role(name="dev"))
+    await admin.put(subjects.USERS_BUCKET, "alice", User(name="alice", roles=("dev",)))
+
+    agent = await connect("agent")
+    assert list(await agent.snapshot(subjects.ROLES_BUCKET, Role)) == ["dev"]
+    with pytest.raises(RegistryError):
+        await agent.snapshot(subjects.USERS_BUCKET, User)
+    with pytest.raises(RegistryError, match="may this NATS user do that"):
+        await agent.put(subjects.ROLES_BUCKET, "dev", Role(name="dev", description="forged"))
+    await publish_event(agent, SessionStart(user="alice", database="orders"))
+
+    auth = await connect("auth")
+    assert list(await auth.snapshot(subjects.USERS_BUCKET, User)) == ["alice"]
+    await publish_event(auth, SessionStart(user="bob", success=False))
+
+    reader = await connect("reader")
+    with pytest.raises(Exception):  # noqa: B017 - refused publish: no ack ever comes
+        await publish_event(reader, SessionStart(user="mallory"), ack_wait=1.0)
+    with pytest.raises(RegistryError):
+        await reader.snapshot(subjects.ROLES_BUCKET, Role)
+
+    auditor = await connect("auditor")
+    seen = [e.user async for e in read_events(auditor)]
+    assert seen == ["alice", "bob"]
+
+
+async def test_discovery_runs_with_only_its_own_permissions(
+    aws: MotoServer, secured: NatsServer, tmp_path: Path
+) -> None:
+    net = seed.network("us-east-1")
+    seed.cluster("us-east-1", "orders", net=net, tags={"env": "prod"})
+    config = tmp_path / "discovery.yaml"
+    config.write_text(
+        "discovery_service:\n  aws:\n"
+        '    - {types: [memorydb], regions: [us-east-1], tags: {"*": "*"}}\n'
+    )
+    url = f"nats://discovery:pw-discovery@127.0.0.1:{secured.port}"
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "fleetgate",
+            "discovery",
+            "run",
+            "-c",
+            str(config),
+            "--once",
+            "--nats",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "violation" not in done.stderr
+    reader = await Bus.connect(
+        f"nats://reader:pw-reader@127.0.0.1:{secured.port}", name="reader", request_timeout=1
+    )
+    try:
+        assert [r.name for r in await reader.list_resources(create=False)] == [
+            "orders-memorydb-us-east-1-123456789012"
+        ]
+    finally:
+        await reader.close()
