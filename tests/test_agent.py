@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.agentkit import agent_config, db, health, placement, running_agent, w
 
 pytestmark = pytest.mark.timeout(60)
 
+NATS_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-server.conf"
 CFG_NAME = "clustercfg.standin.abc123.memorydb.us-east-1.amazonaws.com"
 ROLE = "arn:aws:iam::222222222222:role/payments"
 
@@ -295,10 +297,9 @@ async def test_nats_restart_under_running_agents(
 async def test_agent_needs_only_the_agent_permissions_of_the_sample_nats_config(
     tmp_path: Path, valkey: ValkeyNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    conf = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-server.conf"
-    for user in ("discovery", "agent", "reader", "admin"):
-        monkeypatch.setenv(f"FLEETGATE_NATS_{user.upper()}_PASSWORD", f"pw-{user}")
-    server = NatsServer(tmp_path / "secured", config_file=conf).start()
+    for var in set(re.findall(r"\$(FLEETGATE_NATS_(\w+)_PASSWORD)", NATS_CONF.read_text())):
+        monkeypatch.setenv(var[0], f"pw-{var[1].lower()}")
+    server = NatsServer(tmp_path / "secured", config_file=NATS_CONF).start()
     try:
         url = f"nats://{{}}:pw-{{}}@127.0.0.1:{server.port}".format
         admin = await Bus.connect(url("admin", "admin"), name="admin")
