@@ -108,13 +108,22 @@ async def test_placement_by_vpc_and_tags_across_three_agents(
         took = await wait_until(a3_served, 10, "a3 served")
         assert took < 2.0, f"a3 was served {took:.2f}s after the write"
 
+        # Newly matching (a label changed): served within 2 s too.
+        await bus.put_resource(db("c2", uri, memorydb=True, vpc_id="vpc-c", env="staging"))
+
+        async def c2_served() -> bool:
+            return ("west", "c2") in await health(bus)
+
+        took = await wait_until(c2_served, 10, "c2 served")
+        assert took < 2.0, f"c2 was served {took:.2f}s after it matched"
+
         # No longer matching, and deleted: served nowhere, at once.
         await bus.put_resource(db("a2", uri, memorydb=True, vpc_id="vpc-b", env="dev"))
         await bus.delete_resource("b1")
         expected = {
             "east": {"a1", "a3"},
             "prod": {"a1", "c1"},
-            "west": {"b2", "c1"},
+            "west": {"b2", "c1", "c2"},
         }
         took = await wait_until(placed, 10, "placement after changes")
         assert took < 2.0
@@ -321,3 +330,25 @@ async def test_agent_needs_only_the_agent_permissions_of_the_sample_nats_config(
         await reader.close()
     finally:
         server.stop()
+
+
+async def test_status_change_is_announced_before_the_next_heartbeat(
+    bus: Bus, nats_server: NatsServer, valkey: ValkeyNode, tmp_path: Path
+) -> None:
+    config = agent_config(
+        tmp_path,
+        "agent",
+        databases=[
+            {"name": "cache", "uri": f"127.0.0.1:{valkey.port}", "tls": {"mode": "disabled"}}
+        ],
+        heartbeat={"interval": "30s", "ttl": "90s"},  # only a status change writes early
+    )
+    async with running_agent(config, nats_server.url):
+
+        async def status(want: str) -> bool:
+            beat = (await health(bus)).get(("agent", "cache"))
+            return beat is not None and beat.target_health.status == want
+
+        await wait_until(lambda: status("healthy"), 10, "healthy")
+        await valkey.stop()
+        await wait_until(lambda: status("unhealthy"), 10, "unhealthy announced at once")
