@@ -4,7 +4,6 @@ fails is logged, counted and restarted with backoff; the others never notice."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -101,8 +100,11 @@ class Supervisor:
         task, handle.task = handle.task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # wait() rather than awaiting the task: a cancellation of *our* caller must
+            # not be swallowed as if it were the worker's.
+            await asyncio.wait({task})
+            if not task.cancelled() and task.exception() is not None:
+                logger.debug("worker ended with %r", task.exception())
 
     async def _supervise(self, handle: Handle) -> None:
         attempt = 0
