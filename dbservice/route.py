@@ -1,0 +1,202 @@
+"""The route preamble: the first thing a client says to an agent after mutual TLS.
+
+Wire format (RESP2, all bulk strings)::
+
+    client -> agent   *3 $15 FLEETGATE.ROUTE $<n> <database> $<n> <db_user>
+                      (each element followed by CRLF)
+    agent  -> client  +OK CRLF              the connection is now a plain RESP stream
+                      -ERR <reason> CRLF    and the agent closes
+
+The agent reads it with :func:`read_route` (sizes bounded, anything else is a
+:class:`RouteError` whose message fits a ``-ERR`` reply: :func:`encode_refusal`); the
+client (``fleetgate db connect``) calls :func:`open_route`, which raises
+:class:`RouteRefused` carrying the agent's error line so it can be shown to the local
+Redis client as is. Neither side sends anything else before the answer: a client must not
+pipeline commands behind the preamble.
+
+Timeouts belong to the caller (``asyncio.timeout`` around either call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+ROUTE_COMMAND: Final = b"FLEETGATE.ROUTE"
+ROUTE_OK: Final = b"+OK\r\n"
+DEFAULT_LIMIT: Final = 512
+"""Longest database name or db user, in bytes, :func:`read_route` accepts by default."""
+MAX_HEADER: Final = 16
+"""Longest ``*N`` / ``$N`` line (without CRLF) read while parsing the preamble."""
+MAX_ANSWER: Final = 4096
+"""Longest answer line :func:`open_route` reads from an agent."""
+USE_CONNECT: Final = (
+    "this is a fleetgate agent: clients must go through `fleetgate db connect`, "
+    "which opens a local port for any Redis client"
+)
+
+
+class RouteError(Exception):
+    """The preamble is missing or malformed; the message is meant for the client."""
+
+
+class RouteRefused(Exception):
+    """The agent answered the preamble with an error reply."""
+
+    def __init__(self, reason: str, *, code: str = "ERR") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+    def resp(self) -> bytes:
+        """The error as the agent sent it, for relaying to a local Redis client."""
+        return encode_refusal(self.reason, code=self.code)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a client asks to go."""
+
+    database: str
+    db_user: str
+
+
+class Reader(Protocol):
+    async def readexactly(self, n: int) -> bytes: ...
+
+
+def encode_route(database: str, db_user: str) -> bytes:
+    """The preamble for ``database`` as ``db_user``."""
+    if not database or not db_user:
+        raise ValueError("the route needs a database name and a db user")
+    parts = (ROUTE_COMMAND, database.encode(), db_user.encode())
+    return b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+def encode_refusal(reason: str, *, code: str = "ERR") -> bytes:
+    """``-ERR <reason>\\r\\n`` with line breaks in ``reason`` flattened."""
+    flat = " ".join(reason.replace("\r", " ").replace("\n", " ").split())
+    return f"-{code} {flat}\r\n".encode()
+
+
+async def _line(reader: Reader, limit: int, what: str) -> bytes:
+    """One CRLF-terminated line of at most ``limit`` bytes (without CRLF)."""
+    out = bytearray()
+    while True:
+        byte = await reader.readexactly(1)
+        if byte == b"\r":
+            if await reader.readexactly(1) != b"\n":
+                raise RouteError(f"malformed route preamble: bare CR in {what}")
+            return bytes(out)
+        out += byte
+        if len(out) > limit:
+            raise RouteError(f"malformed route preamble: {what} is too long")
+
+
+def _number(line: bytes, what: str) -> int:
+    if not line.isdigit() or len(line) > 9:
+        raise RouteError(f"malformed route preamble: bad {what} {line[:16]!r}")
+    return int(line)
+
+
+async def _bulk(reader: Reader, limit: int, what: str) -> bytes:
+    if await reader.readexactly(1) != b"$":
+        raise RouteError(f"malformed route preamble: {what} must be a bulk string")
+    size = _number(await _line(reader, MAX_HEADER, what), f"length of {what}")
+    if size > limit:
+        raise RouteError(f"route preamble: {what} is longer than {limit} bytes")
+    data = await reader.readexactly(size + 2)
+    if data[-2:] != b"\r\n":
+        raise RouteError(f"malformed route preamble: {what} is not followed by CRLF")
+    return data[:-2]
+
+
+def _text(data: bytes, what: str) -> str:
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        raise RouteError(f"route preamble: {what} is not UTF-8") from None
+    if not text or not text.isprintable() or text != text.strip():
+        raise RouteError(f"route preamble: {what} must be non-empty printable text")
+    return text
+
+
+async def _is_route_command(reader: Reader) -> bool:
+    """Whether the array's first element is ``FLEETGATE.ROUTE`` (any case); reads no
+    further than needed to tell, so another command of any size is refused at once."""
+    if await reader.readexactly(1) != b"$":
+        return False
+    if await _line(reader, MAX_HEADER, "command length") != str(len(ROUTE_COMMAND)).encode():
+        return False
+    data = await reader.readexactly(len(ROUTE_COMMAND) + 2)
+    return data[:-2].upper() == ROUTE_COMMAND and data[-2:] == b"\r\n"
+
+
+async def read_route(reader: Reader, *, limit: int = DEFAULT_LIMIT) -> Route:
+    """Read the preamble from a freshly accepted connection. RouteError (message fit for
+    ``-ERR``) on a malformed preamble, a client that speaks RESP without it, or a
+    connection closed early; names longer than ``limit`` bytes are refused."""
+    try:
+        first = await reader.readexactly(1)
+        if first != b"*":
+            # An inline command (PING, AUTH ...) or anything else but a RESP array.
+            raise RouteError(USE_CONNECT)
+        count = _number(await _line(reader, MAX_HEADER, "array header"), "array length")
+        if not await _is_route_command(reader):
+            raise RouteError(USE_CONNECT)
+        if count != 3:
+            raise RouteError(f"{ROUTE_COMMAND.decode()} takes a database name and a db user")
+        database = _text(await _bulk(reader, limit, "database name"), "database name")
+        db_user = _text(await _bulk(reader, limit, "db user"), "db user")
+    except asyncio.IncompleteReadError:
+        raise RouteError("the connection closed before the route preamble was complete") from None
+    return Route(database, db_user)
+
+
+async def _answer(reader: asyncio.StreamReader) -> bytes:
+    try:
+        line = await _line(reader, MAX_ANSWER, "answer")
+    except asyncio.IncompleteReadError:
+        raise RouteRefused("the agent closed the connection without answering the route") from None
+    except RouteError:
+        raise RouteRefused("the agent's answer to the route is not a RESP status line") from None
+    return line
+
+
+async def open_route(
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext,
+    database: str,
+    db_user: str,
+    server_hostname: str | None = None,
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect to an agent with mutual TLS, send the route and read the answer.
+
+    Returns the streams, positioned after ``+OK``. Raises OSError or ssl.SSLError when
+    the agent cannot be reached or the handshake fails (``ssl.SSLCertVerificationError``
+    when its certificate does not name ``server_hostname``, default ``host``), and
+    RouteRefused when the agent answers with an error. Bound it with asyncio.timeout."""
+    reader, writer = await asyncio.open_connection(
+        host, port, ssl=ssl_context, server_hostname=server_hostname or host
+    )
+    try:
+        writer.write(encode_route(database, db_user))
+        await writer.drain()
+        line = await _answer(reader)
+    except BaseException:
+        writer.transport.abort()
+        raise
+    if line == b"+OK":
+        return reader, writer
+    writer.transport.abort()
+    text = line.decode(errors="replace")
+    if text.startswith("-"):
+        code, _, reason = text[1:].partition(" ")
+        if not reason:
+            code, reason = "ERR", code
+        raise RouteRefused(reason, code=code or "ERR")
+    raise RouteRefused(f"unexpected answer to the route: {text[:80]!r}")

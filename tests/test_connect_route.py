@@ -1,0 +1,193 @@
+"""The route preamble: encoding, the agent's parser on good and bad input, and the
+client's side against a real TLS socket."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from pathlib import Path
+
+import pytest
+
+from dbservice.auth.ca import CertificateAuthority, cert_pem, key_pem, new_key
+from dbservice.route import (
+    ROUTE_OK,
+    USE_CONNECT,
+    Route,
+    RouteError,
+    RouteRefused,
+    encode_refusal,
+    encode_route,
+    open_route,
+    read_route,
+)
+
+
+def reader_of(data: bytes, *, eof: bool = True) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    if eof:
+        reader.feed_eof()
+    return reader
+
+
+async def parse(data: bytes, **kwargs: int) -> Route:
+    return await asyncio.wait_for(read_route(reader_of(data), **kwargs), 5)
+
+
+def test_encode_route_is_a_resp_array() -> None:
+    assert encode_route("orders", "app") == (
+        b"*3\r\n$15\r\nFLEETGATE.ROUTE\r\n$6\r\norders\r\n$3\r\napp\r\n"
+    )
+    with pytest.raises(ValueError, match="database name and a db user"):
+        encode_route("", "app")
+
+
+async def test_round_trip_and_unicode() -> None:
+    assert await parse(encode_route("orders-dev", "app")) == Route("orders-dev", "app")
+    assert await parse(encode_route("bücher", "é")) == Route("bücher", "é")
+
+
+async def test_command_name_is_case_insensitive_and_rest_stays_unread() -> None:
+    reader = reader_of(
+        b"*3\r\n$15\r\nfleetgate.route\r\n$1\r\nd\r\n$1\r\nu\r\n*1\r\n$4\r\nPING\r\n"
+    )
+    assert await read_route(reader) == Route("d", "u")
+    assert await reader.read() == b"*1\r\n$4\r\nPING\r\n"  # the stream after it
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"PING\r\n",  # inline command
+        b"*1\r\n$4\r\nPING\r\n",  # a RESP command instead of the route
+        b"*2\r\n$4\r\nAUTH\r\n$2\r\npw\r\n",
+        b"*3\r\n$15\r\nFLEETGATE.ROUTX\r\n$1\r\nd\r\n$1\r\nu\r\n",
+        b"*1\r\n$999999999\r\n",  # a huge first element is refused before it is read
+        b"\x16\x03\x01\x00",  # TLS inside TLS, or any binary
+    ],
+)
+async def test_clients_without_the_preamble_are_told_to_use_db_connect(data: bytes) -> None:
+    with pytest.raises(RouteError) as info:
+        await parse(data)
+    assert str(info.value) == USE_CONNECT
+    assert "fleetgate db connect" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"*2\r\n$15\r\nFLEETGATE.ROUTE\r\n$1\r\nd\r\n", "takes a database name and a db user"),
+        (b"*4\r\n$15\r\nFLEETGATE.ROUTE\r\n", "takes a database name and a db user"),
+        (b"*x\r\n", "bad array length"),
+        (b"*-1\r\n", "bad array length"),
+        (b"*33333333333333333\r\n", "array header is too long"),
+        (b"*3\n$15\r\n", "bad array length"),
+        (b"*3\r\n$15\r\nFLEETGATE.ROUTE\r\n:1\r\n", "database name must be a bulk string"),
+        (b"*3\r\n$15\r\nFLEETGATE.ROUTE\r\n$0\r\n\r\n$1\r\nu\r\n", "non-empty"),
+        (b"*3\r\n$15\r\nFLEETGATE.ROUTE\r\n$2\r\na\n\r\n$1\r\nu\r\n", "printable"),
+        (b"*3\r\n$15\r\nFLEETGATE.ROUTE\r\n$1\r\na\r\n$2\r\n u\r\n", "printable"),
+        (b"*3\r\n$15\r\nFLEETGATE.ROUTE\r\n$1\r\nab\r\n", "not followed by CRLF"),
+        (b"*3\r\n$15\r\nFLEETGATE.ROUTE\r\n$2\r\n\xff\xfe\r\n$1\r\nu\r\n", "not UTF-8"),
+        (b"*3\r\n$15\r\nFLEETGATE.ROUTE\r\n$1\rxd", "bare CR"),
+        (b"*3\r\n$15\r\nFLEETGATE.ROUTE\r\n$1\r\n", "closed before"),
+        (b"", "closed before"),
+    ],
+)
+async def test_malformed_preambles(data: bytes, message: str) -> None:
+    with pytest.raises(RouteError, match=message):
+        await parse(data)
+
+
+async def test_sizes_are_bounded() -> None:
+    assert await parse(encode_route("a" * 64, "u"), limit=64) == Route("a" * 64, "u")
+    with pytest.raises(RouteError, match="longer than 64 bytes"):
+        await parse(encode_route("a" * 65, "u"), limit=64)
+    with pytest.raises(RouteError, match="db user is longer than 64 bytes"):
+        await parse(encode_route("d", "u" * 65), limit=64)
+
+
+def test_refusal_is_one_line() -> None:
+    assert encode_refusal("no\r\nway  here") == b"-ERR no way here\r\n"
+    assert encode_refusal("x", code="NOPERM") == b"-NOPERM x\r\n"
+    assert RouteRefused("why", code="NOPERM").resp() == b"-NOPERM why\r\n"
+
+
+# -- open_route over real TLS ------------------------------------------------------------
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    ca = CertificateAuthority.create()
+    key = new_key()
+    cert = ca.issue_server(key.public_key(), ["127.0.0.1"], 600)
+    (tmp_path / "cert.pem").write_text(cert_pem(cert))
+    (tmp_path / "key.pem").write_bytes(key_pem(key))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
+    client = ssl.create_default_context(cadata=ca.pem)
+    return server, client
+
+
+async def serve_answer(server_ctx: ssl.SSLContext, answer: bytes) -> tuple[asyncio.Server, int]:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await read_route(reader)
+            writer.write(answer)
+            await writer.drain()
+            if answer == ROUTE_OK:
+                writer.write(await reader.readexactly(4))  # echo what follows
+                await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_open_route_ok_then_plain_stream(tls: tuple[ssl.SSLContext, ssl.SSLContext]) -> None:
+    server, port = await serve_answer(tls[0], ROUTE_OK)
+    async with server:
+        reader, writer = await asyncio.wait_for(
+            open_route("127.0.0.1", port, ssl_context=tls[1], database="d", db_user="u"), 5
+        )
+        writer.write(b"PING")
+        assert await asyncio.wait_for(reader.readexactly(4), 5) == b"PING"
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "code", "reason"),
+    [
+        (b"-ERR none of your roles allows d as db user 'u'\r\n", "ERR",
+         "none of your roles allows d as db user 'u'"),
+        (b"-NOPERM denied\r\n", "NOPERM", "denied"),
+        (b"+WHAT\r\n", "ERR", "unexpected answer to the route: '+WHAT'"),
+        (b"", "ERR", "the agent closed the connection without answering the route"),
+    ],
+)  # fmt: skip
+async def test_open_route_refused(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext], answer: bytes, code: str, reason: str
+) -> None:
+    server, port = await serve_answer(tls[0], answer)
+    async with server:
+        with pytest.raises(RouteRefused) as info:
+            await asyncio.wait_for(
+                open_route("127.0.0.1", port, ssl_context=tls[1], database="d", db_user="u"), 5
+            )
+    assert (info.value.code, info.value.reason) == (code, reason)
+
+
+async def test_open_route_checks_the_agent_name(
+    tls: tuple[ssl.SSLContext, ssl.SSLContext],
+) -> None:
+    server, port = await serve_answer(tls[0], ROUTE_OK)
+    async with server:
+        with pytest.raises(ssl.SSLCertVerificationError, match=r"mismatch|match"):
+            await asyncio.wait_for(
+                open_route(
+                    "127.0.0.1", port, ssl_context=tls[1], database="d", db_user="u",
+                    server_hostname="agent-9.internal",
+                ),
+                5,
+            )  # fmt: skip
