@@ -251,6 +251,11 @@ class Bus:
                 except nats.js.errors.BadRequestError:
                     # Someone else created it between our two calls: use theirs.
                     kv = await self.js.key_value(spec.name)
+        except nats.js.errors.KeyValueLimitMarkerTTLNotSupportedError as exc:
+            raise RegistryError(
+                f"the NATS server at {self.url} is too old for bucket {spec.name}, whose "
+                "records expire one by one: use nats-server 2.11 or newer"
+            ) from exc
         except nats.js.errors.ServiceUnavailableError as exc:
             raise RegistryError(
                 f"JetStream is not enabled on the NATS server at {self.url}: start it with -js "
