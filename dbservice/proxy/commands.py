@@ -13,7 +13,7 @@ Inline commands are split like the server splits them and forwarded re-encoded a
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from .errors import ProtocolError, error_reply
 from .hooks import Action, Hello, SessionHooks
@@ -43,6 +43,8 @@ _SPECIAL: dict[str, int] = {
     "MONITOR": _MONITOR,
 }
 _NEEDS_ARGS = frozenset({_AUTH, _HELLO, _CLIENT})
+_INSPECT = 100
+"""A name the hooks asked to see the arguments of."""
 
 _NAME_CACHE_MAX = 4096
 
@@ -61,7 +63,7 @@ class CommandParser:
         forward: Callable[[bytes | memoryview], None],
         local: Callable[[Local], None],
         pending: deque[Item],
-        inspect: Container[str] = frozenset(),
+        inspect: Iterable[str] = (),
     ) -> None:
         self._hooks = hooks
         self._on_command = hooks.on_command
@@ -70,7 +72,9 @@ class CommandParser:
         self._forward = forward
         self._local = local
         self._pending = pending
-        self._inspect = inspect
+        self._special_names = dict(_SPECIAL)
+        for name in inspect:
+            self._special_names.setdefault(name.upper(), _INSPECT)
         self._names: dict[bytes, str] = {}
         self._rest = b""
         self._args_left = 0
@@ -107,7 +111,12 @@ class CommandParser:
                 return
             self._dropping = False
         names = self._names
+        special = self._special_names
+        on_command = self._on_command
+        append = self._pending.append
         max_bulk = self._max_bulk
+        max_multibulk = self._limits.max_multibulk
+        seen = 0
         try:
             while p < n:
                 start = p
@@ -116,38 +125,49 @@ class CommandParser:
                     if p == start:
                         break
                     continue
-                e = data.find(b"\r\n", p + 1, p + _MAX_COUNT_LINE)
-                if e < 0:
-                    if n - p >= _MAX_COUNT_LINE:
-                        raise ProtocolError("too big mbulk count string")
-                    break
-                try:
-                    argc = int(data[p + 1 : e])
-                except ValueError:
-                    raise ProtocolError("invalid multibulk length") from None
-                if argc > self._limits.max_multibulk:
-                    raise ProtocolError("invalid multibulk length")
-                q = e + 2
-                if argc <= 0:  # the server ignores empty commands without a reply
-                    p = q
-                    continue
-                if q >= n:
-                    break
-                if data[q] != 36:  # '$'
-                    raise ProtocolError(f"expected '$', got '{chr(data[q])}'")
-                e = data.find(b"\r\n", q + 1, q + _MAX_COUNT_LINE)
-                if e < 0:
-                    if n - q >= _MAX_COUNT_LINE:
-                        raise ProtocolError("too big bulk count string")
-                    break
-                try:
-                    size = int(data[q + 1 : e])
-                except ValueError:
-                    raise ProtocolError("invalid bulk length") from None
-                if size < 0 or size > max_bulk:
-                    raise ProtocolError("invalid bulk length")
-                if size > self._limits.max_inspect:
-                    raise ProtocolError("command name too long")
+                # "*<argc>\r\n$<len>\r\n<name>\r\n": one-digit counts without find/int
+                if p + 3 < n and data[p + 2] == 13 and 49 <= data[p + 1] <= 57:
+                    argc = data[p + 1] - 48
+                    q = p + 4
+                    if argc > max_multibulk:
+                        raise ProtocolError("invalid multibulk length")
+                else:
+                    e = data.find(b"\r\n", p + 1, p + _MAX_COUNT_LINE)
+                    if e < 0:
+                        if n - p >= _MAX_COUNT_LINE:
+                            raise ProtocolError("too big mbulk count string")
+                        break
+                    try:
+                        argc = int(data[p + 1 : e])
+                    except ValueError:
+                        raise ProtocolError("invalid multibulk length") from None
+                    if argc > max_multibulk:
+                        raise ProtocolError("invalid multibulk length")
+                    q = e + 2
+                    if argc <= 0:  # the server ignores empty commands without a reply
+                        p = q
+                        continue
+                if q + 3 < n and data[q + 2] == 13 and data[q] == 36 and 48 <= data[q + 1] <= 57:
+                    e = q + 2
+                    size = data[q + 1] - 48
+                else:
+                    if q >= n:
+                        break
+                    if data[q] != 36:  # '$'
+                        raise ProtocolError(f"expected '$', got '{chr(data[q])}'")
+                    e = data.find(b"\r\n", q + 1, q + _MAX_COUNT_LINE)
+                    if e < 0:
+                        if n - q >= _MAX_COUNT_LINE:
+                            raise ProtocolError("too big bulk count string")
+                        break
+                    try:
+                        size = int(data[q + 1 : e])
+                    except ValueError:
+                        raise ProtocolError("invalid bulk length") from None
+                    if size < 0 or size > max_bulk:
+                        raise ProtocolError("invalid bulk length")
+                    if size > self._limits.max_inspect:
+                        raise ProtocolError("command name too long")
                 q = e + 2 + size
                 if q + 2 > n:
                     break
@@ -156,14 +176,49 @@ class CommandParser:
                 if name is None:
                     name = self._canonical(raw)
                 q += 2
-                spec = _SPECIAL.get(name)
-                if (spec is not None and spec in _NEEDS_ARGS) or name in self._inspect:
+                spec = special.get(name)
+                if spec is None:
+                    # The common case: skip the arguments by their lengths (one- and
+                    # two-digit lengths inline), decide on the name and count.
+                    left = argc - 1
+                    while left and q + 4 < n and data[q] == 36:
+                        if data[q + 2] == 13:
+                            size = data[q + 1] - 48
+                            if not 0 <= size <= 9:
+                                break
+                            q += 6 + size
+                        elif data[q + 3] == 13:
+                            tens = data[q + 1] - 48
+                            size = data[q + 2] - 48
+                            if not (1 <= tens <= 9 and 0 <= size <= 9):
+                                break
+                            q += 7 + tens * 10 + size
+                        else:
+                            break
+                        left -= 1
+                    if q > n:
+                        self._bulk_left = q - n
+                        self._args_left = left
+                        q = n
+                    elif left:
+                        self._args_left = left
+                        q = self._skip(data, q, n)
+                    seen += 1
+                    verdict = on_command(name, argc, None)
+                    if verdict is None:
+                        append(name)
+                        p = q
+                        if self._args_left or self._bulk_left:
+                            break
+                        continue
+                elif spec in _NEEDS_ARGS or spec == _INSPECT:
                     args = self._collect(data, q, n, argc - 1, raw)
                     if args is None:  # incomplete
                         if n - start <= self._limits.max_inspect:
                             break
-                        if spec is not None and spec in _NEEDS_ARGS:
+                        if spec != _INSPECT:
                             raise ProtocolError(f"{name} command longer than the proxy accepts")
+                        spec = None
                     else:
                         q, argv = args
                         out = self._decide_with_args(name, spec, argc, argv)
@@ -175,16 +230,20 @@ class CommandParser:
                                 self._forward(out)
                             fwd = q
                         continue
-                # The common case: skip the arguments, decide on the name and count.
-                self._args_left = argc - 1
-                if self._args_left:
+                    self._args_left = argc - 1
                     q = self._skip(data, q, n)
-                verdict = self._on_command(name, argc, None)
-                self.commands += 1
-                if verdict is None and spec is not None:
-                    verdict = self._special(name, spec, argc)
-                elif verdict is None:
-                    self._pending.append(name)
+                    seen += 1
+                    verdict = on_command(name, argc, None)
+                    if verdict is None:
+                        append(name)
+                else:
+                    self._args_left = argc - 1
+                    if self._args_left:
+                        q = self._skip(data, q, n)
+                    seen += 1
+                    verdict = on_command(name, argc, None)
+                    if verdict is None:
+                        verdict = self._special(name, spec, argc)
                 if verdict is not None:
                     self.refused += 1
                     if fwd < start:
@@ -202,6 +261,8 @@ class CommandParser:
             if fwd < p and not self._dropping:
                 self._forward(data[fwd:p])
             raise
+        finally:
+            self.commands += seen
         self._finish(data, fwd, p, n)
 
     def _finish(self, data: bytes, fwd: int, p: int, n: int) -> None:
@@ -326,7 +387,7 @@ class CommandParser:
             self.refused += 1
             self._local(Local(error_reply("CLIENT REPLY is not supported through the proxy")))
             return b""
-        if spec is not None and spec not in _NEEDS_ARGS:
+        if spec is not None and spec not in _NEEDS_ARGS and spec != _INSPECT:
             refusal = self._special(name, spec, argc)
             if refusal is not None:
                 self.refused += 1

@@ -22,7 +22,7 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Container
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .commands import CommandParser
@@ -76,7 +76,7 @@ class ProxySession:
         hooks: SessionHooks,
         limits: ProxyLimits | None = None,
         timeouts: ProxyTimeouts | None = None,
-        inspect: Container[str] = frozenset(),
+        inspect: Iterable[str] = (),
     ) -> None:
         self._limits = limits or ProxyLimits()
         self._timeouts = timeouts or ProxyTimeouts()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Container
+from collections.abc import Callable, Iterable
 from types import TracebackType
 
 from .hooks import PassThroughHooks, SessionHooks
@@ -27,7 +27,7 @@ class LoopbackProxy:
         hooks: Callable[[], SessionHooks] = PassThroughHooks,
         limits: ProxyLimits | None = None,
         timeouts: ProxyTimeouts | None = None,
-        inspect: Container[str] = frozenset(),
+        inspect: Iterable[str] = (),
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -63,12 +63,19 @@ class LoopbackProxy:
         if self._server is not None:
             self._server.close()
             self._server = None
-        tasks = list(self.sessions)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # A connection accepted just now has a task that has not run yet: let it start
+        # (it sees _closing and drops the connection), then stop the running ones.
+        await asyncio.sleep(0)
+        while self.sessions:
+            tasks = list(self.sessions)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._closing:
+            writer.transport.abort()
+            return
         task = asyncio.current_task()
         assert task is not None
         self.sessions.add(task)
