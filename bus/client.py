@@ -394,6 +394,11 @@ class Bus:
         headers = {**headers, "Nats-TTL": str(max(1, math.ceil(ttl)))}
         try:
             ack = await self.js.publish(subject, data, headers=dict(headers))
+        except nats.js.errors.NoStreamResponseError:
+            # No stream behind the subject: the bucket was deleted, or NATS lost its store.
+            self._buckets.pop(bucket, None)
+            await self.bucket(bucket)
+            ack = await self.js.publish(subject, data, headers=dict(headers))
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != 10166:  # per-message TTL is disabled on this bucket
                 raise

@@ -352,3 +352,36 @@ async def test_status_change_is_announced_before_the_next_heartbeat(
         await wait_until(lambda: status("healthy"), 10, "healthy")
         await valkey.stop()
         await wait_until(lambda: status("unhealthy"), 10, "unhealthy announced at once")
+
+
+async def test_heartbeat_bucket_is_recreated_when_nats_loses_its_store(
+    nats_server: NatsServer, valkey: ValkeyNode, tmp_path: Path
+) -> None:
+    config = agent_config(
+        tmp_path,
+        "agent",
+        databases=[
+            {"name": "cache", "uri": f"127.0.0.1:{valkey.port}", "tls": {"mode": "disabled"}}
+        ],
+    )
+    async with running_agent(config, nats_server.url):
+        port = nats_server.port
+        reader = await Bus.connect(nats_server.url, name="reader")
+
+        async def announced() -> bool:
+            try:  # create=False: only the agent may bring the bucket back
+                beats = await reader.list_db_servers(create=False)
+                return [(b.hostname, b.name) for b in beats] == [("agent", "cache")]
+            except Exception:  # reconnecting, or the bucket is not there yet
+                return False
+
+        await wait_until(announced, 10, "heartbeat")
+        await reader.close()
+        nats_server.stop()
+        wait_port_free("127.0.0.1", port)
+        nats_server.store_dir = tmp_path / "fresh-store"  # everything is gone
+        nats_server.port = port
+        nats_server.start()
+        reader = await Bus.connect(nats_server.url, name="reader", wait=10)
+        await wait_until(announced, 15, "heartbeat in a recreated bucket")
+        await reader.close()
