@@ -10,6 +10,10 @@ API (JSON over HTTPS):
   ``"need": "totp"`` when a second factor is required, 429 with ``Retry-After`` when
   rate-limited, 400 for a malformed request.
 * ``GET /v1/ca`` -> ``{"pem", "fingerprint"}``: the fleet CA (clients pin it).
+* ``GET /v1/databases`` and ``GET /v1/databases/{name}/servers``: what the caller may
+  reach and the agents serving it (:mod:`dbservice.auth.catalog`); these need the fleet
+  certificate from login as the TLS client certificate. The TLS layer asks every client
+  for an optional certificate verified against the fleet CA; login works without one.
 * ``GET /healthz`` -> ``ok``.
 
 Failed logins are counted per user and per source address in a sliding window; past the
@@ -46,6 +50,7 @@ from dbservice.auth.ca import (
     new_key,
     write_private,
 )
+from dbservice.auth.catalog import Catalog
 from dbservice.auth.passwords import verify_password, verify_totp
 from dbservice.rbac import session_ttl_cap
 from fleetgate.aio import stop_on_signals
@@ -171,6 +176,7 @@ class LoginService:
         app.router.add_post("/v1/login", self.login)
         app.router.add_get("/v1/ca", self.get_ca)
         app.router.add_get("/healthz", self.health)
+        Catalog(bus=self.bus, trusted=[self.ca.cert]).add_routes(app)
         return app
 
     async def health(self, request: web.Request) -> web.Response:
@@ -274,9 +280,12 @@ class LoginService:
 
 def server_tls(config: AuthConfig, ca: CertificateAuthority) -> ssl.SSLContext:
     """The service's TLS context: the configured certificate, or one issued now by the
-    fleet CA for ``tls.hosts`` (written next to the CA, key 0600)."""
+    fleet CA for ``tls.hosts`` (written next to the CA, key 0600). Either way it asks for
+    an optional client certificate from the fleet CA (people's identities)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.load_verify_locations(cadata=ca.pem)
     if config.tls.cert_file:
         ctx.load_cert_chain(config.tls.cert_file, config.tls.key_file)
         return ctx
