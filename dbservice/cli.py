@@ -5,35 +5,43 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 from bus import Bus, DatabaseResource, RegistryError, parse_label_filter
 from bus.labels import matches
-from dbservice import servers_cli
+from dbservice import connect, servers_cli
 from dbservice.auth import cli as auth_cli
+from dbservice.auth import people
 from fleetgate import aio
 from fleetgate.cli import UsageError
 from fleetgate.config import resolve_nats_url
 
 HIDDEN_LABEL_PREFIX = "fleetgate.dev/"
+T = TypeVar("T")
 
 
 def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
     group = sub.add_parser("db", help="list and reach databases")
     actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ls = actions.add_parser("ls", help="list databases in the registry")
+    ls = actions.add_parser(
+        "ls",
+        help="list databases: those your roles reach when logged in, else all (from NATS)",
+    )
     ls.add_argument(
         "--labels", default="", help="only databases whose labels match, e.g. env=prod,region=us-*"
     )
     ls.add_argument("--format", default="text", choices=["text", "json"])
     ls.add_argument(
-        "--nats", help="NATS URL (default: FLEETGATE_NATS_URL or nats://127.0.0.1:4222)"
+        "--nats",
+        help="read NATS at this URL (operators), even when logged in "
+        "(default without a login: FLEETGATE_NATS_URL or nats://127.0.0.1:4222)",
     )
     common(ls)
     ls.set_defaults(handler=_ls)
     auth_cli.register_logout(actions, common)
     servers_cli.register(actions, common)
+    connect.register(actions, common)
 
 
 def _ls(args: argparse.Namespace) -> int:
@@ -41,7 +49,11 @@ def _ls(args: argparse.Namespace) -> int:
         selector = parse_label_filter(args.labels) if args.labels else None
     except ValueError as exc:
         raise UsageError(f"--labels: {exc}") from None
-    resources, health = aio.run(_list(resolve_nats_url(args.nats)))
+    ident = None if args.nats else _logged_in()
+    if ident is not None:  # a person: ask the auth service what their roles reach
+        resources, health = _people_run(people.fetch_databases(ident))
+    else:
+        resources, health = aio.run(_list(resolve_nats_url(args.nats)))
     if selector is not None:
         resources = [r for r in resources if matches(selector, r.metadata.labels)]
     if args.format == "json":
@@ -50,6 +62,20 @@ def _ls(args: argparse.Namespace) -> int:
     else:
         print_table(resources, health)
     return 0
+
+
+def _logged_in() -> people.ClientIdentity | None:
+    try:
+        return people.load_identity()
+    except people.AccessError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _people_run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return aio.run(coro)
+    except people.AccessError as exc:
+        raise UsageError(f"{exc} (operators: --nats URL reads the registry directly)") from None
 
 
 async def _list(url: str) -> tuple[list[DatabaseResource], dict[str, tuple[int, int]]]:
