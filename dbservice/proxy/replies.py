@@ -98,71 +98,98 @@ class ReplyParser:
                 self._finish(data, fwd, p, n)
                 return
             fwd = self._frame_done(data, fwd, p)
-        while p < n:
-            t = data[p]
-            if t in _LINE_TYPES:
-                e = data.find(b"\r\n", p + 1)
-                if e < 0:
-                    if n - p > self._limits.max_reply_line:
-                        raise UpstreamProtocolError("reply line too long")
-                    break
-                p = e + 2
-                fwd = self._reply_done(data, fwd, p, t == 45)
-                continue
-            if t in _BULK_TYPES:
-                e = data.find(b"\r\n", p + 1, p + _MAX_COUNT_LINE)
-                if e < 0:
-                    if n - p >= _MAX_COUNT_LINE:
-                        raise UpstreamProtocolError("bulk length line too long")
-                    break
-                size = _count(data, p + 1, e)
-                if size < 0:
-                    p = e + 2
-                    fwd = self._reply_done(data, fwd, p, False)
-                    continue
-                end = e + 4 + size
-                if end <= n:
+        pending = self._pending
+        popleft = pending.popleft
+        on_reply = self._on_reply
+        done = 0
+        try:
+            while p < n:
+                t = data[p]
+                if t == 36 and p + 3 < n and data[p + 2] == 13 and 48 <= data[p + 1] <= 57:
+                    end = p + 6 + data[p + 1] - 48  # "$<digit>\r\n": no find/int
+                    if end > n:
+                        self._bulk_left = end - n
+                        self._frame_counted, self._frame_error = True, False
+                        p = n
+                        break
                     p = end
-                    fwd = self._reply_done(data, fwd, p, t == 33)
+                    error = False
+                elif t in _LINE_TYPES:
+                    e = data.find(b"\r\n", p + 1)
+                    if e < 0:
+                        if n - p > self._limits.max_reply_line:
+                            raise UpstreamProtocolError("reply line too long")
+                        break
+                    p = e + 2
+                    error = t == 45
+                elif t in _BULK_TYPES:
+                    e = data.find(b"\r\n", p + 1, p + _MAX_COUNT_LINE)
+                    if e < 0:
+                        if n - p >= _MAX_COUNT_LINE:
+                            raise UpstreamProtocolError("bulk length line too long")
+                        break
+                    size = _count(data, p + 1, e)
+                    end = e + 4 + size if size >= 0 else e + 2
+                    if end > n:
+                        self._bulk_left = end - n
+                        self._frame_counted, self._frame_error = True, t == 33
+                        p = n
+                        break
+                    p = end
+                    error = t == 33
+                else:
+                    p, fwd = self._aggregate(data, p, n, fwd, t)
+                    if p < 0:
+                        p = -p - 1
+                        break
                     continue
-                self._bulk_left = end - n
-                self._frame_counted, self._frame_error = True, t == 33
-                p = n
-                break
-            if t not in _AGG_TYPES:
-                raise UpstreamProtocolError(f"unknown reply type {chr(t)!r}")
-            if t == 62 or (t == 42 and not self.resp3 and self._subscribed()):
-                q = self._pubsub_frame(data, p, n)
-                if q == _INCOMPLETE:
-                    if n - p > self._limits.max_reply_line:
-                        raise UpstreamProtocolError("pub/sub frame header too long")
-                    break
-                p = q
-                if self._stack or self._bulk_left:
-                    break
-                fwd = self._frame_done(data, fwd, p)
-                continue
-            e = data.find(b"\r\n", p + 1, p + _MAX_COUNT_LINE)
-            if e < 0:
-                if n - p >= _MAX_COUNT_LINE:
-                    raise UpstreamProtocolError("aggregate length line too long")
-                break
-            size = _count(data, p + 1, e)
-            if size <= 0:
-                p = e + 2
-                fwd = self._reply_done(data, fwd, p, False)
-                continue
-            if t == 37:  # '%' map
-                size *= 2
-            elif t == 124:  # '|' attribute: its pairs, then the value it describes
-                size = size * 2 + 1
-            self._stack.append(size)
-            self._frame_counted, self._frame_error = True, False
-            p = self._skip(data, e + 2, n)
-            if self._stack or self._bulk_left:
-                break
-            fwd = self._frame_done(data, fwd, p)
+                # one complete top-level reply ends at p: the common case inline
+                if pending and not self.monitor:
+                    item = pending[0]
+                    if type(item) is str:
+                        popleft()
+                        done += 1
+                        on_reply(item, error)
+                        if pending and type(pending[0]) is Local:
+                            fwd = self._flush_locals(data, fwd, p)
+                        continue
+                fwd = self._reply_done(data, fwd, p, error)
+        finally:
+            self.replies += done
         self._finish(data, fwd, p, n)
+
+    def _aggregate(self, data: bytes, p: int, n: int, fwd: int, t: int) -> tuple[int, int]:
+        """A top-level aggregate at ``p``: returns (end, fwd) when complete, or
+        (-where_parsing_stopped - 1, fwd) when it continues in the next read."""
+        if t not in _AGG_TYPES:
+            raise UpstreamProtocolError(f"unknown reply type {chr(t)!r}")
+        if t == 62 or (t == 42 and not self.resp3 and self._subscribed()):
+            q = self._pubsub_frame(data, p, n)
+            if q == _INCOMPLETE:
+                if n - p > self._limits.max_reply_line:
+                    raise UpstreamProtocolError("pub/sub frame header too long")
+                return -p - 1, fwd
+            if self._stack or self._bulk_left:
+                return -q - 1, fwd
+            return q, self._frame_done(data, fwd, q)
+        e = data.find(b"\r\n", p + 1, p + _MAX_COUNT_LINE)
+        if e < 0:
+            if n - p >= _MAX_COUNT_LINE:
+                raise UpstreamProtocolError("aggregate length line too long")
+            return -p - 1, fwd
+        size = _count(data, p + 1, e)
+        if size <= 0:
+            return e + 2, self._reply_done(data, fwd, e + 2, False)
+        if t == 37:  # '%' map
+            size *= 2
+        elif t == 124:  # '|' attribute: its pairs, then the value it describes
+            size = size * 2 + 1
+        self._stack.append(size)
+        self._frame_counted, self._frame_error = True, False
+        q = self._skip(data, e + 2, n)
+        if self._stack or self._bulk_left:
+            return -q - 1, fwd
+        return q, self._frame_done(data, fwd, q)
 
     def _finish(self, data: bytes, fwd: int, p: int, n: int) -> None:
         if fwd < p:
