@@ -15,8 +15,9 @@ import redis.asyncio as aredis
 import redis.exceptions
 
 from bus import Bus
+from bus.access import Role, put_role
 from bus.server import NatsServer
-from dbservice.auth.people import AccessError, fetch_servers, require_identity
+from dbservice.auth.people import AccessError, fetch_databases, fetch_servers, require_identity
 from sandbox.valkeynode import ValkeyNode
 from tests.connectkit import StandInAgent, Tunnel, World, free_port, resource, world
 from tests.proxykit import start_single_node, valkey_cli
@@ -100,6 +101,13 @@ async def test_catalog_needs_a_certificate_and_hides_other_databases(
         answers.append(str(info.value).replace(name, "NAME"))
     assert answers[0] == answers[1] == "no database 'NAME' that you may reach (see fleetgate db ls)"
 
+    # Roles are read per request: an edit shows at once, without a new login.
+    await put_role(w.bus, Role.model_validate(
+        {"name": "dev", "allow": {"db_labels": {"env": ["dev", "prod"]}, "db_users": ["app"]}}
+    ))  # fmt: skip
+    widened, _ = await asyncio.wait_for(fetch_databases(ident), 10)
+    assert [d.name for d in widened] == ["dev-cache", "dev-idle", "prod-cache"]
+
     anonymous = ssl.create_default_context(cadata=ident.auth_ca)
     async with (
         aiohttp.ClientSession() as http,
@@ -125,6 +133,12 @@ async def test_connect_set_get_and_valkey_cli(w: World, agent: StandInAgent) -> 
         )  # fmt: skip
         out, err = await asyncio.wait_for(cli.communicate(), 10)
         assert (cli.returncode, out) == (0, b"hello\n"), err
+        # A client that half-closes right after its command still gets the reply.
+        reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port)
+        writer.write(b"PING\r\n")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b"+PONG\r\n"
+        writer.close()
     finally:
         assert await tunnel.stop() == 0
     assert ("alice", "dev-cache", "app") in agent.routes
