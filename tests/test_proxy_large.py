@@ -7,6 +7,7 @@ import asyncio
 import subprocess
 import sys
 import textwrap
+import time
 import tracemalloc
 from collections.abc import Iterator
 
@@ -114,3 +115,60 @@ def test_valkey_cli_pipe_mass_insertion(proxy: ThreadedProxy) -> None:
     assert cli(proxy, "GET", f"mass:{count - 1}").strip() == f"value-{count - 1}"
     stats = proxy.finished(8)
     assert any(s.commands >= count for s in stats)
+
+
+@pytest.mark.slow
+def test_slow_reader_pushes_back_on_the_server(proxy: ThreadedProxy, node: ValkeyNode) -> None:
+    """A client that does not read its 32 MiB reply: the engine holds about its
+    write-buffer bound, and stops reading the server until the client catches up."""
+    import socket
+
+    size = 32 * MiB
+    writer = socket.create_connection(("127.0.0.1", proxy.port))
+    writer.sendall(cmd("SET", "slow", b"s" * size))
+    assert writer.recv(16) == b"+OK\r\n"
+    writer.close()
+    reader = socket.create_connection(("127.0.0.1", proxy.port))
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    tracemalloc.start()
+    try:
+        base, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        reader.sendall(cmd("GET", "slow") + cmd("PING"))
+        time.sleep(1.0)  # not reading
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak - base < 6 * MiB, f"engine held {(peak - base) / MiB:.1f} MiB"
+    received = 0
+    tail = b""
+    while received < size + 20:
+        chunk = reader.recv(1 << 20)
+        assert chunk
+        received += len(chunk)
+        tail = (tail + chunk)[-16:]
+    assert tail.endswith(b"\r\n+PONG\r\n")
+    reader.close()
+
+
+async def test_bytes_sent_before_the_session_starts(node: ValkeyNode) -> None:
+    """Commands (and even the client's EOF) that arrive before the agent hands the
+    connection to the engine are served."""
+    from dbservice.proxy import PassThroughHooks, ProxySession, TcpConnector
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.3)  # the agent authenticating, connecting upstream...
+        upstream = await TcpConnector("127.0.0.1", node.port).connect()
+        await ProxySession((reader, writer), upstream, hooks=PassThroughHooks()).run()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with asyncio.timeout(10):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(cmd("PING") + cmd("ECHO", "early") + b"PING\r\n")
+        writer.write_eof()
+        data = await reader.read()
+        assert data == b"+PONG\r\n$5\r\nearly\r\n+PONG\r\n"
+        writer.close()
+    server.close()
+    await server.wait_closed()

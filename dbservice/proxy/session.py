@@ -1,11 +1,18 @@
-"""One client session: a client stream pair and an upstream stream pair, two pumps.
+"""One client session: a client connection and an upstream connection, proxied.
 
-The client pump reads what the client sends, lets :class:`CommandParser` decide per
-command and forwards at once (it never waits for a reply, so pipelines stay pipelines).
-The reply pump reads the server, lets :class:`ReplyParser` find reply boundaries and
-passes the bytes on. Both wait on the other side's ``drain()`` above the write-buffer
-high-water mark, and the client pump also stops reading while ``max_pending`` commands
-are unanswered, so memory stays bounded whichever side is slow.
+The engine takes connected stream pairs (what ``asyncio.start_server`` and
+``asyncio.open_connection`` give, TLS or not), then takes their transports over with
+its own small protocols, so each read goes straight from the event loop into the
+parsers and each write straight to the other transport: no task wake-up per read.
+Bytes a stream had already buffered are processed first.
+
+* The client side: :class:`CommandParser` decides per command and forwards at once; it
+  never waits for a reply, so pipelines stay pipelines.
+* The server side: :class:`ReplyParser` finds reply boundaries and passes the bytes on.
+* Back-pressure with transport flow control: when one side's write buffer passes the
+  high-water mark (``pause_writing``) the engine stops reading the other side until it
+  drains (``resume_writing``); the client is also not read while ``max_pending``
+  commands are unanswered. Memory stays bounded whichever side is slow.
 
 The agent runs one per accepted, authorised connection::
 
@@ -24,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 from .commands import CommandParser
 from .errors import ProtocolError, UpstreamProtocolError
@@ -35,6 +43,11 @@ from .settings import ProxyLimits, ProxyTimeouts
 logger = logging.getLogger(__name__)
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+# Why a side is not being read (a bit each; it is read again when none is left).
+_PEER_FULL = 1
+_TOO_MANY_PENDING = 2
+_STOPPED = 4
 
 
 @dataclass(slots=True)
@@ -55,7 +68,8 @@ class SessionStats:
     duration: float = 0.0
     reason: str = ""
     """Why the session ended: ``client closed``, ``server closed``, ``idle``,
-    ``protocol error: ...``, ``server protocol error: ...``, ``stopped``."""
+    ``protocol error: ...``, ``server protocol error: ...``, ``stopped``,
+    ``internal error: ...``."""
 
 
 def set_nodelay(writer: asyncio.StreamWriter) -> None:
@@ -63,6 +77,44 @@ def set_nodelay(writer: asyncio.StreamWriter) -> None:
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _take_buffered(reader: asyncio.StreamReader) -> bytes:
+    """What the stream has received but nobody has read yet (StreamReader has no
+    public call for this; its buffer has been ``_buffer`` since Python 3.4)."""
+    buffer = getattr(reader, "_buffer", None)
+    if not buffer:
+        return b""
+    data = bytes(buffer)
+    buffer.clear()
+    return data
+
+
+class _Side(asyncio.Protocol):
+    """The engine's protocol on one transport; everything is forwarded to the session."""
+
+    def __init__(self, session: ProxySession, *, client: bool) -> None:
+        self.session = session
+        self.client = client
+        self.data_received = (  # type: ignore[method-assign]
+            session._client_data if client else session._upstream_data
+        )
+        self.lost = asyncio.get_running_loop().create_future()
+
+    def eof_received(self) -> bool:
+        self.session._eof(client=self.client)
+        return True  # keep the write side open for replies still owed (plain TCP)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.session._eof(client=self.client)
+
+    def pause_writing(self) -> None:
+        self.session._pause(client=not self.client, why=_PEER_FULL)
+
+    def resume_writing(self) -> None:
+        self.session._resume(client=not self.client, why=_PEER_FULL)
 
 
 class ProxySession:
@@ -82,18 +134,27 @@ class ProxySession:
         self._timeouts = timeouts or ProxyTimeouts()
         self._client_reader, self._client_writer = client
         self._up_reader, self._up_writer = upstream
+        # Stream writers type their transport as write-only; these also read.
+        self._client_transport = cast(asyncio.Transport, self._client_writer.transport)
+        self._up_transport = cast(asyncio.Transport, self._up_writer.transport)
         self.stats = SessionStats()
         self._pending: deque[Item] = deque()
-        self._progress = asyncio.Event()
+        self._max_pending = self._limits.max_pending
+        self._paused = {True: 0, False: 0}
+        self._closing_reason: str | None = None
+        """Set when the client is done (EOF, protocol error): end once nothing is owed."""
         self._close_written = False
-        self._closed = False
+        self._done: asyncio.Future[str] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._last = 0.0
-        self._client_write = self._client_writer.write
-        self._client_transport = self._client_writer.transport
+        self._timers: list[asyncio.TimerHandle] = []
+        self._sides: list[_Side] = []
+        self._closed = False
+        self._client_write = self._client_transport.write
         self._commands = CommandParser(
             hooks=hooks,
             limits=self._limits,
-            forward=self._up_writer.write,
+            forward=self._up_transport.write,
             local=self._local,
             pending=self._pending,
             inspect=inspect,
@@ -116,6 +177,166 @@ class ProxySession:
         """Replies owed to the client right now."""
         return len(self._pending)
 
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self) -> SessionStats:
+        """Proxy until the client or the server closes, the session idles out, or the
+        task is cancelled; always closes both connections. Returns the counters."""
+        loop = self._loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        self._last = loop.time()
+        high = self._limits.write_high_water
+        try:
+            for client, (reader, writer) in (
+                (True, (self._client_reader, self._client_writer)),
+                (False, (self._up_reader, self._up_writer)),
+            ):
+                set_nodelay(writer)
+                transport = self._client_transport if client else self._up_transport
+                with contextlib.suppress(AttributeError, NotImplementedError):
+                    transport.set_write_buffer_limits(high=high)
+                side = _Side(self, client=client)
+                self._sides.append(side)
+                buffered = _take_buffered(reader)
+                at_eof = reader.at_eof()
+                transport.set_protocol(side)
+                if buffered:
+                    side.data_received(buffered)
+                if at_eof or transport.is_closing():
+                    self._eof(client=client)
+                elif not self._paused[client]:
+                    transport.resume_reading()
+            if self._timeouts.idle is not None:
+                self._timers.append(loop.call_later(self._timeouts.idle, self._check_idle))
+            self.stats.reason = await self._done
+        except asyncio.CancelledError:
+            self.stats.reason = "stopped"
+            raise
+        finally:
+            for timer in self._timers:
+                timer.cancel()
+            self._count()
+            self.stats.duration = time.time() - self.stats.started
+            await self.aclose()
+        return self.stats
+
+    def _finish(self, reason: str) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(reason)
+
+    def _count(self) -> None:
+        stats, commands, replies = self.stats, self._commands, self._replies
+        stats.commands = commands.commands
+        stats.refused = commands.refused
+        stats.replies = replies.replies
+        stats.pushes = replies.pushes
+
+    async def aclose(self) -> None:
+        """Close both connections, letting buffered bytes out for at most
+        ``close_grace`` seconds. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        transports = (self._client_transport, self._up_transport)
+        for transport in transports:
+            transport.close()
+        try:
+            if self._sides:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._timeouts.close_grace):
+                        await asyncio.gather(*(side.lost for side in self._sides))
+            else:
+                for writer in (self._client_writer, self._up_writer):
+                    with contextlib.suppress(OSError, TimeoutError):
+                        async with asyncio.timeout(self._timeouts.close_grace):
+                            await writer.wait_closed()
+        finally:  # on timeout or cancellation: drop what is still buffered
+            for transport in transports:
+                transport.abort()
+
+    # -- events from the transports ---------------------------------------------------
+
+    def _client_data(self, data: bytes) -> None:
+        if self._closing_reason is not None:
+            return
+        self.stats.bytes_from_client += len(data)
+        assert self._loop is not None
+        self._last = self._loop.time()
+        try:
+            self._commands.feed(data)
+        except ProtocolError as exc:
+            self._local(Local(exc.reply, close=True))
+            self._client_done(f"protocol error: {exc.detail}")
+            return
+        except Exception as exc:  # a bug in a hook or here: end this session only
+            logger.exception("proxy session failed on client data")
+            self._finish(f"internal error: {exc!r}")
+            return
+        if len(self._pending) > self._max_pending:
+            self._pause(client=True, why=_TOO_MANY_PENDING)
+
+    def _upstream_data(self, data: bytes) -> None:
+        assert self._loop is not None
+        self._last = self._loop.time()
+        try:
+            self._replies.feed(data)
+        except UpstreamProtocolError as exc:
+            logger.warning("closing a session: the server's replies did not parse: %s", exc)
+            self._finish(f"server protocol error: {exc}")
+            return
+        except Exception as exc:
+            logger.exception("proxy session failed on server data")
+            self._finish(f"internal error: {exc!r}")
+            return
+        if self._paused[True] & _TOO_MANY_PENDING and len(self._pending) <= self._max_pending // 2:
+            self._resume(client=True, why=_TOO_MANY_PENDING)
+        if self._closing_reason is not None and (not self._pending or self._close_written):
+            self._finish(self._closing_reason)
+
+    def _eof(self, *, client: bool) -> None:
+        if client:
+            self._client_done("client closed")
+        else:
+            self._finish("server closed")
+
+    def _client_done(self, reason: str) -> None:
+        """The client will send nothing more: end once the replies it is owed are out
+        (at most ``close_grace`` seconds from now)."""
+        if self._closing_reason is not None:
+            return
+        self._closing_reason = reason
+        self._pause(client=True, why=_STOPPED)
+        if not self._pending or self._close_written:
+            self._finish(reason)
+        elif self._loop is not None:
+            self._timers.append(
+                self._loop.call_later(self._timeouts.close_grace, self._finish, reason)
+            )
+
+    def _check_idle(self) -> None:
+        assert self._loop is not None and self._timeouts.idle is not None
+        remaining = self._last + self._timeouts.idle - self._loop.time()
+        if remaining <= 0:
+            self._finish("idle")
+        else:
+            self._timers.append(self._loop.call_later(remaining, self._check_idle))
+
+    def _pause(self, *, client: bool, why: int) -> None:
+        before = self._paused[client]
+        self._paused[client] = before | why
+        if not before:
+            transport = self._client_transport if client else self._up_transport
+            with contextlib.suppress(RuntimeError):
+                transport.pause_reading()
+
+    def _resume(self, *, client: bool, why: int) -> None:
+        before = self._paused[client]
+        after = self._paused[client] = before & ~why
+        if before and not after:
+            transport = self._client_transport if client else self._up_transport
+            if not transport.is_closing():
+                transport.resume_reading()
+
     # -- writing to the client -----------------------------------------------------------
 
     def _to_client(self, data: bytes | memoryview) -> None:
@@ -133,141 +354,3 @@ class ProxySession:
 
     def _close_reply_written(self) -> None:
         self._close_written = True
-        self._progress.set()
-
-    # -- running -------------------------------------------------------------------------
-
-    async def run(self) -> SessionStats:
-        """Proxy until the client or the server closes, the session idles out, or the
-        task is cancelled; always closes both connections. Returns the counters."""
-        loop = asyncio.get_running_loop()
-        self._last = loop.time()
-        high = self._limits.write_high_water
-        for writer in (self._client_writer, self._up_writer):
-            set_nodelay(writer)
-            with contextlib.suppress(AttributeError, NotImplementedError):
-                writer.transport.set_write_buffer_limits(high=high)
-        tasks = [
-            asyncio.create_task(self._client_pump(), name="proxy-client"),
-            asyncio.create_task(self._reply_pump(), name="proxy-replies"),
-        ]
-        if self._timeouts.idle is not None:
-            tasks.append(asyncio.create_task(self._idle(self._timeouts.idle), name="proxy-idle"))
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            first = next(t for t in tasks if t in done)
-            self.stats.reason = first.result()
-        except asyncio.CancelledError:
-            self.stats.reason = "stopped"
-            raise
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            self._count()
-            self.stats.duration = time.time() - self.stats.started
-            await self.aclose()
-        return self.stats
-
-    def _count(self) -> None:
-        stats, commands, replies = self.stats, self._commands, self._replies
-        stats.commands = commands.commands
-        stats.refused = commands.refused
-        stats.replies = replies.replies
-        stats.pushes = replies.pushes
-
-    async def aclose(self) -> None:
-        """Close both connections (flushing what is buffered, briefly). Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        writers = (self._client_writer, self._up_writer)
-        for writer in writers:
-            writer.close()
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._timeouts.close_grace):
-                    for writer in writers:
-                        with contextlib.suppress(OSError):
-                            await writer.wait_closed()
-        finally:  # on timeout or cancellation: drop what is still buffered
-            for writer in writers:
-                writer.transport.abort()
-
-    async def _client_pump(self) -> str:
-        read = self._client_reader.read
-        size = self._limits.read_size
-        feed = self._commands.feed
-        stats = self.stats
-        up = self._up_writer
-        up_transport = up.transport
-        high = self._limits.write_high_water
-        max_pending = self._limits.max_pending
-        pending = self._pending
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                data = await read(size)
-            except (ConnectionError, OSError):
-                data = b""
-            if not data:
-                await self._settle()
-                return "client closed"
-            stats.bytes_from_client += len(data)
-            self._last = loop.time()
-            try:
-                feed(data)
-            except ProtocolError as exc:
-                self._local(Local(exc.reply, close=True))
-                await self._settle()
-                return f"protocol error: {exc.detail}"
-            if up_transport.get_write_buffer_size() > high:
-                await up.drain()
-            while len(pending) > max_pending:
-                self._progress.clear()
-                await self._progress.wait()
-
-    async def _settle(self) -> None:
-        """Wait (bounded) for the replies still owed to reach the client."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self._timeouts.close_grace):
-                while self._pending and not self._close_written:
-                    self._progress.clear()
-                    await self._progress.wait()
-                if self._client_transport.get_write_buffer_size():
-                    await self._client_writer.drain()
-
-    async def _reply_pump(self) -> str:
-        read = self._up_reader.read
-        size = self._limits.read_size
-        replies = self._replies
-        feed = replies.feed
-        client = self._client_writer
-        transport = self._client_transport
-        high = self._limits.write_high_water
-        progress = self._progress
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                data = await read(size)
-            except (ConnectionError, OSError):
-                data = b""
-            if not data:
-                return "server closed"
-            self._last = loop.time()
-            try:
-                feed(data)
-            except UpstreamProtocolError as exc:
-                logger.warning("closing a session: the server's replies did not parse: %s", exc)
-                return f"server protocol error: {exc}"
-            progress.set()
-            if transport.get_write_buffer_size() > high:
-                await client.drain()
-
-    async def _idle(self, idle: float) -> str:
-        loop = asyncio.get_running_loop()
-        while True:
-            remaining = self._last + idle - loop.time()
-            if remaining <= 0:
-                return "idle"
-            await asyncio.sleep(remaining)
