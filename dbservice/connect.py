@@ -283,7 +283,7 @@ async def run_connect(
     try:
         server = await asyncio.start_server(tunnel.handle, "127.0.0.1", port)
     except OSError as exc:
-        raise ConnectError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}") from None
+        raise ConnectError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}") from None
     bound = int(server.sockets[0].getsockname()[1])
     try:
         if cli is None:
