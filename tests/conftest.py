@@ -17,6 +17,18 @@ from sandbox.aws import MotoServer
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
 
 
+@pytest.fixture(autouse=True)
+def fleetgate_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Every test gets its own empty FLEETGATE_HOME (and NATS URL unset), so a login or
+    setting of the person running the tests never changes what a test sees."""
+    home = tmp_path_factory.mktemp("fleetgate-home")
+    monkeypatch.setenv("FLEETGATE_HOME", str(home))
+    monkeypatch.delenv("FLEETGATE_NATS_URL", raising=False)
+    return home
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A fresh ``nats-server -js`` on an ephemeral loopback port with its own store."""
@@ -61,7 +73,7 @@ def aws(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
 def boto(service: str, region: str = "us-east-1", **kwargs: object) -> object:
     """A boto3 client against the current environment (moto, when ``aws`` is in use)."""
-    return boto3.client(service, region_name=region, **kwargs)  # type: ignore[call-overload]
+    return boto3.client(service, region_name=region, **kwargs)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
