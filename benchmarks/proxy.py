@@ -151,6 +151,42 @@ def _run_load(port: int, op: str, pipeline: int, clients: int, seconds: float) -
     return result
 
 
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+async def _idle_sessions(pid: int, port: int, count: int) -> tuple[int, int, int]:
+    """The engine's RSS before, while ``count`` idle sessions are open (each answered a
+    PING), and while a second set is open after the first closed."""
+
+    async def hold() -> list[asyncio.StreamWriter]:
+        writers = []
+        for _ in range(count):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"PING\r\n")
+            assert await reader.readline() == b"+PONG\r\n"
+            writers.append(writer)
+        await asyncio.sleep(0.5)
+        return writers
+
+    async def release(writers: list[asyncio.StreamWriter]) -> None:
+        for writer in writers:
+            writer.close()
+        await asyncio.sleep(1.0)
+
+    before = _rss_kib(pid)
+    writers = await hold()
+    during = _rss_kib(pid)
+    await release(writers)
+    writers = await hold()
+    again = _rss_kib(pid)
+    await release(writers)
+    return before, during, again
+
+
 def _fill(port: int) -> None:
     """Every key the GET runs read exists (their replies are recognised by size)."""
     import redis
@@ -183,6 +219,7 @@ def main() -> int:
     parser.add_argument("--pipelines", default="1,16")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--idle", type=int, default=1000, help="idle sessions to hold (0: skip)")
     args = parser.parse_args()
     pipelines = [int(p) for p in args.pipelines.split(",")]
 
@@ -197,8 +234,10 @@ def main() -> int:
             proxy_port = int(engine.stdout.readline())
             print(f"machine      {platform.machine()}, {os.cpu_count()} cores, Python "
                   f"{platform.python_version()}, uvloop, {platform.system()}")  # fmt: skip
-            print(f"workload     {args.clients} clients, 3-byte values over {KEYS} keys, "
-                  f"{args.seconds:.0f}s per run, {args.rounds} interleaved rounds (median)")  # fmt: skip
+            print(
+                f"workload     {args.clients} clients, 3-byte values over {KEYS} keys, "
+                f"{args.seconds:.0f}s per run, {args.rounds} interleaved rounds (median)"
+            )
             _fill(node.port)
             results: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
             for _ in range(args.rounds):
@@ -237,6 +276,14 @@ def main() -> int:
                         lat = f"{'':>48}"
                     print(f"{op + ' P' + str(pipeline):<12}{d_rps:>12,.0f}{e_rps:>12,.0f}"
                           f"{e_rps / d_rps:>7.2f}x{lat}{cpu_us:>13.1f} us")  # fmt: skip
+            if args.idle:
+                idle = _idle_sessions(engine.pid, proxy_port, args.idle)
+                before, after, again = asyncio.run(idle)
+                print()
+                print(f"idle         engine RSS {before / 1024:.1f} MiB; with {args.idle} idle "
+                      f"sessions {after / 1024:.1f} MiB ({(after - before) / args.idle:.1f} KiB "
+                      f"each); a second {args.idle} after the first closed: "
+                      f"{again / 1024:.1f} MiB")  # fmt: skip
         finally:
             if engine.stdin is not None:
                 engine.stdin.close()
