@@ -73,8 +73,11 @@ class CommandParser:
         self._local = local
         self._pending = pending
         self._special_names = dict(_SPECIAL)
-        for name in inspect:
-            self._special_names.setdefault(name.upper(), _INSPECT)
+        wanted = {name.upper() for name in inspect}
+        self._default_spec: int | None = _INSPECT if "*" in wanted else None
+        """``inspect=["*"]``: every command's arguments (the agent's audit trail)."""
+        for name in wanted - {"*"}:
+            self._special_names.setdefault(name, _INSPECT)
         self._names: dict[bytes, str] = {}
         self._rest = b""
         self._args_left = 0
@@ -116,6 +119,7 @@ class CommandParser:
         append = self._pending.append
         max_bulk = self._max_bulk
         max_multibulk = self._limits.max_multibulk
+        default_spec = self._default_spec
         seen = 0
         try:
             while p < n:
@@ -176,7 +180,7 @@ class CommandParser:
                 if name is None:
                     name = self._canonical(raw)
                 q += 2
-                spec = special.get(name)
+                spec = special.get(name, default_spec)
                 if spec is None:
                     # The common case: skip the arguments by their lengths (one- and
                     # two-digit lengths inline), decide on the name and count.
