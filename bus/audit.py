@@ -134,8 +134,12 @@ def encode_event(event: AuditEvent) -> bytes:
 # -- the stream ----------------------------------------------------------------------
 
 
-async def ensure_audit_stream(bus: Bus, *, max_age: float = DEFAULT_MAX_AGE) -> None:
-    """Create the audit stream, or set its retention to ``max_age`` seconds."""
+async def ensure_audit_stream(
+    bus: Bus, *, max_age: float = DEFAULT_MAX_AGE, update: bool = True
+) -> None:
+    """Create the audit stream, or set its retention to ``max_age`` seconds (unless
+    ``update`` is False: agents create a missing stream but leave retention to the
+    auth service and admins)."""
     config = StreamConfig(
         name=subjects.AUDIT_STREAM,
         description="fleetgate audit events",
@@ -150,7 +154,7 @@ async def ensure_audit_stream(bus: Bus, *, max_age: float = DEFAULT_MAX_AGE) -> 
         except nats.js.errors.NotFoundError:
             await bus.js.add_stream(config)
             return
-        if info.config.max_age != max_age:
+        if update and info.config.max_age != max_age:
             await bus.js.update_stream(config)
     except nats.js.errors.ServiceUnavailableError as exc:
         raise RegistryError(

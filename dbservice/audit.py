@@ -307,10 +307,13 @@ class SessionAudit:
     def start(self, *, success: bool = True, reason: str = "") -> None:
         self._emitter.emit(SessionStart(**self.common, success=success, reason=reason))
 
-    def query(self, args: Sequence[bytes | str]) -> None:
+    def query(self, args: Sequence[bytes | str], *, success: bool = True, reason: str = "") -> None:
+        """One command; ``success=False`` with ``reason`` when it was refused."""
         self.commands += 1
         name, rest = describe_command(args, self.redaction)
-        self._emitter.emit(SessionQuery(**self.common, command=name, args=rest))
+        self._emitter.emit(
+            SessionQuery(**self.common, command=name, args=rest, success=success, reason=reason)
+        )
 
     def add_bytes(self, to_db: int = 0, to_client: int = 0) -> None:
         self.bytes_in += to_db
