@@ -13,6 +13,7 @@ from dbservice.agent.config import AgentConfig
 from dbservice.agent.health import Prober, TLSContexts, probe
 from dbservice.agent.heartbeat import AgentIdentity, Announcer
 from dbservice.agent.identity import DataDir
+from dbservice.agent.listener import Listener
 from dbservice.agent.served import Selection, follow_registry, static_resource
 from dbservice.agent.supervisor import Supervisor
 from dbservice.agent.worker import DatabaseWorker
@@ -41,6 +42,8 @@ class Agent:
         self.supervisor: Supervisor | None = None
         self.identity: AgentIdentity | None = None
         self.bus: Bus | None = None
+        self.listener: Listener | None = None
+        """The client listener (None without ``db_service.listener``)."""
 
     async def run(self, stop: asyncio.Event) -> int:
         """0 after a graceful stop, 1 when the registry watch failed."""
@@ -109,6 +112,29 @@ class Agent:
             format_duration(settings.health_check.interval),
             format_duration(settings.heartbeat.ttl),
         )
+        listener = None
+        if settings.listener is not None:
+            handles = supervisor.handles
+
+            def lookup(name: str) -> DatabaseResource | None:
+                handle = handles.get(name)
+                return handle.worker.resource if handle is not None else None
+
+            listener = Listener(
+                settings=settings,
+                config=settings.listener,
+                bus=bus,
+                host_id=identity.host_id,
+                lookup=lookup,
+                contexts=contexts,
+            )
+            await listener.start()  # before the first heartbeat announces this agent
+            self.listener = listener
+        else:
+            logger.warning(
+                "no db_service.listener configured: this agent accepts no clients; it only "
+                "checks and announces its databases"
+            )
         await supervisor.adjust(selection.static)  # static ones need no registry
         watch = asyncio.create_task(
             follow_registry(
@@ -118,18 +144,24 @@ class Agent:
         )
         stopping = asyncio.create_task(stop.wait(), name="stop-signal")
         status = 0
+        roots = {watch, stopping}
+        if listener is not None and listener.task is not None:
+            roots.add(listener.task)
         try:
-            await asyncio.wait({watch, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            if watch.done():
-                status = 1
-                error = watch.exception()
-                logger.error("the registry watch ended (%s); stopping", error or "returned")
+            await asyncio.wait(roots, return_when=asyncio.FIRST_COMPLETED)
+            for root in roots - {stopping}:
+                if root.done():
+                    status = 1
+                    error = None if root.cancelled() else root.exception()
+                    logger.error("%s ended (%s); stopping", root.get_name(), error or "returned")
         finally:
             logger.info("stopping: deleting %d heartbeats", len(supervisor.handles))
             for task in (watch, stopping):
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if listener is not None:
+                await listener.aclose()
             await supervisor.stop_all()
         logger.info("agent stopped")
         return status

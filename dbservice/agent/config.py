@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import re
 import socket
+import ssl
 from pathlib import Path
 from typing import Literal
 
+from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bus.labels import check_selector, is_valid_label_key
@@ -213,6 +216,66 @@ class HeartbeatConfig(Strict):
         return self
 
 
+class ListenerConfig(Strict):
+    """Where clients connect: mutual TLS with a certificate from the fleet CA (read from
+    the registry), then the route preamble. Without it the agent accepts no clients."""
+
+    cert_file: Path
+    """The agent's server certificate (``fleetgate auth sign --host NAME --out DIR``
+    writes ``DIR/cert.pem``); it must name the host of ``advertise_addr``."""
+    key_file: Path
+    """Its private key (``DIR/key.pem``)."""
+    handshake_timeout: Duration = 10.0
+    """Limit for the TLS handshake, and again for the route preamble and the role check."""
+    connect_timeout: Duration = 10.0
+    """Limit for reaching the database: TCP connect and TLS handshake."""
+    max_connections: int = Field(default=10_000, ge=1)
+    """Client connections open at once; more are closed at once (and logged)."""
+
+    @field_validator("cert_file")
+    @classmethod
+    def _cert(cls, path: Path) -> Path:
+        text = _read_text(path)
+        if "-----BEGIN CERTIFICATE-----" not in text:
+            raise ValueError(f"{path} holds no PEM certificate")
+        return path
+
+    @field_validator("key_file")
+    @classmethod
+    def _key(cls, path: Path) -> Path:
+        if "PRIVATE KEY-----" not in _read_text(path):
+            raise ValueError(f"{path} holds no PEM private key")
+        return path
+
+    @model_validator(mode="after")
+    def _pair(self) -> ListenerConfig:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(str(self.cert_file), str(self.key_file))
+        except ssl.SSLError:
+            raise ValueError(
+                f"{self.key_file} is not the key of {self.cert_file}: use the key.pem and "
+                "cert.pem that fleetgate auth sign --host wrote together"
+            ) from None
+        cert = x509.load_pem_x509_certificate(self.cert_file.read_bytes())
+        expired = cert.not_valid_after_utc
+        if expired < dt.datetime.now(dt.UTC):
+            raise ValueError(
+                f"{self.cert_file} expired at {expired:%Y-%m-%d %H:%M:%SZ}: issue a new one "
+                "with fleetgate auth sign --host NAME --out DIR"
+            )
+        return self
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a PEM file") from None
+
+
 class DbService(Strict):
     hostname: str = Field(default_factory=socket.gethostname)
     data_dir: Path = Path(DEFAULT_DATA_DIR)
@@ -220,6 +283,8 @@ class DbService(Strict):
     listen_addr: str = "0.0.0.0:6390"
     advertise_addr: str | None = None
     """Address clients reach this agent at; derived from listen_addr when unset."""
+    listener: ListenerConfig | None = None
+    """The client listener's TLS files; without it the agent only checks and announces."""
     resources: list[ResourceMatcher] = Field(default_factory=list)
     databases: list[StaticDatabase] = Field(default_factory=list)
     host_aliases: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,475 @@
+"""The agent's client listener: mutual TLS, the route, the roles, then the proxy.
+
+For each accepted connection, in order (each refusal is a ``-ERR <reason>`` line to the
+client, when TLS is up, and a failed ``db.session.start`` audit event):
+
+1. TLS handshake with the context of the current fleet CA (:class:`FleetTrust`, which
+   follows the CA record in the registry, so a new or rotated CA applies to the next
+   connection). A certificate from another CA fails inside the handshake (audited with the
+   client address). OpenSSL is told to *request* a certificate and to skip only the
+   validity dates; the agent then checks everything itself
+   (:func:`~dbservice.auth.ca.identity_from_ssl`: chain, dates, identity), so a client
+   without a certificate or with an expired one is told why in words, and an expired
+   one is audited with its user.
+2. The route preamble (:func:`~dbservice.route.read_route`) within
+   ``listener.handshake_timeout``.
+3. The database must be one this agent serves.
+4. :func:`~dbservice.auth.authorize.authorize_session`: the roles named in the
+   certificate, read fresh from the registry for every connection.
+5. The upstream connection: host aliases and TLS exactly as the health checks dial it,
+   then :class:`~dbservice.agent.login.UpstreamLogin`.
+6. ``+OK``, ``db.session.start``, and the proxy engine with :class:`AgentHooks` until
+   either side closes; ``db.session.end`` (duration, commands, bytes each way) from
+   ``finally``.
+
+Connections the listener accepts but that never start a TLS handshake (port probes,
+load-balancer checks) are only logged at debug level.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Final
+
+from cryptography import x509
+
+from bus import Bus, subjects
+from bus.access import CACertificate
+from bus.audit import SessionStart, ensure_audit_stream
+from bus.errors import BusError
+from bus.schemas import DatabaseResource
+from dbservice.agent.config import DbService, ListenerConfig, join_host_port, split_host_port
+from dbservice.agent.health import TLSContexts, build_target
+from dbservice.agent.hooks import AgentHooks
+from dbservice.agent.login import ClientCredentials, UpstreamLogin, UpstreamLoginError
+from dbservice.audit import AuditEmitter, SessionAudit
+from dbservice.auth.authorize import authorize_session
+from dbservice.auth.ca import (
+    CertificateRejected,
+    check_signed_by,
+    decode_identity,
+    identity_from_ssl,
+    load_certs,
+    mtls_server_context,
+)
+from dbservice.proxy import ProxySession, Streams, TcpConnector
+from dbservice.route import ROUTE_OK, RouteError, encode_refusal, read_route
+from fleetgate.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+NO_CHECK_TIME: Final = 0x200000
+"""OpenSSL's ``X509_V_FLAG_NO_CHECK_TIME``: the agent checks the dates itself, after the
+handshake, so it can tell an expired client why (see the module docstring)."""
+NO_CA: Final = "this agent knows no fleet CA yet: run fleetgate auth init"
+CAPACITY_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_PAUSE: Final = 0.1
+READ_LIMIT: Final = 256 * 1024
+STOP_GRACE: Final = 2.0
+AUDIT_FLUSH: Final = 5.0
+
+Lookup = Callable[[str], DatabaseResource | None]
+
+
+class Refused(Exception):
+    """A connection is refused; the message goes to the client and the audit trail."""
+
+
+class FleetTrust:
+    """The fleet CA from the registry, and the server TLS context built on it."""
+
+    def __init__(self, config: ListenerConfig) -> None:
+        self.config = config
+        self.certs: list[x509.Certificate] = []
+        self.context: ssl.SSLContext | None = None
+        self.fingerprint = ""
+        self.known = asyncio.Event()
+        """Set once the registry was read (with or without a CA in it)."""
+
+    def update(self, record: CACertificate | None) -> None:
+        files = (self.config.cert_file, self.config.key_file)
+        if record is None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.load_cert_chain(*map(str, files))
+            self.certs, self.context, self.fingerprint = [], context, ""
+            logger.warning(
+                "no fleet CA in the registry: clients are refused until fleetgate auth init"
+            )
+            self.known.set()
+            return
+        try:
+            certs = load_certs(record.pem)
+            context = mtls_server_context(record.pem, *files)
+        except (CertificateRejected, ssl.SSLError, OSError) as exc:
+            logger.error("the fleet CA in the registry is unusable (%s); keeping the last one", exc)
+            self.known.set()
+            return
+        context.verify_mode = ssl.CERT_OPTIONAL
+        context.verify_flags |= NO_CHECK_TIME
+        own = x509.load_pem_x509_certificate(self.config.cert_file.read_bytes())
+        if not any(check_signed_by(own, ca) for ca in certs):
+            logger.warning(
+                "%s was not issued by the fleet CA %s: clients will not trust this agent "
+                "(issue one with fleetgate auth sign --host NAME)",
+                self.config.cert_file,
+                record.fingerprint,
+            )
+        changed = self.fingerprint and self.fingerprint != record.fingerprint
+        self.certs, self.context, self.fingerprint = certs, context, record.fingerprint
+        log = logger.info if changed else logger.debug
+        log("trusting the fleet CA %s for client certificates", record.fingerprint)
+        self.known.set()
+
+    async def follow(self, bus: Bus) -> None:
+        """Keep :attr:`context` in step with the CA record, forever."""
+        seen = False
+        async for event in bus.watch(
+            subjects.AUTH_BUCKET, CACertificate, keys=subjects.CA_KEY, create=False
+        ):
+            if event.kind == "upsert" and event.value is not None:
+                seen = True
+                self.update(event.value)
+            elif event.kind == "deleted":
+                seen = False
+                self.update(None)
+            elif event.kind == "synced" and not seen and not self.known.is_set():
+                self.update(None)
+
+
+class Listener:
+    """Accepts clients on ``listen_addr`` until :meth:`aclose`; one task per connection."""
+
+    def __init__(
+        self,
+        *,
+        settings: DbService,
+        config: ListenerConfig,
+        bus: Bus,
+        host_id: str,
+        lookup: Lookup,
+        contexts: TLSContexts,
+        login: Callable[[DatabaseResource], UpstreamLogin] = lambda _: ClientCredentials(),
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.bus = bus
+        self.host_id = host_id
+        self.lookup = lookup
+        self.contexts = contexts
+        self.login = login
+        self.trust = FleetTrust(config)
+        self.audit = AuditEmitter.for_bus(bus, host_id=host_id)
+        self.sessions: set[asyncio.Task[None]] = set()
+        self.task: asyncio.Task[None] | None = None
+        """The accept loop: it ends only by failing (the agent then stops)."""
+        self.port = 0
+        self.refusals = 0
+        self._sock: socket.socket | None = None
+        self._helpers: list[asyncio.Task[None]] = []
+        self._full_logged = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind (ConfigError when the address cannot be used) and start accepting."""
+        host, port = split_host_port(self.settings.listen_addr)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+            family = infos[0][0]
+            sock = socket.create_server((host, port), family=family, backlog=1024)
+        except OSError as exc:
+            raise ConfigError(
+                f"db_service.listen_addr {self.settings.listen_addr}: cannot listen "
+                f"({exc.strerror or exc})"
+            ) from None
+        sock.setblocking(False)
+        self._sock = sock
+        self.port = int(sock.getsockname()[1])
+        self.audit.start()
+        self._helpers = [
+            asyncio.create_task(self.trust.follow(self.bus), name="fleet-ca-watch"),
+            asyncio.create_task(self._audit_stream(), name="audit-stream"),
+        ]
+        self.task = asyncio.create_task(self._accept_loop(sock), name="client-listener")
+        logger.info(
+            "accepting clients on %s (mutual TLS with the fleet CA)",
+            join_host_port(host, self.port),
+        )
+
+    async def aclose(self) -> None:
+        """Stop accepting, end every session (its end event is still emitted), flush."""
+        tasks = [t for t in (self.task, *self._helpers) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        self.task, self._helpers = None, []
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        while self.sessions:
+            sessions = list(self.sessions)
+            for task in sessions:
+                task.cancel()
+            await asyncio.wait(sessions, timeout=STOP_GRACE)
+            self.sessions.difference_update(sessions)
+        await self.audit.aclose(flush_timeout=AUDIT_FLUSH)
+
+    async def _audit_stream(self) -> None:
+        """Create the audit stream when it is missing; its retention is the auth
+        service's (or an admin's) to set."""
+        try:
+            await ensure_audit_stream(self.bus, update=False)
+        except BusError as exc:
+            logger.warning("cannot check the audit stream (%s); events wait until it exists", exc)
+
+    async def _accept_loop(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, address = await loop.sock_accept(listening)
+            except OSError as exc:
+                if exc.errno not in CAPACITY_ERRORS:
+                    raise
+                logger.warning("cannot accept clients (%s); pausing", exc.strerror)
+                await asyncio.sleep(ACCEPT_PAUSE)
+                continue
+            if len(self.sessions) >= self.config.max_connections:
+                if not self._full_logged:
+                    logger.warning(
+                        "%d client connections open (listener.max_connections): refusing new ones",
+                        len(self.sessions),
+                    )
+                    self._full_logged = True
+                sock.close()
+                continue
+            self._full_logged = False
+            task = asyncio.create_task(self._serve(sock, address), name="client-session")
+            self.sessions.add(task)
+            task.add_done_callback(self.sessions.discard)
+
+    # -- one connection ------------------------------------------------------------------
+
+    async def _serve(self, sock: socket.socket, address: tuple[str, int] | tuple[str, ...]) -> None:
+        client_addr = join_host_port(str(address[0]), int(address[1]))
+        try:
+            streams = await self._handshake(sock, client_addr)
+        except BaseException:
+            sock.close()
+            raise
+        if streams is None:
+            sock.close()
+            return
+        writer = streams[1]
+        try:
+            await self._session(streams, client_addr)
+        finally:
+            writer.transport.abort()
+
+    async def _handshake(self, sock: socket.socket, client_addr: str) -> Streams | None:
+        loop = asyncio.get_running_loop()
+        limit = self.config.handshake_timeout
+        reader = asyncio.StreamReader(limit=READ_LIMIT)
+        protocol = asyncio.StreamReaderProtocol(reader)
+        try:
+            async with asyncio.timeout(limit):
+                await self.trust.known.wait()
+            assert self.trust.context is not None
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=self.trust.context, ssl_handshake_timeout=limit
+            )
+        except ssl.SSLError as exc:
+            self._refused_start(client_addr, f"TLS handshake failed: {tls_reason(exc)}")
+            return None
+        except (OSError, TimeoutError, EOFError) as exc:
+            logger.debug("%s: no TLS handshake (%r)", client_addr, exc)
+            return None
+        return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
+
+    async def _session(self, streams: Streams, client_addr: str) -> None:
+        reader, writer = streams
+        limit = self.config.handshake_timeout
+        ssl_object = writer.get_extra_info("ssl_object")
+        try:
+            identity = identity_from_ssl(ssl_object, self.trust.certs)
+        except CertificateRejected as exc:
+            reason = str(exc) if self.trust.certs else NO_CA
+            self._refused_start(client_addr, reason, user=self._claimed_user(ssl_object))
+            await _refuse(writer, reason)
+            return
+        database = db_user = ""
+        try:
+            try:
+                async with asyncio.timeout(limit):
+                    route = await read_route(reader)
+            except TimeoutError:
+                raise Refused(f"no route preamble within {limit:g}s") from None
+            except RouteError as exc:
+                raise Refused(str(exc)) from None
+            database, db_user = route.database, route.db_user
+            resource = self.lookup(database)
+            if resource is None:
+                raise Refused(
+                    f"agent {self.settings.hostname} does not serve database {database!r}"
+                )
+            try:
+                async with asyncio.timeout(limit):
+                    grant = await authorize_session(
+                        self.bus,
+                        identity,
+                        database=database,
+                        labels=resource.metadata.labels,
+                        db_user=db_user,
+                    )
+            except (BusError, TimeoutError) as exc:
+                logger.warning("cannot read roles for %s: %s", identity.user, exc)
+                raise Refused("cannot read your roles from the registry now; try again") from None
+            if not grant.allowed:
+                raise Refused(grant.decision.reason)
+        except Refused as exc:
+            self._refused_start(
+                client_addr,
+                str(exc),
+                user=identity.user,
+                roles=identity.roles,
+                database=database,
+                db_user=db_user,
+            )
+            await _refuse(writer, str(exc))
+            return
+        audit = self.audit.session(
+            identity, database=database, db_user=db_user, client_addr=client_addr
+        )
+        connected = await self._upstream(resource, db_user, audit, writer)
+        if connected is None:
+            return
+        upstream, ready, login = connected
+        hooks = AgentHooks(
+            grant=grant, audit=audit, db_user=db_user, login=login, authenticated=ready
+        )
+        writer.write(ROUTE_OK)
+        audit.start(reason=grant.decision.reason)
+        logger.debug(
+            "session %s: %s to %s as %s", audit.session_id, identity.user, database, db_user
+        )
+        session = ProxySession(streams, upstream, hooks=hooks, inspect=("*",))
+        try:
+            await session.run()
+        finally:
+            stats = session.stats
+            audit.add_bytes(to_db=stats.bytes_from_client, to_client=stats.bytes_to_client)
+            audit.end(reason=stats.reason or "stopped")
+
+    async def _upstream(
+        self,
+        resource: DatabaseResource,
+        db_user: str,
+        audit: SessionAudit,
+        writer: asyncio.StreamWriter,
+    ) -> tuple[Streams, bool, UpstreamLogin] | None:
+        login = self.login(resource)
+        up: Streams | None = None
+        try:
+            try:
+                target = build_target(
+                    resource, aliases=self.settings.host_aliases, contexts=self.contexts
+                )
+                connector = TcpConnector(
+                    target.host,
+                    target.port,
+                    ssl=target.tls,
+                    server_hostname=target.server_name,
+                    connect_timeout=self.config.connect_timeout,
+                )
+                up = await connector.connect()
+                async with asyncio.timeout(self.config.connect_timeout):
+                    ready = await login.login(up, db_user=db_user)
+            except TimeoutError:
+                raise Refused(
+                    f"cannot reach {resource.name}: no answer within "
+                    f"{self.config.connect_timeout:g}s"
+                ) from None
+            except ssl.SSLError as exc:
+                raise Refused(f"cannot reach {resource.name}: TLS: {tls_reason(exc)}") from None
+            except (OSError, ValueError, UpstreamLoginError) as exc:
+                raise Refused(f"cannot reach {resource.name}: {upstream_reason(exc)}") from None
+        except Refused as exc:
+            if up is not None:
+                up[1].transport.abort()
+            self.refusals += 1
+            logger.info("session %s refused: %s", audit.session_id, exc)
+            audit.start(success=False, reason=str(exc))
+            await _refuse(writer, str(exc))
+            return None
+        return up, ready, login
+
+    # -- refusals --------------------------------------------------------------------------
+
+    def _refused_start(
+        self,
+        client_addr: str,
+        reason: str,
+        *,
+        user: str = "",
+        roles: tuple[str, ...] = (),
+        database: str = "",
+        db_user: str = "",
+    ) -> None:
+        self.refusals += 1
+        logger.info("client %s%s refused: %s", user + "@" if user else "", client_addr, reason)
+        self.audit.emit(
+            SessionStart(
+                user=user,
+                roles=roles,
+                database=database,
+                db_user=db_user,
+                client_addr=client_addr,
+                host_id=self.host_id,
+                success=False,
+                reason=reason,
+            )
+        )
+
+    def _claimed_user(self, ssl_object: ssl.SSLObject | None) -> str:
+        """The user of a rejected certificate, when our CA issued it (expired ones)."""
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            return ""
+        try:
+            cert = x509.load_der_x509_certificate(der)
+            if any(check_signed_by(cert, ca) for ca in self.trust.certs):
+                return decode_identity(cert).user
+        except (ValueError, CertificateRejected):
+            pass
+        return ""
+
+
+async def _refuse(writer: asyncio.StreamWriter, reason: str) -> None:
+    """Send ``-ERR <reason>`` and close (briefly waiting for it to leave)."""
+    writer.write(encode_refusal(reason))
+    with contextlib.suppress(OSError, TimeoutError):
+        async with asyncio.timeout(1.0):
+            await writer.drain()
+            writer.close()
+            await writer.wait_closed()
+
+
+def tls_reason(exc: ssl.SSLError) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate not trusted: {exc.verify_message}"
+    return str(exc.reason or exc)
+
+
+def upstream_reason(exc: BaseException) -> str:
+    number = getattr(exc, "errno", None)
+    if isinstance(number, int) and number > 0:
+        return os.strerror(number)
+    return str(exc) or type(exc).__name__
