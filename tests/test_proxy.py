@@ -469,3 +469,30 @@ def test_hook_sees_names_and_inspected_args(node: ValkeyNode) -> None:
         ("CLIENT", 3, [b"Client", b"SETNAME", b"n"]),
         ("GET", 2, [b"get", b"k"]),
     ]
+
+
+def test_reset_returns_to_resp2_and_leaves_pubsub(proxy: ThreadedProxy) -> None:
+    raw = RawClient(proxy.port)
+    raw.send(cmd("HELLO", "3") + cmd("SUBSCRIBE", "r1", "r2"))
+    assert isinstance(raw.read(), dict)
+    assert [raw.read()[1][0] for _ in range(2)] == [b"subscribe", b"subscribe"]
+    raw.send(cmd("RESET") + cmd("SET", "after", "reset") + cmd("HGETALL", "none"))
+    assert raw.read() == "RESET"
+    assert raw.read() == "OK"
+    assert raw.read() == []  # RESP2 again: an empty array, not a map
+    raw.close()
+
+
+def test_monitor_streams_other_sessions_commands(proxy: ThreadedProxy) -> None:
+    watcher = RawClient(proxy.port)
+    other = RawClient(proxy.port)
+    watcher.send(cmd("MONITOR"))
+    assert watcher.read() == "OK"
+    other.send(cmd("SET", "watched", "1"))
+    assert other.read() == "OK"
+    seen = ""
+    while '"watched"' not in seen:
+        seen = watcher.read()
+    assert '"SET"' in seen or '"set"' in seen
+    watcher.close()
+    other.close()
