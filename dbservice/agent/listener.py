@@ -69,6 +69,8 @@ NO_CHECK_TIME: Final = 0x200000
 """OpenSSL's ``X509_V_FLAG_NO_CHECK_TIME``: the agent checks the dates itself, after the
 handshake, so it can tell an expired client why (see the module docstring)."""
 NO_CA: Final = "this agent knows no fleet CA yet: run fleetgate auth init"
+CA_RETRY: Final = (0.5, 1.0, 2.0, 5.0)
+"""Seconds between looks for the CA bucket while it does not exist."""
 CAPACITY_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_PAUSE: Final = 0.1
 READ_LIMIT: Final = 256 * 1024
@@ -129,7 +131,20 @@ class FleetTrust:
         self.known.set()
 
     async def follow(self, bus: Bus) -> None:
-        """Keep :attr:`context` in step with the CA record, forever."""
+        """Keep :attr:`context` in step with the CA record, forever. Until ``auth init``
+        created the bucket, clients are refused with a reason and the bucket is looked
+        for again every few seconds."""
+        attempt = 0
+        while True:
+            try:
+                await bus.bucket(subjects.AUTH_BUCKET, create=False)
+                break
+            except BusError as exc:
+                if not self.known.is_set():
+                    self.update(None)
+                    logger.warning("cannot read the fleet CA: %s", exc)
+                await asyncio.sleep(CA_RETRY[min(attempt, len(CA_RETRY) - 1)])
+                attempt += 1
         seen = False
         async for event in bus.watch(
             subjects.AUTH_BUCKET, CACertificate, keys=subjects.CA_KEY, create=False

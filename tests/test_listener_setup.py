@@ -1,0 +1,224 @@
+"""The listener's setup: its config errors, no listener at all, the fleet CA arriving or
+changing while the agent runs, a TLS upstream reached through a host alias, and a stop
+that ends open sessions with their audit events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from bus import Bus
+from bus.audit import SessionEnd, ensure_audit_stream
+from bus.server import NatsServer
+from dbservice.agent.config import AgentConfig
+from dbservice.auth.admin import init_ca, sign_host
+from dbservice.auth.ca import CertificateAuthority
+from dbservice.route import RouteRefused
+from sandbox.memorydb import StandinConfig, ThreadedStandin
+from tests.agentkit import agent_config, running_agent, wait_until
+from tests.conftest import subprocess_env
+from tests.listenerkit import (
+    APP_PASSWORD,
+    Fleet,
+    RawSession,
+    add_acl_users,
+    client,
+    make_fleet,
+    put_roles,
+    static_db,
+    wait_events,
+)
+from tests.proxykit import start_single_node
+
+pytestmark = pytest.mark.timeout(60)
+
+CFG_NAME = "clustercfg.standin.abc123.memorydb.us-east-1.amazonaws.com"
+
+
+def listener_files(tmp: Path) -> dict[str, str]:
+    ca = CertificateAuthority.create()
+    sign_host(ca, ["127.0.0.1"], 3600, tmp / "tls")
+    return {"cert_file": str(tmp / "tls" / "cert.pem"), "key_file": str(tmp / "tls" / "key.pem")}
+
+
+def config_error(tmp: Path, listener: dict[str, Any]) -> str:
+    body = agent_config(tmp, "a", listener=listener, databases=[static_db("x", 6379)])
+    with pytest.raises(ValueError) as info:
+        AgentConfig.model_validate(body)
+    return str(info.value)
+
+
+def test_listener_config_errors_name_the_field(tmp_path: Path) -> None:
+    files = listener_files(tmp_path)
+    missing = config_error(tmp_path, {**files, "cert_file": str(tmp_path / "nope.pem")})
+    assert "db_service.listener.cert_file" in missing and "No such file" in missing
+    swapped = config_error(
+        tmp_path, {"cert_file": files["key_file"], "key_file": files["cert_file"]}
+    )
+    assert "holds no PEM certificate" in swapped
+    other = listener_files(tmp_path / "other")
+    mismatch = config_error(tmp_path, {**files, "key_file": other["key_file"]})
+    assert "is not the key of" in mismatch and "fleetgate auth sign --host" in mismatch
+    assert "key_file" in config_error(tmp_path, {"cert_file": files["cert_file"]})
+
+    ca = CertificateAuthority.create()
+    sign_host(ca, ["127.0.0.1"], -30, tmp_path / "old")
+    expired = config_error(
+        tmp_path,
+        {
+            "cert_file": str(tmp_path / "old" / "cert.pem"),
+            "key_file": str(tmp_path / "old" / "key.pem"),
+        },
+    )
+    assert "expired at" in expired and "fleetgate auth sign --host" in expired
+
+
+def test_agent_run_reports_a_bad_listener_without_a_traceback(tmp_path: Path) -> None:
+    body = agent_config(
+        tmp_path,
+        "a",
+        listener={"cert_file": str(tmp_path / "missing.pem"), "key_file": "k.pem"},
+        databases=[static_db("x", 6379)],
+    )
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(body))
+    done = subprocess.run(
+        [sys.executable, "-m", "fleetgate", "agent", "run", "-c", str(path)],
+        capture_output=True, text=True, env=subprocess_env(), timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "db_service.listener.cert_file: cannot read" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.fixture(scope="module")
+def valkey_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    async def start() -> Any:
+        node = await start_single_node(tmp_path_factory.mktemp("valkey"))
+        await add_acl_users(node)
+        return node
+
+    node = asyncio.run(asyncio.wait_for(start(), 20))
+    try:
+        yield node.port
+    finally:
+        asyncio.run(node.stop())
+
+
+async def test_without_listener_the_agent_only_announces(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    config = agent_config(tmp_path, "quiet", databases=[static_db("x", 6379)])
+    async with running_agent(config, nats_server.url) as agent:
+        assert agent.listener is None
+    assert "this agent accepts no clients" in caplog.text
+
+
+async def test_fleet_ca_published_or_changed_while_running(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path, valkey_port: int
+) -> None:
+    # The agent starts before `auth init`: clients are told why they are refused.
+    early = CertificateAuthority.create()
+    fleet = Fleet(bus, early, tmp_path, nats_server.url)
+    await ensure_audit_stream(bus)
+    config = fleet.agent("agent-1", [static_db("dev-cache", valkey_port, env="dev")])
+    alice_early = fleet.identity("alice", ["dev"])
+    async with running_agent(config, nats_server.url) as agent:
+        assert agent.listener is not None
+        port = agent.listener.port
+        with pytest.raises(RouteRefused) as info:
+            await RawSession.open(port, alice_early, early.pem, "dev-cache", "app")
+        assert info.value.reason == "this agent knows no fleet CA yet: run fleetgate auth init"
+
+        # auth init publishes a CA (another key than the agent's server certificate's
+        # issuer here, so clients trust the agent through the first CA).
+        published = (await init_ca(bus, tmp_path / "ca")).ca
+        await put_roles(bus)
+        alice = fleet.identity("alice", ["dev"], ca=published)
+
+        async def accepted() -> bool:
+            try:
+                session = await RawSession.open(port, alice, early.pem, "dev-cache", "app")
+            except RouteRefused:
+                return False
+            session.close()
+            return True
+
+        await wait_until(accepted, 15, "the published CA to be trusted")
+        # Certificates of a CA that is no longer the fleet's are refused at once.
+        with pytest.raises((RouteRefused, OSError)):
+            session = await RawSession.open(port, alice_early, early.pem, "dev-cache", "app")
+            session.close()
+
+        # A rotation: the registry holds the new CA; the next connection uses it.
+        rotated = (await init_ca(bus, tmp_path / "ca2", force=True)).ca
+        bob = fleet.identity("bob", ["dev"], ca=rotated)
+
+        async def rotated_in() -> bool:
+            try:
+                session = await RawSession.open(port, bob, early.pem, "dev-cache", "app")
+            except (RouteRefused, OSError):
+                return False
+            session.close()
+            return True
+
+        await wait_until(rotated_in, 10, "the rotated CA to be trusted")
+
+
+async def test_tls_upstream_through_a_host_alias_as_default(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    fleet = await make_fleet(bus, tmp_path, nats_server.url)
+    standin_config = StandinConfig(dir=tmp_path / "standin", extra_dns_names=[CFG_NAME])
+    with ThreadedStandin(standin_config) as standin:
+        host, port = standin.endpoint
+        ca_file = tmp_path / "standin-ca.pem"
+        ca_file.write_bytes(standin.ca_pem)
+        database = {
+            "name": "standin",
+            "uri": f"{CFG_NAME}:6379",
+            "static_labels": {"env": "standin"},
+            "tls": {"mode": "verify-full", "ca_file": str(ca_file)},
+        }
+        config = fleet.agent(
+            "agent-1", [database], host_aliases={f"{CFG_NAME}:6379": f"{host}:{port}"}
+        )
+        carol = fleet.identity("carol", ["cache"])
+        async with running_agent(config, nats_server.url) as agent:
+            assert agent.listener is not None
+            r = client(agent.listener.port, carol, "standin", "default")
+            async with r:
+                assert await r.set("over-tls", "yes")
+                assert await r.get("over-tls") == b"yes"
+                assert await r.acl_whoami() in ("default", b"default")
+
+
+async def test_stop_ends_open_sessions_with_their_audit(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path, valkey_port: int
+) -> None:
+    fleet = await make_fleet(bus, tmp_path, nats_server.url)
+    config = fleet.agent("agent-1", [static_db("dev-cache", valkey_port, env="dev")])
+    alice = fleet.identity("alice", ["dev"])
+    async with running_agent(config, nats_server.url) as agent:
+        assert agent.listener is not None
+        r = client(
+            agent.listener.port, alice, "dev-cache", "app", username="app", password=APP_PASSWORD
+        )
+        await r.set("k", "v")
+    ended = await wait_events(bus, 1, "session end", type="db.session.end")
+    assert isinstance(ended[0], SessionEnd)
+    assert ended[0].commands >= 2 and ended[0].reason in (
+        "stopped",
+        "client closed",
+        "server closed",
+    )
+    await r.aclose()
