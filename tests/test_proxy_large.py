@@ -10,6 +10,7 @@ import textwrap
 import time
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -172,3 +173,46 @@ async def test_bytes_sent_before_the_session_starts(node: ValkeyNode) -> None:
         writer.close()
     server.close()
     await server.wait_closed()
+
+
+async def _tls_session_roundtrip(upstream_port: int, directory: Path) -> None:
+    """The agent's shape: mutual TLS on the client side, the connection handed to the
+    engine a little after the handshake, with the client already sending."""
+    from dbservice.proxy import PassThroughHooks, ProxySession, TcpConnector
+    from sandbox.tlsca import TestCA
+
+    ca = TestCA.create()
+    server_ctx = ca.server_context(ca.issue_server_cert(), directory, require_client_cert=True)
+    client_ctx = ca.client_context(ca.issue_client_cert("alice"), directory)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(0.2)
+        upstream = await TcpConnector("127.0.0.1", upstream_port).connect()
+        await ProxySession((reader, writer), upstream, hooks=PassThroughHooks()).run()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    big = b"t" * (5 * MiB)
+    request = b"".join(cmd("SET", f"tls{i}", f"v{i}") + cmd("GET", f"tls{i}") for i in range(200))
+    request += cmd("SET", "tlsbig", big) + cmd("GET", "tlsbig")
+    expected = b"".join(
+        b"+OK\r\n$%d\r\nv%d\r\n" % (len(str(i)) + 1, i) for i in range(200)
+    ) + b"+OK\r\n$%d\r\n%s\r\n" % (len(big), big)
+    async with asyncio.timeout(20):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost"
+        )
+        writer.write(request)
+        assert await reader.readexactly(len(expected)) == expected
+        writer.close()
+        await writer.wait_closed()
+    server.close()
+    await server.wait_closed()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_tls_client_side(node: ValkeyNode, tmp_path: Path, loop: str) -> None:
+    import uvloop
+
+    run = uvloop.run if loop == "uvloop" else asyncio.run
+    run(_tls_session_roundtrip(node.port, tmp_path))

@@ -93,9 +93,10 @@ def _take_buffered(reader: asyncio.StreamReader) -> bytes:
 class _Side(asyncio.Protocol):
     """The engine's protocol on one transport; everything is forwarded to the session."""
 
-    def __init__(self, session: ProxySession, *, client: bool) -> None:
+    def __init__(self, session: ProxySession, *, client: bool, tls: bool) -> None:
         self.session = session
         self.client = client
+        self.tls = tls
         self.data_received = (  # type: ignore[method-assign]
             session._client_data if client else session._upstream_data
         )
@@ -103,7 +104,8 @@ class _Side(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.session._eof(client=self.client)
-        return True  # keep the write side open for replies still owed (plain TCP)
+        # Keep the write side open for replies still owed (plain TCP; TLS cannot).
+        return not self.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -195,7 +197,8 @@ class ProxySession:
                 transport = self._client_transport if client else self._up_transport
                 with contextlib.suppress(AttributeError, NotImplementedError):
                     transport.set_write_buffer_limits(high=high)
-                side = _Side(self, client=client)
+                tls = transport.get_extra_info("sslcontext") is not None
+                side = _Side(self, client=client, tls=tls)
                 self._sides.append(side)
                 buffered = _take_buffered(reader)
                 at_eof = reader.at_eof()
