@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -40,6 +41,8 @@ from tests.proxykit import start_single_node
 
 pytestmark = pytest.mark.timeout(60)
 
+NATS_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-server.conf"
+NATS_TEXT = NATS_CONF.read_text()
 CFG_NAME = "clustercfg.standin.abc123.memorydb.us-east-1.amazonaws.com"
 
 
@@ -222,3 +225,40 @@ async def test_stop_ends_open_sessions_with_their_audit(
         "server closed",
     )
     await r.aclose()
+
+
+async def test_listener_works_with_only_the_agent_users_nats_rights(
+    tmp_path: Path, valkey_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """deploy/nats/nats-server.conf: the agent reads the CA and roles, creates the audit
+    stream and publishes to it; an auditor reads the events back."""
+    conf = NATS_CONF
+    for var in set(re.findall(r"\$(FLEETGATE_NATS_(\w+)_PASSWORD)", NATS_TEXT)):
+        monkeypatch.setenv(var[0], f"pw-{var[1].lower()}")
+    server = NatsServer(tmp_path / "secured", config_file=conf).start()
+    try:
+        url = f"nats://{{}}:pw-{{}}@127.0.0.1:{server.port}".format
+        admin = await Bus.connect(url("admin", "admin"), name="admin")
+        await admin.provision()
+        fleet = Fleet(admin, (await init_ca(admin, tmp_path / "ca")).ca, tmp_path, "")
+        await put_roles(admin)
+        await admin.close()
+        config = fleet.agent("agent-1", [static_db("dev-cache", valkey_port, env="dev")])
+        alice = fleet.identity("alice", ["dev"])
+        async with running_agent(config, url("agent", "agent")) as agent:
+            assert agent.listener is not None
+            r = client(
+                agent.listener.port, alice, "dev-cache", "app",
+                username="app", password=APP_PASSWORD,
+            )  # fmt: skip
+            async with r:
+                assert await r.set("permitted", "yes")
+                assert await r.get("permitted") == b"yes"
+        auditor = await Bus.connect(url("auditor", "auditor"), name="auditor")
+        try:
+            ends = await wait_events(auditor, 1, "session end", type="db.session.end")
+            assert ends[0].user == "alice"
+        finally:
+            await auditor.close()
+    finally:
+        server.stop()
