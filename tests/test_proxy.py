@@ -496,3 +496,36 @@ def test_monitor_streams_other_sessions_commands(proxy: ThreadedProxy) -> None:
     assert '"SET"' in seen or '"set"' in seen
     watcher.close()
     other.close()
+
+
+def test_resp3_commands_while_subscribed_interleave_with_messages(node: ValkeyNode) -> None:
+    """RESP3 allows any command while subscribed: replies and pushes interleave on one
+    connection, and each reply still goes with its command."""
+    asyncio.run(node.command("DEL", "counter"))
+    hooks = Recorder()
+    with ThreadedProxy(node.port, hooks=lambda: hooks) as proxy:
+        _interleave(proxy)
+    names = [n for n, _ in hooks.replies]
+    assert names.count("INCR") == 50 and names.count("SUBSCRIBE") == 1
+
+
+def _interleave(proxy: ThreadedProxy) -> None:
+    sub = RawClient(proxy.port)
+    pub = RawClient(proxy.port)
+    sub.send(cmd("HELLO", "3") + cmd("SUBSCRIBE", "live"))
+    assert isinstance(sub.read(), dict)
+    assert sub.read() == ("push", [b"subscribe", b"live", 1])
+    for i in range(50):
+        pub.send(cmd("PUBLISH", "live", f"m{i}"))
+        sub.send(cmd("INCR", "counter"))
+    for _ in range(50):
+        assert pub.read() == 1
+    replies, pushes = [], []
+    while len(replies) < 50 or len(pushes) < 50:
+        item = sub.read()
+        (pushes if isinstance(item, tuple) else replies).append(item)
+    assert replies == list(range(1, 51))
+    assert [p[1][2] for p in pushes] == [f"m{i}".encode() for i in range(50)]
+    sub.close()
+    pub.close()
+    proxy.finished(2)
