@@ -269,7 +269,12 @@ class Listener:
             self._full_logged = False
             task = asyncio.create_task(self._serve(sock, address), name="client-session")
             self.sessions.add(task)
-            task.add_done_callback(self.sessions.discard)
+            task.add_done_callback(self._session_done)
+
+    def _session_done(self, task: asyncio.Task[None]) -> None:
+        self.sessions.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.error("a client session failed", exc_info=error)
 
     # -- one connection ------------------------------------------------------------------
 

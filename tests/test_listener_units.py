@@ -1,0 +1,111 @@
+"""The agent's per-command hooks on their own: the db user gate, the roles' command
+lists, and what each decision leaves in the audit trail."""
+
+from __future__ import annotations
+
+from bus.access import Identity, Role
+from bus.audit import AuditEvent, SessionQuery
+from dbservice.agent.hooks import AgentHooks
+from dbservice.agent.login import ClientCredentials
+from dbservice.audit import AuditEmitter
+from dbservice.auth.authorize import grant_for
+from dbservice.proxy import Action
+from dbservice.proxy.commands import parse_hello
+
+ALICE = Identity(user="alice", roles=("dev",))
+DEV = Role.model_validate(
+    {
+        "name": "dev",
+        "allow": {"db_labels": {"env": "dev"}, "db_users": ["app", "default"]},
+        "deny": {"redis_commands": ["FLUSH*"]},
+    }
+)
+
+
+class Trail:
+    def __init__(self) -> None:
+        self.events: list[AuditEvent] = []
+
+    async def publish(self, event: AuditEvent) -> None:
+        self.events.append(event)
+
+    def queries(self) -> list[tuple[str, tuple[str, ...], bool]]:
+        return [(e.command, e.args, e.success) for e in self.events if isinstance(e, SessionQuery)]
+
+
+def hooks(db_user: str, trail: Trail) -> tuple[AgentHooks, AuditEmitter]:
+    emitter = AuditEmitter(trail.publish)
+    grant = grant_for(ALICE, [DEV], database="d", labels={"env": "dev"}, db_user=db_user)
+    assert grant.allowed
+    audit = emitter.session(ALICE, database="d", db_user=db_user, client_addr="127.0.0.1:1")
+    login = ClientCredentials()
+    return AgentHooks(
+        grant=grant, audit=audit, db_user=db_user, login=login, authenticated=db_user == "default"
+    ), emitter
+
+
+async def test_app_session_gate_and_commands() -> None:
+    trail = Trail()
+    h, emitter = hooks("app", trail)
+    async with emitter:
+        assert (h.on_command("GET", 2, [b"GET", b"k"]) or b"").startswith(b"-NOAUTH ")
+        assert h.on_command("AUTH", 3, [b"AUTH", b"app", b"pw"]) is None
+        assert h.on_auth(b"app", b"pw") == Action.forward()
+        assert not h.authenticated  # not until the server says yes
+        h.on_reply("AUTH", False)
+        assert h.authenticated
+        assert h.on_command("GET", 2, [b"GET", b"k"]) is None
+        assert (h.on_command("FLUSHDB", 1, [b"FLUSHDB"]) or b"") == (
+            b"-NOPERM role dev denies the command FLUSHDB\r\n"
+        )
+        assert h.on_command("RESET", 1, [b"RESET"]) is None
+        assert not h.authenticated  # RESET made the connection `default`
+        assert (h.on_command("GET", 2, [b"GET", b"k"]) or b"").startswith(b"-NOAUTH ")
+        await emitter.flush(5)
+    assert trail.queries() == [
+        ("GET", ("k",), False),
+        ("AUTH", ("app", "******"), True),
+        ("GET", ("k",), True),
+        ("FLUSHDB", (), False),
+        ("RESET", (), True),
+        ("GET", ("k",), False),
+    ]
+
+
+async def test_failed_and_malformed_auth_keep_the_gate_closed() -> None:
+    trail = Trail()
+    h, emitter = hooks("app", trail)
+    async with emitter:
+        # A malformed AUTH goes to the server (its error comes back): no on_auth.
+        assert h.on_command("AUTH", 4, [b"AUTH", b"a", b"b", b"c"]) is None
+        assert h.on_command("AUTH", 3, [b"AUTH", b"app", b"bad"]) is None
+        assert h.on_auth(b"app", b"bad") == Action.forward()
+        hello = parse_hello([b"HELLO", b"3"])
+        assert hello is not None and h.on_hello(hello) == Action.forward()
+        h.on_reply("AUTH", True)  # the malformed one
+        h.on_reply("AUTH", True)  # wrong password
+        h.on_reply("HELLO", False)  # a protocol switch is no login
+        assert not h.authenticated
+        await emitter.flush(5)
+    assert [q[1] for q in trail.queries()] == [("******",) * 3, ("app", "******"), ("3",)]
+
+
+async def test_default_session_takes_one_argument_auth_and_no_other_user() -> None:
+    trail = Trail()
+    h, emitter = hooks("default", trail)
+    async with emitter:
+        assert h.authenticated and h.on_command("GET", 2, [b"GET", b"k"]) is None
+        assert h.on_auth(None, b"pw") == Action.forward()
+        assert h.on_auth(b"default", b"pw") == Action.forward()
+        refused = h.on_auth(b"app", b"pw")
+        assert refused.reply == (
+            b"-ERR this session is db user 'default'; authenticating as 'app' is not allowed "
+            b"(connect again with --db-user app)\r\n"
+        )
+        hello = parse_hello([b"HELLO", b"3", b"AUTH", b"app", b"pw", b"SETNAME", b"x"])
+        assert hello is not None and h.on_hello(hello).reply is not None
+        await emitter.flush(5)
+    assert trail.queries()[-2:] == [
+        ("AUTH", ("app", "******"), False),
+        ("HELLO", ("3", "AUTH", "app", "******", "SETNAME", "x"), False),
+    ]
