@@ -227,6 +227,7 @@ def test_sample_config_is_valid() -> None:
     data = yaml.safe_load(sample.read_text())
     for db in data["db_service"]["databases"]:
         db.get("tls", {}).pop("ca_file", None)  # a path on the agent's host
+    assert set(data["db_service"].pop("listener")) == {"cert_file", "key_file"}  # files there too
     cfg = load_model(AgentConfig, data, str(sample)).db_service
     assert cfg.advertise() == "10.0.1.5:6390" and len(cfg.resources) == 2
     assert resolve_alias("sessions.internal.example", 6380, cfg.host_aliases) == (
