@@ -317,10 +317,6 @@ class ReplyParser:
                 self._on_close_reply()
         return fwd
 
-    def flush_locals(self) -> None:
-        """Send engine replies at the head of the queue (call when at a boundary)."""
-        self._flush_locals(b"", 0, 0)
-
     def _pubsub_frame(self, data: bytes, p: int, n: int) -> int:
         """A ``>`` push, or a RESP2 array while subscribed, at ``p``: classify it by its
         first element. Returns where parsing stopped (the frame may continue in
