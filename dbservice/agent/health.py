@@ -19,6 +19,7 @@ from pathlib import Path
 from bus.schemas import DatabaseResource
 from bus.servers import HealthStatus, TargetHealth
 from dbservice.agent.config import join_host_port, split_host_port
+from dbservice.upstream.tls import upstream_context
 
 PING = b"*1\r\n$4\r\nPING\r\n"
 ALIVE_ERRORS = (b"-NOAUTH", b"-WRONGPASS", b"-NOPERM")
@@ -57,7 +58,9 @@ def resolve_alias(host: str, port: int, aliases: Mapping[str, str]) -> tuple[str
 @dataclass
 class TLSContexts:
     """SSL contexts built once per distinct (mode, CA) and shared: each one holds the
-    whole system trust store, so a thousand databases must not mean a thousand copies."""
+    whole system trust store, so a thousand databases must not mean a thousand copies.
+    Built by :func:`dbservice.upstream.tls.upstream_context` (system roots, Amazon's
+    root CAs, ``extra_ca_file``, the database's CA)."""
 
     extra_ca_file: Path | None = None
     _cache: dict[tuple[str, str | None], ssl.SSLContext] = field(default_factory=dict)
@@ -73,15 +76,8 @@ class TLSContexts:
         return context
 
     def _build(self, mode: str, ca_pem: str | None) -> ssl.SSLContext:
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-        if self.extra_ca_file is not None:
-            context.load_verify_locations(cafile=str(self.extra_ca_file))
-        if ca_pem:
-            context.load_verify_locations(cadata=ca_pem)
-        if mode in ("verify-ca", "insecure"):
-            context.check_hostname = False
-        if mode == "insecure":
-            context.verify_mode = ssl.CERT_NONE
+        context = upstream_context(mode, ca_pem=ca_pem, ca_file=self.extra_ca_file)
+        assert context is not None  # "disabled" never gets here
         return context
 
 
