@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from bus import Bus
 from bus.audit import SessionEnd, ensure_audit_stream
@@ -262,3 +264,33 @@ async def test_listener_works_with_only_the_agent_users_nats_rights(
             await auditor.close()
     finally:
         server.stop()
+
+
+async def test_renewed_server_certificate_applies_to_the_next_connection(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path, valkey_port: int
+) -> None:
+    fleet = await make_fleet(bus, tmp_path, nats_server.url)
+    config = fleet.agent("agent-1", [static_db("dev-cache", valkey_port, env="dev")])
+    alice = fleet.identity("alice", ["dev"])
+
+    async def served_certificate(port: int) -> bytes:
+        session = await RawSession.open(port, alice, fleet.ca.pem, "dev-cache", "app")
+        try:
+            der = session.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        finally:
+            session.close()
+        assert isinstance(der, bytes)
+        return der
+
+    async with running_agent(config, nats_server.url) as agent:
+        assert agent.listener is not None
+        port = agent.listener.port
+        before = await served_certificate(port)
+        await asyncio.sleep(0.01)  # a new mtime even on coarse clocks
+        sign_host(fleet.ca, ["127.0.0.1"], 7200, tmp_path / "agent-1-tls")
+        renewed = x509.load_pem_x509_certificate(
+            (tmp_path / "agent-1-tls" / "cert.pem").read_bytes()
+        )
+        after = await served_certificate(port)
+        assert after != before
+        assert after == renewed.public_bytes(serialization.Encoding.DER)

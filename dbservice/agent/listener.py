@@ -85,7 +85,9 @@ class Refused(Exception):
 
 
 class FleetTrust:
-    """The fleet CA from the registry, and the server TLS context built on it."""
+    """The fleet CA from the registry, and the server TLS context built on it and on the
+    listener's certificate files (re-read when they change on disk, so a renewed
+    certificate applies to the next connection)."""
 
     def __init__(self, config: ListenerConfig) -> None:
         self.config = config
@@ -94,26 +96,52 @@ class FleetTrust:
         self.fingerprint = ""
         self.known = asyncio.Event()
         """Set once the registry was read (with or without a CA in it)."""
+        self._record: CACertificate | None = None
+        self._stamp = self._files_stamp()
+
+    def _files_stamp(self) -> tuple[tuple[int, int, int], ...] | None:
+        try:
+            stats = [p.stat() for p in (self.config.cert_file, self.config.key_file)]
+        except OSError:
+            return None
+        return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
+
+    def refresh(self) -> None:
+        """Rebuild the context when the certificate files changed (two ``stat`` calls)."""
+        if self.known.is_set() and self._files_stamp() != self._stamp:
+            logger.info("%s changed: loading it", self.config.cert_file)
+            self.update(self._record)
 
     def update(self, record: CACertificate | None) -> None:
+        """Use ``record`` (None: no CA yet). Never raises: a context that cannot be built
+        is logged and the previous one kept."""
+        self._record, self._stamp = record, self._files_stamp()
+        try:
+            certs, context = self._build(record)
+        except (CertificateRejected, ssl.SSLError, OSError, ValueError) as exc:
+            logger.error("cannot set up the listener's TLS (%s); keeping the previous setup", exc)
+            self.known.set()
+            return
+        if record is None:
+            logger.warning(
+                "no fleet CA in the registry: clients are refused until fleetgate auth init"
+            )
+        elif self.fingerprint != record.fingerprint:
+            log = logger.info if self.fingerprint else logger.debug
+            log("trusting the fleet CA %s for client certificates", record.fingerprint)
+        self.certs, self.context = certs, context
+        self.fingerprint = record.fingerprint if record is not None else ""
+        self.known.set()
+
+    def _build(self, record: CACertificate | None) -> tuple[list[x509.Certificate], ssl.SSLContext]:
         files = (self.config.cert_file, self.config.key_file)
         if record is None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(*map(str, files))
-            self.certs, self.context, self.fingerprint = [], context, ""
-            logger.warning(
-                "no fleet CA in the registry: clients are refused until fleetgate auth init"
-            )
-            self.known.set()
-            return
-        try:
-            certs = load_certs(record.pem)
-            context = mtls_server_context(record.pem, *files)
-        except (CertificateRejected, ssl.SSLError, OSError) as exc:
-            logger.error("the fleet CA in the registry is unusable (%s); keeping the last one", exc)
-            self.known.set()
-            return
+            return [], context
+        certs = load_certs(record.pem)
+        context = mtls_server_context(record.pem, *files)
         context.verify_mode = ssl.CERT_OPTIONAL
         context.verify_flags |= NO_CHECK_TIME
         own = x509.load_pem_x509_certificate(self.config.cert_file.read_bytes())
@@ -124,11 +152,7 @@ class FleetTrust:
                 self.config.cert_file,
                 record.fingerprint,
             )
-        changed = self.fingerprint and self.fingerprint != record.fingerprint
-        self.certs, self.context, self.fingerprint = certs, context, record.fingerprint
-        log = logger.info if changed else logger.debug
-        log("trusting the fleet CA %s for client certificates", record.fingerprint)
-        self.known.set()
+        return certs, context
 
     async def follow(self, bus: Bus) -> None:
         """Keep :attr:`context` in step with the CA record, forever. Until ``auth init``
@@ -302,9 +326,15 @@ class Listener:
         try:
             async with asyncio.timeout(limit):
                 await self.trust.known.wait()
-            assert self.trust.context is not None
+            self.trust.refresh()
+            context = self.trust.context
+            if context is None:
+                logger.warning(
+                    "%s: closed, the listener's TLS is not set up (see above)", client_addr
+                )
+                return None
             transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol, sock, ssl=self.trust.context, ssl_handshake_timeout=limit
+                lambda: protocol, sock, ssl=context, ssl_handshake_timeout=limit
             )
         except ssl.SSLError as exc:
             self._refused_start(client_addr, f"TLS handshake failed: {tls_reason(exc)}")
