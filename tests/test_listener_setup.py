@@ -194,8 +194,9 @@ async def test_tls_upstream_through_a_host_alias_as_default(
             "static_labels": {"env": "standin"},
             "tls": {"mode": "verify-full", "ca_file": str(ca_file)},
         }
+        untrusted = {**database, "name": "standin-untrusted", "tls": {"mode": "verify-full"}}
         config = fleet.agent(
-            "agent-1", [database], host_aliases={f"{CFG_NAME}:6379": f"{host}:{port}"}
+            "agent-1", [database, untrusted], host_aliases={f"{CFG_NAME}:6379": f"{host}:{port}"}
         )
         carol = fleet.identity("carol", ["cache"])
         async with running_agent(config, nats_server.url) as agent:
@@ -205,6 +206,13 @@ async def test_tls_upstream_through_a_host_alias_as_default(
                 assert await r.set("over-tls", "yes")
                 assert await r.get("over-tls") == b"yes"
                 assert await r.acl_whoami() in ("default", b"default")
+            with pytest.raises(RouteRefused) as info:
+                await RawSession.open(
+                    agent.listener.port, carol, fleet.ca.pem, "standin-untrusted", "default"
+                )
+            assert info.value.reason.startswith(
+                "cannot reach standin-untrusted: TLS: certificate not trusted: "
+            )
 
 
 async def test_stop_ends_open_sessions_with_their_audit(

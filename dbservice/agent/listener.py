@@ -61,6 +61,7 @@ from dbservice.auth.ca import (
 )
 from dbservice.proxy import ProxySession, Streams, TcpConnector
 from dbservice.route import ROUTE_OK, RouteError, encode_refusal, read_route
+from dbservice.upstream.tls import verify_failure
 from fleetgate.config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -448,6 +449,17 @@ class Listener:
                     f"{self.config.connect_timeout:g}s"
                 ) from None
             except ssl.SSLError as exc:
+                tls = resource.spec.tls
+                logger.warning(
+                    "%s",
+                    verify_failure(
+                        exc,
+                        database=resource.name,
+                        mode=tls.mode,
+                        ca_pem=tls.ca_cert,
+                        ca_file=self.settings.upstream_ca_file,
+                    ),
+                )
                 raise Refused(f"cannot reach {resource.name}: TLS: {tls_reason(exc)}") from None
             except (OSError, ValueError, UpstreamLoginError) as exc:
                 raise Refused(f"cannot reach {resource.name}: {upstream_reason(exc)}") from None
