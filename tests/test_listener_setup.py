@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,10 +22,12 @@ from cryptography.hazmat.primitives import serialization
 from bus import Bus
 from bus.audit import SessionEnd, ensure_audit_stream
 from bus.server import NatsServer
+from dbservice.agent.app import Agent
 from dbservice.agent.config import AgentConfig
 from dbservice.auth.admin import init_ca, sign_host
 from dbservice.auth.ca import CertificateAuthority
 from dbservice.route import RouteRefused
+from fleetgate.config import ConfigError
 from sandbox.memorydb import StandinConfig, ThreadedStandin
 from tests.agentkit import agent_config, running_agent, wait_until
 from tests.conftest import subprocess_env
@@ -302,3 +305,19 @@ async def test_renewed_server_certificate_applies_to_the_next_connection(
         after = await served_certificate(port)
         assert after != before
         assert after == renewed.public_bytes(serialization.Encoding.DER)
+
+
+async def test_listen_address_in_use_is_a_config_error(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path
+) -> None:
+    fleet = await make_fleet(bus, tmp_path, nats_server.url)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = fleet.agent("agent-1", [static_db("dev-cache", 6379, env="dev")])
+        config["db_service"]["listen_addr"] = f"127.0.0.1:{taken.getsockname()[1]}"
+        agent = Agent(AgentConfig.model_validate(config), nats_url=nats_server.url)
+        with pytest.raises(ConfigError) as info:
+            await asyncio.wait_for(agent.run(asyncio.Event()), 15)
+    assert "db_service.listen_addr 127.0.0.1:" in str(info.value)
+    assert "cannot listen (Address already in use)" in str(info.value)

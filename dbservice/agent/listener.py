@@ -228,7 +228,7 @@ class Listener:
         except OSError as exc:
             raise ConfigError(
                 f"db_service.listen_addr {self.settings.listen_addr}: cannot listen "
-                f"({exc.strerror or exc})"
+                f"({os_reason(exc)})"
             ) from None
         sock.setblocking(False)
         self._sock = sock
@@ -462,7 +462,7 @@ class Listener:
                 )
                 raise Refused(f"cannot reach {resource.name}: TLS: {tls_reason(exc)}") from None
             except (OSError, ValueError, UpstreamLoginError) as exc:
-                raise Refused(f"cannot reach {resource.name}: {upstream_reason(exc)}") from None
+                raise Refused(f"cannot reach {resource.name}: {os_reason(exc)}") from None
         except Refused as exc:
             if up is not None:
                 up[1].transport.abort()
@@ -530,7 +530,8 @@ def tls_reason(exc: ssl.SSLError) -> str:
     return str(exc.reason or exc)
 
 
-def upstream_reason(exc: BaseException) -> str:
+def os_reason(exc: BaseException) -> str:
+    """``Connection refused`` rather than asyncio's ``Connect call failed (...)``."""
     number = getattr(exc, "errno", None)
     if isinstance(number, int) and number > 0:
         return os.strerror(number)
