@@ -1,18 +1,26 @@
-"""Throughput and latency of the proxy engine: valkey-server directly vs through one
-engine process (plain TCP, pass-through hooks: the upper bound for the agent, which adds
-mutual TLS, RBAC and audit).
+"""Throughput, latency and CPU of the proxy engine next to reference proxies, in one run.
 
-Neither valkey-benchmark nor redis-benchmark ships with this project's wheels, so the
-load comes from a small uvloop generator in its own process: N clients, each sending a
-batch of ``pipeline`` commands and waiting for all replies (recognised by their exact
-size, so the generator does almost no parsing), like ``redis-benchmark -P``. Direct and
-proxied runs are interleaved, round after round, and the median of the rounds is shown.
+Rows, measured side by side and interleaved round after round (median of the rounds):
+
+* ``direct``: valkey-server itself;
+* ``engine``: one engine process (``LoopbackProxy``, pass-through hooks, plain TCP);
+* ``engine inspect=*``: the same with ``inspect=("*",)`` and hooks that read every
+  command's arguments (what the agent's audit asks of the engine);
+* ``bare uvloop``: a minimal uvloop forwarder (two ``asyncio.Protocol`` s copying bytes,
+  no parsing): the ceiling for a Python proxy on this machine;
+* ``haproxy``: haproxy in TCP mode, one thread; ``nutcracker``: twemproxy (both when
+  installed, e.g. ``apt-get install haproxy nutcracker``).
+
+The load comes from ``redis-benchmark`` (``apt-get install redis-tools``) when it is
+installed: C, so the generator takes little of the CPU the proxy needs. Without it a
+small uvloop generator plays ``redis-benchmark -c N -P P`` (ratios then understate every
+proxy, as the generator competes with it for the cores).
 
     python benchmarks/proxy.py                  # 50 clients, pipeline 1 and 16, 3 rounds
-    python benchmarks/proxy.py --seconds 5 --rounds 5 --clients 50
+    python benchmarks/proxy.py --seconds 5 --rounds 5 --rows direct,engine,bare
 
-The engine runs in its own process (uvloop), so its CPU time per request is measured
-from /proc; the valkey-server, the engine and the generator share this machine's cores.
+Every proxy runs in its own process, so its CPU time per request (user + system, from
+psutil) is its own.
 """
 
 from __future__ import annotations
@@ -23,21 +31,51 @@ import json
 import os
 import platform
 import random
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
+
+import psutil  # type: ignore[import-untyped]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 VALUE = b"xyz"
 KEYS = 10_000
+ROWS = ("direct", "engine", "engine inspect=*", "bare uvloop", "haproxy", "nutcracker")
 
 
-# -- the load generator (child process) ------------------------------------------------
+# -- load: redis-benchmark, or a small uvloop generator -------------------------------
+
+
+def _key(i: int) -> bytes:
+    return b"key:%012d" % i  # redis-benchmark's key:__rand_int__ with -r
+
+
+def _redis_benchmark(
+    port: int, op: str, pipeline: int, clients: int, requests: int
+) -> dict[str, float]:
+    out = subprocess.run(
+        ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(clients),
+         "-n", str(requests), "-P", str(pipeline), "-r", str(KEYS), "-d", str(len(VALUE)),
+         "-t", op.lower(), "--csv"],
+        capture_output=True, check=True, timeout=600, text=True,
+    )  # fmt: skip
+    lines = [line for line in out.stdout.splitlines() if line.startswith('"')]
+    header = [h.strip('"') for h in lines[0].split(",")]
+    row = [v.strip('"') for v in lines[-1].split(",")]
+    values = dict(zip(header, row, strict=True))
+    return {
+        "rps": float(values["rps"]),
+        "p50_ms": float(values["p50_latency_ms"]),
+        "p99_ms": float(values["p99_latency_ms"]),
+    }
 
 
 def _command(*parts: bytes) -> bytes:
@@ -45,10 +83,9 @@ def _command(*parts: bytes) -> bytes:
 
 
 class _Client(asyncio.Protocol):
-    def __init__(self, batches: list[bytes], expect: int, record: bool, stats: dict[str, Any]):
+    def __init__(self, batches: list[bytes], expect: int, stats: dict[str, Any]):
         self.batches = batches
         self.expect = expect
-        self.record = record
         self.stats = stats
         self.got = 0
         self.index = random.randrange(len(batches))
@@ -73,11 +110,9 @@ class _Client(asyncio.Protocol):
         if self.got > self.expect:
             raise RuntimeError("unexpected reply size")
         self.got = 0
-        now = time.perf_counter()
         if self.stats["measuring"]:
             self.stats["batches"] += 1
-            if self.record:
-                self.stats["latency"].append(now - self.sent_at)
+            self.stats["latency"].append(time.perf_counter() - self.sent_at)
         if self.running:
             self._send()
 
@@ -87,7 +122,7 @@ async def _load(port: int, op: str, pipeline: int, clients: int, seconds: float)
     stats: dict[str, Any] = {"measuring": False, "batches": 0, "latency": []}
     batches = []
     for start in range(0, KEYS, pipeline):
-        keys = [b"key:%d" % ((start + i) % KEYS) for i in range(pipeline)]
+        keys = [_key((start + i) % KEYS) for i in range(pipeline)]
         if op == "SET":
             batches.append(b"".join(_command(b"SET", k, VALUE) for k in keys))
         else:
@@ -96,9 +131,7 @@ async def _load(port: int, op: str, pipeline: int, clients: int, seconds: float)
     protocols = []
     for _ in range(clients):
         _, proto = await loop.create_connection(
-            lambda: _Client(batches, len(reply) * pipeline, pipeline == 1, stats),
-            "127.0.0.1",
-            port,
+            lambda: _Client(batches, len(reply) * pipeline, stats), "127.0.0.1", port
         )
         protocols.append(proto)
     await asyncio.sleep(min(0.5, seconds / 4))  # warm-up
@@ -112,34 +145,15 @@ async def _load(port: int, op: str, pipeline: int, clients: int, seconds: float)
         if proto.transport is not None:
             proto.transport.close()
     latency = sorted(stats["latency"])
-    result: dict[str, Any] = {"rps": stats["batches"] * pipeline / elapsed}
-    if latency:
-        result["p50_ms"] = latency[len(latency) // 2] * 1000
-        result["p99_ms"] = latency[int(len(latency) * 0.99)] * 1000
-    return result
+    return {
+        "rps": stats["batches"] * pipeline / elapsed,
+        "p50_ms": latency[len(latency) // 2] * 1000,
+        "p99_ms": latency[int(len(latency) * 0.99)] * 1000,
+        "requests": stats["batches"] * pipeline,
+    }
 
 
-# -- the engine (child process) ----------------------------------------------------------
-
-
-async def _serve(upstream_port: int) -> None:
-    from dbservice.proxy import TcpConnector
-    from dbservice.proxy.testing import LoopbackProxy
-
-    async with LoopbackProxy(TcpConnector("127.0.0.1", upstream_port)) as proxy:
-        print(proxy.port, flush=True)
-        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
-
-
-# -- the driver --------------------------------------------------------------------------
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _run_load(port: int, op: str, pipeline: int, clients: int, seconds: float) -> dict[str, Any]:
+def _python_load(port: int, op: str, pipeline: int, clients: int, seconds: float) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, __file__, "--_load", str(port), op, str(pipeline), str(clients),
          str(seconds)],
@@ -151,11 +165,182 @@ def _run_load(port: int, op: str, pipeline: int, clients: int, seconds: float) -
     return result
 
 
+# -- the Python proxies (child processes) ------------------------------------------------
+
+
+class _ArgsReader:
+    """Pass-through hooks that read every inspected command's arguments, as an audit
+    trail would."""
+
+    def __init__(self) -> None:
+        from dbservice.proxy import PassThroughHooks
+
+        base = PassThroughHooks()
+        self.on_auth = base.on_auth
+        self.on_hello = base.on_hello
+        self.on_reply = base.on_reply
+        self.last: tuple[bytes, ...] = ()
+
+    def on_command(self, name: str, argc: int, args: Sequence[bytes] | None) -> bytes | None:
+        if args is not None:
+            self.last = tuple(args)
+        return None
+
+
+async def _serve_engine(upstream_port: int, inspect: bool) -> None:
+    from dbservice.proxy import PassThroughHooks, SessionHooks, TcpConnector
+    from dbservice.proxy.testing import LoopbackProxy
+
+    hooks = cast(Callable[[], SessionHooks], _ArgsReader if inspect else PassThroughHooks)
+    connector = TcpConnector("127.0.0.1", upstream_port)
+    async with LoopbackProxy(connector, hooks=hooks, inspect=("*",) if inspect else ()) as proxy:
+        print(proxy.port, flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+
+class _Pipe(asyncio.Protocol):
+    """One side of the bare forwarder: bytes in, the peer's transport out."""
+
+    def __init__(self, peer: _Pipe | None = None) -> None:
+        self.peer = peer
+        self.transport: asyncio.Transport | None = None
+        self.early: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        if self.peer is None:  # the client side: connect upstream
+            _DIALS.add(asyncio.get_running_loop().create_task(self._dial()))
+        else:
+            self.peer.peer = self
+            self.transport.writelines(self.peer.early)
+
+    async def _dial(self) -> None:
+        try:
+            await asyncio.get_running_loop().create_connection(lambda: _Pipe(self), *_UPSTREAM)
+        finally:
+            _DIALS.discard(cast("asyncio.Task[None]", asyncio.current_task()))
+
+    def data_received(self, data: bytes) -> None:
+        if self.peer is None or self.peer.transport is None:
+            self.early.append(data)
+        else:
+            self.peer.transport.write(data)
+
+    def pause_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer is not None and self.peer.transport is not None:
+            self.peer.transport.close()
+
+
+_UPSTREAM: tuple[str, int] = ("127.0.0.1", 0)
+_DIALS: set[asyncio.Task[None]] = set()
+
+
+async def _serve_bare(upstream_port: int) -> None:
+    global _UPSTREAM
+    _UPSTREAM = ("127.0.0.1", upstream_port)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_Pipe, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await loop.run_in_executor(None, sys.stdin.read)
+
+
+# -- the driver --------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class _Proxy:
+    name: str
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+    results: dict[tuple[str, int, int], list[dict[str, Any]]] = field(default_factory=dict)
+
+    def cpu(self) -> float:
+        if self.process is None:
+            return 0.0
+        times = psutil.Process(self.process.pid).cpu_times()
+        return float(times.user + times.system)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.terminate()
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def _start_python(kind: str, name: str, upstream: int) -> _Proxy:
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--_serve", kind, str(upstream)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    return _Proxy(name, int(process.stdout.readline()), process)
+
+
+def _wait_port(port: int) -> None:
+    import socket
+
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def _start_haproxy(upstream: int, tmp: Path) -> _Proxy:
+    port = _free_port()
+    config = tmp / "haproxy.cfg"
+    config.write_text(
+        "global\n  nbthread 1\n  maxconn 4096\n"
+        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n  timeout server 1h\n"
+        f"frontend f\n  bind 127.0.0.1:{port}\n  default_backend b\n"
+        f"backend b\n  server s 127.0.0.1:{upstream}\n"
+    )
+    process = subprocess.Popen(["haproxy", "-db", "-f", str(config)], stdin=subprocess.PIPE)
+    _wait_port(port)
+    return _Proxy("haproxy", port, process)
+
+
+def _start_nutcracker(upstream: int, tmp: Path) -> _Proxy:
+    port = _free_port()
+    config = tmp / "nutcracker.yml"
+    config.write_text(
+        f"pool:\n  listen: 127.0.0.1:{port}\n  hash: fnv1a_64\n  distribution: ketama\n"
+        f"  redis: true\n  preconnect: true\n  timeout: 60000\n"
+        f"  servers:\n    - 127.0.0.1:{upstream}:1\n"
+    )
+    process = subprocess.Popen(
+        ["nutcracker", "-c", str(config), "-s", str(_free_port()), "-o", str(tmp / "nc.log")],
+        stdin=subprocess.PIPE,
+    )
+    _wait_port(port)
+    return _Proxy("nutcracker", port, process)
+
+
 def _rss_kib(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    return 0
+    return int(psutil.Process(pid).memory_info().rss // 1024)
 
 
 async def _idle_sessions(pid: int, port: int, count: int) -> tuple[int, int, int]:
@@ -188,13 +373,13 @@ async def _idle_sessions(pid: int, port: int, count: int) -> tuple[int, int, int
 
 
 def _fill(port: int) -> None:
-    """Every key the GET runs read exists (their replies are recognised by size)."""
+    """Every key the GET runs read exists."""
     import redis
 
     client = redis.Redis(port=port)
     pipe = client.pipeline(transaction=False)  # the node is a one-node cluster: no MSET
     for i in range(KEYS):
-        pipe.set(b"key:%d" % i, VALUE)
+        pipe.set(_key(i), VALUE)
     pipe.execute()
     client.close()
 
@@ -213,71 +398,97 @@ async def _start_valkey(directory: Path) -> Any:
     raise RuntimeError("valkey node did not become ready")
 
 
+def _median(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(float(r[key]) for r in rows)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--pipelines", default="1,16")
-    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per direct run")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rows", default=",".join(ROWS), help="a subset of: " + ",".join(ROWS))
+    parser.add_argument("--load", choices=("auto", "redis-benchmark", "python"), default="auto")
+    parser.add_argument(
+        "--latency-clients",
+        type=int,
+        default=1,
+        help="also GET at pipeline 1 with this few clients, for the latency a proxy adds "
+        "when it is not saturated (0: skip)",
+    )
     parser.add_argument("--idle", type=int, default=1000, help="idle sessions to hold (0: skip)")
     args = parser.parse_args()
     pipelines = [int(p) for p in args.pipelines.split(",")]
+    tests: list[tuple[str, int, int]] = [
+        (op, pipeline, args.clients) for pipeline in pipelines for op in ("SET", "GET")
+    ]
+    if args.latency_clients:
+        tests.append(("GET", 1, args.latency_clients))
+    wanted = [r.strip() for r in args.rows.split(",")]
+    c_load = args.load == "redis-benchmark" or (
+        args.load == "auto" and shutil.which("redis-benchmark") is not None
+    )
 
-    with tempfile.TemporaryDirectory() as tmp:
-        node = asyncio.run(_start_valkey(Path(tmp) / "valkey"))
-        engine = subprocess.Popen(
-            [sys.executable, __file__, "--_serve", str(node.port)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        )  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        node = asyncio.run(_start_valkey(tmp / "valkey"))
+        proxies: list[_Proxy] = []
+        skipped: list[str] = []
         try:
-            assert engine.stdout is not None
-            proxy_port = int(engine.stdout.readline())
+            for name in wanted:
+                if name == "direct":
+                    proxies.append(_Proxy("direct", node.port))
+                elif name == "engine":
+                    proxies.append(_start_python("engine", name, node.port))
+                elif name == "engine inspect=*":
+                    proxies.append(_start_python("inspect", name, node.port))
+                elif name == "bare uvloop":
+                    proxies.append(_start_python("bare", name, node.port))
+                elif name in ("haproxy", "nutcracker"):
+                    if shutil.which(name) is None:
+                        skipped.append(name)
+                        continue
+                    start = _start_haproxy if name == "haproxy" else _start_nutcracker
+                    proxies.append(start(node.port, tmp))
+                else:
+                    parser.error(f"unknown row {name!r}")
+            _fill(node.port)
             print(f"machine      {platform.machine()}, {os.cpu_count()} cores, Python "
                   f"{platform.python_version()}, uvloop, {platform.system()}")  # fmt: skip
-            print(
-                f"workload     {args.clients} clients, 3-byte values over {KEYS} keys, "
-                f"{args.seconds:.0f}s per run, {args.rounds} interleaved rounds (median)"
-            )
-            _fill(node.port)
-            results: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
-            for _ in range(args.rounds):
-                for pipeline in pipelines:
-                    for op in ("SET", "GET"):
-                        for target, port in (("direct", node.port), ("engine", proxy_port)):
-                            cpu0 = _cpu_seconds(engine.pid)
-                            result = _run_load(port, op, pipeline, args.clients, args.seconds)
-                            result["cpu"] = _cpu_seconds(engine.pid) - cpu0
-                            results.setdefault((target, op, pipeline), []).append(result)
-            print()
-            print(f"{'test':<12}{'direct rps':>12}{'engine rps':>12}{'ratio':>8}"
-                  f"{'p50 direct':>12}{'p50 engine':>12}{'p99 direct':>12}{'p99 engine':>12}"
-                  f"{'engine CPU/req':>16}")  # fmt: skip
-            for pipeline in pipelines:
-                for op in ("SET", "GET"):
-                    d = results[("direct", op, pipeline)]
-                    e = results[("engine", op, pipeline)]
-                    d_rps = statistics.median(r["rps"] for r in d)
-                    e_rps = statistics.median(r["rps"] for r in e)
-                    cpu_us = statistics.median(
-                        r["cpu"] / (r["rps"] * args.seconds) * 1e6 for r in e
-                    )
-                    lat = ""
-                    if pipeline == 1:
-                        lat = "".join(
-                            f"{statistics.median(r[k] for r in rows):>10.3f}ms"
-                            for k in ("p50_ms",)
-                            for rows in (d, e)
-                        ) + "".join(
-                            f"{statistics.median(r[k] for r in rows):>10.3f}ms"
-                            for k in ("p99_ms",)
-                            for rows in (d, e)
-                        )
-                    else:
-                        lat = f"{'':>48}"
-                    print(f"{op + ' P' + str(pipeline):<12}{d_rps:>12,.0f}{e_rps:>12,.0f}"
-                          f"{e_rps / d_rps:>7.2f}x{lat}{cpu_us:>13.1f} us")  # fmt: skip
-            if args.idle:
-                idle = _idle_sessions(engine.pid, proxy_port, args.idle)
+            load_name = "redis-benchmark (C)" if c_load else "uvloop generator (Python)"
+            print(f"workload     {load_name}, {args.clients} clients, 3-byte values over "
+                  f"{KEYS} keys, ~{args.seconds:.0f}s per direct run, {args.rounds} "
+                  f"interleaved rounds (median)")  # fmt: skip
+            if skipped:
+                print(f"not installed: {', '.join(skipped)}")
+            # requests per redis-benchmark run: about --seconds at the direct rate
+            requests: dict[tuple[str, int, int], int] = {}
+            if c_load:
+                for test in tests:
+                    op, pipeline, clients = test
+                    probe = _redis_benchmark(node.port, op, pipeline, clients, 20_000 * pipeline)
+                    requests[test] = int(probe["rps"] * args.seconds)
+            for round_ in range(args.rounds):
+                for test in tests:
+                    op, pipeline, clients = test
+                    order = proxies[round_ % len(proxies) :] + proxies[: round_ % len(proxies)]
+                    for proxy in order:
+                        cpu0 = proxy.cpu()
+                        if c_load:
+                            n = requests[test]
+                            result: dict[str, Any] = dict(
+                                _redis_benchmark(proxy.port, op, pipeline, clients, n)
+                            )
+                            result["requests"] = n
+                        else:
+                            result = _python_load(proxy.port, op, pipeline, clients, args.seconds)
+                        result["cpu_us"] = (proxy.cpu() - cpu0) / result["requests"] * 1e6
+                        proxy.results.setdefault(test, []).append(result)
+            _report(proxies, tests)
+            engine = next((p for p in proxies if p.name == "engine"), None)
+            if args.idle and engine is not None and engine.process is not None:
+                idle = _idle_sessions(engine.process.pid, engine.port, args.idle)
                 before, after, again = asyncio.run(idle)
                 print()
                 print(f"idle         engine RSS {before / 1024:.1f} MiB; with {args.idle} idle "
@@ -285,14 +496,35 @@ def main() -> int:
                       f"each); a second {args.idle} after the first closed: "
                       f"{again / 1024:.1f} MiB")  # fmt: skip
         finally:
-            if engine.stdin is not None:
-                engine.stdin.close()
-            try:
-                engine.wait(5)
-            except subprocess.TimeoutExpired:
-                engine.kill()
+            for proxy in proxies:
+                proxy.stop()
             asyncio.run(node.stop())
     return 0
+
+
+def _report(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> None:
+    direct = next((p for p in proxies if p.name == "direct"), None)
+    print()
+    print(f"{'test':<12}{'row':<18}{'rps':>11}{'ratio':>8}{'p50':>9}{'p99':>9}"
+          f"{'+p50':>9}{'CPU/req':>10}")  # fmt: skip
+    for test in tests:
+        op, pipeline, clients = test
+        label = f"{op} P{pipeline}" + (f" c{clients}" if clients != tests[0][2] else "")
+        base = direct.results[test] if direct is not None else None
+        for proxy in proxies:
+            rows = proxy.results[test]
+            rps = _median(rows, "rps")
+            ratio = f"{rps / _median(base, 'rps'):.2f}x" if base else "-"
+            p50, p99 = _median(rows, "p50_ms"), _median(rows, "p99_ms")
+            added = f"{p50 - _median(base, 'p50_ms'):+.3f}" if base else "-"
+            cpu = f"{_median(rows, 'cpu_us'):.1f}us" if proxy.process else "-"
+            print(f"{label:<12}{proxy.name:<18}{rps:>11,.0f}"
+                  f"{ratio:>8}{p50:>9.3f}{p99:>9.3f}{added:>9}{cpu:>10}")  # fmt: skip
+        print()
+    print(
+        "p50, p99, +p50 (added to direct): ms per request (per batch when pipelined);"
+        " CPU/req: the proxy process's user + system time per request"
+    )
 
 
 if __name__ == "__main__":
@@ -305,6 +537,10 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1 and sys.argv[1] == "--_serve":
         import uvloop
 
-        uvloop.run(_serve(int(sys.argv[2])))
+        kind, upstream = sys.argv[2], int(sys.argv[3])
+        if kind == "bare":
+            uvloop.run(_serve_bare(upstream))
+        else:
+            uvloop.run(_serve_engine(upstream, inspect=kind == "inspect"))
     else:
         sys.exit(main())
