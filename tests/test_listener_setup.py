@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from bus import Bus
-from bus.audit import SessionEnd, ensure_audit_stream
+from bus.audit import SessionEnd, SessionQuery, ensure_audit_stream
 from bus.server import NatsServer
 from dbservice.agent.app import Agent
 from dbservice.agent.config import AgentConfig
@@ -321,3 +321,29 @@ async def test_listen_address_in_use_is_a_config_error(
             await asyncio.wait_for(agent.run(asyncio.Event()), 15)
     assert "db_service.listen_addr 127.0.0.1:" in str(info.value)
     assert "cannot listen (Address already in use)" in str(info.value)
+
+
+async def test_idle_sessions_close_and_audit_redaction(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path, valkey_port: int
+) -> None:
+    fleet = await make_fleet(bus, tmp_path, nats_server.url)
+    config = fleet.agent("agent-1", [static_db("dev-cache", valkey_port, env="dev")])
+    config["db_service"]["listener"] |= {
+        "idle_timeout": "300ms",
+        "audit": {"redact_values": True, "max_arg_len": 8},
+    }
+    alice = fleet.identity("alice", ["dev"])
+    async with running_agent(config, nats_server.url) as agent:
+        assert agent.listener is not None
+        s = await RawSession.open(agent.listener.port, alice, fleet.ca.pem, "dev-cache", "app")
+        try:
+            assert await s.call("AUTH", "app", APP_PASSWORD) == b"+OK"
+            assert await s.call("SET", "a-rather-long-key", "secret value") == b"+OK"
+            assert await asyncio.wait_for(s.reader.read(), 5) == b""  # closed when idle
+        finally:
+            s.close()
+    ends = await wait_events(bus, 1, "session end", type="db.session.end")
+    assert ends[0].reason == "idle"
+    sets = await wait_events(bus, 1, "SET", type="db.session.query", command="SET")
+    assert isinstance(sets[0], SessionQuery)
+    assert sets[0].args == ("a-rather…(+9 bytes)", "<12 bytes>")

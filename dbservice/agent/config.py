@@ -216,6 +216,19 @@ class HeartbeatConfig(Strict):
         return self
 
 
+class QueryAuditConfig(Strict):
+    """How much of each command goes into ``db.session.query`` events (secrets are
+    always masked)."""
+
+    redact_values: bool = False
+    """Keep only each command's first argument (usually the key); replace the others by
+    their size."""
+    max_arg_len: int = Field(default=256, ge=1)
+    """Longer arguments are cut."""
+    max_args: int = Field(default=64, ge=0)
+    """Further arguments are replaced by their count."""
+
+
 class ListenerConfig(Strict):
     """Where clients connect: mutual TLS with a certificate from the fleet CA (read from
     the registry), then the route preamble. Without it the agent accepts no clients."""
@@ -231,6 +244,9 @@ class ListenerConfig(Strict):
     """Limit for reaching the database: TCP connect and TLS handshake."""
     max_connections: int = Field(default=10_000, ge=1)
     """Client connections open at once; more are closed at once (and logged)."""
+    idle_timeout: Duration | None = None
+    """Close a session after this long without a byte either way (default: never)."""
+    audit: QueryAuditConfig = QueryAuditConfig()
 
     @field_validator("cert_file")
     @classmethod

@@ -49,7 +49,7 @@ from dbservice.agent.config import DbService, ListenerConfig, join_host_port, sp
 from dbservice.agent.health import TLSContexts, build_target
 from dbservice.agent.hooks import AgentHooks
 from dbservice.agent.login import ClientCredentials, UpstreamLogin, UpstreamLoginError
-from dbservice.audit import AuditEmitter, SessionAudit
+from dbservice.audit import AuditEmitter, QueryRedaction, SessionAudit
 from dbservice.auth.authorize import authorize_session
 from dbservice.auth.ca import (
     CertificateRejected,
@@ -59,7 +59,7 @@ from dbservice.auth.ca import (
     load_certs,
     mtls_server_context,
 )
-from dbservice.proxy import ProxySession, Streams, TcpConnector
+from dbservice.proxy import ProxySession, ProxyTimeouts, Streams, TcpConnector
 from dbservice.route import ROUTE_OK, RouteError, encode_refusal, read_route
 from dbservice.upstream.tls import verify_failure
 from fleetgate.config import ConfigError
@@ -206,6 +206,12 @@ class Listener:
         self.contexts = contexts
         self.login = login
         self.trust = FleetTrust(config)
+        self.redaction = QueryRedaction(
+            max_arg_len=config.audit.max_arg_len,
+            max_args=config.audit.max_args,
+            redact_values=config.audit.redact_values,
+        )
+        self.timeouts = ProxyTimeouts(idle=config.idle_timeout)
         self.audit = AuditEmitter.for_bus(bus, host_id=host_id)
         self.sessions: set[asyncio.Task[None]] = set()
         self.task: asyncio.Task[None] | None = None
@@ -397,7 +403,11 @@ class Listener:
             await _refuse(writer, str(exc))
             return
         audit = self.audit.session(
-            identity, database=database, db_user=db_user, client_addr=client_addr
+            identity,
+            database=database,
+            db_user=db_user,
+            client_addr=client_addr,
+            redaction=self.redaction,
         )
         connected = await self._upstream(resource, db_user, audit, writer)
         if connected is None:
@@ -411,7 +421,9 @@ class Listener:
         logger.debug(
             "session %s: %s to %s as %s", audit.session_id, identity.user, database, db_user
         )
-        session = ProxySession(streams, upstream, hooks=hooks, inspect=("*",))
+        session = ProxySession(
+            streams, upstream, hooks=hooks, timeouts=self.timeouts, inspect=("*",)
+        )
         try:
             await session.run()
         finally:
