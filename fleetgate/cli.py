@@ -30,7 +30,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dbservice import audit_cli
+    from dbservice import audit_cli, configure_cli
     from dbservice import cli as db_cli
     from dbservice.agent import cli as agent_cli
     from dbservice.auth import cli as auth_cli
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     auth_cli.register(sub, _common)
     audit_cli.register(sub, _common)
     agent_cli.register(sub, _common)
+    configure_cli.register(sub, _common)
     return parser
 
 

@@ -27,6 +27,7 @@ _CLUSTER_ARN = re.compile(
     r"^arn:(?P<partition>aws[a-z-]*):memorydb:(?P<region>[a-z0-9-]+):(?P<account>\d{12})"
     r":cluster/(?P<name>[A-Za-z0-9-]+)$"
 )
+_USER_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]*$")
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 
 Policy = dict[str, Any]
@@ -72,6 +73,14 @@ def check_role_arn(arn: str) -> str:
     return arn
 
 
+def check_user_name(name: str) -> str:
+    if not _USER_NAME.match(name):
+        raise ValueError(
+            f"{name!r} is not a MemoryDB user name (a letter, then letters, digits, hyphens)"
+        )
+    return name
+
+
 def _document(statements: list[dict[str, Any]]) -> Policy:
     return {"Version": POLICY_VERSION, "Statement": statements}
 
@@ -114,15 +123,19 @@ def connect_statement(cluster_arns: list[str], user_arns: list[str]) -> dict[str
 
 
 def agent_policy(
-    *, clusters: list[ClusterArn] | None = None, roles: list[str] | None = None
+    *,
+    clusters: list[ClusterArn] | None = None,
+    users: list[str] | None = None,
+    roles: list[str] | None = None,
 ) -> Policy:
-    """What ``fleetgate agent run`` needs to log in to MemoryDB by IAM token."""
+    """What ``fleetgate agent run`` needs to log in to MemoryDB by IAM token; ``users``
+    narrows the user ARNs (in each cluster's account and region) from every user."""
     if clusters:
         cluster_arns = sorted({c.arn for c in clusters})
-        user_arns = sorted({c.user_arn("*") for c in clusters})
+        user_arns = sorted({c.user_arn(u) for c in clusters for u in users or ["*"]})
     else:
         cluster_arns = ["arn:aws:memorydb:*:*:cluster/*"]
-        user_arns = ["arn:aws:memorydb:*:*:user/*"]
+        user_arns = [f"arn:aws:memorydb:*:*:user/{u}" for u in users or ["*"]]
     return _document(
         [
             connect_statement(cluster_arns, user_arns),
