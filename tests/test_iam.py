@@ -17,6 +17,7 @@ from aiobotocore.config import AioConfig
 from botocore.credentials import ReadOnlyCredentials
 
 from bus.schemas import AWSSpec, DatabaseResource, DatabaseSpec, MemoryDBSpec, Metadata
+from dbservice.upstream import auth as wire
 from dbservice.upstream import iam
 from dbservice.upstream.iam import IamAuth, IamTarget, Role
 from sandbox.aws import ACL_MEMBERS, MotoServer
@@ -232,11 +233,11 @@ async def test_login_on_raw_streams_and_reauth_mid_connection(
         *db.endpoint, ssl=_ssl(db), server_hostname="127.0.0.1"
     )
     try:
-        await asyncio.wait_for(iam.login(auth, target, "alice", reader, writer), 10)
+        await asyncio.wait_for(wire.login(auth, target, "alice", reader, writer), 10)
         # a later AUTH on the same connection (the 12-hour renewal) is checked too
         fresh = iam.presign_token(SANDBOX, cluster=CLUSTER, user="alice", region=REGION)
-        assert await iam.send_auth(reader, writer, "alice", fresh) == b"+OK"
-        assert (await iam.send_auth(reader, writer, "alice", "junk")).startswith(b"-WRONGPASS")
+        assert await wire.send_auth(reader, writer, "alice", fresh) == b"+OK"
+        assert (await wire.send_auth(reader, writer, "alice", "junk")).startswith(b"-WRONGPASS")
     finally:
         writer.close()
     assert login.accepted == 2
@@ -356,7 +357,7 @@ async def test_refusals_diagnosed(standin: tuple[MemoryDBStandin, MemoryDBLogin]
         )
         try:
             with pytest.raises(iam.IamError) as info:
-                await asyncio.wait_for(iam.login(auth, target, user, reader, writer), 10)
+                await asyncio.wait_for(wire.login(auth, target, user, reader, writer), 10)
             return info.value
         finally:
             writer.close()

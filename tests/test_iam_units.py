@@ -12,7 +12,7 @@ from bus.schemas import AWSSpec, DatabaseResource, DatabaseSpec, MemoryDBSpec, M
 from dbservice.agent.iam_login import IamLogin, IamLogins
 from dbservice.agent.login import ClientCredentials
 from dbservice.proxy import Action, Hello
-from dbservice.upstream import iam
+from dbservice.upstream import auth as wire
 from dbservice.upstream.iam import IamAuth, IamTarget
 
 
@@ -87,12 +87,12 @@ async def test_keep_authenticated_renews_and_retries() -> None:
     auth = FakeAuth(["t1", "t2", "t3", "t4"])
     target = IamTarget.of(memorydb())
     with pytest.raises(asyncio.CancelledError):
-        await iam.keep_authenticated(injector, auth, target, "alice", sleep=sleep)
-    assert slept == [iam.REAUTH_EVERY, iam.REAUTH_EVERY, iam.REAUTH_RETRY, iam.REAUTH_RETRY,
-                     iam.REAUTH_EVERY]  # fmt: skip
+        await wire.keep_authenticated(injector, auth, target, "alice", sleep=sleep)
+    assert slept == [wire.REAUTH_EVERY, wire.REAUTH_EVERY, wire.REAUTH_RETRY, wire.REAUTH_RETRY,
+                     wire.REAUTH_EVERY]  # fmt: skip
     assert injector.sent == [(b"AUTH", b"alice", b"t1"), (b"AUTH", b"alice", b"t3"),
                              (b"AUTH", b"alice", b"t4")]  # fmt: skip
-    assert iam.REAUTH_EVERY < 12 * 3600
+    assert wire.REAUTH_EVERY < 12 * 3600
 
 
 def test_keep_alive_only_for_iam_sessions() -> None:

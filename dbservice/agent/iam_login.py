@@ -24,8 +24,9 @@ from typing import Any
 from bus.schemas import DatabaseResource
 from dbservice.agent.login import ClientCredentials, UpstreamLogin, UpstreamLoginError
 from dbservice.proxy import Action, Hello, Streams
-from dbservice.upstream import iam
-from dbservice.upstream.iam import CommandInjector, IamAuth, IamError, IamTarget, Role
+from dbservice.upstream import auth as wire
+from dbservice.upstream.auth import CommandInjector
+from dbservice.upstream.iam import IamAuth, IamError, IamTarget, Role
 
 OK = b"+OK\r\n"
 
@@ -52,7 +53,7 @@ class IamLogin:
         try:
             if not await self.auth.is_iam_user(self.target, db_user):
                 return await self.fallback.login(upstream, db_user=db_user)
-            await iam.login(self.auth, self.target, db_user, *upstream)
+            await wire.login(self.auth, self.target, db_user, *upstream)
         except IamError as exc:
             raise UpstreamLoginError(str(exc)) from None
         self.iam, self.db_user = True, db_user
@@ -70,7 +71,7 @@ class IamLogin:
         proxy, cancel it at the end), or None when the session is not an IAM login."""
         if not self.iam:
             return None
-        return iam.keep_authenticated(injector, self.auth, self.target, self.db_user)
+        return wire.keep_authenticated(injector, self.auth, self.target, self.db_user)
 
 
 class IamLogins:

@@ -25,9 +25,8 @@ Errors (each message is one line, shown to the user and the audit trail)::
     ├── TlsRequired          IAM login needs in-transit encryption on the cluster
     └── AwsUnavailable       STS/MemoryDB API failure (network, throttling, denied)
 
-Re-authentication: MemoryDB drops an IAM connection 12 hours after its last ``AUTH``.
-:func:`keep_authenticated` sends a fresh ``AUTH`` on a live session through a
-:class:`CommandInjector` (see its docstring for what the proxy engine must provide).
+Sending the token on a connection, and renewing it on a live one, is
+:mod:`dbservice.upstream.auth`.
 """
 
 from __future__ import annotations
@@ -36,10 +35,10 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 import botocore.exceptions
 from aiobotocore.config import AioConfig
@@ -63,10 +62,6 @@ CREDENTIALS_MARGIN: Final = 300.0
 """Assumed-role credentials are renewed this long before they expire."""
 ROLE_SESSION_NAME: Final = "fleetgate-agent"
 ROLE_DURATION: Final = 3600
-REAUTH_EVERY: Final = 11 * 3600.0
-"""A live IAM connection is re-authenticated this long after its last AUTH (AWS cuts it
-at 12 hours)."""
-REAUTH_RETRY: Final = 60.0
 MIN_ENGINE_MAJOR: Final = 7
 NO_PROVIDERS: Final = (
     "no valid providers in chain: looked in the environment (AWS_ACCESS_KEY_ID/"
@@ -519,114 +514,3 @@ class IamAuth:
         """Drop the cached token and user answer (after a refusal)."""
         self._tokens.pop((target.cluster.lower(), user, target.region, target.roles), None)
         self._users.pop((target.region, target.roles, user), None)
-
-
-# -- on the wire ----------------------------------------------------------------------
-
-
-def encode_command(*args: bytes | str) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode() if isinstance(arg, str) else arg
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
-async def send_auth(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, user: str, token: str
-) -> bytes:
-    """``AUTH user token`` on a fresh connection; the reply line (``+OK`` or an error
-    such as ``-WRONGPASS ...``) without its CRLF. EOFError when the server hangs up."""
-    writer.write(encode_command(b"AUTH", user, token))
-    await writer.drain()
-    line = await reader.readline()
-    if not line:
-        raise EOFError("the server closed the connection during AUTH")
-    return line.rstrip(b"\r\n")
-
-
-async def login(
-    auth: IamAuth,
-    target: IamTarget,
-    user: str,
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
-) -> None:
-    """Log ``user`` in on a fresh connection by IAM token; raises :class:`IamError`
-    with the reason when that cannot work or MemoryDB refuses."""
-    await auth.check_login(target, user)
-    token = await auth.token(target, user)
-    reply = await send_auth(reader, writer, user, token)
-    if reply == b"+OK":
-        return
-    logger.info(
-        "MemoryDB refused IAM login of %s on %s: %s",
-        user,
-        target.cluster,
-        reply[:200].decode(errors="replace"),
-    )
-    if reply.startswith((b"-WRONGPASS", b"-NOPERM")):
-        raise await auth.diagnose(target, user)
-    raise IamError(
-        f"MemoryDB refused IAM login of {user!r}: {reply[1:200].decode(errors='replace')}"
-    )
-
-
-# -- re-authentication of live sessions -------------------------------------------------
-
-
-class CommandInjector(Protocol):
-    """Sends a command of the agent's own on a live session's upstream connection, with
-    its reply kept from the client. What the proxy engine must provide for this (it does
-    not yet; see ``ProxySession``):
-
-    * write the command only between two client commands (the client parser at a
-      command boundary), never inside ``MULTI`` (IAM AUTH is refused there), never in
-      RESP2 subscribed mode (AUTH is not allowed there) or after ``MONITOR``; return
-      False when it cannot now (the caller retries later);
-    * queue a pending item that the reply parser consumes *without* writing it to the
-      client, and call ``on_reply(ok)`` with whether it was an error reply.
-    """
-
-    def inject(self, args: Sequence[bytes], on_reply: Callable[[bool], None]) -> bool: ...
-
-
-async def keep_authenticated(
-    injector: CommandInjector,
-    auth: IamAuth,
-    target: IamTarget,
-    user: str,
-    *,
-    every: float = REAUTH_EVERY,
-    retry: float = REAUTH_RETRY,
-    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-) -> None:
-    """Forever (cancel it when the session ends): ``every`` seconds after the last
-    successful AUTH, send ``AUTH user <fresh token>`` through ``injector``; when the
-    session cannot take it now or the AUTH fails, try again after ``retry`` seconds."""
-    wait = every
-    while True:
-        await sleep(wait)
-        try:
-            token = await auth.token(target, user)
-        except IamError as exc:
-            logger.warning("cannot renew IAM login of %s on %s: %s", user, target.cluster, exc)
-            wait = retry
-            continue
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-
-        def answered(ok: bool, done: asyncio.Future[bool] = done) -> None:
-            if not done.done():
-                done.set_result(ok)
-
-        if not injector.inject((b"AUTH", user.encode(), token.encode()), answered):
-            wait = retry
-            continue
-        if await done:
-            wait = every
-        else:
-            auth.forget(target, user)
-            logger.warning(
-                "MemoryDB refused the renewed IAM login of %s on %s", user, target.cluster
-            )
-            wait = retry
