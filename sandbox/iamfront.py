@@ -202,6 +202,20 @@ class MemoryDBLogin:
             if node.running:
                 await apply_acl(node, self.users.values())
 
+    async def sync_from_aws(self, nodes: Sequence[ValkeyNode]) -> None:
+        """:meth:`sync` with every page of DescribeUsers in the login's region, asked of
+        whatever AWS the environment points at (moto in the sandbox and the tests)."""
+
+        def describe() -> list[dict[str, Any]]:
+            import boto3
+
+            pages = boto3.client("memorydb", region_name=self.region).get_paginator(
+                "describe_users"
+            )
+            return [user for page in pages.paginate() for user in page["Users"]]
+
+        await self.sync(await asyncio.to_thread(describe), nodes)
+
     def set_password(self, user: str, *passwords: str) -> None:
         if user not in self.users:
             self.users[user] = AclUser(name=user, type="password")

@@ -76,11 +76,6 @@ def create_user(name: str, kind: str, passwords: list[str] | None = None) -> Non
     ACL_MEMBERS.setdefault((ACCOUNT, REGION, name), set()).add(ACL)
 
 
-def describe_users() -> list[dict[str, Any]]:
-    users: list[dict[str, Any]] = seed.client("memorydb", REGION).describe_users()["Users"]
-    return users
-
-
 @pytest.fixture
 async def standin(
     tmp_path: Path, aws: MotoServer
@@ -93,7 +88,7 @@ async def standin(
     login.set_password("bob", "bob-password-0123456789")
     config = StandinConfig(dir=tmp_path / "db", front_factory=IamFront.factory(login))
     async with MemoryDBStandin(config) as standin:
-        await login.sync(describe_users(), standin.nodes)
+        await login.sync_from_aws(standin.nodes)
         yield standin, login
 
 
@@ -378,7 +373,7 @@ async def test_refusals_diagnosed(standin: tuple[MemoryDBStandin, MemoryDBLogin]
     seed.client("memorydb", REGION).update_user(
         UserName="alice", AuthenticationMode={"Type": "password", "Passwords": ["x" * 16]}
     )
-    await login.sync(describe_users(), db.nodes)
+    await login.sync_from_aws(db.nodes)
     not_iam = await attempt("alice")
     assert isinstance(not_iam, iam.IamNotEnabled)
     assert "authentication type is password" in str(not_iam)
@@ -386,7 +381,7 @@ async def test_refusals_diagnosed(standin: tuple[MemoryDBStandin, MemoryDBLogin]
     seed.client("memorydb", REGION).update_user(
         UserName="alice", AuthenticationMode={"Type": "iam"}
     )
-    await login.sync(describe_users(), db.nodes)
+    await login.sync_from_aws(db.nodes)
     ACL_MEMBERS[(ACCOUNT, REGION, "alice")] = {"another-acl"}
     login.allow_connect = lambda key, user: False  # MemoryDB refuses users outside the ACL
     auth.forget(target, "alice")
@@ -394,7 +389,7 @@ async def test_refusals_diagnosed(standin: tuple[MemoryDBStandin, MemoryDBLogin]
     assert isinstance(gone, iam.UserNotInAcl)
 
 
-async def test_describe_users_denied_is_a_warning_not_a_login_failure(
+async def test_describe_users_failing_is_a_warning_not_a_login_failure(
     aws: MotoServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens
