@@ -267,6 +267,15 @@ async def test_caches_across_many_connections(
             await c.aclose()
     assert auth.calls == {"sts:AssumeRole": 2, "memorydb:DescribeUsers": 1}
     assert auth.tokens_signed == 1
+    # the token is signed by the database's role, assumed with the matcher role's keys
+    from moto.sts.models import sts_backends
+
+    key_id = token.split("X-Amz-Credential=", 1)[1].split("%2F", 1)[0]
+    assumed = [
+        r for regions in sts_backends.values() for b in regions.values() for r in b.assumed_roles
+    ]
+    by_key = {r.access_key_id: r for r in assumed}
+    assert by_key[key_id].role_arn == role and by_key[key_id].external_id == "ext-1"
     assert login.accepted == 20
 
 
