@@ -234,7 +234,7 @@ async def test_login_on_raw_streams_and_reauth_mid_connection(
         assert await wire.send_auth(reader, writer, "alice", fresh) == b"+OK"
         assert (await wire.send_auth(reader, writer, "alice", "junk")).startswith(b"-WRONGPASS")
     finally:
-        writer.close()
+        writer.transport.abort()
     assert login.accepted == 2
 
 
@@ -364,7 +364,7 @@ async def test_refusals_diagnosed(standin: tuple[MemoryDBStandin, MemoryDBLogin]
                 await asyncio.wait_for(wire.login(auth, target, user, reader, writer), 10)
             return info.value
         finally:
-            writer.close()
+            writer.transport.abort()
 
     # memorydb:Connect missing: the policy with both ARNs
     login.allow_connect = lambda key, user: False

@@ -61,7 +61,7 @@ async def handshake(db: ThreadedStandin, context: ssl.SSLContext, name: str) -> 
     _, writer = await asyncio.wait_for(
         asyncio.open_connection(host, port, ssl=context, server_hostname=name), 10
     )
-    writer.close()
+    writer.transport.abort()
 
 
 async def test_unknown_ca_says_what_was_trusted(standin: ThreadedStandin) -> None:
