@@ -303,7 +303,6 @@ class IamAuth:
         self._tokens: dict[tuple[str, str, str, tuple[Role, ...]], _Token] = {}
         self._users: dict[tuple[str, tuple[Role, ...], str], tuple[float, UserAuth]] = {}
         self._locks: dict[object, asyncio.Lock] = {}
-        self._warned: set[object] = set()
 
     def _count(self, operation: str) -> None:
         self.calls[operation] = self.calls.get(operation, 0) + 1
