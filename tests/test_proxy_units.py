@@ -27,7 +27,9 @@ def chunks(data: bytes, rng: random.Random, most: int) -> list[bytes]:
 
 
 class Harness:
-    def __init__(self, hooks: PassThroughHooks | None = None, **limits: int) -> None:
+    def __init__(
+        self, hooks: PassThroughHooks | None = None, inspect: Sequence[str] = (), **limits: int
+    ) -> None:
         self.forwarded = bytearray()
         self.locals: list[bytes] = []
         self.pending: deque[Item] = deque()
@@ -38,6 +40,7 @@ class Harness:
             forward=self.forwarded.extend,
             local=lambda item: self.locals.append(item.reply),
             pending=self.pending,
+            inspect=inspect,
         )
 
     def feed(self, parts: Sequence[bytes]) -> None:
@@ -82,6 +85,48 @@ def test_command_stream_any_split(seed: int) -> None:
     names = [i if isinstance(i, str) else getattr(i, "name", "?") for i in h.pending]
     assert names == ["SET", "GET", "PING", "SET", "SUBSCRIBE", "AUTH", "HELLO", "ECHO"]
     assert h.parser.buffered == 0
+
+
+class ArgsRecorder(PassThroughHooks):
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int, tuple[bytes, ...] | None]] = []
+
+    def on_command(self, name: str, argc: int, args: Sequence[bytes] | None) -> bytes | None:
+        self.seen.append((name, argc, None if args is None else tuple(args)))
+        return b"-ERR refused\r\n" if name == "FLUSHALL" else None
+
+
+INSPECTED = [
+    ("SET", b"k", b""),
+    ("GET", b"k" * 9),
+    ("SET", b"k" * 10, b"v" * 99),
+    ("FLUSHALL", b"ASYNC"),
+    ("SET", b"k", b"v" * 100),
+    ("MSET", b"a", b"1", b"b" * 12, b"2" * 57),
+    ("PING",),
+    ("SET", b"big", b"v" * 70_000),
+    ("GET", b"big"),
+]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_inspect_all_gives_every_commands_args_in_order_any_split(seed: int) -> None:
+    """inspect=["*"] (the agent's audit): the hooks see each command's arguments once,
+    in order; allowed bytes are forwarded as sent, a refused one is cut out in place; one
+    larger than max_inspect streams with args None unless it came whole in one read."""
+    hooks = ArgsRecorder()
+    h = Harness(hooks, inspect=["*"])
+    stream = b"".join(cmd(*c) for c in INSPECTED)
+    most = [1, 3, 17, 64, 512, 4096, 100_000, 1 << 20][seed]
+    h.feed(chunks(stream, random.Random(seed), most))
+    expected = [(c[0], len(c), (c[0].encode(), *c[1:])) for c in INSPECTED]
+    if hooks.seen[7][2] is None:  # split: larger than max_inspect, so it streamed
+        expected[7] = (*expected[7][:2], None)
+    assert hooks.seen == expected
+    assert bytes(h.forwarded) == b"".join(cmd(*c) for c in INSPECTED if c[0] != "FLUSHALL")
+    assert list(h.pending) == [c[0] for c in INSPECTED if c[0] != "FLUSHALL"]
+    assert h.locals == [b"-ERR refused\r\n"]
+    assert h.parser.commands == len(INSPECTED) and h.parser.refused == 1
 
 
 def test_refused_large_command_is_skipped_while_streaming() -> None:

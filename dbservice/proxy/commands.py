@@ -215,6 +215,16 @@ class CommandParser:
                         if self._args_left or self._bulk_left:
                             break
                         continue
+                elif spec == _INSPECT and (args := _read_args(data, q, n, argc - 1, raw)):
+                    # Every command of an audited session: its arguments are short and
+                    # all here (one- and two-digit lengths inline), the hooks see them.
+                    q, argv = args
+                    seen += 1
+                    verdict = on_command(name, argc, argv)
+                    if verdict is None:
+                        append(name)
+                        p = q
+                        continue
                 elif spec in _NEEDS_ARGS or spec == _INSPECT:
                     args = self._collect(data, q, n, argc - 1, raw)
                     if args is None:  # incomplete
@@ -458,6 +468,38 @@ class CommandParser:
         if action.replacement is not None:
             return encode_command(action.replacement)
         return None
+
+
+def _read_args(
+    data: bytes, q: int, n: int, left: int, name: bytes
+) -> tuple[int, list[bytes]] | None:
+    """The arguments from ``q`` when every one has a length under 100 and all of them
+    are in ``data``; otherwise None (the general path decides)."""
+    args = [name]
+    while left:
+        if q + 4 >= n or data[q] != 36:
+            return None
+        if data[q + 2] == 13:
+            size = data[q + 1] - 48
+            if not 0 <= size <= 9:
+                return None
+            q += 4
+        elif data[q + 3] == 13:
+            tens = data[q + 1] - 48
+            size = data[q + 2] - 48
+            if not (1 <= tens <= 9 and 0 <= size <= 9):
+                return None
+            size += tens * 10
+            q += 5
+        else:
+            return None
+        end = q + size
+        if end + 2 > n:
+            return None
+        args.append(data[q:end])
+        q = end + 2
+        left -= 1
+    return q, args
 
 
 def parse_hello(args: Sequence[bytes]) -> Hello | None:
