@@ -19,8 +19,8 @@ proxy, as the generator competes with it for the cores).
     python benchmarks/proxy.py                  # 50 clients, pipeline 1 and 16, 3 rounds
     python benchmarks/proxy.py --seconds 5 --rounds 5 --rows direct,engine,bare
 
-Every proxy runs in its own process, so its CPU time per request (user + system, from
-psutil) is its own.
+Every proxy runs in its own process, so its CPU time per request (user and system, from
+``/proc``) is its own.
 """
 
 from __future__ import annotations
@@ -41,8 +41,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
-
-import psutil  # type: ignore[import-untyped]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -270,11 +268,13 @@ class _Proxy:
     process: subprocess.Popen[bytes] | None = None
     results: dict[tuple[str, int, int], list[dict[str, Any]]] = field(default_factory=dict)
 
-    def cpu(self) -> float:
+    def cpu(self) -> tuple[float, float]:
+        """User and system CPU seconds of the proxy process so far."""
         if self.process is None:
-            return 0.0
-        times = psutil.Process(self.process.pid).cpu_times()
-        return float(times.user + times.system)
+            return 0.0, 0.0
+        stat = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        tick = os.sysconf("SC_CLK_TCK")
+        return int(stat[11]) / tick, int(stat[12]) / tick
 
     def stop(self) -> None:
         if self.process is None:
@@ -340,7 +340,10 @@ def _start_nutcracker(upstream: int, tmp: Path) -> _Proxy:
 
 
 def _rss_kib(pid: int) -> int:
-    return int(psutil.Process(pid).memory_info().rss // 1024)
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
 
 
 async def _idle_sessions(pid: int, port: int, count: int) -> tuple[int, int, int]:
@@ -483,7 +486,12 @@ def main() -> int:
                             result["requests"] = n
                         else:
                             result = _python_load(proxy.port, op, pipeline, clients, args.seconds)
-                        result["cpu_us"] = (proxy.cpu() - cpu0) / result["requests"] * 1e6
+                        cpu1 = proxy.cpu()
+                        for key, before, after in zip(
+                            ("user_us", "sys_us"), cpu0, cpu1, strict=True
+                        ):
+                            result[key] = (after - before) / result["requests"] * 1e6
+                        result["cpu_us"] = result["user_us"] + result["sys_us"]
                         proxy.results.setdefault(test, []).append(result)
             _report(proxies, tests)
             engine = next((p for p in proxies if p.name == "engine"), None)
@@ -506,7 +514,7 @@ def _report(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> None:
     direct = next((p for p in proxies if p.name == "direct"), None)
     print()
     print(f"{'test':<12}{'row':<18}{'rps':>11}{'ratio':>8}{'p50':>9}{'p99':>9}"
-          f"{'+p50':>9}{'CPU/req':>10}")  # fmt: skip
+          f"{'+p50':>9}  CPU/req (user+sys)")  # fmt: skip
     for test in tests:
         op, pipeline, clients = test
         label = f"{op} P{pipeline}" + (f" c{clients}" if clients != tests[0][2] else "")
@@ -517,13 +525,18 @@ def _report(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> None:
             ratio = f"{rps / _median(base, 'rps'):.2f}x" if base else "-"
             p50, p99 = _median(rows, "p50_ms"), _median(rows, "p99_ms")
             added = f"{p50 - _median(base, 'p50_ms'):+.3f}" if base else "-"
-            cpu = f"{_median(rows, 'cpu_us'):.1f}us" if proxy.process else "-"
+            cpu = (
+                f"{_median(rows, 'cpu_us'):.1f} ({_median(rows, 'user_us'):.1f}+"
+                f"{_median(rows, 'sys_us'):.1f})"
+                if proxy.process
+                else "-"
+            )
             print(f"{label:<12}{proxy.name:<18}{rps:>11,.0f}"
-                  f"{ratio:>8}{p50:>9.3f}{p99:>9.3f}{added:>9}{cpu:>10}")  # fmt: skip
+                  f"{ratio:>8}{p50:>9.3f}{p99:>9.3f}{added:>9}  {cpu}")  # fmt: skip
         print()
     print(
         "p50, p99, +p50 (added to direct): ms per request (per batch when pipelined);"
-        " CPU/req: the proxy process's user + system time per request"
+        " CPU/req: the proxy process's CPU time per request, in microseconds"
     )
 
 
