@@ -38,6 +38,8 @@ T = TypeVar("T")
 _RESYNC = object()
 _STOP = object()
 _BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
+_DEFERRED_SYNC_WAIT = 2.0
+"""Longest wait for snapshot entries the server sent before nats-py's end marker."""
 
 
 @dataclass(frozen=True)
@@ -134,23 +136,45 @@ class KvWatch(Generic[T]):
                 await asyncio.sleep(delay)
                 continue
             snapshot: dict[str, tuple[int, T]] | None = {}
+            seen_last = False  # an entry with nothing pending after it: the snapshot's end
+            deferred = False  # the end marker came before entries the server had sent
             while True:
-                item = await self._queue.get()
+                if deferred:
+                    try:
+                        item = await asyncio.wait_for(self._queue.get(), _DEFERRED_SYNC_WAIT)
+                    except TimeoutError:
+                        item = None
+                        seen_last = True
+                else:
+                    item = await self._queue.get()
                 if item is _STOP:
                     return
                 if item is _RESYNC or isinstance(item, Exception):
                     if isinstance(item, Exception):
                         logger.warning("watch on %s broke (%s); resyncing", self._keys, item)
                     break
-                if item is None:  # end of the initial snapshot
+                if item is None:  # end of the initial snapshot, says nats-py
                     if snapshot is not None:
+                        if not seen_last and await self._server_delivered() > 0:
+                            # nats-py decides "nothing pending" from consumer info, which
+                            # does not count messages already sent to us but not yet
+                            # handed over: wait for the entry that ends the snapshot.
+                            deferred = True
+                            continue
                         for event in self._diff(snapshot):
                             yield event
-                        snapshot = None
+                        snapshot, deferred = None, False
                         attempt = 0
                     continue
                 if snapshot is not None:
                     self._collect(snapshot, item)
+                    if (item.delta or 0) == 0:
+                        seen_last = True
+                        if deferred:
+                            for event in self._diff(snapshot):
+                                yield event
+                            snapshot, deferred = None, False
+                            attempt = 0
                     continue
                 live = self._live(item)
                 if live is not None:
@@ -158,6 +182,17 @@ class KvWatch(Generic[T]):
             self.resyncs += 1
             await self._close_watcher()
             self._drain()
+
+    async def _server_delivered(self) -> int:
+        """How many messages the server has sent this watch's consumer (0 when unknown)."""
+        sub = getattr(self._watcher, "_sub", None)  # nats-py's KeyWatcher keeps it there
+        if sub is None:
+            return 0
+        try:
+            info = await sub.consumer_info()
+        except Exception:  # no answer: trust nats-py's marker as before
+            return 0
+        return int(info.delivered.consumer_seq or 0) if info.delivered else 0
 
     def _drain(self) -> None:
         while not self._queue.empty():

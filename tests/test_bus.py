@@ -141,3 +141,56 @@ async def test_connect_waits_for_a_starting_server_but_not_forever(tmp_path: Pat
     finally:
         later.cancel()
         server.stop()
+
+
+class _EarlyMarkerWatcher:
+    """nats-py's watcher as it behaves in a race seen under load: the end-of-snapshot
+    marker (None) comes before an entry the server had already sent."""
+
+    def __init__(self, entries: list[object]) -> None:
+        self._items: list[object] = [None, *entries]
+        self._sent = len(entries)
+        self._sub = self
+
+    async def consumer_info(self) -> object:
+        delivered = type("Delivered", (), {"consumer_seq": self._sent})()
+        return type("Info", (), {"delivered": delivered})()
+
+    def __aiter__(self) -> _EarlyMarkerWatcher:
+        return self
+
+    async def __anext__(self) -> object:
+        if not self._items:
+            await asyncio.Event().wait()  # a live watch: nothing more, ever
+        return self._items.pop(0)
+
+    async def stop(self) -> None:
+        return None
+
+
+async def test_watch_waits_for_entries_sent_before_an_early_end_marker() -> None:
+    from nats.js.kv import KeyValue
+
+    from bus.watch import KvWatch
+
+    entry = KeyValue.Entry(
+        bucket="b", key="orders", value=b"x", revision=7, delta=0, created=None, operation=None
+    )
+
+    class Bucket:
+        async def watch(self, keys: str) -> _EarlyMarkerWatcher:
+            return _EarlyMarkerWatcher([entry])
+
+    async def open_bucket() -> Bucket:
+        return Bucket()
+
+    watch: KvWatch[bytes] = KvWatch(
+        open_bucket=open_bucket,  # type: ignore[arg-type]
+        keys=">",
+        decode=lambda key, data: data,
+    )
+    it = watch.__aiter__()
+    first = await asyncio.wait_for(it.__anext__(), 5)
+    assert (first.kind, first.key, first.value) == ("upsert", "orders", b"x")
+    assert (await asyncio.wait_for(it.__anext__(), 5)).kind == "synced"
+    await watch.stop()
