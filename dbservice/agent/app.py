@@ -12,6 +12,7 @@ from bus import BUCKETS, Bus, DatabaseResource, subjects
 from dbservice.agent.config import AgentConfig
 from dbservice.agent.health import Prober, TLSContexts, probe
 from dbservice.agent.heartbeat import AgentIdentity, Announcer
+from dbservice.agent.iam_login import IamLogins
 from dbservice.agent.identity import DataDir
 from dbservice.agent.listener import Listener
 from dbservice.agent.served import Selection, follow_registry, static_resource
@@ -127,6 +128,7 @@ class Agent:
                 host_id=identity.host_id,
                 lookup=lookup,
                 contexts=contexts,
+                login=IamLogins(),
             )
             await listener.start()  # before the first heartbeat announces this agent
             self.listener = listener
