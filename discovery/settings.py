@@ -8,10 +8,10 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bus.labels import check_selector
+from fleetgate.config import check_external_id, check_role_arn
 from fleetgate.durations import Duration
 
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d+$")
-_ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 
 
 class Strict(BaseModel):
@@ -60,16 +60,11 @@ class AwsMatcher(Strict):
     @field_validator("assume_role_arn")
     @classmethod
     def _role(cls, arn: str | None) -> str | None:
-        if arn is not None and not _ROLE_ARN.match(arn):
-            raise ValueError(
-                f"{arn!r} is not an IAM role ARN (arn:aws:iam::123456789012:role/name)"
-            )
-        return arn
+        return check_role_arn(arn)
 
     @model_validator(mode="after")
     def _external_id_needs_role(self) -> AwsMatcher:
-        if self.external_id and not self.assume_role_arn:
-            raise ValueError("external_id is only used with assume_role_arn; set both")
+        check_external_id(self.assume_role_arn, self.external_id)
         return self
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -75,3 +76,19 @@ def load_model(model: type[M], data: dict[str, Any], source: str) -> M:
 def resolve_nats_url(flag: str | None, configured: str | None = None) -> str:
     """The NATS URL: ``--nats`` beats ``FLEETGATE_NATS_URL`` beats the config file."""
     return flag or os.environ.get("FLEETGATE_NATS_URL") or configured or DEFAULT_NATS_URL
+
+
+ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
+
+
+def check_role_arn(arn: str | None) -> str | None:
+    """An IAM role ARN, or ValueError saying what one looks like."""
+    if arn is not None and not ROLE_ARN.match(arn):
+        raise ValueError(f"{arn!r} is not an IAM role ARN (arn:aws:iam::123456789012:role/name)")
+    return arn
+
+
+def check_external_id(assume_role_arn: str | None, external_id: str | None) -> None:
+    """An external id only means something with a role to assume."""
+    if external_id and not assume_role_arn:
+        raise ValueError("external_id is only used with assume_role_arn; set both")

@@ -14,9 +14,9 @@ from cryptography import x509
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bus.labels import check_selector, is_valid_label_key
+from fleetgate.config import check_external_id, check_role_arn
 from fleetgate.durations import Duration
 
-_ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,126}[a-z0-9])?$")
 _HOST = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
 
@@ -85,16 +85,11 @@ class AwsRole(Strict):
     @field_validator("assume_role_arn")
     @classmethod
     def _role(cls, arn: str | None) -> str | None:
-        if arn is not None and not _ROLE_ARN.match(arn):
-            raise ValueError(
-                f"{arn!r} is not an IAM role ARN (arn:aws:iam::123456789012:role/name)"
-            )
-        return arn
+        return check_role_arn(arn)
 
     @model_validator(mode="after")
     def _external_id_needs_role(self) -> AwsRole:
-        if self.external_id and not self.assume_role_arn:
-            raise ValueError("external_id is only used with assume_role_arn; set both")
+        check_external_id(self.assume_role_arn, self.external_id)
         return self
 
 
