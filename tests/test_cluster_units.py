@@ -1,0 +1,150 @@
+"""Cluster foundations against a real valkey-server: key slots, the command table from
+its ``COMMAND`` reply, and the topology from ``CLUSTER SHARDS`` / ``CLUSTER SLOTS``."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dbservice.cluster import resp
+from dbservice.cluster.keyspecs import CommandTable
+from dbservice.cluster.slots import key_slot
+from dbservice.cluster.topology import from_shards, from_slots
+from dbservice.proxy.settings import ProxyLimits
+from sandbox.memorydb import MemoryDBStandin, StandinConfig
+from sandbox.valkeynode import ValkeyNode
+
+LIMITS = ProxyLimits()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
+    valkey = ValkeyNode(index=0, directory=tmp_path_factory.mktemp("node"), client_port=0)
+    asyncio.run(valkey.start())
+    try:
+        yield valkey
+    finally:
+        asyncio.run(valkey.stop())
+
+
+async def raw(address: tuple[str, int], *args: bytes | str, protocol: int = 2) -> bytes:
+    """One command's reply as sent, on a fresh connection."""
+    reader, writer = await asyncio.open_connection(*address)
+    try:
+        if protocol == 3:
+            writer.write(resp.encode_command([b"HELLO", b"3"]))
+            await resp.read_frame(reader, LIMITS)
+        writer.write(resp.encode_command([a.encode() if isinstance(a, str) else a for a in args]))
+        return await asyncio.wait_for(resp.read_frame(reader, LIMITS), 5)
+    finally:
+        writer.close()
+
+
+def test_key_slot_known_values() -> None:
+    assert key_slot(b"123456789") == 0x31C3 & 16383
+    assert key_slot(b"foo") == 12182
+    assert key_slot(b"{user1000}.following") == key_slot(b"{user1000}.followers")
+    assert key_slot(b"{user1000}.following") == key_slot(b"user1000")
+    assert key_slot(b"foo{}{bar}") != key_slot(b"bar")  # the first tag is empty: whole key
+    assert key_slot(b"foo{{bar}}zap") == key_slot(b"{bar")
+    assert key_slot(b"foo{bar}{zap}") == key_slot(b"bar")
+
+
+async def test_key_slot_matches_the_server(node: ValkeyNode) -> None:
+    rng = random.Random(7)
+    alphabet = b"ab{}xyz:0123456789"
+    keys = [bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(300)]
+    reader, writer = await asyncio.open_connection(node.host, node.port)
+    try:
+        writer.write(b"".join(resp.encode_command([b"CLUSTER", b"KEYSLOT", k]) for k in keys))
+        for key in keys:
+            assert resp.decode(await resp.read_frame(reader, LIMITS)) == key_slot(key), key
+    finally:
+        writer.close()
+
+
+GETKEYS_CASES: list[list[bytes]] = [
+    c.split()
+    for c in [
+        b"GET k1",
+        b"SET k1 v EX 10",
+        b"MSET a 1 b 2 c 3",
+        b"MGET a b c d",
+        b"DEL a b",
+        b"EVAL return 1 2 ka kb arg",
+        b"FCALL f 1 ka arg",
+        b"XREAD COUNT 2 STREAMS s1 s2 0 0",
+        b"XREADGROUP GROUP g c BLOCK 0 STREAMS s1 >",
+        b"ZUNIONSTORE dst 2 z1 z2 WEIGHTS 1 2",
+        b"LMOVE l1 l2 LEFT RIGHT",
+        b"BLPOP l1 l2 l3 0",
+        b"BLMPOP 0 2 l1 l2 LEFT",
+        b"OBJECT ENCODING k1",
+        b"MEMORY USAGE k1",
+        b"XINFO STREAM s1",
+        b"SORT k1 LIMIT 0 1",
+        b"GEOSEARCHSTORE dst src FROMMEMBER m BYRADIUS 1 km",
+        b"BITOP AND dst a b c",
+        b"MIGRATE h 1 k1 0 10",
+        b"RENAME a b",
+        b"PFMERGE dst a b",
+        b"SINTERCARD 2 a b LIMIT 1",
+        b"LCS a b",
+        b"COPY a b",
+    ]
+]
+
+
+async def test_key_positions_match_command_getkeys(node: ValkeyNode) -> None:
+    table = CommandTable.from_reply(resp.decode(await raw((node.host, node.port), "COMMAND")))
+    assert len(table) > 200
+    for args in GETKEYS_CASES:
+        expected = resp.decode(await raw((node.host, node.port), b"COMMAND", b"GETKEYS", *args))
+        assert table.keys(args) == expected, args
+    for keyless in (b"PING", b"DBSIZE", b"INFO server", b"SCRIPT FLUSH", b"EVAL return 0 0"):
+        assert table.keys(keyless.split()) == []
+    assert table.keys([b"NOSUCHCOMMAND", b"x"]) == []
+    info = table.lookup([b"mset", b"a", b"1"])
+    assert info is not None and "request_policy:multi_shard" in info.tips
+
+
+async def test_command_table_from_resp3(node: ValkeyNode) -> None:
+    frame = await raw((node.host, node.port), "COMMAND", "INFO", "xread", "get", protocol=3)
+    table = CommandTable.from_reply(resp.decode(frame))
+    assert table.keys([b"XREAD", b"STREAMS", b"a", b"b", b"0", b"0"]) == [b"a", b"b"]
+    assert table.keys([b"get", b"x"]) == [b"x"]
+
+
+def test_legacy_positions_without_key_specs() -> None:
+    reply: list[resp.Value] = [
+        [b"mget", -2, [resp.Status(b"readonly")], 1, -1, 1],
+        [b"mset", -3, [], 1, -1, 2],
+    ]
+    table = CommandTable.from_reply(reply)
+    assert table.keys([b"MGET", b"a", b"b"]) == [b"a", b"b"]
+    assert table.keys([b"MSET", b"a", b"1", b"b", b"2"]) == [b"a", b"b"]
+
+
+async def test_topology_of_three_shards(tmp_path: Path) -> None:
+    async with MemoryDBStandin(StandinConfig(dir=tmp_path, shards=3, replicas=1)) as standin:
+        address = standin.nodes[0].host, standin.nodes[0].port
+        shards = from_shards(resp.decode(await raw(address, "CLUSTER", "SHARDS")))
+        slots = from_slots(resp.decode(await raw(address, "CLUSTER", "SLOTS")))
+        shards3 = from_shards(resp.decode(await raw(address, "CLUSTER", "SHARDS", protocol=3)))
+        fronts = set(standin.node_fronts[:3])
+        for topology in (shards, slots, shards3):
+            assert topology.covered and len(topology.primaries) == 3
+            assert {n.address for n in topology.primaries} == fronts
+            assert all(len(s.replicas) == 1 for s in topology.shards)
+            assert topology.shard_of_slot(0) == topology.shards[0]
+            assert topology.shard_of_slot(16383) == topology.shards[2]
+        assert shards.owner == slots.owner == shards3.owner
+        first = shards.shards[0]
+        assert shards.find(first.id) is first
+        assert shards.find(first.primary.id[:10]) is first
+        assert shards.find(f"{first.primary.host}:{first.primary.port}") is first
+        assert shards.find("nope") is None
