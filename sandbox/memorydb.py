@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar
 
+from sandbox import resharding
 from sandbox.tlsca import TestCA
 from sandbox.tlsfront import Address, TLSFront
 from sandbox.valkeynode import RespError, ValkeyNode, info_fields
@@ -224,6 +225,28 @@ class MemoryDBStandin:
             and replication.get("master_link_status", "up") == "up"
         )
 
+    # -- resharding ----------------------------------------------------------------------
+    async def move_slot(
+        self,
+        slot: int,
+        to: int,
+        *,
+        batch: int = 100,
+        between: resharding.Between | None = None,
+    ) -> int:
+        """Move ``slot`` (and its keys, ``batch`` at a time) to node ``to``, a primary,
+        while clients run; returns the number of keys moved (see
+        :mod:`sandbox.resharding`)."""
+        return await resharding.move_slot(
+            self.nodes, slot, self.nodes[to], batch=batch, between=between
+        )
+
+    async def owner_of_slot(self, slot: int) -> int:
+        """The index of the node owning ``slot`` now."""
+        owner = await resharding.slot_owner(self.nodes, slot)
+        ids = await resharding.node_ids(self.nodes)
+        return self.nodes.index(ids[owner])
+
     # -- outages -----------------------------------------------------------------------
     async def stop_node(self, index: int) -> None:
         """Stop node ``index``; its front keeps listening but connections through it fail."""
@@ -342,6 +365,12 @@ class ThreadedStandin:
     @property
     def ca_pem(self) -> bytes:
         return self.standin.ca_pem
+
+    def move_slot(self, slot: int, to: int, *, batch: int = 100) -> int:
+        return self._call(self.standin.move_slot(slot, to, batch=batch))
+
+    def owner_of_slot(self, slot: int) -> int:
+        return self._call(self.standin.owner_of_slot(slot))
 
     def stop_node(self, index: int) -> None:
         self._call(self.standin.stop_node(index))
