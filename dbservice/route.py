@@ -15,11 +15,28 @@ Redis client as is. Neither side sends anything else before the answer: a client
 pipeline commands behind the preamble.
 
 Timeouts belong to the caller (``asyncio.timeout`` around either call).
+
+**The route in the TLS server name.** Instead of the preamble, a client may name the
+route in the SNI of its TLS handshake, so that any TLS-capable Redis client can reach an
+agent directly with a fleet certificate (``redis-cli --tls --sni app.orders.fleetgate``)::
+
+    <db_user>.<database>.fleetgate
+
+exactly three DNS labels: the db user (letters, digits, ``-``, case kept, as ACL user
+names are case-sensitive), the database (letters, digits, ``-``; compared in lower case,
+as every database name is lower case and DNS names are case-insensitive), and the
+suffix ``fleetgate`` (any case). :func:`route_from_server_name` reads it; a server name
+that does not end in ``.fleetgate`` (an agent's host name, or none) means "no route
+here", and the preamble is expected as before. With a route in the server name the agent
+sends no ``+OK``: the connection is a plain RESP stream from the first byte (a refusal
+is still one ``-ERR <reason>`` line, then the close). Names whose db user or database
+does not fit that alphabet, and clients that cannot set SNI, use the preamble.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -34,8 +51,13 @@ MAX_ANSWER: Final = 4096
 """Longest answer line :func:`open_route` reads from an agent."""
 USE_CONNECT: Final = (
     "this is a fleetgate agent: clients must go through `fleetgate db connect`, "
-    "which opens a local port for any Redis client"
+    "which opens a local port for any Redis client, or name the route in the TLS "
+    "server name (SNI) as <db_user>.<database>.fleetgate"
 )
+SNI_SUFFIX: Final = "fleetgate"
+"""Last label of a TLS server name that carries a route: ``<db_user>.<database>.fleetgate``."""
+SNI_FORMAT: Final = "<db_user>.<database>.fleetgate"
+_SNI_LABEL: Final = re.compile(r"[A-Za-z0-9-]+")
 
 
 class RouteError(Exception):
@@ -153,6 +175,26 @@ async def read_route(reader: Reader, *, limit: int = DEFAULT_LIMIT) -> Route:
     except asyncio.IncompleteReadError:
         raise RouteError("the connection closed before the route preamble was complete") from None
     return Route(database, db_user)
+
+
+def route_from_server_name(server_name: str | None) -> Route | None:
+    """The route a client named in its TLS server name (SNI), None when the name carries
+    none (no name, or one not ending in ``.fleetgate``: the preamble then follows).
+    RouteError (message fit for ``-ERR``) for a ``.fleetgate`` name that is not
+    ``<db_user>.<database>.fleetgate``."""
+    if not server_name:
+        return None
+    labels = server_name.rstrip(".").split(".")
+    if len(labels) < 2 or labels[-1].lower() != SNI_SUFFIX:
+        return None
+    shown = server_name if len(server_name) <= 80 else server_name[:77] + "..."
+    if len(labels) != 3 or not all(_SNI_LABEL.fullmatch(label) for label in labels[:2]):
+        raise RouteError(
+            f"TLS server name {shown!r} is not a route: use {SNI_FORMAT} "
+            "(letters, digits and '-' in each part; other names go through "
+            "`fleetgate db connect`)"
+        )
+    return Route(database=labels[1].lower(), db_user=labels[0])
 
 
 async def _answer(reader: asyncio.StreamReader) -> bytes:

@@ -11,8 +11,11 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
    (:func:`~dbservice.auth.ca.identity_from_ssl`: chain, dates, identity), so a client
    without a certificate or with an expired one is told why in words, and an expired
    one is audited with its user.
-2. The route preamble (:func:`~dbservice.route.read_route`) within
-   ``listener.handshake_timeout``.
+2. The route: from the TLS server name when the client put one there
+   (``<db_user>.<database>.fleetgate``, :func:`~dbservice.route.route_from_server_name`,
+   captured by the context's ``sni_callback``), else the route preamble
+   (:func:`~dbservice.route.read_route`) within ``listener.handshake_timeout``. Both
+   lead to the same checks below; only the preamble is answered with ``+OK``.
 3. The database must be one this agent serves.
 4. :func:`~dbservice.auth.authorize.authorize_session`: the roles named in the
    certificate, read fresh from the registry for every connection.
@@ -35,6 +38,7 @@ import logging
 import os
 import socket
 import ssl
+import weakref
 from collections.abc import Callable
 from typing import Final
 
@@ -60,7 +64,14 @@ from dbservice.auth.ca import (
     mtls_server_context,
 )
 from dbservice.proxy import ProxySession, ProxyTimeouts, Streams, TcpConnector
-from dbservice.route import ROUTE_OK, RouteError, encode_refusal, read_route
+from dbservice.route import (
+    ROUTE_OK,
+    Route,
+    RouteError,
+    encode_refusal,
+    read_route,
+    route_from_server_name,
+)
 from dbservice.upstream.tls import verify_failure
 from fleetgate.config import ConfigError
 
@@ -99,6 +110,20 @@ class FleetTrust:
         """Set once the registry was read (with or without a CA in it)."""
         self._record: CACertificate | None = None
         self._stamp = self._files_stamp()
+        self._server_names: weakref.WeakKeyDictionary[ssl.SSLObject, str] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def _remember_server_name(
+        self, ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext
+    ) -> None:
+        """The contexts' ``sni_callback``: keep the name for :meth:`server_name`."""
+        if server_name:
+            self._server_names[ssl_object] = server_name
+
+    def server_name(self, ssl_object: ssl.SSLObject | None) -> str | None:
+        """The TLS server name (SNI) the client of ``ssl_object`` sent, if any."""
+        return self._server_names.pop(ssl_object, None) if ssl_object is not None else None
 
     def _files_stamp(self) -> tuple[tuple[int, int, int], ...] | None:
         try:
@@ -140,9 +165,11 @@ class FleetTrust:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.load_cert_chain(*map(str, files))
+            context.sni_callback = self._remember_server_name
             return [], context
         certs = load_certs(record.pem)
         context = mtls_server_context(record.pem, *files)
+        context.sni_callback = self._remember_server_name
         context.verify_mode = ssl.CERT_OPTIONAL
         context.verify_flags |= NO_CHECK_TIME
         own = x509.load_pem_x509_certificate(self.config.cert_file.read_bytes())
@@ -365,8 +392,11 @@ class Listener:
         database = db_user = ""
         try:
             try:
-                async with asyncio.timeout(limit):
-                    route = await read_route(reader)
+                route: Route | None = route_from_server_name(self.trust.server_name(ssl_object))
+                by_name = route is not None
+                if route is None:
+                    async with asyncio.timeout(limit):
+                        route = await read_route(reader)
             except TimeoutError:
                 raise Refused(f"no route preamble within {limit:g}s") from None
             except RouteError as exc:
@@ -416,7 +446,8 @@ class Listener:
         hooks = AgentHooks(
             grant=grant, audit=audit, db_user=db_user, login=login, authenticated=ready
         )
-        writer.write(ROUTE_OK)
+        if not by_name:
+            writer.write(ROUTE_OK)
         audit.start(reason=grant.decision.reason)
         logger.debug(
             "session %s: %s to %s as %s", audit.session_id, identity.user, database, db_user
