@@ -11,6 +11,7 @@ Buckets are split by who may write them, so NATS permissions can say exactly tha
 | ``fleetgate_auth``         | ``auth init``     | agents, auth service, clients  |
 | ``fleetgate_roles``        | admins (``roles``) | agents, auth service          |
 | ``fleetgate_users``        | admins (``users``) | auth service only (hashes)    |
+| ``fleetgate_leases``       | agents only       | agents, ``managed`` commands   |
 | ``FLEETGATE_AUDIT`` stream | agents, auth svc  | auditors (``audit tail``)      |
 """
 
@@ -39,6 +40,10 @@ ROLES_BUCKET: Final = "fleetgate_roles"
 
 USERS_BUCKET: Final = "fleetgate_users"
 """Users with their password hashes, keyed by user name. Read only by the auth service."""
+
+LEASES_BUCKET: Final = "fleetgate_leases"
+"""Managed MemoryDB users: one record per user (versions, rotation lease, in-use state;
+never a password), keyed by :func:`managed_user_key`. Written only by agents."""
 
 AUDIT_STREAM: Final = "FLEETGATE_AUDIT"
 """JetStream stream of audit events, on subjects ``fleetgate.audit.<event type>``."""
@@ -85,6 +90,11 @@ def db_servers_of(database: str) -> str:
 def kv_subject(bucket: str, key: str) -> str:
     """The JetStream subject behind a KV key (for writes with per-message headers)."""
     return f"$KV.{bucket}.{key}"
+
+
+def managed_user_key(region: str, account: str, user: str) -> str:
+    """KV key of a managed MemoryDB user's record: ``<region>.<account>.<user>``."""
+    return f"{kv_token(region)}.{kv_token(account)}.{kv_token(user)}"
 
 
 def user_key(name: str) -> str:

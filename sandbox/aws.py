@@ -5,7 +5,11 @@ moto answers MemoryDB's list calls in one page and keeps no ACL membership. Real
 pages (``MaxResults``/``NextToken``), and fleetgate must page to the end, so
 :func:`install_moto_extensions` teaches moto's MemoryDB responses to page the way AWS
 does (100 records a page by default) and to report ``ACLNames`` from
-:data:`ACL_MEMBERS`. Nothing in fleetgate's own code knows it talks to moto.
+:data:`ACL_MEMBERS`. moto also drops the passwords of CreateUser/UpdateUser and accepts
+any number of them: the extensions keep them (:data:`USER_PASSWORDS`), refuse more than
+two as MemoryDB does, answer ``DescribeACLs`` from :data:`ACL_MEMBERS`, and tell
+:func:`on_user_change` listeners (the stand-in follows them onto valkey). Nothing in
+fleetgate's own code knows it talks to moto.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 from urllib.request import Request, urlopen
@@ -22,6 +26,41 @@ DEFAULT_PAGE_SIZE = 100
 
 ACL_MEMBERS: dict[tuple[str, str, str], set[str]] = {}
 """(account id, region, user name) -> ACL names the user belongs to (moto keeps none)."""
+
+USER_PASSWORDS: dict[tuple[str, str, str], tuple[str, ...]] = {}
+"""(account id, region, user name) -> the passwords CreateUser/UpdateUser last set."""
+MAX_PASSWORDS = 2
+"""MemoryDB keeps at most two passwords per user."""
+
+UserChange = Callable[[str, str, str, str, tuple[str, ...]], None]
+"""(account id, region, user name, authentication type, passwords) after a change."""
+_listeners: list[UserChange] = []
+_listeners_lock = threading.Lock()
+
+
+def on_user_change(listener: UserChange) -> Callable[[], None]:
+    """Call ``listener`` (from moto's thread) after each CreateUser/UpdateUser that sets
+    an authentication mode; returns the function that unsubscribes it."""
+    with _listeners_lock:
+        _listeners.append(listener)
+
+    def remove() -> None:
+        with _listeners_lock:
+            if listener in _listeners:
+                _listeners.remove(listener)
+
+    return remove
+
+
+def acl_members(account: str, region: str, acl_name: str) -> set[str]:
+    """The users of ACL ``acl_name`` according to :data:`ACL_MEMBERS` (the sandbox's and
+    the tests' configuration of ACL membership)."""
+    return {
+        user
+        for (acct, reg, user), acls in list(ACL_MEMBERS.items())
+        if acct == account and reg == region and acl_name in acls
+    }
+
 
 _installed = threading.Lock()
 _done = False
@@ -41,6 +80,7 @@ def install_moto_extensions() -> None:
         if _done:
             return
         from moto.core.responses import ActionResult
+        from moto.memorydb.exceptions import InvalidParameterValueException
         from moto.memorydb.models import MemoryDBUser
         from moto.memorydb.responses import MemoryDBResponse
 
@@ -89,6 +129,54 @@ def install_moto_extensions() -> None:
                 out["ACLNames"] = sorted(ACL_MEMBERS.get(key, set()))
             return out
 
+        original_set_authentication = MemoryDBUser.set_authentication
+
+        def set_authentication(self: MemoryDBUser, authentication_mode: dict[str, Any]) -> None:
+            mode = authentication_mode or {}
+            kind = str(mode.get("Type", "password"))
+            passwords = tuple(str(p) for p in mode.get("Passwords") or ())
+            if kind == "password" and not 1 <= len(passwords) <= MAX_PASSWORDS:
+                raise InvalidParameterValueException(
+                    f"A password user needs 1 to {MAX_PASSWORDS} passwords, not {len(passwords)}."
+                )
+            original_set_authentication(self, authentication_mode)
+            parts = self.arn.split(":")
+            key = (parts[4], parts[3], self.user_name)
+            USER_PASSWORDS[key] = passwords if kind == "password" else ()
+            with _listeners_lock:
+                listeners = list(_listeners)
+            for listener in listeners:
+                listener(*key, kind, USER_PASSWORDS[key])
+
+        def describe_acls(self: MemoryDBResponse) -> ActionResult:
+            params = json.loads(self.body)
+            backend = self.memorydb_backend
+            names = {
+                acl
+                for (acct, region, _), acls in list(ACL_MEMBERS.items())
+                if acct == backend.account_id and region == backend.region_name
+                for acl in acls
+            }
+            wanted = params.get("ACLName")
+            account, region = backend.account_id, backend.region_name
+            acls = [
+                {
+                    "Name": name,
+                    "Status": "active",
+                    "UserNames": sorted(acl_members(account, region, name)),
+                    "ARN": f"arn:aws:memorydb:{region}:{account}:acl/{name}",
+                }
+                for name in sorted(names)
+                if wanted in (None, name)
+            ]
+            if wanted and not acls:
+                from moto.memorydb.exceptions import MemoryDBClientError
+
+                raise MemoryDBClientError("ACLNotFoundFault", f"ACL {wanted} not found.")
+            return ActionResult({"ACLs": acls})
+
+        MemoryDBUser.set_authentication = set_authentication  # type: ignore[method-assign]
+        MemoryDBResponse.describe_acls = describe_acls  # type: ignore[attr-defined]
         MemoryDBResponse.describe_clusters = describe_clusters  # type: ignore[method-assign]
         MemoryDBResponse.describe_subnet_groups = describe_subnet_groups  # type: ignore[method-assign]
         MemoryDBResponse.describe_users = describe_users  # type: ignore[method-assign]
@@ -119,6 +207,7 @@ class MotoServer:
         """Forget every resource (moto's reset API) and every ACL membership."""
         urlopen(Request(f"{self.url}/moto-api/reset", method="POST"), timeout=10).close()
         ACL_MEMBERS.clear()
+        USER_PASSWORDS.clear()
 
     def environ(self) -> dict[str, str]:
         """Environment for processes that should use this server as AWS."""

@@ -1,0 +1,91 @@
+"""Compare-and-set records on the bus, for state several agents share (the managed-user
+records in :data:`~bus.subjects.LEASES_BUCKET`).
+
+A record is read with its revision and written back only if nobody wrote it since:
+:func:`create` succeeds only when the key is absent, :func:`update` only when the key is
+still at the revision read. Either returns None when another writer won, so exactly
+one of several agents racing for the same change goes ahead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import nats.js.errors
+from pydantic import BaseModel
+
+from bus import subjects
+from bus.client import BucketSpec, Bus, decode
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+
+LEASES: BucketSpec = BucketSpec(
+    subjects.LEASES_BUCKET,
+    "fleetgate managed MemoryDB users: versions, rotation leases (written by agents)",
+    history=1,
+)
+
+
+@dataclass(frozen=True)
+class Versioned(Generic[T]):
+    """A record and the revision it was read at."""
+
+    record: T
+    revision: int
+
+
+def _encode(record: BaseModel) -> bytes:
+    return record.model_dump_json(exclude_none=True).encode()
+
+
+async def read(bus: Bus, bucket: str, key: str, model: type[M]) -> Versioned[M] | None:
+    """The record at ``key`` with its revision; None when absent, deleted or unreadable."""
+    kv = await bus.bucket(bucket)
+    async with bus._kv_call("a read of", bucket, key):
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:  # KeyDeletedError is one too
+            return None
+    record = decode(model, key, entry.value or b"")
+    if record is None or entry.revision is None:
+        return None
+    return Versioned(record, int(entry.revision))
+
+
+async def create(bus: Bus, bucket: str, key: str, record: BaseModel) -> int | None:
+    """Write ``record`` only if ``key`` holds nothing; its revision, or None if it does."""
+    kv = await bus.bucket(bucket)
+    async with bus._kv_call("a write to", bucket, key):
+        try:
+            return int(await kv.create(key, _encode(record)))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+
+
+async def update(bus: Bus, bucket: str, key: str, record: BaseModel, *, last: int) -> int | None:
+    """Write ``record`` only if ``key`` is still at revision ``last``; the new revision,
+    or None when someone else wrote it in between."""
+    kv = await bus.bucket(bucket)
+    async with bus._kv_call("a write to", bucket, key):
+        try:
+            return int(await kv.update(key, _encode(record), last=last))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return None
+
+
+async def records(bus: Bus, bucket: str, model: type[M]) -> dict[str, Versioned[M]]:
+    """Every readable record of ``bucket`` by key (one-shot; fails with a reason)."""
+    out: dict[str, Versioned[M]] = {}
+    kv = await bus.bucket(bucket)
+    async with bus._kv_call("a listing of", bucket, "*"):
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            return out
+    for key in keys:
+        found = await read(bus, bucket, key, model)
+        if found is not None:
+            out[key] = found
+    return out

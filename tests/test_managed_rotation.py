@@ -1,0 +1,204 @@
+"""The rotation cycle of a managed user against moto (Secrets Manager, MemoryDB users)
+and a real nats-server: set-up, rotation, the lease between agents, the idempotent
+secret write, a crash between PutSecretValue and UpdateUser repaired, IAM users never
+touched."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from bus import Bus, leases, subjects
+from dbservice.managed.aws import ManagedAws, ManagedError, SecretConflict
+from dbservice.managed.rotation import RotationSettings, Rotator, Step, UserRef
+from dbservice.managed.state import (
+    MANAGED_BY_TAG,
+    ManagedUser,
+    is_managed_tag,
+    new_password,
+    request_token,
+    secret_name,
+)
+from dbservice.upstream.iam import IamAuth
+from sandbox.aws import USER_PASSWORDS, MotoServer
+from tests import seed
+
+pytestmark = pytest.mark.timeout(60)
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"
+
+
+def make_user(name: str, kind: str = "password") -> str:
+    mode: dict[str, Any] = {"Type": kind}
+    if kind == "password":
+        mode["Passwords"] = ["initial-password-set-by-a-human-0123"]
+    user = seed.client("memorydb", REGION).create_user(
+        UserName=name,
+        AuthenticationMode=mode,
+        AccessString="on ~* +@all",
+        Tags=[{"Key": "fleetgate.dev/managed", "Value": "true"}],
+    )["User"]
+    return str(user["ARN"])
+
+
+def ref_of(name: str, arn: str) -> UserRef:
+    return UserRef(
+        user=name,
+        region=REGION,
+        account=ACCOUNT,
+        user_arn=arn,
+        roles=(),
+        secret_name=secret_name("fleetgate/", REGION, ACCOUNT, name),
+        databases=("orders",),
+        clusters=("orders",),
+    )
+
+
+def secret(name: str, stage: str) -> dict[str, Any]:
+    reply = seed.client("secretsmanager", REGION).get_secret_value(
+        SecretId=name, VersionStage=stage
+    )
+    out: dict[str, Any] = json.loads(reply["SecretString"])
+    out["version"] = reply["VersionId"]
+    return out
+
+
+def versions(name: str) -> list[str]:
+    reply = seed.client("secretsmanager", REGION).list_secret_version_ids(
+        SecretId=name, IncludeDeprecated=True
+    )
+    return [v["VersionId"] for v in reply["Versions"]]
+
+
+@pytest.fixture
+async def lease_bus(bus: Bus) -> AsyncIterator[Bus]:
+    await bus.provision(leases.LEASES)
+    yield bus
+
+
+def rotator(bus: Bus, host: str, interval: float = 0.5, **kw: Any) -> Rotator:
+    auth = IamAuth()
+    return Rotator(
+        bus,
+        host,
+        lambda ref: ManagedAws(auth, ref.region, ref.roles),
+        RotationSettings(interval=interval, jitter=0.0, lease=1.0),
+        **kw,
+    )
+
+
+async def record(bus: Bus, ref: UserRef) -> ManagedUser:
+    found = await leases.read(bus, subjects.LEASES_BUCKET, ref.key, ManagedUser)
+    assert found is not None
+    return found.record
+
+
+def test_pure_rules() -> None:
+    assert is_managed_tag("true") and is_managed_tag("") and is_managed_tag("yes")
+    for off in ("false", "No", "OFF", "disabled", " disable "):
+        assert not is_managed_tag(off)
+    assert not is_managed_tag(None)
+    assert secret_name("x", "eu-west-1", "1", "app") == "x/memorydb/eu-west-1/1/user/app"
+    password = new_password()
+    assert len(password) >= 64 and password.isalnum() and password != new_password()
+    with pytest.raises(ValueError):
+        new_password(32)
+    assert request_token("s", "v1") == request_token("s", "v1") != request_token("s", "v2")
+
+
+async def test_set_up_then_rotate_keeps_two_passwords(aws: MotoServer, lease_bus: Bus) -> None:
+    ref = ref_of("app", make_user("app"))
+    one = rotator(lease_bus, "h1")
+    assert await one.cycle(ref) == "set-up"
+    first = secret(ref.secret_name, "AWSCURRENT")
+    assert first["username"] == "app" and first["user_arn"] == ref.user_arn
+    assert len(first["password"]) >= 64
+    assert USER_PASSWORDS[(ACCOUNT, REGION, "app")] == (first["password"],)
+    tags = seed.client("secretsmanager", REGION).describe_secret(SecretId=ref.secret_name)["Tags"]
+    assert {t["Key"] for t in tags} >= {MANAGED_BY_TAG, "fleetgate.dev/cluster"}
+    state = await record(lease_bus, ref)
+    assert state.applied_version == first["version"] and not state.holder
+    assert "password" not in state.model_dump_json()
+    assert await one.cycle(ref) == "not-due"  # no AWS call at all
+    await asyncio.sleep(0.6)
+    assert await one.cycle(ref) == "rotated"
+    second = secret(ref.secret_name, "AWSCURRENT")
+    assert secret(ref.secret_name, "AWSPREVIOUS")["version"] == first["version"]
+    assert USER_PASSWORDS[(ACCOUNT, REGION, "app")] == (first["password"], second["password"])
+    await asyncio.sleep(0.6)
+    assert await one.cycle(ref) == "rotated"
+    third = secret(ref.secret_name, "AWSCURRENT")
+    assert USER_PASSWORDS[(ACCOUNT, REGION, "app")] == (second["password"], third["password"])
+    assert len(versions(ref.secret_name)) == 3
+
+
+async def test_two_agents_one_rotation_per_interval(aws: MotoServer, lease_bus: Bus) -> None:
+    ref = ref_of("app", make_user("app"))
+    agents = [rotator(lease_bus, f"h{i}") for i in range(3)]
+    outcomes = await asyncio.gather(*(a.cycle(ref) for a in agents))
+    assert sorted(outcomes).count("set-up") == 1, outcomes
+    for _ in range(3):
+        await asyncio.sleep(0.6)
+        outcomes = await asyncio.gather(*(a.cycle(ref) for a in agents))
+        assert outcomes.count("rotated") == 1, outcomes
+        assert set(outcomes) <= {"rotated", "held", "lost", "not-due"}
+    assert len(versions(ref.secret_name)) == 4
+
+
+async def test_the_secret_write_is_idempotent(aws: MotoServer, lease_bus: Bus) -> None:
+    ref = ref_of("app", make_user("app"))
+    await rotator(lease_bus, "h1").cycle(ref)
+    managed = ManagedAws(IamAuth(), REGION)
+    current = secret(ref.secret_name, "AWSCURRENT")["version"]
+    token = request_token(ref.secret_name, current)
+    value = json.dumps({"username": "app", "password": "a" * 64, "user_arn": ref.user_arn})
+    made = await managed.put_secret(ref.secret_name, value, token=token)
+    assert await managed.put_secret(ref.secret_name, value, token=token) == made  # a retry
+    with pytest.raises(SecretConflict):  # another agent's password for the same step
+        await managed.put_secret(ref.secret_name, value.replace("a" * 64, "b" * 64), token=token)
+    assert len(versions(ref.secret_name)) == 2
+
+
+async def test_a_crash_between_put_and_update_is_repaired(aws: MotoServer, lease_bus: Bus) -> None:
+    ref = ref_of("app", make_user("app"))
+    await rotator(lease_bus, "h1").cycle(ref)
+    await asyncio.sleep(0.6)
+    stopped = asyncio.Event()
+
+    async def stop_there(step: Step, _: UserRef) -> None:
+        if step == "secret-written":
+            stopped.set()
+            await asyncio.Event().wait()  # until cancelled
+
+    crashing = rotator(lease_bus, "h1", hook=stop_there)
+    task = asyncio.create_task(crashing.cycle(ref))
+    await asyncio.wait_for(stopped.wait(), 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # the secret is ahead of the user; the previous version is on the user
+    previous = secret(ref.secret_name, "AWSPREVIOUS")
+    current = secret(ref.secret_name, "AWSCURRENT")
+    on_user = USER_PASSWORDS[(ACCOUNT, REGION, "app")]
+    assert previous["password"] in on_user and current["password"] not in on_user
+    other = rotator(lease_bus, "h2")
+    assert await other.cycle(ref) == "held"  # until the crashed agent's lease runs out
+    await asyncio.sleep(1.1)
+    assert await other.cycle(ref) == "repaired"
+    assert USER_PASSWORDS[(ACCOUNT, REGION, "app")] == (previous["password"], current["password"])
+    assert (await record(lease_bus, ref)).applied_version == current["version"]
+    assert len(versions(ref.secret_name)) == 2  # repaired, not rotated again
+
+
+async def test_an_iam_user_is_never_changed(aws: MotoServer, lease_bus: Bus) -> None:
+    ref = ref_of("robot", make_user("robot", "iam"))
+    with pytest.raises(ManagedError, match="uses IAM authentication"):
+        await rotator(lease_bus, "h1").cycle(ref)
+    user = seed.client("memorydb", REGION).describe_users(UserName="robot")["Users"][0]
+    assert user["Authentication"]["Type"] == "iam"
+    assert seed.client("secretsmanager", REGION).list_secrets()["SecretList"] == []
