@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dbservice.agent import cli as agent_cli
     from dbservice.auth import cli as auth_cli
     from discovery import cli as discovery_cli
+    from sandbox import cli as sandbox_cli
 
     parser = argparse.ArgumentParser(
         prog="fleetgate",
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit_cli.register(sub, _common)
     agent_cli.register(sub, _common)
     configure_cli.register(sub, _common)
+    sandbox_cli.register(sub, _common)
     return parser
 
 

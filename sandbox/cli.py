@@ -1,0 +1,230 @@
+"""``fleetgate sandbox up|status|down|env``: the whole fleet on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fleetgate import aio
+from fleetgate.cli import UsageError
+from sandbox.state import (
+    SandboxError,
+    SandboxState,
+    already_running,
+    check_chosen_port,
+    default_dir,
+    held_lock,
+    is_locked,
+    resolve_dir,
+)
+
+Common = Callable[[argparse.ArgumentParser], None]
+DETACH_WAIT = 90.0
+"""Seconds ``up --detach`` waits for the sandbox before giving up (it is ready in ~10)."""
+
+
+def _count(text: str, low: int, high: int) -> int:
+    if not text.isdigit() or not low <= int(text) <= high:
+        raise argparse.ArgumentTypeError(f"must be a whole number from {low} to {high}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    return _count(text, 1, 65535)
+
+
+def register(sub: Any, common: Common) -> None:
+    group = sub.add_parser(
+        "sandbox",
+        help="the whole fleet on this machine: AWS, NATS, MemoryDB, discovery, auth, agents",
+    )
+    actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
+    up = actions.add_parser("up", help="start the sandbox (Ctrl-C stops it)")
+    up.add_argument("--clusters", type=lambda t: _count(t, 1, 50), default=4,
+                    help="MemoryDB clusters to create (default 4)")  # fmt: skip
+    up.add_argument("--shards", type=lambda t: _count(t, 1, 8), default=1,
+                    help="shards per cluster (default 1)")  # fmt: skip
+    up.add_argument("--detach", action="store_true",
+                    help="run in the background; return once it is ready")  # fmt: skip
+    up.add_argument("--nats-port", type=_port, help="NATS client port (default: a free one)")
+    up.add_argument("--auth-port", type=_port, help="auth service port (default: a free one)")
+    status = actions.add_parser("status", help="each part, its pid, address and health")
+    status.add_argument("--format", default="text", choices=["text", "json"])
+    down = actions.add_parser("down", help="stop everything the sandbox started")
+    env = actions.add_parser("env", help='print the exports for a shell: eval "$(... env)"')
+    handlers = ((up, _up), (status, _status), (down, _down), (env, _env))
+    for parser, handler in handlers:
+        parser.add_argument(
+            "--dir", help=f"sandbox directory (default: $FLEETGATE_HOME/sandbox, {default_dir()})"
+        )
+        common(parser)
+        parser.set_defaults(handler=_guard(handler))
+
+
+def _guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except SandboxError as exc:
+            raise UsageError(str(exc)) from None
+
+    return run
+
+
+# -- up ------------------------------------------------------------------------------------
+
+
+def _up(args: argparse.Namespace) -> int:
+    directory = resolve_dir(args.dir)
+    if is_locked(directory):
+        raise SandboxError(already_running(directory))
+    check_chosen_port(args.nats_port, "--nats-port")
+    check_chosen_port(args.auth_port, "--auth-port")
+    if args.detach:
+        return _detach(args, directory)
+    from sandbox.fleet import Options
+
+    options = Options(
+        dir=directory,
+        clusters=args.clusters,
+        shards=args.shards,
+        nats_port=args.nats_port,
+        auth_port=args.auth_port,
+    )
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    return aio.run(_supervise(options, foreground=sys.stdout.isatty()))
+
+
+async def _supervise(options: Any, *, foreground: bool) -> int:
+    from sandbox.fleet import Progress, Sandbox
+    from sandbox.summary import summary
+
+    progress = Progress(sys.stdout)
+    with held_lock(options.dir):
+        sandbox = Sandbox(options, progress)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        starting = asyncio.create_task(sandbox.start())
+        stopped = asyncio.create_task(stop.wait())
+        code = 0
+        try:
+            await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError, SandboxError):
+                    await starting
+                progress.line("sandbox", "interrupted while starting")
+                code = 130
+            else:
+                starting.result()
+                print(summary(sandbox, foreground=foreground), flush=True)
+                while not stop.is_set():
+                    for note in sandbox.child_exits():
+                        progress.line("sandbox", f"warning: {note}")
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(stopped), 1)
+        except SandboxError as exc:
+            sandbox.state.state = "failed"
+            sandbox.state.error = str(exc)
+            sandbox.state.save()
+            print(f"fleetgate: error: {exc}", file=sys.stderr, flush=True)
+            print(f"fleetgate: error: {exc}", flush=True)
+            code = 1
+        finally:
+            stopped.cancel()
+            progress.line("sandbox", "stopping")
+            if sandbox.state.state != "failed":
+                sandbox.state.state = "stopping"
+                sandbox.state.save()
+            for note in await sandbox.stop():
+                progress.line("sandbox", f"note: {note}")
+            if sandbox.state.state != "failed":
+                sandbox.state.state = "stopped"
+            sandbox.state.save()
+            progress.line("sandbox", "stopped")
+        return code
+
+
+def _detach(args: argparse.Namespace, directory: Path) -> int:
+    """Run ``up`` again in a new session, output to files under DIR/logs; follow its
+    progress until it is ready or has failed."""
+    logs = directory / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out_path, log_path = logs / "sandbox.out", logs / "sandbox.log"
+    argv = [sys.executable, "-m", "fleetgate", "sandbox", "up", "--dir", str(directory),
+            "--clusters", str(args.clusters), "--shards", str(args.shards)]  # fmt: skip
+    for flag, value in (("--nats-port", args.nats_port), ("--auth-port", args.auth_port)):
+        if value:
+            argv += [flag, str(value)]
+    with out_path.open("wb") as out, log_path.open("ab") as err:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
+        )
+    shown = 0
+    deadline = time.monotonic() + DETACH_WAIT
+    while True:
+        text = out_path.read_text(errors="replace")
+        complete = text[: text.rfind("\n") + 1]
+        if len(complete) > shown:
+            sys.stdout.write(complete[shown:])
+            sys.stdout.flush()
+            shown = len(complete)
+        state = _load_quietly(directory)
+        ready = state is not None and state.pid == proc.pid and state.state == "ready"
+        if ready and ("\nnext" in complete or proc.poll() is not None):
+            return 0
+        if proc.poll() is not None:
+            print(f"fleetgate: error: the sandbox did not start; its log: {log_path}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        if time.monotonic() > deadline:
+            print(f"fleetgate: error: the sandbox is not ready after {DETACH_WAIT:.0f}s; it "
+                  f"keeps starting in the background (pid {proc.pid}): see fleetgate sandbox "
+                  f"status, its log {log_path}, or stop it with fleetgate sandbox down",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        time.sleep(0.1)
+
+
+def _load_quietly(directory: Path) -> SandboxState | None:
+    try:
+        return SandboxState.load(directory)
+    except SandboxError:
+        return None
+
+
+# -- status, down, env ---------------------------------------------------------------------
+
+
+def _status(args: argparse.Namespace) -> int:
+    from sandbox.health import status
+
+    return status(resolve_dir(args.dir), args.format)
+
+
+def _down(args: argparse.Namespace) -> int:
+    from sandbox.health import down
+
+    return down(resolve_dir(args.dir))
+
+
+def _env(args: argparse.Namespace) -> int:
+    directory = resolve_dir(args.dir)
+    state = SandboxState.load(directory)
+    if state is None or not is_locked(directory):
+        raise SandboxError(
+            f"no sandbox running in {directory}: start one with fleetgate sandbox up"
+        )
+    sys.stdout.write((directory / "env").read_text())
+    return 0

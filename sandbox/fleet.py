@@ -1,0 +1,444 @@
+"""The sandbox supervisor: the whole fleet on one machine, on loopback.
+
+It hosts moto (AWS) and one MemoryDB stand-in per cluster itself, and runs as child
+processes ``nats-server -js`` and the very commands an operator runs: ``fleetgate
+discovery run``, ``fleetgate auth run`` and two ``fleetgate agent run``, each agent
+selecting one VPC. Parts start in parallel as soon as what they need is there; one line
+is printed as each becomes ready. :meth:`Sandbox.stop` stops everything it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+from bus import Bus
+from bus.access import put_role
+from bus.audit import ensure_audit_stream
+from bus.server import NatsServer
+from dbservice.auth.admin import add_user, init_ca, parse_role, sign_host
+from dbservice.auth.passwords import hash_password
+from sandbox import children, seeding
+from sandbox.aws import MotoServer
+from sandbox.iamfront import IamFront, MemoryDBLogin
+from sandbox.memorydb import MemoryDBStandin, StandinConfig
+from sandbox.state import Database, Part, SandboxError, SandboxState, free_port
+from sandbox.tlsca import TestCA
+
+T = TypeVar("T")
+
+ROLES: dict[str, dict[str, Any]] = {
+    "dev-access": {
+        "kind": "role",
+        "name": "dev-access",
+        "description": "developers: dev and staging databases, as db user app",
+        "allow": {"db_labels": {"env": ["dev", "staging"]}, "db_users": ["app"]},
+        "options": {"max_session_ttl": "8h"},
+    },
+    "admin": {
+        "kind": "role",
+        "name": "admin",
+        "description": "everything, as any db user",
+        "allow": {"db_labels": {"*": "*"}, "db_users": ["*"]},
+    },
+}
+USER = "alice"
+USER_ROLES = ["dev-access"]
+AGENT_CERT_TTL = 30 * 86400.0
+FRESH = ("nats", "memorydb", "agents", "config", "tls")
+"""Directories rebuilt on every ``up`` (the fleet CA and alice's password are kept, so a
+login made against an earlier run keeps trusting the auth service)."""
+
+
+@dataclass(kw_only=True)
+class Options:
+    dir: Path
+    clusters: int = 4
+    shards: int = 1
+    """Shards per stand-in cluster (cluster mode either way)."""
+    nats_port: int | None = None
+    auth_port: int | None = None
+    ready_timeout: float = 60.0
+
+
+class Progress:
+    """One line per event, with the seconds since the start; fine on a pipe too."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.began = time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.began
+
+    def line(self, part: str, text: str) -> None:
+        print(f"{self.elapsed():5.1f}s  {part:<12} {text}", file=self.out, flush=True)
+
+
+class Sandbox:
+    def __init__(self, options: Options, progress: Progress) -> None:
+        self.o = options
+        self.dir = options.dir
+        self.progress = progress
+        self.state = SandboxState(dir=str(self.dir), pid=os.getpid(), started_at=time.time())
+        self.nats: NatsServer | None = None
+        self.moto: MotoServer | None = None
+        self.standins: dict[str, MemoryDBStandin] = {}
+        self.children: dict[str, children.Child] = {}
+        self.clusters: list[seeding.SeededCluster] = []
+        self.bus: Bus | None = None
+        self.db_ca = TestCA.create("fleetgate sandbox MemoryDB CA")
+        self.ca_fingerprint = ""
+        self.password = ""
+        self.agent_ports: dict[str, int] = {}
+        self.auth_port = 0
+        self.stopping = False
+
+    @property
+    def nats_url(self) -> str:
+        assert self.nats is not None
+        return self.nats.url
+
+    @property
+    def aws_env(self) -> dict[str, str]:
+        assert self.moto is not None
+        return self.moto.environ()
+
+    def path(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+    # -- start ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start every part; return once the fleet is ready (databases enrolled, served
+        by healthy agents, the auth service answering). SandboxError says what failed."""
+        self._prepare()
+        self.progress.line("sandbox", f"starting in {self.dir}")
+        nats = asyncio.ensure_future(self._step("nats", self._start_nats()))
+        aws = asyncio.ensure_future(self._step("aws", self._start_aws()))
+        steps = [nats, aws]
+        standins = asyncio.ensure_future(self._step("memorydb", self._start_standins(aws)))
+        access = asyncio.ensure_future(self._step("auth", self._start_access(nats)))
+        discovery = asyncio.ensure_future(self._step("discovery", self._start_discovery(nats, aws)))
+        agents = asyncio.ensure_future(self._step("agents", self._start_agents(access, standins)))
+        steps += [standins, access, discovery, agents]
+        try:
+            await _all_or_nothing(steps)
+            await self._step("ready", self._wait_ready())
+        except BaseException:
+            for step in steps:
+                step.cancel()
+            await asyncio.gather(*steps, return_exceptions=True)
+            raise
+        self.state.state = "ready"
+        self.state.ready_seconds = round(self.progress.elapsed(), 1)
+        self._record()
+
+    async def _step(self, part: str, work: Coroutine[Any, Any, T]) -> T:
+        try:
+            return await work
+        except (SandboxError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a part failing to start: say which and why
+            raise SandboxError(f"{part} did not start: {exc}") from exc
+
+    def _prepare(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for name in FRESH:
+            shutil.rmtree(self.path(name), ignore_errors=True)
+        for name in ("logs", "config", "tls"):
+            self.path(name).mkdir(parents=True, exist_ok=True)
+        for log in self.path("logs").glob("*.log"):
+            if log.name != "sandbox.log":
+                log.unlink()
+        self.state.save()
+
+    async def _start_nats(self) -> None:
+        self.nats = NatsServer(self.path("nats"), port=self.o.nats_port or -1)
+        await asyncio.to_thread(self.nats.start)
+        self.bus = await Bus.connect(self.nats_url, name="fleetgate-sandbox")
+        self.progress.line("nats", f"ready  {self.nats_url} (JetStream, store {self.path('nats')})")
+
+    async def _start_aws(self) -> None:
+        self.moto = MotoServer()
+        await asyncio.to_thread(self.moto.start)
+        os.environ.pop("AWS_PROFILE", None)
+        os.environ.update(self.aws_env)
+        os.environ["AWS_CONFIG_FILE"] = str(self.path("config", "no-aws-config"))
+        os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(self.path("config", "no-aws-credentials"))
+        ops = self._secret_file("ops.password")
+        self.clusters = await asyncio.to_thread(seeding.seed, self.o.clusters, ops)
+        regions = ", ".join(seeding.REGIONS)
+        self.progress.line(
+            "aws",
+            f"ready  {self.moto.url} (moto: {len(self.clusters)} MemoryDB clusters, {regions})",
+        )
+
+    async def _start_standins(self, aws: Awaitable[None]) -> None:
+        await aws
+        self.db_ca.write(self.path("tls"), "memorydb-ca")
+        await asyncio.gather(*(self._start_standin(c) for c in self.clusters))
+        self.progress.line(
+            "memorydb",
+            f"ready  {len(self.standins)} stand-ins ({self.o.shards} shard each, TLS, IAM "
+            f"tokens checked)",
+        )
+
+    async def _start_standin(self, cluster: seeding.SeededCluster) -> None:
+        login = MemoryDBLogin(cluster=cluster.name, region=cluster.region)
+        login.set_password(seeding.PASSWORD_USER, self._secret_file("ops.password"))
+        config = StandinConfig(
+            dir=self.path("memorydb", cluster.name),
+            name=cluster.name,
+            shards=self.o.shards,
+            extra_dns_names=[cluster.endpoint],
+            ca=self.db_ca,
+            front_factory=IamFront.factory(login),
+        )
+        standin = MemoryDBStandin(config)
+        self.standins[cluster.name] = standin
+        await standin.start()
+        await login.sync_from_aws(standin.nodes)
+
+    async def _start_access(self, nats: Awaitable[None]) -> None:
+        await nats
+        assert self.bus is not None
+        result = await init_ca(self.bus, self.path("ca"))
+        self.ca_fingerprint = result.ca.fingerprint
+        await ensure_audit_stream(self.bus)
+        for name, doc in ROLES.items():
+            role_file = children.write_config(self.path("config", "roles", f"{name}.yaml"), doc)
+            await put_role(self.bus, parse_role(doc, str(role_file)))
+        self.password = self._secret_file("alice.password")
+        hashed = await asyncio.to_thread(hash_password, self.password)
+        await add_user(self.bus, USER, USER_ROLES, [], password_hash=hashed, replace=True)
+        for name in ("agent-1", "agent-2"):
+            sign_host(result.ca, ["127.0.0.1", "localhost"], AGENT_CERT_TTL, self.path("tls", name))
+        self.auth_port = self.o.auth_port or free_port()
+        config = children.write_config(
+            self.path("config", "auth.yaml"),
+            children.auth_config(self.nats_url, self.auth_port, self.path("ca")),
+        )
+        self._spawn("auth", ["auth", "run", "-c", str(config)], {})
+        self.progress.line("auth", f"CA {self.ca_fingerprint}; roles dev-access, admin; user alice")
+
+    async def _start_discovery(self, nats: Awaitable[None], aws: Awaitable[None]) -> None:
+        await nats
+        await aws
+        config = children.write_config(
+            self.path("config", "discovery.yaml"),
+            children.discovery_config(self.nats_url, seeding.REGIONS),
+        )
+        self._spawn("discovery", ["discovery", "run", "-c", str(config)], self.aws_env)
+
+    async def _start_agents(self, access: Awaitable[None], standins: Awaitable[None]) -> None:
+        await access
+        await standins
+        aliases: dict[str, str] = {}
+        for cluster in self.clusters:
+            host, port = self.standins[cluster.name].endpoint
+            aliases[f"{cluster.endpoint}:{cluster.port}"] = f"{host}:{port}"
+        for name, region in zip(("agent-1", "agent-2"), seeding.REGIONS, strict=True):
+            vpc = next(c.vpc_id for c in self.clusters if c.region == region)
+            self.agent_ports[name] = port = free_port()
+            config = children.write_config(
+                self.path("config", f"{name}.yaml"),
+                children.agent_config(
+                    name=name,
+                    nats_url=self.nats_url,
+                    port=port,
+                    data_dir=self.path("agents", name),
+                    tls_dir=self.path("tls", name),
+                    vpc_id=vpc,
+                    host_aliases=aliases,
+                    upstream_ca=self.path("tls", "memorydb-ca.crt"),
+                ),
+            )
+            self._spawn(name, ["agent", "run", "-c", str(config)], self.aws_env)
+
+    def _spawn(self, name: str, args: list[str], aws: dict[str, str]) -> None:
+        env = children.child_env(aws, self.nats_url, self.dir)
+        log = self.path("logs", f"{name}.log")
+        self.children[name] = children.Child(name, args, log, env).start()
+
+    def _secret_file(self, name: str) -> str:
+        """A generated password kept in ``name`` (0600) across runs."""
+        path = self.path(name)
+        if path.exists():
+            return path.read_text().strip()
+        value = secrets.token_urlsafe(18)
+        path.touch(mode=0o600)
+        path.write_text(value + "\n")
+        return value
+
+    # -- readiness -----------------------------------------------------------------------
+    async def _wait_ready(self) -> None:
+        assert self.bus is not None
+        expected = {c.database for c in self.clusters}
+        agent_of = {
+            c.database: f"agent-{seeding.REGIONS.index(c.region) + 1}" for c in self.clusters
+        }
+        shown: set[str] = set()
+        deadline = time.monotonic() + self.o.ready_timeout
+        while True:
+            self._check_children()
+            names = {r.name for r in await self.bus.list_resources()}
+            if "discovery" not in shown and expected <= names:
+                shown.add("discovery")
+                self.progress.line("discovery", f"ready  {len(expected)} databases enrolled")
+            healthy: dict[str, set[str]] = {}
+            for hb in await self.bus.list_db_servers():
+                if hb.target_health.status == "healthy":
+                    healthy.setdefault(hb.hostname, set()).add(hb.name)
+            for agent in ("agent-1", "agent-2"):
+                mine = {db for db, a in agent_of.items() if a == agent}
+                if agent not in shown and mine <= healthy.get(agent, set()):
+                    shown.add(agent)
+                    port = self.agent_ports[agent]
+                    self.progress.line(
+                        agent, f"ready  127.0.0.1:{port}, {_count(len(mine), 'database')} healthy"
+                    )
+            if "auth" not in shown and await _answers(self.auth_port):
+                shown.add("auth")
+                self.progress.line("auth", f"ready  https://127.0.0.1:{self.auth_port}")
+            if {"discovery", "agent-1", "agent-2", "auth"} <= shown:
+                return
+            if time.monotonic() > deadline:
+                missing = sorted({"discovery", "agent-1", "agent-2", "auth"} - shown)
+                raise SandboxError(
+                    f"not ready after {self.o.ready_timeout:.0f}s: waiting for "
+                    f"{', '.join(missing)} (logs in {self.path('logs')})"
+                )
+            await asyncio.sleep(0.1)
+
+    def _check_children(self) -> None:
+        for child in self.children.values():
+            code = child.exited()
+            if code is not None:
+                raise SandboxError(
+                    f"{child.name} exited with code {code}; the end of {child.log}:\n"
+                    f"{child.log_tail()}"
+                )
+
+    def _record(self) -> None:
+        """Fill sandbox.json and env with what runs where."""
+        assert self.nats is not None and self.nats.proc is not None and self.moto is not None
+        st = self.state
+        me = os.getpid()
+        logs = self.path("logs")
+        st.parts = [
+            Part("nats", "process", self.nats.proc.pid, self.nats_url, str(self.path("nats"))),
+            Part("aws", "in-process", me, self.moto.url, str(logs / "sandbox.log"), "moto"),
+            Part("auth", "process", self.children["auth"].pid, f"https://127.0.0.1:{self.auth_port}",
+                 str(logs / "auth.log"), self.ca_fingerprint),
+            Part("discovery", "process", self.children["discovery"].pid, "",
+                 str(logs / "discovery.log")),
+        ]  # fmt: skip
+        for agent, region in zip(("agent-1", "agent-2"), seeding.REGIONS, strict=True):
+            vpc = next(c.vpc_id for c in self.clusters if c.region == region)
+            st.parts.append(
+                Part(agent, "process", self.children[agent].pid,
+                     f"127.0.0.1:{self.agent_ports[agent]}", str(logs / f"{agent}.log"),
+                     f"vpc-id {vpc} ({region})")
+            )  # fmt: skip
+        st.databases = []
+        for c in self.clusters:
+            standin = self.standins[c.name]
+            host, port = standin.endpoint
+            nodes = [n.proc.pid for n in standin.nodes if n.proc is not None]
+            st.parts.append(
+                Part(f"memorydb {c.name}", "in-process", me, f"{host}:{port}",
+                     str(self.path("memorydb", c.name)), f"valkey pids {nodes}")
+            )  # fmt: skip
+            agent = f"agent-{seeding.REGIONS.index(c.region) + 1}"
+            st.databases.append(
+                Database(c.database, c.name, c.region, c.env, c.team, c.vpc_id,
+                         f"{c.endpoint}:{c.port}", f"{host}:{port}", agent)
+            )  # fmt: skip
+        st.pids = [p.pid for p in st.parts if p.kind == "process"]
+        st.ports = [_port(self.nats_url), _port(self.moto.url), self.auth_port,
+                    *self.agent_ports.values()]  # fmt: skip
+        for standin in self.standins.values():
+            st.pids += [n.proc.pid for n in standin.nodes if n.proc is not None]
+            st.ports += [p for _, p in standin.node_fronts] + [standin.endpoint[1]]
+            st.ports += [p for n in standin.nodes for p in (n.port, n.bus_port)]
+        st.env = {
+            "FLEETGATE_NATS_URL": self.nats_url,
+            **self.aws_env,
+            "AWS_CONFIG_FILE": str(self.path("config", "no-aws-config")),
+            "AWS_SHARED_CREDENTIALS_FILE": str(self.path("config", "no-aws-credentials")),
+            "FLEETGATE_CA_DIR": str(self.path("ca")),
+            "FLEETGATE_SANDBOX_DIR": str(self.dir),
+            "FLEETGATE_SANDBOX_AUTH": f"127.0.0.1:{self.auth_port}",
+        }
+        st.save()
+        st.write_env()
+
+    def child_exits(self) -> list[str]:
+        """Children that exited while the sandbox runs (each reported once)."""
+        out = []
+        for name, child in list(self.children.items()):
+            code = child.exited()
+            if code is not None and not self.stopping:
+                out.append(f"{name} exited with code {code} (see {child.log})")
+                del self.children[name]
+        return out
+
+    # -- stop ----------------------------------------------------------------------------
+    async def stop(self) -> list[str]:
+        """Stop everything started, children first (agents remove their heartbeats while
+        NATS still runs). Returns notes on parts that had to be killed."""
+        self.stopping = True
+        notes: list[str] = []
+        started = list(self.children.values())
+        for child in started:
+            child.terminate()
+        for note in await asyncio.gather(*(c.wait() for c in started)):
+            if note:
+                notes.append(note)
+        await asyncio.gather(*(s.stop() for s in self.standins.values()), return_exceptions=True)
+        if self.moto is not None:
+            await asyncio.to_thread(self.moto.stop)
+        if self.bus is not None:
+            await _quietly(self.bus.close)
+        if self.nats is not None:
+            await asyncio.to_thread(self.nats.stop)
+        return notes
+
+
+async def _all_or_nothing(steps: Sequence[asyncio.Future[None]]) -> None:
+    """Wait for every step; the first failure is raised (the caller cancels the rest)."""
+    pending = set(steps)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+        for step in done:
+            step.result()
+
+
+async def _answers(port: int) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
+async def _quietly(close: Callable[[], Awaitable[None]]) -> None:
+    with contextlib.suppress(Exception):  # stopping anyway
+        await asyncio.wait_for(close(), 5)
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1].rstrip("/"))

@@ -1,0 +1,217 @@
+"""``fleetgate sandbox status`` (each part: alive, answering, and what NATS says of the
+agents and databases) and ``fleetgate sandbox down`` (stop, then make sure)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from sandbox.state import (
+    Part,
+    SandboxState,
+    cmdline,
+    is_locked,
+    pid_alive,
+    port_answers,
+    port_free,
+)
+
+SUPERVISOR_GRACE = 30.0
+"""Seconds the supervisor has to stop everything after SIGTERM."""
+
+
+@dataclass
+class Fleet:
+    """What NATS says: enrolled databases and, per database, agents and their health."""
+
+    enrolled: set[str]
+    served: dict[str, list[tuple[str, str]]]
+    """database -> [(agent hostname, health status)]"""
+    error: str = ""
+
+
+def _fleet(nats_url: str) -> Fleet:
+    from bus import Bus
+    from bus.errors import BusError
+    from fleetgate import aio
+
+    async def read() -> Fleet:
+        async with await Bus.connect(nats_url, name="fleetgate-sandbox-status") as bus:
+            enrolled = {r.name for r in await bus.list_resources(create=False)}
+            served: dict[str, list[tuple[str, str]]] = {}
+            for hb in await bus.list_db_servers(create=False):
+                served.setdefault(hb.name, []).append((hb.hostname, hb.target_health.status))
+            return Fleet(enrolled, served)
+
+    try:
+        return aio.run(read())
+    except (BusError, OSError, TimeoutError) as exc:
+        return Fleet(set(), {}, error=str(exc))
+
+
+def _port_of(address: str) -> int | None:
+    tail = address.rsplit(":", 1)[-1].rstrip("/")
+    return int(tail) if tail.isdigit() else None
+
+
+def _part_health(part: Part, fleet: Fleet, state: SandboxState) -> str:
+    if not pid_alive(part.pid):
+        return "DOWN: process gone"
+    port = _port_of(part.address)
+    if port is not None and not port_answers(port):
+        return f"DOWN: nothing answers on port {port}"
+    if part.name == "nats" and fleet.error:
+        return f"DOWN: {fleet.error}"
+    if part.name == "discovery":
+        expected = {db.name for db in state.databases}
+        found = len(expected & fleet.enrolled)
+        word = "ok" if found == len(expected) else "WAITING"
+        return f"{word}: {found}/{len(expected)} databases enrolled"
+    if part.name.startswith("agent-"):
+        mine = [db.name for db in state.databases if db.agent == part.name]
+        healthy = sum(1 for db in mine if (part.name, "healthy") in fleet.served.get(db, []))
+        word = "ok" if healthy == len(mine) else "DEGRADED"
+        return f"{word}: {healthy}/{len(mine)} databases healthy (heartbeats)"
+    if part.name.startswith("memorydb "):
+        dead = [p for p in _valkey_pids(part) if not pid_alive(p)]
+        return f"DOWN: valkey pids {dead} gone" if dead else "ok"
+    return "ok"
+
+
+def _valkey_pids(part: Part) -> list[int]:
+    inner = part.detail.partition("[")[2].partition("]")[0]
+    return [int(p) for p in inner.split(",") if p.strip().isdigit()]
+
+
+def status(directory: Path, fmt: str) -> int:
+    state = SandboxState.load(directory)
+    if state is None:
+        print(f"no sandbox in {directory}: start one with fleetgate sandbox up", file=sys.stderr)
+        return 1
+    running = is_locked(directory) and pid_alive(state.pid)
+    if not running or state.state != "ready":
+        what = state.state if running else f"not running (last state: {state.state})"
+        print(f"sandbox in {directory}: {what}")
+        if state.error:
+            print(f"  {state.error}")
+        left = _leftovers(directory, state)
+        if not running and left:
+            print(f"  processes left: {left}; fleetgate sandbox down stops them")
+        return 1
+    fleet = _fleet(state.env.get("FLEETGATE_NATS_URL", ""))
+    rows = [
+        (p.name, str(p.pid), p.address or "-", _part_health(p, fleet, state)) for p in state.parts
+    ]
+    dbs = []
+    for db in state.databases:
+        agents = fleet.served.get(db.name, [])
+        health = ", ".join(f"{a} {s}" for a, s in sorted(agents)) or "no agent"
+        dbs.append((db.name, db.env, db.team, db.region, health))
+    ok = all(r[3].startswith("ok") for r in rows) and all(
+        all(s == "healthy" for _, s in fleet.served.get(db.name, [("", "none")]))
+        for db in state.databases
+    )
+    if fmt == "json":
+        doc = {
+            "dir": str(directory), "pid": state.pid, "state": state.state, "healthy": ok,
+            "ready_seconds": state.ready_seconds,
+            "parts": [dict(zip(("name", "pid", "address", "health"), r, strict=True))
+                      for r in rows],
+            "databases": [dict(zip(("name", "env", "team", "region", "agents"), d, strict=True))
+                          for d in dbs],
+        }  # fmt: skip
+        print(json.dumps(doc, indent=2))
+        return 0 if ok else 1
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.started_at))
+    print(f"sandbox in {directory}: {'running' if ok else 'DEGRADED'}, pid {state.pid}, "
+          f"since {since} (ready in {state.ready_seconds}s)")  # fmt: skip
+    print()
+    _table([("PART", "PID", "ADDRESS", "HEALTH"), *rows])
+    print()
+    _table([("DATABASE", "ENV", "TEAM", "REGION", "AGENTS"), *dbs])
+    return 0 if ok else 1
+
+
+def _table(rows: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(f"{cell:<{widths[i]}}" for i, cell in enumerate(row)).rstrip())
+
+
+# -- down --------------------------------------------------------------------------------
+
+
+def _is_sandbox_process(pid: int, directory: Path) -> bool:
+    """A process of this sandbox: valkey-server or nats-server with state under the
+    directory, a ``fleetgate ... run -c DIR/config/...`` child, or the supervisor. Never
+    the shell or the command that happens to name the directory."""
+    if pid == os.getpid() or not pid_alive(pid):
+        return False
+    args = cmdline(pid)
+    d = str(directory)
+    if d not in args:
+        return False
+    first = args.split(" ", 1)[0]
+    if first.endswith(("valkey-server", "nats-server")):
+        return True
+    return " -m fleetgate " in f" {args}" and (
+        f" -c {d}/config/" in args or (" sandbox up " in args and f"--dir {d}" in args)
+    )
+
+
+def _leftovers(directory: Path, state: SandboxState) -> list[int]:
+    """Processes of this sandbox still alive: those recorded, and any found in /proc
+    (the supervisor may have been killed before it recorded them)."""
+    pids = set(state.pids)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            pids.add(int(entry.name))
+    return sorted(p for p in pids if _is_sandbox_process(p, directory))
+
+
+def down(directory: Path) -> int:
+    state = SandboxState.load(directory)
+    if state is None:
+        print(f"no sandbox in {directory}: nothing to stop")
+        return 0
+    notes: list[str] = []
+    supervisor = state.pid if pid_alive(state.pid) and "sandbox" in cmdline(state.pid) else None
+    if supervisor is not None:
+        os.kill(supervisor, signal.SIGTERM)
+        deadline = time.monotonic() + SUPERVISOR_GRACE
+        while pid_alive(supervisor) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(supervisor):
+            os.kill(supervisor, signal.SIGKILL)
+            notes.append(
+                f"the supervisor (pid {supervisor}) did not stop in {SUPERVISOR_GRACE:.0f}s: killed"
+            )
+    for pid in _leftovers(directory, state):
+        with_args = cmdline(pid)[:80]
+        os.kill(pid, signal.SIGKILL)
+        notes.append(f"pid {pid} was still running ({with_args}): killed")
+    deadline = time.monotonic() + 5
+    busy = list(state.ports)
+    while busy and time.monotonic() < deadline:
+        busy = [p for p in busy if not port_free(p)]
+        if busy:
+            time.sleep(0.05)
+    for note in notes:
+        print(f"note: {note}")
+    alive = [p for p in state.pids if _is_sandbox_process(p, directory)]
+    if alive or busy:
+        print(f"fleetgate: error: the sandbox in {directory} left processes {alive} and "
+              f"ports in use {busy}", file=sys.stderr)  # fmt: skip
+        return 1
+    if supervisor is None and not notes:
+        print(f"sandbox in {directory} is not running: nothing to stop")
+        return 0
+    was = "stopped" if supervisor is not None else "was not running; cleaned up"
+    print(f"sandbox in {directory} {was}: no process left, {len(state.ports)} ports free")
+    return 0

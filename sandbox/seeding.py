@@ -1,0 +1,115 @@
+"""What the sandbox creates in its AWS (moto): two regions, a VPC in each, MemoryDB
+clusters tagged ``env`` and ``team``, and in each region two MemoryDB users in the
+clusters' ACL: ``app`` (IAM-enabled: nobody needs a password for it) and ``ops`` (a
+password user, for the password path).
+
+Everything goes through boto3 against ``AWS_ENDPOINT_URL``, as an operator's script
+would against AWS; only the ACL membership, which moto does not keep, is recorded in
+:data:`sandbox.aws.ACL_MEMBERS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+import boto3
+
+from sandbox.aws import ACL_MEMBERS
+
+REGIONS: Final = ("us-east-1", "eu-west-1")
+ACCOUNT: Final = "123456789012"
+"""moto's default account."""
+ACL: Final = "sandbox-acl"
+ENGINE_VERSION: Final = "7.1"
+"""IAM authentication needs 7.0 or newer."""
+IAM_USER: Final = "app"
+PASSWORD_USER: Final = "ops"
+FIRST: Final = (
+    ("orders", "dev", "us-east-1"),
+    ("payments", "staging", "eu-west-1"),
+    ("orders", "prod", "us-east-1"),
+    ("payments", "prod", "eu-west-1"),
+)
+TEAMS: Final = ("orders", "payments", "search")
+ENVS: Final = ("dev", "staging", "prod")
+
+
+@dataclass(frozen=True)
+class SeededCluster:
+    name: str
+    region: str
+    env: str
+    team: str
+    vpc_id: str
+    endpoint: str
+    """The configuration endpoint's host, as MemoryDB (moto) reports it."""
+    port: int
+
+    @property
+    def database(self) -> str:
+        """The name discovery gives it: ``<cluster>-memorydb-<region>-<account>``."""
+        return f"{self.name}-memorydb-{self.region}-{ACCOUNT}"
+
+
+def plan(count: int) -> list[tuple[str, str, str, str]]:
+    """(name, team, env, region) of ``count`` clusters: the four of the walkthrough
+    first, then more spread over the teams, environments and both regions."""
+    out = [(f"{team}-{env}", team, env, region) for team, env, region in FIRST[:count]]
+    for i in range(len(out), count):
+        team, env = TEAMS[i % len(TEAMS)], ENVS[i % len(ENVS)]
+        out.append((f"{team}-{env}-{i + 1}", team, env, REGIONS[i % len(REGIONS)]))
+    return out
+
+
+def _network(region: str, cidr: str) -> str:
+    ec2 = boto3.client("ec2", region_name=region)
+    vpc = str(ec2.create_vpc(CidrBlock=cidr)["Vpc"]["VpcId"])
+    subnet = ec2.create_subnet(VpcId=vpc, CidrBlock=cidr.replace("/16", "/24"))["Subnet"]
+    boto3.client("memorydb", region_name=region).create_subnet_group(
+        SubnetGroupName="sandbox", SubnetIds=[subnet["SubnetId"]]
+    )
+    return vpc
+
+
+def _users(region: str, ops_password: str) -> None:
+    memorydb = boto3.client("memorydb", region_name=region)
+    modes: dict[str, dict[str, Any]] = {
+        IAM_USER: {"Type": "iam"},
+        PASSWORD_USER: {"Type": "password", "Passwords": [ops_password]},
+    }
+    for name, mode in modes.items():
+        memorydb.create_user(UserName=name, AuthenticationMode=mode, AccessString="on ~* &* +@all")
+        ACL_MEMBERS.setdefault((ACCOUNT, region, name), set()).add(ACL)
+
+
+def seed(count: int, ops_password: str) -> list[SeededCluster]:
+    """Create the networks, users and ``count`` clusters; return the clusters."""
+    vpcs = {region: _network(region, f"10.{n}.0.0/16") for n, region in enumerate(REGIONS, start=1)}
+    for region in REGIONS:
+        _users(region, ops_password)
+    out: list[SeededCluster] = []
+    for name, team, env, region in plan(count):
+        cluster = boto3.client("memorydb", region_name=region).create_cluster(
+            ClusterName=name,
+            NodeType="db.t4g.small",
+            ACLName=ACL,
+            TLSEnabled=True,
+            SubnetGroupName="sandbox",
+            EngineVersion=ENGINE_VERSION,
+            NumShards=1,
+            Tags=[{"Key": "env", "Value": env}, {"Key": "team", "Value": team}],
+        )["Cluster"]
+        endpoint = cluster["ClusterEndpoint"]
+        out.append(
+            SeededCluster(
+                name=name,
+                region=region,
+                env=env,
+                team=team,
+                vpc_id=vpcs[region],
+                endpoint=str(endpoint["Address"]),
+                port=int(endpoint.get("Port") or 6379),
+            )
+        )
+    return out

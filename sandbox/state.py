@@ -1,0 +1,233 @@
+"""Where a sandbox keeps its state, and how other commands find it.
+
+Layout of the sandbox directory (default ``$FLEETGATE_HOME/sandbox``)::
+
+    sandbox.json    the supervisor's pid, every part (pid, address, log), state
+    sandbox.lock    held (flock) by the running supervisor: one sandbox per directory
+    env             export lines: FLEETGATE_NATS_URL, AWS_ENDPOINT_URL, ... for a shell
+    alice.password  alice's generated password (0600)
+    ca/             the fleet CA (``fleetgate auth init``), kept across runs
+    tls/            the MemoryDB stand-ins' CA, and the agents' server certificates
+    config/         the generated configs of discovery, the auth service and the agents
+    logs/           one log per process; sandbox.out is what ``up`` printed
+    nats/ memorydb/ agents/   NATS's store, the stand-ins' nodes, the agents' data dirs
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shlex
+import socket
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import IO, Any, Literal
+
+State = Literal["starting", "ready", "failed", "stopping", "stopped"]
+
+STATE_FILE = "sandbox.json"
+LOCK_FILE = "sandbox.lock"
+ENV_FILE = "env"
+
+
+class SandboxError(Exception):
+    """The sandbox cannot do what was asked; the message says why and what to do."""
+
+
+def default_dir() -> Path:
+    """``$FLEETGATE_HOME/sandbox`` (``~/.fleetgate/sandbox``), beside the login."""
+    from dbservice.auth.client import fleetgate_home
+
+    return fleetgate_home() / "sandbox"
+
+
+def resolve_dir(flag: str | None) -> Path:
+    return Path(flag).expanduser().absolute() if flag else default_dir()
+
+
+@dataclass
+class Part:
+    """One running part: a child process, or something the supervisor hosts itself."""
+
+    name: str
+    kind: Literal["process", "in-process"]
+    pid: int
+    address: str = ""
+    """What answers: a URL or host:port ("" when the part listens nowhere)."""
+    log: str = ""
+    detail: str = ""
+
+
+@dataclass
+class Database:
+    name: str
+    cluster: str
+    region: str
+    env: str
+    team: str
+    vpc_id: str
+    endpoint: str
+    """The endpoint MemoryDB (moto) reports, which the stand-in's certificate names."""
+    front: str
+    """Where the stand-in listens (the agents' host alias for ``endpoint``)."""
+    agent: str
+
+
+@dataclass
+class SandboxState:
+    dir: str
+    pid: int
+    state: State = "starting"
+    error: str = ""
+    started_at: float = 0.0
+    ready_seconds: float | None = None
+    parts: list[Part] = field(default_factory=list)
+    databases: list[Database] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    pids: list[int] = field(default_factory=list)
+    """Every process the sandbox started (``down`` checks each is gone)."""
+    ports: list[int] = field(default_factory=list)
+    """Every loopback port the sandbox listens on (``down`` checks each is free)."""
+
+    def save(self) -> None:
+        """Write ``sandbox.json`` atomically."""
+        path = Path(self.dir) / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        tmp.replace(path)
+
+    def write_env(self) -> Path:
+        path = Path(self.dir) / ENV_FILE
+        lines = [f"export {k}={shlex.quote(v)}" for k, v in self.env.items()]
+        path.write_text(
+            '# fleetgate sandbox: eval "$(fleetgate sandbox env)"\n' + "\n".join(lines) + "\n"
+        )
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> SandboxState | None:
+        try:
+            data: dict[str, Any] = json.loads((directory / STATE_FILE).read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise SandboxError(f"{directory / STATE_FILE} is unreadable ({exc})") from None
+        data["parts"] = [Part(**p) for p in data.get("parts", [])]
+        data["databases"] = [Database(**d) for d in data.get("databases", [])]
+        return cls(**data)
+
+
+# -- the lock: one supervisor per directory --------------------------------------------
+
+
+@contextlib.contextmanager
+def held_lock(directory: Path) -> Iterator[IO[str]]:
+    """Hold ``sandbox.lock`` for the duration, or raise SandboxError when a supervisor
+    already holds it."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle = (directory / LOCK_FILE).open("a+")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SandboxError(already_running(directory)) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield handle
+    finally:
+        handle.close()
+
+
+def is_locked(directory: Path) -> bool:
+    """Whether a supervisor holds the lock of ``directory`` now."""
+    try:
+        handle = (directory / LOCK_FILE).open("a+")
+    except FileNotFoundError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
+def already_running(directory: Path) -> str:
+    state = None
+    with contextlib.suppress(SandboxError):
+        state = SandboxState.load(directory)
+    pid = f" (pid {state.pid}, {state.state})" if state else ""
+    hint = "" if directory == default_dir() else f" --dir {directory}"
+    return (
+        f"a sandbox is already running in {directory}{pid}: see fleetgate sandbox status{hint}, "
+        f"or stop it with fleetgate sandbox down{hint}"
+    )
+
+
+# -- processes and ports ----------------------------------------------------------------
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (exited, not yet reaped by its parent) counts as gone
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    return True
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def ours(pid: int, directory: Path) -> bool:
+    """Whether ``pid`` is alive and still one of this sandbox's processes (its command
+    line names the directory), so a pid reused by another program is never signalled."""
+    return pid_alive(pid) and str(directory) in cmdline(pid)
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def port_answers(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def check_chosen_port(port: int | None, flag: str) -> None:
+    """A port the user chose must be free now; the error names it and the flag."""
+    if port is not None and port != 0 and not port_free(port):
+        raise SandboxError(
+            f"port {port} (given with {flag}) is in use on 127.0.0.1: choose another, "
+            f"or leave {flag} out for a free one"
+        )

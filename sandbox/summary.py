@@ -1,0 +1,47 @@
+"""What ``fleetgate sandbox up`` prints once the fleet is ready: what runs where, and
+the next commands to type."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sandbox.state import default_dir
+
+if TYPE_CHECKING:
+    from sandbox.fleet import Sandbox
+
+
+def summary(sandbox: Sandbox, *, foreground: bool) -> str:
+    st = sandbox.state
+    d = sandbox.dir
+    dir_flag = "" if d == default_dir() else f" --dir {d}"
+    parts = {p.name: p for p in st.parts}
+    lines = [
+        f"ready in {st.ready_seconds}s: {len(st.databases)} MemoryDB clusters, 2 agents, "
+        "discovery, auth, NATS and AWS (moto), all on 127.0.0.1",
+        "",
+        f"  nats       {parts['nats'].address}",
+        f"  aws        {parts['aws'].address}  (moto; us-east-1, eu-west-1)",
+        f"  auth       {parts['auth'].address}  (CA {sandbox.ca_fingerprint})",
+    ]
+    for agent in ("agent-1", "agent-2"):
+        dbs = ", ".join(db.cluster for db in st.databases if db.agent == agent)
+        lines.append(f"  {agent}    {parts[agent].address}  {parts[agent].detail}: {dbs}")
+    lines += [
+        "  roles      dev-access (env dev and staging, db user app), admin (everything)",
+        f"  user       alice (dev-access), password {sandbox.password} (in {d}/alice.password)",
+        f"  state      {d} (logs in {d}/logs)",
+        "",
+        "next, in " + ("another shell" if foreground else "this shell") + ":",
+        f'  eval "$(fleetgate sandbox env{dir_flag})"    # NATS and AWS for this shell',
+        f"  fleetgate login --auth {parts['auth'].address.removeprefix('https://')} "
+        f"--user alice --ca-file {d}/ca/ca.crt",
+        "  fleetgate db ls",
+    ]
+    first = next((db for db in st.databases if db.env == "dev"), st.databases[0])
+    lines += [
+        f"  fleetgate db connect {first.name} --db-user app",
+        f"  fleetgate sandbox status{dir_flag}",
+        f"  fleetgate sandbox down{dir_flag}" + ("    # or Ctrl-C here" if foreground else ""),
+    ]
+    return "\n".join(lines)
