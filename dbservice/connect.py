@@ -209,6 +209,10 @@ class Tunnel:
                 await _say(writer, encode_refusal(f"fleetgate: {exc}"))
                 return
             await relay(reader, writer, *upstream)
+        except asyncio.CancelledError:
+            # stop_sessions() ends it; returning (not re-raising) keeps asyncio's stream
+            # callback from logging a cancelled handler as an error with a traceback
+            pass
         except Exception:  # one connection's bug must not stop the tunnel
             logger.exception("connection to %s failed", self.database)
         finally:
