@@ -77,9 +77,12 @@ def _int(text: bytes, client: bool, what: str) -> int:
         raise (ProtocolError if client else UpstreamProtocolError)(f"invalid {what}") from None
 
 
-async def read_command(reader: asyncio.StreamReader, limits: ProxyLimits) -> list[bytes] | None:
-    """The next command's arguments, name first; None at a clean end of input. Empty
-    commands (``*0``, blank inline lines) are skipped as the server skips them."""
+async def read_command(
+    reader: asyncio.StreamReader, limits: ProxyLimits
+) -> tuple[list[bytes], int] | None:
+    """The next command's arguments (name first) and its size on the wire; None at a
+    clean end of input. Empty commands (``*0``, blank inline lines) are skipped as the
+    server skips them."""
     while True:
         try:
             first = await reader.readexactly(1)
@@ -96,10 +99,11 @@ async def read_command(reader: asyncio.StreamReader, limits: ProxyLimits) -> lis
                 raise ProtocolError("too big inline request")
             args = split_args(first + rest)
             if args:
-                return args
+                return args, len(rest) + 1
             continue
         try:
             line = await _line(reader, 64, True)
+            size = len(line) + 1
             argc = _int(line[:-2], True, "multibulk length")
             if argc > limits.max_multibulk:
                 raise ProtocolError("invalid multibulk length")
@@ -110,11 +114,12 @@ async def read_command(reader: asyncio.StreamReader, limits: ProxyLimits) -> lis
                 header = await _line(reader, 64, True)
                 if header[:1] != b"$":
                     raise ProtocolError(f"expected '$', got '{chr(header[0])}'")
-                size = _int(header[1:-2], True, "bulk length")
-                if size < 0 or size > limits.max_bulk:
+                length = _int(header[1:-2], True, "bulk length")
+                if length < 0 or length > limits.max_bulk:
                     raise ProtocolError("invalid bulk length")
-                args.append((await reader.readexactly(size + 2))[:-2])
-            return args
+                args.append((await reader.readexactly(length + 2))[:-2])
+                size += len(header) + length + 2
+            return args, size
         except asyncio.IncompleteReadError:
             return None
 

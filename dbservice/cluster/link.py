@@ -1,0 +1,185 @@
+"""One connection from a cluster session to one node, opened on first use.
+
+Commands are written at once (pipelined) and each gets a future for its whole reply,
+resolved in order by the link's reader task. While the connection is being opened
+(dial, TLS, the login strategy, the session's protocol and name) commands are buffered
+and written when it is ready. A link that cannot open, or whose connection ends, fails
+every future it still holds with :class:`LinkError`; the session opens a new link the
+next time it needs that node.
+
+Pushes (RESP3 ``>`` frames) are not replies: they go to ``on_push``. A link opened for
+pub/sub (``pubsub=True``) hands every frame it reads to ``on_push`` instead, since a
+subscribed connection's replies are messages and confirmations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+from dbservice.proxy.errors import UpstreamProtocolError
+from dbservice.proxy.session import Streams
+from dbservice.proxy.settings import ProxyLimits
+
+from .resp import read_frame
+from .topology import Address
+
+logger = logging.getLogger(__name__)
+
+Dial = Callable[[Address], Awaitable[Streams]]
+"""Connect to a node (the agent applies host aliases and TLS)."""
+Prepare = Callable[["Link", Streams], Awaitable[None]]
+"""Make a fresh connection the session's (login, protocol, name) before first use."""
+
+
+class LinkError(Exception):
+    """The link could not open or its connection ended; the message says which node
+    and why, and is shown to the client."""
+
+
+class Link:
+    def __init__(
+        self,
+        address: Address,
+        *,
+        dial: Dial,
+        prepare: Prepare,
+        limits: ProxyLimits,
+        on_push: Callable[[Link, bytes], None] | None = None,
+        pubsub: bool = False,
+    ) -> None:
+        self.address = address
+        self._dial = dial
+        self._prepare = prepare
+        self._limits = limits
+        self._on_push = on_push
+        self.pubsub = pubsub
+        self._waiters: deque[asyncio.Future[bytes]] = deque()
+        self._buffer: list[bytes] = []
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.failed: LinkError | None = None
+        self.closed = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    @property
+    def ready(self) -> bool:
+        return self._writer is not None
+
+    @property
+    def owed(self) -> int:
+        return len(self._waiters)
+
+    def start(self, streams: Streams | None = None) -> None:
+        """Open the link (or adopt ``streams``, a connection already made ready)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(streams), name=f"cluster-link-{self.name}")
+
+    def send(self, payload: bytes, replies: int = 1) -> list[asyncio.Future[bytes]]:
+        """Write ``payload`` (``replies`` commands) now, or once the link is open."""
+        if self.failed is not None or self.closed:
+            raise self.failed or LinkError(f"node {self.name}: link closed")
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in range(replies)]
+        if not self.pubsub:
+            self._waiters.extend(futures)
+        if self._writer is not None:
+            self._writer.write(payload)
+        else:
+            self._buffer.append(payload)
+            self.start()
+        return futures
+
+    def write(self, payload: bytes) -> None:
+        """Write without expecting replies (a pub/sub link's commands)."""
+        if self._writer is not None:
+            self._writer.write(payload)
+        else:
+            self._buffer.append(payload)
+            self.start()
+
+    async def call(self, payload: bytes) -> bytes:
+        """One command, its reply (for the session's own bookkeeping commands)."""
+        (future,) = self.send(payload)
+        return await future
+
+    async def _run(self, adopted: Streams | None) -> None:
+        streams: Streams | None = adopted
+        try:
+            try:
+                if streams is None:
+                    streams = await self._dial(self.address)
+                    await self._prepare(self, streams)
+            except (OSError, TimeoutError, ValueError) as exc:
+                raise LinkError(f"cannot reach node {self.name}: {_reason(exc)}") from None
+            reader, writer = streams
+            self._writer = writer
+            if self._buffer:
+                writer.write(b"".join(self._buffer))
+                self._buffer.clear()
+            await self._read(reader)
+        except LinkError as exc:
+            self._fail(exc)
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            self._fail(LinkError(f"connection to node {self.name} lost: {_reason(exc)}"))
+        except UpstreamProtocolError as exc:
+            self._fail(LinkError(f"node {self.name} sent a reply that did not parse: {exc}"))
+        except asyncio.CancelledError:
+            self._fail(LinkError(f"node {self.name}: link closed"))
+            raise
+        except Exception as exc:
+            logger.exception("cluster link to %s failed", self.name)
+            self._fail(LinkError(f"node {self.name}: internal error {exc!r}"))
+        finally:
+            if streams is not None:
+                streams[1].transport.abort()
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        limits = self._limits
+        waiters = self._waiters
+        while True:
+            frame = await read_frame(reader, limits)
+            if self.pubsub or frame[0] == 62:  # '>'
+                if self._on_push is not None:
+                    self._on_push(self, frame)
+                continue
+            if not waiters:
+                raise UpstreamProtocolError("a reply nobody asked for")
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(frame)
+
+    def _fail(self, error: LinkError) -> None:
+        if self.failed is None:
+            self.failed = error
+        self._writer = None
+        while self._waiters:
+            future = self._waiters.popleft()
+            if not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved: nobody may be waiting any more
+        if self.pubsub and self._on_push is not None and not self.closed:
+            self._on_push(self, b"")
+
+    async def aclose(self) -> None:
+        self.closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._fail(LinkError(f"node {self.name}: link closed"))
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "the server closed the connection"
+    if isinstance(exc, TimeoutError):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__

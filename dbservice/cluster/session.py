@@ -1,0 +1,971 @@
+"""The cluster engine: one client session that sees one plain server, routed over
+one connection per shard primary.
+
+Two tasks per session:
+
+* the reader reads whole commands, asks the hooks (roles, audit) exactly as the
+  single-node engine does, plans each command (one shard by its keys' slot, split per
+  slot, every primary, or answered here) and sends it at once: it never waits for a
+  reply, so pipelines stay pipelines and fan out over the shards;
+* the writer takes the planned commands in the client's order, waits for each one's
+  replies, follows redirects, merges, and writes the answer. Replies are therefore in
+  the client's order whatever order the shards answer in.
+
+Redirects: ``MOVED`` refreshes the topology and sends the command to the new owner;
+``ASK`` sends ``ASKING`` and the command to the node named, once per redirect;
+``TRYAGAIN`` and ``CLUSTERDOWN`` are retried after a bounded backoff. While the writer
+handles one, the reader stops sending (the *gate*) until every command sent before it
+is answered, so two commands on one key are never reordered by a retry.
+
+Links (:class:`~dbservice.cluster.link.Link`) open on first use and are made the
+session's before any command is written on them: the agent's login strategy, then the
+client's confirmed AUTH, its protocol (HELLO 3) and its client name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from typing import Final
+
+from dbservice.agent.login import UpstreamLogin, UpstreamLoginError
+from dbservice.proxy.commands import parse_hello
+from dbservice.proxy.errors import ProtocolError
+from dbservice.proxy.hooks import SessionHooks
+from dbservice.proxy.session import SessionStats, Streams, set_nodelay
+from dbservice.proxy.settings import ProxyLimits, ProxyTimeouts
+
+from . import merge
+from .keyspecs import CommandTable
+from .link import Dial, Link, LinkError
+from .pubsub import PubSub
+from .resp import (
+    OK,
+    encode_command,
+    encode_value,
+    error,
+    error_of,
+    read_command,
+    read_frame,
+)
+from .slots import key_slot
+from .state import ClusterState
+from .topology import Address, Topology, TopologyError
+
+logger = logging.getLogger(__name__)
+
+MAX_REDIRECTS: Final = 5
+BACKOFF: Final = (0.01, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
+"""Seconds before each retry after TRYAGAIN / CLUSTERDOWN (about 1.6 s in all)."""
+SPLIT: Final = frozenset({"MGET", "MSET", "DEL", "UNLINK", "EXISTS", "TOUCH"})
+"""Multi-key commands split per slot when their keys are in several slots."""
+NOT_HERE: Final = "use fleetgate db connect --node <shard> to send it to one shard"
+_ASKING: Final = encode_command([b"ASKING"])
+_MULTI: Final = encode_command([b"MULTI"])
+_EXEC: Final = encode_command([b"EXEC"])
+_UNWATCH: Final = encode_command([b"UNWATCH"])
+_QUEUED: Final = b"+QUEUED\r\n"
+_EXECABORT: Final = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+
+
+class _Request:
+    """One command to one node; ``future`` is its reply."""
+
+    __slots__ = ("address", "args", "future", "payload", "slot")
+
+    def __init__(self, args: Sequence[bytes], slot: int | None, address: Address) -> None:
+        self.args = args
+        self.payload = encode_command(args)
+        self.slot = slot
+        self.address = address
+        self.future: asyncio.Future[bytes] | None = None
+
+
+class _Entry:
+    """One client command's place in the reply order."""
+
+    __slots__ = ("close", "counted", "name")
+
+    def __init__(self, name: str, *, counted: bool = True, close: bool = False) -> None:
+        self.name = name
+        self.counted = counted
+        self.close = close
+
+    async def resolve(self, session: ClusterSession) -> bytes:
+        raise NotImplementedError
+
+
+class _Local(_Entry):
+    __slots__ = ("reply",)
+
+    def __init__(self, name: str, reply: bytes, *, counted: bool = True, close: bool = False):
+        super().__init__(name, counted=counted, close=close)
+        self.reply = reply
+
+    async def resolve(self, session: ClusterSession) -> bytes:
+        return self.reply
+
+
+class _Forward(_Entry):
+    __slots__ = ("after", "request")
+
+    def __init__(
+        self, name: str, request: _Request, after: Callable[[bytes], bytes] | None = None
+    ) -> None:
+        super().__init__(name)
+        self.request = request
+        self.after = after
+
+    async def resolve(self, session: ClusterSession) -> bytes:
+        frame = await session._complete(self.request)
+        return self.after(frame) if self.after is not None else frame
+
+
+class _Fan(_Entry):
+    __slots__ = ("merge", "requests")
+
+    def __init__(
+        self, name: str, requests: list[_Request], merge: Callable[[list[bytes]], bytes]
+    ) -> None:
+        super().__init__(name)
+        self.requests = requests
+        self.merge = merge
+
+    async def resolve(self, session: ClusterSession) -> bytes:
+        frames = [await session._complete(request) for request in self.requests]
+        return self.merge(frames)
+
+
+class _Transaction(_Entry):
+    """MULTI, the queued commands and EXEC, sent together to one shard at EXEC."""
+
+    __slots__ = ("commands", "futures", "slot")
+
+    def __init__(self, commands: list[Sequence[bytes]], slot: int | None) -> None:
+        super().__init__("EXEC")
+        self.commands = commands
+        self.slot = slot
+        self.futures: list[asyncio.Future[bytes]] = []
+
+    async def resolve(self, session: ClusterSession) -> bytes:
+        return await session._run_transaction(self)
+
+
+class _PubSubEntry(_Entry):
+    """A (un)subscribe: written in its turn, answered by its confirmations."""
+
+    __slots__ = ("count", "kind", "targets")
+
+    def __init__(
+        self,
+        name: str,
+        targets: list[tuple[Address | None, Sequence[bytes]]],
+        kind: bytes,
+        count: int,
+    ) -> None:
+        super().__init__(name)
+        self.targets = targets
+        self.kind = kind
+        self.count = count
+
+    async def resolve(self, session: ClusterSession) -> bytes:
+        return await session._pubsub.run(self.targets, self.kind, self.count)
+
+
+_END = _Local("", b"", counted=False, close=True)
+
+
+class ClusterSession:
+    """Proxies one client connection over a cluster until either side ends.
+
+    ``seed`` is a connection to the configuration endpoint already logged in by
+    ``login`` (``logged_in`` is what :meth:`UpstreamLogin.login` returned); every other
+    connection is dialled with ``dial`` and logged in the same way."""
+
+    def __init__(
+        self,
+        client: Streams,
+        seed: Streams,
+        *,
+        seed_address: Address,
+        state: ClusterState,
+        dial: Dial,
+        login: UpstreamLogin,
+        db_user: str,
+        hooks: SessionHooks,
+        database: str = "",
+        limits: ProxyLimits | None = None,
+        timeouts: ProxyTimeouts | None = None,
+        connect_timeout: float = 10.0,
+        client_id: int = 0,
+    ) -> None:
+        self._client_reader, self._client_writer = client
+        self._limits = limits or ProxyLimits()
+        self._timeouts = timeouts or ProxyTimeouts()
+        self._connect_timeout = connect_timeout
+        self._state = state
+        self._dial = dial
+        self._login = login
+        self._db_user = db_user
+        self._hooks = hooks
+        self._database = database
+        self._client_id = client_id
+        self.stats = SessionStats()
+        self.resp3 = False
+        self._proto = 2
+        self._creds: list[bytes] | None = None
+        """The client's last AUTH the server accepted (replayed on new links)."""
+        self._name: bytes | None = None
+        self._links: dict[Address, Link] = {}
+        self._seed = Link(
+            seed_address,
+            dial=dial,
+            prepare=self._prepare,
+            limits=self._limits,
+        )
+        self._seed.start(seed)
+        self._topology: Topology | None = None
+        self._table: CommandTable | None = None
+        self._queue: asyncio.Queue[_Entry] = asyncio.Queue(self._limits.max_pending)
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self._barrier = 0
+        self._sent = 0
+        self._written = 0
+        self._multi: list[Sequence[bytes]] | None = None
+        self._multi_slot: int | None = None
+        self._multi_failed = False
+        self._watch: Address | None = None
+        self._watch_slot: int | None = None
+        self._last: Address | None = None
+        self._loop = asyncio.get_running_loop()
+        self._activity = self._loop.time()
+        self._pubsub = PubSub(self)
+        self._background: set[asyncio.Task[None]] = set()
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(self) -> SessionStats:
+        set_nodelay(self._client_writer)
+        reader = asyncio.create_task(self._read_client(), name="cluster-session-reader")
+        writer = asyncio.create_task(self._write_client(), name="cluster-session-writer")
+        idle = asyncio.create_task(self._idle(), name="cluster-session-idle")
+        try:
+            done, _ = await asyncio.wait(
+                (reader, writer, idle), return_when=asyncio.FIRST_COMPLETED
+            )
+            if (
+                writer not in done
+                and reader in done
+                and not self.stats.reason.startswith("internal")
+            ):
+                await writer
+            for task in done:
+                if not task.cancelled() and (exc := task.exception()) is not None:
+                    logger.error("cluster session failed", exc_info=exc)
+                    self.stats.reason = f"internal error: {exc!r}"
+        except asyncio.CancelledError:
+            self.stats.reason = "stopped"
+            raise
+        finally:
+            for task in (reader, writer, idle):
+                task.cancel()
+            await asyncio.gather(reader, writer, idle, return_exceptions=True)
+            await self.aclose()
+            self.stats.duration = time.time() - self.stats.started
+        return self.stats
+
+    async def aclose(self) -> None:
+        links = [self._seed, *self._links.values()]
+        self._links.clear()
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._pubsub.aclose()
+        await asyncio.gather(*(link.aclose() for link in links), return_exceptions=True)
+        self._client_writer.transport.abort()
+
+    async def _idle(self) -> None:
+        limit = self._timeouts.idle
+        if limit is None:
+            await asyncio.Event().wait()
+            return
+        while True:
+            remaining = self._activity + limit - self._loop.time()
+            if remaining <= 0:
+                self.stats.reason = "idle"
+                return
+            await asyncio.sleep(remaining)
+
+    # -- the client side ------------------------------------------------------------------
+
+    async def _read_client(self) -> None:
+        reader, limits = self._client_reader, self._limits
+        while True:
+            try:
+                command = await read_command(reader, limits)
+            except ProtocolError as exc:
+                self.stats.reason = f"protocol error: {exc.detail}"
+                await self._queue.put(_Local("", exc.reply, counted=False, close=True))
+                return
+            except (ConnectionError, OSError):
+                command = None
+            if command is None:
+                self.stats.reason = self.stats.reason or "client closed"
+                await self._queue.put(_END)
+                return
+            args, size = command
+            self._activity = self._loop.time()
+            self.stats.bytes_from_client += size
+            if not self._gate.is_set():
+                await self._gate.wait()
+            entry = await self._command(args)
+            if entry is not None:
+                self._sent += 1
+                await self._queue.put(entry)
+                if entry.close:
+                    return
+
+    async def _write_client(self) -> None:
+        writer = self._client_writer
+        transport = writer.transport
+        high = self._limits.write_high_water
+        queue, hooks, stats = self._queue, self._hooks, self.stats
+        while True:
+            entry = await queue.get()
+            if entry is _END:
+                return
+            reply = await entry.resolve(self)
+            if reply:
+                stats.bytes_to_client += len(reply)
+                writer.write(reply)
+                if transport.get_write_buffer_size() > high:
+                    await writer.drain()
+            if entry.counted:
+                stats.replies += 1
+                hooks.on_reply(entry.name, reply[:1] in (b"-", b"!"))
+            self._written += 1
+            if not self._gate.is_set() and self._written >= self._barrier:
+                self._gate.set()
+            if entry.close:
+                with contextlib.suppress(OSError):
+                    await writer.drain()
+                return
+
+    def push(self, frame: bytes) -> None:
+        """A message for the client outside the reply order (pub/sub)."""
+        self.stats.pushes += 1
+        self.stats.bytes_to_client += len(frame)
+        self._client_writer.write(frame)
+
+    # -- links ----------------------------------------------------------------------------
+
+    def link(self, address: Address, *, pubsub: bool = False) -> Link:
+        link = self._links.get(address)
+        if link is None or link.failed is not None or link.closed:
+            link = Link(address, dial=self._dial, prepare=self._prepare, limits=self._limits)
+            self._links[address] = link
+        return link
+
+    async def _prepare(self, link: Link, streams: Streams) -> None:
+        """A new connection becomes the session's: login, AUTH, protocol, name."""
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                ready = await self._login.login(streams, db_user=self._db_user)
+                commands = []
+                if not ready and self._creds is not None:
+                    commands.append(self._creds)
+                if self._proto == 3:
+                    commands.append([b"HELLO", b"3"])
+                if self._name:
+                    commands.append([b"CLIENT", b"SETNAME", self._name])
+                if not commands:
+                    return
+                reader, writer = streams
+                writer.write(b"".join(encode_command(c) for c in commands))
+                for command in commands:
+                    frame = await read_frame(reader, self._limits)
+                    if (err := error_of(frame)) is not None:
+                        shown = command[0].decode()
+                        reason = err.decode("utf-8", "replace")
+                        raise LinkError(f"node {link.name}: {shown} failed: {reason}")
+        except UpstreamLoginError as exc:
+            raise LinkError(f"cannot log in to node {link.name}: {exc}") from None
+        except asyncio.IncompleteReadError:
+            raise LinkError(f"node {link.name} closed the connection") from None
+
+    def _home(self) -> Address:
+        """Where keyless commands go: the first shard's primary."""
+        assert self._topology is not None
+        primaries = self._topology.primaries
+        return primaries[0].address if primaries else self._seed.address
+
+    def _owner(self, slot: int) -> Address:
+        assert self._topology is not None
+        shard = self._topology.shard_of_slot(slot)
+        return shard.primary.address if shard is not None else self._home()
+
+    def _send(self, request: _Request, *, asking: bool = False) -> None:
+        link = self._seed if request.address == self._seed.address else self.link(request.address)
+        try:
+            if asking:
+                ask, request.future = link.send(_ASKING + request.payload, 2)
+                ask.add_done_callback(_retrieve)
+            else:
+                (request.future,) = link.send(request.payload)
+        except LinkError as exc:
+            request.future = self._loop.create_future()
+            request.future.set_exception(exc)
+
+    def _request(
+        self, args: Sequence[bytes], slot: int | None, address: Address | None = None
+    ) -> _Request:
+        request = _Request(
+            args, slot, address or (self._owner(slot) if slot is not None else self._home())
+        )
+        self._send(request)
+        return request
+
+    # -- the writer's side: replies, redirects, retries ----------------------------------
+
+    async def _complete(self, request: _Request) -> bytes:
+        attempt = 0
+        while True:
+            assert request.future is not None
+            try:
+                frame = await request.future
+            except LinkError as exc:
+                self._hold()
+                await self._refresh_quietly()
+                return error(f"ERR fleetgate: {exc}")
+            if frame[0] != 45 or attempt >= MAX_REDIRECTS:  # not '-'
+                return frame
+            code = frame[1 : frame.find(b" ", 1)] if b" " in frame else frame[1:-2]
+            if code not in (b"MOVED", b"ASK", b"TRYAGAIN", b"CLUSTERDOWN"):
+                return frame
+            self._hold()
+            attempt += 1
+            if code == b"MOVED" or code == b"ASK":
+                parts = frame[1:-2].split(b" ")
+                address = _address(parts[2]) if len(parts) >= 3 else None
+                if address is None:
+                    return frame
+                if code == b"MOVED":
+                    await self._moved(int(parts[1]), address)
+                request.address = address
+                self._send(request, asking=code == b"ASK")
+                continue
+            await asyncio.sleep(BACKOFF[min(attempt - 1, len(BACKOFF) - 1)])
+            if code == b"CLUSTERDOWN":
+                await self._refresh_quietly()
+            if request.slot is not None:
+                request.address = self._owner(request.slot)
+            self._send(request)
+
+    def _hold(self) -> None:
+        """Stop sending new commands until every command sent so far is answered."""
+        if self._gate.is_set():
+            self._gate.clear()
+            self._barrier = self._sent
+
+    async def _moved(self, slot: int, address: Address) -> None:
+        state = self._state
+        if state.topology is not None and state.topology is not self._topology:
+            self._topology = state.topology  # another session already refreshed
+        if self._owner(slot) != address:
+            await self._refresh_quietly()
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            self._topology = await self._state.refresh(self._seed)
+        except (LinkError, TopologyError) as exc:
+            logger.warning("cluster %s: cannot refresh the topology: %s", self._database, exc)
+
+    async def _run_transaction(self, tx: _Transaction) -> bytes:
+        for attempt in range(MAX_REDIRECTS + 1):
+            address = self._watch or (self._owner(tx.slot) if tx.slot is not None else self._home())
+            link = self.link(address)
+            payload = _MULTI + b"".join(encode_command(c) for c in tx.commands) + _EXEC
+            try:
+                futures = link.send(payload, len(tx.commands) + 2)
+                frames = [await future for future in futures]
+            except LinkError as exc:
+                return error(f"ERR fleetgate: {exc}")
+            queued = frames[1:-1]
+            redirect = next(
+                (f for f in queued if f.startswith((b"-MOVED", b"-ASK", b"-TRYAGAIN"))), None
+            )
+            if redirect is None or self._watch is not None or attempt == MAX_REDIRECTS:
+                self._watch = self._watch_slot = None
+                return frames[-1]
+            self._hold()  # nothing ran (EXECABORT): send it where the slot is now
+            await asyncio.sleep(BACKOFF[min(attempt, len(BACKOFF) - 1)])
+            await self._refresh_quietly()
+        return _EXECABORT
+
+    # -- planning one command --------------------------------------------------------------
+
+    async def _command(self, args: list[bytes]) -> _Entry | None:
+        name = args[0].decode("latin-1").upper()
+        self.stats.commands += 1
+        if name == "AUTH" or name == "HELLO":
+            return self._login_command(name, args)
+        verdict = self._hooks.on_command(name, len(args), args)
+        if verdict is not None:
+            self.stats.refused += 1
+            return _Local(name, verdict, counted=False)
+        if self._topology is None or self._table is None:
+            try:
+                self._topology, self._table = await self._state.ensure(self._seed)
+            except (LinkError, TopologyError, ValueError) as exc:
+                return _Local(name, error(f"ERR fleetgate: cannot learn the cluster: {exc}"))
+        if self._pubsub.active and name not in _SUBSCRIBED_OK:
+            return _Local(
+                name,
+                error(
+                    f"ERR Can't execute '{name.lower()}': only (P|S)SUBSCRIBE / "
+                    "(P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+                ),
+            )
+        if self._multi is not None and name not in ("EXEC", "DISCARD", "MULTI", "WATCH", "QUIT"):
+            return self._queue_in_transaction(name, args)
+        handler = _HANDLERS.get(name)
+        if handler is not None:
+            return handler(self, name, args)
+        return self._route(name, args)
+
+    def _route(self, name: str, args: list[bytes]) -> _Entry:
+        assert self._table is not None
+        positions = self._table.key_positions(args)
+        if not positions:
+            return _Forward(name, self._request(args, None))
+        slot = key_slot(args[positions[0]])
+        if len(positions) > 1 and name in SPLIT:
+            slots = [key_slot(args[p]) for p in positions]
+            if any(s != slot for s in slots):
+                return self._split(name, args, positions, slots)
+        request = self._request(args, slot)
+        self._last = request.address
+        return _Forward(name, request)
+
+    def _split(
+        self, name: str, args: list[bytes], positions: list[int], slots: list[int]
+    ) -> _Entry:
+        groups: dict[int, list[int]] = {}
+        for position, slot in zip(positions, slots, strict=True):
+            groups.setdefault(slot, []).append(position)
+        requests: list[_Request] = []
+        order: dict[int, tuple[int, int]] = {}
+        for slot, members in groups.items():
+            sub: list[bytes] = [args[0]]
+            for i, position in enumerate(members):
+                sub.append(args[position])
+                if name == "MSET":
+                    sub.append(args[position + 1])
+                order[position] = (len(requests), i)
+            requests.append(self._request(sub, slot))
+        if name == "MGET":
+            where = [order[p] for p in positions]
+            return _Fan(name, requests, lambda frames: merge.regroup(where, frames, self.resp3))
+        if name == "MSET":
+            return _Fan(name, requests, merge.all_ok)
+        return _Fan(name, requests, merge.total)
+
+    def _everywhere(
+        self, name: str, args: Sequence[bytes], combine: Callable[[list[bytes]], bytes]
+    ) -> _Entry:
+        assert self._topology is not None
+        primaries = [node.address for node in self._topology.primaries]
+        return _Fan(name, [self._request(args, None, a) for a in primaries], combine)
+
+    # -- AUTH and HELLO ----------------------------------------------------------------------
+
+    def _login_command(self, name: str, args: list[bytes]) -> _Entry:
+        hooks = self._hooks
+        verdict = hooks.on_command(name, len(args), args)
+        if verdict is not None:
+            self.stats.refused += 1
+            return _Local(name, verdict, counted=False)
+        if name == "AUTH":
+            if len(args) not in (2, 3):
+                return self._to_seed(name, args, None)
+            action = hooks.on_auth(args[1] if len(args) == 3 else None, args[-1])
+            if action.reply is not None:
+                return _Local(name, action.reply, counted=False)
+            command = list(action.replacement or args)
+            return self._to_seed(name, command, command)
+        hello = parse_hello(args)
+        if hello is None:
+            return self._to_seed(name, args, None)
+        action = hooks.on_hello(hello)
+        if action.reply is not None:
+            return _Local(name, action.reply, counted=False)
+        command = list(action.replacement or args)
+        sent = parse_hello(command)
+        creds = None
+        if sent is not None:
+            if sent.protover is not None:
+                self._proto = sent.protover
+            if sent.username is not None and sent.password is not None:
+                creds = [b"AUTH", sent.username, sent.password]
+        entry = self._to_seed(name, command, creds)
+        protover = sent.protover if sent is not None else None
+        setname = sent.setname if sent is not None else None
+
+        def done(frame: bytes) -> bytes:
+            if error_of(frame) is None:
+                if protover is not None:
+                    self.resp3 = protover == 3
+                if setname is not None:
+                    self._name = setname
+            return frame
+
+        assert isinstance(entry, _Forward)
+        entry.after = _chain(entry.after, done)
+        return entry
+
+    def _to_seed(self, name: str, command: list[bytes], creds: list[bytes] | None) -> _Entry:
+        """AUTH / HELLO: answered by the seed connection, also sent to every open link."""
+        request = _Request(command, None, self._seed.address)
+        self._send(request)
+        if creds is not None or name == "HELLO":
+            for link in list(self._links.values()):
+                if link.failed is None and not link.closed:
+                    with contextlib.suppress(LinkError):
+                        for future in link.send(request.payload):
+                            future.add_done_callback(_retrieve)
+
+        def confirm(frame: bytes) -> bytes:
+            if creds is not None and error_of(frame) is None:
+                self._creds = creds
+            return frame
+
+        return _Forward(name, request, confirm)
+
+    # -- transactions -------------------------------------------------------------------------
+
+    def _queue_in_transaction(self, name: str, args: list[bytes]) -> _Entry:
+        assert self._multi is not None and self._table is not None
+        if name in _NOT_IN_TRANSACTION:
+            self._multi_failed = True
+            return _Local(
+                name, error(f"ERR {name} cannot run in a transaction through fleetgate: {_WHY_TX}")
+            )
+        slots = {key_slot(args[p]) for p in self._table.key_positions(args)}
+        if self._multi_slot is not None:
+            slots.add(self._multi_slot)
+        if len(slots) > 1:
+            self._multi_failed = True
+            return _Local(
+                name,
+                error(
+                    "CROSSSLOT Keys in request don't hash to the same slot (a transaction "
+                    f"through fleetgate runs on one shard: {_WHY_TX})"
+                ),
+            )
+        if slots:
+            self._multi_slot = slots.pop()
+        self._multi.append(args)
+        return _Local(name, _QUEUED)
+
+    def _multi_begin(self, name: str, args: list[bytes]) -> _Entry:
+        if self._multi is not None:
+            return _Local(name, error("ERR MULTI calls can not be nested"))
+        if len(args) != 1:
+            return _Local(name, error("ERR wrong number of arguments for 'multi' command"))
+        self._multi, self._multi_failed = [], False
+        self._multi_slot = self._watch_slot
+        return _Local(name, OK)
+
+    def _exec(self, name: str, args: list[bytes]) -> _Entry:
+        if self._multi is None:
+            return _Local(name, error("ERR EXEC without MULTI"))
+        commands, failed, slot = self._multi, self._multi_failed, self._multi_slot
+        self._multi, self._multi_failed, self._multi_slot = None, False, None
+        if failed:
+            self._unwatch()
+            return _Local(name, _EXECABORT)
+        return _Transaction(commands, slot)
+
+    def _discard(self, name: str, args: list[bytes]) -> _Entry:
+        if self._multi is None:
+            return _Local(name, error("ERR DISCARD without MULTI"))
+        self._multi, self._multi_failed, self._multi_slot = None, False, None
+        self._unwatch()
+        return _Local(name, OK)
+
+    def _watch_keys(self, name: str, args: list[bytes]) -> _Entry:
+        assert self._table is not None
+        if self._multi is not None:
+            return _Local(name, error("ERR WATCH inside MULTI is not allowed"))
+        slots = {key_slot(args[p]) for p in self._table.key_positions(args)}
+        if self._watch_slot is not None:
+            slots.add(self._watch_slot)
+        if len(slots) > 1:
+            return _Local(
+                name,
+                error(
+                    "CROSSSLOT Keys in request don't hash to the same slot (watched keys "
+                    f"through fleetgate must share one slot: {_WHY_TX})"
+                ),
+            )
+        if not slots:
+            return _Forward(name, self._request(args, None))
+        slot = slots.pop()
+        request = self._request(args, slot)
+        self._watch, self._watch_slot = request.address, slot
+        return _Forward(name, request)
+
+    def _unwatch(self) -> None:
+        if self._watch is not None:
+            for future in self.link(self._watch).send(_UNWATCH):
+                future.add_done_callback(_retrieve)
+        self._watch = self._watch_slot = None
+
+    def _unwatch_command(self, name: str, args: list[bytes]) -> _Entry:
+        self._unwatch()
+        return _Local(name, OK)
+
+    # -- whole-cluster and connection commands ------------------------------------------------
+
+    def _dbsize(self, name: str, args: list[bytes]) -> _Entry:
+        if len(args) != 1:
+            return _Forward(name, self._request(args, None))
+        return self._everywhere(name, args, merge.total)
+
+    def _keys(self, name: str, args: list[bytes]) -> _Entry:
+        return self._everywhere(name, args, lambda frames: merge.concat(frames, self.resp3))
+
+    def _flush(self, name: str, args: list[bytes]) -> _Entry:
+        return self._everywhere(name, args, merge.all_ok)
+
+    def _randomkey(self, name: str, args: list[bytes]) -> _Entry:
+        assert self._topology is not None
+        primaries = [node.address for node in self._topology.primaries]
+        random.shuffle(primaries)
+        return _Fan(name, [self._request(args, None, a) for a in primaries], merge.random_key)
+
+    def _scan(self, name: str, args: list[bytes]) -> _Entry:
+        assert self._topology is not None
+        if len(args) < 2:
+            return _Forward(name, self._request(args, None))
+        primaries = [node.address for node in self._topology.primaries]
+        where = merge.scan_cursor(args[1], len(primaries))
+        if where is None:
+            return _Local(name, error("ERR invalid cursor"))
+        index, position = where
+        sub = [args[0], b"%d" % position, *args[2:]]
+        request = self._request(sub, None, primaries[index])
+        count = len(primaries)
+        return _Forward(
+            name, request, lambda frame: merge.scan_reply(frame, index, count, self.resp3)
+        )
+
+    def _script(self, name: str, args: list[bytes]) -> _Entry:
+        sub = args[1].upper() if len(args) > 1 else b""
+        if sub in (b"LOAD", b"FLUSH"):
+            return self._everywhere(name, args, merge.first)
+        if sub == b"EXISTS":
+            return self._everywhere(name, args, lambda frames: merge.all_true(frames, self.resp3))
+        if sub in (b"KILL", b"DEBUG"):
+            return _Local(name, error(f"ERR SCRIPT {sub.decode()} runs on one node: {NOT_HERE}"))
+        return _Forward(name, self._request(args, None))
+
+    def _function(self, name: str, args: list[bytes]) -> _Entry:
+        sub = args[1].upper() if len(args) > 1 else b""
+        if sub in (b"LOAD", b"DELETE", b"FLUSH", b"RESTORE"):
+            return self._everywhere(name, args, merge.first)
+        if sub in (b"KILL", b"STATS"):
+            return _Local(name, error(f"ERR FUNCTION {sub.decode()} runs on one node: {NOT_HERE}"))
+        return _Forward(name, self._request(args, None))
+
+    def _info(self, name: str, args: list[bytes]) -> _Entry:
+        assert self._topology is not None
+        count = len(self._topology.primaries)
+        return self._everywhere(name, args, lambda frames: merge.info(frames, count))
+
+    def _cluster(self, name: str, args: list[bytes]) -> _Entry:
+        assert self._topology is not None
+        sub = args[1].upper() if len(args) > 1 else b""
+        topology, nid = self._topology, merge.node_id(self._database)
+        sock = self._client_writer.get_extra_info("sockname") or ("", 0)
+        address: Address = ("", int(sock[1])) if len(sock) > 1 else ("", 0)
+        if sub == b"INFO":
+            return _Forward(
+                name,
+                self._request(args, None),
+                lambda frame: merge.cluster_info(frame, topology),
+            )
+        if sub == b"SLOTS":
+            return _Local(name, merge.cluster_slots(topology, address, nid, self.resp3))
+        if sub == b"SHARDS":
+            return _Local(name, merge.cluster_shards(topology, address, nid, self.resp3))
+        if sub == b"NODES":
+            return _Local(name, merge.cluster_nodes(topology, address, nid))
+        if sub in (b"MYID", b"MYSHARDID"):
+            return _Local(name, encode_value(nid.encode(), self.resp3))
+        if sub == b"KEYSLOT" and len(args) == 3:
+            return _Local(name, b":%d\r\n" % key_slot(args[2]))
+        if sub in (b"COUNTKEYSINSLOT", b"GETKEYSINSLOT") and len(args) >= 3:
+            try:
+                slot = int(args[2])
+            except ValueError:
+                slot = -1
+            if 0 <= slot < 16384:
+                return _Forward(name, self._request(args, slot))
+        if sub == b"HELP":
+            return _Forward(name, self._request(args, None))
+        return _Local(name, error(f"ERR CLUSTER {sub.decode('latin-1')} is per node: {NOT_HERE}"))
+
+    def _client(self, name: str, args: list[bytes]) -> _Entry:
+        sub = args[1].upper() if len(args) > 1 else b""
+        if sub == b"SETNAME" and len(args) == 3:
+            request = self._request(args, None)
+            self._broadcast(request.payload, skip=request.address)
+            value = args[2]
+
+            def named(frame: bytes) -> bytes:
+                if error_of(frame) is None:
+                    self._name = value or None
+                return frame
+
+            return _Forward(name, request, named)
+        if sub == b"GETNAME" and len(args) == 2:
+            return _Local(name, encode_value(self._name, self.resp3))
+        if sub == b"ID" and len(args) == 2:
+            return _Local(name, b":%d\r\n" % self._client_id)
+        if sub == b"SETINFO":
+            return _Local(name, OK)
+        if sub in (b"NO-EVICT", b"NO-TOUCH"):
+            request = self._request(args, None)
+            self._broadcast(request.payload, skip=request.address)
+            return _Forward(name, request)
+        if sub in (b"INFO", b"LIST", b"HELP", b"TRACKINGINFO", b"GETREDIR"):
+            return _Forward(name, self._request(args, None))
+        return _Local(
+            name,
+            error(
+                f"ERR CLIENT {sub.decode('latin-1')} is not supported in cluster mode: {NOT_HERE}"
+            ),
+        )
+
+    def _broadcast(self, payload: bytes, *, skip: Address) -> None:
+        for address, link in list(self._links.items()):
+            if address != skip and link.failed is None and not link.closed:
+                with contextlib.suppress(LinkError):
+                    for future in link.send(payload):
+                        future.add_done_callback(_retrieve)
+
+    def _select(self, name: str, args: list[bytes]) -> _Entry:
+        if len(args) == 2 and args[1] == b"0":
+            return _Local(name, OK)
+        return _Local(name, error("ERR SELECT is not allowed in cluster mode"))
+
+    def _ok(self, name: str, args: list[bytes]) -> _Entry:
+        return _Local(name, OK)
+
+    def _refuse(self, name: str, args: list[bytes]) -> _Entry:
+        self.stats.refused += 1
+        return _Local(name, error(f"ERR {name} is not supported in cluster mode: {NOT_HERE}"))
+
+    def _wait(self, name: str, args: list[bytes]) -> _Entry:
+        address = self._last or self._home()
+        return _Forward(name, self._request(args, None, address))
+
+    def _quit(self, name: str, args: list[bytes]) -> _Entry:
+        return _Local(name, OK, close=True)
+
+    def _reset(self, name: str, args: list[bytes]) -> _Entry:
+        self._multi, self._multi_failed, self._multi_slot = None, False, None
+        self._unwatch()
+        if self._proto == 3:
+            self._broadcast(encode_command([b"HELLO", b"2"]), skip=("", -1))
+            for future in self._seed.send(encode_command([b"HELLO", b"2"])):
+                future.add_done_callback(_retrieve)
+        self._proto, self.resp3, self._name = 2, False, None
+        self._pubsub.reset()
+        return _Local(name, b"+RESET\r\n")
+
+    def _ping(self, name: str, args: list[bytes]) -> _Entry:
+        if self._pubsub.active:
+            return self._pubsub.ping(name, args)
+        return _Forward(name, self._request(args, None))
+
+    def _subscribe(self, name: str, args: list[bytes]) -> _Entry | None:
+        if self._multi is not None:
+            return _Local(
+                name, error(f"ERR {name} inside MULTI is not supported through the proxy")
+            )
+        return self._pubsub.command(name, args)
+
+
+def _chain(
+    first: Callable[[bytes], bytes] | None, then: Callable[[bytes], bytes]
+) -> Callable[[bytes], bytes]:
+    if first is None:
+        return then
+    return lambda frame: then(first(frame))
+
+
+def _retrieve(future: asyncio.Future[bytes]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _address(text: bytes) -> Address | None:
+    host, sep, port = text.decode("latin-1").rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    return host, int(port)
+
+
+_WHY_TX = "every key of the transaction must map to one slot; use a {hash tag}"
+_NOT_IN_TRANSACTION = frozenset(
+    {"DBSIZE", "KEYS", "SCAN", "RANDOMKEY", "FLUSHALL", "FLUSHDB", "SCRIPT", "FUNCTION", "INFO",
+     "CLUSTER", "CLIENT", "SELECT", "WAIT", "SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE",
+     "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE", "RESET", "MONITOR"}
+)  # fmt: skip
+_SUBSCRIBED_OK = frozenset(
+    {"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE",
+     "PING", "QUIT", "RESET"}
+)  # fmt: skip
+
+Handler = Callable[[ClusterSession, str, list[bytes]], "_Entry | None"]
+_HANDLERS: dict[str, Handler] = {
+    "DBSIZE": ClusterSession._dbsize,
+    "KEYS": ClusterSession._keys,
+    "SCAN": ClusterSession._scan,
+    "RANDOMKEY": ClusterSession._randomkey,
+    "FLUSHALL": ClusterSession._flush,
+    "FLUSHDB": ClusterSession._flush,
+    "SCRIPT": ClusterSession._script,
+    "FUNCTION": ClusterSession._function,
+    "INFO": ClusterSession._info,
+    "CLUSTER": ClusterSession._cluster,
+    "CLIENT": ClusterSession._client,
+    "SELECT": ClusterSession._select,
+    "READONLY": ClusterSession._ok,
+    "READWRITE": ClusterSession._ok,
+    "ASKING": ClusterSession._refuse,
+    "MONITOR": ClusterSession._refuse,
+    "WAIT": ClusterSession._wait,
+    "WAITAOF": ClusterSession._wait,
+    "QUIT": ClusterSession._quit,
+    "RESET": ClusterSession._reset,
+    "PING": ClusterSession._ping,
+    "MULTI": ClusterSession._multi_begin,
+    "EXEC": ClusterSession._exec,
+    "DISCARD": ClusterSession._discard,
+    "WATCH": ClusterSession._watch_keys,
+    "UNWATCH": ClusterSession._unwatch_command,
+    "SUBSCRIBE": ClusterSession._subscribe,
+    "PSUBSCRIBE": ClusterSession._subscribe,
+    "SSUBSCRIBE": ClusterSession._subscribe,
+    "UNSUBSCRIBE": ClusterSession._subscribe,
+    "PUNSUBSCRIBE": ClusterSession._subscribe,
+    "SUNSUBSCRIBE": ClusterSession._subscribe,
+}
