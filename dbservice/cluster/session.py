@@ -449,6 +449,7 @@ class ClusterSession:
                 return frame
             self._hold()
             attempt += 1
+            self._state.redirects[code.decode()] += 1
             if code == b"MOVED" or code == b"ASK":
                 parts = frame[1:-2].split(b" ")
                 address = _address(parts[2]) if len(parts) >= 3 else None

@@ -31,6 +31,8 @@ class ClusterState:
         self.refreshed = 0.0
         """``time.monotonic()`` of the last refresh."""
         self.refreshes = 0
+        self.redirects: dict[str, int] = {"MOVED": 0, "ASK": 0, "TRYAGAIN": 0, "CLUSTERDOWN": 0}
+        """Redirects and retries followed by every session (for operators and tests)."""
         self._running: asyncio.Future[Topology] | None = None
         self._no_shards = False
 

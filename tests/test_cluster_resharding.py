@@ -1,0 +1,147 @@
+"""The cluster engine while slots move: a running pipeline loses nothing and keeps its
+order, and a sharded subscription follows its channel to the new owner."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from clusterkit import ClusterProxy
+
+from dbservice.cluster.slots import key_slot
+from sandbox.memorydb import StandinConfig, ThreadedStandin
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedStandin]:
+    config = StandinConfig(dir=tmp_path_factory.mktemp("resharding"), shards=3)
+    with ThreadedStandin(config) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def proxy(standin: ThreadedStandin) -> Iterator[ClusterProxy]:
+    with ClusterProxy(standin) as running:
+        yield running
+
+
+@pytest.mark.parametrize("protocol", [2, 3], ids=["resp2", "resp3"])
+def test_resharding_during_a_pipeline(
+    proxy: ClusterProxy, standin: ThreadedStandin, protocol: int
+) -> None:
+    tag = f"{{mv{protocol}}}"
+    slot = key_slot(tag[1:-1].encode())
+    with proxy.client(protocol=protocol) as client:
+        client.mset({f"{tag}fill{i}": "x" * 100 for i in range(3000)})  # slow the move down
+        stop, failures, pushed = threading.Event(), list[BaseException](), [0]
+
+        def run() -> None:
+            i = 0
+            try:
+                with proxy.client(protocol=protocol) as worker:
+                    while not stop.is_set():
+                        pipe = worker.pipeline(transaction=False)
+                        for j in range(i, i + 16):
+                            pipe.rpush(f"{tag}list", j)
+                            pipe.incr(f"{tag}n")
+                            pipe.set(f"elsewhere{j % 50}", j)
+                        replies = pipe.execute()
+                        for k, j in enumerate(range(i, i + 16)):
+                            assert replies[3 * k] == j + 1, (j, replies[3 * k])
+                            assert replies[3 * k + 1] == j + 1, (j, replies[3 * k + 1])
+                            assert replies[3 * k + 2] is True
+                        i += 16
+                        pushed[0] = i
+            except BaseException as exc:
+                failures.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            time.sleep(0.2)
+            owner = standin.owner_of_slot(slot)
+            for target in ((owner + 1) % 3, owner):  # away and back again
+                started = pushed[0]
+                assert standin.move_slot(slot, target, batch=25) >= 3000
+                assert standin.owner_of_slot(slot) == target
+                deadline = time.monotonic() + 5
+                while pushed[0] < started + 160 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+        finally:
+            stop.set()
+            thread.join(20)
+        assert not failures, failures
+        total = pushed[0]
+        assert total > 160
+        assert client.lrange(f"{tag}list", 0, -1) == [b"%d" % j for j in range(total)]
+        assert client.get(f"{tag}n") == b"%d" % total
+        assert client.dbsize() >= 3002
+    assert proxy.proxy is not None
+    redirects = proxy.proxy.state.redirects
+    assert redirects["MOVED"] > 0 and redirects["ASK"] + redirects["TRYAGAIN"] > 0, redirects
+
+
+def _messages(pubsub: Any, until: float) -> list[Any]:
+    out = []
+    while time.monotonic() < until:
+        message = pubsub.get_message(timeout=0.05)
+        if message is not None:
+            out.append(message)
+    return out
+
+
+@pytest.mark.parametrize("protocol", [2, 3], ids=["resp2", "resp3"])
+def test_sharded_pubsub_follows_a_slot_move(
+    proxy: ClusterProxy, standin: ThreadedStandin, protocol: int
+) -> None:
+    channel = f"{{news{protocol}}}"
+    slot = key_slot(channel[1:-1].encode())
+    with proxy.client(protocol=protocol) as subscriber, proxy.client(protocol=protocol) as pub:
+        pubsub = subscriber.pubsub()
+        pubsub.ssubscribe(channel)
+        first = pubsub.get_message(timeout=5)
+        assert first is not None and first["type"] == "ssubscribe" and first["data"] == 1
+        assert pub.spublish(channel, "before") == 1
+        got = _messages(pubsub, time.monotonic() + 0.5)
+        assert [m["data"] for m in got] == [b"before"]
+        owner = standin.owner_of_slot(slot)
+        standin.move_slot(slot, (owner + 1) % 3)
+        received: list[Any] = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not any(m["data"] == b"after" for m in received):
+            pub.spublish(channel, "after")
+            received += _messages(pubsub, time.monotonic() + 0.2)
+        assert any(m["data"] == b"after" for m in received), received
+        assert all(m["type"] == "smessage" for m in received), received  # no sunsubscribe
+        pubsub.sunsubscribe(channel)
+        confirm = pubsub.get_message(timeout=5)
+        assert confirm is not None and confirm["type"] == "sunsubscribe"
+        assert confirm["data"] == 0
+        pubsub.close()
+
+
+@pytest.mark.parametrize("protocol", [2, 3], ids=["resp2", "resp3"])
+def test_pubsub_cluster_wide(proxy: ClusterProxy, protocol: int) -> None:
+    with proxy.client(protocol=protocol) as subscriber, proxy.client(protocol=protocol) as pub:
+        pubsub = subscriber.pubsub()
+        pubsub.subscribe("alerts")
+        pubsub.psubscribe("metrics.*")
+        kinds = [pubsub.get_message(timeout=5) for _ in range(2)]
+        assert [(m or {}).get("type") for m in kinds] == ["subscribe", "psubscribe"]
+        assert [(m or {}).get("data") for m in kinds] == [1, 2]
+        assert pub.publish("alerts", "a1") >= 1
+        assert pub.publish("metrics.cpu", "90") >= 1
+        got = _messages(pubsub, time.monotonic() + 0.5)
+        assert [(m["type"], m["data"]) for m in got] == [("message", b"a1"), ("pmessage", b"90")]
+        pubsub.ping()
+        pong = _messages(pubsub, time.monotonic() + 0.3)
+        assert pong and pong[0]["type"] == "pong"
+        pubsub.unsubscribe()
+        pubsub.punsubscribe()
+        ends = _messages(pubsub, time.monotonic() + 0.3)
+        assert [m["type"] for m in ends] == ["unsubscribe", "punsubscribe"]
+        assert subscriber.ping()  # the connection is usable again
+        pubsub.close()
