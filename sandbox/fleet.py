@@ -94,6 +94,7 @@ class Sandbox:
         self.standins: dict[str, MemoryDBStandin] = {}
         self.children: dict[str, children.Child] = {}
         self.clusters: list[seeding.SeededCluster] = []
+        self.vpcs: dict[str, str] = {}
         self.bus: Bus | None = None
         self.db_ca = TestCA.create("fleetgate sandbox MemoryDB CA")
         self.ca_fingerprint = ""
@@ -174,22 +175,18 @@ class Sandbox:
         os.environ["AWS_CONFIG_FILE"] = str(self.path("config", "no-aws-config"))
         os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(self.path("config", "no-aws-credentials"))
         ops = self._secret_file("ops.password")
-        self.clusters = await asyncio.to_thread(seeding.seed, self.o.clusters, ops)
+        self.vpcs, self.clusters = await asyncio.to_thread(seeding.seed, self.o.clusters, ops)
+        made = _count(len(self.clusters), "MemoryDB cluster")
         regions = ", ".join(seeding.REGIONS)
-        self.progress.line(
-            "aws",
-            f"ready  {self.moto.url} (moto: {len(self.clusters)} MemoryDB clusters, {regions})",
-        )
+        self.progress.line("aws", f"ready  {self.moto.url} (moto: {made}, {regions})")
 
     async def _start_standins(self, aws: Awaitable[None]) -> None:
         await aws
         self.db_ca.write(self.path("tls"), "memorydb-ca")
         await asyncio.gather(*(self._start_standin(c) for c in self.clusters))
-        self.progress.line(
-            "memorydb",
-            f"ready  {len(self.standins)} stand-ins ({self.o.shards} shard each, TLS, IAM "
-            f"tokens checked)",
-        )
+        made = _count(len(self.standins), "stand-in")
+        shards = _count(self.o.shards, "shard")
+        self.progress.line("memorydb", f"ready  {made} ({shards} each, TLS, IAM tokens checked)")
 
     async def _start_standin(self, cluster: seeding.SeededCluster) -> None:
         login = MemoryDBLogin(cluster=cluster.name, region=cluster.region)
@@ -246,7 +243,7 @@ class Sandbox:
             host, port = self.standins[cluster.name].endpoint
             aliases[f"{cluster.endpoint}:{cluster.port}"] = f"{host}:{port}"
         for name, region in zip(("agent-1", "agent-2"), seeding.REGIONS, strict=True):
-            vpc = next(c.vpc_id for c in self.clusters if c.region == region)
+            vpc = self.vpcs[region]
             self.agent_ports[name] = port = free_port()
             config = children.write_config(
                 self.path("config", f"{name}.yaml"),
@@ -292,14 +289,16 @@ class Sandbox:
             names = {r.name for r in await self.bus.list_resources()}
             if "discovery" not in shown and expected <= names:
                 shown.add("discovery")
-                self.progress.line("discovery", f"ready  {len(expected)} databases enrolled")
+                enrolled = _count(len(expected), "database")
+                self.progress.line("discovery", f"ready  {enrolled} enrolled")
             healthy: dict[str, set[str]] = {}
             for hb in await self.bus.list_db_servers():
                 if hb.target_health.status == "healthy":
                     healthy.setdefault(hb.hostname, set()).add(hb.name)
             for agent in ("agent-1", "agent-2"):
                 mine = {db for db, a in agent_of.items() if a == agent}
-                if agent not in shown and mine <= healthy.get(agent, set()):
+                listening = await _answers(self.agent_ports[agent])
+                if agent not in shown and mine <= healthy.get(agent, set()) and listening:
                     shown.add(agent)
                     port = self.agent_ports[agent]
                     self.progress.line(
@@ -342,7 +341,7 @@ class Sandbox:
                  str(logs / "discovery.log")),
         ]  # fmt: skip
         for agent, region in zip(("agent-1", "agent-2"), seeding.REGIONS, strict=True):
-            vpc = next(c.vpc_id for c in self.clusters if c.region == region)
+            vpc = self.vpcs[region]
             st.parts.append(
                 Part(agent, "process", self.children[agent].pid,
                      f"127.0.0.1:{self.agent_ports[agent]}", str(logs / f"{agent}.log"),

@@ -3,6 +3,7 @@ agents and databases) and ``fleetgate sandbox down`` (stop, then make sure)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from sandbox.state import (
     SandboxState,
     cmdline,
     is_locked,
+    names_dir,
     pid_alive,
     port_answers,
     port_free,
@@ -153,10 +155,10 @@ def _is_sandbox_process(pid: int, directory: Path) -> bool:
     the shell or the command that happens to name the directory."""
     if pid == os.getpid() or not pid_alive(pid):
         return False
+    if not names_dir(pid, directory):
+        return False
     args = cmdline(pid)
     d = str(directory)
-    if d not in args:
-        return False
     first = args.split(" ", 1)[0]
     if first.endswith(("valkey-server", "nats-server")):
         return True
@@ -173,6 +175,35 @@ def _leftovers(directory: Path, state: SandboxState) -> list[int]:
         if entry.name.isdigit():
             pids.add(int(entry.name))
     return sorted(p for p in pids if _is_sandbox_process(p, directory))
+
+
+def _describe(pid: int) -> str:
+    args = cmdline(pid).split()
+    if "fleetgate" in args:
+        at = args.index("fleetgate")
+        return " ".join(args[at : at + 3])
+    return Path(args[0]).name if args else "?"
+
+
+def _stop_leftovers(directory: Path, state: SandboxState) -> list[str]:
+    """SIGTERM the sandbox's processes still alive (its supervisor is gone), SIGKILL
+    those still there after a few seconds; a note for each."""
+    left = {pid: _describe(pid) for pid in _leftovers(directory, state)}
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(pid_alive(p) for p in left):
+        time.sleep(0.05)
+    notes = []
+    for pid, what in left.items():
+        if pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            notes.append(f"{what} (pid {pid}) outlived the supervisor; killed")
+        else:
+            notes.append(f"{what} (pid {pid}) outlived the supervisor; stopped")
+    return notes
 
 
 def down(directory: Path) -> int:
@@ -192,10 +223,7 @@ def down(directory: Path) -> int:
             notes.append(
                 f"the supervisor (pid {supervisor}) did not stop in {SUPERVISOR_GRACE:.0f}s: killed"
             )
-    for pid in _leftovers(directory, state):
-        with_args = cmdline(pid)[:80]
-        os.kill(pid, signal.SIGKILL)
-        notes.append(f"pid {pid} was still running ({with_args}): killed")
+    notes += _stop_leftovers(directory, state)
     deadline = time.monotonic() + 5
     busy = list(state.ports)
     while busy and time.monotonic() < deadline:

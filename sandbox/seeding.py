@@ -83,8 +83,9 @@ def _users(region: str, ops_password: str) -> None:
         ACL_MEMBERS.setdefault((ACCOUNT, region, name), set()).add(ACL)
 
 
-def seed(count: int, ops_password: str) -> list[SeededCluster]:
-    """Create the networks, users and ``count`` clusters; return the clusters."""
+def seed(count: int, ops_password: str) -> tuple[dict[str, str], list[SeededCluster]]:
+    """Create the networks, users and ``count`` clusters; return the VPC id of each
+    region, and the clusters."""
     vpcs = {region: _network(region, f"10.{n}.0.0/16") for n, region in enumerate(REGIONS, start=1)}
     for region in REGIONS:
         _users(region, ops_password)
@@ -112,4 +113,4 @@ def seed(count: int, ops_password: str) -> list[SeededCluster]:
                 port=int(endpoint.get("Port") or 6379),
             )
         )
-    return out
+    return vpcs, out

@@ -194,10 +194,18 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def ours(pid: int, directory: Path) -> bool:
-    """Whether ``pid`` is alive and still one of this sandbox's processes (its command
-    line names the directory), so a pid reused by another program is never signalled."""
-    return pid_alive(pid) and str(directory) in cmdline(pid)
+def working_dir(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return ""
+
+
+def names_dir(pid: int, directory: Path) -> bool:
+    """Whether process ``pid`` belongs to ``directory``: its command line names it, or
+    it works inside it (valkey-server rewrites its command line and runs in its --dir)."""
+    d = str(directory)
+    return d in cmdline(pid) or working_dir(pid).startswith(d + os.sep)
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
