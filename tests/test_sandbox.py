@@ -1,0 +1,331 @@
+"""The sandbox end to end: ``fleetgate sandbox up --detach`` once for the module, the
+README's walkthrough run as written (commands and what they print come from README.md,
+so the two cannot drift), redis-py and valkey-cli through ``fleetgate db connect`` as
+alice, refusals where her role does not reach, her sessions in the audit, a second
+``up`` refused, ``status``, and ``down`` leaving no process and no port behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from sandbox.state import names_dir
+from tests.proxykit import valkey_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
+
+ROOT = Path(__file__).resolve().parent.parent
+MARKER = "<!-- sandbox-walkthrough"
+HOME_SHOWN = "~/.fleetgate"
+"""How the README writes the sandbox's home (the test's is a temporary directory)."""
+DEV_DB = "orders-dev-memorydb-us-east-1-123456789012"
+PROD_DB = "orders-prod-memorydb-us-east-1-123456789012"
+STAGING_DB = "payments-staging-memorydb-eu-west-1-123456789012"
+READY = re.compile(r"listening on 127\.0\.0\.1:(\d+) for (\S+) as (\S+); connect with: ")
+
+
+# -- the README's walkthrough -------------------------------------------------------------
+
+
+@dataclass
+class Step:
+    command: str
+    expected: list[str]
+
+
+def walkthrough(readme: Path = ROOT / "README.md") -> list[Step]:
+    """The ``$ command`` lines of the fenced block after the marker comment, each with
+    the lines it prints."""
+    text = readme.read_text()
+    start = text.index(MARKER)
+    fence = text.index("```", start)
+    body = text[text.index("\n", fence) + 1 : text.index("\n```", fence)]
+    steps: list[Step] = []
+    for line in body.splitlines():
+        if line.startswith("$ "):
+            steps.append(Step(line[2:], []))
+        elif steps:
+            steps[-1].expected.append(line)
+    return steps
+
+
+def _pattern(line: str) -> re.Pattern[str]:
+    """``...`` is any text, a run of digits any run of digits, spaces any spaces."""
+    out = ""
+    for part in re.split(r"(\.\.\.|\d+|\s+)", line.strip()):
+        if part == "...":
+            out += ".*"
+        elif part.isdigit():
+            out += r"\d+"
+        elif part.isspace():
+            out += r"\s+"
+        else:
+            out += re.escape(part)
+    return re.compile(out)
+
+
+def check_output(step: Step, output: str) -> None:
+    """Every expected line matches a line of the output (each a different one, in any
+    order, since parts start in parallel); a line ``...`` allows more output lines."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    expected = [line for line in step.expected if line.strip()]
+    more = "..." in [line.strip() for line in expected]
+    left = list(lines)
+    for line in expected:
+        if line.strip() == "...":
+            continue
+        pattern = _pattern(line)
+        found = next((x for x in left if pattern.fullmatch(x)), None)
+        assert found is not None, f"$ {step.command}\nno line like {line!r} in:\n{output}"
+        left.remove(found)
+    assert more or not left, f"$ {step.command}\nunexpected lines {left} in:\n{output}"
+
+
+# -- the sandbox ----------------------------------------------------------------------------
+
+
+@dataclass
+class Sandbox:
+    home: Path
+    env: dict[str, str]
+
+    @property
+    def dir(self) -> Path:
+        return self.home / "sandbox"
+
+    def state(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.dir / "sandbox.json").read_text())
+        return data
+
+    def shell(self, script: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run ``script`` in bash as a person would type it; the sandbox's path shown as
+        the README shows it."""
+        done = subprocess.run(
+            ["bash", "-c", script], env=self.env, capture_output=True, text=True,
+            timeout=timeout, check=False, cwd=ROOT,
+        )  # fmt: skip
+        shown = str(self.home).rstrip("/")
+        done.stdout = done.stdout.replace(shown, HOME_SHOWN)
+        done.stderr = done.stderr.replace(shown, HOME_SHOWN)
+        return done
+
+    def fleetgate(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "fleetgate", *args], env=self.env, capture_output=True,
+            text=True, timeout=timeout, check=False, cwd=ROOT,
+        )  # fmt: skip
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FLEETGATE_"))}
+    env["FLEETGATE_HOME"] = str(home)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = str(ROOT)  # the `fleetgate` script imports this checkout
+    return env
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
+    """The README's ``sandbox up`` (its first step), run once for the module."""
+    home = tmp_path_factory.mktemp("home")
+    box = Sandbox(home, _env(home))
+    up = walkthrough()[0]
+    assert up.command.startswith("fleetgate sandbox up"), up.command
+    done = box.shell(up.command, timeout=120)
+    try:
+        assert done.returncode == 0, done.stdout + done.stderr
+        check_output(up, done.stdout)
+        yield box
+    finally:
+        if (box.dir / "sandbox.json").exists():
+            box.fleetgate("sandbox", "down")
+
+
+def test_readme_walkthrough(sandbox: Sandbox) -> None:
+    """Every step between ``up`` and ``down`` in one shell (``eval`` carries over),
+    each printing what the README shows."""
+    steps = walkthrough()[1:-1]
+    script = "\n".join(
+        f"echo '@@step {i}'; {step.command} 2>&1; echo \"@@rc $?\"" for i, step in enumerate(steps)
+    )
+    done = sandbox.shell(script, timeout=120)
+    parts = re.split(r"^@@step \d+\n", done.stdout, flags=re.M)[1:]
+    assert len(parts) == len(steps), done.stdout + done.stderr
+    for step, part in zip(steps, parts, strict=True):
+        output, _, rc = part.rpartition("@@rc ")
+        refused = "fleetgate: error:" in "\n".join(step.expected)
+        assert (rc.strip() != "0") == refused, f"$ {step.command}\nexit {rc}: {output}"
+        check_output(step, output)
+
+
+# -- db connect as alice --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def alice(sandbox: Sandbox) -> Sandbox:
+    """alice logged in (as the walkthrough does; again, so this runs on its own too)."""
+    d = sandbox.dir
+    done = sandbox.shell(
+        f'fleetgate login --auth "$(sed -n "s/.*FLEETGATE_SANDBOX_AUTH=//p" {d}/env)" '
+        f"--user alice --ca-file {d}/ca/ca.crt --password-stdin < {d}/alice.password"
+    )
+    assert done.returncode == 0, done.stderr
+    return sandbox
+
+
+class Tunnel:
+    """``fleetgate db connect NAME --db-user USER --no-exec``; ``port`` once ready."""
+
+    def __init__(self, box: Sandbox, name: str, db_user: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fleetgate", "db", "connect", name, "--db-user", db_user,
+             "--no-exec"],
+            env=box.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        found = READY.match(line)
+        if found is None:
+            self.close()
+            raise AssertionError(f"db connect did not start: {line!r} {self.proc.stderr}")
+        self.port = int(found[1])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+
+    def __enter__(self) -> Tunnel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def test_redis_py_and_valkey_cli_through_db_connect(alice: Sandbox) -> None:
+    """No password anywhere on alice's side: the agent logs ``app`` in with an IAM
+    token that the stand-in checks."""
+    with Tunnel(alice, DEV_DB, "app") as tunnel:
+        for protocol in (2, 3):
+            client = redis.Redis(port=tunnel.port, protocol=protocol, socket_timeout=10)
+            with client:
+                assert client.set(f"k{protocol}", "v")
+                assert client.get(f"k{protocol}") == b"v"
+                assert client.acl_whoami() in ("app", b"app")
+                pipe = client.pipeline(transaction=False)
+                for _ in range(50):
+                    pipe.incr("counter")
+                assert pipe.execute()[-1] >= 50
+        cli = subprocess.run(
+            [str(valkey_cli()), "-p", str(tunnel.port), "GET", "k2"],
+            capture_output=True, text=True, timeout=20, check=False,
+        )  # fmt: skip
+        assert cli.stdout == "v\n", cli.stderr
+
+
+def test_refused_where_alices_role_does_not_reach(alice: Sandbox) -> None:
+    prod = alice.fleetgate("db", "connect", PROD_DB, "--db-user", "app", "--no-exec")
+    assert prod.returncode != 0
+    assert f"no database '{PROD_DB}' that you may reach" in prod.stderr
+    assert "Traceback" not in prod.stderr
+    # a db user her role does not list: the agent refuses the session with the reason
+    with Tunnel(alice, STAGING_DB, "ops") as tunnel:
+        client = redis.Redis(port=tunnel.port, socket_timeout=10)
+        with client, pytest.raises(redis.exceptions.ResponseError) as refused:
+            client.ping()
+    assert f"none of your roles allows {STAGING_DB} as db user 'ops'" in str(refused.value)
+
+
+def test_sessions_in_the_audit(alice: Sandbox) -> None:
+    with Tunnel(alice, STAGING_DB, "app") as tunnel:
+        client = redis.Redis(port=tunnel.port, socket_timeout=10)
+        with client:
+            assert client.set("audited", "yes")
+    found = alice.shell(
+        'eval "$(fleetgate sandbox env)"; fleetgate audit search --user alice '
+        f"--db {STAGING_DB} --since 1h --format json"
+    )
+    assert found.returncode == 0, found.stderr
+    events = [json.loads(line) for line in found.stdout.splitlines()]
+    starts = [e for e in events if e["type"] == "db.session.start"]
+    assert any(e["success"] and e["db_user"] == "app" for e in starts), events
+    assert any(e.get("command") == "SET" for e in events), events
+
+
+# -- second up, status, down ----------------------------------------------------------------
+
+
+def test_second_up_is_refused(sandbox: Sandbox) -> None:
+    again = sandbox.fleetgate("sandbox", "up", "--detach")
+    assert again.returncode == 2
+    assert f"a sandbox is already running in {sandbox.dir}" in again.stderr
+    assert "fleetgate sandbox status" in again.stderr
+    assert "fleetgate sandbox down" in again.stderr
+
+
+def test_a_chosen_port_in_use_is_named(tmp_path: Path) -> None:
+    box = Sandbox(tmp_path, _env(tmp_path))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = box.fleetgate("sandbox", "up", "--nats-port", str(port))
+    assert done.returncode == 2
+    assert f"port {port} (given with --nats-port) is in use" in done.stderr
+    assert not (tmp_path / "sandbox" / "sandbox.json").exists()
+
+
+def test_status_shows_every_part_healthy(sandbox: Sandbox) -> None:
+    done = sandbox.fleetgate("sandbox", "status", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["healthy"] is True
+    names = {p["name"] for p in doc["parts"]}
+    assert {"nats", "aws", "auth", "discovery", "agent-1", "agent-2"} <= names
+    assert all(p["health"].startswith("ok") for p in doc["parts"]), doc["parts"]
+    assert len(doc["databases"]) == 4
+    assert all(d["agents"].endswith("healthy") for d in doc["databases"]), doc["databases"]
+
+
+def test_down_leaves_nothing_behind(sandbox: Sandbox) -> None:
+    """The README's last step; then no process of the sandbox, and every port free."""
+    state = sandbox.state()
+    pids = [int(p) for p in state["pids"]] + [int(state["pid"])]
+    ports = [int(p) for p in state["ports"]]
+    down = walkthrough()[-1]
+    assert down.command.startswith("fleetgate sandbox down"), down.command
+    done = sandbox.shell(down.command)
+    assert done.returncode == 0, done.stdout + done.stderr
+    check_output(down, done.stdout)
+    assert "note:" not in done.stdout  # nothing had to be killed
+    alive = [pid for pid in pids if _not_zombie(pid) and names_dir(pid, sandbox.dir)]
+    assert not alive, alive
+    for port in ports:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", port))  # raises when something still listens
+    status = sandbox.fleetgate("sandbox", "status")
+    assert status.returncode == 1 and "not running (last state: stopped)" in status.stdout
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
