@@ -96,6 +96,17 @@ class CommandParser:
         """Bytes held between reads (a partial command header)."""
         return len(self._rest)
 
+    @property
+    def at_boundary(self) -> bool:
+        """Everything forwarded so far ends with a whole command (what is held back in
+        :attr:`buffered` has not been sent): a command of the agent's own may go now."""
+        return not self._args_left and not self._bulk_left
+
+    @property
+    def in_multi(self) -> bool:
+        """The client has sent MULTI and not yet EXEC, DISCARD or RESET."""
+        return self._in_multi
+
     # -- the hot path ------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:

@@ -2,11 +2,14 @@
 
 The session's FIFO holds, per forwarded command, its upper-case name (a ``str``: the
 common case costs no allocation), or one of the small objects below for the few commands
-whose replies change how the reply stream is read, or a :class:`Local` reply the engine
-itself sends in that position.
+whose replies change how the reply stream is read, a :class:`Local` reply the engine
+itself sends in that position, or an :class:`Injected` command of the agent's own whose
+reply the client never sees.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 
 class Local:
@@ -43,4 +46,15 @@ class Special:
         self.protover = protover
 
 
-Item = str | Local | Sub | Special
+class Injected:
+    """A command the agent itself wrote on the upstream connection (a renewed IAM
+    ``AUTH``): its reply is dropped, not sent to the client, and ``on_reply(ok)`` is
+    called with False when it was an error."""
+
+    __slots__ = ("on_reply",)
+
+    def __init__(self, on_reply: Callable[[bool], None]) -> None:
+        self.on_reply = on_reply
+
+
+Item = str | Local | Sub | Special | Injected

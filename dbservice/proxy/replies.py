@@ -11,18 +11,24 @@ held whole), and finds where each top-level reply ends so that:
   too, and the subscription counts the server reports are followed, so an UNSUBSCRIBE
   without arguments is known to be answered after one confirmation per subscription;
 * a successful ``HELLO 3`` switches to RESP3 reading, ``RESET`` back to RESP2, and after
-  ``MONITOR`` everything is a pass-through stream.
+  ``MONITOR`` everything is a pass-through stream;
+* the reply to an :class:`Injected` command (the agent's own, written between two client
+  commands) is dropped instead of written; it must be a short reply that arrives in one
+  read, as ``AUTH``'s ``+OK`` or error line does.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 
 from .errors import UpstreamProtocolError
 from .hooks import SessionHooks
-from .pending import Item, Local, Special, Sub
+from .pending import Injected, Item, Local, Special, Sub
 from .settings import ProxyLimits
+
+logger = logging.getLogger(__name__)
 
 _MAX_COUNT_LINE = 64
 _LINE_TYPES = frozenset(b"+-:_,#(")
@@ -80,6 +86,12 @@ class ReplyParser:
     def at_boundary(self) -> bool:
         """No reply is half written to the client: an engine reply may go out now."""
         return not self._stack and not self._bulk_left and not self._rest
+
+    @property
+    def subscribed(self) -> bool:
+        """The server has this connection in subscribed mode, as far as its
+        confirmations said."""
+        return bool(self._total or self._shard)
 
     @property
     def subscriptions(self) -> int:
@@ -150,7 +162,7 @@ class ReplyParser:
                         popleft()
                         done += 1
                         on_reply(item, error)
-                        if pending and type(pending[0]) is Local:
+                        if pending and type(pending[0]) is not str:
                             fwd = self._flush_locals(data, fwd, p)
                         continue
                 fwd = self._reply_done(data, fwd, p, error)
@@ -281,6 +293,15 @@ class ReplyParser:
             self._on_reply(item, error)
         elif type(item) is Local:  # cannot happen: locals at the head are flushed early
             return self._flush_locals(data, fwd, p)
+        elif type(item) is Injected:
+            # Everything before this reply went out when the item reached the head, so
+            # data[fwd:p] is exactly its reply: dropped.
+            pending.popleft()
+            fwd = p
+            try:
+                item.on_reply(not error)
+            except Exception:
+                logger.exception("the callback of an injected command failed")
         else:
             pending.popleft()
             self.replies += 1
@@ -289,7 +310,7 @@ class ReplyParser:
                 self._on_reply(item.name, error)
             elif type(item) is Sub:  # answered by something else than confirmations
                 self._on_reply(item.name, error)
-        if pending and type(pending[0]) is Local:
+        if pending and type(pending[0]) is not str:
             return self._flush_locals(data, fwd, p)
         return fwd
 
@@ -315,6 +336,11 @@ class ReplyParser:
             self._write(local.reply)
             if local.close:
                 self._on_close_reply()
+        if pending and type(pending[0]) is Injected and fwd < p:
+            # The next reply is an injected command's: what came before it goes now,
+            # so that reply can be dropped exactly.
+            self._write(memoryview(data)[fwd:p])
+            fwd = p
         return fwd
 
     def _pubsub_frame(self, data: bytes, p: int, n: int) -> int:

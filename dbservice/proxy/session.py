@@ -13,6 +13,8 @@ Bytes a stream had already buffered are processed first.
   high-water mark (``pause_writing``) the engine stops reading the other side until it
   drains (``resume_writing``); the client is also not read while ``max_pending``
   commands are unanswered. Memory stays bounded whichever side is slow.
+* The agent's own commands (a renewed IAM ``AUTH``): :meth:`ProxySession.inject` writes
+  one between two client commands and its reply is dropped, not sent to the client.
 
 The agent runs one per accepted, authorised connection::
 
@@ -29,14 +31,15 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 from .commands import CommandParser
 from .errors import ProtocolError, UpstreamProtocolError
 from .hooks import SessionHooks
-from .pending import Item, Local
+from .inline import encode_command
+from .pending import Injected, Item, Local, Special, Sub
 from .replies import ReplyParser
 from .settings import ProxyLimits, ProxyTimeouts
 
@@ -178,6 +181,35 @@ class ProxySession:
     def owed(self) -> int:
         """Replies owed to the client right now."""
         return len(self._pending)
+
+    # -- the agent's own commands -------------------------------------------------------
+
+    def inject(self, args: Sequence[bytes], on_reply: Callable[[bool], None]) -> bool:
+        """Write a command of the agent's own on the upstream connection now, between two
+        client commands; its reply is kept from the client (replies keep their order for
+        the client) and ``on_reply(ok)`` is called with False when it was an error.
+
+        Returns False, writing nothing, when it cannot go now: the session is not
+        running or is ending, a client command is half forwarded, the client is inside
+        ``MULTI``, the connection is (or is about to be) in RESP2 subscribed mode or in
+        ``MONITOR``, or a ``HELLO``/``RESET`` is still unanswered. The caller retries
+        later. ``on_reply`` is not called when the session ends first. The command must
+        be answered by one short reply (``AUTH``, ``PING`` outside pub/sub): it is
+        dropped from a single read.
+        """
+        if self._done is None or self._done.done() or self._closing_reason is not None:
+            return False
+        commands, replies = self._commands, self._replies
+        if not commands.at_boundary or commands.in_multi or replies.monitor:
+            return False
+        for item in self._pending:  # commands still owed a reply that change the mode
+            if type(item) is Special or (type(item) is Sub and not replies.resp3):
+                return False
+        if replies.subscribed and not replies.resp3:
+            return False
+        self._pending.append(Injected(on_reply))
+        self._up_transport.write(encode_command(args))
+        return True
 
     # -- running -------------------------------------------------------------------------
 

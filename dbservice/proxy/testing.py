@@ -40,6 +40,8 @@ class LoopbackProxy:
         self.port = port
         self.finished: list[SessionStats] = []
         self.sessions: set[asyncio.Task[None]] = set()
+        self.live: list[ProxySession] = []
+        """The running sessions, oldest first."""
         self._server: asyncio.Server | None = None
         self._closing = False
 
@@ -97,7 +99,11 @@ class LoopbackProxy:
                 timeouts=self.timeouts,
                 inspect=self.inspect,
             )
-            self.finished.append(await session.run())
+            self.live.append(session)
+            try:
+                self.finished.append(await session.run())
+            finally:
+                self.live.remove(session)
         except asyncio.CancelledError:
             if not self._closing:
                 raise

@@ -79,8 +79,8 @@ async def login(
 
 class CommandInjector(Protocol):
     """Sends a command of the agent's own on a live session's upstream connection, with
-    its reply kept from the client. What the proxy engine must provide for this (it does
-    not yet; see ``ProxySession``):
+    its reply kept from the client. ``ProxySession.inject`` is the engine's; what it
+    provides:
 
     * write the command only between two client commands (the client parser at a
       command boundary), never inside ``MULTI`` (IAM AUTH is refused there), never in
