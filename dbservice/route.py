@@ -4,6 +4,7 @@ Wire format (RESP2, all bulk strings)::
 
     client -> agent   *3 $15 FLEETGATE.ROUTE $<n> <database> $<n> <db_user>
                       (each element followed by CRLF)
+                      *4 ... $<n> <node>   to one shard of a cluster (``--node``)
     agent  -> client  +OK CRLF              the connection is now a plain RESP stream
                       -ERR <reason> CRLF    and the agent closes
 
@@ -83,18 +84,21 @@ class Route:
 
     database: str
     db_user: str
+    node: str = ""
+    """One shard of a cluster-mode database (shard or node id, or host:port) to talk to
+    directly instead of the whole cluster; empty for the whole database."""
 
 
 class Reader(Protocol):
     async def readexactly(self, n: int) -> bytes: ...
 
 
-def encode_route(database: str, db_user: str) -> bytes:
-    """The preamble for ``database`` as ``db_user``."""
+def encode_route(database: str, db_user: str, node: str = "") -> bytes:
+    """The preamble for ``database`` as ``db_user`` (on one shard when ``node``)."""
     if not database or not db_user:
         raise ValueError("the route needs a database name and a db user")
-    parts = (ROUTE_COMMAND, database.encode(), db_user.encode())
-    return b"*3\r\n" + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+    parts = (ROUTE_COMMAND, database.encode(), db_user.encode(), *([node.encode()] if node else []))
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
 
 
 def encode_refusal(reason: str, *, code: str = "ERR") -> bytes:
@@ -168,13 +172,17 @@ async def read_route(reader: Reader, *, limit: int = DEFAULT_LIMIT) -> Route:
         count = _number(await _line(reader, MAX_HEADER, "array header"), "array length")
         if not await _is_route_command(reader):
             raise RouteError(USE_CONNECT)
-        if count != 3:
-            raise RouteError(f"{ROUTE_COMMAND.decode()} takes a database name and a db user")
+        if count not in (3, 4):
+            raise RouteError(
+                f"{ROUTE_COMMAND.decode()} takes a database name and a db user "
+                "(and optionally a node)"
+            )
         database = _text(await _bulk(reader, limit, "database name"), "database name")
         db_user = _text(await _bulk(reader, limit, "db user"), "db user")
+        node = _text(await _bulk(reader, limit, "node"), "node") if count == 4 else ""
     except asyncio.IncompleteReadError:
         raise RouteError("the connection closed before the route preamble was complete") from None
-    return Route(database, db_user)
+    return Route(database, db_user, node)
 
 
 def route_from_server_name(server_name: str | None) -> Route | None:
@@ -215,6 +223,7 @@ async def open_route(
     database: str,
     db_user: str,
     server_hostname: str | None = None,
+    node: str = "",
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to an agent with mutual TLS, send the route and read the answer.
 
@@ -226,7 +235,7 @@ async def open_route(
         host, port, ssl=ssl_context, server_hostname=server_hostname or host
     )
     try:
-        writer.write(encode_route(database, db_user))
+        writer.write(encode_route(database, db_user, node))
         await writer.drain()
         line = await _answer(reader)
     except BaseException:

@@ -46,6 +46,7 @@ def test_encode_route_is_a_resp_array() -> None:
 async def test_round_trip_and_unicode() -> None:
     assert await parse(encode_route("orders-dev", "app")) == Route("orders-dev", "app")
     assert await parse(encode_route("bücher", "é")) == Route("bücher", "é")
+    assert await parse(encode_route("carts", "app", "shard-1")) == Route("carts", "app", "shard-1")
 
 
 async def test_command_name_is_case_insensitive_and_rest_stays_unread() -> None:
@@ -78,7 +79,7 @@ async def test_clients_without_the_preamble_are_told_to_use_db_connect(data: byt
     ("data", "message"),
     [
         (b"*2\r\n$15\r\nFLEETGATE.ROUTE\r\n$1\r\nd\r\n", "takes a database name and a db user"),
-        (b"*4\r\n$15\r\nFLEETGATE.ROUTE\r\n", "takes a database name and a db user"),
+        (b"*5\r\n$15\r\nFLEETGATE.ROUTE\r\n", "takes a database name and a db user"),
         (b"*x\r\n", "bad array length"),
         (b"*-1\r\n", "bad array length"),
         (b"*33333333333333333\r\n", "array header is too long"),

@@ -23,7 +23,9 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
    then :class:`~dbservice.agent.login.UpstreamLogin`.
 6. ``+OK``, ``db.session.start``, and the proxy engine with :class:`AgentHooks` until
    either side closes; ``db.session.end`` (duration, commands, bytes each way) from
-   ``finally``.
+   ``finally``. MemoryDB in cluster mode gets the cluster engine
+   (:mod:`dbservice.cluster`: one plain server to the client, routed per shard), or, for
+   a route naming a node (``db connect --node``), the proxy engine to that shard alone.
 
 Connections the listener accepts but that never start a TLS handshake (port probes,
 load-balancer checks) are only logged at debug level.
@@ -63,6 +65,14 @@ from dbservice.auth.ca import (
     load_certs,
     mtls_server_context,
 )
+from dbservice.cluster.agent import (
+    ClusterEngines,
+    LinkError,
+    NodeNotFound,
+    TopologyError,
+    cluster_mode,
+)
+from dbservice.cluster.session import ClusterSession
 from dbservice.proxy import ProxySession, ProxyTimeouts, Streams, TcpConnector
 from dbservice.route import (
     ROUTE_OK,
@@ -239,6 +249,10 @@ class Listener:
             redact_values=config.audit.redact_values,
         )
         self.timeouts = ProxyTimeouts(idle=config.idle_timeout)
+        self.clusters = ClusterEngines(
+            aliases=settings.host_aliases, contexts=contexts, connect_timeout=config.connect_timeout
+        )
+        """The cluster engine's per-database state (MemoryDB in cluster mode)."""
         self.audit = AuditEmitter.for_bus(bus, host_id=host_id)
         self.sessions: set[asyncio.Task[None]] = set()
         self.task: asyncio.Task[None] | None = None
@@ -402,6 +416,7 @@ class Listener:
             except RouteError as exc:
                 raise Refused(str(exc)) from None
             database, db_user = route.database, route.db_user
+            node = route.node
             resource = self.lookup(database)
             if resource is None:
                 raise Refused(
@@ -439,7 +454,7 @@ class Listener:
             client_addr=client_addr,
             redaction=self.redaction,
         )
-        connected = await self._upstream(resource, db_user, audit, writer)
+        connected = await self._upstream(resource, db_user, audit, writer, node=node)
         if connected is None:
             return
         upstream, ready, login = connected
@@ -452,9 +467,16 @@ class Listener:
         logger.debug(
             "session %s: %s to %s as %s", audit.session_id, identity.user, database, db_user
         )
-        session = ProxySession(
-            streams, upstream, hooks=hooks, timeouts=self.timeouts, inspect=("*",)
-        )
+        session: ProxySession | ClusterSession
+        if cluster_mode(resource) and not node:
+            session = self.clusters.session(
+                streams, upstream, resource=resource, login=login, db_user=db_user,
+                hooks=hooks, timeouts=self.timeouts,
+            )  # fmt: skip
+        else:
+            session = ProxySession(
+                streams, upstream, hooks=hooks, timeouts=self.timeouts, inspect=("*",)
+            )
         try:
             await session.run()
         finally:
@@ -468,6 +490,8 @@ class Listener:
         db_user: str,
         audit: SessionAudit,
         writer: asyncio.StreamWriter,
+        *,
+        node: str = "",
     ) -> tuple[Streams, bool, UpstreamLogin] | None:
         login = self.login(resource)
         up: Streams | None = None
@@ -486,6 +510,8 @@ class Listener:
                 up = await connector.connect()
                 async with asyncio.timeout(self.config.connect_timeout):
                     ready = await login.login(up, db_user=db_user)
+                    if node:
+                        up, ready = await self._to_node(resource, up, login, db_user, node)
             except TimeoutError:
                 raise Refused(
                     f"cannot reach {resource.name}: no answer within "
@@ -515,6 +541,26 @@ class Listener:
             await _refuse(writer, str(exc))
             return None
         return up, ready, login
+
+    async def _to_node(
+        self,
+        resource: DatabaseResource,
+        seed: Streams,
+        login: UpstreamLogin,
+        db_user: str,
+        node: str,
+    ) -> tuple[Streams, bool]:
+        """``fleetgate db connect --node``: the shard's primary instead of the cluster."""
+        if not cluster_mode(resource):
+            raise Refused(f"{resource.name} is not in cluster mode: --node applies to clusters")
+        try:
+            return await self.clusters.node_upstream(
+                seed, resource=resource, login=login, db_user=db_user, node=node
+            )
+        except NodeNotFound as exc:
+            raise Refused(str(exc)) from None
+        except (LinkError, TopologyError) as exc:
+            raise Refused(f"cannot reach {resource.name}: {exc}") from None
 
     # -- refusals --------------------------------------------------------------------------
 

@@ -68,6 +68,7 @@ _ASKING: Final = encode_command([b"ASKING"])
 _MULTI: Final = encode_command([b"MULTI"])
 _EXEC: Final = encode_command([b"EXEC"])
 _UNWATCH: Final = encode_command([b"UNWATCH"])
+_MYID: Final = encode_command([b"CLUSTER", b"MYID"])
 _QUEUED: Final = b"+QUEUED\r\n"
 _EXECABORT: Final = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 
@@ -398,6 +399,15 @@ class ClusterSession:
         except asyncio.IncompleteReadError:
             raise LinkError(f"node {link.name} closed the connection") from None
 
+    async def _adopt_seed(self) -> None:
+        """When the configuration endpoint led to a primary, its connection serves that
+        shard too (one connection fewer; a one-shard cluster needs no other)."""
+        assert self._topology is not None
+        frame = await self._seed.call(_MYID)
+        for node in self._topology.primaries:
+            if frame[:1] == b"$" and node.id.encode() in frame:
+                self._links.setdefault(node.address, self._seed)
+
     def _home(self) -> Address:
         """Where keyless commands go: the first shard's primary."""
         assert self._topology is not None
@@ -522,6 +532,7 @@ class ClusterSession:
         if self._topology is None or self._table is None:
             try:
                 self._topology, self._table = await self._state.ensure(self._seed)
+                await self._adopt_seed()
             except (LinkError, TopologyError, ValueError) as exc:
                 return _Local(name, error(f"ERR fleetgate: cannot learn the cluster: {exc}"))
         if self._pubsub.active and name not in _SUBSCRIBED_OK:
