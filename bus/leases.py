@@ -89,3 +89,13 @@ async def records(bus: Bus, bucket: str, model: type[M]) -> dict[str, Versioned[
         if found is not None:
             out[key] = found
     return out
+
+
+async def delete(bus: Bus, bucket: str, key: str, *, last: int) -> bool:
+    """Delete ``key`` only if it is still at revision ``last``; False when it moved on."""
+    kv = await bus.bucket(bucket)
+    async with bus._kv_call("a delete in", bucket, key):
+        try:
+            return bool(await kv.delete(key, last=last))
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False

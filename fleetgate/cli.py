@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dbservice import cli as db_cli
     from dbservice.agent import cli as agent_cli
     from dbservice.auth import cli as auth_cli
+    from dbservice.managed import cli as managed_cli
     from discovery import cli as discovery_cli
     from sandbox import cli as sandbox_cli
 
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent_cli.register(sub, _common)
     configure_cli.register(sub, _common)
     sandbox_cli.register(sub, _common)
+    managed_cli.register(sub, _common)
     return parser
 
 

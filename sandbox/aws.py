@@ -62,6 +62,14 @@ def acl_members(account: str, region: str, acl_name: str) -> set[str]:
     }
 
 
+class SandboxAclMembership:
+    """ACL membership for the agents' managed users read from :data:`ACL_MEMBERS` (the
+    stand-in's configuration), for ``dbservice.managed.membership.AclMembership``."""
+
+    async def members(self, aws: Any, *, account: str, acl_name: str, users: Any) -> set[str]:
+        return acl_members(account, str(aws.region), acl_name)
+
+
 _installed = threading.Lock()
 _done = False
 

@@ -170,6 +170,10 @@ class MemoryDBLogin:
         self.refusals: list[str] = []
         """Why each refused token was refused (for tests and the sandbox log)."""
         self.accepted = 0
+        self.changes: list[tuple[str, str, int]] = []
+        """(user, type, password count) per user change applied by :meth:`follow_aws`."""
+        self.max_passwords = 0
+        """The most passwords any user had at once, as applied by :meth:`follow_aws`."""
 
     def set_users(self, users: Sequence[AclUser]) -> None:
         self.users = {u.name: u for u in users}
@@ -215,6 +219,57 @@ class MemoryDBLogin:
             return [user for page in pages.paginate() for user in page["Users"]]
 
         await self.sync(await asyncio.to_thread(describe), nodes)
+
+    def follow_aws(self, nodes: Sequence[ValkeyNode], *, delay: float = 0.0) -> Callable[[], None]:
+        """Apply every CreateUser/UpdateUser of this region that moto answers (through
+        :func:`sandbox.aws.on_user_change`) to the valkey nodes, in order, ``delay``
+        seconds later (MemoryDB, too, applies a user change a moment after the call).
+        Password changes keep existing connections, as on MemoryDB. Call from the
+        stand-in's loop; returns the function that stops following."""
+        from sandbox.aws import on_user_change
+
+        loop = asyncio.get_running_loop()
+        lock = asyncio.Lock()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def apply(name: str, kind: str, passwords: tuple[str, ...]) -> None:
+            if delay:
+                await asyncio.sleep(delay)
+            async with lock:
+                user = self.users.get(name)
+                if user is None or user.type != kind:
+                    user = self.users[name] = AclUser(name=name, type=kind)
+                    user.passwords = passwords
+                    for node in nodes:
+                        if node.running:
+                            await apply_acl(node, [user])
+                else:
+                    user.passwords = passwords
+                    rules = ["resetpass", *(f">{p}" for p in passwords)]
+                    if kind == "password":
+                        for node in nodes:
+                            if node.running:
+                                await node.command("ACL", "SETUSER", name, *rules)
+                self.changes.append((name, kind, len(passwords)))
+                self.max_passwords = max(self.max_passwords, len(passwords))
+
+        def start(name: str, kind: str, passwords: tuple[str, ...]) -> None:
+            task = loop.create_task(apply(name, kind, passwords))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        def changed(account: str, region: str, name: str, kind: str, pw: tuple[str, ...]) -> None:
+            if region == self.region and not loop.is_closed():
+                loop.call_soon_threadsafe(start, name, kind, pw)
+
+        remove = on_user_change(changed)
+
+        def stop() -> None:
+            remove()
+            for task in list(tasks):
+                task.cancel()
+
+        return stop
 
     def set_password(self, user: str, *passwords: str) -> None:
         if user not in self.users:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bus import Bus, leases, subjects
+from bus.server import NatsServer
 from dbservice.managed.aws import ManagedAws, ManagedError, SecretConflict
 from dbservice.managed.rotation import RotationSettings, Rotator, Step, UserRef
 from dbservice.managed.state import (
@@ -29,6 +31,7 @@ from tests import seed
 
 pytestmark = pytest.mark.timeout(60)
 
+NATS_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-server.conf"
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
 
@@ -202,3 +205,26 @@ async def test_an_iam_user_is_never_changed(aws: MotoServer, lease_bus: Bus) -> 
     user = seed.client("memorydb", REGION).describe_users(UserName="robot")["Users"][0]
     assert user["Authentication"]["Type"] == "iam"
     assert seed.client("secretsmanager", REGION).list_secrets()["SecretList"] == []
+
+
+async def test_the_sample_nats_config_lets_agents_keep_the_records(
+    aws: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf = NATS_CONF
+    for user in ("discovery", "agent", "auth", "reader", "auditor", "admin"):
+        monkeypatch.setenv(f"FLEETGATE_NATS_{user.upper()}_PASSWORD", f"pw-{user}")
+    server = NatsServer(tmp_path / "nats", config_file=conf).start()
+    try:
+        agent = await Bus.connect(
+            f"nats://agent:pw-agent@127.0.0.1:{server.port}", name="agent", request_timeout=2
+        )
+        try:
+            await agent.provision(leases.LEASES)
+            ref = ref_of("app", make_user("app"))
+            assert await rotator(agent, "h1").cycle(ref) == "set-up"
+            assert (await record(agent, ref)).applied_version
+            assert list(await leases.records(agent, subjects.LEASES_BUCKET, ManagedUser))
+        finally:
+            await agent.close()
+    finally:
+        server.stop()

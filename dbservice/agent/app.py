@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 
-from bus import BUCKETS, Bus, DatabaseResource, subjects
+from bus import BUCKETS, Bus, DatabaseResource, leases, subjects
 from dbservice.agent.config import AgentConfig
 from dbservice.agent.health import Prober, TLSContexts, probe
 from dbservice.agent.heartbeat import AgentIdentity, Announcer
@@ -18,6 +18,11 @@ from dbservice.agent.listener import Listener
 from dbservice.agent.served import Selection, follow_registry, static_resource
 from dbservice.agent.supervisor import Supervisor
 from dbservice.agent.worker import DatabaseWorker
+from dbservice.managed.login import ManagedLogins
+from dbservice.managed.membership import AclMembership
+from dbservice.managed.service import ManagedUsers
+from dbservice.managed.wiring import build_service
+from dbservice.upstream.iam import IamAuth
 from fleetgate import __version__
 from fleetgate.aio import stop_on_signals
 from fleetgate.durations import format_duration
@@ -33,8 +38,19 @@ class Agent:
     """One agent. :meth:`run` serves until ``stop`` is set; ``supervisor`` and
     ``synced`` are there for whoever embeds it (tests, the sandbox)."""
 
-    def __init__(self, config: AgentConfig, *, nats_url: str, prober: Prober = probe) -> None:
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        nats_url: str,
+        prober: Prober = probe,
+        acl_membership: AclMembership | None = None,
+    ) -> None:
         self.config = config
+        self.acl_membership = acl_membership
+        """How managed users' ACL membership is read (default: from the config)."""
+        self.managed: ManagedUsers | None = None
+        """The managed-user service (None when ``managed_users.enabled`` is false)."""
         self.settings = config.db_service
         self.nats_url = nats_url
         self.prober = prober
@@ -60,6 +76,8 @@ class Agent:
             self.bus = bus
             try:
                 await bus.provision(BUCKETS[subjects.DB_SERVERS_BUCKET])
+                if self.settings.managed_users.enabled:
+                    await bus.provision(leases.LEASES)
                 self.identity = AgentIdentity(
                     host_id=data_dir.host_id,
                     hostname=self.settings.hostname,
@@ -113,6 +131,19 @@ class Agent:
             format_duration(settings.health_check.interval),
             format_duration(settings.heartbeat.ttl),
         )
+        auth = IamAuth()
+        managed = None
+        if settings.managed_users.enabled:
+            handles_now = supervisor.handles
+            managed = build_service(
+                settings,
+                bus=bus,
+                host_id=identity.host_id,
+                auth=auth,
+                served=lambda: [h.worker.resource for h in list(handles_now.values())],
+                acl_membership=self.acl_membership,
+            )
+            self.managed = managed
         listener = None
         if settings.listener is not None:
             handles = supervisor.handles
@@ -128,7 +159,9 @@ class Agent:
                 host_id=identity.host_id,
                 lookup=lookup,
                 contexts=contexts,
-                login=IamLogins(),
+                login=IamLogins(auth)
+                if managed is None
+                else ManagedLogins(managed, IamLogins(auth)),
             )
             await listener.start()  # before the first heartbeat announces this agent
             self.listener = listener
@@ -145,6 +178,11 @@ class Agent:
             name="registry-watch",
         )
         stopping = asyncio.create_task(stop.wait(), name="stop-signal")
+        rotating = (
+            asyncio.create_task(managed.run(), name="managed-users")
+            if managed is not None
+            else None
+        )
         status = 0
         roots = {watch, stopping}
         if listener is not None and listener.task is not None:
@@ -158,10 +196,15 @@ class Agent:
                     logger.error("%s ended (%s); stopping", root.get_name(), error or "returned")
         finally:
             logger.info("stopping: deleting %d heartbeats", len(supervisor.handles))
-            for task in (watch, stopping):
+            for task in (watch, stopping, rotating):
+                if task is None:
+                    continue
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if managed is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(managed.aclose(), CLOSE_TIMEOUT)
             if listener is not None:
                 await listener.aclose()
             await supervisor.stop_all()

@@ -93,12 +93,31 @@ class AwsRole(Strict):
         return self
 
 
+class SecretStore(Strict):
+    """Where the passwords of managed MemoryDB users are kept (AWS Secrets Manager)."""
+
+    key_prefix: str = "fleetgate/"
+    """Secret names are ``<key_prefix>memorydb/<region>/<account>/user/<name>``."""
+    kms_key_id: str | None = None
+    """KMS key of new secrets (default: the account's ``aws/secretsmanager`` key)."""
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix(cls, prefix: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9/_+=.@-]{0,400}", prefix):
+            raise ValueError(f"{prefix!r}: use letters, digits and /_+=.@- (example: fleetgate/)")
+        return prefix
+
+
 class ResourceMatcher(Strict):
     """Registry databases whose labels match are served (same semantics as discovery)."""
 
     labels: dict[str, str | list[str]]
     aws: AwsRole | None = None
     """Applied to the databases this matcher selects; the last matching matcher wins."""
+    secret_store: SecretStore | None = None
+    """Where managed users' passwords of these databases are kept (default:
+    ``managed_users.secret_store``)."""
 
     @field_validator("labels")
     @classmethod
@@ -211,6 +230,39 @@ class HeartbeatConfig(Strict):
         return self
 
 
+class ManagedUsersConfig(Strict):
+    """MemoryDB users tagged ``fleetgate.dev/managed`` in the ACL of a served cluster get
+    a password nobody sees, kept in Secrets Manager and rotated (docs/managed-users.md)."""
+
+    enabled: bool = True
+    interval: Duration = 900.0
+    """Time between rotations of each user (plus up to 1/7 jitter)."""
+    lease: Duration = 60.0
+    """How long one agent may take for a rotation before another may take over."""
+    refresh: Duration = 300.0
+    """How often the ACLs and user tags are read again."""
+    grace: Duration = 86400.0
+    """A user no agent serves keeps its secret this long before cleanup deletes it."""
+    cleanup: bool = True
+    """Delete unused users' secrets after the grace period (else only by hand:
+    ``fleetgate managed cleanup``)."""
+    recovery_days: int | None = Field(default=7, ge=7, le=30)
+    """Deleted secrets stay recoverable this many days (null: delete at once)."""
+    acl_lookup: Literal["describe-acls", "describe-users"] = "describe-acls"
+    """How ACL membership is read: DescribeACLs, or the ACLNames of DescribeUsers."""
+    secret_store: SecretStore = SecretStore()
+
+    @model_validator(mode="after")
+    def _check(self) -> ManagedUsersConfig:
+        if self.interval < 1:
+            raise ValueError("interval must be at least 1s")
+        if self.lease < 1:
+            raise ValueError("lease must be at least 1s")
+        if self.refresh < 1:
+            raise ValueError("refresh must be at least 1s")
+        return self
+
+
 class QueryAuditConfig(Strict):
     """How much of each command goes into ``db.session.query`` events (secrets are
     always masked)."""
@@ -305,6 +357,7 @@ class DbService(Strict):
     """A PEM bundle trusted for every database, besides the system roots."""
     health_check: HealthCheckConfig = HealthCheckConfig()
     heartbeat: HeartbeatConfig = HeartbeatConfig()
+    managed_users: ManagedUsersConfig = ManagedUsersConfig()
 
     @field_validator("hostname")
     @classmethod

@@ -33,6 +33,12 @@ from dbservice.auth.authorize import SessionGrant
 from dbservice.proxy import Action, Hello
 from dbservice.proxy.commands import parse_hello
 
+LOCAL_AUTH = (
+    "answered by the agent, not forwarded: the agent already logged the session in as "
+    "this db user (IAM token or managed password)"
+)
+"""The audit reason of a client AUTH the login strategy answered itself."""
+
 CONNECTION_COMMANDS = frozenset({"AUTH", "HELLO", "QUIT"})
 """Allowed before authentication and not subject to the roles' command lists."""
 
@@ -137,7 +143,8 @@ class AgentHooks:
     def _pass(self, shown: Sequence[bytes], action: Action) -> Action:
         if action.reply is None:
             self._auth_owed.append(True)
-        self._audit.query(shown)
+        answered = action.reply is not None or action.replacement is not None
+        self._audit.query(shown, reason=LOCAL_AUTH if answered else "")
         return action
 
     def _refuse_auth(self, shown: Sequence[bytes], reason: str) -> Action:

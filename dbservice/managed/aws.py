@@ -97,10 +97,19 @@ def secret_value(user: str, password: str, user_arn: str) -> str:
 class ManagedAws:
     """AWS calls for one region and role chain."""
 
-    def __init__(self, auth: IamAuth, region: str, roles: tuple[Role, ...] = ()) -> None:
+    def __init__(
+        self,
+        auth: IamAuth,
+        region: str,
+        roles: tuple[Role, ...] = (),
+        *,
+        calls: dict[str, int] | None = None,
+    ) -> None:
         self.auth = auth
         self.region = region
         self.roles = roles
+        self.calls = calls if calls is not None else {}
+        """AWS calls made, by operation (shared by whoever passes the same dict)."""
 
     @contextlib.asynccontextmanager
     async def _client(self, service: str, what: str) -> AsyncIterator[Any]:
@@ -108,7 +117,8 @@ class ManagedAws:
             creds, _ = await self.auth.credentials(self.region, self.roles)
         except IamError as exc:
             raise ManagedError(f"{what}: {exc}") from None
-        self.auth._count(what.split(" ", 1)[0])
+        operation = what.split(" ", 1)[0]
+        self.calls[operation] = self.calls.get(operation, 0) + 1
         try:
             async with self.auth.session.create_client(
                 service,

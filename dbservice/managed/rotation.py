@@ -153,12 +153,18 @@ class Rotator:
                     return self._count("lost")
                 outcome, (applied, revision) = "rotated", rotated
         done = self.clock()
+        # The schedule keeps its rhythm (a late start does not push every later rotation
+        # back), unless it fell a whole interval behind (agents were away): then from now.
+        due = record.next_at if record is not None and record.applied_version else now
+        anchor = due if now - due < self.settings.interval else now
         final = leased.model_copy(
             update={
                 "applied_version": applied,
                 "rotated_at": done,
-                "next_at": done
-                + self.settings.interval * (1 + random.uniform(0, self.settings.jitter)),
+                "next_at": max(
+                    anchor + self.settings.interval * (1 + random.uniform(0, self.settings.jitter)),
+                    done + self.settings.interval / 2,
+                ),
                 "holder": "",
                 "held_until": 0.0,
             }
@@ -169,7 +175,7 @@ class Rotator:
         ):
             logger.warning("managed user %s: lease lost before the record was written", ref.user)
             return self._count("lost")
-        logger.info("managed user %s (%s): %s", ref.user, ref.region, outcome)
+        logger.info("managed user %s (%s): %s in %.2fs", ref.user, ref.region, outcome, done - now)
         return self._count(outcome)
 
     # -- the three actions ------------------------------------------------------------
