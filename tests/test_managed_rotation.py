@@ -228,3 +228,30 @@ async def test_the_sample_nats_config_lets_agents_keep_the_records(
             await agent.close()
     finally:
         server.stop()
+
+
+def test_configure_iam_agent_includes_what_managed_users_need(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from fleetgate.cli import main
+
+    cluster = f"arn:aws:memorydb:{REGION}:{ACCOUNT}:cluster/orders"
+    assert main(["configure", "iam", "--agent", "--cluster", cluster]) == 0
+    policy = json.loads(capsys.readouterr().out)
+    by_sid = {s["Sid"]: s for s in policy["Statement"]}
+    secrets = by_sid["FleetgateManagedUsersSecrets"]
+    assert {"secretsmanager:PutSecretValue", "secretsmanager:CreateSecret"} <= set(
+        secrets["Action"]
+    )
+    assert secrets["Resource"] == [
+        f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:"
+        f"fleetgate/memorydb/{REGION}/{ACCOUNT}/user/*"
+    ]
+    assert by_sid["FleetgateManagedUsersSetPasswords"]["Action"] == "memorydb:UpdateUser"
+    assert "memorydb:DescribeACLs" in by_sid["FleetgateManagedUsersFind"]["Action"]
+    kms = by_sid["FleetgateManagedUsersKms"]
+    assert "kms:GenerateDataKey" in kms["Action"] and "kms:Decrypt" in kms["Action"]
+    assert kms["Condition"]["StringLike"]["kms:ViaService"] == "secretsmanager.*.amazonaws.com"
+    shipped = json.loads(NATS_CONF.parents[1].joinpath("iam", "agent-policy.json").read_text())
+    assert main(["configure", "iam", "--agent"]) == 0
+    assert json.loads(capsys.readouterr().out) == shipped

@@ -4,6 +4,9 @@
   DescribeUsers, ListTags) and ``sts:GetCallerIdentity`` (its account id);
 * the agent: ``memorydb:Connect`` on the cluster *and* the user ARNs (MemoryDB checks
   both), ``memorydb:DescribeUsers`` (is a user IAM-enabled) and ``sts:GetCallerIdentity``;
+  for managed users, ``memorydb:DescribeACLs``/``ListTags``/``UpdateUser``, Secrets
+  Manager on the secrets under the managed-user prefix only, and KMS through Secrets
+  Manager only (``kms:ViaService``);
 * either: ``sts:AssumeRole`` on the roles its config names.
 
 Cluster ARNs narrow the agent's policy to those clusters (and their users in the same
@@ -28,6 +31,16 @@ _CLUSTER_ARN = re.compile(
     r":cluster/(?P<name>[A-Za-z0-9-]+)$"
 )
 _USER_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]*$")
+DEFAULT_SECRET_PREFIX: Final = "fleetgate/"
+SECRET_ACTIONS: Final = (
+    "secretsmanager:CreateSecret",
+    "secretsmanager:DescribeSecret",
+    "secretsmanager:GetSecretValue",
+    "secretsmanager:PutSecretValue",
+    "secretsmanager:TagResource",
+    "secretsmanager:DeleteSecret",
+)
+"""What managed users need of Secrets Manager (TagResource: CreateSecret with tags)."""
 _ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 
 Policy = dict[str, Any]
@@ -127,15 +140,27 @@ def agent_policy(
     clusters: list[ClusterArn] | None = None,
     users: list[str] | None = None,
     roles: list[str] | None = None,
+    secret_prefix: str = DEFAULT_SECRET_PREFIX,
+    kms_keys: list[str] | None = None,
 ) -> Policy:
-    """What ``fleetgate agent run`` needs to log in to MemoryDB by IAM token; ``users``
-    narrows the user ARNs (in each cluster's account and region) from every user."""
+    """What ``fleetgate agent run`` needs to log in to MemoryDB by IAM token and to keep
+    managed users' passwords; ``users`` narrows the user ARNs (in each cluster's account
+    and region) from every user; ``kms_keys`` names the KMS keys of the secrets (default:
+    any key, used only through Secrets Manager)."""
     if clusters:
         cluster_arns = sorted({c.arn for c in clusters})
         user_arns = sorted({c.user_arn(u) for c in clusters for u in users or ["*"]})
+        all_users = sorted({c.user_arn("*") for c in clusters})
+        places = sorted({(c.partition, c.region, c.account) for c in clusters})
+        secret_arns = [
+            f"arn:{p}:secretsmanager:{r}:{a}:secret:{secret_prefix}memorydb/{r}/{a}/user/*"
+            for p, r, a in places
+        ]
     else:
         cluster_arns = ["arn:aws:memorydb:*:*:cluster/*"]
         user_arns = [f"arn:aws:memorydb:*:*:user/{u}" for u in users or ["*"]]
+        all_users = ["arn:aws:memorydb:*:*:user/*"]
+        secret_arns = [f"arn:aws:secretsmanager:*:*:secret:{secret_prefix}memorydb/*"]
     return _document(
         [
             connect_statement(cluster_arns, user_arns),
@@ -144,6 +169,31 @@ def agent_policy(
                 "Effect": "Allow",
                 "Action": "memorydb:DescribeUsers",
                 "Resource": "*",
+            },
+            {
+                "Sid": "FleetgateManagedUsersFind",
+                "Effect": "Allow",
+                "Action": ["memorydb:DescribeACLs", "memorydb:ListTags"],
+                "Resource": "*",
+            },
+            {
+                "Sid": "FleetgateManagedUsersSetPasswords",
+                "Effect": "Allow",
+                "Action": "memorydb:UpdateUser",
+                "Resource": all_users,
+            },
+            {
+                "Sid": "FleetgateManagedUsersSecrets",
+                "Effect": "Allow",
+                "Action": list(SECRET_ACTIONS),
+                "Resource": secret_arns,
+            },
+            {
+                "Sid": "FleetgateManagedUsersKms",
+                "Effect": "Allow",
+                "Action": ["kms:GenerateDataKey", "kms:Decrypt"],
+                "Resource": sorted(kms_keys) if kms_keys else "*",
+                "Condition": {"StringLike": {"kms:ViaService": "secretsmanager.*.amazonaws.com"}},
             },
             *_assume(roles or [], "FleetgateAgentAssumeRoles"),
         ]
