@@ -4,8 +4,10 @@ password; a password user still brings its own."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import redis.exceptions
@@ -20,12 +22,15 @@ from bus.schemas import (
     TLSSettings,
 )
 from bus.server import NatsServer
+from dbservice.agent.config import AgentConfig
+from dbservice.auth.admin import sign_host
+from dbservice.auth.ca import CertificateAuthority
 from dbservice.route import RouteRefused
 from sandbox.aws import ACL_MEMBERS, MotoServer
 from sandbox.iamfront import IamFront, MemoryDBLogin
 from sandbox.memorydb import MemoryDBStandin, StandinConfig
 from tests import seed
-from tests.agentkit import running_agent
+from tests.agentkit import agent_config, running_agent
 from tests.listenerkit import RawSession, client, make_fleet, put_roles
 
 pytestmark = pytest.mark.timeout(90)
@@ -60,7 +65,7 @@ async def standin(
         yield db, login
 
 
-def record(ca_pem: str) -> DatabaseResource:
+def record(ca_pem: str, *, endpoint: Literal["cluster", "node"] = "cluster") -> DatabaseResource:
     return DatabaseResource(
         metadata=Metadata(name="orders", labels={"env": "iam"}),
         spec=DatabaseSpec(
@@ -69,7 +74,9 @@ def record(ca_pem: str) -> DatabaseResource:
             aws=AWSSpec(
                 region=REGION,
                 account_id=ACCOUNT,
-                memorydb=MemoryDBSpec(cluster_name=CLUSTER, acl_name=ACL, engine_version="7.1"),
+                memorydb=MemoryDBSpec(
+                    cluster_name=CLUSTER, acl_name=ACL, engine_version="7.1", endpoint_type=endpoint
+                ),
             ),
         ),
     )
@@ -129,3 +136,73 @@ async def test_person_reaches_memorydb_as_an_iam_user(
             session.close()
         assert "memorydb:Connect" in info.value.reason
         assert f"arn:aws:memorydb:{REGION}:{ACCOUNT}:user/alice" in info.value.reason
+
+
+async def test_iam_session_is_reauthenticated_while_the_client_works(
+    bus: Bus,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    standin: tuple[MemoryDBStandin, MemoryDBLogin],
+) -> None:
+    """listener.iam_reauth 1s: the agent sends a fresh AUTH on the live connection every
+    second (the stand-in's front checks each token), between the client's pipelines,
+    and the client sees none of it."""
+    db, login = standin
+    fleet = await make_fleet(bus, tmp_path, nats_server.url)
+    await put_roles(bus, orders={"allow": {"db_labels": {"env": "iam"}, "db_users": ["alice"]}})
+    await bus.put_resource(record(db.ca_pem.decode(), endpoint="node"))
+    host, port = db.endpoint
+    config = fleet.agent(
+        "agent-1",
+        [],
+        resources=[{"labels": {"env": "iam"}}],
+        host_aliases={f"{CFG_NAME}:6379": f"{host}:{port}"},
+    )
+    config["db_service"]["listener"]["iam_reauth"] = "1s"
+    dana = fleet.identity("dana", ["orders"])
+    loop = asyncio.get_running_loop()
+    async with running_agent(config, nats_server.url) as agent:
+        assert agent.listener is not None
+        for protocol in (2, 3):
+            r = client(agent.listener.port, dana, "orders", "alice", protocol=protocol)
+            async with r:
+                assert await r.ping()
+                logged_in = login.accepted
+                deadline = loop.time() + 20
+                rounds = 0
+                while login.accepted < logged_in + 3:
+                    assert loop.time() < deadline, "no renewed AUTH reached the stand-in"
+                    pipe = r.pipeline(transaction=False)
+                    for i in range(100):
+                        pipe.set(f"{{r}}{i}", f"{rounds}-{i}")
+                        pipe.get(f"{{r}}{i}")
+                    results = await pipe.execute()
+                    assert results[0::2] == [True] * 100
+                    assert results[1::2] == [f"{rounds}-{i}".encode() for i in range(100)]
+                    assert await r.acl_whoami() in ("alice", b"alice")
+                    rounds += 1
+                    await asyncio.sleep(0.05)
+        assert login.refusals == []
+        auth = agent.listener.login.auth  # type: ignore[attr-defined]
+        assert auth.tokens_signed == 1  # renewals reuse the cached token while valid
+
+
+def test_iam_reauth_beyond_the_cut_off_is_a_config_error(tmp_path: Path) -> None:
+    fleet_ca = CertificateAuthority.create()
+    sign_host(fleet_ca, ["127.0.0.1"], 3600, tmp_path / "tls")
+    listener = {
+        "cert_file": str(tmp_path / "tls" / "cert.pem"),
+        "key_file": str(tmp_path / "tls" / "key.pem"),
+    }
+    serve = {"resources": [{"labels": {"env": "iam"}}]}
+    good = AgentConfig.model_validate(
+        agent_config(tmp_path, "a", listener={**listener, "iam_reauth": "5m"}, **serve)
+    ).db_service.listener
+    assert good is not None and good.iam_reauth == 300
+    for bad in ("12h", "0.5"):
+        with pytest.raises(ValueError) as info:
+            AgentConfig.model_validate(
+                agent_config(tmp_path, "a", listener={**listener, "iam_reauth": bad}, **serve)
+            )
+        assert "db_service.listener.iam_reauth" in str(info.value)
+        assert "under 12h" in str(info.value)

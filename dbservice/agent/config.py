@@ -293,7 +293,20 @@ class ListenerConfig(Strict):
     """Client connections open at once; more are closed at once (and logged)."""
     idle_timeout: Duration | None = None
     """Close a session after this long without a byte either way (default: never)."""
+    iam_reauth: Duration = 11 * 3600.0
+    """A session logged in to MemoryDB by IAM token sends a fresh ``AUTH`` this long
+    after the last one (MemoryDB closes IAM connections 12 hours after their AUTH)."""
     audit: QueryAuditConfig = QueryAuditConfig()
+
+    @field_validator("iam_reauth")
+    @classmethod
+    def _reauth(cls, every: float) -> float:
+        if not 1 <= every < 12 * 3600:
+            raise ValueError(
+                "must be from 1s to under 12h (MemoryDB closes IAM connections 12 hours "
+                "after their AUTH); the default is 11h"
+            )
+        return every
 
     @field_validator("cert_file")
     @classmethod

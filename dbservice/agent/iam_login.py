@@ -66,12 +66,22 @@ class IamLogin:
             return Action.respond(OK)
         return Action.replace(*hello.without_auth())
 
-    def keep_alive(self, injector: CommandInjector) -> Coroutine[Any, Any, None] | None:
+    def keep_alive(
+        self,
+        injector: CommandInjector,
+        *,
+        every: float = wire.REAUTH_EVERY,
+        retry: float = wire.REAUTH_RETRY,
+    ) -> Coroutine[Any, Any, None] | None:
         """The re-authentication loop for this session (run it as a task beside the
-        proxy, cancel it at the end), or None when the session is not an IAM login."""
+        proxy, cancel it at the end): a fresh ``AUTH`` ``every`` seconds, ``retry``
+        seconds after a refusal or when the session could not take it; None when the
+        session is not an IAM login."""
         if not self.iam:
             return None
-        return wire.keep_authenticated(injector, self.auth, self.target, self.db_user)
+        return wire.keep_authenticated(
+            injector, self.auth, self.target, self.db_user, every=every, retry=retry
+        )
 
 
 class IamLogins:

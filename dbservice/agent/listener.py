@@ -26,6 +26,9 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
    ``finally``. MemoryDB in cluster mode gets the cluster engine
    (:mod:`dbservice.cluster`: one plain server to the client, routed per shard), or, for
    a route naming a node (``db connect --node``), the proxy engine to that shard alone.
+   A proxy-engine session logged in by IAM token runs its login's ``keep_alive`` beside
+   the engine (a fresh ``AUTH`` every ``listener.iam_reauth``, injected between two
+   client commands), cancelled when the session ends.
 
 Connections the listener accepts but that never start a TLS handshake (port probes,
 load-balancer checks) are only logged at debug level.
@@ -82,6 +85,7 @@ from dbservice.route import (
     read_route,
     route_from_server_name,
 )
+from dbservice.upstream.auth import REAUTH_RETRY
 from dbservice.upstream.tls import verify_failure
 from fleetgate.config import ConfigError
 
@@ -477,12 +481,28 @@ class Listener:
             session = ProxySession(
                 streams, upstream, hooks=hooks, timeouts=self.timeouts, inspect=("*",)
             )
+        renewal = self._keep_alive(login, session)
         try:
             await session.run()
         finally:
+            if renewal is not None:
+                await _stop_renewal(renewal, audit.session_id)
             stats = session.stats
             audit.add_bytes(to_db=stats.bytes_from_client, to_client=stats.bytes_to_client)
             audit.end(reason=stats.reason or "stopped")
+
+    def _keep_alive(
+        self, login: UpstreamLogin, session: ProxySession | ClusterSession
+    ) -> asyncio.Task[None] | None:
+        """The login's re-authentication loop (IAM logins have one) as a task."""
+        keep_alive = getattr(login, "keep_alive", None)
+        if keep_alive is None or not isinstance(session, ProxySession):
+            return None
+        every = self.config.iam_reauth
+        renew = keep_alive(session, every=every, retry=min(every, REAUTH_RETRY))
+        if renew is None:
+            return None
+        return asyncio.create_task(renew, name="iam-reauth")
 
     async def _upstream(
         self,
@@ -601,6 +621,15 @@ class Listener:
         except (ValueError, CertificateRejected):
             pass
         return ""
+
+
+async def _stop_renewal(task: asyncio.Task[None], session_id: str) -> None:
+    task.cancel()
+    await asyncio.wait([task])
+    if not task.cancelled() and (error := task.exception()) is not None:
+        logger.error(
+            "session %s: the IAM re-authentication loop failed", session_id, exc_info=error
+        )
 
 
 async def _refuse(writer: asyncio.StreamWriter, reason: str) -> None:
