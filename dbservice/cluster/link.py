@@ -24,7 +24,7 @@ from dbservice.proxy.errors import UpstreamProtocolError
 from dbservice.proxy.session import Streams
 from dbservice.proxy.settings import ProxyLimits
 
-from .resp import read_frame
+from .resp import FrameReader
 from .topology import Address
 
 logger = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class Link:
         self._task: asyncio.Task[None] | None = None
         self.failed: LinkError | None = None
         self.closed = False
+        self._flush_scheduled = False
 
     @property
     def name(self) -> str:
@@ -89,20 +90,28 @@ class Link:
         futures = [loop.create_future() for _ in range(replies)]
         if not self.pubsub:
             self._waiters.extend(futures)
-        if self._writer is not None:
-            self._writer.write(payload)
-        else:
-            self._buffer.append(payload)
-            self.start()
+        self._queue(payload)
         return futures
 
     def write(self, payload: bytes) -> None:
         """Write without expecting replies (a pub/sub link's commands)."""
-        if self._writer is not None:
-            self._writer.write(payload)
-        else:
-            self._buffer.append(payload)
+        self._queue(payload)
+
+    def _queue(self, payload: bytes) -> None:
+        """Commands sent in one turn of the event loop leave in one write."""
+        self._buffer.append(payload)
+        if self._writer is None:
             self.start()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._writer is not None and self._buffer:
+            data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
+            self._buffer.clear()
+            self._writer.write(data)
 
     async def call(self, payload: bytes) -> bytes:
         """One command, its reply (for the session's own bookkeeping commands)."""
@@ -141,19 +150,23 @@ class Link:
                 streams[1].transport.abort()
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        limits = self._limits
+        frames = FrameReader(self._limits)
         waiters = self._waiters
+        size = self._limits.read_size
         while True:
-            frame = await read_frame(reader, limits)
-            if self.pubsub or frame[0] == 62:  # '>'
-                if self._on_push is not None:
-                    self._on_push(self, frame)
-                continue
-            if not waiters:
-                raise UpstreamProtocolError("a reply nobody asked for")
-            future = waiters.popleft()
-            if not future.done():
-                future.set_result(frame)
+            data = await reader.read(size)
+            if not data:
+                raise asyncio.IncompleteReadError(b"", None)
+            for frame in frames.feed(data):
+                if self.pubsub or frame[0] == 62:  # '>'
+                    if self._on_push is not None:
+                        self._on_push(self, frame)
+                    continue
+                if not waiters:
+                    raise UpstreamProtocolError("a reply nobody asked for")
+                future = waiters.popleft()
+                if not future.done():
+                    future.set_result(frame)
 
     def _fail(self, error: LinkError) -> None:
         if self.failed is None:

@@ -5,9 +5,11 @@ it only needs boundaries. The cluster engine must read every argument to find th
 and must decode the replies it merges (DBSIZE, SCAN, MGET, CLUSTER SLOTS...), so it
 reads commands and replies whole, within :class:`~dbservice.proxy.ProxyLimits`:
 
-* :func:`read_command` one client command (multibulk, or an inline line split like the
-  server splits it, with :func:`dbservice.proxy.inline.split_args`);
-* :func:`read_frame` one reply as its original bytes (passed on unchanged);
+* :class:`CommandReader` whole client commands from each read (multibulk, or an inline
+  line split like the server splits it, with :func:`dbservice.proxy.inline.split_args`),
+  each with its original bytes, forwarded unchanged when it goes to one shard;
+* :class:`FrameReader` whole replies from each read, as sent (passed on unchanged), and
+  :func:`read_frame` one reply from a stream (connection set-up);
 * :func:`decode` those bytes into Python values, for the few replies that are merged;
 * ``encode_*`` replies the engine makes, in the client's protocol (2 or 3).
 """
@@ -75,53 +77,6 @@ def _int(text: bytes, client: bool, what: str) -> int:
         return int(text)
     except ValueError:
         raise (ProtocolError if client else UpstreamProtocolError)(f"invalid {what}") from None
-
-
-async def read_command(
-    reader: asyncio.StreamReader, limits: ProxyLimits
-) -> tuple[list[bytes], int] | None:
-    """The next command's arguments (name first) and its size on the wire; None at a
-    clean end of input. Empty commands (``*0``, blank inline lines) are skipped as the
-    server skips them."""
-    while True:
-        try:
-            first = await reader.readexactly(1)
-        except asyncio.IncompleteReadError:
-            return None
-        if first != b"*":
-            try:
-                rest = await reader.readuntil(b"\n")
-            except asyncio.IncompleteReadError:
-                return None
-            except asyncio.LimitOverrunError:
-                raise ProtocolError("too big inline request") from None
-            if len(rest) > limits.max_inline:
-                raise ProtocolError("too big inline request")
-            args = split_args(first + rest)
-            if args:
-                return args, len(rest) + 1
-            continue
-        try:
-            line = await _line(reader, 64, True)
-            size = len(line) + 1
-            argc = _int(line[:-2], True, "multibulk length")
-            if argc > limits.max_multibulk:
-                raise ProtocolError("invalid multibulk length")
-            if argc <= 0:
-                continue
-            args = []
-            for _ in range(argc):
-                header = await _line(reader, 64, True)
-                if header[:1] != b"$":
-                    raise ProtocolError(f"expected '$', got '{chr(header[0])}'")
-                length = _int(header[1:-2], True, "bulk length")
-                if length < 0 or length > limits.max_bulk:
-                    raise ProtocolError("invalid bulk length")
-                args.append((await reader.readexactly(length + 2))[:-2])
-                size += len(header) + length + 2
-            return args, size
-        except asyncio.IncompleteReadError:
-            return None
 
 
 async def read_frame(reader: asyncio.StreamReader, limits: ProxyLimits) -> bytes:
@@ -265,3 +220,177 @@ OK = b"+OK\r\n"
 def error(message: str) -> bytes:
     """``-<message>`` (CR/LF folded); an ``ERR`` code is added when none is there."""
     return error_reply(message)
+
+
+# -- incremental readers (what the engine's hot path uses) -----------------------------------
+
+
+class CommandReader:
+    """Whole commands out of the bytes a client sends, as many as each read holds:
+    ``feed`` returns ``(arguments, original bytes)`` per complete command. A command
+    still arriving is kept in pieces and joined once all of it is there, so a large
+    value costs one copy, not one per read."""
+
+    def __init__(self, limits: ProxyLimits) -> None:
+        self._limits = limits
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._need = 0
+        """Bytes the pending command needs at least before parsing it again is useful."""
+        self.error: ProtocolError | None = None
+        """Malformed input met after the commands ``feed`` last returned."""
+
+    def feed(self, data: bytes) -> list[tuple[list[bytes], bytes]]:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size < self._need:
+            return []
+        buf = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        out: list[tuple[list[bytes], bytes]] = []
+        try:
+            p = self._parse(buf, out)
+        except ProtocolError as exc:
+            if not out:
+                raise
+            self.error = exc  # the commands before it still run; then the error
+            self._chunks, self._size, self._need = [], 0, 1 << 62
+            return out
+        rest = buf[p:]
+        self._chunks = [rest] if rest else []
+        self._size = len(rest)
+        if not rest:
+            self._need = 0
+        return out
+
+    def _parse(self, buf: bytes, out: list[tuple[list[bytes], bytes]]) -> int:
+        limits = self._limits
+        n = len(buf)
+        p = 0
+        self._need = 0
+        while p < n:
+            if buf[p] != 42:  # not '*': an inline command
+                e = buf.find(b"\n", p)
+                if e < 0:
+                    if n - p > limits.max_inline:
+                        raise ProtocolError("too big inline request")
+                    return p
+                args = split_args(buf[p:e])
+                if args:
+                    out.append((args, encode_command(args)))
+                p = e + 1
+                continue
+            e = buf.find(b"\r\n", p + 1, p + 64)
+            if e < 0:
+                if n - p >= 64:
+                    raise ProtocolError("too big mbulk count string")
+                return p
+            try:
+                argc = int(buf[p + 1 : e])
+            except ValueError:
+                raise ProtocolError("invalid multibulk length") from None
+            if argc > limits.max_multibulk:
+                raise ProtocolError("invalid multibulk length")
+            q = e + 2
+            if argc <= 0:
+                p = q
+                continue
+            args = []
+            for _ in range(argc):
+                if q >= n:
+                    return p
+                if buf[q] != 36:  # '$'
+                    raise ProtocolError(f"expected '$', got '{chr(buf[q])}'")
+                e = buf.find(b"\r\n", q + 1, q + 64)
+                if e < 0:
+                    if n - q >= 64:
+                        raise ProtocolError("too big bulk count string")
+                    return p
+                try:
+                    size = int(buf[q + 1 : e])
+                except ValueError:
+                    raise ProtocolError("invalid bulk length") from None
+                if size < 0 or size > limits.max_bulk:
+                    raise ProtocolError("invalid bulk length")
+                end = e + 2 + size
+                if end + 2 > n:
+                    self._need = end + 2 - p
+                    return p
+                args.append(buf[e + 2 : end])
+                q = end + 2
+            out.append((args, buf[p:q]))
+            p = q
+        return p
+
+
+class FrameReader:
+    """Whole replies out of the bytes a server sends (each as sent), as many as each
+    read holds; a reply still arriving is kept in pieces until complete."""
+
+    def __init__(self, limits: ProxyLimits) -> None:
+        self._limits = limits
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._need = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size < self._need:
+            return []
+        buf = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        out: list[bytes] = []
+        n, p = len(buf), 0
+        self._need = 0
+        while p < n:
+            end = self._frame_end(buf, p, n)
+            if end < 0:
+                break
+            out.append(buf[p:end])
+            p = end
+        rest = buf[p:]
+        self._chunks = [rest] if rest else []
+        self._size = len(rest)
+        return out
+
+    def _frame_end(self, buf: bytes, p: int, n: int) -> int:
+        """Where the reply starting at ``p`` ends; -1 when it is not all here."""
+        start = p
+        left = 1  # frames still to read at this level and above, flattened
+        stack: list[int] = []
+        limits = self._limits
+        while left:
+            if p >= n:
+                return -1
+            t = buf[p]
+            e = buf.find(b"\r\n", p + 1)
+            if e < 0:
+                if n - p > limits.max_reply_line:
+                    raise UpstreamProtocolError("reply line too long")
+                return -1
+            left -= 1
+            if t in _LINE_TYPES:
+                p = e + 2
+            elif t in _BULK_TYPES:
+                size = _int(buf[p + 1 : e], False, "bulk length")
+                end = e + 2 + size + 2 if size >= 0 else e + 2
+                if end > n:
+                    self._need = end - start
+                    return -1
+                p = end
+            elif t in _AGG_TYPES or t == 37:
+                count = _int(buf[p + 1 : e], False, "aggregate length")
+                if t == 37 or t == 124:
+                    count *= 2
+                if t == 124:
+                    count += 1
+                p = e + 2
+                if count > 0:
+                    stack.append(left)
+                    if len(stack) > limits.max_reply_nesting:
+                        raise UpstreamProtocolError("reply nested too deep")
+                    left = count
+            else:
+                raise UpstreamProtocolError(f"unexpected reply type {chr(t)!r}")
+            while not left and stack:
+                left = stack.pop()
+        return p

@@ -45,11 +45,11 @@ from .link import Dial, Link, LinkError
 from .pubsub import PubSub
 from .resp import (
     OK,
+    CommandReader,
     encode_command,
     encode_value,
     error,
     error_of,
-    read_command,
     read_frame,
 )
 from .slots import key_slot
@@ -78,9 +78,15 @@ class _Request:
 
     __slots__ = ("address", "args", "future", "payload", "slot")
 
-    def __init__(self, args: Sequence[bytes], slot: int | None, address: Address) -> None:
+    def __init__(
+        self,
+        args: Sequence[bytes],
+        slot: int | None,
+        address: Address,
+        payload: bytes | None = None,
+    ) -> None:
         self.args = args
-        self.payload = encode_command(args)
+        self.payload = payload or encode_command(args)
         self.slot = slot
         self.address = address
         self.future: asyncio.Future[bytes] | None = None
@@ -99,6 +105,10 @@ class _Entry:
     async def resolve(self, session: ClusterSession) -> bytes:
         raise NotImplementedError
 
+    def ready(self) -> bool:
+        """Whether :meth:`resolve` can answer without waiting (for sure)."""
+        return False
+
 
 class _Local(_Entry):
     __slots__ = ("reply",)
@@ -109,6 +119,9 @@ class _Local(_Entry):
 
     async def resolve(self, session: ClusterSession) -> bytes:
         return self.reply
+
+    def ready(self) -> bool:
+        return True
 
 
 class _Forward(_Entry):
@@ -124,6 +137,10 @@ class _Forward(_Entry):
     async def resolve(self, session: ClusterSession) -> bytes:
         frame = await session._complete(self.request)
         return self.after(frame) if self.after is not None else frame
+
+    def ready(self) -> bool:
+        future = self.request.future
+        return future is not None and future.done()
 
 
 class _Fan(_Entry):
@@ -246,6 +263,8 @@ class ClusterSession:
         self._loop = asyncio.get_running_loop()
         self._activity = self._loop.time()
         self._pubsub = PubSub(self)
+        self._out: list[bytes] = []
+        self._out_size = 0
         self._background: set[asyncio.Task[None]] = set()
 
     # -- running -------------------------------------------------------------------------
@@ -305,46 +324,61 @@ class ClusterSession:
     # -- the client side ------------------------------------------------------------------
 
     async def _read_client(self) -> None:
-        reader, limits = self._client_reader, self._limits
+        reader, size = self._client_reader, self._limits.read_size
+        commands = CommandReader(self._limits)
+        gate, queue = self._gate, self._queue
         while True:
             try:
-                command = await read_command(reader, limits)
+                data = await reader.read(size)
+                batch = commands.feed(data) if data else []
             except ProtocolError as exc:
-                self.stats.reason = f"protocol error: {exc.detail}"
-                await self._queue.put(_Local("", exc.reply, counted=False, close=True))
+                await self._protocol_error(exc)
                 return
             except (ConnectionError, OSError):
-                command = None
-            if command is None:
+                data, batch = b"", []
+            if not data:
                 self.stats.reason = self.stats.reason or "client closed"
-                await self._queue.put(_END)
+                await queue.put(_END)
                 return
-            args, size = command
             self._activity = self._loop.time()
-            self.stats.bytes_from_client += size
-            if not self._gate.is_set():
-                await self._gate.wait()
-            entry = await self._command(args)
-            if entry is not None:
+            self.stats.bytes_from_client += len(data)
+            for args, raw in batch:
+                if not gate.is_set():
+                    await gate.wait()
+                entry = await self._command(args, raw)
                 self._sent += 1
-                await self._queue.put(entry)
+                await queue.put(entry)
                 if entry.close:
                     return
+            if commands.error is not None:
+                await self._protocol_error(commands.error)
+                return
+
+    async def _protocol_error(self, exc: ProtocolError) -> None:
+        self.stats.reason = f"protocol error: {exc.detail}"
+        await self._queue.put(_Local("", exc.reply, counted=False, close=True))
 
     async def _write_client(self) -> None:
         writer = self._client_writer
-        transport = writer.transport
         high = self._limits.write_high_water
         queue, hooks, stats = self._queue, self._hooks, self.stats
+        out = self._out
         while True:
+            if queue.empty() and out:
+                self._flush_client()
             entry = await queue.get()
             if entry is _END:
+                self._flush_client()
                 return
+            if out and not entry.ready():
+                self._flush_client()  # what is ready goes out before waiting
             reply = await entry.resolve(self)
             if reply:
                 stats.bytes_to_client += len(reply)
-                writer.write(reply)
-                if transport.get_write_buffer_size() > high:
+                out.append(reply)
+                self._out_size += len(reply)
+                if self._out_size > high:
+                    self._flush_client()
                     await writer.drain()
             if entry.counted:
                 stats.replies += 1
@@ -353,14 +387,25 @@ class ClusterSession:
             if not self._gate.is_set() and self._written >= self._barrier:
                 self._gate.set()
             if entry.close:
+                self._flush_client()
                 with contextlib.suppress(OSError):
                     await writer.drain()
                 return
 
+    def _flush_client(self) -> None:
+        """Replies ready together leave in one write."""
+        out = self._out
+        if out:
+            self._client_writer.write(out[0] if len(out) == 1 else b"".join(out))
+            out.clear()
+            self._out_size = 0
+
     def push(self, frame: bytes) -> None:
-        """A message for the client outside the reply order (pub/sub)."""
+        """A message for the client outside the reply order (pub/sub), after the
+        replies already made (it is never inside one)."""
         self.stats.pushes += 1
         self.stats.bytes_to_client += len(frame)
+        self._flush_client()
         self._client_writer.write(frame)
 
     # -- links ----------------------------------------------------------------------------
@@ -432,11 +477,15 @@ class ClusterSession:
             request.future.set_exception(exc)
 
     def _request(
-        self, args: Sequence[bytes], slot: int | None, address: Address | None = None
+        self,
+        args: Sequence[bytes],
+        slot: int | None,
+        address: Address | None = None,
+        *,
+        payload: bytes | None = None,
     ) -> _Request:
-        request = _Request(
-            args, slot, address or (self._owner(slot) if slot is not None else self._home())
-        )
+        where = address or (self._owner(slot) if slot is not None else self._home())
+        request = _Request(args, slot, where, payload)
         self._send(request)
         return request
 
@@ -478,7 +527,9 @@ class ClusterSession:
             self._send(request)
 
     def _hold(self) -> None:
-        """Stop sending new commands until every command sent so far is answered."""
+        """Stop sending new commands until every command sent so far is answered (and
+        let the replies already made go out meanwhile)."""
+        self._flush_client()
         if self._gate.is_set():
             self._gate.clear()
             self._barrier = self._sent
@@ -520,7 +571,7 @@ class ClusterSession:
 
     # -- planning one command --------------------------------------------------------------
 
-    async def _command(self, args: list[bytes]) -> _Entry | None:
+    async def _command(self, args: list[bytes], raw: bytes | None = None) -> _Entry:
         name = args[0].decode("latin-1").upper()
         self.stats.commands += 1
         if name == "AUTH" or name == "HELLO":
@@ -548,19 +599,19 @@ class ClusterSession:
         handler = _HANDLERS.get(name)
         if handler is not None:
             return handler(self, name, args)
-        return self._route(name, args)
+        return self._route(name, args, raw)
 
-    def _route(self, name: str, args: list[bytes]) -> _Entry:
+    def _route(self, name: str, args: list[bytes], raw: bytes | None = None) -> _Entry:
         assert self._table is not None
         positions = self._table.key_positions(args)
         if not positions:
-            return _Forward(name, self._request(args, None))
+            return _Forward(name, self._request(args, None, payload=raw))
         slot = key_slot(args[positions[0]])
         if len(positions) > 1 and name in SPLIT:
             slots = [key_slot(args[p]) for p in positions]
             if any(s != slot for s in slots):
                 return self._split(name, args, positions, slots)
-        request = self._request(args, slot)
+        request = self._request(args, slot, payload=raw)
         self._last = request.address
         return _Forward(name, request)
 
@@ -907,7 +958,7 @@ class ClusterSession:
             return self._pubsub.ping(name, args)
         return _Forward(name, self._request(args, None))
 
-    def _subscribe(self, name: str, args: list[bytes]) -> _Entry | None:
+    def _subscribe(self, name: str, args: list[bytes]) -> _Entry:
         if self._multi is not None:
             return _Local(
                 name, error(f"ERR {name} inside MULTI is not supported through the proxy")
@@ -946,7 +997,7 @@ _SUBSCRIBED_OK = frozenset(
      "PING", "QUIT", "RESET"}
 )  # fmt: skip
 
-Handler = Callable[[ClusterSession, str, list[bytes]], "_Entry | None"]
+Handler = Callable[[ClusterSession, str, list[bytes]], _Entry]
 _HANDLERS: dict[str, Handler] = {
     "DBSIZE": ClusterSession._dbsize,
     "KEYS": ClusterSession._keys,
