@@ -87,7 +87,9 @@ async def test_placement_by_vpc_and_tags_across_three_agents(
 
         await wait_until(placed, 10, "placement")
         beats = await health(bus)
-        assert beats[("prod", "a1")].database.spec.aws.assume_role_arn == ROLE  # type: ignore[union-attr]
+        # served as in the registry: the matcher's ROLE is assumed at login, before the
+        # database's own (tests/test_iam_agent.py), not written into the record
+        assert beats[("prod", "a1")].database.spec.aws.assume_role_arn is None  # type: ignore[union-attr]
         assert beats[("prod", "b1")].database.spec.aws.assume_role_arn is None  # type: ignore[union-attr]
         assert beats[("east", "a1")].database.spec.aws.assume_role_arn is None  # type: ignore[union-attr]
         assert beats[("east", "a1")].database.metadata.labels["vpc-id"] == "vpc-a"

@@ -20,6 +20,7 @@ from dbservice.agent.health import (
 )
 from dbservice.agent.identity import DataDir
 from dbservice.agent.served import Selection, static_resource
+from dbservice.upstream.iam import Role
 from fleetgate.cli import main
 from fleetgate.config import ConfigError, load_model
 
@@ -170,12 +171,13 @@ def test_selection_last_matching_role_wins_and_static_shadows() -> None:
         databases=[{"name": "cache", "uri": "127.0.0.1", "tls": {"mode": "disabled"}}],
     ).db_service
     selection = Selection(cfg.resources, [static_resource(d) for d in cfg.databases])
-    both = selection.select(resource("both", {"env": "prod", "team": "payments"}))
-    assert both is not None and both.spec.aws is not None
-    assert (both.spec.aws.assume_role_arn, both.spec.aws.external_id) == (role_b, "x")
-    only_a = selection.select(resource("a", {"env": "prod", "vpc-id": "vpc-1"}))
-    assert only_a is not None and only_a.spec.aws is not None
-    assert only_a.spec.aws.assume_role_arn == role_a
+    both = resource("both", {"env": "prod", "team": "payments"})
+    assert selection.select(both) == both  # served as in the registry, its own role kept
+    assert selection.role(both) == Role(role_b, "x")
+    only_a = resource("a", {"env": "prod", "vpc-id": "vpc-1"})
+    assert selection.select(only_a) == only_a
+    assert selection.role(only_a) == Role(role_a)
+    assert selection.role(resource("v", {"vpc-id": "vpc-1"})) is None
     assert selection.select(resource("none", {"env": "dev"})) is None
     assert selection.select(resource("cache", {"env": "prod"})) is None
     desired = selection.desired(

@@ -26,6 +26,7 @@ from dbservice.agent.config import AgentConfig
 from dbservice.auth.admin import sign_host
 from dbservice.auth.ca import CertificateAuthority
 from dbservice.route import RouteRefused
+from dbservice.upstream.iam import IamTarget, Role
 from sandbox.aws import ACL_MEMBERS, MotoServer
 from sandbox.iamfront import IamFront, MemoryDBLogin
 from sandbox.memorydb import MemoryDBStandin, StandinConfig
@@ -65,7 +66,13 @@ async def standin(
         yield db, login
 
 
-def record(ca_pem: str, *, endpoint: Literal["cluster", "node"] = "cluster") -> DatabaseResource:
+def record(
+    ca_pem: str,
+    *,
+    endpoint: Literal["cluster", "node"] = "cluster",
+    role: str | None = None,
+    external_id: str | None = None,
+) -> DatabaseResource:
     return DatabaseResource(
         metadata=Metadata(name="orders", labels={"env": "iam"}),
         spec=DatabaseSpec(
@@ -74,6 +81,8 @@ def record(ca_pem: str, *, endpoint: Literal["cluster", "node"] = "cluster") -> 
             aws=AWSSpec(
                 region=REGION,
                 account_id=ACCOUNT,
+                assume_role_arn=role,
+                external_id=external_id,
                 memorydb=MemoryDBSpec(
                     cluster_name=CLUSTER, acl_name=ACL, engine_version="7.1", endpoint_type=endpoint
                 ),
@@ -206,3 +215,63 @@ def test_iam_reauth_beyond_the_cut_off_is_a_config_error(tmp_path: Path) -> None
             )
         assert "db_service.listener.iam_reauth" in str(info.value)
         assert "under 12h" in str(info.value)
+
+
+async def test_database_role_is_chained_after_the_matcher_role(
+    bus: Bus,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    standin: tuple[MemoryDBStandin, MemoryDBLogin],
+) -> None:
+    """The agent's matcher role is assumed first, then the database's own
+    assume_role_arn/external_id from the registry with those credentials; the token is
+    signed by the database's role."""
+    from moto.sts.models import sts_backends
+
+    db, login = standin
+    matcher_role = f"arn:aws:iam::{ACCOUNT}:role/agent-matcher-chain"
+    db_role = f"arn:aws:iam::{ACCOUNT}:role/orders-db-chain"
+    fleet = await make_fleet(bus, tmp_path, nats_server.url)
+    await put_roles(bus, orders={"allow": {"db_labels": {"env": "iam"}, "db_users": ["alice"]}})
+    resource = record(db.ca_pem.decode(), role=db_role, external_id="ext-db")
+    await bus.put_resource(resource)
+    host, port = db.endpoint
+    config = fleet.agent(
+        "agent-1",
+        [],
+        resources=[
+            {
+                "labels": {"env": "iam"},
+                "aws": {"assume_role_arn": matcher_role, "external_id": "ext-m"},
+            }
+        ],
+        host_aliases={f"{CFG_NAME}:6379": f"{host}:{port}"},
+    )
+    dana = fleet.identity("dana", ["orders"])
+    async with running_agent(config, nats_server.url) as agent:
+        assert agent.listener is not None
+        r = client(agent.listener.port, dana, "orders", "alice")
+        async with r:
+            assert await r.set("chained", "yes")
+            assert await r.acl_whoami() in ("alice", b"alice")
+        auth = agent.listener.login.auth  # type: ignore[attr-defined]
+        assert auth.calls["sts:AssumeRole"] == 2
+        assert auth.tokens_signed == 1
+        # the cached token is the one the session used: signed with the database role's key
+        chain = IamTarget.of(resource, matcher_role=Role(matcher_role, "ext-m"))
+        token = await auth.token(chain, "alice")
+        assert auth.tokens_signed == 1
+    assert login.accepted >= 1 and login.refusals == []
+    assumed = {
+        r.access_key_id: r
+        for regions in sts_backends.values()
+        for backend in regions.values()
+        for r in backend.assumed_roles
+        if r.role_arn in (matcher_role, db_role)
+    }
+    assert sorted((r.role_arn, r.external_id) for r in assumed.values()) == [
+        (matcher_role, "ext-m"),
+        (db_role, "ext-db"),
+    ]
+    key_id = token.split("X-Amz-Credential=", 1)[1].split("%2F", 1)[0]
+    assert assumed[key_id].role_arn == db_role

@@ -142,6 +142,7 @@ class Agent:
                 auth=auth,
                 served=lambda: [h.worker.resource for h in list(handles_now.values())],
                 acl_membership=self.acl_membership,
+                matcher_role=selection.role,
             )
             self.managed = managed
         listener = None
@@ -159,9 +160,9 @@ class Agent:
                 host_id=identity.host_id,
                 lookup=lookup,
                 contexts=contexts,
-                login=IamLogins(auth)
+                login=IamLogins(auth, matcher_role=selection.role)
                 if managed is None
-                else ManagedLogins(managed, IamLogins(auth)),
+                else ManagedLogins(managed, IamLogins(auth, matcher_role=selection.role)),
             )
             await listener.start()  # before the first heartbeat announces this agent
             self.listener = listener

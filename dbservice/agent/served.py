@@ -1,5 +1,10 @@
 """Which databases this agent serves: registry databases its matchers select, plus
-its static ones; and the loop that keeps the supervisor in step with the registry."""
+its static ones; and the loop that keeps the supervisor in step with the registry.
+
+A registry database is served as it is in the registry, with its own
+``assume_role_arn``/``external_id``; the selecting matcher's AWS role is kept apart
+(:meth:`Selection.role`) and assumed first, the database's role then chained after it
+(:class:`~dbservice.upstream.iam.IamTarget`)."""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from bus.labels import matches
 from bus.schemas import DatabaseResource, DatabaseSpec, Metadata, TLSSettings
 from dbservice.agent.config import ResourceMatcher, StaticDatabase
 from dbservice.agent.supervisor import Supervisor
+from dbservice.upstream.iam import Role
 
 logger = logging.getLogger(__name__)
 
@@ -48,26 +54,31 @@ class Selection:
         self.static = {db.name: db for db in static}
 
     def select(self, resource: DatabaseResource) -> DatabaseResource | None:
-        """``resource`` as served (the last matching matcher's AWS role applied), or None
-        when no matcher selects it or a static database has its name."""
+        """``resource`` when a matcher selects it (served as it is, its own AWS role
+        kept: see :meth:`role`), None when none does or a static database has its name."""
+        if resource.name in self.static:
+            return None
+        labels = resource.metadata.labels
+        if not any(matches(matcher.labels, labels) for matcher in self.matchers):
+            return None
+        return resource
+
+    def role(self, resource: DatabaseResource) -> Role | None:
+        """The AWS role of the last matching matcher that has one: the agent assumes it
+        first, then the database's own ``assume_role_arn`` (role chaining) when the
+        record has one. None for static databases and when no matcher sets a role."""
         if resource.name in self.static:
             return None
         role = None
-        matched = False
         for matcher in self.matchers:
-            if matches(matcher.labels, resource.metadata.labels):
-                matched = True
-                if matcher.aws is not None and matcher.aws.assume_role_arn:
-                    role = matcher.aws
-        if not matched:
-            return None
-        aws = resource.spec.aws
-        if role is None or aws is None:
-            return resource
-        aws = aws.model_copy(
-            update={"assume_role_arn": role.assume_role_arn, "external_id": role.external_id}
-        )
-        return resource.model_copy(update={"spec": resource.spec.model_copy(update={"aws": aws})})
+            aws = matcher.aws
+            if (
+                aws is not None
+                and aws.assume_role_arn
+                and matches(matcher.labels, resource.metadata.labels)
+            ):
+                role = Role(aws.assume_role_arn, aws.external_id)
+        return role
 
     def desired(self, registry: Iterable[DatabaseResource]) -> dict[str, DatabaseResource]:
         out = dict(self.static)

@@ -10,7 +10,7 @@ from dbservice.agent.config import DbService
 from dbservice.managed.membership import AclMembership, membership
 from dbservice.managed.rotation import StepHook, _no_hook
 from dbservice.managed.service import ManagedUsers, SecretStore, ServiceSettings
-from dbservice.upstream.iam import IamAuth
+from dbservice.upstream.iam import IamAuth, Role
 
 
 def build_service(
@@ -22,6 +22,7 @@ def build_service(
     served: Callable[[], Iterable[DatabaseResource]],
     acl_membership: AclMembership | None = None,
     hook: StepHook = _no_hook,
+    matcher_role: Callable[[DatabaseResource], Role | None] = lambda _: None,
 ) -> ManagedUsers:
     config = settings.managed_users
     default = SecretStore(config.secret_store.key_prefix, config.secret_store.kms_key_id)
@@ -52,6 +53,7 @@ def build_service(
             cleanup=config.cleanup,
         ),
         store_of=store_of,
+        matcher_role=matcher_role,
         membership=acl_membership or membership(config.acl_lookup),
         hook=hook,
     )
