@@ -147,19 +147,22 @@ async def test_person_reaches_memorydb_as_an_iam_user(
         assert f"arn:aws:memorydb:{REGION}:{ACCOUNT}:user/alice" in info.value.reason
 
 
+@pytest.mark.parametrize("endpoint", ["cluster", "node"])
 async def test_iam_session_is_reauthenticated_while_the_client_works(
     bus: Bus,
     nats_server: NatsServer,
     tmp_path: Path,
     standin: tuple[MemoryDBStandin, MemoryDBLogin],
+    endpoint: Literal["cluster", "node"],
 ) -> None:
-    """listener.iam_reauth 1s: the agent sends a fresh AUTH on the live connection every
-    second (the stand-in's front checks each token), between the client's pipelines,
-    and the client sees none of it."""
+    """listener.iam_reauth 1s: the agent sends a fresh AUTH on the live connection(s)
+    every second (the stand-in's front checks each token), between the client's
+    pipelines, and the client sees none of it. ``cluster``: the cluster engine (every
+    shard connection renewed); ``node``: the proxy engine."""
     db, login = standin
     fleet = await make_fleet(bus, tmp_path, nats_server.url)
     await put_roles(bus, orders={"allow": {"db_labels": {"env": "iam"}, "db_users": ["alice"]}})
-    await bus.put_resource(record(db.ca_pem.decode(), endpoint="node"))
+    await bus.put_resource(record(db.ca_pem.decode(), endpoint=endpoint))
     host, port = db.endpoint
     config = fleet.agent(
         "agent-1",

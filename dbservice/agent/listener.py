@@ -26,9 +26,9 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
    ``finally``. MemoryDB in cluster mode gets the cluster engine
    (:mod:`dbservice.cluster`: one plain server to the client, routed per shard), or, for
    a route naming a node (``db connect --node``), the proxy engine to that shard alone.
-   A proxy-engine session logged in by IAM token runs its login's ``keep_alive`` beside
-   the engine (a fresh ``AUTH`` every ``listener.iam_reauth``, injected between two
-   client commands), cancelled when the session ends.
+   A session logged in by IAM token runs its login's ``keep_alive`` beside the engine
+   (a fresh ``AUTH`` every ``listener.iam_reauth``, injected between two client commands,
+   or on every shard connection of a cluster session), cancelled when the session ends.
 
 Connections the listener accepts but that never start a TLS handshake (port probes,
 load-balancer checks) are only logged at debug level.
@@ -496,7 +496,7 @@ class Listener:
     ) -> asyncio.Task[None] | None:
         """The login's re-authentication loop (IAM logins have one) as a task."""
         keep_alive = getattr(login, "keep_alive", None)
-        if keep_alive is None or not isinstance(session, ProxySession):
+        if keep_alive is None:
             return None
         every = self.config.iam_reauth
         renew = keep_alive(session, every=every, retry=min(every, REAUTH_RETRY))

@@ -321,6 +321,41 @@ class ClusterSession:
                 return
             await asyncio.sleep(remaining)
 
+    # -- the agent's own commands (a renewed IAM AUTH) --------------------------------------
+
+    def inject(self, args: Sequence[bytes], on_reply: Callable[[bool], None]) -> bool:
+        """Send a command of the agent's own on every open connection of this session
+        (the seed and each shard link; pub/sub connections excepted), its replies kept
+        from the client: each link matches replies to their own futures, so the client's
+        replies are untouched. ``on_reply(ok)`` once all have answered, False when any
+        answered with an error (a connection lost meanwhile does not count: a new one
+        logs in afresh). Returns False, sending nothing, inside MULTI or WATCH or when no
+        connection is open; the caller retries later."""
+        if self._multi is not None or self._watch is not None:
+            return False
+        links = {id(link): link for link in (self._seed, *self._links.values())}
+        payload = encode_command(args)
+        futures: list[asyncio.Future[bytes]] = []
+        for link in links.values():
+            if link.failed is None and not link.closed and not link.pubsub:
+                with contextlib.suppress(LinkError):
+                    futures.extend(link.send(payload))
+        if not futures:
+            return False
+        left = [len(futures), 1]  # replies still owed, and whether all were fine
+
+        def answered(future: asyncio.Future[bytes]) -> None:
+            lost = future.cancelled() or future.exception() is not None
+            if not lost and future.result()[:1] in (b"-", b"!"):
+                left[1] = 0
+            left[0] -= 1
+            if not left[0]:
+                on_reply(bool(left[1]))
+
+        for future in futures:
+            future.add_done_callback(answered)
+        return True
+
     # -- the client side ------------------------------------------------------------------
 
     async def _read_client(self) -> None:
