@@ -190,9 +190,8 @@ def main() -> int:
         asyncio.run(_stop(nodes))
     print(f"3 shards, {args.rounds} rounds of {args.seconds:g} s, median requests/s "
           f"(redis-benchmark -c {args.clients}; redis-py {args.py_clients} threads)")  # fmt: skip
-    print(
-        f"{'generator':<10} {'test':<8} {'direct':>10} {'engine':>10} {'ratio':>7} {'µs CPU/req':>11}"
-    )
+    header = ("generator", "test", "direct", "engine", "ratio", "µs CPU/req")
+    print("{:<10} {:<8} {:>10} {:>10} {:>7} {:>11}".format(*header))
     for generator in ("C", "redis-py"):
         for op, pipeline in tests:
             d = results.get((generator, "direct", op, pipeline))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
@@ -268,3 +269,25 @@ def test_sessions_end_cleanly(proxy: ClusterProxy) -> None:
     stats = proxy.finished(before + 1)[-1]
     assert stats.reason == "client closed" and stats.commands >= 2 and stats.replies >= 2
     assert stats.bytes_from_client > 0 and stats.bytes_to_client > 0
+
+
+def test_client_gone_with_a_blocking_command_pending(proxy: ClusterProxy) -> None:
+    before = len(proxy.finished(0))
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    sock.sendall(b"*3\r\n$5\r\nBLPOP\r\n$7\r\nnothing\r\n$1\r\n0\r\n")
+    time.sleep(0.2)
+    sock.shutdown(socket.SHUT_WR)  # nothing more from the client: the session ends anyway
+    began = time.monotonic()
+    stats = proxy.finished(before + 1, limit=10)[-1]
+    assert time.monotonic() - began < 5
+    assert stats.reason == "client closed"
+    sock.close()
+
+
+def test_malformed_input_is_answered_then_closed(proxy: ClusterProxy) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"*1\r\n$4\r\nPING\r\n*1\r\n+oops\r\n")
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    assert data == b"+PONG\r\n-ERR Protocol error: expected '$', got '+'\r\n"

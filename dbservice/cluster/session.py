@@ -732,7 +732,7 @@ class ClusterSession:
         self._send(request)
         if creds is not None or name == "HELLO":
             for link in list(self._links.values()):
-                if link.failed is None and not link.closed:
+                if link is not self._seed and link.failed is None and not link.closed:
                     with contextlib.suppress(LinkError):
                         for future in link.send(request.payload):
                             future.add_done_callback(_retrieve)
@@ -953,7 +953,7 @@ class ClusterSession:
 
     def _broadcast(self, payload: bytes, *, skip: Address) -> None:
         for address, link in list(self._links.items()):
-            if address != skip and link.failed is None and not link.closed:
+            if address != skip and link is not self._seed and link.failed is None:
                 with contextlib.suppress(LinkError):
                     for future in link.send(payload):
                         future.add_done_callback(_retrieve)
@@ -981,7 +981,7 @@ class ClusterSession:
         self._multi, self._multi_failed, self._multi_slot = None, False, None
         self._unwatch()
         if self._proto == 3:
-            self._broadcast(encode_command([b"HELLO", b"2"]), skip=("", -1))
+            self._broadcast(encode_command([b"HELLO", b"2"]), skip=self._seed.address)
             for future in self._seed.send(encode_command([b"HELLO", b"2"])):
                 future.add_done_callback(_retrieve)
         self._proto, self.resp3, self._name = 2, False, None
