@@ -184,7 +184,7 @@ def install_moto_extensions() -> None:
             return ActionResult({"ACLs": acls})
 
         MemoryDBUser.set_authentication = set_authentication  # type: ignore[method-assign]
-        MemoryDBResponse.describe_acls = describe_acls  # type: ignore[attr-defined]
+        MemoryDBResponse.describe_ac_ls = describe_acls  # type: ignore[attr-defined]  # moto's name for DescribeACLs
         MemoryDBResponse.describe_clusters = describe_clusters  # type: ignore[method-assign]
         MemoryDBResponse.describe_subnet_groups = describe_subnet_groups  # type: ignore[method-assign]
         MemoryDBResponse.describe_users = describe_users  # type: ignore[method-assign]

@@ -133,7 +133,7 @@ async def setup(
             [],
             resources=[{"labels": {"env": "managed"}}],
             host_aliases={f"{CFG_NAME}:6379": f"{host}:{port}"},
-            managed_users={"interval": "2s", "refresh": "1s", "lease": "2s", "grace": "1h"},
+            managed_users={"interval": "2s", "refresh": "5s", "lease": "5s", "grace": "1h"},
         )
         for i in (1, 2)
     ]
@@ -267,7 +267,7 @@ async def test_two_agents_rotate_while_clients_keep_working(
         while time.monotonic() - began < 20:
             current = await state(bus)
             if current is not None and (not seen or seen[-1][0] != current.applied_version):
-                seen.append((current.applied_version, current.rotated_at))
+                seen.append((current.applied_version, current.started_at))
             await asyncio.sleep(0.1)
         await load.stop()
         elapsed = time.monotonic() - began
@@ -383,6 +383,8 @@ async def test_an_agent_stopped_between_put_and_update(
             await asyncio.sleep(1)
         finally:
             await first.__aexit__(None, None, None)  # agent one stops mid-rotation
+        left = await state(bus)  # agent two still serves the user: not marked unused
+        assert left is not None and left.phase == "active"
         on_user = USER_PASSWORDS[(ACCOUNT, REGION, "app")]
         assert password("AWSCURRENT") not in on_user
         assert password("AWSPREVIOUS") in on_user

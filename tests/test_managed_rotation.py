@@ -84,7 +84,7 @@ async def lease_bus(bus: Bus) -> AsyncIterator[Bus]:
     yield bus
 
 
-def rotator(bus: Bus, host: str, interval: float = 0.5, **kw: Any) -> Rotator:
+def rotator(bus: Bus, host: str, interval: float = 1.0, **kw: Any) -> Rotator:
     auth = IamAuth()
     return Rotator(
         bus,
@@ -128,12 +128,12 @@ async def test_set_up_then_rotate_keeps_two_passwords(aws: MotoServer, lease_bus
     assert state.applied_version == first["version"] and not state.holder
     assert "password" not in state.model_dump_json()
     assert await one.cycle(ref) == "not-due"  # no AWS call at all
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(1.05)
     assert await one.cycle(ref) == "rotated"
     second = secret(ref.secret_name, "AWSCURRENT")
     assert secret(ref.secret_name, "AWSPREVIOUS")["version"] == first["version"]
     assert USER_PASSWORDS[(ACCOUNT, REGION, "app")] == (first["password"], second["password"])
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(1.05)
     assert await one.cycle(ref) == "rotated"
     third = secret(ref.secret_name, "AWSCURRENT")
     assert USER_PASSWORDS[(ACCOUNT, REGION, "app")] == (second["password"], third["password"])
@@ -146,7 +146,7 @@ async def test_two_agents_one_rotation_per_interval(aws: MotoServer, lease_bus: 
     outcomes = await asyncio.gather(*(a.cycle(ref) for a in agents))
     assert sorted(outcomes).count("set-up") == 1, outcomes
     for _ in range(3):
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(1.05)
         outcomes = await asyncio.gather(*(a.cycle(ref) for a in agents))
         assert outcomes.count("rotated") == 1, outcomes
         assert set(outcomes) <= {"rotated", "held", "lost", "not-due"}
@@ -170,7 +170,7 @@ async def test_the_secret_write_is_idempotent(aws: MotoServer, lease_bus: Bus) -
 async def test_a_crash_between_put_and_update_is_repaired(aws: MotoServer, lease_bus: Bus) -> None:
     ref = ref_of("app", make_user("app"))
     await rotator(lease_bus, "h1").cycle(ref)
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(1.05)
     stopped = asyncio.Event()
 
     async def stop_there(step: Step, _: UserRef) -> None:
@@ -255,3 +255,21 @@ def test_configure_iam_agent_includes_what_managed_users_need(
     shipped = json.loads(NATS_CONF.parents[1].joinpath("iam", "agent-policy.json").read_text())
     assert main(["configure", "iam", "--agent"]) == 0
     assert json.loads(capsys.readouterr().out) == shipped
+
+
+async def test_acl_membership_lookups(aws: MotoServer) -> None:
+    from dbservice.managed.membership import DescribeAcls, UserAclNames, membership
+    from sandbox.aws import ACL_MEMBERS, SandboxAclMembership
+
+    make_user("app")
+    make_user("bob")
+    ACL_MEMBERS[(ACCOUNT, REGION, "app")] = {"orders-acl"}
+    ACL_MEMBERS[(ACCOUNT, REGION, "bob")] = {"other-acl"}
+    managed = ManagedAws(IamAuth(), REGION)
+    users = await managed.describe_users()
+    for lookup in (DescribeAcls(), UserAclNames(), SandboxAclMembership()):
+        found = await lookup.members(managed, account=ACCOUNT, acl_name="orders-acl", users=users)
+        assert found == {"app"}, lookup
+    assert isinstance(membership("describe-users"), UserAclNames)
+    with pytest.raises(ManagedError, match="ACLNotFoundFault"):
+        await managed.acl_members("no-such-acl")

@@ -12,6 +12,7 @@ Errors::
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -94,6 +95,51 @@ def secret_value(user: str, password: str, user_arn: str) -> str:
     return json.dumps({"username": user, "password": password, "user_arn": user_arn})
 
 
+class ClientPool:
+    """Open AWS clients, kept per (service, region, role chain) and replaced when the
+    credentials behind them change, so a rotation does not build a client per call.
+    :meth:`aclose` closes them."""
+
+    def __init__(self, auth: IamAuth) -> None:
+        self.auth = auth
+        self._open: dict[tuple[str, str, tuple[Role, ...]], tuple[Any, Any, Any]] = {}
+        self._lock = asyncio.Lock()
+
+    async def client(self, service: str, region: str, roles: tuple[Role, ...]) -> Any:
+        creds, _ = await self.auth.credentials(region, roles)
+        key = (service, region, roles)
+        async with self._lock:
+            held = self._open.get(key)
+            if held is not None and held[0] == creds:
+                return held[1]
+            if held is not None:
+                await self._close(held)
+            stack = contextlib.AsyncExitStack()
+            client = await stack.enter_async_context(
+                self.auth.session.create_client(
+                    service,
+                    region_name=region,
+                    config=self.auth.config,
+                    aws_access_key_id=creds.access_key,
+                    aws_secret_access_key=creds.secret_key,
+                    aws_session_token=creds.token,
+                )
+            )
+            self._open[key] = (creds, client, stack)
+            return client
+
+    @staticmethod
+    async def _close(held: tuple[Any, Any, Any]) -> None:
+        with contextlib.suppress(Exception):
+            await held[2].aclose()
+
+    async def aclose(self) -> None:
+        async with self._lock:
+            for held in self._open.values():
+                await self._close(held)
+            self._open.clear()
+
+
 class ManagedAws:
     """AWS calls for one region and role chain."""
 
@@ -104,22 +150,24 @@ class ManagedAws:
         roles: tuple[Role, ...] = (),
         *,
         calls: dict[str, int] | None = None,
+        pool: ClientPool | None = None,
     ) -> None:
         self.auth = auth
         self.region = region
         self.roles = roles
         self.calls = calls if calls is not None else {}
         """AWS calls made, by operation (shared by whoever passes the same dict)."""
+        self.pool = pool
 
     @contextlib.asynccontextmanager
     async def _client(self, service: str, what: str) -> AsyncIterator[Any]:
-        try:
-            creds, _ = await self.auth.credentials(self.region, self.roles)
-        except IamError as exc:
-            raise ManagedError(f"{what}: {exc}") from None
         operation = what.split(" ", 1)[0]
         self.calls[operation] = self.calls.get(operation, 0) + 1
         try:
+            if self.pool is not None:
+                yield await self.pool.client(service, self.region, self.roles)
+                return
+            creds, _ = await self.auth.credentials(self.region, self.roles)
             async with self.auth.session.create_client(
                 service,
                 region_name=self.region,
@@ -129,17 +177,20 @@ class ManagedAws:
                 aws_session_token=creds.token,
             ) as client:
                 yield client
+        except IamError as exc:
+            raise ManagedError(f"{what}: {exc}") from None
         except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
             raise _error(exc, what) from None
 
     # -- MemoryDB ---------------------------------------------------------------------
 
-    async def describe_users(self) -> list[MemoryDBUserInfo]:
+    async def describe_users(self, user: str | None = None) -> list[MemoryDBUserInfo]:
+        """Every user of the region (all pages), or just ``user``."""
         out: list[MemoryDBUserInfo] = []
         async with self._client("memorydb", f"memorydb:DescribeUsers in {self.region}") as c:
-            token: str | None = None
+            params: dict[str, Any] = {"UserName": user} if user else {}
             while True:
-                reply = await c.describe_users(**({"NextToken": token} if token else {}))
+                reply = await c.describe_users(**params)
                 for u in reply.get("Users", []):
                     auth = u.get("Authentication", {})
                     out.append(
@@ -154,10 +205,11 @@ class ManagedAws:
                 token = reply.get("NextToken")
                 if not token:
                     return out
+                params["NextToken"] = token
 
     async def describe_user(self, user: str) -> MemoryDBUserInfo | None:
         try:
-            found = [u for u in await self.describe_users() if u.name == user]
+            found = [u for u in await self.describe_users(user) if u.name == user]
         except NotFound:
             return None
         return found[0] if found else None

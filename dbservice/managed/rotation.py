@@ -33,7 +33,13 @@ from dataclasses import dataclass, field
 from typing import Final, Literal
 
 from bus import Bus, leases, subjects
-from dbservice.managed.aws import ManagedAws, ManagedError, SecretConflict, secret_value
+from dbservice.managed.aws import (
+    ManagedAws,
+    ManagedError,
+    SecretConflict,
+    SecretVersion,
+    secret_value,
+)
 from dbservice.managed.state import (
     CLUSTER_TAG,
     MANAGED_BY_TAG,
@@ -97,6 +103,9 @@ class Rotator:
     """Awaited after each step (tests stop an agent there)."""
     clock: Callable[[], float] = time.time
     outcomes: dict[str, int] = field(default_factory=dict)
+    due: dict[str, float] = field(default_factory=dict)
+    """User key -> when its next rotation is due, as last seen (so the caller can wake
+    up then instead of a tick later)."""
 
     def _count(self, outcome: Outcome) -> Outcome:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
@@ -108,8 +117,10 @@ class Rotator:
         found = await leases.read(self.bus, subjects.LEASES_BUCKET, ref.key, ManagedUser)
         record = found.record if found is not None else None
         if record is not None and record.held(now):
+            self.due[ref.key] = record.held_until
             return self._count("held")
         if record is not None and record.applied_version and now < record.next_at:
+            self.due[ref.key] = record.next_at
             if record.phase != "active" or not set(ref.databases) <= set(record.databases):
                 await self._touch(ref, record, found.revision if found else 0)
             return self._count("not-due")
@@ -133,37 +144,43 @@ class Rotator:
             return self._count("lost")
         await self.hook("leased", ref)
         aws = self.aws_for(ref)
-        await self._check_not_iam(aws, ref)
-        info = await aws.describe_secret(ref.secret_name)
-        if info is None:
-            outcome: Outcome = "set-up"
-            applied = await self._set_up(aws, ref)
+        current = await aws.get_version(ref.secret_name, "AWSCURRENT")
+        if (
+            current is not None
+            and record is not None
+            and current.version_id == record.applied_version
+        ):
+            rotated = await self._rotate(aws, ref, leased, revision, current)
+            if rotated is None:
+                return self._count("lost")
+            outcome: Outcome = "rotated"
+            applied, revision = rotated
         else:
-            if MANAGED_BY_TAG not in info.tags:
+            info = await aws.describe_secret(ref.secret_name)
+            if info is None:
+                await self._check_not_iam(aws, ref)  # no secret for an IAM user, ever
+                outcome, applied = "set-up", await self._set_up(aws, ref)
+            elif MANAGED_BY_TAG not in info.tags:
                 raise ManagedError(
                     f"secret {ref.secret_name} exists but fleetgate did not create it (no "
                     f"{MANAGED_BY_TAG} tag): delete it, or tag it if it holds fleetgate's JSON"
                 )
-            current = info.version_of("AWSCURRENT")
-            if record is None or current != record.applied_version:
-                outcome, applied = "repaired", await self._repair(aws, ref)
             else:
-                rotated = await self._rotate(aws, ref, leased, revision)
-                if rotated is None:
-                    return self._count("lost")
-                outcome, (applied, revision) = "rotated", rotated
+                outcome, applied = "repaired", await self._repair(aws, ref)
         done = self.clock()
         # The schedule keeps its rhythm (a late start does not push every later rotation
-        # back), unless it fell a whole interval behind (agents were away): then from now.
+        # back by its lateness), unless it fell a whole interval behind (agents were
+        # away): then from now. Never two starts less than an interval apart.
         due = record.next_at if record is not None and record.applied_version else now
         anchor = due if now - due < self.settings.interval else now
+        jitter = self.settings.interval * random.uniform(0, self.settings.jitter)
         final = leased.model_copy(
             update={
                 "applied_version": applied,
+                "started_at": now,
                 "rotated_at": done,
                 "next_at": max(
-                    anchor + self.settings.interval * (1 + random.uniform(0, self.settings.jitter)),
-                    done + self.settings.interval / 2,
+                    anchor + self.settings.interval + jitter, now + self.settings.interval
                 ),
                 "holder": "",
                 "held_until": 0.0,
@@ -175,6 +192,7 @@ class Rotator:
         ):
             logger.warning("managed user %s: lease lost before the record was written", ref.user)
             return self._count("lost")
+        self.due[ref.key] = final.next_at
         logger.info("managed user %s (%s): %s in %.2fs", ref.user, ref.region, outcome, done - now)
         return self._count(outcome)
 
@@ -221,11 +239,13 @@ class Rotator:
         return current.version_id
 
     async def _rotate(
-        self, aws: ManagedAws, ref: UserRef, leased: ManagedUser, revision: int
+        self,
+        aws: ManagedAws,
+        ref: UserRef,
+        leased: ManagedUser,
+        revision: int,
+        current: SecretVersion,
     ) -> tuple[str, int] | None:
-        current = await aws.get_version(ref.secret_name, "AWSCURRENT")
-        if current is None:
-            raise ManagedError(f"secret {ref.secret_name} has no AWSCURRENT version")
         password = new_password()
         try:
             version = await aws.put_secret(

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from bus import Bus, BusError, DatabaseResource, leases, subjects
-from dbservice.managed.aws import ManagedAws, ManagedError
+from dbservice.managed.aws import ClientPool, ManagedAws, ManagedError, MemoryDBUserInfo
 from dbservice.managed.cleanup import sweep
 from dbservice.managed.membership import AclMembership, DescribeAcls
 from dbservice.managed.passwords import ManagedPasswords
@@ -98,14 +98,17 @@ class ManagedUsers:
         self.by_database: dict[str, dict[str, UserRef]] = {}
         self._refreshed: dict[str, float] = {}
         self._warned: set[tuple[str, str]] = set()
+        self._users_now: dict[tuple[str, tuple[Role, ...]], list[MemoryDBUserInfo]] = {}
+        self._tags_now: dict[str, dict[str, str]] = {}
         self._last_sweep = 0.0
         self.errors = 0
         self.ticks = 0
         self.calls: dict[str, int] = {}
         """AWS calls made for managed users, by operation."""
+        self.pool = ClientPool(auth)
 
     def aws_for(self, ref: UserRef) -> ManagedAws:
-        return ManagedAws(self.auth, ref.region, ref.roles, calls=self.calls)
+        return ManagedAws(self.auth, ref.region, ref.roles, calls=self.calls, pool=self.pool)
 
     def managed(self, resource: DatabaseResource, db_user: str) -> UserRef | None:
         """The managed user ``db_user`` of ``resource``, or None."""
@@ -125,7 +128,16 @@ class ManagedUsers:
             except Exception:  # a bug here must not take the agent's sessions down
                 self.errors += 1
                 logger.exception("managed users: tick failed; trying again")
-            await asyncio.sleep(self.tick_every * random.uniform(0.9, 1.1))
+            await asyncio.sleep(self._pause())
+
+    def _pause(self) -> float:
+        """Until the next tick, or sooner when a user's rotation falls due before it."""
+        pause = self.tick_every * random.uniform(0.9, 1.1)
+        keys = {r.key for r in self._refs()}
+        due = [at for key, at in self.rotator.due.items() if key in keys]
+        if due:
+            pause = min(pause, max(0.01, min(due) - self.clock() + random.uniform(0, 0.02)))
+        return pause
 
     async def tick(self) -> None:
         self.ticks += 1
@@ -141,6 +153,8 @@ class ManagedUsers:
             await self._leave(self.by_database.pop(name), stopping=False)
             self._refreshed.pop(name, None)
         now = self.clock()
+        self._users_now.clear()  # DescribeUsers and ListTags answers, for this tick only
+        self._tags_now.clear()
         for name, resource in served.items():
             if now - self._refreshed.get(name, -1e18) >= self.settings.refresh:
                 try:
@@ -187,8 +201,11 @@ class ManagedUsers:
 
     async def _discover(self, resource: DatabaseResource) -> dict[str, UserRef]:
         target = IamTarget.of(resource, matcher_role=self.matcher_role(resource))
-        aws = ManagedAws(self.auth, target.region, target.roles, calls=self.calls)
-        users = await aws.describe_users()
+        aws = ManagedAws(self.auth, target.region, target.roles, calls=self.calls, pool=self.pool)
+        place = (target.region, target.roles)
+        users = self._users_now.get(place)
+        if users is None:
+            users = self._users_now[place] = await aws.describe_users()
         members = await self.membership.members(
             aws, account=target.account, acl_name=target.acl_name, users=users
         )
@@ -197,7 +214,9 @@ class ManagedUsers:
         for user in users:
             if user.name not in members:
                 continue
-            tags = await aws.user_tags(user.arn)
+            tags = self._tags_now.get(user.arn)
+            if tags is None:
+                tags = self._tags_now[user.arn] = await aws.user_tags(user.arn)
             if not is_managed_tag(tags.get(MANAGED_TAG)):
                 continue
             if user.auth_type == "iam":
@@ -234,7 +253,10 @@ class ManagedUsers:
         """The agent stops: mark the users nobody else serves as unused."""
         refs = {ref.key: ref for refs in self.by_database.values() for ref in refs.values()}
         self.by_database.clear()
-        await self._leave(refs, stopping=True)
+        try:
+            await self._leave(refs, stopping=True)
+        finally:
+            await self.pool.aclose()
 
     async def _leave(self, refs: dict[str, UserRef], *, stopping: bool) -> None:
         if not refs:

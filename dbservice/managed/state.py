@@ -51,6 +51,8 @@ class ManagedUser(BaseModel):
     """MemoryDB clusters whose ACL holds the user."""
     applied_version: str = ""
     """The secret's AWSCURRENT version last set on the user (with AWSPREVIOUS beside it)."""
+    started_at: float = 0.0
+    """Wall-clock time the cycle that applied ``applied_version`` began."""
     rotated_at: float = 0.0
     """Wall-clock time ``applied_version`` was applied."""
     next_at: float = 0.0
