@@ -278,12 +278,14 @@ class ClusterSession:
             done, _ = await asyncio.wait(
                 (reader, writer, idle), return_when=asyncio.FIRST_COMPLETED
             )
-            if (
-                writer not in done
-                and reader in done
-                and not self.stats.reason.startswith("internal")
-            ):
-                await writer
+            if reader in done and not done & {writer, idle}:
+                # the client is done: the replies it is owed, for close_grace at most
+                more, _ = await asyncio.wait(
+                    (writer, idle),
+                    timeout=self._timeouts.close_grace,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                done |= more
             for task in done:
                 if not task.cancelled() and (exc := task.exception()) is not None:
                     logger.error("cluster session failed", exc_info=exc)
@@ -394,6 +396,12 @@ class ClusterSession:
         await self._queue.put(_Local("", exc.reply, counted=False, close=True))
 
     async def _write_client(self) -> None:
+        try:
+            await self._write_replies()
+        except (ConnectionError, OSError):
+            self.stats.reason = self.stats.reason or "client closed"
+
+    async def _write_replies(self) -> None:
         writer = self._client_writer
         high = self._limits.write_high_water
         queue, hooks, stats = self._queue, self._hooks, self.stats
