@@ -29,6 +29,7 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -248,7 +249,13 @@ class ClusterSession:
         self._seed.start(seed)
         self._topology: Topology | None = None
         self._table: CommandTable | None = None
-        self._queue: asyncio.Queue[_Entry] = asyncio.Queue(self._limits.max_pending)
+        self._entries: deque[_Entry] = deque()
+        """Planned commands in the client's order, for the writer."""
+        self._wake: asyncio.Future[None] | None = None
+        """The writer waits on it when it has nothing to write."""
+        self._room = asyncio.Event()
+        """Cleared while ``max_pending`` commands wait for replies: the reader waits."""
+        self._room.set()
         self._gate = asyncio.Event()
         self._gate.set()
         self._barrier = 0
@@ -363,7 +370,7 @@ class ClusterSession:
     async def _read_client(self) -> None:
         reader, size = self._client_reader, self._limits.read_size
         commands = CommandReader(self._limits)
-        gate, queue = self._gate, self._queue
+        gate, put = self._gate, self._put
         while True:
             try:
                 data = await reader.read(size)
@@ -375,7 +382,7 @@ class ClusterSession:
                 data, batch = b"", []
             if not data:
                 self.stats.reason = self.stats.reason or "client closed"
-                await queue.put(_END)
+                await put(_END)
                 return
             self._activity = self._loop.time()
             self.stats.bytes_from_client += len(data)
@@ -384,7 +391,7 @@ class ClusterSession:
                     await gate.wait()
                 entry = await self._command(args, raw)
                 self._sent += 1
-                await queue.put(entry)
+                await put(entry)
                 if entry.close:
                     return
             if commands.error is not None:
@@ -393,7 +400,27 @@ class ClusterSession:
 
     async def _protocol_error(self, exc: ProtocolError) -> None:
         self.stats.reason = f"protocol error: {exc.detail}"
-        await self._queue.put(_Local("", exc.reply, counted=False, close=True))
+        await self._put(_Local("", exc.reply, counted=False, close=True))
+
+    async def _put(self, entry: _Entry) -> None:
+        entries = self._entries
+        entries.append(entry)
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+        if len(entries) >= self._limits.max_pending:
+            self._room.clear()
+            await self._room.wait()
+
+    async def _next(self) -> _Entry:
+        entries = self._entries
+        while not entries:
+            self._wake = self._loop.create_future()
+            await self._wake
+        entry = entries.popleft()
+        if not self._room.is_set() and len(entries) <= self._limits.max_pending // 2:
+            self._room.set()
+        return entry
 
     async def _write_client(self) -> None:
         try:
@@ -404,18 +431,29 @@ class ClusterSession:
     async def _write_replies(self) -> None:
         writer = self._client_writer
         high = self._limits.write_high_water
-        queue, hooks, stats = self._queue, self._hooks, self.stats
-        out = self._out
+        hooks, stats = self._hooks, self.stats
+        out, entries = self._out, self._entries
         while True:
-            if queue.empty() and out:
+            if not entries and out:
                 self._flush_client()
-            entry = await queue.get()
+            entry = entries.popleft() if entries and self._room.is_set() else await self._next()
             if entry is _END:
                 self._flush_client()
                 return
-            if out and not entry.ready():
-                self._flush_client()  # what is ready goes out before waiting
-            reply = await entry.resolve(self)
+            future = entry.request.future if type(entry) is _Forward else None
+            if (
+                future is not None
+                and future.done()
+                and not future.cancelled()
+                and future.exception() is None
+                and future.result()[:1] != b"-"
+                and entry.after is None  # type: ignore[attr-defined]
+            ):
+                reply = future.result()  # the common case: no coroutine to run
+            else:
+                if out and not entry.ready():
+                    self._flush_client()  # what is ready goes out before waiting
+                reply = await entry.resolve(self)
             if reply:
                 stats.bytes_to_client += len(reply)
                 out.append(reply)
@@ -504,8 +542,7 @@ class ClusterSession:
 
     def _owner(self, slot: int) -> Address:
         assert self._topology is not None
-        shard = self._topology.shard_of_slot(slot)
-        return shard.primary.address if shard is not None else self._home()
+        return self._topology.addresses[slot] or self._home()
 
     def _send(self, request: _Request, *, asking: bool = False) -> None:
         link = self._seed if request.address == self._seed.address else self.link(request.address)

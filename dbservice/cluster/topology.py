@@ -59,6 +59,10 @@ class Topology:
             for first, last in shard.ranges:
                 for slot in range(first, last + 1):
                     self.owner[slot] = index
+        self.addresses: list[Address | None] = [
+            self.shards[i].primary.address if i >= 0 else None for i in self.owner
+        ]
+        """Slot -> its primary's address (the engine's per-command lookup)."""
 
     def shard_of_slot(self, slot: int) -> Shard | None:
         index = self.owner[slot]
