@@ -6,9 +6,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from clusterkit import ClusterProxy
 
 from dbservice.cluster.slots import key_slot
@@ -145,3 +147,44 @@ def test_pubsub_cluster_wide(proxy: ClusterProxy, protocol: int) -> None:
         assert [m["type"] for m in ends] == ["unsubscribe", "punsubscribe"]
         assert subscriber.ping()  # the connection is usable again
         pubsub.close()
+
+
+def test_a_shard_down_is_named_then_used_again(tmp_path: Path) -> None:
+    config = StandinConfig(dir=tmp_path / "down", shards=3)
+    with (
+        ThreadedStandin(config) as standin,
+        ClusterProxy(standin) as proxy,
+        proxy.client() as client,
+    ):
+        keys = {owner: key for key, owner in _keys_by_owner(standin)}
+        for key in keys.values():
+            client.set(key, "v")
+        down = 1
+        host, port = standin.node_fronts[down]
+        standin.stop_node(down)
+        with pytest.raises(redis.ResponseError) as info:
+            client.get(keys[down])
+        assert f"{host}:{port}" in str(info.value)  # the client is told which node
+        standin.start_node(down)
+        deadline = time.monotonic() + 15
+        while True:  # the node is back (empty): the engine dials it afresh
+            try:
+                client.set(keys[down], "again")
+                break
+            except redis.ResponseError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        assert client.get(keys[down]) == b"again"
+        assert client.get(keys[0]) == b"v"
+
+
+def _keys_by_owner(standin: ThreadedStandin) -> list[tuple[str, int]]:
+    found: dict[int, str] = {}
+    for i in range(1000):
+        key = f"k{i}"
+        owner = standin.owner_of_slot(key_slot(key.encode()))
+        found.setdefault(owner, key)
+        if len(found) == 3:
+            break
+    return [(key, owner) for owner, key in found.items()]
