@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -84,13 +85,32 @@ async def lease_bus(bus: Bus) -> AsyncIterator[Bus]:
     yield bus
 
 
-def rotator(bus: Bus, host: str, interval: float = 1.0, **kw: Any) -> Rotator:
+class Clock:
+    """Time for the rotation decisions, moved by the test (AWS and NATS stay real)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+CLOCK = Clock()
+INTERVAL = 60.0
+LEASE = 10.0
+
+
+def rotator(bus: Bus, host: str, **kw: Any) -> Rotator:
     auth = IamAuth()
     return Rotator(
         bus,
         host,
         lambda ref: ManagedAws(auth, ref.region, ref.roles),
-        RotationSettings(interval=interval, jitter=0.0, lease=1.0),
+        RotationSettings(interval=INTERVAL, jitter=0.0, lease=LEASE),
+        clock=CLOCK,
         **kw,
     )
 
@@ -128,12 +148,12 @@ async def test_set_up_then_rotate_keeps_two_passwords(aws: MotoServer, lease_bus
     assert state.applied_version == first["version"] and not state.holder
     assert "password" not in state.model_dump_json()
     assert await one.cycle(ref) == "not-due"  # no AWS call at all
-    await asyncio.sleep(1.05)
+    CLOCK.advance(INTERVAL)
     assert await one.cycle(ref) == "rotated"
     second = secret(ref.secret_name, "AWSCURRENT")
     assert secret(ref.secret_name, "AWSPREVIOUS")["version"] == first["version"]
     assert USER_PASSWORDS[(ACCOUNT, REGION, "app")] == (first["password"], second["password"])
-    await asyncio.sleep(1.05)
+    CLOCK.advance(INTERVAL)
     assert await one.cycle(ref) == "rotated"
     third = secret(ref.secret_name, "AWSCURRENT")
     assert USER_PASSWORDS[(ACCOUNT, REGION, "app")] == (second["password"], third["password"])
@@ -146,7 +166,7 @@ async def test_two_agents_one_rotation_per_interval(aws: MotoServer, lease_bus: 
     outcomes = await asyncio.gather(*(a.cycle(ref) for a in agents))
     assert sorted(outcomes).count("set-up") == 1, outcomes
     for _ in range(3):
-        await asyncio.sleep(1.05)
+        CLOCK.advance(INTERVAL)
         outcomes = await asyncio.gather(*(a.cycle(ref) for a in agents))
         assert outcomes.count("rotated") == 1, outcomes
         assert set(outcomes) <= {"rotated", "held", "lost", "not-due"}
@@ -170,7 +190,7 @@ async def test_the_secret_write_is_idempotent(aws: MotoServer, lease_bus: Bus) -
 async def test_a_crash_between_put_and_update_is_repaired(aws: MotoServer, lease_bus: Bus) -> None:
     ref = ref_of("app", make_user("app"))
     await rotator(lease_bus, "h1").cycle(ref)
-    await asyncio.sleep(1.05)
+    CLOCK.advance(INTERVAL)
     stopped = asyncio.Event()
 
     async def stop_there(step: Step, _: UserRef) -> None:
@@ -191,7 +211,7 @@ async def test_a_crash_between_put_and_update_is_repaired(aws: MotoServer, lease
     assert previous["password"] in on_user and current["password"] not in on_user
     other = rotator(lease_bus, "h2")
     assert await other.cycle(ref) == "held"  # until the crashed agent's lease runs out
-    await asyncio.sleep(1.1)
+    CLOCK.advance(LEASE)
     assert await other.cycle(ref) == "repaired"
     assert USER_PASSWORDS[(ACCOUNT, REGION, "app")] == (previous["password"], current["password"])
     assert (await record(lease_bus, ref)).applied_version == current["version"]
