@@ -159,24 +159,25 @@ def test_a_shard_down_is_named_then_used_again(tmp_path: Path) -> None:
         keys = {owner: key for key, owner in _keys_by_owner(standin)}
         for key in keys.values():
             client.set(key, "v")
-        down = 1
-        host, port = standin.node_fronts[down]
-        standin.stop_node(down)
-        with pytest.raises(redis.ResponseError) as info:
-            client.get(keys[down])
-        assert f"{host}:{port}" in str(info.value)  # the client is told which node
-        standin.start_node(down)
-        deadline = time.monotonic() + 15
-        while True:  # the node is back (empty): the engine dials it afresh
-            try:
-                client.set(keys[down], "again")
-                break
-            except redis.ResponseError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
-        assert client.get(keys[down]) == b"again"
-        assert client.get(keys[0]) == b"v"
+        for down in (1, 0):  # a shard, then the one behind the configuration endpoint
+            host, port = standin.node_fronts[down]
+            standin.stop_node(down)
+            with pytest.raises(redis.ResponseError) as info:
+                client.get(keys[down])
+            assert f"{host}:{port}" in str(info.value)  # the client is told which node
+            standin.start_node(down)
+            deadline = time.monotonic() + 15
+            while True:  # the node is back (empty): the engine dials it afresh
+                try:
+                    client.set(keys[down], "again")
+                    break
+                except redis.ResponseError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            assert client.get(keys[down]) == b"again"
+        assert client.get(keys[2]) == b"v"
+        assert client.dbsize() == 3
 
 
 def _keys_by_owner(standin: ThreadedStandin) -> list[tuple[str, int]]:

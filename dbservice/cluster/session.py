@@ -529,10 +529,21 @@ class ClusterSession:
         """When the configuration endpoint led to a primary, its connection serves that
         shard too (one connection fewer; a one-shard cluster needs no other)."""
         assert self._topology is not None
-        frame = await self._seed.call(_MYID)
+        frame = await self._live_seed().call(_MYID)
         for node in self._topology.primaries:
             if frame[:1] == b"$" and node.id.encode() in frame:
                 self._links.setdefault(node.address, self._seed)
+
+    def _live_seed(self) -> Link:
+        """The configuration endpoint's connection, dialled again if it was lost."""
+        seed = self._seed
+        if seed.failed is not None or seed.closed:
+            seed = Link(seed.address, dial=self._dial, prepare=self._prepare, limits=self._limits)
+            for address, link in list(self._links.items()):
+                if link is self._seed:
+                    del self._links[address]
+            self._seed = seed
+        return seed
 
     def _home(self) -> Address:
         """Where keyless commands go: the first shard's primary."""
@@ -545,7 +556,10 @@ class ClusterSession:
         return self._topology.addresses[slot] or self._home()
 
     def _send(self, request: _Request, *, asking: bool = False) -> None:
-        link = self._seed if request.address == self._seed.address else self.link(request.address)
+        if request.address == self._seed.address:
+            link = self._live_seed()
+        else:
+            link = self.link(request.address)
         try:
             if asking:
                 ask, request.future = link.send(_ASKING + request.payload, 2)
@@ -623,7 +637,7 @@ class ClusterSession:
 
     async def _refresh_quietly(self) -> None:
         try:
-            self._topology = await self._state.refresh(self._seed)
+            self._topology = await self._state.refresh(self._live_seed())
         except (LinkError, TopologyError) as exc:
             logger.warning("cluster %s: cannot refresh the topology: %s", self._database, exc)
 
@@ -662,7 +676,7 @@ class ClusterSession:
             return _Local(name, verdict, counted=False)
         if self._topology is None or self._table is None:
             try:
-                self._topology, self._table = await self._state.ensure(self._seed)
+                self._topology, self._table = await self._state.ensure(self._live_seed())
                 await self._adopt_seed()
             except (LinkError, TopologyError, ValueError) as exc:
                 return _Local(name, error(f"ERR fleetgate: cannot learn the cluster: {exc}"))
@@ -1027,7 +1041,7 @@ class ClusterSession:
         self._unwatch()
         if self._proto == 3:
             self._broadcast(encode_command([b"HELLO", b"2"]), skip=self._seed.address)
-            for future in self._seed.send(encode_command([b"HELLO", b"2"])):
+            for future in self._live_seed().send(encode_command([b"HELLO", b"2"])):
                 future.add_done_callback(_retrieve)
         self._proto, self.resp3, self._name = 2, False, None
         self._pubsub.reset()
