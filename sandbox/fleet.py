@@ -10,7 +10,6 @@ is printed as each becomes ready. :meth:`Sandbox.stop` stops everything it start
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import secrets
 import shutil
@@ -102,6 +101,8 @@ class Sandbox:
         self.agent_ports: dict[str, int] = {}
         self.auth_port = 0
         self.stopping = False
+        self._threads: list[asyncio.Future[Any]] = []
+        self._unfollow: list[Callable[[], None]] = []
 
     @property
     def nats_url(self) -> str:
@@ -163,19 +164,23 @@ class Sandbox:
 
     async def _start_nats(self) -> None:
         self.nats = NatsServer(self.path("nats"), port=self.o.nats_port or -1)
-        await asyncio.to_thread(self.nats.start)
+        await self._in_thread(self.nats.start)
         self.bus = await Bus.connect(self.nats_url, name="fleetgate-sandbox")
         self.progress.line("nats", f"ready  {self.nats_url} (JetStream, store {self.path('nats')})")
 
     async def _start_aws(self) -> None:
-        self.moto = MotoServer()
-        await asyncio.to_thread(self.moto.start)
+        def start() -> None:  # importing moto takes a while: not on the loop
+            self.moto = MotoServer()
+            self.moto.start()
+
+        await self._in_thread(start)
+        assert self.moto is not None
         os.environ.pop("AWS_PROFILE", None)
         os.environ.update(self.aws_env)
         os.environ["AWS_CONFIG_FILE"] = str(self.path("config", "no-aws-config"))
         os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(self.path("config", "no-aws-credentials"))
         ops = self._secret_file("ops.password")
-        self.vpcs, self.clusters = await asyncio.to_thread(seeding.seed, self.o.clusters, ops)
+        self.vpcs, self.clusters = await self._in_thread(seeding.seed, self.o.clusters, ops)
         made = _count(len(self.clusters), "MemoryDB cluster")
         regions = ", ".join(seeding.REGIONS)
         self.progress.line("aws", f"ready  {self.moto.url} (moto: {made}, {regions})")
@@ -183,12 +188,15 @@ class Sandbox:
     async def _start_standins(self, aws: Awaitable[None]) -> None:
         await aws
         self.db_ca.write(self.path("tls"), "memorydb-ca")
-        await asyncio.gather(*(self._start_standin(c) for c in self.clusters))
+        users = {r: await self._in_thread(seeding.describe_users, r) for r in seeding.REGIONS}
+        await asyncio.gather(*(self._start_standin(c, users[c.region]) for c in self.clusters))
         made = _count(len(self.standins), "stand-in")
         shards = _count(self.o.shards, "shard")
         self.progress.line("memorydb", f"ready  {made} ({shards} each, TLS, IAM tokens checked)")
 
-    async def _start_standin(self, cluster: seeding.SeededCluster) -> None:
+    async def _start_standin(
+        self, cluster: seeding.SeededCluster, users: list[dict[str, Any]]
+    ) -> None:
         login = MemoryDBLogin(cluster=cluster.name, region=cluster.region)
         login.set_password(seeding.PASSWORD_USER, self._secret_file("ops.password"))
         config = StandinConfig(
@@ -202,7 +210,8 @@ class Sandbox:
         standin = MemoryDBStandin(config)
         self.standins[cluster.name] = standin
         await standin.start()
-        await login.sync_from_aws(standin.nodes)
+        await login.sync(users, standin.nodes)
+        self._unfollow.append(login.follow_aws(standin.nodes))  # UpdateUser reaches valkey
 
     async def _start_access(self, nats: Awaitable[None]) -> None:
         await nats
@@ -259,6 +268,13 @@ class Sandbox:
                 ),
             )
             self._spawn(name, ["agent", "run", "-c", str(config)], self.aws_env)
+
+    async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
+        """``func`` in a thread; a cancelled start leaves the thread running, so
+        :meth:`stop` waits for it before stopping what it started."""
+        future = asyncio.ensure_future(asyncio.to_thread(func, *args))
+        self._threads.append(future)
+        return await asyncio.shield(future)
 
     def _spawn(self, name: str, args: list[str], aws: dict[str, str]) -> None:
         env = children.child_env(aws, self.nats_url, self.dir)
@@ -393,22 +409,31 @@ class Sandbox:
     # -- stop ----------------------------------------------------------------------------
     async def stop(self) -> list[str]:
         """Stop everything started, children first (agents remove their heartbeats while
-        NATS still runs). Returns notes on parts that had to be killed."""
+        NATS still runs); a part that fails to stop does not keep the others running.
+        Returns notes on parts that had to be killed or failed to stop."""
         self.stopping = True
         notes: list[str] = []
+        await asyncio.gather(*self._threads, return_exceptions=True)
         started = list(self.children.values())
         for child in started:
             child.terminate()
         for note in await asyncio.gather(*(c.wait() for c in started)):
             if note:
                 notes.append(note)
+        for unfollow in self._unfollow:
+            unfollow()
         await asyncio.gather(*(s.stop() for s in self.standins.values()), return_exceptions=True)
-        if self.moto is not None:
-            await asyncio.to_thread(self.moto.stop)
-        if self.bus is not None:
-            await _quietly(self.bus.close)
-        if self.nats is not None:
-            await asyncio.to_thread(self.nats.stop)
+        moto, bus, nats = self.moto, self.bus, self.nats
+        steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("aws (moto)", lambda: asyncio.to_thread(moto.stop) if moto else _nothing()),
+            ("the NATS client", lambda: bus.close() if bus else _nothing()),
+            ("nats-server", lambda: asyncio.to_thread(nats.stop) if nats else _nothing()),
+        ]
+        for what, step in steps:
+            try:
+                await asyncio.wait_for(step(), 15)
+            except Exception as exc:
+                notes.append(f"{what} did not stop cleanly: {exc!r}")
         return notes
 
 
@@ -430,9 +455,8 @@ async def _answers(port: int) -> bool:
     return True
 
 
-async def _quietly(close: Callable[[], Awaitable[None]]) -> None:
-    with contextlib.suppress(Exception):  # stopping anyway
-        await asyncio.wait_for(close(), 5)
+async def _nothing() -> None:
+    return None
 
 
 def _count(n: int, word: str) -> str:
