@@ -5,8 +5,11 @@ routing, not TLS).
 Rows, SET and GET at pipeline 1 and 16, interleaved round after round (median):
 
 * ``direct``: the load generator in cluster mode, straight to the three primaries:
-  ``redis-benchmark --cluster`` (C), and redis-py's ``RedisCluster`` (Python);
-* ``engine``: the same generator in plain mode against one cluster engine process
+  ``redis-benchmark --cluster`` (C), valkey-glide's ``GlideClusterClient`` (Rust core,
+  ``--clients`` tasks on one client, ``ClusterBatch`` for pipelines) and redis-py's
+  ``RedisCluster`` (Python threads);
+* ``engine``: the same generator in plain mode (``GlideClient``, ``Redis``) against one
+  cluster engine process
   (``LoopbackCluster``: pass-through hooks, one connection per shard per session).
 
 The ratio engine/direct per generator is the number to watch. The engine runs in its
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import os
 import shutil
 import statistics
@@ -147,6 +151,54 @@ def redis_py(port: int, op: str, pipeline: int, clients: int, seconds: float,
     return sum(counts) / (time.monotonic() - began)
 
 
+def glide(port: int, op: str, pipeline: int, clients: int, seconds: float,
+          cluster: bool) -> float:  # fmt: skip
+    """valkey-glide (Rust core): ``clients`` tasks over one client for ``seconds``."""
+    from glide import (
+        Batch,
+        ClusterBatch,
+        GlideClient,
+        GlideClientConfiguration,
+        GlideClusterClient,
+        GlideClusterClientConfiguration,
+        NodeAddress,
+    )
+
+    async def main() -> float:
+        address = [NodeAddress("127.0.0.1", port)]
+        client: Any = await (
+            GlideClusterClient.create(GlideClusterClientConfiguration(address))
+            if cluster
+            else GlideClient.create(GlideClientConfiguration(address))
+        )
+        counts = [0] * clients
+        stop = time.monotonic() + seconds
+
+        async def run(index: int) -> None:
+            i = index
+            while time.monotonic() < stop:
+                keys = [b"key:%012d" % ((i + 7919 * j) % KEYS) for j in range(pipeline)]
+                i += 7919 * pipeline
+                if pipeline == 1:
+                    await (client.set(keys[0], VALUE) if op == "set" else client.get(keys[0]))
+                else:
+                    batch: Any = (
+                        ClusterBatch(is_atomic=False) if cluster else Batch(is_atomic=False)
+                    )
+                    for key in keys:
+                        batch.set(key, VALUE) if op == "set" else batch.get(key)
+                    await client.exec(batch, raise_on_error=True)
+                counts[index] += pipeline
+
+        began = time.monotonic()
+        await asyncio.gather(*(run(n) for n in range(clients)))
+        elapsed = time.monotonic() - began
+        await client.close()
+        return sum(counts) / elapsed
+
+    return asyncio.run(main())
+
+
 # -- main -------------------------------------------------------------------------------------
 
 
@@ -158,6 +210,7 @@ def main() -> int:
     parser.add_argument("--py-clients", type=int, default=4, help="redis-py threads")
     args = parser.parse_args()
     have_c = shutil.which("redis-benchmark") is not None
+    have_glide = importlib.util.find_spec("glide") is not None
     tmp = Path(tempfile.mkdtemp(prefix="fleetgate-cluster-bench-"))
     nodes = asyncio.run(start_cluster(tmp))
     engine, engine_port = start_engine(nodes[0].port)
@@ -184,6 +237,9 @@ def main() -> int:
                 ):
                     rate = redis_py(port, op, pipeline, args.py_clients, args.seconds, cluster)
                     results.setdefault(("redis-py", mode, op, pipeline), []).append(rate)
+                    if have_glide:
+                        rate = glide(port, op, pipeline, args.clients, args.seconds, cluster)
+                        results.setdefault(("glide", mode, op, pipeline), []).append(rate)
     finally:
         engine.terminate()
         engine.wait(10)
@@ -192,7 +248,7 @@ def main() -> int:
           f"(redis-benchmark -c {args.clients}; redis-py {args.py_clients} threads)")  # fmt: skip
     header = ("generator", "test", "direct", "engine", "ratio", "µs CPU/req")
     print("{:<10} {:<8} {:>10} {:>10} {:>7} {:>11}".format(*header))
-    for generator in ("C", "redis-py"):
+    for generator in ("C", "glide", "redis-py"):
         for op, pipeline in tests:
             d = results.get((generator, "direct", op, pipeline))
             e = results.get((generator, "engine", op, pipeline))
