@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -300,6 +301,34 @@ def test_status_shows_every_part_healthy(sandbox: Sandbox) -> None:
     assert all(p["health"].startswith("ok") for p in doc["parts"]), doc["parts"]
     assert len(doc["databases"]) == 4
     assert all(d["agents"].endswith("healthy") for d in doc["databases"]), doc["databases"]
+
+
+def test_ctrl_c_on_a_foreground_up_stops_everything(tmp_path: Path) -> None:
+    box = Sandbox(tmp_path, _env(tmp_path))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fleetgate", "sandbox", "up", "--clusters", "1"],
+        env=box.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("  fleetgate sandbox down"):
+                break
+        assert any(line.startswith("ready in") for line in lines), "".join(lines)
+        state = box.state()
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0
+    assert rest.splitlines()[-1].endswith("sandbox      stopped"), rest
+    assert box.state()["state"] == "stopped"
+    pids = [int(p) for p in state["pids"]]
+    assert not [pid for pid in pids if _not_zombie(pid) and names_dir(pid, box.dir)]
 
 
 def test_down_leaves_nothing_behind(sandbox: Sandbox) -> None:
