@@ -88,7 +88,17 @@ def check_role_arn(arn: str | None) -> str | None:
     return arn
 
 
+EXTERNAL_ID = re.compile(r"^[\w+=,.@:/-]{2,1224}$")
+"""What STS accepts as ExternalId (AssumeRole's own constraints)."""
+
+
 def check_external_id(assume_role_arn: str | None, external_id: str | None) -> None:
-    """An external id only means something with a role to assume."""
+    """An external id only means something with a role to assume, and must be one STS
+    accepts (2 to 1224 of letters, digits and ``+=,.@:/-_``)."""
     if external_id and not assume_role_arn:
         raise ValueError("external_id is only used with assume_role_arn; set both")
+    if external_id is not None and not EXTERNAL_ID.match(external_id):
+        raise ValueError(
+            f"external_id {external_id!r} is not one AWS accepts: 2 to 1224 characters "
+            "of letters, digits and +=,.@:/-_"
+        )

@@ -165,7 +165,10 @@ def test_selection_last_matching_role_wins_and_static_shadows() -> None:
     cfg = config(
         resources=[
             {"labels": {"env": "prod"}, "aws": {"assume_role_arn": role_a}},
-            {"labels": {"team": "pay*"}, "aws": {"assume_role_arn": role_b, "external_id": "x"}},
+            {
+                "labels": {"team": "pay*"},
+                "aws": {"assume_role_arn": role_b, "external_id": "ext-1"},
+            },
             {"labels": {"vpc-id": "vpc-1"}},
         ],
         databases=[{"name": "cache", "uri": "127.0.0.1", "tls": {"mode": "disabled"}}],
@@ -173,7 +176,7 @@ def test_selection_last_matching_role_wins_and_static_shadows() -> None:
     selection = Selection(cfg.resources, [static_resource(d) for d in cfg.databases])
     both = resource("both", {"env": "prod", "team": "payments"})
     assert selection.select(both) == both  # served as in the registry, its own role kept
-    assert selection.role(both) == Role(role_b, "x")
+    assert selection.role(both) == Role(role_b, "ext-1")
     only_a = resource("a", {"env": "prod", "vpc-id": "vpc-1"})
     assert selection.select(only_a) == only_a
     assert selection.role(only_a) == Role(role_a)

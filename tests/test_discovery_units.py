@@ -231,6 +231,19 @@ def test_bad_selectors_are_explained(selector: dict[str, Any], message: str) -> 
             {"aws": [{"types": ["memorydb"], "regions": ["us-east-1"], "external_id": "x"}]},
             "external_id is only used with assume_role_arn",
         ),
+        (
+            {
+                "aws": [
+                    {
+                        "types": ["memorydb"],
+                        "regions": ["us-east-1"],
+                        "assume_role_arn": "arn:aws:iam::123456789012:role/r",
+                        "external_id": "x",
+                    }
+                ]
+            },
+            "external_id 'x' is not one AWS accepts: 2 to 1224 characters",
+        ),
         ({"aws": []}, "discovery_service.aws"),
     ],
 )
