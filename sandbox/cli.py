@@ -113,7 +113,7 @@ async def _supervise(options: Any, *, foreground: bool) -> int:
         sandbox = Sandbox(options, progress)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # HUP: terminal closed
             loop.add_signal_handler(sig, stop.set)
         starting = asyncio.create_task(sandbox.start())
         stopped = asyncio.create_task(stop.wait())
