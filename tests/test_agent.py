@@ -62,7 +62,7 @@ async def test_placement_by_vpc_and_tags_across_three_agents(
         "prod",
         resources=[
             {"labels": {"env": "prod"}},
-            {"labels": {"team": "pay*"}, "aws": {"assume_role_arn": ROLE, "external_id": "x"}},
+            {"labels": {"team": "pay*"}, "aws": {"assume_role_arn": ROLE, "external_id": "ext-1"}},
         ],
     )
     west = agent_config(
