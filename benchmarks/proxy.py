@@ -1,8 +1,17 @@
-"""Throughput, latency and CPU of the proxy engine next to reference proxies, in one run.
+"""Throughput, latency and CPU of the agent and the proxy engine next to reference
+proxies, in one run.
 
 Rows, measured side by side and interleaved round after round (median of the rounds):
 
 * ``direct``: valkey-server itself;
+* ``agent``: ``fleetgate agent run`` (a real agent: NATS registry, fleet CA, roles,
+  audit) reached by the load generator over mutual TLS with a fleet certificate and the
+  route in the TLS server name; the agent speaks TLS (verify-full) to the MemoryDB
+  stand-in's front door, which terminates TLS before the same valkey-server
+  (``benchmarks/fleet.py``);
+* ``db connect``: the full path, ``fleetgate db connect bench --port P`` (after
+  ``fleetgate login`` at a ``fleetgate auth run`` service) in front of that agent;
+* ``stand-in TLS``: the stand-in's TLS front alone (TLS, no agent): what TLS costs;
 * ``engine``: one engine process (``LoopbackProxy``, pass-through hooks, plain TCP);
 * ``engine inspect=*``: the same with ``inspect=("*",)`` and hooks that read every
   command's arguments (what the agent's audit asks of the engine);
@@ -32,6 +41,7 @@ import os
 import platform
 import random
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -44,9 +54,22 @@ from typing import Any, cast
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.fleet import SERVER_NAME, Fleet
+
 VALUE = b"xyz"
 KEYS = 10_000
-ROWS = ("direct", "engine", "engine inspect=*", "bare uvloop", "haproxy", "nutcracker")
+ROWS = (
+    "direct",
+    "agent",
+    "db connect",
+    "stand-in TLS",
+    "engine",
+    "engine inspect=*",
+    "bare uvloop",
+    "haproxy",
+    "nutcracker",
+)
+FLEET_ROWS = ("agent", "db connect", "stand-in TLS")
 
 
 # -- load: redis-benchmark, or a small uvloop generator -------------------------------
@@ -57,12 +80,17 @@ def _key(i: int) -> bytes:
 
 
 def _redis_benchmark(
-    port: int, op: str, pipeline: int, clients: int, requests: int
+    port: int,
+    op: str,
+    pipeline: int,
+    clients: int,
+    requests: int,
+    extra: Sequence[str] = (),
 ) -> dict[str, float]:
     out = subprocess.run(
         ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(clients),
          "-n", str(requests), "-P", str(pipeline), "-r", str(KEYS), "-d", str(len(VALUE)),
-         "-t", op.lower(), "--csv"],
+         "-t", op.lower(), "--csv", *extra],
         capture_output=True, check=True, timeout=600, text=True,
     )  # fmt: skip
     lines = [line for line in out.stdout.splitlines() if line.startswith('"')]
@@ -267,17 +295,27 @@ class _Proxy:
     port: int
     process: subprocess.Popen[bytes] | None = None
     results: dict[tuple[str, int, int], list[dict[str, Any]]] = field(default_factory=dict)
+    extra: list[str] = field(default_factory=list)
+    """More redis-benchmark options (TLS)."""
+    pids: tuple[int, ...] = ()
+    """Processes whose CPU counts for this row (default: ``process``)."""
 
     def cpu(self) -> tuple[float, float]:
-        """User and system CPU seconds of the proxy process so far."""
-        if self.process is None:
-            return 0.0, 0.0
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        """User and system CPU seconds of the row's processes so far."""
+        pids = self.pids or ((self.process.pid,) if self.process is not None else ())
+        user = system = 0.0
         tick = os.sysconf("SC_CLK_TCK")
-        return int(stat[11]) / tick, int(stat[12]) / tick
+        for pid in pids:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            user, system = user + int(stat[11]) / tick, system + int(stat[12]) / tick
+        return user, system
+
+    @property
+    def measured_cpu(self) -> bool:
+        return self.process is not None or bool(self.pids)
 
     def stop(self) -> None:
-        if self.process is None:
+        if self.process is None:  # direct, and the fleet's rows (the fleet stops them)
             return
         if self.process.stdin is not None:
             self.process.stdin.close()
@@ -346,14 +384,18 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-async def _idle_sessions(pid: int, port: int, count: int) -> tuple[int, int, int]:
-    """The engine's RSS before, while ``count`` idle sessions are open (each answered a
+async def _idle_sessions(
+    pid: int, port: int, count: int, *, tls: ssl.SSLContext | None = None, sni: str | None = None
+) -> tuple[int, int, int]:
+    """The proxy's RSS before, while ``count`` idle sessions are open (each answered a
     PING), and while a second set is open after the first closed."""
 
     async def hold() -> list[asyncio.StreamWriter]:
         writers = []
         for _ in range(count):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=tls, server_hostname=sni
+            )
             writer.write(b"PING\r\n")
             assert await reader.readline() == b"+PONG\r\n"
             writers.append(writer)
@@ -438,10 +480,29 @@ def main() -> int:
         node = asyncio.run(_start_valkey(tmp / "valkey"))
         proxies: list[_Proxy] = []
         skipped: list[str] = []
+        fleet: Fleet | None = None
         try:
+            for name in (n for n in wanted if n not in ROWS):
+                parser.error(f"unknown row {name!r}")
+            if any(name in FLEET_ROWS for name in wanted):
+                if not c_load:
+                    parser.error(f"{', '.join(FLEET_ROWS)} need redis-benchmark (TLS)")
+                fleet = Fleet(tmp / "fleet", node.port).start(tunnel="db connect" in wanted)
             for name in wanted:
                 if name == "direct":
                     proxies.append(_Proxy("direct", node.port))
+                elif name == "agent" and fleet is not None:
+                    agent = (fleet.pid("agent"),)
+                    proxies.append(
+                        _Proxy(name, fleet.agent_port, extra=fleet.tls_args(), pids=agent)
+                    )
+                elif name == "db connect" and fleet is not None:
+                    pids = (fleet.pid("tunnel"), fleet.pid("agent"))
+                    proxies.append(_Proxy(name, fleet.tunnel_port, pids=pids))
+                elif name == "stand-in TLS" and fleet is not None:
+                    front = (fleet.pid("front"),)
+                    extra = fleet.front_tls_args()
+                    proxies.append(_Proxy(name, fleet.front_port, extra=extra, pids=front))
                 elif name == "engine":
                     proxies.append(_start_python("engine", name, node.port))
                 elif name == "engine inspect=*":
@@ -454,8 +515,6 @@ def main() -> int:
                         continue
                     start = _start_haproxy if name == "haproxy" else _start_nutcracker
                     proxies.append(start(node.port, tmp))
-                else:
-                    parser.error(f"unknown row {name!r}")
             _fill(node.port)
             print(f"machine      {platform.machine()}, {os.cpu_count()} cores, Python "
                   f"{platform.python_version()}, uvloop, {platform.system()}")  # fmt: skip
@@ -463,15 +522,26 @@ def main() -> int:
             print(f"workload     {load_name}, {args.clients} clients, 3-byte values over "
                   f"{KEYS} keys, ~{args.seconds:.0f}s per direct run, {args.rounds} "
                   f"interleaved rounds (median)")  # fmt: skip
+            if fleet is not None:
+                print(f"fleet        agent: fleetgate agent run, mutual TLS with the route in "
+                      f"SNI ({SERVER_NAME}), TLS verify-full upstream to the stand-in's "
+                      f"front ({fleet.front_kind}); db connect: fleetgate db connect "
+                      f"before it")  # fmt: skip
             if skipped:
                 print(f"not installed: {', '.join(skipped)}")
-            # requests per redis-benchmark run: about --seconds at the direct rate
-            requests: dict[tuple[str, int, int], int] = {}
+            # requests per redis-benchmark run: about --seconds at each row's own rate
+            requests: dict[tuple[str, str, int, int], int] = {}
             if c_load:
                 for test in tests:
                     op, pipeline, clients = test
-                    probe = _redis_benchmark(node.port, op, pipeline, clients, 20_000 * pipeline)
-                    requests[test] = int(probe["rps"] * args.seconds)
+                    for proxy in proxies:
+                        size = (20_000 if proxy.name == "direct" else 4_000) * pipeline
+                        probe = _redis_benchmark(
+                            proxy.port, op, pipeline, clients, size, proxy.extra
+                        )
+                        requests[(proxy.name, *test)] = max(
+                            int(probe["rps"] * args.seconds), 1000 * pipeline
+                        )
             for round_ in range(args.rounds):
                 for test in tests:
                     op, pipeline, clients = test
@@ -479,9 +549,9 @@ def main() -> int:
                     for proxy in order:
                         cpu0 = proxy.cpu()
                         if c_load:
-                            n = requests[test]
+                            n = requests[(proxy.name, *test)]
                             result: dict[str, Any] = dict(
-                                _redis_benchmark(proxy.port, op, pipeline, clients, n)
+                                _redis_benchmark(proxy.port, op, pipeline, clients, n, proxy.extra)
                             )
                             result["requests"] = n
                         else:
@@ -494,6 +564,24 @@ def main() -> int:
                         result["cpu_us"] = result["user_us"] + result["sys_us"]
                         proxy.results.setdefault(test, []).append(result)
             _report(proxies, tests)
+            missed = _floors(proxies, tests)
+            if fleet is not None:
+                print()
+                print(asyncio.run(_audit_summary(fleet, proxies)))
+                agent_row = next((p for p in proxies if p.name == "agent"), None)
+                if args.idle and agent_row is not None:
+                    context = ssl.create_default_context(cafile=str(fleet.identity / "ca.pem"))
+                    context.check_hostname = False  # the chain is checked; see docs/access.md
+                    context.load_cert_chain(fleet.identity / "cert.pem", fleet.identity / "key.pem")
+                    idle = _idle_sessions(
+                        fleet.pid("agent"), agent_row.port, args.idle, tls=context, sni=SERVER_NAME
+                    )
+                    before, after, again = asyncio.run(idle)
+                    print(f"idle         agent RSS {before / 1024:.1f} MiB; with {args.idle} idle "
+                          f"mutual-TLS sessions (each with its TLS connection upstream) "
+                          f"{after / 1024:.1f} MiB ({(after - before) / args.idle:.1f} KiB each); "
+                          f"a second {args.idle} after the first closed: "
+                          f"{again / 1024:.1f} MiB")  # fmt: skip
             engine = next((p for p in proxies if p.name == "engine"), None)
             if args.idle and engine is not None and engine.process is not None:
                 idle = _idle_sessions(engine.process.pid, engine.port, args.idle)
@@ -506,8 +594,86 @@ def main() -> int:
         finally:
             for proxy in proxies:
                 proxy.stop()
+            if fleet is not None:
+                fleet.stop()
             asyncio.run(node.stop())
-    return 0
+    return 1 if missed else 0
+
+
+FLOORS: tuple[tuple[str, int, float], ...] = (
+    ("agent", 16, 0.55),
+    ("agent", 1, 0.45),
+    ("db connect", 16, 0.4),
+    ("db connect", 1, 0.4),
+)
+"""Issue 5's floors: throughput as a ratio to direct (SET and GET, 50 clients)."""
+ADDED_P50_FLOOR = 0.3
+"""Issue 5: the agent adds at most this many ms to the p50 at pipeline 1."""
+
+
+def _floors(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> list[str]:
+    """Print issue 5's floors against this run; the missed ones."""
+    rows = {p.name: p for p in proxies}
+    direct = rows.get("direct")
+    if direct is None:
+        return []
+    clients = tests[0][2]
+    missed: list[str] = []
+    lines: list[str] = []
+    for name, pipeline, floor in FLOORS:
+        row = rows.get(name)
+        if row is None or ("SET", pipeline, clients) not in row.results:
+            continue
+        for op in ("SET", "GET"):
+            test = (op, pipeline, clients)
+            ratio = _median(row.results[test], "rps") / _median(direct.results[test], "rps")
+            verdict = "ok" if ratio >= floor else "MISSED"
+            what = f"{name} {op} P{pipeline}"
+            lines.append(f"  {what:<22} {ratio:.2f}x direct  (floor {floor:.2f}x: {verdict})")
+            if verdict != "ok":
+                missed.append(what)
+    agent = rows.get("agent")
+    if agent is not None:
+        for op in ("SET", "GET"):
+            test = (op, 1, clients)
+            if test not in agent.results:
+                continue
+            added = _median(agent.results[test], "p50_ms") - _median(direct.results[test], "p50_ms")
+            verdict = "ok" if added <= ADDED_P50_FLOOR else "MISSED"
+            what = f"agent {op} P1 +p50"
+            lines.append(
+                f"  {what:<22} {added:+.3f} ms      (at most {ADDED_P50_FLOOR} ms: {verdict})"
+            )
+            if verdict != "ok":
+                missed.append(what)
+    if lines:
+        print("floors (issue 5)")
+        print("\n".join(lines))
+    return missed
+
+
+async def _audit_summary(fleet: Fleet, proxies: list[_Proxy]) -> str:
+    """How many query events the agent stored, against the commands it proxied."""
+    import nats
+
+    from bus import subjects
+
+    sent = sum(
+        int(result["requests"])
+        for proxy in proxies
+        if proxy.name in ("agent", "db connect")
+        for results in proxy.results.values()
+        for result in results
+    )
+    client = await nats.connect(fleet.nats_url)
+    try:
+        info = await client.jetstream().stream_info(subjects.AUDIT_STREAM)
+        stored = info.state.messages
+    finally:
+        await client.close()
+    return (f"audit        {stored:,} events in {subjects.AUDIT_STREAM} for about {sent:,} "
+            f"commands through the agent (measured runs; the rest were dropped by the agent's "
+            f"bounded audit queue and counted)")  # fmt: skip
 
 
 def _report(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> None:
@@ -528,7 +694,7 @@ def _report(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> None:
             cpu = (
                 f"{_median(rows, 'cpu_us'):.1f} ({_median(rows, 'user_us'):.1f}+"
                 f"{_median(rows, 'sys_us'):.1f})"
-                if proxy.process
+                if proxy.measured_cpu
                 else "-"
             )
             print(f"{label:<12}{proxy.name:<18}{rps:>11,.0f}"
@@ -536,7 +702,8 @@ def _report(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> None:
         print()
     print(
         "p50, p99, +p50 (added to direct): ms per request (per batch when pipelined);"
-        " CPU/req: the proxy process's CPU time per request, in microseconds"
+        " CPU/req: the proxy process's CPU time per request, in microseconds (db connect:"
+        " the tunnel's and the agent's together)"
     )
 
 
