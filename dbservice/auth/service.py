@@ -41,6 +41,7 @@ from bus import Bus
 from bus.access import Identity, get_roles, get_user, provision_access
 from bus.audit import Login, ensure_audit_stream
 from dbservice.audit import AuditEmitter
+from dbservice.auth.admin import AdminError
 from dbservice.auth.ca import (
     CertificateAuthority,
     CertificateRejected,
@@ -325,7 +326,14 @@ async def start_service(
     runner = web.AppRunner(service.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port, ssl_context=server_tls(config, ca))
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise AdminError(
+            f"listen {config.listen}: cannot listen there ({exc.strerror or exc}): "
+            "stop what uses the port, or choose another listen address"
+        ) from None
     bound = runner.addresses[0][1] if runner.addresses else port
     return RunningService(runner, service, int(bound))
 
