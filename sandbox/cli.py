@@ -168,6 +168,7 @@ def _detach(args: argparse.Namespace, directory: Path) -> int:
         if value:
             argv += [flag, str(value)]
     with out_path.open("wb") as out, log_path.open("ab") as err:
+        log_start = err.tell()
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
         )
@@ -185,8 +186,7 @@ def _detach(args: argparse.Namespace, directory: Path) -> int:
         if ready and ("\nnext" in complete or proc.poll() is not None):
             return 0
         if proc.poll() is not None:
-            print(f"fleetgate: error: the sandbox did not start; its log: {log_path}",
-                  file=sys.stderr)  # fmt: skip
+            _show_failure(complete, log_path, log_start)
             return 1
         if time.monotonic() > deadline:
             print(f"fleetgate: error: the sandbox is not ready after {DETACH_WAIT:.0f}s; it "
@@ -195,6 +195,19 @@ def _detach(args: argparse.Namespace, directory: Path) -> int:
                   file=sys.stderr)  # fmt: skip
             return 1
         time.sleep(0.1)
+
+
+def _show_failure(shown: str, log_path: Path, log_start: int) -> None:
+    """The supervisor's error lines (when its progress output did not show them), then
+    where its whole log is."""
+    if "fleetgate: error:" not in shown:
+        with log_path.open("rb") as log:
+            log.seek(log_start)
+            lines = log.read().decode(errors="replace").splitlines()
+        errors = [line for line in lines if line.startswith("fleetgate: error:")]
+        for line in errors or lines[-10:]:
+            print(line, file=sys.stderr)
+    print(f"fleetgate: error: the sandbox did not start; its log: {log_path}", file=sys.stderr)
 
 
 def _load_quietly(directory: Path) -> SandboxState | None:
