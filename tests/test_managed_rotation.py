@@ -293,3 +293,23 @@ async def test_acl_membership_lookups(aws: MotoServer) -> None:
     assert isinstance(membership("describe-users"), UserAclNames)
     with pytest.raises(ManagedError, match="ACLNotFoundFault"):
         await managed.acl_members("no-such-acl")
+
+
+async def test_the_secret_store_prefix_and_kms_key_apply(aws: MotoServer, lease_bus: Bus) -> None:
+    arn = make_user("app")
+    ref = UserRef(
+        user="app",
+        region=REGION,
+        account=ACCOUNT,
+        user_arn=arn,
+        roles=(),
+        secret_name=secret_name("payments/", REGION, ACCOUNT, "app"),
+        kms_key_id="alias/fleetgate",
+        clusters=("orders",),
+    )
+    assert await rotator(lease_bus, "h1").cycle(ref) == "set-up"
+    described = seed.client("secretsmanager", REGION).describe_secret(
+        SecretId=f"payments/memorydb/{REGION}/{ACCOUNT}/user/app"
+    )
+    assert described["KmsKeyId"] == "alias/fleetgate"
+    assert {t["Key"]: t["Value"] for t in described["Tags"]}["fleetgate.dev/cluster"] == "orders"
