@@ -163,11 +163,19 @@ class AuditEmitter:
         try:
             self._queue.put_nowait(event)
         except asyncio.QueueFull:
-            self.dropped_total += 1
-            self._unreported += 1
+            self.drop()
             return False
         self._idle.clear()
         return True
+
+    def full(self) -> bool:
+        """Whether the next :meth:`emit` would be dropped (callers may skip building it)."""
+        return self._queue.full()
+
+    def drop(self) -> None:
+        """Count one event lost to a full queue (reported as ``audit.dropped``)."""
+        self.dropped_total += 1
+        self._unreported += 1
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -310,6 +318,9 @@ class SessionAudit:
     def query(self, args: Sequence[bytes | str], *, success: bool = True, reason: str = "") -> None:
         """One command; ``success=False`` with ``reason`` when it was refused."""
         self.commands += 1
+        if self._emitter.full():  # it would be dropped: count it without building it
+            self._emitter.drop()
+            return
         name, rest = describe_command(args, self.redaction)
         self._emitter.emit(
             SessionQuery(**self.common, command=name, args=rest, success=success, reason=reason)
