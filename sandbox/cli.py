@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -159,6 +160,9 @@ async def _supervise(options: Any, *, foreground: bool) -> int:
 def _detach(args: argparse.Namespace, directory: Path) -> int:
     """Run ``up`` again in a new session, output to files under DIR/logs; follow its
     progress until it is ready or has failed."""
+    from sandbox.fleet import STARTED_ENV, command_age
+
+    started = time.time() - command_age()
     logs = directory / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     out_path, log_path = logs / "sandbox.out", logs / "sandbox.log"
@@ -170,7 +174,12 @@ def _detach(args: argparse.Namespace, directory: Path) -> int:
     with out_path.open("wb") as out, log_path.open("ab") as err:
         log_start = err.tell()
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            env={**os.environ, STARTED_ENV: str(started)},
         )
     shown = 0
     deadline = time.monotonic() + DETACH_WAIT

@@ -10,6 +10,7 @@ is printed as each becomes ready. :meth:`Sandbox.stop` stops everything it start
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
@@ -68,12 +69,30 @@ class Options:
     ready_timeout: float = 60.0
 
 
+STARTED_ENV = "FLEETGATE_SANDBOX_STARTED"
+"""Set by ``up --detach`` for the supervisor it starts: when the person's command began
+(epoch seconds), so the times shown count from there."""
+
+
+def command_age() -> float:
+    """Seconds since the command began: since ``up --detach`` when it started us, else
+    since this process started (its imports count: the person waited for them too)."""
+    with contextlib.suppress(KeyError, ValueError):
+        return max(0.0, time.time() - float(os.environ[STARTED_ENV]))
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class Progress:
-    """One line per event, with the seconds since the start; fine on a pipe too."""
+    """One line per event, with the seconds since the command began; fine on a pipe."""
 
     def __init__(self, out: IO[str]) -> None:
         self.out = out
-        self.began = time.monotonic()
+        self.began = time.monotonic() - command_age()
 
     def elapsed(self) -> float:
         return time.monotonic() - self.began
