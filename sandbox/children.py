@@ -140,7 +140,14 @@ def agent_config(
             "resources": [{"labels": {"vpc-id": vpc_id}}],
             "host_aliases": dict(host_aliases),
             "upstream_ca_file": str(upstream_ca),
-            "health_check": {"interval": "2s", "timeout": "2s", "healthy_threshold": 1},
+            # quick to turn healthy (the sandbox is ready sooner), slow to turn
+            # unhealthy (one probe delayed on a busy laptop is not an outage)
+            "health_check": {
+                "interval": "3s",
+                "timeout": "3s",
+                "healthy_threshold": 1,
+                "unhealthy_threshold": 3,
+            },
             "heartbeat": {"interval": "5s", "ttl": "15s"},
         },
     }
