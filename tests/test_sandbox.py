@@ -93,6 +93,24 @@ def check_output(step: Step, output: str) -> None:
     assert more or not left, f"$ {step.command}\nunexpected lines {left} in:\n{output}"
 
 
+def test_the_walkthrough_check_itself() -> None:
+    """The rules the README's outputs are checked with: ``...`` is any text, digits any
+    digits, spaces any spaces, lines in any order, a ``...`` line allows more."""
+    step = Step("x", ["ready in 5.3s: 4 clusters", "  a  1.0s  vpc-...", ""])
+    check_output(step, "a 12.5s vpc-0abc\nready in 14.0s:   4 clusters\n")
+    with pytest.raises(AssertionError, match="no line like"):
+        check_output(step, "ready in 5.3s: 4 databases\na 1.0s vpc-1\n")
+    with pytest.raises(AssertionError, match="unexpected lines"):
+        check_output(step, "ready in 5.3s: 4 clusters\na 1.0s vpc-1\nmore\n")
+    check_output(
+        Step("x", [*step.expected, "..."]), "more\nready in 1.0s: 4 clusters\na 1.0s vpc-\n"
+    )
+    steps = walkthrough()
+    assert steps[0].command.startswith("fleetgate sandbox up")
+    assert steps[-1].command.startswith("fleetgate sandbox down")
+    assert any("db connect" in s.command and "--db-user app" in s.command for s in steps)
+
+
 # -- the sandbox ----------------------------------------------------------------------------
 
 
