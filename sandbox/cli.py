@@ -88,6 +88,7 @@ def _up(args: argparse.Namespace) -> int:
     directory = resolve_dir(args.dir)
     if is_locked(directory):
         raise SandboxError(already_running(directory))
+    _clean_up_after_a_killed_sandbox(directory)
     check_chosen_port(args.nats_port, "--nats-port")
     check_chosen_port(args.auth_port, "--auth-port")
     if args.detach:
@@ -103,6 +104,16 @@ def _up(args: argparse.Namespace) -> int:
     )
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     return aio.run(_supervise(options, foreground=sys.stdout.isatty()))
+
+
+def _clean_up_after_a_killed_sandbox(directory: Path) -> None:
+    """Processes a killed supervisor left behind would hold ports and the old store."""
+    from sandbox.health import stop_leftovers
+
+    state = _load_quietly(directory)
+    if state is not None:
+        for note in stop_leftovers(directory, state):
+            print(f"note: {note}", flush=True)
 
 
 async def _supervise(options: Any, *, foreground: bool) -> int:

@@ -200,7 +200,7 @@ class Sandbox:
         os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(self.path("config", "no-aws-credentials"))
         ops = self._secret_file("ops.password")
         self.vpcs, self.clusters = await self._in_thread(seeding.seed, self.o.clusters, ops)
-        made = _count(len(self.clusters), "MemoryDB cluster")
+        made = count_of(len(self.clusters), "MemoryDB cluster")
         regions = ", ".join(seeding.REGIONS)
         self.progress.line("aws", f"ready  {self.moto.url} (moto: {made}, {regions})")
 
@@ -209,8 +209,8 @@ class Sandbox:
         self.db_ca.write(self.path("tls"), "memorydb-ca")
         users = {r: await self._in_thread(seeding.describe_users, r) for r in seeding.REGIONS}
         await asyncio.gather(*(self._start_standin(c, users[c.region]) for c in self.clusters))
-        made = _count(len(self.standins), "stand-in")
-        shards = _count(self.o.shards, "shard")
+        made = count_of(len(self.standins), "stand-in")
+        shards = count_of(self.o.shards, "shard")
         self.progress.line("memorydb", f"ready  {made} ({shards} each, TLS, IAM tokens checked)")
 
     async def _start_standin(
@@ -324,7 +324,7 @@ class Sandbox:
             names = {r.name for r in await self.bus.list_resources()}
             if "discovery" not in shown and expected <= names:
                 shown.add("discovery")
-                enrolled = _count(len(expected), "database")
+                enrolled = count_of(len(expected), "database")
                 self.progress.line("discovery", f"ready  {enrolled} enrolled")
             healthy: dict[str, set[str]] = {}
             for hb in await self.bus.list_db_servers():
@@ -337,7 +337,7 @@ class Sandbox:
                     shown.add(agent)
                     port = self.agent_ports[agent]
                     self.progress.line(
-                        agent, f"ready  127.0.0.1:{port}, {_count(len(mine), 'database')} healthy"
+                        agent, f"ready  127.0.0.1:{port}, {count_of(len(mine), 'database')} healthy"
                     )
             if "auth" not in shown and await _answers(self.auth_port):
                 shown.add("auth")
@@ -478,7 +478,7 @@ async def _nothing() -> None:
     return None
 
 
-def _count(n: int, word: str) -> str:
+def count_of(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 

@@ -185,7 +185,7 @@ def _describe(pid: int) -> str:
     return Path(args[0]).name if args else "?"
 
 
-def _stop_leftovers(directory: Path, state: SandboxState) -> list[str]:
+def stop_leftovers(directory: Path, state: SandboxState) -> list[str]:
     """SIGTERM the sandbox's processes still alive (its supervisor is gone), SIGKILL
     those still there after a few seconds; a note for each."""
     left = {pid: _describe(pid) for pid in _leftovers(directory, state)}
@@ -223,7 +223,7 @@ def down(directory: Path) -> int:
             notes.append(
                 f"the supervisor (pid {supervisor}) did not stop in {SUPERVISOR_GRACE:.0f}s: killed"
             )
-    notes += _stop_leftovers(directory, state)
+    notes += stop_leftovers(directory, state)
     deadline = time.monotonic() + 5
     busy = list(state.ports)
     while busy and time.monotonic() < deadline:

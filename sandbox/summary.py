@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from sandbox.fleet import count_of
 from sandbox.state import default_dir
 
 if TYPE_CHECKING:
@@ -16,8 +17,9 @@ def summary(sandbox: Sandbox, *, foreground: bool) -> str:
     d = sandbox.dir
     dir_flag = "" if d == default_dir() else f" --dir {d}"
     parts = {p.name: p for p in st.parts}
+    clusters = count_of(len(st.databases), "MemoryDB cluster")
     lines = [
-        f"ready in {st.ready_seconds}s: {len(st.databases)} MemoryDB clusters, 2 agents, "
+        f"ready in {st.ready_seconds}s: {clusters}, 2 agents, "
         "discovery, auth, NATS and AWS (moto), all on 127.0.0.1",
         "",
         f"  nats       {parts['nats'].address}",
