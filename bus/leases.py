@@ -9,14 +9,20 @@ one of several agents racing for the same change goes ahead.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import nats.errors
 import nats.js.errors
+from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from bus import subjects
-from bus.client import BucketSpec, Bus, decode
+from bus.client import BUCKETS, BucketSpec, Bus, decode
+from bus.errors import RegistryError
+from bus.watch import describe
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
@@ -40,10 +46,35 @@ def _encode(record: BaseModel) -> bytes:
     return record.model_dump_json(exclude_none=True).encode()
 
 
+async def _kv(bus: Bus, bucket: str) -> KeyValue:
+    """The bucket, opened (and created with its own spec) on first use."""
+    kv = bus._buckets.get(bucket)
+    if kv is None:
+        spec = LEASES if bucket == LEASES.name else BUCKETS.get(bucket, BucketSpec(bucket, bucket))
+        kv = await bus._open(spec, create=True)
+    return kv
+
+
+@contextlib.asynccontextmanager
+async def _call(bus: Bus, what: str, bucket: str, key: str) -> AsyncIterator[None]:
+    """One KV call: silence and refusals become :class:`RegistryError`. After a failure
+    the bucket is opened again on the next call (and created again, should NATS have
+    lost its store: a missing stream answers like a refusal, with no responders)."""
+    try:
+        async with bus._kv_call(what, bucket, key):
+            yield
+    except RegistryError:
+        bus._buckets.pop(bucket, None)
+        raise
+    except nats.errors.Error as exc:
+        bus._buckets.pop(bucket, None)
+        raise RegistryError(f"{what} {bucket}/{key} failed: {describe(exc)}") from exc
+
+
 async def read(bus: Bus, bucket: str, key: str, model: type[M]) -> Versioned[M] | None:
     """The record at ``key`` with its revision; None when absent, deleted or unreadable."""
-    kv = await bus.bucket(bucket)
-    async with bus._kv_call("a read of", bucket, key):
+    kv = await _kv(bus, bucket)
+    async with _call(bus, "a read of", bucket, key):
         try:
             entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError:  # KeyDeletedError is one too
@@ -56,8 +87,8 @@ async def read(bus: Bus, bucket: str, key: str, model: type[M]) -> Versioned[M] 
 
 async def create(bus: Bus, bucket: str, key: str, record: BaseModel) -> int | None:
     """Write ``record`` only if ``key`` holds nothing; its revision, or None if it does."""
-    kv = await bus.bucket(bucket)
-    async with bus._kv_call("a write to", bucket, key):
+    kv = await _kv(bus, bucket)
+    async with _call(bus, "a write to", bucket, key):
         try:
             return int(await kv.create(key, _encode(record)))
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -67,8 +98,8 @@ async def create(bus: Bus, bucket: str, key: str, record: BaseModel) -> int | No
 async def update(bus: Bus, bucket: str, key: str, record: BaseModel, *, last: int) -> int | None:
     """Write ``record`` only if ``key`` is still at revision ``last``; the new revision,
     or None when someone else wrote it in between."""
-    kv = await bus.bucket(bucket)
-    async with bus._kv_call("a write to", bucket, key):
+    kv = await _kv(bus, bucket)
+    async with _call(bus, "a write to", bucket, key):
         try:
             return int(await kv.update(key, _encode(record), last=last))
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -78,8 +109,8 @@ async def update(bus: Bus, bucket: str, key: str, record: BaseModel, *, last: in
 async def records(bus: Bus, bucket: str, model: type[M]) -> dict[str, Versioned[M]]:
     """Every readable record of ``bucket`` by key (one-shot; fails with a reason)."""
     out: dict[str, Versioned[M]] = {}
-    kv = await bus.bucket(bucket)
-    async with bus._kv_call("a listing of", bucket, "*"):
+    kv = await _kv(bus, bucket)
+    async with _call(bus, "a listing of", bucket, "*"):
         try:
             keys = await kv.keys()
         except nats.js.errors.NoKeysError:
@@ -93,8 +124,8 @@ async def records(bus: Bus, bucket: str, model: type[M]) -> dict[str, Versioned[
 
 async def delete(bus: Bus, bucket: str, key: str, *, last: int) -> bool:
     """Delete ``key`` only if it is still at revision ``last``; False when it moved on."""
-    kv = await bus.bucket(bucket)
-    async with bus._kv_call("a delete in", bucket, key):
+    kv = await _kv(bus, bucket)
+    async with _call(bus, "a delete in", bucket, key):
         try:
             return bool(await kv.delete(key, last=last))
         except nats.js.errors.KeyWrongLastSequenceError:

@@ -313,3 +313,19 @@ async def test_the_secret_store_prefix_and_kms_key_apply(aws: MotoServer, lease_
     )
     assert described["KmsKeyId"] == "alias/fleetgate"
     assert {t["Key"]: t["Value"] for t in described["Tags"]}["fleetgate.dev/cluster"] == "orders"
+
+
+async def test_a_lost_bucket_is_created_again_and_the_user_repaired(
+    aws: MotoServer, lease_bus: Bus
+) -> None:
+    from bus import RegistryError
+
+    ref = ref_of("app", make_user("app"))
+    one = rotator(lease_bus, "h1")
+    assert await one.cycle(ref) == "set-up"
+    await lease_bus.js.delete_key_value(subjects.LEASES_BUCKET)  # NATS lost its store
+    with pytest.raises(RegistryError):
+        await one.cycle(ref)
+    assert await one.cycle(ref) == "repaired"  # no record: the user is set from the secret
+    assert len(versions(ref.secret_name)) == 1
+    assert (await record(lease_bus, ref)).applied_version
