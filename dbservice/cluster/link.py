@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from typing import cast
 
 from dbservice.proxy.errors import UpstreamProtocolError
 from dbservice.proxy.session import Streams
@@ -150,23 +151,35 @@ class Link:
                 streams[1].transport.abort()
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
-        frames = FrameReader(self._limits)
+        """Read replies until the connection ends: the link takes the transport over
+        with its own protocol, so each read goes from the event loop straight into the
+        frame reader and the futures, with no task to wake."""
+        assert self._writer is not None
+        transport = self._writer.transport
+        protocol = _Replies(self, FrameReader(self._limits))
+        buffered = _take_buffered(reader)
+        at_eof = reader.at_eof()
+        transport.set_protocol(protocol)
+        if buffered:
+            protocol.data_received(buffered)
+        if at_eof:
+            raise asyncio.IncompleteReadError(b"", None)
+        with contextlib.suppress(AttributeError, RuntimeError):
+            cast(asyncio.ReadTransport, transport).resume_reading()
+        await protocol.ended
+
+    def _frames(self, frames: list[bytes]) -> None:
         waiters = self._waiters
-        size = self._limits.read_size
-        while True:
-            data = await reader.read(size)
-            if not data:
-                raise asyncio.IncompleteReadError(b"", None)
-            for frame in frames.feed(data):
-                if self.pubsub or frame[0] == 62:  # '>'
-                    if self._on_push is not None:
-                        self._on_push(self, frame)
-                    continue
-                if not waiters:
-                    raise UpstreamProtocolError("a reply nobody asked for")
-                future = waiters.popleft()
-                if not future.done():
-                    future.set_result(frame)
+        for frame in frames:
+            if self.pubsub or frame[0] == 62:  # '>'
+                if self._on_push is not None:
+                    self._on_push(self, frame)
+                continue
+            if not waiters:
+                raise UpstreamProtocolError("a reply nobody asked for")
+            future = waiters.popleft()
+            if not future.done():
+                future.set_result(frame)
 
     def _fail(self, error: LinkError) -> None:
         if self.failed is None:
@@ -188,6 +201,44 @@ class Link:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._fail(LinkError(f"node {self.name}: link closed"))
+
+
+class _Replies(asyncio.Protocol):
+    """The link's protocol once its connection is ready: bytes in, futures resolved."""
+
+    def __init__(self, link: Link, frames: FrameReader) -> None:
+        self.link = link
+        self.feed = frames.feed
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.link._frames(self.feed(data))
+        except Exception as exc:
+            self._end(exc)
+
+    def eof_received(self) -> bool:
+        self._end(asyncio.IncompleteReadError(b"", None))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc or asyncio.IncompleteReadError(b"", None))
+
+    def _end(self, exc: BaseException) -> None:
+        if not self.ended.done():
+            self.ended.set_exception(exc)
+            self.ended.exception()  # retrieved, even when the link stopped waiting
+
+
+def _take_buffered(reader: asyncio.StreamReader) -> bytes:
+    """What the stream received that nobody has read yet (StreamReader has no public
+    call for it; its buffer has been ``_buffer`` since Python 3.4)."""
+    buffer = getattr(reader, "_buffer", None)
+    if not buffer:
+        return b""
+    data = bytes(buffer)
+    buffer.clear()
+    return data
 
 
 def _reason(exc: BaseException) -> str:
