@@ -21,7 +21,7 @@ from sandbox.memorydb import StandinConfig, ThreadedStandin
 
 @pytest.fixture(scope="module")
 def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedStandin]:
-    config = StandinConfig(dir=tmp_path_factory.mktemp("cluster"), shards=3)
+    config = StandinConfig(dir=tmp_path_factory.mktemp("cluster"), shards=3, replicas=1)
     with ThreadedStandin(config) as running:
         yield running
 
@@ -291,3 +291,17 @@ def test_malformed_input_is_answered_then_closed(proxy: ClusterProxy) -> None:
         while chunk := sock.recv(4096):
             data += chunk
     assert data == b"+PONG\r\n-ERR Protocol error: expected '$', got '+'\r\n"
+
+
+@BOTH
+def test_streams_blocking_reads_and_wait(client: redis.Redis) -> None:
+    for i, stream in enumerate(("s:a", "s:b", "s:c")):
+        client.xadd(stream, {"n": str(i)})
+    got = client.xread({"s:a": 0}, block=100)
+    assert len(got) == 1
+    with pytest.raises(redis.ResponseError, match="same slot"):
+        client.xread({"s:a": 0, "s:b": 0}, block=100)  # the server's CROSSSLOT
+    assert client.xread({"{s}x": "$"}, block=50) in (None, [], {})  # times out: nil
+    assert client.blpop(["empty:list"], timeout=0.1) is None
+    client.set("w", 1)
+    assert client.wait(1, 1000) == 1  # the replica of w's shard acknowledged
