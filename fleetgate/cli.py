@@ -10,10 +10,8 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from bus.errors import BusError
-from fleetgate import __version__
-from fleetgate.config import ConfigError
-from fleetgate.logs import setup_logging
+# Only the standard library here: Ctrl-C while the rest loads (a third of a second)
+# must end quietly like Ctrl-C later, so everything else is imported inside main().
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -42,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fleetgate",
         description="Safe, audited access to fleets of MemoryDB and Valkey/Redis databases.",
     )
+    from fleetgate import __version__
+
     parser.add_argument("--version", action="version", version=f"fleetgate {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     discovery_cli.register(sub, _common)
@@ -56,6 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(argv: Sequence[str] | None) -> int:
+    from bus.errors import BusError
+    from fleetgate.config import ConfigError
+    from fleetgate.logs import setup_logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
@@ -65,8 +76,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UsageError, BusError) as exc:
         print(f"fleetgate: error: {exc}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError | UsageError) else 1
-    except KeyboardInterrupt:
-        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover
