@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -46,6 +47,8 @@ CFG_NAME = f"clustercfg.{CLUSTER}.abc123.memorydb.{REGION}.amazonaws.com"
 INITIAL = "a-password-a-human-once-knew-0123456789"
 BOB_PASSWORD = "bob-password-0123456789"
 INTERVAL = 2.0
+SOAK = float(os.environ.get("FLEETGATE_MANAGED_SOAK", "20"))
+"""Seconds of rotation under load (the issue's minute: FLEETGATE_MANAGED_SOAK=60)."""
 SECRET = secret_name("fleetgate/", REGION, ACCOUNT, "app")
 KEY = subjects.managed_user_key(REGION, ACCOUNT, "app")
 
@@ -264,7 +267,7 @@ async def test_two_agents_rotate_while_clients_keep_working(
 
         first_versions, first_actions = len(versions()), actions()
         load.start()
-        while time.monotonic() - began < 20:
+        while time.monotonic() - began < SOAK:
             current = await state(bus)
             if current is not None and (not seen or seen[-1][0] != current.applied_version):
                 seen.append((current.applied_version, current.started_at))
