@@ -329,3 +329,58 @@ async def test_a_lost_bucket_is_created_again_and_the_user_repaired(
     assert await one.cycle(ref) == "repaired"  # no record: the user is set from the secret
     assert len(versions(ref.secret_name)) == 1
     assert (await record(lease_bus, ref)).applied_version
+
+
+async def test_a_login_refused_once_tries_the_other_password_once(
+    aws: MotoServer, lease_bus: Bus, tmp_path: Path
+) -> None:
+    from dbservice.managed.passwords import LoginRefused, ManagedPasswords
+    from sandbox.valkeynode import ValkeyNode
+
+    ref = ref_of("app", make_user("app"))
+    await rotator(lease_bus, "h1").cycle(ref)
+    CLOCK.advance(INTERVAL)
+    await rotator(lease_bus, "h1").cycle(ref)
+    previous, current = password_pair(ref)
+    auth = IamAuth()
+    passwords = ManagedPasswords(lease_bus, lambda r: ManagedAws(auth, r.region, r.roles))
+    node = ValkeyNode(index=0, directory=tmp_path / "valkey", client_port=0)
+    await node.start()
+    try:
+
+        async def login_as(*on_server: str) -> None:
+            await node.command(
+                "ACL",
+                "SETUSER",
+                "app",
+                "on",
+                "resetpass",
+                "~*",
+                "+@all",
+                *(f">{p}" for p in on_server),
+            )
+            reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+            try:
+                await passwords.login(ref, reader, writer)
+            finally:
+                writer.close()
+                await writer.wait_closed()
+
+        await login_as(previous, current)  # AWSPREVIOUS: one read
+        assert (passwords.fetches, passwords.retries) == (1, 0)
+        await login_as(previous, current)  # cached: no read
+        assert (passwords.fetches, passwords.retries) == (1, 0)
+        await login_as(current)  # previous already gone: the other one, once
+        assert (passwords.fetches, passwords.retries) == (3, 1)
+        with pytest.raises(LoginRefused, match="refused the managed password") as info:
+            await login_as("neither-" + "x" * 60)
+        assert previous not in str(info.value) and current not in str(info.value)
+    finally:
+        await node.stop()
+
+
+def password_pair(ref: UserRef) -> tuple[str, str]:
+    return (
+        secret(ref.secret_name, "AWSPREVIOUS")["password"],
+        secret(ref.secret_name, "AWSCURRENT")["password"],
+    )
