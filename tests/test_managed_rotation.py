@@ -384,3 +384,32 @@ def password_pair(ref: UserRef) -> tuple[str, str]:
         secret(ref.secret_name, "AWSPREVIOUS")["password"],
         secret(ref.secret_name, "AWSCURRENT")["password"],
     )
+
+
+@pytest.mark.parametrize(
+    ("managed", "field", "says"),
+    [
+        ({"interval": "0.5"}, "db_service.managed_users", "interval must be at least 1s"),
+        ({"interval": "soon"}, "db_service.managed_users.interval", "not a duration"),
+        ({"recovery_days": 3}, "db_service.managed_users.recovery_days", "7"),
+        ({"acl_lookup": "guess"}, "db_service.managed_users.acl_lookup", "describe-acls"),
+        ({"secret_store": {"key_prefix": "a b"}}, "key_prefix", "letters, digits"),
+        ({"rotate": "5m"}, "db_service.managed_users.rotate", "unknown field"),
+    ],
+)
+def test_managed_users_config_errors_name_the_field(
+    managed: dict[str, Any], field: str, says: str
+) -> None:
+    from dbservice.agent.config import AgentConfig
+    from fleetgate.config import ConfigError, load_model
+
+    body = {"db_service": {"resources": [{"labels": {"env": "x"}}], "managed_users": managed}}
+    with pytest.raises(ConfigError) as info:
+        load_model(AgentConfig, body, "agent.yaml")
+    assert field in str(info.value) and says in str(info.value)
+    fine = load_model(
+        AgentConfig,
+        {"db_service": {"resources": [{"labels": {"env": "x"}}]}},
+        "agent.yaml",
+    ).db_service.managed_users
+    assert (fine.enabled, fine.interval, fine.secret_store.key_prefix) == (True, 900, "fleetgate/")
