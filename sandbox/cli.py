@@ -52,8 +52,8 @@ def register(sub: Any, common: Common) -> None:
     up = actions.add_parser("up", help="start the sandbox (Ctrl-C stops it)")
     up.add_argument("--clusters", type=lambda t: _count(t, 1, 50), default=4,
                     help="MemoryDB clusters to create (default 4)")  # fmt: skip
-    up.add_argument("--shards", type=lambda t: _count(t, 1, 8), default=1,
-                    help="shards per cluster (default 1)")  # fmt: skip
+    up.add_argument("--shards", type=lambda t: _count(t, 1, 8), default=3,
+                    help="shards per cluster (default 3)")  # fmt: skip
     up.add_argument("--detach", action="store_true",
                     help="run in the background; return once it is ready")  # fmt: skip
     up.add_argument("--nats-port", type=_port, help="NATS client port (default: a free one)")
