@@ -413,3 +413,19 @@ def test_managed_users_config_errors_name_the_field(
         "agent.yaml",
     ).db_service.managed_users
     assert (fine.enabled, fine.interval, fine.secret_store.key_prefix) == (True, 900, "fleetgate/")
+
+
+async def test_a_user_whose_secret_awaits_deletion_waits_for_a_restore(
+    aws: MotoServer, lease_bus: Bus
+) -> None:
+    ref = ref_of("app", make_user("app"))
+    one = rotator(lease_bus, "h1")
+    assert await one.cycle(ref) == "set-up"
+    managed = ManagedAws(IamAuth(), REGION)
+    await managed.delete_secret(ref.secret_name, recovery_days=7)
+    CLOCK.advance(INTERVAL)
+    with pytest.raises(ManagedError, match="marked"):
+        await one.cycle(ref)
+    seed.client("secretsmanager", REGION).restore_secret(SecretId=ref.secret_name)
+    CLOCK.advance(LEASE)
+    assert await one.cycle(ref) == "rotated"
