@@ -127,6 +127,7 @@ class ManagedUsers:
                 await self.tick()
             except Exception:  # a bug here must not take the agent's sessions down
                 self.errors += 1
+                self.rotator.due.clear()
                 logger.exception("managed users: tick failed; trying again")
             await asyncio.sleep(self._pause())
 
@@ -168,6 +169,7 @@ class ManagedUsers:
                 await self.rotator.cycle(ref)
             except (ManagedError, BusError) as exc:
                 self.errors += 1
+                self.rotator.due.pop(ref.key, None)  # try again a tick later, not at once
                 logger.warning("managed user %s (%s): %s", ref.user, ref.region, exc)
         if self.settings.cleanup and now - self._last_sweep >= self.settings.refresh:
             self._last_sweep = now
