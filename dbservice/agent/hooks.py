@@ -34,10 +34,11 @@ from dbservice.proxy import Action, Hello
 from dbservice.proxy.commands import parse_hello
 
 LOCAL_AUTH = (
-    "answered by the agent, not forwarded: the agent already logged the session in as "
-    "this db user (IAM token or managed password)"
+    "credentials answered by the agent, never forwarded: the agent already logged the "
+    "session in as this db user (IAM token or managed password)"
 )
-"""The audit reason of a client AUTH the login strategy answered itself."""
+"""The audit reason of a client AUTH (or HELLO ... AUTH) whose credentials the login
+strategy answered itself."""
 
 CONNECTION_COMMANDS = frozenset({"AUTH", "HELLO", "QUIT"})
 """Allowed before authentication and not subject to the roles' command lists."""
