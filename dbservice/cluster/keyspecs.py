@@ -128,6 +128,16 @@ class CommandTable:
 
     def __init__(self, commands: Sequence[CommandInfo]) -> None:
         self.commands = {info.name: info for info in commands}
+        self.single: dict[bytes, int] = {
+            name.encode(): info.specs[0].index
+            for name, info in self.commands.items()
+            if not info.subcommands and len(info.specs) == 1
+            and info.specs[0].begin == "index" and info.specs[0].find == "range"
+            and info.specs[0].lastkey == 0 and info.specs[0].index > 0
+        }  # fmt: skip
+        """Lower-case name -> where its one key is, for commands with exactly one key
+        (GET, SET, HSET...): the common case made cheap. Valid when the command has
+        that many arguments; :meth:`key_positions` otherwise."""
 
     @classmethod
     def from_reply(cls, reply: Value) -> CommandTable:

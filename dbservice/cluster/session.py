@@ -273,6 +273,7 @@ class ClusterSession:
         self._out: list[bytes] = []
         self._out_size = 0
         self._background: set[asyncio.Task[None]] = set()
+        self._names: dict[bytes, str] = {}
 
     # -- running -------------------------------------------------------------------------
 
@@ -666,7 +667,7 @@ class ClusterSession:
     # -- planning one command --------------------------------------------------------------
 
     async def _command(self, args: list[bytes], raw: bytes | None = None) -> _Entry:
-        name = args[0].decode("latin-1").upper()
+        name = self._names.get(args[0]) or self._canonical(args[0])
         self.stats.commands += 1
         if name == "AUTH" or name == "HELLO":
             return self._login_command(name, args)
@@ -695,8 +696,20 @@ class ClusterSession:
             return handler(self, name, args)
         return self._route(name, args, raw)
 
+    def _canonical(self, raw: bytes) -> str:
+        """The command name in upper case, remembered (for the first 256 spellings)."""
+        name = raw.decode("latin-1").upper()
+        if len(self._names) < 256:
+            self._names[raw] = name
+        return name
+
     def _route(self, name: str, args: list[bytes], raw: bytes | None = None) -> _Entry:
         assert self._table is not None
+        at = self._table.single.get(args[0].lower(), 0)
+        if 0 < at < len(args):  # one key: no spec to walk
+            request = self._request(args, key_slot(args[at]), payload=raw)
+            self._last = request.address
+            return _Forward(name, request)
         positions = self._table.key_positions(args)
         if not positions:
             return _Forward(name, self._request(args, None, payload=raw))
