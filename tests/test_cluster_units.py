@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from dbservice.cluster import resp
+from dbservice.cluster import merge, resp
 from dbservice.cluster.keyspecs import CommandTable
 from dbservice.cluster.slots import key_slot
 from dbservice.cluster.topology import from_shards, from_slots
+from dbservice.proxy.errors import ProtocolError
 from dbservice.proxy.settings import ProxyLimits
 from sandbox.memorydb import MemoryDBStandin, StandinConfig
 from sandbox.valkeynode import ValkeyNode
@@ -148,3 +149,76 @@ async def test_topology_of_three_shards(tmp_path: Path) -> None:
         assert shards.find(first.primary.id[:10]) is first
         assert shards.find(f"{first.primary.host}:{first.primary.port}") is first
         assert shards.find("nope") is None
+
+
+def test_command_reader_keeps_order_across_reads_and_joins_large_values_once() -> None:
+    reader = resp.CommandReader(LIMITS)
+    big = b"v" * 300_000
+    data = (
+        resp.encode_command([b"SET", b"k", big])
+        + b"PING\r\n"
+        + b"*0\r\n"
+        + resp.encode_command([b"GET", b"k"])
+    )
+    got: list[tuple[list[bytes], bytes]] = []
+    for i in range(0, len(data), 7000):
+        got += reader.feed(data[i : i + 7000])
+    assert [args[0] for args, _ in got] == [b"SET", b"PING", b"GET"]
+    assert got[0][0][2] == big and got[0][1] == resp.encode_command([b"SET", b"k", big])
+    assert got[2][1] == resp.encode_command([b"GET", b"k"])  # forwarded as sent
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"*1\r\n+PING\r\n", "expected '\\$'"),
+        (b"*x\r\n", "invalid multibulk length"),
+        (b"*1\r\n$-5\r\n", "invalid bulk length"),
+    ],
+)
+def test_command_reader_refuses_malformed_input(data: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError, match=message):
+        resp.CommandReader(LIMITS).feed(data)
+    # commands before the bad one are still returned, the error comes after them
+    reader = resp.CommandReader(LIMITS)
+    assert [a for a, _ in reader.feed(b"PING\r\n" + data)] == [[b"PING"]]
+    assert reader.error is not None
+
+
+def test_frame_reader_finds_whole_replies() -> None:
+    frames = [
+        b"+OK\r\n",
+        b"$3\r\nabc\r\n",
+        b"*2\r\n*1\r\n:1\r\n$-1\r\n",
+        b"%1\r\n+a\r\n*0\r\n",
+        b">3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$1\r\nx\r\n",
+        b"|1\r\n+k\r\n+v\r\n:5\r\n",
+        b"*-1\r\n",
+    ]
+    data = b"".join(frames)
+    reader = resp.FrameReader(LIMITS)
+    out: list[bytes] = []
+    for i in range(len(data)):
+        out += reader.feed(data[i : i + 1])
+    assert out == frames
+    assert resp.decode(frames[5]) == 5  # an attribute is skipped
+    assert resp.decode(frames[3]) == {b"a": []}
+
+
+def test_scan_cursor_walks_shards_in_order() -> None:
+    assert merge.scan_cursor(b"0", 3) == (0, 0)
+    reply = resp.encode_value([b"17", [b"a"]], False)
+    assert resp.decode(merge.scan_reply(reply, 1, 3, False)) == [b"%d" % (17 << 10 | 1), [b"a"]]
+    done = resp.encode_value([b"0", [b"b"]], False)
+    assert resp.decode(merge.scan_reply(done, 1, 3, False))[0] == b"2"  # type: ignore[index]
+    assert resp.decode(merge.scan_reply(done, 2, 3, False))[0] == b"0"  # type: ignore[index]
+    assert merge.scan_cursor(b"%d" % (17 << 10 | 1), 3) == (1, 17)
+    assert merge.scan_cursor(b"5", 3) is None and merge.scan_cursor(b"x", 3) is None
+
+
+def test_mget_split_is_regrouped_in_key_order() -> None:
+    frames = [resp.encode_value([b"1", None], False), resp.encode_value([b"2"], False)]
+    order = [(1, 0), (0, 0), (0, 1)]
+    assert resp.decode(merge.regroup(order, frames, True)) == [b"2", b"1", None]
+    assert merge.total([b":2\r\n", b":3\r\n"]) == b":5\r\n"
+    assert merge.all_ok([b"+OK\r\n", b"-ERR no\r\n"]) == b"-ERR no\r\n"

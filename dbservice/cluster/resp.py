@@ -152,6 +152,8 @@ def _decode(data: bytes, p: int) -> tuple[Value, int]:
         for _ in range(int(body)):
             key, q = _decode(data, q)
             item, q = _decode(data, q)
+            if isinstance(key, Status):
+                key = key.text
             out[key if isinstance(key, bytes) else str(key).encode()] = item
         return out, q
     if t == 124:  # | attribute: skip it
