@@ -3,6 +3,7 @@ order, and a sharded subscription follows its channel to the new owner."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -189,3 +190,40 @@ def _keys_by_owner(standin: ThreadedStandin) -> list[tuple[str, int]]:
         if len(found) == 3:
             break
     return [(key, owner) for owner, key in found.items()]
+
+
+def test_a_blocked_session_does_not_hold_others_refresh(
+    proxy: ClusterProxy, standin: ThreadedStandin
+) -> None:
+    moving = b"{refresh}"
+    slot = key_slot(moving[1:-1])
+    seed_shard_key = next(
+        b"{q%d}" % i for i in range(1000) if standin.owner_of_slot(key_slot(b"q%d" % i)) == 0
+    )
+    with proxy.client() as other:
+        other.set(moving + b"k", "v")
+        other.delete(seed_shard_key + b"list")
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+        try:
+            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
+            assert sock.recv(100) == b"+PONG\r\n"  # topology known, connections open
+            owner = standin.owner_of_slot(slot)
+            standin.move_slot(slot, (owner + 1) % 3)
+            # the session's first command meets MOVED; its second blocks on the
+            # configuration endpoint's node (the connection a refresh used to take)
+            get = b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(moving) + 1, moving + b"k")
+            blpop = b"*3\r\n$5\r\nBLPOP\r\n$%d\r\n%s\r\n$1\r\n0\r\n" % (
+                len(seed_shard_key) + 4,
+                seed_shard_key + b"list",
+            )
+            sock.sendall(get + blpop)
+            began = time.monotonic()
+            assert other.get(moving + b"k") == b"v"  # another session is not held up
+            assert time.monotonic() - began < 3
+            other.rpush(seed_shard_key + b"list", "x")
+            data = b""
+            while data.count(b"\r\n") < 6:
+                data += sock.recv(4096)
+            assert data.startswith(b"$1\r\nv\r\n*2\r\n")
+        finally:
+            sock.close()

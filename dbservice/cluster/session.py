@@ -637,10 +637,24 @@ class ClusterSession:
             await self._refresh_quietly()
 
     async def _refresh_quietly(self) -> None:
+        link, temporary = self._idle_link()
         try:
-            self._topology = await self._state.refresh(self._live_seed())
+            self._topology = await self._state.refresh(link)
         except (LinkError, TopologyError) as exc:
             logger.warning("cluster %s: cannot refresh the topology: %s", self._database, exc)
+        finally:
+            if temporary:
+                await link.aclose()
+
+    def _idle_link(self) -> tuple[Link, bool]:
+        """A connection with nothing in flight for the engine's own questions (so a
+        refresh that other sessions wait for never queues behind this session's BLPOP),
+        else a new one to the configuration endpoint, to close after (True)."""
+        for link in (self._live_seed(), *self._links.values()):
+            if link.owed == 0 and link.failed is None and not link.closed and not link.pubsub:
+                return link, False
+        seed = self._seed.address
+        return Link(seed, dial=self._dial, prepare=self._prepare, limits=self._limits), True
 
     async def _run_transaction(self, tx: _Transaction) -> bytes:
         for attempt in range(MAX_REDIRECTS + 1):
