@@ -4,12 +4,20 @@ Every event goes to ``fleetgate.audit.<type>`` (so NATS permissions and ``--type
 filters work on subjects) and carries a unique ``id``, sent as ``Nats-Msg-Id``: a
 publish retried after a lost acknowledgement is stored once.
 
+A session's commands travel in batches: one ``db.session.queries`` message (the
+session's common fields once, then each command with its own time, name, arguments,
+success and reason) on the ``db.session.query`` subject, so subject filters and NATS
+permissions for ``db.session.query`` cover them. Readers never see a batch:
+:func:`read_events` expands it into one :class:`SessionQuery` per command, with the id
+``<batch id>:<n>`` (``n`` the command's number in its session, from ``first_seq``).
+
 Event types:
 
 | type               | when                                                           |
 |--------------------|----------------------------------------------------------------|
 | db.session.start   | a client connected to an agent: success, or failure + reason   |
-| db.session.query   | every client command (AUTH/HELLO secrets masked)               |
+| db.session.query   | every client command (AUTH/HELLO secrets masked); stored in    |
+|                    | ``db.session.queries`` batches, read back one per command      |
 | db.session.end     | the session closed: duration, commands, bytes each way         |
 | auth.login         | a login or ``auth sign``: success, or failure + reason         |
 | audit.dropped      | an emitter's queue overflowed: how many events were lost       |
@@ -19,12 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Annotated, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 import nats.errors
 import nats.js.errors
+import orjson
 from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from pydantic import Field, TypeAdapter, ValidationError
 
@@ -43,6 +54,11 @@ EVENT_TYPES: Final = (
     "auth.login",
     "audit.dropped",
 )
+"""The event types readers see (a ``db.session.queries`` batch reads as its commands)."""
+
+QUERY_BATCH: Final = "db.session.queries"
+"""The wire type of a batch of a session's commands, published on the subject of
+``db.session.query``."""
 
 
 def _now() -> datetime:
@@ -72,6 +88,10 @@ class AuditEvent(Record):
     """Why it failed (failures), or a note."""
     schema_version: int = SCHEMA_VERSION
 
+    def expand(self) -> list[AuditEvent]:
+        """The events this message stands for: itself (a batch: one per command)."""
+        return [self]
+
 
 class SessionStart(AuditEvent):
     type: Literal["db.session.start"] = "db.session.start"
@@ -83,6 +103,53 @@ class SessionQuery(AuditEvent):
     """The command name, upper case (``GET``)."""
     args: tuple[str, ...] = ()
     """Arguments after the name, secrets masked, maybe redacted or truncated."""
+
+
+class BatchedQuery(Record):
+    """One command of a :class:`SessionQueries` batch."""
+
+    time: datetime
+    """When the agent saw it (on the wire: Unix time in seconds)."""
+    command: str = ""
+    args: tuple[str, ...] = ()
+    success: bool = True
+    reason: str = ""
+
+
+class SessionQueries(AuditEvent):
+    """Several commands of one session in one message; readers expand it."""
+
+    type: Literal["db.session.queries"] = "db.session.queries"
+    first_seq: int = 1
+    """The number, in its session (from 1), of the first command here."""
+    queries: tuple[BatchedQuery, ...] = ()
+
+    def expand(self) -> list[AuditEvent]:
+        """One :class:`SessionQuery` per command, ids ``<batch id>:<n>``."""
+        common = self.model_dump(
+            include={
+                "user",
+                "roles",
+                "database",
+                "db_user",
+                "client_addr",
+                "host_id",
+                "session_id",
+                "schema_version",
+            }
+        )
+        return [
+            SessionQuery(
+                **common,
+                id=f"{self.id}:{self.first_seq + i}",
+                time=q.time,
+                command=q.command,
+                args=q.args,
+                success=q.success,
+                reason=q.reason,
+            )
+            for i, q in enumerate(self.queries)
+        ]
 
 
 class SessionEnd(AuditEvent):
@@ -111,7 +178,8 @@ class EventsDropped(AuditEvent):
 
 
 KnownEvent = Annotated[
-    SessionStart | SessionQuery | SessionEnd | Login | EventsDropped, Field(discriminator="type")
+    SessionStart | SessionQuery | SessionQueries | SessionEnd | Login | EventsDropped,
+    Field(discriminator="type"),
 ]
 _KNOWN: TypeAdapter[KnownEvent] = TypeAdapter(KnownEvent)
 
@@ -129,6 +197,56 @@ def parse_event(data: bytes) -> AuditEvent | None:
 
 def encode_event(event: AuditEvent) -> bytes:
     return event.model_dump_json().encode()
+
+
+Described = tuple[float, str, Sequence[str], bool, str]
+"""A command as a batch keeps it: Unix time, name, arguments (masked, redacted,
+truncated), success, reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueryBatch:
+    """A batch as the emitter builds it: plain tuples, encoded straight to JSON (no model
+    per command). It reads back as a :class:`SessionQueries`."""
+
+    common: Mapping[str, Any]
+    """The session's fields: user, roles, database, db_user, client_addr, host_id,
+    session_id."""
+    first_seq: int
+    queries: Sequence[Described]
+    id: str = field(default_factory=_new_id)
+    time: datetime = field(default_factory=_now)
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def encode(self) -> bytes:
+        return orjson.dumps(
+            {
+                "type": QUERY_BATCH,
+                "id": self.id,
+                "time": self.time,
+                **self.common,
+                "schema_version": SCHEMA_VERSION,
+                "first_seq": self.first_seq,
+                "queries": [
+                    {"time": t, "command": name, "args": args}
+                    if ok and not reason
+                    else {"time": t, "command": name, "args": args, "success": ok, "reason": reason}
+                    for t, name, args, ok, reason in self.queries
+                ],
+            }
+        )
+
+    def event(self) -> SessionQueries:
+        return SessionQueries.model_validate_json(self.encode())
+
+    def expand(self) -> list[AuditEvent]:
+        return self.event().expand()
+
+
+Outgoing = AuditEvent | QueryBatch
+"""What an emitter publishes: an event, or a batch of a session's commands."""
 
 
 # -- the stream ----------------------------------------------------------------------
@@ -164,11 +282,19 @@ async def ensure_audit_stream(
         raise RegistryError(f"no JetStream answer from {bus.url} for the audit stream") from exc
 
 
-async def publish_event(bus: Bus, event: AuditEvent, *, ack_wait: float = 2.0) -> None:
-    """Store one event; raises nats errors (the emitter retries, dedup keeps it single)."""
+_QUERY_SUBJECT: Final = subjects.audit_subject("db.session.query")
+
+
+async def publish_event(bus: Bus, event: Outgoing, *, ack_wait: float = 2.0) -> None:
+    """Store one event or batch; raises nats errors (the emitter retries, dedup keeps it
+    single)."""
+    if isinstance(event, QueryBatch):
+        subject, data = _QUERY_SUBJECT, event.encode()
+    else:
+        subject, data = subjects.audit_subject(event.type), encode_event(event)
     await bus.js.publish(
-        subjects.audit_subject(event.type),
-        encode_event(event),
+        subject,
+        data,
         timeout=ack_wait,
         stream=subjects.AUDIT_STREAM,
         headers={"Nats-Msg-Id": event.id},
@@ -185,7 +311,8 @@ async def read_events(
     idle: float = 1.0,
 ) -> AsyncIterator[AuditEvent]:
     """Events from the stream, oldest first: from ``since`` (or the last ``last``, or all),
-    stopping when caught up unless ``follow``. ``subject`` narrows by event type."""
+    stopping when caught up unless ``follow``. ``subject`` narrows by event type. Batches
+    of commands come out as one :class:`SessionQuery` per command."""
     filter_subject = subject or subjects.audit_filter()
     config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     if since is not None:
@@ -200,34 +327,51 @@ async def read_events(
             "first starts against this NATS"
         ) from None
     if last is not None and since is None and filter_subject == subjects.audit_filter():
-        # Unfiltered: start at the right sequence instead of replaying the stream.
+        # Unfiltered: start at the right sequence instead of replaying the stream (each
+        # message holds at least one event, so the last ``last`` messages are enough).
         first = max(stream.state.first_seq, stream.state.last_seq - last + 1, 1)
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first)
     sub = await bus.js.subscribe(
         filter_subject, stream=subjects.AUDIT_STREAM, ordered_consumer=True, config=config
     )
+    # With ``last``, events are held here until caught up, then the newest ``last`` go out.
+    tail: deque[AuditEvent] | None = deque(maxlen=last) if last is not None else None
     try:
         info = await sub.consumer_info()
         # A consistent count at the server: delivered (maybe in flight) plus not yet.
         delivered = info.delivered.consumer_seq if info.delivered else 0
         total = (info.num_pending or 0) + (delivered or 0)
         skip = max(0, total - last) if last is not None else 0
-        if total == 0 and not follow:
-            return
+        if total == 0:
+            if not follow:
+                return
+            tail = None
         while True:
             try:
                 msg = await sub.next_msg(timeout=idle if not follow else 3600)
             except nats.errors.TimeoutError:
                 if follow:
                     continue
-                return
+                break
             if skip:
                 skip -= 1
             else:
                 event = parse_event(msg.data)
-                if event is not None:
-                    yield event
-            if not follow and msg.metadata.num_pending == 0:
-                return
+                for one in event.expand() if event is not None else ():
+                    if since is not None and one.time < since:
+                        continue  # in a batch stored after ``since``, from before it
+                    if tail is not None:
+                        tail.append(one)
+                    else:
+                        yield one
+            if msg.metadata.num_pending == 0:
+                if tail is not None:
+                    for one in tail:
+                        yield one
+                    tail = None
+                if not follow:
+                    return
+        for one in tail or ():
+            yield one
     finally:
         await asyncio.shield(sub.unsubscribe())

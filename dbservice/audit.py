@@ -1,16 +1,22 @@
 """Audit emission that never sits on the command path.
 
 :class:`AuditEmitter` takes events with a non-blocking :meth:`~AuditEmitter.emit` into a
-bounded queue; one background task publishes them to the audit stream in small
-concurrent batches. While NATS is away, events stay queued and are retried with
-backoff (each carries a ``Nats-Msg-Id``, so a retry after a lost acknowledgement is
-stored once). When the queue is full, new events are dropped and counted: the count is
-published as an ``audit.dropped`` event as soon as delivery works, and
-:attr:`AuditEmitter.dropped_total` exposes it as a metric.
+bounded queue; one background task publishes them to the audit stream, many in flight
+at once. While NATS is away, events stay queued and are retried with backoff (each
+carries a ``Nats-Msg-Id``, so a retry after a lost acknowledgement is stored once). When
+the queue is full, new events are dropped and counted: the count is published as an
+``audit.dropped`` event as soon as delivery works, and :attr:`AuditEmitter.dropped_total`
+exposes it as a metric.
 
 :class:`SessionAudit` binds the common fields of one proxy session (user, roles,
 database, db user, client address, agent host id, session id) and is what the listener
 calls: ``start()``, ``query(args)`` per command, ``add_bytes()``, ``end()`` in ``finally``.
+``query()`` only appends a tuple to the session's buffer; the buffer goes out as one
+``db.session.queries`` batch when it holds :attr:`BatchLimits.commands` commands or
+:attr:`BatchLimits.bytes` bytes of arguments, when the emitter's timer finds it older
+than :attr:`BatchLimits.interval`, and at ``end()`` (before ``db.session.end``).
+Masking, redaction and truncation happen then, per batch; a batch that finds the queue
+full is dropped and counted without being built.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -28,16 +35,18 @@ from bus import Bus
 from bus.access import Identity
 from bus.audit import (
     AuditEvent,
+    Described,
     EventsDropped,
+    Outgoing,
+    QueryBatch,
     SessionEnd,
-    SessionQuery,
     SessionStart,
     publish_event,
 )
 
 logger = logging.getLogger(__name__)
 
-Publish = Callable[[AuditEvent], Awaitable[None]]
+Publish = Callable[[Outgoing], Awaitable[None]]
 
 MASK: Final = "******"
 _SECRET_PREFIXES: Final = (">", "<", "#", "!")
@@ -93,6 +102,12 @@ def mask_secrets(name: str, args: list[str]) -> list[str]:
     return out
 
 
+_MASKED: Final = frozenset({"AUTH", "HELLO", "MIGRATE", "ACL", "CONFIG"})
+"""The commands :func:`mask_secrets` may change."""
+_NAMES: dict[bytes | str, str] = {}
+"""Command names as sent -> upper case, for the first few thousand spellings."""
+
+
 def describe_command(
     args: Sequence[bytes | str], redaction: QueryRedaction = QueryRedaction()
 ) -> tuple[str, tuple[str, ...]]:
@@ -100,7 +115,19 @@ def describe_command(
     redaction applied."""
     if not args:
         return "", ()
-    name = _text(args[0]).upper()
+    head = args[0]
+    name = _NAMES.get(head)
+    if name is None:
+        name = _text(head).upper()
+        if len(_NAMES) < 4096:
+            _NAMES[head] = name
+    if name not in _MASKED and not redaction.redact_values and len(args) <= redaction.max_args + 1:
+        # The common case: nothing to mask, redact or cut off.
+        text = tuple(
+            [a if isinstance(a, str) else a.decode("utf-8", "backslashreplace") for a in args[1:]]
+        )
+        if not text or max(map(len, text)) <= redaction.max_arg_len:
+            return name, text
     rest = mask_secrets(name, [_text(a) for a in args[1 : redaction.max_args + 1]])
     extra = len(args) - 1 - redaction.max_args
     cut = redaction.max_arg_len
@@ -117,6 +144,24 @@ def describe_command(
     return name, tuple(rest)
 
 
+@dataclass(frozen=True)
+class BatchLimits:
+    """When a session's buffered commands go out as one ``db.session.queries`` message."""
+
+    commands: int = 256
+    """At this many commands."""
+    bytes: int = 256 * 1024
+    """At this many bytes of arguments (as received, before truncation): a batch stays
+    well under NATS's default 1 MiB message limit."""
+    interval: float = 0.2
+    """At most this many seconds after a command came (one timer per emitter)."""
+
+
+Raw = tuple[float, Sequence[bytes | str], bool, str]
+"""A command as :meth:`SessionAudit.query` keeps it: Unix time, arguments as given,
+success, reason."""
+
+
 class AuditEmitter:
     """A bounded queue of audit events and the task that publishes them."""
 
@@ -125,57 +170,109 @@ class AuditEmitter:
         publish: Publish,
         *,
         host_id: str = "",
-        maxsize: int = 10_000,
+        maxsize: int = 100_000,
         batch: int = 64,
+        limits: BatchLimits = BatchLimits(),
         retry_min: float = 0.1,
         retry_max: float = 5.0,
     ) -> None:
         self._publish = publish
         self.host_id = host_id
-        self._queue: asyncio.Queue[AuditEvent] = asyncio.Queue(maxsize)
-        self._batch_size = batch
+        self.limits = limits
+        self._maxsize = maxsize
+        """Events (a batch counts its commands) queued or being retried, at most: a
+        burst of pipelined commands queues faster than acknowledgements come back, and a
+        queued command is a small tuple (about 250 bytes)."""
+        self._queue: deque[Outgoing] = deque()
+        self._queued = 0
+        """Events in ``_queue``."""
+        self._wake = asyncio.Event()
+        self._in_flight = batch
         self._retry = (retry_min, retry_max)
-        self._pending: list[AuditEvent] = []
+        self._pending: list[Outgoing] = []
+        self._pending_events = 0
         self._unreported = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._buffered: dict[SessionAudit, None] = {}
+        """Sessions with buffered commands, oldest first."""
+        self._buffering = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.dropped_total = 0
         """Events lost because the queue was full, since start: a monotonic counter."""
         self.published_total = 0
+        """Events published (a batch counts its commands)."""
 
     @classmethod
     def for_bus(cls, bus: Bus, **kwargs: Any) -> AuditEmitter:
-        async def publish(event: AuditEvent) -> None:
+        async def publish(event: Outgoing) -> None:
             await publish_event(bus, event)
 
         return cls(publish, **kwargs)
 
     @property
     def backlog(self) -> int:
-        """Events waiting to be published (queued and being retried)."""
-        return self._queue.qsize() + len(self._pending)
+        """Events waiting to be published (queued and being retried; a batch counts its
+        commands), not counting commands still in sessions' buffers."""
+        return self._queued + self._pending_events
 
     def emit(self, event: AuditEvent) -> bool:
         """Queue ``event`` without waiting; False (and counted) when the queue is full."""
         if event.host_id == "" and self.host_id:
             event = event.model_copy(update={"host_id": self.host_id})
-        try:
-            self._queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.drop()
+        return self._put(event, 1)
+
+    def _put(self, item: Outgoing, events: int) -> bool:
+        if self._queued + self._pending_events + events > self._maxsize:
+            self.drop(events)
             return False
+        self._queue.append(item)
+        self._queued += events
         self._idle.clear()
+        self._wake.set()
         return True
 
     def full(self) -> bool:
-        """Whether the next :meth:`emit` would be dropped (callers may skip building it)."""
-        return self._queue.full()
+        """Whether the next :meth:`emit` would be dropped."""
+        return self.backlog >= self._maxsize
 
-    def drop(self) -> None:
-        """Count one event lost to a full queue (reported as ``audit.dropped``)."""
-        self.dropped_total += 1
-        self._unreported += 1
+    def drop(self, events: int = 1) -> None:
+        """Count events lost to a full queue (reported as ``audit.dropped``)."""
+        self.dropped_total += events
+        self._unreported += events
+        self._wake.set()
+
+    # -- batches of commands ------------------------------------------------------------
+
+    def _buffering_in(self, session: SessionAudit) -> None:
+        self._buffered[session] = None
+        self._buffering.set()
+
+    def _emit_queries(self, session: SessionAudit, first_seq: int, raw: list[Raw]) -> None:
+        """Queue a session's buffered commands as one batch (or drop and count them)."""
+        self._buffered.pop(session, None)
+        n = len(raw)
+        if self._queued + self._pending_events + n > self._maxsize:
+            self.drop(n)  # not worth describing
+            return
+        redaction = session.redaction
+        described: list[Described] = [
+            (t, *describe_command(args, redaction), ok, reason) for t, args, ok, reason in raw
+        ]
+        self._put(QueryBatch(session.common, first_seq, described), n)
+
+    def flush_sessions(self) -> None:
+        """Queue every session's buffered commands now."""
+        for session in list(self._buffered):
+            session.flush()
+        self._buffering.clear()
+
+    async def _tick(self) -> None:
+        """Every buffered command goes out at most ``limits.interval`` after it came."""
+        while True:
+            await self._buffering.wait()
+            await asyncio.sleep(self.limits.interval)
+            self.flush_sessions()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -196,7 +293,9 @@ class AuditEmitter:
             logger.warning("audit: %d events not published at shutdown", self.backlog)
 
     async def flush(self, wait: float) -> bool:
-        """Wait up to ``wait`` seconds until everything queued is published; False if not."""
+        """Queue sessions' buffered commands, then wait up to ``wait`` seconds until
+        everything queued is published; False if not."""
+        self.flush_sessions()
         try:
             async with asyncio.timeout(wait):
                 while self.backlog or self._unreported:
@@ -214,24 +313,36 @@ class AuditEmitter:
         await self.aclose()
 
     async def run(self) -> None:
-        """Publish forever; cancel to stop."""
+        """Publish forever (and flush sessions' buffers on time); cancel to stop."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._tick(), name="audit-batch-timer")
+            group.create_task(self._publish_loop(), name="audit-publisher")
+
+    async def _publish_loop(self) -> None:
         delay = self._retry[0]
         failing = False
+        queue = self._queue
         while True:
             if not self._pending:
-                if self._queue.empty() and not self._unreported:
+                while not queue and not self._unreported:
                     self._idle.set()
-                    self._pending.append(await self._queue.get())
-                while len(self._pending) < self._batch_size and not self._queue.empty():
-                    self._pending.append(self._queue.get_nowait())
+                    self._wake.clear()
+                    await self._wake.wait()
+                while len(self._pending) < self._in_flight and queue:
+                    item = queue.popleft()
+                    events = len(item) if isinstance(item, QueryBatch) else 1
+                    self._queued -= events
+                    self._pending_events += events
+                    self._pending.append(item)
             self._report_drops()
             results = await asyncio.gather(
                 *(self._publish(e) for e in self._pending), return_exceptions=True
             )
             failed = [e for e, r in zip(self._pending, results, strict=True) if r is not None]
             errors = [r for r in results if r is not None]
-            self.published_total += len(self._pending) - len(failed)
-            self._pending = failed
+            left = sum(len(e) if isinstance(e, QueryBatch) else 1 for e in failed)
+            self.published_total += self._pending_events - left
+            self._pending, self._pending_events = failed, left
             if failed:
                 if not failing:
                     logger.warning(
@@ -264,6 +375,7 @@ class AuditEmitter:
                 reason=f"audit queue full: {count} events dropped",
             )
         )
+        self._pending_events += 1
         logger.error("audit: queue full, %d events dropped", count)
 
     # -- sessions -------------------------------------------------------------------------
@@ -307,6 +419,12 @@ class SessionAudit:
         self.bytes_in = 0
         self.bytes_out = 0
         self._ended = False
+        self._buffer: list[Raw] = []
+        self._buffer_bytes = 0
+        self._max_commands = emitter.limits.commands
+        self._max_bytes = emitter.limits.bytes
+        self._flushed = 0
+        """Commands already handed to the emitter (the next batch's first is this + 1)."""
 
     @property
     def session_id(self) -> str:
@@ -318,23 +436,35 @@ class SessionAudit:
     def query(self, args: Sequence[bytes | str], *, success: bool = True, reason: str = "") -> None:
         """One command; ``success=False`` with ``reason`` when it was refused."""
         self.commands += 1
-        if self._emitter.full():  # it would be dropped: count it without building it
-            self._emitter.drop()
+        buffer = self._buffer
+        buffer.append((time.time(), args, success, reason))
+        self._buffer_bytes += sum(map(len, args))
+        if len(buffer) == 1:
+            self._emitter._buffering_in(self)
+        if len(buffer) >= self._max_commands or self._buffer_bytes >= self._max_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        """Hand the buffered commands to the emitter as one batch."""
+        raw = self._buffer
+        if not raw:
             return
-        name, rest = describe_command(args, self.redaction)
-        self._emitter.emit(
-            SessionQuery(**self.common, command=name, args=rest, success=success, reason=reason)
-        )
+        self._buffer, self._buffer_bytes = [], 0
+        first = self._flushed + 1
+        self._flushed += len(raw)
+        self._emitter._emit_queries(self, first, raw)
 
     def add_bytes(self, to_db: int = 0, to_client: int = 0) -> None:
         self.bytes_in += to_db
         self.bytes_out += to_client
 
     def end(self, *, reason: str = "") -> None:
-        """Emit ``db.session.end`` once (safe to call from several ``finally`` blocks)."""
+        """Emit the buffered commands, then ``db.session.end``, once (safe to call from
+        several ``finally`` blocks)."""
         if self._ended:
             return
         self._ended = True
+        self.flush()
         self._emitter.emit(
             SessionEnd(
                 **self.common,

@@ -4,7 +4,7 @@ lists, and what each decision leaves in the audit trail."""
 from __future__ import annotations
 
 from bus.access import Identity, Role
-from bus.audit import AuditEvent, SessionQuery
+from bus.audit import AuditEvent, Outgoing, SessionQuery
 from dbservice.agent.hooks import AgentHooks
 from dbservice.agent.login import ClientCredentials
 from dbservice.audit import AuditEmitter
@@ -26,8 +26,8 @@ class Trail:
     def __init__(self) -> None:
         self.events: list[AuditEvent] = []
 
-    async def publish(self, event: AuditEvent) -> None:
-        self.events.append(event)
+    async def publish(self, event: Outgoing) -> None:
+        self.events.extend(event.expand())  # a batch: one SessionQuery per command
 
     def queries(self) -> list[tuple[str, tuple[str, ...], bool]]:
         return [(e.command, e.args, e.success) for e in self.events if isinstance(e, SessionQuery)]
