@@ -15,9 +15,13 @@ Redis client connects in plain RESP. For each accepted connection:
 3. the route preamble (:mod:`dbservice.route`). A refusal is written to the local client
    as the agent's RESP error, so any client shows why, and is not retried elsewhere (an
    access decision is the same on every agent);
-4. bytes are relayed both ways in chunks of at most :data:`CHUNK` bytes, each written
-   and drained before the next read, until either side closes. When the local client
-   closes first, replies still in flight get :data:`CLOSE_GRACE` seconds.
+4. bytes are relayed both ways by two small protocols (:class:`_Relay`): each read is
+   written straight to the other connection's transport from the event loop, no task or
+   stream in between. Back-pressure: when one side's write buffer passes its high-water
+   mark the other side is not read until it drains, so a slow reader never makes the
+   tunnel buffer more than about two write buffers. Until either side closes; when the
+   local client closes first (or half-closes: TLS to the agent cannot), replies still
+   in flight get :data:`CLOSE_GRACE` seconds.
 
 With ``--node`` (a cluster-mode database only) every connection goes to that one shard's
 primary (a shard id, a node id or 8+ of its first characters, or the node's host:port,
@@ -41,12 +45,13 @@ import os
 import random
 import shutil
 import signal
+import socket
 import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 from bus.servers import HEALTH_ORDER
 from dbservice.auth import people
@@ -60,7 +65,6 @@ logger = logging.getLogger(__name__)
 AGENTS_CACHE_SECONDS: Final = 5.0
 AGENT_TIMEOUT: Final = 10.0
 """Connect, TLS handshake and route answer, per agent."""
-CHUNK: Final = 64 * 1024
 CLOSE_GRACE: Final = 1.0
 
 
@@ -198,8 +202,15 @@ class Tunnel:
             f"no agent serving {self.database} could be reached: " + "; ".join(failures)
         )
 
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """One local client connection."""
+    async def serve(self, port: int = 0) -> asyncio.Server:
+        """Listen on 127.0.0.1:``port`` (0: any free port); one :class:`_Relay` per
+        accepted connection. OSError when the port cannot be used."""
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(lambda: _Relay(self), "127.0.0.1", port)
+
+    async def handle(self, relay: _Relay) -> None:
+        """One local client connection: route it to an agent, relay until either side
+        closes, then close both."""
         task = asyncio.current_task()
         if task is not None:
             self._sessions.add(task)
@@ -208,21 +219,21 @@ class Tunnel:
                 upstream = await self.open_upstream()
             except RouteRefused as exc:
                 logger.warning("%s as %s refused: %s", self.database, self.db_user, exc.reason)
-                await _say(writer, exc.resp())
+                relay.say(exc.resp())
                 return
             except ConnectError as exc:
                 logger.warning("%s", exc)
-                await _say(writer, encode_refusal(f"fleetgate: {exc}"))
+                relay.say(encode_refusal(f"fleetgate: {exc}"))
                 return
-            await relay(reader, writer, *upstream)
+            await relay.run(*upstream)
         except asyncio.CancelledError:
-            # stop_sessions() ends it; returning (not re-raising) keeps asyncio's stream
-            # callback from logging a cancelled handler as an error with a traceback
+            # stop_sessions() ends it; returning (not re-raising) keeps the task from
+            # being reported as failed
             pass
         except Exception:  # one connection's bug must not stop the tunnel
             logger.exception("connection to %s failed", self.database)
         finally:
-            await _close(writer)
+            await relay.aclose()
             if task is not None:
                 self._sessions.discard(task)
 
@@ -234,48 +245,214 @@ class Tunnel:
                 await task
 
 
-async def _say(writer: asyncio.StreamWriter, data: bytes) -> None:
-    with contextlib.suppress(OSError):
-        writer.write(data)
-        async with asyncio.timeout(CLOSE_GRACE):
-            await writer.drain()
+def _take_buffered(reader: asyncio.StreamReader) -> bytes:
+    """What the stream has received but nobody has read yet (StreamReader has no public
+    call for this; its buffer has been ``_buffer`` since Python 3.4)."""
+    buffer = getattr(reader, "_buffer", None)
+    if not buffer:
+        return b""
+    data = bytes(buffer)
+    buffer.clear()
+    return data
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    try:
-        async with asyncio.timeout(CLOSE_GRACE):
-            await writer.wait_closed()
-    except (TimeoutError, OSError, ssl.SSLError):
-        writer.transport.abort()
+def _nodelay(transport: asyncio.BaseTransport) -> None:
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    while data := await reader.read(CHUNK):
-        writer.write(data)
-        await writer.drain()
+class _AgentSide(asyncio.Protocol):
+    """The relay's protocol on the agent connection (set on it once the route is up)."""
+
+    def __init__(self, relay: _Relay, local: asyncio.Transport) -> None:
+        self.relay: _Relay | None = relay
+        # Each read from the agent goes straight out to the local client.
+        self.data_received = local.write  # type: ignore[method-assign]
+
+    def eof_received(self) -> bool:
+        if self.relay is not None:
+            self.relay.agent_closed()
+        return False  # TLS cannot half-close: the transport closes
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.relay is not None:
+            self.relay.agent_lost()
+
+    def pause_writing(self) -> None:
+        if self.relay is not None:
+            self.relay.pause_local()
+
+    def resume_writing(self) -> None:
+        if self.relay is not None:
+            self.relay.resume_local()
 
 
-async def relay(
-    local_reader: asyncio.StreamReader,
-    local_writer: asyncio.StreamWriter,
-    agent_reader: asyncio.StreamReader,
-    agent_writer: asyncio.StreamWriter,
-) -> None:
-    """Copy bytes both ways until either side closes (see the module docstring)."""
-    up = asyncio.create_task(_pump(local_reader, agent_writer), name="to-agent")
-    down = asyncio.create_task(_pump(agent_reader, local_writer), name="to-client")
-    try:
-        done, _ = await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-        if up in done and not down.done() and up.exception() is None:
-            await asyncio.wait({down}, timeout=CLOSE_GRACE)
-    finally:
-        for task in (up, down):
-            task.cancel()
-        for task in (up, down):
-            with contextlib.suppress(asyncio.CancelledError, OSError, ssl.SSLError):
-                await task
-        await _close(agent_writer)
+class _Relay(asyncio.Protocol):
+    """One local client connection, the protocol on its transport. Not read until its
+    agent connection is up (:meth:`run`); then every read goes straight to the agent's
+    transport, and the agent's reads (:class:`_AgentSide`) straight to the client's.
+
+    When the relay ends, :meth:`aclose` drops every reference between the two protocols,
+    the transports and the tunnel, so nothing waits for the cyclic garbage collector."""
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self.tunnel: Tunnel | None = tunnel
+        self.local: asyncio.Transport | None = None
+        self.agent: asyncio.Transport | None = None
+        self._agent_side: _AgentSide | None = None
+        self._early = bytearray()
+        """Bytes the client sent before the agent connection was up (none normally:
+        the client is not read until then)."""
+        self._local_lost: asyncio.Future[None] | None = None
+        self._agent_lost: asyncio.Future[None] | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._grace: asyncio.TimerHandle | None = None
+        self._local_eof = False
+        self._task: asyncio.Task[None] | None = None
+
+    # -- the local transport's events ---------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        loop = asyncio.get_running_loop()
+        self.local = cast(asyncio.Transport, transport)
+        self.local.pause_reading()
+        _nodelay(transport)
+        self._local_lost = loop.create_future()
+        self._done = loop.create_future()
+        assert self.tunnel is not None
+        self._task = loop.create_task(self.tunnel.handle(self), name="tunnel-connection")
+
+    def data_received(self, data: bytes) -> None:
+        # Only until run() replaces it with the agent transport's write.
+        self._early += data
+
+    def eof_received(self) -> bool:
+        """The client will send nothing more: replies still in flight get CLOSE_GRACE
+        seconds (the agent connection is TLS, which cannot pass a half-close on)."""
+        self._local_eof = True
+        if self.agent is not None:
+            self._start_grace()
+        return True  # keep writing replies to it
+
+    def _start_grace(self) -> None:
+        if self._grace is None and self._done is not None and not self._done.done():
+            loop = asyncio.get_running_loop()
+            self._grace = loop.call_later(CLOSE_GRACE, self._end)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._local_lost is not None and not self._local_lost.done():
+            self._local_lost.set_result(None)
+        self._end()
+
+    def pause_writing(self) -> None:  # the client reads slower than the agent sends
+        if self.agent is not None:
+            with contextlib.suppress(RuntimeError):
+                self.agent.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.agent is not None and not self.agent.is_closing():
+            self.agent.resume_reading()
+
+    # -- from the agent side --------------------------------------------------------------
+
+    def agent_closed(self) -> None:
+        """The agent closed: what it sent goes out to the client, then the client closes."""
+        if self.local is not None:
+            self.local.close()
+        self._end()
+
+    def agent_lost(self) -> None:
+        if self._agent_lost is not None and not self._agent_lost.done():
+            self._agent_lost.set_result(None)
+        self.agent_closed()
+
+    def pause_local(self) -> None:  # the agent reads slower than the client sends
+        if self.local is not None:
+            with contextlib.suppress(RuntimeError):
+                self.local.pause_reading()
+
+    def resume_local(self) -> None:
+        if self.local is not None and not self.local.is_closing():
+            self.local.resume_reading()
+
+    # -- the connection's task ------------------------------------------------------------
+
+    def say(self, data: bytes) -> None:
+        """A refusal for the client, before the close."""
+        if self.local is not None and not self.local.is_closing():
+            self.local.write(data)
+
+    async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Relay between the client and the routed agent connection until either ends."""
+        local, done = self.local, self._done
+        assert local is not None and done is not None
+        agent = self.agent = cast(asyncio.Transport, writer.transport)
+        self._agent_lost = asyncio.get_running_loop().create_future()
+        buffered, at_eof = _take_buffered(reader), reader.at_eof()
+        side = self._agent_side = _AgentSide(self, local)
+        agent.set_protocol(side)
+        if done.done() or local.is_closing():
+            return  # the client left while the route was being opened
+        if buffered:
+            local.write(buffered)
+        if at_eof or agent.is_closing():
+            self.agent_closed()
+            return
+        if self._early:
+            agent.write(bytes(self._early))
+            self._early.clear()
+        self.data_received = agent.write  # type: ignore[method-assign]
+        local.set_protocol(self)  # uvloop keeps the protocol's data_received: renew it
+        agent.resume_reading()
+        if self._local_eof:  # the client half-closed before the route was up
+            self._start_grace()
+        else:
+            local.resume_reading()
+        await done
+
+    def _end(self) -> None:
+        if self._done is not None and not self._done.done():
+            self._done.set_result(None)
+
+    async def aclose(self) -> None:
+        """Close both connections (buffered bytes get CLOSE_GRACE seconds to leave),
+        then drop every reference the relay holds. Idempotent."""
+        if self._grace is not None:
+            self._grace.cancel()
+        waits = []
+        for transport, lost in ((self.local, self._local_lost), (self.agent, self._agent_lost)):
+            if transport is None:
+                continue
+            transport.close()
+            if lost is not None and not lost.done():
+                waits.append(lost)
+        try:
+            if waits:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLOSE_GRACE):
+                        await asyncio.gather(*waits)
+        finally:  # on timeout or cancellation: drop what is still buffered
+            for transport in (self.local, self.agent):
+                if transport is not None:
+                    transport.abort()
+            self._release()
+
+    def _release(self) -> None:
+        """Break the cycles (protocol <-> transport <-> relay <-> task)."""
+        if self._agent_side is not None:
+            self._agent_side.relay = None
+            self._agent_side.data_received = _drop  # type: ignore[method-assign]
+            self._agent_side = None
+        self.data_received = _drop  # type: ignore[method-assign]
+        self.tunnel = self.local = self.agent = None
+        self._task = self._grace = None
+        self._early.clear()
+
+
+def _drop(data: bytes) -> None:
+    """Reads after the relay ended go nowhere."""
 
 
 async def run_connect(
@@ -292,7 +469,7 @@ async def run_connect(
     await tunnel.agents(fresh=True)  # fail early: not logged in, not reachable, no agent
     cli = find_cli() if execute else None
     try:
-        server = await asyncio.start_server(tunnel.handle, "127.0.0.1", port)
+        server = await tunnel.serve(port)
     except OSError as exc:
         raise ConnectError(f"cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}") from None
     bound = int(server.sockets[0].getsockname()[1])

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import redis.exceptions
 from bus import Bus
 from bus.access import Role, put_role
 from bus.server import NatsServer
+from dbservice import connect
 from dbservice.auth.people import AccessError, fetch_databases, fetch_servers, require_identity
 from sandbox.valkeynode import ValkeyNode
 from tests.connectkit import StandInAgent, Tunnel, World, free_port, resource, world
@@ -211,3 +214,57 @@ async def test_clear_errors(w: World, agent: StandInAgent) -> None:
     assert len(expired.stderr.splitlines()) == 1
     ls = await w.fleetgate("db", "ls", home=short)
     assert ls.returncode == 2 and "expired" in ls.stderr and "--nats" in ls.stderr
+
+
+MiB = 1024 * 1024
+
+
+def cmd(*parts: bytes) -> bytes:
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+@pytest.mark.timeout(60)
+async def test_slow_local_reader_is_pushed_back_not_buffered(
+    w: World, agent: StandInAgent, valkey: ValkeyNode
+) -> None:
+    """A local client that does not read its 32 MiB reply: the tunnel stops reading the
+    agent while the client's socket is full, so it holds about its write buffers, not
+    the value; once the client reads, every byte arrives, in order."""
+    size = 32 * MiB
+    direct = aredis.Redis(host="127.0.0.1", port=valkey.port, socket_timeout=10)
+    async with direct:
+        assert await direct.set("slow", b"s" * size)
+    tunnel = connect.Tunnel("dev-cache", "app", home=w.home)
+    server = await tunnel.serve()
+    port = int(server.sockets[0].getsockname()[1])
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=64 * 1024)
+    try:
+        tracemalloc.start()
+        try:
+            base, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            writer.write(cmd(b"GET", b"slow") + cmd(b"PING"))
+            await asyncio.sleep(1.0)  # not reading: the whole value is ready upstream
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        # This process is the tunnel, the test agent and the client together.
+        assert peak - base < 6 * MiB, f"held {(peak - base) / MiB:.1f} MiB"
+        header = b"$%d\r\n" % size
+        async with asyncio.timeout(30):
+            assert await reader.readexactly(len(header)) == header
+            received = 0
+            while received < size:
+                chunk = await reader.read(min(1 << 20, size - received))
+                assert chunk and chunk.count(b"s") == len(chunk)
+                received += len(chunk)
+            assert await reader.readexactly(9) == b"\r\n+PONG\r\n"
+    finally:
+        writer.close()
+        server.close()
+        await tunnel.stop_sessions()
+        await server.wait_closed()
