@@ -97,7 +97,7 @@ class _Side(asyncio.Protocol):
     """The engine's protocol on one transport; everything is forwarded to the session."""
 
     def __init__(self, session: ProxySession, *, client: bool, tls: bool) -> None:
-        self.session = session
+        self.session: ProxySession | None = session
         self.client = client
         self.tls = tls
         self.data_received = (  # type: ignore[method-assign]
@@ -106,20 +106,33 @@ class _Side(asyncio.Protocol):
         self.lost = asyncio.get_running_loop().create_future()
 
     def eof_received(self) -> bool:
-        self.session._eof(client=self.client)
+        if self.session is not None:
+            self.session._eof(client=self.client)
         # Keep the write side open for replies still owed (plain TCP; TLS cannot).
         return not self.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
             self.lost.set_result(None)
-        self.session._eof(client=self.client)
+        if self.session is not None:
+            self.session._eof(client=self.client)
 
     def pause_writing(self) -> None:
-        self.session._pause(client=not self.client, why=_PEER_FULL)
+        if self.session is not None:
+            self.session._pause(client=not self.client, why=_PEER_FULL)
 
     def resume_writing(self) -> None:
-        self.session._resume(client=not self.client, why=_PEER_FULL)
+        if self.session is not None:
+            self.session._resume(client=not self.client, why=_PEER_FULL)
+
+    def release(self) -> None:
+        """Let go of the session (it has ended): reads from now on go nowhere."""
+        self.session = None
+        self.data_received = _ignore  # type: ignore[method-assign]
+
+
+def _ignore(data: bytes) -> None:
+    """Reads on a transport whose session has ended."""
 
 
 class ProxySession:
@@ -155,6 +168,8 @@ class ProxySession:
         self._timers: list[asyncio.TimerHandle] = []
         self._sides: list[_Side] = []
         self._closed = False
+        self._released = False
+        self._final_resp3 = False
         self._client_write = self._client_transport.write
         self._commands = CommandParser(
             hooks=hooks,
@@ -175,7 +190,7 @@ class ProxySession:
     @property
     def resp3(self) -> bool:
         """The client switched the connection to RESP3 (HELLO 3 succeeded)."""
-        return self._replies.resp3
+        return self._final_resp3 if self._released else self._replies.resp3
 
     @property
     def owed(self) -> int:
@@ -252,8 +267,26 @@ class ProxySession:
                 timer.cancel()
             self._count()
             self.stats.duration = time.time() - self.stats.started
-            await self.aclose()
+            try:
+                await self.aclose()
+            finally:
+                self._release()
         return self.stats
+
+    def _release(self) -> None:
+        """Break the reference cycles of an ended session (its protocols and parsers call
+        its bound methods, its timers hold its callbacks, it holds them all), so it is
+        freed by reference counting as soon as its owner lets go, with its TLS buffers,
+        instead of waiting for a run of the cyclic garbage collector."""
+        self._final_resp3 = self._replies.resp3
+        self._released = True
+        for side in self._sides:
+            side.release()
+        self._sides.clear()
+        self._timers.clear()
+        # The parsers hold the session's bound methods and the hooks; nothing reads
+        # them once the session has ended (inject() checks _done first).
+        del self._commands, self._replies
 
     def _finish(self, reason: str) -> None:
         if self._done is not None and not self._done.done():
