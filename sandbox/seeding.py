@@ -1,7 +1,8 @@
 """What the sandbox creates in its AWS (moto): two regions, a VPC in each, MemoryDB
 clusters tagged ``env`` and ``team``, and in each region two MemoryDB users in the
-clusters' ACL: ``app`` (IAM-enabled: nobody needs a password for it) and ``ops`` (a
-password user, for the password path).
+clusters' ACL: ``app`` (IAM-enabled: nobody needs a password for it), ``ops`` (a
+password user, for the password path) and ``svc`` (a password user tagged
+``fleetgate.dev/managed``: the agents set its password and rotate it, nobody knows it).
 
 Everything goes through boto3 against ``AWS_ENDPOINT_URL``, as an operator's script
 would against AWS; only the ACL membership, which moto does not keep, is recorded in
@@ -11,6 +12,7 @@ would against AWS; only the ACL membership, which moto does not keep, is recorde
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Final
@@ -27,6 +29,8 @@ ENGINE_VERSION: Final = "7.1"
 """IAM authentication needs 7.0 or newer."""
 IAM_USER: Final = "app"
 PASSWORD_USER: Final = "ops"
+MANAGED_USER: Final = "svc"
+MANAGED_TAG: Final = {"Key": "fleetgate.dev/managed", "Value": "true"}
 FIRST: Final = (
     ("orders", "dev", "us-east-1"),
     ("payments", "staging", "eu-west-1"),
@@ -93,6 +97,14 @@ def _users(region: str, ops_password: str) -> None:
     for name, mode in modes.items():
         memorydb.create_user(UserName=name, AuthenticationMode=mode, AccessString="on ~* &* +@all")
         ACL_MEMBERS.setdefault((ACCOUNT, region, name), set()).add(ACL)
+    # A throwaway first password nobody keeps: the agents replace it at once.
+    memorydb.create_user(
+        UserName=MANAGED_USER,
+        AuthenticationMode={"Type": "password", "Passwords": [secrets.token_urlsafe(32)]},
+        AccessString="on ~* &* +@all",
+        Tags=[MANAGED_TAG],
+    )
+    ACL_MEMBERS.setdefault((ACCOUNT, region, MANAGED_USER), set()).add(ACL)
 
 
 def seed(count: int, ops_password: str) -> tuple[dict[str, str], list[SeededCluster]]:

@@ -31,6 +31,8 @@ def summary(sandbox: Sandbox, *, foreground: bool) -> str:
         lines.append(f"  {agent}    {parts[agent].address}  {parts[agent].detail}: {dbs}")
     lines += [
         "  roles      dev-access (env dev and staging, db user app), admin (everything)",
+        "  managed    svc in every cluster: a password the agents set and rotate, "
+        "nobody sees (fleetgate managed ls)",
         f"  user       alice (dev-access), password {sandbox.password} (in {d}/alice.password)",
         f"  state      {d} (logs in {d}/logs)",
         "",

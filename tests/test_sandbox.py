@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,6 +296,34 @@ def test_second_up_is_refused(sandbox: Sandbox) -> None:
     assert f"a sandbox is already running in {sandbox.dir}" in again.stderr
     assert "fleetgate sandbox status" in again.stderr
     assert "fleetgate sandbox down" in again.stderr
+
+
+def test_the_managed_user_is_set_up_by_the_agents(sandbox: Sandbox) -> None:
+    """svc (tagged fleetgate.dev/managed in both regions) gets a secret and a password from
+    the agents soon after start, and `fleetgate managed ls` shows it, never the password."""
+    script = 'eval "$(fleetgate sandbox env)"; fleetgate managed ls --format json'
+    deadline = time.monotonic() + 30
+    while True:
+        done = sandbox.shell(script)
+        assert done.returncode == 0, done.stdout + done.stderr
+        rows = json.loads(done.stdout)
+        if len(rows) == 2 and all(r["rotated_ago"] is not None for r in rows):
+            break
+        assert time.monotonic() < deadline, rows
+        time.sleep(0.5)
+    assert {(r["user"], r["region"], r["state"]) for r in rows} == {
+        ("svc", "us-east-1", "in use"),
+        ("svc", "eu-west-1", "in use"),
+    }
+    assert {r["secret"] for r in rows} == {
+        "fleetgate/memorydb/us-east-1/123456789012/user/svc",
+        "fleetgate/memorydb/eu-west-1/123456789012/user/svc",
+    }
+    text = sandbox.shell('eval "$(fleetgate sandbox env)"; fleetgate managed ls').stdout
+    assert text.splitlines()[0].split() == [
+        "USER", "REGION", "ACCOUNT", "STATE", "ROTATED", "SECRET"
+    ]  # fmt: skip
+    assert "password" not in text
 
 
 def test_a_chosen_port_in_use_is_named(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from bus import Bus, leases, subjects
 from fleetgate import aio
 from fleetgate.config import resolve_nats_url
-from fleetgate.durations import format_duration, parse_duration
+from fleetgate.durations import parse_duration
 
 NATS_HELP = "NATS URL (default: FLEETGATE_NATS_URL or nats://127.0.0.1:4222)"
 
@@ -57,6 +57,14 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
     cleanup.set_defaults(handler=_cleanup)
 
 
+def _ago(seconds: float) -> str:
+    """``12s ago``, ``4m ago``, ``2h ago``: whole units, as a person reads a table."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
 def _ls(args: argparse.Namespace) -> int:
     from dbservice.managed.state import ManagedUser
 
@@ -91,13 +99,17 @@ def _ls(args: argparse.Namespace) -> int:
         return 0
     if not rows:
         print("(no managed users)", file=sys.stderr)
+        return 0
+    table = [("USER", "REGION", "ACCOUNT", "STATE", "ROTATED", "SECRET")]
     for row in rows:
         ago = row["rotated_ago"]
-        print(
-            f"{row['user']:<20} {row['region']:<14} {row['account']:<13} {row['state']:<8} "
-            f"rotated {format_duration(ago) + ' ago' if ago is not None else 'never'}  "
-            f"{row['secret']}"
+        rotated = _ago(ago) if ago is not None else "never"
+        table.append(
+            (row["user"], row["region"], row["account"], row["state"], rotated, row["secret"])
         )
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
+    for line in table:
+        print("  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths, strict=False)), line[-1])
     return 0
 
 

@@ -38,6 +38,8 @@ from dbservice.upstream.iam import IamAuth, IamTarget, Role
 logger = logging.getLogger(__name__)
 
 MAX_TICK = 30.0
+NEW_DATABASE_PAUSE = 1.0
+"""How soon the next tick comes when a served cluster's users were never looked up."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ class ManagedUsers:
         self._users_now: dict[tuple[str, tuple[Role, ...]], list[MemoryDBUserInfo]] = {}
         self._tags_now: dict[str, dict[str, str]] = {}
         self._last_sweep = 0.0
+        self._tried: set[str] = set()
+        """Databases whose users were looked up at least once (successfully or not)."""
         self.errors = 0
         self.ticks = 0
         self.calls: dict[str, int] = {}
@@ -132,8 +136,21 @@ class ManagedUsers:
             await asyncio.sleep(self._pause())
 
     def _pause(self) -> float:
-        """Until the next tick, or sooner when a user's rotation falls due before it."""
+        """Until the next tick, or sooner when a user's rotation falls due before it, or
+        in a second when the agent serves a cluster whose users are not known yet (at
+        start, the registry is read after the first tick: set-up should not wait a whole
+        tick for it)."""
         pause = self.tick_every * random.uniform(0.9, 1.1)
+        unknown = {
+            r.name
+            for r in self.served()
+            if r.spec.aws is not None
+            and r.spec.aws.memorydb is not None
+            and r.spec.aws.memorydb.acl_name
+            and r.name not in self._tried
+        }
+        if unknown:
+            pause = min(pause, NEW_DATABASE_PAUSE)
         keys = {r.key for r in self._refs()}
         due = [at for key, at in self.rotator.due.items() if key in keys]
         if due:
@@ -153,11 +170,13 @@ class ManagedUsers:
         for name in gone:
             await self._leave(self.by_database.pop(name), stopping=False)
             self._refreshed.pop(name, None)
+            self._tried.discard(name)
         now = self.clock()
         self._users_now.clear()  # DescribeUsers and ListTags answers, for this tick only
         self._tags_now.clear()
         for name, resource in served.items():
             if now - self._refreshed.get(name, -1e18) >= self.settings.refresh:
+                self._tried.add(name)
                 try:
                     self.by_database[name] = await self._discover(resource)
                     self._refreshed[name] = now
