@@ -19,6 +19,7 @@ from bus.audit import (
     QueryBatch,
     SessionEnd,
     SessionQuery,
+    encode_query,
     ensure_audit_stream,
     publish_event,
     read_events,
@@ -177,7 +178,7 @@ async def test_a_retried_batch_is_stored_once(bus: Bus) -> None:
     batch = QueryBatch(
         {"user": "alice", "session_id": "s1", "host_id": "agent-1"},
         first_seq=7,
-        queries=[(1.0e9, "GET", ("a",), True, ""), (1.0e9 + 1, "GET", ("b",), True, "")],
+        queries=[encode_query(1.0e9, "GET", ("a",)), encode_query(1.0e9 + 1, "GET", ("b",))],
     )
     await publish_event(bus, batch)
     await publish_event(bus, batch)  # as after a lost acknowledgement

@@ -8,7 +8,7 @@ import pytest
 
 import dbservice.audit
 from bus.access import Identity
-from bus.audit import Outgoing, QueryBatch
+from bus.audit import Outgoing, QueryBatch, SessionStart
 from dbservice.audit import AuditEmitter, BatchLimits
 
 
@@ -30,17 +30,38 @@ async def test_queries_on_a_full_queue_are_counted_not_built(
     assert (emitter.backlog, emitter.dropped_total) == (2, 0)  # one batch of two
 
     def not_built(*args: object) -> None:
-        raise AssertionError("a batch for a full queue was described")
+        raise AssertionError("a command for a full queue was described")
 
     monkeypatch.setattr(dbservice.audit, "describe_command", not_built)
     for _ in range(5):
         audit.query([b"GET", b"k"])
     audit.flush()
-    # Two batches of two and one of one found no room for their commands.
     assert (emitter.backlog, emitter.dropped_total, audit.commands) == (2, 5, 7)
     queued = list(emitter._queue)
     assert len(queued) == 1 and isinstance(queued[0], QueryBatch)
-    assert [(name, tuple(args)) for _, name, args, _, _ in queued[0].queries] == [
+    assert [(q.command, q.args) for q in queued[0].event().queries] == [
         ("SET", ("k", "v")), ("GET", ("k",)),
     ]  # fmt: skip
     assert queued[0].first_seq == 1
+
+
+async def test_numbering_skips_dropped_commands() -> None:
+    published: list[Outgoing] = []
+
+    async def publish(event: Outgoing) -> None:
+        published.append(event)
+
+    emitter = AuditEmitter(publish, maxsize=2, limits=BatchLimits(commands=10, interval=60))
+    audit = emitter.session(Identity(user="alice"), database="db", db_user="app", client_addr="x")
+    audit.start()
+    audit.query([b"GET", b"a"])  # buffered
+    emitter.emit(SessionStart())  # the queue is full now
+    audit.query([b"GET", b"b"])  # dropped, and the buffer with it (no room either)
+    async with emitter:
+        assert await emitter.flush(5)
+        audit.query([b"GET", b"c"])
+        audit.end()
+        assert await emitter.flush(5)
+    events = [e for item in published for e in item.expand()]
+    ids = [e.id.rsplit(":", 1)[1] for e in events if e.type == "db.session.query"]
+    assert ids == ["3"] and emitter.dropped_total == 2  # the third command keeps its number
