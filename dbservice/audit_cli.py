@@ -12,6 +12,7 @@ from typing import Any
 from bus import Bus
 from bus.audit import (
     EVENT_TYPES,
+    QUERY_BATCH,
     AuditEvent,
     EventsDropped,
     Login,
@@ -71,6 +72,11 @@ def subject_for(event_type: str | None) -> str:
         return audit_filter()
     if not re.fullmatch(r"[a-z]+(\.[a-z]+)*", event_type):
         raise UsageError(f"--type {event_type!r}: expected e.g. {', '.join(EVENT_TYPES)}")
+    if event_type == QUERY_BATCH:
+        raise UsageError(
+            f"--type {QUERY_BATCH}: batches are read as one db.session.query per command; "
+            "use --type db.session.query"
+        )
     return audit_filter(event_type, exact=event_type in EVENT_TYPES)
 
 

@@ -227,3 +227,12 @@ async def test_commands_go_out_on_time_without_end(bus: Bus) -> None:
         session.query([b"PING"])
         await wait_until(lambda: emitter.published_total == 2, 5, "the next one")
     assert [e.id.rsplit(":", 1)[1] for e in await collect(bus)] == ["1", "2"]
+
+
+def test_the_batch_type_is_not_a_filter() -> None:
+    from dbservice.audit_cli import subject_for
+    from fleetgate.cli import UsageError
+
+    assert subject_for("db.session.query") == QUERY_SUBJECT
+    with pytest.raises(UsageError, match=r"use --type db\.session\.query"):
+        subject_for("db.session.queries")
