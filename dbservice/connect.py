@@ -124,6 +124,8 @@ class Tunnel:
     db_user: str
     home: Path | None = None
     node: str = ""
+    client_port: int = 0
+    """The local port (set by :meth:`serve`), told to the agent with each route."""
     fetch: Callable[
         [people.ClientIdentity, str], Coroutine[Any, Any, list[people.AgentAddress]]
     ] = people.fetch_servers
@@ -179,7 +181,7 @@ class Tunnel:
                 async with asyncio.timeout(AGENT_TIMEOUT):
                     return await open_route(
                         host, port, ssl_context=context, database=self.database,
-                        db_user=self.db_user, node=self.node,
+                        db_user=self.db_user, node=self.node, client_port=self.client_port,
                     )  # fmt: skip
             except RouteRefused:
                 raise
@@ -206,7 +208,11 @@ class Tunnel:
         """Listen on 127.0.0.1:``port`` (0: any free port); one :class:`_Relay` per
         accepted connection. OSError when the port cannot be used."""
         loop = asyncio.get_running_loop()
-        return await loop.create_server(lambda: _Relay(self), "127.0.0.1", port)
+        server = await loop.create_server(lambda: _Relay(self), "127.0.0.1", port)
+        # Told to the agent with each route: a cluster's one-node CLUSTER SLOTS/NODES view
+        # then names this port, so cluster-aware clients (RedisCluster) come back here.
+        self.client_port = int(server.sockets[0].getsockname()[1])
+        return server
 
     async def handle(self, relay: _Relay) -> None:
         """One local client connection: route it to an agent, relay until either side

@@ -5,6 +5,12 @@ Wire format (RESP2, all bulk strings)::
     client -> agent   *3 $15 FLEETGATE.ROUTE $<n> <database> $<n> <db_user>
                       (each element followed by CRLF)
                       *4 ... $<n> <node>   to one shard of a cluster (``--node``)
+                      *5|*7 ... then pairs of options, any of
+                          NODE <node>      as above
+                          PORT <port>      the port the client dialled (a tunnel's
+                                           local port), named by the one-node
+                                           CLUSTER SLOTS/SHARDS/NODES view, so
+                                           cluster-aware clients come back to it
     agent  -> client  +OK CRLF              the connection is now a plain RESP stream
                       -ERR <reason> CRLF    and the agent closes
 
@@ -87,17 +93,26 @@ class Route:
     node: str = ""
     """One shard of a cluster-mode database (shard or node id, or host:port) to talk to
     directly instead of the whole cluster; empty for the whole database."""
+    port: int = 0
+    """The port the client dialled when a tunnel stands between (0: the agent's own)."""
 
 
 class Reader(Protocol):
     async def readexactly(self, n: int) -> bytes: ...
 
 
-def encode_route(database: str, db_user: str, node: str = "") -> bytes:
-    """The preamble for ``database`` as ``db_user`` (on one shard when ``node``)."""
+def encode_route(database: str, db_user: str, node: str = "", port: int = 0) -> bytes:
+    """The preamble for ``database`` as ``db_user`` (on one shard when ``node``; with the
+    client's ``port`` when a tunnel stands between)."""
     if not database or not db_user:
         raise ValueError("the route needs a database name and a db user")
-    parts = (ROUTE_COMMAND, database.encode(), db_user.encode(), *([node.encode()] if node else []))
+    options: list[bytes] = []
+    if port:
+        options += [b"NODE", node.encode()] if node else []
+        options += [b"PORT", str(port).encode()]
+    elif node:
+        options = [node.encode()]
+    parts = (ROUTE_COMMAND, database.encode(), db_user.encode(), *options)
     return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
 
 
@@ -172,17 +187,32 @@ async def read_route(reader: Reader, *, limit: int = DEFAULT_LIMIT) -> Route:
         count = _number(await _line(reader, MAX_HEADER, "array header"), "array length")
         if not await _is_route_command(reader):
             raise RouteError(USE_CONNECT)
-        if count not in (3, 4):
+        if count not in (3, 4, 5, 7):
             raise RouteError(
                 f"{ROUTE_COMMAND.decode()} takes a database name and a db user "
-                "(and optionally a node)"
+                "(and optionally a node, or NODE/PORT options)"
             )
         database = _text(await _bulk(reader, limit, "database name"), "database name")
         db_user = _text(await _bulk(reader, limit, "db user"), "db user")
-        node = _text(await _bulk(reader, limit, "node"), "node") if count == 4 else ""
+        node, port = "", 0
+        if count == 4:
+            node = _text(await _bulk(reader, limit, "node"), "node")
+        for _ in range((count - 3) // 2 if count > 4 else 0):
+            option = (await _bulk(reader, MAX_HEADER, "option")).upper()
+            if option == b"NODE" and not node:
+                node = _text(await _bulk(reader, limit, "node"), "node")
+            elif option == b"PORT" and not port:
+                port = _number(await _bulk(reader, MAX_HEADER, "port"), "port")
+                if not 0 < port < 65536:
+                    raise RouteError(f"route preamble: port {port} is not a TCP port")
+            else:
+                raise RouteError(
+                    f"route preamble: unknown or repeated option {option[:16]!r} "
+                    "(NODE and PORT are known)"
+                )
     except asyncio.IncompleteReadError:
         raise RouteError("the connection closed before the route preamble was complete") from None
-    return Route(database, db_user, node)
+    return Route(database, db_user, node, port)
 
 
 def route_from_server_name(server_name: str | None) -> Route | None:
@@ -224,6 +254,7 @@ async def open_route(
     db_user: str,
     server_hostname: str | None = None,
     node: str = "",
+    client_port: int = 0,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to an agent with mutual TLS, send the route and read the answer.
 
@@ -235,7 +266,7 @@ async def open_route(
         host, port, ssl=ssl_context, server_hostname=server_hostname or host
     )
     try:
-        writer.write(encode_route(database, db_user, node))
+        writer.write(encode_route(database, db_user, node, client_port))
         await writer.drain()
         line = await _answer(reader)
     except BaseException:

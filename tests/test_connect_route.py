@@ -47,6 +47,10 @@ async def test_round_trip_and_unicode() -> None:
     assert await parse(encode_route("orders-dev", "app")) == Route("orders-dev", "app")
     assert await parse(encode_route("bücher", "é")) == Route("bücher", "é")
     assert await parse(encode_route("carts", "app", "shard-1")) == Route("carts", "app", "shard-1")
+    assert await parse(encode_route("carts", "app", port=6400)) == Route("carts", "app", "", 6400)
+    both = encode_route("carts", "app", "shard-1", 6400)
+    assert both.startswith(b"*7\r\n") and b"$4\r\nNODE\r\n" in both
+    assert await parse(both) == Route("carts", "app", "shard-1", 6400)
 
 
 async def test_command_name_is_case_insensitive_and_rest_stays_unread() -> None:
@@ -79,7 +83,19 @@ async def test_clients_without_the_preamble_are_told_to_use_db_connect(data: byt
     ("data", "message"),
     [
         (b"*2\r\n$15\r\nFLEETGATE.ROUTE\r\n$1\r\nd\r\n", "takes a database name and a db user"),
-        (b"*5\r\n$15\r\nFLEETGATE.ROUTE\r\n", "takes a database name and a db user"),
+        (b"*6\r\n$15\r\nFLEETGATE.ROUTE\r\n", "takes a database name and a db user"),
+        (
+            b"*5\r\n$15\r\nFLEETGATE.ROUTE\r\n$1\r\nd\r\n$1\r\nu\r\n$4\r\nHOST\r\n$1\r\nx\r\n",
+            "unknown or repeated option b'HOST'",
+        ),
+        (
+            b"*5\r\n$15\r\nFLEETGATE.ROUTE\r\n$1\r\nd\r\n$1\r\nu\r\n$4\r\nPORT\r\n$2\r\n-1\r\n",
+            "bad port",
+        ),
+        (
+            b"*5\r\n$15\r\nFLEETGATE.ROUTE\r\n$1\r\nd\r\n$1\r\nu\r\n$4\r\nPORT\r\n$5\r\n70000\r\n",
+            "port 70000 is not a TCP port",
+        ),
         (b"*x\r\n", "bad array length"),
         (b"*-1\r\n", "bad array length"),
         (b"*33333333333333333\r\n", "array header is too long"),

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import redis
+import redis.cluster
 
 from sandbox.state import names_dir
 from tests.proxykit import valkey_cli
@@ -256,6 +257,22 @@ def test_redis_py_and_valkey_cli_through_db_connect(alice: Sandbox) -> None:
             capture_output=True, text=True, timeout=20, check=False,
         )  # fmt: skip
         assert cli.stdout == "v\n", cli.stderr
+
+
+def test_a_cluster_aware_client_through_db_connect(alice: Sandbox) -> None:
+    """redis-py's RedisCluster asks CLUSTER SLOTS and dials what it names: the one-node
+    view names the tunnel's own port (the route carries it), so it stays on the tunnel."""
+    with Tunnel(alice, DEV_DB, "app") as tunnel:
+        client = redis.cluster.RedisCluster(host="127.0.0.1", port=tunnel.port)
+        try:
+            nodes = client.get_nodes()
+            assert [n.port for n in nodes] == [tunnel.port]
+            keys = [f"rc:{i}" for i in range(40)]  # spread over every shard's slots
+            for key in keys:
+                assert client.set(key, key)
+            assert client.mget_nonatomic(keys) == [k.encode() for k in keys]
+        finally:
+            client.close()
 
 
 def test_refused_where_alices_role_does_not_reach(alice: Sandbox) -> None:

@@ -475,7 +475,7 @@ class Listener:
         if cluster_mode(resource) and not node:
             session = self.clusters.session(
                 streams, upstream, resource=resource, login=login, db_user=db_user,
-                hooks=hooks, timeouts=self.timeouts,
+                hooks=hooks, timeouts=self.timeouts, client_port=route.port,
             )  # fmt: skip
         else:
             session = ProxySession(

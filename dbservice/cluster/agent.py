@@ -81,6 +81,7 @@ class ClusterEngines:
         db_user: str,
         hooks: SessionHooks,
         timeouts: ProxyTimeouts,
+        client_port: int = 0,
     ) -> ClusterSession:
         """The engine for one client, over ``seed`` (the logged-in connection to the
         configuration endpoint the listener made)."""
@@ -97,6 +98,7 @@ class ClusterEngines:
             timeouts=timeouts,
             connect_timeout=self.connect_timeout,
             client_id=next(self._ids),
+            client_port=client_port,
         )
 
     async def node_upstream(

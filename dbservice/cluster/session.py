@@ -221,6 +221,7 @@ class ClusterSession:
         timeouts: ProxyTimeouts | None = None,
         connect_timeout: float = 10.0,
         client_id: int = 0,
+        client_port: int = 0,
     ) -> None:
         self._client_reader, self._client_writer = client
         self._limits = limits or ProxyLimits()
@@ -233,6 +234,9 @@ class ClusterSession:
         self._hooks = hooks
         self._database = database
         self._client_id = client_id
+        self._client_port = client_port
+        """The port the client dialled when a tunnel stands between (the route says so);
+        the one-node CLUSTER view names it so cluster-aware clients come back there."""
         self.stats = SessionStats()
         self.resp3 = False
         self._proto = 2
@@ -977,7 +981,8 @@ class ClusterSession:
         sub = args[1].upper() if len(args) > 1 else b""
         topology, nid = self._topology, merge.node_id(self._database)
         sock = self._client_writer.get_extra_info("sockname") or ("", 0)
-        address: Address = ("", int(sock[1])) if len(sock) > 1 else ("", 0)
+        port = self._client_port or (int(sock[1]) if len(sock) > 1 else 0)
+        address: Address = ("", port)
         if sub == b"INFO":
             return _Forward(
                 name,
