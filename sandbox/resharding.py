@@ -14,24 +14,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
-from sandbox.valkeynode import COMMAND_TIMEOUT, RespError, ValkeyNode, _read_reply
+from sandbox.valkeynode import COMMAND_TIMEOUT, RespError, ValkeyNode, command
 
 Between = Callable[[], Awaitable[None]]
 
 
 async def node_command(node: ValkeyNode, *args: str | int | bytes) -> object:
-    """One command (binary-safe arguments) on a fresh plain connection to ``node``."""
-    async with asyncio.timeout(COMMAND_TIMEOUT * 5):
-        reader, writer = await asyncio.open_connection(node.host, node.port)
-        try:
-            parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
-            payload = b"*%d\r\n" % len(parts)
-            payload += b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
-            writer.write(payload)
-            await writer.drain()
-            return await _read_reply(reader)
-        finally:
-            writer.transport.abort()
+    """One command (binary-safe arguments) on a fresh plain connection to ``node``; a
+    ``MIGRATE`` batch may take longer than a plain command."""
+    return await command(node.host, node.port, *args, limit=COMMAND_TIMEOUT * 5)
 
 
 async def node_ids(nodes: Sequence[ValkeyNode]) -> dict[str, ValkeyNode]:

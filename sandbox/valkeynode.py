@@ -89,13 +89,15 @@ async def _read_reply(reader: asyncio.StreamReader) -> Reply:
     raise RespError(f"unexpected reply type {line[:40]!r}")
 
 
-async def command(host: str, port: int, *args: str | int) -> Reply:
-    """Send one command on a fresh plain connection and return its reply (TimeoutError
-    after :data:`COMMAND_TIMEOUT` seconds)."""
-    async with asyncio.timeout(COMMAND_TIMEOUT):
+async def command(
+    host: str, port: int, *args: str | int | bytes, limit: float = COMMAND_TIMEOUT
+) -> Reply:
+    """Send one command (binary-safe arguments) on a fresh plain connection and return
+    its reply (TimeoutError after ``limit`` seconds)."""
+    async with asyncio.timeout(limit):
         reader, writer = await asyncio.open_connection(host, port)
         try:
-            parts = [str(a).encode() for a in args]
+            parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
             payload = b"*%d\r\n" % len(parts)
             payload += b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
             writer.write(payload)
