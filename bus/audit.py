@@ -360,8 +360,9 @@ async def read_events(
                 skip -= 1
             else:
                 event = parse_event(msg.data)
+                batch = isinstance(event, SessionQueries)
                 for one in event.expand() if event is not None else ():
-                    if since is not None and one.time < since:
+                    if batch and since is not None and one.time < since:
                         continue  # in a batch stored after ``since``, from before it
                     if tail is not None:
                         tail.append(one)
