@@ -186,6 +186,8 @@ class AuditEmitter:
         self._retry = (retry_min, retry_max)
         self._pending: list[Outgoing] = []
         self._pending_events = 0
+        self._held = 0
+        """``_queued + _pending_events``, kept for the per-command check."""
         self._unreported = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -209,7 +211,7 @@ class AuditEmitter:
     def backlog(self) -> int:
         """Events waiting to be published (queued and being retried; a batch counts its
         commands), not counting commands still in sessions' buffers."""
-        return self._queued + self._pending_events
+        return self._held
 
     def emit(self, event: AuditEvent) -> bool:
         """Queue ``event`` without waiting; False (and counted) when the queue is full."""
@@ -218,11 +220,12 @@ class AuditEmitter:
         return self._put(event, 1)
 
     def _put(self, item: Outgoing, events: int) -> bool:
-        if self._queued + self._pending_events + events > self._maxsize:
+        if self._held + events > self._maxsize:
             self.drop(events)
             return False
         self._queue.append(item)
         self._queued += events
+        self._held += events
         self._idle.clear()
         self._wake.set()
         return True
@@ -329,6 +332,7 @@ class AuditEmitter:
             errors = [r for r in results if r is not None]
             left = sum(len(e) if isinstance(e, QueryBatch) else 1 for e in failed)
             self.published_total += self._pending_events - left
+            self._held -= self._pending_events - left
             self._pending, self._pending_events = failed, left
             if failed:
                 if not failing:
@@ -363,6 +367,7 @@ class AuditEmitter:
             )
         )
         self._pending_events += 1
+        self._held += 1
         logger.error("audit: queue full, %d events dropped", count)
 
     # -- sessions -------------------------------------------------------------------------
@@ -427,7 +432,7 @@ class SessionAudit:
         """One command; ``success=False`` with ``reason`` when it was refused."""
         self.commands += 1
         emitter = self._emitter
-        if emitter.full():  # it would be dropped: count it without describing it
+        if emitter._held >= emitter._maxsize:  # dropped: counted, not described
             self.flush()  # (the numbering of the next batch starts after this one)
             self._flushed += 1
             emitter.drop()
