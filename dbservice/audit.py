@@ -148,8 +148,10 @@ def describe_command(
 class BatchLimits:
     """When a session's buffered commands go out as one ``db.session.queries`` message."""
 
-    commands: int = 256
-    """At this many commands."""
+    commands: int = 1024
+    """At this many commands. Each message costs the agent about 0.1 ms of CPU (publish
+    and acknowledgement, measured with nats-py), so at pipeline 16 a batch of 256 still
+    added about half a microsecond per command."""
     bytes: int = 256 * 1024
     """At this many bytes of encoded commands: a batch stays well under NATS's default
     1 MiB message limit."""
