@@ -17,9 +17,12 @@ from bus import Bus
 from bus.server import NatsServer
 from dbservice.agent.hooks import AgentHooks
 from dbservice.audit import SessionAudit
+from dbservice.cluster.session import ClusterSession
 from dbservice.proxy import ProxySession
+from sandbox.memorydb import StandinConfig, ThreadedStandin
 from sandbox.valkeynode import ValkeyNode
 from tests.agentkit import running_agent, wait_until
+from tests.clusterkit import ClusterProxy
 from tests.listenerkit import Fleet, RawSession, make_fleet, static_db
 from tests.proxykit import start_single_node
 
@@ -109,5 +112,32 @@ async def _sessions(fleet: Fleet, valkey: ValkeyNode) -> None:
                 await asyncio.sleep(0)  # the sessions' done callbacks
                 left = live()
                 assert left == dict.fromkeys(left, 0), (left, holders(ProxySession))
+        finally:
+            gc.enable()
+
+
+def test_closed_cluster_sessions_are_freed_without_the_cyclic_collector(tmp_path: Path) -> None:
+    """The cluster engine (MemoryDB in cluster mode): a session with its shard links,
+    reader, writer and idle tasks is freed at close as well."""
+    config = StandinConfig(dir=tmp_path / "cluster", shards=2)
+    with ThreadedStandin(config) as standin, ClusterProxy(standin) as proxy:
+        with proxy.client() as first:  # what is built once (topology, command table)
+            assert first.set("warm", "1")
+        assert len(proxy.finished(1)) == 1
+        gc.collect()
+        gc.disable()
+        try:
+            for round_ in range(2):
+                clients = [proxy.client() for _ in range(SESSIONS)]
+                for i, client in enumerate(clients):  # keys on both shards, and a PING
+                    assert client.set(f"k{i}", i) and client.ping()
+                for client in clients:
+                    client.close()
+                del clients, client
+                assert len(proxy.finished(1 + SESSIONS * (round_ + 1))) == 1 + SESSIONS * (
+                    round_ + 1
+                )
+                left = sum(isinstance(o, ClusterSession) for o in gc.get_objects())
+                assert left == 0, holders(ClusterSession)
         finally:
             gc.enable()

@@ -278,6 +278,7 @@ class ClusterSession:
         self._out_size = 0
         self._background: set[asyncio.Task[None]] = set()
         self._names: dict[bytes, str] = {}
+        self._released = False
 
     # -- running -------------------------------------------------------------------------
 
@@ -309,9 +310,24 @@ class ClusterSession:
             for task in (reader, writer, idle):
                 task.cancel()
             await asyncio.gather(reader, writer, idle, return_exceptions=True)
-            await self.aclose()
+            try:
+                await self.aclose()
+            finally:
+                self._release()
             self.stats.duration = time.time() - self.stats.started
         return self.stats
+
+    def _release(self) -> None:
+        """Break the reference cycles of an ended session (its seed link holds its bound
+        ``_prepare``, its pub/sub state holds it, its entries and wake-up future hold
+        callbacks), so it is freed by reference counting with its connections' buffers
+        as soon as its owner lets go, not by a later run of the cyclic collector."""
+        self._released = True
+        self._links.clear()
+        self._entries.clear()
+        self._background.clear()
+        self._wake = None
+        del self._seed, self._pubsub
 
     async def aclose(self) -> None:
         links = [self._seed, *self._links.values()]
@@ -345,7 +361,7 @@ class ClusterSession:
         answered with an error (a connection lost meanwhile does not count: a new one
         logs in afresh). Returns False, sending nothing, inside MULTI or WATCH or when no
         connection is open; the caller retries later."""
-        if self._multi is not None or self._watch is not None:
+        if self._released or self._multi is not None or self._watch is not None:
             return False
         links = {id(link): link for link in (self._seed, *self._links.values())}
         payload = encode_command(args)
