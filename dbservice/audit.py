@@ -179,7 +179,7 @@ class AuditEmitter:
         self._maxsize = maxsize
         """Events (a batch counts its commands) queued or being retried, at most: a
         burst of pipelined commands queues faster than acknowledgements come back, and a
-        queued command is a small tuple (about 250 bytes)."""
+        queued command is its JSON (about 100 bytes with the object's header)."""
         self._queue: deque[Outgoing] = deque()
         self._queued = 0
         """Events in ``_queue``."""
