@@ -88,6 +88,10 @@ def test_listener_config_errors_name_the_field(tmp_path: Path) -> None:
     )
     assert "expired at" in expired and "fleetgate auth sign --host" in expired
 
+    huge = config_error(tmp_path, {**files, "audit": {"max_arg_len": 65536, "max_args": 64}})
+    assert "db_service.listener.audit" in huge
+    assert "max_args x max_arg_len is 4194304 bytes" in huge and "lower one of them" in huge
+
 
 def test_agent_run_reports_a_bad_listener_without_a_traceback(tmp_path: Path) -> None:
     body = agent_config(

@@ -263,6 +263,12 @@ class ManagedUsersConfig(Strict):
         return self
 
 
+MAX_QUERY_RECORD = 96 * 1024
+"""Largest audit record of one command the config allows, in argument bytes: JSON
+escaping of binary arguments can grow it sixfold, and a batch of up to 256 KiB plus one
+such record must still fit in NATS's default 1 MiB message."""
+
+
 class QueryAuditConfig(Strict):
     """How much of each command goes into ``db.session.query`` events (secrets are
     always masked)."""
@@ -274,6 +280,17 @@ class QueryAuditConfig(Strict):
     """Longer arguments are cut."""
     max_args: int = Field(default=64, ge=0)
     """Further arguments are replaced by their count."""
+
+    @model_validator(mode="after")
+    def _fits_a_message(self) -> QueryAuditConfig:
+        # One command's record must fit in one NATS message, or it could never be stored.
+        if self.max_args * self.max_arg_len > MAX_QUERY_RECORD:
+            raise ValueError(
+                f"max_args x max_arg_len is {self.max_args * self.max_arg_len} bytes; "
+                f"one command's audit record must stay under {MAX_QUERY_RECORD} bytes "
+                "(so that it fits in one NATS message even escaped): lower one of them"
+            )
+        return self
 
 
 class ListenerConfig(Strict):
