@@ -289,6 +289,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _cpu_of(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of one process so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(stat[11]) / tick, int(stat[12]) / tick
+
+
 @dataclass
 class _Proxy:
     name: str
@@ -304,11 +311,15 @@ class _Proxy:
         """User and system CPU seconds of the row's processes so far."""
         pids = self.pids or ((self.process.pid,) if self.process is not None else ())
         user = system = 0.0
-        tick = os.sysconf("SC_CLK_TCK")
         for pid in pids:
-            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            user, system = user + int(stat[11]) / tick, system + int(stat[12]) / tick
+            one = _cpu_of(pid)
+            user, system = user + one[0], system + one[1]
         return user, system
+
+    def first_cpu(self) -> float:
+        """CPU seconds (user + system) of the first of several processes (the tunnel of
+        the ``db connect`` row); 0 for a row of one process."""
+        return sum(_cpu_of(self.pids[0])) if len(self.pids) > 1 else 0.0
 
     @property
     def measured_cpu(self) -> bool:
@@ -385,10 +396,16 @@ def _rss_kib(pid: int) -> int:
 
 
 async def _idle_sessions(
-    pid: int, port: int, count: int, *, tls: ssl.SSLContext | None = None, sni: str | None = None
-) -> tuple[int, int, int]:
-    """The proxy's RSS before, while ``count`` idle sessions are open (each answered a
-    PING), and while a second set is open after the first closed."""
+    pid: int,
+    port: int,
+    count: int,
+    *,
+    rounds: int = 2,
+    tls: ssl.SSLContext | None = None,
+    sni: str | None = None,
+) -> tuple[int, list[tuple[int, int]]]:
+    """The proxy's RSS before, then for each round: while ``count`` idle sessions are
+    open (each answered a PING), and a second after they all closed."""
 
     async def hold() -> list[asyncio.StreamWriter]:
         writers = []
@@ -408,13 +425,25 @@ async def _idle_sessions(
         await asyncio.sleep(1.0)
 
     before = _rss_kib(pid)
-    writers = await hold()
-    during = _rss_kib(pid)
-    await release(writers)
-    writers = await hold()
-    again = _rss_kib(pid)
-    await release(writers)
-    return before, during, again
+    figures = []
+    for _ in range(rounds):
+        writers = await hold()
+        open_ = _rss_kib(pid)
+        await release(writers)
+        figures.append((open_, _rss_kib(pid)))
+    return before, figures
+
+
+def _idle_line(what: str, count: int, before: int, figures: list[tuple[int, int]]) -> str:
+    rounds = "; ".join(
+        f"round {i}: {open_ / 1024:.1f} open, {closed / 1024:.1f} closed"
+        for i, (open_, closed) in enumerate(figures, 1)
+    )
+    each = (figures[0][0] - before) / count
+    return (
+        f"idle         {what} RSS {before / 1024:.1f} MiB before; {count} idle sessions "
+        f"({each:.1f} KiB each), MiB: {rounds}"
+    )
 
 
 def _fill(port: int) -> None:
@@ -463,6 +492,9 @@ def main() -> int:
         "when it is not saturated (0: skip)",
     )
     parser.add_argument("--idle", type=int, default=1000, help="idle sessions to hold (0: skip)")
+    parser.add_argument(
+        "--idle-rounds", type=int, default=2, help="times to open and close the idle sessions"
+    )
     args = parser.parse_args()
     pipelines = [int(p) for p in args.pipelines.split(",")]
     tests: list[tuple[str, int, int]] = [
@@ -547,7 +579,7 @@ def main() -> int:
                     op, pipeline, clients = test
                     order = proxies[round_ % len(proxies) :] + proxies[: round_ % len(proxies)]
                     for proxy in order:
-                        cpu0 = proxy.cpu()
+                        cpu0, first0 = proxy.cpu(), proxy.first_cpu()
                         if c_load:
                             n = requests[(proxy.name, *test)]
                             result: dict[str, Any] = dict(
@@ -556,7 +588,8 @@ def main() -> int:
                             result["requests"] = n
                         else:
                             result = _python_load(proxy.port, op, pipeline, clients, args.seconds)
-                        cpu1 = proxy.cpu()
+                        cpu1, first1 = proxy.cpu(), proxy.first_cpu()
+                        result["first_us"] = (first1 - first0) / result["requests"] * 1e6
                         for key, before, after in zip(
                             ("user_us", "sys_us"), cpu0, cpu1, strict=True
                         ):
@@ -574,23 +607,20 @@ def main() -> int:
                     context.check_hostname = False  # the chain is checked; see docs/access.md
                     context.load_cert_chain(fleet.identity / "cert.pem", fleet.identity / "key.pem")
                     idle = _idle_sessions(
-                        fleet.pid("agent"), agent_row.port, args.idle, tls=context, sni=SERVER_NAME
-                    )
-                    before, after, again = asyncio.run(idle)
-                    print(f"idle         agent RSS {before / 1024:.1f} MiB; with {args.idle} idle "
-                          f"mutual-TLS sessions (each with its TLS connection upstream) "
-                          f"{after / 1024:.1f} MiB ({(after - before) / args.idle:.1f} KiB each); "
-                          f"a second {args.idle} after the first closed: "
-                          f"{again / 1024:.1f} MiB")  # fmt: skip
+                        fleet.pid("agent"), agent_row.port, args.idle,
+                        rounds=args.idle_rounds, tls=context, sni=SERVER_NAME,
+                    )  # fmt: skip
+                    before, figures = asyncio.run(idle)
+                    print(_idle_line("agent (mutual TLS, each with TLS upstream)",
+                                     args.idle, before, figures))  # fmt: skip
             engine = next((p for p in proxies if p.name == "engine"), None)
             if args.idle and engine is not None and engine.process is not None:
-                idle = _idle_sessions(engine.process.pid, engine.port, args.idle)
-                before, after, again = asyncio.run(idle)
+                idle = _idle_sessions(
+                    engine.process.pid, engine.port, args.idle, rounds=args.idle_rounds
+                )
+                before, figures = asyncio.run(idle)
                 print()
-                print(f"idle         engine RSS {before / 1024:.1f} MiB; with {args.idle} idle "
-                      f"sessions {after / 1024:.1f} MiB ({(after - before) / args.idle:.1f} KiB "
-                      f"each); a second {args.idle} after the first closed: "
-                      f"{again / 1024:.1f} MiB")  # fmt: skip
+                print(_idle_line("engine (plain)", args.idle, before, figures))
         finally:
             for proxy in proxies:
                 proxy.stop()
@@ -712,13 +742,15 @@ def _report(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> None:
                 if proxy.measured_cpu
                 else "-"
             )
+            if len(proxy.pids) > 1:
+                cpu += f", tunnel {_median(rows, 'first_us'):.1f}"
             print(f"{label:<12}{proxy.name:<18}{rps:>11,.0f}"
                   f"{ratio:>8}{p50:>9.3f}{p99:>9.3f}{added:>9}  {cpu}")  # fmt: skip
         print()
     print(
         "p50, p99, +p50 (added to direct): ms per request (per batch when pipelined);"
         " CPU/req: the proxy process's CPU time per request, in microseconds (db connect:"
-        " the tunnel's and the agent's together)"
+        " the tunnel's and the agent's together, then the tunnel's alone)"
     )
 
 
