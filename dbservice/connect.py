@@ -58,7 +58,7 @@ from dbservice.auth import people
 from dbservice.auth.ca import mtls_client_context
 from dbservice.route import RouteRefused, encode_refusal, open_route
 from fleetgate import aio
-from fleetgate.aio import stop_on_signals
+from fleetgate.aio import stop_on_signals, take_buffered
 
 logger = logging.getLogger(__name__)
 
@@ -251,17 +251,6 @@ class Tunnel:
                 await task
 
 
-def _take_buffered(reader: asyncio.StreamReader) -> bytes:
-    """What the stream has received but nobody has read yet (StreamReader has no public
-    call for this; its buffer has been ``_buffer`` since Python 3.4)."""
-    buffer = getattr(reader, "_buffer", None)
-    if not buffer:
-        return b""
-    data = bytes(buffer)
-    buffer.clear()
-    return data
-
-
 def _nodelay(transport: asyncio.BaseTransport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -396,7 +385,7 @@ class _Relay(asyncio.Protocol):
         assert local is not None and done is not None
         agent = self.agent = cast(asyncio.Transport, writer.transport)
         self._agent_lost = asyncio.get_running_loop().create_future()
-        buffered, at_eof = _take_buffered(reader), reader.at_eof()
+        buffered, at_eof = take_buffered(reader), reader.at_eof()
         side = self._agent_side = _AgentSide(self, local)
         agent.set_protocol(side)
         if done.done() or local.is_closing():

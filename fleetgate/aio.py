@@ -1,4 +1,5 @@
-"""Small asyncio helpers: a uvloop runner and turning SIGTERM/SIGINT into a stop event."""
+"""Small asyncio helpers: a uvloop runner, turning SIGTERM/SIGINT into a stop event, and
+taking a stream's transport over (its unread bytes)."""
 
 from __future__ import annotations
 
@@ -25,3 +26,15 @@ def stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+
+def take_buffered(reader: asyncio.StreamReader) -> bytes:
+    """What the stream has received but nobody has read yet, removed from it: for code
+    that takes the transport over with its own protocol. StreamReader has no public call
+    for this; its buffer has been ``_buffer`` since Python 3.4."""
+    buffer = getattr(reader, "_buffer", None)
+    if not buffer:
+        return b""
+    data = bytes(buffer)
+    buffer.clear()
+    return data

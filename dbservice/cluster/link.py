@@ -24,6 +24,7 @@ from typing import cast
 from dbservice.proxy.errors import UpstreamProtocolError
 from dbservice.proxy.session import Streams
 from dbservice.proxy.settings import ProxyLimits
+from fleetgate.aio import take_buffered
 
 from .resp import FrameReader
 from .topology import Address
@@ -157,7 +158,7 @@ class Link:
         assert self._writer is not None
         transport = self._writer.transport
         protocol = _Replies(self, FrameReader(self._limits))
-        buffered = _take_buffered(reader)
+        buffered = take_buffered(reader)
         at_eof = reader.at_eof()
         transport.set_protocol(protocol)
         if buffered:
@@ -228,17 +229,6 @@ class _Replies(asyncio.Protocol):
         if not self.ended.done():
             self.ended.set_exception(exc)
             self.ended.exception()  # retrieved, even when the link stopped waiting
-
-
-def _take_buffered(reader: asyncio.StreamReader) -> bytes:
-    """What the stream received that nobody has read yet (StreamReader has no public
-    call for it; its buffer has been ``_buffer`` since Python 3.4)."""
-    buffer = getattr(reader, "_buffer", None)
-    if not buffer:
-        return b""
-    data = bytes(buffer)
-    buffer.clear()
-    return data
 
 
 def _reason(exc: BaseException) -> str:

@@ -35,6 +35,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
+from fleetgate.aio import take_buffered
+
 from .commands import CommandParser
 from .errors import ProtocolError, UpstreamProtocolError
 from .hooks import SessionHooks
@@ -80,17 +82,6 @@ def set_nodelay(writer: asyncio.StreamWriter) -> None:
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _take_buffered(reader: asyncio.StreamReader) -> bytes:
-    """What the stream has received but nobody has read yet (StreamReader has no
-    public call for this; its buffer has been ``_buffer`` since Python 3.4)."""
-    buffer = getattr(reader, "_buffer", None)
-    if not buffer:
-        return b""
-    data = bytes(buffer)
-    buffer.clear()
-    return data
 
 
 class _Side(asyncio.Protocol):
@@ -247,7 +238,7 @@ class ProxySession:
                 tls = transport.get_extra_info("sslcontext") is not None
                 side = _Side(self, client=client, tls=tls)
                 self._sides.append(side)
-                buffered = _take_buffered(reader)
+                buffered = take_buffered(reader)
                 at_eof = reader.at_eof()
                 transport.set_protocol(side)
                 if buffered:
