@@ -7,6 +7,7 @@ import asyncio
 import random
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -222,3 +223,23 @@ def test_mget_split_is_regrouped_in_key_order() -> None:
     assert resp.decode(merge.regroup(order, frames, True)) == [b"2", b"1", None]
     assert merge.total([b":2\r\n", b":3\r\n"]) == b":5\r\n"
     assert merge.all_ok([b"+OK\r\n", b"-ERR no\r\n"]) == b"-ERR no\r\n"
+
+
+def test_a_link_through_the_configuration_endpoint_names_its_node() -> None:
+    """Errors on the configuration endpoint's connection, once it serves a shard, name
+    the shard's node as well (the client is told which node is down either way)."""
+    from dbservice.cluster.link import Link
+    from dbservice.proxy.settings import ProxyLimits
+
+    async def never(address: tuple[str, int]) -> Any:
+        raise AssertionError("not dialled")
+
+    async def nothing(link: Link, streams: Any) -> None:
+        return None
+
+    link = Link(("10.0.0.9", 6379), dial=never, prepare=nothing, limits=ProxyLimits())
+    assert link.name == "10.0.0.9:6379"
+    link.serves = ("10.0.0.1", 7001)
+    assert link.name == "10.0.0.1:7001 (through the configuration endpoint 10.0.0.9:6379)"
+    link.serves = ("10.0.0.9", 6379)
+    assert link.name == "10.0.0.9:6379"

@@ -66,10 +66,16 @@ class Link:
         self.failed: LinkError | None = None
         self.closed = False
         self._flush_scheduled = False
+        self.serves: Address | None = None
+        """The node this link reaches when ``address`` is the configuration endpoint
+        and the endpoint led to a primary (messages then name both)."""
 
     @property
     def name(self) -> str:
-        return f"{self.address[0]}:{self.address[1]}"
+        own = f"{self.address[0]}:{self.address[1]}"
+        if self.serves is None or self.serves == self.address:
+            return own
+        return f"{self.serves[0]}:{self.serves[1]} (through the configuration endpoint {own})"
 
     @property
     def ready(self) -> bool:

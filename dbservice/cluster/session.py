@@ -552,8 +552,12 @@ class ClusterSession:
         assert self._topology is not None
         frame = await self._live_seed().call(_MYID)
         for node in self._topology.primaries:
-            if frame[:1] == b"$" and node.id.encode() in frame:
-                self._links.setdefault(node.address, self._seed)
+            if (
+                frame[:1] == b"$"
+                and node.id.encode() in frame
+                and self._links.setdefault(node.address, self._seed) is self._seed
+            ):
+                self._seed.serves = node.address
 
     def _live_seed(self) -> Link:
         """The configuration endpoint's connection, dialled again if it was lost."""
