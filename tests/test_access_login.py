@@ -147,9 +147,14 @@ async def test_second_factor(env: AuthEnv) -> None:
         await env.login("dave")
     with pytest.raises(LoginError, match="invalid one-time code"):
         await env.login("dave", totp="000000" if totp_code(secret) != "000000" else "111111")
-    assert (await env.login("dave", totp=totp_code(secret))).identity.user == "dave"  # type: ignore[attr-defined]
+    code = totp_code(secret)
+    assert (await env.login("dave", totp=code)).identity.user == "dave"  # type: ignore[attr-defined]
     assert [e.reason for e in await env.logins()][-1] == ""
     assert (await env.logins())[-1].method == "password+totp"
+    # a code works once (RFC 6238 5.2): replayed, even within its 30 s, it is refused
+    with pytest.raises(LoginError, match="already used: wait for the next one"):
+        await env.login("dave", totp=code)
+    assert (await env.logins())[-1].reason == "one-time code used again"
 
 
 async def test_trusting_the_auth_service(env: AuthEnv) -> None:

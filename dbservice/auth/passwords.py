@@ -62,8 +62,17 @@ def totp_code(secret: str, at: float | None = None) -> str:
 
 def verify_totp(secret: str, code: str, at: float | None = None) -> bool:
     """Whether ``code`` is valid now, or one step either side (clock drift)."""
+    return totp_step(secret, code, at) is not None
+
+
+def totp_step(secret: str, code: str, at: float | None = None) -> int | None:
+    """The time step ``code`` belongs to when it is valid now or one step either side
+    (clock drift), else None. A verifier keeps the last step accepted per user and
+    refuses a code of that step or an earlier one: a code works once (RFC 6238, 5.2)."""
     now = time.time() if at is None else at
     code = code.strip()
-    return any(
-        hmac.compare_digest(totp_code(secret, now + step * TOTP_STEP), code) for step in (-1, 0, 1)
-    )
+    counter = int(now // TOTP_STEP)
+    for step in (-1, 0, 1):
+        if hmac.compare_digest(totp_code(secret, (counter + step) * TOTP_STEP), code):
+            return counter + step
+    return None

@@ -52,7 +52,7 @@ from dbservice.auth.ca import (
     write_private,
 )
 from dbservice.auth.catalog import Catalog
-from dbservice.auth.passwords import verify_password, verify_totp
+from dbservice.auth.passwords import totp_step, verify_password
 from dbservice.rbac import session_ttl_cap
 from fleetgate.aio import stop_on_signals
 from fleetgate.durations import Duration, parse_duration
@@ -171,6 +171,9 @@ class LoginService:
         self.by_address = RateLimiter(limits.per_address, limits.window)
         # Each argon2 verification takes 64 MiB and a CPU for ~50 ms: bound them.
         self.verifications = asyncio.Semaphore(4)
+        self.totp_used: dict[str, int] = {}
+        """The last one-time-code step accepted per user (this instance's memory: a
+        code works once here; several instances do not share it yet)."""
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)
@@ -234,12 +237,21 @@ class LoginService:
                     request, user.name, "one-time code missing", 401,
                     "a one-time code is required", need="totp",
                 )  # fmt: skip
-            if not verify_totp(user.totp_secret, body.totp):
+            step = totp_step(user.totp_secret, body.totp)
+            if step is None:
                 self.by_user.failure(body.user)
                 self.by_address.failure(address)
                 return self._refuse(
                     request, user.name, "wrong one-time code", 401, "invalid one-time code"
                 )
+            if step <= self.totp_used.get(user.name, -1):
+                self.by_user.failure(body.user)
+                self.by_address.failure(address)
+                return self._refuse(
+                    request, user.name, "one-time code used again", 401,
+                    "this one-time code was already used: wait for the next one",
+                )  # fmt: skip
+            self.totp_used[user.name] = step
             method = "password+totp"
         try:
             public_key, _ = csr_public_key(body.csr)
