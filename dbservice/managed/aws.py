@@ -22,6 +22,7 @@ from typing import Any
 import botocore.exceptions
 
 from dbservice.upstream.iam import IamAuth, IamError, Role
+from fleetgate import awserrors
 
 
 class ManagedError(Exception):
@@ -37,7 +38,6 @@ class NotFound(ManagedError):
 
 
 _NOT_FOUND = frozenset({"ResourceNotFoundException", "UserNotFoundFault", "ACLNotFoundFault"})
-_DENIED = frozenset({"AccessDenied", "AccessDeniedException", "UnauthorizedOperation"})
 
 
 def _error(exc: Exception, what: str) -> ManagedError:
@@ -45,19 +45,14 @@ def _error(exc: Exception, what: str) -> ManagedError:
         return exc
     if isinstance(exc, IamError):
         return ManagedError(f"{what}: {exc}")
-    if isinstance(exc, botocore.exceptions.ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", "Unknown"))
-        message = " ".join(str(error.get("Message", "")).split())[:200]
-        text = f"{what}: {code}{': ' + message if message else ''}"
-        if code in _NOT_FOUND:
-            return NotFound(text)
-        if code == "ResourceExistsException":
-            return SecretConflict(text)
-        if code in _DENIED:
-            text += " (the agent's policy: fleetgate configure iam --agent)"
-        return ManagedError(text)
-    return ManagedError(f"{what}: {type(exc).__name__}: {exc}")
+    code, text = awserrors.error_code(exc), awserrors.reason(exc, what)
+    if code in _NOT_FOUND:
+        return NotFound(text)
+    if code == "ResourceExistsException":
+        return SecretConflict(text)
+    if code in awserrors.DENIED_CODES:
+        text += " (the agent's policy: fleetgate configure iam --agent)"
+    return ManagedError(text)
 
 
 @dataclass(frozen=True)

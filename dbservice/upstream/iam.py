@@ -49,6 +49,7 @@ from botocore.credentials import ReadOnlyCredentials
 
 from bus.schemas import DatabaseResource
 from dbservice.upstream.policies import connect_policy, partition_of
+from fleetgate import awserrors
 
 logger = logging.getLogger(__name__)
 
@@ -68,18 +69,6 @@ NO_PROVIDERS: Final = (
     "AWS_SECRET_ACCESS_KEY), the shared files (~/.aws/credentials, ~/.aws/config, "
     "AWS_PROFILE), web identity (AWS_WEB_IDENTITY_TOKEN_FILE), container credentials "
     "(AWS_CONTAINER_CREDENTIALS_*) and instance metadata"
-)
-_DENIED: Final = frozenset(
-    {
-        "AccessDenied",
-        "AccessDeniedException",
-        "UnauthorizedOperation",
-        "InvalidClientTokenId",
-        "UnrecognizedClientException",
-        "ExpiredToken",
-        "ExpiredTokenException",
-        "SignatureDoesNotMatch",
-    }
 )
 
 
@@ -117,21 +106,11 @@ class AwsUnavailable(IamError):
 def _aws_error(exc: Exception, what: str) -> IamError:
     if isinstance(exc, IamError):
         return exc
-    if isinstance(
-        exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError
-    ):
+    if isinstance(exc, awserrors.NO_CREDENTIALS):
         return NoCredentials(NO_PROVIDERS)
-    if isinstance(exc, botocore.exceptions.ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", "Unknown"))
-        message = " ".join(str(error.get("Message", "")).split())[:256]
-        hint = " (check the agent's IAM policy: fleetgate configure iam --agent)"
-        return AwsUnavailable(
-            f"{what}: {code}{': ' + message if message else ''}{hint if code in _DENIED else ''}"
-        )
-    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
-        return AwsUnavailable(f"{what}: cannot reach AWS at {exc.kwargs.get('endpoint_url', '?')}")
-    return AwsUnavailable(f"{what}: {type(exc).__name__}: {exc}")
+    hint = " (check the agent's IAM policy: fleetgate configure iam --agent)"
+    denied = awserrors.error_code(exc) in awserrors.DENIED_CODES
+    return AwsUnavailable(awserrors.reason(exc, what) + (hint if denied else ""))
 
 
 # -- what a database is, for IAM ----------------------------------------------------------

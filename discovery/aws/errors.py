@@ -9,21 +9,9 @@ FetchError                 a fetcher could not complete; it changes nothing it o
 
 from __future__ import annotations
 
-import botocore.exceptions
+from fleetgate.awserrors import DENIED_CODES, NO_CREDENTIALS, error_code, reason
 
-FORBIDDEN_CODES = frozenset(
-    {
-        "AccessDenied",
-        "AccessDeniedException",
-        "UnauthorizedOperation",
-        "UnrecognizedClientException",
-        "InvalidClientTokenId",
-        "ExpiredToken",
-        "ExpiredTokenException",
-        "SignatureDoesNotMatch",
-        "InvalidSignatureException",
-    }
-)
+FORBIDDEN_CODES = DENIED_CODES
 THROTTLED_CODES = frozenset(
     {"Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
 )
@@ -60,22 +48,11 @@ def map_error(exc: Exception, what: str) -> FetchError:
     """Our error for ``exc``, raised while doing ``what`` (e.g. "DescribeClusters in us-east-1")."""
     if isinstance(exc, FetchError):
         return exc
-    if isinstance(
-        exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError
-    ):
+    if isinstance(exc, NO_CREDENTIALS):
         return NoCredentials(NO_CREDENTIALS_HELP)
-    if isinstance(exc, botocore.exceptions.ClientError):
-        error = exc.response.get("Error", {})
-        code = str(error.get("Code", "Unknown"))
-        message = str(error.get("Message", ""))[:256]
-        text = f"{what}: {code}: {message}" if message else f"{what}: {code}"
-        if code in FORBIDDEN_CODES:
-            return FetchForbidden(text)
-        if code in THROTTLED_CODES:
-            return FetchThrottled(text)
-        return FetchFailed(text)
-    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
-        return FetchFailed(f"{what}: cannot reach AWS at {exc.kwargs.get('endpoint_url', '?')}")
-    if isinstance(exc, botocore.exceptions.BotoCoreError | OSError | TimeoutError):
-        return FetchFailed(f"{what}: {exc}")
-    return FetchFailed(f"{what}: {type(exc).__name__}: {exc}")
+    code, text = error_code(exc), reason(exc, what)
+    if code in FORBIDDEN_CODES:
+        return FetchForbidden(text)
+    if code in THROTTLED_CODES:
+        return FetchThrottled(text)
+    return FetchFailed(text)
