@@ -45,7 +45,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import ssl
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -58,7 +57,7 @@ from dbservice.auth import people
 from dbservice.auth.ca import mtls_client_context
 from dbservice.route import RouteRefused, encode_refusal, open_route
 from fleetgate import aio
-from fleetgate.aio import stop_on_signals, take_buffered
+from fleetgate.aio import set_nodelay, stop_on_signals, take_buffered
 
 logger = logging.getLogger(__name__)
 
@@ -251,13 +250,6 @@ class Tunnel:
                 await task
 
 
-def _nodelay(transport: asyncio.BaseTransport) -> None:
-    sock = transport.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 class _AgentSide(asyncio.Protocol):
     """The relay's protocol on the agent connection (set on it once the route is up)."""
 
@@ -313,7 +305,7 @@ class _Relay(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.local = cast(asyncio.Transport, transport)
         self.local.pause_reading()
-        _nodelay(transport)
+        set_nodelay(transport)
         self._local_lost = loop.create_future()
         self._done = loop.create_future()
         assert self.tunnel is not None

@@ -1,10 +1,12 @@
-"""Small asyncio helpers: a uvloop runner, turning SIGTERM/SIGINT into a stop event, and
-taking a stream's transport over (its unread bytes)."""
+"""Small asyncio helpers: a uvloop runner, turning SIGTERM/SIGINT into a stop event,
+taking a stream's transport over (its unread bytes), and TCP_NODELAY."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
+import socket
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -38,3 +40,12 @@ def take_buffered(reader: asyncio.StreamReader) -> bytes:
     data = bytes(buffer)
     buffer.clear()
     return data
+
+
+def set_nodelay(conn: asyncio.BaseTransport | asyncio.StreamWriter) -> None:
+    """TCP_NODELAY on a TCP connection (a transport or a stream writer): a proxy writes
+    each reply as soon as it has it, and Nagle's algorithm would hold small ones back."""
+    sock = conn.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

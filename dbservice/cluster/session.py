@@ -37,8 +37,9 @@ from dbservice.agent.login import UpstreamLogin, UpstreamLoginError
 from dbservice.proxy.commands import parse_hello
 from dbservice.proxy.errors import ProtocolError
 from dbservice.proxy.hooks import SessionHooks
-from dbservice.proxy.session import SessionStats, Streams, set_nodelay
+from dbservice.proxy.session import SessionStats, Streams
 from dbservice.proxy.settings import ProxyLimits, ProxyTimeouts
+from fleetgate.aio import set_nodelay
 
 from . import merge
 from .keyspecs import CommandTable

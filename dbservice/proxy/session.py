@@ -28,14 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
-from fleetgate.aio import take_buffered
+from fleetgate.aio import set_nodelay, take_buffered
 
 from .commands import CommandParser
 from .errors import ProtocolError, UpstreamProtocolError
@@ -75,13 +74,6 @@ class SessionStats:
     """Why the session ended: ``client closed``, ``server closed``, ``idle``,
     ``protocol error: ...``, ``server protocol error: ...``, ``stopped``,
     ``internal error: ...``."""
-
-
-def set_nodelay(writer: asyncio.StreamWriter) -> None:
-    sock = writer.get_extra_info("socket")
-    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class _Side(asyncio.Protocol):

@@ -8,7 +8,9 @@ import ssl
 from dataclasses import dataclass
 from typing import Protocol
 
-from .session import Streams, set_nodelay
+from fleetgate.aio import set_nodelay
+
+from .session import Streams
 
 
 class UpstreamConnector(Protocol):
