@@ -1,5 +1,7 @@
-"""A plain loopback listener that runs one :class:`ProxySession` per connection, for
-tests and benchmarks (the agent's own listener adds mutual TLS and identities)."""
+"""Plain loopback listeners for tests and benchmarks (the agent's own listener adds
+mutual TLS and identities): :class:`LoopbackServer` owns the listening socket and the
+session tasks; :class:`LoopbackProxy` runs one :class:`ProxySession` per connection
+(``dbservice.cluster.testing.LoopbackCluster`` one cluster session)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from types import TracebackType
+from typing import Self
 
 from .hooks import PassThroughHooks, SessionHooks
 from .session import ProxySession, SessionStats
@@ -17,35 +20,34 @@ from .upstream import UpstreamConnector
 logger = logging.getLogger(__name__)
 
 
-class LoopbackProxy:
-    """``async with LoopbackProxy(connector) as proxy:`` listens on ``proxy.port``."""
+class LoopbackServer:
+    """Listens on ``host:port`` (``port`` set once started) and runs :meth:`serve` for
+    each connection as a task of its own; :meth:`aclose` stops listening and cancels
+    the running sessions. Subclasses implement :meth:`serve`."""
 
     def __init__(
         self,
-        connector: UpstreamConnector,
         *,
         hooks: Callable[[], SessionHooks] = PassThroughHooks,
         limits: ProxyLimits | None = None,
         timeouts: ProxyTimeouts | None = None,
-        inspect: Iterable[str] = (),
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        self.connector = connector
         self.hooks = hooks
         self.limits = limits or ProxyLimits()
         self.timeouts = timeouts or ProxyTimeouts()
-        self.inspect = inspect
         self.host = host
         self.port = port
         self.finished: list[SessionStats] = []
         self.sessions: set[asyncio.Task[None]] = set()
-        self.live: list[ProxySession] = []
-        """The running sessions, oldest first."""
         self._server: asyncio.Server | None = None
         self._closing = False
 
-    async def __aenter__(self) -> LoopbackProxy:
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(
             self._accept, self.host, self.port, limit=self.limits.read_size
         )
@@ -82,28 +84,7 @@ class LoopbackProxy:
         assert task is not None
         self.sessions.add(task)
         try:
-            try:
-                upstream = await self.connector.connect()
-            except (OSError, TimeoutError) as exc:
-                logger.warning("upstream connect failed: %s", exc)
-                writer.write(b"-ERR failed to connect to the target database\r\n")
-                with contextlib.suppress(OSError):
-                    await writer.drain()
-                writer.close()
-                return
-            session = ProxySession(
-                (reader, writer),
-                upstream,
-                hooks=self.hooks(),
-                limits=self.limits,
-                timeouts=self.timeouts,
-                inspect=self.inspect,
-            )
-            self.live.append(session)
-            try:
-                self.finished.append(await session.run())
-            finally:
-                self.live.remove(session)
+            await self.serve(reader, writer)
         except asyncio.CancelledError:
             if not self._closing:
                 raise
@@ -113,3 +94,48 @@ class LoopbackProxy:
             self.sessions.discard(task)
             if not writer.transport.is_closing():
                 writer.transport.abort()
+
+
+class LoopbackProxy(LoopbackServer):
+    """``async with LoopbackProxy(connector) as proxy:`` listens on ``proxy.port``."""
+
+    def __init__(
+        self,
+        connector: UpstreamConnector,
+        *,
+        hooks: Callable[[], SessionHooks] = PassThroughHooks,
+        limits: ProxyLimits | None = None,
+        timeouts: ProxyTimeouts | None = None,
+        inspect: Iterable[str] = (),
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        super().__init__(hooks=hooks, limits=limits, timeouts=timeouts, host=host, port=port)
+        self.connector = connector
+        self.inspect = inspect
+        self.live: list[ProxySession] = []
+        """The running sessions, oldest first."""
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream = await self.connector.connect()
+        except (OSError, TimeoutError) as exc:
+            logger.warning("upstream connect failed: %s", exc)
+            writer.write(b"-ERR failed to connect to the target database\r\n")
+            with contextlib.suppress(OSError):
+                await writer.drain()
+            writer.close()
+            return
+        session = ProxySession(
+            (reader, writer),
+            upstream,
+            hooks=self.hooks(),
+            limits=self.limits,
+            timeouts=self.timeouts,
+            inspect=self.inspect,
+        )
+        self.live.append(session)
+        try:
+            self.finished.append(await session.run())
+        finally:
+            self.live.remove(session)
