@@ -53,6 +53,11 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999
 
 
+_handed_out: set[int] = set()
+"""Ports this process already gave a node: never given twice, even before the first
+node binds them."""
+
+
 def pick_node_ports(host: str = "127.0.0.1", attempts: int = 200) -> tuple[int, int]:
     """A free (port, port + 10000) pair; the first half of the attempts stay outside the
     kernel's ephemeral range, so a restarted node finds its ports still free."""
@@ -62,7 +67,10 @@ def pick_node_ports(host: str = "127.0.0.1", attempts: int = 200) -> tuple[int, 
         bus = port + BUS_PORT_OFFSET
         if attempt < attempts // 2 and (low <= port <= high or low <= bus <= high):
             continue
+        if {port, bus} & _handed_out:
+            continue
         if _port_free(host, port) and _port_free(host, bus):
+            _handed_out.update((port, bus))
             return port, bus
     raise RuntimeError("no free port pair for a valkey node")
 
@@ -188,7 +196,10 @@ class ValkeyNode:
         try:
             while proc.poll() is None:
                 with contextlib.suppress(OSError, TimeoutError, RespError):
-                    if await self.command("PING") == "PONG":
+                    # Our process, not another node that took the port first (two
+                    # nodes starting at once can pick the same free port).
+                    info = info_fields(await self.command("INFO", "server"))
+                    if info.get("process_id") == str(proc.pid):
                         return
                 await asyncio.sleep(0.01)
         except BaseException:
