@@ -269,13 +269,16 @@ class Listener:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Bind (ConfigError when the address cannot be used) and start accepting."""
+    async def start(self, *, reuse_port: bool = False) -> None:
+        """Bind (ConfigError when the address cannot be used) and start accepting;
+        ``reuse_port``: share the address with the agent's other listener processes."""
         host, port = split_host_port(self.settings.listen_addr)
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
             family = infos[0][0]
-            sock = socket.create_server((host, port), family=family, backlog=1024)
+            sock = socket.create_server(
+                (host, port), family=family, backlog=1024, reuse_port=reuse_port
+            )
         except OSError as exc:
             raise ConfigError(
                 f"db_service.listen_addr {self.settings.listen_addr}: cannot listen "
