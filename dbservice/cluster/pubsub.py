@@ -22,13 +22,14 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from .entries import Entry, Local
 from .link import Link
 from .resp import decode, encode_command, encode_value
 from .slots import key_slot
 from .topology import Address
 
 if TYPE_CHECKING:
-    from .session import ClusterSession, _Entry
+    from .session import ClusterSession
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +37,27 @@ _CONFIRMATIONS = frozenset(
     {b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe",
      b"sunsubscribe", b"pong"}
 )  # fmt: skip
+
+
+class PubSubEntry(Entry):
+    """A (un)subscribe: written in its turn, answered by its confirmations."""
+
+    __slots__ = ("count", "kind", "targets")
+
+    def __init__(
+        self,
+        name: str,
+        targets: list[tuple[Address | None, Sequence[bytes]]],
+        kind: bytes,
+        count: int,
+    ) -> None:
+        super().__init__(name)
+        self.targets = targets
+        self.kind = kind
+        self.count = count
+
+    async def resolve(self, session: ClusterSession) -> bytes:
+        return await session._pubsub.run(self.targets, self.kind, self.count)
 
 
 class _Wait:
@@ -88,35 +110,31 @@ class PubSub:
 
     # -- commands from the client ---------------------------------------------------------
 
-    def command(self, name: str, args: list[bytes]) -> _Entry:
-        from .session import _Local, _PubSubEntry
-
+    def command(self, name: str, args: list[bytes]) -> Entry:
         kind = name.lower().encode()
         channels = args[1:]
         if name == "SSUBSCRIBE":
             if not channels:
-                return _Local(name, _arity(name))
+                return Local(name, _arity(name))
             slots = {key_slot(c) for c in channels}
             if len(slots) > 1:
-                return _Local(name, b"-CROSSSLOT Keys in request don't hash to the same slot\r\n")
+                return Local(name, b"-CROSSSLOT Keys in request don't hash to the same slot\r\n")
             address = self.session._owner(slots.pop())
-            return _PubSubEntry(name, [(address, args)], kind, len(channels))
+            return PubSubEntry(name, [(address, args)], kind, len(channels))
         if name == "SUNSUBSCRIBE":
             targets = self._sunsubscribe_targets(channels)
             count = len(channels) or max(1, len(self.shard_channels))
-            return _PubSubEntry(name, targets, kind, count)
+            return PubSubEntry(name, targets, kind, count)
         if name in ("SUBSCRIBE", "PSUBSCRIBE"):
             if not channels:
-                return _Local(name, _arity(name))
-            return _PubSubEntry(name, [(None, args)], kind, len(channels))
+                return Local(name, _arity(name))
+            return PubSubEntry(name, [(None, args)], kind, len(channels))
         current = self.channels if name == "UNSUBSCRIBE" else self.patterns
         count = len(channels) or max(1, len(current))
-        return _PubSubEntry(name, [(None, args)], kind, count)
+        return PubSubEntry(name, [(None, args)], kind, count)
 
-    def ping(self, name: str, args: list[bytes]) -> _Entry:
-        from .session import _PubSubEntry
-
-        return _PubSubEntry(name, [(None, args)], b"pong", 1)
+    def ping(self, name: str, args: list[bytes]) -> Entry:
+        return PubSubEntry(name, [(None, args)], b"pong", 1)
 
     def _sunsubscribe_targets(
         self, channels: Sequence[bytes]

@@ -1,0 +1,263 @@
+"""The commands the engine plans itself rather than routing by key: whole-cluster
+ones (sent to every primary, answers merged by :mod:`.merge`), the one-node
+``CLUSTER`` view, connection commands (``CLIENT``, ``SELECT``, ``RESET``...), and the
+table naming the handler of each (transactions and pub/sub included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Final
+
+from . import merge, transactions
+from .entries import Entry, Fan, Forward, Local, retrieve
+from .link import LinkError
+from .resp import OK, encode_command, encode_value, error, error_of
+from .slots import key_slot
+from .topology import Address
+
+if TYPE_CHECKING:
+    from .session import ClusterSession
+
+NOT_HERE: Final = "use fleetgate db connect --node <shard> to send it to one shard"
+
+
+def everywhere(
+    session: ClusterSession,
+    name: str,
+    args: Sequence[bytes],
+    combine: Callable[[list[bytes]], bytes],
+) -> Entry:
+    """The command to every primary, the replies combined into one."""
+    assert session._topology is not None
+    primaries = [node.address for node in session._topology.primaries]
+    return Fan(name, [session._request(args, None, a) for a in primaries], combine)
+
+
+def _dbsize(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    if len(args) != 1:
+        return Forward(name, session._request(args, None))
+    return everywhere(session, name, args, merge.total)
+
+
+def _keys(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    return everywhere(session, name, args, lambda frames: merge.concat(frames, session.resp3))
+
+
+def _flush(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    return everywhere(session, name, args, merge.all_ok)
+
+
+def _randomkey(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    assert session._topology is not None
+    primaries = [node.address for node in session._topology.primaries]
+    random.shuffle(primaries)
+    return Fan(name, [session._request(args, None, a) for a in primaries], merge.random_key)
+
+
+def _scan(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    assert session._topology is not None
+    if len(args) < 2:
+        return Forward(name, session._request(args, None))
+    primaries = [node.address for node in session._topology.primaries]
+    where = merge.scan_cursor(args[1], len(primaries))
+    if where is None:
+        return Local(name, error("ERR invalid cursor"))
+    index, position = where
+    sub = [args[0], b"%d" % position, *args[2:]]
+    request = session._request(sub, None, primaries[index])
+    count = len(primaries)
+    return Forward(
+        name, request, lambda frame: merge.scan_reply(frame, index, count, session.resp3)
+    )
+
+
+def _script(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    sub = args[1].upper() if len(args) > 1 else b""
+    if sub in (b"LOAD", b"FLUSH"):
+        return everywhere(session, name, args, merge.first)
+    if sub == b"EXISTS":
+        return everywhere(session, name, args, lambda frames: merge.all_true(frames, session.resp3))
+    if sub in (b"KILL", b"DEBUG"):
+        return Local(name, error(f"ERR SCRIPT {sub.decode()} runs on one node: {NOT_HERE}"))
+    return Forward(name, session._request(args, None))
+
+
+def _function(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    sub = args[1].upper() if len(args) > 1 else b""
+    if sub in (b"LOAD", b"DELETE", b"FLUSH", b"RESTORE"):
+        return everywhere(session, name, args, merge.first)
+    if sub in (b"KILL", b"STATS"):
+        return Local(name, error(f"ERR FUNCTION {sub.decode()} runs on one node: {NOT_HERE}"))
+    return Forward(name, session._request(args, None))
+
+
+def _info(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    assert session._topology is not None
+    count = len(session._topology.primaries)
+    return everywhere(session, name, args, lambda frames: merge.info(frames, count))
+
+
+def _cluster(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    assert session._topology is not None
+    sub = args[1].upper() if len(args) > 1 else b""
+    topology, nid = session._topology, merge.node_id(session._database)
+    sock = session._client_writer.get_extra_info("sockname") or ("", 0)
+    port = session._client_port or (int(sock[1]) if len(sock) > 1 else 0)
+    address: Address = ("", port)
+    resp3 = session.resp3
+    if sub == b"INFO":
+        return Forward(
+            name,
+            session._request(args, None),
+            lambda frame: merge.cluster_info(frame, topology),
+        )
+    if sub == b"SLOTS":
+        return Local(name, merge.cluster_slots(topology, address, nid, resp3))
+    if sub == b"SHARDS":
+        return Local(name, merge.cluster_shards(topology, address, nid, resp3))
+    if sub == b"NODES":
+        return Local(name, merge.cluster_nodes(topology, address, nid))
+    if sub in (b"MYID", b"MYSHARDID"):
+        return Local(name, encode_value(nid.encode(), resp3))
+    if sub == b"KEYSLOT" and len(args) == 3:
+        return Local(name, b":%d\r\n" % key_slot(args[2]))
+    if sub in (b"COUNTKEYSINSLOT", b"GETKEYSINSLOT") and len(args) >= 3:
+        try:
+            slot = int(args[2])
+        except ValueError:
+            slot = -1
+        if 0 <= slot < 16384:
+            return Forward(name, session._request(args, slot))
+    if sub == b"HELP":
+        return Forward(name, session._request(args, None))
+    return Local(name, error(f"ERR CLUSTER {sub.decode('latin-1')} is per node: {NOT_HERE}"))
+
+
+def _client(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    sub = args[1].upper() if len(args) > 1 else b""
+    if sub == b"SETNAME" and len(args) == 3:
+        request = session._request(args, None)
+        _broadcast(session, request.payload, skip=request.address)
+        value = args[2]
+
+        def named(frame: bytes) -> bytes:
+            if error_of(frame) is None:
+                session._name = value or None
+            return frame
+
+        return Forward(name, request, named)
+    if sub == b"GETNAME" and len(args) == 2:
+        return Local(name, encode_value(session._name, session.resp3))
+    if sub == b"ID" and len(args) == 2:
+        return Local(name, b":%d\r\n" % session._client_id)
+    if sub == b"SETINFO":
+        return Local(name, OK)
+    if sub in (b"NO-EVICT", b"NO-TOUCH"):
+        request = session._request(args, None)
+        _broadcast(session, request.payload, skip=request.address)
+        return Forward(name, request)
+    if sub in (b"INFO", b"LIST", b"HELP", b"TRACKINGINFO", b"GETREDIR"):
+        return Forward(name, session._request(args, None))
+    return Local(
+        name,
+        error(f"ERR CLIENT {sub.decode('latin-1')} is not supported in cluster mode: {NOT_HERE}"),
+    )
+
+
+def _broadcast(session: ClusterSession, payload: bytes, *, skip: Address) -> None:
+    """Also to every other open shard connection, their replies dropped."""
+    for address, link in list(session._links.items()):
+        if address != skip and link is not session._seed and link.failed is None:
+            with contextlib.suppress(LinkError):
+                for future in link.send(payload):
+                    future.add_done_callback(retrieve)
+
+
+def _select(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    if len(args) == 2 and args[1] == b"0":
+        return Local(name, OK)
+    return Local(name, error("ERR SELECT is not allowed in cluster mode"))
+
+
+def _ok(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    return Local(name, OK)
+
+
+def _refuse(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    session.stats.refused += 1
+    return Local(name, error(f"ERR {name} is not supported in cluster mode: {NOT_HERE}"))
+
+
+def _wait(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    address = session._last or session._home()
+    return Forward(name, session._request(args, None, address))
+
+
+def _quit(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    return Local(name, OK, close=True)
+
+
+def _reset(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    session._multi, session._multi_failed, session._multi_slot = None, False, None
+    transactions.unwatch(session)
+    if session._proto == 3:
+        hello2 = encode_command([b"HELLO", b"2"])
+        _broadcast(session, hello2, skip=session._seed.address)
+        for future in session._live_seed().send(hello2):
+            future.add_done_callback(retrieve)
+    session._proto, session.resp3, session._name = 2, False, None
+    session._pubsub.reset()
+    return Local(name, b"+RESET\r\n")
+
+
+def _ping(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    if session._pubsub.active:
+        return session._pubsub.ping(name, args)
+    return Forward(name, session._request(args, None))
+
+
+def _subscribe(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    if session._multi is not None:
+        return Local(name, error(f"ERR {name} inside MULTI is not supported through the proxy"))
+    return session._pubsub.command(name, args)
+
+
+Handler = Callable[["ClusterSession", str, list[bytes]], Entry]
+HANDLERS: Final[dict[str, Handler]] = {
+    "DBSIZE": _dbsize,
+    "KEYS": _keys,
+    "SCAN": _scan,
+    "RANDOMKEY": _randomkey,
+    "FLUSHALL": _flush,
+    "FLUSHDB": _flush,
+    "SCRIPT": _script,
+    "FUNCTION": _function,
+    "INFO": _info,
+    "CLUSTER": _cluster,
+    "CLIENT": _client,
+    "SELECT": _select,
+    "READONLY": _ok,
+    "READWRITE": _ok,
+    "ASKING": _refuse,
+    "MONITOR": _refuse,
+    "WAIT": _wait,
+    "WAITAOF": _wait,
+    "QUIT": _quit,
+    "RESET": _reset,
+    "PING": _ping,
+    "MULTI": transactions.multi,
+    "EXEC": transactions.exec_,
+    "DISCARD": transactions.discard,
+    "WATCH": transactions.watch,
+    "UNWATCH": transactions.unwatch_command,
+    "SUBSCRIBE": _subscribe,
+    "PSUBSCRIBE": _subscribe,
+    "SSUBSCRIBE": _subscribe,
+    "UNSUBSCRIBE": _subscribe,
+    "PUNSUBSCRIBE": _subscribe,
+    "SUNSUBSCRIBE": _subscribe,
+}
+"""The commands planned by a handler of their own; every other goes by its keys."""

@@ -1,0 +1,125 @@
+"""A client command's place in the reply order, and the requests it sent to nodes.
+
+The reader plans each command into an :class:`Entry` and queues it; the writer takes
+the entries in the client's order and awaits :meth:`Entry.resolve` of each for the
+reply to write. An entry answered here (:class:`Local`), one request to one node
+(:class:`Forward`), or several requests merged into one reply (:class:`Fan`);
+transactions and pub/sub have their own (``transactions.Transaction``,
+``pubsub.PubSubEntry``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from .redirects import complete
+from .resp import encode_command
+from .topology import Address
+
+if TYPE_CHECKING:
+    from .session import ClusterSession
+
+
+class Request:
+    """One command to one node; ``future`` is its reply."""
+
+    __slots__ = ("address", "args", "future", "payload", "slot")
+
+    def __init__(
+        self,
+        args: Sequence[bytes],
+        slot: int | None,
+        address: Address,
+        payload: bytes | None = None,
+    ) -> None:
+        self.args = args
+        self.payload = payload or encode_command(args)
+        self.slot = slot
+        self.address = address
+        self.future: asyncio.Future[bytes] | None = None
+
+
+class Entry:
+    """One client command's place in the reply order."""
+
+    __slots__ = ("close", "counted", "name")
+
+    def __init__(self, name: str, *, counted: bool = True, close: bool = False) -> None:
+        self.name = name
+        self.counted = counted
+        self.close = close
+
+    async def resolve(self, session: ClusterSession) -> bytes:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        """Whether :meth:`resolve` can answer without waiting (for sure)."""
+        return False
+
+
+class Local(Entry):
+    __slots__ = ("reply",)
+
+    def __init__(self, name: str, reply: bytes, *, counted: bool = True, close: bool = False):
+        super().__init__(name, counted=counted, close=close)
+        self.reply = reply
+
+    async def resolve(self, session: ClusterSession) -> bytes:
+        return self.reply
+
+    def ready(self) -> bool:
+        return True
+
+
+class Forward(Entry):
+    __slots__ = ("after", "request")
+
+    def __init__(
+        self, name: str, request: Request, after: Callable[[bytes], bytes] | None = None
+    ) -> None:
+        super().__init__(name)
+        self.request = request
+        self.after = after
+
+    async def resolve(self, session: ClusterSession) -> bytes:
+        frame = await complete(session, self.request)
+        return self.after(frame) if self.after is not None else frame
+
+    def ready(self) -> bool:
+        future = self.request.future
+        return future is not None and future.done()
+
+
+class Fan(Entry):
+    __slots__ = ("merge", "requests")
+
+    def __init__(
+        self, name: str, requests: list[Request], merge: Callable[[list[bytes]], bytes]
+    ) -> None:
+        super().__init__(name)
+        self.requests = requests
+        self.merge = merge
+
+    async def resolve(self, session: ClusterSession) -> bytes:
+        frames = [await complete(session, request) for request in self.requests]
+        return self.merge(frames)
+
+
+END = Local("", b"", counted=False, close=True)
+"""The client is done: the writer stops after the replies before it."""
+
+
+def chain(
+    first: Callable[[bytes], bytes] | None, then: Callable[[bytes], bytes]
+) -> Callable[[bytes], bytes]:
+    if first is None:
+        return then
+    return lambda frame: then(first(frame))
+
+
+def retrieve(future: asyncio.Future[bytes]) -> None:
+    """A done-callback for a reply nobody reads (its error is not "never retrieved")."""
+    if not future.cancelled():
+        future.exception()

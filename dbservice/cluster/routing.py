@@ -1,0 +1,118 @@
+"""Planning one client command: the hooks (roles, audit), then where it goes.
+
+Most commands go to the primary owning their keys' slot (keys from the command table
+the server reports); ``MGET`` / ``MSET`` / ``DEL`` / ``UNLINK`` / ``EXISTS`` / ``TOUCH``
+across slots are split per slot and merged; the commands named in
+:data:`.commands.HANDLERS` are planned by their own handler; keyless commands go to the
+first shard's primary. Every request is sent at once (:meth:`ClusterSession._request`):
+planning never waits for a reply.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+from . import merge, transactions
+from .auth import login_command
+from .commands import HANDLERS
+from .entries import Entry, Fan, Forward, Local, Request
+from .link import LinkError
+from .resp import error
+from .slots import key_slot
+from .topology import TopologyError
+
+if TYPE_CHECKING:
+    from .session import ClusterSession
+
+SPLIT: Final = frozenset({"MGET", "MSET", "DEL", "UNLINK", "EXISTS", "TOUCH"})
+"""Multi-key commands split per slot when their keys are in several slots."""
+_SUBSCRIBED_OK = frozenset(
+    {"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE",
+     "PING", "QUIT", "RESET"}
+)  # fmt: skip
+
+
+async def plan(session: ClusterSession, args: list[bytes], raw: bytes | None = None) -> Entry:
+    """The entry for one client command, its request(s) already sent."""
+    name = session._names.get(args[0]) or _canonical(session, args[0])
+    session.stats.commands += 1
+    if name == "AUTH" or name == "HELLO":
+        return login_command(session, name, args)
+    verdict = session._hooks.on_command(name, len(args), args)
+    if verdict is not None:
+        session.stats.refused += 1
+        return Local(name, verdict, counted=False)
+    if session._topology is None or session._table is None:
+        try:
+            session._topology, session._table = await session._state.ensure(session._live_seed())
+            await session._adopt_seed()
+        except (LinkError, TopologyError, ValueError) as exc:
+            return Local(name, error(f"ERR fleetgate: cannot learn the cluster: {exc}"))
+    if session._pubsub.active and name not in _SUBSCRIBED_OK:
+        return Local(
+            name,
+            error(
+                f"ERR Can't execute '{name.lower()}': only (P|S)SUBSCRIBE / "
+                "(P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+            ),
+        )
+    if session._multi is not None and name not in ("EXEC", "DISCARD", "MULTI", "WATCH", "QUIT"):
+        return transactions.queue(session, name, args)
+    handler = HANDLERS.get(name)
+    if handler is not None:
+        return handler(session, name, args)
+    return _route(session, name, args, raw)
+
+
+def _canonical(session: ClusterSession, raw: bytes) -> str:
+    """The command name in upper case, remembered (for the first 256 spellings)."""
+    name = raw.decode("latin-1").upper()
+    if len(session._names) < 256:
+        session._names[raw] = name
+    return name
+
+
+def _route(
+    session: ClusterSession, name: str, args: list[bytes], raw: bytes | None = None
+) -> Entry:
+    assert session._table is not None
+    at = session._table.single.get(args[0].lower(), 0)
+    if 0 < at < len(args):  # one key: no spec to walk
+        request = session._request(args, key_slot(args[at]), payload=raw)
+        session._last = request.address
+        return Forward(name, request)
+    positions = session._table.key_positions(args)
+    if not positions:
+        return Forward(name, session._request(args, None, payload=raw))
+    slot = key_slot(args[positions[0]])
+    if len(positions) > 1 and name in SPLIT:
+        slots = [key_slot(args[p]) for p in positions]
+        if any(s != slot for s in slots):
+            return _split(session, name, args, positions, slots)
+    request = session._request(args, slot, payload=raw)
+    session._last = request.address
+    return Forward(name, request)
+
+
+def _split(
+    session: ClusterSession, name: str, args: list[bytes], positions: list[int], slots: list[int]
+) -> Entry:
+    groups: dict[int, list[int]] = {}
+    for position, slot in zip(positions, slots, strict=True):
+        groups.setdefault(slot, []).append(position)
+    requests: list[Request] = []
+    order: dict[int, tuple[int, int]] = {}
+    for slot, members in groups.items():
+        sub: list[bytes] = [args[0]]
+        for i, position in enumerate(members):
+            sub.append(args[position])
+            if name == "MSET":
+                sub.append(args[position + 1])
+            order[position] = (len(requests), i)
+        requests.append(session._request(sub, slot))
+    if name == "MGET":
+        where = [order[p] for p in positions]
+        return Fan(name, requests, lambda frames: merge.regroup(where, frames, session.resp3))
+    if name == "MSET":
+        return Fan(name, requests, merge.all_ok)
+    return Fan(name, requests, merge.total)
