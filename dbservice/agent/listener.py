@@ -88,6 +88,7 @@ from dbservice.route import (
 from dbservice.upstream.auth import REAUTH_RETRY
 from dbservice.upstream.tls import verify_failure
 from fleetgate.config import ConfigError
+from fleetgate.heap import HeapTrimmer
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +260,8 @@ class Listener:
         """The cluster engine's per-database state (MemoryDB in cluster mode)."""
         self.audit = AuditEmitter.for_bus(bus, host_id=host_id)
         self.sessions: set[asyncio.Task[None]] = set()
+        self.heap = HeapTrimmer.for_this_process()
+        """Gives closed sessions' memory back to the system (glibc only)."""
         self.task: asyncio.Task[None] | None = None
         """The accept loop: it ends only by failing (the agent then stops)."""
         self.port = 0
@@ -315,6 +318,7 @@ class Listener:
                 task.cancel()
             await asyncio.wait(sessions, timeout=STOP_GRACE)
             self.sessions.difference_update(sessions)
+        self.heap.close()
         await self.audit.aclose(flush_timeout=AUDIT_FLUSH)
 
     async def _audit_stream(self) -> None:
@@ -352,6 +356,7 @@ class Listener:
 
     def _session_done(self, task: asyncio.Task[None]) -> None:
         self.sessions.discard(task)
+        self.heap.closed()
         if not task.cancelled() and (error := task.exception()) is not None:
             logger.error("a client session failed", exc_info=error)
 
