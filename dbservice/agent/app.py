@@ -1,12 +1,21 @@
 """The agent process: one bus connection, the registry watch, one supervisor of
-per-database workers, and a graceful stop on SIGTERM/SIGINT."""
+per-database workers, and a graceful stop on SIGTERM/SIGINT.
+
+With ``listener.processes`` above 1 this process is the *leader*: it does all of the
+above and starts the listener processes (:mod:`dbservice.agent.processes`), which run
+:class:`Agent` in listener-only mode (``listener_process`` set)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
+import signal
+import sys
 import time
+from collections.abc import Sequence
+from typing import Any
 
 from bus import BUCKETS, Bus, DatabaseResource, leases, subjects
 from dbservice.agent.config import AgentConfig
@@ -15,9 +24,16 @@ from dbservice.agent.heartbeat import AgentIdentity, Announcer
 from dbservice.agent.iam_login import IamLogins
 from dbservice.agent.identity import DataDir
 from dbservice.agent.listener import Listener
+from dbservice.agent.processes import (
+    ListenerProcess,
+    ListenerProcesses,
+    check_address_free,
+    die_with_leader,
+    follow_leader,
+)
 from dbservice.agent.served import Selection, follow_registry, static_resource
 from dbservice.agent.supervisor import Supervisor
-from dbservice.agent.worker import DatabaseWorker
+from dbservice.agent.worker import DatabaseWorker, PassiveWorker, Worker
 from dbservice.managed.login import ManagedLogins
 from dbservice.managed.membership import AclMembership
 from dbservice.managed.service import ManagedUsers
@@ -45,8 +61,17 @@ class Agent:
         nats_url: str,
         prober: Prober = probe,
         acl_membership: AclMembership | None = None,
+        listener_process: ListenerProcess | None = None,
+        process_argv: Sequence[str] | None = None,
     ) -> None:
         self.config = config
+        self.listener_process = listener_process
+        """Set in a listener process: serve clients only (no health checks, heartbeats,
+        rotation or cleanup); None in the agent process itself."""
+        self.process_argv = list(process_argv or default_argv(nats_url))
+        """How the leader starts a listener process (``--listener-process K`` added)."""
+        self.processes: ListenerProcesses | None = None
+        """The leader's listener processes (None unless ``listener.processes`` > 1)."""
         self.acl_membership = acl_membership
         """How managed users' ACL membership is read (default: from the config)."""
         self.managed: ManagedUsers | None = None
@@ -65,21 +90,29 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> int:
         """0 after a graceful stop, 1 when the registry watch failed."""
         began = time.monotonic()
-        data_dir = DataDir.open(self.settings.data_dir)
+        child = self.listener_process
+        data_dir: DataDir | None = None
+        if child is None:
+            data_dir = DataDir.open(self.settings.data_dir)
+            host_id = data_dir.host_id
+        else:  # a listener process: its leader's host_id; data_dir stays the leader's
+            host_id = child.host_id
         try:
             bus = await Bus.connect(
                 self.nats_url,
-                name=f"fleetgate-agent {self.settings.hostname}",
+                name=f"fleetgate-agent {self.settings.hostname}"
+                + (f" listener {child.index}" if child is not None else ""),
                 reconnect_wait=0.5,
                 wait=self.config.nats.start_wait,
             )
             self.bus = bus
             try:
-                await bus.provision(BUCKETS[subjects.DB_SERVERS_BUCKET])
-                if self.settings.managed_users.enabled:
-                    await bus.provision(leases.LEASES)
+                if child is None:
+                    await bus.provision(BUCKETS[subjects.DB_SERVERS_BUCKET])
+                    if self.settings.managed_users.enabled:
+                        await bus.provision(leases.LEASES)
                 self.identity = AgentIdentity(
-                    host_id=data_dir.host_id,
+                    host_id=host_id,
                     hostname=self.settings.hostname,
                     version=__version__,
                     addr=self.settings.advertise(),
@@ -89,17 +122,25 @@ class Agent:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(bus.close(), CLOSE_TIMEOUT)
         finally:
-            data_dir.close()
+            if data_dir is not None:
+                data_dir.close()
 
     async def _serve(
         self, bus: Bus, identity: AgentIdentity, stop: asyncio.Event, began: float
     ) -> int:
         settings = self.settings
-        announcer = Announcer(bus=bus, identity=identity, ttl=settings.heartbeat.ttl)
+        child = self.listener_process
+        announcer = (
+            Announcer(bus=bus, identity=identity, ttl=settings.heartbeat.ttl)
+            if child is None
+            else None
+        )
         contexts = TLSContexts(extra_ca_file=settings.upstream_ca_file)
         probe_slots = asyncio.Semaphore(PROBE_CONCURRENCY)
 
-        def make_worker(resource: DatabaseResource) -> DatabaseWorker:
+        def make_worker(resource: DatabaseResource) -> Worker:
+            if announcer is None:
+                return PassiveWorker(resource)
             return DatabaseWorker(
                 resource,
                 settings=settings,
@@ -120,17 +161,28 @@ class Agent:
                     "agent synced in %.3fs: serving %d databases", time.monotonic() - began, count
                 )
 
-        logger.info(
-            "agent %s (host_id %s, addr %s) starting: %d matchers, %d static databases, "
-            "health every %s, heartbeat TTL %s",
-            identity.hostname,
-            identity.host_id,
-            identity.addr,
-            len(settings.resources),
-            len(settings.databases),
-            format_duration(settings.health_check.interval),
-            format_duration(settings.heartbeat.ttl),
-        )
+        processes = settings.listener.processes if settings.listener is not None else 1
+        if child is not None:
+            logger.info(
+                "listener process %d of agent %s (host_id %s, leader pid %d) starting",
+                child.index,
+                identity.hostname,
+                identity.host_id,
+                child.leader_pid,
+            )
+        else:
+            logger.info(
+                "agent %s (host_id %s, addr %s) starting: %d matchers, %d static databases, "
+                "health every %s, heartbeat TTL %s%s",
+                identity.hostname,
+                identity.host_id,
+                identity.addr,
+                len(settings.resources),
+                len(settings.databases),
+                format_duration(settings.health_check.interval),
+                format_duration(settings.heartbeat.ttl),
+                f", {processes} listener processes" if processes > 1 else "",
+            )
         auth = IamAuth()
         managed = None
         if settings.managed_users.enabled:
@@ -143,6 +195,7 @@ class Agent:
                 served=lambda: [h.worker.resource for h in list(handles_now.values())],
                 acl_membership=self.acl_membership,
                 matcher_role=selection.role,
+                read_only=child is not None,
             )
             self.managed = managed
         listener = None
@@ -164,8 +217,11 @@ class Agent:
                 if managed is None
                 else ManagedLogins(managed, IamLogins(auth, matcher_role=selection.role)),
             )
-            await listener.start()  # before the first heartbeat announces this agent
-            self.listener = listener
+            if child is None:
+                if processes > 1:
+                    check_address_free(settings.listen_addr)
+                await listener.start(reuse_port=processes > 1)  # before the first heartbeat
+                self.listener = listener
         else:
             logger.warning(
                 "no db_service.listener configured: this agent accepts no clients; it only "
@@ -185,20 +241,44 @@ class Agent:
             else None
         )
         status = 0
-        roots = {watch, stopping}
-        if listener is not None and listener.task is not None:
-            roots.add(listener.task)
+        roots: set[asyncio.Task[Any]] = {watch, stopping}
+        ending: set[asyncio.Task[Any]] = {stopping}  # roots whose end is a normal stop
         try:
+            if child is not None:
+                leader = asyncio.create_task(follow_leader(child.leader_pid), name="leader")
+                roots.add(leader)
+                ending.add(leader)
+                if listener is not None and not await self._ready(roots):
+                    listener = None  # stopping before it listened
+                if listener is not None:
+                    # Only now: the kernel hands a listening process connections at once,
+                    # and it must know the databases by then.
+                    await listener.start(reuse_port=True)
+                    self.listener = listener
+            elif processes > 1:
+                self.processes = ListenerProcesses(
+                    processes,
+                    spec=ListenerProcess(
+                        0, identity.host_id, os.getpid(), self.config.model_dump(mode="json")
+                    ),
+                    argv=self.process_argv,
+                )
+                self.processes.start()
+            if listener is not None and listener.task is not None:
+                roots.add(listener.task)
             await asyncio.wait(roots, return_when=asyncio.FIRST_COMPLETED)
-            for root in roots - {stopping}:
+            for root in roots - ending:
                 if root.done():
                     status = 1
                     error = None if root.cancelled() else root.exception()
                     logger.error("%s ended (%s); stopping", root.get_name(), error or "returned")
         finally:
-            logger.info("stopping: deleting %d heartbeats", len(supervisor.handles))
-            for task in (watch, stopping, rotating):
-                if task is None:
+            if self.processes is not None:
+                self.processes.signal_stop()  # they stop beside this one
+            if announcer is not None:
+                logger.info("stopping: deleting %d heartbeats", len(supervisor.handles))
+            for task in (*(roots - {watch, stopping}), watch, stopping, rotating):
+                if task is None or (listener is not None and task is listener.task):
                     continue
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -209,12 +289,51 @@ class Agent:
             if listener is not None:
                 await listener.aclose()
             await supervisor.stop_all()
-        logger.info("agent stopped")
+            if self.processes is not None:
+                await self.processes.aclose()
+        logger.info("listener process stopped" if child is not None else "agent stopped")
         return status
 
+    async def _ready(self, roots: set[asyncio.Task[Any]]) -> bool:
+        """Until the registry is read (True), or a root ended first (False)."""
+        synced = asyncio.create_task(self.synced.wait(), name="synced")
+        try:
+            await asyncio.wait({synced, *roots}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            synced.cancel()
+        return self.synced.is_set() and not any(r.done() for r in roots)
 
-async def run_agent(config: AgentConfig, *, nats_url: str) -> int:
-    """The ``fleetgate agent run`` process: serve until SIGTERM or SIGINT."""
+
+def default_argv(nats_url: str) -> list[str]:
+    """The command of a listener process, before ``--listener-process K``."""
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+    if level not in ("debug", "info", "warning", "error"):
+        level = "info"
+    command = [sys.executable, "-m", "fleetgate", "agent", "run", "-c", "-", "--nats", nats_url]
+    return [*command, "--log-level", level]
+
+
+async def run_agent(
+    config: AgentConfig,
+    *,
+    nats_url: str,
+    listener_process: ListenerProcess | None = None,
+    process_argv: Sequence[str] | None = None,
+) -> int:
+    """The ``fleetgate agent run`` process: serve until SIGTERM or SIGINT (or, in a
+    listener process, until its leader is gone)."""
     stop = asyncio.Event()
     stop_on_signals(stop)
-    return await Agent(config, nats_url=nats_url).run(stop)
+    if listener_process is not None:
+        die_with_leader()
+        # Ctrl-C reaches the whole process group; the leader stops its listener
+        # processes itself (SIGTERM), in order.
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGINT)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    agent = Agent(
+        config,
+        nats_url=nats_url,
+        listener_process=listener_process,
+        process_argv=process_argv,
+    )
+    return await agent.run(stop)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,9 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
         "run", help="serve the databases the config selects until SIGTERM/SIGINT"
     )
     run.add_argument("-c", "--config", required=True, help="agent YAML config file")
+    # Internal: how the agent starts its listener processes (listener.processes > 1);
+    # they read the agent's config, host_id and pid from stdin.
+    run.add_argument("--listener-process", type=int, metavar="K", help=argparse.SUPPRESS)
     run.add_argument(
         "--nats", help="NATS URL (default: config, FLEETGATE_NATS_URL, nats://127.0.0.1:4222)"
     )
@@ -28,6 +32,21 @@ def _run(args: argparse.Namespace) -> int:
     from dbservice.agent.app import run_agent
     from dbservice.agent.config import AgentConfig
 
+    if args.listener_process is not None:
+        return _run_listener_process(args)
     config = load_model(AgentConfig, read_yaml(args.config), args.config)
     url = resolve_nats_url(args.nats, config.nats.url)
-    return aio.run(run_agent(config, nats_url=url))
+    argv = [sys.executable, "-m", "fleetgate", "agent", "run", "-c", args.config, "--nats", url]
+    argv += ["--log-level", args.log_level, "--log-format", args.log_format]
+    return aio.run(run_agent(config, nats_url=url, process_argv=argv))
+
+
+def _run_listener_process(args: argparse.Namespace) -> int:
+    from dbservice.agent.app import run_agent
+    from dbservice.agent.processes import ListenerProcess, tag_logs
+
+    index = args.listener_process
+    tag_logs(index)
+    spec, config = ListenerProcess.decode(index, sys.stdin.buffer.read())
+    url = resolve_nats_url(args.nats, config.nats.url)
+    return aio.run(run_agent(config, nats_url=url, listener_process=spec))

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
 import re
 import socket
 import ssl
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -314,6 +316,14 @@ class ListenerConfig(Strict):
     """A session logged in to MemoryDB by IAM token sends a fresh ``AUTH`` this long
     after the last one (MemoryDB closes IAM connections 12 hours after their AUTH)."""
     audit: QueryAuditConfig = QueryAuditConfig()
+    processes: int = 1
+    """Processes accepting clients on ``listen_addr`` (Linux, SO_REUSEPORT): this agent
+    and ``processes - 1`` listener processes it starts; ``auto`` is one per CPU."""
+
+    @field_validator("processes", mode="before")
+    @classmethod
+    def _processes(cls, value: object) -> int:
+        return check_processes(value)
 
     @field_validator("iam_reauth")
     @classmethod
@@ -358,6 +368,32 @@ class ListenerConfig(Strict):
                 "with fleetgate auth sign --host NAME --out DIR"
             )
         return self
+
+
+MAX_PROCESSES = 64
+
+
+def check_processes(value: object, *, platform: str = sys.platform) -> int:
+    """``listener.processes``: a whole number from 1 to 64, or ``auto`` (one per CPU,
+    at most 64; 1 where SO_REUSEPORT does not spread connections)."""
+    if value == "auto":
+        if not platform.startswith("linux"):
+            return 1
+        return max(1, min(os.cpu_count() or 1, MAX_PROCESSES))
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(
+            f"{value!r}: give a whole number from 1 to {MAX_PROCESSES}, or auto (one per CPU)"
+        )
+    if not 1 <= value <= MAX_PROCESSES:
+        raise ValueError(
+            f"{value}: give a whole number from 1 to {MAX_PROCESSES}, or auto (one per CPU)"
+        )
+    if value > 1 and not platform.startswith("linux"):
+        raise ValueError(
+            f"{value}: several listener processes need Linux (the kernel spreads connections "
+            f"over sockets sharing a port with SO_REUSEPORT); this is {platform}: use 1"
+        )
+    return value
 
 
 def _read_text(path: Path) -> str:

@@ -1,5 +1,6 @@
 """One worker per served database, reconciled against the desired set. A worker that
-fails is logged, counted and restarted with backoff; the others never notice."""
+fails is logged, counted and restarted with backoff; the others never notice. Without an
+announcer (a listener process) nothing is announced, so nothing is deleted either."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 
 from bus.schemas import DatabaseResource
 from dbservice.agent.heartbeat import Announcer
-from dbservice.agent.worker import DatabaseWorker
+from dbservice.agent.worker import Worker
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ expire."""
 
 @dataclass
 class Handle:
-    worker: DatabaseWorker
+    worker: Worker
     task: asyncio.Task[None] | None = None
     failures: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -37,8 +38,8 @@ class Supervisor:
     def __init__(
         self,
         *,
-        make_worker: Callable[[DatabaseResource], DatabaseWorker],
-        announcer: Announcer,
+        make_worker: Callable[[DatabaseResource], Worker],
+        announcer: Announcer | None,
         backoff: tuple[float, ...] = BACKOFF,
     ) -> None:
         self.make_worker = make_worker
@@ -76,13 +77,16 @@ class Supervisor:
         if handle is None:
             return
         await self._cancel(handle)
-        await self.announcer.delete(name)
+        if self.announcer is not None:
+            await self.announcer.delete(name)
         logger.info("stopped serving %s: %s", name, why)
 
     async def stop_all(self) -> None:
         """The agent is leaving: stop every worker, then delete every heartbeat."""
         handles, self.handles = self.handles, {}
         await asyncio.gather(*(self._cancel(h) for h in handles.values()))
+        if self.announcer is None:
+            return
         if handles and not self.announcer.connected:
             logger.warning(
                 "NATS is unreachable: %d heartbeats expire with their TTL (%gs)",
@@ -92,7 +96,8 @@ class Supervisor:
             return
         try:
             async with asyncio.timeout(STOP_TIMEOUT):
-                await asyncio.gather(*(self.announcer.delete(n) for n in handles))
+                announcer = self.announcer
+                await asyncio.gather(*(announcer.delete(n) for n in handles))
         except TimeoutError:
             logger.warning("some heartbeats were not deleted in time; they expire with the TTL")
 

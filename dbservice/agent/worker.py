@@ -1,4 +1,6 @@
-"""One served database: a health loop and a heartbeat loop, living and dying together."""
+"""One served database: a health loop and a heartbeat loop, living and dying together
+(:class:`DatabaseWorker`); or, in a listener process, only its latest copy
+(:class:`PassiveWorker`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import logging
 import random
 import ssl
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from bus.schemas import DatabaseResource, utcnow
 from dbservice.agent.config import DbService
@@ -35,6 +38,37 @@ async def wait_event(event: asyncio.Event, seconds: float) -> bool:
             await event.wait()
             return True
     return False
+
+
+class Worker(Protocol):
+    """What the supervisor keeps per served database."""
+
+    resource: DatabaseResource
+
+    @property
+    def name(self) -> str: ...
+
+    def update(self, resource: DatabaseResource) -> None: ...
+
+    async def run(self) -> None: ...
+
+
+class PassiveWorker:
+    """A listener process's worker: it keeps the database's latest copy for the
+    listener and does nothing else (the leader probes and announces)."""
+
+    def __init__(self, resource: DatabaseResource) -> None:
+        self.resource = resource
+
+    @property
+    def name(self) -> str:
+        return self.resource.name
+
+    def update(self, resource: DatabaseResource) -> None:
+        self.resource = resource
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()  # until cancelled
 
 
 class DatabaseWorker:

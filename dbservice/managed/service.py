@@ -14,6 +14,8 @@ One :class:`ManagedUsers` per agent (a root task beside the listener):
 * **Leaving**: when the agent stops serving a database (or stops), a user no other
   agent still serves is marked ``unused`` in its record; its secret stays. Deleting it
   is :mod:`~dbservice.managed.cleanup`'s job, after a grace period.
+* **Read-only** (an agent's listener processes): only *which users*, for logins; no
+  rotation, no cleanup, nothing marked when it stops (the leader process does that).
 """
 
 from __future__ import annotations
@@ -78,8 +80,11 @@ class ManagedUsers:
         membership: AclMembership | None = None,
         hook: StepHook = _no_hook,
         clock: Callable[[], float] = time.time,
+        read_only: bool = False,
     ) -> None:
         self.bus = bus
+        self.read_only = read_only
+        """Only learn which users are managed (for logins): never rotate, sweep or mark."""
         self.host_id = host_id
         self.auth = auth
         self.served = served
@@ -183,14 +188,18 @@ class ManagedUsers:
                 except (ManagedError, ValueError) as exc:
                     self.errors += 1
                     logger.warning("managed users of %s: cannot list them (%s)", name, exc)
-        for ref in self._refs():
+        for ref in [] if self.read_only else self._refs():
             try:
                 await self.rotator.cycle(ref)
             except (ManagedError, BusError) as exc:
                 self.errors += 1
                 self.rotator.due.pop(ref.key, None)  # try again a tick later, not at once
                 logger.warning("managed user %s (%s): %s", ref.user, ref.region, exc)
-        if self.settings.cleanup and now - self._last_sweep >= self.settings.refresh:
+        if (
+            self.settings.cleanup
+            and not self.read_only
+            and now - self._last_sweep >= self.settings.refresh
+        ):
             self._last_sweep = now
             try:
                 await sweep(
@@ -281,6 +290,10 @@ class ManagedUsers:
 
     async def _leave(self, refs: dict[str, UserRef], *, stopping: bool) -> None:
         if not refs:
+            return
+        if self.read_only:
+            for ref in refs.values():
+                self.passwords.forget(ref.key)
             return
         still = {r.key for r in self._refs()}
         try:

@@ -23,6 +23,7 @@ def build_service(
     acl_membership: AclMembership | None = None,
     hook: StepHook = _no_hook,
     matcher_role: Callable[[DatabaseResource], Role | None] = lambda _: None,
+    read_only: bool = False,
 ) -> ManagedUsers:
     config = settings.managed_users
     default = SecretStore(config.secret_store.key_prefix, config.secret_store.kms_key_id)
@@ -56,4 +57,5 @@ def build_service(
         matcher_role=matcher_role,
         membership=acl_membership or membership(config.acl_lookup),
         hook=hook,
+        read_only=read_only,
     )
