@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -305,3 +306,107 @@ def test_streams_blocking_reads_and_wait(client: redis.Redis) -> None:
     assert client.blpop(["empty:list"], timeout=0.1) is None
     client.set("w", 1)
     assert client.wait(1, 1000) == 1  # the replica of w's shard acknowledged
+
+
+def _command(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+def _exchange(sock: socket.socket, payload: bytes, end: bytes) -> bytes:
+    """``payload`` in one write; what comes back, up to and including ``end``."""
+    sock.sendall(payload)
+    data = b""
+    while not data.endswith(end):
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            raise AssertionError(f"no more after {data!r}") from None
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
+
+
+def _side_by_side(
+    proxy: ClusterProxy, standin: ThreadedStandin, node: int, protocol: int, payload: bytes
+) -> tuple[bytes, bytes]:
+    """The replies to ``payload`` (which ends with ``ECHO done``) from a cluster node
+    itself and through the engine, both after ``HELLO <protocol>``."""
+    end = b"$4\r\ndone\r\n"
+    hello = _command(b"HELLO", b"%d" % protocol)
+    tls = ssl.create_default_context(cafile=str(standin.ca_file))
+    tls.check_hostname = False
+    out = []
+    for raw in (
+        socket.create_connection(standin.node_fronts[node], timeout=10),
+        socket.create_connection(("127.0.0.1", proxy.port), timeout=10),
+    ):
+        sock = tls.wrap_socket(raw) if raw.getpeername()[1] != proxy.port else raw
+        with sock:
+            _exchange(sock, hello + _command(b"ECHO", b"done"), end)
+            out.append(_exchange(sock, payload, end))
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("protocol", [2, 3], ids=["resp2", "resp3"])
+def test_a_pipeline_behind_subscribe_is_answered_as_the_server_does(
+    proxy: ClusterProxy, standin: ThreadedStandin, protocol: int
+) -> None:
+    """RESP2: once SUBSCRIBE is in, the server refuses all but (P|S)(UN)SUBSCRIBE, PING,
+    QUIT and RESET (an unknown command or a wrong arity keeps its own error), until the
+    last UNSUBSCRIBE; RESP3 allows everything. The engine answers a pipeline sent in one
+    write byte for byte as a node does."""
+    key = b"{sub}k"
+    node = standin.owner_of_slot(key_slot(key))
+    with proxy.client() as client:
+        client.set(key, "v")
+    subscribed = [_command(b"GET", key), _command(b"PING"), _command(b"PING", b"hi")]
+    if protocol == 2:
+        subscribed += [
+            _command(b"CLIENT", b"ID"),
+            _command(b"FOO", b"bar"),
+            _command(b"GET"),
+            _command(b"CLIENT", b"NOSUCH"),
+            _command(b"HELLO", b"3"),
+            _command(b"AUTH", b"nobody", b"secret"),
+            _command(b"SET", key, b"w"),
+        ]
+    payload = b"".join(
+        [
+            _command(b"SUBSCRIBE", b"ch"),
+            *subscribed,
+            _command(b"PSUBSCRIBE", b"p*"),
+            _command(b"UNSUBSCRIBE"),
+            _command(b"GET", key),  # still subscribed to a pattern
+            _command(b"PUNSUBSCRIBE"),
+            _command(b"GET", key),
+            _command(b"ECHO", b"done"),
+        ]
+    )
+    direct_replies, engine_replies = _side_by_side(proxy, standin, node, protocol, payload)
+    assert engine_replies == direct_replies
+    refused = b"-ERR Can't execute 'get': only (P|S)SUBSCRIBE / (P|S)UNSUBSCRIBE / PING"
+    assert (refused in engine_replies) == (protocol == 2)
+    assert b"Can't execute 'client|id'" in engine_replies or protocol == 3
+    assert engine_replies.endswith(b"$1\r\nv\r\n$4\r\ndone\r\n")  # nothing refused ran
+
+
+@pytest.mark.parametrize("protocol", [2, 3], ids=["resp2", "resp3"])
+def test_a_pipeline_behind_ssubscribe_is_answered_as_the_server_does(
+    proxy: ClusterProxy, standin: ThreadedStandin, protocol: int
+) -> None:
+    key, channel = b"{ssub}k", b"{ssub}ch"
+    node = standin.owner_of_slot(key_slot(key))
+    with proxy.client() as client:
+        client.set(key, "v")
+    payload = b"".join(
+        [
+            _command(b"SSUBSCRIBE", channel),
+            _command(b"GET", key),
+            _command(b"PING"),
+            _command(b"SUNSUBSCRIBE"),
+            _command(b"GET", key),
+            _command(b"ECHO", b"done"),
+        ]
+    )
+    direct_replies, engine_replies = _side_by_side(proxy, standin, node, protocol, payload)
+    assert engine_replies == direct_replies

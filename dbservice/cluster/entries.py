@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from .redirects import complete
 from .resp import encode_command
@@ -45,6 +45,10 @@ class Entry:
     """One client command's place in the reply order."""
 
     __slots__ = ("close", "counted", "name")
+
+    holds: ClassVar[bool] = False
+    """The reader plans nothing after this entry until it is answered: how the next
+    command is answered depends on this one's reply (a RESP2 subscribe)."""
 
     def __init__(self, name: str, *, counted: bool = True, close: bool = False) -> None:
         self.name = name

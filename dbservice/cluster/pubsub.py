@@ -40,9 +40,15 @@ _CONFIRMATIONS = frozenset(
 
 
 class PubSubEntry(Entry):
-    """A (un)subscribe: written in its turn, answered by its confirmations."""
+    """A (un)subscribe: written in its turn, answered by its confirmations.
+
+    It holds the reader: in RESP2 the server refuses most commands while the client is
+    subscribed, and whether it is depends on the confirmations, so the next command is
+    planned once they are in (a pipeline behind a subscribe waits one round trip)."""
 
     __slots__ = ("count", "kind", "targets")
+
+    holds = True
 
     def __init__(
         self,
@@ -134,7 +140,13 @@ class PubSub:
         return PubSubEntry(name, [(None, args)], kind, count)
 
     def ping(self, name: str, args: list[bytes]) -> Entry:
-        return PubSubEntry(name, [(None, args)], b"pong", 1)
+        """PING in RESP2 subscribed mode, answered ``pong`` by a subscribed connection
+        (the plain one, else one holding shard channels: an unsubscribed one would
+        answer ``+PONG``)."""
+        address = None
+        if not (self.channels or self.patterns) and self.shard_channels:
+            address = next(iter(self.shard_channels.values()))
+        return PubSubEntry(name, [(address, args)], b"pong", 1)
 
     def _sunsubscribe_targets(
         self, channels: Sequence[bytes]
@@ -157,9 +169,7 @@ class PubSub:
         wait = self._wait = _Wait(kind, count)
         try:
             for address, args in entry_targets:
-                sharded = kind in (b"ssubscribe", b"sunsubscribe")
-                link = self._link(address if sharded else None)
-                link.write(encode_command(list(args)))
+                self._link(address).write(encode_command(list(args)))
             async with asyncio.timeout(30):
                 await wait.done
         except TimeoutError:

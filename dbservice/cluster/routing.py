@@ -36,7 +36,7 @@ async def plan(session: ClusterSession, args: list[bytes], raw: bytes | None = N
     """The entry for one client command, its request(s) already sent."""
     name = session._names.get(args[0]) or _canonical(session, args[0])
     session.stats.commands += 1
-    if name == "AUTH" or name == "HELLO":
+    if (name == "AUTH" or name == "HELLO") and not session._pubsub.active:
         return login_command(session, name, args)
     verdict = session._hooks.on_command(name, len(args), args)
     if verdict is not None:
@@ -49,19 +49,37 @@ async def plan(session: ClusterSession, args: list[bytes], raw: bytes | None = N
         except (LinkError, TopologyError, ValueError) as exc:
             return Local(name, error(f"ERR fleetgate: cannot learn the cluster: {exc}"))
     if session._pubsub.active and name not in _SUBSCRIBED_OK:
-        return Local(
-            name,
-            error(
-                f"ERR Can't execute '{name.lower()}': only (P|S)SUBSCRIBE / "
-                "(P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
-            ),
-        )
+        return _subscribed(session, name, args, raw)
     if session._multi is not None and name not in ("EXEC", "DISCARD", "MULTI", "WATCH", "QUIT"):
         return transactions.queue(session, name, args)
     handler = HANDLERS.get(name)
     if handler is not None:
         return handler(session, name, args)
     return _route(session, name, args, raw)
+
+
+def _subscribed(session: ClusterSession, name: str, args: list[bytes], raw: bytes | None) -> Entry:
+    """A command the server refuses in RESP2 subscribed mode, answered as the server
+    answers it: an unknown command or subcommand, or a wrong number of arguments, is
+    the server's own error (checked before subscribed mode, and nothing runs: it goes
+    to a shard as it would outside subscribed mode); any other is refused here, named
+    as the server names it (``get``, ``client|id``)."""
+    assert session._table is not None
+    info = session._table.lookup(args)
+    argc = len(args)
+    if (
+        info is None
+        or (info.subcommands and argc > 1)  # the container: its subcommand is unknown
+        or (argc != info.arity if info.arity >= 0 else argc < -info.arity)
+    ):
+        return _route(session, name, args, raw)
+    return Local(
+        name,
+        error(
+            f"ERR Can't execute '{info.name}': only (P|S)SUBSCRIBE / "
+            "(P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
+        ),
+    )
 
 
 def _canonical(session: ClusterSession, raw: bytes) -> str:

@@ -274,6 +274,8 @@ class ClusterSession:
                     await gate.wait()
                 entry = await plan(self, args, raw)
                 self._sent += 1
+                if entry.holds:
+                    self._hold_until_answered()
                 await put(entry)
                 if entry.close:
                     return
@@ -477,6 +479,14 @@ class ClusterSession:
         if self._gate.is_set():
             self._gate.clear()
             self._barrier = self._sent
+
+    def _hold_until_answered(self) -> None:
+        """The reader's own hold: plan nothing more until every command planned so far,
+        the last one included, is answered (also when the writer already holds it for
+        an earlier barrier)."""
+        gate = self._gate
+        self._barrier = self._sent if gate.is_set() else max(self._barrier, self._sent)
+        gate.clear()
 
     async def _refresh_quietly(self) -> None:
         link, temporary = self._idle_link()
