@@ -109,3 +109,25 @@ async def test_default_session_takes_one_argument_auth_and_no_other_user() -> No
         ("AUTH", ("app", "******"), False),
         ("HELLO", ("3", "AUTH", "app", "******", "SETNAME", "x"), False),
     ]
+
+
+async def test_a_command_seen_before_is_checked_and_audited_again() -> None:
+    """The hooks remember which names the roles allow; the gate and the audit trail
+    still apply to every command."""
+    trail = Trail()
+    h, emitter = hooks("app", trail)
+    async with emitter:
+        h.authenticated = True
+        for _ in range(2):
+            assert h.on_command("GET", 2, [b"GET", b"k"]) is None
+            assert h.on_command("SET", 3, None) is None  # arguments not inspected
+            assert (h.on_command("FLUSHDB", 1, [b"FLUSHDB"]) or b"").startswith(b"-NOPERM ")
+        assert h.on_command("RESET", 1, [b"RESET"]) is None
+        assert (h.on_command("GET", 2, [b"GET", b"k"]) or b"").startswith(b"-NOAUTH ")
+        await emitter.flush(5)
+    assert trail.queries() == [
+        ("GET", ("k",), True),
+        ("SET", ("…(2 args not recorded)",), True),
+        ("FLUSHDB", (), False),
+    ] * 2 + [("RESET", (), True), ("GET", ("k",), False)]
+    assert h.refused == 3

@@ -42,6 +42,10 @@ strategy answered itself."""
 
 CONNECTION_COMMANDS = frozenset({"AUTH", "HELLO", "QUIT"})
 """Allowed before authentication and not subject to the roles' command lists."""
+_LOGIN_REPLIES = frozenset({"AUTH", "HELLO"})
+_PLAIN_MAX = 1024
+"""Allowed command names a session remembers (a client sending random names cannot
+grow it further; the others are checked each time)."""
 
 
 def refusal(code: str, message: str) -> bytes:
@@ -71,10 +75,21 @@ class AgentHooks:
         self._auth_owed: deque[bool] = deque()
         """Per forwarded AUTH/HELLO, oldest first: whether it logs in as the db user."""
         self.refused = 0
+        self._plain: set[str] = set()
+        """Names the roles allow that are neither connection commands nor RESET: once
+        the session is authenticated, such a command is only audited (the roles are
+        fixed for the session, so the check's answer does not change)."""
+        self._allowed = audit.allowed
 
     # -- every command -------------------------------------------------------------------
 
     def on_command(self, name: str, argc: int, args: Sequence[bytes] | None) -> bytes | None:
+        if name in self._plain and self.authenticated:  # the common case
+            if args is not None:
+                self._allowed(args)
+            else:
+                self._audit.query(self._shown(name, argc, args))
+            return None
         if name in CONNECTION_COMMANDS:
             if (name == "AUTH" and argc in (2, 3)) or (
                 name == "HELLO" and args is not None and parse_hello(args) is not None
@@ -98,12 +113,16 @@ class AgentHooks:
             return self._refuse(name, argc, args, "NOPERM", decision.reason)
         if name == "RESET":  # the server connection is `default` again
             self.authenticated = self.db_user == DEFAULT_USER
-        self._audit.query(self._shown(name, argc, args))
+        elif len(self._plain) < _PLAIN_MAX:
+            self._plain.add(name)
+        if args is not None:
+            self._allowed(args)
+        else:
+            self._audit.query(self._shown(name, argc, args))
         return None
 
     def on_reply(self, name: str, error: bool) -> None:
-        owed = self._auth_owed
-        if (name == "AUTH" or name == "HELLO") and owed and owed.popleft() and not error:
+        if name in _LOGIN_REPLIES and self._auth_owed and self._auth_owed.popleft() and not error:
             self.authenticated = True
 
     # -- AUTH and HELLO ------------------------------------------------------------------
