@@ -7,6 +7,7 @@ agent process dying) leaves no process behind."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import re
 import signal
@@ -23,13 +24,30 @@ import yaml
 from bus import Bus
 from bus.audit import SessionQuery
 from bus.server import NatsServer
+from dbservice.agent.app import Agent
 from dbservice.agent.config import AgentConfig, check_processes
+from dbservice.agent.processes import ListenerProcess
 from fleetgate.config import ConfigError, load_model
+from sandbox.aws import SandboxAclMembership
+from sandbox.iamfront import MemoryDBLogin
+from sandbox.memorydb import MemoryDBStandin
 from sandbox.valkeynode import ValkeyNode
 from tests.agentkit import agent_config, wait_until
 from tests.conftest import subprocess_env
-from tests.listenerkit import Fleet, RawSession, audit_events, make_fleet, static_db
+from tests.connectkit import free_port
+from tests.listenerkit import Fleet, RawSession, audit_events, client, make_fleet, static_db
 from tests.proxykit import start_single_node
+from tests.test_managed_agent import agent_running, record, set_up, setup, standin, state
+
+READS = {
+    "memorydb:DescribeUsers",
+    "memorydb:DescribeACLs",
+    "memorydb:ListTags",
+    "secretsmanager:GetSecretValue",
+}
+"""The AWS calls a listener process may make for managed users."""
+
+__all__ = ["standin"]  # a fixture, shared with the managed-user tests
 
 pytestmark = [
     pytest.mark.timeout(90),
@@ -278,24 +296,24 @@ async def test_failures_and_a_dead_agent_leave_no_listener_process(
     fleet: Fleet, valkey: ValkeyNode, tmp_path: Path
 ) -> None:
     config = fleet.agent("lonely", [static_db("cache", valkey.port, env="standin")])
-    config["db_service"]["listener"]["processes"] = 3
+    config["db_service"]["listener"]["processes"] = 2
     agent = AgentProcess(config, tmp_path, fleet.nats_url)
     try:
-        await agent.listening(2)
-        pids = agent.started()
+        await agent.listening(1)
+        first = agent.started()[1]
 
         # A listener process that cannot start (its certificate files are gone) says
         # why in the agent's log, and the agent keeps trying.
         cert = Path(config["db_service"]["listener"]["cert_file"])
         saved = take_away(cert)
-        os.kill(pids[2], signal.SIGKILL)
+        os.kill(first, signal.SIGKILL)
 
         def failed_start() -> bool:
-            ended = r"listener process 2 ended unexpectedly \(pid \d+, exit status 2\)"
+            ended = r"listener process 1 ended unexpectedly \(pid \d+, exit status 2\)"
             return re.search(ended, agent.text()) is not None
 
-        await wait_until(failed_start, 20, "a failed start of listener process 2")
-        assert "listener process 2: invalid config" in agent.text()
+        await wait_until(failed_start, 20, "a failed start of listener process 1")
+        assert "listener process 1: invalid config" in agent.text()
         assert "db_service.listener.cert_file: cannot read" in agent.text()
         put_back(cert, saved)
 
@@ -329,3 +347,60 @@ async def test_ctrl_c_in_a_terminal_stops_all_in_order(
         assert "killed by" not in agent.text() and "unexpectedly" not in agent.text()
     finally:
         agent.kill()
+
+
+# -- listener-only mode, in this process: managed and IAM logins -------------------------
+
+
+async def test_listener_mode_logs_in_managed_and_iam_users_and_changes_nothing(
+    bus: Bus,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    standin: tuple[MemoryDBStandin, MemoryDBLogin],
+) -> None:
+    db, _ = standin
+    _, configs, dana = await setup(bus, nats_server, tmp_path, db)
+    leader_config = configs[0]
+    async with agent_running(leader_config, nats_server.url) as leader:
+        await set_up(bus, leader)
+        assert leader.identity is not None
+        # A listener process of this agent (here on a port of its own: the leader did
+        # not bind with SO_REUSEPORT), run in this process.
+        body = copy.deepcopy(leader_config)
+        body["db_service"]["listen_addr"] = f"127.0.0.1:{free_port()}"
+        spec = ListenerProcess(1, leader.identity.host_id, os.getppid(), {})
+        child = Agent(
+            AgentConfig.model_validate(body),
+            nats_url=nats_server.url,
+            acl_membership=SandboxAclMembership(),
+            listener_process=spec,
+        )
+        stop = asyncio.Event()
+        task = asyncio.create_task(child.run(stop))
+        try:
+            resource = record("")
+
+            def ready() -> bool:
+                return (
+                    child.listener is not None
+                    and child.managed is not None
+                    and child.managed.managed(resource, "app") is not None
+                ) or task.done()
+
+            await wait_until(ready, 15, "the listener process knows the managed user")
+            assert child.listener is not None and child.managed is not None
+            for db_user in ("app", "robot"):  # managed password, IAM token
+                async with client(child.listener.port, dana, "orders", db_user) as r:
+                    assert await r.set(f"from-{db_user}", "1")
+                    assert await r.acl_whoami() in (db_user, db_user.encode())
+            # It reads, and never writes: no rotation, no secret or user changed.
+            assert child.managed.read_only
+            assert set(child.managed.calls) <= READS, child.managed.calls
+            assert child.managed.rotator.outcomes == {}
+            beats = await bus.list_db_servers()
+            assert [(b.name, b.host_id) for b in beats] == [("orders", leader.identity.host_id)]
+        finally:
+            stop.set()
+            assert await asyncio.wait_for(task, 15) == 0
+        current = await state(bus)
+        assert current is not None and current.phase != "unused"
