@@ -47,6 +47,7 @@ def _run_listener_process(args: argparse.Namespace) -> int:
 
     index = args.listener_process
     tag_logs(index)
-    spec, config = ListenerProcess.decode(index, sys.stdin.buffer.read())
+    data = b"" if sys.stdin.isatty() else sys.stdin.buffer.read()
+    spec, config = ListenerProcess.decode(index, data)
     url = resolve_nats_url(args.nats, config.nats.url)
     return aio.run(run_agent(config, nats_url=url, listener_process=spec))
