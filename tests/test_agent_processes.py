@@ -26,7 +26,7 @@ from bus.audit import SessionQuery
 from bus.server import NatsServer
 from dbservice.agent.app import Agent
 from dbservice.agent.config import AgentConfig, check_processes
-from dbservice.agent.processes import ListenerProcess
+from dbservice.agent.processes import ListenerProcess, ListenerProcesses
 from fleetgate.config import ConfigError, load_model
 from sandbox.aws import SandboxAclMembership
 from sandbox.iamfront import MemoryDBLogin
@@ -402,3 +402,43 @@ async def test_listener_mode_logs_in_managed_and_iam_users_and_changes_nothing(
             assert await asyncio.wait_for(task, 15) == 0
         current = await state(bus)
         assert current is not None and current.phase != "unused"
+
+
+# -- the leader's side, with stand-in commands ---------------------------------------------
+
+
+def stand_in(code: str) -> list[str]:
+    """A "listener process" running ``code`` (the leader appends --listener-process K)."""
+    return [sys.executable, "-c", code]
+
+
+async def test_stop_escalates_and_a_failing_process_is_restarted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    spec = ListenerProcess(0, "host", os.getpid(), {})
+    stubborn = ListenerProcesses(
+        2,
+        spec=spec,
+        argv=stand_in(
+            "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "sys.stdin.read(); time.sleep(60)"
+        ),
+        stop_timeout=0.5,
+    )
+    stubborn.start()
+    await wait_until(lambda: 1 in stubborn.procs, 10, "the process started")
+    await asyncio.sleep(0.3)  # past its SIG_IGN
+    pid = stubborn.procs[1].pid
+    await asyncio.wait_for(stubborn.aclose(), 10)
+    assert stubborn.procs[1].returncode == -signal.SIGKILL and not alive(pid)
+    assert f"listener process (pid {pid}) did not stop within 0.5s; killing it" in caplog.text
+
+    failing = ListenerProcesses(
+        3, spec=spec, argv=stand_in("import sys; sys.exit(3)"), backoff=(0.01, 0.05)
+    )
+    failing.start()
+    await wait_until(lambda: failing.restarts >= 6, 20, "restarts")
+    await asyncio.wait_for(failing.aclose(), 10)
+    assert "listener process 2 ended unexpectedly (pid" in caplog.text
+    assert "exit status 3); restarting in 0.05s" in caplog.text
+    assert not any(alive(p.pid) for p in failing.procs.values())
