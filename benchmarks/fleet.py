@@ -83,7 +83,17 @@ class Fleet:
         }
 
     def pid(self, name: str) -> int:
+        """The process id of one part: ``nats``, ``front``, ``agent``, ``auth``, ``tunnel``."""
+        if name == "nats":
+            proc = getattr(self.nats, "proc", None)
+            if proc is None:
+                raise RuntimeError("nats-server is not running")
+            return int(proc.pid)
         return self.procs[name].pid
+
+    def has(self, name: str) -> bool:
+        """Whether the part ``name`` was started (``tunnel`` and ``auth`` are optional)."""
+        return (name == "nats" and self.nats is not None) or name in self.procs
 
     def tls_args(self) -> list[str]:
         """redis-benchmark / redis-cli options for mutual TLS straight to the agent."""
