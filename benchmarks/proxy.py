@@ -1134,32 +1134,44 @@ def _budget(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> None:
                         others[role] = tls_parts[role]
                         lower.append(role)
             others_us = max(sum(others.values()), 1e-9)
+            # The kernel's packet time (irq) of a shorter path: the stand-in TLS row's
+            # (two hops of the agent path's three), else direct's (one).
+            short = tls if tls is not None and test in tls.results else direct
+            kernel = _median_parts(short.results[test]).get("irq", 0.0)
             ours = parts.get("proxy", 0.0) + parts.get("tunnel", 0.0)
             base = _median(direct.results[test], "rps")
             target = floor * base
-            # the machine's capacity, and one core for each single-threaded process
-            allowed = capacity * 1e6 / target - others_us
+            one_core = 1e6 / target if name == "agent" else float("inf")  # one process
+            allowed = min(capacity * 1e6 / target - others_us, one_core)
+            allowed_k = min(capacity * 1e6 / target - others_us - kernel, one_core)
             subject = "the agent" if name == "agent" else "the tunnel and the agent together"
-            if allowed <= 0:
-                need = (
-                    f"no agent can: the others alone need {others_us * target / 1e6:.2f}"
-                    f" of {capacity:.2f} cores at that rate"
-                )
-            elif name == "agent" and allowed > 1e6 / target:
-                need = f"needs {subject} at <= {1e6 / target:.1f} us/req (one core)"
+            if allowed > 0:
+                need = f"{subject} at <= {allowed:.1f} us/req"
             else:
-                need = f"needs {subject} at <= {allowed:.1f} us/req"
+                need = (
+                    f"no {'agent' if name == 'agent' else 'tunnel and agent'} can: the others"
+                    f" alone need {others_us * target / 1e6:.2f} of {capacity:.2f} cores"
+                )
+            if allowed_k > 0:
+                need += f" ({allowed_k:.1f} counting the kernel's time)"
+            elif allowed > 0:
+                need += " (none left counting the kernel's time)"
             measured = f"measured {ours:.1f}"
             bare = rows.get("bare uvloop")
             if bare is not None and test in bare.results:
                 bare_us = _median_parts(bare.results[test]).get("proxy")
                 if bare_us is not None:
-                    measured += f"; bare uvloop without TLS uses {bare_us:.1f}"
-            bound, limit = "the machine", capacity * 1e6 / others_us
+                    measured += f"; bare uvloop without TLS {bare_us:.1f}"
+            # single-threaded processes of the path: one core each
+            bound, limit = "the machine", float("inf")
             for role, us in others.items():
                 if role != "nats" and us > 0 and 1e6 / us < limit:
                     bound, limit = f"the {role}'s one core", 1e6 / us
-            at_direct = min(limit, cores * direct_share * 1e6 / others_us)
+            if capacity * 1e6 / others_us < limit:
+                bound = "the machine"
+            ceiling = min(limit, capacity * 1e6 / others_us) / base
+            ceiling_k = min(limit, capacity * 1e6 / (others_us + kernel)) / base
+            at_direct = min(limit, cores * direct_share * 1e6 / others_us) / base
             alone = ""
             if tls is not None and test in tls.results:
                 ratio = _median(tls.results[test], "rps") / base
@@ -1169,17 +1181,17 @@ def _budget(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> None:
                 detail += "; * from the stand-in TLS row, lower there"
             what = f"{name} {op} P{pipeline}"
             lines.append(
-                f"  {what:<22} floor {floor:.2f}x = {target:,.0f} req/s {need}; {measured}"
+                f"  {what:<22} floor {floor:.2f}x = {target:,.0f} req/s: {need}; {measured}"
             )
             lines.append(
-                f"  {'':<22} others: {others_us:.1f} us/req ({detail}; and"
-                f" irq {parts.get('irq', 0.0):.1f}, not counted);"
-                f" capacity {capacity:.2f} cores ({cores} x {share * 100:.0f}%, the busiest"
-                f" row: {busiest.name})"
+                f"  {'':<22} others {others_us:.1f} us/req ({detail}); kernel {kernel:.1f}"
+                f" ({short.name} row's irq); capacity {capacity:.2f} cores ({cores} x"
+                f" {share * 100:.0f}%, the busiest row: {busiest.name})"
             )
             lines.append(
-                f"  {'':<22} ceiling with a free agent: {limit / base:.2f}x (bound by {bound});"
-                f" {at_direct / base:.2f}x at direct's {direct_share * 100:.0f}% busy{alone}"
+                f"  {'':<22} ceiling with a free agent: {ceiling:.2f}x, bound by {bound}"
+                f" ({ceiling_k:.2f}x counting the kernel's time; {at_direct:.2f}x at direct's"
+                f" {direct_share * 100:.0f}% busy){alone}"
             )
     if lines:
         print()
