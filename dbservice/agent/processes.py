@@ -35,7 +35,7 @@ from typing import Any
 from dbservice.agent.config import AgentConfig, split_host_port
 from dbservice.agent.supervisor import BACKOFF, HEALTHY_RUN
 from dbservice.agent.worker import wait_event
-from fleetgate.config import ConfigError
+from fleetgate.config import ConfigError, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,6 @@ class ListenerProcess:
                 "--listener-process is for the agent's own use: the agent starts listener "
                 "processes itself (set db_service.listener.processes)"
             ) from None
-        from fleetgate.config import load_model
-
         return spec, load_model(AgentConfig, spec.config, f"listener process {index}")
 
 
