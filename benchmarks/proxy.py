@@ -1127,6 +1127,7 @@ def _budget(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> None:
             # wake-up) in the stand-in TLS row: the lower of the two is taken.
             tls = rows.get("stand-in TLS")
             lower: list[str] = []
+            tls_parts: dict[str, float] = {}
             if tls is not None and test in tls.results:
                 tls_parts = _median_parts(tls.results[test])
                 for role in ("client", "front", "server"):
@@ -1162,6 +1163,8 @@ def _budget(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> None:
                 bare_us = _median_parts(bare.results[test]).get("proxy")
                 if bare_us is not None:
                     measured += f"; bare uvloop without TLS {bare_us:.1f}"
+            if "front" in tls_parts:
+                measured += f"; the front, in C, for one TLS side {tls_parts['front']:.1f}"
             # single-threaded processes of the path: one core each
             bound, limit = "the machine", float("inf")
             for role, us in others.items():
