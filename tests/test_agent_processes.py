@@ -142,6 +142,10 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def command_line(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+
+
 def socket_inodes(pid: int) -> set[str]:
     out = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
@@ -222,6 +226,9 @@ async def test_two_processes_share_the_port(
     try:
         await agent.listening(1)
         first = agent.started()[1]
+        command = command_line(first)
+        assert b"--listener-process" in command and b"1" in command
+        assert not any(b"nats://" in part for part in command)  # it may hold a password
 
         # The kernel spreads connections over both processes; each session is served
         # by one of them and every command is audited exactly once.

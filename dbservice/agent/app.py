@@ -68,7 +68,7 @@ class Agent:
         self.listener_process = listener_process
         """Set in a listener process: serve clients only (no health checks, heartbeats,
         rotation or cleanup); None in the agent process itself."""
-        self.process_argv = list(process_argv or default_argv(nats_url))
+        self.process_argv = list(process_argv or default_argv())
         """How the leader starts a listener process (``--listener-process K`` added)."""
         self.processes: ListenerProcesses | None = None
         """The leader's listener processes (None unless ``listener.processes`` > 1)."""
@@ -259,7 +259,11 @@ class Agent:
                 self.processes = ListenerProcesses(
                     processes,
                     spec=ListenerProcess(
-                        0, identity.host_id, os.getpid(), self.config.model_dump(mode="json")
+                        0,
+                        identity.host_id,
+                        os.getpid(),
+                        self.config.model_dump(mode="json"),
+                        self.nats_url,
                     ),
                     argv=self.process_argv,
                 )
@@ -304,13 +308,12 @@ class Agent:
         return self.synced.is_set() and not any(r.done() for r in roots)
 
 
-def default_argv(nats_url: str) -> list[str]:
+def default_argv() -> list[str]:
     """The command of a listener process, before ``--listener-process K``."""
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
     if level not in ("debug", "info", "warning", "error"):
         level = "info"
-    command = [sys.executable, "-m", "fleetgate", "agent", "run", "-c", "-", "--nats", nats_url]
-    return [*command, "--log-level", level]
+    return [sys.executable, "-m", "fleetgate", "agent", "run", "-c", "-", "--log-level", level]
 
 
 async def run_agent(

@@ -19,7 +19,7 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
     )
     run.add_argument("-c", "--config", required=True, help="agent YAML config file")
     # Internal: how the agent starts its listener processes (listener.processes > 1);
-    # they read the agent's config, host_id and pid from stdin.
+    # they read the agent's config, NATS URL, host_id and pid from stdin.
     run.add_argument("--listener-process", type=int, metavar="K", help=argparse.SUPPRESS)
     run.add_argument(
         "--nats", help="NATS URL (default: config, FLEETGATE_NATS_URL, nats://127.0.0.1:4222)"
@@ -36,7 +36,7 @@ def _run(args: argparse.Namespace) -> int:
         return _run_listener_process(args)
     config = load_model(AgentConfig, read_yaml(args.config), args.config)
     url = resolve_nats_url(args.nats, config.nats.url)
-    argv = [sys.executable, "-m", "fleetgate", "agent", "run", "-c", args.config, "--nats", url]
+    argv = [sys.executable, "-m", "fleetgate", "agent", "run", "-c", args.config]
     argv += ["--log-level", args.log_level, "--log-format", args.log_format]
     return aio.run(run_agent(config, nats_url=url, process_argv=argv))
 
@@ -49,5 +49,5 @@ def _run_listener_process(args: argparse.Namespace) -> int:
     tag_logs(index)
     data = b"" if sys.stdin.isatty() else sys.stdin.buffer.read()
     spec, config = ListenerProcess.decode(index, data)
-    url = resolve_nats_url(args.nats, config.nats.url)
+    url = spec.nats_url or resolve_nats_url(args.nats, config.nats.url)
     return aio.run(run_agent(config, nats_url=url, listener_process=spec))

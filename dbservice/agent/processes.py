@@ -2,7 +2,7 @@
 
 The agent process (the *leader*) binds ``listen_addr`` with ``SO_REUSEPORT`` and starts
 ``processes - 1`` *listener processes*: ``fleetgate agent run --listener-process K``,
-handed the leader's validated config, its host_id and its pid on stdin (so a config file
+handed the leader's validated config, NATS URL, host_id and pid on stdin (so a config file
 edited meanwhile cannot make them serve something else). Each binds the same address
 with ``SO_REUSEPORT`` once it has read the registry, and the kernel spreads new
 connections over the sockets.
@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from dbservice.agent.config import AgentConfig, split_host_port
@@ -58,10 +58,18 @@ class ListenerProcess:
     leader_pid: int
     config: dict[str, Any]
     """The leader's config, validated there (JSON-ready)."""
+    nats_url: str = ""
+    """The NATS URL the leader uses (here, not on the command line: it may hold a
+    password, and anyone on the host can read a command line)."""
 
     def encode(self) -> bytes:
         return json.dumps(
-            {"host_id": self.host_id, "leader_pid": self.leader_pid, "config": self.config}
+            {
+                "host_id": self.host_id,
+                "leader_pid": self.leader_pid,
+                "config": self.config,
+                "nats_url": self.nats_url,
+            }
         ).encode()
 
     @classmethod
@@ -69,7 +77,13 @@ class ListenerProcess:
         """ConfigError when ``data`` is not what a leader sends (the flag is internal)."""
         try:
             body = json.loads(data)
-            spec = cls(index, str(body["host_id"]), int(body["leader_pid"]), body["config"])
+            spec = cls(
+                index,
+                str(body["host_id"]),
+                int(body["leader_pid"]),
+                body["config"],
+                str(body.get("nats_url") or ""),
+            )
         except (ValueError, KeyError, TypeError):
             raise ConfigError(
                 "--listener-process is for the agent's own use: the agent starts listener "
@@ -181,7 +195,7 @@ class ListenerProcesses:
             stdin=asyncio.subprocess.PIPE,
         )
         assert proc.stdin is not None
-        spec = ListenerProcess(index, self.spec.host_id, self.spec.leader_pid, self.spec.config)
+        spec = replace(self.spec, index=index)
         try:
             proc.stdin.write(spec.encode())
             await proc.stdin.drain()
