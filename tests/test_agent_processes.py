@@ -201,7 +201,7 @@ def test_processes_config() -> None:
         error = processes_error(bad)
         assert "db_service.listener.processes" in error
         assert "whole number from 1 to 64, or auto" in error
-    assert check_processes("auto") == min(os.cpu_count() or 1, 64)
+    assert check_processes("auto") == min(len(os.sched_getaffinity(0)), 64)
     assert check_processes(4) == 4
     assert check_processes("auto", platform="darwin") == 1
     with pytest.raises(ValueError, match="several listener processes need Linux"):

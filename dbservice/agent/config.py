@@ -373,13 +373,22 @@ class ListenerConfig(Strict):
 MAX_PROCESSES = 64
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity: a container's cpuset), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def check_processes(value: object, *, platform: str = sys.platform) -> int:
-    """``listener.processes``: a whole number from 1 to 64, or ``auto`` (one per CPU,
-    at most 64; 1 where SO_REUSEPORT does not spread connections)."""
+    """``listener.processes``: a whole number from 1 to 64, or ``auto`` (one per CPU
+    this process may run on, at most 64; 1 where SO_REUSEPORT does not spread
+    connections)."""
     if value == "auto":
         if not platform.startswith("linux"):
             return 1
-        return max(1, min(os.cpu_count() or 1, MAX_PROCESSES))
+        return max(1, min(usable_cpus(), MAX_PROCESSES))
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(
             f"{value!r}: give a whole number from 1 to {MAX_PROCESSES}, or auto (one per CPU)"
