@@ -91,10 +91,6 @@ class Fleet:
             return int(proc.pid)
         return self.procs[name].pid
 
-    def has(self, name: str) -> bool:
-        """Whether the part ``name`` was started (``tunnel`` and ``auth`` are optional)."""
-        return (name == "nats" and self.nats is not None) or name in self.procs
-
     def tls_args(self) -> list[str]:
         """redis-benchmark / redis-cli options for mutual TLS straight to the agent."""
         ids = self.identity
