@@ -485,11 +485,10 @@ def _snapshot(roles: dict[str, int]) -> dict[str, float]:
     return out
 
 
-CPU_ROLES = ("client", "proxy", "tunnel", "front", "server", "nats", "irq")
-"""What each run's CPU is split into: the processes of a row's path (the load generator,
-the row's proxy (the agent in the agent rows), the db connect tunnel, the stand-in's TLS
-front, valkey-server, nats-server storing the agent's audit), and the kernel's interrupt
-time (``irq``: loopback packets are moved in soft interrupts, charged to no process)."""
+CPU_ROLES = ("client", "proxy", "tunnel", "front", "server", "nats")
+"""The processes of a row's path whose CPU each run records: the load generator, the
+row's proxy (the agent in the agent rows), the db connect tunnel, the stand-in's TLS
+front, valkey-server, nats-server (storing the agent's audit)."""
 
 
 def _cpu_split(
@@ -498,8 +497,9 @@ def _cpu_split(
     """Microseconds of CPU per request of each role, ``other`` (the machine's busy time
     that none of them used: this driver, idle fleet parts, other work on the machine),
     ``total`` (the machine's busy time), ``busy`` (its busy share over the run, 0-1) and
-    ``noise`` (the share of the machine's time that went to ``other``). ``irq`` is in the
-    machine's busy time and in no process's."""
+    ``noise`` (the share of the machine's time that went to ``other``), and ``irq``: the
+    kernel's interrupt time (moving loopback packets), which the processes' system time
+    already includes here (the processes and ``other`` add up to ``total`` without it)."""
     spent = {key: after[key] - before[key] for key in after}
     out = {"busy": spent["busy"] / (spent["busy"] + spent["idle"]) if spent["idle"] else 1.0}
     out["wall"] = spent["wall"]
@@ -508,6 +508,7 @@ def _cpu_split(
     out["noise"] = unknown / (spent["busy"] + spent["idle"]) if spent["busy"] else 0.0
     for role in roles:
         out[role] = spent[role] / requests * 1e6
+    out["irq"] = spent["irq"] / requests * 1e6
     out["total"] = spent["busy"] / requests * 1e6
     out["other"] = out["total"] - sum(out[role] for role in roles)
     return out
@@ -756,6 +757,10 @@ def main() -> int:
         "--idle-rounds", type=int, default=2, help="times to open and close the idle sessions"
     )
     args = parser.parse_args()
+    if args.latency_rate < 0:
+        parser.error("--latency-rate: give a rate in requests per second, or 0 to skip")
+    if args.latency_connections < 1:
+        parser.error("--latency-connections: give at least 1 connection")
     pipelines = [int(p) for p in args.pipelines.split(",")]
     tests: list[tuple[str, int, int]] = [
         (op, pipeline, args.clients) for pipeline in pipelines for op in ("SET", "GET")
@@ -1033,24 +1038,27 @@ def _cpu_report(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> Non
     print()
     print(f"CPU per request of every process in the path, us (user+sys, medians), and the "
           f"machine's busy share ({os.cpu_count()} cores)")  # fmt: skip
-    names = (*CPU_ROLES, "other", "total")
-    print(f"{'test':<12}{'row':<18}" + "".join(f"{n:>8}" for n in names) + f"{'busy':>7}")
+    names = (*CPU_ROLES, "other", "total", "irq")
+    print(f"{'test':<12}{'row':<18}" + "".join(f"{n:>8}" for n in names[:-1]) + f"{'busy':>7}"
+          f"{'(irq)':>8}")  # fmt: skip
     for test in tests:
         op, pipeline, clients = test
         label = f"{op} P{pipeline}" + (f" c{clients}" if clients != tests[0][2] else "")
         for proxy in proxies:
             parts = _median_parts(proxy.results[test])
-            cells = "".join(f"{parts[n]:>8.1f}" if n in parts else f"{'-':>8}" for n in names)
-            print(f"{label:<12}{proxy.name:<18}{cells}{parts['busy'] * 100:>6.0f}%")
+            cells = "".join(f"{parts[n]:>8.1f}" if n in parts else f"{'-':>8}" for n in names[:-1])
+            print(f"{label:<12}{proxy.name:<18}{cells}{parts['busy'] * 100:>6.0f}%"
+                  f"{parts.get('irq', 0.0):>8.1f}")  # fmt: skip
         print()
     print(
         "client: the load generator; proxy: the row's proxy (the agent in the agent and db"
         " connect rows); tunnel: fleetgate db connect; front: the stand-in's TLS front;"
-        " server: valkey-server; nats: nats-server (the agent's audit); irq: the kernel's"
-        " interrupt time (loopback packets), no process's; other: the rest of"
+        " server: valkey-server; nats: nats-server (the agent's audit); other: the rest of"
         " the machine's busy time (this script, idle fleet parts, other work); total: the"
-        " machine's busy time per request; busy: its share of all cores over the run."
-        " Each run's figures include connecting its clients (TLS handshakes) once"
+        " machine's busy time per request; busy: its share of all cores over the run;"
+        " (irq): of that time, the kernel's interrupt time (moving loopback packets),"
+        " already inside the processes' system time. Each run's figures include"
+        " connecting its clients (TLS handshakes) once"
     )
     noise = max(
         (r["parts"]["noise"] for p in proxies for results in p.results.values() for r in results),
@@ -1093,17 +1101,18 @@ def _open_report(
     if direct is not None and base is not None and alone is not None:
         one = _median(direct.results[alone], "p50_ms")
         print(
-            f"check: direct's open-loop p50 {base:.3f} ms against {one:.3f} ms from"
-            f" {alone[2]} closed-loop client(s) in C (the GET P1 c{alone[2]} test: nothing"
-            f" queued): the generator's own share of each latency is about the difference"
+            f"check: direct's open-loop p50 {base:.3f} ms, redis-benchmark's with"
+            f" {alone[2]} client(s) (C, closed loop, nothing queued: the GET P1 c{alone[2]}"
+            f" test) {one:.3f} ms: the generator adds about {max(base - one, 0.0):.3f} ms"
+            f" to each latency, the same in every row (+p50 takes it away)"
         )
 
 
 def _budget(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> None:
     """For each throughput floor: the CPU per request the rest of the path used in the
-    floor's row, the machine's capacity, and so the most CPU per request the agent may
-    use at the floor's rate, and the highest ratio any agent could reach (README: "The
-    budget")."""
+    floor's row against the CPU the direct row's path used (and the whole machine), so
+    the most CPU per request the agent may use at the floor's rate, and the highest
+    ratio any agent could reach (README: "The budget")."""
     rows = {p.name: p for p in proxies}
     direct = rows.get("direct")
     if direct is None:
@@ -1117,89 +1126,83 @@ def _budget(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> None:
             test = (op, pipeline, clients)
             if row is None or test not in row.results:
                 continue
-            parts = _median_parts(row.results[test])
-            busiest = max(proxies, key=lambda p: _median_parts(p.results[test])["busy"])
-            share = _median_parts(busiest.results[test])["busy"]
-            direct_share = _median_parts(direct.results[test])["busy"]
-            capacity = cores * share  # CPU seconds per second
-            others = {r: parts[r] for r in ("client", "front", "server", "nats") if r in parts}
-            # The same client, front and server at a higher rate (batching more per
-            # wake-up) in the stand-in TLS row: the lower of the two is taken.
-            tls = rows.get("stand-in TLS")
-            lower: list[str] = []
-            tls_parts: dict[str, float] = {}
-            if tls is not None and test in tls.results:
-                tls_parts = _median_parts(tls.results[test])
-                for role in ("client", "front", "server"):
-                    if role in others and role in tls_parts and tls_parts[role] < others[role]:
-                        others[role] = tls_parts[role]
-                        lower.append(role)
-            others_us = max(sum(others.values()), 1e-9)
-            # The kernel's packet time (irq) of a shorter path: the stand-in TLS row's
-            # (two hops of the agent path's three), else direct's (one).
-            short = tls if tls is not None and test in tls.results else direct
-            kernel = _median_parts(short.results[test]).get("irq", 0.0)
-            ours = parts.get("proxy", 0.0) + parts.get("tunnel", 0.0)
-            base = _median(direct.results[test], "rps")
-            target = floor * base
-            one_core = 1e6 / target if name == "agent" else float("inf")  # one process
-            allowed = min(capacity * 1e6 / target - others_us, one_core)
-            allowed_k = min(capacity * 1e6 / target - others_us - kernel, one_core)
-            subject = "the agent" if name == "agent" else "the tunnel and the agent together"
-            if allowed > 0:
-                need = f"{subject} at <= {allowed:.1f} us/req"
-            else:
-                need = (
-                    f"no {'agent' if name == 'agent' else 'tunnel and agent'} can: the others"
-                    f" alone need {others_us * target / 1e6:.2f} of {capacity:.2f} cores"
-                )
-            if allowed_k > 0:
-                need += f" ({allowed_k:.1f} counting the kernel's time)"
-            elif allowed > 0:
-                need += " (none left counting the kernel's time)"
-            measured = f"measured {ours:.1f}"
-            bare = rows.get("bare uvloop")
-            if bare is not None and test in bare.results:
-                bare_us = _median_parts(bare.results[test]).get("proxy")
-                if bare_us is not None:
-                    measured += f"; bare uvloop without TLS {bare_us:.1f}"
-            if "front" in tls_parts:
-                measured += f"; the front, in C, for one TLS side {tls_parts['front']:.1f}"
-            # single-threaded processes of the path: one core each
-            bound, limit = "the machine", float("inf")
-            for role, us in others.items():
-                if role != "nats" and us > 0 and 1e6 / us < limit:
-                    bound, limit = f"the {role}'s one core", 1e6 / us
-            if capacity * 1e6 / others_us < limit:
-                bound = "the machine"
-            ceiling = min(limit, capacity * 1e6 / others_us) / base
-            ceiling_k = min(limit, capacity * 1e6 / (others_us + kernel)) / base
-            at_direct = min(limit, cores * direct_share * 1e6 / others_us) / base
-            alone = ""
-            if tls is not None and test in tls.results:
-                ratio = _median(tls.results[test], "rps") / base
-                alone = f"; the stand-in's TLS front alone reached {ratio:.2f}x"
-            detail = ", ".join(f"{r} {v:.1f}" + "*" * (r in lower) for r, v in others.items())
-            if lower:
-                detail += "; * from the stand-in TLS row, lower there"
-            what = f"{name} {op} P{pipeline}"
-            lines.append(
-                f"  {what:<22} floor {floor:.2f}x = {target:,.0f} req/s: {need}; {measured}"
-            )
-            lines.append(
-                f"  {'':<22} others {others_us:.1f} us/req ({detail}); kernel {kernel:.1f}"
-                f" ({short.name} row's irq); capacity {capacity:.2f} cores ({cores} x"
-                f" {share * 100:.0f}%, the busiest row: {busiest.name})"
-            )
-            lines.append(
-                f"  {'':<22} ceiling with a free agent: {ceiling:.2f}x, bound by {bound}"
-                f" ({ceiling_k:.2f}x counting the kernel's time; {at_direct:.2f}x at direct's"
-                f" {direct_share * 100:.0f}% busy){alone}"
-            )
+            lines += _budget_lines(rows, direct, row, test, floor, cores)
     if lines:
         print()
         print("budget: what the rest of the path leaves the agent on this machine (README: budget)")
         print("\n".join(lines))
+
+
+def _budget_lines(
+    rows: dict[str, _Proxy],
+    direct: _Proxy,
+    row: _Proxy,
+    test: tuple[str, int, int],
+    floor: float,
+    cores: int,
+) -> list[str]:
+    parts = _median_parts(row.results[test])
+    mine = _median_parts(direct.results[test])
+    base = _median(direct.results[test], "rps")  # D
+    target = floor * base  # T
+    # S: the others in this row; the client, front and server also ran, at a higher
+    # rate (batching more per wake-up), in the stand-in TLS row: the lower is taken.
+    others = {r: parts[r] for r in ("client", "front", "server", "nats") if r in parts}
+    tls = rows.get("stand-in TLS")
+    tls_parts = _median_parts(tls.results[test]) if tls and test in tls.results else {}
+    lower = [r for r in ("client", "front", "server") if r in others and r in tls_parts]
+    lower = [r for r in lower if tls_parts[r] < others[r]]
+    for role in lower:
+        others[role] = tls_parts[role]
+    others_us = max(sum(others.values()), 1e-9)
+    # What direct's path used: its client and server, per request, and in cores.
+    direct_us = mine.get("client", 0.0) + mine.get("server", 0.0)
+    direct_cores = direct_us * base / 1e6
+    busiest = max(rows.values(), key=lambda p: _median_parts(p.results[test])["busy"])
+    machine = cores * _median_parts(busiest.results[test])["busy"]
+    # One core for each single-threaded process of the path.
+    limit = min((1e6 / us for r, us in others.items() if r != "nats" and us > 0), default=1e18)
+    one_core = 1e6 / target if row.name == "agent" else float("inf")
+    allowed = min(direct_cores * 1e6 / target - others_us, one_core)
+    allowed_machine = min(machine * 1e6 / target - others_us, one_core)
+    ceiling = min(direct_us / others_us, limit / base)
+    ceiling_machine = min(machine * 1e6 / others_us, limit) / base
+    bound = "" if limit >= machine * 1e6 / others_us else "; one core for a process bounds it"
+    ours = parts.get("proxy", 0.0) + parts.get("tunnel", 0.0)
+    subject = "the agent" if row.name == "agent" else "the tunnel and the agent together"
+
+    def room(us: float) -> str:
+        return f"{us:.1f} us/req" if us > 0 else "none"
+
+    need = (
+        f"{subject} may use {room(allowed)} with the CPU direct's path used,"
+        f" {room(allowed_machine)} with the whole machine"
+    )
+    measured = f"measured {ours:.1f}"
+    bare = rows.get("bare uvloop")
+    if bare is not None and test in bare.results:
+        bare_us = _median_parts(bare.results[test]).get("proxy")
+        if bare_us is not None:
+            measured += f"; bare uvloop without TLS {bare_us:.1f}"
+    if "front" in tls_parts:
+        measured += f"; the front, in C, for one TLS side {tls_parts['front']:.1f}"
+    detail = ", ".join(f"{r} {v:.1f}" + "*" * (r in lower) for r, v in others.items())
+    if lower:
+        detail += "; * from the stand-in TLS row, lower there"
+    alone = ""
+    if tls is not None and test in tls.results:
+        ratio = _median(tls.results[test], "rps") / base
+        alone = f"; the stand-in's TLS front alone reached {ratio:.2f}x"
+    what = f"{row.name} {test[0]} P{test[1]}"
+    pad = " " * 24
+    return [
+        f"  {what:<22}floor {floor:.2f}x = {target:,.0f} req/s: {need}; {measured}",
+        f"{pad}others {others_us:.1f} us/req ({detail}); direct's path {direct_us:.1f} us/req"
+        f" = {direct_cores:.2f} cores at {base:,.0f} req/s; the machine {machine:.2f} cores"
+        f" (the busiest row: {busiest.name})",
+        f"{pad}ceiling with a free agent: {ceiling:.2f}x with the CPU direct's path used,"
+        f" {ceiling_machine:.2f}x with the whole machine{bound}{alone}",
+    ]
 
 
 def _report(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> None:
