@@ -486,14 +486,7 @@ class SessionAudit:
             self.query(args)
             return
         self.commands += 1
-        item = _dumps({"time": time.time(), "command": name, "args": text})
-        buffer = self._buffer
-        buffer.append(item)
-        self._buffer_bytes += len(item)
-        if len(buffer) == 1:
-            emitter._buffering_in(self)
-        if len(buffer) >= self._max_commands or self._buffer_bytes >= self._max_bytes:
-            self.flush()
+        self._add(_dumps({"time": time.time(), "command": name, "args": text}))
 
     def _add(self, item: bytes) -> None:
         emitter = self._emitter
