@@ -27,6 +27,15 @@ proxy, as the generator competes with it for the cores).
 
     python benchmarks/proxy.py                  # 50 clients, pipeline 1 and 16, 3 rounds
     python benchmarks/proxy.py --seconds 5 --rounds 5 --rows direct,engine,bare
+    python benchmarks/proxy.py --connect-rate 2000   # sessions/s instead (see below)
+
+``--connect-rate N`` measures something else, alone: how fast new sessions open. Each
+of N sessions is a fresh TLS connection that sends one PING and closes
+(``redis-benchmark -k 0``), against the agent (mutual TLS, route, roles, TLS upstream,
+login, audit start and end) and against the stand-in's TLS front (one TLS side in C),
+interleaved over ``--rounds``; it prints sessions per second and the CPU per session of
+the agent, the front, the generator and nats-server (``--connect-profile FILE`` also
+records the agent with ``py-spy record --native`` during the agent runs).
 
 Every proxy runs in its own process, so its CPU time per request (user and system, from
 ``/proc``) is its own. Around each run the script also reads the CPU time of every other
@@ -439,6 +448,122 @@ async def _serve_bare(upstream_port: int) -> None:
     await loop.run_in_executor(None, sys.stdin.read)
 
 
+# -- the connection rate: one session per request -----------------------------------------
+
+
+def _sessions(port: int, clients: int, sessions: int, extra: Sequence[str]) -> float:
+    """``sessions`` sessions of one PING each over ``clients`` concurrent clients, each
+    session its own connection (``redis-benchmark -k 0``); sessions per second."""
+    out = subprocess.run(
+        ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(clients),
+         "-n", str(sessions), "-k", "0", "--csv", *extra, "PING"],
+        capture_output=True, check=True, timeout=600, text=True,
+    )  # fmt: skip
+    lines = [line for line in out.stdout.splitlines() if line.startswith('"')]
+    header = [h.strip('"') for h in lines[0].split(",")]
+    row = [v.strip('"') for v in lines[-1].split(",")]
+    return float(dict(zip(header, row, strict=True))["rps"])
+
+
+def _profile(pid: int, output: str) -> subprocess.Popen[bytes] | None:
+    """``py-spy record --native`` of ``pid`` until stopped (SIGINT), collapsed stacks."""
+    if shutil.which("py-spy") is None:
+        print("py-spy is not installed (pip install py-spy): no profile")
+        return None
+    return subprocess.Popen(
+        ["py-spy", "record", "--native", "--rate", "250", "--format", "raw",
+         "--pid", str(pid), "--output", output],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _stop_profile(process: subprocess.Popen[bytes] | None) -> None:
+    if process is None:
+        return
+    import signal
+
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(5)
+
+
+def _connect_rate(args: argparse.Namespace) -> int:
+    """``--connect-rate``: sessions per second and CPU per session, agent and front."""
+    if shutil.which("redis-benchmark") is None:
+        print("--connect-rate needs redis-benchmark (apt-get install redis-tools)")
+        return 2
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        node = asyncio.run(_start_valkey(tmp / "valkey"))
+        fleet: Fleet | None = None
+        try:
+            fleet = Fleet(tmp / "fleet", node.port).start(tunnel=False)
+            rows = {
+                "agent": (fleet.agent_port, fleet.tls_args(), "agent"),
+                "stand-in TLS": (fleet.front_port, fleet.front_tls_args(), "front"),
+            }
+            roles = {  # "proxy" is the agent (CPU_ROLES)
+                "proxy": fleet.pid("agent"), "front": fleet.pid("front"),
+                "server": node.proc.pid, "nats": fleet.pid("nats"),
+            }  # fmt: skip
+            print(f"machine      {platform.machine()}, {os.cpu_count()} cores, Python "
+                  f"{platform.python_version()}, {platform.system()}")  # fmt: skip
+            print(f"workload     redis-benchmark -k 0 -c {args.connect_clients} -n "
+                  f"{args.connect_rate} PING: every PING on a new TLS connection (a new "
+                  f"session), {args.rounds} interleaved rounds (median); front: "
+                  f"{fleet.front_kind}")  # fmt: skip
+            for port, extra, _ in rows.values():  # warm-up: caches, first handshakes
+                _sessions(port, args.connect_clients, 200, extra)
+            results: dict[str, list[dict[str, float]]] = {name: [] for name in rows}
+            names = list(rows)
+            for round_ in range(args.rounds):
+                for name in names[round_ % 2 :] + names[: round_ % 2]:
+                    port, extra, _ = rows[name]
+                    profiler = None
+                    if args.connect_profile and name == "agent":
+                        profiler = _profile(roles["proxy"], f"{args.connect_profile}.{round_}")
+                    before = _snapshot(roles)
+                    rate = _sessions(port, args.connect_clients, args.connect_rate, extra)
+                    after = _snapshot(roles)
+                    _stop_profile(profiler)
+                    parts = _cpu_split(before, after, args.connect_rate)
+                    parts["rate"] = rate
+                    results[name].append(parts)
+            print()
+            print(f"{'row':<14}{'sessions/s':>11}" + "".join(
+                f"{r:>9}" for r in ("agent", "front", "client", "server", "nats", "other", "total")
+            ) + f"{'busy':>7}")  # fmt: skip
+            for name, runs in results.items():
+                med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                cells = "".join(
+                    f"{med[r]:>9.0f}" for r in ("proxy", "front", "client", "server", "nats",
+                                                "other", "total")
+                )  # fmt: skip
+                print(f"{name:<14}{med['rate']:>11,.0f}{cells}{med['busy'] * 100:>6.0f}%")
+            print(
+                "CPU per session in microseconds (user+sys, medians): agent: fleetgate agent"
+                " run; front: the stand-in's TLS front (the agent row also goes through it,"
+                " as the agent's upstream); client: redis-benchmark; server: valkey-server;"
+                " nats: nats-server (roles read, audit stored); other: the rest of the"
+                " machine's busy time; busy: the machine's share of all cores"
+            )
+            agent = statistics.median(r["proxy"] for r in results["agent"])
+            front = statistics.median(r["front"] for r in results["stand-in TLS"])
+            print(f"one core opens about {1e6 / agent:,.0f} agent sessions/s "
+                  f"({agent / 1000:.2f} ms each) and {1e6 / front:,.0f} front ones "
+                  f"({front / 1000:.2f} ms each)")  # fmt: skip
+            if args.connect_profile:
+                print(f"profiles: {args.connect_profile}.<round> (py-spy raw: collapsed stacks)")
+        finally:
+            if fleet is not None:
+                fleet.stop()
+            asyncio.run(node.stop())
+    return 0
+
+
 # -- the driver --------------------------------------------------------------------------
 
 
@@ -756,7 +881,28 @@ def main() -> int:
     parser.add_argument(
         "--idle-rounds", type=int, default=2, help="times to open and close the idle sessions"
     )
+    parser.add_argument(
+        "--connect-rate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="measure only how fast sessions open: N sessions of one PING each, every one "
+        "a new TLS connection, against the agent and the stand-in's TLS front (0: the usual "
+        "run)",
+    )
+    parser.add_argument(
+        "--connect-clients", type=int, default=20, help="--connect-rate: concurrent clients"
+    )
+    parser.add_argument(
+        "--connect-profile",
+        metavar="FILE",
+        help="--connect-rate: record the agent with py-spy --native into FILE.<round>",
+    )
     args = parser.parse_args()
+    if args.connect_rate < 0 or args.connect_clients < 1:
+        parser.error("--connect-rate: give a number of sessions; --connect-clients: at least 1")
+    if args.connect_rate:
+        return _connect_rate(args)
     if args.latency_rate < 0:
         parser.error("--latency-rate: give a rate in requests per second, or 0 to skip")
     if args.latency_connections < 1:
