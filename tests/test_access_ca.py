@@ -17,6 +17,7 @@ from dbservice.auth.admin import AdminError, init_ca, sign_host, write_identity
 from dbservice.auth.ca import (
     CertificateAuthority,
     CertificateRejected,
+    ClientVerifier,
     cert_pem,
     decode_identity,
     identity_from_ssl,
@@ -100,6 +101,68 @@ def test_expired_and_other_ca_certificates_are_rejected() -> None:
     # A CA bundle (rotation) trusts both.
     assert verify_client_certificate(foreign, [ca.cert, other.cert]).user == "alice"
     assert len(load_certs(ca.pem + other.pem)) == 2
+
+
+def test_client_verifier_remembers_accepted_certificates_but_checks_dates() -> None:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    ca, other = CertificateAuthority.create(), CertificateAuthority.create()
+    der = ca.issue_client(new_key().public_key(), ALICE, 60).public_bytes(Encoding.DER)
+    verifier = ClientVerifier([ca.cert], size=2)
+    first = verifier.verify(der)
+    assert first.user == "alice" and len(verifier) == 1
+    assert verifier.verify(der) == first
+    # Remembered, but expired now: refused with the usual reason, and forgotten.
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+    with pytest.raises(CertificateRejected, match=r"expired at .*; log in again"):
+        verifier.verify(der, now=later)
+    assert len(verifier) == 0
+    earlier = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    verifier.verify(der)
+    with pytest.raises(CertificateRejected, match="not valid yet"):
+        verifier.verify(der, now=earlier)
+    # A verifier of another CA (a rotation) refuses what the first accepted.
+    with pytest.raises(CertificateRejected, match="not issued by this fleet's CA"):
+        ClientVerifier([other.cert]).verify(der)
+    with pytest.raises(CertificateRejected, match="no fleet CA is known"):
+        ClientVerifier([]).verify(der)
+    # Refusals are not remembered; the accepted ones are bounded.
+    foreign = other.issue_client(new_key().public_key(), ALICE, 60).public_bytes(Encoding.DER)
+    for _ in range(2):
+        with pytest.raises(CertificateRejected, match="not issued by this fleet's CA"):
+            verifier.verify(foreign)
+    for _ in range(3):
+        verifier.verify(
+            ca.issue_client(new_key().public_key(), ALICE, 60).public_bytes(Encoding.DER)
+        )
+    assert len(verifier) == 2
+
+
+def test_client_verifier_refuses_a_remembered_certificate_once_its_ca_expires() -> None:
+    # The CA's own dates count too (the chain is valid only while both are).
+    ca = CertificateAuthority.create()
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    now = dt.datetime.now(dt.UTC)
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca.cert.subject)
+        .issuer_name(ca.cert.subject)
+        .public_key(ca.key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(minutes=2))
+    )
+    for ext in ca.cert.extensions:
+        ca_cert = ca_cert.add_extension(ext.value, critical=ext.critical)
+    short_ca = CertificateAuthority(ca_cert.sign(ca.key, hashes.SHA256()), ca.key)
+    der = short_ca.issue_client(new_key().public_key(), ALICE, 3600).public_bytes(Encoding.DER)
+    verifier = ClientVerifier([short_ca.cert])
+    assert verifier.verify(der).user == "alice"
+    with pytest.raises(CertificateRejected, match="not issued by this fleet's CA"):
+        verifier.verify(der, now=now + dt.timedelta(minutes=10))
 
 
 async def _handshake(

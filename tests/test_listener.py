@@ -171,6 +171,20 @@ async def test_expired_other_ca_and_missing_certificates_are_refused(
     assert all(e.client_addr.startswith("127.0.0.1:") for e in failed)
 
 
+async def test_a_certificate_accepted_before_is_refused_once_expired(
+    fleet: Fleet, agent: int
+) -> None:
+    # The agent remembers certificates it accepted; their dates still count every time.
+    alice = fleet.identity("alice", ["dev"], ttl=3)
+    for _ in range(2):  # accepted (the route's +OK comes after the certificate check)
+        session = await RawSession.open(agent, alice, fleet.ca.pem, "dev-cache", "app")
+        session.close()
+    await asyncio.sleep(3.5)
+    reason = await refusal(fleet, agent, alice, "dev-cache", "app")
+    assert reason.startswith("the client certificate expired at ")
+    assert reason.endswith("log in again (fleetgate login)")
+
+
 async def test_role_edit_applies_to_the_next_connection(fleet: Fleet, agent: int) -> None:
     alice = fleet.identity("alice", ["dev"])
     first = client(agent, alice, "dev-cache", "app", username="app", password=APP_PASSWORD)

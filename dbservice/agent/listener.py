@@ -10,7 +10,9 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
    validity dates; the agent then checks everything itself
    (:func:`~dbservice.auth.ca.identity_from_ssl`: chain, dates, identity), so a client
    without a certificate or with an expired one is told why in words, and an expired
-   one is audited with its user.
+   one is audited with its user. A certificate accepted before is not parsed and
+   verified again (:class:`~dbservice.auth.ca.ClientVerifier`, bounded, replaced with
+   the CA); its dates and its CA's are still checked on every connection.
 2. The route: from the TLS server name when the client put one there
    (``<db_user>.<database>.fleetgate``, :func:`~dbservice.route.route_from_server_name`,
    captured by the context's ``sni_callback``), else the route preamble
@@ -62,6 +64,7 @@ from dbservice.audit import AuditEmitter, QueryRedaction, SessionAudit
 from dbservice.auth.authorize import authorize_session
 from dbservice.auth.ca import (
     CertificateRejected,
+    ClientVerifier,
     check_signed_by,
     decode_identity,
     identity_from_ssl,
@@ -119,6 +122,9 @@ class FleetTrust:
     def __init__(self, config: ListenerConfig) -> None:
         self.config = config
         self.certs: list[x509.Certificate] = []
+        self.verifier = ClientVerifier(())
+        """Checks client certificates against :attr:`certs`; a new one with each CA, so
+        nothing accepted under a previous CA carries over."""
         self.context: ssl.SSLContext | None = None
         self.fingerprint = ""
         self.known = asyncio.Event()
@@ -170,6 +176,8 @@ class FleetTrust:
         elif self.fingerprint != record.fingerprint:
             log = logger.info if self.fingerprint else logger.debug
             log("trusting the fleet CA %s for client certificates", record.fingerprint)
+        if certs != self.certs:
+            self.verifier = ClientVerifier(certs)
         self.certs, self.context = certs, context
         self.fingerprint = record.fingerprint if record is not None else ""
         self.known.set()
@@ -409,7 +417,7 @@ class Listener:
         limit = self.config.handshake_timeout
         ssl_object = writer.get_extra_info("ssl_object")
         try:
-            identity = identity_from_ssl(ssl_object, self.trust.certs)
+            identity = identity_from_ssl(ssl_object, self.trust.verifier)
         except CertificateRejected as exc:
             reason = str(exc) if self.trust.certs else NO_CA
             self._refused_start(client_addr, reason, user=self._claimed_user(ssl_object))

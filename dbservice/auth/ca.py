@@ -26,6 +26,7 @@ import ipaddress
 import json
 import os
 import ssl
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -367,6 +368,18 @@ def verify_client_certificate(
     """Check that ``leaf`` (a certificate or its DER) chains to one of ``trusted`` CA
     certificates, is valid now and is for client authentication; return its identity.
     Raise CertificateRejected saying why not (expired, wrong CA, no identity...)."""
+    return _verify(leaf, trusted, intermediates=intermediates, now=now)[0]
+
+
+def _verify(
+    leaf: x509.Certificate | bytes,
+    trusted: Sequence[x509.Certificate] | Store,
+    *,
+    intermediates: Sequence[x509.Certificate] = (),
+    now: dt.datetime | None = None,
+) -> tuple[Identity, tuple[dt.datetime, dt.datetime]]:
+    """:func:`verify_client_certificate`, and the time span in which every certificate of
+    the verified chain (leaf and CA) is valid."""
     if isinstance(leaf, bytes):
         try:
             leaf = x509.load_der_x509_certificate(leaf)
@@ -382,23 +395,71 @@ def verify_client_certificate(
         )
     if leaf.not_valid_before_utc > when:
         raise CertificateRejected("the client certificate is not valid yet (check clocks)")
-    verifier = PolicyBuilder().store(Store(list(trusted))).time(when).build_client_verifier()
+    store = trusted if isinstance(trusted, Store) else Store(list(trusted))
+    verifier = PolicyBuilder().store(store).time(when).build_client_verifier()
     try:
-        verifier.verify(leaf, list(intermediates))
+        chain = verifier.verify(leaf, list(intermediates)).chain
     except VerificationError as exc:
         raise CertificateRejected(
             f"the client certificate was not issued by this fleet's CA ({exc})"
         ) from None
-    return decode_identity(leaf)
+    identity = decode_identity(leaf)
+    valid = (
+        max(cert.not_valid_before_utc for cert in chain),
+        min(cert.not_valid_after_utc for cert in chain),
+    )
+    return identity, valid
+
+
+class ClientVerifier:
+    """:func:`verify_client_certificate` against fixed CA certificates, remembering the
+    certificates it accepted (by their DER bytes, at most ``size``, least recently used
+    first out), so a client reconnecting with the same certificate is not parsed and
+    verified again. The dates are checked on every call: a remembered certificate is
+    accepted only while it and its CA are valid; otherwise it is verified afresh, which
+    refuses it with the usual reason. Refusals are never remembered. A new CA means a new
+    verifier (nothing accepted under the old one carries over)."""
+
+    def __init__(self, trusted: Sequence[x509.Certificate], *, size: int = 1024) -> None:
+        self.trusted = tuple(trusted)
+        self.size = size
+        self._store = Store(list(self.trusted)) if self.trusted else None
+        self._accepted: OrderedDict[bytes, tuple[Identity, dt.datetime, dt.datetime]] = (
+            OrderedDict()
+        )
+
+    def __len__(self) -> int:
+        return len(self._accepted)
+
+    def verify(self, der: bytes, *, now: dt.datetime | None = None) -> Identity:
+        """The identity of the client certificate ``der``; CertificateRejected saying why
+        not, as :func:`verify_client_certificate` does."""
+        when = now or _now()
+        known = self._accepted.get(der)
+        if known is not None:
+            identity, not_before, not_after = known
+            if not_before <= when <= not_after:
+                self._accepted.move_to_end(der)
+                return identity
+            del self._accepted[der]
+        identity, (not_before, not_after) = _verify(der, self._store or (), now=when)
+        self._accepted[der] = (identity, not_before, not_after)
+        if len(self._accepted) > self.size:
+            self._accepted.popitem(last=False)
+        return identity
 
 
 def identity_from_ssl(
-    ssl_object: ssl.SSLObject | ssl.SSLSocket, trusted: Sequence[x509.Certificate]
+    ssl_object: ssl.SSLObject | ssl.SSLSocket,
+    trusted: Sequence[x509.Certificate] | ClientVerifier,
 ) -> Identity:
-    """The verified identity of the peer of an established mutual-TLS connection."""
+    """The verified identity of the peer of an established mutual-TLS connection
+    (``trusted``: the CA certificates, or a :class:`ClientVerifier` over them)."""
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
         raise CertificateRejected("no client certificate was presented")
+    if isinstance(trusted, ClientVerifier):
+        return trusted.verify(der)
     return verify_client_certificate(der, trusted)
 
 
