@@ -185,6 +185,19 @@ async def test_a_certificate_accepted_before_is_refused_once_expired(
     assert reason.endswith("log in again (fleetgate login)")
 
 
+async def test_no_session_tickets_are_sent(fleet: Fleet, agent: int) -> None:
+    # Nobody resumes sessions with the agent: tickets would only cost it CPU.
+    alice = fleet.identity("alice", ["dev"])
+    session = await RawSession.open(agent, alice, fleet.ca.pem, "dev-cache", "app")
+    try:
+        assert await session.call("PING")  # the tickets would have come before this reply
+        ssl_object = session.writer.get_extra_info("ssl_object")
+        assert ssl_object.version() == "TLSv1.3"
+        assert ssl_object.session is not None and not ssl_object.session.has_ticket
+    finally:
+        session.close()
+
+
 async def test_role_edit_applies_to_the_next_connection(fleet: Fleet, agent: int) -> None:
     alice = fleet.identity("alice", ["dev"])
     first = client(agent, alice, "dev-cache", "app", username="app", password=APP_PASSWORD)
