@@ -12,6 +12,7 @@ Buckets are split by who may write them, so NATS permissions can say exactly tha
 | ``fleetgate_roles``        | admins (``roles``) | agents, auth service          |
 | ``fleetgate_users``        | admins (``users``) | auth service only (hashes)    |
 | ``fleetgate_leases``       | agents only       | agents, ``managed`` commands   |
+| ``fleetgate_totp``         | auth service only | auth service only              |
 | ``FLEETGATE_AUDIT`` stream | agents, auth svc  | auditors (``audit tail``)      |
 """
 
@@ -44,6 +45,11 @@ USERS_BUCKET: Final = "fleetgate_users"
 LEASES_BUCKET: Final = "fleetgate_leases"
 """Managed MemoryDB users: one record per user (versions, rotation lease, in-use state;
 never a password), keyed by :func:`managed_user_key`. Written only by agents."""
+
+TOTP_BUCKET: Final = "fleetgate_totp"
+"""The last one-time-code step accepted per user, keyed by :func:`totp_key`: shared by
+every auth service instance so a code works once across all of them. Written and read
+only by the auth service."""
 
 AUDIT_STREAM: Final = "FLEETGATE_AUDIT"
 """JetStream stream of audit events, on subjects ``fleetgate.audit.<event type>``."""
@@ -100,6 +106,11 @@ def managed_user_key(region: str, account: str, user: str) -> str:
 def user_key(name: str) -> str:
     """KV key of a user record."""
     return kv_token(name)
+
+
+def totp_key(user: str) -> str:
+    """KV key of a user's last accepted one-time-code step."""
+    return kv_token(user)
 
 
 def role_key(name: str) -> str:

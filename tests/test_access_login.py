@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import stat
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +12,15 @@ from pathlib import Path
 import pytest
 
 from bus import Bus, subjects
-from bus.access import Role, User, put_role, put_user
+from bus.access import Role, User, get_user, put_role, put_user
 from bus.audit import Login, ensure_audit_stream, read_events
+from bus.server import NatsServer, wait_port_free
+from bus.totp import claim_step
 from dbservice.audit import AuditEmitter
 from dbservice.auth.admin import init_ca
 from dbservice.auth.ca import CertificateAuthority, verify_client_certificate
 from dbservice.auth.client import LoginError, login, logout, status
-from dbservice.auth.passwords import hash_password, new_totp_secret, totp_code
+from dbservice.auth.passwords import TOTP_STEP, hash_password, new_totp_secret, totp_code, totp_step
 from dbservice.auth.service import AuthConfig, RunningService, start_service
 
 PASSWORD = "correct horse battery"
@@ -36,10 +39,14 @@ class AuthEnv:
     def address(self) -> str:
         return f"127.0.0.1:{self.service.port}"
 
-    async def login(self, user: str, password: str = PASSWORD, **kwargs: object) -> object:
+    async def login(
+        self, user: str, password: str = PASSWORD, *, at: int | None = None, **kwargs: object
+    ) -> object:
+        """Log in at the service (or at another instance's port ``at``)."""
         kwargs.setdefault("ca_file", str(self.ca_file))
         kwargs.setdefault("home", self.tmp / "home")
-        return await asyncio.wait_for(login(self.address, user, password, **kwargs), 10)  # type: ignore[arg-type]
+        address = self.address if at is None else f"127.0.0.1:{at}"
+        return await asyncio.wait_for(login(address, user, password, **kwargs), 10)  # type: ignore[arg-type]
 
     async def logins(self) -> list[Login]:
         await self.audit.flush(5)
@@ -182,3 +189,143 @@ async def test_unreachable_service_is_one_clear_error(env: AuthEnv, tmp_path: Pa
             login("127.0.0.1:1", "alice", PASSWORD, ca_file=str(env.ca_file), home=tmp_path / "h"),
             10,
         )
+
+
+async def _second_instance(env: AuthEnv, bus: Bus, host_id: str) -> RunningService:
+    config = AuthConfig.model_validate(
+        {"listen": "127.0.0.1:0", "ca_dir": str(env.tmp / "ca"), "host_id": host_id}
+    )
+    return await start_service(config, bus=bus, ca=env.ca, audit=env.audit)
+
+
+async def _totp_user(env: AuthEnv, name: str) -> str:
+    secret = new_totp_secret()
+    await put_user(env.bus, User(name=name, roles=("dev",), password_hash=hash_password(PASSWORD),
+                                 totp_secret=secret))  # fmt: skip
+    return secret
+
+
+async def test_a_one_time_code_works_once_across_instances(
+    env: AuthEnv, nats_server: NatsServer
+) -> None:
+    secret = await _totp_user(env, "erin.o@example")  # dots and @: escaped in the KV key
+    async with await Bus.connect(nats_server.url, name="auth-2") as bus_b:
+        service_b = await _second_instance(env, bus_b, "auth-2")
+        try:
+            code = totp_code(secret)
+            step = totp_step(secret, code)
+            assert step is not None
+            assert (await env.login("erin.o@example", totp=code)).identity.user  # type: ignore[attr-defined]
+            with pytest.raises(LoginError, match="already used: wait for the next one"):
+                await env.login("erin.o@example", totp=code, at=service_b.port)
+            assert (await env.logins())[-1].reason == "one-time code used again"
+            following = totp_code(secret, (step + 1) * TOTP_STEP)
+            assert (
+                await env.login("erin.o@example", totp=following, at=service_b.port)
+            ).identity.user  # type: ignore[attr-defined]
+            # and, accepted by B, it is refused by A
+            with pytest.raises(LoginError, match="already used"):
+                await env.login("erin.o@example", totp=following)
+        finally:
+            await service_b.close()
+
+
+async def test_the_same_code_at_two_instances_at_once_works_once(
+    env: AuthEnv, nats_server: NatsServer
+) -> None:
+    secret = await _totp_user(env, "frank")
+    async with await Bus.connect(nats_server.url, name="auth-2") as bus_b:
+        service_b = await _second_instance(env, bus_b, "auth-2")
+        try:
+            now = int(time.time() // TOTP_STEP)
+            for round_ in range(2):
+                step = now + round_  # this step and the next: both valid for 30 s at least
+                code = totp_code(secret, step * TOTP_STEP)
+                results = await asyncio.gather(
+                    env.login("frank", totp=code, home=env.tmp / f"a{round_}"),
+                    env.login("frank", totp=code, home=env.tmp / f"b{round_}", at=service_b.port),
+                    return_exceptions=True,
+                )
+                refused = [r for r in results if isinstance(r, BaseException)]
+                assert len(refused) == 1, results
+                assert "already used" in str(refused[0])
+        finally:
+            await service_b.close()
+
+
+async def _until_read(bus: Bus, user: str) -> None:
+    """Wait until ``bus`` reads again after NATS came back."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if await get_user(bus, user) is not None:
+                return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(0.2)
+
+
+class Gate:
+    """Stands in for the service's verification semaphore: holds a login there."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.opened = asyncio.Event()
+
+    async def __aenter__(self) -> None:
+        self.entered.set()
+        await self.opened.wait()
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+async def test_no_nats_no_second_factor(env: AuthEnv, nats_server: NatsServer) -> None:
+    secret = await _totp_user(env, "gina")
+    async with await Bus.connect(nats_server.url, name="auth-3", request_timeout=2) as bus_c:
+        service_c = await _second_instance(env, bus_c, "auth-3")
+        try:
+            # NATS goes away after the user was read: the code cannot be checked
+            gate = Gate()
+            service_c.service.verifications = gate  # type: ignore[assignment]
+            code = totp_code(secret)
+            attempt = asyncio.ensure_future(env.login("gina", totp=code, at=service_c.port))
+            await asyncio.wait_for(gate.entered.wait(), 10)
+            await asyncio.to_thread(nats_server.stop)
+            gate.opened.set()
+            with pytest.raises(LoginError, match="cannot reach NATS to check the one-time code"):
+                await attempt
+            # without NATS nothing is read at all: the same clear refusal
+            with pytest.raises(LoginError, match="cannot reach NATS to check the user"):
+                await env.login("gina", totp=code, at=service_c.port)
+            await asyncio.to_thread(wait_port_free, "127.0.0.1", nats_server.port)
+            await asyncio.to_thread(nats_server.start)
+            await _until_read(bus_c, "gina")
+            await _until_read(env.bus, "gina")
+            # back: the code was never accepted, so it works now, once
+            assert (await env.login("gina", totp=code, at=service_c.port)).identity.user  # type: ignore[attr-defined]
+            with pytest.raises(LoginError, match="already used"):
+                await env.login("gina", totp=code)
+        finally:
+            await service_c.close()
+    reasons = [(e.user, e.success, e.reason) for e in await env.logins()]
+    assert reasons == [
+        ("gina", False, "one-time code not checked: NATS unavailable"),
+        ("gina", False, "user not checked: NATS unavailable"),
+        ("gina", True, ""),
+        ("gina", False, "one-time code used again"),
+    ]
+
+
+async def test_racing_claims_of_one_step_exactly_one_wins(
+    bus: Bus, nats_server: NatsServer
+) -> None:
+    async with await Bus.connect(nats_server.url, name="auth-2") as other:
+        for step in (100, 101, 103):
+            won = await asyncio.gather(
+                *(claim_step(b, "hank", step) for b in (bus, other, bus, other))
+            )
+            assert sorted(won) == [False, False, False, True]
+        assert not await claim_step(other, "hank", 102)  # earlier than the last accepted
+        assert await claim_step(other, "hank.other", 102)  # another user: its own record

@@ -16,6 +16,7 @@ from bus.access import Role, User
 from bus.audit import SessionStart, ensure_audit_stream, publish_event, read_events
 from bus.schemas import FetcherStatus, utcnow
 from bus.server import NatsServer
+from bus.totp import claim_step, provision_totp
 from sandbox.aws import MotoServer
 from tests import seed
 
@@ -169,3 +170,19 @@ async def test_discovery_runs_with_only_its_own_permissions(
         ]
     finally:
         await reader.close()
+
+
+async def test_only_the_auth_service_keeps_used_one_time_codes(
+    connect: Callable[[str], Awaitable[Bus]],
+) -> None:
+    auth = await connect("auth")
+    await provision_totp(auth)  # what the auth service's start does
+    assert await claim_step(auth, "alice", 100)
+    assert not await claim_step(auth, "alice", 100)
+    assert await claim_step(auth, "alice", 101)
+    for user in ("agent", "reader"):
+        other = await connect(user)
+        with pytest.raises(RegistryError):
+            await claim_step(other, "alice", 102)  # neither reads nor forges a step
+    assert not await claim_step(auth, "alice", 101)
+    assert await claim_step(auth, "alice", 102)

@@ -8,7 +8,8 @@ API (JSON over HTTPS):
   certificate lives ``min(ttl, shortest max_session_ttl of the user's roles)``.
   401 ``{"error"}`` for a wrong user or password (one message for both), 401 with
   ``"need": "totp"`` when a second factor is required, 429 with ``Retry-After`` when
-  rate-limited, 400 for a malformed request.
+  rate-limited, 400 for a malformed request, 503 when NATS (users, roles, the record of
+  used one-time codes) cannot be reached.
 * ``GET /v1/ca`` -> ``{"pem", "fingerprint"}``: the fleet CA (clients pin it).
 * ``GET /v1/databases`` and ``GET /v1/databases/{name}/servers``: what the caller may
   reach and the agents serving it (:mod:`dbservice.auth.catalog`); these need the fleet
@@ -19,6 +20,10 @@ API (JSON over HTTPS):
 Failed logins are counted per user and per source address in a sliding window; past the
 limit the service answers 429 without checking the password. Every attempt is audited
 (``auth.login``).
+
+A one-time code works once across every instance of the service (RFC 6238, 5.2): the last
+accepted step per user is claimed with compare-and-set in NATS (:mod:`bus.totp`); when
+NATS does not answer, the login is refused (503), never let through unchecked.
 """
 
 from __future__ import annotations
@@ -29,17 +34,21 @@ import socket
 import ssl
 import time
 from collections import OrderedDict, deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import nats.errors
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bus import Bus
 from bus.access import Identity, get_roles, get_user, provision_access
 from bus.audit import Login, ensure_audit_stream
+from bus.errors import BusError
+from bus.totp import claim_step, provision_totp
 from dbservice.audit import AuditEmitter
 from dbservice.auth.admin import AdminError
 from dbservice.auth.ca import (
@@ -60,6 +69,21 @@ from fleetgate.durations import Duration, parse_duration
 logger = logging.getLogger(__name__)
 
 BAD_CREDENTIALS = "invalid user name or password"
+UNAVAILABLE = (
+    "the login service cannot reach NATS to check the {what} right now, so it accepts "
+    "nothing: try again in a moment (operators: check the auth service's NATS connection)"
+)
+
+T = TypeVar("T")
+
+
+class RegistryUnavailable(Exception):
+    """NATS did not answer a check the login needs; ``what`` names what was checked
+    (``user``, ``one-time code``, ``roles``)."""
+
+    def __init__(self, what: str, cause: Exception) -> None:
+        super().__init__(f"{what}: {cause}")
+        self.what = what
 
 
 class Strict(BaseModel):
@@ -171,9 +195,6 @@ class LoginService:
         self.by_address = RateLimiter(limits.per_address, limits.window)
         # Each argon2 verification takes 64 MiB and a CPU for ~50 ms: bound them.
         self.verifications = asyncio.Semaphore(4)
-        self.totp_used: dict[str, int] = {}
-        """The last one-time-code step accepted per user (this instance's memory: a
-        code works once here; several instances do not share it yet)."""
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)
@@ -201,14 +222,32 @@ class LoginService:
             headers["Retry-After"] = str(int(extra["retry_after"]) + 1)
         return web.json_response({"error": message, **extra}, status=status, headers=headers)
 
+    @staticmethod
+    async def _ask(what: str, call: Awaitable[T]) -> T:
+        """One NATS call of the login; its failure becomes :class:`RegistryUnavailable`."""
+        try:
+            return await call
+        except (BusError, nats.errors.Error) as exc:
+            raise RegistryUnavailable(what, exc) from exc
+
     async def login(self, request: web.Request) -> web.Response:
-        address = request.remote or "unknown"
         try:
             body = LoginRequest.model_validate(await request.json())
         except (ValueError, ValidationError):
             return web.json_response(
                 {"error": "expected JSON with user, password and csr"}, status=400
             )
+        try:
+            return await self._login(request, body)
+        except RegistryUnavailable as exc:
+            logger.warning("login for %r not checked: %s", body.user, exc)
+            return self._refuse(
+                request, body.user, f"{exc.what} not checked: NATS unavailable", 503,
+                UNAVAILABLE.format(what=exc.what), retry_after=1,
+            )  # fmt: skip
+
+    async def _login(self, request: web.Request, body: LoginRequest) -> web.Response:
+        address = request.remote or "unknown"
         waits = [self.by_address.retry_after(address), self.by_user.retry_after(body.user)]
         wait = max((w for w in waits if w is not None), default=None)
         if wait is not None:
@@ -220,7 +259,7 @@ class LoginService:
                 f"too many failed logins; try again in {int(wait) + 1}s",
                 retry_after=wait,
             )
-        user = await get_user(self.bus, body.user)
+        user = await self._ask("user", get_user(self.bus, body.user))
         async with self.verifications:
             ok = await asyncio.to_thread(
                 verify_password, user.password_hash if user else None, body.password
@@ -244,21 +283,20 @@ class LoginService:
                 return self._refuse(
                     request, user.name, "wrong one-time code", 401, "invalid one-time code"
                 )
-            if step <= self.totp_used.get(user.name, -1):
+            if not await self._ask("one-time code", claim_step(self.bus, user.name, step)):
                 self.by_user.failure(body.user)
                 self.by_address.failure(address)
                 return self._refuse(
                     request, user.name, "one-time code used again", 401,
                     "this one-time code was already used: wait for the next one",
                 )  # fmt: skip
-            self.totp_used[user.name] = step
             method = "password+totp"
         try:
             public_key, _ = csr_public_key(body.csr)
             requested = parse_duration(body.ttl) if body.ttl is not None else None
         except (CertificateRejected, ValueError) as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        roles = await get_roles(self.bus, user.roles)
+        roles = await self._ask("roles", get_roles(self.bus, user.roles))
         missing = sorted(set(user.roles) - {r.name for r in roles})
         if missing:
             logger.warning("user %s names unknown roles: %s", user.name, ", ".join(missing))
@@ -354,6 +392,7 @@ async def run_auth(config: AuthConfig, *, nats_url: str) -> int:
     ca = CertificateAuthority.load(Path(config.ca_dir))
     async with await Bus.connect(nats_url, name="fleetgate-auth") as bus:
         await provision_access(bus)
+        await provision_totp(bus)
         await ensure_audit_stream(bus, max_age=config.audit.max_age)
         emitter = AuditEmitter.for_bus(bus, host_id=config.host_id, maxsize=config.audit.queue_size)
         async with emitter:
