@@ -13,6 +13,7 @@ Buckets are split by who may write them, so NATS permissions can say exactly tha
 | ``fleetgate_users``        | admins (``users``) | auth service only (hashes)    |
 | ``fleetgate_leases``       | agents only       | agents, ``managed`` commands   |
 | ``fleetgate_totp``         | auth service only | auth service only              |
+| ``fleetgate_login_failures`` | auth service only | auth service only            |
 | ``FLEETGATE_AUDIT`` stream | agents, auth svc  | auditors (``audit tail``)      |
 """
 
@@ -50,6 +51,11 @@ TOTP_BUCKET: Final = "fleetgate_totp"
 """The last one-time-code step accepted per user, keyed by :func:`totp_key`: shared by
 every auth service instance so a code works once across all of them. Written and read
 only by the auth service."""
+
+LOGIN_FAILURES_BUCKET: Final = "fleetgate_login_failures"
+"""Each user name's recent failed logins, keyed by :func:`login_failures_key`: shared by
+every auth service instance so the per-user limit counts failures at all of them.
+Written and read only by the auth service."""
 
 AUDIT_STREAM: Final = "FLEETGATE_AUDIT"
 """JetStream stream of audit events, on subjects ``fleetgate.audit.<event type>``."""
@@ -110,6 +116,11 @@ def user_key(name: str) -> str:
 
 def totp_key(user: str) -> str:
     """KV key of a user's last accepted one-time-code step."""
+    return kv_token(user)
+
+
+def login_failures_key(user: str) -> str:
+    """KV key of a user name's recent failed logins."""
     return kv_token(user)
 
 

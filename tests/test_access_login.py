@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 import stat
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from bus import Bus, subjects
+from bus import Bus, login_failures, subjects
 from bus.access import Role, User, get_user, put_role, put_user
 from bus.audit import Login, ensure_audit_stream, read_events
 from bus.server import NatsServer, wait_port_free
@@ -24,6 +26,7 @@ from dbservice.auth.passwords import TOTP_STEP, hash_password, new_totp_secret, 
 from dbservice.auth.service import AuthConfig, RunningService, start_service
 
 PASSWORD = "correct horse battery"
+RATE_LIMIT = {"per_user": 3, "per_address": 6, "window": "1m"}
 
 
 @dataclass
@@ -47,6 +50,18 @@ class AuthEnv:
         kwargs.setdefault("home", self.tmp / "home")
         address = self.address if at is None else f"127.0.0.1:{at}"
         return await asyncio.wait_for(login(address, user, password, **kwargs), 10)  # type: ignore[arg-type]
+
+    async def post(
+        self, user: str, password: str = PASSWORD, *, at: int | None = None
+    ) -> tuple[int, str | None]:
+        """A bare ``POST /v1/login`` (no CSR needed to be refused): status and Retry-After."""
+        tls = ssl.create_default_context(cafile=str(self.ca_file))
+        port = self.service.port if at is None else at
+        body = {"user": user, "password": password, "csr": "-"}
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+            url = f"https://127.0.0.1:{port}/v1/login"
+            async with http.post(url, json=body, ssl=tls) as response:
+                return response.status, response.headers.get("Retry-After")
 
     async def logins(self) -> list[Login]:
         await self.audit.flush(5)
@@ -73,7 +88,7 @@ async def env(bus: Bus, tmp_path: Path) -> AsyncIterator[AuthEnv]:
                              password_hash=hash_password(PASSWORD)))  # fmt: skip
     config = AuthConfig.model_validate({
         "listen": "127.0.0.1:0", "ca_dir": str(tmp_path / "ca"), "host_id": "auth-1",
-        "rate_limit": {"per_user": 3, "per_address": 6, "window": "1m"},
+        "rate_limit": RATE_LIMIT,
     })  # fmt: skip
     emitter = AuditEmitter.for_bus(bus, host_id="auth-1")
     emitter.start()
@@ -192,9 +207,10 @@ async def test_unreachable_service_is_one_clear_error(env: AuthEnv, tmp_path: Pa
 
 
 async def _second_instance(env: AuthEnv, bus: Bus, host_id: str) -> RunningService:
-    config = AuthConfig.model_validate(
-        {"listen": "127.0.0.1:0", "ca_dir": str(env.tmp / "ca"), "host_id": host_id}
-    )
+    config = AuthConfig.model_validate({
+        "listen": "127.0.0.1:0", "ca_dir": str(env.tmp / "ca"), "host_id": host_id,
+        "rate_limit": RATE_LIMIT,
+    })  # fmt: skip
     return await start_service(config, bus=bus, ca=env.ca, audit=env.audit)
 
 
@@ -297,7 +313,7 @@ async def test_no_nats_no_second_factor(env: AuthEnv, nats_server: NatsServer) -
             with pytest.raises(LoginError, match="cannot reach NATS to check the one-time code"):
                 await attempt
             # without NATS nothing is read at all: the same clear refusal
-            with pytest.raises(LoginError, match="cannot reach NATS to check the user"):
+            with pytest.raises(LoginError, match="cannot reach NATS to check the failed-login"):
                 await env.login("gina", totp=code, at=service_c.port)
             await asyncio.to_thread(wait_port_free, "127.0.0.1", nats_server.port)
             await asyncio.to_thread(nats_server.start)
@@ -312,7 +328,7 @@ async def test_no_nats_no_second_factor(env: AuthEnv, nats_server: NatsServer) -
     reasons = [(e.user, e.success, e.reason) for e in await env.logins()]
     assert reasons == [
         ("gina", False, "one-time code not checked: NATS unavailable"),
-        ("gina", False, "user not checked: NATS unavailable"),
+        ("gina", False, "failed-login limit not checked: NATS unavailable"),
         ("gina", True, ""),
         ("gina", False, "one-time code used again"),
     ]
@@ -329,3 +345,111 @@ async def test_racing_claims_of_one_step_exactly_one_wins(
             assert sorted(won) == [False, False, False, True]
         assert not await claim_step(other, "hank", 102)  # earlier than the last accepted
         assert await claim_step(other, "hank.other", 102)  # another user: its own record
+
+
+async def test_failed_logins_at_two_instances_add_up_to_one_per_user_limit(
+    env: AuthEnv, nats_server: NatsServer
+) -> None:
+    async with await Bus.connect(nats_server.url, name="auth-2") as bus_b:
+        service_b = await _second_instance(env, bus_b, "auth-2")
+        b = service_b.port
+        try:
+            # a success clears the failures before it, wherever they were counted
+            assert await env.post("alice.x", "wrong password!") == (401, None)
+            assert await env.post("alice.x", "wrong password!", at=b) == (401, None)
+            await put_user(env.bus, User(name="alice.x", roles=("dev",),
+                                         password_hash=hash_password(PASSWORD)))  # fmt: skip
+            assert (await env.login("alice.x", at=b)).identity.user == "alice.x"  # type: ignore[attr-defined]
+            assert (
+                await login_failures.recent(env.bus, "alice.x", window=60, now=time.time()) is None
+            )
+            # three failures spread over A and B: the limit of 3 for the name, at both
+            for at in (None, b, None):
+                assert await env.post("alice.x", "wrong password!", at=at) == (401, None)
+            for at in (None, b):
+                status, retry_after = await env.post("alice.x", at=at)  # even the right password
+                assert status == 429 and retry_after is not None and 1 <= int(retry_after) <= 61
+                with pytest.raises(LoginError, match="too many failed logins"):
+                    await env.login("alice.x", at=at)
+            seen = await login_failures.recent(env.bus, "alice.x", window=60, now=time.time())
+            assert seen is not None and len(seen.record.times) == 3  # refusals count nothing
+            # another user name is not affected, at either instance
+            assert (await env.login("carol")).identity.user == "carol"  # type: ignore[attr-defined]
+            assert (await env.login("carol", at=b)).identity.user == "carol"  # type: ignore[attr-defined]
+        finally:
+            await service_b.close()
+    reasons = [(e.user, e.success, e.reason) for e in await env.logins()]
+    assert reasons == [
+        *[("alice.x", False, "unknown user")] * 2,
+        ("alice.x", True, ""),
+        *[("alice.x", False, "wrong password")] * 3,
+        *[("alice.x", False, "rate limited")] * 4,
+        *[("carol", True, "")] * 2,
+    ]
+
+
+async def test_the_per_address_limit_stays_per_instance(
+    env: AuthEnv, nats_server: NatsServer
+) -> None:
+    async with await Bus.connect(nats_server.url, name="auth-2") as bus_b:
+        service_b = await _second_instance(env, bus_b, "auth-2")
+        try:
+            for i in range(6):  # six names, once each: no name reaches its limit
+                assert await env.post(f"guess-{i}", "x") == (401, None)
+            status, retry_after = await env.post("carol")
+            assert status == 429 and retry_after is not None
+            assert (await env.login("carol", at=service_b.port)).identity.user == "carol"  # type: ignore[attr-defined]
+        finally:
+            await service_b.close()
+
+
+async def test_no_nats_no_password_check(env: AuthEnv, nats_server: NatsServer) -> None:
+    async with await Bus.connect(nats_server.url, name="auth-3", request_timeout=2) as bus_c:
+        service_c = await _second_instance(env, bus_c, "auth-3")
+        c = service_c.port
+        try:
+            # NATS goes away while a wrong password is checked: it cannot be counted
+            gate = Gate()
+            service_c.service.verifications = gate  # type: ignore[assignment]
+            attempt = asyncio.ensure_future(env.login("alice", "wrong password!", at=c))
+            await asyncio.wait_for(gate.entered.wait(), 10)
+            await asyncio.to_thread(nats_server.stop)
+            gate.opened.set()
+            with pytest.raises(LoginError, match="cannot reach NATS to check the failed-login"):
+                await attempt
+            # no NATS: the limit cannot be read, so no password is checked
+            gate.entered.clear()
+            status, retry_after = await env.post("alice", at=c)
+            assert (status, retry_after) == (503, "2") and not gate.entered.is_set()
+            await asyncio.to_thread(wait_port_free, "127.0.0.1", nats_server.port)
+            await asyncio.to_thread(nats_server.start)
+            await _until_read(bus_c, "alice")
+            await _until_read(env.bus, "alice")
+            assert (await env.login("alice", at=c)).identity.user == "alice"  # type: ignore[attr-defined]
+        finally:
+            await service_c.close()
+    reasons = [(e.user, e.host_id, e.success, e.reason) for e in await env.logins()]
+    assert reasons == [
+        ("alice", "auth-1", False, "wrong password; not counted: NATS unavailable"),
+        ("alice", "auth-1", False, "failed-login limit not checked: NATS unavailable"),
+        ("alice", "auth-1", True, ""),
+    ]
+
+
+async def test_racing_failures_are_all_counted(bus: Bus, nats_server: NatsServer) -> None:
+    async with await Bus.connect(nats_server.url, name="auth-2") as other:
+        now = time.time()
+        added = await asyncio.gather(*(
+            login_failures.add(b, "ivan", limit=10, window=60, now=now + i)
+            for i, b in enumerate((bus, other, bus, other))
+        ))  # fmt: skip
+        assert added == [True] * 4
+        seen = await login_failures.recent(other, "ivan", window=60, now=now + 4)
+        assert seen is not None and seen.record.times == tuple(now + i for i in range(4))
+        # bounded: the newest ``limit`` within the window, older ones dropped
+        await login_failures.add(bus, "ivan", limit=3, window=60, now=now + 5)
+        seen = await login_failures.recent(other, "ivan", window=60, now=now + 5)
+        assert seen is not None and seen.record.times == (now + 2, now + 3, now + 5)
+        await login_failures.add(bus, "ivan", limit=3, window=60, now=now + 63)
+        seen = await login_failures.recent(other, "ivan", window=60, now=now + 63)
+        assert seen is not None and seen.record.times == (now + 5, now + 63)

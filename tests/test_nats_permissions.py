@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from bus import BUCKETS, Bus, DatabaseResource, DatabaseSpec, Metadata, RegistryError, subjects
+from bus import (
+    BUCKETS,
+    Bus,
+    DatabaseResource,
+    DatabaseSpec,
+    Metadata,
+    RegistryError,
+    login_failures,
+    subjects,
+)
 from bus.access import Role, User
 from bus.audit import SessionStart, ensure_audit_stream, publish_event, read_events
 from bus.schemas import FetcherStatus, utcnow
@@ -186,3 +195,22 @@ async def test_only_the_auth_service_keeps_used_one_time_codes(
             await claim_step(other, "alice", 102)  # neither reads nor forges a step
     assert not await claim_step(auth, "alice", 101)
     assert await claim_step(auth, "alice", 102)
+
+
+async def test_only_the_auth_service_counts_failed_logins(
+    connect: Callable[[str], Awaitable[Bus]],
+) -> None:
+    auth = await connect("auth")
+    await login_failures.provision_login_failures(auth)  # what the auth service's start does
+    for now in (1000.0, 1001.0, 1002.0, 1003.0):
+        assert await login_failures.add(auth, "alice", limit=3, window=60.0, now=now)
+    seen = await login_failures.recent(auth, "alice", window=60.0, now=1010.0)
+    assert seen is not None and seen.record.times == (1001.0, 1002.0, 1003.0)
+    for user in ("agent", "reader"):
+        other = await connect(user)
+        with pytest.raises(RegistryError):
+            await login_failures.recent(other, "alice", window=60.0, now=1010.0)
+        with pytest.raises(RegistryError):  # nor clears them
+            await login_failures.forget(other, "alice", seen)
+    assert await login_failures.forget(auth, "alice", seen)
+    assert await login_failures.recent(auth, "alice", window=60.0, now=1010.0) is None

@@ -9,7 +9,7 @@ API (JSON over HTTPS):
   401 ``{"error"}`` for a wrong user or password (one message for both), 401 with
   ``"need": "totp"`` when a second factor is required, 429 with ``Retry-After`` when
   rate-limited, 400 for a malformed request, 503 when NATS (users, roles, the record of
-  used one-time codes) cannot be reached.
+  used one-time codes, the failed logins) cannot be reached.
 * ``GET /v1/ca`` -> ``{"pem", "fingerprint"}``: the fleet CA (clients pin it).
 * ``GET /v1/databases`` and ``GET /v1/databases/{name}/servers``: what the caller may
   reach and the agents serving it (:mod:`dbservice.auth.catalog`); these need the fleet
@@ -19,7 +19,10 @@ API (JSON over HTTPS):
 
 Failed logins are counted per user and per source address in a sliding window; past the
 limit the service answers 429 without checking the password. Every attempt is audited
-(``auth.login``).
+(``auth.login``). The per-user count is shared by every instance through NATS
+(:mod:`bus.login_failures`): without NATS no password is checked (503). The per-address
+count stays in each instance's memory (addresses behind a load balancer or NAT are
+shared, and a shared count would be a NATS write per request from any source).
 
 A one-time code works once across every instance of the service (RFC 6238, 5.2): the last
 accepted step per user is claimed with compare-and-set in NATS (:mod:`bus.totp`); when
@@ -42,12 +45,13 @@ from typing import Any, TypeVar
 
 import nats.errors
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from bus import Bus
+from bus import Bus, login_failures
 from bus.access import Identity, get_roles, get_user, provision_access
 from bus.audit import Login, ensure_audit_stream
 from bus.errors import BusError
+from bus.leases import Versioned
 from bus.totp import claim_step, provision_totp
 from dbservice.audit import AuditEmitter
 from dbservice.auth.admin import AdminError
@@ -64,7 +68,7 @@ from dbservice.auth.catalog import Catalog
 from dbservice.auth.passwords import totp_step, verify_password
 from dbservice.rbac import session_ttl_cap
 from fleetgate.aio import stop_on_signals
-from fleetgate.durations import Duration, parse_duration
+from fleetgate.durations import Duration, format_duration, parse_duration
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +83,7 @@ T = TypeVar("T")
 
 class RegistryUnavailable(Exception):
     """NATS did not answer a check the login needs; ``what`` names what was checked
-    (``user``, ``one-time code``, ``roles``)."""
+    (``user``, ``one-time code``, ``roles``, ``failed-login limit``)."""
 
     def __init__(self, what: str, cause: Exception) -> None:
         super().__init__(f"{what}: {cause}")
@@ -95,11 +99,25 @@ class NatsSettings(Strict):
 
 
 class RateLimitSettings(Strict):
-    per_user: int = Field(5, ge=1)
-    """Failed logins for one user name within ``window`` before it is refused."""
+    per_user: int = Field(5, ge=1, le=1000)
+    """Failed logins for one user name within ``window`` before it is refused, counted
+    across every instance of the service."""
     per_address: int = Field(20, ge=1)
-    """Failed logins from one source address within ``window`` before it is refused."""
+    """Failed logins from one source address within ``window`` before it is refused
+    (counted by each instance)."""
     window: Duration = 300.0
+    """At most a day: the shared per-user records are kept that long."""
+
+    @field_validator("window")
+    @classmethod
+    def _window_fits_the_records(cls, window: float) -> float:
+        if window > login_failures.KEEP:
+            raise ValueError(
+                f"{format_duration(window)} is longer than the "
+                f"{format_duration(login_failures.KEEP)} failed logins are kept: "
+                f"use a window of {format_duration(login_failures.KEEP)} or less"
+            )
+        return window
 
 
 class TLSSettings(Strict):
@@ -176,9 +194,6 @@ class RateLimiter:
         while len(self._failures) > self.max_keys:
             self._failures.popitem(last=False)
 
-    def reset(self, key: str) -> None:
-        self._failures.pop(key, None)
-
 
 class LoginService:
     """The HTTP handlers; collaborators passed in so tests run the real thing."""
@@ -191,7 +206,6 @@ class LoginService:
         self.ca = ca
         self.audit = audit
         limits = config.rate_limit
-        self.by_user = RateLimiter(limits.per_user, limits.window)
         self.by_address = RateLimiter(limits.per_address, limits.window)
         # Each argon2 verification takes 64 MiB and a CPU for ~50 ms: bound them.
         self.verifications = asyncio.Semaphore(4)
@@ -246,10 +260,50 @@ class LoginService:
                 UNAVAILABLE.format(what=exc.what), retry_after=1,
             )  # fmt: skip
 
+    async def _failed(
+        self, request: web.Request, user: str, reason: str, message: str
+    ) -> web.Response:
+        """A failed login: counted for the source address here and for the user name at
+        every instance (NATS), then refused with 401; 503 when it cannot be counted."""
+        self.by_address.failure(request.remote or "unknown")
+        limits = self.config.rate_limit
+        try:
+            added = await login_failures.add(
+                self.bus, user, limit=limits.per_user, window=limits.window, now=time.time()
+            )
+        except (BusError, nats.errors.Error) as exc:
+            logger.warning("failed login for %r not counted: %s", user, exc)
+            return self._refuse(
+                request, user, f"{reason}; not counted: NATS unavailable", 503,
+                UNAVAILABLE.format(what="failed-login limit"), retry_after=1,
+            )  # fmt: skip
+        if not added:
+            logger.warning("failed login for %r not counted: other instances kept writing", user)
+        return self._refuse(request, user, reason, 401, message)
+
+    async def _forget(self, user: str, seen: Versioned[login_failures.Failures]) -> None:
+        """After a successful login, clear the user's failures as read before the check
+        (a failure added since stands). Best effort: left in place, they expire."""
+        try:
+            await login_failures.forget(self.bus, user, seen)
+        except (BusError, nats.errors.Error) as exc:
+            logger.warning("failed logins of %r not cleared after a login: %s", user, exc)
+
     async def _login(self, request: web.Request, body: LoginRequest) -> web.Response:
         address = request.remote or "unknown"
-        waits = [self.by_address.retry_after(address), self.by_user.retry_after(body.user)]
-        wait = max((w for w in waits if w is not None), default=None)
+        limits = self.config.rate_limit
+        # The address first (in memory): a refused flood costs NATS nothing.
+        wait = self.by_address.retry_after(address)
+        seen = None
+        if wait is None:
+            now = time.time()
+            seen = await self._ask(
+                "failed-login limit",
+                login_failures.recent(self.bus, body.user, window=limits.window, now=now),
+            )
+            if seen is not None and len(seen.record.times) >= limits.per_user:
+                oldest = seen.record.times[-limits.per_user]
+                wait = min(limits.window, max(0.0, oldest + limits.window - now))
         if wait is not None:
             return self._refuse(
                 request,
@@ -265,10 +319,8 @@ class LoginService:
                 verify_password, user.password_hash if user else None, body.password
             )
         if not ok or user is None:
-            self.by_user.failure(body.user)
-            self.by_address.failure(address)
             reason = "unknown user" if user is None else "wrong password"
-            return self._refuse(request, body.user, reason, 401, BAD_CREDENTIALS)
+            return await self._failed(request, body.user, reason, BAD_CREDENTIALS)
         method = "password"
         if user.totp_secret:
             if not body.totp:
@@ -278,16 +330,12 @@ class LoginService:
                 )  # fmt: skip
             step = totp_step(user.totp_secret, body.totp)
             if step is None:
-                self.by_user.failure(body.user)
-                self.by_address.failure(address)
-                return self._refuse(
-                    request, user.name, "wrong one-time code", 401, "invalid one-time code"
+                return await self._failed(
+                    request, user.name, "wrong one-time code", "invalid one-time code"
                 )
             if not await self._ask("one-time code", claim_step(self.bus, user.name, step)):
-                self.by_user.failure(body.user)
-                self.by_address.failure(address)
-                return self._refuse(
-                    request, user.name, "one-time code used again", 401,
+                return await self._failed(
+                    request, user.name, "one-time code used again",
                     "this one-time code was already used: wait for the next one",
                 )  # fmt: skip
             method = "password+totp"
@@ -304,7 +352,8 @@ class LoginService:
         ttl = min(requested, cap) if requested else cap
         identity = Identity(user=user.name, roles=user.roles, db_users=user.db_users)
         cert = self.ca.issue_client(public_key, identity, ttl)
-        self.by_user.reset(user.name)
+        if seen is not None:
+            await self._forget(body.user, seen)
         expires = cert.not_valid_after_utc
         self.audit.emit(
             Login(
@@ -393,6 +442,7 @@ async def run_auth(config: AuthConfig, *, nats_url: str) -> int:
     async with await Bus.connect(nats_url, name="fleetgate-auth") as bus:
         await provision_access(bus)
         await provision_totp(bus)
+        await login_failures.provision_login_failures(bus)
         await ensure_audit_stream(bus, max_age=config.audit.max_age)
         emitter = AuditEmitter.for_bus(bus, host_id=config.host_id, maxsize=config.audit.queue_size)
         async with emitter:

@@ -1,0 +1,100 @@
+"""The per-user limit on failed logins holds across every auth service instance.
+
+Each user name's recent failed logins are one record in
+:data:`~bus.subjects.LOGIN_FAILURES_BUCKET`: their times (seconds since the epoch),
+oldest first, at most the limit and only those within the window. Every instance reads
+it before checking a password and adds to it after a failure, by compare-and-set
+(:mod:`bus.leases`), so failures spread over instances add up to one count. The times are
+wall-clock times from each instance: keep the instances' clocks synchronised (NTP).
+
+Records expire :data:`KEEP` after their last write; a rate-limit window may not be
+longer (:data:`KEEP` is also the longest window the auth service accepts).
+"""
+
+from __future__ import annotations
+
+from bus import leases, subjects
+from bus.client import BucketSpec, Bus
+from bus.leases import Versioned
+from bus.schemas import Record
+
+KEEP = 86400.0
+"""How long a user's failed logins are kept after the last one (the longest window)."""
+
+ATTEMPTS = 5
+"""Compare-and-set attempts to add a failure before giving up. A write loses only to
+another one that succeeded, so up to this many failures at once are all counted."""
+
+LOGIN_FAILURES: BucketSpec = BucketSpec(
+    subjects.LOGIN_FAILURES_BUCKET,
+    "fleetgate recent failed logins per user name (written by the auth service)",
+    history=1,
+    ttl=KEEP,
+)
+
+
+class Failures(Record):
+    """The recent failed logins of one user name: their times, oldest first."""
+
+    times: tuple[float, ...] = ()
+
+
+async def provision_login_failures(bus: Bus) -> None:
+    """Create the bucket if it does not exist yet (and open it with its spec)."""
+    await bus.provision(LOGIN_FAILURES)
+
+
+async def _read(bus: Bus, user: str) -> Versioned[Failures] | None:
+    if LOGIN_FAILURES.name not in bus._buckets:
+        await provision_login_failures(bus)
+    return await leases.read(bus, LOGIN_FAILURES.name, subjects.login_failures_key(user), Failures)
+
+
+def within(times: tuple[float, ...], window: float, now: float) -> tuple[float, ...]:
+    """The times not older than ``window`` at ``now``."""
+    return tuple(t for t in times if t > now - window)
+
+
+async def recent(bus: Bus, user: str, *, window: float, now: float) -> Versioned[Failures] | None:
+    """``user``'s failed logins within ``window`` at ``now`` (None when there are none),
+    with the revision they were read at. Raises :class:`~bus.errors.RegistryError` when
+    NATS cannot answer."""
+    found = await _read(bus, user)
+    if found is None:
+        return None
+    times = within(found.record.times, window, now)
+    if not times:
+        return None
+    return Versioned(Failures(times=times), found.revision)
+
+
+async def add(bus: Bus, user: str, *, limit: int, window: float, now: float) -> bool:
+    """Add a failed login at ``now`` to ``user``'s record, keeping at most ``limit`` times
+    within ``window``. True when written; False when :data:`ATTEMPTS` writes all lost a
+    race (other instances added failures meanwhile). Raises
+    :class:`~bus.errors.RegistryError` when NATS cannot answer."""
+    key = subjects.login_failures_key(user)
+    for _ in range(ATTEMPTS):
+        found = await _read(bus, user)
+        earlier = within(found.record.times, window, now) if found else ()
+        record = Failures(times=tuple(sorted((*earlier, now)))[-limit:])
+        if found is None:
+            revision = await leases.create(bus, LOGIN_FAILURES.name, key, record)
+        else:
+            revision = await leases.update(
+                bus, LOGIN_FAILURES.name, key, record, last=found.revision
+            )
+        if revision is not None:
+            return True
+    return False
+
+
+async def forget(bus: Bus, user: str, seen: Versioned[Failures]) -> bool:
+    """Clear ``user``'s failures as read in ``seen`` (after a successful login). False
+    when a failure was added since: it stands. Raises :class:`~bus.errors.RegistryError`
+    when NATS cannot answer."""
+    if LOGIN_FAILURES.name not in bus._buckets:
+        await provision_login_failures(bus)
+    key = subjects.login_failures_key(user)
+    written = await leases.update(bus, LOGIN_FAILURES.name, key, Failures(), last=seen.revision)
+    return written is not None
