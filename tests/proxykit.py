@@ -8,7 +8,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,6 +41,29 @@ async def start_single_node(directory: Path) -> ValkeyNode:
     except BaseException:
         await node.stop()
         raise
+
+
+def serve_single_node(
+    directory: Path, *, setup: Callable[[ValkeyNode], Awaitable[None]] | None = None
+) -> Iterator[ValkeyNode]:
+    """For a fixture (``yield from``): :func:`start_single_node` (then ``setup``, e.g. the
+    ACL users), the node while the fixture lives, and its stop."""
+
+    async def start() -> ValkeyNode:
+        node = await start_single_node(directory)
+        if setup is not None:
+            try:
+                await setup(node)
+            except BaseException:
+                await node.stop()
+                raise
+        return node
+
+    node = asyncio.run(asyncio.wait_for(start(), 20))
+    try:
+        yield node
+    finally:
+        asyncio.run(node.stop())
 
 
 class ThreadedProxy:

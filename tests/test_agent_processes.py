@@ -36,7 +36,7 @@ from tests.agentkit import agent_config, wait_until
 from tests.conftest import subprocess_env
 from tests.connectkit import free_port
 from tests.listenerkit import Fleet, RawSession, audit_events, client, make_fleet, static_db
-from tests.proxykit import start_single_node
+from tests.proxykit import serve_single_node
 from tests.test_managed_agent import agent_running, record, set_up, setup, standin, state
 
 READS = {
@@ -57,11 +57,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    node = asyncio.run(asyncio.wait_for(start_single_node(tmp_path_factory.mktemp("vk")), 20))
-    try:
-        yield node
-    finally:
-        asyncio.run(node.stop())
+    yield from serve_single_node(tmp_path_factory.mktemp("vk"))
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ from tests.listenerkit import (
     make_fleet,
     static_db,
 )
-from tests.proxykit import start_single_node
+from tests.proxykit import serve_single_node
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -54,16 +54,7 @@ async def collect(bus: Bus, **kwargs: object) -> list[AuditEvent]:
 
 @pytest.fixture
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    async def start() -> ValkeyNode:
-        node = await start_single_node(tmp_path_factory.mktemp("valkey"))
-        await add_acl_users(node)
-        return node
-
-    node = asyncio.run(asyncio.wait_for(start(), 20))
-    try:
-        yield node
-    finally:
-        asyncio.run(node.stop())
+    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
 
 
 @pytest.fixture

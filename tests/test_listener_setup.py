@@ -42,7 +42,7 @@ from tests.listenerkit import (
     static_db,
     wait_events,
 )
-from tests.proxykit import start_single_node
+from tests.proxykit import serve_single_node
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -113,16 +113,8 @@ def test_agent_run_reports_a_bad_listener_without_a_traceback(tmp_path: Path) ->
 
 @pytest.fixture(scope="module")
 def valkey_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    async def start() -> Any:
-        node = await start_single_node(tmp_path_factory.mktemp("valkey"))
-        await add_acl_users(node)
-        return node
-
-    node = asyncio.run(asyncio.wait_for(start(), 20))
-    try:
+    for node in serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users):
         yield node.port
-    finally:
-        asyncio.run(node.stop())
 
 
 async def test_without_listener_the_agent_only_announces(

@@ -35,23 +35,14 @@ from tests.listenerkit import (
     static_db,
     wait_events,
 )
-from tests.proxykit import start_single_node, valkey_cli
+from tests.proxykit import serve_single_node, valkey_cli
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    async def start() -> ValkeyNode:
-        node = await start_single_node(tmp_path_factory.mktemp("valkey"))
-        await add_acl_users(node)
-        return node
-
-    node = asyncio.run(asyncio.wait_for(start(), 20))
-    try:
-        yield node
-    finally:
-        asyncio.run(node.stop())
+    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
 
 
 @pytest.fixture

@@ -14,18 +14,14 @@ import redis.asyncio as aredis
 
 from dbservice.proxy import Action, Hello, PassThroughHooks, ProxyLimits, ProxyTimeouts
 from sandbox.valkeynode import ValkeyNode
-from tests.proxykit import RawClient, Recorder, ThreadedProxy, cmd, start_single_node
+from tests.proxykit import RawClient, Recorder, ThreadedProxy, cmd, serve_single_node
 
 PROTOCOLS = [2, 3]
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    valkey = asyncio.run(start_single_node(tmp_path_factory.mktemp("valkey")))
-    try:
-        yield valkey
-    finally:
-        asyncio.run(valkey.stop())
+    yield from serve_single_node(tmp_path_factory.mktemp("valkey"))
 
 
 @pytest.fixture

@@ -17,18 +17,14 @@ from glide import (
 )
 
 from sandbox.valkeynode import ValkeyNode
-from tests.proxykit import ThreadedProxy, start_single_node
+from tests.proxykit import ThreadedProxy, serve_single_node
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    valkey = asyncio.run(start_single_node(tmp_path_factory.mktemp("valkey")))
-    try:
-        yield valkey
-    finally:
-        asyncio.run(valkey.stop())
+    yield from serve_single_node(tmp_path_factory.mktemp("valkey"))
 
 
 @pytest.fixture

@@ -15,18 +15,14 @@ import redis
 
 from dbservice.proxy import ProxySession
 from sandbox.valkeynode import ValkeyNode
-from tests.proxykit import RawClient, ThreadedProxy, cmd, start_single_node
+from tests.proxykit import RawClient, ThreadedProxy, cmd, serve_single_node
 
 T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    valkey = asyncio.run(start_single_node(tmp_path_factory.mktemp("valkey")))
-    try:
-        yield valkey
-    finally:
-        asyncio.run(valkey.stop())
+    yield from serve_single_node(tmp_path_factory.mktemp("valkey"))
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sandbox.valkeynode import ValkeyNode
-from tests.proxykit import ThreadedProxy, cmd, start_single_node, valkey_cli
+from tests.proxykit import ThreadedProxy, cmd, serve_single_node, valkey_cli
 
 MiB = 1024 * 1024
 VALUE_SIZE = 64 * MiB + 12345
@@ -41,11 +41,7 @@ CLIENT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    valkey = asyncio.run(start_single_node(tmp_path_factory.mktemp("valkey")))
-    try:
-        yield valkey
-    finally:
-        asyncio.run(valkey.stop())
+    yield from serve_single_node(tmp_path_factory.mktemp("valkey"))
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from sandbox.valkeynode import ValkeyNode
 from tests.agentkit import running_agent, wait_until
 from tests.clusterkit import ClusterProxy
 from tests.listenerkit import Fleet, RawSession, make_fleet, static_db
-from tests.proxykit import start_single_node
+from tests.proxykit import serve_single_node
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -34,11 +34,7 @@ WATCHED = (ProxySession, AgentHooks, SessionAudit)
 
 @pytest.fixture(scope="module")
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    node = asyncio.run(asyncio.wait_for(start_single_node(tmp_path_factory.mktemp("vk")), 20))
-    try:
-        yield node
-    finally:
-        asyncio.run(node.stop())
+    yield from serve_single_node(tmp_path_factory.mktemp("vk"))
 
 
 def live() -> dict[str, int]:
