@@ -33,6 +33,17 @@ LEASES: BucketSpec = BucketSpec(
     history=1,
 )
 
+_SPECS: dict[str, BucketSpec] = {LEASES.name: LEASES}
+"""Buckets written by compare-and-set, kept apart from :data:`~bus.client.BUCKETS` (which
+every process provisions), by name: whichever call opens one first creates it with its
+own spec (history, expiry)."""
+
+
+def register(spec: BucketSpec) -> BucketSpec:
+    """Make ``spec`` the one this module creates bucket ``spec.name`` with."""
+    _SPECS[spec.name] = spec
+    return spec
+
 
 @dataclass(frozen=True)
 class Versioned(Generic[T]):
@@ -50,7 +61,7 @@ async def _kv(bus: Bus, bucket: str) -> KeyValue:
     """The bucket, opened (and created with its own spec) on first use."""
     kv = bus._buckets.get(bucket)
     if kv is None:
-        spec = LEASES if bucket == LEASES.name else BUCKETS.get(bucket, BucketSpec(bucket, bucket))
+        spec = _SPECS.get(bucket) or BUCKETS.get(bucket) or BucketSpec(bucket, bucket)
         kv = await bus._open(spec, create=True)
     return kv
 

@@ -25,11 +25,13 @@ ATTEMPTS = 5
 """Compare-and-set attempts to add a failure before giving up. A write loses only to
 another one that succeeded, so up to this many failures at once are all counted."""
 
-LOGIN_FAILURES: BucketSpec = BucketSpec(
-    subjects.LOGIN_FAILURES_BUCKET,
-    "fleetgate recent failed logins per user name (written by the auth service)",
-    history=1,
-    ttl=KEEP,
+LOGIN_FAILURES: BucketSpec = leases.register(
+    BucketSpec(
+        subjects.LOGIN_FAILURES_BUCKET,
+        "fleetgate recent failed logins per user name (written by the auth service)",
+        history=1,
+        ttl=KEEP,
+    )
 )
 
 
@@ -45,8 +47,6 @@ async def provision_login_failures(bus: Bus) -> None:
 
 
 async def _read(bus: Bus, user: str) -> Versioned[Failures] | None:
-    if LOGIN_FAILURES.name not in bus._buckets:
-        await provision_login_failures(bus)
     return await leases.read(bus, LOGIN_FAILURES.name, subjects.login_failures_key(user), Failures)
 
 
@@ -93,8 +93,6 @@ async def forget(bus: Bus, user: str, seen: Versioned[Failures]) -> bool:
     """Clear ``user``'s failures as read in ``seen`` (after a successful login). False
     when a failure was added since: it stands. Raises :class:`~bus.errors.RegistryError`
     when NATS cannot answer."""
-    if LOGIN_FAILURES.name not in bus._buckets:
-        await provision_login_failures(bus)
     key = subjects.login_failures_key(user)
     written = await leases.update(bus, LOGIN_FAILURES.name, key, Failures(), last=seen.revision)
     return written is not None

@@ -20,11 +20,13 @@ from bus.schemas import Record
 KEEP = 3600.0
 """How long a user's last accepted step is kept (far longer than a code is valid)."""
 
-TOTP: BucketSpec = BucketSpec(
-    subjects.TOTP_BUCKET,
-    "fleetgate last accepted one-time-code step per user (written by the auth service)",
-    history=1,
-    ttl=KEEP,
+TOTP: BucketSpec = leases.register(
+    BucketSpec(
+        subjects.TOTP_BUCKET,
+        "fleetgate last accepted one-time-code step per user (written by the auth service)",
+        history=1,
+        ttl=KEEP,
+    )
 )
 
 
@@ -45,8 +47,6 @@ async def claim_step(bus: Bus, user: str, step: int) -> bool:
     was accepted before, by any instance. A write that loses a race is decided again
     once on a fresh read; losing twice also answers False (refuse; the next code works).
     Raises :class:`~bus.errors.RegistryError` when NATS cannot answer."""
-    if TOTP.name not in bus._buckets:
-        await provision_totp(bus)
     key = subjects.totp_key(user)
     record = UsedStep(step=step)
     for _ in range(2):
