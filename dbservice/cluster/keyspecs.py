@@ -52,10 +52,6 @@ class CommandInfo:
     specs: tuple[KeySpec, ...] = ()
     subcommands: Mapping[str, CommandInfo] = field(default_factory=dict)
 
-    @property
-    def movable(self) -> bool:
-        return "movablekeys" in self.flags
-
 
 def _text(value: Value) -> str:
     if isinstance(value, Status):

@@ -189,14 +189,3 @@ def _slot_node(value: Value, *, primary: bool) -> Node:
     return Node(
         id=node_id, host=host, port=int(port) if isinstance(port, int) else 0, primary=primary
     )
-
-
-def slots_reply(topology: Topology, address: Address, node_id: str) -> list[Value]:
-    """``CLUSTER SLOTS`` as a one-node cluster at ``address``: every owned range, one
-    node (the engine itself), so a cluster-aware client keeps talking to it."""
-    out: list[Value] = []
-    for shard in topology.shards:
-        for first, last in shard.ranges:
-            out.append([first, last, [address[0].encode(), address[1], node_id.encode()]])
-    out.sort(key=lambda e: e[0] if isinstance(e, list) and isinstance(e[0], int) else 0)
-    return out
