@@ -57,17 +57,12 @@ class AclUser:
 
 
 def moto_secret(access_key: str) -> str | None:
-    """The secret of a key moto's STS handed out (same process only)."""
-    try:
-        from moto.sts.models import sts_backends
-    except ImportError:  # pragma: no cover - moto is a test dependency
-        return None
-    for regions in list(sts_backends.values()):
-        for backend in list(regions.values()):
-            role = backend.get_assumed_role_from_access_key(access_key)
-            if role is not None:
-                return str(role.secret_access_key)
-    return None
+    """The secret of a key STS AssumeRole handed out through the sandbox's AWS front
+    (same process only)."""
+    from sandbox.aws import assumed_role
+
+    role = assumed_role(access_key)
+    return role.secret_access_key if role else None
 
 
 def default_secret(access_key: str) -> str | None:

@@ -20,7 +20,7 @@ from bus.schemas import AWSSpec, DatabaseResource, DatabaseSpec, MemoryDBSpec, M
 from dbservice.upstream import auth as wire
 from dbservice.upstream import iam
 from dbservice.upstream.iam import IamAuth, IamTarget, Role
-from sandbox.aws import ACL_MEMBERS, MotoServer
+from sandbox.aws import ACL_MEMBERS, MotoServer, assumed_role
 from sandbox.iamfront import IamFront, MemoryDBLogin, check_token
 from sandbox.memorydb import MemoryDBStandin, StandinConfig
 from tests import seed
@@ -268,14 +268,10 @@ async def test_caches_across_many_connections(
     assert auth.calls == {"sts:AssumeRole": 2, "memorydb:DescribeUsers": 1}
     assert auth.tokens_signed == 1
     # the token is signed by the database's role, assumed with the matcher role's keys
-    from moto.sts.models import sts_backends
-
     key_id = token.split("X-Amz-Credential=", 1)[1].split("%2F", 1)[0]
-    assumed = [
-        r for regions in sts_backends.values() for b in regions.values() for r in b.assumed_roles
-    ]
-    by_key = {r.access_key_id: r for r in assumed}
-    assert by_key[key_id].role_arn == role and by_key[key_id].external_id == "ext-1"
+    signer = assumed_role(key_id)
+    assert signer is not None
+    assert signer.role_arn == role and signer.external_id == "ext-1"
     assert login.accepted == 20
 
 

@@ -27,7 +27,7 @@ from dbservice.auth.admin import sign_host
 from dbservice.auth.ca import CertificateAuthority
 from dbservice.route import RouteRefused
 from dbservice.upstream.iam import IamTarget, Role
-from sandbox.aws import ACL_MEMBERS, MotoServer
+from sandbox.aws import ACL_MEMBERS, MotoServer, assumed_roles
 from sandbox.iamfront import IamFront, MemoryDBLogin
 from sandbox.memorydb import MemoryDBStandin, StandinConfig
 from tests import seed
@@ -229,8 +229,6 @@ async def test_database_role_is_chained_after_the_matcher_role(
     """The agent's matcher role is assumed first, then the database's own
     assume_role_arn/external_id from the registry with those credentials; the token is
     signed by the database's role."""
-    from moto.sts.models import sts_backends
-
     db, login = standin
     matcher_role = f"arn:aws:iam::{ACCOUNT}:role/agent-matcher-chain"
     db_role = f"arn:aws:iam::{ACCOUNT}:role/orders-db-chain"
@@ -265,13 +263,7 @@ async def test_database_role_is_chained_after_the_matcher_role(
         token = await auth.token(chain, "alice")
         assert auth.tokens_signed == 1
     assert login.accepted >= 1 and login.refusals == []
-    assumed = {
-        r.access_key_id: r
-        for regions in sts_backends.values()
-        for backend in regions.values()
-        for r in backend.assumed_roles
-        if r.role_arn in (matcher_role, db_role)
-    }
+    assumed = {r.access_key_id: r for r in assumed_roles() if r.role_arn in (matcher_role, db_role)}
     assert sorted((r.role_arn, r.external_id) for r in assumed.values()) == [
         (matcher_role, "ext-m"),
         (db_role, "ext-db"),
