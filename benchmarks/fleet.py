@@ -64,6 +64,8 @@ class Fleet:
     agent_port: int = 0
     auth_port: int = 0
     tunnel_port: int = 0
+    deny: tuple[str, ...] = ("FLUSHALL", "FLUSHDB")
+    """Commands the role ``bench`` denies (none: the role does not limit commands)."""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
@@ -131,11 +133,12 @@ class Fleet:
             await bus.provision()
             ca = (await init_ca(bus, self.tmp / "ca")).ca
             await ensure_audit_stream(bus)
-            role = {
+            role: dict[str, object] = {
                 "name": "bench",
                 "allow": {"db_labels": {"purpose": "benchmark"}, "db_users": [DB_USER]},
-                "deny": {"redis_commands": ["FLUSHALL", "FLUSHDB"]},
             }
+            if self.deny:
+                role["deny"] = {"redis_commands": list(self.deny)}
             await put_role(bus, Role.model_validate(role))
             await put_user(
                 bus, User(name="bench", roles=("bench",), password_hash=hash_password(PASSWORD))
@@ -214,17 +217,33 @@ class Fleet:
         wait_port(self.agent_port, "fleetgate agent run", self.procs["agent"])
         # The listener accepts before the CA is read; one routed PING says it is ready.
         deadline = time.monotonic() + 30
+        self._agent_tls()  # the client certificate, before login
         while True:
-            out = subprocess.run(
-                ["redis-cli", "-h", "127.0.0.1", "-p", str(self.agent_port), *self._agent_tls(),
-                 "PING"],
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
-            if out.stdout.strip() == "PONG":
+            answer = self._routed_ping()
+            if answer == b"+PONG\r\n":
                 return
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the agent does not answer: {out.stdout} {out.stderr}")
+                raise RuntimeError(f"the agent does not answer PING: {answer!r}")
             time.sleep(0.2)
+
+    def _routed_ping(self) -> bytes | str:
+        """PING over mutual TLS straight to the agent, the route in the server name (no
+        redis-cli with TLS needed)."""
+        import ssl
+
+        ids = self.identity
+        context = ssl.create_default_context(cafile=str(ids / "ca.pem"))
+        context.check_hostname = False
+        context.load_cert_chain(ids / "cert.pem", ids / "key.pem")
+        try:
+            with (
+                socket.create_connection(("127.0.0.1", self.agent_port), timeout=5) as raw,
+                context.wrap_socket(raw, server_hostname=SERVER_NAME) as conn,
+            ):
+                conn.sendall(b"PING\r\n")
+                return conn.recv(64)
+        except OSError as exc:
+            return str(exc)
 
     def _agent_tls(self) -> list[str]:
         # Before login, a certificate issued here directly (as `auth sign --user` would).
