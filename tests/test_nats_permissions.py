@@ -33,7 +33,7 @@ from sandbox.aws import MotoServer
 from tests import seed
 
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-server.conf"
-USERS = ("discovery", "agent", "auth", "reader", "auditor", "admin")
+USERS = ("discovery", "agent", "auth", "reader", "auditor", "operator", "admin")
 
 
 def db(name: str) -> DatabaseResource:
