@@ -277,3 +277,32 @@ def test_each_user_has_its_own_inbox_prefix() -> None:
     assert inbox_prefix("agent") == "_INBOX_agent"
     assert inbox_prefix("a.b*>") == "_INBOX_a_b__"
     assert inbox_prefix(None) == "_INBOX"
+
+
+async def test_the_operator_reads_what_people_on_call_need_and_writes_nothing(
+    connect: Callable[[str], Awaitable[Bus]],
+) -> None:
+    admin = await connect("admin")
+    for bucket in subjects.ALL_BUCKETS:
+        await admin.bucket(bucket)
+    await ensure_audit_stream(admin)
+    await admin.put_resource(db("orders"))
+    await admin.put(subjects.LEASES_BUCKET, "us-east-1.1.svc", db("lease-stand-in"))
+    await admin.put(subjects.USERS_BUCKET, "alice", User(name="alice", roles=("dev",)))
+    await publish_event(admin, SessionStart(user="alice", database="orders"))
+
+    operator = await connect("operator")
+    assert [r.name for r in await operator.list_resources(create=False)] == ["orders"]
+    assert await operator.list_db_servers(create=False) == []
+    assert list(await operator.snapshot(subjects.LEASES_BUCKET, DatabaseResource)) == [
+        "us-east-1.1.svc"
+    ]
+    assert [e.user async for e in read_events(operator)] == ["alice"]
+    with pytest.raises(RegistryError):
+        await operator.snapshot(subjects.USERS_BUCKET, User, create=False)
+    with pytest.raises(RegistryError, match="may this NATS user do that"):
+        await operator.put_resource(db("forged"))
+    with pytest.raises(RegistryError, match="may this NATS user do that"):
+        await operator.put(subjects.LEASES_BUCKET, "us-east-1.1.svc", db("forged"))
+    with pytest.raises(Exception):  # noqa: B017 - refused publish: no ack ever comes
+        await publish_event(operator, SessionStart(user="mallory"), ack_wait=1.0)
