@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import nats
 import nats.errors
@@ -74,6 +75,31 @@ def redact_url(url: str) -> str:
     )
 
 
+def url_user(url: str) -> str | None:
+    """The user a NATS URL logs in as (``nats://user:secret@h`` -> ``user``); None for
+    a URL without credentials or with a token (``nats://token@h``). Of a comma-separated
+    list of servers, the first one that names a user."""
+    for server in url.split(","):
+        try:
+            parts = urlsplit(server.strip())
+        except ValueError:
+            continue
+        if parts.username is not None and parts.password is not None:
+            return unquote(parts.username)
+    return None
+
+
+def inbox_prefix(user: str | None) -> str:
+    """The subject prefix of every reply this client receives: ``_INBOX_<user>``, so that
+    deploy/nats/nats-server.conf lets each user subscribe to its own replies only
+    (``_INBOX_<user>.>``), never to another user's. A character NATS does not allow in
+    a subject token (or that would be a wildcard) becomes ``_``. Without a user (no
+    authentication, or a token), NATS's default ``_INBOX``."""
+    if not user:
+        return "_INBOX"
+    return "_INBOX_" + re.sub(r"[^A-Za-z0-9_-]", "_", user)
+
+
 def decode(model: type[M], key: str, data: bytes) -> M | None:
     """Parse a record; a record we cannot read is logged and skipped, never fatal."""
     try:
@@ -111,7 +137,9 @@ class Bus:
         """Connect to NATS at ``url``; raise BusUnavailable naming the URL when it stays
         unreachable. A refused connection is retried for ``wait`` seconds (0 for
         commands people type: fail at once); one attempt takes at most
-        ``connect_timeout``. Once connected, reconnects never stop."""
+        ``connect_timeout``. Once connected, reconnects never stop. Replies (requests,
+        JetStream API answers, watches' deliveries) come on the user's own inbox prefix
+        (:func:`inbox_prefix`)."""
         bus: Bus | None = None
         shown = redact_url(url)
         first_errors: list[Exception] = []
@@ -151,6 +179,7 @@ class Bus:
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                inbox_prefix=inbox_prefix(url_user(url)),
                 **options,
             )
         )

@@ -12,6 +12,7 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 _LISTENING = re.compile(r"Listening for client connections on [^\s]*:(\d+)")
@@ -45,11 +46,15 @@ class NatsServer:
         port: int = -1,
         host: str = "127.0.0.1",
         config_file: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """``env`` is added to the server's environment (the passwords a config file
+        names as ``$VARIABLE``: never on its command line)."""
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port
         self.config_file = config_file
+        self.env = dict(env or {})
         self.proc: subprocess.Popen[str] | None = None
         self._log: list[str] = []
         self._reader: threading.Thread | None = None
@@ -80,6 +85,7 @@ class NatsServer:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,
+            env={**os.environ, **self.env} if self.env else None,
         )
         ready = threading.Event()
         self._reader = threading.Thread(target=self._read_log, args=(ready,), daemon=True)

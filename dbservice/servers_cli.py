@@ -1,5 +1,11 @@
 """``fleetgate db servers NAME``: the agents serving a database, healthiest first; and
-the per-database health counts ``db ls`` shows."""
+the per-database health counts ``db ls`` shows.
+
+Logged in, it asks the auth service, as ``db ls`` does: only databases the caller's
+roles reach are answered (another gets the same "no database you may reach" as one that
+does not exist). Without a login, or with ``--nats URL`` (operators), it reads the
+heartbeats in NATS directly, which needs a NATS user that may read them (``reader``,
+``operator``)."""
 
 from __future__ import annotations
 
@@ -11,7 +17,9 @@ from typing import Any
 
 from bus import Bus, DbServerHeartbeat, RegistryError
 from bus.servers import health_rank
+from dbservice.auth import people
 from fleetgate import aio
+from fleetgate.cli import UsageError
 from fleetgate.config import resolve_nats_url
 
 
@@ -20,21 +28,36 @@ def register(actions: Any, common: Callable[[argparse.ArgumentParser], None]) ->
     servers.add_argument("name", metavar="NAME", help="database name (as in 'fleetgate db ls')")
     servers.add_argument("--format", default="text", choices=["text", "json"])
     servers.add_argument(
-        "--nats", help="NATS URL (default: FLEETGATE_NATS_URL or nats://127.0.0.1:4222)"
+        "--nats",
+        help="read NATS at this URL (operators), even when logged in "
+        "(default without a login: FLEETGATE_NATS_URL or nats://127.0.0.1:4222)",
     )
     common(servers)
     servers.set_defaults(handler=_servers)
 
 
 def _servers(args: argparse.Namespace) -> int:
-    found = aio.run(list_servers(resolve_nats_url(args.nats), args.name))
-    found.sort(key=health_rank)
+    try:
+        ident = None if args.nats else people.load_identity()
+    except people.AccessError as exc:
+        raise UsageError(str(exc)) from None
+    rows: list[dict[str, Any]]
+    if ident is not None:  # a person: only what their roles reach, from the auth service
+        try:
+            agents = aio.run(people.fetch_servers(ident, args.name))
+        except people.AccessError as exc:
+            raise UsageError(f"{exc} (operators: --nats URL reads the registry directly)") from None
+        rows = [agent_json(a, args.name) for a in agents]  # healthiest first already
+    else:
+        found = aio.run(list_servers(resolve_nats_url(args.nats), args.name))
+        found.sort(key=health_rank)
+        rows = [server_json(s) for s in found]
     if args.format == "json":
-        json.dump([server_json(s) for s in found], sys.stdout, indent=2)
+        json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        print_servers(found)
-    if not found:
+        print_servers(rows)
+    if not rows:
         print(f"(no agent serves {args.name})", file=sys.stderr)
     return 0
 
@@ -71,14 +94,29 @@ def server_json(server: DbServerHeartbeat) -> dict[str, Any]:
     }
 
 
-def print_servers(servers: list[DbServerHeartbeat]) -> None:
+def agent_json(agent: people.AgentAddress, database: str) -> dict[str, Any]:
+    """An agent as the auth service lists it, in :func:`server_json`'s shape (labels
+    and AWS details of the database are in ``db ls``)."""
+    return {
+        "host_id": agent.host_id,
+        "hostname": agent.hostname,
+        "version": agent.version,
+        "addr": agent.addr,
+        "database": database,
+        "target_health": agent.health.model_dump(mode="json", exclude_none=True),
+        "expires": agent.expires,
+    }
+
+
+def print_servers(servers: list[dict[str, Any]]) -> None:
     rows = [("HOSTNAME", "HOST ID", "ADDRESS", "HEALTH", "VERSION", "MESSAGE")]
     for s in servers:
-        health = s.target_health
-        message = health.message
-        if health.status != "healthy" and health.error:
-            message = f"{message}: {health.error}"
-        rows.append((s.hostname, s.host_id, s.addr, health.status, s.version, message))
+        health = s["target_health"]
+        message = str(health.get("message", ""))
+        if health.get("status") != "healthy" and health.get("error"):
+            message = f"{message}: {health['error']}"
+        status = str(health.get("status", ""))
+        rows.append((s["hostname"], s["host_id"], s["addr"], status, s["version"], message))
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     for row in rows:
         cells = [f"{cell:<{widths[i]}}" for i, cell in enumerate(row[:5])]

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -18,6 +19,8 @@ from typing import Any
 from fleetgate import aio
 from fleetgate.cli import UsageError
 from sandbox.state import (
+    PRIVATE_UMASK,
+    SHELL_NATS_USER,
     SandboxError,
     SandboxState,
     already_running,
@@ -25,6 +28,8 @@ from sandbox.state import (
     default_dir,
     held_lock,
     is_locked,
+    make_private,
+    nats_url_of,
     resolve_dir,
 )
 
@@ -92,6 +97,10 @@ def _up(args: argparse.Namespace) -> int:
     if is_locked(directory):
         raise SandboxError(already_running(directory))
     _clean_up_after_a_killed_sandbox(directory)
+    # Only the person running it may read what the sandbox and its processes write
+    # (logs, configs, stores, the CA key, passwords).
+    os.umask(PRIVATE_UMASK)
+    make_private(directory)
     check_chosen_port(args.nats_port, "--nats-port")
     check_chosen_port(args.auth_port, "--auth-port")
     if args.detach:
@@ -263,4 +272,7 @@ def _env(args: argparse.Namespace) -> int:
             f"no sandbox running in {directory}: start one with fleetgate sandbox up"
         )
     sys.stdout.write((directory / "env").read_text())
+    # The NATS login is added here, read from its 0600 file: no other file holds it.
+    url = nats_url_of(directory, state, SHELL_NATS_USER)
+    sys.stdout.write(f"export FLEETGATE_NATS_URL={shlex.quote(url)}\n")
     return 0

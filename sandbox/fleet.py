@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import shutil
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -30,7 +29,17 @@ from sandbox import children, seeding
 from sandbox.aws import MotoServer
 from sandbox.iamfront import IamFront, MemoryDBLogin
 from sandbox.memorydb import MemoryDBStandin, StandinConfig
-from sandbox.state import Database, Part, SandboxError, SandboxState, free_port
+from sandbox.state import (
+    Database,
+    Part,
+    SandboxError,
+    SandboxState,
+    free_port,
+    make_private,
+    nats_passwords,
+    nats_url_as,
+    secret_file,
+)
 from sandbox.tlsca import TestCA
 
 T = TypeVar("T")
@@ -50,6 +59,8 @@ ROLES: dict[str, dict[str, Any]] = {
         "allow": {"db_labels": {"*": "*"}, "db_users": ["*"]},
     },
 }
+NATS_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-server.conf"
+"""The production NATS config: the sandbox runs with its users and permissions."""
 USER = "alice"
 USER_ROLES = ["dev-access"]
 AGENT_CERT_TTL = 30 * 86400.0
@@ -117,6 +128,7 @@ class Sandbox:
         self.db_ca = TestCA.create("fleetgate sandbox MemoryDB CA")
         self.ca_fingerprint = ""
         self.password = ""
+        self.nats_passwords: dict[str, str] = {}
         self.agent_ports: dict[str, int] = {}
         self.auth_port = 0
         self.stopping = False
@@ -127,6 +139,10 @@ class Sandbox:
     def nats_url(self) -> str:
         assert self.nats is not None
         return self.nats.url
+
+    def nats_url_as(self, user: str) -> str:
+        """The NATS URL logged in as ``user`` of deploy/nats/nats-server.conf."""
+        return nats_url_as(self.nats_url, user, self.nats_passwords[user])
 
     @property
     def aws_env(self) -> dict[str, str]:
@@ -182,9 +198,16 @@ class Sandbox:
         self.state.save()
 
     async def _start_nats(self) -> None:
-        self.nats = NatsServer(self.path("nats"), port=self.o.nats_port or -1)
+        if not NATS_CONFIG.is_file():
+            raise SandboxError(f"{NATS_CONFIG} is missing: run the sandbox from a checkout")
+        self.nats_passwords = nats_passwords(self.dir)
+        env = {f"FLEETGATE_NATS_{u.upper()}_PASSWORD": pw for u, pw in self.nats_passwords.items()}
+        self.nats = NatsServer(
+            self.path("nats"), port=self.o.nats_port or -1, config_file=NATS_CONFIG, env=env
+        )
         await self._in_thread(self.nats.start)
-        self.bus = await Bus.connect(self.nats_url, name="fleetgate-sandbox")
+        # The supervisor provisions (CA, roles, alice, the audit stream): an operator's admin.
+        self.bus = await Bus.connect(self.nats_url_as("admin"), name="fleetgate-sandbox")
         self.progress.line("nats", f"ready  {self.nats_url} (JetStream, store {self.path('nats')})")
 
     async def _start_aws(self) -> None:
@@ -236,10 +259,13 @@ class Sandbox:
         await nats
         assert self.bus is not None
         result = await init_ca(self.bus, self.path("ca"))
+        make_private(self.path("ca"))  # its certificate too (0644): the sandbox is private
         self.ca_fingerprint = result.ca.fingerprint
         await ensure_audit_stream(self.bus)
         for name, doc in ROLES.items():
-            role_file = children.write_config(self.path("config", "roles", f"{name}.yaml"), doc)
+            role_file = children.write_config(
+                self.path("config", "roles", f"{name}.yaml"), doc, "# fleetgate sandbox up\n"
+            )
             await put_role(self.bus, parse_role(doc, str(role_file)))
         self.password = self._secret_file("alice.password")
         hashed = await asyncio.to_thread(hash_password, self.password)
@@ -249,9 +275,9 @@ class Sandbox:
         self.auth_port = self.o.auth_port or free_port()
         config = children.write_config(
             self.path("config", "auth.yaml"),
-            children.auth_config(self.nats_url, self.auth_port, self.path("ca")),
+            children.auth_config(self.auth_port, self.path("ca")),
         )
-        self._spawn("auth", ["auth", "run", "-c", str(config)], {})
+        self._spawn("auth", ["auth", "run", "-c", str(config)], {}, nats_user="auth")
         self.progress.line("auth", f"CA {self.ca_fingerprint}; roles dev-access, admin; user alice")
 
     async def _start_discovery(self, nats: Awaitable[None], aws: Awaitable[None]) -> None:
@@ -259,9 +285,14 @@ class Sandbox:
         await aws
         config = children.write_config(
             self.path("config", "discovery.yaml"),
-            children.discovery_config(self.nats_url, seeding.REGIONS),
+            children.discovery_config(seeding.REGIONS),
         )
-        self._spawn("discovery", ["discovery", "run", "-c", str(config)], self.aws_env)
+        self._spawn(
+            "discovery",
+            ["discovery", "run", "-c", str(config)],
+            self.aws_env,
+            nats_user="discovery",
+        )
 
     async def _start_agents(self, access: Awaitable[None], standins: Awaitable[None]) -> None:
         await access
@@ -277,7 +308,6 @@ class Sandbox:
                 self.path("config", f"{name}.yaml"),
                 children.agent_config(
                     name=name,
-                    nats_url=self.nats_url,
                     port=port,
                     data_dir=self.path("agents", name),
                     tls_dir=self.path("tls", name),
@@ -286,7 +316,7 @@ class Sandbox:
                     upstream_ca=self.path("tls", "memorydb-ca.crt"),
                 ),
             )
-            self._spawn(name, ["agent", "run", "-c", str(config)], self.aws_env)
+            self._spawn(name, ["agent", "run", "-c", str(config)], self.aws_env, nats_user="agent")
 
     async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
         """``func`` in a thread; a cancelled start leaves the thread running, so
@@ -295,20 +325,16 @@ class Sandbox:
         self._threads.append(future)
         return await asyncio.shield(future)
 
-    def _spawn(self, name: str, args: list[str], aws: dict[str, str]) -> None:
-        env = children.child_env(aws, self.nats_url, self.dir)
+    def _spawn(self, name: str, args: list[str], aws: dict[str, str], *, nats_user: str) -> None:
+        """Start ``fleetgate ARGS``, logged in to NATS as ``nats_user`` through its
+        environment (the password in no config file and no command line)."""
+        env = children.child_env(aws, self.nats_url_as(nats_user), self.dir)
         log = self.path("logs", f"{name}.log")
         self.children[name] = children.Child(name, args, log, env).start()
 
     def _secret_file(self, name: str) -> str:
         """A generated password kept in ``name`` (0600) across runs."""
-        path = self.path(name)
-        if path.exists():
-            return path.read_text().strip()
-        value = secrets.token_urlsafe(18)
-        path.touch(mode=0o600)
-        path.write_text(value + "\n")
-        return value
+        return secret_file(self.path(name))
 
     # -- readiness -----------------------------------------------------------------------
     async def _wait_ready(self) -> None:
@@ -403,8 +429,7 @@ class Sandbox:
             st.pids += [n.proc.pid for n in standin.nodes if n.proc is not None]
             st.ports += [p for _, p in standin.node_fronts] + [standin.endpoint[1]]
             st.ports += [p for n in standin.nodes for p in (n.port, n.bus_port)]
-        st.env = {
-            "FLEETGATE_NATS_URL": self.nats_url,
+        st.env = {  # FLEETGATE_NATS_URL, with a password, is added by sandbox env
             **self.aws_env,
             "AWS_CONFIG_FILE": str(self.path("config", "no-aws-config")),
             "AWS_SHARED_CREDENTIALS_FILE": str(self.path("config", "no-aws-credentials")),

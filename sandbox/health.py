@@ -15,10 +15,12 @@ from pathlib import Path
 
 from sandbox.state import (
     Part,
+    SandboxError,
     SandboxState,
     cmdline,
     is_locked,
     names_dir,
+    nats_url_of,
     pid_alive,
     port_answers,
     port_free,
@@ -106,7 +108,10 @@ def status(directory: Path, fmt: str) -> int:
         if not running and left:
             print(f"  processes left: {left}; fleetgate sandbox down stops them")
         return 1
-    fleet = _fleet(state.env.get("FLEETGATE_NATS_URL", ""))
+    try:  # reads databases and heartbeats: the read-only user is enough
+        fleet = _fleet(nats_url_of(directory, state, "reader"))
+    except SandboxError as exc:
+        fleet = Fleet(set(), {}, error=str(exc))
     rows = [
         (p.name, str(p.pid), p.address or "-", _part_health(p, fleet, state)) for p in state.parts
     ]

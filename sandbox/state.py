@@ -4,13 +4,19 @@ Layout of the sandbox directory (default ``$FLEETGATE_HOME/sandbox``)::
 
     sandbox.json    the supervisor's pid, every part (pid, address, log), state
     sandbox.lock    held (flock) by the running supervisor: one sandbox per directory
-    env             export lines: FLEETGATE_NATS_URL, AWS_ENDPOINT_URL, ... for a shell
-    alice.password  alice's generated password (0600)
+    env             export lines: AWS_ENDPOINT_URL, ... for a shell (``sandbox env``
+                    adds FLEETGATE_NATS_URL, with the shell's NATS password)
+    alice.password  alice's generated password
+    ops.password    the password of the stand-ins' password user ``ops``
+    nats-users/     one generated password per NATS user of deploy/nats/nats-server.conf
     ca/             the fleet CA (``fleetgate auth init``), kept across runs
     tls/            the MemoryDB stand-ins' CA, and the agents' server certificates
     config/         the generated configs of discovery, the auth service and the agents
     logs/           one log per process; sandbox.out is what ``up`` printed
     nats/ memorydb/ agents/   NATS's store, the stand-ins' nodes, the agents' data dirs
+
+Only the ``*.password`` files hold secrets; no log, config or state file does. Everything
+is private to the person running the sandbox: directories 0700, files 0600.
 """
 
 from __future__ import annotations
@@ -19,18 +25,31 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import shlex
 import socket
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
+from urllib.parse import quote
 
 State = Literal["starting", "ready", "failed", "stopping", "stopped"]
 
 STATE_FILE = "sandbox.json"
 LOCK_FILE = "sandbox.lock"
 ENV_FILE = "env"
+
+
+NATS_USERS = ("discovery", "agent", "auth", "reader", "auditor", "operator", "admin")
+"""The users of deploy/nats/nats-server.conf; the sandbox's NATS runs with that file."""
+SHELL_NATS_USER = "operator"
+"""Whom ``sandbox env`` logs a person's shell in as: what an operator gets in production
+(reads the registry, heartbeats, managed-user records and the audit; writes nothing,
+never reads password hashes). Provisioning (``users add``, ...) needs ``admin``,
+whose password is in ``nats-users/admin.password``."""
+PRIVATE_UMASK = 0o077
+"""Files the sandbox (and every process it starts) creates are 0600, directories 0700."""
 
 
 class SandboxError(Exception):
@@ -118,6 +137,68 @@ class SandboxState:
         data["parts"] = [Part(**p) for p in data.get("parts", [])]
         data["databases"] = [Database(**d) for d in data.get("databases", [])]
         return cls(**data)
+
+
+# -- secrets -----------------------------------------------------------------------------
+
+
+def secret_file(path: Path) -> str:
+    """The generated password kept in ``path`` (0600, in a 0700 directory) across runs;
+    made on first use."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path.parent, 0o700)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)
+        return path.read_text().strip()
+    value = secrets.token_urlsafe(18)
+    with os.fdopen(fd, "w") as out:
+        out.write(value + "\n")
+    return value
+
+
+def nats_password_file(directory: Path, user: str) -> Path:
+    return directory / "nats-users" / f"{user}.password"
+
+
+def nats_passwords(directory: Path) -> dict[str, str]:
+    """Every NATS user's password (generated on first use), by user."""
+    return {user: secret_file(nats_password_file(directory, user)) for user in NATS_USERS}
+
+
+def nats_url_as(url: str, user: str, password: str) -> str:
+    """``nats://127.0.0.1:4222`` -> ``nats://user:password@127.0.0.1:4222``."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{quote(user, safe='')}:{quote(password, safe='')}@{rest}"
+
+
+def nats_url_of(directory: Path, state: SandboxState, user: str) -> str:
+    """The sandbox's NATS URL logged in as ``user`` (its password read from its file)."""
+    url = next((p.address for p in state.parts if p.name == "nats"), "")
+    if not url:
+        raise SandboxError(f"{directory / STATE_FILE} names no NATS: is the sandbox ready?")
+    try:
+        password = nats_password_file(directory, user).read_text().strip()
+    except OSError as exc:
+        raise SandboxError(f"cannot read the NATS password of {user}: {exc}") from None
+    return nats_url_as(url, user, password)
+
+
+def make_private(directory: Path) -> None:
+    """Directories 0700 and files 0600 under ``directory`` (what an earlier run left;
+    new files are private through :data:`PRIVATE_UMASK`)."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(directory, 0o700)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            with contextlib.suppress(OSError):
+                os.chmod(os.path.join(root, name), 0o700, follow_symlinks=False)
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.isfile(path) and not os.path.islink(path):
+                with contextlib.suppress(OSError):
+                    os.chmod(path, 0o600)
 
 
 # -- the lock: one supervisor per directory --------------------------------------------

@@ -22,7 +22,8 @@ def summary(sandbox: Sandbox, *, foreground: bool) -> str:
         f"ready in {st.ready_seconds}s: {clusters}, 2 agents, "
         "discovery, auth, NATS and AWS (moto), all on 127.0.0.1",
         "",
-        f"  nats       {parts['nats'].address}",
+        f"  nats       {parts['nats'].address}  (users of deploy/nats/nats-server.conf, "
+        f"passwords in {d}/nats-users)",
         f"  aws        {parts['aws'].address}  (moto; us-east-1, eu-west-1)",
         f"  auth       {parts['auth'].address}  (CA {sandbox.ca_fingerprint})",
     ]
@@ -33,11 +34,11 @@ def summary(sandbox: Sandbox, *, foreground: bool) -> str:
         "  roles      dev-access (env dev and staging, db user app), admin (everything)",
         "  managed    svc in every cluster: a password the agents set and rotate, "
         "nobody sees (fleetgate managed ls)",
-        f"  user       alice (dev-access), password {sandbox.password} (in {d}/alice.password)",
+        f"  user       alice (dev-access), password in {d}/alice.password",
         f"  state      {d} (logs in {d}/logs)",
         "",
         "next, in " + ("another shell" if foreground else "this shell") + ":",
-        f'  eval "$(fleetgate sandbox env{dir_flag})"    # NATS and AWS for this shell',
+        f'  eval "$(fleetgate sandbox env{dir_flag})"    # NATS (as operator), AWS for this shell',
         f"  fleetgate login --auth {parts['auth'].address.removeprefix('https://')} "
         f"--user alice --ca-file {d}/ca/ca.crt",
         "  fleetgate db ls",

@@ -268,3 +268,29 @@ async def test_slow_local_reader_is_pushed_back_not_buffered(
         server.close()
         await tunnel.stop_sessions()
         await server.wait_closed()
+
+
+async def test_db_servers_shows_only_what_the_identity_reaches(
+    w: World, agent: StandInAgent
+) -> None:
+    """Logged in, ``db servers`` asks the auth service as ``db ls`` does: the agents of
+    a database alice's roles do not reach are not shown, although FLEETGATE_NATS_URL
+    points at a NATS that has them; operators still read NATS with --nats."""
+    prod = await w.fleetgate("db", "servers", "prod-cache")
+    assert prod.returncode != 0
+    assert "no database 'prod-cache' that you may reach" in prod.stderr
+    assert "agent-1" not in prod.stdout and "Traceback" not in prod.stderr
+
+    mine = await w.fleetgate("db", "servers", "dev-cache", "--format", "json")
+    assert mine.returncode == 0, mine.stderr
+    (shown,) = json.loads(mine.stdout)
+    assert shown["host_id"] == "agent-1" and shown["addr"] == f"127.0.0.1:{agent.port}"
+    assert shown["database"] == "dev-cache" and shown["target_health"]["status"] == "healthy"
+    table = await w.fleetgate("db", "servers", "dev-cache")
+    assert table.returncode == 0, table.stderr
+    assert table.stdout.split()[:6] == ["HOSTNAME", "HOST", "ID", "ADDRESS", "HEALTH", "VERSION"]
+    assert f"127.0.0.1:{agent.port}" in table.stdout and "healthy" in table.stdout
+
+    operator = await w.fleetgate("db", "servers", "prod-cache", "--nats", w.nats_url)
+    assert operator.returncode == 0, operator.stderr
+    assert f"127.0.0.1:{agent.port}" in operator.stdout

@@ -9,6 +9,8 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import nats.aio.client
+import nats.aio.msg
 import pytest
 
 from bus import (
@@ -23,6 +25,7 @@ from bus import (
 )
 from bus.access import Role, User
 from bus.audit import SessionStart, ensure_audit_stream, publish_event, read_events
+from bus.client import inbox_prefix, url_user
 from bus.schemas import FetcherStatus, utcnow
 from bus.server import NatsServer
 from bus.totp import claim_step, provision_totp
@@ -30,7 +33,7 @@ from sandbox.aws import MotoServer
 from tests import seed
 
 CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-server.conf"
-USERS = ("discovery", "agent", "auth", "reader", "auditor", "admin")
+USERS = ("discovery", "agent", "auth", "reader", "auditor", "operator", "admin")
 
 
 def db(name: str) -> DatabaseResource:
@@ -214,3 +217,92 @@ async def test_only_the_auth_service_counts_failed_logins(
             await login_failures.forget(other, "alice", seen)
     assert await login_failures.forget(auth, "alice", seen)
     assert await login_failures.recent(auth, "alice", window=60.0, now=1010.0) is None
+
+
+async def test_no_user_reads_the_replies_of_another(
+    secured: NatsServer, connect: Callable[[str], Awaitable[Bus]]
+) -> None:
+    """Each user gets its replies under its own inbox prefix and may subscribe to that
+    one only: an agent listening on every inbox it can name receives none of the user
+    records the auth service reads, nor the audit events the auditor reads."""
+    admin = await connect("admin")
+    for bucket in subjects.ALL_BUCKETS:
+        await admin.bucket(bucket)
+    await ensure_audit_stream(admin)
+    await admin.put(subjects.USERS_BUCKET, "alice", User(name="alice", roles=("dev",)))
+    agent = await connect("agent")
+    await publish_event(agent, SessionStart(user="alice", database="orders"))
+
+    refused: list[str] = []
+    seen: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        refused.append(str(exc))
+
+    probe = nats.aio.client.Client()  # the attacker's own client, any inbox prefix it likes
+    await probe.connect(
+        f"nats://agent:pw-agent@127.0.0.1:{secured.port}",
+        error_cb=on_error,
+        allow_reconnect=False,
+    )
+    try:
+
+        async def record(msg: nats.aio.msg.Msg) -> None:
+            seen.append(msg.subject)
+
+        for subject in ("_INBOX.>", "_INBOX_auth.>", "_INBOX_auditor.>", ">"):
+            await probe.subscribe(subject, cb=record)
+        await probe.flush()
+
+        auth = await connect("auth")
+        assert list(await auth.snapshot(subjects.USERS_BUCKET, User)) == ["alice"]
+        auditor = await connect("auditor")
+        assert [e.user async for e in read_events(auditor)] == ["alice"]
+        await probe.flush()  # anything routed to the probe has arrived by now
+        await asyncio.sleep(0.2)
+    finally:
+        await probe.close()
+    assert seen == []
+    for subject in ("_INBOX.>", "_INBOX_auth.>", "_INBOX_auditor.>", ">"):
+        assert any(f'subscription to "{subject.lower()}"' in e.lower() for e in refused), refused
+    # and the agent's own replies still reach it (its watch, its acks)
+    assert [r.name for r in await agent.list_resources()] == []
+
+
+def test_each_user_has_its_own_inbox_prefix() -> None:
+    assert url_user("nats://agent:pw@127.0.0.1:4222") == "agent"
+    assert url_user("nats://a%2Eb:pw@h:1,nats://x:y@h:2") == "a.b"
+    assert url_user("nats://token@h:1") is None
+    assert url_user("nats://127.0.0.1:4222") is None
+    assert inbox_prefix("agent") == "_INBOX_agent"
+    assert inbox_prefix("a.b*>") == "_INBOX_a_b__"
+    assert inbox_prefix(None) == "_INBOX"
+
+
+async def test_the_operator_reads_what_people_on_call_need_and_writes_nothing(
+    connect: Callable[[str], Awaitable[Bus]],
+) -> None:
+    admin = await connect("admin")
+    for bucket in subjects.ALL_BUCKETS:
+        await admin.bucket(bucket)
+    await ensure_audit_stream(admin)
+    await admin.put_resource(db("orders"))
+    await admin.put(subjects.LEASES_BUCKET, "us-east-1.1.svc", db("lease-stand-in"))
+    await admin.put(subjects.USERS_BUCKET, "alice", User(name="alice", roles=("dev",)))
+    await publish_event(admin, SessionStart(user="alice", database="orders"))
+
+    operator = await connect("operator")
+    assert [r.name for r in await operator.list_resources(create=False)] == ["orders"]
+    assert await operator.list_db_servers(create=False) == []
+    assert list(await operator.snapshot(subjects.LEASES_BUCKET, DatabaseResource)) == [
+        "us-east-1.1.svc"
+    ]
+    assert [e.user async for e in read_events(operator)] == ["alice"]
+    with pytest.raises(RegistryError):
+        await operator.snapshot(subjects.USERS_BUCKET, User, create=False)
+    with pytest.raises(RegistryError, match="may this NATS user do that"):
+        await operator.put_resource(db("forged"))
+    with pytest.raises(RegistryError, match="may this NATS user do that"):
+        await operator.put(subjects.LEASES_BUCKET, "us-east-1.1.svc", db("forged"))
+    with pytest.raises(Exception):  # noqa: B017 - refused publish: no ack ever comes
+        await publish_event(operator, SessionStart(user="mallory"), ack_wait=1.0)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -19,10 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nats.aio.client
 import pytest
 import redis
 import redis.cluster
 
+from bus import Bus, RegistryError, subjects
+from bus.access import Role, User
+from bus.audit import SessionStart, publish_event
 from sandbox.state import names_dir
 from tests.proxykit import valkey_cli
 
@@ -302,6 +308,83 @@ def test_sessions_in_the_audit(alice: Sandbox) -> None:
     starts = [e for e in events if e["type"] == "db.session.start"]
     assert any(e["success"] and e["db_user"] == "app" for e in starts), events
     assert any(e.get("command") == "SET" for e in events), events
+
+
+# -- the bus and the secrets ----------------------------------------------------------------
+
+
+def _nats_address(box: Sandbox) -> str:
+    return next(p["address"] for p in box.state()["parts"] if p["name"] == "nats")
+
+
+def _shell_nats_url(box: Sandbox) -> str:
+    env = box.fleetgate("sandbox", "env")
+    assert env.returncode == 0, env.stderr
+    found = re.search(r"^export FLEETGATE_NATS_URL=(\S+)$", env.stdout, flags=re.M)
+    assert found is not None, env.stdout
+    return str(shlex.split(found[1])[0])
+
+
+async def test_nats_refuses_anonymous_clients_and_the_shell_is_an_operator(
+    sandbox: Sandbox,
+) -> None:
+    """The sandbox's NATS runs deploy/nats/nats-server.conf: no anonymous client, and
+    the shell's user (operator) reads the registry but neither user records nor writes."""
+    anonymous = nats.aio.client.Client()
+    with pytest.raises(Exception) as refused:  # nats-py raises several kinds
+        await anonymous.connect(_nats_address(sandbox), allow_reconnect=False)
+    await anonymous.close()
+    assert "authorization violation" in str(refused.value).lower()
+
+    url = _shell_nats_url(sandbox)
+    assert url.startswith("nats://operator:")
+    bus = await Bus.connect(url, name="test", request_timeout=2.0)
+    try:
+        assert {r.name for r in await bus.list_resources(create=False)} >= {DEV_DB, PROD_DB}
+        with pytest.raises(RegistryError):
+            await bus.snapshot(subjects.USERS_BUCKET, User, create=False)
+        with pytest.raises(RegistryError):
+            await bus.put(subjects.ROLES_BUCKET, "dev-access", Role(name="dev-access"))
+        with pytest.raises(Exception):  # noqa: B017 - refused publish: no ack ever comes
+            await publish_event(bus, SessionStart(user="mallory"), ack_wait=1.0)
+    finally:
+        await bus.close()
+
+
+def test_no_secret_outside_its_own_file_and_nothing_readable_by_others(
+    sandbox: Sandbox,
+) -> None:
+    """alice's and the NATS users' passwords are only in their 0600 files: not in a log
+    (sandbox.out printed the summary with alice's password), a config, the state or the
+    env file; every file and directory of the sandbox is private to its owner."""
+    d = sandbox.dir
+    secret_files = {d / "alice.password", d / "ops.password", *(d / "nats-users").glob("*")}
+    secrets = {f.name: f.read_text().strip() for f in secret_files if f.name != "ops.password"}
+    assert {"alice.password", "operator.password", "agent.password", "admin.password"} <= set(
+        secrets
+    )
+    assert all(len(value) >= 16 for value in secrets.values())
+    leaks, public = [], []
+    for root, dirs, files in os.walk(d):
+        for name in dirs:
+            mode = (Path(root) / name).lstat().st_mode
+            if mode & 0o077:
+                public.append(f"{root}/{name} {oct(mode)}")
+        for name in files:
+            path = Path(root) / name
+            try:
+                info = path.lstat()
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                if info.st_mode & 0o077:
+                    public.append(f"{path} {oct(info.st_mode)}")
+                data = path.read_bytes() if path not in secret_files else b""
+            except FileNotFoundError:  # a store's temporary file, gone meanwhile
+                continue
+            leaks += [f"{path}: {who}" for who, v in secrets.items() if v.encode() in data]
+    assert d.stat().st_mode & 0o777 == 0o700
+    assert not leaks
+    assert not public
 
 
 # -- second up, status, down ----------------------------------------------------------------

@@ -10,7 +10,8 @@ presented as the TLS client certificate; without one they answer 401.
   and static ones agents announce. ``spec`` is the database's spec (protocol, uri, tls
   without CA bundles, aws).
 * ``GET /v1/databases/{name}/servers`` -> ``{"database", "servers": [{"host_id",
-  "hostname", "addr", "target_health"}]}``, healthy first, then unknown, then unhealthy.
+  "hostname", "version", "addr", "target_health", "expires"}]}``, healthy first, then
+  unknown, then unhealthy.
   404 for a database the caller may not reach, with the same answer as for one that does
   not exist, so names do not leak.
 
@@ -65,8 +66,10 @@ def server_json(server: DbServerHeartbeat) -> dict[str, Any]:
     return {
         "host_id": server.host_id,
         "hostname": server.hostname,
+        "version": server.version,
         "addr": server.addr,
         "target_health": server.target_health.model_dump(mode="json", exclude_none=True),
+        "expires": server.expires.isoformat() if server.expires else None,
     }
 
 

@@ -112,6 +112,8 @@ class AgentAddress:
     hostname: str
     addr: str
     health: TargetHealth
+    version: str = ""
+    expires: str | None = None
 
 
 async def _get(ident: ClientIdentity, path: str) -> dict[str, Any]:
@@ -179,6 +181,8 @@ async def fetch_servers(ident: ClientIdentity, name: str) -> list[AgentAddress]:
                 hostname=str(s.get("hostname", "")),
                 addr=str(s["addr"]),
                 health=TargetHealth.model_validate(s.get("target_health", {})),
+                version=str(s.get("version") or ""),
+                expires=str(s["expires"]) if s.get("expires") else None,
             )
             for s in data.get("servers", [])
         ]
