@@ -19,9 +19,15 @@ Redis client connects in plain RESP. For each accepted connection:
    written straight to the other connection's transport from the event loop, no task or
    stream in between. Back-pressure: when one side's write buffer passes its high-water
    mark the other side is not read until it drains, so a slow reader never makes the
-   tunnel buffer more than about two write buffers. Until either side closes; when the
-   local client closes first (or half-closes: TLS to the agent cannot), replies still
-   in flight get :data:`CLOSE_GRACE` seconds.
+   tunnel buffer more than about two write buffers. Until either side closes. When the
+   local client sends EOF, the agent learns it at once, as the server would: the tunnel
+   routes with ``HALFCLOSE 1`` and, at a command boundary (:class:`_Boundary`), sends
+   ``FLEETGATE.EOF`` (:mod:`dbservice.route`), so the agent delivers the replies the
+   server answers without waiting (a half-closed client still reads them) and drops
+   blocked commands (``BLPOP``) at once instead of letting them take data for a client
+   that left. EOF in the middle of a command, an agent that does not know the option,
+   or a client that can no longer read (its connection reset) closes the agent
+   connection at once.
 
 With ``--node`` (a cluster-mode database only) every connection goes to that one shard's
 primary (a shard id, a node id or 8+ of its first characters, or the node's host:port,
@@ -55,7 +61,7 @@ from typing import Any, Final, cast
 from bus.servers import HEALTH_ORDER
 from dbservice.auth import people
 from dbservice.auth.ca import mtls_client_context
-from dbservice.route import RouteRefused, encode_refusal, open_route
+from dbservice.route import EOF_SIGNAL, RouteRefused, encode_refusal, open_route
 from fleetgate import aio
 from fleetgate.aio import set_nodelay, stop_on_signals, take_buffered
 
@@ -65,6 +71,7 @@ AGENTS_CACHE_SECONDS: Final = 5.0
 AGENT_TIMEOUT: Final = 10.0
 """Connect, TLS handshake and route answer, per agent."""
 CLOSE_GRACE: Final = 1.0
+"""Seconds the bytes still buffered for either side get to leave once the relay ends."""
 
 
 class ConnectError(Exception):
@@ -168,20 +175,31 @@ class Tunnel:
             self._ssl = (stamp, context)
         return self._ssl[1]
 
-    async def open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        """A routed connection to the first agent that takes it. RouteRefused when an
-        agent refuses; ConnectError when none can be reached."""
+    async def open_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, bool]:
+        """A routed connection to the first agent that takes it, and whether the agent
+        takes the half-close word (``HALFCLOSE``). RouteRefused when an agent refuses;
+        ConnectError when none can be reached."""
         agents = order_agents(await self.agents())
         context = self.ssl_context(self.identity())
         failures: list[str] = []
         for agent in agents:
             try:
                 host, port = split_addr(agent.addr)
-                async with asyncio.timeout(AGENT_TIMEOUT):
-                    return await open_route(
-                        host, port, ssl_context=context, database=self.database,
-                        db_user=self.db_user, node=self.node, client_port=self.client_port,
-                    )  # fmt: skip
+                half_close = True
+                while True:
+                    try:
+                        async with asyncio.timeout(AGENT_TIMEOUT):
+                            reader, writer = await open_route(
+                                host, port, ssl_context=context, database=self.database,
+                                db_user=self.db_user, node=self.node,
+                                client_port=self.client_port, half_close=half_close,
+                            )  # fmt: skip
+                        return reader, writer, half_close
+                    except RouteRefused as exc:
+                        # an agent from before HALFCLOSE refuses the option: route without
+                        if not half_close or "option" not in exc.reason:
+                            raise
+                        half_close = False
             except RouteRefused:
                 raise
             except ssl.SSLCertVerificationError as exc:
@@ -295,9 +313,11 @@ class _Relay(asyncio.Protocol):
         self._local_lost: asyncio.Future[None] | None = None
         self._agent_lost: asyncio.Future[None] | None = None
         self._done: asyncio.Future[None] | None = None
-        self._grace: asyncio.TimerHandle | None = None
         self._local_eof = False
         self._task: asyncio.Task[None] | None = None
+        self._boundary = _Boundary()
+        self._half_close = False
+        """The agent takes FLEETGATE.EOF (the route's HALFCLOSE option)."""
 
     # -- the local transport's events ---------------------------------------------------
 
@@ -316,17 +336,23 @@ class _Relay(asyncio.Protocol):
         self._early += data
 
     def eof_received(self) -> bool:
-        """The client will send nothing more: replies still in flight get CLOSE_GRACE
-        seconds (the agent connection is TLS, which cannot pass a half-close on)."""
+        """The client will send nothing more (it may still read): tell the agent now."""
         self._local_eof = True
         if self.agent is not None:
-            self._start_grace()
+            self._local_ended()
         return True  # keep writing replies to it
 
-    def _start_grace(self) -> None:
-        if self._grace is None and self._done is not None and not self._done.done():
-            loop = asyncio.get_running_loop()
-            self._grace = loop.call_later(CLOSE_GRACE, self._end)
+    def _local_ended(self) -> None:
+        """The agent connection is TLS, which cannot pass a half-close on: at a command
+        boundary the agent is told in words (it then ends the session once the replies
+        owed are out, and at once for blocked commands); otherwise the connection to
+        the agent closes now, as the server would drop a command cut short."""
+        agent = self.agent
+        if self._half_close and self._boundary.at_boundary and agent is not None:
+            if not agent.is_closing():
+                agent.write(EOF_SIGNAL)
+            return
+        self._end()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._local_lost is not None and not self._local_lost.done():
@@ -371,8 +397,11 @@ class _Relay(asyncio.Protocol):
         if self.local is not None and not self.local.is_closing():
             self.local.write(data)
 
-    async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def run(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, half_close: bool = False
+    ) -> None:
         """Relay between the client and the routed agent connection until either ends."""
+        self._half_close = half_close
         local, done = self.local, self._done
         assert local is not None and done is not None
         agent = self.agent = cast(asyncio.Transport, writer.transport)
@@ -388,13 +417,23 @@ class _Relay(asyncio.Protocol):
             self.agent_closed()
             return
         if self._early:
+            self._boundary.feed(bytes(self._early))
             agent.write(bytes(self._early))
             self._early.clear()
-        self.data_received = agent.write  # type: ignore[method-assign]
+        if self._half_close:
+            feed, write = self._boundary.feed, agent.write
+
+            def relay(data: bytes) -> None:
+                feed(data)
+                write(data)
+
+            self.data_received = relay  # type: ignore[method-assign]
+        else:
+            self.data_received = agent.write  # type: ignore[method-assign]
         local.set_protocol(self)  # uvloop keeps the protocol's data_received: renew it
         agent.resume_reading()
         if self._local_eof:  # the client half-closed before the route was up
-            self._start_grace()
+            self._local_ended()
         else:
             local.resume_reading()
         await done
@@ -406,8 +445,6 @@ class _Relay(asyncio.Protocol):
     async def aclose(self) -> None:
         """Close both connections (buffered bytes get CLOSE_GRACE seconds to leave),
         then drop every reference the relay holds. Idempotent."""
-        if self._grace is not None:
-            self._grace.cancel()
         waits = []
         for transport, lost in ((self.local, self._local_lost), (self.agent, self._agent_lost)):
             if transport is None:
@@ -434,12 +471,67 @@ class _Relay(asyncio.Protocol):
             self._agent_side = None
         self.data_received = _drop  # type: ignore[method-assign]
         self.tunnel = self.local = self.agent = None
-        self._task = self._grace = None
+        self._task = None
         self._early.clear()
 
 
 def _drop(data: bytes) -> None:
     """Reads after the relay ended go nowhere."""
+
+
+class _Boundary:
+    """Whether the client's bytes so far end between two commands (RESP multibulk
+    ``*<n>`` + ``$<len>`` arguments, or an inline line), so the half-close word can
+    follow them without becoming part of a command. Only boundaries are tracked (a
+    bulk's bytes are skipped, never looked at); anything the server's grammar would
+    refuse makes it give up for good (the connection then closes at EOF instead)."""
+
+    __slots__ = ("_args", "_broken", "_line", "_skip")
+
+    _MAX_LINE: Final = 64 * 1024
+
+    def __init__(self) -> None:
+        self._skip = 0  # bytes of a bulk (and its CRLF) still to come
+        self._args = 0  # bulk arguments of the current command still to come
+        self._line = b""  # a header or inline line cut by a read
+        self._broken = False
+
+    @property
+    def at_boundary(self) -> bool:
+        return not (self._broken or self._skip or self._args or self._line)
+
+    def feed(self, data: bytes) -> None:
+        i, n = 0, len(data)
+        while i < n and not self._broken:
+            if self._skip:
+                taken = min(self._skip, n - i)
+                self._skip -= taken
+                i += taken
+                continue
+            end = data.find(b"\n", i)
+            if end < 0:
+                self._line += data[i:]
+                if len(self._line) > self._MAX_LINE:
+                    self._broken = True
+                return
+            line, self._line = self._line + data[i : end + 1], b""
+            i = end + 1
+            self._header(line)
+
+    def _header(self, line: bytes) -> None:
+        if self._args:  # an argument's length: $<len>\r\n
+            size = line[1:-2]
+            if line[:1] != b"$" or line[-2:] != b"\r\n" or not size.isdigit():
+                self._broken = True
+                return
+            self._skip, self._args = int(size) + 2, self._args - 1
+        elif line[:1] == b"*":  # a command: *<count>\r\n (0 or less: an empty one)
+            count = line[1:-2]
+            if line[-2:] != b"\r\n" or not count.lstrip(b"-").isdigit():
+                self._broken = True
+                return
+            self._args = max(int(count), 0)
+        # else: an inline command, whole once its line ends
 
 
 async def run_connect(

@@ -11,6 +11,8 @@ Wire format (RESP2, all bulk strings)::
                                            local port), named by the one-node
                                            CLUSTER SLOTS/SHARDS/NODES view, so
                                            cluster-aware clients come back to it
+                          HALFCLOSE 1      the client says when its own client
+                                           half-closed: FLEETGATE.EOF (below)
     agent  -> client  +OK CRLF              the connection is now a plain RESP stream
                       -ERR <reason> CRLF    and the agent closes
 
@@ -22,6 +24,17 @@ Redis client as is. Neither side sends anything else before the answer: a client
 pipeline commands behind the preamble.
 
 Timeouts belong to the caller (``asyncio.timeout`` around either call).
+
+**Half-close.** TLS cannot half-close, so a tunnel whose local client half-closes
+(sends its last command, then EOF, and still reads) cannot pass that on as such; a
+full close would lose the replies still owed, and keeping the connection open would
+keep the client's blocked commands (``BLPOP``) alive on the server after it left. With
+``HALFCLOSE 1`` in its route, the tunnel sends :data:`EOF_COMMAND` (``*1 $13
+FLEETGATE.EOF``) at a command boundary as the last thing it ever sends: the agent takes
+it as the client's EOF (never forwarded, audited or answered), delivers the replies
+owed that the server answers without waiting, and closes the server connection at
+once otherwise (:mod:`dbservice.proxy.halfclose`). Without the option the command is
+the client's like any other.
 
 **The route in the TLS server name.** Instead of the preamble, a client may name the
 route in the SNI of its TLS handshake, so that any TLS-capable Redis client can reach an
@@ -50,6 +63,9 @@ from typing import Final, Protocol
 
 ROUTE_COMMAND: Final = b"FLEETGATE.ROUTE"
 ROUTE_OK: Final = b"+OK\r\n"
+EOF_COMMAND: Final = b"FLEETGATE.EOF"
+"""What a tunnel that routed with ``HALFCLOSE 1`` sends when its client half-closed."""
+EOF_SIGNAL: Final = b"*1\r\n$13\r\nFLEETGATE.EOF\r\n"
 DEFAULT_LIMIT: Final = 512
 """Longest database name or db user, in bytes, :func:`read_route` accepts by default."""
 MAX_HEADER: Final = 16
@@ -95,21 +111,27 @@ class Route:
     directly instead of the whole cluster; empty for the whole database."""
     port: int = 0
     """The port the client dialled when a tunnel stands between (0: the agent's own)."""
+    half_close: bool = False
+    """The client sends :data:`EOF_SIGNAL` when its own client half-closed."""
 
 
 class Reader(Protocol):
     async def readexactly(self, n: int) -> bytes: ...
 
 
-def encode_route(database: str, db_user: str, node: str = "", port: int = 0) -> bytes:
+def encode_route(
+    database: str, db_user: str, node: str = "", port: int = 0, *, half_close: bool = False
+) -> bytes:
     """The preamble for ``database`` as ``db_user`` (on one shard when ``node``; with the
-    client's ``port`` when a tunnel stands between)."""
+    client's ``port`` when a tunnel stands between; ``half_close``: it will send
+    :data:`EOF_SIGNAL`)."""
     if not database or not db_user:
         raise ValueError("the route needs a database name and a db user")
     options: list[bytes] = []
-    if port:
+    if port or half_close:
         options += [b"NODE", node.encode()] if node else []
-        options += [b"PORT", str(port).encode()]
+        options += [b"PORT", str(port).encode()] if port else []
+        options += [b"HALFCLOSE", b"1"] if half_close else []
     elif node:
         options = [node.encode()]
     parts = (ROUTE_COMMAND, database.encode(), db_user.encode(), *options)
@@ -187,14 +209,14 @@ async def read_route(reader: Reader, *, limit: int = DEFAULT_LIMIT) -> Route:
         count = _number(await _line(reader, MAX_HEADER, "array header"), "array length")
         if not await _is_route_command(reader):
             raise RouteError(USE_CONNECT)
-        if count not in (3, 4, 5, 7):
+        if count not in (3, 4, 5, 7, 9):
             raise RouteError(
                 f"{ROUTE_COMMAND.decode()} takes a database name and a db user "
-                "(and optionally a node, or NODE/PORT options)"
+                "(and optionally a node, or NODE/PORT/HALFCLOSE options)"
             )
         database = _text(await _bulk(reader, limit, "database name"), "database name")
         db_user = _text(await _bulk(reader, limit, "db user"), "db user")
-        node, port = "", 0
+        node, port, half_close = "", 0, False
         if count == 4:
             node = _text(await _bulk(reader, limit, "node"), "node")
         for _ in range((count - 3) // 2 if count > 4 else 0):
@@ -205,14 +227,18 @@ async def read_route(reader: Reader, *, limit: int = DEFAULT_LIMIT) -> Route:
                 port = _number(await _bulk(reader, MAX_HEADER, "port"), "port")
                 if not 0 < port < 65536:
                     raise RouteError(f"route preamble: port {port} is not a TCP port")
+            elif option == b"HALFCLOSE" and not half_close:
+                if await _bulk(reader, MAX_HEADER, "HALFCLOSE") != b"1":
+                    raise RouteError("route preamble: HALFCLOSE takes 1")
+                half_close = True
             else:
                 raise RouteError(
                     f"route preamble: unknown or repeated option {option[:16]!r} "
-                    "(NODE and PORT are known)"
+                    "(NODE, PORT and HALFCLOSE are known)"
                 )
     except asyncio.IncompleteReadError:
         raise RouteError("the connection closed before the route preamble was complete") from None
-    return Route(database, db_user, node, port)
+    return Route(database, db_user, node, port, half_close)
 
 
 def route_from_server_name(server_name: str | None) -> Route | None:
@@ -255,6 +281,7 @@ async def open_route(
     server_hostname: str | None = None,
     node: str = "",
     client_port: int = 0,
+    half_close: bool = False,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """Connect to an agent with mutual TLS, send the route and read the answer.
 
@@ -266,7 +293,7 @@ async def open_route(
         host, port, ssl=ssl_context, server_hostname=server_hostname or host
     )
     try:
-        writer.write(encode_route(database, db_user, node, client_port))
+        writer.write(encode_route(database, db_user, node, client_port, half_close=half_close))
         await writer.drain()
         line = await _answer(reader)
     except BaseException:

@@ -32,8 +32,9 @@ from dbservice.auth.ca import (
 from dbservice.auth.client import login
 from dbservice.auth.passwords import hash_password
 from dbservice.auth.service import AuthConfig, RunningService, start_service
+from dbservice.proxy import PassThroughHooks, ProxySession
 from dbservice.rbac import check_db_access
-from dbservice.route import ROUTE_OK, RouteError, encode_refusal, read_route
+from dbservice.route import EOF_COMMAND, ROUTE_OK, RouteError, encode_refusal, read_route
 from tests.conftest import subprocess_env
 
 PASSWORD = "correct horse battery"
@@ -56,8 +57,9 @@ def resource(name: str, **labels: str) -> DatabaseResource:
 @dataclass
 class StandInAgent:
     """An mTLS listener that reads the route, checks it with the registry's roles
-    and relays to ``upstream_port``. What the real agent's listener does, minus the
-    proxy engine and audit."""
+    and proxies to ``upstream_port`` with the single-node engine (pass-through hooks,
+    the tunnel's half-close word when the route offers it). What the real agent's
+    listener does, minus the login and audit."""
 
     bus: Bus
     ca: CertificateAuthority
@@ -129,38 +131,16 @@ class StandInAgent:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
             writer.write(ROUTE_OK)
             await writer.drain()
-            await _relay(reader, writer, up_reader, up_writer)
+            eof = EOF_COMMAND.decode() if route.half_close else None
+            await ProxySession(
+                (reader, writer), (up_reader, up_writer), hooks=PassThroughHooks(), eof_command=eof
+            ).run()
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
             with contextlib.suppress(OSError):
                 await writer.drain()
             writer.close()
-
-
-async def _relay(
-    a_reader: asyncio.StreamReader,
-    a_writer: asyncio.StreamWriter,
-    b_reader: asyncio.StreamReader,
-    b_writer: asyncio.StreamWriter,
-) -> None:
-    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-
-    tasks = [
-        asyncio.create_task(pump(a_reader, b_writer)),
-        asyncio.create_task(pump(b_reader, a_writer)),
-    ]
-    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    b_writer.close()
 
 
 @dataclass

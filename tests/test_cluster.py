@@ -410,3 +410,43 @@ def test_a_pipeline_behind_ssubscribe_is_answered_as_the_server_does(
     )
     direct_replies, engine_replies = _side_by_side(proxy, standin, node, protocol, payload)
     assert engine_replies == direct_replies
+
+
+def _cmd(*args: bytes) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)
+
+
+@pytest.mark.parametrize("how", ["close", "half-close"])
+def test_a_client_that_left_consumes_nothing(proxy: ClusterProxy, how: str) -> None:
+    """BLPOP, then the client closes (or half-closes): its BLPOP is dropped at once on
+    the shard, as the server drops it directly, so an element pushed after stays."""
+    key = f"left:{how}".encode()
+    with proxy.client() as other:
+        other.delete(key)
+        sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+        sock.sendall(_cmd(b"BLPOP", key, b"0"))
+        time.sleep(0.3)
+        if how == "close":
+            sock.close()
+        else:
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(100) == b""  # not waited for
+            sock.close()
+        time.sleep(0.2)
+        assert other.lpush(key, "job") == 1
+        time.sleep(1.5)
+        assert other.llen(key) == 1
+
+
+def test_a_half_closed_client_gets_every_reply(proxy: ClusterProxy) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        pipeline = b""
+        for i in range(100):
+            key = b"hc%d" % i  # over every shard
+            pipeline += _cmd(b"SET", key, b"1") + _cmd(b"INCR", key)
+        sock.sendall(pipeline + _cmd(b"BLPOP", b"hc:none", b"0"))
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data == b"+OK\r\n:2\r\n" * 100

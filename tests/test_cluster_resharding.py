@@ -227,3 +227,116 @@ def test_a_blocked_session_does_not_hold_others_refresh(
             assert data.startswith(b"$1\r\nv\r\n*2\r\n")
         finally:
             sock.close()
+
+
+class _Migration:
+    """Slot ``slot`` half moved from its owner to the next primary, as
+    ``valkey-cli --cluster reshard`` leaves it mid-way: IMPORTING on the target,
+    MIGRATING on the source, the slot's keys MIGRATEd; :meth:`finish` ends it."""
+
+    def __init__(self, standin: ThreadedStandin, slot: int) -> None:
+        self.slot = slot
+        owner = standin.owner_of_slot(slot)
+        target = standin.nodes[(owner + 1) % 3]
+        self.target_port = target.port
+        self.nodes = [redis.Redis(host=n.host, port=n.port) for n in standin.nodes[:3]]
+        self.source, self.target = self.nodes[owner], self.nodes[(owner + 1) % 3]
+        self.target_id = self.target.execute_command("CLUSTER", "MYID")
+        source_id = self.source.execute_command("CLUSTER", "MYID")
+        self.target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        self.source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.target_id)
+        keys = self.source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+        if keys:
+            self.source.execute_command(
+                "MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys
+            )
+
+    def finish(self) -> None:
+        for node in (self.target, self.source, *self.nodes):
+            node.execute_command("CLUSTER", "SETSLOT", self.slot, "NODE", self.target_id)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+
+
+def _exchange(port: int, commands: list[list[bytes]], replies: int) -> bytes:
+    """Send ``commands`` in one write on a fresh connection; read until ``replies``
+    replies (counted as top-level lines, enough for the flat replies used here)."""
+    payload = b"".join(
+        b"*%d\r\n" % len(c) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in c) for c in commands
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(payload)
+        data = b""
+        while data.count(b"\r\n") < replies:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                raise AssertionError(f"no more replies after {data!r}") from None
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+_TX = [[b"MULTI"], [b"INCR", b"{w1}:ctr"], [b"SET", b"{w1}:mark", b"x"], [b"EXEC"]]
+
+
+def test_a_transaction_meets_its_slot_mid_migration(
+    proxy: ClusterProxy, standin: ThreadedStandin
+) -> None:
+    """The source answers EXEC with ASK, the importing node (after ASKING) with TRYAGAIN
+    while the migration lasts: the engine follows both, and once the slot has moved the
+    client gets the transaction's own result, never an internal node address."""
+    slot = key_slot(b"w1")
+    with proxy.client() as client:
+        client.set("{w1}:ctr", 5)
+        client.delete("{w1}:mark")
+    migration = _Migration(standin, slot)
+    try:
+        # one key, present at the importing node: ASKING there runs it at once
+        one = _exchange(proxy.port, [[b"MULTI"], [b"INCR", b"{w1}:ctr"], [b"EXEC"]], 4)
+        assert one == b"+OK\r\n+QUEUED\r\n*1\r\n:6\r\n", one
+        # two keys, one nowhere yet: TRYAGAIN until the slot has moved
+        timer = threading.Timer(0.3, migration.finish)
+        timer.start()
+        try:
+            two = _exchange(proxy.port, _TX, 6)
+        finally:
+            timer.join()
+        assert two == b"+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n:7\r\n+OK\r\n", two
+    finally:
+        migration.finish()
+        migration.close()
+    with proxy.client() as client:
+        assert client.get("{w1}:ctr") == b"7" and client.get("{w1}:mark") == b"x"
+
+
+def test_a_transaction_under_watch_mid_migration_is_a_failed_watch(
+    proxy: ClusterProxy, standin: ThreadedStandin
+) -> None:
+    """A redirect at EXEC cannot carry the WATCH to another node: EXEC answers as a
+    failed WATCH (null), and the client's usual retry runs it once the slot settles."""
+    slot = key_slot(b"w2")
+    with proxy.client() as client, proxy.client(protocol=3) as client3:
+        client.set("{w2}:ctr", 1)
+        for c in (client, client3):
+            pipe = c.pipeline()
+            pipe.watch("{w2}:ctr")
+            migration = _Migration(standin, slot)
+            try:
+                pipe.multi()
+                pipe.incr("{w2}:ctr")
+                with pytest.raises(redis.WatchError):
+                    pipe.execute()
+            finally:
+                migration.finish()
+                migration.close()
+            pipe.reset()
+            with c.pipeline() as again:  # the retry runs where the slot is now
+                again.watch("{w2}:ctr")
+                again.multi()
+                again.incr("{w2}:ctr")
+                assert again.execute() == [2 if c is client else 3]
+            assert standin.nodes[standin.owner_of_slot(slot)].port == migration.target_port

@@ -294,3 +294,55 @@ async def test_db_servers_shows_only_what_the_identity_reaches(
     operator = await w.fleetgate("db", "servers", "prod-cache", "--nats", w.nats_url)
     assert operator.returncode == 0, operator.stderr
     assert f"127.0.0.1:{agent.port}" in operator.stdout
+
+
+async def _raw(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def test_a_client_that_left_consumes_nothing(
+    w: World, agent: StandInAgent, valkey: ValkeyNode
+) -> None:
+    """Client A sends BLPOP and closes; an element pushed after must stay in the list
+    (directly, the server drops A's BLPOP with its connection): the tunnel tells the
+    agent at once, which closes the server connection instead of waiting on BLPOP."""
+    direct = aredis.Redis(host="127.0.0.1", port=valkey.port)
+    tunnel = await Tunnel.start(w, "dev-cache", "app")
+    try:
+        await direct.delete("left:q")
+        for how in ("close", "half-close"):
+            reader, writer = await _raw(tunnel.port)
+            writer.write(cmd(b"BLPOP", b"left:q", b"0"))
+            await writer.drain()
+            await asyncio.sleep(0.3)  # BLPOP is blocked on the server
+            if how == "close":
+                writer.close()
+            else:  # still reading: a blocked command is not waited for either
+                writer.write_eof()
+                assert await asyncio.wait_for(reader.read(), 5) == b""
+                writer.close()
+            await asyncio.sleep(0.2)
+            r = await client(tunnel.port)
+            async with r:
+                assert await asyncio.wait_for(r.lpush("left:q", "job"), 10) == 1
+            await asyncio.sleep(1.5)
+            assert await direct.llen("left:q") == 1, how
+            await direct.delete("left:q")
+    finally:
+        await direct.aclose()
+        assert await tunnel.stop() == 0
+
+
+async def test_a_half_closed_client_gets_every_reply(w: World, agent: StandInAgent) -> None:
+    """shutdown(SHUT_WR) after a pipeline: every reply, then the close."""
+    tunnel = await Tunnel.start(w, "dev-cache", "app")
+    try:
+        reader, writer = await _raw(tunnel.port)
+        pipeline = [cmd(b"SET", b"hc", b"1"), cmd(b"INCR", b"hc"), cmd(b"GET", b"hc")]
+        writer.write(b"".join(pipeline * 200) + b"PING\r\n")
+        writer.write_eof()
+        data = await asyncio.wait_for(reader.read(), 10)
+        assert data == b"+OK\r\n:2\r\n$1\r\n2\r\n" * 200 + b"+PONG\r\n"
+        writer.close()
+    finally:
+        assert await tunnel.stop() == 0

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -525,3 +526,43 @@ def _interleave(proxy: ThreadedProxy) -> None:
     sub.close()
     pub.close()
     proxy.finished(2)
+
+
+@pytest.mark.parametrize("how", ["close", "half-close"])
+def test_a_client_that_left_consumes_nothing(proxy: ThreadedProxy, how: str) -> None:
+    """BLPOP, then the client closes (or half-closes): its BLPOP is dropped at once, as
+    the server drops it directly, so an element pushed after stays in the list."""
+    key = f"left:{how}".encode()
+    sock = socket.create_connection(("127.0.0.1", proxy.port), timeout=5)
+    sock.sendall(cmd("DEL", key) + cmd("BLPOP", key, 0))
+    assert sock.recv(100) == b":0\r\n"
+    time.sleep(0.3)
+    if how == "close":
+        sock.close()
+    else:
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(100) == b""  # not waited for
+        sock.close()
+    time.sleep(0.2)
+    other = RawClient(proxy.port)
+    try:
+        other.send(cmd("LPUSH", key, "job"))
+        assert other.read() == 1
+        time.sleep(1.5)
+        other.send(cmd("LLEN", key))
+        assert other.read() == 1
+    finally:
+        other.close()
+
+
+def test_a_half_closed_client_gets_every_reply(proxy: ThreadedProxy) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(
+            (cmd("SET", "hc", 1) + cmd("INCR", "hc") + cmd("GET", "hc")) * 200
+            + cmd("BLPOP", "hc:none", 0)  # blocked: dropped with the client, as directly
+        )
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert data == b"+OK\r\n:2\r\n$1\r\n2\r\n" * 200

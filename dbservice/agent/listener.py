@@ -81,6 +81,7 @@ from dbservice.cluster.agent import (
 from dbservice.cluster.session import ClusterSession
 from dbservice.proxy import ProxySession, ProxyTimeouts, Streams, TcpConnector
 from dbservice.route import (
+    EOF_COMMAND,
     ROUTE_OK,
     Route,
     RouteError,
@@ -495,15 +496,18 @@ class Listener:
             "session %s: %s to %s as %s", audit.session_id, identity.user, database, db_user
         )
         session: ProxySession | ClusterSession
+        eof_command = EOF_COMMAND.decode() if route.half_close else None
         if cluster_mode(resource) and not node:
             session = self.clusters.session(
                 streams, upstream, resource=resource, login=login, db_user=db_user,
                 hooks=hooks, timeouts=self.timeouts, client_port=route.port,
+                eof_command=eof_command,
             )  # fmt: skip
         else:
             session = ProxySession(
-                streams, upstream, hooks=hooks, timeouts=self.timeouts, inspect=("*",)
-            )
+                streams, upstream, hooks=hooks, timeouts=self.timeouts, inspect=("*",),
+                eof_command=eof_command,
+            )  # fmt: skip
         renewal = self._keep_alive(login, session)
         try:
             await session.run()

@@ -82,6 +82,7 @@ class ClusterEngines:
         hooks: SessionHooks,
         timeouts: ProxyTimeouts,
         client_port: int = 0,
+        eof_command: str | None = None,
     ) -> ClusterSession:
         """The engine for one client, over ``seed`` (the logged-in connection to the
         configuration endpoint the listener made)."""
@@ -99,6 +100,7 @@ class ClusterEngines:
             connect_timeout=self.connect_timeout,
             client_id=next(self._ids),
             client_port=client_port,
+            eof_command=eof_command,
         )
 
     async def node_upstream(

@@ -47,11 +47,11 @@ async def complete(session: ClusterSession, request: Request) -> bytes:
         session._state.redirects[code.decode()] += 1
         if code == b"MOVED" or code == b"ASK":
             parts = frame[1:-2].split(b" ")
-            address = _address(parts[2]) if len(parts) >= 3 else None
+            address = parse_address(parts[2]) if len(parts) >= 3 else None
             if address is None:
                 return frame
             if code == b"MOVED":
-                await _moved(session, int(parts[1]), address)
+                await follow_moved(session, int(parts[1]), address)
             request.address = address
             session._send(request, asking=code == b"ASK")
             continue
@@ -63,7 +63,7 @@ async def complete(session: ClusterSession, request: Request) -> bytes:
         session._send(request)
 
 
-async def _moved(session: ClusterSession, slot: int, address: Address) -> None:
+async def follow_moved(session: ClusterSession, slot: int, address: Address) -> None:
     state = session._state
     if state.topology is not None and state.topology is not session._topology:
         session._topology = state.topology  # another session already refreshed
@@ -71,7 +71,7 @@ async def _moved(session: ClusterSession, slot: int, address: Address) -> None:
         await session._refresh_quietly()
 
 
-def _address(text: bytes) -> Address | None:
+def parse_address(text: bytes) -> Address | None:
     host, sep, port = text.decode("latin-1").rpartition(":")
     if not sep or not port.isdigit():
         return None

@@ -36,6 +36,7 @@ from typing import Final
 
 from dbservice.agent.login import UpstreamLogin, UpstreamLoginError
 from dbservice.proxy.errors import ProtocolError
+from dbservice.proxy.halfclose import BLOCKING
 from dbservice.proxy.hooks import SessionHooks
 from dbservice.proxy.session import SessionStats, Streams
 from dbservice.proxy.settings import ProxyLimits, ProxyTimeouts
@@ -84,6 +85,7 @@ class ClusterSession:
         connect_timeout: float = 10.0,
         client_id: int = 0,
         client_port: int = 0,
+        eof_command: str | None = None,
     ) -> None:
         self._client_reader, self._client_writer = client
         self._limits = limits or ProxyLimits()
@@ -141,6 +143,16 @@ class ClusterSession:
         self._background: set[asyncio.Task[None]] = set()
         self._names: dict[bytes, str] = {}
         self._released = False
+        self._eof_command = eof_command.encode() if eof_command else None
+        """The tunnel's word for its client's half-close (``db connect``), if it sends it."""
+        self._closing = False
+        """The client sent its last byte (the reader has ended)."""
+        self._half_closed = False
+        """... and can still read its replies (plain-TCP half-close, or the tunnel's
+        word): the owed replies are delivered, but a command that may block is not
+        waited for (:mod:`dbservice.proxy.halfclose`)."""
+        self._awaiting: Entry | None = None
+        """The entry whose reply the writer is waiting for."""
 
     # -- running -------------------------------------------------------------------------
 
@@ -153,8 +165,8 @@ class ClusterSession:
             done, _ = await asyncio.wait(
                 (reader, writer, idle), return_when=asyncio.FIRST_COMPLETED
             )
-            if reader in done and not done & {writer, idle}:
-                # the client is done: the replies it is owed, for close_grace at most
+            if reader in done and not done & {writer, idle} and not self._stop_waiting():
+                # a half-closed client: the replies it is owed, for close_grace at most
                 more, _ = await asyncio.wait(
                     (writer, idle),
                     timeout=self._timeouts.close_grace,
@@ -178,6 +190,18 @@ class ClusterSession:
                 self._release()
             self.stats.duration = time.time() - self.stats.started
         return self.stats
+
+    def _stop_waiting(self) -> bool:
+        """Whether a client that sent its last byte gets no more replies: it cannot read
+        them, or the next one owed may block (the server drops such a command of a
+        client that leaves; waiting would let it take data on behalf of nobody), or
+        it is subscribed."""
+        awaiting = self._awaiting
+        return (
+            not self._half_closed
+            or self._pubsub.subscribed
+            or (awaiting is not None and awaiting.name in BLOCKING)
+        )
 
     def _release(self) -> None:
         """Break the reference cycles of an ended session (its seed link holds its bound
@@ -253,8 +277,9 @@ class ClusterSession:
     async def _read_client(self) -> None:
         reader, size = self._client_reader, self._limits.read_size
         commands = CommandReader(self._limits)
-        gate, put = self._gate, self._put
+        gate, put, eof = self._gate, self._put, self._eof_command
         while True:
+            data: bytes | None
             try:
                 data = await reader.read(size)
                 batch = commands.feed(data) if data else []
@@ -262,14 +287,18 @@ class ClusterSession:
                 await self._protocol_error(exc)
                 return
             except (ConnectionError, OSError):
-                data, batch = b"", []
+                data, batch = None, []
             if not data:
-                self.stats.reason = self.stats.reason or "client closed"
+                self._client_ended(half_closed=data is not None and self._can_half_close())
                 await put(END)
                 return
             self._activity = self._loop.time()
             self.stats.bytes_from_client += len(data)
             for args, raw in batch:
+                if eof is not None and len(args) == 1 and args[0].upper() == eof:
+                    self._client_ended(half_closed=True)
+                    await put(END)
+                    return
                 if not gate.is_set():
                     await gate.wait()
                 entry = await plan(self, args, raw)
@@ -283,8 +312,18 @@ class ClusterSession:
                 await self._protocol_error(commands.error)
                 return
 
+    def _client_ended(self, *, half_closed: bool) -> None:
+        self.stats.reason = self.stats.reason or "client closed"
+        self._closing, self._half_closed = True, half_closed
+
+    def _can_half_close(self) -> bool:
+        """A plain TCP client can still read after its EOF; TLS cannot half-close."""
+        transport = self._client_writer.transport
+        return transport.get_extra_info("sslcontext") is None and not transport.is_closing()
+
     async def _protocol_error(self, exc: ProtocolError) -> None:
         self.stats.reason = f"protocol error: {exc.detail}"
+        self._closing, self._half_closed = True, True  # it still reads: the error goes out
         await self._put(Local("", exc.reply, counted=False, close=True))
 
     async def _put(self, entry: Entry) -> None:
@@ -338,7 +377,14 @@ class ClusterSession:
             else:
                 if out and not entry.ready():
                     self._flush_client()  # what is ready goes out before waiting
+                if self._closing and not entry.ready():
+                    self._awaiting = entry
+                    if self._stop_waiting():
+                        self._flush_client()
+                        return
+                self._awaiting = entry
                 reply = await entry.resolve(self)
+                self._awaiting = None
             if reply:
                 stats.bytes_to_client += len(reply)
                 out.append(reply)

@@ -3,8 +3,9 @@
 The engine queues the commands itself (``QUEUED``) and sends ``MULTI``, the commands
 and ``EXEC`` together at ``EXEC`` to the shard of the transaction's slot (or to the
 connection that ran ``WATCH``). A key in another slot is refused at once with
-``CROSSSLOT`` and ``EXEC`` then answers ``EXECABORT``. A transaction that meets
-``MOVED`` while queuing (nothing ran) is sent again where the slot is now.
+``CROSSSLOT`` and ``EXEC`` then answers ``EXECABORT``. A transaction a node refuses
+because of where its slot is (``MOVED``/``ASK``/``TRYAGAIN``/``CLUSTERDOWN``, at queue
+time or at ``EXEC``: nothing ran) is sent again where the slot is now (:func:`run`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import TYPE_CHECKING, Final
 
 from .entries import Entry, Forward, Local, retrieve
 from .link import LinkError
-from .redirects import BACKOFF, MAX_REDIRECTS
+from .redirects import BACKOFF, MAX_REDIRECTS, follow_moved, parse_address
 from .resp import OK, encode_command, error
 from .slots import key_slot
+from .topology import Address
 
 if TYPE_CHECKING:
     from .session import ClusterSession
@@ -25,6 +27,10 @@ if TYPE_CHECKING:
 _MULTI: Final = encode_command([b"MULTI"])
 _EXEC: Final = encode_command([b"EXEC"])
 _UNWATCH: Final = encode_command([b"UNWATCH"])
+_ASKING: Final = encode_command([b"ASKING"])
+_NULL2: Final = b"*-1\r\n"
+_NULL3: Final = b"_\r\n"
+_REDIRECTS: Final = (b"-MOVED ", b"-ASK ", b"-TRYAGAIN", b"-CLUSTERDOWN")
 _QUEUED: Final = b"+QUEUED\r\n"
 _EXECABORT: Final = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
 _WHY_TX = "every key of the transaction must map to one slot; use a {hash tag}"
@@ -125,7 +131,14 @@ def watch(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
     slot = slots.pop()
     request = session._request(args, slot)
     session._watch, session._watch_slot = request.address, slot
-    return Forward(name, request)
+
+    def watched(frame: bytes) -> bytes:
+        # WATCH ran where its redirects led: the transaction must run there too
+        if session._watch_slot == slot and frame[:1] not in (b"-", b"!"):
+            session._watch = request.address
+        return frame
+
+    return Forward(name, request, watched)
 
 
 def unwatch(session: ClusterSession) -> None:
@@ -142,26 +155,84 @@ def unwatch_command(session: ClusterSession, name: str, args: list[bytes]) -> En
 
 
 async def run(session: ClusterSession, tx: Transaction) -> bytes:
-    """Send the transaction (the writer's turn) and answer EXEC's reply."""
-    for attempt in range(MAX_REDIRECTS + 1):
-        address = session._watch or (
-            session._owner(tx.slot) if tx.slot is not None else session._home()
-        )
+    """Send the transaction (the writer's turn) and answer EXEC's reply.
+
+    A node refuses the whole transaction, running none of it, when its slot is not
+    served there: at queue time (``MOVED``, then ``EXECABORT``) or at ``EXEC`` (``ASK``
+    while the slot migrates and a key has left, ``MOVED``, ``TRYAGAIN`` while a
+    multi-key transaction waits for the migration's end, ``CLUSTERDOWN``). It is then
+    sent again: after ``ASK`` with ``ASKING`` at the importing node, after ``MOVED`` at
+    the new owner, after ``TRYAGAIN``/``CLUSTERDOWN`` at the same node following a
+    backoff. A transaction under ``WATCH`` cannot be moved to another connection
+    (the watch would not follow): it is answered as a failed ``WATCH`` (null), which
+    a client's optimistic-locking loop retries."""
+    watched = session._watch
+    address = watched or (session._owner(tx.slot) if tx.slot is not None else session._home())
+    body = _MULTI + b"".join(encode_command(c) for c in tx.commands) + _EXEC
+    # a WATCH that followed ASK ran at the importing node: so does its transaction
+    slot = session._watch_slot
+    asking = watched is not None and slot is not None and session._owner(slot) != watched
+    redirects, retries = 0, 0
+    while True:
         link = session.link(address)
-        payload = _MULTI + b"".join(encode_command(c) for c in tx.commands) + _EXEC
         try:
-            futures = link.send(payload, len(tx.commands) + 2)
+            if asking:
+                ask, *futures = link.send(_ASKING + body, len(tx.commands) + 3)
+                ask.add_done_callback(retrieve)
+            else:
+                futures = link.send(body, len(tx.commands) + 2)
             frames = [await future for future in futures]
         except LinkError as exc:
-            return error(f"ERR fleetgate: {exc}")
-        queued = frames[1:-1]
-        redirect = next(
-            (f for f in queued if f.startswith((b"-MOVED", b"-ASK", b"-TRYAGAIN"))), None
-        )
-        if redirect is None or session._watch is not None or attempt == MAX_REDIRECTS:
             session._watch = session._watch_slot = None
-            return frames[-1]
-        session._hold()  # nothing ran (EXECABORT): send it where the slot is now
-        await asyncio.sleep(BACKOFF[min(attempt, len(BACKOFF) - 1)])
-        await session._refresh_quietly()
-    return _EXECABORT
+            return error(f"ERR fleetgate: {exc}")
+        reply = frames[-1]
+        redirect = _redirect(reply)
+        if redirect is None and reply.startswith(b"-EXECABORT"):
+            redirect = next((r for f in frames[1:-1] if (r := _redirect(f)) is not None), None)
+        if redirect is None:
+            session._watch = session._watch_slot = None
+            return reply
+        code, target = redirect
+        session._state.redirects[code] += 1
+        if watched is not None:
+            unwatch(session)  # the node discarded it; the watch cannot follow
+            return _NULL3 if session._proto == 3 else _NULL2
+        session._hold()  # nothing ran: send it again once what was sent before is in
+        if code in ("MOVED", "ASK") and target is not None and redirects < MAX_REDIRECTS:
+            redirects += 1
+            if code == "MOVED" and tx.slot is not None:
+                await follow_moved(session, tx.slot, target)
+            address, asking = target, code == "ASK"
+        elif code in ("TRYAGAIN", "CLUSTERDOWN") and retries < len(BACKOFF):
+            await asyncio.sleep(BACKOFF[retries])
+            retries += 1
+            if code == "CLUSTERDOWN":
+                await session._refresh_quietly()
+                asking = False
+                address = session._owner(tx.slot) if tx.slot is not None else session._home()
+        else:
+            return _gave_up(reply, code, tx.slot)
+
+
+def _redirect(frame: bytes) -> tuple[str, Address | None] | None:
+    """``(code, address)`` of a ``MOVED``/``ASK``/``TRYAGAIN``/``CLUSTERDOWN`` error."""
+    if not frame.startswith(_REDIRECTS):
+        return None
+    parts = frame[1:].rstrip(b"\r\n").split(b" ")
+    code = parts[0].decode()
+    if code not in ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"):
+        return None
+    return code, parse_address(parts[2]) if code in ("MOVED", "ASK") and len(parts) >= 3 else None
+
+
+def _gave_up(reply: bytes, code: str, slot: int | None) -> bytes:
+    """The answer once the retries are spent: the server's own ``TRYAGAIN`` or
+    ``CLUSTERDOWN``; a ``MOVED``/``ASK`` names a node address the client cannot use,
+    so it becomes a ``TRYAGAIN`` that says what happened."""
+    if code in ("TRYAGAIN", "CLUSTERDOWN") and reply[:1] == b"-":
+        return reply
+    where = f"slot {slot}" if slot is not None else "its slot"
+    return error(
+        f"TRYAGAIN fleetgate: the transaction's {where} kept moving between nodes; "
+        "nothing ran, try again"
+    )

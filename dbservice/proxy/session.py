@@ -38,6 +38,7 @@ from fleetgate.aio import set_nodelay, take_buffered
 
 from .commands import CommandParser
 from .errors import ProtocolError, UpstreamProtocolError
+from .halfclose import EofSignal, first_owed_blocks
 from .hooks import SessionHooks
 from .inline import encode_command
 from .pending import Injected, Item, Local, Special, Sub
@@ -90,7 +91,10 @@ class _Side(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         if self.session is not None:
-            self.session._eof(client=self.client)
+            if self.tls:  # TLS cannot half-close: the peer cannot read any more
+                self.session._lost(client=self.client)
+            else:
+                self.session._eof(client=self.client)
         # Keep the write side open for replies still owed (plain TCP; TLS cannot).
         return not self.tls
 
@@ -98,7 +102,7 @@ class _Side(asyncio.Protocol):
         if not self.lost.done():
             self.lost.set_result(None)
         if self.session is not None:
-            self.session._eof(client=self.client)
+            self.session._lost(client=self.client)
 
     def pause_writing(self) -> None:
         if self.session is not None:
@@ -130,6 +134,7 @@ class ProxySession:
         limits: ProxyLimits | None = None,
         timeouts: ProxyTimeouts | None = None,
         inspect: Iterable[str] = (),
+        eof_command: str | None = None,
     ) -> None:
         self._limits = limits or ProxyLimits()
         self._timeouts = timeouts or ProxyTimeouts()
@@ -154,6 +159,8 @@ class ProxySession:
         self._released = False
         self._final_resp3 = False
         self._client_write = self._client_transport.write
+        if eof_command is not None:  # the tunnel's word for its client's half-close
+            hooks = EofSignal(hooks, eof_command, lambda: self._client_done("client closed"))
         self._commands = CommandParser(
             hooks=hooks,
             limits=self._limits,
@@ -341,8 +348,8 @@ class ProxySession:
             return
         if self._paused[True] & _TOO_MANY_PENDING and len(self._pending) <= self._max_pending // 2:
             self._resume(client=True, why=_TOO_MANY_PENDING)
-        if self._closing_reason is not None and (not self._pending or self._close_written):
-            self._finish(self._closing_reason)
+        if self._closing_reason is not None:
+            self._check_closing()
 
     def _eof(self, *, client: bool) -> None:
         if client:
@@ -350,19 +357,41 @@ class ProxySession:
         else:
             self._finish("server closed")
 
+    def _lost(self, *, client: bool) -> None:
+        """A side that can take nothing more: end now (a client that left must not have
+        anything consumed on its behalf while a reply nobody reads is awaited)."""
+        self._finish("client closed" if client else "server closed")
+
     def _client_done(self, reason: str) -> None:
-        """The client will send nothing more: end once the replies it is owed are out
-        (at most ``close_grace`` seconds from now)."""
+        """The client will send nothing more (a half-close, or a protocol error): end
+        once the replies it is owed are out, at most ``close_grace`` seconds from now,
+        and at once rather than wait on a command that may block or in subscribed or
+        ``MONITOR`` mode (:mod:`.halfclose`)."""
         if self._closing_reason is not None:
             return
         self._closing_reason = reason
         self._pause(client=True, why=_STOPPED)
-        if not self._pending or self._close_written:
-            self._finish(reason)
-        elif self._loop is not None:
+        self._check_closing()
+        if not self._done_set() and self._loop is not None:
             self._timers.append(
                 self._loop.call_later(self._timeouts.close_grace, self._finish, reason)
             )
+
+    def _check_closing(self) -> None:
+        reason, pending, replies = self._closing_reason, self._pending, self._replies
+        assert reason is not None
+        owed = any(type(item) is not Local and type(item) is not Injected for item in pending)
+        if (
+            not owed
+            or self._close_written
+            or replies.subscribed
+            or replies.monitor
+            or first_owed_blocks(pending)
+        ):
+            self._finish(reason)
+
+    def _done_set(self) -> bool:
+        return self._done is not None and self._done.done()
 
     def _check_idle(self) -> None:
         assert self._loop is not None and self._timeouts.idle is not None
