@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from bus.audit import SessionQuery
+from dbservice.proxy.commands import parse_hello
 from sandbox.valkeynode import ValkeyNode
 from tests.agentkit import running_agent
 from tests.listenerkit import (
@@ -206,3 +207,75 @@ async def test_replication_commands_are_refused_up_front(
         assert await s.call("PING") == b"+PONG"
     finally:
         s.close()
+
+
+async def test_hello_is_read_as_the_server_reads_it(valkey: ValkeyNode) -> None:
+    """Side by side: every HELLO below goes to valkey-server directly; the server takes
+    it exactly when ``parse_hello`` reads it (with a version of 2 or 3), and then the
+    user and the name are the ones ``parse_hello`` found."""
+    versions = [b"2", b"3", b"+2", b"02", b" 2", b"2 ", b"-2", b"4", b"2\x00", b"0", b"1_0", b""]
+    clauses: list[list[bytes]] = [
+        [],
+        [b"AUTH", b"app", APP_PASSWORD.encode()],
+        [b"aUtH\x00x", b"app", APP_PASSWORD.encode()],
+        [b"AUTH\x00", b"app"],
+        [b"SETNAME", b"n1"],
+        [b"setname\x00zz", b"n2"],
+        [b"AUTH", b"admin", b"wrong", b"AUTH", b"app", APP_PASSWORD.encode()],
+        [b"SETNAME", b"n3", b"AUTH", b"app", APP_PASSWORD.encode()],
+        [b"BOGUS"],
+        [b"AUTH\x01", b"app", APP_PASSWORD.encode()],
+        [b"SETNAME"],
+    ]
+    cases = [[b"HELLO"]] + [[b"HELLO", v, *c] for v in versions for c in clauses]
+    for args in cases:
+        hello = parse_hello(args)
+        reader, writer = await asyncio.open_connection("127.0.0.1", valkey.port)
+        try:
+            writer.write(cmd(*args) + cmd("ACL", "WHOAMI") + cmd("CLIENT", "GETNAME"))
+            async with asyncio.timeout(5):
+                first = await reader.readexactly(1)
+                rest = await reader.readuntil(b"\r\n")
+                taken = first != b"-"
+                if taken:  # skip to the ACL WHOAMI reply (after the HELLO map)
+                    await asyncio.sleep(0.05)
+                    data = rest + await _drain(reader)
+                    # the last two replies: WHOAMI and GETNAME as bulk strings
+                    user, name = _last_two_bulks(data)
+        finally:
+            writer.close()
+        expected = hello is not None and (hello.protover in (2, 3, None))
+        assert taken == expected, (args, first + rest)
+        if taken:
+            assert hello is not None
+            assert user == (hello.username or b"default"), args
+            assert name == hello.setname, args
+
+
+async def _drain(reader: asyncio.StreamReader) -> bytes:
+    data = b""
+    while True:
+        try:
+            async with asyncio.timeout(0.2):
+                chunk = await reader.read(65536)
+        except TimeoutError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
+def _last_two_bulks(data: bytes) -> tuple[bytes | None, bytes | None]:
+    """WHOAMI's and GETNAME's replies at the end of ``data`` (RESP2 or RESP3)."""
+    lines = data.split(b"\r\n")[:-1]
+    values: list[bytes | None] = []
+    i = len(lines) - 1
+    while i >= 0 and len(values) < 2:
+        if i > 0 and lines[i - 1][:1] == b"$":
+            values.append(lines[i])
+            i -= 2
+        else:  # $-1 or _ (null)
+            values.append(None)
+            i -= 1
+    name, user = values
+    return user, name
