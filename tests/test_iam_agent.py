@@ -32,7 +32,7 @@ from sandbox.iamfront import IamFront, MemoryDBLogin
 from sandbox.memorydb import MemoryDBStandin, StandinConfig
 from tests import seed
 from tests.agentkit import agent_config, running_agent
-from tests.listenerkit import RawSession, client, make_fleet, put_roles
+from tests.listenerkit import RawSession, client, cmd, make_fleet, put_roles
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -270,3 +270,54 @@ async def test_database_role_is_chained_after_the_matcher_role(
     ]
     key_id = token.split("X-Amz-Credential=", 1)[1].split("%2F", 1)[0]
     assert assumed[key_id].role_arn == db_role
+
+
+@pytest.mark.parametrize("endpoint", ["cluster", "node"])
+async def test_reset_keeps_an_iam_session_its_db_user(
+    bus: Bus,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    standin: tuple[MemoryDBStandin, MemoryDBLogin],
+    endpoint: Literal["cluster", "node"],
+) -> None:
+    """RESET makes a connection ``default``; the agent logs it in again with a token
+    before anything pipelined behind the RESET runs, in both engines. So neither
+    ``HELLO 2 AUTH alice anything`` after it nor ``HELLO 2 "AUTH\\x00" bob <pw>`` makes the
+    session anybody else, and it keeps working (``cluster``: every shard connection)."""
+    db, login = standin
+    fleet = await make_fleet(bus, tmp_path, nats_server.url)
+    await put_roles(bus, orders={"allow": {"db_labels": {"env": "iam"}, "db_users": ["alice"]}})
+    await bus.put_resource(record(db.ca_pem.decode(), endpoint=endpoint))
+    host, port = db.endpoint
+    config = fleet.agent(
+        "agent-1",
+        [],
+        resources=[{"labels": {"env": "iam"}}],
+        host_aliases={f"{CFG_NAME}:6379": f"{host}:{port}"},
+    )
+    dana = fleet.identity("dana", ["orders"])
+    async with running_agent(config, nats_server.url) as agent:
+        assert agent.listener is not None
+        s = await RawSession.open(agent.listener.port, dana, fleet.ca.pem, "orders", "alice")
+        try:
+            keys = [f"{{k{i}}}" for i in range(8)]  # over the shards
+            for key in keys:
+                assert await s.call("SET", key, "v") == b"+OK"
+            logged_in = login.accepted
+            assert await s.call("RESET") == b"+RESET"
+            assert login.accepted > logged_in  # a fresh IAM AUTH reached the database
+            hello = cmd("HELLO", "2", "AUTH", "alice", "anything")
+            s.writer.write(hello + cmd("ACL", "WHOAMI"))
+            assert (await s.reply()).startswith(b"*")
+            while (line := await s.reply()) != b"alice":  # the rest of HELLO's map
+                assert not line.startswith(b"-"), line
+            refused = await s.call("HELLO", "2", b"AUTH\x00", "bob", BOB_PASSWORD)
+            assert refused.startswith(b"-ERR this session is db user 'alice'")
+            # pipelined behind a RESET: already logged in again when they run
+            s.writer.write(cmd("RESET") + b"".join(cmd("GET", key) for key in keys))
+            assert await s.reply() == b"+RESET"
+            assert [await s.reply() for _ in keys] == [b"v"] * len(keys)
+            assert await s.call("ACL", "WHOAMI") == b"alice"
+        finally:
+            s.close()
+        assert login.refusals == []

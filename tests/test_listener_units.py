@@ -59,8 +59,12 @@ async def test_app_session_gate_and_commands() -> None:
             b"-NOPERM role dev denies the command FLUSHDB\r\n"
         )
         assert h.on_command("RESET", 1, [b"RESET"]) is None
-        assert not h.authenticated  # RESET made the connection `default`
-        assert (h.on_command("GET", 2, [b"GET", b"k"]) or b"").startswith(b"-NOAUTH ")
+        # RESET made the connection `default`: the engine logs it in again with the
+        # client's last AUTH the server accepted before anything else goes on.
+        relogin = h.on_reset()
+        assert relogin is not None and await relogin == (b"AUTH", b"app", b"pw")
+        assert h.authenticated
+        assert h.on_command("GET", 2, [b"GET", b"k"]) is None
         await emitter.flush(5)
     assert trail.queries() == [
         ("GET", ("k",), False),
@@ -68,7 +72,7 @@ async def test_app_session_gate_and_commands() -> None:
         ("GET", ("k",), True),
         ("FLUSHDB", (), False),
         ("RESET", (), True),
-        ("GET", ("k",), False),
+        ("GET", ("k",), True),
     ]
 
 
@@ -123,6 +127,8 @@ async def test_a_command_seen_before_is_checked_and_audited_again() -> None:
             assert h.on_command("SET", 3, None) is None  # arguments not inspected
             assert (h.on_command("FLUSHDB", 1, [b"FLUSHDB"]) or b"").startswith(b"-NOPERM ")
         assert h.on_command("RESET", 1, [b"RESET"]) is None
+        relogin = h.on_reset()  # authenticated by hand: nothing to log in with
+        assert relogin is not None and await relogin is None
         assert (h.on_command("GET", 2, [b"GET", b"k"]) or b"").startswith(b"-NOAUTH ")
         await emitter.flush(5)
     assert trail.queries() == [

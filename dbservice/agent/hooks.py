@@ -16,7 +16,21 @@ The db user gate:
   refused with ``-NOAUTH``: a fresh connection runs as ``default``, and a session for
   ``app`` must never run a command as anybody else. A command pipelined behind an AUTH
   whose answer has not come back yet is refused the same way.
-* ``RESET`` turns the server connection back into ``default``: the gate closes again.
+* ``RESET`` turns the server connection back into ``default``; the engine asks
+  :meth:`AgentHooks.on_reset` for the command that logs it in again as the db user (the
+  login strategy's IAM token or managed password, else the client's last AUTH the server
+  accepted) and holds every later client command until that succeeded. Only a session
+  with nothing to log in with (a password user that never authenticated) has its gate
+  closed again.
+
+Words the server reads differently from their bytes never decide anything here: the
+server compares option and subcommand names as C strings without case (``AUTH\x00x``
+is ``AUTH``; see :mod:`dbservice.proxy.words`), and Redis 7 finds a command named
+``FLUSHALL\x00<n>`` as ``FLUSHALL`` for some ``<n>``. So a command name with a NUL byte,
+or a NUL byte in the subcommand of a command that has subcommands, is refused;
+``HELLO`` is read as the server reads it. Replication commands (``SYNC``, ``PSYNC``,
+``REPLCONF``) are refused: they turn the connection into a stream that is not
+request/reply.
 
 AUTH, HELLO and QUIT are not subject to the roles' command lists (they manage the
 connection, not data); every other command is, before it is forwarded.
@@ -25,13 +39,14 @@ connection, not data); every other command is, before it is forwarded.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
-from dbservice.agent.login import DEFAULT_USER, UpstreamLogin
-from dbservice.audit import SessionAudit
+from dbservice.agent.login import DEFAULT_USER, UpstreamLogin, UpstreamLoginError
+from dbservice.audit import MASK, SessionAudit
 from dbservice.auth.authorize import SessionGrant
 from dbservice.proxy import Action, Hello
 from dbservice.proxy.commands import parse_hello
+from dbservice.proxy.words import server_word
 
 LOCAL_AUTH = (
     "credentials answered by the agent, never forwarded: the agent already logged the "
@@ -43,6 +58,17 @@ strategy answered itself."""
 CONNECTION_COMMANDS = frozenset({"AUTH", "HELLO", "QUIT"})
 """Allowed before authentication and not subject to the roles' command lists."""
 _LOGIN_REPLIES = frozenset({"AUTH", "HELLO"})
+REPLICATION_COMMANDS = frozenset({"SYNC", "PSYNC", "REPLCONF"})
+"""Refused up front: a replica's commands. ``SYNC``/``PSYNC`` turn the connection into
+an RDB payload and the replication stream, ``REPLCONF ACK`` gets no reply at all; none
+of it is request/reply, so the agent could no longer tell commands and replies apart."""
+CONTAINERS = frozenset(
+    {"ACL", "CLIENT", "CLUSTER", "COMMAND", "COMMANDLOG", "CONFIG", "FUNCTION", "LATENCY",
+     "MEMORY", "MODULE", "OBJECT", "PUBSUB", "SCRIPT", "SLOWLOG", "XGROUP", "XINFO"}
+)  # fmt: skip
+"""Commands whose first argument is a subcommand name (looked up by the server as a C
+string: a NUL byte ends it)."""
+_MASK = MASK.encode()
 _PLAIN_MAX = 1024
 """Allowed command names a session remembers (a client sending random names cannot
 grow it further; the others are checked each time)."""
@@ -72,8 +98,12 @@ class AgentHooks:
         self.db_user = db_user
         self._db_user = db_user.encode()
         self.authenticated = authenticated
-        self._auth_owed: deque[bool] = deque()
-        """Per forwarded AUTH/HELLO, oldest first: whether it logs in as the db user."""
+        self._auth_owed: deque[tuple[bytes, ...] | None] = deque()
+        """Per forwarded AUTH/HELLO, oldest first: None when it does not log in as the db
+        user, else the client's credentials it carries as an AUTH command (empty when
+        the agent's login strategy replaced or answered them)."""
+        self._creds: tuple[bytes, ...] | None = None
+        """The client's last AUTH as the db user that the server accepted."""
         self.refused = 0
         self._plain: set[str] = set()
         """Names the roles allow that are neither connection commands nor RESET: once
@@ -96,9 +126,39 @@ class AgentHooks:
             ):
                 return None  # on_auth / on_hello decide and audit
             if name != "QUIT":  # malformed: the server answers with an error
-                self._auth_owed.append(False)
+                self._auth_owed.append(None)
+            if name == "HELLO" and args is not None:
+                args = _masked_hello(args)
             self._audit.query(self._shown(name, argc, args))
             return None
+        if "\x00" in name:  # its arguments are not recorded: they may hold a password
+            return self._refuse(
+                name,
+                argc,
+                None,
+                "ERR",
+                f"the command name {name!r} contains a NUL byte: the server may read it as "
+                "the command before the NUL, so the agent refuses it",
+            )
+        if name in REPLICATION_COMMANDS:
+            return self._refuse(
+                name,
+                argc,
+                args,
+                "ERR",
+                f"{name} is refused through fleetgate: replication turns the connection "
+                "into a stream that is not request/reply; replicate from the server itself",
+            )
+        if name in CONTAINERS and args is not None and argc > 1 and b"\x00" in args[1]:
+            sub = args[1].decode("latin-1")
+            return self._refuse(  # CONFIG SET\x00 requirepass <pw>: not recorded
+                name,
+                argc,
+                None,
+                "ERR",
+                f"the subcommand {sub!r} of {name} contains a NUL byte: the server reads "
+                "it as the part before the NUL, so the agent refuses it",
+            )
         if not self.authenticated:
             return self._refuse(
                 name,
@@ -111,9 +171,8 @@ class AgentHooks:
         decision = self._check(name)
         if not decision.allowed:
             return self._refuse(name, argc, args, "NOPERM", decision.reason)
-        if name == "RESET":  # the server connection is `default` again
-            self.authenticated = self.db_user == DEFAULT_USER
-        elif len(self._plain) < _PLAIN_MAX:
+        # RESET: the engine asks on_reset how to log the connection in again.
+        if name != "RESET" and name not in CONTAINERS and len(self._plain) < _PLAIN_MAX:
             self._plain.add(name)
         if args is not None:
             self._allowed(args)
@@ -122,8 +181,35 @@ class AgentHooks:
         return None
 
     def on_reply(self, name: str, error: bool) -> None:
-        if name in _LOGIN_REPLIES and self._auth_owed and self._auth_owed.popleft() and not error:
-            self.authenticated = True
+        if name in _LOGIN_REPLIES and self._auth_owed:
+            owed = self._auth_owed.popleft()
+            if owed is not None and not error:
+                self.authenticated = True
+                if owed:  # the client's own credentials: what a RESET logs in with again
+                    self._creds = owed
+
+    # -- RESET ---------------------------------------------------------------------------
+
+    def on_reset(self) -> Awaitable[Sequence[bytes] | None] | None:
+        if not self.authenticated:
+            return None  # the gate is closed: the client has to log in as the db user
+        return self._relogin()
+
+    async def _relogin(self) -> Sequence[bytes] | None:
+        try:
+            creds = await self._login.credentials(db_user=self.db_user)
+        except UpstreamLoginError as exc:
+            raise UpstreamLoginError(
+                f"after RESET the agent could not log the session in again as "
+                f"{self.db_user!r}: {exc}"
+            ) from None
+        if creds is not None:
+            return (b"AUTH", *creds)
+        if self._creds is not None:
+            return self._creds
+        if self.db_user != DEFAULT_USER:  # cannot happen: authenticated by something
+            self.authenticated = False
+        return None
 
     # -- AUTH and HELLO ------------------------------------------------------------------
 
@@ -138,17 +224,21 @@ class AgentHooks:
         user = username if username is not None else DEFAULT_USER.encode()
         if user != self._db_user:
             return self._refuse_auth(shown, self._other_user(user))
-        return self._pass(shown, self._login.on_client_auth(user, password, None))
+        creds = (b"AUTH", password) if username is None else (b"AUTH", user, password)
+        return self._pass(shown, self._login.on_client_auth(user, password, None), creds)
 
     def on_hello(self, hello: Hello) -> Action:
+        shown = hello.masked(_MASK)
         if hello.username is None or hello.password is None:
-            self._audit.query(hello.args)
-            self._auth_owed.append(False)
+            self._audit.query(shown)
+            self._auth_owed.append(None)
             return Action.forward()
         if hello.username != self._db_user:
-            return self._refuse_auth(hello.args, self._other_user(hello.username))
+            return self._refuse_auth(shown, self._other_user(hello.username))
         return self._pass(
-            hello.args, self._login.on_client_auth(hello.username, hello.password, hello)
+            shown,
+            self._login.on_client_auth(hello.username, hello.password, hello),
+            (b"AUTH", hello.username, hello.password),
         )
 
     # -- helpers -------------------------------------------------------------------------
@@ -160,10 +250,10 @@ class AgentHooks:
             f"allowed (connect again with --db-user {shown})"
         )
 
-    def _pass(self, shown: Sequence[bytes], action: Action) -> Action:
-        if action.reply is None:
-            self._auth_owed.append(True)
+    def _pass(self, shown: Sequence[bytes], action: Action, creds: tuple[bytes, ...]) -> Action:
         answered = action.reply is not None or action.replacement is not None
+        if action.reply is None:
+            self._auth_owed.append(() if answered else creds)
         self._audit.query(shown, reason=LOCAL_AUTH if answered else "")
         return action
 
@@ -188,3 +278,13 @@ class AgentHooks:
         if argc <= 1:
             return (name,)
         return (name, f"…({argc - 1} args not recorded)")
+
+
+def _masked_hello(args: Sequence[bytes]) -> tuple[bytes, ...]:
+    """A HELLO the server will refuse, for the audit trail: the argument two after
+    every word the server would read as ``AUTH`` is masked (``AUTH\\x00`` included)."""
+    out = list(args)
+    for i in range(2, len(out) - 2):
+        if server_word(args[i]) == b"AUTH":
+            out[i + 2] = _MASK
+    return tuple(out)

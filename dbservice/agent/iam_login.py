@@ -66,6 +66,16 @@ class IamLogin:
             return Action.respond(OK)
         return Action.replace(*hello.without_auth())
 
+    async def credentials(self, *, db_user: str) -> tuple[bytes, bytes] | None:
+        """A fresh token (cached across sessions) when this session is an IAM login."""
+        if not self.iam:
+            return await self.fallback.credentials(db_user=db_user)
+        try:
+            token = await self.auth.token(self.target, self.db_user)
+        except IamError as exc:
+            raise UpstreamLoginError(str(exc)) from None
+        return self.db_user.encode(), token.encode()
+
     def keep_alive(
         self,
         injector: CommandInjector,

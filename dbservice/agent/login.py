@@ -12,6 +12,9 @@ An :class:`UpstreamLogin` is the part that differs per kind of database user:
   commands need no ``AUTH`` first), False when the client must authenticate itself.
 * :meth:`UpstreamLogin.on_client_auth` decides what a client ``AUTH`` (or ``HELLO ...
   AUTH``) *as the session's db user* becomes: forwarded, replaced, or answered locally.
+* :meth:`UpstreamLogin.credentials` gives the agent's own credentials again (a fresh IAM
+  token, the managed password) for a live connection that a client ``RESET`` made
+  ``default``; None when the client's own credentials log the session in.
 
 :class:`ClientCredentials` is today's strategy: the client brings the db user's password
 and its AUTH is forwarded unchanged. IAM tokens and agent-managed passwords plug in here
@@ -44,6 +47,11 @@ class UpstreamLogin(Protocol):
         ``username`` is always the session's db user (others never get here)."""
         ...
 
+    async def credentials(self, *, db_user: str) -> tuple[bytes, bytes] | None:
+        """``(user, secret)`` for ``AUTH`` when this strategy logged the session in
+        itself (after a ``RESET``), else None. Raises :class:`UpstreamLoginError`."""
+        ...
+
 
 class ClientCredentials:
     """The client authenticates with the db user's own password; the agent only makes
@@ -55,3 +63,6 @@ class ClientCredentials:
 
     def on_client_auth(self, username: bytes, password: bytes, hello: Hello | None) -> Action:
         return Action.forward()
+
+    async def credentials(self, *, db_user: str) -> tuple[bytes, bytes] | None:
+        return None

@@ -1,24 +1,39 @@
-"""``AUTH`` and ``HELLO`` from the client.
+"""``AUTH``, ``HELLO`` and ``RESET`` from the client.
 
-They pass the agent's gate (the db user only) and login strategy as in single-node
-mode, then go to the configuration endpoint's connection (whose reply the client gets)
-and to every open shard connection; a credential or protocol the server accepted is
-remembered, so connections opened later are made the same (``ClusterSession._prepare``).
+AUTH and HELLO pass the agent's gate (the db user only) and login strategy as in
+single-node mode, then go to the configuration endpoint's connection (whose reply the
+client gets) and to every open shard connection; a credential or protocol the server
+accepted is remembered, so connections opened later are made the same
+(``ClusterSession._prepare``).
+
+RESET goes to every open connection of the session, each followed by the agent's login
+as the db user (:meth:`~dbservice.proxy.SessionHooks.on_reset`), and nothing more is
+planned until all of them have answered: the session is never ``default``, not even
+for one command. A login refused ends the session.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Final
 
 from dbservice.proxy.commands import parse_hello
+from dbservice.proxy.errors import error_reply
 
+from . import transactions
 from .entries import Entry, Forward, Local, Request, chain, retrieve
-from .link import LinkError
-from .resp import error_of
+from .link import Link, LinkError
+from .resp import encode_command, error_of
 
 if TYPE_CHECKING:
     from .session import ClusterSession
+
+logger = logging.getLogger(__name__)
+
+_RESET: Final = encode_command([b"RESET"])
+_RESET_OK: Final = b"+RESET\r\n"
 
 
 def login_command(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
@@ -85,3 +100,53 @@ def _to_seed(
         return frame
 
     return Forward(name, request, confirm)
+
+
+async def reset(session: ClusterSession, name: str) -> Entry:
+    """``RESET`` (no arguments) on every open connection, each logged in again."""
+    hold = session._hooks.on_reset()
+    try:
+        command = await hold if hold is not None else None
+        login = list(command) if command is not None else None
+    except Exception as exc:
+        logger.warning("cannot log a cluster session in again after RESET: %s", exc)
+        return Local(name, error_reply(f"fleetgate: {exc}"), close=True)
+    session._multi, session._multi_failed, session._multi_slot = None, False, None
+    transactions.unwatch(session)
+    session._pubsub.reset()
+    session._proto, session.resp3, session._name = 2, False, None
+    if login is None:
+        session._creds = None
+    payload = _RESET + (encode_command(login) if login else b"")
+    seed = session._live_seed()
+    links: dict[int, Link] = {id(seed): seed}
+    for link in session._links.values():
+        links.setdefault(id(link), link)
+    sent: list[tuple[Link, list[asyncio.Future[bytes]]]] = []
+    for link in links.values():
+        if link.failed is None and not link.closed and not link.pubsub:
+            with contextlib.suppress(LinkError):
+                sent.append((link, link.send(payload, 2 if login else 1)))
+    reply = _RESET_OK
+    for link, futures in sent:
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        frames = [f for f in results if isinstance(f, bytes)]
+        if len(frames) < len(results):
+            continue  # the connection is gone; a new one is logged in when dialled
+        if link is seed:
+            reply = frames[0]
+        if login and (err := error_of(frames[1])) is not None:
+            logger.warning(
+                "node %s refused the agent's login after RESET: %s",
+                link.name,
+                err.decode("utf-8", "replace"),
+            )
+            return Local(
+                name,
+                error_reply(
+                    "fleetgate: the server refused the agent's login after RESET, so the "
+                    "session ends"
+                ),
+                close=True,
+            )
+    return Local(name, reply)

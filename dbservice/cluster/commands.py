@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final
 from . import merge, transactions
 from .entries import Entry, Fan, Forward, Local, retrieve
 from .link import LinkError
-from .resp import OK, encode_command, encode_value, error, error_of
+from .resp import OK, encode_value, error, error_of
 from .slots import key_slot
 from .topology import Address
 
@@ -200,19 +200,6 @@ def _quit(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
     return Local(name, OK, close=True)
 
 
-def _reset(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
-    session._multi, session._multi_failed, session._multi_slot = None, False, None
-    transactions.unwatch(session)
-    if session._proto == 3:
-        hello2 = encode_command([b"HELLO", b"2"])
-        _broadcast(session, hello2, skip=session._seed.address)
-        for future in session._live_seed().send(hello2):
-            future.add_done_callback(retrieve)
-    session._proto, session.resp3, session._name = 2, False, None
-    session._pubsub.reset()
-    return Local(name, b"+RESET\r\n")
-
-
 def _ping(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
     if session._pubsub.active:
         return session._pubsub.ping(name, args)
@@ -246,7 +233,6 @@ HANDLERS: Final[dict[str, Handler]] = {
     "WAIT": _wait,
     "WAITAOF": _wait,
     "QUIT": _quit,
-    "RESET": _reset,
     "PING": _ping,
     "MULTI": transactions.multi,
     "EXEC": transactions.exec_,

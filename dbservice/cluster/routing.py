@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 from . import merge, transactions
-from .auth import login_command
+from .auth import login_command, reset
 from .commands import HANDLERS
 from .entries import Entry, Fan, Forward, Local, Request
 from .link import LinkError
@@ -48,6 +48,8 @@ async def plan(session: ClusterSession, args: list[bytes], raw: bytes | None = N
             await session._adopt_seed()
         except (LinkError, TopologyError, ValueError) as exc:
             return Local(name, error(f"ERR fleetgate: cannot learn the cluster: {exc}"))
+    if name == "RESET" and len(args) == 1:  # also inside MULTI and subscribed, as the server
+        return await reset(session, name)
     if session._pubsub.active and name not in _SUBSCRIBED_OK:
         return _subscribed(session, name, args, raw)
     if session._multi is not None and name not in ("EXEC", "DISCARD", "MULTI", "WATCH", "QUIT"):
@@ -84,7 +86,7 @@ def _subscribed(session: ClusterSession, name: str, args: list[bytes], raw: byte
 
 def _canonical(session: ClusterSession, raw: bytes) -> str:
     """The command name in upper case, remembered (for the first 256 spellings)."""
-    name = raw.decode("latin-1").upper()
+    name = raw.upper().decode("latin-1")  # ASCII case only, as the server
     if len(session._names) < 256:
         session._names[raw] = name
     return name

@@ -57,6 +57,20 @@ class ManagedLogin:
             return Action.respond(OK)
         return Action.replace(*hello.without_auth())
 
+    async def credentials(self, *, db_user: str) -> tuple[bytes, bytes] | None:
+        """The managed password (the one the last login used, cached) when this
+        session logged in with it."""
+        if not self.managed:
+            return await self.inner.credentials(db_user=db_user)
+        ref = self.service.managed(self.resource, db_user)
+        if ref is None:
+            raise UpstreamLoginError(f"{db_user!r} is no longer a managed user")
+        try:
+            secret = await self.service.passwords.password(ref)
+        except LoginRefused as exc:
+            raise UpstreamLoginError(str(exc)) from None
+        return ref.user.encode(), secret.password.encode()
+
     def __getattr__(self, name: str) -> object:
         # The wrapped strategy's extras (an IAM session's keep_alive) stay reachable.
         if name == "inner":

@@ -13,13 +13,14 @@ Inline commands are split like the server splits them and forwarded re-encoded a
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from .errors import ProtocolError, error_reply
 from .hooks import Action, Hello, SessionHooks
 from .inline import encode_command, split_args
 from .pending import Item, Local, Special, Sub
 from .settings import ProxyLimits
+from .words import parse_long, server_word
 
 _MAX_COUNT_LINE = 64
 """Longest ``*<n>`` / ``$<n>`` line accepted (digits and sign)."""
@@ -87,6 +88,9 @@ class CommandParser:
         self._dropping = False
         """The command being streamed was refused: its bytes are skipped, not sent."""
         self._in_multi = False
+        self.held: Awaitable[Sequence[bytes] | None] | None = None
+        """After a RESET whose connection the agent logs in again (``on_reset``): what
+        it logs in with. Nothing after the RESET is read until :meth:`release`."""
         self.commands = 0
         """Commands seen (forwarded or answered locally)."""
         self.refused = 0
@@ -107,9 +111,17 @@ class CommandParser:
         """The client has sent MULTI and not yet EXEC, DISCARD or RESET."""
         return self._in_multi
 
+    def release(self) -> None:
+        """The connection is logged in again after the RESET: go on (``feed(b"")``
+        reads what arrived meanwhile)."""
+        self.held = None
+
     # -- the hot path ------------------------------------------------------------------
 
     def feed(self, data: bytes) -> None:
+        if self.held is not None:  # kept, in order, until the login after RESET is done
+            self._rest += data
+            return
         if self._rest:
             data = self._rest + data
             self._rest = b""
@@ -137,7 +149,7 @@ class CommandParser:
                 start = p
                 if data[p] != 42:  # not '*': an inline command
                     p, fwd = self._inline(data, p, n, fwd)
-                    if p == start:
+                    if p == start or self.held is not None:
                         break
                     continue
                 # "*<argc>\r\n$<len>\r\n<name>\r\n": one-digit counts without find/int
@@ -269,6 +281,9 @@ class CommandParser:
                     verdict = on_command(name, argc, None)
                     if verdict is None:
                         verdict = self._special(name, spec, argc)
+                        if self.held is not None:  # RESET: stop right after it
+                            p = q
+                            break
                 if verdict is not None:
                     self.refused += 1
                     if fwd < start:
@@ -360,7 +375,7 @@ class CommandParser:
         return p, args
 
     def _canonical(self, raw: bytes) -> str:
-        name = raw.decode("latin-1").upper()
+        name = raw.upper().decode("latin-1")  # ASCII case only, as the server
         if len(self._names) < _NAME_CACHE_MAX:
             self._names[raw] = name
         return name
@@ -408,7 +423,7 @@ class CommandParser:
             return self._auth(args)
         if spec == _HELLO:
             return self._hello(args)
-        if spec == _CLIENT and argc >= 2 and args[1].upper() == b"REPLY":
+        if spec == _CLIENT and argc >= 2 and server_word(args[1]) == b"REPLY":
             self.refused += 1
             self._local(Local(error_reply("CLIENT REPLY is not supported through the proxy")))
             return b""
@@ -439,9 +454,10 @@ class CommandParser:
             self._in_multi = True
         elif spec == _ENDMULTI:
             self._in_multi = False
-        elif spec == _RESET:
+        elif spec == _RESET and argc == 1:  # with arguments it is an arity error
             self._in_multi = False
             self._pending.append(Special(name))
+            self.held = self._hooks.on_reset()
             return None
         elif spec == _MONITOR:
             self._pending.append(Special(name))
@@ -514,21 +530,23 @@ def _read_args(
 
 
 def parse_hello(args: Sequence[bytes]) -> Hello | None:
-    """``HELLO [protover [AUTH username password] [SETNAME clientname]]``; None when
-    malformed (then the server's own error reaches the client)."""
+    """``HELLO [protover [AUTH username password] [SETNAME clientname]]`` read exactly as
+    the server reads it (the version as ``string2ll`` does, options compared as C strings
+    without case: ``"AUTH\\x00x"`` is ``AUTH``; a later AUTH or SETNAME wins); None when
+    the server refuses it as malformed (its own error then reaches the client)."""
     protover = username = password = setname = None
     if len(args) > 1:
-        try:
-            protover = int(args[1])
-        except ValueError:
+        protover = parse_long(args[1])
+        if protover is None:
             return None
         i = 2
         while i < len(args):
-            option = args[i].upper()
-            if option == b"AUTH" and i + 2 < len(args):
+            option = server_word(args[i])
+            more = len(args) - 1 - i
+            if option == b"AUTH" and more >= 2:
                 username, password = args[i + 1], args[i + 2]
                 i += 3
-            elif option == b"SETNAME" and i + 1 < len(args):
+            elif option == b"SETNAME" and more >= 1:
                 setname = args[i + 1]
                 i += 2
             else:

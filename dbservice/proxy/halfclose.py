@@ -13,7 +13,7 @@ mode: the server connection closes at once then. A client that can no longer rea
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final
 
 from .hooks import Action, Hello, SessionHooks
@@ -65,3 +65,6 @@ class EofSignal:
 
     def on_reply(self, name: str, error: bool) -> None:
         self._hooks.on_reply(name, error)
+
+    def on_reset(self) -> Awaitable[Sequence[bytes] | None] | None:
+        return self._hooks.on_reset()

@@ -19,13 +19,18 @@ command order:
   agent gives per-command latency), with whether it was an error: this is how the agent
   learns whether an AUTH or HELLO succeeded. Push messages and pub/sub messages are not
   replies and are not reported.
+* :meth:`SessionHooks.on_reset` for a ``RESET`` the engine is about to forward: the
+  server connection becomes ``default`` again, so the agent may have to log it in again
+  as the session's db user before any later client command reaches the server.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from .words import server_word
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +82,19 @@ class Hello:
             out += [b"SETNAME", self.setname]
         return tuple(out)
 
+    def masked(self, mask: bytes = b"******") -> tuple[bytes, ...]:
+        """The command as sent with the password of every AUTH clause replaced by
+        ``mask`` (options spelled as sent, so an audit trail shows ``AUTH\\x00`` too)."""
+        out = list(self.args)
+        i = 2
+        while i < len(out):
+            if server_word(out[i]) == b"AUTH" and i + 2 < len(out):
+                out[i + 2] = mask
+                i += 3
+            else:
+                i += 2
+        return tuple(out)
+
     def with_auth(self, username: bytes, password: bytes) -> tuple[bytes, ...]:
         """The same HELLO authenticating as ``username`` with ``password``."""
         out: list[bytes] = [b"HELLO", b"%d" % (self.protover or 2), b"AUTH", username, password]
@@ -105,6 +123,15 @@ class SessionHooks(Protocol):
         """The server answered the oldest forwarded command still unanswered."""
         ...
 
+    def on_reset(self) -> Awaitable[Sequence[bytes] | None] | None:
+        """A ``RESET`` (without arguments) goes to the server now, which makes the
+        connection ``default`` again. None: nothing to do. Otherwise the engine holds
+        every later client command until the awaitable gives the command that logs the
+        connection in again (an ``AUTH``; None: nothing to send), sends it right after
+        the RESET with its reply kept from the client, and goes on only once it
+        succeeded; when it fails (or the awaitable raises) the session ends."""
+        ...
+
 
 class PassThroughHooks:
     """Allows everything and forwards AUTH and HELLO unchanged (tests, benchmarks, and a
@@ -120,4 +147,7 @@ class PassThroughHooks:
         return Action.forward()
 
     def on_reply(self, name: str, error: bool) -> None:
+        return None
+
+    def on_reset(self) -> Awaitable[Sequence[bytes] | None] | None:
         return None

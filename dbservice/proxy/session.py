@@ -15,6 +15,10 @@ Bytes a stream had already buffered are processed first.
   commands are unanswered. Memory stays bounded whichever side is slow.
 * The agent's own commands (a renewed IAM ``AUTH``): :meth:`ProxySession.inject` writes
   one between two client commands and its reply is dropped, not sent to the client.
+* ``RESET`` makes the server connection ``default``: when the hooks say how to log it
+  in again (:meth:`SessionHooks.on_reset`), nothing the client sent after the RESET is
+  read until that ``AUTH`` (written right behind the RESET) has succeeded; if it fails
+  the session ends with an error. The client gets the server's ``+RESET``.
 
 The agent runs one per accepted, authorised connection::
 
@@ -30,14 +34,14 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
 from fleetgate.aio import set_nodelay, take_buffered
 
 from .commands import CommandParser
-from .errors import ProtocolError, UpstreamProtocolError
+from .errors import ProtocolError, UpstreamProtocolError, error_reply
 from .halfclose import EofSignal, first_owed_blocks
 from .hooks import SessionHooks
 from .inline import encode_command
@@ -53,6 +57,7 @@ Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 _PEER_FULL = 1
 _TOO_MANY_PENDING = 2
 _STOPPED = 4
+_RELOGIN = 8
 
 
 @dataclass(slots=True)
@@ -158,6 +163,7 @@ class ProxySession:
         self._closed = False
         self._released = False
         self._final_resp3 = False
+        self._relogin: asyncio.Task[None] | None = None
         self._client_write = self._client_transport.write
         if eof_command is not None:  # the tunnel's word for its client's half-close
             hooks = EofSignal(hooks, eof_command, lambda: self._client_done("client closed"))
@@ -205,7 +211,12 @@ class ProxySession:
         if self._done is None or self._done.done() or self._closing_reason is not None:
             return False
         commands, replies = self._commands, self._replies
-        if not commands.at_boundary or commands.in_multi or replies.monitor:
+        if (
+            not commands.at_boundary
+            or commands.in_multi
+            or replies.monitor
+            or commands.held is not None
+        ):
             return False
         for item in self._pending:  # commands still owed a reply that change the mode
             if type(item) is Special or (type(item) is Sub and not replies.resp3):
@@ -255,6 +266,8 @@ class ProxySession:
         finally:
             for timer in self._timers:
                 timer.cancel()
+            if self._relogin is not None:
+                self._relogin.cancel()
             self._count()
             self.stats.duration = time.time() - self.stats.started
             try:
@@ -320,6 +333,9 @@ class ProxySession:
         self.stats.bytes_from_client += len(data)
         assert self._loop is not None
         self._last = self._loop.time()
+        self._parse_client(data)
+
+    def _parse_client(self, data: bytes) -> None:
         try:
             self._commands.feed(data)
         except ProtocolError as exc:
@@ -332,6 +348,55 @@ class ProxySession:
             return
         if len(self._pending) > self._max_pending:
             self._pause(client=True, why=_TOO_MANY_PENDING)
+        held = self._commands.held
+        if held is not None and self._relogin is None:
+            assert self._loop is not None
+            self._pause(client=True, why=_RELOGIN)
+            self._relogin = self._loop.create_task(self._log_in_again(held))
+
+    async def _log_in_again(self, held: Awaitable[Sequence[bytes] | None]) -> None:
+        """After a RESET: write the hooks' AUTH behind it, wait for its reply, then read
+        the client again; end the session when that cannot be done."""
+        try:
+            args = await held
+        except Exception as exc:
+            logger.warning("cannot log a session in again after RESET: %s", exc)
+            self._relogin_failed(str(exc) or type(exc).__name__)
+            return
+        if args is not None:
+            if self._replies.monitor or any(
+                type(item) is Special and item.name == "MONITOR" for item in self._pending
+            ):
+                self._relogin_failed(
+                    "RESET after MONITOR ends the session through fleetgate: the agent "
+                    "cannot log the connection in again while it streams MONITOR output; "
+                    "connect again"
+                )
+                return
+            assert self._loop is not None
+            done: asyncio.Future[bool] = self._loop.create_future()
+
+            def answered(ok: bool) -> None:
+                if not done.done():
+                    done.set_result(ok)
+
+            self._pending.append(Injected(answered))
+            self._up_transport.write(encode_command(args))
+            if not await done:
+                self._relogin_failed(
+                    "the server refused the agent's login after RESET, so the session ends"
+                )
+                return
+        self._relogin = None
+        self._commands.release()
+        self._resume(client=True, why=_RELOGIN)
+        self._parse_client(b"")
+        if self._closing_reason is not None and not self._pending:
+            self._finish(self._closing_reason)
+
+    def _relogin_failed(self, reason: str) -> None:
+        self._local(Local(error_reply(f"fleetgate: {reason}"), close=True))
+        self._client_done(f"login after RESET failed: {reason}")
 
     def _upstream_data(self, data: bytes) -> None:
         assert self._loop is not None
