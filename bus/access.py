@@ -85,6 +85,17 @@ class RoleConditions(Record):
     redis_commands: tuple[str, ...] | None = None
     """Command-name globs, case-insensitive. In ``allow``, None means every command."""
 
+    @field_validator("redis_commands")
+    @classmethod
+    def _commands(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for pattern in value or ():
+            if not pattern.strip() or any(c.isspace() or c in "|\0" for c in pattern.strip()):
+                raise ValueError(
+                    f"redis_commands: {pattern!r} is not a command name or glob: rules name "
+                    "whole commands (CONFIG, not CONFIG SET; a subcommand cannot be named)"
+                )
+        return value
+
     @field_validator("db_labels")
     @classmethod
     def _labels(cls, value: dict[str, str | tuple[str, ...]]) -> dict[str, str | tuple[str, ...]]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
 from collections import deque
@@ -54,8 +55,28 @@ logger = logging.getLogger(__name__)
 Publish = Callable[[Outgoing], Awaitable[None]]
 
 MASK: Final = "******"
-_SECRET_PREFIXES: Final = (">", "<", "#", "!")
-_SECRET_CONFIG: Final = {"REQUIREPASS", "MASTERAUTH", "MASTERUSER"}
+_OPTION_MAX: Final = 32
+"""Option and subcommand names masking compares are shorter than this: of a longer
+argument only this many bytes are read, and it is no option."""
+_NAME_MAX: Final = 64
+"""Command names longer than this (no real one is) are cut like any argument, and not
+remembered in :data:`_NAMES`."""
+_SECRET_CONFIG: Final = frozenset(
+    {
+        b"REQUIREPASS",
+        b"MASTERAUTH",
+        b"PRIMARYAUTH",
+        b"MASTERUSER",
+        b"PRIMARYUSER",
+        b"TLS-KEY-FILE-PASS",
+        b"TLS-CLIENT-KEY-FILE-PASS",
+    }
+)
+"""The server's sensitive settings (``SENSITIVE_CONFIG`` in valkey's config.c, names and
+aliases), whose values ``CONFIG SET`` carries."""
+_SENTINEL_SECRETS: Final = frozenset({b"AUTH-PASS", b"SENTINEL-PASS"})
+_RULE_SECRET: Final = re.compile(r"(?:^|[\s(])[<>#!]")
+"""Where a password (``>pw``, ``<pw``) or hash (``#h``, ``!h``) starts in an ACL rule."""
 
 
 @dataclass(frozen=True)
@@ -63,88 +84,158 @@ class QueryRedaction:
     """How much of each command goes into ``db.session.query`` events."""
 
     max_arg_len: int = 256
-    """Longer arguments are cut, with ``…(+N bytes)`` appended."""
+    """Longer arguments are cut to this many bytes (never inside a UTF-8 character), with
+    ``…(+N bytes)`` appended; only the bytes kept are ever decoded."""
     max_args: int = 64
     """Further arguments are replaced by one ``…(+N args)``."""
     redact_values: bool = False
     """Keep only the first argument (usually the key); replace the rest by their size."""
 
 
+def _word(arg: bytes) -> bytes:
+    """``arg`` as the server compares an option or command name: ``strcasecmp`` on a C
+    string, so up to its first NUL (``AUTH\\x00x`` is ``AUTH``) and in ASCII upper case.
+    Only the first :data:`_OPTION_MAX` bytes are read."""
+    return arg[:_OPTION_MAX].split(b"\0", 1)[0].upper()
+
+
 def _text(arg: bytes | str) -> str:
     return arg if isinstance(arg, str) else arg.decode("utf-8", "backslashreplace")
 
 
-def mask_secrets(name: str, args: list[str]) -> list[str]:
-    """Hide passwords in AUTH, HELLO ... AUTH, MIGRATE ... AUTH/AUTH2, ACL SETUSER and
-    CONFIG SET requirepass/masterauth. ``args`` excludes the command name."""
-    out = list(args)
-    upper = [a.upper() for a in out]
-    if name == "AUTH":
-        return [out[0], MASK] if len(out) == 2 else [MASK] * len(out)
-    if name == "HELLO" and "AUTH" in upper:
-        at = upper.index("AUTH")  # HELLO 3 AUTH <user> <password> [SETNAME name]
-        if at + 2 < len(out):
-            out[at + 2] = MASK
-        else:
-            out[at + 1 :] = [MASK] * len(out[at + 1 :])
-        return out
-    if name == "MIGRATE":
-        for i, word in enumerate(upper):
-            if word == "AUTH" and i + 1 < len(out):
-                out[i + 1] = MASK
-            if word == "AUTH2" and i + 2 < len(out):
-                out[i + 2] = MASK
-        return out
-    if name == "ACL" and upper[:1] == ["SETUSER"]:
-        return [
-            a[0] + MASK if i >= 2 and a.startswith(_SECRET_PREFIXES) else a
-            for i, a in enumerate(out)
-        ]
-    if name == "CONFIG" and upper[:1] == ["SET"]:
-        for i in range(1, len(out) - 1, 2):
-            if upper[i] in _SECRET_CONFIG:
-                out[i + 1] = MASK
+def _raw(arg: bytes | str) -> bytes:
+    return arg if isinstance(arg, bytes) else arg.encode("utf-8", "backslashreplace")
+
+
+_UTF8_LENGTH: Final = (0,) * 12 + (2, 2, 3, 4)
+"""Bytes of a UTF-8 character by the high four bits of its first byte."""
+
+
+def _cut(arg: bytes | str, cut: int) -> str:
+    """The text of at most ``cut`` bytes of ``arg`` (backed off to the start of a UTF-8
+    character cut in two), with ``…(+N bytes)`` when bytes were left out. Only the bytes
+    kept are decoded, so the cost does not grow with the argument."""
+    if isinstance(arg, str):  # the agent's own notes: short
+        return arg if len(arg) <= cut else f"{arg[:cut]}…(+{len(arg) - cut} bytes)"
+    size = len(arg)
+    if size <= cut:
+        return arg.decode("utf-8", "backslashreplace")
+    end = cut
+    start = end - 1
+    while start > end - 4 and start > 0 and arg[start] & 0xC0 == 0x80:
+        start -= 1
+    if start >= 0 and end > 0:
+        lead = arg[start]
+        need = _UTF8_LENGTH[lead >> 4] if 0xC2 <= lead <= 0xF4 else 0
+        if need and start + need > end:
+            end = start
+    return f"{arg[:end].decode('utf-8', 'backslashreplace')}…(+{size - end} bytes)"
+
+
+def secret_arguments(name: bytes, args: Sequence[bytes]) -> dict[int, int]:
+    """Which of ``args`` (the arguments after the command name, as sent) carry a secret:
+    index -> how many leading bytes stay visible (0: the whole argument is masked; an
+    ACL rule keeps its ``>``/``<``/``#``/``!``). ``name`` is :func:`_word` of the
+    command name. Option names are compared as the server compares them (any case, up to
+    a NUL), and wherever they stand: a misplaced option still keeps its secret out."""
+    n = len(args)
+    out: dict[int, int] = {}
+    if name == b"AUTH":
+        return {1: 0} if n == 2 else dict.fromkeys(range(n), 0)
+    if name == b"HELLO":  # HELLO 3 AUTH <user> <password> [AUTH <user> <password>]...
+        for i in range(n):
+            if _word(args[i]) == b"AUTH":
+                out.update({i + 2: 0} if i + 2 < n else dict.fromkeys(range(i + 1, n), 0))
+    elif name == b"MIGRATE":  # ... [AUTH <password> | AUTH2 <user> <password>]
+        for i in range(n):
+            word = _word(args[i])
+            if word == b"AUTH" and i + 1 < n:
+                out[i + 1] = 0
+            elif word == b"AUTH2" and i + 1 < n:
+                out[min(i + 2, n - 1)] = 0
+    elif name == b"ACL" and n and _word(args[0]) == b"SETUSER":
+        for i in range(2, n):  # ACL SETUSER <user> <rule>...
+            out[i] = 1
+    elif name == b"CONFIG" and n and _word(args[0]) == b"SET":
+        for i in range(1, n - 1):  # CONFIG SET <name> <value> [<name> <value>]...
+            if _word(args[i]) in _SECRET_CONFIG:
+                out[i + 1] = 0
+    elif name == b"SENTINEL":  # SENTINEL SET m auth-pass <pw>, SENTINEL CONFIG SET ...
+        for i in range(n - 1):
+            if _word(args[i]) in _SENTINEL_SECRETS:
+                out[i + 1] = 0
     return out
 
 
-_MASKED: Final = frozenset({"AUTH", "HELLO", "MIGRATE", "ACL", "CONFIG"})
-"""The commands :func:`mask_secrets` may change."""
+def _masked_rule(arg: bytes, cut: int) -> str | None:
+    """An ACL rule with its password or hash masked, or None when it holds none (in the
+    bytes the audit keeps: what follows is not recorded anyway)."""
+    text = _cut(arg, cut)
+    found = _RULE_SECRET.search(text)
+    if found is None:
+        return None
+    return text[: found.end()] + MASK
+
+
+_MASKED: Final = frozenset({b"AUTH", b"HELLO", b"MIGRATE", b"ACL", b"CONFIG", b"SENTINEL"})
+"""The commands :func:`secret_arguments` may mask (as :func:`_word` of their name)."""
 _NAMES: dict[bytes | str, str] = {}
-"""Command names as sent -> upper case, for the first few thousand spellings."""
+"""Command names as sent -> upper case, for the first few thousand short spellings."""
+_PLAIN: dict[bytes | str, str] = {}
+"""The same for names of commands that carry no secret: what :meth:`SessionAudit.allowed`
+may record without looking for one."""
 _dumps = orjson.dumps
+
+
+def _name(head: bytes | str) -> str:
+    """The command name for the record (upper case), remembered when short."""
+    name = _cut(head, _NAME_MAX).upper()
+    if len(head) <= _NAME_MAX and len(_NAMES) < 4096:
+        _NAMES[head] = name
+        if _word(_raw(head)) not in _MASKED:
+            _PLAIN[head] = name
+    return name
 
 
 def describe_command(
     args: Sequence[bytes | str], redaction: QueryRedaction = QueryRedaction()
 ) -> tuple[str, tuple[str, ...]]:
     """``[b"SET", b"k", b"v"]`` -> ``("SET", ("k", "v"))`` with secrets masked and the
-    redaction applied."""
+    redaction applied. Only the bytes kept are read: the cost does not grow with the
+    size of an argument."""
     if not args:
         return "", ()
     head = args[0]
     name = _NAMES.get(head)
     if name is None:
-        name = _text(head).upper()
-        if len(_NAMES) < 4096:
-            _NAMES[head] = name
-    if name not in _MASKED and not redaction.redact_values and len(args) <= redaction.max_args + 1:
-        # The common case: nothing to mask, redact or cut off.
-        text = tuple(
-            [a if isinstance(a, str) else a.decode("utf-8", "backslashreplace") for a in args[1:]]
-        )
-        if not text or max(map(len, text)) <= redaction.max_arg_len:
-            return name, text
-    rest = mask_secrets(name, [_text(a) for a in args[1 : redaction.max_args + 1]])
-    extra = len(args) - 1 - redaction.max_args
+        name = _name(head)
     cut = redaction.max_arg_len
-    rest = [
-        f"<{len(args[i + 1])} bytes>"
-        if redaction.redact_values and i > 0 and a != MASK
-        else a
-        if len(a) <= cut
-        else f"{a[:cut]}…(+{len(a) - cut} bytes)"
-        for i, a in enumerate(rest)
-    ]
+    kept = args[1 : redaction.max_args + 1]
+    if (
+        head in _PLAIN
+        and not redaction.redact_values
+        and len(args) <= redaction.max_args + 1
+        and all(len(a) <= cut for a in kept)
+    ):  # the common case: nothing to mask, redact or cut off
+        return name, tuple([_text(a) for a in kept])
+    word = _word(_raw(head))
+    secrets = secret_arguments(word, [_raw(a) for a in kept]) if word in _MASKED else {}
+    rest: list[str] = []
+    for i, arg in enumerate(kept):
+        visible = secrets.get(i)
+        if visible is None:
+            rest.append(
+                f"<{len(arg)} bytes>" if redaction.redact_values and i > 0 else _cut(arg, cut)
+            )
+        elif visible == 0:
+            rest.append(MASK)
+        elif (masked := _masked_rule(_raw(arg), cut)) is not None:
+            rest.append(masked)
+        else:  # an ACL rule without a password
+            rest.append(
+                f"<{len(arg)} bytes>" if redaction.redact_values and i > 0 else _cut(arg, cut)
+            )
+    extra = len(args) - 1 - redaction.max_args
     if extra > 0:
         rest.append(f"…(+{extra} args)")
     return name, tuple(rest)
@@ -455,34 +546,34 @@ class SessionAudit:
     def allowed(self, args: Sequence[bytes]) -> None:
         """``query(args)`` for an allowed command as the client sent it: the same event,
         the short way when nothing is to be masked, cut or redacted and every argument
-        is UTF-8 (the command path of every proxied command)."""
+        is UTF-8 (the command path of every proxied command). Sizes are checked before
+        anything is decoded, so a large argument costs no more than a small one."""
         emitter = self._emitter
-        name = _NAMES.get(args[0])
+        name = _PLAIN.get(args[0])
         argc = len(args)
-        if (
-            name is None
-            or name in _MASKED
-            or argc > self._plain_argc
-            or emitter._held >= emitter._maxsize
-        ):
+        if name is None or argc > self._plain_argc or emitter._held >= emitter._maxsize:
             self.query(args)
             return
         cut = self._plain_len
         try:  # GET k, SET k v unrolled: a comprehension is a call of its own
             if argc == 3:
-                key, value = args[1].decode(), args[2].decode()
-                text = [key, value]
-                plain = len(key) <= cut and len(value) <= cut
+                key, value = args[1], args[2]
+                if len(key) > cut or len(value) > cut:
+                    self.query(args)
+                    return
+                text = [key.decode(), value.decode()]
             elif argc == 2:
-                key = args[1].decode()
-                text = [key]
-                plain = len(key) <= cut
+                key = args[1]
+                if len(key) > cut:
+                    self.query(args)
+                    return
+                text = [key.decode()]
             else:
+                if any(len(a) > cut for a in args[1:]):
+                    self.query(args)
+                    return
                 text = [a.decode() for a in args[1:]]
-                plain = not text or max(map(len, text)) <= cut
         except UnicodeDecodeError:
-            plain = False
-        if not plain:
             self.query(args)
             return
         self.commands += 1

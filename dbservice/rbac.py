@@ -12,6 +12,14 @@ Rules (deny wins, no role means no access):
 * Commands: allowed when a role that allowed the session allows the command
   (``allow.redis_commands`` absent means every command) and no role of the user denies it
   (``deny.redis_commands``). Names are compared upper-case, with globs.
+* A deny names what the command does, not only how it is spelled: denying a command of
+  :data:`FAMILIES` denies the commands that do the same under another name (``DEL`` also
+  ``UNLINK`` and ``GETDEL``, ``FLUSHALL`` also ``FLUSHDB``, ``KEYS`` also ``SCAN``...).
+* Scripts run commands the agent never sees. When a session's roles limit commands (an
+  allow list, or any deny), :data:`SCRIPTING` commands are refused unless a role that
+  granted the session allows them by their exact name (a glob such as ``*`` does not).
+* A name with a NUL byte is refused: the server reads names up to the NUL (it may run
+  ``FLUSHALL\\0x`` as ``FLUSHALL``), so no rule could name it.
 
 The per-command check sits on the proxy's command path, so :class:`CommandPolicy`
 compiles each side into one regular expression once per session and caches answers.
@@ -23,6 +31,7 @@ import fnmatch
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from bus.access import DB_USERS_TRAIT, DEFAULT_MAX_SESSION_TTL, Role
 from bus.labels import matches
@@ -102,6 +111,33 @@ def can_reach(roles: Sequence[Role], db_labels: Mapping[str, str]) -> bool:
     return any(matches(r.allow.db_labels, db_labels) for r in roles)
 
 
+SCRIPTING: Final = frozenset(
+    {"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO", "SCRIPT", "FUNCTION"}
+)
+"""Commands that run (or load, or flush) server-side code: what a script calls is never
+seen by the agent, so a session whose roles limit commands needs them allowed by name."""
+
+_GROUPS: Final = (
+    ("DEL", "UNLINK"),
+    ("FLUSHALL", "FLUSHDB"),
+    ("KEYS", "SCAN"),
+    ("EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"),
+    ("REPLICAOF", "SLAVEOF"),
+    ("GETRANGE", "SUBSTR"),
+    ("HSET", "HMSET"),
+)
+"""Commands that do the same thing under other names: a deny of one denies them all."""
+_ALSO: Final = {"GETDEL": ("DEL", "UNLINK")}
+"""Commands that do what another does and more: denied with it (not the other way)."""
+FAMILIES: Final[dict[str, tuple[str, ...]]] = {
+    name: tuple(n for n in group if n != name) for group in _GROUPS for name in group
+}
+"""Command -> the commands whose deny also denies it (docs/access.md has the table)."""
+for _name, _by in _ALSO.items():
+    FAMILIES[_name] = (*FAMILIES.get(_name, ()), *_by)
+del _name, _by
+
+
 def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:
     parts = [fnmatch.translate(p.strip().upper()) for p in patterns if p.strip()]
     return re.compile("|".join(parts)) if parts else None
@@ -116,6 +152,9 @@ class CommandPolicy:
     allow_all: bool
     deny: re.Pattern[str] | None
     deny_roles: tuple[tuple[str, re.Pattern[str]], ...] = ()
+    named: frozenset[str] = frozenset()
+    """Command names the granting roles allow exactly (no glob): how a limited session
+    may still run a :data:`SCRIPTING` command."""
     _cache: dict[str, Decision] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -134,7 +173,18 @@ class CommandPolicy:
             if (pattern := _compile(r.deny.redis_commands or ())) is not None
         )
         deny = _compile(p for r in roles for p in (r.deny.redis_commands or ()))
-        return cls(allow=allow, allow_all=allow_all, deny=deny, deny_roles=deny_roles)
+        named = frozenset(
+            p.strip().upper()
+            for r in allow_roles
+            for p in (r.allow.redis_commands or ())
+            if not any(c in p for c in "*?[")
+        )
+        return cls(allow=allow, allow_all=allow_all, deny=deny, deny_roles=deny_roles, named=named)
+
+    @property
+    def limited(self) -> bool:
+        """Whether the roles limit commands at all (an allow list or any deny)."""
+        return not self.allow_all or self.deny is not None
 
     def check(self, command_name: str) -> Decision:
         name = command_name.upper()
@@ -147,9 +197,29 @@ class CommandPolicy:
         return decision
 
     def _decide(self, name: str) -> Decision:
-        if self.deny is not None and self.deny.fullmatch(name):
-            role = next((r for r, p in self.deny_roles if p.fullmatch(name)), "?")
-            return Decision(False, f"role {role} denies the command {name}")
+        if "\0" in name:
+            return Decision(
+                False,
+                "a command name with a NUL byte is refused: the server reads it only up "
+                "to the NUL, so no rule could name it",
+            )
+        if self.deny is not None:
+            for denied in (name, *FAMILIES.get(name, ())):
+                if self.deny.fullmatch(denied):
+                    role = next((r for r, p in self.deny_roles if p.fullmatch(denied)), "?")
+                    if denied == name:
+                        return Decision(False, f"role {role} denies the command {name}")
+                    return Decision(
+                        False,
+                        f"role {role} denies the command {denied}, and so {name}, which "
+                        "does the same",
+                    )
+        if name in SCRIPTING and self.limited and name not in self.named:
+            return Decision(
+                False,
+                f"{name} runs server-side code whose commands the roles cannot check, and "
+                f"your roles limit commands: a role must allow {name} by name",
+            )
         if self.allow_all or (self.allow is not None and self.allow.fullmatch(name)):
             return Decision(True, "allowed")
         return Decision(False, f"none of your roles allows the command {name}")

@@ -46,12 +46,72 @@ ALICE = Identity(user="alice", roles=("dev",), db_users=("alice-rw",))
         ),
         ([b"CONFIG", b"SET", b"requirepass", b"pw"], ("CONFIG", ("SET", "requirepass", "******"))),
         ([b"SET", b"k", b"\xff\x00"], ("SET", ("k", "\\xff\x00"))),
+        # every AUTH of a HELLO (the server takes the last), any case, up to a NUL
+        (
+            [b"HELLO", b"2", b"AUTH", b"app", b"decoy", b"auth\x00x", b"app", b"pw"],
+            ("HELLO", ("2", "AUTH", "app", "******", "auth\x00x", "app", "******")),
+        ),
+        ([b"hello\x00", b"3", b"AUTH", b"u", b"pw"], ("HELLO\x00", ("3", "AUTH", "u", "******"))),
+        ([b"AUTH\x00", b"u", b"pw"], ("AUTH\x00", ("u", "******"))),
+        (
+            [b"MIGRATE", b"h", b"1", b"k", b"0", b"5", b"AUTH\x00", b"pw"],
+            ("MIGRATE", ("h", "1", "k", "0", "5", "AUTH\x00", "******")),
+        ),
+        (
+            [b"MIGRATE", b"h", b"1", b"k", b"0", b"5", b"auth2", b"u", b"pw", b"AUTH", b"pw2"],
+            ("MIGRATE", ("h", "1", "k", "0", "5", "auth2", "u", "******", "AUTH", "******")),
+        ),
+        (
+            [b"CONFIG", b"set", b"maxmemory", b"1", b"MasterAuth", b"a", b"primaryauth", b"b"],
+            ("CONFIG", ("set", "maxmemory", "1", "MasterAuth", "******", "primaryauth", "******")),
+        ),
+        (
+            [b"CONFIG", b"SET", b"tls-key-file-pass", b"a", b"requirepass\x00", b"b"],
+            ("CONFIG", ("SET", "tls-key-file-pass", "******", "requirepass\x00", "******")),
+        ),
+        (
+            [b"acl", b"setuser", b"bob", b"<old", b"#" + b"a" * 64, b"!" + b"b" * 64, b"on"],
+            ("ACL", ("setuser", "bob", "<******", "#******", "!******", "on")),
+        ),
+        (  # rules in one argument (the server refuses them; the password stays out)
+            [b"ACL", b"SETUSER", b"bob", b"on >pw ~*", b"(~k* >pw)", b">pass word"],
+            ("ACL", ("SETUSER", "bob", "on >******", "(~k* >******", ">******")),
+        ),
+        (
+            [b"SENTINEL", b"SET", b"m", b"auth-pass", b"pw"],
+            ("SENTINEL", ("SET", "m", "auth-pass", "******")),
+        ),
     ],
 )
 def test_describe_command_masks_secrets(
     args: list[bytes], expected: tuple[str, tuple[str, ...]]
 ) -> None:
     assert describe_command(args) == expected
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [b"AUTH", b"app", b"a-long-password"],
+        [b"HELLO", b"3", b"AUTH", b"app", b"a-long-password"],
+        [b"CONFIG", b"SET", b"requirepass", b"a-long-password"],
+        [b"ACL", b"SETUSER", b"bob", b">a-long-password"],
+        [b"MIGRATE", b"h", b"1", b"k", b"0", b"5", b"AUTH2", b"user", b"a-long-password"],
+    ],
+)
+@pytest.mark.parametrize(
+    "redaction",
+    [QueryRedaction(max_arg_len=4), QueryRedaction(redact_values=True)],
+    ids=["short", "redacted"],
+)
+def test_secrets_stay_masked_whatever_the_redaction(
+    args: list[bytes], redaction: QueryRedaction
+) -> None:
+    """Option names are read whole even when arguments are cut shorter than them, and a
+    masked argument shows neither a piece of the secret nor its length."""
+    shown = " ".join(describe_command(args, redaction)[1])
+    assert "a-lo" not in shown and "15" not in shown
+    assert "******" in shown
 
 
 def test_describe_command_redacts_and_truncates() -> None:

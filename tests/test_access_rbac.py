@@ -140,3 +140,66 @@ def test_can_reach_for_listings() -> None:
     assert not can_reach([DEV], PROD_DB)
     assert can_reach([DEV, READER], PROD_DB)
     assert not can_reach([], DEV_DB)
+
+
+@pytest.mark.parametrize(
+    ("deny", "command", "reason"),
+    [
+        (["DEL"], "UNLINK", "role r denies the command DEL, and so UNLINK, which does the same"),
+        (["DEL"], "GETDEL", "role r denies the command DEL, and so GETDEL"),
+        (["UNLINK"], "DEL", "role r denies the command UNLINK, and so DEL"),
+        (["FLUSHALL"], "FLUSHDB", "and so FLUSHDB"),
+        (["flushdb"], "FLUSHALL", "and so FLUSHALL"),
+        (["KEYS"], "SCAN", "and so SCAN"),
+        (["EVAL"], "FCALL_RO", "and so FCALL_RO"),
+        (["SLAVEOF"], "REPLICAOF", "and so REPLICAOF"),
+        (["FLUSHALL"], "FLUSHALL\0x", "NUL byte"),
+        (["FLUSHALL"], "EVAL", "EVAL runs server-side code"),
+        (["FLUSHALL"], "SCRIPT", "a role must allow SCRIPT by name"),
+        (["FLUSHALL"], "FUNCTION", "a role must allow FUNCTION by name"),
+    ],
+)
+def test_a_deny_means_what_it_names(deny: list[str], command: str, reason: str) -> None:
+    role = Role.model_validate(
+        {"name": "r", "allow": {"db_labels": {"env": "dev"}}, "deny": {"redis_commands": deny}}
+    )
+    decision = CommandPolicy.build([role]).check(command)
+    assert not decision.allowed and reason in decision.reason
+    assert CommandPolicy.build([role]).check("GET").allowed
+
+
+def test_scripts_need_allowing_by_name_only_when_commands_are_limited() -> None:
+    unlimited = Role.model_validate({"name": "u", "allow": {"db_labels": {"env": "dev"}}})
+    assert CommandPolicy.build([unlimited]).check("EVAL").allowed  # no rule: no limit
+    by_name = Role.model_validate(
+        {
+            "name": "s",
+            "allow": {"db_labels": {"env": "dev"}, "redis_commands": ["*", "eval", "FCALL"]},
+            "deny": {"redis_commands": ["FLUSHALL"]},
+        }
+    )
+    policy = CommandPolicy.build([by_name])
+    assert policy.check("EVAL").allowed and policy.check("FCALL").allowed
+    assert not policy.check("EVALSHA").allowed  # not named
+    globbed = Role.model_validate(
+        {"name": "g", "allow": {"db_labels": {"env": "dev"}, "redis_commands": ["E*", "GET"]}}
+    )
+    assert not CommandPolicy.build([globbed]).check("EVAL").allowed  # an allow list limits
+    # a deny of the family beats a name
+    both = Role.model_validate(
+        {
+            "name": "b",
+            "allow": {"db_labels": {"env": "dev"}, "redis_commands": ["*", "EVAL"]},
+            "deny": {"redis_commands": ["EVALSHA"]},
+        }
+    )
+    assert (
+        "denies the command EVALSHA, and so EVAL"
+        in CommandPolicy.build([both]).check("EVAL").reason
+    )
+
+
+@pytest.mark.parametrize("pattern", ["CLIENT KILL", "client|kill", " ", "CONFIG\0"])
+def test_a_rule_that_could_never_match_is_refused(pattern: str) -> None:
+    with pytest.raises(ValueError, match="rules name whole commands"):
+        Role.model_validate({"name": "r", "deny": {"redis_commands": [pattern]}})

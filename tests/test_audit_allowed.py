@@ -28,6 +28,10 @@ COMMANDS: list[list[bytes]] = [
     [b"CONFIG", b"SET", b"requirepass", b"secret"],
     [b"HELLO", b"3", b"AUTH", b"app", b"secret"],
     [b"SET", b"k", b'quote " and \\ and \n'],
+    [b"AUTH\x00", b"app", b"secret"],  # the server reads names up to a NUL: masked
+    [b"hello\x00x", b"3", b"AUTH", b"app", b"secret"],
+    [b"MIGRATE", b"h", b"1", b"k", b"0", b"5", b"AUTH\x00", b"secret"],
+    [b"SET", b"k", "é".encode() * 200],  # cut between characters
 ]
 
 

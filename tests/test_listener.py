@@ -357,3 +357,61 @@ async def test_valkey_cli_through_db_connect(
                 "db", "connect", "dev-cache", "--db-user", "admin", stdin="PING\n"
             )
             assert "none of your roles allows dev-cache as db user 'admin'" in refused.stdout
+
+
+async def test_scripts_and_other_names_do_not_run_what_a_role_denies(
+    fleet: Fleet, agent: int
+) -> None:
+    """FLUSHALL and DEL denied: not through EVAL, UNLINK, GETDEL, a NUL-suffixed name or
+    a transaction either; a script runs only when a role allows it by name."""
+    await put_roles(
+        fleet.bus,
+        dev={
+            "allow": {"db_labels": {"env": "dev"}, "db_users": ["app"]},
+            "deny": {"redis_commands": ["FLUSHALL", "DEL"]},
+        },
+    )
+    alice = fleet.identity("alice", ["dev"])
+    s = await RawSession.open(agent, alice, fleet.ca.pem, "dev-cache", "app")
+    try:
+        assert await s.call("AUTH", "app", APP_PASSWORD) == b"+OK"
+        assert await s.call("SET", "keep", "1") == b"+OK"
+        for command in (
+            ("EVAL", "return redis.call('FLUSHALL')", "0"),
+            ("EVAL", "return redis.call('DEL', KEYS[1])", "1", "keep"),
+            ("EVAL_RO", "return 1", "0"),
+            ("FCALL", "f", "0"),
+            ("SCRIPT", "FLUSH"),
+            ("FUNCTION", "FLUSH"),
+            ("UNLINK", "keep"),
+            ("GETDEL", "keep"),
+            ("FLUSHDB",),
+            ("FLUSHALL\0x",),
+        ):
+            assert (await s.call(*command)).startswith(b"-NOPERM "), command
+        # inside a transaction the denied command is refused when queued
+        assert await s.call("MULTI") == b"+OK"
+        assert (await s.call("UNLINK", "keep")).startswith(b"-NOPERM ")
+        await s.call("EXEC")
+        assert await s.call("GET", "keep") == b"1"
+    finally:
+        s.close()
+    await put_roles(
+        fleet.bus,
+        dev={
+            "allow": {
+                "db_labels": {"env": "dev"},
+                "db_users": ["app"],
+                "redis_commands": ["*", "EVAL"],
+            },
+            "deny": {"redis_commands": ["FLUSHALL", "DEL"]},
+        },
+    )
+    s = await RawSession.open(agent, alice, fleet.ca.pem, "dev-cache", "app")
+    try:
+        assert await s.call("AUTH", "app", APP_PASSWORD) == b"+OK"
+        assert await s.call("EVAL", "return redis.call('GET', KEYS[1])", "1", "keep") == b"1"
+        assert (await s.call("EVALSHA", "0" * 40, "0")).startswith(b"-NOPERM ")
+    finally:
+        s.close()
+        await put_roles(fleet.bus)
