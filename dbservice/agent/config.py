@@ -305,11 +305,23 @@ class ListenerConfig(Strict):
     key_file: Path
     """Its private key (``DIR/key.pem``)."""
     handshake_timeout: Duration = 10.0
-    """Limit for the TLS handshake, and again for the route preamble and the role check."""
+    """Limit for a new connection to show who it is and where it goes: the TLS handshake
+    and the route (in the server name, or the preamble) together, from the accept; a
+    connection not there by then is closed. The role check gets this limit again."""
+    max_handshakes: int = Field(default=1024, ge=1)
+    """Connections still in their handshake (not yet authenticated: TLS and route) at
+    once, counted apart from ``max_connections``. When full, the oldest of them is closed
+    to make room for a new one, so connections that send nothing cannot keep clients
+    out: a real client finishes its handshake in milliseconds."""
+    max_handshakes_per_address: int = Field(default=64, ge=1)
+    """Of those, from one client address (an IPv4 address, an IPv6 /64); more from that
+    address are closed at once, without TLS."""
     connect_timeout: Duration = 10.0
     """Limit for reaching the database: TCP connect and TLS handshake."""
     max_connections: int = Field(default=10_000, ge=1)
-    """Client connections open at once; more are closed at once (and logged)."""
+    """Sessions open at once, counted from the end of the handshake (connections still in
+    it count toward ``max_handshakes``); more are refused with an error naming this
+    limit (logged once per interval)."""
     idle_timeout: Duration | None = None
     """Close a session after this long without a byte either way (default: never)."""
     iam_reauth: Duration = 11 * 3600.0
