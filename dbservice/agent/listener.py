@@ -88,7 +88,8 @@ from dbservice.cluster.agent import (
     cluster_mode,
 )
 from dbservice.cluster.session import ClusterSession
-from dbservice.proxy import ProxySession, ProxyTimeouts, Streams, TcpConnector
+from dbservice.proxy import ProxyLimits, ProxySession, ProxyTimeouts, Streams, TcpConnector
+from dbservice.proxy.settings import CommandBuffers
 from dbservice.route import (
     ROUTE_OK,
     Route,
@@ -376,6 +377,9 @@ class Listener:
             redact_values=config.audit.redact_values,
         )
         self.timeouts = ProxyTimeouts(idle=config.idle_timeout)
+        self.limits = ProxyLimits(max_command_buffer=config.max_command_buffer)
+        self.buffers = CommandBuffers(config.max_command_buffer_total)
+        """Bytes the sessions hold of commands still arriving, all together."""
         self.clusters = ClusterEngines(
             aliases=settings.host_aliases, contexts=contexts, connect_timeout=config.connect_timeout
         )
@@ -667,10 +671,16 @@ class Listener:
             session = self.clusters.session(
                 streams, upstream, resource=resource, login=login, db_user=db_user,
                 hooks=hooks, timeouts=self.timeouts, client_port=route.port,
+                limits=self.limits, buffers=self.buffers,
             )  # fmt: skip
         else:
             session = ProxySession(
-                streams, upstream, hooks=hooks, timeouts=self.timeouts, inspect=("*",)
+                streams,
+                upstream,
+                hooks=hooks,
+                limits=self.limits,
+                timeouts=self.timeouts,
+                inspect=("*",),
             )
         renewal = self._keep_alive(login, session)
         try:
