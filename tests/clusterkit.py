@@ -14,7 +14,8 @@ import redis
 import uvloop
 
 from dbservice.cluster.testing import LoopbackCluster
-from dbservice.proxy import PassThroughHooks, SessionHooks, SessionStats
+from dbservice.proxy import PassThroughHooks, ProxyLimits, SessionHooks, SessionStats
+from dbservice.proxy.settings import CommandBuffers
 from sandbox.memorydb import ThreadedStandin
 
 
@@ -22,10 +23,17 @@ class ClusterProxy:
     """``with ClusterProxy(standin) as proxy:`` the engine on ``proxy.port``."""
 
     def __init__(
-        self, standin: ThreadedStandin, *, hooks: Callable[[], SessionHooks] = PassThroughHooks
+        self,
+        standin: ThreadedStandin,
+        *,
+        hooks: Callable[[], SessionHooks] = PassThroughHooks,
+        limits: ProxyLimits | None = None,
+        buffers: CommandBuffers | None = None,
     ) -> None:
         self.standin = standin
         self.hooks = hooks
+        self.limits = limits
+        self.buffers = buffers
         self.port = 0
         self.proxy: LoopbackCluster | None = None
         self.error: BaseException | None = None
@@ -64,7 +72,13 @@ class ClusterProxy:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         tls = ssl.create_default_context(cafile=str(self.standin.ca_file))
-        async with LoopbackCluster(self.standin.endpoint, tls=tls, hooks=self.hooks) as proxy:
+        async with LoopbackCluster(
+            self.standin.endpoint,
+            tls=tls,
+            hooks=self.hooks,
+            limits=self.limits,
+            buffers=self.buffers,
+        ) as proxy:
             self.proxy = proxy
             self.port = proxy.port
             self._ready.set()

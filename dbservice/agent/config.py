@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography import x509
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator, model_validator
 
 from bus.labels import check_selector, is_valid_label_key
 from fleetgate.config import check_external_id, check_role_arn
@@ -305,13 +305,37 @@ class ListenerConfig(Strict):
     key_file: Path
     """Its private key (``DIR/key.pem``)."""
     handshake_timeout: Duration = 10.0
-    """Limit for the TLS handshake, and again for the route preamble and the role check."""
+    """Limit for a new connection to show who it is and where it goes: the TLS handshake
+    and the route (in the server name, or the preamble) together, from the accept; a
+    connection not there by then is closed. The role check gets this limit again."""
+    max_handshakes: int = Field(default=1024, ge=1)
+    """Connections still in their handshake (not yet authenticated: TLS and route) at
+    once, counted apart from ``max_connections``. When full, the oldest of them is closed
+    to make room for a new one, so connections that send nothing cannot keep clients
+    out: a real client finishes its handshake in milliseconds."""
+    max_handshakes_per_address: int = Field(default=64, ge=1)
+    """Of those, from one client address (an IPv4 address, an IPv6 /64); more from that
+    address are closed at once, without TLS."""
     connect_timeout: Duration = 10.0
     """Limit for reaching the database: TCP connect and TLS handshake."""
     max_connections: int = Field(default=10_000, ge=1)
-    """Client connections open at once; more are closed at once (and logged)."""
+    """Sessions open at once, counted from the end of the handshake (connections still in
+    it count toward ``max_handshakes``); more are refused with an error naming this
+    limit (logged once per interval)."""
     idle_timeout: Duration | None = None
     """Close a session after this long without a byte either way (default: never)."""
+    max_command_buffer: ByteSize = Field(default=ByteSize(128 * 1024 * 1024), ge=1024 * 1024)
+    """Most bytes one session holds of a command still arriving (``128MiB``, ``1GiB``...).
+    The cluster engine holds each command whole (to route it, and to send it again on a
+    redirect), so a longer one is refused with an error naming this field, as soon as
+    its lengths show it, and the session closed. The single-node engine (also ``db
+    connect --node``) streams arguments to the server and holds at most 64 KiB plus one
+    read of any command, so there only the server's ``proto-max-bulk-len`` applies."""
+    max_command_buffer_total: ByteSize = Field(default=ByteSize(512 * 1024 * 1024), ge=1024 * 1024)
+    """Most bytes all sessions together hold of commands still arriving; when over, a
+    session holding more than 1 MiB of one is refused (error naming this field) as it
+    reads more. Size it to a fraction of the agent's memory (about a quarter): the
+    moment a held command is complete it briefly costs about twice its size."""
     iam_reauth: Duration = 11 * 3600.0
     """A session logged in to MemoryDB by IAM token sends a fresh ``AUTH`` this long
     after the last one (MemoryDB closes IAM connections 12 hours after their AUTH)."""
@@ -324,6 +348,15 @@ class ListenerConfig(Strict):
     @classmethod
     def _processes(cls, value: object) -> int:
         return check_processes(value)
+
+    @model_validator(mode="after")
+    def _buffers(self) -> ListenerConfig:
+        if self.max_command_buffer > self.max_command_buffer_total:
+            raise ValueError(
+                "max_command_buffer cannot be more than max_command_buffer_total "
+                f"({self.max_command_buffer} > {self.max_command_buffer_total} bytes)"
+            )
+        return self
 
     @field_validator("iam_reauth")
     @classmethod

@@ -16,7 +16,7 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
 2. The route: from the TLS server name when the client put one there
    (``<db_user>.<database>.fleetgate``, :func:`~dbservice.route.route_from_server_name`,
    captured by the context's ``sni_callback``), else the route preamble
-   (:func:`~dbservice.route.read_route`) within ``listener.handshake_timeout``. Both
+   (:func:`~dbservice.route.read_route`), by the handshake's deadline (below). Both
    lead to the same checks below; only the preamble is answered with ``+OK``.
 3. The database must be one this agent serves.
 4. :func:`~dbservice.auth.authorize.authorize_session`: the roles named in the
@@ -34,6 +34,13 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
 
 Connections the listener accepts but that never start a TLS handshake (port probes,
 load-balancer checks) are only logged at debug level.
+
+Steps 1 and 2 together must end within ``listener.handshake_timeout`` of the accept, and
+connections in them are counted apart from the sessions (:class:`Handshakes`): at most
+``listener.max_handshakes`` (when full, the oldest is closed to make room) and
+``listener.max_handshakes_per_address`` from one address (more are closed at once).
+``listener.max_connections`` counts the sessions past them. Connections refused or
+closed for a limit are logged once per interval (:class:`RefusalLog`).
 """
 
 from __future__ import annotations
@@ -41,18 +48,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
 import ssl
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from typing import Final
 
 from cryptography import x509
 
 from bus import Bus, subjects
-from bus.access import CACertificate
+from bus.access import CACertificate, Identity
 from bus.audit import SessionStart, ensure_audit_stream
 from bus.errors import BusError
 from bus.schemas import DatabaseResource
@@ -79,7 +88,8 @@ from dbservice.cluster.agent import (
     cluster_mode,
 )
 from dbservice.cluster.session import ClusterSession
-from dbservice.proxy import ProxySession, ProxyTimeouts, Streams, TcpConnector
+from dbservice.proxy import ProxyLimits, ProxySession, ProxyTimeouts, Streams, TcpConnector
+from dbservice.proxy.settings import CommandBuffers
 from dbservice.route import (
     EOF_COMMAND,
     ROUTE_OK,
@@ -109,6 +119,8 @@ CA_RETRY: Final = (0.5, 1.0, 2.0, 5.0)
 """Seconds between looks for the CA bucket while it does not exist."""
 CAPACITY_ERRORS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_PAUSE: Final = 0.1
+REFUSAL_LOG_INTERVAL: Final = 10.0
+"""Connections refused or closed for the limits are logged in one line per interval."""
 READ_LIMIT: Final = 256 * 1024
 STOP_GRACE: Final = 2.0
 AUDIT_FLUSH: Final = 5.0
@@ -118,6 +130,102 @@ Lookup = Callable[[str], DatabaseResource | None]
 
 class Refused(Exception):
     """A connection is refused; the message goes to the client and the audit trail."""
+
+
+def address_key(host: str) -> str:
+    """What ``listener.max_handshakes_per_address`` counts by: an IPv4 address (also
+    when mapped into IPv6), or the /64 of an IPv6 address (what one host usually has)."""
+    if ":" not in host:
+        return host
+    try:
+        ip = ipaddress.IPv6Address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return f"{ipaddress.IPv6Address(int(ip) >> 64 << 64)}/64"
+
+
+class Handshakes:
+    """The connections still in their handshake (TLS, then the route), oldest first,
+    and how many come from each address: ``listener.max_handshakes`` and
+    ``listener.max_handshakes_per_address``, apart from ``listener.max_connections``."""
+
+    def __init__(self, limit: int, per_address: int) -> None:
+        self.limit = limit
+        self.per_address = per_address
+        self._open: dict[asyncio.Task[None], str] = {}
+        """Each task still in its handshake, and its address key (in accept order)."""
+        self._by_address: Counter[str] = Counter()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def address_full(self, key: str) -> bool:
+        return self._by_address[key] >= self.per_address
+
+    def add(self, task: asyncio.Task[None], key: str) -> asyncio.Task[None] | None:
+        """Count ``task``; when that makes one too many, the oldest is no longer counted
+        and returned (the caller closes it)."""
+        self._open[task] = key
+        self._by_address[key] += 1
+        if len(self._open) <= self.limit:
+            return None
+        oldest = next(iter(self._open))
+        self.discard(oldest)
+        return oldest
+
+    def discard(self, task: asyncio.Task[None] | None) -> None:
+        """``task`` is out of its handshake (done, refused or closed); idempotent."""
+        key = self._open.pop(task, None) if task is not None else None
+        if key is not None:
+            left = self._by_address[key] - 1
+            if left:
+                self._by_address[key] = left
+            else:
+                del self._by_address[key]
+
+
+class RefusalLog:
+    """Connections refused or closed for the listener's limits, logged as one line per
+    :data:`REFUSAL_LOG_INTERVAL` (with counts per reason), not one per connection."""
+
+    def __init__(self, interval: float = REFUSAL_LOG_INTERVAL) -> None:
+        self.interval = interval
+        self.counts: Counter[str] = Counter()
+        """Since the last line: reason -> connections."""
+        self.total = 0
+        """Since the start."""
+        self.lines = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def note(self, reason: str) -> None:
+        self.counts[reason] += 1
+        self.total += 1
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.interval, self.flush)
+
+    def flush(self) -> None:
+        self._timer = None
+        if not self.counts:
+            return
+        shown = sorted(self.counts.items(), key=lambda item: -item[1])
+        parts = [f"{count} {reason}" for reason, count in shown[:5]]
+        if len(shown) > 5:
+            parts.append(f"{sum(count for _, count in shown[5:])} for other reasons")
+        logger.warning(
+            "%d client connections refused or closed in the last %gs: %s",
+            sum(self.counts.values()),
+            self.interval,
+            "; ".join(parts),
+        )
+        self.lines += 1
+        self.counts.clear()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.flush()
 
 
 class FleetTrust:
@@ -270,6 +378,9 @@ class Listener:
             redact_values=config.audit.redact_values,
         )
         self.timeouts = ProxyTimeouts(idle=config.idle_timeout)
+        self.limits = ProxyLimits(max_command_buffer=config.max_command_buffer)
+        self.buffers = CommandBuffers(config.max_command_buffer_total)
+        """Bytes the sessions hold of commands still arriving, all together."""
         self.clusters = ClusterEngines(
             aliases=settings.host_aliases, contexts=contexts, connect_timeout=config.connect_timeout
         )
@@ -282,9 +393,14 @@ class Listener:
         """The accept loop: it ends only by failing (the agent then stops)."""
         self.port = 0
         self.refusals = 0
+        self.handshakes = Handshakes(config.max_handshakes, config.max_handshakes_per_address)
+        """Connections not yet authenticated (``listener.max_handshakes``)."""
+        self.established = 0
+        """Sessions past their handshake (``listener.max_connections``)."""
+        self.limited = RefusalLog()
+        """Connections refused or closed for a limit, logged once per interval."""
         self._sock: socket.socket | None = None
         self._helpers: list[asyncio.Task[None]] = []
-        self._full_logged = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -335,6 +451,7 @@ class Listener:
             await asyncio.wait(sessions, timeout=STOP_GRACE)
             self.sessions.difference_update(sessions)
         self.heap.close()
+        self.limited.close()
         await self.audit.aclose(flush_timeout=AUDIT_FLUSH)
 
     async def _audit_stream(self) -> None:
@@ -356,22 +473,28 @@ class Listener:
                 logger.warning("cannot accept clients (%s); pausing", exc.strerror)
                 await asyncio.sleep(ACCEPT_PAUSE)
                 continue
-            if len(self.sessions) >= self.config.max_connections:
-                if not self._full_logged:
-                    logger.warning(
-                        "%d client connections open (listener.max_connections): refusing new ones",
-                        len(self.sessions),
-                    )
-                    self._full_logged = True
+            key = address_key(str(address[0]))
+            if self.handshakes.address_full(key):
+                self.limited.note(
+                    f"from {key} over listener.max_handshakes_per_address "
+                    f"({self.handshakes.per_address} in their handshake)"
+                )
                 sock.close()
                 continue
-            self._full_logged = False
             task = asyncio.create_task(self._serve(sock, address), name="client-session")
             self.sessions.add(task)
             task.add_done_callback(self._session_done)
+            oldest = self.handshakes.add(task, key)
+            if oldest is not None:
+                self.limited.note(
+                    f"closed in their handshake to make room (listener.max_handshakes "
+                    f"{self.handshakes.limit})"
+                )
+                oldest.cancel()
 
     def _session_done(self, task: asyncio.Task[None]) -> None:
         self.sessions.discard(task)
+        self.handshakes.discard(task)
         self.heap.closed()
         if not task.cancelled() and (error := task.exception()) is not None:
             logger.error("a client session failed", exc_info=error)
@@ -380,8 +503,9 @@ class Listener:
 
     async def _serve(self, sock: socket.socket, address: tuple[str, int] | tuple[str, ...]) -> None:
         client_addr = join_host_port(str(address[0]), int(address[1]))
+        deadline = asyncio.get_running_loop().time() + self.config.handshake_timeout
         try:
-            streams = await self._handshake(sock, client_addr)
+            streams = await self._handshake(sock, client_addr, deadline)
         except BaseException:
             sock.close()
             raise
@@ -390,39 +514,76 @@ class Listener:
             return
         writer = streams[1]
         try:
-            await self._session(streams, client_addr)
+            known = await self._authenticate(streams, client_addr, deadline)
+            self.handshakes.discard(asyncio.current_task())
+            if known is None:
+                return
+            if self.established >= self.config.max_connections:
+                reason = (
+                    f"agent {self.settings.hostname} has {self.established} sessions open, "
+                    f"its limit (listener.max_connections); try again later"
+                )
+                self.limited.note("over listener.max_connections")
+                identity, route, _ = known
+                self._refused_start(
+                    client_addr,
+                    reason,
+                    user=identity.user,
+                    roles=identity.roles,
+                    database=route.database,
+                    db_user=route.db_user,
+                    log=False,
+                )
+                await _refuse(writer, reason)
+                return
+            self.established += 1
+            try:
+                await self._session(streams, client_addr, *known)
+            finally:
+                self.established -= 1
         finally:
             writer.transport.abort()
 
-    async def _handshake(self, sock: socket.socket, client_addr: str) -> Streams | None:
+    async def _handshake(
+        self, sock: socket.socket, client_addr: str, deadline: float
+    ) -> Streams | None:
         loop = asyncio.get_running_loop()
-        limit = self.config.handshake_timeout
         reader = asyncio.StreamReader(limit=READ_LIMIT)
         protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            async with asyncio.timeout(limit):
+            async with asyncio.timeout_at(deadline):
                 await self.trust.known.wait()
-            self.trust.refresh()
-            context = self.trust.context
-            if context is None:
-                logger.warning(
-                    "%s: closed, the listener's TLS is not set up (see above)", client_addr
+                self.trust.refresh()
+                context = self.trust.context
+                if context is None:
+                    logger.warning(
+                        "%s: closed, the listener's TLS is not set up (see above)", client_addr
+                    )
+                    return None
+                transport, _ = await loop.connect_accepted_socket(
+                    lambda: protocol,
+                    sock,
+                    ssl=context,
+                    ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
                 )
-                return None
-            transport, _ = await loop.connect_accepted_socket(
-                lambda: protocol, sock, ssl=context, ssl_handshake_timeout=limit
-            )
         except ssl.SSLError as exc:
             self._refused_start(client_addr, f"TLS handshake failed: {tls_reason(exc)}")
             return None
-        except (OSError, TimeoutError, EOFError) as exc:
+        except TimeoutError:
+            self.limited.note("closed with no TLS handshake within listener.handshake_timeout")
+            logger.debug("%s: no TLS handshake within the handshake timeout", client_addr)
+            return None
+        except (OSError, EOFError) as exc:
             logger.debug("%s: no TLS handshake (%r)", client_addr, exc)
             return None
         return reader, asyncio.StreamWriter(transport, protocol, reader, loop)
 
-    async def _session(self, streams: Streams, client_addr: str) -> None:
+    async def _authenticate(
+        self, streams: Streams, client_addr: str, deadline: float
+    ) -> tuple[Identity, Route, bool] | None:
+        """The client's certificate, then its route (the server name, else the preamble
+        by ``deadline``); None when refused (the client was told why)."""
         reader, writer = streams
-        limit = self.config.handshake_timeout
         ssl_object = writer.get_extra_info("ssl_object")
         try:
             identity = identity_from_ssl(ssl_object, self.trust.verifier)
@@ -430,20 +591,31 @@ class Listener:
             reason = str(exc) if self.trust.certs else NO_CA
             self._refused_start(client_addr, reason, user=self._claimed_user(ssl_object))
             await _refuse(writer, reason)
-            return
-        database = db_user = ""
+            return None
         try:
-            try:
-                route: Route | None = route_from_server_name(self.trust.server_name(ssl_object))
-                by_name = route is not None
-                if route is None:
-                    async with asyncio.timeout(limit):
-                        route = await read_route(reader)
-            except TimeoutError:
-                raise Refused(f"no route preamble within {limit:g}s") from None
-            except RouteError as exc:
-                raise Refused(str(exc)) from None
-            database, db_user = route.database, route.db_user
+            route: Route | None = route_from_server_name(self.trust.server_name(ssl_object))
+            by_name = route is not None
+            if route is None:
+                async with asyncio.timeout_at(deadline):
+                    route = await read_route(reader)
+        except (TimeoutError, RouteError) as exc:
+            if isinstance(exc, TimeoutError):
+                limit = self.config.handshake_timeout
+                reason = f"no route preamble within {limit:g}s (listener.handshake_timeout)"
+            else:
+                reason = str(exc)
+            self._refused_start(client_addr, reason, user=identity.user, roles=identity.roles)
+            await _refuse(writer, reason)
+            return None
+        return identity, route, by_name
+
+    async def _session(
+        self, streams: Streams, client_addr: str, identity: Identity, route: Route, by_name: bool
+    ) -> None:
+        writer = streams[1]
+        limit = self.config.handshake_timeout
+        database, db_user = route.database, route.db_user
+        try:
             node = route.node
             resource = self.lookup(database)
             if resource is None:
@@ -501,12 +673,12 @@ class Listener:
             session = self.clusters.session(
                 streams, upstream, resource=resource, login=login, db_user=db_user,
                 hooks=hooks, timeouts=self.timeouts, client_port=route.port,
-                eof_command=eof_command,
+                eof_command=eof_command, limits=self.limits, buffers=self.buffers,
             )  # fmt: skip
         else:
             session = ProxySession(
-                streams, upstream, hooks=hooks, timeouts=self.timeouts, inspect=("*",),
-                eof_command=eof_command,
+                streams, upstream, hooks=hooks, limits=self.limits, timeouts=self.timeouts,
+                inspect=("*",), eof_command=eof_command,
             )  # fmt: skip
         renewal = self._keep_alive(login, session)
         try:
@@ -620,9 +792,11 @@ class Listener:
         roles: tuple[str, ...] = (),
         database: str = "",
         db_user: str = "",
+        log: bool = True,
     ) -> None:
         self.refusals += 1
-        logger.info("client %s%s refused: %s", user + "@" if user else "", client_addr, reason)
+        if log:
+            logger.info("client %s%s refused: %s", user + "@" if user else "", client_addr, reason)
         self.audit.emit(
             SessionStart(
                 user=user,

@@ -14,7 +14,7 @@ from dbservice.agent.config import split_host_port
 from dbservice.agent.health import TLSContexts, resolve_alias
 from dbservice.agent.login import UpstreamLogin
 from dbservice.proxy import SessionHooks, Streams, TcpConnector
-from dbservice.proxy.settings import ProxyLimits, ProxyTimeouts
+from dbservice.proxy.settings import CommandBuffers, ProxyLimits, ProxyTimeouts
 
 from .link import Dial, Link, LinkError
 from .session import ClusterSession
@@ -83,6 +83,8 @@ class ClusterEngines:
         timeouts: ProxyTimeouts,
         client_port: int = 0,
         eof_command: str | None = None,
+        limits: ProxyLimits | None = None,
+        buffers: CommandBuffers | None = None,
     ) -> ClusterSession:
         """The engine for one client, over ``seed`` (the logged-in connection to the
         configuration endpoint the listener made)."""
@@ -96,11 +98,13 @@ class ClusterEngines:
             db_user=db_user,
             hooks=hooks,
             database=resource.name,
+            limits=limits,
             timeouts=timeouts,
             connect_timeout=self.connect_timeout,
             client_id=next(self._ids),
             client_port=client_port,
             eof_command=eof_command,
+            buffers=buffers,
         )
 
     async def node_upstream(

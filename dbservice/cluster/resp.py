@@ -242,6 +242,16 @@ class CommandReader:
         self.error: ProtocolError | None = None
         """Malformed input met after the commands ``feed`` last returned."""
 
+    @property
+    def held(self) -> int:
+        """Bytes kept of a command still arriving (until it is whole)."""
+        return self._size
+
+    @property
+    def declared(self) -> int:
+        """Bytes the command still arriving has at least, by the lengths read so far."""
+        return self._need
+
     def feed(self, data: bytes) -> list[tuple[list[bytes], bytes]]:
         self._chunks.append(data)
         self._size += len(data)

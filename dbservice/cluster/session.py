@@ -39,7 +39,7 @@ from dbservice.proxy.errors import ProtocolError
 from dbservice.proxy.halfclose import BLOCKING
 from dbservice.proxy.hooks import SessionHooks
 from dbservice.proxy.session import SessionStats, Streams
-from dbservice.proxy.settings import ProxyLimits, ProxyTimeouts
+from dbservice.proxy.settings import BUFFER_FLOOR, CommandBuffers, ProxyLimits, ProxyTimeouts
 from fleetgate.aio import set_nodelay
 
 from .commands import NOT_HERE, Handler
@@ -48,7 +48,7 @@ from .keyspecs import CommandTable
 from .link import Dial, Link, LinkError
 from .pubsub import PubSub
 from .redirects import BACKOFF, MAX_REDIRECTS
-from .resp import CommandReader, encode_command, error_of, read_frame
+from .resp import CommandReader, encode_command, error, error_of, read_frame
 from .routing import SPLIT, plan
 from .state import ClusterState
 from .topology import Address, Topology, TopologyError
@@ -86,9 +86,14 @@ class ClusterSession:
         client_id: int = 0,
         client_port: int = 0,
         eof_command: str | None = None,
+        buffers: CommandBuffers | None = None,
     ) -> None:
         self._client_reader, self._client_writer = client
         self._limits = limits or ProxyLimits()
+        self._buffers = buffers or CommandBuffers(self._limits.max_command_buffer)
+        """What all sessions hold of commands still arriving (shared)."""
+        self._held = 0
+        """This session's part of it."""
         self._timeouts = timeouts or ProxyTimeouts()
         self._connect_timeout = connect_timeout
         self._state = state
@@ -184,6 +189,7 @@ class ClusterSession:
             for task in (reader, writer, idle):
                 task.cancel()
             await asyncio.gather(reader, writer, idle, return_exceptions=True)
+            self._hold_bytes(0)
             try:
                 await self.aclose()
             finally:
@@ -202,6 +208,11 @@ class ClusterSession:
             or self._pubsub.subscribed
             or (awaiting is not None and awaiting.name in BLOCKING)
         )
+
+    @property
+    def buffered(self) -> int:
+        """Bytes this session holds of a command still arriving."""
+        return self._held
 
     def _release(self) -> None:
         """Break the reference cycles of an ended session (its seed link holds its bound
@@ -294,6 +305,7 @@ class ClusterSession:
                 return
             self._activity = self._loop.time()
             self.stats.bytes_from_client += len(data)
+            over = self._over_buffer(commands) if commands.held or self._held else None
             for args, raw in batch:
                 if eof is not None and len(args) == 1 and args[0].upper() == eof:
                     self._client_ended(half_closed=True)
@@ -311,6 +323,48 @@ class ClusterSession:
             if commands.error is not None:
                 await self._protocol_error(commands.error)
                 return
+            if over is not None:
+                self.stats.reason = f"refused: {over}"
+                del commands  # what it held goes now
+                self._hold_bytes(0)
+                await self._put(Local("", error(f"ERR {over}"), counted=False))
+                await self._discard(reader)
+                await self._put(END)
+                return
+
+    async def _discard(self, reader: asyncio.StreamReader) -> None:
+        """Read and drop what the client still sends, for ``close_grace`` at most, so
+        that it reads the refusal before the connection closes (closing a socket with
+        unread input resets it, and a reset drops the reply the client has not read)."""
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(self._timeouts.close_grace):
+                while await reader.read(self._limits.read_size):
+                    pass
+
+    def _hold_bytes(self, held: int) -> None:
+        self._buffers.held += held - self._held
+        self._held = held
+
+    def _over_buffer(self, commands: CommandReader) -> str | None:
+        """Account what ``commands`` holds of a command still arriving; the reason to
+        refuse it when that is, or is declared to be, over the session's limit, or
+        when the agent's whole budget is over and this session holds a share of it."""
+        held = commands.held
+        self._hold_bytes(held)
+        limit = self._limits.max_command_buffer
+        size = max(held, commands.declared)
+        if size > limit:
+            return (
+                f"command of at least {size} bytes is larger than the {limit} bytes the agent "
+                "holds of one command (listener.max_command_buffer)"
+            )
+        buffers = self._buffers
+        if held > BUFFER_FLOOR and buffers.held > buffers.limit:
+            return (
+                f"the agent holds {buffers.held} bytes of unfinished commands, over its "
+                f"limit of {buffers.limit} (listener.max_command_buffer_total); try again"
+            )
+        return None
 
     def _client_ended(self, *, half_closed: bool) -> None:
         self.stats.reason = self.stats.reason or "client closed"

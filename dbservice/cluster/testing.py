@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from dbservice.agent.login import ClientCredentials, UpstreamLogin
 from dbservice.proxy import PassThroughHooks, SessionHooks, Streams, TcpConnector
-from dbservice.proxy.settings import ProxyLimits, ProxyTimeouts
+from dbservice.proxy.settings import CommandBuffers, ProxyLimits, ProxyTimeouts
 from dbservice.proxy.testing import LoopbackServer
 
 from .session import ClusterSession
@@ -34,8 +34,11 @@ class LoopbackCluster(LoopbackServer):
         limits: ProxyLimits | None = None,
         timeouts: ProxyTimeouts | None = None,
         host: str = "127.0.0.1",
+        buffers: CommandBuffers | None = None,
     ) -> None:
         super().__init__(hooks=hooks, limits=limits, timeouts=timeouts, host=host)
+        self.buffers = buffers or CommandBuffers(self.limits.max_command_buffer)
+        """What the sessions hold of commands still arriving, all together."""
         self.endpoint = endpoint
         self.tls = tls
         self.login = login
@@ -72,5 +75,6 @@ class LoopbackCluster(LoopbackServer):
             limits=self.limits,
             timeouts=self.timeouts,
             client_id=next(self._ids),
+            buffers=self.buffers,
         )
         self.finished.append(await session.run())

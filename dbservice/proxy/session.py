@@ -189,6 +189,12 @@ class ProxySession:
         return self._final_resp3 if self._released else self._replies.resp3
 
     @property
+    def buffered(self) -> int:
+        """Bytes held of a command still arriving: arguments are streamed, so at most a
+        command the engine reads whole (``max_inspect``) plus one read."""
+        return 0 if self._released else self._commands.buffered
+
+    @property
     def owed(self) -> int:
         """Replies owed to the client right now."""
         return len(self._pending)

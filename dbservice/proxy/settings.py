@@ -32,6 +32,11 @@ class ProxyLimits:
     client (pipelining back-pressure on top of the sockets' own)."""
     write_high_water: int = 1 * MiB
     """Transport write-buffer high-water mark on both sides (``drain`` blocks above)."""
+    max_command_buffer: int = 128 * MiB
+    """Most bytes one session holds of a command still arriving (the agent's
+    ``listener.max_command_buffer``). The cluster engine holds each command whole, so a
+    command declaring more is refused; the single-node engine streams arguments and
+    never holds more than ``max_inspect`` plus one read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,3 +46,22 @@ class ProxyTimeouts:
     close_grace: float = 2.0
     """After the client stops (EOF or protocol error), seconds to wait for the replies
     already owed before closing."""
+
+
+BUFFER_FLOOR = 1 * MiB
+"""What a session may always hold of a command still arriving, whatever the others
+hold: :class:`CommandBuffers` refuses only sessions holding more."""
+
+
+class CommandBuffers:
+    """The bytes every session of one process holds of commands still arriving (the
+    agent's ``listener.max_command_buffer_total``), shared by the sessions: each adds
+    what it holds as it changes and takes it back when it ends. A session holding more
+    than :data:`BUFFER_FLOOR` while the sum is over ``limit`` is refused."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        """Bytes held right now, all sessions together."""
