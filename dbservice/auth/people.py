@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from bus import DatabaseResource, DatabaseSpec, Metadata, TargetHealth
 from bus.access import Identity
 from dbservice.auth.ca import CertificateRejected, decode_identity, load_certs
-from dbservice.auth.client import fleetgate_home
+from dbservice.auth.client import fleetgate_home, http_reason
 
 HTTP_TIMEOUT: Final = 15.0
 LOGIN_HINT: Final = "fleetgate login --auth HOST:PORT --user NAME"
@@ -133,8 +133,11 @@ async def _get(ident: ClientIdentity, path: str) -> dict[str, Any]:
             f"({exc.certificate_error}); log in again: {LOGIN_HINT}"
         ) from None
     except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise AccessError(f"cannot reach the auth service at {ident.auth_url}: {reason}") from None
+        raise AccessError(
+            f"the auth service is unreachable at {ident.auth_url} ({http_reason(exc)}), the "
+            f"address of your login: if it moved, log in again at its new address: "
+            f"fleetgate login --auth HOST:PORT --user {ident.identity.user}"
+        ) from None
     message = str(data.get("error") or f"HTTP {status}") if isinstance(data, dict) else ""
     if status == 401:
         raise AccessError(f"the auth service refused your certificate ({message}); {LOGIN_HINT}")
