@@ -171,10 +171,14 @@ async def fetch_databases(
     return resources, health
 
 
-async def fetch_servers(ident: ClientIdentity, name: str) -> list[AgentAddress]:
+async def fetch_servers(ident: ClientIdentity, name: str, db_user: str = "") -> list[AgentAddress]:
     """The agents serving ``name``, healthy first; AccessError when the caller may not
-    reach it (or it does not exist: the service gives one answer for both)."""
-    data = await _get(ident, f"/v1/databases/{quote(name, safe='')}/servers")
+    reach it (or it does not exist: the service gives one answer for both), or, with
+    ``db_user``, when no role allows that db user there."""
+    path = f"/v1/databases/{quote(name, safe='')}/servers"
+    if db_user:
+        path += f"?db_user={quote(db_user, safe='')}"
+    data = await _get(ident, path)
     try:
         return [
             AgentAddress(
