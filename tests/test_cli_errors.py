@@ -5,6 +5,7 @@ as a person runs it, against real parts."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import shlex
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from bus import Bus
 from bus.server import NatsServer
+from dbservice.auth.people import RegistryDown, fetch_databases, fetch_servers, require_identity
 from dbservice.cluster.merge import node_id
 from sandbox.valkeynode import ValkeyNode
 from tests.conftest import subprocess_env
@@ -184,3 +186,37 @@ async def test_no_exec_prints_a_command_that_works_as_printed(
         assert (done.returncode, done.stdout) == (0, "PONG\n"), done.stderr
     finally:
         await tunnel.stop()
+
+
+async def test_nats_down_is_a_503_and_one_line_saying_sessions_continue(
+    w: World, agent: StandInAgent, nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    tunnel = await Tunnel.start(w, "dev-cache", "app")
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", tunnel.port)
+        writer.write(b"PING\r\n")
+        assert await asyncio.wait_for(reader.readline(), 10) == b"+PONG\r\n"
+        nats_server.stop()
+        async with asyncio.timeout(10):
+            while w.bus.nc.is_connected:  # noqa: ASYNC110 - nats-py's state
+                await asyncio.sleep(0.05)
+        ident = require_identity(w.home)
+        loop = asyncio.get_running_loop()
+        for call in (fetch_databases(ident), fetch_servers(ident, "dev-cache", "app")):
+            started = loop.time()
+            with pytest.raises(RegistryDown):
+                await asyncio.wait_for(call, 30)
+            assert loop.time() - started < 5  # at once, not after a NATS timeout
+        for args in (("db", "ls"), ("db", "connect", "dev-cache", "--db-user", "app")):
+            done = await w.fleetgate(*args, stdin="PING\n")
+            assert done.returncode != 0 and done.stdout == ""
+            err = one_line(done.stderr)
+            assert "the registry is unreachable" in err, err
+            assert "sessions already established continue" in err, err
+        # the session opened before goes on
+        writer.write(b"PING\r\n")
+        assert await asyncio.wait_for(reader.readline(), 10) == b"+PONG\r\n"
+        writer.close()
+    finally:
+        await tunnel.stop()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

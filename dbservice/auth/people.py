@@ -29,6 +29,10 @@ class AccessError(Exception):
     """Something a person can act on: not logged in, expired, not reachable..."""
 
 
+class RegistryDown(AccessError):
+    """The auth service answered 503: it cannot reach the registry (NATS)."""
+
+
 @dataclass(frozen=True)
 class ClientIdentity:
     """The files ``fleetgate login`` left, and what they say."""
@@ -139,6 +143,12 @@ async def _get(ident: ClientIdentity, path: str) -> dict[str, Any]:
             f"fleetgate login --auth HOST:PORT --user {ident.identity.user}"
         ) from None
     message = str(data.get("error") or f"HTTP {status}") if isinstance(data, dict) else ""
+    if status == 503:
+        raise RegistryDown(
+            "the registry is unreachable: the auth service cannot reach NATS, so it cannot "
+            "list databases or start new sessions now (sessions already established "
+            "continue); try again in a moment"
+        )
     if status == 401:
         raise AccessError(f"the auth service refused your certificate ({message}); {LOGIN_HINT}")
     if status != 200 or not isinstance(data, dict):
