@@ -74,6 +74,8 @@ def _logged_in() -> people.ClientIdentity | None:
 def _people_run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         return aio.run(coro)
+    except people.RegistryDown as exc:
+        raise UsageError(str(exc)) from None
     except people.AccessError as exc:
         raise UsageError(f"{exc} (operators: --nats URL reads the registry directly)") from None
 

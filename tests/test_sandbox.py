@@ -286,12 +286,13 @@ def test_refused_where_alices_role_does_not_reach(alice: Sandbox) -> None:
     assert prod.returncode != 0
     assert f"no database '{PROD_DB}' that you may reach" in prod.stderr
     assert "Traceback" not in prod.stderr
-    # a db user her role does not list: the agent refuses the session with the reason
-    with Tunnel(alice, STAGING_DB, "ops") as tunnel:
-        client = redis.Redis(port=tunnel.port, socket_timeout=10)
-        with client, pytest.raises(redis.exceptions.ResponseError) as refused:
-            client.ping()
-    assert f"none of your roles allows {STAGING_DB} as db user 'ops'" in str(refused.value)
+    # a db user her role does not list: one line with the reason before anything
+    # listens (the auth service checks it), no client started
+    ops = alice.fleetgate("db", "connect", STAGING_DB, "--db-user", "ops")
+    assert (ops.returncode, ops.stdout) == (1, "")
+    assert ops.stderr == (
+        f"fleetgate: error: none of your roles allows {STAGING_DB} as db user 'ops'\n"
+    )
 
 
 def test_sessions_in_the_audit(alice: Sandbox) -> None:
@@ -446,6 +447,7 @@ def test_status_shows_every_part_healthy(sandbox: Sandbox) -> None:
     names = {p["name"] for p in doc["parts"]}
     assert {"nats", "aws", "auth", "discovery", "agent-1", "agent-2"} <= names
     assert all(p["health"].startswith("ok") for p in doc["parts"]), doc["parts"]
+    assert isinstance(doc["pid"], int) and all(isinstance(p["pid"], int) for p in doc["parts"])
     assert len(doc["databases"]) == 4
     assert all(d["agents"].endswith("healthy") for d in doc["databases"]), doc["databases"]
 
@@ -488,6 +490,9 @@ def test_down_leaves_nothing_behind(sandbox: Sandbox) -> None:
     done = sandbox.shell(down.command)
     assert done.returncode == 0, done.stdout + done.stderr
     check_output(down, done.stdout)
+    # the README shows the count a run prints (check_output lets any digits match)
+    assert f"no process left, {len(ports)} ports free" in done.stdout
+    assert f"no process left, {len(ports)} ports free" in down.expected[0]
     assert "note:" not in done.stdout  # nothing had to be killed
     alive = [pid for pid in pids if _not_zombie(pid) and names_dir(pid, sandbox.dir)]
     assert not alive, alive

@@ -13,7 +13,9 @@ presented as the TLS client certificate; without one they answer 401.
   "hostname", "version", "addr", "target_health", "expires"}]}``, healthy first, then
   unknown, then unhealthy.
   404 for a database the caller may not reach, with the same answer as for one that does
-  not exist, so names do not leak.
+  not exist, so names do not leak. With ``?db_user=U``, 403 ``{"error"}`` when no role
+  allows that db user there (what an agent would refuse; ``db connect`` asks before it
+  listens).
 
 Roles are read fresh on every request (a role edit shows at once). The list of databases
 and heartbeats is read from NATS at most every :data:`CACHE_SECONDS`, shared by requests.
@@ -35,7 +37,7 @@ from bus import Bus, DatabaseResource, RegistryError, subjects
 from bus.access import Identity, Role, get_roles
 from bus.servers import DbServerHeartbeat, health_rank
 from dbservice.auth.ca import CertificateRejected, identity_from_ssl
-from dbservice.rbac import can_reach
+from dbservice.rbac import can_reach, check_db_access
 
 CACHE_SECONDS: Final = 2.0
 NEED_CERT: Final = "this needs your fleetgate certificate: log in first (fleetgate login)"
@@ -165,6 +167,11 @@ class Catalog:
                 web.HTTPNotFound,
                 f"no database {name!r} that you may reach (see fleetgate db ls)",
             )
+        db_user = request.query.get("db_user", "")
+        if db_user:
+            decision = check_db_access(roles, identity.db_users, labels, db_user, database=name)
+            if not decision:
+                raise _error(web.HTTPForbidden, decision.reason)
         found.sort(key=health_rank)
         return web.json_response({"database": name, "servers": [server_json(s) for s in found]})
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import ssl
 from collections.abc import Callable
@@ -48,6 +49,30 @@ from dbservice.auth.ca import (
 
 class LoginError(Exception):
     """Login failed; the message says why and what to do."""
+
+
+_REPR = re.compile(r"<[^<>]* object at 0x[0-9a-fA-F]+>")
+
+
+def http_reason(exc: BaseException) -> str:
+    """Why an HTTPS call failed, as a short phrase for people: the operating system's
+    reason for a refused or failed connection, never an object's repr (aiohttp's own
+    messages name the SSL context they used)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        if isinstance(os_error, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(os_error, ssl.SSLError):
+            return f"TLS failed ({os_error.reason or type(os_error).__name__})"
+        return os_error.strerror or type(os_error).__name__
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return "no answer in time"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the connection closed before an answer"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed ({exc.reason or type(exc).__name__})"
+    text = _REPR.sub("", str(exc)).strip(" :,")
+    return text or type(exc).__name__
 
 
 def fleetgate_home() -> Path:
@@ -90,7 +115,12 @@ async def fetch_presented_ca(url: str) -> x509.Certificate:
         ):
             data = await resp.json()
         return load_certs(data["pem"])[0]
-    except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, CertificateRejected) as exc:
+    except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
+        raise LoginError(
+            f"cannot fetch the CA from the auth service at {url}: {http_reason(exc)}; "
+            "check the address (--auth HOST:PORT) with your admin"
+        ) from None
+    except (ValueError, KeyError, CertificateRejected) as exc:
         raise LoginError(f"cannot fetch the CA from {url}: {exc}") from None
 
 
@@ -190,9 +220,11 @@ async def login(
             f"the auth service at {url} is not trusted by the pinned CA ({exc.certificate_error}); "
             f"if its CA changed, check with your admin and pass --ca-file or --ca-fingerprint"
         ) from None
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise LoginError(f"cannot reach the auth service at {url}: {reason}") from None
+    except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
+        raise LoginError(
+            f"cannot reach the auth service at {url}: {http_reason(exc)}; "
+            "check the address (--auth HOST:PORT) with your admin"
+        ) from None
     if status != 200:
         message = str(data.get("error") or f"HTTP {status}")
         if data.get("need") == "totp":

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from bus import DatabaseResource, DatabaseSpec, Metadata, TargetHealth
 from bus.access import Identity
 from dbservice.auth.ca import CertificateRejected, decode_identity, load_certs
-from dbservice.auth.client import fleetgate_home
+from dbservice.auth.client import fleetgate_home, http_reason
 
 HTTP_TIMEOUT: Final = 15.0
 LOGIN_HINT: Final = "fleetgate login --auth HOST:PORT --user NAME"
@@ -27,6 +27,10 @@ LOGIN_HINT: Final = "fleetgate login --auth HOST:PORT --user NAME"
 
 class AccessError(Exception):
     """Something a person can act on: not logged in, expired, not reachable..."""
+
+
+class RegistryDown(AccessError):
+    """The auth service answered 503: it cannot reach the registry (NATS)."""
 
 
 @dataclass(frozen=True)
@@ -135,9 +139,18 @@ async def _get(ident: ClientIdentity, path: str) -> dict[str, Any]:
             f"({exc.certificate_error}); log in again: {LOGIN_HINT}"
         ) from None
     except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
-        reason = str(exc) or type(exc).__name__
-        raise AccessError(f"cannot reach the auth service at {ident.auth_url}: {reason}") from None
+        raise AccessError(
+            f"the auth service is unreachable at {ident.auth_url} ({http_reason(exc)}), the "
+            f"address of your login: if it moved, log in again at its new address: "
+            f"fleetgate login --auth HOST:PORT --user {ident.identity.user}"
+        ) from None
     message = str(data.get("error") or f"HTTP {status}") if isinstance(data, dict) else ""
+    if status == 503:
+        raise RegistryDown(
+            "the registry is unreachable: the auth service cannot reach NATS, so it cannot "
+            "list databases or start new sessions now (sessions already established "
+            "continue); try again in a moment"
+        )
     if status == 401:
         raise AccessError(f"the auth service refused your certificate ({message}); {LOGIN_HINT}")
     if status != 200 or not isinstance(data, dict):
@@ -170,10 +183,14 @@ async def fetch_databases(
     return resources, health
 
 
-async def fetch_servers(ident: ClientIdentity, name: str) -> list[AgentAddress]:
+async def fetch_servers(ident: ClientIdentity, name: str, db_user: str = "") -> list[AgentAddress]:
     """The agents serving ``name``, healthy first; AccessError when the caller may not
-    reach it (or it does not exist: the service gives one answer for both)."""
-    data = await _get(ident, f"/v1/databases/{quote(name, safe='')}/servers")
+    reach it (or it does not exist: the service gives one answer for both), or, with
+    ``db_user``, when no role allows that db user there."""
+    path = f"/v1/databases/{quote(name, safe='')}/servers"
+    if db_user:
+        path += f"?db_user={quote(db_user, safe='')}"
+    data = await _get(ident, path)
     try:
         return [
             AgentAddress(

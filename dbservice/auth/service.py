@@ -10,6 +10,8 @@ API (JSON over HTTPS):
   ``"need": "totp"`` when a second factor is required, 429 with ``Retry-After`` when
   rate-limited, 400 for a malformed request, 503 when NATS (users, roles, the record of
   used one-time codes, the failed logins) cannot be reached.
+* Any request that needs NATS answers 503 ``{"error"}`` (with ``Retry-After``) when NATS
+  cannot be reached: the catalog at once while the connection is down.
 * ``GET /v1/ca`` -> ``{"pem", "fingerprint"}``: the fleet CA (clients pin it).
 * ``GET /v1/databases`` and ``GET /v1/databases/{name}/servers``: what the caller may
   reach and the agents serving it (:mod:`dbservice.auth.catalog`); these need the fleet
@@ -216,6 +218,7 @@ class LoginService:
         app.router.add_get("/v1/ca", self.get_ca)
         app.router.add_get("/healthz", self.health)
         Catalog(bus=self.bus, trusted=[self.ca.cert]).add_routes(app)
+        app.middlewares.append(registry_unavailable(self.bus))
         return app
 
     async def health(self, request: web.Request) -> web.Response:
@@ -376,6 +379,40 @@ class LoginService:
                 "ttl": ttl,
             }
         )
+
+
+REGISTRY_DOWN = (
+    "the auth service cannot reach the registry (NATS) right now ({why}); "
+    "operators: check the auth service's NATS connection"
+)
+NEEDS_REGISTRY = ("/v1/databases",)
+"""Paths answered from NATS alone (login has its own 503s, with its audit)."""
+
+
+def registry_unavailable(bus: Bus) -> Any:
+    """Requests that need NATS get 503 with the reason: at once while the connection is
+    down (a request would wait for its timeout), and when a NATS call fails."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.startswith(NEEDS_REGISTRY) and not bus.nc.is_connected:
+            return _unavailable(request, "not connected")
+        try:
+            response: web.StreamResponse = await handler(request)
+        except (BusError, nats.errors.Error) as exc:
+            return _unavailable(request, str(exc) or type(exc).__name__)
+        return response
+
+    return middleware
+
+
+def _unavailable(request: web.Request, why: str) -> web.Response:
+    logger.warning("%s %s: 503, NATS unavailable: %s", request.method, request.path, why)
+    return web.json_response(
+        {"error": REGISTRY_DOWN.format(why=why), "retry": "registry"},
+        status=503,
+        headers={"Retry-After": "5"},
+    )
 
 
 def server_tls(config: AuthConfig, ca: CertificateAuthority) -> ssl.SSLContext:
