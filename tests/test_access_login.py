@@ -68,15 +68,17 @@ class AuthEnv:
         self, data: bytes, *, at: int | None = None, http: aiohttp.ClientSession | None = None
     ) -> tuple[int, dict[str, str], Any]:
         """``POST /v1/login`` with ``data`` as the body: status, headers, JSON answer."""
-        tls = ssl.create_default_context(cafile=str(self.ca_file))
         port = self.service.port if at is None else at
         url = f"https://127.0.0.1:{port}/v1/login"
         async with contextlib.AsyncExitStack() as stack:
-            if http is None:
-                timeout = aiohttp.ClientTimeout(total=30)
-                http = await stack.enter_async_context(aiohttp.ClientSession(timeout=timeout))
+            if http is None:  # else ``http``'s connector has the TLS context (one pool)
+                tls = ssl.create_default_context(cafile=str(self.ca_file))
+                http = await stack.enter_async_context(aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=tls),
+                    timeout=aiohttp.ClientTimeout(total=30),
+                ))  # fmt: skip
             headers = {"Content-Type": "application/json"}
-            async with http.post(url, data=data, ssl=tls, headers=headers) as response:
+            async with http.post(url, data=data, headers=headers) as response:
                 text = await response.text()
                 try:
                     answer = json.loads(text)

@@ -74,6 +74,7 @@ from dbservice.auth.ca import (
     write_private,
 )
 from dbservice.auth.catalog import Catalog
+from dbservice.auth.listener import ConnectionLimits, GuardedListener, RefusalLog
 from dbservice.auth.passwords import totp_step, verify_password
 from dbservice.rbac import session_ttl_cap
 from fleetgate.aio import stop_on_signals
@@ -139,6 +140,28 @@ class TLSSettings(Strict):
     server_ttl: Duration = 30 * 86400.0
 
 
+class ConnectionSettings(Strict):
+    """Bounds on connections, before and while a request is read
+    (:mod:`dbservice.auth.listener`)."""
+
+    per_address: int = Field(100, ge=1)
+    """Connections open at once from one source address (TLS handshakes included);
+    more are closed at once."""
+    max_connections: int = Field(4096, ge=1)
+    """Connections open at once in all; keep it under the process's file limit."""
+    handshake_timeout: Duration = Field(10.0, gt=0)
+    header_timeout: Duration = Field(15.0, gt=0)
+    """Time for a request's head after the handshake or the previous answer (and how
+    long an idle connection stays open)."""
+    body_timeout: Duration = Field(15.0, gt=0)
+    """Time for a request's body, once its head arrived; then 408."""
+    log_interval: Duration = Field(60.0, gt=0)
+    """Refusals are logged at most once per interval, as one summary line."""
+
+    def limits(self) -> ConnectionLimits:
+        return ConnectionLimits(**self.model_dump())
+
+
 class AuditSettings(Strict):
     max_age: Duration = 90 * 86400.0
     """How long the audit stream keeps events."""
@@ -155,6 +178,7 @@ class AuthConfig(Strict):
     nats: NatsSettings = NatsSettings()
     tls: TLSSettings = TLSSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
+    connections: ConnectionSettings = ConnectionSettings()
     audit: AuditSettings = AuditSettings()
 
 
@@ -189,6 +213,10 @@ class BadRequest(Exception):
         super().__init__(message)
         self.user = user
         self.status = status
+
+
+class ClientGone(Exception):
+    """The client closed or reset the connection before its request body arrived."""
 
 
 def describe_invalid(exc: ValidationError) -> str:
@@ -286,12 +314,19 @@ class LoginService:
     """The HTTP handlers; collaborators passed in so tests run the real thing."""
 
     def __init__(
-        self, *, config: AuthConfig, bus: Bus, ca: CertificateAuthority, audit: AuditEmitter
+        self,
+        *,
+        config: AuthConfig,
+        bus: Bus,
+        ca: CertificateAuthority,
+        audit: AuditEmitter,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self.config = config
         self.bus = bus
         self.ca = ca
         self.audit = audit
+        self.refusals = refusals or RefusalLog(config.connections.log_interval)
         limits = config.rate_limit
         self.by_address = RateLimiter(limits.per_address, limits.window)
         # Each argon2 verification takes 64 MiB and a CPU for ~50 ms: bound them.
@@ -318,12 +353,14 @@ class LoginService:
         reason: str,
         status: int,
         message: str,
+        log: bool = True,
         **extra: Any,
     ) -> web.Response:
         self.audit.emit(
             Login(user=user, client_addr=request.remote or "", success=False, reason=reason)
         )
-        logger.info("login refused for %r from %s: %s", user, request.remote, reason)
+        if log:
+            logger.info("login refused for %r from %s: %s", user, request.remote, reason)
         headers = {}
         if "retry_after" in extra:
             headers["Retry-After"] = str(int(extra["retry_after"]) + 1)
@@ -340,10 +377,18 @@ class LoginService:
     async def _read_body(self, request: web.Request) -> tuple[LoginRequest, EcPublicKey]:
         """The login request and its CSR's public key; :class:`BadRequest` saying what is
         wrong otherwise (nothing is counted or checked for a malformed request)."""
+        timeout = self.config.connections.body_timeout
         try:
-            raw = await request.read()
+            async with asyncio.timeout(timeout):
+                raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raise BadRequest(f"the body is larger than {MAX_BODY} bytes", status=413) from None
+        except TimeoutError:
+            raise BadRequest(
+                f"the body did not arrive within {format_duration(timeout)}", status=408
+            ) from None
+        except ConnectionError:
+            raise ClientGone from None
         try:
             body = LoginRequest.model_validate_json(raw)
         except ValidationError as exc:
@@ -357,10 +402,16 @@ class LoginService:
     async def login(self, request: web.Request) -> web.Response:
         try:
             body, public_key = await self._read_body(request)
+        except ClientGone:  # no request to answer: one of many resets, maybe
+            self.refusals.note("connection lost before the body arrived", request.remote or "?")
+            return web.Response(status=400)
         except BadRequest as exc:
+            if exc.status == 408:  # a slow client, maybe one of many: logged as a summary
+                self.refusals.note("request body too slow", request.remote or "unknown")
             return self._refuse(
-                request, exc.user, f"malformed request: {exc}", exc.status, str(exc)
-            )
+                request, exc.user, f"malformed request: {exc}", exc.status, str(exc),
+                log=exc.status != 408,
+            )  # fmt: skip
         attempt = Attempt(address=request.remote or "unknown", now=time.monotonic())
         try:
             return await self._login(request, body, public_key, attempt)
@@ -520,8 +571,10 @@ class RunningService:
     runner: web.AppRunner
     service: LoginService
     port: int
+    listener: GuardedListener
 
     async def close(self) -> None:
+        await self.listener.close()
         await self.runner.cleanup()
 
 
@@ -530,20 +583,28 @@ async def start_service(
 ) -> RunningService:
     """Serve the login API on ``config.listen`` (port 0: an ephemeral port)."""
     host, port = split_listen(config.listen)
-    service = LoginService(config=config, bus=bus, ca=ca, audit=audit)
-    runner = web.AppRunner(service.app(), access_log=None)
+    limits = config.connections
+    refusals = RefusalLog(limits.log_interval)
+    service = LoginService(config=config, bus=bus, ca=ca, audit=audit, refusals=refusals)
+    # keepalive_timeout bounds the wait for a request head (from the handshake or the
+    # previous answer); an unread body is not drained (lingering_time 0): closed.
+    runner = web.AppRunner(
+        service.app(), access_log=None, keepalive_timeout=limits.header_timeout,
+        lingering_time=0,
+    )  # fmt: skip
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=server_tls(config, ca))
+    assert runner.server is not None
+    listener = GuardedListener(runner.server, server_tls(config, ca), limits.limits(), refusals)
     try:
-        await site.start()
+        bound = await listener.start(host, port)
     except OSError as exc:
+        await listener.close()
         await runner.cleanup()
         raise AdminError(
             f"listen {config.listen}: cannot listen there ({exc.strerror or exc}): "
             "stop what uses the port, or choose another listen address"
         ) from None
-    bound = runner.addresses[0][1] if runner.addresses else port
-    return RunningService(runner, service, int(bound))
+    return RunningService(runner, service, bound, listener)
 
 
 async def run_auth(config: AuthConfig, *, nats_url: str) -> int:
