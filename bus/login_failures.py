@@ -2,16 +2,22 @@
 
 Each user name's recent failed logins are one record in
 :data:`~bus.subjects.LOGIN_FAILURES_BUCKET`: their times (seconds since the epoch),
-oldest first, at most the limit and only those within the window. Every instance reads
-it before checking a password and adds to it after a failure, by compare-and-set
-(:mod:`bus.leases`), so failures spread over instances add up to one count. The times are
-wall-clock times from each instance: keep the instances' clocks synchronised (NTP).
+oldest first, at most the limit and only those within the window. Every instance
+*reserves* an attempt before it checks a password (:func:`reserve`): the attempt is
+added to the record by compare-and-set (:mod:`bus.leases`) only while fewer than the
+limit are recorded, so failures spread over instances, and attempts sent all at once,
+add up to one count: at most the limit of passwords are checked per window, however
+many arrive together. A reserved attempt that fails stays as the failure; a successful
+login clears what it saw (:func:`release`). The times are wall-clock times from each
+instance: keep the instances' clocks synchronised (NTP).
 
 Records expire :data:`KEEP` after their last write; a rate-limit window may not be
 longer (:data:`KEEP` is also the longest window the auth service accepts).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from bus import leases, subjects
 from bus.client import BucketSpec, Bus
@@ -96,3 +102,71 @@ async def forget(bus: Bus, user: str, seen: Versioned[Failures]) -> bool:
     key = subjects.login_failures_key(user)
     written = await leases.update(bus, LOGIN_FAILURES.name, key, Failures(), last=seen.revision)
     return written is not None
+
+
+@dataclass(frozen=True)
+class Reserved:
+    """An attempt counted in the user's record before its password is checked."""
+
+    at: float
+    """Its time in the record."""
+    earlier: tuple[float, ...]
+    """The failures within the window recorded before it (what a success clears)."""
+
+
+@dataclass(frozen=True)
+class Full:
+    """No attempt may be made now: ``limit`` are recorded within the window (or, when
+    ``contended``, other attempts kept winning the write)."""
+
+    retry_after: float
+    contended: bool = False
+
+
+async def reserve(bus: Bus, user: str, *, limit: int, window: float, now: float) -> Reserved | Full:
+    """Count an attempt at ``now`` in ``user``'s record unless ``limit`` attempts are
+    recorded within ``window``: compare-and-set, so of any number of attempts at once at
+    any instances at most ``limit`` get through. Raises
+    :class:`~bus.errors.RegistryError` when NATS cannot answer."""
+    key = subjects.login_failures_key(user)
+    # A write loses only to another that succeeded: a reservation (at most ``limit``
+    # before the record is full) or a release; past that many losses, refuse.
+    for _ in range(limit + ATTEMPTS):
+        found = await _read(bus, user)
+        earlier = within(found.record.times, window, now) if found else ()
+        if len(earlier) >= limit:
+            oldest = earlier[-limit]
+            return Full(min(window, max(0.0, oldest + window - now)))
+        record = Failures(times=tuple(sorted((*earlier, now))))
+        if found is None:
+            revision = await leases.create(bus, LOGIN_FAILURES.name, key, record)
+        else:
+            revision = await leases.update(
+                bus, LOGIN_FAILURES.name, key, record, last=found.revision
+            )
+        if revision is not None:
+            return Reserved(now, earlier)
+    return Full(1.0, contended=True)
+
+
+async def release(bus: Bus, user: str, times: tuple[float, ...]) -> bool:
+    """Remove ``times`` (a reservation, or a reservation and the failures it saw) from
+    ``user``'s record; others recorded meanwhile stay. False when other writers kept
+    winning. Raises :class:`~bus.errors.RegistryError` when NATS cannot answer."""
+    key = subjects.login_failures_key(user)
+    for _ in range(ATTEMPTS):
+        found = await _read(bus, user)
+        if found is None:
+            return True
+        left = list(found.record.times)
+        for t in times:
+            if t in left:
+                left.remove(t)
+        if len(left) == len(found.record.times):
+            return True
+        written = await leases.update(
+            bus, LOGIN_FAILURES.name, key, Failures(times=tuple(left)), last=found.revision
+        )
+        if written is not None:
+            return True
+    return False

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Annotated
 
@@ -17,7 +18,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 30s, 5m or a number of seconds")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:
+            raise ValueError(f"{value} seconds is too long a duration") from None
     elif isinstance(value, str):
         text = value.strip().lower()
         try:
@@ -35,6 +39,8 @@ def parse_duration(value: object) -> float:
                 ) from None
     else:
         raise ValueError("expected a duration such as 30s, 5m or a number of seconds")
+    if math.isnan(seconds):
+        raise ValueError("NaN is not a duration: use forms like 500ms, 30s, 5m, 1h or seconds")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import random
 import ssl
 import stat
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -20,12 +24,13 @@ from bus.server import NatsServer, wait_port_free
 from bus.totp import claim_step
 from dbservice.audit import AuditEmitter
 from dbservice.auth.admin import init_ca
-from dbservice.auth.ca import CertificateAuthority, verify_client_certificate
+from dbservice.auth.ca import CertificateAuthority, make_csr, new_key, verify_client_certificate
 from dbservice.auth.client import LoginError, login, logout, status
 from dbservice.auth.passwords import TOTP_STEP, hash_password, new_totp_secret, totp_code, totp_step
 from dbservice.auth.service import AuthConfig, RunningService, start_service
 
 PASSWORD = "correct horse battery"
+CSR = make_csr(new_key(), "tests")
 RATE_LIMIT = {"per_user": 3, "per_address": 6, "window": "1m"}
 
 
@@ -54,14 +59,33 @@ class AuthEnv:
     async def post(
         self, user: str, password: str = PASSWORD, *, at: int | None = None
     ) -> tuple[int, str | None]:
-        """A bare ``POST /v1/login`` (no CSR needed to be refused): status and Retry-After."""
-        tls = ssl.create_default_context(cafile=str(self.ca_file))
+        """A bare ``POST /v1/login``: status and Retry-After."""
+        body = {"user": user, "password": password, "csr": CSR}
+        status, headers, _ = await self.post_raw(json.dumps(body).encode(), at=at)
+        return status, headers.get("Retry-After")
+
+    async def post_raw(
+        self, data: bytes, *, at: int | None = None, http: aiohttp.ClientSession | None = None
+    ) -> tuple[int, dict[str, str], Any]:
+        """``POST /v1/login`` with ``data`` as the body: status, headers, JSON answer."""
         port = self.service.port if at is None else at
-        body = {"user": user, "password": password, "csr": "-"}
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
-            url = f"https://127.0.0.1:{port}/v1/login"
-            async with http.post(url, json=body, ssl=tls) as response:
-                return response.status, response.headers.get("Retry-After")
+        url = f"https://127.0.0.1:{port}/v1/login"
+        async with contextlib.AsyncExitStack() as stack:
+            if http is None:  # else ``http``'s connector has the TLS context (one pool)
+                tls = ssl.create_default_context(cafile=str(self.ca_file))
+                http = await stack.enter_async_context(aiohttp.ClientSession(
+                    connector=aiohttp.TCPConnector(ssl=tls),
+                    timeout=aiohttp.ClientTimeout(total=30),
+                ))  # fmt: skip
+            headers = {"Content-Type": "application/json"}
+            async with http.post(url, data=data, headers=headers) as response:
+                text = await response.text()
+                try:
+                    answer = json.loads(text)
+                except ValueError:
+                    answer = text  # not JSON (a 500 page): the status tells
+                return response.status, dict(response.headers), answer
+        raise AssertionError("unreachable")
 
     async def logins(self) -> list[Login]:
         await self.audit.flush(5)
@@ -408,14 +432,14 @@ async def test_no_nats_no_password_check(env: AuthEnv, nats_server: NatsServer) 
         service_c = await _second_instance(env, bus_c, "auth-3")
         c = service_c.port
         try:
-            # NATS goes away while a wrong password is checked: it cannot be counted
+            # NATS goes away while a wrong password is checked: it was counted before
             gate = Gate()
             service_c.service.verifications = gate  # type: ignore[assignment]
             attempt = asyncio.ensure_future(env.login("alice", "wrong password!", at=c))
             await asyncio.wait_for(gate.entered.wait(), 10)
             await asyncio.to_thread(nats_server.stop)
             gate.opened.set()
-            with pytest.raises(LoginError, match="cannot reach NATS to check the failed-login"):
+            with pytest.raises(LoginError, match="invalid user name or password"):
                 await attempt
             # no NATS: the limit cannot be read, so no password is checked
             gate.entered.clear()
@@ -430,7 +454,7 @@ async def test_no_nats_no_password_check(env: AuthEnv, nats_server: NatsServer) 
             await service_c.close()
     reasons = [(e.user, e.host_id, e.success, e.reason) for e in await env.logins()]
     assert reasons == [
-        ("alice", "auth-1", False, "wrong password; not counted: NATS unavailable"),
+        ("alice", "auth-1", False, "wrong password"),
         ("alice", "auth-1", False, "failed-login limit not checked: NATS unavailable"),
         ("alice", "auth-1", True, ""),
     ]
@@ -453,3 +477,136 @@ async def test_racing_failures_are_all_counted(bus: Bus, nats_server: NatsServer
         await login_failures.add(bus, "ivan", limit=3, window=60, now=now + 63)
         seen = await login_failures.recent(other, "ivan", window=60, now=now + 63)
         assert seen is not None and seen.record.times == (now + 5, now + 63)
+
+
+async def _instance(env: AuthEnv, host_id: str, **rate_limit: object) -> RunningService:
+    config = AuthConfig.model_validate({
+        "listen": "127.0.0.1:0", "ca_dir": str(env.tmp / "ca"), "host_id": host_id,
+        "rate_limit": {**RATE_LIMIT, **rate_limit},
+    })  # fmt: skip
+    return await start_service(config, bus=env.bus, ca=env.ca, audit=env.audit)
+
+
+async def test_attempts_sent_at_once_get_no_more_checks_than_the_limit(
+    env: AuthEnv, nats_server: NatsServer
+) -> None:
+    """60 wrong passwords and the right one, all at once, at two instances: at most
+    ``per_user`` (3) passwords are checked; every other attempt is refused unchecked."""
+    await put_user(env.bus, User(name="zed", roles=("dev",), password_hash=hash_password(PASSWORD)))
+    async with await Bus.connect(nats_server.url, name="auth-2") as bus_b:
+        service_b = await _second_instance(env, bus_b, "auth-2")
+        try:
+            attempts = [
+                env.post("zed", "wrong password!", at=service_b.port if i % 2 else None)
+                for i in range(60)
+            ]
+            attempts.insert(30, env.post("zed"))
+            statuses = [status for status, _ in await asyncio.gather(*attempts)]
+            # at most 3 checks; a success (it needs the right password) clears the
+            # failures before it, so at most 3 more can follow it
+            wrong, right = statuses.count(401), statuses.count(200)
+            assert wrong + right >= 1 and wrong <= 3 * (1 + right), sorted(statuses)
+            assert set(statuses) - {200, 401} == {429}, sorted(statuses)
+            if not right:  # the right one was refused unchecked; it still is, for now
+                statuses.append((await env.post("zed"))[0])
+                assert statuses[-1] == 429
+        finally:
+            await service_b.close()
+    events = [e for e in await env.logins() if e.user == "zed"]
+    assert len(events) == len(statuses)  # every attempt audited
+    assert sum(e.reason == "rate limited" for e in events) == statuses.count(429)
+
+
+async def test_attempts_from_one_address_sent_at_once_keep_its_limit(env: AuthEnv) -> None:
+    statuses = [s for s, _ in await asyncio.gather(
+        *(env.post(f"guess-{i}", "wrong password!") for i in range(30))
+    )]  # fmt: skip
+    assert statuses.count(401) == 6 and statuses.count(429) == 24, statuses  # per_address 6
+
+
+async def test_malformed_login_bodies_get_400_with_a_reason_and_are_audited(env: AuthEnv) -> None:
+    good = {"user": "alice", "password": PASSWORD, "csr": CSR}
+    cases: list[tuple[bytes, str]] = [
+        (b"[" * 20_000 + b"]" * 20_000, "the body is not valid JSON (recursion limit"),
+        (json.dumps({**good, "ttl": float("nan")}).encode(), "ttl: NaN is not a duration"),
+        (json.dumps({**good, "ttl": float("inf")}).encode(), "ttl: Input should be a finite"),
+        (json.dumps({**good, "ttl": "nan"}).encode(), "ttl: NaN is not a duration"),
+        (json.dumps({**good, "ttl": 10**400}).encode(), "ttl: "),
+        (json.dumps({**good, "ttl": -1}).encode(), "ttl: a duration cannot be negative"),
+        (json.dumps({**good, "totp": "١٢٣٤٥٦"}).encode(), "totp: a one-time code is six digits"),
+        (json.dumps({**good, "csr": "-"}).encode(), "csr: not a PEM certificate request"),
+        (json.dumps({**good, "user": 7}).encode(), "user: Input should be a valid string"),
+        (json.dumps({"user": "alice"}).encode(), "password: Field required"),
+        (b'{"user": "alice", "password": "\\ud800"}', "the body is not valid JSON"),
+        (b"\xff\xfe{}", "the body is not valid JSON"),
+    ]
+    for body, reason in cases:
+        status, _, answer = await env.post_raw(body)
+        assert (status, answer["error"][: len(reason)]) == (400, reason), body[:80]
+    status, _, answer = await env.post_raw(b'{"user": "' + b"x" * 70_000 + b'"}')
+    assert status == 413 and "larger than 65536 bytes" in answer["error"]
+    events = await env.logins()
+    assert len(events) == len(cases) + 1
+    assert all(not e.success and e.reason.startswith("malformed request: ") for e in events)
+    assert [e.user for e in events[1:7]] == ["alice"] * 6
+    assert (await env.login("alice")).identity.user == "alice"  # type: ignore[attr-defined]
+
+
+def _fuzz_bodies(seed: int, count: int) -> list[bytes]:
+    """Seeded malformed (and some well-formed) login bodies: wrong types, huge and
+    non-finite numbers, odd unicode, missing and extra fields, bad JSON, deep nesting."""
+    rng = random.Random(seed)
+    values: list[object] = [
+        None, True, False, 0, -1, 1.5, 1e308, -1e308, 10**400, float("nan"), float("inf"),
+        float("-inf"), "", " ", "x" * 129, "y" * 1025, "z" * 20_000, "\u0000", "a\nb", "é",
+        "\U0001f600", "\ud800", "١٢٣٤٥٦", " 123456 ", "12345678", "nan", "inf", "-5s", "1e999",
+        "2h", "1h30m", [], {}, [1, 2], {"a": 1}, [[[[[]]]]], CSR[:-40], CSR.replace("A", "B", 1),
+    ]  # fmt: skip
+    fields = ["user", "password", "totp", "csr", "ttl", "extra"]
+    bodies: list[bytes] = []
+    raw = [
+        b"", b"null", b"[]", b'"alice"', b"{", b"}", b"\xff\xfe", b'{"user": "alice",}',
+        b'{"user": "alice"} trailing', b"{" * 5000, b'{"a":' * 3000 + b"1" + b"}" * 3000,
+        b'{"user": "alice", "password": "x", "csr": "-", "ttl": ' + b"[" * 500 + b"]" * 500 + b"}",
+        "\ufeff{}".encode(), b'{"user": "alice", "user": 1}', b'{"user": "\\u0000"}',
+    ]  # fmt: skip
+    bodies.extend(raw)
+    while len(bodies) < count:
+        body: dict[str, object] = {"user": "alice", "password": PASSWORD, "csr": CSR}
+        for _ in range(rng.randint(1, 3)):
+            name = rng.choice(fields)
+            if rng.random() < 0.2:
+                body.pop(name, None)
+            else:
+                body[name] = rng.choice(values)
+        text = json.dumps(body)
+        if rng.random() < 0.1:  # break the JSON itself somewhere
+            cut = rng.randrange(len(text))
+            text = text[:cut] + rng.choice(["", "\\", '"', "]", "\x00"]) + text[cut + 1 :]
+        bodies.append(text.encode("utf-8", "surrogatepass"))
+    return bodies
+
+
+async def test_fuzzed_login_bodies_never_get_a_5xx_and_are_all_audited(env: AuthEnv) -> None:
+    fuzz = await _instance(env, "auth-fuzz", per_user=1000, per_address=100_000)
+    bodies = _fuzz_bodies(15, 300)
+    try:
+        tls = ssl.create_default_context(cafile=str(env.ca_file))
+        connector = aiohttp.TCPConnector(ssl=tls, limit=8)
+        timeout = aiohttp.ClientTimeout(total=60)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
+            answers = await asyncio.gather(
+                *(env.post_raw(body, at=fuzz.port, http=http) for body in bodies)
+            )
+    finally:
+        await fuzz.close()
+    seen: dict[int, int] = {}
+    for body, (code, _, answer) in zip(bodies, answers, strict=True):
+        seen[code] = seen.get(code, 0) + 1
+        assert code < 500, (code, answer, body[:200])
+        if code != 200:
+            assert isinstance(answer, dict) and answer.get("error"), (code, answer, body[:200])
+    assert seen.get(400, 0) > len(bodies) // 2 and seen.get(200, 0) > 0, seen
+    events = await env.logins()  # only the fuzzed instance was asked
+    assert len(events) == len(bodies), seen
+    assert sum(e.success for e in events) == seen.get(200, 0)

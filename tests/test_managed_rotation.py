@@ -16,7 +16,8 @@ import pytest
 
 from bus import Bus, leases, subjects
 from bus.server import NatsServer
-from dbservice.managed.aws import ManagedAws, ManagedError, SecretConflict
+from dbservice.managed.aws import ManagedAws, ManagedError, NotOurs, SecretConflict
+from dbservice.managed.cleanup import KEPT, sweep
 from dbservice.managed.rotation import RotationSettings, Rotator, Step, UserRef
 from dbservice.managed.state import (
     MANAGED_BY_TAG,
@@ -429,3 +430,64 @@ async def test_a_user_whose_secret_awaits_deletion_waits_for_a_restore(
     seed.client("secretsmanager", REGION).restore_secret(SecretId=ref.secret_name)
     CLOCK.advance(LEASE)
     assert await one.cycle(ref) == "rotated"
+
+
+def foreign_secret(ref: UserRef, password: str) -> str:
+    """A secret under the documented name that somebody else made (no managed-by tag),
+    holding JSON in fleetgate's shape; its version id."""
+    value = json.dumps({"username": ref.user, "password": password, "user_arn": ref.user_arn})
+    reply = seed.client("secretsmanager", REGION).create_secret(
+        Name=ref.secret_name, SecretString=value, Tags=[{"Key": "team", "Value": "theirs"}]
+    )
+    return str(reply["VersionId"])
+
+
+def untouched(name: str, version: str, password: str) -> None:
+    described = seed.client("secretsmanager", REGION).describe_secret(SecretId=name)
+    assert "DeletedDate" not in described
+    assert versions(name) == [version]
+    assert secret(name, "AWSCURRENT")["password"] == password
+
+
+async def test_a_secret_fleetgate_did_not_create_is_never_changed_or_deleted(
+    aws: MotoServer, lease_bus: Bus
+) -> None:
+    ref = ref_of("x", make_user("x"))
+    theirs = "somebody-elses-password-0123456789"
+    version = foreign_secret(ref, theirs)
+    one = rotator(lease_bus, "h1")
+    with pytest.raises(ManagedError, match="did not create it"):
+        await one.cycle(ref)
+    assert await record(lease_bus, ref)  # the lease record the agent wrote first
+    untouched(ref.secret_name, version, theirs)
+    assert USER_PASSWORDS[(ACCOUNT, REGION, "x")] != (theirs,)
+    # the agents stopped, the lease passed: the sweep (agents' and the CLI's) leaves it
+    later = CLOCK.now + 3 * LEASE
+    verdicts = await sweep(lease_bus, IamAuth(), grace=0, now=later, recovery_days=None)
+    assert [(v.record.user, v.action) for v in verdicts] == [("x", KEPT)]
+    untouched(ref.secret_name, version, theirs)
+    assert await leases.read(lease_bus, subjects.LEASES_BUCKET, ref.key, ManagedUser) is None
+    assert await sweep(lease_bus, IamAuth(), grace=0, now=later) == []
+    # and asked directly, the AWS layer refuses to write or delete it
+    managed = ManagedAws(IamAuth(), REGION)
+    with pytest.raises(NotOurs):
+        await managed.delete_secret(ref.secret_name, recovery_days=None)
+    with pytest.raises(NotOurs):
+        await managed.put_secret(ref.secret_name, "{}", token=request_token(ref.secret_name, "x"))
+    untouched(ref.secret_name, version, theirs)
+
+
+async def test_a_secret_whose_tag_was_removed_is_not_rotated(
+    aws: MotoServer, lease_bus: Bus
+) -> None:
+    ref = ref_of("app", make_user("app"))
+    one = rotator(lease_bus, "h1")
+    assert await one.cycle(ref) == "set-up"
+    current = secret(ref.secret_name, "AWSCURRENT")
+    seed.client("secretsmanager", REGION).untag_resource(
+        SecretId=ref.secret_name, TagKeys=[MANAGED_BY_TAG]
+    )
+    CLOCK.advance(INTERVAL)
+    with pytest.raises(NotOurs):
+        await one.cycle(ref)  # rotation due, but the secret is no longer fleetgate's
+    untouched(ref.secret_name, current["version"], current["password"])

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Final
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -336,9 +336,15 @@ def csr_public_key(csr_pem: str | bytes) -> tuple[ec.EllipticCurvePublicKey, str
         csr = x509.load_pem_x509_csr(data)
     except ValueError:
         raise CertificateRejected("not a PEM certificate request") from None
-    if not csr.is_signature_valid:
+    try:
+        signed = csr.is_signature_valid
+        key = csr.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        raise CertificateRejected(
+            "the certificate request must be for an EC P-256 key, signed with it"
+        ) from None
+    if not signed:
         raise CertificateRejected("the certificate request's signature is invalid")
-    key = csr.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise CertificateRejected("the certificate request must be for an EC P-256 key")
     cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)

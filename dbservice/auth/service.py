@@ -8,8 +8,9 @@ API (JSON over HTTPS):
   certificate lives ``min(ttl, shortest max_session_ttl of the user's roles)``.
   401 ``{"error"}`` for a wrong user or password (one message for both), 401 with
   ``"need": "totp"`` when a second factor is required, 429 with ``Retry-After`` when
-  rate-limited, 400 for a malformed request, 503 when NATS (users, roles, the record of
-  used one-time codes, the failed logins) cannot be reached.
+  rate-limited, 400 ``{"error"}`` naming what is wrong for a malformed request (413 for
+  a body over :data:`MAX_BODY`), 503 when NATS (users, roles, the record of used
+  one-time codes, the failed logins) cannot be reached.
 * Any request that needs NATS answers 503 ``{"error"}`` (with ``Retry-After``) when NATS
   cannot be reached: the catalog at once while the connection is down.
 * ``GET /v1/ca`` -> ``{"pem", "fingerprint"}``: the fleet CA (clients pin it).
@@ -20,11 +21,18 @@ API (JSON over HTTPS):
 * ``GET /healthz`` -> ``ok``.
 
 Failed logins are counted per user and per source address in a sliding window; past the
-limit the service answers 429 without checking the password. Every attempt is audited
-(``auth.login``). The per-user count is shared by every instance through NATS
+limit the service answers 429 without checking the password. An attempt is counted
+*before* its password is checked (reserved), so attempts sent all at once cannot get
+more checks than the limit; a successful login clears the user's count and gives back
+its own place in the address's. Every attempt, whatever its answer (400 included), is
+audited (``auth.login``). The per-user count is shared by every instance through NATS
 (:mod:`bus.login_failures`): without NATS no password is checked (503). The per-address
 count stays in each instance's memory (addresses behind a load balancer or NAT are
 shared, and a shared count would be a NATS write per request from any source).
+
+A request body is JSON of at most :data:`MAX_BODY` bytes, parsed and checked by pydantic
+(nesting depth bounded, NaN and infinities refused, the CSR checked) before anything
+else: a malformed one gets 400 with what was wrong, never 500.
 
 A one-time code works once across every instance of the service (RFC 6238, 5.2): the last
 accepted step per user is claimed with compare-and-set in NATS (:mod:`bus.totp`); when
@@ -34,6 +42,7 @@ NATS does not answer, the login is refused (503), never let through unchecked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -47,13 +56,13 @@ from typing import Any, TypeVar
 
 import nats.errors
 from aiohttp import web
+from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey as EcPublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bus import Bus, login_failures
 from bus.access import Identity, get_roles, get_user, provision_access
 from bus.audit import Login, ensure_audit_stream
 from bus.errors import BusError
-from bus.leases import Versioned
 from bus.totp import claim_step, provision_totp
 from dbservice.audit import AuditEmitter
 from dbservice.auth.admin import AdminError
@@ -67,10 +76,11 @@ from dbservice.auth.ca import (
     write_private,
 )
 from dbservice.auth.catalog import Catalog
+from dbservice.auth.listener import ConnectionLimits, GuardedListener, RefusalLog
 from dbservice.auth.passwords import totp_step, verify_password
 from dbservice.rbac import session_ttl_cap
 from fleetgate.aio import stop_on_signals
-from fleetgate.durations import Duration, format_duration, parse_duration
+from fleetgate.durations import Duration, format_duration
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +142,28 @@ class TLSSettings(Strict):
     server_ttl: Duration = 30 * 86400.0
 
 
+class ConnectionSettings(Strict):
+    """Bounds on connections, before and while a request is read
+    (:mod:`dbservice.auth.listener`)."""
+
+    per_address: int = Field(100, ge=1)
+    """Connections open at once from one source address (TLS handshakes included);
+    more are closed at once."""
+    max_connections: int = Field(4096, ge=1)
+    """Connections open at once in all; keep it under the process's file limit."""
+    handshake_timeout: Duration = Field(10.0, gt=0)
+    header_timeout: Duration = Field(15.0, gt=0)
+    """Time for a request's head after the handshake or the previous answer (and how
+    long an idle connection stays open)."""
+    body_timeout: Duration = Field(15.0, gt=0)
+    """Time for a request's body, once its head arrived; then 408."""
+    log_interval: Duration = Field(60.0, gt=0)
+    """Refusals are logged at most once per interval, as one summary line."""
+
+    def limits(self) -> ConnectionLimits:
+        return ConnectionLimits(**self.model_dump())
+
+
 class AuditSettings(Strict):
     max_age: Duration = 90 * 86400.0
     """How long the audit stream keeps events."""
@@ -148,17 +180,81 @@ class AuthConfig(Strict):
     nats: NatsSettings = NatsSettings()
     tls: TLSSettings = TLSSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
+    connections: ConnectionSettings = ConnectionSettings()
     audit: AuditSettings = AuditSettings()
 
 
+MAX_BODY = 64 * 1024
+"""The largest request body the service reads."""
+
+
 class LoginRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     user: str = Field(min_length=1, max_length=128)
     password: str = Field(max_length=1024)
-    totp: str | None = Field(None, max_length=16)
+    totp: str | None = Field(None, pattern=r"^\s*[0-9]{6}\s*$")
+    """Six ASCII digits (spaces around them are dropped)."""
     csr: str = Field(max_length=16384)
-    ttl: float | str | None = None
+    ttl: Duration | None = Field(None, ge=0)
+    """Seconds or a duration (``"2h"``); finite; 0 or absent: the roles' cap."""
+
+
+class _Who(BaseModel):
+    """The user name of a request that is otherwise malformed (for its audit event)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    user: str = Field("", max_length=128)
+
+
+class BadRequest(Exception):
+    """A malformed login request (400, or ``status``); ``str()`` says what is wrong."""
+
+    def __init__(self, message: str, user: str = "", status: int = 400) -> None:
+        super().__init__(message)
+        self.user = user
+        self.status = status
+
+
+class ClientGone(Exception):
+    """The client closed or reset the connection before its request body arrived."""
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """The first problem of a request body in one line, e.g. ``ttl: Input should be a
+    finite number``."""
+    error = exc.errors(include_url=False, include_input=False)[0]
+    if error["type"] == "json_invalid":
+        return f"the body is not valid JSON ({error['msg'].removeprefix('Invalid JSON: ')})"
+    where = ".".join(str(part) for part in error["loc"]) or "the body"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "string_pattern_mismatch" and where == "totp":
+        message = "a one-time code is six digits"
+    return f"{where}: {message}"
+
+
+def user_of(raw: bytes) -> str:
+    """The ``user`` of a JSON body when it has a readable one, else ``""``."""
+    try:
+        return _Who.model_validate_json(raw).user
+    except ValidationError:
+        return ""
+
+
+RELEASE_TIMEOUT = 5.0
+"""How long a login waits to give back a reserved attempt before leaving it to expire."""
+
+
+@dataclass
+class Attempt:
+    """One login attempt's reservations: in the address's count (at ``now``, monotonic)
+    and in the user's shared record."""
+
+    address: str
+    now: float
+    address_counted: bool = False
+    user_counted: login_failures.Reserved | None = None
 
 
 class RateLimiter:
@@ -196,24 +292,50 @@ class RateLimiter:
         while len(self._failures) > self.max_keys:
             self._failures.popitem(last=False)
 
+    def reserve(self, key: str, now: float) -> float | None:
+        """Count an attempt at ``now`` unless ``key`` is at its limit: None when counted
+        (it may go ahead; :meth:`release` gives the place back), else the seconds until
+        it may. Check and count happen at once: concurrent attempts each see the others."""
+        wait = self.retry_after(key, now)
+        if wait is None:
+            self.failure(key, now)
+        return wait
+
+    def release(self, key: str, at: float) -> None:
+        """Remove the attempt counted at ``at`` (one that turned out not to fail)."""
+        times = self._failures.get(key)
+        if times is None:
+            return
+        with contextlib.suppress(ValueError):
+            times.remove(at)
+        if not times:
+            del self._failures[key]
+
 
 class LoginService:
     """The HTTP handlers; collaborators passed in so tests run the real thing."""
 
     def __init__(
-        self, *, config: AuthConfig, bus: Bus, ca: CertificateAuthority, audit: AuditEmitter
+        self,
+        *,
+        config: AuthConfig,
+        bus: Bus,
+        ca: CertificateAuthority,
+        audit: AuditEmitter,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self.config = config
         self.bus = bus
         self.ca = ca
         self.audit = audit
+        self.refusals = refusals or RefusalLog(config.connections.log_interval)
         limits = config.rate_limit
         self.by_address = RateLimiter(limits.per_address, limits.window)
         # Each argon2 verification takes 64 MiB and a CPU for ~50 ms: bound them.
         self.verifications = asyncio.Semaphore(4)
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024)
+        app = web.Application(client_max_size=MAX_BODY)
         app.router.add_post("/v1/login", self.login)
         app.router.add_get("/v1/ca", self.get_ca)
         app.router.add_get("/healthz", self.health)
@@ -228,12 +350,20 @@ class LoginService:
         return web.json_response({"pem": self.ca.pem, "fingerprint": self.ca.fingerprint})
 
     def _refuse(
-        self, request: web.Request, user: str, reason: str, status: int, message: str, **extra: Any
+        self,
+        request: web.Request,
+        user: str,
+        reason: str,
+        status: int,
+        message: str,
+        log: bool = True,
+        **extra: Any,
     ) -> web.Response:
         self.audit.emit(
             Login(user=user, client_addr=request.remote or "", success=False, reason=reason)
         )
-        logger.info("login refused for %r from %s: %s", user, request.remote, reason)
+        if log:
+            logger.info("login refused for %r from %s: %s", user, request.remote, reason)
         headers = {}
         if "retry_after" in extra:
             headers["Retry-After"] = str(int(extra["retry_after"]) + 1)
@@ -247,66 +377,100 @@ class LoginService:
         except (BusError, nats.errors.Error) as exc:
             raise RegistryUnavailable(what, exc) from exc
 
+    async def _read_body(self, request: web.Request) -> tuple[LoginRequest, EcPublicKey]:
+        """The login request and its CSR's public key; :class:`BadRequest` saying what is
+        wrong otherwise (nothing is counted or checked for a malformed request)."""
+        timeout = self.config.connections.body_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise BadRequest(f"the body is larger than {MAX_BODY} bytes", status=413) from None
+        except TimeoutError:
+            raise BadRequest(
+                f"the body did not arrive within {format_duration(timeout)}", status=408
+            ) from None
+        except ConnectionError:
+            raise ClientGone from None
+        try:
+            body = LoginRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            raise BadRequest(describe_invalid(exc), user_of(raw)) from None
+        try:
+            public_key, _ = csr_public_key(body.csr)
+        except CertificateRejected as exc:
+            raise BadRequest(f"csr: {exc}", body.user) from None
+        return body, public_key
+
     async def login(self, request: web.Request) -> web.Response:
         try:
-            body = LoginRequest.model_validate(await request.json())
-        except (ValueError, ValidationError):
-            return web.json_response(
-                {"error": "expected JSON with user, password and csr"}, status=400
-            )
+            body, public_key = await self._read_body(request)
+        except ClientGone:  # no request to answer: one of many resets, maybe
+            self.refusals.note("connection lost before the body arrived", request.remote or "?")
+            return web.Response(status=400)
+        except BadRequest as exc:
+            if exc.status == 408:  # a slow client, maybe one of many: logged as a summary
+                self.refusals.note("request body too slow", request.remote or "unknown")
+            return self._refuse(
+                request, exc.user, f"malformed request: {exc}", exc.status, str(exc),
+                log=exc.status != 408,
+            )  # fmt: skip
+        attempt = Attempt(address=request.remote or "unknown", now=time.monotonic())
         try:
-            return await self._login(request, body)
+            return await self._login(request, body, public_key, attempt)
         except RegistryUnavailable as exc:
             logger.warning("login for %r not checked: %s", body.user, exc)
+            await self._release(body.user, attempt)
             return self._refuse(
                 request, body.user, f"{exc.what} not checked: NATS unavailable", 503,
                 UNAVAILABLE.format(what=exc.what), retry_after=1,
             )  # fmt: skip
 
-    async def _failed(
-        self, request: web.Request, user: str, reason: str, message: str
+    async def _release(self, user: str, attempt: Attempt, *, clear: bool = False) -> None:
+        """Give back what ``attempt`` reserved (it did not fail), or with ``clear`` also
+        the user's failures it saw (a successful login). Best effort: what stays expires
+        with the window."""
+        if attempt.address_counted:
+            self.by_address.release(attempt.address, attempt.now)
+            attempt.address_counted = False
+        reserved, attempt.user_counted = attempt.user_counted, None
+        if reserved is None:
+            return
+        times = (*reserved.earlier, reserved.at) if clear else (reserved.at,)
+        try:
+            async with asyncio.timeout(RELEASE_TIMEOUT):
+                if not await login_failures.release(self.bus, user, times):
+                    logger.warning("failed logins of %r not cleared: others kept writing", user)
+        except (TimeoutError, BusError, nats.errors.Error) as exc:
+            logger.warning("failed logins of %r not cleared: %s", user, exc)
+
+    async def _login(
+        self,
+        request: web.Request,
+        body: LoginRequest,
+        public_key: EcPublicKey,
+        attempt: Attempt,
     ) -> web.Response:
-        """A failed login: counted for the source address here and for the user name at
-        every instance (NATS), then refused with 401; 503 when it cannot be counted."""
-        self.by_address.failure(request.remote or "unknown")
+        address = attempt.address
         limits = self.config.rate_limit
-        try:
-            added = await login_failures.add(
-                self.bus, user, limit=limits.per_user, window=limits.window, now=time.time()
-            )
-        except (BusError, nats.errors.Error) as exc:
-            logger.warning("failed login for %r not counted: %s", user, exc)
-            return self._refuse(
-                request, user, f"{reason}; not counted: NATS unavailable", 503,
-                UNAVAILABLE.format(what="failed-login limit"), retry_after=1,
-            )  # fmt: skip
-        if not added:
-            logger.warning("failed login for %r not counted: other instances kept writing", user)
-        return self._refuse(request, user, reason, 401, message)
-
-    async def _forget(self, user: str, seen: Versioned[login_failures.Failures]) -> None:
-        """After a successful login, clear the user's failures as read before the check
-        (a failure added since stands). Best effort: left in place, they expire."""
-        try:
-            await login_failures.forget(self.bus, user, seen)
-        except (BusError, nats.errors.Error) as exc:
-            logger.warning("failed logins of %r not cleared after a login: %s", user, exc)
-
-    async def _login(self, request: web.Request, body: LoginRequest) -> web.Response:
-        address = request.remote or "unknown"
-        limits = self.config.rate_limit
-        # The address first (in memory): a refused flood costs NATS nothing.
-        wait = self.by_address.retry_after(address)
-        seen = None
+        # Reserve the attempt before its password is checked, so any number sent at once
+        # get at most the limit of checks. The address first (in memory): a refused flood
+        # costs NATS nothing.
+        wait = self.by_address.reserve(address, attempt.now)
         if wait is None:
-            now = time.time()
-            seen = await self._ask(
+            attempt.address_counted = True
+            reserved = await self._ask(
                 "failed-login limit",
-                login_failures.recent(self.bus, body.user, window=limits.window, now=now),
-            )
-            if seen is not None and len(seen.record.times) >= limits.per_user:
-                oldest = seen.record.times[-limits.per_user]
-                wait = min(limits.window, max(0.0, oldest + limits.window - now))
+                login_failures.reserve(
+                    self.bus, body.user, limit=limits.per_user, window=limits.window,
+                    now=time.time(),
+                ),
+            )  # fmt: skip
+            if isinstance(reserved, login_failures.Full):
+                await self._release(body.user, attempt)
+                wait = reserved.retry_after
+            else:
+                attempt.user_counted = reserved
         if wait is not None:
             return self._refuse(
                 request,
@@ -321,42 +485,38 @@ class LoginService:
             ok = await asyncio.to_thread(
                 verify_password, user.password_hash if user else None, body.password
             )
+        # From here a refusal keeps the reserved attempt as the failure it is.
         if not ok or user is None:
             reason = "unknown user" if user is None else "wrong password"
-            return await self._failed(request, body.user, reason, BAD_CREDENTIALS)
+            return self._refuse(request, body.user, reason, 401, BAD_CREDENTIALS)
         method = "password"
         if user.totp_secret:
             if not body.totp:
+                await self._release(body.user, attempt)  # the right password: no failure
                 return self._refuse(
                     request, user.name, "one-time code missing", 401,
                     "a one-time code is required", need="totp",
                 )  # fmt: skip
             step = totp_step(user.totp_secret, body.totp)
             if step is None:
-                return await self._failed(
-                    request, user.name, "wrong one-time code", "invalid one-time code"
+                return self._refuse(
+                    request, user.name, "wrong one-time code", 401, "invalid one-time code"
                 )
             if not await self._ask("one-time code", claim_step(self.bus, user.name, step)):
-                return await self._failed(
-                    request, user.name, "one-time code used again",
+                return self._refuse(
+                    request, user.name, "one-time code used again", 401,
                     "this one-time code was already used: wait for the next one",
                 )  # fmt: skip
             method = "password+totp"
-        try:
-            public_key, _ = csr_public_key(body.csr)
-            requested = parse_duration(body.ttl) if body.ttl is not None else None
-        except (CertificateRejected, ValueError) as exc:
-            return web.json_response({"error": str(exc)}, status=400)
         roles = await self._ask("roles", get_roles(self.bus, user.roles))
         missing = sorted(set(user.roles) - {r.name for r in roles})
         if missing:
             logger.warning("user %s names unknown roles: %s", user.name, ", ".join(missing))
         cap = session_ttl_cap(roles)
-        ttl = min(requested, cap) if requested else cap
+        ttl = min(body.ttl, cap) if body.ttl else cap
         identity = Identity(user=user.name, roles=user.roles, db_users=user.db_users)
         cert = self.ca.issue_client(public_key, identity, ttl)
-        if seen is not None:
-            await self._forget(body.user, seen)
+        await self._release(body.user, attempt, clear=True)
         expires = cert.not_valid_after_utc
         self.audit.emit(
             Login(
@@ -448,8 +608,10 @@ class RunningService:
     runner: web.AppRunner
     service: LoginService
     port: int
+    listener: GuardedListener
 
     async def close(self) -> None:
+        await self.listener.close()
         await self.runner.cleanup()
 
 
@@ -458,20 +620,28 @@ async def start_service(
 ) -> RunningService:
     """Serve the login API on ``config.listen`` (port 0: an ephemeral port)."""
     host, port = split_listen(config.listen)
-    service = LoginService(config=config, bus=bus, ca=ca, audit=audit)
-    runner = web.AppRunner(service.app(), access_log=None)
+    limits = config.connections
+    refusals = RefusalLog(limits.log_interval)
+    service = LoginService(config=config, bus=bus, ca=ca, audit=audit, refusals=refusals)
+    # keepalive_timeout bounds the wait for a request head (from the handshake or the
+    # previous answer); an unread body is not drained (lingering_time 0): closed.
+    runner = web.AppRunner(
+        service.app(), access_log=None, keepalive_timeout=limits.header_timeout,
+        lingering_time=0,
+    )  # fmt: skip
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=server_tls(config, ca))
+    assert runner.server is not None
+    listener = GuardedListener(runner.server, server_tls(config, ca), limits.limits(), refusals)
     try:
-        await site.start()
+        bound = await listener.start(host, port)
     except OSError as exc:
+        await listener.close()
         await runner.cleanup()
         raise AdminError(
             f"listen {config.listen}: cannot listen there ({exc.strerror or exc}): "
             "stop what uses the port, or choose another listen address"
         ) from None
-    bound = runner.addresses[0][1] if runner.addresses else port
-    return RunningService(runner, service, int(bound))
+    return RunningService(runner, service, bound, listener)
 
 
 async def run_auth(config: AuthConfig, *, nats_url: str) -> int:

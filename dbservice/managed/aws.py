@@ -7,7 +7,12 @@ Errors::
 
     ManagedError            one line, safe to log (never a password)
     ├── SecretConflict      Secrets Manager refused a version: another agent won the race
+    ├── NotOurs             a secret without fleetgate's managed-by tag: never changed
     └── NotFound            the secret or user does not exist
+
+A secret is fleetgate's only when it carries the managed-by tag that CreateSecret puts on
+it: :meth:`ManagedAws.put_secret` and :meth:`ManagedAws.delete_secret` look at the tag
+first and refuse (:class:`NotOurs`) any other secret, whichever path calls them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any
 
 import botocore.exceptions
 
+from dbservice.managed.state import MANAGED_BY_TAG
 from dbservice.upstream.iam import IamAuth, IamError, Role
 from fleetgate import awserrors
 
@@ -35,6 +41,17 @@ class SecretConflict(ManagedError):
 
 class NotFound(ManagedError):
     pass
+
+
+class NotOurs(ManagedError):
+    """The secret exists without fleetgate's managed-by tag: it is left as it is."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"secret {name} exists but fleetgate did not create it (no {MANAGED_BY_TAG} "
+            "tag): fleetgate never changes or deletes it; delete it yourself, or tag it "
+            "if it holds fleetgate's JSON"
+        )
 
 
 _NOT_FOUND = frozenset({"ResourceNotFoundException", "UserNotFoundFault", "ACLNotFoundFault"})
@@ -249,6 +266,14 @@ class ManagedAws:
             },
         )
 
+    async def require_ours(self, name: str) -> SecretInfo | None:
+        """The secret's description when fleetgate created it (managed-by tag); None
+        when there is no such secret; :class:`NotOurs` for a secret without the tag."""
+        info = await self.describe_secret(name)
+        if info is not None and MANAGED_BY_TAG not in info.tags:
+            raise NotOurs(name)
+        return info
+
     async def get_version(self, name: str, stage: str) -> SecretVersion | None:
         """The password at ``stage`` (AWSCURRENT/AWSPREVIOUS); None when no version has it."""
         try:
@@ -292,7 +317,10 @@ class ManagedAws:
 
     async def put_secret(self, name: str, value: str, *, token: str) -> str:
         """PutSecretValue (becomes AWSCURRENT); the version id. :class:`SecretConflict`
-        when ``token`` already made a version with another value."""
+        when ``token`` already made a version with another value; :class:`NotOurs` for
+        a secret without fleetgate's tag, :class:`NotFound` when there is none."""
+        if await self.require_ours(name) is None:
+            raise NotFound(f"secretsmanager:PutSecretValue {name}: no such secret")
         async with self._client("secretsmanager", f"secretsmanager:PutSecretValue {name}") as c:
             reply = await c.put_secret_value(
                 SecretId=name, SecretString=value, ClientRequestToken=token
@@ -300,7 +328,11 @@ class ManagedAws:
         return str(reply.get("VersionId") or token)
 
     async def delete_secret(self, name: str, *, recovery_days: int | None = 7) -> None:
-        """DeleteSecret, recoverable for ``recovery_days`` (None: at once)."""
+        """DeleteSecret, recoverable for ``recovery_days`` (None: at once). Nothing when
+        there is no such secret; :class:`NotOurs` (and nothing deleted) for a secret
+        without fleetgate's managed-by tag."""
+        if await self.require_ours(name) is None:
+            return
         params: dict[str, Any] = {"SecretId": name}
         if recovery_days is None:
             params["ForceDeleteWithoutRecovery"] = True

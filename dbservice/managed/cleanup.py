@@ -4,7 +4,9 @@ A user is *unused* when no live agent heartbeat names any of the databases in it
 record. Its last activity is the later of: when the last agent left (``unused_since``),
 its last rotation and its last lease. Once that is ``grace`` seconds ago, :func:`sweep`
 takes the record's lease (so two sweepers never race), deletes the secret (recoverable
-for ``recovery_days`` by default) and removes the record. The MemoryDB user keeps the
+for ``recovery_days`` by default) and removes the record. A secret without fleetgate's
+managed-by tag is never deleted (:class:`~dbservice.managed.aws.NotOurs`): only the
+record goes. The MemoryDB user keeps the
 passwords it has; give it new ones with ``aws memorydb update-user`` to hand it back to
 people.
 
@@ -19,11 +21,15 @@ import time
 from dataclasses import dataclass
 
 from bus import Bus, leases, subjects
-from dbservice.managed.aws import ManagedAws, ManagedError
+from dbservice.managed.aws import ManagedAws, ManagedError, NotOurs
 from dbservice.managed.state import ManagedUser
 from dbservice.upstream.iam import IamAuth, Role
 
 logger = logging.getLogger(__name__)
+
+KEPT = "kept: not fleetgate's secret (no managed-by tag)"
+"""The verdict for a record whose secret fleetgate did not create: the secret is left
+alone (never deleted) and only the record is removed."""
 
 
 @dataclass(frozen=True)
@@ -31,8 +37,8 @@ class Verdict:
     key: str
     record: ManagedUser
     action: str
-    """``in use``, ``waiting`` (grace not over), ``deleted``, ``would delete`` or
-    ``failed: <reason>``."""
+    """``in use``, ``waiting`` (grace not over), ``deleted``, ``would delete``,
+    :data:`KEPT` or ``failed: <reason>``."""
 
 
 def last_activity(record: ManagedUser) -> float:
@@ -77,6 +83,13 @@ async def sweep(
             await ManagedAws(auth, record.region, roles).delete_secret(
                 record.secret_name, recovery_days=recovery_days
             )
+        except NotOurs as exc:
+            # Not fleetgate's secret (a lease record was written before the agents saw
+            # that): leave it exactly as it is, and drop fleetgate's own record of it.
+            await leases.delete(bus, subjects.LEASES_BUCKET, key, last=revision)
+            logger.warning("managed user %s (%s): %s", record.user, record.region, exc)
+            out.append(Verdict(key, record, KEPT))
+            continue
         except ManagedError as exc:
             out.append(Verdict(key, record, f"failed: {exc}"))
             continue

@@ -156,15 +156,10 @@ class Rotator:
             outcome: Outcome = "rotated"
             applied, revision = rotated
         else:
-            info = await aws.describe_secret(ref.secret_name)
+            info = await aws.require_ours(ref.secret_name)  # NotOurs without the tag
             if info is None:
                 await self._check_not_iam(aws, ref)  # no secret for an IAM user, ever
                 outcome, applied = "set-up", await self._set_up(aws, ref)
-            elif MANAGED_BY_TAG not in info.tags:
-                raise ManagedError(
-                    f"secret {ref.secret_name} exists but fleetgate did not create it (no "
-                    f"{MANAGED_BY_TAG} tag): delete it, or tag it if it holds fleetgate's JSON"
-                )
             else:
                 outcome, applied = "repaired", await self._repair(aws, ref)
         done = self.clock()
@@ -209,7 +204,9 @@ class Rotator:
                 kms_key_id=ref.kms_key_id,
             )
         except SecretConflict:
-            # Created meanwhile (lease taken over after a stall): bring the user in line.
+            # Created meanwhile (lease taken over after a stall): bring the user in line,
+            # if fleetgate created it (never set a password someone else chose).
+            await aws.require_ours(ref.secret_name)
             return await self._repair(aws, ref)
         await self.hook("secret-written", ref)
         await self._check_not_iam(aws, ref)
