@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,10 +15,11 @@ from dbservice.agent.health import ProbeResult, Target, probe
 from sandbox.memorydb import StandinConfig, ThreadedStandin
 from sandbox.valkeynode import ValkeyNode
 from tests.agentkit import agent_config, db, health, placement, running_agent, wait_until
+from tests.conftest import SAMPLE_NATS_CONF, sample_nats_passwords
 
 pytestmark = pytest.mark.timeout(60)
 
-NATS_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-server.conf"
+NATS_CONF = SAMPLE_NATS_CONF
 CFG_NAME = "clustercfg.standin.abc123.memorydb.us-east-1.amazonaws.com"
 ROLE = "arn:aws:iam::222222222222:role/payments"
 
@@ -308,8 +308,7 @@ async def test_nats_restart_under_running_agents(
 async def test_agent_needs_only_the_agent_permissions_of_the_sample_nats_config(
     tmp_path: Path, valkey: ValkeyNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    for var in set(re.findall(r"\$(FLEETGATE_NATS_(\w+)_PASSWORD)", NATS_CONF.read_text())):
-        monkeypatch.setenv(var[0], f"pw-{var[1].lower()}")
+    sample_nats_passwords(monkeypatch)
     server = NatsServer(tmp_path / "secured", config_file=NATS_CONF).start()
     try:
         url = f"nats://{{}}:pw-{{}}@127.0.0.1:{server.port}".format

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import socket
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from dbservice.route import RouteRefused
 from fleetgate.config import ConfigError
 from sandbox.memorydb import StandinConfig, ThreadedStandin
 from tests.agentkit import agent_config, running_agent, wait_until
-from tests.conftest import subprocess_env
+from tests.conftest import SAMPLE_NATS_CONF, sample_nats_passwords, subprocess_env
 from tests.listenerkit import (
     APP_PASSWORD,
     Fleet,
@@ -46,7 +45,7 @@ from tests.proxykit import serve_single_node
 
 pytestmark = pytest.mark.timeout(60)
 
-NATS_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-server.conf"
+NATS_CONF = SAMPLE_NATS_CONF
 NATS_TEXT = NATS_CONF.read_text()
 CFG_NAME = "clustercfg.standin.abc123.memorydb.us-east-1.amazonaws.com"
 
@@ -242,8 +241,7 @@ async def test_listener_works_with_only_the_agent_users_nats_rights(
     """deploy/nats/nats-server.conf: the agent reads the CA and roles, creates the audit
     stream and publishes to it; an auditor reads the events back."""
     conf = NATS_CONF
-    for var in set(re.findall(r"\$(FLEETGATE_NATS_(\w+)_PASSWORD)", NATS_TEXT)):
-        monkeypatch.setenv(var[0], f"pw-{var[1].lower()}")
+    sample_nats_passwords(monkeypatch)
     server = NatsServer(tmp_path / "secured", config_file=conf).start()
     try:
         url = f"nats://{{}}:pw-{{}}@127.0.0.1:{server.port}".format

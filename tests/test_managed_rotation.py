@@ -30,10 +30,11 @@ from dbservice.managed.state import (
 from dbservice.upstream.iam import IamAuth
 from sandbox.aws import USER_PASSWORDS, MotoServer
 from tests import seed
+from tests.conftest import SAMPLE_NATS_CONF, sample_nats_passwords
 
 pytestmark = pytest.mark.timeout(60)
 
-NATS_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-server.conf"
+NATS_CONF = SAMPLE_NATS_CONF
 REGION = "us-east-1"
 ACCOUNT = "123456789012"
 
@@ -232,8 +233,7 @@ async def test_the_sample_nats_config_lets_agents_keep_the_records(
     aws: MotoServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     conf = NATS_CONF
-    for user in ("discovery", "agent", "auth", "reader", "auditor", "admin"):
-        monkeypatch.setenv(f"FLEETGATE_NATS_{user.upper()}_PASSWORD", f"pw-{user}")
+    sample_nats_passwords(monkeypatch)
     server = NatsServer(tmp_path / "nats", config_file=conf).start()
     try:
         agent = await Bus.connect(

@@ -31,8 +31,9 @@ from bus.server import NatsServer
 from bus.totp import claim_step, provision_totp
 from sandbox.aws import MotoServer
 from tests import seed
+from tests.conftest import SAMPLE_NATS_CONF, sample_nats_passwords
 
-CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-server.conf"
+CONFIG = SAMPLE_NATS_CONF
 USERS = ("discovery", "agent", "auth", "reader", "auditor", "operator", "admin")
 
 
@@ -42,8 +43,7 @@ def db(name: str) -> DatabaseResource:
 
 @pytest.fixture
 def secured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NatsServer]:
-    for user in USERS:
-        monkeypatch.setenv(f"FLEETGATE_NATS_{user.upper()}_PASSWORD", f"pw-{user}")
+    sample_nats_passwords(monkeypatch)
     server = NatsServer(tmp_path / "nats", config_file=CONFIG).start()
     try:
         yield server
