@@ -10,7 +10,6 @@ import pytest
 
 from dbservice.proxy import Action, Hello, PassThroughHooks, ProtocolError, ProxyLimits
 from dbservice.proxy.commands import CommandParser, parse_hello
-from dbservice.proxy.errors import UpstreamProtocolError
 from dbservice.proxy.inline import encode_command, split_args
 from dbservice.proxy.pending import Item, Local
 from dbservice.proxy.replies import ReplyParser
@@ -249,8 +248,14 @@ def test_reply_stream_any_split(seed: int) -> None:
     assert not h.pending and h.parser.at_boundary
 
 
-def test_reply_nesting_limit() -> None:
+def test_reply_nesting_has_no_limit() -> None:
+    """A reply nested deeper than ``max_reply_nesting`` (the set-up replies' bound)
+    still reaches the client whole, and the next reply is matched to its command."""
     h = ReplyHarness(max_reply_nesting=8)
-    h.pending.append("X")
-    with pytest.raises(UpstreamProtocolError):
-        h.parser.feed(b"*1\r\n" * 20 + b":1\r\n")
+    h.pending.extend(["EVAL", "PING"])
+    deep = b"*1\r\n" * 5000 + b":1\r\n"
+    for i in range(0, len(deep), 7):
+        h.parser.feed(deep[i : i + 7])
+    h.parser.feed(b"+PONG\r\n")
+    assert bytes(h.out) == deep + b"+PONG\r\n"
+    assert h.hooks.replies == [("EVAL", False), ("PING", False)]

@@ -154,6 +154,18 @@ class CommandTable:
                 return sub
         return info
 
+    def wrong_arity(self, args: Sequence[bytes]) -> str | None:
+        """The command's name as the server spells it (``mset``, ``client|setname``)
+        when ``args`` has a number of arguments the server refuses by the command's
+        arity, else None (an unknown command or subcommand is the server's to name)."""
+        info = self.lookup(args)
+        if info is None or (info.subcommands and len(args) > 1):
+            return None
+        argc, arity = len(args), info.arity
+        if argc == arity or (arity < 0 and argc >= -arity):
+            return None
+        return info.name
+
     def key_positions(self, args: Sequence[bytes]) -> list[int]:
         """Where the keys of ``args`` are (indexes into ``args``), in order."""
         info = self.lookup(args)

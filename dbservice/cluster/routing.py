@@ -50,6 +50,8 @@ async def plan(session: ClusterSession, args: list[bytes], raw: bytes | None = N
             return Local(name, error(f"ERR fleetgate: cannot learn the cluster: {exc}"))
     if name == "RESET" and len(args) == 1:  # also inside MULTI and subscribed, as the server
         return await reset(session, name)
+    if (wrong := session._table.wrong_arity(args)) is not None:
+        return _wrong_arity(session, name, wrong, args, raw)
     if session._pubsub.active and name not in _SUBSCRIBED_OK:
         return _subscribed(session, name, args, raw)
     if session._multi is not None and name not in ("EXEC", "DISCARD", "MULTI", "WATCH", "QUIT"):
@@ -82,6 +84,19 @@ def _subscribed(session: ClusterSession, name: str, args: list[bytes], raw: byte
             "(P|S)UNSUBSCRIBE / PING / QUIT / RESET are allowed in this context"
         ),
     )
+
+
+def _wrong_arity(
+    session: ClusterSession, name: str, spelled: str, args: list[bytes], raw: bytes | None
+) -> Entry:
+    """A command with a number of arguments its arity refuses: the server's own error,
+    and nothing else happens (no handler, no key lookup, no split). Outside MULTI it
+    goes to a shard as it is, which answers that error; inside MULTI the error is the
+    server's wording and the transaction is marked failed, as the server does."""
+    if session._multi is not None:
+        session._multi_failed = True
+        return Local(name, error(f"ERR wrong number of arguments for '{spelled}' command"))
+    return Forward(name, session._request(args, None, payload=raw))
 
 
 def _canonical(session: ClusterSession, raw: bytes) -> str:
@@ -122,6 +137,8 @@ def _split(
         groups.setdefault(slot, []).append(position)
     requests: list[Request] = []
     order: dict[int, tuple[int, int]] = {}
+    if name == "MSET" and len(args) % 2 == 0:  # a key without its value
+        return Local(name, error("ERR wrong number of arguments for 'mset' command"))
     for slot, members in groups.items():
         sub: list[bytes] = [args[0]]
         for i, position in enumerate(members):

@@ -16,14 +16,12 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from .errors import ProtocolError, error_reply
+from .framing import bulk_line, count_line, inline_end, payload_end
 from .hooks import Action, Hello, SessionHooks
 from .inline import encode_command, split_args
 from .pending import Item, Local, Special, Sub
 from .settings import ProxyLimits
 from .words import parse_long, server_word
-
-_MAX_COUNT_LINE = 64
-"""Longest ``*<n>`` / ``$<n>`` line accepted (digits and sign)."""
 
 # Commands the engine itself looks at.
 _AUTH, _HELLO, _CLIENT, _SUB, _UNSUB, _MULTI, _ENDMULTI, _RESET, _MONITOR = range(1, 10)
@@ -48,6 +46,11 @@ _INSPECT = 100
 """A name the hooks asked to see the arguments of."""
 
 _NAME_CACHE_MAX = 4096
+
+_DIGIT = [-1] * 256
+"""The value of an ASCII digit byte, -1 for any other byte."""
+for _digit in range(10):
+    _DIGIT[48 + _digit] = _digit
 
 
 class CommandParser:
@@ -153,52 +156,50 @@ class CommandParser:
                         break
                     continue
                 # "*<argc>\r\n$<len>\r\n<name>\r\n": one-digit counts without find/int
-                if p + 3 < n and data[p + 2] == 13 and 49 <= data[p + 1] <= 57:
+                if (
+                    p + 3 < n
+                    and data[p + 2] == 13
+                    and data[p + 3] == 10
+                    and 49 <= data[p + 1] <= 57
+                ):
                     argc = data[p + 1] - 48
                     q = p + 4
                     if argc > max_multibulk:
                         raise ProtocolError("invalid multibulk length")
                 else:
-                    e = data.find(b"\r\n", p + 1, p + _MAX_COUNT_LINE)
-                    if e < 0:
-                        if n - p >= _MAX_COUNT_LINE:
-                            raise ProtocolError("too big mbulk count string")
+                    header = count_line(data, p, n)
+                    if header is None:
                         break
-                    try:
-                        argc = int(data[p + 1 : e])
-                    except ValueError:
-                        raise ProtocolError("invalid multibulk length") from None
+                    argc, q = header
                     if argc > max_multibulk:
                         raise ProtocolError("invalid multibulk length")
-                    q = e + 2
                     if argc <= 0:  # the server ignores empty commands without a reply
                         p = q
                         continue
-                if q + 3 < n and data[q + 2] == 13 and data[q] == 36 and 48 <= data[q + 1] <= 57:
-                    e = q + 2
+                if (
+                    q + 3 < n
+                    and data[q + 2] == 13
+                    and data[q + 3] == 10
+                    and data[q] == 36
+                    and 48 <= data[q + 1] <= 57
+                ):
                     size = data[q + 1] - 48
+                    e = q + 4
                 else:
                     if q >= n:
                         break
-                    if data[q] != 36:  # '$'
-                        raise ProtocolError(f"expected '$', got '{chr(data[q])}'")
-                    e = data.find(b"\r\n", q + 1, q + _MAX_COUNT_LINE)
-                    if e < 0:
-                        if n - q >= _MAX_COUNT_LINE:
-                            raise ProtocolError("too big bulk count string")
+                    header = bulk_line(data, q, n, max_bulk)
+                    if header is None:
                         break
-                    try:
-                        size = int(data[q + 1 : e])
-                    except ValueError:
-                        raise ProtocolError("invalid bulk length") from None
-                    if size < 0 or size > max_bulk:
-                        raise ProtocolError("invalid bulk length")
+                    size, e = header
                     if size > self._limits.max_inspect:
                         raise ProtocolError("command name too long")
-                q = e + 2 + size
+                q = e + size
                 if q + 2 > n:
                     break
-                raw = data[e + 2 : q]
+                if data[q] != 13 or data[q + 1] != 10:
+                    raise ProtocolError("invalid CRLF in request")
+                raw = data[e:q]
                 name = names.get(raw)
                 if name is None:
                     name = self._canonical(raw)
@@ -210,32 +211,33 @@ class CommandParser:
                     left = argc - 1
                     while left and q + 4 < n and data[q] == 36:
                         if data[q + 2] == 13:
-                            size = data[q + 1] - 48
-                            if not 0 <= size <= 9:
+                            size = _DIGIT[data[q + 1]]
+                            end = q + 4 + size
+                            if size < 0 or data[q + 3] != 10 or end + 2 > n:
                                 break
-                            q += 6 + size
                         elif data[q + 3] == 13:
-                            tens = data[q + 1] - 48
-                            size = data[q + 2] - 48
-                            if not (1 <= tens <= 9 and 0 <= size <= 9):
+                            tens = _DIGIT[data[q + 1]]
+                            size = _DIGIT[data[q + 2]]
+                            end = q + 5 + tens * 10 + size
+                            if tens <= 0 or size < 0 or data[q + 4] != 10 or end + 2 > n:
                                 break
-                            q += 7 + tens * 10 + size
                         else:
                             break
+                        if data[end] != 13 or data[end + 1] != 10:
+                            raise ProtocolError("invalid CRLF in request")
+                        q = end + 2
                         left -= 1
-                    if q > n:
-                        self._bulk_left = q - n
-                        self._args_left = left
-                        q = n
-                    elif left:
+                    streaming = False
+                    if left:
                         self._args_left = left
                         q = self._skip(data, q, n)
+                        streaming = bool(self._args_left or self._bulk_left)
                     seen += 1
                     verdict = on_command(name, argc, None)
                     if verdict is None:
                         append(name)
                         p = q
-                        if self._args_left or self._bulk_left:
+                        if streaming:
                             break
                         continue
                 elif spec == _INSPECT and (args := _read_args(data, q, n, argc - 1, raw)):
@@ -319,33 +321,28 @@ class CommandParser:
         """Skip streamed arguments from ``p``; return where it stopped (``n`` inside a
         payload, or the start of an incomplete argument header)."""
         while True:
-            left = self._bulk_left
+            left = self._bulk_left  # payload and its CRLF; never 1 (see below)
             if left:
                 if n - p < left:
+                    if n - p > left - 2:
+                        # The payload is here and part of its CRLF: keep that byte
+                        # for the next read, where the CRLF is checked whole.
+                        self._bulk_left = 2
+                        return p + left - 2
                     self._bulk_left = left - (n - p)
                     return n
-                p += left
+                p = payload_end(data, p + left - 2)
                 self._bulk_left = 0
             if not self._args_left:
                 return p
             if p >= n:
                 return p
-            if data[p] != 36:
-                raise ProtocolError(f"expected '$', got '{chr(data[p])}'")
-            e = data.find(b"\r\n", p + 1, p + _MAX_COUNT_LINE)
-            if e < 0:
-                if n - p >= _MAX_COUNT_LINE:
-                    raise ProtocolError("too big bulk count string")
+            header = bulk_line(data, p, n, self._max_bulk)
+            if header is None:
                 return p
-            try:
-                size = int(data[p + 1 : e])
-            except ValueError:
-                raise ProtocolError("invalid bulk length") from None
-            if size < 0 or size > self._max_bulk:
-                raise ProtocolError("invalid bulk length")
+            size, p = header
             self._args_left -= 1
             self._bulk_left = size + 2
-            p = e + 2
 
     def _collect(
         self, data: bytes, p: int, n: int, count: int, raw_name: bytes
@@ -355,23 +352,15 @@ class CommandParser:
         for _ in range(count):
             if p >= n:
                 return None
-            if data[p] != 36:
-                raise ProtocolError(f"expected '$', got '{chr(data[p])}'")
-            e = data.find(b"\r\n", p + 1, p + _MAX_COUNT_LINE)
-            if e < 0:
-                if n - p >= _MAX_COUNT_LINE:
-                    raise ProtocolError("too big bulk count string")
+            header = bulk_line(data, p, n, self._max_bulk)
+            if header is None:
                 return None
-            try:
-                size = int(data[p + 1 : e])
-            except ValueError:
-                raise ProtocolError("invalid bulk length") from None
-            if size < 0 or size > self._max_bulk:
-                raise ProtocolError("invalid bulk length")
-            p = e + 2 + size + 2
-            if p > n:
+            size, start = header
+            end = start + size
+            if end + 2 > n:
                 return None
-            args.append(data[e + 2 : p - 2])
+            args.append(data[start:end])
+            p = payload_end(data, end)
         return p, args
 
     def _canonical(self, raw: bytes) -> str:
@@ -385,11 +374,8 @@ class CommandParser:
     def _inline(self, data: bytes, p: int, n: int, fwd: int) -> tuple[int, int]:
         """Handle one inline line at ``p``; returns (new p, new fwd); p unchanged when
         the line is incomplete."""
-        limit = self._limits.max_inline
-        e = data.find(b"\n", p, p + limit + 1)
+        e = inline_end(data, p, n, self._limits.max_inline)
         if e < 0:
-            if n - p > limit:
-                raise ProtocolError("too big inline request")
             return p, fwd
         line = data[p:e]
         args = split_args(line)
@@ -506,12 +492,12 @@ def _read_args(
     while left:
         if q + 4 >= n or data[q] != 36:
             return None
-        if data[q + 2] == 13:
+        if data[q + 2] == 13 and data[q + 3] == 10:
             size = data[q + 1] - 48
             if not 0 <= size <= 9:
                 return None
             q += 4
-        elif data[q + 3] == 13:
+        elif data[q + 3] == 13 and data[q + 4] == 10:
             tens = data[q + 1] - 48
             size = data[q + 2] - 48
             if not (1 <= tens <= 9 and 0 <= size <= 9):
@@ -521,7 +507,7 @@ def _read_args(
         else:
             return None
         end = q + size
-        if end + 2 > n:
+        if end + 2 > n or data[end] != 13 or data[end + 1] != 10:
             return None
         args.append(data[q:end])
         q = end + 2

@@ -27,7 +27,7 @@ class ProtocolError(ProxyError):
 
     @property
     def reply(self) -> bytes:
-        return b"-ERR Protocol error: " + self.detail.encode("ascii", "replace") + b"\r\n"
+        return b"-ERR Protocol error: " + self.detail.encode("latin-1", "replace") + b"\r\n"
 
 
 class UpstreamProtocolError(ProxyError):

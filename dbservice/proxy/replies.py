@@ -254,8 +254,6 @@ class ReplyParser:
                                 size *= 2
                             elif t == 124:
                                 size = size * 2 + 1
-                            if len(stack) >= self._limits.max_reply_nesting:
-                                raise UpstreamProtocolError("reply nested too deeply")
                             stack.append(size)
                             continue
                     else:

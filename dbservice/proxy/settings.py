@@ -15,13 +15,17 @@ class ProxyLimits:
     """Longest inline command line (valkey-server's PROTO_INLINE_MAX_SIZE)."""
     max_bulk: int = 512 * MiB
     """Largest declared bulk argument (valkey-server's ``proto-max-bulk-len``)."""
-    max_multibulk: int = 1024 * 1024
-    """Most arguments in one command."""
+    max_multibulk: int = (1 << 31) - 1
+    """Most arguments in one command (valkey-server's own bound, INT_MAX: a command is
+    refused for its count exactly where the server refuses it)."""
     max_inspect: int = 64 * 1024
     """Largest command the engine reads whole to look at its arguments (AUTH, HELLO,
     CLIENT, and the names a hook asks for); larger AUTH/HELLO/CLIENT are refused."""
     max_reply_nesting: int = 128
-    """Deepest aggregate nesting accepted in a server reply."""
+    """Deepest aggregate nesting accepted in the replies the engines decode during
+    connection set-up (AUTH, HELLO). Replies passed on to the client are never limited
+    in depth: whatever the server sends reaches the client (a Lua script alone can nest
+    about 8,000 levels)."""
     max_reply_line: int = 64 * MiB
     """Longest simple reply line (status, error, number) accepted from the server."""
     read_size: int = 256 * 1024
