@@ -221,8 +221,8 @@ async def test_commands_go_out_on_time_without_end(bus: Bus) -> None:
 
 
 def test_the_batch_type_is_not_a_filter() -> None:
-    from dbservice.audit_cli import subject_for
-    from fleetgate.cli import UsageError
+    from fleetgate.cli.audit import subject_for
+    from fleetgate.cli.errors import UsageError
 
     assert subject_for("db.session.query") == QUERY_SUBJECT
     with pytest.raises(UsageError, match=r"use --type db\.session\.query"):

@@ -1,5 +1,5 @@
 """What admins do on the auth host: create and publish the CA, sign for programs, and
-manage users and roles in the registry. The CLI (:mod:`dbservice.auth.cli`) is a thin
+manage users and roles in the registry. The CLI (:mod:`fleetgate.cli.auth`) is a thin
 layer over these functions."""
 
 from __future__ import annotations

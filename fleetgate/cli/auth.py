@@ -28,7 +28,7 @@ from bus.access import (
 from bus.audit import ensure_audit_stream, publish_event
 from bus.errors import BusError
 from fleetgate import aio
-from fleetgate.cli import UsageError
+from fleetgate.cli.errors import UsageError
 from fleetgate.config import ConfigError, load_model, read_yaml, resolve_nats_url
 from fleetgate.durations import format_duration, parse_duration
 

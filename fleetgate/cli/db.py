@@ -10,11 +10,12 @@ from typing import Any, TypeVar
 
 from bus import Bus, DatabaseResource, RegistryError, parse_label_filter
 from bus.labels import matches
-from dbservice import connect, servers_cli
-from dbservice.auth import cli as auth_cli
+from dbservice import connect
 from dbservice.auth import people
 from fleetgate import aio
-from fleetgate.cli import UsageError
+from fleetgate.cli import auth as auth_cli
+from fleetgate.cli import servers as servers_cli
+from fleetgate.cli.errors import UsageError
 from fleetgate.config import resolve_nats_url
 
 HIDDEN_LABEL_PREFIX = "fleetgate.dev/"

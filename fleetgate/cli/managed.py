@@ -116,7 +116,7 @@ def _ls(args: argparse.Namespace) -> int:
 def _cleanup(args: argparse.Namespace) -> int:
     from dbservice.managed.cleanup import sweep
     from dbservice.upstream.iam import IamAuth
-    from fleetgate.cli import UsageError
+    from fleetgate.cli.errors import UsageError
 
     try:
         grace = parse_duration(args.grace)

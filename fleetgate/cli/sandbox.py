@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetgate import aio
-from fleetgate.cli import UsageError
+from fleetgate.cli.errors import UsageError
 from sandbox.state import (
     PRIVATE_UMASK,
     SHELL_NATS_USER,

@@ -22,10 +22,6 @@ BROKEN_PIPE = 141
 signal ended."""
 
 
-class UsageError(Exception):
-    """A command-line mistake; the message says how to fix it."""
-
-
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
@@ -34,13 +30,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dbservice import audit_cli, configure_cli
-    from dbservice import cli as db_cli
-    from dbservice.agent import cli as agent_cli
-    from dbservice.auth import cli as auth_cli
-    from dbservice.managed import cli as managed_cli
-    from discovery import cli as discovery_cli
-    from sandbox import cli as sandbox_cli
+    from fleetgate.cli import agent as agent_cli
+    from fleetgate.cli import audit as audit_cli
+    from fleetgate.cli import auth as auth_cli
+    from fleetgate.cli import configure as configure_cli
+    from fleetgate.cli import db as db_cli
+    from fleetgate.cli import discovery as discovery_cli
+    from fleetgate.cli import managed as managed_cli
+    from fleetgate.cli import sandbox as sandbox_cli
 
     parser = argparse.ArgumentParser(
         prog="fleetgate",
@@ -89,6 +86,7 @@ def _quiet_stdout() -> None:
 
 def _run(argv: Sequence[str] | None) -> int:
     from bus.errors import BusError
+    from fleetgate.cli.errors import UsageError
     from fleetgate.config import ConfigError
     from fleetgate.logs import setup_logging
 

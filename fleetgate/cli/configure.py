@@ -59,7 +59,7 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
 
 
 def _iam(args: argparse.Namespace) -> int:
-    from fleetgate.cli import UsageError
+    from fleetgate.cli.errors import UsageError
 
     try:
         clusters = [ClusterArn.parse(arn) for arn in args.cluster]

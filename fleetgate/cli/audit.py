@@ -22,7 +22,7 @@ from bus.audit import (
 )
 from bus.subjects import audit_filter
 from fleetgate import aio
-from fleetgate.cli import UsageError
+from fleetgate.cli.errors import UsageError
 from fleetgate.config import resolve_nats_url
 from fleetgate.durations import parse_duration
 

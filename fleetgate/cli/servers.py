@@ -19,7 +19,7 @@ from bus import Bus, DbServerHeartbeat, RegistryError
 from bus.servers import health_rank
 from dbservice.auth import people
 from fleetgate import aio
-from fleetgate.cli import UsageError
+from fleetgate.cli.errors import UsageError
 from fleetgate.config import resolve_nats_url
 
 
