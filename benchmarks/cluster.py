@@ -72,7 +72,7 @@ async def start_cluster(directory: Path, shards: int = 3) -> list[ValkeyNode]:
 
 ENGINE = """
 import asyncio, sys, uvloop
-from dbservice.cluster.testing import LoopbackCluster
+from dbservice.engine.cluster.testing import LoopbackCluster
 async def main():
     async with LoopbackCluster(("127.0.0.1", int(sys.argv[1]))) as proxy:
         print(proxy.port, flush=True)

@@ -369,7 +369,7 @@ class _ArgsReader:
     trail would."""
 
     def __init__(self) -> None:
-        from dbservice.proxy import PassThroughHooks
+        from dbservice.engine.proxy import PassThroughHooks
 
         base = PassThroughHooks()
         self.on_auth = base.on_auth
@@ -384,8 +384,8 @@ class _ArgsReader:
 
 
 async def _serve_engine(upstream_port: int, inspect: bool) -> None:
-    from dbservice.proxy import PassThroughHooks, SessionHooks, TcpConnector
-    from dbservice.proxy.testing import LoopbackProxy
+    from dbservice.engine.proxy import PassThroughHooks, SessionHooks, TcpConnector
+    from dbservice.engine.proxy.testing import LoopbackProxy
 
     hooks = cast(Callable[[], SessionHooks], _ArgsReader if inspect else PassThroughHooks)
     connector = TcpConnector("127.0.0.1", upstream_port)

@@ -592,7 +592,7 @@ def whole_cluster_id(database: str, node: str) -> str:
     """``--node`` as given, or "" when it names the one node that a plain ``db connect``
     shows for the whole cluster (``CLUSTER SHARDS``/``NODES``/``SLOTS`` through it), in
     full or by 8+ first characters: that node is the whole database, routed."""
-    from dbservice.cluster.merge import node_id
+    from dbservice.engine.cluster.merge import node_id
 
     if len(node) >= 8 and node_id(database).startswith(node.lower()):
         print(

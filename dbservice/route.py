@@ -33,7 +33,7 @@ keep the client's blocked commands (``BLPOP``) alive on the server after it left
 FLEETGATE.EOF``) at a command boundary as the last thing it ever sends: the agent takes
 it as the client's EOF (never forwarded, audited or answered), delivers the replies
 owed that the server answers without waiting, and closes the server connection at
-once otherwise (:mod:`dbservice.proxy.halfclose`). Without the option the command is
+once otherwise (:mod:`dbservice.engine.proxy.halfclose`). Without the option the command is
 the client's like any other.
 
 **The route in the TLS server name.** Instead of the preamble, a client may name the

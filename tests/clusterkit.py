@@ -13,9 +13,9 @@ from types import TracebackType
 import redis
 import uvloop
 
-from dbservice.cluster.testing import LoopbackCluster
-from dbservice.proxy import PassThroughHooks, ProxyLimits, SessionHooks, SessionStats
-from dbservice.proxy.settings import CommandBuffers
+from dbservice.engine.cluster.testing import LoopbackCluster
+from dbservice.engine.proxy import PassThroughHooks, ProxyLimits, SessionHooks, SessionStats
+from dbservice.engine.proxy.settings import CommandBuffers
 from sandbox.memorydb import ThreadedStandin
 
 

@@ -32,7 +32,7 @@ from dbservice.auth.ca import (
 from dbservice.auth.client import login
 from dbservice.auth.passwords import hash_password
 from dbservice.auth.service import AuthConfig, RunningService, start_service
-from dbservice.proxy import PassThroughHooks, ProxySession
+from dbservice.engine.proxy import PassThroughHooks, ProxySession
 from dbservice.rbac import check_db_access
 from dbservice.route import EOF_COMMAND, ROUTE_OK, RouteError, encode_refusal, read_route
 from tests.conftest import subprocess_env

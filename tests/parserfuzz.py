@@ -27,11 +27,11 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dbservice.cluster.resp import CommandReader
-from dbservice.proxy import PassThroughHooks, ProxyLimits
-from dbservice.proxy.commands import CommandParser
-from dbservice.proxy.errors import ProtocolError
-from dbservice.proxy.pending import Local
+from dbservice.engine.cluster.resp import CommandReader
+from dbservice.engine.proxy import PassThroughHooks, ProxyLimits
+from dbservice.engine.proxy.commands import CommandParser
+from dbservice.engine.proxy.errors import ProtocolError
+from dbservice.engine.proxy.pending import Local
 
 
 @dataclass

@@ -15,8 +15,14 @@ from typing import Any
 
 import uvloop
 
-from dbservice.proxy import PassThroughHooks, ProxyLimits, ProxyTimeouts, SessionHooks, TcpConnector
-from dbservice.proxy.testing import LoopbackProxy
+from dbservice.engine.proxy import (
+    PassThroughHooks,
+    ProxyLimits,
+    ProxyTimeouts,
+    SessionHooks,
+    TcpConnector,
+)
+from dbservice.engine.proxy.testing import LoopbackProxy
 from sandbox.valkeynode import ValkeyNode
 
 

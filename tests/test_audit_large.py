@@ -16,10 +16,10 @@ from clusterkit import ClusterProxy
 
 from bus.access import Identity, Role
 from bus.audit import AuditEvent, Outgoing, SessionQuery
-from dbservice.agent.hooks import AgentHooks
-from dbservice.agent.login import ClientCredentials
 from dbservice.audit import AuditEmitter, BatchLimits, QueryRedaction, describe_command
 from dbservice.auth.authorize import grant_for
+from dbservice.engine.login import ClientCredentials
+from dbservice.gateway.hooks import AgentHooks
 from sandbox.memorydb import StandinConfig, ThreadedStandin
 
 pytestmark = pytest.mark.timeout(180)

@@ -18,7 +18,7 @@ import pytest
 from bus import Bus
 from bus.server import NatsServer
 from dbservice.auth.people import RegistryDown, fetch_databases, fetch_servers, require_identity
-from dbservice.cluster.merge import node_id
+from dbservice.engine.cluster.merge import node_id
 from sandbox.valkeynode import ValkeyNode
 from tests.conftest import subprocess_env
 from tests.connectkit import StandInAgent, Tunnel, World, free_port, resource, world

@@ -16,7 +16,7 @@ import redis
 from clusterkit import ClusterProxy
 from proxykit import Recorder, valkey_cli
 
-from dbservice.cluster.slots import key_slot
+from dbservice.engine.cluster.slots import key_slot
 from sandbox.memorydb import StandinConfig, ThreadedStandin
 
 

@@ -14,7 +14,7 @@ import redis.exceptions
 from bus import Bus
 from bus.schemas import AWSSpec, DatabaseResource, DatabaseSpec, MemoryDBSpec, Metadata, TLSSettings
 from bus.server import NatsServer
-from dbservice.cluster.slots import key_slot
+from dbservice.engine.cluster.slots import key_slot
 from dbservice.route import RouteRefused, open_route
 from sandbox.aws import ACL_MEMBERS, MotoServer
 from sandbox.iamfront import IamFront, MemoryDBLogin

@@ -14,7 +14,7 @@ import pytest
 import redis
 from clusterkit import ClusterProxy
 
-from dbservice.cluster.slots import key_slot
+from dbservice.engine.cluster.slots import key_slot
 from sandbox.memorydb import StandinConfig, ThreadedStandin
 
 

@@ -11,7 +11,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.exceptions import MovedError
 
-from dbservice.cluster.slots import key_slot
+from dbservice.engine.cluster.slots import key_slot
 from sandbox.memorydb import StandinConfig, ThreadedStandin
 
 

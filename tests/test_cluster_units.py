@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from dbservice.cluster import merge, resp
-from dbservice.cluster.keyspecs import CommandTable
-from dbservice.cluster.slots import key_slot
-from dbservice.cluster.topology import from_shards, from_slots
-from dbservice.proxy.errors import ProtocolError
-from dbservice.proxy.settings import ProxyLimits
+from dbservice.engine.cluster import merge, resp
+from dbservice.engine.cluster.keyspecs import CommandTable
+from dbservice.engine.cluster.slots import key_slot
+from dbservice.engine.cluster.topology import from_shards, from_slots
+from dbservice.engine.proxy.errors import ProtocolError
+from dbservice.engine.proxy.settings import ProxyLimits
 from sandbox.memorydb import MemoryDBStandin, StandinConfig
 from sandbox.valkeynode import ValkeyNode
 
@@ -228,8 +228,8 @@ def test_mget_split_is_regrouped_in_key_order() -> None:
 def test_a_link_through_the_configuration_endpoint_names_its_node() -> None:
     """Errors on the configuration endpoint's connection, once it serves a shard, name
     the shard's node as well (the client is told which node is down either way)."""
-    from dbservice.cluster.link import Link
-    from dbservice.proxy.settings import ProxyLimits
+    from dbservice.engine.cluster.link import Link
+    from dbservice.engine.proxy.settings import ProxyLimits
 
     async def never(address: tuple[str, int]) -> Any:
         raise AssertionError("not dialled")

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from dbservice.proxy import ProxyLimits, TcpConnector
-from dbservice.proxy.settings import CommandBuffers
-from dbservice.proxy.testing import LoopbackProxy
+from dbservice.engine.proxy import ProxyLimits, TcpConnector
+from dbservice.engine.proxy.settings import CommandBuffers
+from dbservice.engine.proxy.testing import LoopbackProxy
 from sandbox.memorydb import StandinConfig, ThreadedStandin
 from sandbox.valkeynode import ValkeyNode
 from tests.clusterkit import ClusterProxy

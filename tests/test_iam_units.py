@@ -9,11 +9,11 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from bus.schemas import AWSSpec, DatabaseResource, DatabaseSpec, MemoryDBSpec, Metadata
-from dbservice.agent.iam_login import IamLogin, IamLogins
-from dbservice.agent.login import ClientCredentials
-from dbservice.proxy import Action, Hello
+from dbservice.engine.login import ClientCredentials
+from dbservice.engine.proxy import Action, Hello
 from dbservice.upstream import auth as wire
 from dbservice.upstream.iam import IamAuth, IamTarget
+from dbservice.upstream.iam_login import IamLogin, IamLogins
 
 
 def memorydb(name: str = "orders") -> DatabaseResource:

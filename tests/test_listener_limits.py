@@ -15,7 +15,7 @@ import pytest
 
 from bus import Bus
 from bus.server import NatsServer
-from dbservice.agent.listener import Handshakes, address_key
+from dbservice.gateway.listener import Handshakes, address_key
 from dbservice.route import RouteRefused
 from sandbox.valkeynode import ValkeyNode
 from tests.agentkit import running_agent, wait_until
@@ -87,7 +87,7 @@ async def test_idle_and_stalled_connections_do_not_keep_clients_out(
         "max_connections": 20,
     }
     alice = fleet.identity("alice", ["dev"])
-    caplog.set_level(logging.INFO, logger="dbservice.agent.listener")
+    caplog.set_level(logging.INFO, logger="dbservice.gateway.listener")
     async with running_agent(config, fleet.nats_url) as agent:
         listener = agent.listener
         assert listener is not None

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from bus.access import Identity, Role
 from bus.audit import AuditEvent, Outgoing, SessionQuery
-from dbservice.agent.hooks import AgentHooks
-from dbservice.agent.login import ClientCredentials
 from dbservice.audit import AuditEmitter
 from dbservice.auth.authorize import grant_for
-from dbservice.proxy import Action
-from dbservice.proxy.commands import parse_hello
+from dbservice.engine.login import ClientCredentials
+from dbservice.engine.proxy import Action
+from dbservice.engine.proxy.commands import parse_hello
+from dbservice.gateway.hooks import AgentHooks
 
 ALICE = Identity(user="alice", roles=("dev",))
 DEV = Role.model_validate(

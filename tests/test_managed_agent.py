@@ -25,7 +25,7 @@ from bus.schemas import AWSSpec, DatabaseResource, DatabaseSpec, MemoryDBSpec, M
 from bus.server import NatsServer
 from dbservice.agent.app import Agent
 from dbservice.agent.config import AgentConfig
-from dbservice.agent.hooks import LOCAL_AUTH
+from dbservice.gateway.hooks import LOCAL_AUTH
 from dbservice.managed.cleanup import sweep
 from dbservice.managed.rotation import Step, UserRef
 from dbservice.managed.state import ManagedUser, secret_name

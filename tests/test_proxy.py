@@ -13,7 +13,7 @@ import pytest
 import redis
 import redis.asyncio as aredis
 
-from dbservice.proxy import Action, Hello, PassThroughHooks, ProxyLimits, ProxyTimeouts
+from dbservice.engine.proxy import Action, Hello, PassThroughHooks, ProxyLimits, ProxyTimeouts
 from sandbox.valkeynode import ValkeyNode
 from tests.proxykit import RawClient, Recorder, ThreadedProxy, cmd, serve_single_node
 

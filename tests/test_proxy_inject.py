@@ -13,7 +13,7 @@ from typing import TypeVar
 import pytest
 import redis
 
-from dbservice.proxy import ProxySession
+from dbservice.engine.proxy import ProxySession
 from sandbox.valkeynode import ValkeyNode
 from tests.proxykit import RawClient, ThreadedProxy, cmd, serve_single_node
 

@@ -151,7 +151,7 @@ def test_slow_reader_pushes_back_on_the_server(proxy: ThreadedProxy, node: Valke
 async def test_bytes_sent_before_the_session_starts(node: ValkeyNode) -> None:
     """Commands (and even the client's EOF) that arrive before the agent hands the
     connection to the engine are served."""
-    from dbservice.proxy import PassThroughHooks, ProxySession, TcpConnector
+    from dbservice.engine.proxy import PassThroughHooks, ProxySession, TcpConnector
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(0.3)  # the agent authenticating, connecting upstream...
@@ -174,7 +174,7 @@ async def test_bytes_sent_before_the_session_starts(node: ValkeyNode) -> None:
 async def _tls_session_roundtrip(upstream_port: int, directory: Path) -> None:
     """The agent's shape: mutual TLS on the client side, the connection handed to the
     engine a little after the handshake, with the client already sending."""
-    from dbservice.proxy import PassThroughHooks, ProxySession, TcpConnector
+    from dbservice.engine.proxy import PassThroughHooks, ProxySession, TcpConnector
     from sandbox.tlsca import TestCA
 
     ca = TestCA.create()

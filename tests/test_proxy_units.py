@@ -8,11 +8,11 @@ from collections.abc import Sequence
 
 import pytest
 
-from dbservice.proxy import Action, Hello, PassThroughHooks, ProtocolError, ProxyLimits
-from dbservice.proxy.commands import CommandParser, parse_hello
-from dbservice.proxy.inline import encode_command, split_args
-from dbservice.proxy.pending import Item, Local
-from dbservice.proxy.replies import ReplyParser
+from dbservice.engine.proxy import Action, Hello, PassThroughHooks, ProtocolError, ProxyLimits
+from dbservice.engine.proxy.commands import CommandParser, parse_hello
+from dbservice.engine.proxy.inline import encode_command, split_args
+from dbservice.engine.proxy.pending import Item, Local
+from dbservice.engine.proxy.replies import ReplyParser
 from tests.proxykit import Recorder, cmd
 
 

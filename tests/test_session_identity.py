@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from bus.audit import SessionQuery
-from dbservice.proxy.commands import parse_hello
+from dbservice.engine.proxy.commands import parse_hello
 from sandbox.valkeynode import ValkeyNode
 from tests.agentkit import running_agent
 from tests.listenerkit import (

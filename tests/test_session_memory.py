@@ -15,10 +15,10 @@ import uvloop
 
 from bus import Bus
 from bus.server import NatsServer
-from dbservice.agent.hooks import AgentHooks
 from dbservice.audit import SessionAudit
-from dbservice.cluster.session import ClusterSession
-from dbservice.proxy import ProxySession
+from dbservice.engine.cluster.session import ClusterSession
+from dbservice.engine.proxy import ProxySession
+from dbservice.gateway.hooks import AgentHooks
 from sandbox.memorydb import StandinConfig, ThreadedStandin
 from sandbox.valkeynode import ValkeyNode
 from tests.agentkit import running_agent, wait_until

@@ -21,9 +21,8 @@ from bus import BUCKETS, Bus, DatabaseResource, leases, subjects
 from dbservice.agent.config import AgentConfig
 from dbservice.agent.health import Prober, TLSContexts, probe
 from dbservice.agent.heartbeat import AgentIdentity, Announcer
-from dbservice.agent.iam_login import IamLogins
 from dbservice.agent.identity import DataDir
-from dbservice.agent.listener import Listener
+from dbservice.agent.managed_users import build_service
 from dbservice.agent.processes import (
     ListenerProcess,
     ListenerProcesses,
@@ -34,11 +33,12 @@ from dbservice.agent.processes import (
 from dbservice.agent.served import Selection, follow_registry, static_resource
 from dbservice.agent.supervisor import Supervisor
 from dbservice.agent.worker import DatabaseWorker, PassiveWorker, Worker
-from dbservice.managed.login import ManagedLogins
+from dbservice.gateway.listener import Listener
 from dbservice.managed.membership import AclMembership
 from dbservice.managed.service import ManagedUsers
-from dbservice.managed.wiring import build_service
 from dbservice.upstream.iam import IamAuth
+from dbservice.upstream.iam_login import IamLogins
+from dbservice.upstream.managed_login import ManagedLogins
 from fleetgate import __version__
 from fleetgate.aio import stop_on_signals
 from fleetgate.durations import format_duration

@@ -138,7 +138,7 @@ class _ProcessTag(logging.Filter):
 
 
 def tag_logs(index: int) -> None:
-    """Mark this process's log lines (``dbservice.agent.listener[listener-1]: ...``):
+    """Mark this process's log lines (``dbservice.gateway.listener[listener-1]: ...``):
     they go to the leader's stderr, between its own."""
     for handler in logging.getLogger().handlers:
         handler.addFilter(_ProcessTag(index))

@@ -9,7 +9,7 @@ valkey 9.1's ``processMultibulkBuffer`` / ``processInlineBuffer``:
   by ``\\n``, and a payload by ``\\r\\n`` ("invalid CRLF in request"); a count of zero
   or less is a command that is skipped without a reply;
 * any other first byte starts an inline command: the bytes up to ``\\n`` (a ``\\r``
-  before it dropped), split by :func:`dbservice.proxy.inline.split_args`. The server
+  before it dropped), split by :func:`dbservice.engine.proxy.inline.split_args`. The server
   looks for that ``\\n`` with ``strchr``, so a NUL byte before it means the line never
   ends there; the agent refuses such a line at once.
 

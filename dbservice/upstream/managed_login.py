@@ -1,6 +1,6 @@
 """The managed-user login strategy, composed with IAM and the client's own credentials.
 
-:class:`ManagedLogin` is an :class:`~dbservice.agent.login.UpstreamLogin`. The db user
+:class:`ManagedLogin` is an :class:`~dbservice.engine.login.UpstreamLogin`. The db user
 is known at login time, so the choice is made there, per session:
 
 * a managed user of the database: the agent sends ``AUTH <user> <password>`` on the
@@ -19,10 +19,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from bus.schemas import DatabaseResource
-from dbservice.agent.login import UpstreamLogin, UpstreamLoginError
+from dbservice.engine.login import UpstreamLogin, UpstreamLoginError
+from dbservice.engine.proxy import Action, Hello, Streams
 from dbservice.managed.passwords import LoginRefused
 from dbservice.managed.service import ManagedUsers
-from dbservice.proxy import Action, Hello, Streams
 
 OK = b"+OK\r\n"
 

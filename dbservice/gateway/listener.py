@@ -22,11 +22,11 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
 4. :func:`~dbservice.auth.authorize.authorize_session`: the roles named in the
    certificate, read fresh from the registry for every connection.
 5. The upstream connection: host aliases and TLS exactly as the health checks dial it,
-   then :class:`~dbservice.agent.login.UpstreamLogin`.
+   then :class:`~dbservice.engine.login.UpstreamLogin`.
 6. ``+OK``, ``db.session.start``, and the proxy engine with :class:`AgentHooks` until
    either side closes; ``db.session.end`` (duration, commands, bytes each way) from
    ``finally``. MemoryDB in cluster mode gets the cluster engine
-   (:mod:`dbservice.cluster`: one plain server to the client, routed per shard), or, for
+   (:mod:`dbservice.engine.cluster`: one plain server to the client, routed per shard), or, for
    a route naming a node (``db connect --node``), the proxy engine to that shard alone.
    A session logged in by IAM token runs its login's ``keep_alive`` beside the engine
    (a fresh ``AUTH`` every ``listener.iam_reauth``, injected between two client commands,
@@ -67,8 +67,6 @@ from bus.errors import BusError
 from bus.schemas import DatabaseResource
 from dbservice.agent.config import DbService, ListenerConfig, join_host_port, split_host_port
 from dbservice.agent.health import TLSContexts, build_target
-from dbservice.agent.hooks import AgentHooks
-from dbservice.agent.login import ClientCredentials, UpstreamLogin, UpstreamLoginError
 from dbservice.audit import AuditEmitter, QueryRedaction, SessionAudit
 from dbservice.auth.authorize import authorize_session
 from dbservice.auth.ca import (
@@ -80,16 +78,18 @@ from dbservice.auth.ca import (
     load_certs,
     mtls_server_context,
 )
-from dbservice.cluster.agent import (
+from dbservice.engine.cluster.session import ClusterSession
+from dbservice.engine.login import ClientCredentials, UpstreamLogin, UpstreamLoginError
+from dbservice.engine.proxy import ProxyLimits, ProxySession, ProxyTimeouts, Streams, TcpConnector
+from dbservice.engine.proxy.settings import CommandBuffers
+from dbservice.gateway.clusters import (
     ClusterEngines,
     LinkError,
     NodeNotFound,
     TopologyError,
     cluster_mode,
 )
-from dbservice.cluster.session import ClusterSession
-from dbservice.proxy import ProxyLimits, ProxySession, ProxyTimeouts, Streams, TcpConnector
-from dbservice.proxy.settings import CommandBuffers
+from dbservice.gateway.hooks import AgentHooks
 from dbservice.route import (
     EOF_COMMAND,
     ROUTE_OK,

@@ -9,10 +9,10 @@ import itertools
 import ssl
 from collections.abc import Callable
 
-from dbservice.agent.login import ClientCredentials, UpstreamLogin
-from dbservice.proxy import PassThroughHooks, SessionHooks, Streams, TcpConnector
-from dbservice.proxy.settings import CommandBuffers, ProxyLimits, ProxyTimeouts
-from dbservice.proxy.testing import LoopbackServer
+from dbservice.engine.login import ClientCredentials, UpstreamLogin
+from dbservice.engine.proxy import PassThroughHooks, SessionHooks, Streams, TcpConnector
+from dbservice.engine.proxy.settings import CommandBuffers, ProxyLimits, ProxyTimeouts
+from dbservice.engine.proxy.testing import LoopbackServer
 
 from .session import ClusterSession
 from .state import ClusterState

@@ -16,7 +16,7 @@ While the writer follows a redirect, the reader stops sending (the *gate*) until
 command sent before it is answered, so two commands on one key are never reordered by
 a retry.
 
-Links (:class:`~dbservice.cluster.link.Link`) open on first use and are made the
+Links (:class:`~dbservice.engine.cluster.link.Link`) open on first use and are made the
 session's before any command is written on them: the agent's login strategy, then the
 client's confirmed AUTH, its protocol (HELLO 3) and its client name.
 
@@ -34,12 +34,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Final
 
-from dbservice.agent.login import UpstreamLogin, UpstreamLoginError
-from dbservice.proxy.errors import ProtocolError
-from dbservice.proxy.halfclose import BLOCKING
-from dbservice.proxy.hooks import SessionHooks
-from dbservice.proxy.session import SessionStats, Streams
-from dbservice.proxy.settings import BUFFER_FLOOR, CommandBuffers, ProxyLimits, ProxyTimeouts
+from dbservice.engine.login import UpstreamLogin, UpstreamLoginError
+from dbservice.engine.proxy.errors import ProtocolError
+from dbservice.engine.proxy.halfclose import BLOCKING
+from dbservice.engine.proxy.hooks import SessionHooks
+from dbservice.engine.proxy.session import SessionStats, Streams
+from dbservice.engine.proxy.settings import BUFFER_FLOOR, CommandBuffers, ProxyLimits, ProxyTimeouts
 from fleetgate.aio import set_nodelay
 
 from .commands import NOT_HERE, Handler
@@ -155,7 +155,7 @@ class ClusterSession:
         self._half_closed = False
         """... and can still read its replies (plain-TCP half-close, or the tunnel's
         word): the owed replies are delivered, but a command that may block is not
-        waited for (:mod:`dbservice.proxy.halfclose`)."""
+        waited for (:mod:`dbservice.engine.proxy.halfclose`)."""
         self._awaiting: Entry | None = None
         """The entry whose reply the writer is waiting for."""
 

@@ -1,12 +1,12 @@
 """RESP as the cluster engine needs it: whole commands and whole replies.
 
-The single-node engine (:mod:`dbservice.proxy`) never holds a command or a reply whole:
+The single-node engine (:mod:`dbservice.engine.proxy`) never holds a command or a reply whole:
 it only needs boundaries. The cluster engine must read every argument to find the keys,
 and must decode the replies it merges (DBSIZE, SCAN, MGET, CLUSTER SLOTS...), so it
-reads commands and replies whole, within :class:`~dbservice.proxy.ProxyLimits`:
+reads commands and replies whole, within :class:`~dbservice.engine.proxy.ProxyLimits`:
 
 * :class:`CommandReader` whole client commands from each read (multibulk, or an inline
-  line split like the server splits it, with :func:`dbservice.proxy.inline.split_args`),
+  line split like the server splits it, with :func:`dbservice.engine.proxy.inline.split_args`),
   each with its original bytes, forwarded unchanged when it goes to one shard;
 * :class:`FrameReader` whole replies from each read, as sent (passed on unchanged), and
   :func:`read_frame` one reply from a stream (connection set-up);
@@ -20,10 +20,10 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dbservice.proxy.errors import ProtocolError, UpstreamProtocolError, error_reply
-from dbservice.proxy.framing import bulk_line, count_line, inline_end, payload_end
-from dbservice.proxy.inline import split_args
-from dbservice.proxy.settings import ProxyLimits
+from dbservice.engine.proxy.errors import ProtocolError, UpstreamProtocolError, error_reply
+from dbservice.engine.proxy.framing import bulk_line, count_line, inline_end, payload_end
+from dbservice.engine.proxy.inline import split_args
+from dbservice.engine.proxy.settings import ProxyLimits
 
 _LINE_TYPES = frozenset(b"+-:_,#(")
 _BULK_TYPES = frozenset(b"$!=")

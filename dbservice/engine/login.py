@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from dbservice.proxy import Action, Hello, Streams
+from dbservice.engine.proxy import Action, Hello, Streams
 
 DEFAULT_USER = "default"
 """The user a fresh Redis/Valkey connection runs as, and the one ``AUTH <password>``

@@ -1,19 +1,19 @@
 """The IAM login strategy: MemoryDB users whose authentication type is ``iam`` are logged
 in by the agent with a token; everyone else keeps the client's own credentials.
 
-:class:`IamLogin` is an :class:`~dbservice.agent.login.UpstreamLogin`:
+:class:`IamLogin` is an :class:`~dbservice.engine.login.UpstreamLogin`:
 
 * :meth:`IamLogin.login` asks :class:`~dbservice.upstream.iam.IamAuth` (shared by every
   session of the agent, so answers and tokens are cached) whether the session's db user
   is IAM-enabled; if so it sends ``AUTH <user> <token>`` on the fresh upstream connection
   and the session starts authenticated. A refusal becomes an
-  :class:`~dbservice.agent.login.UpstreamLoginError` with the one-line reason.
+  :class:`~dbservice.engine.login.UpstreamLoginError` with the one-line reason.
 * Then a client ``AUTH`` as the db user is answered ``+OK`` locally (its password is
   never forwarded: the connection already is that user) and ``HELLO v AUTH ...`` is
   forwarded without its AUTH clause.
 
 :class:`IamLogins` is the factory the listener takes (``login=``): IAM for MemoryDB
-records, :class:`~dbservice.agent.login.ClientCredentials` for anything else.
+records, :class:`~dbservice.engine.login.ClientCredentials` for anything else.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from bus.schemas import DatabaseResource
-from dbservice.agent.login import ClientCredentials, UpstreamLogin, UpstreamLoginError
-from dbservice.proxy import Action, Hello, Streams
+from dbservice.engine.login import ClientCredentials, UpstreamLogin, UpstreamLoginError
+from dbservice.engine.proxy import Action, Hello, Streams
 from dbservice.upstream import auth as wire
 from dbservice.upstream.auth import CommandInjector
 from dbservice.upstream.iam import IamAuth, IamError, IamTarget, Role

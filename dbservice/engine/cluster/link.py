@@ -21,9 +21,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import cast
 
-from dbservice.proxy.errors import UpstreamProtocolError
-from dbservice.proxy.session import Streams
-from dbservice.proxy.settings import ProxyLimits
+from dbservice.engine.proxy.errors import UpstreamProtocolError
+from dbservice.engine.proxy.session import Streams
+from dbservice.engine.proxy.settings import ProxyLimits
 from fleetgate.aio import take_buffered
 
 from .resp import FrameReader

@@ -12,14 +12,13 @@ from collections.abc import Mapping
 from bus.schemas import DatabaseResource
 from dbservice.agent.config import split_host_port
 from dbservice.agent.health import TLSContexts, resolve_alias
-from dbservice.agent.login import UpstreamLogin
-from dbservice.proxy import SessionHooks, Streams, TcpConnector
-from dbservice.proxy.settings import CommandBuffers, ProxyLimits, ProxyTimeouts
-
-from .link import Dial, Link, LinkError
-from .session import ClusterSession
-from .state import ClusterState
-from .topology import Address, TopologyError
+from dbservice.engine.cluster.link import Dial, Link, LinkError
+from dbservice.engine.cluster.session import ClusterSession
+from dbservice.engine.cluster.state import ClusterState
+from dbservice.engine.cluster.topology import Address, TopologyError
+from dbservice.engine.login import UpstreamLogin
+from dbservice.engine.proxy import SessionHooks, Streams, TcpConnector
+from dbservice.engine.proxy.settings import CommandBuffers, ProxyLimits, ProxyTimeouts
 
 
 def cluster_mode(resource: DatabaseResource) -> bool:

@@ -7,7 +7,7 @@ accepted is remembered, so connections opened later are made the same
 (``ClusterSession._prepare``).
 
 RESET goes to every open connection of the session, each followed by the agent's login
-as the db user (:meth:`~dbservice.proxy.SessionHooks.on_reset`), and nothing more is
+as the db user (:meth:`~dbservice.engine.proxy.SessionHooks.on_reset`), and nothing more is
 planned until all of them have answered: the session is never ``default``, not even
 for one command. A login refused ends the session.
 """
@@ -19,8 +19,8 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING, Final
 
-from dbservice.proxy.commands import parse_hello
-from dbservice.proxy.errors import error_reply
+from dbservice.engine.proxy.commands import parse_hello
+from dbservice.engine.proxy.errors import error_reply
 
 from . import transactions
 from .entries import Entry, Forward, Local, Request, chain, retrieve

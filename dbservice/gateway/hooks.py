@@ -1,5 +1,5 @@
 """What the agent decides per command of an authorised session (the proxy engine's
-:class:`~dbservice.proxy.SessionHooks`): the roles' command check, the db user gate for
+:class:`~dbservice.engine.proxy.SessionHooks`): the roles' command check, the db user gate for
 ``AUTH``/``HELLO``, and one ``db.session.query`` audit event per command.
 
 Everything here runs on the command path, so it only looks things up and queues audit
@@ -25,7 +25,7 @@ The db user gate:
 
 Words the server reads differently from their bytes never decide anything here: the
 server compares option and subcommand names as C strings without case (``AUTH\x00x``
-is ``AUTH``; see :mod:`dbservice.proxy.words`), and Redis 7 finds a command named
+is ``AUTH``; see :mod:`dbservice.engine.proxy.words`), and Redis 7 finds a command named
 ``FLUSHALL\x00<n>`` as ``FLUSHALL`` for some ``<n>``. So a command name with a NUL byte,
 or a NUL byte in the subcommand of a command that has subcommands, is refused;
 ``HELLO`` is read as the server reads it. Replication commands (``SYNC``, ``PSYNC``,
@@ -41,12 +41,12 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Awaitable, Sequence
 
-from dbservice.agent.login import DEFAULT_USER, UpstreamLogin, UpstreamLoginError
 from dbservice.audit import MASK, SessionAudit
 from dbservice.auth.authorize import SessionGrant
-from dbservice.proxy import Action, Hello
-from dbservice.proxy.commands import parse_hello
-from dbservice.proxy.words import server_word
+from dbservice.engine.login import DEFAULT_USER, UpstreamLogin, UpstreamLoginError
+from dbservice.engine.proxy import Action, Hello
+from dbservice.engine.proxy.commands import parse_hello
+from dbservice.engine.proxy.words import server_word
 
 LOCAL_AUTH = (
     "credentials answered by the agent, never forwarded: the agent already logged the "

@@ -1,7 +1,7 @@
 """Plain loopback listeners for tests and benchmarks (the agent's own listener adds
 mutual TLS and identities): :class:`LoopbackServer` owns the listening socket and the
 session tasks; :class:`LoopbackProxy` runs one :class:`ProxySession` per connection
-(``dbservice.cluster.testing.LoopbackCluster`` one cluster session)."""
+(``dbservice.engine.cluster.testing.LoopbackCluster`` one cluster session)."""
 
 from __future__ import annotations
 

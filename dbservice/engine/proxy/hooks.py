@@ -6,7 +6,7 @@ command order:
 * :meth:`SessionHooks.on_command` for every complete command header (name upper-cased,
   argument count including the name, and the arguments only for the commands the engine
   or the hooks asked to inspect). Returning ``None`` forwards the original bytes; a
-  ``bytes`` RESP reply (see :func:`~dbservice.proxy.errors.error_reply`) is sent to the
+  ``bytes`` RESP reply (see :func:`~dbservice.engine.proxy.errors.error_reply`) is sent to the
   client instead, in order with the other replies. This is where the RBAC command check
   and the ``db.session.query`` audit event go. It must not block.
 * :meth:`SessionHooks.on_auth` / :meth:`SessionHooks.on_hello` for ``AUTH`` and
