@@ -356,7 +356,11 @@ async def test_valkey_cli_through_db_connect(
             refused = await w.fleetgate(
                 "db", "connect", "dev-cache", "--db-user", "admin", stdin="PING\n"
             )
-            assert "none of your roles allows dev-cache as db user 'admin'" in refused.stdout
+            # refused before anything listens or starts: one line, a non-zero exit
+            assert refused.returncode == 1 and refused.stdout == ""
+            assert refused.stderr == (
+                "fleetgate: error: none of your roles allows dev-cache as db user 'admin'\n"
+            )
 
 
 async def test_scripts_and_other_names_do_not_run_what_a_role_denies(
