@@ -253,8 +253,8 @@ class Fleet:
 
     def _issue_client(self) -> None:
         from bus.access import Identity
+        from dbservice.access.ca import CertificateAuthority, cert_pem, key_pem, new_key
         from dbservice.auth.admin import write_identity
-        from dbservice.auth.ca import CertificateAuthority, cert_pem, key_pem, new_key
 
         ca = CertificateAuthority.load(self.tmp / "ca")
         key = new_key()

@@ -56,6 +56,7 @@ does not fit that alphabet, and clients that cannot set SNI, use the preamble.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import ssl
 from dataclasses import dataclass
@@ -309,3 +310,10 @@ async def open_route(
             code, reason = "ERR", code
         raise RouteRefused(reason, code=code or "ERR")
     raise RouteRefused(f"unexpected answer to the route: {text[:80]!r}")
+
+
+def cluster_node_id(database: str) -> str:
+    """The id of the one node a client sees through a plain route to a cluster (``CLUSTER
+    SHARDS``/``NODES``/``SLOTS`` through the cluster engine): stable per database, so the
+    tunnel can recognise it in ``--node``."""
+    return hashlib.sha1(f"fleetgate:{database}".encode()).hexdigest()

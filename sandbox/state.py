@@ -58,7 +58,7 @@ class SandboxError(Exception):
 
 def default_dir() -> Path:
     """``$FLEETGATE_HOME/sandbox`` (``~/.fleetgate/sandbox``), beside the login."""
-    from dbservice.auth.client import fleetgate_home
+    from client.login import fleetgate_home
 
     return fleetgate_home() / "sandbox"
 

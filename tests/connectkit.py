@@ -18,9 +18,9 @@ from bus import Bus, DatabaseResource, DatabaseSpec, Metadata, TargetHealth
 from bus.access import Role, User, get_roles, put_role, put_user
 from bus.audit import ensure_audit_stream
 from bus.servers import DbServerHeartbeat, HealthStatus
-from dbservice.audit import AuditEmitter
-from dbservice.auth.admin import init_ca
-from dbservice.auth.ca import (
+from client.login import login
+from dbservice.access.audit import AuditEmitter
+from dbservice.access.ca import (
     CertificateAuthority,
     CertificateRejected,
     cert_pem,
@@ -29,11 +29,11 @@ from dbservice.auth.ca import (
     mtls_server_context,
     new_key,
 )
-from dbservice.auth.client import login
+from dbservice.access.rbac import check_db_access
+from dbservice.auth.admin import init_ca
 from dbservice.auth.passwords import hash_password
 from dbservice.auth.service import AuthConfig, RunningService, start_service
 from dbservice.engine.proxy import PassThroughHooks, ProxySession
-from dbservice.rbac import check_db_access
 from dbservice.route import EOF_COMMAND, ROUTE_OK, RouteError, encode_refusal, read_route
 from tests.conftest import subprocess_env
 

@@ -18,8 +18,8 @@ from redis.asyncio.connection import SSLConnection
 from bus import Bus
 from bus.access import Identity, Role, put_role
 from bus.audit import AuditEvent, ensure_audit_stream, read_events
+from dbservice.access.ca import CertificateAuthority, cert_pem, key_pem, new_key
 from dbservice.auth.admin import init_ca, sign_host, write_identity
-from dbservice.auth.ca import CertificateAuthority, cert_pem, key_pem, new_key
 from dbservice.route import encode_route, open_route
 from sandbox.valkeynode import ValkeyNode
 from tests.agentkit import agent_config, wait_until

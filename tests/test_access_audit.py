@@ -20,7 +20,7 @@ from bus.audit import (
     read_events,
 )
 from bus.server import NatsServer, wait_port_free
-from dbservice.audit import AuditEmitter, QueryRedaction, describe_command
+from dbservice.access.audit import AuditEmitter, QueryRedaction, describe_command
 
 ALICE = Identity(user="alice", roles=("dev",), db_users=("alice-rw",))
 

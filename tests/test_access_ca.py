@@ -13,8 +13,7 @@ import pytest
 
 from bus import Bus
 from bus.access import Identity, get_ca
-from dbservice.auth.admin import AdminError, init_ca, sign_host, write_identity
-from dbservice.auth.ca import (
+from dbservice.access.ca import (
     CertificateAuthority,
     CertificateRejected,
     ClientVerifier,
@@ -28,6 +27,7 @@ from dbservice.auth.ca import (
     new_key,
     verify_client_certificate,
 )
+from dbservice.auth.admin import AdminError, init_ca, sign_host, write_identity
 
 ALICE = Identity(user="alice", roles=("dev", "ops"), db_users=("alice-rw",))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bus.server import NatsServer
-from dbservice.auth.ca import load_certs, verify_client_certificate
+from dbservice.access.ca import load_certs, verify_client_certificate
 from fleetgate.cli import main
 
 ROLE = """\
@@ -191,7 +191,7 @@ def test_audit_search_filters(
     from bus import Bus
     from bus.access import Identity
     from bus.audit import ensure_audit_stream
-    from dbservice.audit import AuditEmitter
+    from dbservice.access.audit import AuditEmitter
 
     async def seed() -> None:
         async with await Bus.connect(nats_server.url, name="seed") as bus:

@@ -22,10 +22,10 @@ from bus.access import Role, User, get_user, put_role, put_user
 from bus.audit import Login, ensure_audit_stream, read_events
 from bus.server import NatsServer, wait_port_free
 from bus.totp import claim_step
-from dbservice.audit import AuditEmitter
+from client.login import LoginError, login, logout, status
+from dbservice.access.audit import AuditEmitter
+from dbservice.access.ca import CertificateAuthority, make_csr, new_key, verify_client_certificate
 from dbservice.auth.admin import init_ca
-from dbservice.auth.ca import CertificateAuthority, make_csr, new_key, verify_client_certificate
-from dbservice.auth.client import LoginError, login, logout, status
 from dbservice.auth.passwords import TOTP_STEP, hash_password, new_totp_secret, totp_code, totp_step
 from dbservice.auth.service import AuthConfig, RunningService, start_service
 
@@ -136,7 +136,7 @@ async def test_login_issues_a_capped_certificate_for_a_local_key(env: AuthEnv) -
     assert (st.identity.user, st.identity.roles, st.identity.db_users) == (
         "alice", ("dev",), ("alice-rw",),
     )  # fmt: skip
-    from dbservice.auth.ca import load_certs
+    from dbservice.access.ca import load_certs
 
     cert = load_certs((home / "identity" / "cert.pem").read_text())[0]
     assert verify_client_certificate(cert, [env.ca.cert]).user == "alice"

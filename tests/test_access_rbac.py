@@ -8,7 +8,7 @@ import pytest
 
 from bus import Bus
 from bus.access import Identity, Role
-from dbservice.rbac import CommandPolicy, can_reach, check_command, check_db_access
+from dbservice.access.rbac import CommandPolicy, can_reach, check_command, check_db_access
 
 
 def role(name: str, **spec: Any) -> Role:
@@ -120,7 +120,7 @@ def test_command_policy_caches_bounded() -> None:
 async def test_authorize_session_reads_current_roles(bus: Bus) -> None:
     """A role edited after login applies to the next session, without a new login."""
     from bus.access import put_role
-    from dbservice.auth.authorize import authorize_session, trusted_cas
+    from dbservice.access.authorize import authorize_session, trusted_cas
 
     alice = Identity(user="alice", roles=("payments-dev", "gone"), db_users=("alice-rw",))
     await put_role(bus, DEV)

@@ -10,7 +10,7 @@ import pytest
 
 from bus.access import Identity
 from bus.audit import Outgoing
-from dbservice.audit import AuditEmitter, BatchLimits, QueryRedaction, SessionAudit
+from dbservice.access.audit import AuditEmitter, BatchLimits, QueryRedaction, SessionAudit
 
 COMMANDS: list[list[bytes]] = [
     [b"GET", b"k"],

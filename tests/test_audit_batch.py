@@ -25,7 +25,7 @@ from bus.audit import (
     read_events,
 )
 from bus.server import NatsServer, wait_port_free
-from dbservice.audit import AuditEmitter, BatchLimits
+from dbservice.access.audit import AuditEmitter, BatchLimits
 from sandbox.valkeynode import ValkeyNode
 from tests.agentkit import running_agent, wait_until
 from tests.listenerkit import (

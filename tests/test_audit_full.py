@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-import dbservice.audit
+import dbservice.access.audit
 from bus.access import Identity
 from bus.audit import Outgoing, QueryBatch, SessionStart
-from dbservice.audit import AuditEmitter, BatchLimits
+from dbservice.access.audit import AuditEmitter, BatchLimits
 
 
 async def test_queries_on_a_full_queue_are_counted_not_built(
@@ -32,7 +32,7 @@ async def test_queries_on_a_full_queue_are_counted_not_built(
     def not_built(*args: object) -> None:
         raise AssertionError("a command for a full queue was described")
 
-    monkeypatch.setattr(dbservice.audit, "describe_command", not_built)
+    monkeypatch.setattr(dbservice.access.audit, "describe_command", not_built)
     for _ in range(5):
         audit.query([b"GET", b"k"])
     audit.flush()

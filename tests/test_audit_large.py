@@ -16,8 +16,8 @@ from clusterkit import ClusterProxy
 
 from bus.access import Identity, Role
 from bus.audit import AuditEvent, Outgoing, SessionQuery
-from dbservice.audit import AuditEmitter, BatchLimits, QueryRedaction, describe_command
-from dbservice.auth.authorize import grant_for
+from dbservice.access.audit import AuditEmitter, BatchLimits, QueryRedaction, describe_command
+from dbservice.access.authorize import grant_for
 from dbservice.engine.login import ClientCredentials
 from dbservice.gateway.hooks import AgentHooks
 from sandbox.memorydb import StandinConfig, ThreadedStandin

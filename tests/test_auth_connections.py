@@ -20,7 +20,7 @@ import pytest
 
 from bus import Bus
 from bus.audit import ensure_audit_stream
-from dbservice.audit import AuditEmitter
+from dbservice.access.audit import AuditEmitter
 from dbservice.auth.admin import init_ca
 from dbservice.auth.service import AuthConfig, RunningService, start_service
 

@@ -17,7 +17,7 @@ import pytest
 
 from bus import Bus
 from bus.server import NatsServer
-from dbservice.auth.people import RegistryDown, fetch_databases, fetch_servers, require_identity
+from client.people import RegistryDown, fetch_databases, fetch_servers, require_identity
 from dbservice.engine.cluster.merge import node_id
 from sandbox.valkeynode import ValkeyNode
 from tests.conftest import subprocess_env

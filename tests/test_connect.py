@@ -19,8 +19,8 @@ import redis.exceptions
 from bus import Bus
 from bus.access import Role, put_role
 from bus.server import NatsServer
-from dbservice import connect
-from dbservice.auth.people import AccessError, fetch_databases, fetch_servers, require_identity
+from client import connect
+from client.people import AccessError, fetch_databases, fetch_servers, require_identity
 from sandbox.valkeynode import ValkeyNode
 from tests.connectkit import StandInAgent, Tunnel, World, free_port, resource, world
 from tests.proxykit import start_single_node, valkey_cli

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dbservice.auth.ca import CertificateAuthority, cert_pem, key_pem, new_key
+from dbservice.access.ca import CertificateAuthority, cert_pem, key_pem, new_key
 from dbservice.route import (
     ROUTE_OK,
     USE_CONNECT,

@@ -9,8 +9,8 @@ import pytest
 
 from bus import TargetHealth
 from bus.servers import HealthStatus
-from dbservice.auth.people import AgentAddress
-from dbservice.connect import ConnectError, order_agents, split_addr
+from client.connect import ConnectError, order_agents, split_addr
+from client.people import AgentAddress
 
 
 def agent(host_id: str, status: HealthStatus) -> AgentAddress:

@@ -22,9 +22,9 @@ from bus.schemas import (
     TLSSettings,
 )
 from bus.server import NatsServer
+from dbservice.access.ca import CertificateAuthority
 from dbservice.agent.config import AgentConfig
 from dbservice.auth.admin import sign_host
-from dbservice.auth.ca import CertificateAuthority
 from dbservice.route import RouteRefused
 from dbservice.upstream.iam import IamTarget, Role
 from sandbox.aws import ACL_MEMBERS, MotoServer, assumed_roles

@@ -14,7 +14,7 @@ import redis.exceptions
 from bus import Bus
 from bus.audit import SessionEnd, SessionQuery, SessionStart
 from bus.server import NatsServer
-from dbservice.auth.ca import CertificateAuthority
+from dbservice.access.ca import CertificateAuthority
 from dbservice.route import RouteRefused
 from sandbox.valkeynode import ValkeyNode
 from tests.agentkit import agent_config, running_agent, wait_until

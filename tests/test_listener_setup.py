@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives import serialization
 from bus import Bus
 from bus.audit import SessionEnd, SessionQuery, ensure_audit_stream
 from bus.server import NatsServer
+from dbservice.access.ca import CertificateAuthority
 from dbservice.agent.app import Agent
 from dbservice.agent.config import AgentConfig
 from dbservice.auth.admin import init_ca, sign_host
-from dbservice.auth.ca import CertificateAuthority
 from dbservice.route import RouteRefused
 from fleetgate.config import ConfigError
 from sandbox.memorydb import StandinConfig, ThreadedStandin

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from bus.access import Identity, Role
 from bus.audit import AuditEvent, Outgoing, SessionQuery
-from dbservice.audit import AuditEmitter
-from dbservice.auth.authorize import grant_for
+from dbservice.access.audit import AuditEmitter
+from dbservice.access.authorize import grant_for
 from dbservice.engine.login import ClientCredentials
 from dbservice.engine.proxy import Action
 from dbservice.engine.proxy.commands import parse_hello

@@ -15,7 +15,7 @@ import uvloop
 
 from bus import Bus
 from bus.server import NatsServer
-from dbservice.audit import SessionAudit
+from dbservice.access.audit import SessionAudit
 from dbservice.engine.cluster.session import ClusterSession
 from dbservice.engine.proxy import ProxySession
 from dbservice.gateway.hooks import AgentHooks

@@ -27,7 +27,7 @@ from bus.access import (
     put_user,
 )
 from bus.audit import Login
-from dbservice.auth.ca import (
+from dbservice.access.ca import (
     CA_CERT_FILE,
     CA_KEY_FILE,
     CAError,
@@ -37,7 +37,7 @@ from dbservice.auth.ca import (
     new_key,
     write_private,
 )
-from dbservice.rbac import session_ttl_cap
+from dbservice.access.rbac import session_ttl_cap
 from fleetgate.config import ConfigError, explain
 
 ROLE_FIELDS = {"kind", "name", "description", "allow", "deny", "options", "version"}

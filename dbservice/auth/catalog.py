@@ -6,7 +6,7 @@ presented as the TLS client certificate; without one they answer 401.
 
 * ``GET /v1/databases`` -> ``{"user", "databases": [{"name", "description", "labels",
   "health": {"healthy", "agents"}, "spec"}]}``: the databases some role of the caller
-  reaches by label (:func:`dbservice.rbac.can_reach`, db users aside), registry databases
+  reaches by label (:func:`dbservice.access.rbac.can_reach`, db users aside), registry databases
   and static ones agents announce. ``spec`` is the database's spec (protocol, uri, tls
   without CA bundles, aws).
 * ``GET /v1/databases/{name}/servers`` -> ``{"database", "servers": [{"host_id",
@@ -36,8 +36,8 @@ from cryptography import x509
 from bus import Bus, DatabaseResource, RegistryError, subjects
 from bus.access import Identity, Role, get_roles
 from bus.servers import DbServerHeartbeat, health_rank
-from dbservice.auth.ca import CertificateRejected, identity_from_ssl
-from dbservice.rbac import can_reach, check_db_access
+from dbservice.access.ca import CertificateRejected, identity_from_ssl
+from dbservice.access.rbac import can_reach, check_db_access
 
 CACHE_SECONDS: Final = 2.0
 NEED_CERT: Final = "this needs your fleetgate certificate: log in first (fleetgate login)"

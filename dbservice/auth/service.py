@@ -64,9 +64,8 @@ from bus.access import Identity, get_roles, get_user, provision_access
 from bus.audit import Login, ensure_audit_stream
 from bus.errors import BusError
 from bus.totp import claim_step, provision_totp
-from dbservice.audit import AuditEmitter
-from dbservice.auth.admin import AdminError
-from dbservice.auth.ca import (
+from dbservice.access.audit import AuditEmitter
+from dbservice.access.ca import (
     CertificateAuthority,
     CertificateRejected,
     cert_pem,
@@ -75,10 +74,11 @@ from dbservice.auth.ca import (
     new_key,
     write_private,
 )
+from dbservice.access.rbac import session_ttl_cap
+from dbservice.auth.admin import AdminError
 from dbservice.auth.catalog import Catalog
 from dbservice.auth.listener import ConnectionLimits, GuardedListener, RefusalLog
 from dbservice.auth.passwords import totp_step, verify_password
-from dbservice.rbac import session_ttl_cap
 from fleetgate.aio import stop_on_signals
 from fleetgate.durations import Duration, format_duration
 

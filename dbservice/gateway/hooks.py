@@ -3,7 +3,7 @@
 ``AUTH``/``HELLO``, and one ``db.session.query`` audit event per command.
 
 Everything here runs on the command path, so it only looks things up and queues audit
-events (:meth:`dbservice.audit.AuditEmitter.emit` never waits).
+events (:meth:`dbservice.access.audit.AuditEmitter.emit` never waits).
 
 The db user gate:
 
@@ -41,8 +41,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Awaitable, Sequence
 
-from dbservice.audit import MASK, SessionAudit
-from dbservice.auth.authorize import SessionGrant
+from dbservice.access.audit import MASK, SessionAudit
+from dbservice.access.authorize import SessionGrant
 from dbservice.engine.login import DEFAULT_USER, UpstreamLogin, UpstreamLoginError
 from dbservice.engine.proxy import Action, Hello
 from dbservice.engine.proxy.commands import parse_hello

@@ -8,10 +8,10 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
    connection). A certificate from another CA fails inside the handshake (audited with the
    client address). OpenSSL is told to *request* a certificate and to skip only the
    validity dates; the agent then checks everything itself
-   (:func:`~dbservice.auth.ca.identity_from_ssl`: chain, dates, identity), so a client
+   (:func:`~dbservice.access.ca.identity_from_ssl`: chain, dates, identity), so a client
    without a certificate or with an expired one is told why in words, and an expired
    one is audited with its user. A certificate accepted before is not parsed and
-   verified again (:class:`~dbservice.auth.ca.ClientVerifier`, bounded, replaced with
+   verified again (:class:`~dbservice.access.ca.ClientVerifier`, bounded, replaced with
    the CA); its dates and its CA's are still checked on every connection.
 2. The route: from the TLS server name when the client put one there
    (``<db_user>.<database>.fleetgate``, :func:`~dbservice.route.route_from_server_name`,
@@ -19,7 +19,7 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
    (:func:`~dbservice.route.read_route`), by the handshake's deadline (below). Both
    lead to the same checks below; only the preamble is answered with ``+OK``.
 3. The database must be one this agent serves.
-4. :func:`~dbservice.auth.authorize.authorize_session`: the roles named in the
+4. :func:`~dbservice.access.authorize.authorize_session`: the roles named in the
    certificate, read fresh from the registry for every connection.
 5. The upstream connection: host aliases and TLS exactly as the health checks dial it,
    then :class:`~dbservice.engine.login.UpstreamLogin`.
@@ -65,11 +65,9 @@ from bus.access import CACertificate, Identity
 from bus.audit import SessionStart, ensure_audit_stream
 from bus.errors import BusError
 from bus.schemas import DatabaseResource
-from dbservice.agent.config import DbService, ListenerConfig, join_host_port, split_host_port
-from dbservice.agent.health import TLSContexts, build_target
-from dbservice.audit import AuditEmitter, QueryRedaction, SessionAudit
-from dbservice.auth.authorize import authorize_session
-from dbservice.auth.ca import (
+from dbservice.access.audit import AuditEmitter, QueryRedaction, SessionAudit
+from dbservice.access.authorize import authorize_session
+from dbservice.access.ca import (
     CertificateRejected,
     ClientVerifier,
     check_signed_by,
@@ -78,6 +76,8 @@ from dbservice.auth.ca import (
     load_certs,
     mtls_server_context,
 )
+from dbservice.agent.config import DbService, ListenerConfig, join_host_port, split_host_port
+from dbservice.agent.health import TLSContexts, build_target
 from dbservice.engine.cluster.session import ClusterSession
 from dbservice.engine.login import ClientCredentials, UpstreamLogin, UpstreamLoginError
 from dbservice.engine.proxy import ProxyLimits, ProxySession, ProxyTimeouts, Streams, TcpConnector

@@ -41,9 +41,9 @@ NATS_HELP = "NATS URL (default: FLEETGATE_NATS_URL or nats://127.0.0.1:4222)"
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro``; our own errors become one ``fleetgate: error:`` line."""
+    from client.login import LoginError
+    from dbservice.access.ca import CAError, CertificateRejected
     from dbservice.auth.admin import AdminError
-    from dbservice.auth.ca import CAError, CertificateRejected
-    from dbservice.auth.client import LoginError
 
     try:
         return aio.run(coro)
@@ -52,7 +52,7 @@ def _run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def _run_sync(call: Callable[[], T]) -> T:
-    from dbservice.auth.client import LoginError
+    from client.login import LoginError
 
     try:
         return call()
@@ -402,7 +402,7 @@ def _confirm(fingerprint: str) -> bool:
 
 
 def _login(args: argparse.Namespace) -> int:
-    from dbservice.auth.client import login
+    from client.login import login
 
     password = _read_password(args.password_stdin)
     result = _run(
@@ -426,8 +426,8 @@ def _login(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from dbservice.auth.ca import CertificateRejected
-    from dbservice.auth.client import status
+    from client.login import status
+    from dbservice.access.ca import CertificateRejected
 
     try:
         st = status()
@@ -451,7 +451,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _logout(args: argparse.Namespace) -> int:
-    from dbservice.auth.client import logout
+    from client.login import logout
 
     removed = _run_sync(lambda: logout(args.name))
     if not removed:

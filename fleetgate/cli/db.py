@@ -10,8 +10,7 @@ from typing import Any, TypeVar
 
 from bus import Bus, DatabaseResource, RegistryError, parse_label_filter
 from bus.labels import matches
-from dbservice import connect
-from dbservice.auth import people
+from client import connect, people
 from fleetgate import aio
 from fleetgate.cli import auth as auth_cli
 from fleetgate.cli import servers as servers_cli

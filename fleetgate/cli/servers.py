@@ -17,7 +17,7 @@ from typing import Any
 
 from bus import Bus, DbServerHeartbeat, RegistryError
 from bus.servers import health_rank
-from dbservice.auth import people
+from client import people
 from fleetgate import aio
 from fleetgate.cli.errors import UsageError
 from fleetgate.config import resolve_nats_url

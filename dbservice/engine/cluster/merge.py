@@ -6,8 +6,9 @@ client, encoded in the client's protocol; the first error reply of any shard win
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
+
+from dbservice.route import cluster_node_id
 
 from .resp import OK, Error, Status, Value, decode, encode_value, error_of
 from .topology import Address, Topology
@@ -169,8 +170,9 @@ def _section(text: str, name: str) -> list[str]:
 
 
 def node_id(database: str) -> str:
-    """The engine's node id as a client sees it: stable per database."""
-    return hashlib.sha1(f"fleetgate:{database}".encode()).hexdigest()
+    """The engine's node id as a client sees it: stable per database (the route
+    protocol's :func:`~dbservice.route.cluster_node_id`)."""
+    return cluster_node_id(database)
 
 
 def _ranges(topology: Topology) -> list[tuple[int, int]]:

@@ -35,7 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from bus.access import Identity
-from dbservice.auth.ca import (
+from dbservice.access.ca import (
     CertificateRejected,
     decode_identity,
     fingerprint,

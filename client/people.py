@@ -18,8 +18,8 @@ from pydantic import ValidationError
 
 from bus import DatabaseResource, DatabaseSpec, Metadata, TargetHealth
 from bus.access import Identity
-from dbservice.auth.ca import CertificateRejected, decode_identity, load_certs
-from dbservice.auth.client import fleetgate_home, http_reason
+from client.login import fleetgate_home, http_reason
+from dbservice.access.ca import CertificateRejected, decode_identity, load_certs
 
 HTTP_TIMEOUT: Final = 15.0
 LOGIN_HINT: Final = "fleetgate login --auth HOST:PORT --user NAME"

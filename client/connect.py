@@ -60,9 +60,9 @@ from pathlib import Path
 from typing import Any, Final, cast
 
 from bus.servers import HEALTH_ORDER
-from dbservice.auth import people
-from dbservice.auth.ca import mtls_client_context
-from dbservice.route import EOF_SIGNAL, RouteRefused, encode_refusal, open_route
+from client import people
+from dbservice.access.ca import mtls_client_context
+from dbservice.route import EOF_SIGNAL, RouteRefused, cluster_node_id, encode_refusal, open_route
 from fleetgate import aio
 from fleetgate.aio import set_nodelay, stop_on_signals, take_buffered
 
@@ -592,9 +592,7 @@ def whole_cluster_id(database: str, node: str) -> str:
     """``--node`` as given, or "" when it names the one node that a plain ``db connect``
     shows for the whole cluster (``CLUSTER SHARDS``/``NODES``/``SLOTS`` through it), in
     full or by 8+ first characters: that node is the whole database, routed."""
-    from dbservice.engine.cluster.merge import node_id
-
-    if len(node) >= 8 and node_id(database).startswith(node.lower()):
+    if len(node) >= 8 and cluster_node_id(database).startswith(node.lower()):
         print(
             f"fleetgate: note: {node} is the id of {database} as one node (what CLUSTER "
             "SHARDS shows through db connect): connecting to the whole cluster; --node with "

@@ -1,14 +1,14 @@
 """What an agent's listener calls when a client connects, in order:
 
 1. :func:`trusted_cas` once at start (and on a timer or CA watch): the fleet CA(s) from
-   the registry, for :func:`dbservice.auth.ca.mtls_server_context` and verification.
-2. :func:`dbservice.auth.ca.identity_from_ssl` on the accepted TLS connection: who it is
+   the registry, for :func:`dbservice.access.ca.mtls_server_context` and verification.
+2. :func:`dbservice.access.ca.identity_from_ssl` on the accepted TLS connection: who it is
    (raises CertificateRejected: expired, other CA, no identity).
 3. :func:`authorize_session`: the roles' current definitions from the registry (so role
    edits apply to the next connection), the access decision for this database and db
-   user, and the per-session :class:`~dbservice.rbac.CommandPolicy`.
+   user, and the per-session :class:`~dbservice.access.rbac.CommandPolicy`.
 4. Per command: ``grant.commands.check(name)``; audit through
-   :class:`dbservice.audit.SessionAudit`.
+   :class:`dbservice.access.audit.SessionAudit`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from cryptography import x509
 
 from bus import Bus
 from bus.access import Identity, Role, get_ca, get_roles
-from dbservice.auth.ca import load_certs
-from dbservice.rbac import CommandPolicy, Decision, check_db_access
+from dbservice.access.ca import load_certs
+from dbservice.access.rbac import CommandPolicy, Decision, check_db_access
 
 
 @dataclass(frozen=True)
