@@ -27,15 +27,18 @@ from __future__ import annotations
 import re
 import weakref
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
 from bus import subjects
-from bus.client import BucketSpec, Bus
 from bus.labels import check_selector
 from bus.schemas import SCHEMA_VERSION, Record
+from bus.specs import BucketSpec
 from fleetgate.durations import Duration
+
+if TYPE_CHECKING:
+    from bus.client import Bus
 
 DEFAULT_MAX_SESSION_TTL = 8 * 3600.0
 """A role without ``options.max_session_ttl`` caps certificates at 8 hours."""

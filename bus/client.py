@@ -14,7 +14,6 @@ import math
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -27,9 +26,10 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, ValidationError
 
 from bus import subjects
-from bus.errors import BusUnavailable, RegistryError
+from bus.errors import BusError, BusUnavailable, RegistryError
 from bus.schemas import DatabaseResource, FetcherStatus
 from bus.servers import DbServerHeartbeat
+from bus.specs import BucketSpec
 from bus.watch import Event, KvWatch, describe
 
 logger = logging.getLogger(__name__)
@@ -37,18 +37,14 @@ logger = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 
-@dataclass(frozen=True)
-class BucketSpec:
-    """How a KV bucket is provisioned."""
-
-    name: str
-    description: str
-    history: int = 1
-    ttl: float | None = None
-    marker_ttl: float | None = None
-    """Keep markers of expired keys this long, so watchers see expiries (per-message
-    TTLs, :meth:`Bus.put_expiring`, need nats-server 2.11+)."""
-
+FAILURES: tuple[type[Exception], ...] = (
+    BusError,
+    nats.errors.Error,
+    TimeoutError,
+    OSError,
+)
+"""What a call to NATS may raise besides our own errors: catch these to treat NATS as
+unreachable without importing nats-py outside ``bus/``."""
 
 BUCKETS: dict[str, BucketSpec] = {
     subjects.DATABASES_BUCKET: BucketSpec(

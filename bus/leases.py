@@ -20,8 +20,9 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
 from bus import subjects
-from bus.client import BUCKETS, BucketSpec, Bus, decode
+from bus.client import BUCKETS, Bus, decode
 from bus.errors import RegistryError
+from bus.specs import BucketSpec
 from bus.watch import describe
 
 M = TypeVar("M", bound=BaseModel)

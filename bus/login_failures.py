@@ -20,9 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bus import leases, subjects
-from bus.client import BucketSpec, Bus
+from bus.client import Bus
 from bus.leases import Versioned
 from bus.schemas import Record
+from bus.specs import BucketSpec
 
 KEEP = 86400.0
 """How long a user's failed logins are kept after the last one (the longest window)."""

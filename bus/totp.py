@@ -14,8 +14,9 @@ older record can no longer refuse anything.
 from __future__ import annotations
 
 from bus import leases, subjects
-from bus.client import BucketSpec, Bus
+from bus.client import Bus
 from bus.schemas import Record
+from bus.specs import BucketSpec
 
 KEEP = 3600.0
 """How long a user's last accepted step is kept (far longer than a code is valid)."""
