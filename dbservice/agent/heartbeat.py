@@ -8,16 +8,15 @@ import logging
 from dataclasses import dataclass
 from datetime import timedelta
 
-import nats.errors
-
-from bus import Bus, BusError
+from bus import Bus
+from bus.client import FAILURES
 from bus.schemas import DatabaseResource, utcnow
 from bus.servers import DbServerHeartbeat, TargetHealth
 from bus.watch import describe
 
 logger = logging.getLogger(__name__)
 
-WRITE_ERRORS = (BusError, nats.errors.Error, TimeoutError, OSError)
+WRITE_ERRORS = FAILURES
 """What a write may fail with while NATS is away; the caller retries."""
 
 

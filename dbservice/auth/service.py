@@ -54,7 +54,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import nats.errors
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey as EcPublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -62,7 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bus import Bus, login_failures
 from bus.access import Identity, get_roles, get_user, provision_access
 from bus.audit import Login, ensure_audit_stream
-from bus.errors import BusError
+from bus.client import FAILURES
 from bus.totp import claim_step, provision_totp
 from dbservice.access.audit import AuditEmitter
 from dbservice.access.ca import (
@@ -374,7 +373,7 @@ class LoginService:
         """One NATS call of the login; its failure becomes :class:`RegistryUnavailable`."""
         try:
             return await call
-        except (BusError, nats.errors.Error) as exc:
+        except FAILURES as exc:
             raise RegistryUnavailable(what, exc) from exc
 
     async def _read_body(self, request: web.Request) -> tuple[LoginRequest, EcPublicKey]:
@@ -441,7 +440,7 @@ class LoginService:
             async with asyncio.timeout(RELEASE_TIMEOUT):
                 if not await login_failures.release(self.bus, user, times):
                     logger.warning("failed logins of %r not cleared: others kept writing", user)
-        except (TimeoutError, BusError, nats.errors.Error) as exc:
+        except FAILURES as exc:
             logger.warning("failed logins of %r not cleared: %s", user, exc)
 
     async def _login(
@@ -559,7 +558,7 @@ def registry_unavailable(bus: Bus) -> Any:
             return _unavailable(request, "not connected")
         try:
             response: web.StreamResponse = await handler(request)
-        except (BusError, nats.errors.Error) as exc:
+        except FAILURES as exc:
             return _unavailable(request, str(exc) or type(exc).__name__)
         return response
 
