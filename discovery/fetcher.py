@@ -5,35 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from bus import labels
-from bus.schemas import DatabaseResource
 from discovery.aws.errors import FetchError, map_error
 from discovery.aws.memorydb import AioMemoryDB, MemoryDBApi, MemoryDBUser
 from discovery.aws.session import AwsSession
 from discovery.convert import Context, convert, iam_users_of, usable
 from discovery.matchers import FetcherKey, role_account
+from discovery.results import FetchResult
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-@dataclass
-class FetchResult:
-    """What one fetcher saw. ``carried``: cluster ARNs whose last known resource stays as it
-    is, because part of what describes them (tags, VPC, users) could not be read."""
-
-    key: FetcherKey
-    account_id: str | None
-    fetcher_id: str | None
-    state: Literal["ok", "partial", "failed"] = "ok"
-    error: str = ""
-    resources: list[DatabaseResource] = field(default_factory=list)
-    carried: set[str] = field(default_factory=set)
-    clusters_seen: int = 0
 
 
 class RegionCache:

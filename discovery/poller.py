@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from bus import Bus, subjects
 from bus.schemas import DatabaseResource, FetcherStatus, utcnow
 from discovery.aws.session import AwsSession
-from discovery.fetcher import FetchResult, RegionCache, fetch
+from discovery.fetcher import RegionCache, fetch
 from discovery.matchers import FetcherKey, expand
 from discovery.reconcile import Plan, reconcile
+from discovery.results import FetchResult
 from discovery.settings import DiscoveryService
 
 logger = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bus.schemas import DatabaseResource
-from discovery.fetcher import FetchResult
+from discovery.results import FetchResult
 
 
 @dataclass

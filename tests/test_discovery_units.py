@@ -17,9 +17,9 @@ from bus.schemas import (
 )
 from discovery.aws.errors import FetchForbidden, FetchThrottled, NoCredentials, map_error
 from discovery.convert import Context, convert, discovered_name, usable
-from discovery.fetcher import FetchResult
 from discovery.matchers import FetcherKey
 from discovery.reconcile import reconcile
+from discovery.results import FetchResult
 from discovery.settings import AwsMatcher, DiscoveryConfig
 from fleetgate.config import ConfigError, load_model
 from fleetgate.durations import parse_duration
