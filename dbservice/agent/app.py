@@ -34,11 +34,11 @@ from dbservice.agent.served import Selection, follow_registry, static_resource
 from dbservice.agent.supervisor import Supervisor
 from dbservice.agent.worker import DatabaseWorker, PassiveWorker, Worker
 from dbservice.gateway.listener import Listener
+from dbservice.managed.login import ManagedLogins
 from dbservice.managed.membership import AclMembership
 from dbservice.managed.service import ManagedUsers
 from dbservice.upstream.iam import IamAuth
 from dbservice.upstream.iam_login import IamLogins
-from dbservice.upstream.managed_login import ManagedLogins
 from fleetgate import __version__
 from fleetgate.aio import stop_on_signals
 from fleetgate.durations import format_duration
