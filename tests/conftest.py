@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
-import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import boto3
 import pytest
 
 from bus import Bus
@@ -70,27 +67,3 @@ def aws(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
     for key, value in moto_server.environ().items():
         monkeypatch.setenv(key, value)
     return moto_server
-
-
-SAMPLE_NATS_CONF = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-server.conf"
-"""The production NATS config; its users' passwords come from the environment."""
-
-
-def sample_nats_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Set every ``FLEETGATE_NATS_<USER>_PASSWORD`` that :data:`SAMPLE_NATS_CONF` reads
-    to ``pw-<user>`` (nats-server refuses to start with one missing)."""
-    text = SAMPLE_NATS_CONF.read_text()
-    for var, user in set(re.findall(r"\$(FLEETGATE_NATS_(\w+)_PASSWORD)", text)):
-        monkeypatch.setenv(var, f"pw-{user.lower()}")
-
-
-def boto(service: str, region: str = "us-east-1", **kwargs: object) -> object:
-    """A boto3 client against the current environment (moto, when ``aws`` is in use)."""
-    return boto3.client(service, region_name=region, **kwargs)
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """The current environment plus ``extra``, for running the ``fleetgate`` command."""
-    env = dict(os.environ)
-    env.update(extra)
-    return env

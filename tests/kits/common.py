@@ -1,0 +1,37 @@
+"""Helpers every kind of test uses: the repository's root, the production NATS
+config's passwords, AWS clients and the environment for the ``fleetgate`` command."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import boto3
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+"""The repository's top folder."""
+
+SAMPLE_NATS_CONF = ROOT / "deploy" / "nats" / "nats-server.conf"
+"""The production NATS config; its users' passwords come from the environment."""
+
+
+def sample_nats_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set every ``FLEETGATE_NATS_<USER>_PASSWORD`` that :data:`SAMPLE_NATS_CONF` reads
+    to ``pw-<user>`` (nats-server refuses to start with one missing)."""
+    text = SAMPLE_NATS_CONF.read_text()
+    for var, user in set(re.findall(r"\$(FLEETGATE_NATS_(\w+)_PASSWORD)", text)):
+        monkeypatch.setenv(var, f"pw-{user.lower()}")
+
+
+def boto(service: str, region: str = "us-east-1", **kwargs: object) -> object:
+    """A boto3 client against the current environment (moto, when ``aws`` is in use)."""
+    return boto3.client(service, region_name=region, **kwargs)
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The current environment plus ``extra``, for running the ``fleetgate`` command."""
+    env = dict(os.environ)
+    env.update(extra)
+    return env
