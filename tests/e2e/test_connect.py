@@ -22,7 +22,15 @@ from bus.server import NatsServer
 from client import connect
 from client.people import AccessError, fetch_databases, fetch_servers, require_identity
 from sandbox.valkeynode import ValkeyNode
-from tests.kits.connect import StandInAgent, Tunnel, World, free_port, resource, world
+from tests.kits.connect import (
+    OLD_AGENT_REFUSAL,
+    StandInAgent,
+    Tunnel,
+    World,
+    free_port,
+    resource,
+    world,
+)
 from tests.kits.proxy import start_single_node, valkey_cli
 
 DATABASES = {
@@ -351,3 +359,33 @@ async def test_a_half_closed_client_gets_every_reply(w: World, agent: StandInAge
         writer.close()
     finally:
         assert await tunnel.stop() == 0
+
+
+async def test_an_agent_without_halfclose_is_routed_again_without_it(
+    w: World, valkey: ValkeyNode
+) -> None:
+    """An agent from before the route option HALFCLOSE refuses it: the tunnel routes
+    again without it, and the connection works."""
+    old = StandInAgent(
+        w.bus, w.ca, w.tmp / "agent-old", DATABASES, valkey.port, host_id="agent-old",
+        half_close=False,
+    )  # fmt: skip
+    await old.start()
+    await old.announce("dev-cache")
+    tunnel = await Tunnel.start(w, "dev-cache", "app")
+    try:
+        r = await client(tunnel.port)
+        async with r:
+            assert await asyncio.wait_for(r.set("old:k", "v"), 10)
+            assert await asyncio.wait_for(r.get("old:k"), 10) == b"v"
+        # a client that leaves still ends its agent connection (at once, without the word)
+        reader, writer = await _raw(tunnel.port)
+        writer.write(cmd(b"PING"))
+        assert await asyncio.wait_for(reader.readline(), 10) == b"+PONG\r\n"
+        writer.close()
+    finally:
+        assert await tunnel.stop() == 0
+        await old.stop()
+    assert old.routes == [("alice", "dev-cache", "app")] * 2
+    assert old.half_closes == [False, False]
+    assert old.refused == [OLD_AGENT_REFUSAL] * 2

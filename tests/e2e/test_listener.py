@@ -4,6 +4,7 @@ with ACL users, a real agent, certificates from the fleet CA, redis-py and raw R
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -420,3 +421,85 @@ async def test_scripts_and_other_names_do_not_run_what_a_role_denies(
     finally:
         s.close()
         await put_roles(fleet.bus)
+
+
+async def test_a_command_refused_inside_multi_aborts_the_transaction(
+    fleet: Fleet, agent: int
+) -> None:
+    """DEL denied: refused when queued, and as on the server EXEC then answers EXECABORT
+    and nothing of the transaction runs; DISCARD still works; redis-py sees the abort."""
+    await put_roles(
+        fleet.bus,
+        dev={
+            "allow": {"db_labels": {"env": "dev"}, "db_users": ["app"]},
+            "deny": {"redis_commands": ["FLUSHALL", "DEL"]},
+        },
+    )
+    alice = fleet.identity("alice", ["dev"])
+    s = await RawSession.open(agent, alice, fleet.ca.pem, "dev-cache", "app")
+    try:
+        assert await s.call("AUTH", "app", APP_PASSWORD) == b"+OK"
+        for end, answer in (
+            ("EXEC", b"-EXECABORT Transaction discarded because of previous errors."),
+            ("DISCARD", b"+OK"),
+        ):
+            assert await s.call("MULTI") == b"+OK"
+            assert await s.call("SET", "tx:a", "1") == b"+QUEUED"
+            assert (await s.call("DEL", "tx:a")).startswith(b"-NOPERM ")
+            assert await s.call(end) == answer
+            assert await s.call("GET", "tx:a") == b"$-1"
+        # the session goes on, and so does the next transaction
+        assert await s.call("MULTI") == b"+OK"
+        assert await s.call("SET", "tx:a", "2") == b"+QUEUED"
+        assert await s.call("EXEC") == b"*1"
+        assert await s.reply() == b"+OK"
+        assert await s.call("GET", "tx:a") == b"2"
+    finally:
+        s.close()
+    r = client(agent, alice, "dev-cache", "app", username="app", password=APP_PASSWORD)
+    async with r:
+        pipe = r.pipeline(transaction=True)
+        pipe.set("tx:b", 1)
+        pipe.delete("tx:b")
+        with pytest.raises(redis.exceptions.NoPermissionError) as info:
+            await pipe.execute()
+        # redis-py raises the queued command's error once EXEC answered EXECABORT
+        assert isinstance(info.value.__context__, redis.exceptions.ExecAbortError)
+        assert await r.get("tx:b") is None
+    await put_roles(fleet.bus)
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+async def test_a_client_that_left_over_tls_consumes_nothing(
+    fleet: Fleet, agent: int, valkey: ValkeyNode, how: str
+) -> None:
+    """Straight to the listener over mutual TLS (no tunnel): a client that closes while
+    its BLPOP waits takes nothing; the element pushed after it left stays in the list."""
+    alice = fleet.identity("alice", ["dev"])
+    queue = f"q:tls:{how}"
+    a = await RawSession.open(agent, alice, fleet.ca.pem, "dev-cache", "app")
+    assert await a.call("AUTH", "app", APP_PASSWORD) == b"+OK"
+    a.writer.write(cmd("BLPOP", queue, "0"))
+
+    async def blocked() -> bool:
+        info = await valkey.command("INFO", "clients")
+        assert isinstance(info, bytes)
+        return b"blocked_clients:0\r\n" not in info
+
+    await wait_until(blocked, 10, "the BLPOP waits on the server")
+    if how == "close":  # close_notify, then FIN
+        a.writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await a.writer.wait_closed()
+    else:
+        a.close()
+    await asyncio.sleep(0.2)
+    b = await RawSession.open(agent, alice, fleet.ca.pem, "dev-cache", "app")
+    try:
+        assert await b.call("AUTH", "app", APP_PASSWORD) == b"+OK"
+        assert await b.call("LPUSH", queue, "job") == b":1"
+    finally:
+        b.close()
+    await asyncio.sleep(2)
+    assert await valkey.command("LLEN", queue) == 1
+    await valkey.command("DEL", queue)

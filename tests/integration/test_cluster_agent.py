@@ -5,6 +5,8 @@ or the client's own AUTH), the client sees one server, and ``--node`` reaches on
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,12 +21,13 @@ from dbservice.route import RouteRefused, open_route
 from sandbox.aws import ACL_MEMBERS, MotoServer
 from sandbox.iamfront import IamFront, MemoryDBLogin
 from sandbox.memorydb import MemoryDBStandin, StandinConfig
-from tests.kits import seed as seed
-from tests.kits.agent import running_agent
+from tests.kits import seed
+from tests.kits.agent import running_agent, wait_until
 from tests.kits.listener import (
     RawSession,
     client,
     client_context,
+    cmd,
     make_fleet,
     put_roles,
     wait_events,
@@ -166,3 +169,112 @@ async def test_person_reaches_every_shard_through_the_agent(
                     "127.0.0.1", listen, ssl_context=client_context(erin, ca),
                     database="carts", db_user="alice", node="nope",
                 )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def cluster_agent(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path, db: MemoryDBStandin, *deny: str
+) -> AsyncIterator[tuple[int, Path, str]]:
+    """An agent serving the stand-in as ``carts`` (cluster engine) to role ``carts``,
+    which denies ``deny``; yields (listener port, a client identity, the fleet CA)."""
+    fleet = await make_fleet(bus, tmp_path, nats_server.url)
+    await put_roles(
+        bus,
+        carts={
+            "allow": {"db_labels": {"env": "cluster"}, "db_users": ["alice", "bob"]},
+            "deny": {"redis_commands": list(deny)},
+        },
+    )
+    await bus.put_resource(record(db.ca_pem.decode()))
+    host, port = db.endpoint
+    config = fleet.agent(
+        "agent-1",
+        [],
+        resources=[{"labels": {"env": "cluster"}}],
+        host_aliases={f"{CFG_NAME}:6379": f"{host}:{port}"},
+    )
+    async with running_agent(config, nats_server.url) as agent:
+        assert agent.listener is not None
+        yield agent.listener.port, fleet.identity("erin", ["carts"]), fleet.ca.pem
+
+
+async def test_a_command_refused_inside_multi_aborts_the_transaction(
+    bus: Bus,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    standin: tuple[MemoryDBStandin, MemoryDBLogin],
+) -> None:
+    """DEL denied: refused when queued, and as on the server EXEC then answers EXECABORT
+    and nothing of the transaction runs; DISCARD still works; redis-py sees the abort."""
+    db, _ = standin
+    async with cluster_agent(bus, nats_server, tmp_path, db, "FLUSHALL", "DEL") as (
+        listen,
+        erin,
+        ca,
+    ):
+        s = await RawSession.open(listen, erin, ca, "carts", "alice")
+        try:
+            for end, answer in (
+                ("EXEC", b"-EXECABORT Transaction discarded because of previous errors."),
+                ("DISCARD", b"+OK"),
+            ):
+                assert await s.call("MULTI") == b"+OK"
+                assert await s.call("SET", "tx:a", "1") == b"+QUEUED"
+                assert (await s.call("DEL", "tx:a")).startswith(b"-NOPERM ")
+                assert await s.call(end) == answer
+                assert await s.call("GET", "tx:a") == b"$-1"
+            assert await s.call("MULTI") == b"+OK"
+            assert await s.call("SET", "tx:a", "2") == b"+QUEUED"
+            assert await s.call("EXEC") == b"*1"
+            assert await s.reply() == b"+OK"
+            assert await s.call("GET", "tx:a") == b"2"
+        finally:
+            s.close()
+        async with client(listen, erin, "carts", "alice") as r:
+            pipe = r.pipeline(transaction=True)
+            pipe.set("tx:b", 1)
+            pipe.delete("tx:b")
+            with pytest.raises(redis.exceptions.NoPermissionError) as info:
+                await pipe.execute()
+            # redis-py raises the queued command's error once EXEC answered EXECABORT
+            assert isinstance(info.value.__context__, redis.exceptions.ExecAbortError)
+            assert await r.get("tx:b") is None
+
+
+@pytest.mark.parametrize("how", ["close", "abort"])
+async def test_a_client_that_left_over_tls_consumes_nothing(
+    bus: Bus,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    standin: tuple[MemoryDBStandin, MemoryDBLogin],
+    how: str,
+) -> None:
+    """Straight to the listener over mutual TLS (no tunnel): a client that closes while
+    its BLPOP waits takes nothing; the element pushed after it left stays in the list."""
+    db, _ = standin
+    queue = b"q:tls"
+    shard = db.nodes[await db.owner_of_slot(key_slot(queue))]
+    async with cluster_agent(bus, nats_server, tmp_path, db) as (listen, erin, ca):
+        a = await RawSession.open(listen, erin, ca, "carts", "alice")
+        a.writer.write(cmd("BLPOP", queue, b"0"))
+
+        async def blocked() -> bool:
+            info = await shard.command("INFO", "clients")
+            assert isinstance(info, bytes)
+            return b"blocked_clients:0\r\n" not in info
+
+        await wait_until(blocked, 10, "the BLPOP waits on the server")
+        if how == "close":  # close_notify, then FIN
+            a.writer.close()
+            with contextlib.suppress(OSError, ssl.SSLError):
+                await a.writer.wait_closed()
+        else:
+            a.close()
+        await asyncio.sleep(0.2)
+        b = await RawSession.open(listen, erin, ca, "carts", "alice")
+        try:
+            assert await b.call("LPUSH", queue, b"job") == b":1"
+        finally:
+            b.close()
+        await asyncio.sleep(2)
+        assert await shard.command("LLEN", queue) == 1

@@ -491,3 +491,66 @@ async def test_a_secret_whose_tag_was_removed_is_not_rotated(
     with pytest.raises(NotOurs):
         await one.cycle(ref)  # rotation due, but the secret is no longer fleetgate's
     untouched(ref.secret_name, current["version"], current["password"])
+
+
+class CreatedMeanwhile(ManagedAws):
+    """Somebody else creates the secret under the documented name (no managed-by tag)
+    just before the agent's CreateSecret: the agent found none a moment before."""
+
+    def __init__(self, ref: UserRef, password: str) -> None:
+        super().__init__(IamAuth(), REGION)
+        self.ref = ref
+        self.password = password
+        self.version = ""
+
+    async def create_secret(
+        self, name: str, value: str, *, token: str, tags: dict[str, str], kms_key_id: str | None
+    ) -> str:
+        if not self.version:
+            self.version = await asyncio.to_thread(foreign_secret, self.ref, self.password)
+        return await super().create_secret(
+            name, value, token=token, tags=tags, kms_key_id=kms_key_id
+        )
+
+
+@pytest.mark.parametrize("when", ["after-the-lease", "before-create-secret"])
+async def test_a_secret_made_by_somebody_else_during_set_up_is_never_used(
+    aws: MotoServer, lease_bus: Bus, when: str
+) -> None:
+    """The secret appears while an agent sets the user up (after it took the lease, or
+    between finding no secret and its CreateSecret): its password is never put on the
+    MemoryDB user, and the secret is neither changed nor tagged, now or later."""
+    ref = ref_of("x", make_user("x"))
+    before = USER_PASSWORDS[(ACCOUNT, REGION, "x")]
+    theirs = "somebody-elses-password-0123456789"
+    made = CreatedMeanwhile(ref, theirs)
+    appeared: list[str] = []
+
+    async def at_lease(step: Step, _: UserRef) -> None:
+        if step == "leased" and not appeared:
+            appeared.append(await asyncio.to_thread(foreign_secret, ref, theirs))
+
+    if when == "after-the-lease":
+        agent = rotator(lease_bus, "h1", hook=at_lease)
+    else:
+        agent = Rotator(
+            lease_bus,
+            "h1",
+            lambda _: made,
+            RotationSettings(interval=INTERVAL, jitter=0.0, lease=LEASE),
+            clock=CLOCK,
+        )
+    with pytest.raises(NotOurs):
+        await agent.cycle(ref)
+    version = appeared[0] if appeared else made.version
+    assert version
+    untouched(ref.secret_name, version, theirs)
+    tags = seed.client("secretsmanager", REGION).describe_secret(SecretId=ref.secret_name)["Tags"]
+    assert {t["Key"] for t in tags} == {"team"}
+    assert USER_PASSWORDS[(ACCOUNT, REGION, "x")] == before
+    # once the lease has passed, the next cycle (any agent) leaves it alone as well
+    CLOCK.advance(LEASE)
+    with pytest.raises(NotOurs):
+        await rotator(lease_bus, "h2").cycle(ref)
+    untouched(ref.secret_name, version, theirs)
+    assert USER_PASSWORDS[(ACCOUNT, REGION, "x")] == before

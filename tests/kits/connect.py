@@ -38,6 +38,10 @@ from dbservice.route import EOF_COMMAND, ROUTE_OK, RouteError, encode_refusal, r
 from tests.kits.common import subprocess_env
 
 PASSWORD = "correct horse battery"
+OLD_AGENT_REFUSAL = (
+    "route preamble: unknown or repeated option b'HALFCLOSE' (NODE and PORT are known)"
+)
+"""What an agent from before the route option ``HALFCLOSE`` answers a route with it."""
 READY = re.compile(r"listening on 127\.0\.0\.1:(\d+) for (\S+) as (\S+); connect with: ")
 
 
@@ -73,6 +77,13 @@ class StandInAgent:
     """(user, database, db_user) of every accepted route."""
     shards: tuple[str, ...] = ()
     """Names ``--node`` may give (any other is refused, as the agent does)."""
+    half_close: bool = True
+    """Whether it knows the route option ``HALFCLOSE``; False: it refuses a route with
+    it as an agent from before the option does."""
+    half_closes: list[bool] = field(default_factory=list)
+    """Whether each accepted route came with ``HALFCLOSE``."""
+    refused: list[str] = field(default_factory=list)
+    """The reason of every route it refused."""
 
     async def start(self) -> StandInAgent:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -115,7 +126,12 @@ class StandInAgent:
                 async with asyncio.timeout(5):
                     route = await read_route(reader)
             except (CertificateRejected, RouteError) as exc:
+                self.refused.append(str(exc))
                 writer.write(encode_refusal(str(exc)))
+                return
+            if route.half_close and not self.half_close:  # an agent's words from before it
+                self.refused.append(OLD_AGENT_REFUSAL)
+                writer.write(encode_refusal(OLD_AGENT_REFUSAL))
                 return
             resource = self.databases.get(route.database)
             if resource is None:
@@ -135,6 +151,7 @@ class StandInAgent:
                 writer.write(encode_refusal(refusal))
                 return
             self.routes.append((identity.user, route.database, route.db_user))
+            self.half_closes.append(route.half_close)
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
             writer.write(ROUTE_OK)
             await writer.drain()

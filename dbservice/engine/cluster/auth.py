@@ -41,13 +41,13 @@ def login_command(session: ClusterSession, name: str, args: list[bytes]) -> Entr
     verdict = hooks.on_command(name, len(args), args)
     if verdict is not None:
         session.stats.refused += 1
-        return Local(name, verdict, counted=False)
+        return Local(name, transactions.refused(session, name, verdict), counted=False)
     if name == "AUTH":
         if len(args) not in (2, 3):
             return _to_seed(session, name, args, None)
         action = hooks.on_auth(args[1] if len(args) == 3 else None, args[-1])
         if action.reply is not None:
-            return Local(name, action.reply, counted=False)
+            return Local(name, transactions.refused(session, name, action.reply), counted=False)
         command = list(action.replacement or args)
         return _to_seed(session, name, command, command)
     hello = parse_hello(args)
@@ -55,7 +55,7 @@ def login_command(session: ClusterSession, name: str, args: list[bytes]) -> Entr
         return _to_seed(session, name, args, None)
     action = hooks.on_hello(hello)
     if action.reply is not None:
-        return Local(name, action.reply, counted=False)
+        return Local(name, transactions.refused(session, name, action.reply), counted=False)
     command = list(action.replacement or args)
     sent = parse_hello(command)
     creds = None

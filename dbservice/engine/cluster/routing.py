@@ -41,7 +41,7 @@ async def plan(session: ClusterSession, args: list[bytes], raw: bytes | None = N
     verdict = session._hooks.on_command(name, len(args), args)
     if verdict is not None:
         session.stats.refused += 1
-        return Local(name, verdict, counted=False)
+        return Local(name, transactions.refused(session, name, verdict), counted=False)
     if session._topology is None or session._table is None:
         try:
             session._topology, session._table = await session._state.ensure(session._live_seed())
@@ -94,8 +94,11 @@ def _wrong_arity(
     goes to a shard as it is, which answers that error; inside MULTI the error is the
     server's wording and the transaction is marked failed, as the server does."""
     if session._multi is not None:
+        wrong = f"wrong number of arguments for '{spelled}' command"
+        if name == "EXEC":  # the server discards the transaction at once
+            return Local(name, transactions.refused(session, name, b"-%s\r\n" % wrong.encode()))
         session._multi_failed = True
-        return Local(name, error(f"ERR wrong number of arguments for '{spelled}' command"))
+        return Local(name, error(f"ERR {wrong}"))
     return Forward(name, session._request(args, None, payload=raw))
 
 

@@ -6,6 +6,11 @@ connection that ran ``WATCH``). A key in another slot is refused at once with
 ``CROSSSLOT`` and ``EXEC`` then answers ``EXECABORT``. A transaction a node refuses
 because of where its slot is (``MOVED``/``ASK``/``TRYAGAIN``/``CLUSTERDOWN``, at queue
 time or at ``EXEC``: nothing ran) is sent again where the slot is now (:func:`run`).
+
+A command the engine answers with an error inside ``MULTI`` (a hook refusal, an arity
+error, a command the engine cannot run in a transaction) marks the transaction failed,
+as the server marks one for a command it rejects: ``EXEC`` then answers the server's
+``EXECABORT`` and nothing of it runs (:func:`refused`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ _NULL3: Final = b"_\r\n"
 _REDIRECTS: Final = (b"-MOVED ", b"-ASK ", b"-TRYAGAIN", b"-CLUSTERDOWN")
 _QUEUED: Final = b"+QUEUED\r\n"
 _EXECABORT: Final = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+_EXECABORT_BECAUSE: Final = b"-EXECABORT Transaction discarded because of: "
 _WHY_TX = "every key of the transaction must map to one slot; use a {hash tag}"
 _NOT_IN_TRANSACTION = frozenset(
     {"DBSIZE", "KEYS", "SCAN", "RANDOMKEY", "FLUSHALL", "FLUSHDB", "SCRIPT", "FUNCTION", "INFO",
@@ -45,6 +51,11 @@ class Transaction(Entry):
     """MULTI, the queued commands and EXEC, sent together to one shard at EXEC."""
 
     __slots__ = ("commands", "futures", "slot")
+
+    holds = True
+    """It is sent in the writer's turn (:func:`run`), so nothing after it is planned
+    (and sent) before it is answered: a command pipelined behind EXEC must see what
+    the transaction wrote, and must not run before it."""
 
     def __init__(self, commands: list[Sequence[bytes]], slot: int | None) -> None:
         super().__init__("EXEC")
@@ -82,8 +93,26 @@ def queue(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
     return Local(name, _QUEUED)
 
 
-def multi(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+def refused(session: ClusterSession, name: str, reply: bytes) -> bytes:
+    """The engine answers ``name`` with ``reply`` (a hook refusal, say) instead of
+    running it: as the server does for a command it rejects, an error inside ``MULTI``
+    marks the transaction failed, and a refused ``EXEC`` ends the transaction
+    (``EXECABORT ... because of: <error>``)."""
+    if reply[:1] != b"-":
+        return reply
+    if name == "EXEC":
+        if session._multi is not None:
+            session._multi, session._multi_failed, session._multi_slot = None, False, None
+            unwatch(session)
+        return _EXECABORT_BECAUSE + reply[1:]
     if session._multi is not None:
+        session._multi_failed = True
+    return reply
+
+
+def multi(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
+    if session._multi is not None:  # the server rejects it, so the transaction fails
+        session._multi_failed = True
         return Local(name, error("ERR MULTI calls can not be nested"))
     if len(args) != 1:
         return Local(name, error("ERR wrong number of arguments for 'multi' command"))
@@ -113,7 +142,8 @@ def discard(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
 
 def watch(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
     assert session._table is not None
-    if session._multi is not None:
+    if session._multi is not None:  # the server rejects it, so the transaction fails
+        session._multi_failed = True
         return Local(name, error("ERR WATCH inside MULTI is not allowed"))
     slots = {key_slot(args[p]) for p in session._table.key_positions(args)}
     if session._watch_slot is not None:

@@ -8,18 +8,27 @@ the pieces it arrives in and is never held whole. What it keeps between reads is
 bounded: a partial count line, a partial name, or a partial inspected command.
 
 Inline commands are split like the server splits them and forwarded re-encoded as RESP.
+
+Inside ``MULTI`` a command the engine answers with an error instead of forwarding (a
+hook refusal, a command the engine cannot follow there) never reaches the server's
+queue, so the parser marks the transaction failed as the server marks it for a command
+it rejects: ``EXEC`` is then answered with the server's ``EXECABORT`` and a ``DISCARD``
+goes to the server in its place (its reply kept from the client), so nothing of the
+transaction runs. A refused ``EXEC`` is answered as the server answers one it rejects
+(``EXECABORT ... because of: <error>``), its transaction discarded likewise.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Final
 
 from .errors import ProtocolError, error_reply
 from .framing import bulk_line, count_line, inline_end, payload_end
 from .hooks import Action, Hello, SessionHooks
 from .inline import encode_command, split_args
-from .pending import Item, Local, Special, Sub
+from .pending import Injected, Item, Local, Special, Sub
 from .settings import ProxyLimits
 from .words import parse_long, server_word
 
@@ -46,6 +55,12 @@ _INSPECT = 100
 """A name the hooks asked to see the arguments of."""
 
 _NAME_CACHE_MAX = 4096
+
+EXECABORT: Final = b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+"""The server's answer to ``EXEC`` after a command of the transaction was rejected."""
+_EXECABORT_BECAUSE: Final = b"-EXECABORT Transaction discarded because of: "
+"""The server's answer to an ``EXEC`` it rejects (arity, ACL), the error following."""
+_DISCARD: Final = b"*1\r\n$7\r\nDISCARD\r\n"
 
 _DIGIT = [-1] * 256
 """The value of an ASCII digit byte, -1 for any other byte."""
@@ -91,6 +106,12 @@ class CommandParser:
         self._dropping = False
         """The command being streamed was refused: its bytes are skipped, not sent."""
         self._in_multi = False
+        self._multi_failed = False
+        """A command of the current transaction was answered by the engine with an
+        error: ``EXEC`` becomes ``DISCARD`` (the server's ``EXECABORT`` to the client)."""
+        self._discard_owed = False
+        """:meth:`_special` turned an ``EXEC`` into a ``DISCARD`` that :meth:`_refusal`
+        writes once what came before it is forwarded."""
         self.held: Awaitable[Sequence[bytes] | None] | None = None
         """After a RESET whose connection the agent logs in again (``on_reset``): what
         it logs in with. Nothing after the RESET is read until :meth:`release`."""
@@ -290,7 +311,7 @@ class CommandParser:
                     self.refused += 1
                     if fwd < start:
                         self._forward(data[fwd:start])
-                    self._local(Local(verdict))
+                    self._local(Local(self._refusal(name, verdict)))
                     fwd = q
                     if self._args_left or self._bulk_left:
                         self._dropping = True
@@ -403,7 +424,7 @@ class CommandParser:
         verdict = self._on_command(name, argc, args)
         if verdict is not None:
             self.refused += 1
-            self._local(Local(verdict))
+            self._local(Local(self._refusal(name, verdict)))
             return b""
         if spec == _AUTH:
             return self._auth(args)
@@ -411,17 +432,46 @@ class CommandParser:
             return self._hello(args)
         if spec == _CLIENT and argc >= 2 and server_word(args[1]) == b"REPLY":
             self.refused += 1
-            self._local(Local(error_reply("CLIENT REPLY is not supported through the proxy")))
+            reply = error_reply("CLIENT REPLY is not supported through the proxy")
+            self._local(Local(self._refusal(name, reply)))
             return b""
         if spec is not None and spec not in _NEEDS_ARGS and spec != _INSPECT:
+            # Only inline commands get here with a spec of their own, after everything
+            # before them was forwarded: a DISCARD written for EXEC is in its place.
             refusal = self._special(name, spec, argc)
             if refusal is not None:
                 self.refused += 1
-                self._local(Local(refusal))
+                self._local(Local(self._refusal(name, refusal)))
                 return b""
             return None
         self._pending.append(name)
         return None
+
+    def _refusal(self, name: str, reply: bytes) -> bytes:
+        """The engine answers ``name`` with ``reply`` instead of forwarding it (what came
+        before it is forwarded already): inside ``MULTI`` an error marks the transaction
+        failed; a refused ``EXEC`` is answered and ends its transaction as the server
+        does; an ``EXEC`` of a failed transaction sends ``DISCARD`` in its place."""
+        if self._discard_owed:  # from _special: EXEC of a failed transaction
+            self._discard_owed = False
+            self._discard()
+            return reply
+        if reply[:1] != b"-":
+            return reply
+        if name == "EXEC":
+            if self._in_multi:
+                self._in_multi = self._multi_failed = False
+                self._discard()
+            return _EXECABORT_BECAUSE + reply[1:]
+        if self._in_multi:
+            self._multi_failed = True
+        return reply
+
+    def _discard(self) -> None:
+        """End the server's transaction without running it; the client never sees the
+        ``+OK``."""
+        self._pending.append(Injected(_ignore_reply))
+        self._forward(_DISCARD)
 
     def _special(self, name: str, spec: int, argc: int) -> bytes | None:
         """Record what a pub/sub, transaction or mode command is owed; a reply instead
@@ -437,11 +487,19 @@ class CommandParser:
                 self._pending.append(name)
             return None
         if spec == _MULTI:
-            self._in_multi = True
+            if argc == 1 and not self._in_multi:  # nested: the server flags it itself
+                self._in_multi, self._multi_failed = True, False
         elif spec == _ENDMULTI:
-            self._in_multi = False
+            # EXEC ends the transaction whatever its arguments (one it rejects is
+            # discarded); DISCARD with arguments is an arity error inside it.
+            if name == "EXEC" or argc == 1:
+                failed = self._in_multi and self._multi_failed and name == "EXEC"
+                self._in_multi = self._multi_failed = False
+                if failed and argc == 1:  # with arguments the server aborts it itself
+                    self._discard_owed = True
+                    return EXECABORT
         elif spec == _RESET and argc == 1:  # with arguments it is an arity error
-            self._in_multi = False
+            self._in_multi = self._multi_failed = False
             self._pending.append(Special(name))
             self.held = self._hooks.on_reset()
             return None
@@ -475,12 +533,18 @@ class CommandParser:
 
     def _apply(self, action: Action, name: str, protover: int | None) -> bytes | None:
         if action.reply is not None:
+            if self._in_multi and action.reply[:1] == b"-":  # refused: never queued
+                self._multi_failed = True
             self._local(Local(action.reply))
             return b""
         self._pending.append(Special(name, protover) if name == "HELLO" else name)
         if action.replacement is not None:
             return encode_command(action.replacement)
         return None
+
+
+def _ignore_reply(ok: bool) -> None:
+    """The reply to the engine's own DISCARD."""
 
 
 def _read_args(
