@@ -155,7 +155,10 @@ def test_a_large_value_does_not_stall_other_sessions_in_the_cluster_engine(
         try:
             while not latencies:
                 time.sleep(0.01)
-            with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as big:
+            with (
+                proxy.probe() as probe,
+                socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as big,
+            ):
                 started = time.monotonic()
                 big.sendall(command)
                 assert big.recv(64) == b"+OK\r\n"
@@ -164,11 +167,21 @@ def test_a_large_value_does_not_stall_other_sessions_in_the_cluster_engine(
         finally:
             stop.set()
             pinger.join()
-        # The old code spent about 10 s describing the value for the audit, and every
-        # other session of the agent waited as long. Now the PING waits for the engine's
-        # copies of 64 MB and for the stand-in (in this process, relaying 64 MB through
-        # its TLS fronts): a few hundred milliseconds on a loaded 2-core machine.
-        assert max(latencies) < 3.0, (max(latencies), took)
+        # Once, the engine spent about 10 s describing the value for the audit, and every
+        # other session of the agent waited as long; then it still held its loop for
+        # 0.15-0.25 s at a time (joining and copying the 64 MB, and encrypting them for
+        # the shard in one write). Now the value is collected as it arrives and written a
+        # slice per turn: the loop's longest stall is a few milliseconds. The stall is
+        # the CPU the engine's own loop spent while a tick of the probe was late, so it
+        # does not count the time this loaded machine ran something else (the stand-in,
+        # in this process, relays the 64 MB through its TLS fronts; other tests run).
+        shown = (
+            f"SET {took:.3f} s; loop stall max {max(probe.stalls):.3f} s, lag max "
+            f"{max(probe.lags):.3f} s; PING max {max(latencies):.3f} s, median "
+            f"{sorted(latencies)[len(latencies) // 2]:.3f} s"
+        )
+        assert max(probe.stalls) < 0.05, shown
+        assert max(latencies) < 3.0, shown
         sets = [e for e in hooks.events if isinstance(e, SessionQuery) and e.command == "SET"]
         big_set = [e for e in sets if e.args[0] == "big"]
         assert len(big_set) == 1

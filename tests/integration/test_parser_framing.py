@@ -36,10 +36,13 @@ def standin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedStandi
 
 def exchange(port: int, data: bytes, settle: float = 0.3) -> tuple[bytes, bool]:
     """Send ``data``; everything that comes back, and whether the connection closed
-    (read until a final ``+PONG``, a close, or ``settle`` seconds of silence)."""
+    (read until a final ``+PONG``, a close, or ``settle`` seconds of silence). When
+    ``data`` ends with a PING, its PONG or a close ends the wait, so silence may last
+    longer: the cluster engine learns the cluster before its first reply, which on a
+    busy machine can take more than ``settle``."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.sendall(data)
-    sock.settimeout(settle)
+    sock.settimeout(15.0 if data.endswith(b"$4\r\nPING\r\n") else settle)
     out, closed = b"", False
     try:
         while True:

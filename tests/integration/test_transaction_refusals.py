@@ -11,9 +11,9 @@ import ssl
 from collections.abc import Iterator, Sequence
 
 import pytest
+
 from dbservice.engine.cluster.slots import key_slot
 from dbservice.engine.proxy import PassThroughHooks
-
 from sandbox.memorydb import StandinConfig, ThreadedStandin
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.cluster import ClusterProxy

@@ -8,6 +8,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from types import TracebackType
 
 import redis
@@ -84,6 +85,11 @@ class ClusterProxy:
             self._ready.set()
             await self._stop.wait()
 
+    def probe(self, interval: float = 0.002) -> LoopProbe:
+        """``with proxy.probe() as probe:`` measures the engine's event loop meanwhile."""
+        assert self._loop is not None
+        return LoopProbe(self._loop, interval)
+
     def client(self, protocol: int = 2, **kwargs: object) -> redis.Redis:
         return redis.Redis(
             port=self.port,
@@ -100,3 +106,43 @@ class ClusterProxy:
             if len(done) >= count or time.monotonic() > deadline:
                 return done
             time.sleep(0.01)
+
+
+class LoopProbe:
+    """How long an event loop is kept from its other work: a task on the loop wakes every
+    ``interval`` seconds and records, per wake-up, ``lag`` (wall seconds late) and
+    ``stall`` (of that lag, the CPU time the loop's own thread spent meanwhile: a
+    callback that held the loop, not the machine running something else, as other
+    engineers' tests on a loaded machine do)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        self.loop = loop
+        self.interval = interval
+        self.lags: list[float] = []
+        self.stalls: list[float] = []
+        self._stop = threading.Event()
+        self._future: Future[None] | None = None
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            wall, cpu = time.perf_counter(), time.thread_time()
+            await asyncio.sleep(self.interval)
+            lag = time.perf_counter() - wall - self.interval
+            self.lags.append(lag)
+            self.stalls.append(max(0.0, min(lag, time.thread_time() - cpu)))
+
+    def __enter__(self) -> LoopProbe:
+        self._future = asyncio.run_coroutine_threadsafe(self._run(), self.loop)
+        while not self.lags:
+            time.sleep(0.001)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        assert self._future is not None
+        self._future.result(10)
+
+    @staticmethod
+    def quantile(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -101,7 +101,7 @@ def run_cluster_engine(data: bytes, cuts: list[int]) -> AgentView:
             error = exc.reply
             break
         for _, raw in batch:
-            out += raw
+            out += raw if isinstance(raw, bytes) else b"".join(raw)
             count += 1
         if reader.error is not None:
             error = reader.error.reply

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final
 from . import merge, transactions
 from .entries import Entry, Fan, Forward, Local, retrieve
 from .link import LinkError
-from .resp import OK, encode_value, error, error_of
+from .resp import OK, Payload, encode_value, error, error_of
 from .slots import key_slot
 from .topology import Address
 
@@ -167,7 +167,7 @@ def _client(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
     )
 
 
-def _broadcast(session: ClusterSession, payload: bytes, *, skip: Address) -> None:
+def _broadcast(session: ClusterSession, payload: Payload, *, skip: Address) -> None:
     """Also to every other open shard connection, their replies dropped."""
     for address, link in list(session._links.items()):
         if address != skip and link is not session._seed and link.failed is None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 from .redirects import complete
-from .resp import encode_command
+from .resp import Payload, encode_payload
 from .topology import Address
 
 if TYPE_CHECKING:
@@ -32,10 +32,10 @@ class Request:
         args: Sequence[bytes],
         slot: int | None,
         address: Address,
-        payload: bytes | None = None,
+        payload: Payload | None = None,
     ) -> None:
         self.args = args
-        self.payload = payload or encode_command(args)
+        self.payload = payload or encode_payload(args)
         self.slot = slot
         self.address = address
         self.future: asyncio.Future[bytes] | None = None

@@ -7,6 +7,13 @@ and written when it is ready. A link that cannot open, or whose connection ends,
 every future it still holds with :class:`LinkError`; the session opens a new link the
 next time it needs that node.
 
+Commands sent in one turn of the event loop leave in one write. A backlog larger than
+:data:`SLICE` (a large value) leaves :data:`SLICE` bytes per turn, and none while the
+connection's write buffer is over its high-water mark, so encrypting and sending it
+never holds the event loop for long and other sessions run in between; a session stops
+reading its client while one of its links holds more than ``write_high_water`` bytes
+not yet written (:attr:`Link.congested`, :meth:`Link.drained`).
+
 Pushes (RESP3 ``>`` frames) are not replies: they go to ``on_push``. A link opened for
 pub/sub (``pubsub=True``) hands every frame it reads to ``on_push`` instead, since a
 subscribed connection's replies are messages and confirmations.
@@ -19,14 +26,14 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import cast
+from typing import Final, cast
 
 from dbservice.engine.proxy.errors import UpstreamProtocolError
 from dbservice.engine.proxy.session import Streams
 from dbservice.engine.proxy.settings import ProxyLimits
 from fleetgate.aio import take_buffered
 
-from .resp import FrameReader
+from .resp import FrameReader, Payload
 from .topology import Address
 
 logger = logging.getLogger(__name__)
@@ -35,6 +42,10 @@ Dial = Callable[[Address], Awaitable[Streams]]
 """Connect to a node (the agent applies host aliases and TLS)."""
 Prepare = Callable[["Link", Streams], Awaitable[None]]
 """Make a fresh connection the session's (login, protocol, name) before first use."""
+
+SLICE: Final = 256 * 1024
+"""Most bytes a link writes in one turn of the event loop when more are queued (TLS
+encrypts about 1 MB in 3-4 ms on the reference machine: a slice costs about one)."""
 
 
 class LinkError(Exception):
@@ -60,8 +71,15 @@ class Link:
         self._on_push = on_push
         self.pubsub = pubsub
         self._waiters: deque[asyncio.Future[bytes]] = deque()
-        self._buffer: list[bytes] = []
+        self._buffer: deque[bytes] = deque()
+        self._queued = 0
+        """Bytes in ``_buffer`` not yet written (``_offset`` of its first piece are)."""
+        self._offset = 0
+        self._paused = False
+        """The connection's write buffer is over its high-water mark."""
+        self._drain: asyncio.Future[None] | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._transport: asyncio.WriteTransport | None = None
         self._task: asyncio.Task[None] | None = None
         self.failed: LinkError | None = None
         self.closed = False
@@ -90,7 +108,24 @@ class Link:
         if self._task is None:
             self._task = asyncio.create_task(self._run(streams), name=f"cluster-link-{self.name}")
 
-    def send(self, payload: bytes, replies: int = 1) -> list[asyncio.Future[bytes]]:
+    @property
+    def congested(self) -> bool:
+        """More than ``write_high_water`` bytes wait to be written."""
+        return self._queued > self._limits.write_high_water
+
+    async def drained(self) -> None:
+        """Return once the link is not :attr:`congested` (or has ended)."""
+        while self.congested and self.failed is None and not self.closed:
+            if self._drain is None:
+                self._drain = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._drain)
+
+    def _wake_drained(self) -> None:
+        drain, self._drain = self._drain, None
+        if drain is not None and not drain.done():
+            drain.set_result(None)
+
+    def send(self, payload: Payload, replies: int = 1) -> list[asyncio.Future[bytes]]:
         """Write ``payload`` (``replies`` commands) now, or once the link is open."""
         if self.failed is not None or self.closed:
             raise self.failed or LinkError(f"node {self.name}: link closed")
@@ -101,27 +136,70 @@ class Link:
         self._queue(payload)
         return futures
 
-    def write(self, payload: bytes) -> None:
+    def write(self, payload: Payload) -> None:
         """Write without expecting replies (a pub/sub link's commands)."""
         self._queue(payload)
 
-    def _queue(self, payload: bytes) -> None:
+    def _queue(self, payload: Payload) -> None:
         """Commands sent in one turn of the event loop leave in one write."""
-        self._buffer.append(payload)
+        if isinstance(payload, bytes):
+            self._buffer.append(payload)
+            self._queued += len(payload)
+        else:
+            self._buffer.extend(payload)
+            self._queued += sum(map(len, payload))
         if self._writer is None:
             self.start()
-        elif not self._flush_scheduled:
+        else:
+            self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._flush_scheduled and not self._paused:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._writer is not None and self._buffer:
-            data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
-            self._buffer.clear()
-            self._writer.write(data)
+        transport, buffer = self._transport, self._buffer
+        if transport is None or self._paused or not buffer:
+            return
+        data: bytes | memoryview
+        if self._queued <= SLICE and not self._offset:  # the common case: all of it
+            data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
+            buffer.clear()
+            self._queued = 0
+        else:  # SLICE bytes now, the rest in later turns
+            parts: list[bytes | memoryview] = []
+            budget = SLICE
+            while buffer and budget:
+                piece, offset = buffer[0], self._offset
+                left = len(piece) - offset
+                if left <= budget:
+                    parts.append(memoryview(piece)[offset:] if offset else piece)
+                    buffer.popleft()
+                    self._offset = 0
+                    budget -= left
+                else:
+                    parts.append(memoryview(piece)[offset : offset + budget])
+                    self._offset = offset + budget
+                    budget = 0
+            self._queued -= SLICE - budget
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+        transport.write(data)
+        if buffer:
+            self._schedule()
+        if self._drain is not None and not self.congested:
+            self._wake_drained()
 
-    async def call(self, payload: bytes) -> bytes:
+    def _pause(self) -> None:
+        self._paused = True
+
+    def _resume(self) -> None:
+        self._paused = False
+        if self._buffer:
+            self._schedule()
+
+    async def call(self, payload: Payload) -> bytes:
         """One command, its reply (for the session's own bookkeeping commands)."""
         (future,) = self.send(payload)
         return await future
@@ -137,9 +215,6 @@ class Link:
                 raise LinkError(f"cannot reach node {self.name}: {_reason(exc)}") from None
             reader, writer = streams
             self._writer = writer
-            if self._buffer:
-                writer.write(b"".join(self._buffer))
-                self._buffer.clear()
             await self._read(reader)
         except LinkError as exc:
             self._fail(exc)
@@ -167,6 +242,8 @@ class Link:
         buffered = take_buffered(reader)
         at_eof = reader.at_eof()
         transport.set_protocol(protocol)
+        self._transport = transport
+        self._flush()  # what was sent while the connection was being opened
         if buffered:
             protocol.data_received(buffered)
         if at_eof:
@@ -191,7 +268,10 @@ class Link:
     def _fail(self, error: LinkError) -> None:
         if self.failed is None:
             self.failed = error
-        self._writer = None
+        self._writer = self._transport = None
+        self._buffer.clear()
+        self._queued = self._offset = 0
+        self._wake_drained()
         while self._waiters:
             future = self._waiters.popleft()
             if not future.done():
@@ -223,6 +303,12 @@ class _Replies(asyncio.Protocol):
             self.link._frames(self.feed(data))
         except Exception as exc:
             self._end(exc)
+
+    def pause_writing(self) -> None:
+        self.link._pause()
+
+    def resume_writing(self) -> None:
+        self.link._resume()
 
     def eof_received(self) -> bool:
         self._end(asyncio.IncompleteReadError(b"", None))

@@ -7,7 +7,9 @@ reads commands and replies whole, within :class:`~dbservice.engine.proxy.ProxyLi
 
 * :class:`CommandReader` whole client commands from each read (multibulk, or an inline
   line split like the server splits it, with :func:`dbservice.engine.proxy.inline.split_args`),
-  each with its original bytes, forwarded unchanged when it goes to one shard;
+  each with its original bytes (a :data:`Payload`), forwarded unchanged when it goes to
+  one shard; an argument of :data:`LARGE_ARGUMENT` bytes or more is collected as it
+  arrives and its command handed on in pieces, so no step copies it whole;
 * :class:`FrameReader` whole replies from each read, as sent (passed on unchanged), and
   :func:`read_frame` one reply from a stream (connection set-up);
 * :func:`decode` those bytes into Python values, for the few replies that are merged;
@@ -17,8 +19,10 @@ reads commands and replies whole, within :class:`~dbservice.engine.proxy.ProxyLi
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from dbservice.engine.proxy.errors import ProtocolError, UpstreamProtocolError, error_reply
 from dbservice.engine.proxy.framing import bulk_line, count_line, inline_end, payload_end
@@ -50,6 +54,15 @@ class Status:
 
 Value = bytes | int | float | bool | None | Error | Status | list["Value"] | dict[bytes, "Value"]
 
+Payload = bytes | tuple[bytes, ...]
+"""The bytes of one or more commands as they go to a node: one ``bytes``, or pieces in
+order when a command holds a large argument (the argument is one piece, never joined
+with the rest: joining would copy it whole on the event loop)."""
+
+LARGE_ARGUMENT: Final = 1 << 20
+"""An argument this large that is still arriving is collected as it comes rather than
+joined once complete, and a command holding one is encoded in pieces."""
+
 
 def encode_command(args: Sequence[bytes]) -> bytes:
     out = [b"*%d\r\n" % len(args)]
@@ -58,6 +71,33 @@ def encode_command(args: Sequence[bytes]) -> bytes:
         out.append(arg)
         out.append(b"\r\n")
     return b"".join(out)
+
+
+def encode_payload(args: Sequence[bytes]) -> Payload:
+    """:func:`encode_command`, in pieces when an argument is large."""
+    if all(len(arg) < LARGE_ARGUMENT for arg in args):
+        return encode_command(args)
+    pieces: list[bytes] = []
+    small = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        small.append(b"$%d\r\n" % len(arg))
+        if len(arg) < LARGE_ARGUMENT:
+            small.append(arg)
+            small.append(b"\r\n")
+        else:
+            pieces += (b"".join(small), arg)
+            small = [b"\r\n"]
+    pieces.append(b"".join(small))
+    return tuple(pieces)
+
+
+def prefixed(head: bytes, payload: Payload) -> Payload:
+    """``head`` (a command) then ``payload``, without joining a large piece."""
+    return head + payload if isinstance(payload, bytes) else (head, *payload)
+
+
+def payload_size(payload: Payload) -> int:
+    return len(payload) if isinstance(payload, bytes) else sum(map(len, payload))
 
 
 # -- reading ---------------------------------------------------------------------------
@@ -228,11 +268,53 @@ def error(message: str) -> bytes:
 # -- incremental readers (what the engine's hot path uses) -----------------------------------
 
 
+class _Large:
+    """A command whose argument of :data:`LARGE_ARGUMENT` bytes or more is arriving: the
+    arguments before it, the command's bytes before it, and its payload so far."""
+
+    __slots__ = ("args", "body", "crlf", "held", "left", "missing", "pieces", "total")
+
+    def __init__(self, args: list[bytes], pieces: list[bytes], left: int, size: int) -> None:
+        self.args = args
+        self.pieces = pieces
+        self.left = left
+        """Arguments the command has after this one."""
+        self.body = io.BytesIO()
+        """The payload, copied in as each read brings it: ``getvalue`` then hands on
+        the buffer itself as ``bytes`` (CPython does not copy it again)."""
+        self.missing = size
+        self.crlf = b""
+        self.held = sum(map(len, pieces))
+        self.total = self.held + size + 2
+
+    def take(self, data: bytes) -> bytes | None:
+        """Add what ``data`` holds of the payload and its CRLF; the bytes after them once
+        the argument is whole, None while it is not."""
+        if self.missing:
+            take = min(self.missing, len(data))
+            self.body.write(memoryview(data)[:take] if take < len(data) else data)
+            self.missing -= take
+            self.held += take
+            data = data[take:] if take < len(data) else b""
+            if self.missing:
+                return None
+        need = 2 - len(self.crlf)
+        self.crlf += data[:need]
+        self.held += min(need, len(data))
+        if len(self.crlf) < 2:
+            return None
+        if self.crlf != b"\r\n":
+            raise ProtocolError("invalid CRLF in request")
+        return data[need:]
+
+
 class CommandReader:
     """Whole commands out of the bytes a client sends, as many as each read holds:
     ``feed`` returns ``(arguments, original bytes)`` per complete command. A command
-    still arriving is kept in pieces and joined once all of it is there, so a large
-    value costs one copy, not one per read."""
+    still arriving is kept in pieces and joined once all of it is there, so a value
+    costs one copy, not one per read; an argument of :data:`LARGE_ARGUMENT` bytes or more
+    is copied once as it arrives, and its command's bytes are handed on in pieces around
+    it, so completing it copies nothing large on the event loop."""
 
     def __init__(self, limits: ProxyLimits) -> None:
         self._limits = limits
@@ -240,26 +322,64 @@ class CommandReader:
         self._size = 0
         self._need = 0
         """Bytes the pending command needs at least before parsing it again is useful."""
+        self._large: _Large | None = None
+        """A large argument arriving (every byte read goes to it first)."""
+        self._head: tuple[list[bytes], tuple[bytes, ...], int] | None = None
+        """A command whose large argument is whole but whose later arguments are still
+        arriving: its arguments and bytes so far, and the length of the ``*<left>``
+        line put before those later arguments so that they parse as one command."""
         self.error: ProtocolError | None = None
         """Malformed input met after the commands ``feed`` last returned."""
 
     @property
     def held(self) -> int:
         """Bytes kept of a command still arriving (until it is whole)."""
-        return self._size
+        return self._size + self._extra()
 
     @property
     def declared(self) -> int:
         """Bytes the command still arriving has at least, by the lengths read so far."""
-        return self._need
+        if self._large is not None:
+            return self._large.total
+        return self._need + self._extra()
 
-    def feed(self, data: bytes) -> list[tuple[list[bytes], bytes]]:
+    def _extra(self) -> int:
+        if self._large is not None:
+            return self._large.held
+        if self._head is not None:
+            return sum(map(len, self._head[1]))
+        return 0
+
+    def feed(self, data: bytes) -> list[tuple[list[bytes], Payload]]:
+        out: list[tuple[list[bytes], Payload]] = []
+        large = self._large
+        if large is not None:
+            try:
+                rest = large.take(data)
+            except ProtocolError:
+                self._large = None
+                raise
+            if rest is None:
+                return out
+            value = large.body.getvalue()
+            large.body.close()
+            self._large = None
+            args, pieces = [*large.args, value], (*large.pieces, value, b"\r\n")
+            if large.left:
+                left = b"*%d\r\n" % large.left
+                self._head = (args, pieces, len(left))
+                rest = left + rest
+            else:
+                out.append((args, pieces))
+            if not rest:
+                return out
+            data = rest
         self._chunks.append(data)
         self._size += len(data)
         if self._size < self._need:
-            return []
+            return out
         buf = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        out: list[tuple[list[bytes], bytes]] = []
+        first = len(out)
         try:
             p = self._parse(buf, out)
         except ProtocolError as exc:
@@ -267,7 +387,14 @@ class CommandReader:
                 raise
             self.error = exc  # the commands before it still run; then the error
             self._chunks, self._size, self._need = [], 0, 1 << 62
+            self._large = self._head = None
             return out
+        if self._head is not None and len(out) > first:
+            args, pieces, skip = self._head
+            self._head = None
+            later, raw = out[first]
+            assert isinstance(raw, bytes)
+            out[first] = ([*args, *later], (*pieces, raw[skip:]))
         rest = buf[p:]
         self._chunks = [rest] if rest else []
         self._size = len(rest)
@@ -275,7 +402,23 @@ class CommandReader:
             self._need = 0
         return out
 
-    def _parse(self, buf: bytes, out: list[tuple[list[bytes], bytes]]) -> int:
+    def _collect(
+        self, buf: bytes, p: int, start: int, size: int, args: list[bytes], left: int
+    ) -> int:
+        """Start collecting the large argument whose payload starts at ``start`` in the
+        command at ``p``; all of ``buf`` is taken."""
+        before: list[bytes] = []
+        pieces: tuple[bytes, ...] = ()
+        skip = 0
+        if self._head is not None and p == 0:  # the later arguments of a large command
+            before, pieces, skip = self._head
+            self._head = None
+        large = _Large([*before, *args], [*pieces, buf[p + skip : start]], left, size)
+        large.take(buf[start:])  # not all of it: the caller found it incomplete
+        self._large = large
+        return len(buf)
+
+    def _parse(self, buf: bytes, out: list[tuple[list[bytes], Payload]]) -> int:
         limits = self._limits
         n = len(buf)
         p = 0
@@ -320,6 +463,8 @@ class CommandReader:
                     size, start = bulk
                 end = start + size
                 if end + 2 > n:
+                    if size >= LARGE_ARGUMENT:
+                        return self._collect(buf, p, start, size, args, argc - len(args) - 1)
                     self._need = end + 2 - p
                     return p
                 args.append(buf[start:end])

@@ -17,7 +17,7 @@ from .auth import login_command, reset
 from .commands import HANDLERS
 from .entries import Entry, Fan, Forward, Local, Request
 from .link import LinkError
-from .resp import error
+from .resp import Payload, error
 from .slots import key_slot
 from .topology import TopologyError
 
@@ -32,7 +32,7 @@ _SUBSCRIBED_OK = frozenset(
 )  # fmt: skip
 
 
-async def plan(session: ClusterSession, args: list[bytes], raw: bytes | None = None) -> Entry:
+async def plan(session: ClusterSession, args: list[bytes], raw: Payload | None = None) -> Entry:
     """The entry for one client command, its request(s) already sent."""
     name = session._names.get(args[0]) or _canonical(session, args[0])
     session.stats.commands += 1
@@ -62,7 +62,9 @@ async def plan(session: ClusterSession, args: list[bytes], raw: bytes | None = N
     return _route(session, name, args, raw)
 
 
-def _subscribed(session: ClusterSession, name: str, args: list[bytes], raw: bytes | None) -> Entry:
+def _subscribed(
+    session: ClusterSession, name: str, args: list[bytes], raw: Payload | None
+) -> Entry:
     """A command the server refuses in RESP2 subscribed mode, answered as the server
     answers it: an unknown command or subcommand, or a wrong number of arguments, is
     the server's own error (checked before subscribed mode, and nothing runs: it goes
@@ -87,7 +89,7 @@ def _subscribed(session: ClusterSession, name: str, args: list[bytes], raw: byte
 
 
 def _wrong_arity(
-    session: ClusterSession, name: str, spelled: str, args: list[bytes], raw: bytes | None
+    session: ClusterSession, name: str, spelled: str, args: list[bytes], raw: Payload | None
 ) -> Entry:
     """A command with a number of arguments its arity refuses: the server's own error,
     and nothing else happens (no handler, no key lookup, no split). Outside MULTI it
@@ -111,7 +113,7 @@ def _canonical(session: ClusterSession, raw: bytes) -> str:
 
 
 def _route(
-    session: ClusterSession, name: str, args: list[bytes], raw: bytes | None = None
+    session: ClusterSession, name: str, args: list[bytes], raw: Payload | None = None
 ) -> Entry:
     assert session._table is not None
     at = session._table.single.get(args[0].lower(), 0)

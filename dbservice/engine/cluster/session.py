@@ -48,7 +48,7 @@ from .keyspecs import CommandTable
 from .link import Dial, Link, LinkError
 from .pubsub import PubSub
 from .redirects import BACKOFF, MAX_REDIRECTS
-from .resp import CommandReader, encode_command, error, error_of, read_frame
+from .resp import CommandReader, Payload, encode_command, error, error_of, prefixed, read_frame
 from .routing import SPLIT, plan
 from .state import ClusterState
 from .topology import Address, Topology, TopologyError
@@ -145,6 +145,9 @@ class ClusterSession:
         self._pubsub = PubSub(self)
         self._out: list[bytes] = []
         self._out_size = 0
+        self._congested: list[Link] = []
+        """Links holding more than ``write_high_water`` bytes not yet written: the reader
+        waits for them before reading more (back-pressure from a slow node)."""
         self._background: set[asyncio.Task[None]] = set()
         self._names: dict[bytes, str] = {}
         self._released = False
@@ -323,6 +326,8 @@ class ClusterSession:
             if commands.error is not None:
                 await self._protocol_error(commands.error)
                 return
+            if self._congested:
+                await self._drain_links()
             if over is not None:
                 self.stats.reason = f"refused: {over}"
                 del commands  # what it held goes now
@@ -331,6 +336,12 @@ class ClusterSession:
                 await self._discard(reader)
                 await self._put(END)
                 return
+
+    async def _drain_links(self) -> None:
+        """Wait until no link holds more than ``write_high_water`` bytes to write."""
+        congested = self._congested
+        while congested:
+            await congested.pop().drained()
 
     async def _discard(self, reader: asyncio.StreamReader) -> None:
         """Read and drop what the client still sends, for ``close_grace`` at most, so
@@ -551,13 +562,16 @@ class ClusterSession:
             link = self.link(request.address)
         try:
             if asking:
-                ask, request.future = link.send(_ASKING + request.payload, 2)
+                ask, request.future = link.send(prefixed(_ASKING, request.payload), 2)
                 ask.add_done_callback(retrieve)
             else:
                 (request.future,) = link.send(request.payload)
         except LinkError as exc:
             request.future = self._loop.create_future()
             request.future.set_exception(exc)
+            return
+        if link.congested and link not in self._congested:
+            self._congested.append(link)
 
     def _request(
         self,
@@ -565,7 +579,7 @@ class ClusterSession:
         slot: int | None,
         address: Address | None = None,
         *,
-        payload: bytes | None = None,
+        payload: Payload | None = None,
     ) -> Request:
         where = address or (self._owner(slot) if slot is not None else self._home())
         request = Request(args, slot, where, payload)
