@@ -32,7 +32,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", type=int, default=20_000, help="cases per engine")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--engines", default=",".join(ENGINES), help="proxy,cluster")
+    parser.add_argument("--engines", default=",".join(ENGINES), help="proxy,proxy-audit,cluster")
     args = parser.parse_args()
     engines = [e for e in args.engines.split(",") if e]
     with tempfile.TemporaryDirectory() as directory:

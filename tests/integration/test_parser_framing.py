@@ -4,12 +4,26 @@ Every check compares with a real valkey-server spoken to directly."""
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
+from dbservice.engine.cluster.resp import CommandReader
+from dbservice.engine.proxy import ProtocolError, ProxyLimits
+from dbservice.engine.proxy.commands import CommandParser
+from dbservice.engine.proxy.framing import (
+    SHORT_LINE,
+    bulk_line,
+    count_line,
+    short_bulk_ends,
+    short_bulks,
+    short_counts,
+)
 from sandbox.memorydb import StandinConfig, ThreadedStandin
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.cluster import ClusterProxy
@@ -235,3 +249,78 @@ def test_wrong_arities_never_end_a_cluster_session(
             assert isinstance(reply, Exception), (args, reply)
             assert raw.read() == b"after", (args, reply)
         raw.close()
+
+
+# -- the readers' fast path (framing.py's tables) --------------------------------------------
+
+
+def _strict(read: Callable[..., tuple[int, int] | None], *args: Any) -> tuple[int, int] | None:
+    """What a strict reader gives for a line: (value, ...) when valid and whole."""
+    try:
+        return read(*args)
+    except ProtocolError:
+        return None
+
+
+def test_the_fast_path_tables_hold_exactly_the_short_lines_the_strict_reader_accepts() -> None:
+    """Every 5-byte start of a line over the bytes that matter: in the tables exactly
+    when count_line / bulk_line read it as a whole line with a value under 100 (and
+    within the limits), with the same value and length; a miss is whatever else."""
+    alphabet = b"*$0159\r\n -+x"
+    for max_bulk, max_multibulk in [(512 * 1024 * 1024, (1 << 31) - 1), (10, 3), (0, 0)]:
+        counts, bulks = short_counts(max_multibulk), short_bulks(max_bulk)
+        ends = short_bulk_ends(max_bulk)
+        assert ends == {key: end for key, (_, end) in bulks.items()}
+        for key in map(bytes, itertools.product(alphabet, repeat=SHORT_LINE)):
+            count = _strict(count_line, key, 0, len(key)) if key[0] == 42 else None
+            if count is not None and 1 <= count[0] <= min(99, max_multibulk):
+                assert counts.get(key) == count, key
+            else:
+                assert key not in counts, key
+            size = _strict(bulk_line, key, 0, len(key), max_bulk)
+            if size is not None and size[0] < 100:
+                assert bulks.get(key) == (size[1], size[1] + size[0]), (key, max_bulk)
+            else:
+                assert key not in bulks, (key, max_bulk)
+
+
+def test_a_name_cut_by_the_read_is_not_taken_for_a_shorter_name_seen_before() -> None:
+    """``$6\\r\\nECHO\\r\\n``: the name is the 6 bytes ``ECHO\\r\\n``, not ECHO, wherever the
+    read ends (the single-node parser remembers names with their CR LF)."""
+    data = cmd("ECHO", "a") + cmd(b"ECHO\r\n", "b") + cmd(b"ECHO\r\nx", "c")
+    for cut in range(len(data) + 1):
+        hooks = Recorder()
+        parser = CommandParser(
+            hooks=hooks, limits=ProxyLimits(), forward=bytearray().extend,
+            local=lambda _: None, pending=deque(), inspect=("*",) if cut % 2 else (),
+        )  # fmt: skip
+        parser.feed(data[:cut])
+        parser.feed(data[cut:])
+        assert hooks.commands == [("ECHO", 2), ("ECHO\r\n", 2), ("ECHO\r\nX", 2)], cut
+
+
+@pytest.mark.parametrize("engine", ["proxy", "proxy-audit", "cluster"])
+def test_short_lengths_and_counts_obey_the_limits(engine: str) -> None:
+    """A configured max_bulk or max_multibulk under 100 holds on the fast path too
+    (a 1- or 2-digit length or count over the limit was let through before)."""
+    limits = ProxyLimits(max_bulk=10, max_multibulk=3)
+    for data, error in [
+        (cmd("SET", "k", "v" * 11), "invalid bulk length"),
+        (cmd("SET", "k", "v" * 50), "invalid bulk length"),
+        (cmd("GET", "k" * 11), "invalid bulk length"),
+        (cmd("MSET", "a", "b", "c"), "invalid multibulk length"),
+    ]:
+        ok = cmd("SET", "k", "v" * 10)
+        with pytest.raises(ProtocolError, match=error):
+            if engine == "cluster":
+                reader = CommandReader(limits)
+                assert len(reader.feed(ok)) == 1
+                reader.feed(data)
+            else:
+                parser = CommandParser(
+                    hooks=Recorder(), limits=limits, forward=bytearray().extend,
+                    local=lambda _: None, pending=deque(),
+                    inspect=("*",) if engine == "proxy-audit" else (),
+                )  # fmt: skip
+                parser.feed(ok)
+                parser.feed(data)

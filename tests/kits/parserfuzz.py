@@ -66,7 +66,7 @@ def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     return [data[a:b] for a, b in itertools.pairwise(edges) if b > a]
 
 
-def run_proxy_engine(data: bytes, cuts: list[int]) -> AgentView:
+def run_proxy_engine(data: bytes, cuts: list[int], inspect: tuple[str, ...] = ()) -> AgentView:
     """The single-node engine's :class:`CommandParser`."""
     out = bytearray()
     hooks = _Counter()
@@ -77,6 +77,7 @@ def run_proxy_engine(data: bytes, cuts: list[int]) -> AgentView:
         forward=out.extend,
         local=locals_.append,
         pending=deque(),
+        inspect=inspect,
     )
     error = None
     try:
@@ -86,6 +87,12 @@ def run_proxy_engine(data: bytes, cuts: list[int]) -> AgentView:
         error = exc.reply
     assert not locals_, locals_
     return AgentView(bytes(out), hooks.commands, error, not parser.at_boundary)
+
+
+def run_audited_proxy_engine(data: bytes, cuts: list[int]) -> AgentView:
+    """The single-node engine's :class:`CommandParser` reading every command's arguments
+    (``inspect=("*",)``, as the agent's audit does)."""
+    return run_proxy_engine(data, cuts, inspect=("*",))
 
 
 def run_cluster_engine(data: bytes, cuts: list[int]) -> AgentView:
@@ -111,6 +118,7 @@ def run_cluster_engine(data: bytes, cuts: list[int]) -> AgentView:
 
 ENGINES: dict[str, Callable[[bytes, list[int]], AgentView]] = {
     "proxy": run_proxy_engine,
+    "proxy-audit": run_audited_proxy_engine,
     "cluster": run_cluster_engine,
 }
 
@@ -286,10 +294,12 @@ def _bulk(rng: random.Random, payload: bytes) -> bytes:
 
 def _command(rng: random.Random) -> bytes:
     kind = rng.random()
-    if kind < 0.45:
-        size = rng.choice([0, 1, 3, 9, 10, 11, 99, 100, 120])
+    if kind < 0.4:
+        size = rng.choice([0, 1, 3, 9, 10, 11, 98, 99, 100, 101, 120])
         payload = bytes(rng.choice(_PAYLOAD) for _ in range(size))
         return b"*2\r\n" + _bulk(rng, b"ECHO") + _bulk(rng, payload)
+    if kind < 0.47:
+        return _boundary(rng)
     if kind < 0.55:
         args = [b"PING"] + ([b"p%d" % rng.randint(0, 99)] if rng.random() < 0.5 else [])
         return b"*%d\r\n" % len(args) + b"".join(_bulk(rng, a) for a in args)
@@ -298,6 +308,23 @@ def _command(rng: random.Random) -> bytes:
         name = rng.choice([b"ECHO ", b"PING ", b"echo ", b"  ECHO\t", b'"ECHO" '])
         return name + words + rng.choice([b"\r\n", b"\n", b"\r\r\n"])
     return rng.choice([b"\r\n", b"\n", b"   \r\n", b"*0\r\n", b"*-1\r\n", b"*-5\r\n"])
+
+
+def _boundary(rng: random.Random) -> bytes:
+    """Commands at the edge of the readers' fast path (framing.py's tables of counts
+    and lengths under 100; names remembered with their CR LF): counts and lengths of
+    99 and 100, long names, and a name that starts like one seen before."""
+    kind = rng.randrange(4)
+    if kind == 0:  # 9 to 101 arguments: the server answers an arity error
+        args = [b"ECHO"] + [b"a"] * rng.choice([8, 9, 10, 97, 98, 99, 100])
+    elif kind == 1:  # an unknown name of 9 to 101 bytes
+        args = [b"X" * rng.choice([9, 10, 98, 99, 100, 101])]
+    elif kind == 2:  # a name that is ECHO and more: ECHO\r\n... (unknown to the server)
+        args = [b"ECHO", b"x"]
+        args[0] += rng.choice([b"\r\n", b"\r\nx", b"\r\n$1", b"\r", b"\r\nECHO\r\n"])
+    else:  # an argument around 99/100 bytes
+        args = [b"ECHO", b"y" * rng.choice([99, 100, 999, 1000])]
+    return b"*%d\r\n" % len(args) + b"".join(_bulk(rng, a) for a in args)
 
 
 _LENGTHS = [

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from typing import Final
 
 from dbservice.engine.proxy.errors import ProtocolError, UpstreamProtocolError, error_reply
-from dbservice.engine.proxy.framing import bulk_line, count_line, inline_end, payload_end
+from dbservice.engine.proxy.framing import (
+    SHORT_LINE,
+    bulk_line,
+    count_line,
+    inline_end,
+    short_bulks,
+    short_counts,
+)
 from dbservice.engine.proxy.inline import split_args
 from dbservice.engine.proxy.settings import ProxyLimits
 
@@ -318,6 +325,8 @@ class CommandReader:
 
     def __init__(self, limits: ProxyLimits) -> None:
         self._limits = limits
+        self._short_counts = short_counts(limits.max_multibulk)
+        self._short_bulks = short_bulks(limits.max_bulk)
         self._chunks: list[bytes] = []
         self._size = 0
         self._need = 0
@@ -424,8 +433,15 @@ class CommandReader:
         p = 0
         self._need = 0
         max_bulk = limits.max_bulk
+        counts, bulks = self._short_counts, self._short_bulks
         while p < n:
-            if buf[p] != 42:  # not '*': an inline command
+            # A line found in the framing tables is valid; any other goes to the strict
+            # count_line / bulk_line (dbservice/engine/proxy/framing.py).
+            head = counts.get(buf[p : p + SHORT_LINE])
+            if head is not None:  # "*<argc>\r\n", 0 < argc < 100
+                argc, q = head
+                q += p
+            elif buf[p] != 42:  # not '*': an inline command
                 e = inline_end(buf, p, n, limits.max_inline)
                 if e < 0:
                     return p
@@ -434,41 +450,40 @@ class CommandReader:
                     out.append((args, encode_command(args)))
                 p = e + 1
                 continue
-            header = count_line(buf, p, n)
-            if header is None:
-                return p
-            argc, q = header
-            if argc > limits.max_multibulk:
-                raise ProtocolError("invalid multibulk length")
-            if argc <= 0:  # the server skips it without a reply
-                p = q
-                continue
+            else:
+                header = count_line(buf, p, n)
+                if header is None:
+                    return p
+                argc, q = header
+                if argc > limits.max_multibulk:
+                    raise ProtocolError("invalid multibulk length")
+                if argc <= 0:  # the server skips it without a reply
+                    p = q
+                    continue
             args = []
             for _ in range(argc):
-                if q >= n:
-                    return p
-                if (
-                    q + 3 < n
-                    and buf[q + 2] == 13
-                    and buf[q + 3] == 10
-                    and buf[q] == 36
-                    and 48 <= buf[q + 1] <= 57
-                ):
-                    size = buf[q + 1] - 48  # "$<digit>\r\n": no find/int
-                    start = q + 4
+                head = bulks.get(buf[q : q + SHORT_LINE])
+                if head is not None:  # "$<size>\r\n", size < 100
+                    start = q + head[0]
+                    end = q + head[1]
                 else:
+                    if q >= n:
+                        return p
                     bulk = bulk_line(buf, q, n, max_bulk)
                     if bulk is None:
                         return p
                     size, start = bulk
-                end = start + size
+                    end = start + size
                 if end + 2 > n:
-                    if size >= LARGE_ARGUMENT:
-                        return self._collect(buf, p, start, size, args, argc - len(args) - 1)
+                    if end - start >= LARGE_ARGUMENT:
+                        left = argc - len(args) - 1
+                        return self._collect(buf, p, start, end - start, args, left)
                     self._need = end + 2 - p
                     return p
+                if buf[end] != 13 or buf[end + 1] != 10:
+                    raise ProtocolError("invalid CRLF in request")
                 args.append(buf[start:end])
-                q = payload_end(buf, end)
+                q = end + 2
             out.append((args, buf[p:q]))
             p = q
         return p

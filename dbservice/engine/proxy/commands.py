@@ -25,7 +25,15 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final
 
 from .errors import ProtocolError, error_reply
-from .framing import bulk_line, count_line, inline_end, payload_end
+from .framing import (
+    SHORT_LINE,
+    bulk_line,
+    count_line,
+    inline_end,
+    short_bulk_ends,
+    short_bulks,
+    short_counts,
+)
 from .hooks import Action, Hello, SessionHooks
 from .inline import encode_command, split_args
 from .pending import Injected, Item, Local, Special, Sub
@@ -62,11 +70,6 @@ _EXECABORT_BECAUSE: Final = b"-EXECABORT Transaction discarded because of: "
 """The server's answer to an ``EXEC`` it rejects (arity, ACL), the error following."""
 _DISCARD: Final = b"*1\r\n$7\r\nDISCARD\r\n"
 
-_DIGIT = [-1] * 256
-"""The value of an ASCII digit byte, -1 for any other byte."""
-for _digit in range(10):
-    _DIGIT[48 + _digit] = _digit
-
 
 class CommandParser:
     """Feed it what the client sends; it calls ``forward`` with bytes for the server,
@@ -98,6 +101,23 @@ class CommandParser:
         for name in wanted - {"*"}:
             self._special_names.setdefault(name, _INSPECT)
         self._names: dict[bytes, str] = {}
+        self._framed_names: dict[bytes, str] = {}
+        """Command names as sent with the CR LF after them, canonical (upper case)."""
+        self._hot = (
+            self._framed_names,
+            self._special_names,
+            hooks.on_command,
+            pending.append,
+            limits.max_bulk,
+            limits.max_multibulk,
+            self._default_spec,
+            short_counts(limits.max_multibulk),  # the framing tables of these limits
+            short_bulks(min(limits.max_bulk, limits.max_inspect)),  # for command names
+            short_bulks(limits.max_bulk),
+            short_bulk_ends(limits.max_bulk),
+        )
+        """What :meth:`feed` reads on every call, none of which changes after this: one
+        attribute to load instead of eleven (it counts when each read is a command)."""
         self._rest = b""
         self._args_left = 0
         """Arguments of a command being streamed whose header is not read yet."""
@@ -160,33 +180,34 @@ class CommandParser:
                 self._finish(data, fwd, p, n)
                 return
             self._dropping = False
-        names = self._names
-        special = self._special_names
-        on_command = self._on_command
-        append = self._pending.append
-        max_bulk = self._max_bulk
-        max_multibulk = self._limits.max_multibulk
-        default_spec = self._default_spec
+        (
+            framed_names,
+            special,
+            on_command,
+            append,
+            max_bulk,
+            max_multibulk,
+            default_spec,
+            counts,
+            names_at,
+            bulks,
+            bulk_end,
+        ) = self._hot
         seen = 0
         try:
             while p < n:
                 start = p
-                if data[p] != 42:  # not '*': an inline command
+                # The first bytes of each line are looked up in the framing tables: a
+                # hit is a valid line, a miss goes to the strict functions (framing.py).
+                head = counts.get(data[p : p + SHORT_LINE])
+                if head is not None:  # "*<argc>\r\n", 0 < argc < 100
+                    argc, q = head
+                    q += p
+                elif data[p] != 42:  # not '*': an inline command
                     p, fwd = self._inline(data, p, n, fwd)
                     if p == start or self.held is not None:
                         break
                     continue
-                # "*<argc>\r\n$<len>\r\n<name>\r\n": one-digit counts without find/int
-                if (
-                    p + 3 < n
-                    and data[p + 2] == 13
-                    and data[p + 3] == 10
-                    and 49 <= data[p + 1] <= 57
-                ):
-                    argc = data[p + 1] - 48
-                    q = p + 4
-                    if argc > max_multibulk:
-                        raise ProtocolError("invalid multibulk length")
                 else:
                     header = count_line(data, p, n)
                     if header is None:
@@ -197,15 +218,10 @@ class CommandParser:
                     if argc <= 0:  # the server ignores empty commands without a reply
                         p = q
                         continue
-                if (
-                    q + 3 < n
-                    and data[q + 2] == 13
-                    and data[q + 3] == 10
-                    and data[q] == 36
-                    and 48 <= data[q + 1] <= 57
-                ):
-                    size = data[q + 1] - 48
-                    e = q + 4
+                head = names_at.get(data[q : q + SHORT_LINE])
+                if head is not None:  # "$<size>\r\n", size < 100
+                    e = q + head[0]
+                    q += head[1]
                 else:
                     if q >= n:
                         break
@@ -215,37 +231,33 @@ class CommandParser:
                     size, e = header
                     if size > self._limits.max_inspect:
                         raise ProtocolError("command name too long")
-                q = e + size
+                    q = e + size
                 if q + 2 > n:
                     break
-                if data[q] != 13 or data[q + 1] != 10:
-                    raise ProtocolError("invalid CRLF in request")
-                raw = data[e:q]
-                name = names.get(raw)
+                # The name with its CR LF: a name seen before, properly ended.
+                name = framed_names.get(data[e : q + 2])
                 if name is None:
-                    name = self._canonical(raw)
+                    if data[q] != 13 or data[q + 1] != 10:
+                        raise ProtocolError("invalid CRLF in request")
+                    name = self._canonical(data[e:q])
+                    if len(framed_names) < _NAME_CACHE_MAX:
+                        framed_names[data[e : q + 2]] = name
                 q += 2
                 spec = special.get(name, default_spec)
                 if spec is None:
-                    # The common case: skip the arguments by their lengths (one- and
-                    # two-digit lengths inline), decide on the name and count.
+                    # The common case: skip the arguments by their lengths, decide on the
+                    # name and count. A value not all here is left to _skip.
                     left = argc - 1
-                    while left and q + 4 < n and data[q] == 36:
-                        if data[q + 2] == 13:
-                            size = _DIGIT[data[q + 1]]
-                            end = q + 4 + size
-                            if size < 0 or data[q + 3] != 10 or end + 2 > n:
-                                break
-                        elif data[q + 3] == 13:
-                            tens = _DIGIT[data[q + 1]]
-                            size = _DIGIT[data[q + 2]]
-                            end = q + 5 + tens * 10 + size
-                            if tens <= 0 or size < 0 or data[q + 4] != 10 or end + 2 > n:
-                                break
+                    while left:
+                        end = bulk_end.get(data[q : q + SHORT_LINE])
+                        if end is not None:
+                            end += q
+                        elif q < n and (header := bulk_line(data, q, n, max_bulk)):
+                            end = header[1] + header[0]  # a longer value: the strict reader
                         else:
                             break
-                        if data[end] != 13 or data[end + 1] != 10:
-                            raise ProtocolError("invalid CRLF in request")
+                        if data[end : end + 2] != b"\r\n":
+                            break  # not all here, or malformed: _skip decides
                         q = end + 2
                         left -= 1
                     streaming = False
@@ -261,25 +273,18 @@ class CommandParser:
                         if streaming:
                             break
                         continue
-                elif spec == _INSPECT and (args := _read_args(data, q, n, argc - 1, raw)):
-                    # Every command of an audited session: its arguments are short and
-                    # all here (one- and two-digit lengths inline), the hooks see them.
-                    q, argv = args
-                    seen += 1
-                    verdict = on_command(name, argc, argv)
-                    if verdict is None:
-                        append(name)
-                        p = q
-                        continue
-                elif spec in _NEEDS_ARGS or spec == _INSPECT:
-                    args = self._collect(data, q, n, argc - 1, raw)
-                    if args is None:  # incomplete
-                        if n - start <= self._limits.max_inspect:
-                            break
-                        if spec != _INSPECT:
-                            raise ProtocolError(f"{name} command longer than the proxy accepts")
-                        spec = None
-                    else:
+                elif spec == _INSPECT or spec in _NEEDS_ARGS:
+                    args = self._collect(data, q, n, argc - 1, data[e : q - 2], bulks)
+                    if spec == _INSPECT and args is not None:
+                        # Every command of an audited session: the hooks see its arguments.
+                        q, argv = args
+                        seen += 1
+                        verdict = on_command(name, argc, argv)
+                        if verdict is None:
+                            append(name)
+                            p = q
+                            continue
+                    elif args is not None:
                         q, argv = args
                         out = self._decide_with_args(name, spec, argc, argv)
                         p = q
@@ -290,12 +295,17 @@ class CommandParser:
                                 self._forward(out)
                             fwd = q
                         continue
-                    self._args_left = argc - 1
-                    q = self._skip(data, q, n)
-                    seen += 1
-                    verdict = on_command(name, argc, None)
-                    if verdict is None:
-                        append(name)
+                    else:  # incomplete
+                        if n - start <= self._limits.max_inspect:
+                            break
+                        if spec != _INSPECT:
+                            raise ProtocolError(f"{name} command longer than the proxy accepts")
+                        self._args_left = argc - 1
+                        q = self._skip(data, q, n)
+                        seen += 1
+                        verdict = on_command(name, argc, None)
+                        if verdict is None:
+                            append(name)
                 else:
                     self._args_left = argc - 1
                     if self._args_left:
@@ -326,7 +336,10 @@ class CommandParser:
             raise
         finally:
             self.commands += seen
-        self._finish(data, fwd, p, n)
+        if p == n and not fwd and n:
+            self._forward(data)  # the whole read goes on: the common case
+        else:
+            self._finish(data, fwd, p, n)
 
     def _finish(self, data: bytes, fwd: int, p: int, n: int) -> None:
         """Send ``data[fwd:p]`` on, keep ``data[p:]`` for the next read."""
@@ -341,47 +354,71 @@ class CommandParser:
     def _skip(self, data: bytes, p: int, n: int) -> int:
         """Skip streamed arguments from ``p``; return where it stopped (``n`` inside a
         payload, or the start of an incomplete argument header)."""
-        while True:
-            left = self._bulk_left  # payload and its CRLF; never 1 (see below)
-            if left:
-                if n - p < left:
-                    if n - p > left - 2:
-                        # The payload is here and part of its CRLF: keep that byte
-                        # for the next read, where the CRLF is checked whole.
-                        self._bulk_left = 2
-                        return p + left - 2
-                    self._bulk_left = left - (n - p)
-                    return n
-                p = payload_end(data, p + left - 2)
-                self._bulk_left = 0
-            if not self._args_left:
-                return p
-            if p >= n:
-                return p
-            header = bulk_line(data, p, n, self._max_bulk)
-            if header is None:
-                return p
-            size, p = header
-            self._args_left -= 1
-            self._bulk_left = size + 2
+        left = self._bulk_left  # payload and its CRLF; never 1 (see below)
+        args_left = self._args_left
+        try:
+            while True:
+                if left:
+                    if n - p < left:
+                        if n - p > left - 2:
+                            # The payload is here and part of its CRLF: keep that byte
+                            # for the next read, where the CRLF is checked whole.
+                            p += left - 2
+                            left = 2
+                        else:
+                            left -= n - p
+                            p = n
+                        break
+                    p += left
+                    if data[p - 2] != 13 or data[p - 1] != 10:
+                        raise ProtocolError("invalid CRLF in request")
+                    left = 0
+                if not args_left or p >= n:
+                    break
+                header = bulk_line(data, p, n, self._max_bulk)
+                if header is None:
+                    break
+                size, p = header
+                args_left -= 1
+                left = size + 2
+        finally:  # kept in locals while skipping; where it stands now
+            self._bulk_left = left
+            self._args_left = args_left
+        return p
 
     def _collect(
-        self, data: bytes, p: int, n: int, count: int, raw_name: bytes
+        self,
+        data: bytes,
+        p: int,
+        n: int,
+        count: int,
+        raw_name: bytes,
+        bulks: dict[bytes, tuple[int, int]],
     ) -> tuple[int, list[bytes]] | None:
-        """All arguments when the whole command is in ``data``, else None."""
+        """All arguments when the whole command is in ``data``, else None. ``bulks``:
+        the short ``$`` lines of this parser's limits (:func:`~.framing.short_bulks`)."""
         args = [raw_name]
-        for _ in range(count):
-            if p >= n:
-                return None
-            header = bulk_line(data, p, n, self._max_bulk)
-            if header is None:
-                return None
-            size, start = header
-            end = start + size
-            if end + 2 > n:
-                return None
+        while count:
+            head = bulks.get(data[p : p + SHORT_LINE])
+            if head is not None:  # a valid "$<size>\r\n", size < 100
+                start, end = head
+                start += p
+                end += p
+            else:
+                if p >= n:
+                    return None
+                header = bulk_line(data, p, n, self._max_bulk)
+                if header is None:
+                    return None
+                size, start = header
+                end = start + size
+            if data[end : end + 2] != b"\r\n":
+                if end + 2 > n:
+                    return None
+                raise ProtocolError("invalid CRLF in request")
             args.append(data[start:end])
-            p = payload_end(data, end)
+            p = end + 2
+            count -= 1
         return p, args
 
     def _canonical(self, raw: bytes) -> str:
@@ -545,38 +582,6 @@ class CommandParser:
 
 def _ignore_reply(ok: bool) -> None:
     """The reply to the engine's own DISCARD."""
-
-
-def _read_args(
-    data: bytes, q: int, n: int, left: int, name: bytes
-) -> tuple[int, list[bytes]] | None:
-    """The arguments from ``q`` when every one has a length under 100 and all of them
-    are in ``data``; otherwise None (the general path decides)."""
-    args = [name]
-    while left:
-        if q + 4 >= n or data[q] != 36:
-            return None
-        if data[q + 2] == 13 and data[q + 3] == 10:
-            size = data[q + 1] - 48
-            if not 0 <= size <= 9:
-                return None
-            q += 4
-        elif data[q + 3] == 13 and data[q + 4] == 10:
-            tens = data[q + 1] - 48
-            size = data[q + 2] - 48
-            if not (1 <= tens <= 9 and 0 <= size <= 9):
-                return None
-            size += tens * 10
-            q += 5
-        else:
-            return None
-        end = q + size
-        if end + 2 > n or data[end] != 13 or data[end + 1] != 10:
-            return None
-        args.append(data[q:end])
-        q = end + 2
-        left -= 1
-    return q, args
 
 
 def parse_hello(args: Sequence[bytes]) -> Hello | None:

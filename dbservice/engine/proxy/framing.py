@@ -20,6 +20,7 @@ the error the server gives when it does refuse.
 
 from __future__ import annotations
 
+from functools import cache
 from typing import NoReturn
 
 from .errors import ProtocolError
@@ -98,6 +99,76 @@ def _too_long(data: bytes, p: int, n: int, invalid: str, unended: str) -> NoRetu
     if data[e + 1] != 10:
         raise ProtocolError("invalid CRLF in request")
     raise ProtocolError(invalid)
+
+
+# -- the fast path --------------------------------------------------------------------------
+#
+# Nearly every line a client sends is a short count or length: "*3\r\n", "$3\r\n",
+# "$16\r\n". The readers look the first five bytes of such a line up in a table of every
+# VALID line with a value under 100 (one slice and one dict lookup, instead of a byte-by-
+# byte check in Python). The table holds exactly the lines the strict functions above
+# accept, the keys being what ``b"%d" % value`` gives for each value (so no sign, no
+# leading zero, no blank, and CR LF right after the digits), within the given limits. A
+# miss means nothing but "not the common case": the reader then reads the same line
+# with :func:`count_line` / :func:`bulk_line`, which decide what it is (valid,
+# incomplete or refused). The payload's own CR LF is checked with one compare of a
+# 2-byte slice; a mismatch, too, goes back to the strict path.
+
+SHORT_LINE = 5
+"""Bytes of a line looked up in the tables: ``*<d>\\r\\n`` and ``$<d>\\r\\n`` with their
+next byte (whatever it is), or ``*<dd>\\r\\n`` and ``$<dd>\\r\\n``."""
+
+
+def short_counts(max_multibulk: int) -> dict[bytes, tuple[int, int]]:
+    """``*<count>\\r\\n`` lines with 0 < count < 100 (and count <= ``max_multibulk``), by
+    their first :data:`SHORT_LINE` bytes: (count, length of the line). Shared: read only."""
+    return _short_counts(min(99, max_multibulk))
+
+
+def short_bulks(max_bulk: int) -> dict[bytes, tuple[int, int]]:
+    """``$<length>\\r\\n`` lines with length < 100 (and length <= ``max_bulk``), by their
+    first :data:`SHORT_LINE` bytes: (where the payload starts, where it ends), counted
+    from the ``$``. Shared: read only."""
+    return _short_bulks(min(99, max_bulk))
+
+
+def short_bulk_ends(max_bulk: int) -> dict[bytes, int]:
+    """:func:`short_bulks`, with only where the payload ends (to skip an argument).
+    Shared: read only."""
+    return _short_bulk_ends(min(99, max_bulk))
+
+
+def _short_lines(kind: bytes, low: int, high: int) -> dict[bytes, tuple[int, int]]:
+    """The lines ``<kind><value>\\r\\n`` for ``low <= value <= high``: (value, length)."""
+    table: dict[bytes, tuple[int, int]] = {}
+    for value in range(low, high + 1):
+        line = kind + b"%d\r\n" % value
+        entry = (value, len(line))
+        if len(line) == SHORT_LINE:
+            table[line] = entry
+        else:  # "$7\r\n": a line of 4 bytes, and any byte after it
+            for after in range(256):
+                table[line + bytes((after,))] = entry
+    return table
+
+
+@cache
+def _short_counts(high: int) -> dict[bytes, tuple[int, int]]:
+    return _short_lines(b"*", 1, high)
+
+
+@cache
+def _short_bulks(high: int) -> dict[bytes, tuple[int, int]]:
+    spans: dict[tuple[int, int], tuple[int, int]] = {}  # one tuple per length
+    return {
+        key: spans.setdefault(entry, (entry[1], entry[1] + entry[0]))
+        for key, entry in _short_lines(b"$", 0, high).items()
+    }
+
+
+@cache
+def _short_bulk_ends(high: int) -> dict[bytes, int]:
+    return {key: end for key, (_, end) in _short_bulks(high).items()}
 
 
 def payload_end(data: bytes, end: int) -> int:
