@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from bus import subjects
-    from bus.client import BUCKETS, Bus
+    from bus.client import Bus
     from bus.errors import BusError, BusUnavailable, RegistryError
     from bus.labels import matches, parse_label_filter
     from bus.schemas import (
@@ -26,12 +26,12 @@ if TYPE_CHECKING:
         TLSSettings,
     )
     from bus.servers import DbServerHeartbeat, TargetHealth
-    from bus.specs import BucketSpec
+    from bus.specs import BUCKETS, BucketSpec
     from bus.watch import Event
 
 _WHERE = {
     "subjects": "bus.subjects",
-    "BUCKETS": "bus.client",
+    "BUCKETS": "bus.specs",
     "BucketSpec": "bus.specs",
     "Bus": "bus.client",
     "BusError": "bus.errors",

@@ -25,7 +25,6 @@ A role as people write it (``fleetgate roles create -f role.yaml``)::
 from __future__ import annotations
 
 import re
-import weakref
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -34,7 +33,7 @@ from pydantic import Field, field_validator
 from bus import subjects
 from bus.labels import check_selector
 from bus.schemas import SCHEMA_VERSION, Record
-from bus.specs import BucketSpec
+from bus.specs import ACCESS_BUCKETS
 from fleetgate.durations import Duration
 
 if TYPE_CHECKING:
@@ -48,25 +47,6 @@ DB_USERS_TRAIT = "{{internal.db_users}}"
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,127}$")
 """Valid user and role names: letters, digits and ``. _ @ -``."""
-
-ACCESS_BUCKETS = (
-    BucketSpec(subjects.AUTH_BUCKET, "fleetgate fleet CA certificate (never keys)"),
-    BucketSpec(subjects.ROLES_BUCKET, "fleetgate roles", history=5),
-    BucketSpec(subjects.USERS_BUCKET, "fleetgate users and password hashes", history=5),
-)
-_SPECS = {spec.name: spec for spec in ACCESS_BUCKETS}
-_opened: weakref.WeakKeyDictionary[Bus, set[str]] = weakref.WeakKeyDictionary()
-
-
-async def _ready(bus: Bus, name: str) -> str:
-    """Open (creating if allowed) an access bucket with its spec, once per connection.
-    Not added to ``bus.client.BUCKETS``: processes that never touch access (discovery)
-    must not provision, or need permissions for, these buckets."""
-    done = _opened.setdefault(bus, set())
-    if name not in done:
-        await bus.provision(_SPECS[name])
-        done.add(name)
-    return name
 
 
 def check_name(kind: str, name: str) -> str:
@@ -188,13 +168,11 @@ async def provision_access(bus: Bus) -> None:
 
 
 async def put_role(bus: Bus, role: Role) -> int:
-    return await bus.put(
-        await _ready(bus, subjects.ROLES_BUCKET), subjects.role_key(role.name), role
-    )
+    return await bus.put(subjects.ROLES_BUCKET, subjects.role_key(role.name), role)
 
 
 async def get_role(bus: Bus, name: str) -> Role | None:
-    return await bus.get(await _ready(bus, subjects.ROLES_BUCKET), subjects.role_key(name), Role)
+    return await bus.get(subjects.ROLES_BUCKET, subjects.role_key(name), Role)
 
 
 async def get_roles(bus: Bus, names: tuple[str, ...] | list[str]) -> list[Role]:
@@ -204,39 +182,37 @@ async def get_roles(bus: Bus, names: tuple[str, ...] | list[str]) -> list[Role]:
 
 
 async def list_roles(bus: Bus) -> list[Role]:
-    found = await bus.snapshot(await _ready(bus, subjects.ROLES_BUCKET), Role)
+    found = await bus.snapshot(subjects.ROLES_BUCKET, Role)
     return sorted(found.values(), key=lambda r: r.name)
 
 
 async def delete_role(bus: Bus, name: str) -> None:
-    await bus.delete(await _ready(bus, subjects.ROLES_BUCKET), subjects.role_key(name))
+    await bus.delete(subjects.ROLES_BUCKET, subjects.role_key(name))
 
 
 async def put_user(bus: Bus, user: User) -> int:
-    return await bus.put(
-        await _ready(bus, subjects.USERS_BUCKET), subjects.user_key(user.name), user
-    )
+    return await bus.put(subjects.USERS_BUCKET, subjects.user_key(user.name), user)
 
 
 async def get_user(bus: Bus, name: str) -> User | None:
-    return await bus.get(await _ready(bus, subjects.USERS_BUCKET), subjects.user_key(name), User)
+    return await bus.get(subjects.USERS_BUCKET, subjects.user_key(name), User)
 
 
 async def list_users(bus: Bus) -> list[User]:
-    found = await bus.snapshot(await _ready(bus, subjects.USERS_BUCKET), User)
+    found = await bus.snapshot(subjects.USERS_BUCKET, User)
     return sorted(found.values(), key=lambda u: u.name)
 
 
 async def delete_user(bus: Bus, name: str) -> None:
-    await bus.delete(await _ready(bus, subjects.USERS_BUCKET), subjects.user_key(name))
+    await bus.delete(subjects.USERS_BUCKET, subjects.user_key(name))
 
 
 async def put_ca(bus: Bus, ca: CACertificate) -> int:
-    return await bus.put(await _ready(bus, subjects.AUTH_BUCKET), subjects.CA_KEY, ca)
+    return await bus.put(subjects.AUTH_BUCKET, subjects.CA_KEY, ca)
 
 
 async def get_ca(bus: Bus) -> CACertificate | None:
-    return await bus.get(await _ready(bus, subjects.AUTH_BUCKET), subjects.CA_KEY, CACertificate)
+    return await bus.get(subjects.AUTH_BUCKET, subjects.CA_KEY, CACertificate)
 
 
 def role_document(role: Role) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from bus import subjects
 from bus.errors import BusError, BusUnavailable, RegistryError
 from bus.schemas import DatabaseResource, FetcherStatus
 from bus.servers import DbServerHeartbeat
-from bus.specs import BucketSpec
+from bus.specs import BUCKETS, DB_SERVERS, SPECS, BucketSpec
 from bus.watch import Event, KvWatch, describe
 
 logger = logging.getLogger(__name__)
@@ -45,20 +45,6 @@ FAILURES: tuple[type[Exception], ...] = (
 )
 """What a call to NATS may raise besides our own errors: catch these to treat NATS as
 unreachable without importing nats-py outside ``bus/``."""
-
-BUCKETS: dict[str, BucketSpec] = {
-    subjects.DATABASES_BUCKET: BucketSpec(
-        subjects.DATABASES_BUCKET, "fleetgate database resources (written by discovery)"
-    ),
-    subjects.DISCOVERY_STATUS_BUCKET: BucketSpec(
-        subjects.DISCOVERY_STATUS_BUCKET, "fleetgate discovery fetcher status"
-    ),
-    subjects.DB_SERVERS_BUCKET: BucketSpec(
-        subjects.DB_SERVERS_BUCKET,
-        "fleetgate agent heartbeats (written by agents, each with its own TTL)",
-        marker_ttl=60.0,
-    ),
-}
 
 
 def redact_url(url: str) -> str:
@@ -157,7 +143,7 @@ class Bus:
         async def on_reconnect() -> None:
             logger.info("reconnected to NATS at %s", shown)
             if bus is not None:
-                bus._on_reconnect()
+                bus.reconnected()
 
         nc = NATS()
         # nats-py retries the first connect forever when reconnects are unlimited, so
@@ -215,7 +201,9 @@ class Bus:
         bus = cls(nc, url, request_timeout=request_timeout)
         return bus
 
-    def _on_reconnect(self) -> None:
+    def reconnected(self) -> None:
+        """Count a reconnect and tell every open watch to resync (called by the NATS
+        client's reconnect callback)."""
         self.reconnects += 1
         for watch in list(self._watches):
             watch.resync()
@@ -246,11 +234,12 @@ class Bus:
             await self._open(spec, create=True)
 
     async def bucket(self, name: str, *, create: bool = True) -> KeyValue:
-        """The KV bucket ``name``, provisioned on first use when ``create`` (the default)."""
+        """The KV bucket ``name``, opened once per connection and kept; when ``create``
+        (the default) a missing bucket is created with its spec from
+        :data:`bus.specs.SPECS` (a name not there gets a plain one-version bucket)."""
         kv = self._buckets.get(name)
         if kv is None:
-            spec = BUCKETS.get(name) or BucketSpec(name, name)
-            kv = await self._open(spec, create=create)
+            kv = await self._open(_spec(name), create=create)
         return kv
 
     async def _open(self, spec: BucketSpec, *, create: bool) -> KeyValue:
@@ -297,26 +286,44 @@ class Bus:
     # -- generic typed KV ---------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _kv_call(self, what: str, bucket: str, key: str) -> AsyncIterator[None]:
-        """Turn a KV call's silence into an error that says what to check. NATS answers
-        a refused publish with no reply at all, so a timeout is also how a permission
-        problem looks from here (the server logs the violation)."""
+    async def kv_call(
+        self, what: str, bucket: str, key: str, *, reopen: bool = False
+    ) -> AsyncIterator[None]:
+        """Around one call on a bucket from :meth:`bucket`: turn its silence into an
+        error that says what to check. NATS answers a refused publish with no reply at
+        all, so a timeout is also how a permission problem looks from here (the server
+        logs the violation).
+
+        With ``reopen`` every NATS error becomes :class:`RegistryError`, and after any
+        failure the bucket is opened again on the next call (and created again, should
+        NATS have lost its store: a missing stream answers like a refusal, with no
+        responders)."""
         try:
-            yield
-        except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-            raise RegistryError(
-                f"no answer to {what} {bucket}/{key} on {self.url} ({describe(exc)}): "
-                "is JetStream up, and may this NATS user do that?"
-            ) from exc
+            try:
+                yield
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                raise RegistryError(
+                    f"no answer to {what} {bucket}/{key} on {self.url} ({describe(exc)}): "
+                    "is JetStream up, and may this NATS user do that?"
+                ) from exc
+        except RegistryError:
+            if reopen:
+                self._buckets.pop(bucket, None)
+            raise
+        except nats.errors.Error as exc:
+            if not reopen:
+                raise
+            self._buckets.pop(bucket, None)
+            raise RegistryError(f"{what} {bucket}/{key} failed: {describe(exc)}") from exc
 
     async def put(self, bucket: str, key: str, record: BaseModel) -> int:
         kv = await self.bucket(bucket)
-        async with self._kv_call("a write to", bucket, key):
+        async with self.kv_call("a write to", bucket, key):
             return int(await kv.put(key, record.model_dump_json(exclude_none=True).encode()))
 
     async def get(self, bucket: str, key: str, model: type[M]) -> M | None:
         kv = await self.bucket(bucket)
-        async with self._kv_call("a read of", bucket, key):
+        async with self.kv_call("a read of", bucket, key):
             try:
                 entry = await kv.get(key)
             except nats.js.errors.KeyNotFoundError:
@@ -325,7 +332,7 @@ class Bus:
 
     async def delete(self, bucket: str, key: str) -> None:
         kv = await self.bucket(bucket)
-        async with self._kv_call("a delete in", bucket, key):
+        async with self.kv_call("a delete in", bucket, key):
             await kv.delete(key)
 
     def watch(
@@ -433,7 +440,7 @@ class Bus:
 
     async def _allow_msg_ttl(self, bucket: str) -> None:
         """Turn on per-message TTLs for a bucket created by older tools."""
-        spec = BUCKETS.get(bucket) or BucketSpec(bucket, bucket)
+        spec = _spec(bucket)
         try:
             info = await self.js.stream_info(f"KV_{bucket}")
             config = info.config
@@ -453,8 +460,7 @@ class Bus:
 
     async def delete_db_server(self, database: str, host_id: str) -> None:
         key = subjects.db_server_key(database, host_id)
-        spec = BUCKETS[subjects.DB_SERVERS_BUCKET]
-        await self.delete_expiring(subjects.DB_SERVERS_BUCKET, key, spec.marker_ttl or 60.0)
+        await self.delete_expiring(subjects.DB_SERVERS_BUCKET, key, DB_SERVERS.marker_ttl or 60.0)
 
     async def list_db_servers(
         self, database: str | None = None, *, create: bool = True
@@ -465,6 +471,10 @@ class Bus:
             subjects.DB_SERVERS_BUCKET, DbServerHeartbeat, keys=keys, create=create
         )
         return [hb for hb in found.values() if database is None or hb.name == database]
+
+
+def _spec(name: str) -> BucketSpec:
+    return SPECS.get(name) or BucketSpec(name, name)
 
 
 WatchFactory = Callable[[], AsyncIterator[Event[Any]]]

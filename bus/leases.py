@@ -9,41 +9,20 @@ one of several agents racing for the same change goes ahead.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-import nats.errors
 import nats.js.errors
-from nats.js.kv import KeyValue
 from pydantic import BaseModel
 
-from bus import subjects
-from bus.client import BUCKETS, Bus, decode
-from bus.errors import RegistryError
-from bus.specs import BucketSpec
-from bus.watch import describe
+from bus import specs
+from bus.client import Bus, decode
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
 
-LEASES: BucketSpec = BucketSpec(
-    subjects.LEASES_BUCKET,
-    "fleetgate managed MemoryDB users: versions, rotation leases (written by agents)",
-    history=1,
-)
-
-_SPECS: dict[str, BucketSpec] = {LEASES.name: LEASES}
-"""Buckets written by compare-and-set, kept apart from :data:`~bus.client.BUCKETS` (which
-every process provisions), by name: whichever call opens one first creates it with its
-own spec (history, expiry)."""
-
-
-def register(spec: BucketSpec) -> BucketSpec:
-    """Make ``spec`` the one this module creates bucket ``spec.name`` with."""
-    _SPECS[spec.name] = spec
-    return spec
+LEASES = specs.LEASES
+"""The managed-user records' bucket (its spec lives with every other in :mod:`bus.specs`)."""
 
 
 @dataclass(frozen=True)
@@ -58,35 +37,10 @@ def _encode(record: BaseModel) -> bytes:
     return record.model_dump_json(exclude_none=True).encode()
 
 
-async def _kv(bus: Bus, bucket: str) -> KeyValue:
-    """The bucket, opened (and created with its own spec) on first use."""
-    kv = bus._buckets.get(bucket)
-    if kv is None:
-        spec = _SPECS.get(bucket) or BUCKETS.get(bucket) or BucketSpec(bucket, bucket)
-        kv = await bus._open(spec, create=True)
-    return kv
-
-
-@contextlib.asynccontextmanager
-async def _call(bus: Bus, what: str, bucket: str, key: str) -> AsyncIterator[None]:
-    """One KV call: silence and refusals become :class:`RegistryError`. After a failure
-    the bucket is opened again on the next call (and created again, should NATS have
-    lost its store: a missing stream answers like a refusal, with no responders)."""
-    try:
-        async with bus._kv_call(what, bucket, key):
-            yield
-    except RegistryError:
-        bus._buckets.pop(bucket, None)
-        raise
-    except nats.errors.Error as exc:
-        bus._buckets.pop(bucket, None)
-        raise RegistryError(f"{what} {bucket}/{key} failed: {describe(exc)}") from exc
-
-
 async def read(bus: Bus, bucket: str, key: str, model: type[M]) -> Versioned[M] | None:
     """The record at ``key`` with its revision; None when absent, deleted or unreadable."""
-    kv = await _kv(bus, bucket)
-    async with _call(bus, "a read of", bucket, key):
+    kv = await bus.bucket(bucket)
+    async with bus.kv_call("a read of", bucket, key, reopen=True):
         try:
             entry = await kv.get(key)
         except nats.js.errors.KeyNotFoundError:  # KeyDeletedError is one too
@@ -99,8 +53,8 @@ async def read(bus: Bus, bucket: str, key: str, model: type[M]) -> Versioned[M] 
 
 async def create(bus: Bus, bucket: str, key: str, record: BaseModel) -> int | None:
     """Write ``record`` only if ``key`` holds nothing; its revision, or None if it does."""
-    kv = await _kv(bus, bucket)
-    async with _call(bus, "a write to", bucket, key):
+    kv = await bus.bucket(bucket)
+    async with bus.kv_call("a write to", bucket, key, reopen=True):
         try:
             return int(await kv.create(key, _encode(record)))
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -110,8 +64,8 @@ async def create(bus: Bus, bucket: str, key: str, record: BaseModel) -> int | No
 async def update(bus: Bus, bucket: str, key: str, record: BaseModel, *, last: int) -> int | None:
     """Write ``record`` only if ``key`` is still at revision ``last``; the new revision,
     or None when someone else wrote it in between."""
-    kv = await _kv(bus, bucket)
-    async with _call(bus, "a write to", bucket, key):
+    kv = await bus.bucket(bucket)
+    async with bus.kv_call("a write to", bucket, key, reopen=True):
         try:
             return int(await kv.update(key, _encode(record), last=last))
         except nats.js.errors.KeyWrongLastSequenceError:
@@ -121,8 +75,8 @@ async def update(bus: Bus, bucket: str, key: str, record: BaseModel, *, last: in
 async def records(bus: Bus, bucket: str, model: type[M]) -> dict[str, Versioned[M]]:
     """Every readable record of ``bucket`` by key (one-shot; fails with a reason)."""
     out: dict[str, Versioned[M]] = {}
-    kv = await _kv(bus, bucket)
-    async with _call(bus, "a listing of", bucket, "*"):
+    kv = await bus.bucket(bucket)
+    async with bus.kv_call("a listing of", bucket, "*", reopen=True):
         try:
             keys = await kv.keys()
         except nats.js.errors.NoKeysError:
@@ -136,8 +90,8 @@ async def records(bus: Bus, bucket: str, model: type[M]) -> dict[str, Versioned[
 
 async def delete(bus: Bus, bucket: str, key: str, *, last: int) -> bool:
     """Delete ``key`` only if it is still at revision ``last``; False when it moved on."""
-    kv = await _kv(bus, bucket)
-    async with _call(bus, "a delete in", bucket, key):
+    kv = await bus.bucket(bucket)
+    async with bus.kv_call("a delete in", bucket, key, reopen=True):
         try:
             return bool(await kv.delete(key, last=last))
         except nats.js.errors.KeyWrongLastSequenceError:

@@ -19,27 +19,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bus import leases, subjects
+from bus import leases, specs, subjects
 from bus.client import Bus
 from bus.leases import Versioned
 from bus.schemas import Record
-from bus.specs import BucketSpec
 
-KEEP = 86400.0
+KEEP = specs.LOGIN_FAILURES_KEEP
 """How long a user's failed logins are kept after the last one (the longest window)."""
 
 ATTEMPTS = 5
 """Compare-and-set attempts to add a failure before giving up. A write loses only to
 another one that succeeded, so up to this many failures at once are all counted."""
 
-LOGIN_FAILURES: BucketSpec = leases.register(
-    BucketSpec(
-        subjects.LOGIN_FAILURES_BUCKET,
-        "fleetgate recent failed logins per user name (written by the auth service)",
-        history=1,
-        ttl=KEEP,
-    )
-)
+LOGIN_FAILURES = specs.LOGIN_FAILURES
+"""The bucket of failed logins (its spec lives with every other in :mod:`bus.specs`)."""
 
 
 class Failures(Record):

@@ -13,22 +13,15 @@ older record can no longer refuse anything.
 
 from __future__ import annotations
 
-from bus import leases, subjects
+from bus import leases, specs, subjects
 from bus.client import Bus
 from bus.schemas import Record
-from bus.specs import BucketSpec
 
-KEEP = 3600.0
+KEEP = specs.TOTP_KEEP
 """How long a user's last accepted step is kept (far longer than a code is valid)."""
 
-TOTP: BucketSpec = leases.register(
-    BucketSpec(
-        subjects.TOTP_BUCKET,
-        "fleetgate last accepted one-time-code step per user (written by the auth service)",
-        history=1,
-        ttl=KEEP,
-    )
-)
+TOTP = specs.TOTP
+"""The bucket of last accepted steps (its spec lives with every other in :mod:`bus.specs`)."""
 
 
 class UsedStep(Record):

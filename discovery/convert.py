@@ -34,14 +34,20 @@ UNUSABLE_STATUSES = frozenset({"creating", "deleting", "create-failed", "failed"
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,126}[a-z0-9])?$")
 _FRAGMENT = re.compile(r"^[a-z0-9-]+$")
 
-_warned: set[tuple[str, str]] = set()
 
+class Warnings:
+    """Warnings already given, so each is logged once in its owner's lifetime (the
+    discovery process's :class:`~discovery.poller.Poller` holds one: a tag that stays
+    invalid is named once, not on every poll)."""
 
-def warn_once(key: tuple[str, str], message: str, *args: object) -> None:
-    """Log a warning the first time ``key`` is seen in this process."""
-    if key not in _warned:
-        _warned.add(key)
-        logger.warning(message, *args)
+    def __init__(self) -> None:
+        self._given: set[tuple[str, str]] = set()
+
+    def once(self, key: tuple[str, str], message: str, *args: object) -> None:
+        """Log a warning the first time ``key`` is seen by this object."""
+        if key not in self._given:
+            self._given.add(key)
+            logger.warning(message, *args)
 
 
 def is_valid_name(name: str) -> bool:
@@ -80,7 +86,7 @@ def parse_arn(arn: str) -> tuple[str, str]:
     return parts[3], parts[4]
 
 
-def usable(cluster: Mapping[str, Any]) -> tuple[bool, str]:
+def usable(cluster: Mapping[str, Any], *, warnings: Warnings) -> tuple[bool, str]:
     """Whether to enrol a cluster: TLS on and a usable status. Returns (ok, reason)."""
     name = cluster.get("Name", "?")
     if not cluster.get("TLSEnabled", False):
@@ -89,7 +95,7 @@ def usable(cluster: Mapping[str, Any]) -> tuple[bool, str]:
     if status in UNUSABLE_STATUSES:
         return False, f"cluster {name}: status {status}"
     if status not in USABLE_STATUSES:
-        warn_once(("status", status), "assuming MemoryDB status %r is usable", status)
+        warnings.once(("status", status), "assuming MemoryDB status %r is usable", status)
     if not (cluster.get("ClusterEndpoint") or {}).get("Address"):
         return False, f"cluster {name}: no cluster endpoint yet"
     return True, ""
@@ -119,6 +125,8 @@ def build_labels(
     vpc_id: str | None,
     tags: Mapping[str, str],
     group: str,
+    *,
+    warnings: Warnings,
 ) -> dict[str, str]:
     """AWS tags with valid keys, then the computed labels on top."""
     arn = str(cluster.get("ARN", ""))
@@ -127,7 +135,7 @@ def build_labels(
         if L.is_valid_label_key(key):
             out[key] = value
         else:
-            warn_once((arn, key), "skipping AWS tag %r of %s: not a valid label key", key, arn)
+            warnings.once((arn, key), "skipping AWS tag %r of %s: not a valid label key", key, arn)
     computed = {
         L.LABEL_ACCOUNT_ID: account_id,
         L.LABEL_REGION: region,
@@ -145,7 +153,9 @@ def build_labels(
         computed[L.LABEL_DISCOVERY_GROUP] = group
     for key, value in computed.items():
         if key in out and out[key] != value:
-            warn_once((arn, key), "AWS tag %r of %s is overridden by the computed label", key, arn)
+            warnings.once(
+                (arn, key), "AWS tag %r of %s is overridden by the computed label", key, arn
+            )
         out[key] = value
     return out
 
@@ -157,6 +167,7 @@ def convert(
     vpc_id: str | None,
     iam_users: tuple[str, ...] | None,
     ctx: Context,
+    warnings: Warnings,
 ) -> DatabaseResource:
     """The database resource for one usable cluster."""
     arn = str(cluster["ARN"])
@@ -168,7 +179,7 @@ def convert(
         if is_valid_name(override):
             name = override
         else:
-            warn_once(
+            warnings.once(
                 (arn, NAME_TAG),
                 "tag %s=%r of %s is not a valid database name (lower-case letters, "
                 "digits and '-'); using %r",
@@ -183,7 +194,9 @@ def convert(
         metadata=Metadata(
             name=name,
             description=f"MemoryDB cluster in {region}",
-            labels=build_labels(cluster, region, account_id, vpc_id, tags, ctx.group),
+            labels=build_labels(
+                cluster, region, account_id, vpc_id, tags, ctx.group, warnings=warnings
+            ),
         ),
         spec=DatabaseSpec(
             protocol="redis",

@@ -11,7 +11,7 @@ from bus import labels
 from discovery.aws.errors import FetchError, map_error
 from discovery.aws.memorydb import AioMemoryDB, MemoryDBApi, MemoryDBUser
 from discovery.aws.session import AwsSession
-from discovery.convert import Context, convert, iam_users_of, usable
+from discovery.convert import Context, Warnings, convert, iam_users_of, usable
 from discovery.matchers import FetcherKey, role_account
 from discovery.results import FetchResult
 
@@ -46,9 +46,16 @@ class RegionCache:
 
 
 async def fetch(
-    key: FetcherKey, *, session: AwsSession, group: str, cache: RegionCache, api_concurrency: int
+    key: FetcherKey,
+    *,
+    session: AwsSession,
+    group: str,
+    cache: RegionCache,
+    api_concurrency: int,
+    warnings: Warnings,
 ) -> FetchResult:
-    """Run one fetcher; never raises for AWS errors (they become a failed result)."""
+    """Run one fetcher; never raises for AWS errors (they become a failed result).
+    Warnings about what AWS holds are logged once per ``warnings`` (the poller's)."""
     role, external_id = key.role
     account = role_account(role) if role else None
     result = FetchResult(key, account, key.fetcher_id(account) if account else None)
@@ -59,7 +66,14 @@ async def fetch(
         creds = await session.credentials(role, external_id, key.region)
         async with session.client("memorydb", key.region, creds) as client:
             api = AioMemoryDB(client, session, key.region)
-            await _collect(result, api, cache=cache, group=group, api_concurrency=api_concurrency)
+            await _collect(
+                result,
+                api,
+                cache=cache,
+                group=group,
+                api_concurrency=api_concurrency,
+                warnings=warnings,
+            )
     except FetchError as exc:
         result.state, result.error = "failed", str(exc)
     except Exception as exc:  # unexpected: still never a reason to delete anything
@@ -71,14 +85,20 @@ async def fetch(
 
 
 async def _collect(
-    result: FetchResult, api: MemoryDBApi, *, cache: RegionCache, group: str, api_concurrency: int
+    result: FetchResult,
+    api: MemoryDBApi,
+    *,
+    cache: RegionCache,
+    group: str,
+    api_concurrency: int,
+    warnings: Warnings,
 ) -> None:
     key, account = result.key, result.account_id or ""
     clusters = await api.describe_clusters()
     result.clusters_seen = len(clusters)
     kept = []
     for cluster in clusters:
-        ok, reason = usable(cluster)
+        ok, reason = usable(cluster, warnings=warnings)
         if ok:
             kept.append(cluster)
         else:
@@ -129,6 +149,7 @@ async def _collect(
                 vpc_id=vpc,
                 iam_users=iam_users_of(cluster.get("ACLName", ""), users),
                 ctx=ctx,
+                warnings=warnings,
             )
         except (KeyError, ValueError) as exc:
             logger.warning("cannot convert MemoryDB cluster %s: %s", arn, exc)

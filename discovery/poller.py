@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from bus import Bus, subjects
 from bus.schemas import DatabaseResource, FetcherStatus, utcnow
 from discovery.aws.session import AwsSession
+from discovery.convert import Warnings
 from discovery.fetcher import RegionCache, fetch
 from discovery.matchers import FetcherKey, expand
 from discovery.reconcile import Plan, reconcile
@@ -50,6 +51,9 @@ class Poller:
         self.session = session
         self.fetchers = expand(settings.aws)
         self._statuses: dict[str, FetcherStatus] | None = None
+        self.warnings = Warnings()
+        """Warnings about clusters and tags already given: each once per poller (the
+        discovery process has one), not once per poll."""
 
     async def poll_once(self) -> PollReport:
         started = time.monotonic()
@@ -66,6 +70,7 @@ class Poller:
                     group=self.settings.discovery_group,
                     cache=cache,
                     api_concurrency=self.settings.api_concurrency,
+                    warnings=self.warnings,
                 )
 
         try:

@@ -37,7 +37,7 @@ from urllib.parse import parse_qsl, urlsplit
 from urllib.request import Request, urlopen
 
 if TYPE_CHECKING:
-    from _typeshed.wsgi import StartResponse, WSGIEnvironment
+    from wsgiref.types import StartResponse, WSGIEnvironment
 
 DEFAULT_PAGE_SIZE: Final = 100
 

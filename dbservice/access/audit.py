@@ -330,8 +330,8 @@ class AuditEmitter:
         return True
 
     def full(self) -> bool:
-        """Whether the next :meth:`emit` would be dropped."""
-        return self.backlog >= self._maxsize
+        """Whether the next :meth:`emit` would be dropped (checked for every command)."""
+        return self._held >= self._maxsize
 
     def drop(self, events: int = 1) -> None:
         """Count events lost to a full queue (reported as ``audit.dropped``)."""
@@ -341,11 +341,12 @@ class AuditEmitter:
 
     # -- batches of commands ------------------------------------------------------------
 
-    def _buffering_in(self, session: SessionAudit) -> None:
+    def buffering_in(self, session: SessionAudit) -> None:
+        """``session`` holds buffered commands now (:meth:`flush_sessions` flushes it)."""
         self._buffered[session] = None
         self._buffering.set()
 
-    def _emit_queries(self, session: SessionAudit, first_seq: int, queries: list[bytes]) -> None:
+    def emit_queries(self, session: SessionAudit, first_seq: int, queries: list[bytes]) -> None:
         """Queue a session's buffered commands as one batch (or drop and count them)."""
         self._buffered.pop(session, None)
         self._put(QueryBatch(session.common, first_seq, queries), len(queries))
@@ -535,7 +536,7 @@ class SessionAudit:
         """One command; ``success=False`` with ``reason`` when it was refused."""
         self.commands += 1
         emitter = self._emitter
-        if emitter._held >= emitter._maxsize:  # dropped: counted, not described
+        if emitter.full():  # dropped: counted, not described
             self.flush()  # (the numbering of the next batch starts after this one)
             self._flushed += 1
             emitter.drop()
@@ -551,7 +552,7 @@ class SessionAudit:
         emitter = self._emitter
         name = _PLAIN.get(args[0])
         argc = len(args)
-        if name is None or argc > self._plain_argc or emitter._held >= emitter._maxsize:
+        if name is None or argc > self._plain_argc or emitter.full():
             self.query(args)
             return
         cut = self._plain_len
@@ -585,7 +586,7 @@ class SessionAudit:
         buffer.append(item)
         self._buffer_bytes += len(item)
         if len(buffer) == 1:
-            emitter._buffering_in(self)
+            emitter.buffering_in(self)
         if len(buffer) >= self._max_commands or self._buffer_bytes >= self._max_bytes:
             self.flush()
 
@@ -597,7 +598,7 @@ class SessionAudit:
         self._buffer, self._buffer_bytes = [], 0
         first = self._flushed + 1
         self._flushed += len(queries)
-        self._emitter._emit_queries(self, first, queries)
+        self._emitter.emit_queries(self, first, queries)
 
     def add_bytes(self, to_db: int = 0, to_client: int = 0) -> None:
         self.bytes_in += to_db

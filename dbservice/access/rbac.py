@@ -31,6 +31,7 @@ import fnmatch
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Final
 
 from bus.access import DB_USERS_TRAIT, DEFAULT_MAX_SESSION_TTL, Role
@@ -129,13 +130,17 @@ _GROUPS: Final = (
 """Commands that do the same thing under other names: a deny of one denies them all."""
 _ALSO: Final = {"GETDEL": ("DEL", "UNLINK")}
 """Commands that do what another does and more: denied with it (not the other way)."""
-FAMILIES: Final[dict[str, tuple[str, ...]]] = {
-    name: tuple(n for n in group if n != name) for group in _GROUPS for name in group
-}
+
+
+def _families() -> Mapping[str, tuple[str, ...]]:
+    out = {name: tuple(n for n in group if n != name) for group in _GROUPS for name in group}
+    for name, by in _ALSO.items():
+        out[name] = (*out.get(name, ()), *by)
+    return MappingProxyType(out)
+
+
+FAMILIES: Final = _families()
 """Command -> the commands whose deny also denies it (docs/access.md has the table)."""
-for _name, _by in _ALSO.items():
-    FAMILIES[_name] = (*FAMILIES.get(_name, ()), *_by)
-del _name, _by
 
 
 def _compile(patterns: Iterable[str]) -> re.Pattern[str] | None:

@@ -8,7 +8,7 @@ from bus import Bus, DatabaseResource
 from bus.labels import matches
 from dbservice.agent.config import DbService
 from dbservice.managed.membership import AclMembership, membership
-from dbservice.managed.rotation import StepHook, _no_hook
+from dbservice.managed.rotation import StepHook, no_hook
 from dbservice.managed.service import ManagedUsers, SecretStore, ServiceSettings
 from dbservice.upstream.iam import IamAuth, Role
 
@@ -21,7 +21,7 @@ def build_service(
     auth: IamAuth,
     served: Callable[[], Iterable[DatabaseResource]],
     acl_membership: AclMembership | None = None,
-    hook: StepHook = _no_hook,
+    hook: StepHook = no_hook,
     matcher_role: Callable[[DatabaseResource], Role | None] = lambda _: None,
     read_only: bool = False,
 ) -> ManagedUsers:

@@ -87,7 +87,8 @@ class RotationSettings:
     """How long a lease holder may take before another agent may take over."""
 
 
-async def _no_hook(step: Step, ref: UserRef) -> None:
+async def no_hook(step: Step, ref: UserRef) -> None:
+    """The :data:`StepHook` that does nothing (the default outside tests)."""
     return None
 
 
@@ -99,7 +100,7 @@ class Rotator:
     host_id: str
     aws_for: Callable[[UserRef], ManagedAws]
     settings: RotationSettings = field(default_factory=RotationSettings)
-    hook: StepHook = _no_hook
+    hook: StepHook = no_hook
     """Awaited after each step (tests stop an agent there)."""
     clock: Callable[[], float] = time.time
     outcomes: dict[str, int] = field(default_factory=dict)

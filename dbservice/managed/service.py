@@ -32,7 +32,7 @@ from dbservice.managed.aws import ClientPool, ManagedAws, ManagedError, MemoryDB
 from dbservice.managed.cleanup import sweep
 from dbservice.managed.membership import AclMembership, DescribeAcls
 from dbservice.managed.passwords import ManagedPasswords
-from dbservice.managed.rotation import RotationSettings, Rotator, StepHook, UserRef, _no_hook
+from dbservice.managed.rotation import RotationSettings, Rotator, StepHook, UserRef, no_hook
 from dbservice.managed.state import DEFAULT_PREFIX, MANAGED_TAG, ManagedUser, is_managed_tag
 from dbservice.managed.state import secret_name as make_secret_name
 from dbservice.upstream.iam import IamAuth, IamTarget, Role
@@ -78,7 +78,7 @@ class ManagedUsers:
         store_of: Callable[[DatabaseResource], SecretStore] = lambda _: SecretStore(),
         matcher_role: Callable[[DatabaseResource], Role | None] = lambda _: None,
         membership: AclMembership | None = None,
-        hook: StepHook = _no_hook,
+        hook: StepHook = no_hook,
         clock: Callable[[], float] = time.time,
         read_only: bool = False,
     ) -> None:

@@ -116,6 +116,22 @@ async def test_tag_changes_update_rename_and_unmatch(poll: Any, bus: Bus) -> Non
     assert await names(bus) == []
 
 
+async def test_a_tag_warning_is_given_once_per_poller_not_per_poll(
+    aws: MotoServer, bus: Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    seed.cluster("us-east-1", "orders", tags={"region": "mars"})
+    cfg = settings(matcher("us-east-1"))
+    session = AwsSession(max_attempts=2)
+    first = Poller(settings=cfg, bus=bus, session=session)
+    for _ in range(2):
+        assert (await first.poll_once()).ok
+    assert caplog.text.count("overridden by the computed label") == 1
+    # A new poller (a restarted discovery process) names it again: the set of warnings
+    # given belongs to the poller, not to the module.
+    assert (await Poller(settings=cfg, bus=bus, session=session).poll_once()).ok
+    assert caplog.text.count("overridden by the computed label") == 2
+
+
 async def test_deleted_cluster_is_removed_and_unchanged_poll_writes_nothing(
     poll: Any, bus: Bus
 ) -> None:

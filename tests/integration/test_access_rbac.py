@@ -8,7 +8,13 @@ import pytest
 
 from bus import Bus
 from bus.access import Identity, Role
-from dbservice.access.rbac import CommandPolicy, can_reach, check_command, check_db_access
+from dbservice.access.rbac import (
+    FAMILIES,
+    CommandPolicy,
+    can_reach,
+    check_command,
+    check_db_access,
+)
 
 
 def role(name: str, **spec: Any) -> Role:
@@ -203,3 +209,12 @@ def test_scripts_need_allowing_by_name_only_when_commands_are_limited() -> None:
 def test_a_rule_that_could_never_match_is_refused(pattern: str) -> None:
     with pytest.raises(ValueError, match="rules name whole commands"):
         Role.model_validate({"name": "r", "deny": {"redis_commands": [pattern]}})
+
+
+def test_command_families_are_a_constant() -> None:
+    """Built once, read-only: no module fills or changes it after import."""
+    assert FAMILIES["GETDEL"] == ("DEL", "UNLINK")
+    assert FAMILIES["UNLINK"] == ("DEL",)
+    assert FAMILIES["EVAL"] == ("EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO")
+    with pytest.raises(TypeError):
+        FAMILIES["FLUSHALL"] = ()  # type: ignore[index]

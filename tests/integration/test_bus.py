@@ -10,6 +10,7 @@ import pytest
 
 from bus import Bus, BusUnavailable, DatabaseResource, DatabaseSpec, Metadata, subjects
 from bus.server import NatsServer, wait_port_free
+from bus.specs import BUCKETS, SPECS
 from bus.watch import Event
 
 
@@ -46,6 +47,27 @@ async def test_provision_is_idempotent(bus: Bus, nats_server: NatsServer) -> Non
         assert [r.name for r in await other.list_resources()] == ["kept"]
     finally:
         await other.close()
+
+
+async def test_every_bucket_is_created_with_its_spec_whoever_opens_it_first(
+    nats_server: NatsServer,
+) -> None:
+    """One static registry of bucket specs: a plain ``Bus.bucket`` creates any bucket of
+    the bus with its history and expiry, whatever module the opener imported."""
+    fresh = await Bus.connect(nats_server.url, name="first")
+    try:
+        assert set(BUCKETS) < set(SPECS)
+        for spec in SPECS.values():
+            await asyncio.wait_for(fresh.bucket(spec.name), 10)
+            config = (await fresh.js.stream_info(f"KV_{spec.name}")).config
+            assert (config.description, config.max_msgs_per_subject) == (
+                spec.description,
+                spec.history,
+            ), spec.name
+            assert (config.max_age or None) == spec.ttl, spec.name
+            assert config.subject_delete_marker_ttl == spec.marker_ttl, spec.name
+    finally:
+        await fresh.close()
 
 
 async def test_unknown_fields_and_newer_versions_are_read(bus: Bus) -> None:

@@ -16,7 +16,7 @@ from bus.schemas import (
     Metadata,
 )
 from discovery.aws.errors import FetchForbidden, FetchThrottled, NoCredentials, map_error
-from discovery.convert import Context, convert, discovered_name, usable
+from discovery.convert import Context, Warnings, convert, discovered_name, usable
 from discovery.matchers import FetcherKey
 from discovery.reconcile import reconcile
 from discovery.results import FetchResult
@@ -77,6 +77,7 @@ def test_name_tag_overrides_and_invalid_tag_falls_back_with_warning(
         vpc_id=None,
         iam_users=None,
         ctx=CTX,
+        warnings=Warnings(),
     )
     assert res.name == "orders-prod"
     res = convert(
@@ -85,6 +86,7 @@ def test_name_tag_overrides_and_invalid_tag_falls_back_with_warning(
         vpc_id=None,
         iam_users=None,
         ctx=CTX,
+        warnings=Warnings(),
     )
     assert res.name == "orders-memorydb-us-east-1-123456789012"
     assert "not a valid database name" in caplog.text
@@ -100,6 +102,7 @@ def test_labels_computed_and_tags() -> None:
         vpc_id="vpc-1",
         iam_users=("iam-a",),
         ctx=Context("grp", "f1"),
+        warnings=Warnings(),
     )
     assert res.metadata.labels == {
         "env": "prod",
@@ -123,18 +126,34 @@ def test_labels_computed_and_tags() -> None:
 
 
 def test_computed_label_beats_tag_and_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
-    other = ARN.replace("orders", "tagged")
+    warnings = Warnings()
     for _ in range(3):
         res = convert(
-            cluster(ARN=other, Engine="valkey"),
+            cluster(Engine="valkey"),
             tags={"region": "mars", "engine": "x"},
             vpc_id=None,
             iam_users=None,
             ctx=CTX,
+            warnings=warnings,
         )
     assert res.metadata.labels["region"] == "us-east-1"
     assert res.metadata.labels["engine"] == "valkey"
     assert caplog.text.count("'region'") == 1
+    # once per owner of the set of warnings given, not once per process
+    fresh = Warnings()
+    convert(
+        cluster(), tags={"region": "mars"}, vpc_id=None, iam_users=None, ctx=CTX, warnings=fresh
+    )
+    assert caplog.text.count("'region'") == 2
+
+
+def test_an_unknown_status_is_warned_about_once_per_owner(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    warnings = Warnings()
+    for _ in range(2):
+        assert usable(cluster(Status="brand-new-status"), warnings=warnings)[0]
+    assert caplog.text.count("brand-new-status") == 1
 
 
 @pytest.mark.parametrize(
@@ -152,7 +171,7 @@ def test_computed_label_beats_tag_and_is_logged_once(caplog: pytest.LogCaptureFi
     ],
 )
 def test_usable_clusters(over: dict[str, Any], ok: bool) -> None:
-    assert usable(cluster(**over))[0] is ok
+    assert usable(cluster(**over), warnings=Warnings())[0] is ok
 
 
 # -- matching -------------------------------------------------------------------------
