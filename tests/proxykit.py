@@ -27,6 +27,7 @@ from dbservice.engine.proxy import (
     TcpConnector,
 )
 from dbservice.engine.proxy.testing import LoopbackProxy, LoopbackServer
+from fleetgate.resp import encode_command
 from sandbox.valkeynode import ValkeyNode
 
 
@@ -212,8 +213,7 @@ class Recorder(PassThroughHooks):
 
 
 def cmd(*args: str | bytes | int) -> bytes:
-    parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+    return encode_command([a if isinstance(a, bytes) else str(a).encode() for a in args])
 
 
 class RawClient:
