@@ -24,6 +24,7 @@ from typing import Any, Generic, Literal, TypeVar
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from bus.errors import RegistryError
+from fleetgate.backoff import backoff_delay
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +125,7 @@ class KvWatch(Generic[T]):
                         f"cannot read {self._keys!r} from the registry ({describe(exc)}): "
                         "is JetStream up, and may this NATS user read the bucket?"
                     ) from exc
-                delay = _BACKOFF[min(attempt, len(_BACKOFF) - 1)]
+                delay = backoff_delay(_BACKOFF, attempt)
                 attempt += 1
                 logger.warning(
                     "cannot open watch on %s (%s); retrying in %.1fs",

@@ -62,11 +62,13 @@ import ssl
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from fleetgate.resp import OK, encode_command
+
 ROUTE_COMMAND: Final = b"FLEETGATE.ROUTE"
-ROUTE_OK: Final = b"+OK\r\n"
+ROUTE_OK: Final = OK
 EOF_COMMAND: Final = b"FLEETGATE.EOF"
 """What a tunnel that routed with ``HALFCLOSE 1`` sends when its client half-closed."""
-EOF_SIGNAL: Final = b"*1\r\n$13\r\nFLEETGATE.EOF\r\n"
+EOF_SIGNAL: Final = encode_command([EOF_COMMAND])
 DEFAULT_LIMIT: Final = 512
 """Longest database name or db user, in bytes, :func:`read_route` accepts by default."""
 MAX_HEADER: Final = 16
@@ -135,8 +137,7 @@ def encode_route(
         options += [b"HALFCLOSE", b"1"] if half_close else []
     elif node:
         options = [node.encode()]
-    parts = (ROUTE_COMMAND, database.encode(), db_user.encode(), *options)
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+    return encode_command([ROUTE_COMMAND, database.encode(), db_user.encode(), *options])
 
 
 def encode_refusal(reason: str, *, code: str = "ERR") -> bytes:

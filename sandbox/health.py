@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleetgate.cli.tables import print_table
 from sandbox.state import (
     Part,
     SandboxError,
@@ -145,16 +146,10 @@ def status(directory: Path, fmt: str) -> int:
         print(f"  {NATS_DOWN}: {fleet.error}")
     print()
     rows = [(name, str(pid), address, health) for name, pid, address, health in parts]
-    _table([("PART", "PID", "ADDRESS", "HEALTH"), *rows])
+    print_table([("PART", "PID", "ADDRESS", "HEALTH"), *rows])
     print()
-    _table([("DATABASE", "ENV", "TEAM", "REGION", "AGENTS"), *dbs])
+    print_table([("DATABASE", "ENV", "TEAM", "REGION", "AGENTS"), *dbs])
     return 0 if ok else 1
-
-
-def _table(rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(f"{cell:<{widths[i]}}" for i, cell in enumerate(row)).rstrip())
 
 
 # -- down --------------------------------------------------------------------------------

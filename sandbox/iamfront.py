@@ -30,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 from urllib.parse import parse_qsl, quote
 
+from fleetgate.resp import encode_command
 from sandbox.tlsfront import Address, TLSFront
 from sandbox.valkeynode import ValkeyNode
 
@@ -311,10 +312,6 @@ async def apply_acl(node: ValkeyNode, users: Sequence[AclUser] | Any) -> None:
         await node.command("ACL", "SETUSER", user.name, *rules)
 
 
-def _encode_command(args: Sequence[bytes]) -> bytes:
-    return b"".join([b"*%d\r\n" % len(args), *(b"$%d\r\n%s\r\n" % (len(a), a) for a in args)])
-
-
 async def read_command(reader: asyncio.StreamReader) -> list[bytes] | bytes | None:
     """One RESP array of bulk strings (what clients send), the raw line of an inline
     command, or None at EOF."""
@@ -389,7 +386,7 @@ class IamFront(TLSFront):
                 if isinstance(command, bytes):
                     up_writer.write(command)
                 else:
-                    up_writer.write(_encode_command(self._rewrite(command)))
+                    up_writer.write(encode_command(self._rewrite(command)))
                 await up_writer.drain()
         finally:
             replies.cancel()

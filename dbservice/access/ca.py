@@ -307,9 +307,15 @@ class CertificateAuthority:
         )
 
     def issue_server(
-        self, public_key: ec.EllipticCurvePublicKey, hosts: Sequence[str], ttl: float
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        hosts: Sequence[str],
+        ttl: float,
+        *,
+        common_name: str | None = None,
     ) -> x509.Certificate:
-        """A server certificate for ``hosts`` (DNS names or IP addresses)."""
+        """A server certificate for ``hosts`` (DNS names or IP addresses). The subject CN
+        is ``common_name``, else the first host (a CN holds 64 characters at most)."""
         if not hosts:
             raise ValueError("a server certificate needs at least one host name or address")
         names: list[x509.GeneralName] = []
@@ -318,7 +324,7 @@ class CertificateAuthority:
                 names.append(x509.IPAddress(ipaddress.ip_address(host)))
             except ValueError:
                 names.append(x509.DNSName(host))
-        builder, _ = self._builder(public_key, hosts[0], ttl)
+        builder, _ = self._builder(public_key, common_name or hosts[0], ttl)
         return (
             builder.add_extension(
                 x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False

@@ -20,8 +20,9 @@ from bus.schemas import DatabaseResource
 from bus.servers import HealthStatus, TargetHealth
 from dbservice.agent.config import join_host_port, split_host_port
 from dbservice.upstream.tls import upstream_context
+from fleetgate.resp import encode_command
 
-PING = b"*1\r\n$4\r\nPING\r\n"
+PING = encode_command([b"PING"])
 ALIVE_ERRORS = (b"-NOAUTH", b"-WRONGPASS", b"-NOPERM")
 """Error replies that still prove a working server: it wants credentials (or rights) the
 probe does not have."""

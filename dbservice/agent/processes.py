@@ -35,6 +35,7 @@ from typing import Any
 from dbservice.agent.config import AgentConfig, split_host_port
 from dbservice.agent.supervisor import BACKOFF, HEALTHY_RUN
 from dbservice.agent.worker import wait_event
+from fleetgate.backoff import backoff_delay
 from fleetgate.config import ConfigError, load_model
 
 logger = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ class ListenerProcesses:
                 ended = f"pid {proc.pid}, {describe_exit(code)}"
             if time.monotonic() - began > HEALTHY_RUN:
                 attempt = 0
-            delay = self.backoff[min(attempt, len(self.backoff) - 1)]
+            delay = backoff_delay(self.backoff, attempt)
             attempt += 1
             self.restarts += 1
             logger.error(

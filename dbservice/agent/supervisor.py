@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from bus.schemas import DatabaseResource
 from dbservice.agent.heartbeat import Announcer
 from dbservice.agent.worker import Worker
+from fleetgate.backoff import backoff_delay
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class Supervisor:
             except Exception:
                 if time.monotonic() - handle.started > HEALTHY_RUN:
                     attempt = 0
-                delay = self.backoff[min(attempt, len(self.backoff) - 1)]
+                delay = backoff_delay(self.backoff, attempt)
                 attempt += 1
                 handle.failures += 1
                 self.failures += 1

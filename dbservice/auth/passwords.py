@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import secrets
-import struct
 import time
 from typing import Final
 from urllib.parse import quote
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
+from cryptography.hazmat.primitives.hashes import SHA1
+from cryptography.hazmat.primitives.twofactor import InvalidToken
+from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
 _HASHER: Final = PasswordHasher()  # argon2id, 64 MiB, 3 passes: the library's defaults
 _DUMMY_HASH: Final = _HASHER.hash(secrets.token_urlsafe(16))
@@ -50,14 +50,18 @@ def totp_uri(secret: str, user: str, issuer: str = "fleetgate") -> str:
     )
 
 
+def _totp(secret: str) -> TOTP:
+    """RFC 6238 with the parameters authenticator apps assume: HMAC-SHA1, 6 digits, 30 s.
+    ``secret`` is base32 as :func:`new_totp_secret` makes it (padding and case free)."""
+    key = base64.b32decode(secret + "=" * (-len(secret) % 8), casefold=True)
+    # Keys shorter than the 128 bits RFC 4226 asks for are accepted, as before.
+    return TOTP(key, TOTP_DIGITS, SHA1(), TOTP_STEP, enforce_key_length=False)
+
+
 def totp_code(secret: str, at: float | None = None) -> str:
-    padded = secret + "=" * (-len(secret) % 8)
-    key = base64.b32decode(padded, casefold=True)
+    """The code for the time step of ``at`` (default: now)."""
     counter = int((time.time() if at is None else at) // TOTP_STEP)
-    digest = hmac.new(key, struct.pack(">Q", counter), hashlib.sha1).digest()
-    offset = digest[-1] & 0x0F
-    value = struct.unpack(">I", digest[offset : offset + 4])[0] & 0x7FFFFFFF
-    return str(value % 10**TOTP_DIGITS).zfill(TOTP_DIGITS)
+    return _totp(secret).generate(counter * TOTP_STEP).decode()
 
 
 def verify_totp(secret: str, code: str, at: float | None = None) -> bool:
@@ -70,9 +74,13 @@ def totp_step(secret: str, code: str, at: float | None = None) -> int | None:
     (clock drift), else None. A verifier keeps the last step accepted per user and
     refuses a code of that step or an earlier one: a code works once (RFC 6238, 5.2)."""
     now = time.time() if at is None else at
-    code = code.strip()
+    given = code.strip().encode()
     counter = int(now // TOTP_STEP)
+    totp = _totp(secret)
     for step in (-1, 0, 1):
-        if hmac.compare_digest(totp_code(secret, (counter + step) * TOTP_STEP), code):
-            return counter + step
+        try:
+            totp.verify(given, (counter + step) * TOTP_STEP)  # compares in constant time
+        except InvalidToken:
+            continue
+        return counter + step
     return None

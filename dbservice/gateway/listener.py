@@ -101,6 +101,7 @@ from dbservice.route import (
 )
 from dbservice.upstream.auth import REAUTH_RETRY
 from dbservice.upstream.tls import verify_failure
+from fleetgate.backoff import backoff_delay
 from fleetgate.config import ConfigError
 from fleetgate.heap import HeapTrimmer
 
@@ -334,7 +335,7 @@ class FleetTrust:
                 if not self.known.is_set():
                     self.update(None)
                     logger.warning("cannot read the fleet CA: %s", exc)
-                await asyncio.sleep(CA_RETRY[min(attempt, len(CA_RETRY) - 1)])
+                await asyncio.sleep(backoff_delay(CA_RETRY, attempt))
                 attempt += 1
         seen = False
         async for event in bus.watch(

@@ -23,8 +23,7 @@ from dbservice.engine.login import UpstreamLogin, UpstreamLoginError
 from dbservice.engine.proxy import Action, Hello, Streams
 from dbservice.managed.passwords import LoginRefused
 from dbservice.managed.service import ManagedUsers
-
-OK = b"+OK\r\n"
+from fleetgate.resp import OK
 
 
 class ManagedLogin:

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Protocol
 
 from dbservice.upstream.iam import IamAuth, IamError, IamTarget
+from fleetgate.resp import encode_command
 
 logger = logging.getLogger(__name__)
 
@@ -26,20 +27,12 @@ REAUTH_RETRY: Final = 60.0
 # -- on the wire ----------------------------------------------------------------------
 
 
-def encode_command(*args: bytes | str) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode() if isinstance(arg, str) else arg
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
-
-
 async def send_auth(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, user: str, token: str
 ) -> bytes:
     """``AUTH user token`` on a fresh connection; the reply line (``+OK`` or an error
     such as ``-WRONGPASS ...``) without its CRLF. EOFError when the server hangs up."""
-    writer.write(encode_command(b"AUTH", user, token))
+    writer.write(encode_command([b"AUTH", user.encode(), token.encode()]))
     await writer.drain()
     line = await reader.readline()
     if not line:

@@ -27,8 +27,7 @@ from dbservice.engine.proxy import Action, Hello, Streams
 from dbservice.upstream import auth as wire
 from dbservice.upstream.auth import CommandInjector
 from dbservice.upstream.iam import IamAuth, IamError, IamTarget, Role
-
-OK = b"+OK\r\n"
+from fleetgate.resp import OK
 
 
 class IamLogin:

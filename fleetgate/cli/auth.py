@@ -7,7 +7,7 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +29,7 @@ from bus.audit import ensure_audit_stream, publish_event
 from bus.errors import BusError
 from fleetgate import aio
 from fleetgate.cli.errors import UsageError
+from fleetgate.cli.tables import print_table
 from fleetgate.config import ConfigError, load_model, read_yaml, resolve_nats_url
 from fleetgate.durations import format_duration, parse_duration
 
@@ -294,7 +295,7 @@ def _users_ls(args: argparse.Namespace) -> int:
             login = "password" if u.password_hash else "sign only"
             login += "+totp" if u.totp_secret else ""
             table.append((u.name, ",".join(u.roles), ",".join(u.db_users), login))
-        _print_table(table)
+        print_table(table)
         return 0
 
     return _run(go())
@@ -370,7 +371,7 @@ def _roles_ls(args: argparse.Namespace) -> int:
                 )
                 ttl = format_duration(r.options.max_session_ttl)
                 table.append((r.name, labels, ",".join(r.allow.db_users), ttl))
-            _print_table(table)
+            print_table(table)
         return 0
 
     return _run(go())
@@ -459,9 +460,3 @@ def _logout(args: argparse.Namespace) -> int:
     for path in removed:
         print(f"removed {path}")
     return 0
-
-
-def _print_table(rows: Sequence[tuple[str, ...]]) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        print("  ".join(f"{cell:<{widths[i]}}" for i, cell in enumerate(row)).rstrip())

@@ -14,6 +14,7 @@ from client import connect, people
 from fleetgate import aio
 from fleetgate.cli import auth as auth_cli
 from fleetgate.cli import servers as servers_cli
+from fleetgate.cli import tables
 from fleetgate.cli.errors import UsageError
 from fleetgate.config import resolve_nats_url
 
@@ -135,9 +136,6 @@ def print_table(
         )
         for r in resources
     ]
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
-    for row in rows:
-        cells = "  ".join(f"{row[i]:<{widths[i]}}" for i in range(3))
-        print(f"{cells}  {row[3]}".rstrip())
+    tables.print_table(rows)
     if not resources:
         print("(no databases)", file=sys.stderr)

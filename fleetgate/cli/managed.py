@@ -17,6 +17,7 @@ from typing import Any
 
 from bus import Bus, leases, subjects
 from fleetgate import aio
+from fleetgate.cli.tables import print_table
 from fleetgate.config import resolve_nats_url
 from fleetgate.durations import parse_duration
 
@@ -107,9 +108,7 @@ def _ls(args: argparse.Namespace) -> int:
         table.append(
             (row["user"], row["region"], row["account"], row["state"], rotated, row["secret"])
         )
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
-    for line in table:
-        print("  ".join(f"{cell:<{w}}" for cell, w in zip(line, widths, strict=False)), line[-1])
+    print_table(table, last_gap=" ")
     return 0
 
 

@@ -20,6 +20,7 @@ from bus.servers import health_rank
 from client import people
 from fleetgate import aio
 from fleetgate.cli.errors import UsageError
+from fleetgate.cli.tables import print_table
 from fleetgate.config import resolve_nats_url
 
 
@@ -117,10 +118,7 @@ def print_servers(servers: list[dict[str, Any]]) -> None:
             message = f"{message}: {health['error']}"
         status = str(health.get("status", ""))
         rows.append((s["hostname"], s["host_id"], s["addr"], status, s["version"], message))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    for row in rows:
-        cells = [f"{cell:<{widths[i]}}" for i, cell in enumerate(row[:5])]
-        print("  ".join([*cells, row[5]]).rstrip())
+    print_table(rows)
 
 
 def health_counts(servers: Iterable[DbServerHeartbeat]) -> dict[str, tuple[int, int]]:

@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from bus import Bus
 from bus.access import Identity, get_ca
@@ -101,6 +103,20 @@ def test_expired_and_other_ca_certificates_are_rejected() -> None:
     # A CA bundle (rotation) trusts both.
     assert verify_client_certificate(foreign, [ca.cert, other.cert]).user == "alice"
     assert len(load_certs(ca.pem + other.pem)) == 2
+
+
+def test_a_server_certificate_names_its_hosts_and_may_take_a_shorter_common_name() -> None:
+    ca = CertificateAuthority.create()
+    long_name = "clustercfg." + "a" * 40 + ".memorydb.us-east-1.amazonaws.com"  # > 64 chars
+    cert = ca.issue_server(
+        new_key().public_key(), [long_name, "127.0.0.1"], 3600, common_name="orders"
+    )
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == [long_name]
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "orders"
+    default = ca.issue_server(new_key().public_key(), ["agent-1"], 3600)
+    assert default.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "agent-1"
 
 
 def test_client_verifier_remembers_accepted_certificates_but_checks_dates() -> None:

@@ -203,6 +203,31 @@ async def test_second_factor(env: AuthEnv) -> None:
     assert (await env.logins())[-1].reason == "one-time code used again"
 
 
+# RFC 6238 appendix B, SHA-1: the 20-byte seed "12345678901234567890" (in base32), the
+# time, and the last six of the eight digits given there.
+RFC6238_SECRET = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"
+RFC6238_SHA1 = [
+    (59, "287082"),
+    (1111111109, "081804"),
+    (1111111111, "050471"),
+    (1234567890, "005924"),
+    (2000000000, "279037"),
+    (20000000000, "353130"),
+]
+
+
+@pytest.mark.parametrize(("at", "code"), RFC6238_SHA1)
+def test_one_time_codes_match_the_rfc_6238_test_vectors(at: int, code: str) -> None:
+    assert totp_code(RFC6238_SECRET, at) == code
+    step = at // TOTP_STEP
+    assert totp_step(RFC6238_SECRET, code, at) == step
+    assert totp_step(RFC6238_SECRET, f" {code}\n", at + TOTP_STEP) == step  # drift, spaces
+    assert totp_step(RFC6238_SECRET.lower(), code, at) == step  # base32 in any case
+    assert totp_step(RFC6238_SECRET, code, at + 2 * TOTP_STEP) is None  # too late
+    wrong = f"{(int(code) + 1) % 10**6:06d}"
+    assert totp_step(RFC6238_SECRET, wrong, at) is None
+
+
 async def test_trusting_the_auth_service(env: AuthEnv) -> None:
     home = env.tmp / "fresh"
     with pytest.raises(LoginError, match=f"presents {env.ca.fingerprint}"):

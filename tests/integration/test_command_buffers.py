@@ -18,8 +18,10 @@ from dbservice.engine.proxy.settings import CommandBuffers
 from dbservice.engine.proxy.testing import LoopbackProxy
 from sandbox.memorydb import StandinConfig, ThreadedStandin
 from sandbox.valkeynode import ValkeyNode
+from tests.kits import proxy as proxykit
 from tests.kits.cluster import ClusterProxy
-from tests.kits.proxy import serve_single_node
+
+node = proxykit.node  # the kit's fixture, used by name
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,11 +31,6 @@ READ = ProxyLimits().read_size
 
 def set_header(key: bytes, size: int) -> bytes:
     return b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n" % (len(key), key, size)
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"))
 
 
 @pytest.fixture(scope="module")

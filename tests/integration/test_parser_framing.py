@@ -26,19 +26,17 @@ from dbservice.engine.proxy.framing import (
 )
 from sandbox.memorydb import StandinConfig, ThreadedStandin
 from sandbox.valkeynode import ValkeyNode
+from tests.kits import proxy as proxykit
 from tests.kits.cluster import ClusterProxy
 from tests.kits.parserfuzz import fuzz
-from tests.kits.proxy import RawClient, Recorder, ThreadedProxy, cmd, serve_single_node
+from tests.kits.proxy import RawClient, Recorder, ThreadedProxy, cmd
+
+node = proxykit.node  # the kit's fixture, used by name
 
 REPRO = (
     b"*2\r\n$4\r\nECHO\r\n$100\r\r\n" + b"X" * 99 + b"\r\n *2\r\n$4\r\nECHO\r\n$8\r\nFLUSHALL\r\n"
 )
 """Issue 15 point 3: the agent read ``$100\\r\\r\\n`` as 100; Redis 6.2 ran FLUSHALL."""
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("framing"))
 
 
 @pytest.fixture(scope="module")

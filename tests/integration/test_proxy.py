@@ -7,7 +7,7 @@ import asyncio
 import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import redis
@@ -15,21 +15,12 @@ import redis.asyncio as aredis
 
 from dbservice.engine.proxy import Action, Hello, PassThroughHooks, ProxyLimits, ProxyTimeouts
 from sandbox.valkeynode import ValkeyNode
-from tests.kits.proxy import RawClient, Recorder, ThreadedProxy, cmd, serve_single_node
+from tests.kits import proxy as proxykit
+from tests.kits.proxy import RawClient, Recorder, ThreadedProxy, cmd
+
+node, proxy = proxykit.node, proxykit.proxy  # the kit's fixtures, used by name
 
 PROTOCOLS = [2, 3]
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"))
-
-
-@pytest.fixture
-def proxy(node: ValkeyNode) -> Iterator[ThreadedProxy]:
-    asyncio.run(node.command("FLUSHALL"))
-    with ThreadedProxy(node.port) as running:
-        yield running
 
 
 def client(proxy: ThreadedProxy, protocol: int = 2, **kwargs: object) -> redis.Redis:

@@ -5,7 +5,6 @@ default) and RESP2, and pub/sub pushes."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 from glide import (
@@ -16,22 +15,12 @@ from glide import (
     ProtocolVersion,
 )
 
-from sandbox.valkeynode import ValkeyNode
-from tests.kits.proxy import ThreadedProxy, serve_single_node
+from tests.kits import proxy as proxykit
+from tests.kits.proxy import ThreadedProxy
+
+node, proxy = proxykit.node, proxykit.proxy  # the kit's fixtures, used by name
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"))
-
-
-@pytest.fixture
-def proxy(node: ValkeyNode) -> Iterator[ThreadedProxy]:
-    asyncio.run(node.command("FLUSHALL"))
-    with ThreadedProxy(node.port) as running:
-        yield running
 
 
 def config(

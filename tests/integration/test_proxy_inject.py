@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import pytest
@@ -15,21 +15,12 @@ import redis
 
 from dbservice.engine.proxy import ProxySession
 from sandbox.valkeynode import ValkeyNode
-from tests.kits.proxy import RawClient, ThreadedProxy, cmd, serve_single_node
+from tests.kits import proxy as proxykit
+from tests.kits.proxy import RawClient, ThreadedProxy, cmd
+
+node, proxy = proxykit.node, proxykit.proxy  # the kit's fixtures, used by name
 
 T = TypeVar("T")
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"))
-
-
-@pytest.fixture
-def proxy(node: ValkeyNode) -> Iterator[ThreadedProxy]:
-    asyncio.run(node.command("FLUSHALL"))
-    with ThreadedProxy(node.port) as running:
-        yield running
 
 
 def in_proxy(proxy: ThreadedProxy, call: Callable[[], T]) -> T:

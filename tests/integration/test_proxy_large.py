@@ -9,13 +9,15 @@ import sys
 import textwrap
 import time
 import tracemalloc
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sandbox.valkeynode import ValkeyNode
-from tests.kits.proxy import ThreadedProxy, cmd, serve_single_node, valkey_cli
+from tests.kits import proxy as proxykit
+from tests.kits.proxy import ThreadedProxy, cmd, valkey_cli
+
+node, proxy = proxykit.node, proxykit.proxy  # the kit's fixtures, used by name
 
 MiB = 1024 * 1024
 VALUE_SIZE = 64 * MiB + 12345
@@ -37,18 +39,6 @@ CLIENT = textwrap.dedent(
     print("ok")
     """
 )
-
-
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"))
-
-
-@pytest.fixture
-def proxy(node: ValkeyNode) -> Iterator[ThreadedProxy]:
-    asyncio.run(node.command("FLUSHALL"))
-    with ThreadedProxy(node.port) as running:
-        yield running
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""Helpers for the cluster engine tests: a 3-shard stand-in and the engine in front of
-it on a loopback port, in a background thread (so sync clients can drive it)."""
+"""Helpers for the cluster engine tests: the engine in front of a 3-shard stand-in on a
+loopback port, in a background thread (so sync clients can drive it), as the proxy
+engine's kit runs it (:class:`tests.kits.proxy.ThreadedServer`)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,18 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from types import TracebackType
-
-import redis
-import uvloop
 
 from dbservice.engine.cluster.testing import LoopbackCluster
-from dbservice.engine.proxy import PassThroughHooks, ProxyLimits, SessionHooks, SessionStats
+from dbservice.engine.proxy import PassThroughHooks, ProxyLimits, SessionHooks
 from dbservice.engine.proxy.settings import CommandBuffers
 from sandbox.memorydb import ThreadedStandin
+from tests.kits.proxy import ThreadedServer
 
 
-class ClusterProxy:
+class ClusterProxy(ThreadedServer[LoopbackCluster]):
     """``with ClusterProxy(standin) as proxy:`` the engine on ``proxy.port``."""
+
+    thread_name = "cluster-proxy"
 
     def __init__(
         self,
@@ -31,81 +31,26 @@ class ClusterProxy:
         limits: ProxyLimits | None = None,
         buffers: CommandBuffers | None = None,
     ) -> None:
+        super().__init__()
         self.standin = standin
         self.hooks = hooks
         self.limits = limits
         self.buffers = buffers
-        self.port = 0
-        self.proxy: LoopbackCluster | None = None
-        self.error: BaseException | None = None
-        self._ready = threading.Event()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="cluster-proxy", daemon=True)
 
-    def __enter__(self) -> ClusterProxy:
-        self._thread.start()
-        if not self._ready.wait(10) or self.error is not None:
-            raise RuntimeError(f"cluster proxy did not start: {self.error!r}")
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-        if self.error is not None:
-            raise self.error
-
-    def _run(self) -> None:
-        try:
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                runner.run(self._main())
-        except BaseException as exc:
-            self.error = exc
-            self._ready.set()
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+    def _server(self) -> LoopbackCluster:
         tls = ssl.create_default_context(cafile=str(self.standin.ca_file))
-        async with LoopbackCluster(
+        return LoopbackCluster(
             self.standin.endpoint,
             tls=tls,
             hooks=self.hooks,
             limits=self.limits,
             buffers=self.buffers,
-        ) as proxy:
-            self.proxy = proxy
-            self.port = proxy.port
-            self._ready.set()
-            await self._stop.wait()
+        )
 
     def probe(self, interval: float = 0.002) -> LoopProbe:
         """``with proxy.probe() as probe:`` measures the engine's event loop meanwhile."""
         assert self._loop is not None
         return LoopProbe(self._loop, interval)
-
-    def client(self, protocol: int = 2, **kwargs: object) -> redis.Redis:
-        return redis.Redis(
-            port=self.port,
-            protocol=protocol,
-            socket_timeout=10,
-            **kwargs,  # type: ignore[arg-type]
-        )
-
-    def finished(self, count: int, limit: float = 5.0) -> list[SessionStats]:
-        deadline = time.monotonic() + limit
-        while True:
-            assert self.proxy is not None
-            done = list(self.proxy.finished)
-            if len(done) >= count or time.monotonic() > deadline:
-                return done
-            time.sleep(0.01)
 
 
 class LoopProbe:

@@ -1,6 +1,7 @@
 """Helpers for the proxy engine tests: a single-node valkey, the engine on a loopback
-port in its own thread (so sync clients and subprocesses can drive it), recording
-hooks, and a small raw RESP client for byte-exact checks."""
+port in its own thread (so sync clients and subprocesses can drive it; the cluster
+engine's kit builds on the same :class:`ThreadedServer`), the ``node`` and ``proxy``
+fixtures, recording hooks, and a small raw RESP client for byte-exact checks."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
+import pytest
+import redis
 import uvloop
 
 from dbservice.engine.proxy import (
@@ -20,9 +23,11 @@ from dbservice.engine.proxy import (
     ProxyLimits,
     ProxyTimeouts,
     SessionHooks,
+    SessionStats,
     TcpConnector,
 )
-from dbservice.engine.proxy.testing import LoopbackProxy
+from dbservice.engine.proxy.testing import LoopbackProxy, LoopbackServer
+from fleetgate.resp import encode_command
 from sandbox.valkeynode import ValkeyNode
 
 
@@ -72,33 +77,33 @@ def serve_single_node(
         asyncio.run(node.stop())
 
 
-class ThreadedProxy:
-    """The engine (``LoopbackProxy``) on a uvloop loop in a background thread."""
+S = TypeVar("S", bound=LoopbackServer)
 
-    def __init__(
-        self,
-        upstream_port: int,
-        *,
-        hooks: Callable[[], SessionHooks] = PassThroughHooks,
-        limits: ProxyLimits | None = None,
-        timeouts: ProxyTimeouts | None = None,
-    ) -> None:
-        self.upstream_port = upstream_port
-        self.hooks = hooks
-        self.limits = limits
-        self.timeouts = timeouts or ProxyTimeouts(close_grace=1.0)
+
+class ThreadedServer(Generic[S]):
+    """An engine's loopback server (what :meth:`_server` builds) on a uvloop loop in a
+    background thread, so sync clients and subprocesses can drive it:
+    ``with Kit(...) as running:`` it listens on ``running.port``."""
+
+    thread_name = "proxy"
+
+    def __init__(self) -> None:
         self.port = 0
-        self.proxy: LoopbackProxy | None = None
+        self.proxy: S | None = None
         self.error: BaseException | None = None
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._run, name="proxy", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
 
-    def __enter__(self) -> ThreadedProxy:
+    def _server(self) -> S:
+        """The engine's server, built on the background loop."""
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
         self._thread.start()
         if not self._ready.wait(10) or self.error is not None:
-            raise RuntimeError(f"proxy did not start: {self.error!r}")
+            raise RuntimeError(f"{self.thread_name} did not start: {self.error!r}")
         return self
 
     def __exit__(
@@ -124,16 +129,22 @@ class ThreadedProxy:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        connector = TcpConnector("127.0.0.1", self.upstream_port)
-        async with LoopbackProxy(
-            connector, hooks=self.hooks, limits=self.limits, timeouts=self.timeouts
-        ) as proxy:
+        async with self._server() as proxy:
             self.proxy = proxy
             self.port = proxy.port
             self._ready.set()
             await self._stop.wait()
 
-    def finished(self, count: int, limit: float = 5.0) -> list[Any]:
+    def client(self, protocol: int = 2, **kwargs: object) -> redis.Redis:
+        """A redis-py client of the engine."""
+        return redis.Redis(
+            port=self.port,
+            protocol=protocol,
+            socket_timeout=10,
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    def finished(self, count: int, limit: float = 5.0) -> list[SessionStats]:
         """The stats of ``count`` ended sessions (waits for them)."""
         deadline = time.monotonic() + limit
         while True:
@@ -142,6 +153,44 @@ class ThreadedProxy:
             if len(done) >= count or time.monotonic() > deadline:
                 return done
             time.sleep(0.01)
+
+
+class ThreadedProxy(ThreadedServer[LoopbackProxy]):
+    """The proxy engine (``LoopbackProxy``) in front of ``127.0.0.1:upstream_port``."""
+
+    def __init__(
+        self,
+        upstream_port: int,
+        *,
+        hooks: Callable[[], SessionHooks] = PassThroughHooks,
+        limits: ProxyLimits | None = None,
+        timeouts: ProxyTimeouts | None = None,
+    ) -> None:
+        super().__init__()
+        self.upstream_port = upstream_port
+        self.hooks = hooks
+        self.limits = limits
+        self.timeouts = timeouts or ProxyTimeouts(close_grace=1.0)
+
+    def _server(self) -> LoopbackProxy:
+        connector = TcpConnector("127.0.0.1", self.upstream_port)
+        return LoopbackProxy(
+            connector, hooks=self.hooks, limits=self.limits, timeouts=self.timeouts
+        )
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
+    """One single-node valkey per test module (import it into the module to use it)."""
+    yield from serve_single_node(tmp_path_factory.mktemp("valkey"))
+
+
+@pytest.fixture
+def proxy(node: ValkeyNode) -> Iterator[ThreadedProxy]:
+    """The proxy engine with pass-through hooks in front of :func:`node`, emptied first."""
+    asyncio.run(node.command("FLUSHALL"))
+    with ThreadedProxy(node.port) as running:
+        yield running
 
 
 class Recorder(PassThroughHooks):
@@ -164,8 +213,7 @@ class Recorder(PassThroughHooks):
 
 
 def cmd(*args: str | bytes | int) -> bytes:
-    parts = [a if isinstance(a, bytes) else str(a).encode() for a in args]
-    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+    return encode_command([a if isinstance(a, bytes) else str(a).encode() for a in args])
 
 
 class RawClient:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Final
 
+from fleetgate.backoff import backoff_delay
+
 from .link import LinkError
 from .resp import error
 from .topology import Address
@@ -55,7 +57,7 @@ async def complete(session: ClusterSession, request: Request) -> bytes:
             request.address = address
             session._send(request, asking=code == b"ASK")
             continue
-        await asyncio.sleep(BACKOFF[min(attempt - 1, len(BACKOFF) - 1)])
+        await asyncio.sleep(backoff_delay(BACKOFF, attempt - 1))
         if code == b"CLUSTERDOWN":
             await session._refresh_quietly()
         if request.slot is not None:
