@@ -35,6 +35,8 @@ from dbservice.engine.proxy.framing import (
 )
 from dbservice.engine.proxy.inline import split_args
 from dbservice.engine.proxy.settings import ProxyLimits
+from fleetgate.resp import OK as OK  # the one encoder and +OK, re-exported
+from fleetgate.resp import encode_command as encode_command
 
 _LINE_TYPES = frozenset(b"+-:_,#(")
 _BULK_TYPES = frozenset(b"$!=")
@@ -69,15 +71,6 @@ with the rest: joining would copy it whole on the event loop)."""
 LARGE_ARGUMENT: Final = 1 << 20
 """An argument this large that is still arriving is collected as it comes rather than
 joined once complete, and a command holding one is encoded in pieces."""
-
-
-def encode_command(args: Sequence[bytes]) -> bytes:
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        out.append(b"$%d\r\n" % len(arg))
-        out.append(arg)
-        out.append(b"\r\n")
-    return b"".join(out)
 
 
 def encode_payload(args: Sequence[bytes]) -> Payload:
@@ -262,9 +255,6 @@ def _encode(value: Value, resp3: bool, out: list[bytes]) -> None:
         out.append(b"*%d\r\n" % len(value))
         for item in value:
             _encode(item, resp3, out)
-
-
-OK = b"+OK\r\n"
 
 
 def error(message: str) -> bytes:

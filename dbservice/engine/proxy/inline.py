@@ -16,7 +16,7 @@ The grammar, as the server applies it to one line (its final ``\\r`` dropped):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from fleetgate.resp import encode_command as encode_command  # the one encoder, re-exported
 
 from .errors import ProtocolError
 
@@ -88,11 +88,3 @@ def split_args(line: bytes) -> list[bytes]:
             else:
                 cur.append(c)
         args.append(bytes(cur))
-
-
-def encode_command(args: Sequence[bytes]) -> bytes:
-    """RESP multibulk for ``args``."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        parts.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
-    return b"".join(parts)
