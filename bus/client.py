@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
@@ -343,10 +343,12 @@ class Bus:
         keys: str = ">",
         create: bool = True,
         retry_open: bool = True,
-    ) -> AsyncIterator[Event[M]]:
+    ) -> AsyncGenerator[Event[M], None]:
         """Snapshot, then :class:`~bus.watch.Synced`, then changes; resyncs after reconnects.
         With ``retry_open`` False a watch that cannot be opened raises RegistryError
-        instead of retrying (for one-shot reads)."""
+        instead of retrying (for one-shot reads). Close it when done (``aclosing``): a
+        generator left to the garbage collector stops its NATS consumer late, maybe
+        after the connection closed, and that consumer's heartbeat task lingers."""
         watch: KvWatch[M] = KvWatch(
             open_bucket=lambda: self.bucket(bucket, create=create),
             keys=keys,
@@ -355,7 +357,7 @@ class Bus:
         )
         return self._run_watch(watch)
 
-    async def _run_watch(self, watch: KvWatch[M]) -> AsyncIterator[Event[M]]:
+    async def _run_watch(self, watch: KvWatch[M]) -> AsyncGenerator[Event[M], None]:
         self._watches.add(watch)
         try:
             async for event in watch:
@@ -369,11 +371,13 @@ class Bus:
     ) -> dict[str, M]:
         """Every record of a bucket now, keyed by KV key."""
         out: dict[str, M] = {}
-        async for event in self.watch(bucket, model, keys=keys, create=create, retry_open=False):
-            if event.kind == "synced":
-                break
-            if event.kind == "upsert" and event.value is not None:
-                out[event.key] = event.value
+        watch = self.watch(bucket, model, keys=keys, create=create, retry_open=False)
+        async with contextlib.aclosing(watch) as events:
+            async for event in events:
+                if event.kind == "synced":
+                    break
+                if event.kind == "upsert" and event.value is not None:
+                    out[event.key] = event.value
         return out
 
     # -- the registry of databases ------------------------------------------------------
@@ -395,7 +399,7 @@ class Bus:
         found = await self.snapshot(subjects.DATABASES_BUCKET, DatabaseResource, create=create)
         return sorted(found.values(), key=lambda r: r.name)
 
-    def watch_resources(self) -> AsyncIterator[Event[DatabaseResource]]:
+    def watch_resources(self) -> AsyncGenerator[Event[DatabaseResource], None]:
         return self.watch(subjects.DATABASES_BUCKET, DatabaseResource)
 
     async def put_fetcher_status(self, status: FetcherStatus) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from datetime import datetime
 from typing import Any
@@ -47,15 +46,26 @@ async def _serve(poller: Poller, interval: float, jitter: float) -> int:
     running: set[asyncio.Task[Any]] = set()
 
     async def job() -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        running.add(task)
+        # The poll runs in a task of its own, which the stop cancels and waits for; the
+        # scheduler's task only waits for it (cancelling that one would make apscheduler
+        # log the cancellation as a failed job, with a traceback).
+        if stop.is_set():  # started by the scheduler just before its shutdown
+            return
+        poll = asyncio.create_task(poller.poll_once(), name="poll")
+        running.add(poll)
         try:
-            await poller.poll_once()
-        except BusError as exc:
-            logger.error("poll aborted, the registry was not reachable: %s", exc)
+            await asyncio.wait([poll])
         finally:
-            running.discard(task)
+            if poll.done():
+                running.discard(poll)
+        if poll.cancelled():
+            logger.info("poll stopped")
+            return
+        error = poll.exception()
+        if isinstance(error, BusError):
+            logger.error("poll aborted, the registry was not reachable: %s", error)
+        elif error is not None:
+            raise error  # apscheduler logs it; the next poll comes on time
 
     scheduler = AsyncIOScheduler()
     scheduler.add_job(
@@ -78,8 +88,11 @@ async def _serve(poller: Poller, interval: float, jitter: float) -> int:
     finally:
         logger.info("stopping discovery")
         scheduler.shutdown(wait=False)
-        for task in list(running):
+        polls = list(running)
+        for task in polls:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if polls:
+            # wait() rather than awaiting each: a cancellation of *this* task must not
+            # be taken for the poll's own.
+            await asyncio.wait(polls)
     return 0

@@ -121,3 +121,11 @@ class HeapTrimmer:
         if self._pending is not None:
             self._pending.cancel()
             self._pending = None
+
+    async def aclose(self) -> None:
+        """:meth:`close`, then wait for a trim already running (it is short, in its
+        thread, and cannot be interrupted), so that no task is left behind."""
+        self.close()
+        running = self._running
+        if running is not None:
+            await asyncio.wait([running])

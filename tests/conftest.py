@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import inspect
 import logging
+import multiprocessing
+import os
+import signal
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +21,115 @@ from bus.server import NatsServer
 from sandbox.aws import MotoServer
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
+
+LEAK_GRACE = 2.0
+"""Seconds a test's tasks and child processes get to end after its teardown before the
+leak check fails the test (they are usually gone at once; the grace is for a process
+still being reaped, or a task finishing its last step)."""
+
+
+# -- leaked tasks and processes --------------------------------------------------------
+#
+# Every test must leave no asyncio task running (other than its own) when its event loop
+# is torn down, and no child process of this pytest process that it started. Processes
+# started by fixtures wider than a test (a module's valkey-server) belong to them and
+# are left alone. A test that must leave something for a later one says so with
+# ``@pytest.mark.leaks("why")``.
+
+
+def child_pids() -> set[int]:
+    """This process's live children (zombies included: a child nobody waited for)."""
+    multiprocessing.active_children()  # reaps the finished multiprocessing children
+    me = os.getpid()
+    out: set[int] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2 :].split()  # after "pid (comm) "
+        if len(fields) > 1 and int(fields[1]) == me:
+            out.add(int(entry.name))
+    return out
+
+
+def describe_pid(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            command = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except OSError:
+        return f"pid {pid} (gone)"
+    return f"pid {pid} [{state}] {command[:200] or '(exited, not waited for)'}"
+
+
+_WIDER_FIXTURE_PIDS: set[int] = set()
+"""Child processes started by fixtures wider than one test (module, session): theirs."""
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef[Any], request: Any) -> Any:
+    if fixturedef.scope == "function":
+        return (yield)
+    before = child_pids()
+    try:
+        return (yield)
+    finally:
+        _WIDER_FIXTURE_PIDS.update(child_pids() - before)
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails the test when it leaves child processes behind, and (for an async test,
+    through :func:`no_leaked_tasks`) asyncio tasks."""
+    marker = request.node.get_closest_marker("leaks")
+    if marker is not None:
+        yield
+        return
+    if inspect.iscoroutinefunction(getattr(request.node, "obj", None)):
+        # Requested first, so it is torn down after every fixture of the test.
+        request.getfixturevalue("no_leaked_tasks")
+    before = child_pids()
+    yield
+    deadline = time.monotonic() + LEAK_GRACE
+    while True:
+        left = child_pids() - before - _WIDER_FIXTURE_PIDS
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if left:
+        shown = "\n  ".join(describe_pid(pid) for pid in sorted(left))
+        for pid in left:  # so they do not disturb the next tests
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+        pytest.fail(f"the test left {len(left)} child processes behind:\n  {shown}")
+
+
+@pytest.fixture
+async def no_leaked_tasks() -> AsyncIterator[None]:
+    """Fails an async test that leaves asyncio tasks running on its loop (see
+    :func:`no_leaks`); they are cancelled, so they do not disturb the next test."""
+    yield
+    own = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + LEAK_GRACE
+    while True:
+        left = [t for t in asyncio.all_tasks() if t is not own and not t.done()]
+        if not left or loop.time() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    if not left:
+        return
+    shown = "\n  ".join(sorted(f"{t.get_name()}: {t.get_coro()!r}" for t in left))
+    for task in left:
+        task.cancel()
+    await asyncio.wait(left, timeout=LEAK_GRACE)
+    pytest.fail(f"the test left {len(left)} asyncio tasks running:\n  {shown}")
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,6 @@ cut or redacted (about 0.75 us per GET or SET with the hooks, against 1.6 us).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -375,10 +374,13 @@ class AuditEmitter:
         if self._task is None:
             return
         await self.flush(flush_timeout)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        task, self._task = self._task, None
+        task.cancel()
+        # wait() rather than awaiting the task: a cancellation of *our* caller must not
+        # be taken for the emitter's own.
+        await asyncio.wait([task])
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.error("audit: the emitter had failed", exc_info=error)
         if self.backlog:
             logger.warning("audit: %d events not published at shutdown", self.backlog)
 

@@ -1,6 +1,14 @@
 """The agent process: one bus connection, the registry watch, one supervisor of
 per-database workers, and a graceful stop on SIGTERM/SIGINT.
 
+Its long-running loops are named root tasks of one :class:`~fleetgate.supervise.RootTasks`
+(registry-watch, managed-users, client-listener, fleet-ca-watch, audit-stream, and in a
+listener process leader): the stop event or any root failing or ending cancels them all,
+and the process then ends, in order and waiting for each, what they leave behind: the
+managed-user service, the client sessions and audit events (:meth:`Listener.aclose`),
+the per-database workers and their heartbeats (:meth:`Supervisor.stop_all`), and the
+listener processes. A root failure is logged with its name and the agent exits 1.
+
 With ``listener.processes`` above 1 this process is the *leader*: it does all of the
 above and starts the listener processes (:mod:`dbservice.agent.processes`), which run
 :class:`Agent` in listener-only mode (``listener_process`` set)."""
@@ -14,10 +22,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
 
 from bus import BUCKETS, Bus, DatabaseResource, leases, subjects
+from bus.errors import BusError
 from dbservice.agent.config import AgentConfig
 from dbservice.agent.health import Prober, TLSContexts, probe
 from dbservice.agent.heartbeat import AgentIdentity, Announcer
@@ -41,13 +49,17 @@ from dbservice.upstream.iam import IamAuth
 from dbservice.upstream.iam_login import IamLogins
 from fleetgate import __version__
 from fleetgate.aio import stop_on_signals
+from fleetgate.config import ConfigError
 from fleetgate.durations import format_duration
+from fleetgate.supervise import RootTasks
 
 logger = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 3.0
 PROBE_CONCURRENCY = 64
 """Health probes in flight at once over all databases (each holds a socket)."""
+EXPECTED = (BusError, OSError, ConfigError)
+"""Errors a root task may stop the agent with that are logged without a traceback."""
 
 
 class Agent:
@@ -227,85 +239,86 @@ class Agent:
                 "no db_service.listener configured: this agent accepts no clients; it only "
                 "checks and announces its databases"
             )
-        await supervisor.adjust(selection.static)  # static ones need no registry
-        watch = asyncio.create_task(
-            follow_registry(
-                bus=bus, selection=selection, supervisor=supervisor, on_synced=on_synced
-            ),
-            name="registry-watch",
-        )
-        stopping = asyncio.create_task(stop.wait(), name="stop-signal")
-        rotating = (
-            asyncio.create_task(managed.run(), name="managed-users")
-            if managed is not None
-            else None
-        )
-        status = 0
-        roots: set[asyncio.Task[Any]] = {watch, stopping}
-        ending: set[asyncio.Task[Any]] = {stopping}  # roots whose end is a normal stop
+        roots = RootTasks(stop, expected=EXPECTED)
         try:
-            if child is not None:
-                leader = asyncio.create_task(follow_leader(child.leader_pid), name="leader")
-                roots.add(leader)
-                ending.add(leader)
-                if listener is not None and not await self._ready(roots):
-                    listener = None  # stopping before it listened
-                if listener is not None:
-                    # Only now: the kernel hands a listening process connections at once,
-                    # and it must know the databases by then.
+            async with roots:
+                roots.start(
+                    "registry-watch",
+                    follow_registry(
+                        bus=bus, selection=selection, supervisor=supervisor, on_synced=on_synced
+                    ),
+                )
+                if managed is not None:
+                    roots.start("managed-users", managed.run())
+                if child is not None:
+                    roots.start("leader", follow_leader(child.leader_pid), on_return="stop")
+                if self.listener is not None:
+                    _start_listener(roots, self.listener)
+                await supervisor.adjust(selection.static)  # static ones need no registry
+                if child is not None and listener is not None:
+                    # Only once the registry is read: the kernel hands a listening
+                    # process connections at once, and it must know the databases by then.
+                    await self.synced.wait()
                     await listener.start(reuse_port=True)
                     self.listener = listener
-            elif processes > 1:
-                self.processes = ListenerProcesses(
-                    processes,
-                    spec=ListenerProcess(
-                        0,
-                        identity.host_id,
-                        os.getpid(),
-                        self.config.model_dump(mode="json"),
-                        self.nats_url,
-                    ),
-                    argv=self.process_argv,
-                )
-                self.processes.start()
-            if listener is not None and listener.task is not None:
-                roots.add(listener.task)
-            await asyncio.wait(roots, return_when=asyncio.FIRST_COMPLETED)
-            for root in roots - ending:
-                if root.done():
-                    status = 1
-                    error = None if root.cancelled() else root.exception()
-                    logger.error("%s ended (%s); stopping", root.get_name(), error or "returned")
+                    _start_listener(roots, listener)
+                elif child is None and processes > 1:
+                    self.processes = ListenerProcesses(
+                        processes,
+                        spec=ListenerProcess(
+                            0,
+                            identity.host_id,
+                            os.getpid(),
+                            self.config.model_dump(mode="json"),
+                            self.nats_url,
+                        ),
+                        argv=self.process_argv,
+                    )
+                    self.processes.start()
         finally:
-            if self.processes is not None:
-                self.processes.signal_stop()  # they stop beside this one
-            if announcer is not None:
-                logger.info("stopping: deleting %d heartbeats", len(supervisor.handles))
-            for task in (*(roots - {watch, stopping}), watch, stopping, rotating):
-                if task is None or (listener is not None and task is listener.task):
-                    continue
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
-            if managed is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(managed.aclose(), CLOSE_TIMEOUT)
-            if listener is not None:
-                await listener.aclose()
-            await supervisor.stop_all()
-            if self.processes is not None:
-                await self.processes.aclose()
+            await self._stop(supervisor, managed)
+        if roots.failed:
+            logger.error(
+                "%s stopped: %s failed",
+                "listener process" if child is not None else "agent",
+                ", ".join(roots.failed),
+            )
+            return 1
         logger.info("listener process stopped" if child is not None else "agent stopped")
-        return status
+        return 0
 
-    async def _ready(self, roots: set[asyncio.Task[Any]]) -> bool:
-        """Until the registry is read (True), or a root ended first (False)."""
-        synced = asyncio.create_task(self.synced.wait(), name="synced")
-        try:
-            await asyncio.wait({synced, *roots}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            synced.cancel()
-        return self.synced.is_set() and not any(r.done() for r in roots)
+    async def _stop(self, supervisor: Supervisor, managed: ManagedUsers | None) -> None:
+        """After the root tasks: end what they left behind, in order, waiting for each."""
+        if self.processes is not None:
+            self.processes.signal_stop()  # they stop beside this one
+        if supervisor.announcer is not None:
+            logger.info("stopping: deleting %d heartbeats", len(supervisor.handles))
+        if managed is not None:
+            await _close("the managed-user service", managed.aclose(), CLOSE_TIMEOUT)
+        if self.listener is not None:
+            await self.listener.aclose()
+        await supervisor.stop_all()
+        if self.processes is not None:
+            await self.processes.aclose()
+
+
+def _start_listener(roots: RootTasks, listener: Listener) -> None:
+    """The listener's loops as root tasks: the accept loop, the fleet CA watch, and the
+    one-shot check of the audit stream. Its sessions are its own (:meth:`Listener.aclose`)."""
+    roots.start("client-listener", listener.accept())
+    roots.start("fleet-ca-watch", listener.trust.follow(listener.bus))
+    roots.start("audit-stream", listener.check_audit_stream(), on_return="done")
+
+
+async def _close(what: str, closing: Awaitable[None], limit: float) -> None:
+    """Await ``closing`` up to ``limit`` seconds; a failure is logged, not raised, so
+    the rest of the stop still happens."""
+    try:
+        await asyncio.wait_for(closing, limit)
+    except TimeoutError:
+        logger.warning("stopping %s took more than %gs; left unfinished", what, limit)
+    except Exception:
+        logger.exception("stopping %s failed", what)
 
 
 def default_argv() -> list[str]:

@@ -8,6 +8,7 @@ A registry database is served as it is in the registry, with its own
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -103,43 +104,44 @@ async def follow_registry(
     shadowed: set[str] = set()
     synced = False
     seen = 0
-    async for event in bus.watch_resources():
-        if event.kind == "upsert" and event.value is not None:
-            seen += 1
-            resource = event.value
-            if resource.name in selection.static and resource.name not in shadowed:
-                shadowed.add(resource.name)
-                logger.warning(
-                    "registry database %s has the name of a static database; serving the "
-                    "static one",
-                    resource.name,
-                )
-            served = selection.select(resource)
-            old = chosen.pop(event.key, None)
-            if served is not None:
-                chosen[event.key] = served
-            if not synced:
-                continue
-            if served is not None:
-                supervisor.upsert(served)
-            elif old is not None:
-                await supervisor.remove(old.name, "no longer matches")
-        elif event.kind == "deleted":
-            old = chosen.pop(event.key, None)
-            if synced and old is not None:
-                await supervisor.remove(old.name, "deleted from the registry")
-        elif event.kind == "synced":
-            started = time.monotonic()
-            desired = dict(selection.static)
-            desired.update((r.name, r) for r in chosen.values())
-            await supervisor.adjust(desired)
-            if not synced:
-                logger.info(
-                    "registry synced: %d databases read, %d served (%.2fs to reconcile)",
-                    seen,
-                    len(supervisor.handles),
-                    time.monotonic() - started,
-                )
-            synced = True
-            if on_synced is not None:
-                on_synced(len(supervisor.handles))
+    async with contextlib.aclosing(bus.watch_resources()) as events:
+        async for event in events:
+            if event.kind == "upsert" and event.value is not None:
+                seen += 1
+                resource = event.value
+                if resource.name in selection.static and resource.name not in shadowed:
+                    shadowed.add(resource.name)
+                    logger.warning(
+                        "registry database %s has the name of a static database; serving the "
+                        "static one",
+                        resource.name,
+                    )
+                served = selection.select(resource)
+                old = chosen.pop(event.key, None)
+                if served is not None:
+                    chosen[event.key] = served
+                if not synced:
+                    continue
+                if served is not None:
+                    supervisor.upsert(served)
+                elif old is not None:
+                    await supervisor.remove(old.name, "no longer matches")
+            elif event.kind == "deleted":
+                old = chosen.pop(event.key, None)
+                if synced and old is not None:
+                    await supervisor.remove(old.name, "deleted from the registry")
+            elif event.kind == "synced":
+                started = time.monotonic()
+                desired = dict(selection.static)
+                desired.update((r.name, r) for r in chosen.values())
+                await supervisor.adjust(desired)
+                if not synced:
+                    logger.info(
+                        "registry synced: %d databases read, %d served (%.2fs to reconcile)",
+                        seen,
+                        len(supervisor.handles),
+                        time.monotonic() - started,
+                    )
+                synced = True
+                if on_synced is not None:
+                    on_synced(len(supervisor.handles))

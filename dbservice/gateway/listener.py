@@ -338,21 +338,25 @@ class FleetTrust:
                 await asyncio.sleep(backoff_delay(CA_RETRY, attempt))
                 attempt += 1
         seen = False
-        async for event in bus.watch(
-            subjects.AUTH_BUCKET, CACertificate, keys=subjects.CA_KEY, create=False
-        ):
-            if event.kind == "upsert" and event.value is not None:
-                seen = True
-                self.update(event.value)
-            elif event.kind == "deleted":
-                seen = False
-                self.update(None)
-            elif event.kind == "synced" and not seen and not self.known.is_set():
-                self.update(None)
+        # aclosing: the watch (and the NATS consumer under it) stops when this task is
+        # cancelled, not whenever the generator is collected.
+        watch = bus.watch(subjects.AUTH_BUCKET, CACertificate, keys=subjects.CA_KEY, create=False)
+        async with contextlib.aclosing(watch) as events:
+            async for event in events:
+                if event.kind == "upsert" and event.value is not None:
+                    seen = True
+                    self.update(event.value)
+                elif event.kind == "deleted":
+                    seen = False
+                    self.update(None)
+                elif event.kind == "synced" and not seen and not self.known.is_set():
+                    self.update(None)
 
 
 class Listener:
-    """Accepts clients on ``listen_addr`` until :meth:`aclose`; one task per connection."""
+    """Accepts clients on ``listen_addr``: :meth:`start` binds, :meth:`accept` (a root
+    task of the agent, with ``trust.follow`` and :meth:`check_audit_stream`) accepts
+    until cancelled, one task per connection, and :meth:`aclose` ends the sessions."""
 
     def __init__(
         self,
@@ -390,8 +394,6 @@ class Listener:
         self.sessions: set[asyncio.Task[None]] = set()
         self.heap = HeapTrimmer.for_this_process()
         """Gives closed sessions' memory back to the system (glibc only)."""
-        self.task: asyncio.Task[None] | None = None
-        """The accept loop: it ends only by failing (the agent then stops)."""
         self.port = 0
         self.refusals = 0
         self.handshakes = Handshakes(config.max_handshakes, config.max_handshakes_per_address)
@@ -401,13 +403,13 @@ class Listener:
         self.limited = RefusalLog()
         """Connections refused or closed for a limit, logged once per interval."""
         self._sock: socket.socket | None = None
-        self._helpers: list[asyncio.Task[None]] = []
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self, *, reuse_port: bool = False) -> None:
-        """Bind (ConfigError when the address cannot be used) and start accepting;
-        ``reuse_port``: share the address with the agent's other listener processes."""
+        """Bind (ConfigError when the address cannot be used; clients wait in the
+        backlog until :meth:`accept` runs) and start the audit emitter; ``reuse_port``:
+        share the address with the agent's other listener processes."""
         host, port = split_host_port(self.settings.listen_addr)
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -424,44 +426,54 @@ class Listener:
         self._sock = sock
         self.port = int(sock.getsockname()[1])
         self.audit.start()
-        self._helpers = [
-            asyncio.create_task(self.trust.follow(self.bus), name="fleet-ca-watch"),
-            asyncio.create_task(self._audit_stream(), name="audit-stream"),
-        ]
-        self.task = asyncio.create_task(self._accept_loop(sock), name="client-listener")
         logger.info(
             "accepting clients on %s (mutual TLS with the fleet CA)",
             join_host_port(host, self.port),
         )
 
     async def aclose(self) -> None:
-        """Stop accepting, end every session (its end event is still emitted), flush."""
-        tasks = [t for t in (self.task, *self._helpers) if t is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
-        self.task, self._helpers = None, []
+        """After :meth:`accept` has stopped: close the socket, end every session (its
+        end event is still emitted) and wait for each, then flush the audit events."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-        while self.sessions:
-            sessions = list(self.sessions)
-            for task in sessions:
-                task.cancel()
-            await asyncio.wait(sessions, timeout=STOP_GRACE)
-            self.sessions.difference_update(sessions)
-        self.heap.close()
+        await self._end_sessions()
+        await self.heap.aclose()
         self.limited.close()
         await self.audit.aclose(flush_timeout=AUDIT_FLUSH)
 
-    async def _audit_stream(self) -> None:
+    async def _end_sessions(self) -> None:
+        """Cancel every session (their own way to end: the ``finally`` emits the end
+        event and closes both sides), give them :data:`STOP_GRACE`, cancel again what is
+        left, and wait until every one has ended."""
+        late = set(self.sessions)
+        for task in late:
+            task.cancel()
+        while late:
+            _, late = await asyncio.wait(late, timeout=STOP_GRACE)
+            if late:
+                logger.warning(
+                    "%d client sessions did not end within %gs of the stop; cancelling them again",
+                    len(late),
+                    STOP_GRACE,
+                )
+                for task in late:
+                    task.cancel()
+
+    async def check_audit_stream(self) -> None:
         """Create the audit stream when it is missing; its retention is the auth
         service's (or an admin's) to set."""
         try:
             await ensure_audit_stream(self.bus, update=False)
         except BusError as exc:
             logger.warning("cannot check the audit stream (%s); events wait until it exists", exc)
+
+    async def accept(self) -> None:
+        """Accept clients until cancelled (one task per connection, in :attr:`sessions`);
+        raises when accepting fails for anything but running out of resources."""
+        if self._sock is None:
+            raise RuntimeError("Listener.accept before start")
+        await self._accept_loop(self._sock)
 
     async def _accept_loop(self, listening: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -826,12 +838,22 @@ class Listener:
 
 
 async def _stop_renewal(task: asyncio.Task[None], session_id: str) -> None:
+    """Cancel the session's re-authentication loop and wait until it has ended, also
+    when the session is cancelled again meanwhile (that cancellation is raised after)."""
     task.cancel()
-    await asyncio.wait([task])
+    interrupted = False
+    while not task.done():
+        try:
+            await asyncio.wait([task])
+        except asyncio.CancelledError:
+            interrupted = True
+            task.cancel()
     if not task.cancelled() and (error := task.exception()) is not None:
         logger.error(
             "session %s: the IAM re-authentication loop failed", session_id, exc_info=error
         )
+    if interrupted:
+        raise asyncio.CancelledError
 
 
 async def _refuse(writer: asyncio.StreamWriter, reason: str) -> None:
