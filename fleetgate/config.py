@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -102,3 +102,9 @@ def check_external_id(assume_role_arn: str | None, external_id: str | None) -> N
             f"external_id {external_id!r} is not one AWS accepts: 2 to 1224 characters "
             "of letters, digits and +=,.@:/-_"
         )
+
+
+class Strict(BaseModel):
+    """A config section: unknown fields are an error (a typo is named), values frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)

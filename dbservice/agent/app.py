@@ -219,7 +219,10 @@ class Agent:
                 return handle.worker.resource if handle is not None else None
 
             listener = Listener(
-                settings=settings,
+                hostname=settings.hostname,
+                listen_addr=settings.listen_addr,
+                host_aliases=settings.host_aliases,
+                upstream_ca_file=settings.upstream_ca_file,
                 config=settings.listener,
                 bus=bus,
                 host_id=identity.host_id,

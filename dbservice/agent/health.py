@@ -1,5 +1,6 @@
-"""Health checks: how to dial a database (host aliases, TLS as configured), one probe
-(TCP connect, TLS handshake, RESP ``PING``), and the status machine over probe results.
+"""Health checks: one probe (TCP connect, TLS handshake, RESP ``PING``) of a database
+dialled as :mod:`dbservice.upstream.dial` says, and the status machine over probe
+results.
 
 Status machine (as the best-known system does it): the first result sets ``healthy``
 or ``unhealthy``; afterwards the status flips only once ``healthy_threshold``
@@ -11,92 +12,21 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 
-from bus.schemas import DatabaseResource
 from bus.servers import HealthStatus, TargetHealth
-from dbservice.agent.config import join_host_port, split_host_port
-from dbservice.upstream.tls import upstream_context
+from dbservice.upstream.dial import Target as Target
+from dbservice.upstream.dial import TLSContexts as TLSContexts
+from dbservice.upstream.dial import build_target as build_target
+from dbservice.upstream.dial import resolve_alias as resolve_alias
 from fleetgate.resp import encode_command
 
 PING = encode_command([b"PING"])
 ALIVE_ERRORS = (b"-NOAUTH", b"-WRONGPASS", b"-NOPERM")
 """Error replies that still prove a working server: it wants credentials (or rights) the
 probe does not have."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where and how to dial one database."""
-
-    host: str
-    port: int
-    tls: ssl.SSLContext | None
-    server_name: str | None
-    """SNI and the name verified (verify-full); the database's own host, not an alias."""
-
-    @property
-    def address(self) -> str:
-        return join_host_port(self.host, self.port)
-
-    @property
-    def protocol(self) -> str:
-        return "TCP+TLS+RESP" if self.tls else "TCP+RESP"
-
-
-def resolve_alias(host: str, port: int, aliases: Mapping[str, str]) -> tuple[str, int]:
-    """``host:port`` first, then ``host``; an alias without a port keeps ``port``."""
-    target = aliases.get(join_host_port(host, port).lower()) or aliases.get(host.lower())
-    if target is None:
-        return host, port
-    new_host, new_port = split_host_port(target, default_port=0)
-    return new_host, new_port or port
-
-
-@dataclass
-class TLSContexts:
-    """SSL contexts built once per distinct (mode, CA) and shared: each one holds the
-    whole system trust store, so a thousand databases must not mean a thousand copies.
-    Built by :func:`dbservice.upstream.tls.upstream_context` (system roots, Amazon's
-    root CAs, ``extra_ca_file``, the database's CA)."""
-
-    extra_ca_file: Path | None = None
-    _cache: dict[tuple[str, str | None], ssl.SSLContext] = field(default_factory=dict)
-
-    def get(self, mode: str, ca_pem: str | None) -> ssl.SSLContext | None:
-        if mode == "disabled":
-            return None
-        key = (mode, ca_pem)
-        context = self._cache.get(key)
-        if context is None:
-            context = self._build(mode, ca_pem)
-            self._cache[key] = context
-        return context
-
-    def _build(self, mode: str, ca_pem: str | None) -> ssl.SSLContext:
-        context = upstream_context(mode, ca_pem=ca_pem, ca_file=self.extra_ca_file)
-        assert context is not None  # "disabled" never gets here
-        return context
-
-
-def build_target(
-    resource: DatabaseResource, *, aliases: Mapping[str, str], contexts: TLSContexts
-) -> Target:
-    """How to dial ``resource`` (raises ValueError for a URI that is not host:port)."""
-    host, port = split_host_port(resource.spec.uri, default_port=6379)
-    dial_host, dial_port = resolve_alias(host, port, aliases)
-    tls = resource.spec.tls
-    memorydb = resource.spec.aws.memorydb if resource.spec.aws else None
-    mode = "disabled" if memorydb is not None and not memorydb.tls_enabled else tls.mode
-    return Target(
-        host=dial_host,
-        port=dial_port,
-        tls=contexts.get(mode, tls.ca_cert),
-        server_name=tls.server_name or host,
-    )
 
 
 @dataclass(frozen=True)

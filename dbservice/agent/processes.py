@@ -32,9 +32,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from dbservice.agent.config import AgentConfig, split_host_port
+from dbservice.agent.config import AgentConfig
 from dbservice.agent.supervisor import BACKOFF, HEALTHY_RUN
 from dbservice.agent.worker import wait_event
+from fleetgate.addresses import split_host_port
 from fleetgate.backoff import backoff_delay
 from fleetgate.config import ConfigError, load_model
 

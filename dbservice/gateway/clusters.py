@@ -10,8 +10,6 @@ import itertools
 from collections.abc import Mapping
 
 from bus.schemas import DatabaseResource
-from dbservice.agent.config import split_host_port
-from dbservice.agent.health import TLSContexts, resolve_alias
 from dbservice.engine.cluster.link import Dial, Link, LinkError
 from dbservice.engine.cluster.session import ClusterSession
 from dbservice.engine.cluster.state import ClusterState
@@ -19,6 +17,8 @@ from dbservice.engine.cluster.topology import Address, TopologyError
 from dbservice.engine.login import UpstreamLogin
 from dbservice.engine.proxy import SessionHooks, Streams, TcpConnector
 from dbservice.engine.proxy.settings import CommandBuffers, ProxyLimits, ProxyTimeouts
+from dbservice.upstream.dial import TLSContexts, resolve_alias
+from fleetgate.addresses import split_host_port
 
 
 def cluster_mode(resource: DatabaseResource) -> bool:

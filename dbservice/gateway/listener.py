@@ -55,7 +55,8 @@ import socket
 import ssl
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Final
 
 from cryptography import x509
@@ -76,8 +77,6 @@ from dbservice.access.ca import (
     load_certs,
     mtls_server_context,
 )
-from dbservice.agent.config import DbService, ListenerConfig, join_host_port, split_host_port
-from dbservice.agent.health import TLSContexts, build_target
 from dbservice.engine.cluster.session import ClusterSession
 from dbservice.engine.login import ClientCredentials, UpstreamLogin, UpstreamLoginError
 from dbservice.engine.proxy import ProxyLimits, ProxySession, ProxyTimeouts, Streams, TcpConnector
@@ -90,6 +89,7 @@ from dbservice.gateway.clusters import (
     cluster_mode,
 )
 from dbservice.gateway.hooks import AgentHooks
+from dbservice.gateway.settings import ListenerConfig
 from dbservice.route import (
     EOF_COMMAND,
     ROUTE_OK,
@@ -100,7 +100,9 @@ from dbservice.route import (
     route_from_server_name,
 )
 from dbservice.upstream.auth import REAUTH_RETRY
+from dbservice.upstream.dial import TLSContexts, build_target
 from dbservice.upstream.tls import verify_failure
+from fleetgate.addresses import join_host_port, split_host_port
 from fleetgate.backoff import backoff_delay
 from fleetgate.config import ConfigError
 from fleetgate.heap import HeapTrimmer
@@ -361,15 +363,21 @@ class Listener:
     def __init__(
         self,
         *,
-        settings: DbService,
+        hostname: str,
+        listen_addr: str,
         config: ListenerConfig,
         bus: Bus,
         host_id: str,
         lookup: Lookup,
         contexts: TLSContexts,
         login: Callable[[DatabaseResource], UpstreamLogin] = lambda _: ClientCredentials(),
+        host_aliases: Mapping[str, str] | None = None,
+        upstream_ca_file: Path | None = None,
     ) -> None:
-        self.settings = settings
+        self.hostname = hostname
+        self.listen_addr = listen_addr
+        self.host_aliases: Mapping[str, str] = dict(host_aliases or {})
+        self.upstream_ca_file = upstream_ca_file
         self.config = config
         self.bus = bus
         self.host_id = host_id
@@ -387,7 +395,7 @@ class Listener:
         self.buffers = CommandBuffers(config.max_command_buffer_total)
         """Bytes the sessions hold of commands still arriving, all together."""
         self.clusters = ClusterEngines(
-            aliases=settings.host_aliases, contexts=contexts, connect_timeout=config.connect_timeout
+            aliases=self.host_aliases, contexts=contexts, connect_timeout=config.connect_timeout
         )
         """The cluster engine's per-database state (MemoryDB in cluster mode)."""
         self.audit = AuditEmitter.for_bus(bus, host_id=host_id)
@@ -410,7 +418,7 @@ class Listener:
         """Bind (ConfigError when the address cannot be used; clients wait in the
         backlog until :meth:`accept` runs) and start the audit emitter; ``reuse_port``:
         share the address with the agent's other listener processes."""
-        host, port = split_host_port(self.settings.listen_addr)
+        host, port = split_host_port(self.listen_addr)
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
             family = infos[0][0]
@@ -419,8 +427,7 @@ class Listener:
             )
         except OSError as exc:
             raise ConfigError(
-                f"db_service.listen_addr {self.settings.listen_addr}: cannot listen "
-                f"({os_reason(exc)})"
+                f"db_service.listen_addr {self.listen_addr}: cannot listen ({os_reason(exc)})"
             ) from None
         sock.setblocking(False)
         self._sock = sock
@@ -533,7 +540,7 @@ class Listener:
                 return
             if self.established >= self.config.max_connections:
                 reason = (
-                    f"agent {self.settings.hostname} has {self.established} sessions open, "
+                    f"agent {self.hostname} has {self.established} sessions open, "
                     f"its limit (listener.max_connections); try again later"
                 )
                 self.limited.note("over listener.max_connections")
@@ -632,9 +639,7 @@ class Listener:
             node = route.node
             resource = self.lookup(database)
             if resource is None:
-                raise Refused(
-                    f"agent {self.settings.hostname} does not serve database {database!r}"
-                )
+                raise Refused(f"agent {self.hostname} does not serve database {database!r}")
             try:
                 async with asyncio.timeout(limit):
                     grant = await authorize_session(
@@ -729,9 +734,7 @@ class Listener:
         up: Streams | None = None
         try:
             try:
-                target = build_target(
-                    resource, aliases=self.settings.host_aliases, contexts=self.contexts
-                )
+                target = build_target(resource, aliases=self.host_aliases, contexts=self.contexts)
                 connector = TcpConnector(
                     target.host,
                     target.port,
@@ -758,7 +761,7 @@ class Listener:
                         database=resource.name,
                         mode=tls.mode,
                         ca_pem=tls.ca_cert,
-                        ca_file=self.settings.upstream_ca_file,
+                        ca_file=self.upstream_ca_file,
                     ),
                 )
                 raise Refused(f"cannot reach {resource.name}: TLS: {tls_reason(exc)}") from None

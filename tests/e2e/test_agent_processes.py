@@ -25,8 +25,9 @@ from bus import Bus
 from bus.audit import SessionQuery
 from bus.server import NatsServer
 from dbservice.agent.app import Agent
-from dbservice.agent.config import AgentConfig, check_processes
+from dbservice.agent.config import AgentConfig
 from dbservice.agent.processes import ListenerProcess, ListenerProcesses
+from dbservice.gateway.settings import check_processes
 from fleetgate.config import ConfigError, load_model
 from sandbox.aws import SandboxAclMembership
 from sandbox.iamfront import MemoryDBLogin

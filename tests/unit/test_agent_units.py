@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from bus.schemas import AWSSpec, DatabaseResource, DatabaseSpec, MemoryDBSpec, Metadata
-from dbservice.agent.config import AgentConfig, split_host_port
+from dbservice.agent.config import AgentConfig
 from dbservice.agent.health import (
     HealthState,
     ProbeResult,
@@ -21,6 +21,7 @@ from dbservice.agent.health import (
 from dbservice.agent.identity import DataDir
 from dbservice.agent.served import Selection, static_resource
 from dbservice.upstream.iam import Role
+from fleetgate.addresses import split_host_port
 from fleetgate.cli import main
 from fleetgate.config import ConfigError, load_model
 
