@@ -4,11 +4,13 @@ it on a loopback port, in a background thread (so sync clients can drive it)."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from pathlib import Path
 from types import TracebackType
 
 import redis
@@ -21,7 +23,9 @@ from sandbox.memorydb import ThreadedStandin
 
 
 class ClusterProxy:
-    """``with ClusterProxy(standin) as proxy:`` the engine on ``proxy.port``."""
+    """``with ClusterProxy(standin) as proxy:`` the engine on ``proxy.port``; with
+    ``client_tls`` its clients connect with TLS as they do to the agent
+    (:meth:`connect`), by a certificate of the stand-in's CA."""
 
     def __init__(
         self,
@@ -30,8 +34,10 @@ class ClusterProxy:
         hooks: Callable[[], SessionHooks] = PassThroughHooks,
         limits: ProxyLimits | None = None,
         buffers: CommandBuffers | None = None,
+        client_tls: bool = False,
     ) -> None:
         self.standin = standin
+        self.client_tls = client_tls
         self.hooks = hooks
         self.limits = limits
         self.buffers = buffers
@@ -73,12 +79,18 @@ class ClusterProxy:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         tls = ssl.create_default_context(cafile=str(self.standin.ca_file))
+        client_tls = None
+        if self.client_tls:
+            ca = self.standin.standin.ca
+            directory = Path(self.standin.standin.config.dir) / "engine-tls"
+            client_tls = ca.server_context(ca.issue_server_cert(), directory)
         async with LoopbackCluster(
             self.standin.endpoint,
             tls=tls,
             hooks=self.hooks,
             limits=self.limits,
             buffers=self.buffers,
+            client_tls=client_tls,
         ) as proxy:
             self.proxy = proxy
             self.port = proxy.port
@@ -91,12 +103,22 @@ class ClusterProxy:
         return LoopProbe(self._loop, interval)
 
     def client(self, protocol: int = 2, **kwargs: object) -> redis.Redis:
+        if self.client_tls:
+            kwargs = {"ssl": True, "ssl_ca_certs": str(self.standin.ca_file), **kwargs}
         return redis.Redis(
             port=self.port,
             protocol=protocol,
             socket_timeout=10,
             **kwargs,  # type: ignore[arg-type]
         )
+
+    def connect(self, timeout: float = 60) -> socket.socket:
+        """A raw connection to the engine (TLS with ``client_tls``)."""
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        if not self.client_tls:
+            return sock
+        context = ssl.create_default_context(cafile=str(self.standin.ca_file))
+        return context.wrap_socket(sock, server_hostname="localhost")
 
     def finished(self, count: int, limit: float = 5.0) -> list[SessionStats]:
         deadline = time.monotonic() + limit
