@@ -8,10 +8,8 @@ from __future__ import annotations
 import os
 import random
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 import pytest
 import redis
@@ -20,7 +18,8 @@ from dbservice.engine.cluster import resp, transactions
 from dbservice.engine.proxy.errors import UpstreamProtocolError
 from dbservice.engine.proxy.settings import ProxyLimits
 from sandbox.memorydb import StandinConfig, ThreadedStandin
-from tests.kits.cluster import ClusterProxy
+from tests.kits.cluster import ClusterProxy, Measured, read_exactly
+from tests.kits.cluster import measure as measure_loop
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -144,63 +143,8 @@ def value(proxy: ClusterProxy) -> bytes:
     return data
 
 
-def read_exactly(sock: socket.socket, size: int) -> bytes:
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:], min(size - got, 1 << 20))
-        if not n:
-            raise EOFError(f"connection closed after {got} of {size} bytes")
-        got += n
-    return bytes(buf)
-
-
-@dataclass
-class Measured:
-    took: float = 0.0
-    stalls: list[float] = field(default_factory=list)
-    pings: list[float] = field(default_factory=list)
-
-    def __repr__(self) -> str:
-        pings = sorted(self.pings)
-        return (
-            f"took {self.took:.3f} s; engine loop stall max {max(self.stalls) * 1000:.1f} ms; "
-            f"other session's PING max {pings[-1] * 1000:.1f} ms, median "
-            f"{pings[len(pings) // 2] * 1000:.1f} ms"
-        )
-
-
 def measure(proxy: ClusterProxy, action: Callable[[socket.socket], None]) -> Measured:
-    """``action`` on a connection of its own while another session PINGs and the
-    engine's loop is probed."""
-    measured = Measured()
-    stop = threading.Event()
-
-    def ping() -> None:
-        with proxy.connect() as other:
-            while not stop.is_set():
-                started = time.monotonic()
-                other.sendall(b"PING\r\n")
-                assert read_exactly(other, 7) == b"+PONG\r\n"
-                measured.pings.append(time.monotonic() - started)
-                time.sleep(0.01)
-
-    pinger = threading.Thread(target=ping)
-    pinger.start()
-    try:
-        while not measured.pings and pinger.is_alive():
-            time.sleep(0.01)
-        with proxy.connect() as sock, proxy.probe() as probe:
-            started = time.monotonic()
-            action(sock)
-            measured.took = time.monotonic() - started
-        time.sleep(0.1)
-    finally:
-        stop.set()
-        pinger.join()
-    measured.stalls = probe.stalls
-    return measured
+    return measure_loop(proxy.connect, proxy.probe, action)
 
 
 def bulk(data: bytes) -> bytes:

@@ -10,6 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
@@ -168,3 +169,70 @@ class LoopProbe:
     def quantile(values: list[float], q: float) -> float:
         ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def read_exactly(sock: socket.socket, size: int) -> bytes:
+    """``size`` bytes from a blocking socket (EOFError if it ends before)."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:], min(size - got, 1 << 20))
+        if not n:
+            raise EOFError(f"connection closed after {got} of {size} bytes")
+        got += n
+    return bytes(buf)
+
+
+@dataclass
+class Measured:
+    """What :func:`measure` saw: the action's wall time, the engine loop's stalls
+    (:class:`LoopProbe`), and another session's PING round trips meanwhile."""
+
+    took: float = 0.0
+    stalls: list[float] = field(default_factory=list)
+    pings: list[float] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        pings = sorted(self.pings)
+        return (
+            f"took {self.took:.3f} s; engine loop stall max {max(self.stalls) * 1000:.1f} ms; "
+            f"other session's PING max {pings[-1] * 1000:.1f} ms, median "
+            f"{pings[len(pings) // 2] * 1000:.1f} ms"
+        )
+
+
+def measure(
+    connect: Callable[[], socket.socket],
+    probe: Callable[[], LoopProbe],
+    action: Callable[[socket.socket], None],
+) -> Measured:
+    """``action`` on a connection of its own (``connect``) while another session PINGs
+    every 10 ms and the engine's loop is probed."""
+    measured = Measured()
+    stop = threading.Event()
+
+    def ping() -> None:
+        with connect() as other:
+            while not stop.is_set():
+                started = time.monotonic()
+                other.sendall(b"PING\r\n")
+                assert read_exactly(other, 7) == b"+PONG\r\n"
+                measured.pings.append(time.monotonic() - started)
+                time.sleep(0.01)
+
+    pinger = threading.Thread(target=ping)
+    pinger.start()
+    try:
+        while not measured.pings and pinger.is_alive():
+            time.sleep(0.01)
+        with connect() as sock, probe() as probing:
+            started = time.monotonic()
+            action(sock)
+            measured.took = time.monotonic() - started
+        time.sleep(0.1)
+    finally:
+        stop.set()
+        pinger.join()
+    measured.stalls = probing.stalls
+    return measured

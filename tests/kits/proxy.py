@@ -24,6 +24,7 @@ from dbservice.engine.proxy import (
 )
 from dbservice.engine.proxy.testing import LoopbackProxy
 from sandbox.valkeynode import ValkeyNode
+from tests.kits.cluster import LoopProbe
 
 
 def valkey_cli() -> Path:
@@ -132,6 +133,14 @@ class ThreadedProxy:
             self.port = proxy.port
             self._ready.set()
             await self._stop.wait()
+
+    def probe(self, interval: float = 0.002) -> LoopProbe:
+        """``with proxy.probe() as probe:`` measures the engine's event loop meanwhile."""
+        assert self._loop is not None
+        return LoopProbe(self._loop, interval)
+
+    def connect(self, timeout: float = 60) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
 
     def finished(self, count: int, limit: float = 5.0) -> list[Any]:
         """The stats of ``count`` ended sessions (waits for them)."""
