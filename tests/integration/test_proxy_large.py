@@ -4,6 +4,8 @@ works through it (interactive-style commands and ``--pipe`` mass insertion)."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +17,7 @@ import pytest
 
 from sandbox.valkeynode import ValkeyNode
 from tests.kits import proxy as proxykit
+from tests.kits.probe import measure, read_exactly
 from tests.kits.proxy import ThreadedProxy, cmd, valkey_cli
 
 node, proxy = proxykit.node, proxykit.proxy  # the kit's fixtures, used by name
@@ -39,6 +42,37 @@ CLIENT = textwrap.dedent(
     print("ok")
     """
 )
+
+
+def test_a_large_value_or_reply_does_not_stall_other_sessions(proxy: ThreadedProxy) -> None:
+    """The engine streams: it passes a read on as it comes (at most ``read_size``
+    bytes), so a 64 MB SET, GET or transaction never holds its event loop for long. The
+    stall is the CPU the engine's loop spent while a probe tick was late (see
+    ``LoopProbe``), not the time this loaded machine ran something else."""
+    value = os.urandom(64 * MiB)
+    reply = b"$%d\r\n%s\r\n" % (len(value), value)
+    steps = {
+        "SET": (cmd("SET", "big", value), b"+OK\r\n"),
+        "GET": (cmd("GET", "big"), reply),
+        "MULTI/SET/EXEC": (
+            cmd("MULTI") + cmd("SET", "tx", value) + cmd("EXEC"),
+            b"+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n",
+        ),
+        "MULTI/GET/EXEC": (
+            cmd("MULTI") + cmd("GET", "tx") + cmd("EXEC"),
+            b"+OK\r\n+QUEUED\r\n*1\r\n" + reply,
+        ),
+    }
+    for name, (command, expected) in steps.items():
+
+        def run(sock: socket.socket, command: bytes = command, expected: bytes = expected) -> None:
+            sock.sendall(command)
+            assert read_exactly(sock, len(expected)) == expected
+
+        measured = measure(proxy.connect, proxy.probe, run)
+        print(name, measured)
+        assert max(measured.stalls) < 0.05, (name, measured)
+        assert max(measured.pings) < 3.0, (name, measured)
 
 
 @pytest.mark.slow

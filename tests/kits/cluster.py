@@ -4,12 +4,12 @@ engine's kit runs it (:class:`tests.kits.proxy.ThreadedServer`)."""
 
 from __future__ import annotations
 
-import asyncio
+import socket
 import ssl
-import threading
-import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from pathlib import Path
+
+import redis
 
 from dbservice.engine.cluster.testing import LoopbackCluster
 from dbservice.engine.proxy import PassThroughHooks, ProxyLimits, SessionHooks
@@ -19,7 +19,9 @@ from tests.kits.proxy import ThreadedServer
 
 
 class ClusterProxy(ThreadedServer[LoopbackCluster]):
-    """``with ClusterProxy(standin) as proxy:`` the engine on ``proxy.port``."""
+    """``with ClusterProxy(standin) as proxy:`` the engine on ``proxy.port``; with
+    ``client_tls`` its clients connect with TLS as they do to the agent
+    (:meth:`connect`, :meth:`client`), by a certificate of the stand-in's CA."""
 
     thread_name = "cluster-proxy"
 
@@ -30,64 +32,40 @@ class ClusterProxy(ThreadedServer[LoopbackCluster]):
         hooks: Callable[[], SessionHooks] = PassThroughHooks,
         limits: ProxyLimits | None = None,
         buffers: CommandBuffers | None = None,
+        client_tls: bool = False,
     ) -> None:
         super().__init__()
         self.standin = standin
+        self.client_tls = client_tls
         self.hooks = hooks
         self.limits = limits
         self.buffers = buffers
 
     def _server(self) -> LoopbackCluster:
         tls = ssl.create_default_context(cafile=str(self.standin.ca_file))
+        client_tls = None
+        if self.client_tls:
+            ca = self.standin.standin.ca
+            directory = Path(self.standin.standin.config.dir) / "engine-tls"
+            client_tls = ca.server_context(ca.issue_server_cert(), directory)
         return LoopbackCluster(
             self.standin.endpoint,
             tls=tls,
             hooks=self.hooks,
             limits=self.limits,
             buffers=self.buffers,
+            client_tls=client_tls,
         )
 
-    def probe(self, interval: float = 0.002) -> LoopProbe:
-        """``with proxy.probe() as probe:`` measures the engine's event loop meanwhile."""
-        assert self._loop is not None
-        return LoopProbe(self._loop, interval)
+    def client(self, protocol: int = 2, **kwargs: object) -> redis.Redis:
+        if self.client_tls:
+            kwargs = {"ssl": True, "ssl_ca_certs": str(self.standin.ca_file), **kwargs}
+        return super().client(protocol, **kwargs)
 
-
-class LoopProbe:
-    """How long an event loop is kept from its other work: a task on the loop wakes every
-    ``interval`` seconds and records, per wake-up, ``lag`` (wall seconds late) and
-    ``stall`` (of that lag, the CPU time the loop's own thread spent meanwhile: a
-    callback that held the loop, not the machine running something else, as other
-    engineers' tests on a loaded machine do)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
-        self.loop = loop
-        self.interval = interval
-        self.lags: list[float] = []
-        self.stalls: list[float] = []
-        self._stop = threading.Event()
-        self._future: Future[None] | None = None
-
-    async def _run(self) -> None:
-        while not self._stop.is_set():
-            wall, cpu = time.perf_counter(), time.thread_time()
-            await asyncio.sleep(self.interval)
-            lag = time.perf_counter() - wall - self.interval
-            self.lags.append(lag)
-            self.stalls.append(max(0.0, min(lag, time.thread_time() - cpu)))
-
-    def __enter__(self) -> LoopProbe:
-        self._future = asyncio.run_coroutine_threadsafe(self._run(), self.loop)
-        while not self.lags:
-            time.sleep(0.001)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        assert self._future is not None
-        self._future.result(10)
-
-    @staticmethod
-    def quantile(values: list[float], q: float) -> float:
-        ordered = sorted(values)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    def connect(self, timeout: float = 60) -> socket.socket:
+        """A raw connection to the engine (TLS with ``client_tls``)."""
+        sock = super().connect(timeout)
+        if not self.client_tls:
+            return sock
+        context = ssl.create_default_context(cafile=str(self.standin.ca_file))
+        return context.wrap_socket(sock, server_hostname="localhost")

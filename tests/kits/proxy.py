@@ -29,6 +29,7 @@ from dbservice.engine.proxy import (
 from dbservice.engine.proxy.testing import LoopbackProxy, LoopbackServer
 from fleetgate.resp import encode_command
 from sandbox.valkeynode import ValkeyNode
+from tests.kits.probe import LoopProbe
 
 
 def valkey_cli() -> Path:
@@ -134,6 +135,15 @@ class ThreadedServer(Generic[S]):
             self.port = proxy.port
             self._ready.set()
             await self._stop.wait()
+
+    def probe(self, interval: float = 0.002) -> LoopProbe:
+        """``with proxy.probe() as probe:`` measures the engine's event loop meanwhile."""
+        assert self._loop is not None
+        return LoopProbe(self._loop, interval)
+
+    def connect(self, timeout: float = 60) -> socket.socket:
+        """A raw connection to the engine."""
+        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
 
     def client(self, protocol: int = 2, **kwargs: object) -> redis.Redis:
         """A redis-py client of the engine."""

@@ -191,6 +191,18 @@ class Link:
         if self._drain is not None and not self.congested:
             self._wake_drained()
 
+    def hold_reading(self, held: bool) -> None:
+        """Stop reading the node's replies (``held``), or go on: the session's client
+        does not take what it was sent, so the node keeps the rest meanwhile."""
+        transport = self._transport
+        if transport is not None:
+            with contextlib.suppress(AttributeError, RuntimeError):
+                reading = cast(asyncio.ReadTransport, transport)
+                if held:
+                    reading.pause_reading()
+                else:
+                    reading.resume_reading()
+
     def _pause(self) -> None:
         self._paused = True
 

@@ -481,48 +481,111 @@ class CommandReader:
 
 class FrameReader:
     """Whole replies out of the bytes a server sends (each as sent), as many as each
-    read holds; a reply still arriving is kept in pieces until complete."""
+    read holds. A reply still arriving is copied once, as each read brings it, into a
+    buffer of its own, and the reading goes on where it stopped: no reply is parsed
+    again from its start or joined once complete, so a large reply (a 64 MB value, or
+    an array of many elements) costs one copy spread over its reads, and ``getvalue``
+    hands it on as ``bytes`` without another (CPython does not copy it again)."""
+
+    __slots__ = ("_body", "_left", "_limits", "_line", "_line_size", "_skip", "_stack", "_stop")
 
     def __init__(self, limits: ProxyLimits) -> None:
         self._limits = limits
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self._need = 0
+        self._body: io.BytesIO | None = None
+        """The reply still arriving, so far (None between replies)."""
+        self._skip = 0
+        """Bytes of a bulk payload (and its CRLF) it still needs, before the next line."""
+        self._left = 0
+        self._stack: list[int] = []
+        """Where reading it stopped: frames still to read at this level, and above."""
+        self._line: list[bytes] = []
+        """A line of it that is still arriving (kept apart until its CRLF is here)."""
+        self._line_size = 0
+        self._stop = 0
+        """Where :meth:`_scan` stopped in the buffer it was given."""
 
     def feed(self, data: bytes) -> list[bytes]:
-        self._chunks.append(data)
-        self._size += len(data)
-        if self._size < self._need:
-            return []
-        buf = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
         out: list[bytes] = []
-        n, p = len(buf), 0
-        self._need = 0
-        while p < n:
-            end = self._frame_end(buf, p, n)
+        p = 0
+        body = self._body
+        if body is not None:
+            if self._line:
+                joined = self._line_ended(data)
+                if joined is None:
+                    return out
+                data = joined
+            n = len(data)
+            skip = self._skip
+            if skip:
+                if skip > n:  # all of it is payload
+                    body.write(data)
+                    self._skip = skip - n
+                    return out
+                body.write(memoryview(data)[:skip] if skip < n else data)
+                p = skip
+                self._skip = 0
+            end = self._scan(data, p, n, self._left, self._stack)
             if end < 0:
-                break
-            out.append(buf[p:end])
+                self._keep(body, data, p, n)
+                return out
+            body.write(memoryview(data)[p:end])
+            out.append(body.getvalue())
+            self._body = None
             p = end
-        rest = buf[p:]
-        self._chunks = [rest] if rest else []
-        self._size = len(rest)
+        n = len(data)
+        while p < n:
+            end = self._scan(data, p, n, 1, [])
+            if end < 0:
+                body = self._body = io.BytesIO()
+                self._keep(body, data, p, n)
+                break
+            out.append(data[p:end])
+            p = end
         return out
 
-    def _frame_end(self, buf: bytes, p: int, n: int) -> int:
-        """Where the reply starting at ``p`` ends; -1 when it is not all here."""
-        start = p
-        left = 1  # frames still to read at this level and above, flattened
-        stack: list[int] = []
-        limits = self._limits
-        while left:
+    def _keep(self, body: io.BytesIO, data: bytes, p: int, n: int) -> None:
+        """What ``data[p:n]`` holds of the reply still arriving: up to where
+        :meth:`_scan` stopped into ``body``, the line after that apart."""
+        stop = self._stop
+        if stop > p:
+            body.write(memoryview(data)[p:stop] if stop - p < len(data) else data)
+        if stop < n:
+            line = data[stop:n]
+            self._line, self._line_size = [line], len(line)
+
+    def _line_ended(self, data: bytes) -> bytes | None:
+        """The line still arriving and ``data`` in one buffer once its CRLF is here
+        (None meanwhile: ``data`` is kept with it)."""
+        line = self._line
+        if data.find(b"\r\n") < 0 and not (data[:1] == b"\n" and line[-1][-1:] == b"\r"):
+            line.append(data)
+            self._line_size += len(data)
+            if self._line_size > self._limits.max_reply_line:
+                raise UpstreamProtocolError("reply line too long")
+            return None
+        line.append(data)
+        joined = b"".join(line)
+        self._line, self._line_size = [], 0
+        return joined
+
+    def _scan(self, buf: bytes, p: int, n: int, left: int, stack: list[int]) -> int:
+        """Where the reply read from ``p`` on ends, with ``left`` frames still to read
+        at its current level and ``stack`` above; -1 when it is not all here, with
+        where the reading stopped kept for the next read."""
+        while True:
+            while not left:
+                if not stack:
+                    return p
+                left = stack.pop()
             if p >= n:
+                self._stopped(n, 0, left, stack)
                 return -1
             t = buf[p]
             e = buf.find(b"\r\n", p + 1)
             if e < 0:
-                if n - p > limits.max_reply_line:
+                if n - p > self._limits.max_reply_line:
                     raise UpstreamProtocolError("reply line too long")
+                self._stopped(p, 0, left, stack)
                 return -1
             left -= 1
             if t in _LINE_TYPES:
@@ -531,7 +594,7 @@ class FrameReader:
                 size = _int(buf[p + 1 : e], False, "bulk length")
                 end = e + 2 + size + 2 if size >= 0 else e + 2
                 if end > n:
-                    self._need = end - start
+                    self._stopped(n, end - n, left, stack)
                     return -1
                 p = end
             elif t in _AGG_TYPES or t == 37:
@@ -546,6 +609,6 @@ class FrameReader:
                     left = count
             else:
                 raise UpstreamProtocolError(f"unexpected reply type {chr(t)!r}")
-            while not left and stack:
-                left = stack.pop()
-        return p
+
+    def _stopped(self, stop: int, skip: int, left: int, stack: list[int]) -> None:
+        self._stop, self._skip, self._left, self._stack = stop, skip, left, stack

@@ -45,7 +45,8 @@ from fleetgate.aio import set_nodelay
 from .commands import NOT_HERE, Handler
 from .entries import END, Entry, Forward, Local, Request, retrieve
 from .keyspecs import CommandTable
-from .link import Dial, Link, LinkError
+from .link import SLICE, Dial, Link, LinkError
+from .output import ClientOutput
 from .pubsub import PubSub
 from .redirects import BACKOFF, MAX_REDIRECTS
 from .resp import CommandReader, Payload, encode_command, error, error_of, prefixed, read_frame
@@ -145,6 +146,8 @@ class ClusterSession:
         self._pubsub = PubSub(self)
         self._out: list[bytes] = []
         self._out_size = 0
+        self._output = ClientOutput(self._client_writer)
+        """Where replies and pushes go to the client, in order (a large one in slices)."""
         self._congested: list[Link] = []
         """Links holding more than ``write_high_water`` bytes not yet written: the reader
         waits for them before reading more (back-pressure from a slow node)."""
@@ -192,6 +195,7 @@ class ClusterSession:
             for task in (reader, writer, idle):
                 task.cancel()
             await asyncio.gather(reader, writer, idle, return_exceptions=True)
+            await self._output.aclose()
             self._hold_bytes(0)
             try:
                 await self.aclose()
@@ -428,6 +432,7 @@ class ClusterSession:
             entry = entries.popleft() if entries and self._room.is_set() else await self._next()
             if entry is END:
                 self._flush_client()
+                await self._output.drained()
                 return
             future = entry.request.future if type(entry) is Forward else None
             if (
@@ -452,11 +457,17 @@ class ClusterSession:
                 self._awaiting = None
             if reply:
                 stats.bytes_to_client += len(reply)
-                out.append(reply)
-                self._out_size += len(reply)
-                if self._out_size > high:
+                if len(reply) > SLICE:  # a large reply: never joined, written in slices
                     self._flush_client()
-                    await writer.drain()
+                    self._output.write(reply)
+                    await self._wait_output()
+                else:
+                    out.append(reply)
+                    self._out_size += len(reply)
+                    if self._out_size > high:
+                        self._flush_client()
+                        await self._wait_output()
+                        await writer.drain()
             if entry.counted:
                 stats.replies += 1
                 hooks.on_reply(entry.name, reply[:1] in (b"-", b"!"))
@@ -466,6 +477,7 @@ class ClusterSession:
             if entry.close:
                 self._flush_client()
                 with contextlib.suppress(OSError):
+                    await self._output.drained()
                     await writer.drain()
                 return
 
@@ -473,9 +485,25 @@ class ClusterSession:
         """Replies ready together leave in one write."""
         out = self._out
         if out:
-            self._client_writer.write(out[0] if len(out) == 1 else b"".join(out))
+            self._output.write(out[0] if len(out) == 1 else b"".join(out))
             out.clear()
             self._out_size = 0
+
+    async def _wait_output(self) -> None:
+        """Wait until at most ``write_high_water`` bytes wait for the client. The links
+        read no replies meanwhile: a client that does not take its replies makes the
+        nodes keep them, not the agent."""
+        output, high = self._output, self._limits.write_high_water
+        if output.queued <= high:
+            return
+        links = {id(link): link for link in (self._seed, *self._links.values())}.values()
+        for link in links:
+            link.hold_reading(True)
+        try:
+            await output.drained(high)
+        finally:
+            for link in links:
+                link.hold_reading(False)
 
     def push(self, frame: bytes) -> None:
         """A message for the client outside the reply order (pub/sub), after the
@@ -483,7 +511,7 @@ class ClusterSession:
         self.stats.pushes += 1
         self.stats.bytes_to_client += len(frame)
         self._flush_client()
-        self._client_writer.write(frame)
+        self._output.write(frame)
 
     # -- links ----------------------------------------------------------------------------
 

@@ -35,8 +35,11 @@ class LoopbackCluster(LoopbackServer):
         timeouts: ProxyTimeouts | None = None,
         host: str = "127.0.0.1",
         buffers: CommandBuffers | None = None,
+        client_tls: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(hooks=hooks, limits=limits, timeouts=timeouts, host=host)
+        super().__init__(
+            hooks=hooks, limits=limits, timeouts=timeouts, host=host, client_tls=client_tls
+        )
         self.buffers = buffers or CommandBuffers(self.limits.max_command_buffer)
         """What the sessions hold of commands still arriving, all together."""
         self.endpoint = endpoint

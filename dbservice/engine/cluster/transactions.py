@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Final
 from .entries import Entry, Forward, Local, retrieve
 from .link import LinkError
 from .redirects import BACKOFF, MAX_REDIRECTS, follow_moved, parse_address
-from .resp import OK, encode_command, error
+from .resp import LARGE_ARGUMENT, OK, Payload, encode_command, encode_payload, error, prefixed
 from .slots import key_slot
 from .topology import Address
 
@@ -198,7 +198,7 @@ async def run(session: ClusterSession, tx: Transaction) -> bytes:
     a client's optimistic-locking loop retries."""
     watched = session._watch
     address = watched or (session._owner(tx.slot) if tx.slot is not None else session._home())
-    body = _MULTI + b"".join(encode_command(c) for c in tx.commands) + _EXEC
+    body = _body(tx.commands)
     # a WATCH that followed ASK ran at the importing node: so does its transaction
     slot = session._watch_slot
     asking = watched is not None and slot is not None and session._owner(slot) != watched
@@ -207,7 +207,7 @@ async def run(session: ClusterSession, tx: Transaction) -> bytes:
         link = session.link(address)
         try:
             if asking:
-                ask, *futures = link.send(_ASKING + body, len(tx.commands) + 3)
+                ask, *futures = link.send(prefixed(_ASKING, body), len(tx.commands) + 3)
                 ask.add_done_callback(retrieve)
             else:
                 futures = link.send(body, len(tx.commands) + 2)
@@ -242,6 +242,32 @@ async def run(session: ClusterSession, tx: Transaction) -> bytes:
                 address = session._owner(tx.slot) if tx.slot is not None else session._home()
         else:
             return _gave_up(reply, code, tx.slot)
+
+
+def _body(commands: list[Sequence[bytes]]) -> Payload:
+    """``MULTI``, the commands and ``EXEC`` as they go to the node: the small parts
+    joined, a large argument a piece of its own (joining would copy it whole on the
+    event loop)."""
+    pieces: list[bytes] = []
+    small = [_MULTI]
+    for command in commands:
+        payload = encode_payload(command)
+        if isinstance(payload, bytes):
+            small.append(payload)
+            continue
+        for piece in payload:
+            if len(piece) < LARGE_ARGUMENT:
+                small.append(piece)
+            else:
+                if small:
+                    pieces.append(b"".join(small))
+                pieces.append(piece)
+                small = []
+    small.append(_EXEC)
+    if not pieces:
+        return b"".join(small)
+    pieces.append(b"".join(small))
+    return tuple(pieces)
 
 
 def _redirect(frame: bytes) -> tuple[str, Address | None] | None:

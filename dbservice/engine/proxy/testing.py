@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Self
@@ -23,7 +24,8 @@ logger = logging.getLogger(__name__)
 class LoopbackServer:
     """Listens on ``host:port`` (``port`` set once started) and runs :meth:`serve` for
     each connection as a task of its own; :meth:`aclose` stops listening and cancels
-    the running sessions. Subclasses implement :meth:`serve`."""
+    the running sessions. Subclasses implement :meth:`serve`. With ``client_tls`` the
+    clients connect with TLS, as they do to the agent."""
 
     def __init__(
         self,
@@ -33,7 +35,9 @@ class LoopbackServer:
         timeouts: ProxyTimeouts | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        client_tls: ssl.SSLContext | None = None,
     ) -> None:
+        self.client_tls = client_tls
         self.hooks = hooks
         self.limits = limits or ProxyLimits()
         self.timeouts = timeouts or ProxyTimeouts()
@@ -49,7 +53,7 @@ class LoopbackServer:
 
     async def __aenter__(self) -> Self:
         self._server = await asyncio.start_server(
-            self._accept, self.host, self.port, limit=self.limits.read_size
+            self._accept, self.host, self.port, limit=self.limits.read_size, ssl=self.client_tls
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
