@@ -10,6 +10,8 @@ RESET goes to every open connection of the session, each followed by the agent's
 as the db user (:meth:`~dbservice.engine.proxy.SessionHooks.on_reset`), and nothing more is
 planned until all of them have answered: the session is never ``default``, not even
 for one command. A login refused ends the session.
+
+What the client set up this way is a :class:`ClientSetup`, the session's ``setup``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dbservice.engine.proxy.commands import parse_hello
 from dbservice.engine.proxy.errors import error_reply
 
 from . import transactions
-from .entries import Entry, Forward, Local, Request, chain, retrieve
+from .entries import Entry, Forward, Local, chain, retrieve
 from .link import Link, LinkError
 from .resp import encode_command, error_of
 
@@ -36,8 +38,44 @@ _RESET: Final = encode_command([b"RESET"])
 _RESET_OK: Final = b"+RESET\r\n"
 
 
+class ClientSetup:
+    """What the client set on its connection, made the same on every connection the
+    session opens later: its last ``AUTH`` the server accepted, its protocol and its
+    name."""
+
+    __slots__ = ("creds", "name", "proto", "resp3")
+
+    def __init__(self) -> None:
+        self.proto = 2
+        """The protocol the client asked for (its last ``HELLO`` sent)."""
+        self.resp3 = False
+        """The protocol the server confirmed: RESP3 replies."""
+        self.creds: list[bytes] | None = None
+        """The client's last ``AUTH`` the server accepted (replayed on new links)."""
+        self.name: bytes | None = None
+
+    def replay(self, *, logged_in: bool) -> list[list[bytes]]:
+        """The commands that make a new connection the same, after the agent's login
+        (``logged_in``: the login strategy already authenticated it)."""
+        commands = []
+        if not logged_in and self.creds is not None:
+            commands.append(self.creds)
+        if self.proto == 3:
+            commands.append([b"HELLO", b"3"])
+        if self.name:
+            commands.append([b"CLIENT", b"SETNAME", self.name])
+        return commands
+
+    def reset(self, *, keep_creds: bool) -> None:
+        """``RESET``: RESP2, no name; the credentials go unless the agent logs in again
+        with its own (``keep_creds``)."""
+        self.proto, self.resp3, self.name = 2, False, None
+        if not keep_creds:
+            self.creds = None
+
+
 def login_command(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
-    hooks = session._hooks
+    hooks = session.hooks
     verdict = hooks.on_command(name, len(args), args)
     if verdict is not None:
         session.stats.refused += 1
@@ -59,9 +97,10 @@ def login_command(session: ClusterSession, name: str, args: list[bytes]) -> Entr
     command = list(action.replacement or args)
     sent = parse_hello(command)
     creds = None
+    setup = session.setup
     if sent is not None:
         if sent.protover is not None:
-            session._proto = sent.protover
+            setup.proto = sent.protover
         if sent.username is not None and sent.password is not None:
             creds = [b"AUTH", sent.username, sent.password]
     entry = _to_seed(session, name, command, creds)
@@ -71,9 +110,9 @@ def login_command(session: ClusterSession, name: str, args: list[bytes]) -> Entr
     def done(frame: bytes) -> bytes:
         if error_of(frame) is None:
             if protover is not None:
-                session.resp3 = protover == 3
+                setup.resp3 = protover == 3
             if setname is not None:
-                session._name = setname
+                setup.name = setname
         return frame
 
     assert isinstance(entry, Forward)
@@ -85,18 +124,17 @@ def _to_seed(
     session: ClusterSession, name: str, command: list[bytes], creds: list[bytes] | None
 ) -> Entry:
     """AUTH / HELLO: answered by the seed connection, also sent to every open link."""
-    request = Request(command, None, session._seed.address)
-    session._send(request)
+    request = session.request(command, None, session.seed_address)
     if creds is not None or name == "HELLO":
-        for link in list(session._links.values()):
-            if link is not session._seed and link.failed is None and not link.closed:
-                with contextlib.suppress(LinkError):
-                    for future in link.send(request.payload):
-                        future.add_done_callback(retrieve)
+        for link in session.open_links(with_seed=False):
+            with contextlib.suppress(LinkError):
+                for future in link.send(request.payload):
+                    future.add_done_callback(retrieve)
+    setup = session.setup
 
     def confirm(frame: bytes) -> bytes:
         if creds is not None and error_of(frame) is None:
-            session._creds = creds
+            setup.creds = creds
         return frame
 
     return Forward(name, request, confirm)
@@ -104,29 +142,23 @@ def _to_seed(
 
 async def reset(session: ClusterSession, name: str) -> Entry:
     """``RESET`` (no arguments) on every open connection, each logged in again."""
-    hold = session._hooks.on_reset()
+    hold = session.hooks.on_reset()
     try:
         command = await hold if hold is not None else None
         login = list(command) if command is not None else None
     except Exception as exc:
         logger.warning("cannot log a cluster session in again after RESET: %s", exc)
         return Local(name, error_reply(f"fleetgate: {exc}"), close=True)
-    session._multi, session._multi_failed, session._multi_slot = None, False, None
+    session.transaction.clear()
     transactions.unwatch(session)
-    session._pubsub.reset()
-    session._proto, session.resp3, session._name = 2, False, None
-    if login is None:
-        session._creds = None
+    session.pubsub.reset()
+    session.setup.reset(keep_creds=login is not None)
     payload = _RESET + (encode_command(login) if login else b"")
-    seed = session._live_seed()
-    links: dict[int, Link] = {id(seed): seed}
-    for link in session._links.values():
-        links.setdefault(id(link), link)
+    seed = session.live_seed()
     sent: list[tuple[Link, list[asyncio.Future[bytes]]]] = []
-    for link in links.values():
-        if link.failed is None and not link.closed and not link.pubsub:
-            with contextlib.suppress(LinkError):
-                sent.append((link, link.send(payload, 2 if login else 1)))
+    for link in session.open_links(with_seed=True):
+        with contextlib.suppress(LinkError):
+            sent.append((link, link.send(payload, 2 if login else 1)))
     reply = _RESET_OK
     for link, futures in sent:
         results = await asyncio.gather(*futures, return_exceptions=True)

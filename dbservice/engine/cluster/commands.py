@@ -31,14 +31,14 @@ def everywhere(
     combine: Callable[[list[bytes]], bytes],
 ) -> Entry:
     """The command to every primary, the replies combined into one."""
-    assert session._topology is not None
-    primaries = [node.address for node in session._topology.primaries]
-    return Fan(name, [session._request(args, None, a) for a in primaries], combine)
+    assert session.topology is not None
+    primaries = [node.address for node in session.topology.primaries]
+    return Fan(name, [session.request(args, None, a) for a in primaries], combine)
 
 
 def _dbsize(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
     if len(args) != 1:
-        return Forward(name, session._request(args, None))
+        return Forward(name, session.request(args, None))
     return everywhere(session, name, args, merge.total)
 
 
@@ -51,23 +51,23 @@ def _flush(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
 
 
 def _randomkey(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
-    assert session._topology is not None
-    primaries = [node.address for node in session._topology.primaries]
+    assert session.topology is not None
+    primaries = [node.address for node in session.topology.primaries]
     random.shuffle(primaries)
-    return Fan(name, [session._request(args, None, a) for a in primaries], merge.random_key)
+    return Fan(name, [session.request(args, None, a) for a in primaries], merge.random_key)
 
 
 def _scan(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
-    assert session._topology is not None
+    assert session.topology is not None
     if len(args) < 2:
-        return Forward(name, session._request(args, None))
-    primaries = [node.address for node in session._topology.primaries]
+        return Forward(name, session.request(args, None))
+    primaries = [node.address for node in session.topology.primaries]
     where = merge.scan_cursor(args[1], len(primaries))
     if where is None:
         return Local(name, error("ERR invalid cursor"))
     index, position = where
     sub = [args[0], b"%d" % position, *args[2:]]
-    request = session._request(sub, None, primaries[index])
+    request = session.request(sub, None, primaries[index])
     count = len(primaries)
     return Forward(
         name, request, lambda frame: merge.scan_reply(frame, index, count, session.resp3)
@@ -82,7 +82,7 @@ def _script(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
         return everywhere(session, name, args, lambda frames: merge.all_true(frames, session.resp3))
     if sub in (b"KILL", b"DEBUG"):
         return Local(name, error(f"ERR SCRIPT {sub.decode()} runs on one node: {NOT_HERE}"))
-    return Forward(name, session._request(args, None))
+    return Forward(name, session.request(args, None))
 
 
 def _function(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
@@ -91,27 +91,26 @@ def _function(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
         return everywhere(session, name, args, merge.first)
     if sub in (b"KILL", b"STATS"):
         return Local(name, error(f"ERR FUNCTION {sub.decode()} runs on one node: {NOT_HERE}"))
-    return Forward(name, session._request(args, None))
+    return Forward(name, session.request(args, None))
 
 
 def _info(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
-    assert session._topology is not None
-    count = len(session._topology.primaries)
+    assert session.topology is not None
+    count = len(session.topology.primaries)
     return everywhere(session, name, args, lambda frames: merge.info(frames, count))
 
 
 def _cluster(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
-    assert session._topology is not None
+    topology = session.topology
+    assert topology is not None
     sub = args[1].upper() if len(args) > 1 else b""
-    topology, nid = session._topology, merge.node_id(session._database)
-    sock = session._client_writer.get_extra_info("sockname") or ("", 0)
-    port = session._client_port or (int(sock[1]) if len(sock) > 1 else 0)
-    address: Address = ("", port)
+    nid = merge.node_id(session.database)
+    address: Address = ("", session.client_port())
     resp3 = session.resp3
     if sub == b"INFO":
         return Forward(
             name,
-            session._request(args, None),
+            session.request(args, None),
             lambda frame: merge.cluster_info(frame, topology),
         )
     if sub == b"SLOTS":
@@ -130,37 +129,37 @@ def _cluster(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
         except ValueError:
             slot = -1
         if 0 <= slot < 16384:
-            return Forward(name, session._request(args, slot))
+            return Forward(name, session.request(args, slot))
     if sub == b"HELP":
-        return Forward(name, session._request(args, None))
+        return Forward(name, session.request(args, None))
     return Local(name, error(f"ERR CLUSTER {sub.decode('latin-1')} is per node: {NOT_HERE}"))
 
 
 def _client(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
     sub = args[1].upper() if len(args) > 1 else b""
     if sub == b"SETNAME" and len(args) == 3:
-        request = session._request(args, None)
+        request = session.request(args, None)
         _broadcast(session, request.payload, skip=request.address)
-        value = args[2]
+        value, setup = args[2], session.setup
 
         def named(frame: bytes) -> bytes:
             if error_of(frame) is None:
-                session._name = value or None
+                setup.name = value or None
             return frame
 
         return Forward(name, request, named)
     if sub == b"GETNAME" and len(args) == 2:
-        return Local(name, encode_value(session._name, session.resp3))
+        return Local(name, encode_value(session.setup.name, session.resp3))
     if sub == b"ID" and len(args) == 2:
-        return Local(name, b":%d\r\n" % session._client_id)
+        return Local(name, b":%d\r\n" % session.client_id)
     if sub == b"SETINFO":
         return Local(name, OK)
     if sub in (b"NO-EVICT", b"NO-TOUCH"):
-        request = session._request(args, None)
+        request = session.request(args, None)
         _broadcast(session, request.payload, skip=request.address)
         return Forward(name, request)
     if sub in (b"INFO", b"LIST", b"HELP", b"TRACKINGINFO", b"GETREDIR"):
-        return Forward(name, session._request(args, None))
+        return Forward(name, session.request(args, None))
     return Local(
         name,
         error(f"ERR CLIENT {sub.decode('latin-1')} is not supported in cluster mode: {NOT_HERE}"),
@@ -169,8 +168,8 @@ def _client(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
 
 def _broadcast(session: ClusterSession, payload: Payload, *, skip: Address) -> None:
     """Also to every other open shard connection, their replies dropped."""
-    for address, link in list(session._links.items()):
-        if address != skip and link is not session._seed and link.failed is None:
+    for link in session.open_links(with_seed=False):
+        if link.address != skip:
             with contextlib.suppress(LinkError):
                 for future in link.send(payload):
                     future.add_done_callback(retrieve)
@@ -192,8 +191,8 @@ def _refuse(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
 
 
 def _wait(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
-    address = session._last or session._home()
-    return Forward(name, session._request(args, None, address))
+    address = session.last or session.home()
+    return Forward(name, session.request(args, None, address))
 
 
 def _quit(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
@@ -201,15 +200,15 @@ def _quit(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
 
 
 def _ping(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
-    if session._pubsub.active:
-        return session._pubsub.ping(name, args)
-    return Forward(name, session._request(args, None))
+    if session.pubsub.active:
+        return session.pubsub.ping(name, args)
+    return Forward(name, session.request(args, None))
 
 
 def _subscribe(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
-    if session._multi is not None:
+    if session.transaction.queued is not None:
         return Local(name, error(f"ERR {name} inside MULTI is not supported through the proxy"))
-    return session._pubsub.command(name, args)
+    return session.pubsub.command(name, args)
 
 
 Handler = Callable[["ClusterSession", str, list[bytes]], Entry]

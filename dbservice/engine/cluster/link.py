@@ -250,7 +250,7 @@ class Link:
         frame reader and the futures, with no task to wake."""
         assert self._writer is not None
         transport = self._writer.transport
-        protocol = _Replies(self, FrameReader(self._limits))
+        protocol = _Replies(FrameReader(self._limits), self._frames, self._pause, self._resume)
         buffered = take_buffered(reader)
         at_eof = reader.at_eof()
         transport.set_protocol(protocol)
@@ -303,24 +303,27 @@ class Link:
 
 
 class _Replies(asyncio.Protocol):
-    """The link's protocol once its connection is ready: bytes in, futures resolved."""
+    """The link's protocol once its connection is ready: bytes in, futures resolved
+    (``received`` takes the whole frames; ``pause``/``resume`` follow the write buffer)."""
 
-    def __init__(self, link: Link, frames: FrameReader) -> None:
-        self.link = link
+    def __init__(
+        self,
+        frames: FrameReader,
+        received: Callable[[list[bytes]], None],
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+    ) -> None:
         self.feed = frames.feed
+        self.received = received
+        self.pause_writing = pause  # type: ignore[method-assign]
+        self.resume_writing = resume  # type: ignore[method-assign]
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
         try:
-            self.link._frames(self.feed(data))
+            self.received(self.feed(data))
         except Exception as exc:
             self._end(exc)
-
-    def pause_writing(self) -> None:
-        self.link._pause()
-
-    def resume_writing(self) -> None:
-        self.link._resume()
 
     def eof_received(self) -> bool:
         self._end(asyncio.IncompleteReadError(b"", None))

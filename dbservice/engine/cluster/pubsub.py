@@ -63,7 +63,7 @@ class PubSubEntry(Entry):
         self.count = count
 
     async def resolve(self, session: ClusterSession) -> bytes:
-        return await session._pubsub.run(self.targets, self.kind, self.count)
+        return await session.pubsub.run(self.targets, self.kind, self.count)
 
 
 class _Wait:
@@ -100,17 +100,11 @@ class PubSub:
         session = self.session
         if address is None:
             if self._plain is None or self._plain.failed is not None:
-                self._plain = Link(
-                    session._home(), dial=session._dial, prepare=session._prepare,
-                    limits=session._limits, on_push=self._frame, pubsub=True,
-                )  # fmt: skip
+                self._plain = session.new_link(session.home(), on_push=self._frame)
             return self._plain
         link = self._sharded.get(address)
         if link is None or link.failed is not None:
-            link = Link(
-                address, dial=session._dial, prepare=session._prepare,
-                limits=session._limits, on_push=self._frame, pubsub=True,
-            )  # fmt: skip
+            link = session.new_link(address, on_push=self._frame)
             self._sharded[address] = link
         return link
 
@@ -125,7 +119,7 @@ class PubSub:
             slots = {key_slot(c) for c in channels}
             if len(slots) > 1:
                 return Local(name, b"-CROSSSLOT Keys in request don't hash to the same slot\r\n")
-            address = self.session._owner(slots.pop())
+            address = self.session.owner(slots.pop())
             return PubSubEntry(name, [(address, args)], kind, len(channels))
         if name == "SUNSUBSCRIBE":
             targets = self._sunsubscribe_targets(channels)
@@ -155,12 +149,12 @@ class PubSub:
         if channels:
             groups: dict[Address, list[bytes]] = {}
             for channel in channels:
-                address = self.shard_channels.get(channel) or session._owner(key_slot(channel))
+                address = self.shard_channels.get(channel) or session.owner(key_slot(channel))
                 groups.setdefault(address, []).append(channel)
             return [(a, [b"SUNSUBSCRIBE", *chs]) for a, chs in groups.items()]
         addresses = sorted(set(self.shard_channels.values()))
         if not addresses:
-            return [(session._home(), [b"SUNSUBSCRIBE"])]
+            return [(session.home(), [b"SUNSUBSCRIBE"])]
         return [(a, [b"SUNSUBSCRIBE"]) for a in addresses]
 
     async def run(self, entry_targets: Sequence[tuple[Address | None, Sequence[bytes]]],
@@ -239,16 +233,14 @@ class PubSub:
     def _moved(self, channel: bytes) -> None:
         """The server ended a shard subscription (its slot moved): subscribe again."""
         self._resubscribing.add(channel)
-        task = asyncio.create_task(self._resubscribe(channel), name="cluster-resubscribe")
-        self.session._background.add(task)
-        task.add_done_callback(self.session._background.discard)
+        self.session.spawn(self._resubscribe(channel), "cluster-resubscribe")
 
     async def _resubscribe(self, channel: bytes) -> None:
         session = self.session
         for delay in (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0):
             await asyncio.sleep(delay)
-            await session._refresh_quietly()
-            address = session._owner(key_slot(channel))
+            await session.refresh_quietly()
+            address = session.owner(key_slot(channel))
             if address != self.shard_channels.get(channel) or delay >= 1.0:
                 break
         logger.debug("shard channel %r moved to %s: subscribing again", channel, address)
@@ -272,9 +264,7 @@ class PubSub:
         self.patterns.clear()
         self.shard_channels.clear()
         for link in links:
-            task = asyncio.create_task(link.aclose())
-            self.session._background.add(task)
-            task.add_done_callback(self.session._background.discard)
+            self.session.spawn(link.aclose(), "cluster-pubsub-close")
 
     async def aclose(self) -> None:
         links = [*(l for l in [self._plain] if l is not None), *self._sharded.values()]  # noqa: E741

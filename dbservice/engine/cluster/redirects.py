@@ -36,41 +36,33 @@ async def complete(session: ClusterSession, request: Request) -> bytes:
         try:
             frame = await request.future
         except LinkError as exc:
-            session._hold()
-            await session._refresh_quietly()
+            session.hold()
+            await session.refresh_quietly()
             return error(f"ERR fleetgate: {exc}")
         if frame[0] != 45 or attempt >= MAX_REDIRECTS:  # not '-'
             return frame
         code = frame[1 : frame.find(b" ", 1)] if b" " in frame else frame[1:-2]
         if code not in (b"MOVED", b"ASK", b"TRYAGAIN", b"CLUSTERDOWN"):
             return frame
-        session._hold()
+        session.hold()
         attempt += 1
-        session._state.redirects[code.decode()] += 1
+        session.state.redirects[code.decode()] += 1
         if code == b"MOVED" or code == b"ASK":
             parts = frame[1:-2].split(b" ")
             address = parse_address(parts[2]) if len(parts) >= 3 else None
             if address is None:
                 return frame
             if code == b"MOVED":
-                await follow_moved(session, int(parts[1]), address)
+                await session.follow_moved(int(parts[1]), address)
             request.address = address
-            session._send(request, asking=code == b"ASK")
+            session.send(request, asking=code == b"ASK")
             continue
         await asyncio.sleep(backoff_delay(BACKOFF, attempt - 1))
         if code == b"CLUSTERDOWN":
-            await session._refresh_quietly()
+            await session.refresh_quietly()
         if request.slot is not None:
-            request.address = session._owner(request.slot)
-        session._send(request)
-
-
-async def follow_moved(session: ClusterSession, slot: int, address: Address) -> None:
-    state = session._state
-    if state.topology is not None and state.topology is not session._topology:
-        session._topology = state.topology  # another session already refreshed
-    if session._owner(slot) != address:
-        await session._refresh_quietly()
+            request.address = session.owner(request.slot)
+        session.send(request)
 
 
 def parse_address(text: bytes) -> Address | None:

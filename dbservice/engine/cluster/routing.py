@@ -16,6 +16,7 @@ from . import merge, transactions
 from .auth import login_command, reset
 from .commands import HANDLERS
 from .entries import Entry, Fan, Forward, Local, Request
+from .keyspecs import CommandTable
 from .link import LinkError
 from .resp import Payload, error
 from .slots import key_slot
@@ -31,54 +32,73 @@ _SUBSCRIBED_OK = frozenset(
      "PING", "QUIT", "RESET"}
 )  # fmt: skip
 
+_NOT_QUEUED: Final = ("EXEC", "DISCARD", "MULTI", "WATCH", "QUIT")
+"""Commands inside MULTI that are not queued."""
+
 
 async def plan(session: ClusterSession, args: list[bytes], raw: Payload | None = None) -> Entry:
     """The entry for one client command, its request(s) already sent."""
-    name = session._names.get(args[0]) or _canonical(session, args[0])
+    name = session.spellings.get(args[0]) or session.spellings.canonical(args[0])
     session.stats.commands += 1
-    if (name == "AUTH" or name == "HELLO") and not session._pubsub.active:
+    pubsub = session.pubsub
+    if (name == "AUTH" or name == "HELLO") and not pubsub.active:
         return login_command(session, name, args)
-    verdict = session._hooks.on_command(name, len(args), args)
+    verdict = session.hooks.on_command(name, len(args), args)
     if verdict is not None:
         session.stats.refused += 1
         return Local(name, transactions.refused(session, name, verdict), counted=False)
-    if session._topology is None or session._table is None:
+    table = session.table
+    if table is None:
         try:
-            session._topology, session._table = await session._state.ensure(session._live_seed())
-            await session._adopt_seed()
+            await session.learn()
         except (LinkError, TopologyError, ValueError) as exc:
             return Local(name, error(f"ERR fleetgate: cannot learn the cluster: {exc}"))
+        table = session.table
+        assert table is not None
     if name == "RESET" and len(args) == 1:  # also inside MULTI and subscribed, as the server
         return await reset(session, name)
-    if (wrong := session._table.wrong_arity(args)) is not None:
+    if (wrong := table.wrong_arity(args)) is not None:
         return _wrong_arity(session, name, wrong, args, raw)
-    if session._pubsub.active and name not in _SUBSCRIBED_OK:
-        return _subscribed(session, name, args, raw)
-    if session._multi is not None and name not in ("EXEC", "DISCARD", "MULTI", "WATCH", "QUIT"):
+    if pubsub.active and name not in _SUBSCRIBED_OK:
+        return _subscribed(session, table, name, args, raw)
+    if session.transaction.queued is not None and name not in _NOT_QUEUED:
         return transactions.queue(session, name, args)
     handler = HANDLERS.get(name)
     if handler is not None:
         return handler(session, name, args)
-    return _route(session, name, args, raw)
+    return _route(session, table, name, args, raw)
+
+
+class Spellings(dict[bytes, str]):
+    """A session's command names by the client's spelling, for the first 256 spellings
+    (``get`` first: the common case is a spelling seen before)."""
+
+    __slots__ = ()
+
+    def canonical(self, raw: bytes) -> str:
+        """The command name in upper case, remembered."""
+        name = raw.upper().decode("latin-1")  # ASCII case only, as the server
+        if len(self) < 256:
+            self[raw] = name
+        return name
 
 
 def _subscribed(
-    session: ClusterSession, name: str, args: list[bytes], raw: Payload | None
+    session: ClusterSession, table: CommandTable, name: str, args: list[bytes], raw: Payload | None
 ) -> Entry:
     """A command the server refuses in RESP2 subscribed mode, answered as the server
     answers it: an unknown command or subcommand, or a wrong number of arguments, is
     the server's own error (checked before subscribed mode, and nothing runs: it goes
     to a shard as it would outside subscribed mode); any other is refused here, named
     as the server names it (``get``, ``client|id``)."""
-    assert session._table is not None
-    info = session._table.lookup(args)
+    info = table.lookup(args)
     argc = len(args)
     if (
         info is None
         or (info.subcommands and argc > 1)  # the container: its subcommand is unknown
         or (argc != info.arity if info.arity >= 0 else argc < -info.arity)
     ):
-        return _route(session, name, args, raw)
+        return _route(session, table, name, args, raw)
     return Local(
         name,
         error(
@@ -95,42 +115,37 @@ def _wrong_arity(
     and nothing else happens (no handler, no key lookup, no split). Outside MULTI it
     goes to a shard as it is, which answers that error; inside MULTI the error is the
     server's wording and the transaction is marked failed, as the server does."""
-    if session._multi is not None:
+    if session.transaction.queued is not None:
         wrong = f"wrong number of arguments for '{spelled}' command"
         if name == "EXEC":  # the server discards the transaction at once
             return Local(name, transactions.refused(session, name, b"-%s\r\n" % wrong.encode()))
-        session._multi_failed = True
+        session.transaction.fail()
         return Local(name, error(f"ERR {wrong}"))
-    return Forward(name, session._request(args, None, payload=raw))
-
-
-def _canonical(session: ClusterSession, raw: bytes) -> str:
-    """The command name in upper case, remembered (for the first 256 spellings)."""
-    name = raw.upper().decode("latin-1")  # ASCII case only, as the server
-    if len(session._names) < 256:
-        session._names[raw] = name
-    return name
+    return Forward(name, session.request(args, None, payload=raw))
 
 
 def _route(
-    session: ClusterSession, name: str, args: list[bytes], raw: Payload | None = None
+    session: ClusterSession,
+    table: CommandTable,
+    name: str,
+    args: list[bytes],
+    raw: Payload | None = None,
 ) -> Entry:
-    assert session._table is not None
-    at = session._table.single.get(args[0].lower(), 0)
+    at = table.single.get(args[0].lower(), 0)
     if 0 < at < len(args):  # one key: no spec to walk
-        request = session._request(args, key_slot(args[at]), payload=raw)
-        session._last = request.address
+        request = session.request(args, key_slot(args[at]), payload=raw)
+        session.last = request.address
         return Forward(name, request)
-    positions = session._table.key_positions(args)
+    positions = table.key_positions(args)
     if not positions:
-        return Forward(name, session._request(args, None, payload=raw))
+        return Forward(name, session.request(args, None, payload=raw))
     slot = key_slot(args[positions[0]])
     if len(positions) > 1 and name in SPLIT:
         slots = [key_slot(args[p]) for p in positions]
         if any(s != slot for s in slots):
             return _split(session, name, args, positions, slots)
-    request = session._request(args, slot, payload=raw)
-    session._last = request.address
+    request = session.request(args, slot, payload=raw)
+    session.last = request.address
     return Forward(name, request)
 
 
@@ -151,7 +166,7 @@ def _split(
             if name == "MSET":
                 sub.append(args[position + 1])
             order[position] = (len(requests), i)
-        requests.append(session._request(sub, slot))
+        requests.append(session.request(sub, slot))
     if name == "MGET":
         where = [order[p] for p in positions]
         return Fan(name, requests, lambda frames: merge.regroup(where, frames, session.resp3))

@@ -31,7 +31,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Final
 
 from dbservice.engine.login import UpstreamLogin, UpstreamLoginError
@@ -42,6 +42,7 @@ from dbservice.engine.proxy.session import SessionStats, Streams
 from dbservice.engine.proxy.settings import BUFFER_FLOOR, CommandBuffers, ProxyLimits, ProxyTimeouts
 from fleetgate.aio import set_nodelay
 
+from .auth import ClientSetup
 from .commands import NOT_HERE, Handler
 from .entries import END, Entry, Forward, Local, Request, retrieve
 from .keyspecs import CommandTable
@@ -50,9 +51,10 @@ from .output import ClientOutput
 from .pubsub import PubSub
 from .redirects import BACKOFF, MAX_REDIRECTS
 from .resp import CommandReader, Payload, encode_command, error, error_of, prefixed, read_frame
-from .routing import SPLIT, plan
+from .routing import SPLIT, Spellings, plan
 from .state import ClusterState
 from .topology import Address, Topology, TopologyError
+from .transactions import TransactionState
 
 __all__ = ["BACKOFF", "MAX_REDIRECTS", "NOT_HERE", "SPLIT", "ClusterSession", "Handler"]
 
@@ -97,22 +99,22 @@ class ClusterSession:
         """This session's part of it."""
         self._timeouts = timeouts or ProxyTimeouts()
         self._connect_timeout = connect_timeout
-        self._state = state
+        self.state = state
+        """What every session of this database shares (topology, command table, counters)."""
         self._dial = dial
         self._login = login
         self._db_user = db_user
-        self._hooks = hooks
-        self._database = database
-        self._client_id = client_id
+        self.hooks = hooks
+        """The agent's per-command hooks (roles, audit)."""
+        self.database = database
+        self.client_id = client_id
+        """What ``CLIENT ID`` answers."""
         self._client_port = client_port
         """The port the client dialled when a tunnel stands between (the route says so);
         the one-node CLUSTER view names it so cluster-aware clients come back there."""
         self.stats = SessionStats()
-        self.resp3 = False
-        self._proto = 2
-        self._creds: list[bytes] | None = None
-        """The client's last AUTH the server accepted (replayed on new links)."""
-        self._name: bytes | None = None
+        self.setup = ClientSetup()
+        """The client's AUTH, protocol and name, replayed on new links (:mod:`.auth`)."""
         self._links: dict[Address, Link] = {}
         self._seed = Link(
             seed_address,
@@ -135,15 +137,16 @@ class ClusterSession:
         self._barrier = 0
         self._sent = 0
         self._written = 0
-        self._multi: list[Sequence[bytes]] | None = None
-        self._multi_slot: int | None = None
-        self._multi_failed = False
-        self._watch: Address | None = None
-        self._watch_slot: int | None = None
-        self._last: Address | None = None
+        self.transaction = TransactionState()
+        """``MULTI`` and ``WATCH`` (:mod:`.transactions`)."""
+        self.last: Address | None = None
+        """Where the last command with a key went (``WAIT`` follows it)."""
+        self.spellings = Spellings()
+        """Command names by the client's spelling (planning's cache)."""
         self._loop = asyncio.get_running_loop()
         self._activity = self._loop.time()
-        self._pubsub = PubSub(self)
+        self.pubsub = PubSub(self)
+        """The session's subscriptions and their connections."""
         self._out: list[bytes] = []
         self._out_size = 0
         self._output = ClientOutput(self._client_writer)
@@ -152,7 +155,6 @@ class ClusterSession:
         """Links holding more than ``write_high_water`` bytes not yet written: the reader
         waits for them before reading more (back-pressure from a slow node)."""
         self._background: set[asyncio.Task[None]] = set()
-        self._names: dict[bytes, str] = {}
         self._released = False
         self._eof_command = eof_command.encode() if eof_command else None
         """The tunnel's word for its client's half-close (``db connect``), if it sends it."""
@@ -212,7 +214,7 @@ class ClusterSession:
         awaiting = self._awaiting
         return (
             not self._half_closed
-            or self._pubsub.subscribed
+            or self.pubsub.subscribed
             or (awaiting is not None and awaiting.name in BLOCKING)
         )
 
@@ -220,6 +222,80 @@ class ClusterSession:
     def buffered(self) -> int:
         """Bytes this session holds of a command still arriving."""
         return self._held
+
+    # -- what the handlers see and use -----------------------------------------------------
+
+    @property
+    def topology(self) -> Topology | None:
+        """The cluster as this session last learned it (None until :meth:`learn`)."""
+        return self._topology
+
+    @property
+    def table(self) -> CommandTable | None:
+        """The server's command table (None until :meth:`learn`)."""
+        return self._table
+
+    @property
+    def resp3(self) -> bool:
+        """The client speaks RESP3 (a ``HELLO 3`` the server confirmed)."""
+        return self.setup.resp3
+
+    @property
+    def seed_address(self) -> Address:
+        """The configuration endpoint."""
+        return self._seed.address
+
+    def client_port(self) -> int:
+        """The port the client dialled (the route's when a tunnel stands between, else
+        this connection's): the one-node ``CLUSTER`` view names it."""
+        sock = self._client_writer.get_extra_info("sockname") or ("", 0)
+        return self._client_port or (int(sock[1]) if len(sock) > 1 else 0)
+
+    def open_links(self, *, with_seed: bool) -> list[Link]:
+        """The session's open connections (pub/sub ones excepted), each once, the
+        configuration endpoint's first when ``with_seed``."""
+        seed = self._seed
+        found = {id(seed): seed}
+        for link in self._links.values():
+            found.setdefault(id(link), link)
+        if not with_seed:
+            del found[id(seed)]
+        return [
+            link
+            for link in found.values()
+            if link.failed is None and not link.closed and not link.pubsub
+        ]
+
+    def new_link(
+        self, address: Address, *, on_push: Callable[[Link, bytes], None] | None = None
+    ) -> Link:
+        """A connection of this session's own to ``address`` that is not a shard link:
+        with ``on_push``, a pub/sub one handing every frame to it."""
+        return Link(
+            address, dial=self._dial, prepare=self._prepare, limits=self._limits,
+            on_push=on_push, pubsub=on_push is not None,
+        )  # fmt: skip
+
+    def spawn(self, work: Coroutine[object, object, None], name: str) -> None:
+        """Run ``work`` beside the session (cancelled when the session ends)."""
+        task = asyncio.create_task(work, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def learn(self) -> None:
+        """Learn the topology and the command table (shared with the other sessions of
+        the database) through the configuration endpoint's connection."""
+        self._topology, self._table = await self.state.ensure(self.live_seed())
+        await self._adopt_seed()
+
+    async def follow_moved(self, slot: int, address: Address) -> None:
+        """After ``MOVED slot address``: the topology another session already refreshed,
+        else a refresh of its own."""
+        state = self.state
+        if state.topology is not None and state.topology is not self._topology:
+            self._topology = state.topology
+        if self.owner(slot) != address:
+            await self.refresh_quietly()
 
     def _release(self) -> None:
         """Break the reference cycles of an ended session (its seed link holds its bound
@@ -231,7 +307,7 @@ class ClusterSession:
         self._entries.clear()
         self._background.clear()
         self._wake = None
-        del self._seed, self._pubsub
+        del self._seed, self.pubsub
 
     async def aclose(self) -> None:
         links = [self._seed, *self._links.values()]
@@ -239,7 +315,7 @@ class ClusterSession:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await self._pubsub.aclose()
+        await self.pubsub.aclose()
         await asyncio.gather(*(link.aclose() for link in links), return_exceptions=True)
         self._client_writer.transport.abort()
 
@@ -265,15 +341,14 @@ class ClusterSession:
         answered with an error (a connection lost meanwhile does not count: a new one
         logs in afresh). Returns False, sending nothing, inside MULTI or WATCH or when no
         connection is open; the caller retries later."""
-        if self._released or self._multi is not None or self._watch is not None:
+        transaction = self.transaction
+        if self._released or transaction.queued is not None or transaction.watched is not None:
             return False
-        links = {id(link): link for link in (self._seed, *self._links.values())}
         payload = encode_command(args)
         futures: list[asyncio.Future[bytes]] = []
-        for link in links.values():
-            if link.failed is None and not link.closed and not link.pubsub:
-                with contextlib.suppress(LinkError):
-                    futures.extend(link.send(payload))
+        for link in self.open_links(with_seed=True):
+            with contextlib.suppress(LinkError):
+                futures.extend(link.send(payload))
         if not futures:
             return False
         left = [len(futures), 1]  # replies still owed, and whether all were fine
@@ -424,7 +499,7 @@ class ClusterSession:
     async def _write_replies(self) -> None:
         writer = self._client_writer
         high = self._limits.write_high_water
-        hooks, stats = self._hooks, self.stats
+        hooks, stats = self.hooks, self.stats
         out, entries = self._out, self._entries
         while True:
             if not entries and out:
@@ -527,13 +602,7 @@ class ClusterSession:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 ready = await self._login.login(streams, db_user=self._db_user)
-                commands = []
-                if not ready and self._creds is not None:
-                    commands.append(self._creds)
-                if self._proto == 3:
-                    commands.append([b"HELLO", b"3"])
-                if self._name:
-                    commands.append([b"CLIENT", b"SETNAME", self._name])
+                commands = self.setup.replay(logged_in=ready)
                 if not commands:
                     return
                 reader, writer = streams
@@ -553,7 +622,7 @@ class ClusterSession:
         """When the configuration endpoint led to a primary, its connection serves that
         shard too (one connection fewer; a one-shard cluster needs no other)."""
         assert self._topology is not None
-        frame = await self._live_seed().call(_MYID)
+        frame = await self.live_seed().call(_MYID)
         for node in self._topology.primaries:
             if (
                 frame[:1] == b"$"
@@ -562,7 +631,7 @@ class ClusterSession:
             ):
                 self._seed.serves = node.address
 
-    def _live_seed(self) -> Link:
+    def live_seed(self) -> Link:
         """The configuration endpoint's connection, dialled again if it was lost."""
         seed = self._seed
         if seed.failed is not None or seed.closed:
@@ -573,19 +642,19 @@ class ClusterSession:
             self._seed = seed
         return seed
 
-    def _home(self) -> Address:
+    def home(self) -> Address:
         """Where keyless commands go: the first shard's primary."""
         assert self._topology is not None
         primaries = self._topology.primaries
         return primaries[0].address if primaries else self._seed.address
 
-    def _owner(self, slot: int) -> Address:
+    def owner(self, slot: int) -> Address:
         assert self._topology is not None
-        return self._topology.addresses[slot] or self._home()
+        return self._topology.addresses[slot] or self.home()
 
-    def _send(self, request: Request, *, asking: bool = False) -> None:
+    def send(self, request: Request, *, asking: bool = False) -> None:
         if request.address == self._seed.address:
-            link = self._live_seed()
+            link = self.live_seed()
         else:
             link = self.link(request.address)
         try:
@@ -601,7 +670,7 @@ class ClusterSession:
         if link.congested and link not in self._congested:
             self._congested.append(link)
 
-    def _request(
+    def request(
         self,
         args: Sequence[bytes],
         slot: int | None,
@@ -609,12 +678,12 @@ class ClusterSession:
         *,
         payload: Payload | None = None,
     ) -> Request:
-        where = address or (self._owner(slot) if slot is not None else self._home())
+        where = address or (self.owner(slot) if slot is not None else self.home())
         request = Request(args, slot, where, payload)
-        self._send(request)
+        self.send(request)
         return request
 
-    def _hold(self) -> None:
+    def hold(self) -> None:
         """Stop sending new commands until every command sent so far is answered (and
         let the replies already made go out meanwhile)."""
         self._flush_client()
@@ -630,12 +699,12 @@ class ClusterSession:
         self._barrier = self._sent if gate.is_set() else max(self._barrier, self._sent)
         gate.clear()
 
-    async def _refresh_quietly(self) -> None:
+    async def refresh_quietly(self) -> None:
         link, temporary = self._idle_link()
         try:
-            self._topology = await self._state.refresh(link)
+            self._topology = await self.state.refresh(link)
         except (LinkError, TopologyError) as exc:
-            logger.warning("cluster %s: cannot refresh the topology: %s", self._database, exc)
+            logger.warning("cluster %s: cannot refresh the topology: %s", self.database, exc)
         finally:
             if temporary:
                 await link.aclose()
@@ -644,7 +713,7 @@ class ClusterSession:
         """A connection with nothing in flight for the engine's own questions (so a
         refresh that other sessions wait for never queues behind this session's BLPOP),
         else a new one to the configuration endpoint, to close after (True)."""
-        for link in (self._live_seed(), *self._links.values()):
+        for link in (self.live_seed(), *self._links.values()):
             if link.owed == 0 and link.failed is None and not link.closed and not link.pubsub:
                 return link, False
         seed = self._seed.address

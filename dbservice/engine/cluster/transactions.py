@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final
 
 from .entries import Entry, Forward, Local, retrieve
 from .link import LinkError
-from .redirects import BACKOFF, MAX_REDIRECTS, follow_moved, parse_address
+from .redirects import BACKOFF, MAX_REDIRECTS, parse_address
 from .resp import LARGE_ARGUMENT, OK, Payload, encode_command, encode_payload, error, prefixed
 from .slots import key_slot
 from .topology import Address
@@ -47,6 +47,45 @@ _NOT_IN_TRANSACTION = frozenset(
 )  # fmt: skip
 
 
+class TransactionState:
+    """A session's ``MULTI`` and ``WATCH``: the commands queued since ``MULTI``, the slot
+    they share, whether one was refused (``EXEC`` then aborts), and the node whose
+    connection ran ``WATCH`` (the transaction must run there)."""
+
+    __slots__ = ("failed", "queued", "slot", "watch_slot", "watched")
+
+    def __init__(self) -> None:
+        self.queued: list[Sequence[bytes]] | None = None
+        """The commands queued since ``MULTI``; None outside ``MULTI``."""
+        self.slot: int | None = None
+        self.failed = False
+        self.watched: Address | None = None
+        self.watch_slot: int | None = None
+
+    def begin(self) -> None:
+        """``MULTI``: the transaction runs in the watched keys' slot, if any."""
+        self.queued, self.failed, self.slot = [], False, self.watch_slot
+
+    def fail(self) -> None:
+        """Inside ``MULTI``, a command was refused: ``EXEC`` answers ``EXECABORT``."""
+        if self.queued is not None:
+            self.failed = True
+
+    def end(self) -> tuple[list[Sequence[bytes]], bool, int | None]:
+        """``EXEC``: the commands queued, whether it failed, their slot; out of ``MULTI``."""
+        assert self.queued is not None
+        ended = self.queued, self.failed, self.slot
+        self.clear()
+        return ended
+
+    def clear(self) -> None:
+        """Out of ``MULTI``, nothing queued (``DISCARD``, ``RESET``, a refused ``EXEC``)."""
+        self.queued, self.failed, self.slot = None, False, None
+
+    def forget_watch(self) -> None:
+        self.watched = self.watch_slot = None
+
+
 class Transaction(Entry):
     """MULTI, the queued commands and EXEC, sent together to one shard at EXEC."""
 
@@ -69,17 +108,18 @@ class Transaction(Entry):
 
 def queue(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
     """A command between MULTI and EXEC: checked and queued here, sent at EXEC."""
-    assert session._multi is not None and session._table is not None
+    state, table = session.transaction, session.table
+    assert state.queued is not None and table is not None
     if name in _NOT_IN_TRANSACTION:
-        session._multi_failed = True
+        state.fail()
         return Local(
             name, error(f"ERR {name} cannot run in a transaction through fleetgate: {_WHY_TX}")
         )
-    slots = {key_slot(args[p]) for p in session._table.key_positions(args)}
-    if session._multi_slot is not None:
-        slots.add(session._multi_slot)
+    slots = {key_slot(args[p]) for p in table.key_positions(args)}
+    if state.slot is not None:
+        slots.add(state.slot)
     if len(slots) > 1:
-        session._multi_failed = True
+        state.fail()
         return Local(
             name,
             error(
@@ -88,8 +128,8 @@ def queue(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
             ),
         )
     if slots:
-        session._multi_slot = slots.pop()
-    session._multi.append(args)
+        state.slot = slots.pop()
+    state.queued.append(args)
     return Local(name, _QUEUED)
 
 
@@ -100,32 +140,32 @@ def refused(session: ClusterSession, name: str, reply: bytes) -> bytes:
     (``EXECABORT ... because of: <error>``)."""
     if reply[:1] != b"-":
         return reply
+    state = session.transaction
     if name == "EXEC":
-        if session._multi is not None:
-            session._multi, session._multi_failed, session._multi_slot = None, False, None
+        if state.queued is not None:
+            state.clear()
             unwatch(session)
         return _EXECABORT_BECAUSE + reply[1:]
-    if session._multi is not None:
-        session._multi_failed = True
+    state.fail()
     return reply
 
 
 def multi(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
-    if session._multi is not None:  # the server rejects it, so the transaction fails
-        session._multi_failed = True
+    state = session.transaction
+    if state.queued is not None:  # the server rejects it, so the transaction fails
+        state.fail()
         return Local(name, error("ERR MULTI calls can not be nested"))
     if len(args) != 1:
         return Local(name, error("ERR wrong number of arguments for 'multi' command"))
-    session._multi, session._multi_failed = [], False
-    session._multi_slot = session._watch_slot
+    state.begin()
     return Local(name, OK)
 
 
 def exec_(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
-    if session._multi is None:
+    state = session.transaction
+    if state.queued is None:
         return Local(name, error("ERR EXEC without MULTI"))
-    commands, failed, slot = session._multi, session._multi_failed, session._multi_slot
-    session._multi, session._multi_failed, session._multi_slot = None, False, None
+    commands, failed, slot = state.end()
     if failed:
         unwatch(session)
         return Local(name, _EXECABORT)
@@ -133,21 +173,23 @@ def exec_(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
 
 
 def discard(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
-    if session._multi is None:
+    state = session.transaction
+    if state.queued is None:
         return Local(name, error("ERR DISCARD without MULTI"))
-    session._multi, session._multi_failed, session._multi_slot = None, False, None
+    state.clear()
     unwatch(session)
     return Local(name, OK)
 
 
 def watch(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
-    assert session._table is not None
-    if session._multi is not None:  # the server rejects it, so the transaction fails
-        session._multi_failed = True
+    state, table = session.transaction, session.table
+    assert table is not None
+    if state.queued is not None:  # the server rejects it, so the transaction fails
+        state.fail()
         return Local(name, error("ERR WATCH inside MULTI is not allowed"))
-    slots = {key_slot(args[p]) for p in session._table.key_positions(args)}
-    if session._watch_slot is not None:
-        slots.add(session._watch_slot)
+    slots = {key_slot(args[p]) for p in table.key_positions(args)}
+    if state.watch_slot is not None:
+        slots.add(state.watch_slot)
     if len(slots) > 1:
         return Local(
             name,
@@ -157,15 +199,15 @@ def watch(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
             ),
         )
     if not slots:
-        return Forward(name, session._request(args, None))
+        return Forward(name, session.request(args, None))
     slot = slots.pop()
-    request = session._request(args, slot)
-    session._watch, session._watch_slot = request.address, slot
+    request = session.request(args, slot)
+    state.watched, state.watch_slot = request.address, slot
 
     def watched(frame: bytes) -> bytes:
         # WATCH ran where its redirects led: the transaction must run there too
-        if session._watch_slot == slot and frame[:1] not in (b"-", b"!"):
-            session._watch = request.address
+        if state.watch_slot == slot and frame[:1] not in (b"-", b"!"):
+            state.watched = request.address
         return frame
 
     return Forward(name, request, watched)
@@ -173,10 +215,11 @@ def watch(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
 
 def unwatch(session: ClusterSession) -> None:
     """Forget the watched keys (and tell the connection that watched them)."""
-    if session._watch is not None:
-        for future in session.link(session._watch).send(_UNWATCH):
+    state = session.transaction
+    if state.watched is not None:
+        for future in session.link(state.watched).send(_UNWATCH):
             future.add_done_callback(retrieve)
-    session._watch = session._watch_slot = None
+    state.forget_watch()
 
 
 def unwatch_command(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
@@ -196,12 +239,13 @@ async def run(session: ClusterSession, tx: Transaction) -> bytes:
     backoff. A transaction under ``WATCH`` cannot be moved to another connection
     (the watch would not follow): it is answered as a failed ``WATCH`` (null), which
     a client's optimistic-locking loop retries."""
-    watched = session._watch
-    address = watched or (session._owner(tx.slot) if tx.slot is not None else session._home())
+    state = session.transaction
+    watched = state.watched
+    address = watched or (session.owner(tx.slot) if tx.slot is not None else session.home())
     body = _body(tx.commands)
     # a WATCH that followed ASK ran at the importing node: so does its transaction
-    slot = session._watch_slot
-    asking = watched is not None and slot is not None and session._owner(slot) != watched
+    slot = state.watch_slot
+    asking = watched is not None and slot is not None and session.owner(slot) != watched
     redirects, retries = 0, 0
     while True:
         link = session.link(address)
@@ -213,33 +257,33 @@ async def run(session: ClusterSession, tx: Transaction) -> bytes:
                 futures = link.send(body, len(tx.commands) + 2)
             frames = [await future for future in futures]
         except LinkError as exc:
-            session._watch = session._watch_slot = None
+            state.forget_watch()
             return error(f"ERR fleetgate: {exc}")
         reply = frames[-1]
         redirect = _redirect(reply)
         if redirect is None and reply.startswith(b"-EXECABORT"):
             redirect = next((r for f in frames[1:-1] if (r := _redirect(f)) is not None), None)
         if redirect is None:
-            session._watch = session._watch_slot = None
+            state.forget_watch()
             return reply
         code, target = redirect
-        session._state.redirects[code] += 1
+        session.state.redirects[code] += 1
         if watched is not None:
             unwatch(session)  # the node discarded it; the watch cannot follow
-            return _NULL3 if session._proto == 3 else _NULL2
-        session._hold()  # nothing ran: send it again once what was sent before is in
+            return _NULL3 if session.setup.proto == 3 else _NULL2
+        session.hold()  # nothing ran: send it again once what was sent before is in
         if code in ("MOVED", "ASK") and target is not None and redirects < MAX_REDIRECTS:
             redirects += 1
             if code == "MOVED" and tx.slot is not None:
-                await follow_moved(session, tx.slot, target)
+                await session.follow_moved(tx.slot, target)
             address, asking = target, code == "ASK"
         elif code in ("TRYAGAIN", "CLUSTERDOWN") and retries < len(BACKOFF):
             await asyncio.sleep(BACKOFF[retries])
             retries += 1
             if code == "CLUSTERDOWN":
-                await session._refresh_quietly()
+                await session.refresh_quietly()
                 asking = False
-                address = session._owner(tx.slot) if tx.slot is not None else session._home()
+                address = session.owner(tx.slot) if tx.slot is not None else session.home()
         else:
             return _gave_up(reply, code, tx.slot)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -83,48 +84,57 @@ class SessionStats:
 
 
 class _Side(asyncio.Protocol):
-    """The engine's protocol on one transport; everything is forwarded to the session."""
+    """The engine's protocol on one transport; everything is forwarded to the session's
+    callbacks for this side (``pause``/``resume``: stop and restart reading the other
+    side while this one's write buffer is full)."""
 
-    def __init__(self, session: ProxySession, *, client: bool, tls: bool) -> None:
-        self.session: ProxySession | None = session
-        self.client = client
+    def __init__(
+        self,
+        *,
+        data: Callable[[bytes], None],
+        eof: Callable[[], None],
+        lost: Callable[[], None],
+        pause: Callable[[], None],
+        resume: Callable[[], None],
+        tls: bool,
+    ) -> None:
         self.tls = tls
-        self.data_received = (  # type: ignore[method-assign]
-            session._client_data if client else session._upstream_data
-        )
+        self.data_received = data  # type: ignore[method-assign,assignment]
+        self._on_eof, self._on_lost = eof, lost
+        self._on_pause, self._on_resume = pause, resume
         self.lost = asyncio.get_running_loop().create_future()
 
     def eof_received(self) -> bool:
-        if self.session is not None:
-            if self.tls:  # TLS cannot half-close: the peer cannot read any more
-                self.session._lost(client=self.client)
-            else:
-                self.session._eof(client=self.client)
+        if self.tls:  # TLS cannot half-close: the peer cannot read any more
+            self._on_lost()
+        else:
+            self._on_eof()
         # Keep the write side open for replies still owed (plain TCP; TLS cannot).
         return not self.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
             self.lost.set_result(None)
-        if self.session is not None:
-            self.session._lost(client=self.client)
+        self._on_lost()
 
     def pause_writing(self) -> None:
-        if self.session is not None:
-            self.session._pause(client=not self.client, why=_PEER_FULL)
+        self._on_pause()
 
     def resume_writing(self) -> None:
-        if self.session is not None:
-            self.session._resume(client=not self.client, why=_PEER_FULL)
+        self._on_resume()
 
     def release(self) -> None:
-        """Let go of the session (it has ended): reads from now on go nowhere."""
-        self.session = None
+        """Let go of the session (it has ended): from now on, events go nowhere."""
         self.data_received = _ignore  # type: ignore[method-assign]
+        self._on_eof = self._on_lost = self._on_pause = self._on_resume = _nothing
 
 
 def _ignore(data: bytes) -> None:
     """Reads on a transport whose session has ended."""
+
+
+def _nothing() -> None:
+    """Other events on a transport whose session has ended."""
 
 
 class ProxySession:
@@ -252,7 +262,14 @@ class ProxySession:
                 with contextlib.suppress(AttributeError, NotImplementedError):
                     transport.set_write_buffer_limits(high=high)
                 tls = transport.get_extra_info("sslcontext") is not None
-                side = _Side(self, client=client, tls=tls)
+                side = _Side(
+                    data=self._client_data if client else self._upstream_data,
+                    eof=functools.partial(self._eof, client=client),
+                    lost=functools.partial(self._lost, client=client),
+                    pause=functools.partial(self._pause, client=not client, why=_PEER_FULL),
+                    resume=functools.partial(self._resume, client=not client, why=_PEER_FULL),
+                    tls=tls,
+                )
                 self._sides.append(side)
                 buffered = take_buffered(reader)
                 at_eof = reader.at_eof()
