@@ -141,6 +141,9 @@ class GuardedListener:
         """Open connections (handshakes included) per source address."""
         self._sockets: list[socket.socket] = []
         self._tasks: set[asyncio.Task[None]] = set()
+        """Connections still in their TLS handshake."""
+        self._accepting: list[asyncio.Future[None]] = []
+        """One accept loop per bound socket."""
 
     @property
     def total(self) -> int:
@@ -172,8 +175,14 @@ class GuardedListener:
             self._close_sockets()
             raise
         for sock in self._sockets:
-            self._spawn(self._accept(sock))
+            self._accepting.append(asyncio.ensure_future(self._accept(sock)))
         return int(bound)
+
+    async def serve(self) -> None:
+        """Until the accept loops end: raises what one of them failed with, so the
+        process that owns this listener (a root task of the auth service) stops with
+        the reason instead of serving no one."""
+        await asyncio.gather(*self._accepting)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -196,19 +205,26 @@ class GuardedListener:
                 logger.debug("accept failed: %s", exc)
                 await asyncio.sleep(0.01)
                 continue
-            address = str(peer[0])
-            if self.open[address] >= limits.per_address:
-                conn.close()
-                self.refusals.note(f"more than {limits.per_address} connections open", address)
-                continue
-            if self.total >= limits.max_connections:
-                conn.close()
-                self.refusals.note(
-                    f"the service has {limits.max_connections} connections open", address
-                )
-                continue
-            self.open[address] += 1
-            self._spawn(self._handshake(conn, address))
+            try:
+                self._admit(conn, str(peer[0]), limits)
+            except BaseException:
+                conn.close()  # not handed on: ours to close, whatever went wrong
+                raise
+
+    def _admit(self, conn: socket.socket, address: str, limits: ConnectionLimits) -> None:
+        """Start the handshake of an accepted connection, or close it over a limit."""
+        if self.open[address] >= limits.per_address:
+            conn.close()
+            self.refusals.note(f"more than {limits.per_address} connections open", address)
+            return
+        if self.total >= limits.max_connections:
+            conn.close()
+            self.refusals.note(
+                f"the service has {limits.max_connections} connections open", address
+            )
+            return
+        self.open[address] += 1
+        self._spawn(self._handshake(conn, address))
 
     def _release(self, address: str) -> Callable[[], None]:
         """A call that gives ``address``'s place back, once however often it is made."""
@@ -264,9 +280,13 @@ class GuardedListener:
         """Stop accepting, and drop connections still in their TLS handshake (those
         already handed to aiohttp are closed by its runner)."""
         self._close_sockets()
-        for task in list(self._tasks):
+        for task in [*self._accepting, *self._tasks]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)  # handshakes: no news
+        for ended in await asyncio.gather(*self._accepting, return_exceptions=True):
+            if isinstance(ended, Exception):
+                logger.error("an accept loop had failed: %s", ended, exc_info=ended)
+        self._accepting.clear()
         self.refusals.flush()
 
 

@@ -80,6 +80,7 @@ from dbservice.auth.listener import ConnectionLimits, GuardedListener, RefusalLo
 from dbservice.auth.passwords import totp_step, verify_password
 from fleetgate.aio import stop_on_signals
 from fleetgate.durations import Duration, format_duration
+from fleetgate.supervise import RootTasks
 
 logger = logging.getLogger(__name__)
 
@@ -662,8 +663,13 @@ async def run_auth(config: AuthConfig, *, nats_url: str) -> int:
             )
             stop = asyncio.Event()
             stop_on_signals(stop)
+            roots = RootTasks(stop, expected=(OSError,))
             try:
-                await stop.wait()
+                async with roots:
+                    roots.start("client-listener", running.listener.serve())
             finally:
                 await running.close()
+    if roots.failed:
+        logger.error("auth service stopped: %s failed", ", ".join(roots.failed))
+        return 1
     return 0

@@ -11,6 +11,7 @@ import socket
 import ssl
 import struct
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,3 +197,25 @@ async def _until(check: object, seconds: float = 15) -> None:
     while not check():  # type: ignore[operator]
         assert time.monotonic() < deadline, "not within time"
         await asyncio.sleep(0.05)
+
+
+class _Broken(Counter[str]):
+    """A count of open connections that fails when read: an accept loop's bug, at our
+    own seam."""
+
+    def __getitem__(self, key: str) -> int:
+        raise RuntimeError("the count is broken")
+
+
+async def test_a_failed_accept_loop_is_not_silent(service: Service) -> None:
+    """``serve()`` (the auth service's root task) ends with the accept loop's error, so
+    the process stops with the reason instead of serving no one."""
+    listener = service.running.listener
+    serving = asyncio.ensure_future(listener.serve())
+    await asyncio.sleep(0.05)
+    assert not serving.done()
+    listener.open = _Broken()
+    _, writer = await service.connect(tls=False, source="127.0.0.1")
+    with pytest.raises(RuntimeError, match="the count is broken"):
+        await asyncio.wait_for(serving, 10)
+    writer.close()
