@@ -824,9 +824,11 @@ async def _idle_sessions(
     rounds: int = 2,
     tls: ssl.SSLContext | None = None,
     sni: str | None = None,
+    gets: Sequence[bytes] = (),
 ) -> tuple[int, list[tuple[int, int]]]:
     """The proxy's RSS before, then for each round: while ``count`` idle sessions are
-    open (each answered a PING), and a second after they all closed."""
+    open (each answered a PING, then a GET of each of ``gets``, keys the GET runs
+    filled), and a second after they all closed."""
 
     async def hold() -> list[asyncio.StreamWriter]:
         writers = []
@@ -834,8 +836,11 @@ async def _idle_sessions(
             reader, writer = await asyncio.open_connection(
                 "127.0.0.1", port, ssl=tls, server_hostname=sni
             )
-            writer.write(b"PING\r\n")
+            writer.write(b"PING\r\n" + b"".join(_command(b"GET", key) for key in gets))
             assert await reader.readline() == b"+PONG\r\n"
+            for _ in gets:
+                assert await reader.readline() == b"$%d\r\n" % len(VALUE)
+                assert await reader.readline() == VALUE + b"\r\n"
             writers.append(writer)
         await asyncio.sleep(0.5)
         return writers
@@ -1119,6 +1124,14 @@ def main() -> int:
                         ):
                             result[key] = (after - before) / result["requests"] * 1e6
                         result["cpu_us"] = result["user_us"] + result["sys_us"]
+                        if c_load:  # the same clients connecting, one batch each
+                            setup0 = sum(proxy.cpu())
+                            _redis_benchmark(
+                                proxy.port, op, pipeline, clients, clients * pipeline, proxy.extra
+                            )
+                            setup = sum(proxy.cpu()) - setup0
+                            steady = result["cpu_us"] - setup / result["requests"] * 1e6
+                            result["steady_us"] = max(steady, 0.0)
                         proxy.results.setdefault(test, []).append(result)
                 if args.latency_rate:
                     order = proxies[round_ % len(proxies) :] + proxies[: round_ % len(proxies)]
@@ -1170,10 +1183,25 @@ def _pin_process(pid: int, core: int) -> None:
             _pin_process(int(child), core)
 
 
+def _key_per_shard() -> list[bytes]:
+    """One key of the GET runs on each of the cluster's shards (slot ranges as
+    ``benchmarks/fleet.py`` assigns them)."""
+    from redis.crc import key_slot
+
+    from benchmarks.fleet import SHARDS
+    from sandbox.memorydb import slot_ranges
+
+    keys = []
+    for first, last in slot_ranges(SHARDS):
+        keys.append(next(k for k in map(_key, range(KEYS)) if first <= key_slot(k) <= last))
+    return keys
+
+
 def _idle_agent(fleet: Fleet, proxies: list[_Proxy], count: int, rounds: int) -> dict[str, float]:
     """The agent's RSS growth for ``count`` idle sessions through each engine (mutual
-    TLS, each session with its TLS upstream: one connection for the single-node engine,
-    the cluster engine's shard connections), the engines taking turns (node first in
+    TLS; each session sent a PING and a GET to each shard's keys, so it holds its TLS
+    upstream: one connection for the single-node engine, one per shard for the cluster
+    engine, which opens its shard links on first use), the engines taking turns (node first in
     odd rounds, cluster first in even ones) so neither always meets the heap the other
     left; KiB per session, median of the rounds, by row name."""
     context = ssl.create_default_context(cafile=str(fleet.identity / "ca.pem"))
@@ -1181,13 +1209,14 @@ def _idle_agent(fleet: Fleet, proxies: list[_Proxy], count: int, rounds: int) ->
     context.load_cert_chain(fleet.identity / "cert.pem", fleet.identity / "key.pem")
     names = {"agent": SERVER_NAME, "agent cluster": CLUSTER_SERVER_NAME}
     rows = [p.name for p in proxies if p.name in names]
+    gets = _key_per_shard()
     each: dict[str, list[float]] = {name: [] for name in rows}
     lines: dict[str, list[str]] = {name: [] for name in rows}
     for round_ in range(-1, rounds):  # round -1: a warm-up, not counted
         for name in rows if round_ % 2 == 0 else rows[::-1]:
             idle = _idle_sessions(
                 fleet.pid("agent"), fleet.agent_port, count, rounds=1, tls=context,
-                sni=names[name],
+                sni=names[name], gets=gets,
             )  # fmt: skip
             before, ((open_, closed),) = asyncio.run(idle)
             time.sleep(5.5)  # the agent trims the heap at most every 5 s (fleetgate/heap.py)
@@ -1202,7 +1231,7 @@ def _idle_agent(fleet: Fleet, proxies: list[_Proxy], count: int, rounds: int) ->
     for name in rows:
         out[name] = statistics.median(each[name])
         engine = "cluster engine, 3 shards" if name == "agent cluster" else "single-node engine"
-        print(f"idle         {name} ({engine}): {count} idle sessions, "
+        print(f"idle         {name} ({engine}): {count} idle sessions (PING, {len(gets)} GETs), "
               f"{out[name]:.1f} KiB each (median of {rounds}); agent RSS MiB: "
               f"{'; '.join(lines[name])}")  # fmt: skip
     return out
@@ -1283,12 +1312,15 @@ def _floors(
     clients = tests[0][2]
     rps: dict[tuple[str, str, int], float] = {}
     cpu: dict[tuple[str, str, int], float] = {}
+    with_setup: dict[tuple[str, str, int], float] = {}
     for proxy in proxies:
         for (op, pipeline, n), results in proxy.results.items():
             if n == clients:
                 rps[(proxy.name, op, pipeline)] = _median(results, "rps")
                 if proxy.measured_cpu:
-                    cpu[(proxy.name, op, pipeline)] = _median(results, "cpu_us")
+                    key = "steady_us" if "steady_us" in results[0] else "cpu_us"
+                    cpu[(proxy.name, op, pipeline)] = _median(results, key)
+                    with_setup[(proxy.name, op, pipeline)] = _median(results, "cpu_us")
     open_p50 = {p.name: _median(p.open_results, "p50_ms") for p in proxies if p.open_results}
     verdicts = floor_verdicts(rps, cpu, open_p50, idle_kib)
     if not verdicts:
@@ -1297,6 +1329,17 @@ def _floors(
     print(f"floors (issue 18), {clients} clients, medians of this run, {mode}")
     for what, figure, met in verdicts:
         print(f"  {what:<32} {figure:<40} {'met' if met else 'MISSED'}")
+    if any("steady_us" in r for p in proxies for rs in p.results.values() for r in rs):
+        print(
+            "  CPU/req: the proxy's CPU per request without connecting its 50 clients (a run"
+            " of one batch per client, measured after each run, taken away); with it:"
+            + "".join(
+                f" {row} {op} {with_setup[(row, op, 16)]:.2f} us;"
+                for row in CPU_FLOORS
+                for op in ("SET", "GET")
+                if (row, op, 16) in with_setup
+            )
+        )
     for pipeline in PEER_FLOORS:  # information: the same ratio in CPU per request
         for op in ("SET", "GET"):
             agent, peer = cpu.get(("agent", op, pipeline)), cpu.get(("haproxy TLS", op, pipeline))
