@@ -7,7 +7,14 @@
 * ``fleetgate agent run`` serving the database ``bench`` (static, TLS verify-full to
   the front) with its client listener (certificate from ``fleetgate auth sign``);
 * ``fleetgate auth run``, ``fleetgate login`` as the user ``bench``, and
-  ``fleetgate db connect bench --db-user default --port P --no-exec``: the full path.
+  ``fleetgate db connect bench --db-user default --port P --no-exec``: the full path;
+* with ``cluster=True``, a MemoryDB cluster stand-in: 3 cluster-mode valkey-servers, each
+  behind its own TLS front (one haproxy process, a frontend per shard; nodes announce
+  their fronts' ports, as :mod:`sandbox.memorydb` does), published in the registry as a
+  MemoryDB cluster (``bench-cluster``) that the same agent serves with the cluster
+  engine;
+* :meth:`Fleet.start_haproxy_tls`: the peer proxy, haproxy in TCP mode with TLS on both
+  sides (mutual TLS from the client with the fleet CA, TLS verified to the front).
 
 The agent is reached directly with the route in the TLS server name
 (``default.bench.fleetgate``) and the login's certificate: :meth:`Fleet.tls_args`.
@@ -31,6 +38,9 @@ PASSWORD = "bench password"
 DATABASE = "bench"
 DB_USER = "default"
 SERVER_NAME = f"{DB_USER}.{DATABASE}.fleetgate"
+CLUSTER = "bench-cluster"
+CLUSTER_SERVER_NAME = f"{DB_USER}.{CLUSTER}.fleetgate"
+SHARDS = 3
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -64,6 +74,10 @@ class Fleet:
     agent_port: int = 0
     auth_port: int = 0
     tunnel_port: int = 0
+    cluster_front_ports: list[int] = field(default_factory=list)
+    """The TLS fronts of the cluster's shards (``cluster=True``), in shard order."""
+    cluster_nodes: list[object] = field(default_factory=list)
+    """The cluster's :class:`~sandbox.valkeynode.ValkeyNode` s."""
     deny: tuple[str, ...] = ("FLUSHALL", "FLUSHDB")
     """Commands the role ``bench`` denies (none: the role does not limit commands)."""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -85,7 +99,8 @@ class Fleet:
         }
 
     def pid(self, name: str) -> int:
-        """The process id of one part: ``nats``, ``front``, ``agent``, ``auth``, ``tunnel``."""
+        """The process id of one part: ``nats``, ``front``, ``agent``, ``auth``,
+        ``tunnel``, ``cluster front``, ``haproxy TLS``."""
         if name == "nats":
             proc = getattr(self.nats, "proc", None)
             if proc is None:
@@ -101,19 +116,31 @@ class Fleet:
             "--cert", str(ids / "cert.pem"), "--key", str(ids / "key.pem"),
         ]  # fmt: skip
 
+    def cluster_tls_args(self) -> list[str]:
+        """redis-benchmark options for mutual TLS to the agent, routed to the cluster."""
+        args = self.tls_args()
+        args[args.index(SERVER_NAME)] = CLUSTER_SERVER_NAME
+        return args
+
     def front_tls_args(self) -> list[str]:
         """redis-benchmark options for TLS to the stand-in's front (no client certificate)."""
         return ["--tls", "--cacert", str(self.tmp / "front" / "ca.crt")]
 
+    def cluster_pids(self) -> tuple[int, ...]:
+        """The cluster's valkey-servers."""
+        return tuple(int(node.proc.pid) for node in self.cluster_nodes)  # type: ignore[attr-defined]
+
     # -- start -----------------------------------------------------------------------
 
-    def start(self, *, tunnel: bool = True) -> Fleet:
+    def start(self, *, tunnel: bool = True, cluster: bool = False) -> Fleet:
         from bus.server import NatsServer
 
         nats = NatsServer(self.tmp / "nats").start()
         self.nats, self.nats_url = nats, nats.url
         asyncio.run(self._registry())
         self._front()
+        if cluster:
+            self._cluster()
         self._agent()
         if tunnel:
             self._auth()
@@ -153,29 +180,162 @@ class Fleet:
         directory = self.tmp / "front"
         ca = TestCA.create("benchmark stand-in CA")
         ca.write(directory)
-        cert, key = ca.issue_server_cert().write(directory, "server")
+        ca.issue_server_cert().write(directory, "server")
         self.front_port = free_port()
+        self.front_kind = "haproxy TLS" if shutil.which("haproxy") else "Python TLSFront"
+        self.procs["front"] = self._tls_fronts(
+            directory, [(self.front_port, self.valkey_port)], "haproxy"
+        )
+        wait_port(self.front_port, "the stand-in's TLS front", self.procs["front"])
+
+    def _cluster(self) -> None:
+        """3 cluster-mode valkey-servers, each behind a TLS front announced to clients,
+        the keys of the GET runs filled in, and the cluster in the registry."""
+        from sandbox.memorydb import slot_ranges
+        from sandbox.valkeynode import ValkeyNode
+
+        directory = self.tmp / "front"
+        self.cluster_front_ports = [free_port() for _ in range(SHARDS)]
+        self.cluster_nodes = [
+            ValkeyNode(index=i, directory=self.tmp / f"shard-{i}", client_port=port)
+            for i, port in enumerate(self.cluster_front_ports)
+        ]
+        nodes: list[ValkeyNode] = self.cluster_nodes  # type: ignore[assignment]
+
+        async def build() -> None:
+            await asyncio.gather(*(node.start() for node in nodes))
+            for epoch, (node, (first, last)) in enumerate(
+                zip(nodes, slot_ranges(SHARDS), strict=True), start=1
+            ):
+                await node.command("CLUSTER", "SET-CONFIG-EPOCH", epoch)
+                await node.command("CLUSTER", "ADDSLOTSRANGE", first, last)
+            for node in nodes[1:]:
+                await nodes[0].command("CLUSTER", "MEET", node.host, node.port, node.bus_port)
+            deadline = time.monotonic() + 30
+            while True:
+                infos = [await node.command("CLUSTER", "INFO") for node in nodes]
+                if all(b"cluster_state:ok" in i and b"cluster_known_nodes:3" in i
+                       for i in infos if isinstance(i, bytes)):  # fmt: skip
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the benchmark's cluster did not become ready")
+                await asyncio.sleep(0.05)
+
+        asyncio.run(build())
+        fronts = zip(self.cluster_front_ports, nodes, strict=True)
+        backends = [(port, node.port) for port, node in fronts]
+        self.procs["cluster front"] = self._tls_fronts(directory, backends, "cluster-haproxy")
+        for port in self.cluster_front_ports:
+            wait_port(port, "the cluster's TLS front", self.procs["cluster front"])
+        asyncio.run(self._publish_cluster())
+
+    def fill_cluster(self, keys: list[bytes], value: bytes) -> None:
+        """SET every key on the shard that owns its slot (straight to the nodes)."""
+        import redis
+        from redis.crc import key_slot
+
+        from sandbox.memorydb import slot_ranges
+
+        ranges = slot_ranges(SHARDS)
+        clients = [redis.Redis(port=node.port) for node in self.cluster_nodes]  # type: ignore[attr-defined]
+        pipes = [client.pipeline(transaction=False) for client in clients]
+        for key in keys:
+            slot = key_slot(key)
+            shard = next(i for i, (first, last) in enumerate(ranges) if first <= slot <= last)
+            pipes[shard].set(key, value)
+        for pipe, client in zip(pipes, clients, strict=True):
+            pipe.execute()
+            client.close()
+
+    async def _publish_cluster(self) -> None:
+        from bus import AWSSpec, Bus, DatabaseResource, DatabaseSpec, MemoryDBSpec, Metadata
+        from bus.schemas import TLSSettings
+
+        resource = DatabaseResource(
+            metadata=Metadata(name=CLUSTER, labels={"purpose": "benchmark"}),
+            spec=DatabaseSpec(
+                uri=f"127.0.0.1:{self.cluster_front_ports[0]}",
+                tls=TLSSettings(mode="verify-full"),
+                aws=AWSSpec(
+                    region="us-east-1",
+                    account_id="123456789012",
+                    memorydb=MemoryDBSpec(
+                        cluster_name=CLUSTER,
+                        engine="valkey",
+                        engine_version="7.2",
+                        iam_users=(),  # "default" logs in as itself: no IAM token
+                    ),
+                ),
+            ),
+        )
+        bus = await Bus.connect(self.nats_url, name="benchmark")
+        try:
+            await bus.put_resource(resource)
+        finally:
+            await bus.close()
+
+    def _tls_fronts(
+        self, directory: Path, fronts: list[tuple[int, int]], name: str
+    ) -> subprocess.Popen[bytes]:
+        """TLS fronts (listen port, valkey port) with the front CA's server certificate:
+        one haproxy process (one thread, a frontend each), or the Python TLSFront."""
+        cert, key = directory / "server.crt", directory / "server.key"
         if shutil.which("haproxy"):
-            self.front_kind = "haproxy TLS"
             pem = directory / "server.pem"
             pem.write_bytes(cert.read_bytes() + key.read_bytes())
-            config = directory / "haproxy.cfg"
-            config.write_text(
+            text = (
                 "global\n  nbthread 1\n  maxconn 8192\n"
                 "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n"
                 "  timeout server 1h\n"
-                f"frontend f\n  bind 127.0.0.1:{self.front_port} ssl crt {pem}\n"
-                "  default_backend b\n"
-                f"backend b\n  server s 127.0.0.1:{self.valkey_port}\n"
             )
+            for i, (port, upstream) in enumerate(fronts):
+                text += (
+                    f"frontend f{i}\n  bind 127.0.0.1:{port} ssl crt {pem}\n"
+                    f"  default_backend b{i}\n"
+                    f"backend b{i}\n  server s 127.0.0.1:{upstream}\n"
+                )
+            config = directory / f"{name}.cfg"
+            config.write_text(text)
             command = ["haproxy", "-db", "-f", str(config)]
         else:
-            self.front_kind = "Python TLSFront"
-            ports = (str(self.front_port), str(self.valkey_port))
             me = str(Path(__file__).resolve())
-            command = [sys.executable, me, "--_front", *ports, str(cert), str(key)]
-        self.procs["front"] = subprocess.Popen(command, stdin=subprocess.PIPE, env=self.env())
-        wait_port(self.front_port, "the stand-in's TLS front", self.procs["front"])
+            pairs = [str(p) for pair in fronts for p in pair]
+            command = [sys.executable, me, "--_front", str(cert), str(key), *pairs]
+        return subprocess.Popen(command, stdin=subprocess.PIPE, env=self.env())
+
+    def start_haproxy_tls(self) -> int:
+        """The peer proxy: haproxy in TCP mode, one thread, mutual TLS in (the agent's
+        server certificate, client certificates checked against the fleet CA) and TLS
+        out to the stand-in's front (chain verified against the front's CA); returns its
+        port (the process: ``pid("haproxy TLS")``)."""
+        port = free_port()
+        directory = self.tmp / "haproxy-tls"
+        directory.mkdir(exist_ok=True)
+        tls = self.tmp / "agent-tls"
+        pem = directory / "server.pem"
+        pem.write_bytes((tls / "cert.pem").read_bytes() + (tls / "key.pem").read_bytes())
+        config = directory / "haproxy.cfg"
+        config.write_text(
+            "global\n  nbthread 1\n  maxconn 8192\n"
+            "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1h\n"
+            "  timeout server 1h\n"
+            f"frontend f\n  bind 127.0.0.1:{port} ssl crt {pem} ca-file "
+            f"{self.identity / 'ca.pem'} verify required\n  default_backend b\n"
+            f"backend b\n  server s 127.0.0.1:{self.front_port} ssl verify required "
+            f"ca-file {self.tmp / 'front' / 'ca.crt'}\n"
+        )
+        self.procs["haproxy TLS"] = subprocess.Popen(
+            ["haproxy", "-db", "-f", str(config)], stdin=subprocess.PIPE, env=self.env()
+        )
+        wait_port(port, "haproxy with TLS on both sides", self.procs["haproxy TLS"])
+        return port
+
+    def _cluster_selection(self) -> dict[str, object]:
+        """The agent's config for the registry's cluster: the matcher, the front's CA."""
+        return {
+            "resources": [{"labels": {"purpose": "benchmark"}}],
+            "upstream_ca_file": str(self.tmp / "front" / "ca.crt"),
+        }
 
     def _agent(self) -> None:
         self.agent_port = free_port()
@@ -191,6 +351,7 @@ class Fleet:
                     "key_file": str(tls / "key.pem"),
                     "max_connections": 20_000,
                 },
+                **(self._cluster_selection() if self.cluster_nodes else {}),
                 "databases": [
                     {
                         "name": DATABASE,
@@ -218,15 +379,17 @@ class Fleet:
         # The listener accepts before the CA is read; one routed PING says it is ready.
         deadline = time.monotonic() + 30
         self._agent_tls()  # the client certificate, before login
-        while True:
-            answer = self._routed_ping()
-            if answer == b"+PONG\r\n":
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the agent does not answer PING: {answer!r}")
-            time.sleep(0.2)
+        names = [SERVER_NAME] + ([CLUSTER_SERVER_NAME] if self.cluster_nodes else [])
+        for name in names:
+            while True:
+                answer = self._routed_ping(name)
+                if answer == b"+PONG\r\n":
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the agent does not answer PING for {name}: {answer!r}")
+                time.sleep(0.2)
 
-    def _routed_ping(self) -> bytes | str:
+    def _routed_ping(self, server_name: str = SERVER_NAME) -> bytes | str:
         """PING over mutual TLS straight to the agent, the route in the server name (no
         redis-cli with TLS needed)."""
         import ssl
@@ -238,7 +401,7 @@ class Fleet:
         try:
             with (
                 socket.create_connection(("127.0.0.1", self.agent_port), timeout=5) as raw,
-                context.wrap_socket(raw, server_hostname=SERVER_NAME) as conn,
+                context.wrap_socket(raw, server_hostname=server_name) as conn,
             ):
                 conn.sendall(b"PING\r\n")
                 return conn.recv(64)
@@ -309,19 +472,30 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+        if self.cluster_nodes:
+            from sandbox.valkeynode import ValkeyNode
+
+            nodes: list[ValkeyNode] = self.cluster_nodes  # type: ignore[assignment]
+
+            async def stop_nodes() -> None:
+                await asyncio.gather(*(node.stop() for node in nodes))
+
+            asyncio.run(stop_nodes())
         if self.nats is not None:
             self.nats.stop()  # type: ignore[attr-defined]
 
 
-async def _serve_front(port: int, upstream: int, cert: str, key: str) -> None:
+async def _serve_front(cert: str, key: str, pairs: list[int]) -> None:
+    """Python TLS fronts (listen port, upstream port) when haproxy is not installed."""
     import ssl
 
     from sandbox.tlsfront import TLSFront
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    front = TLSFront(context, [("127.0.0.1", upstream)], port=port, name="bench")
-    await front.start()
+    for port, upstream in zip(pairs[::2], pairs[1::2], strict=True):
+        front = TLSFront(context, [("127.0.0.1", upstream)], port=port, name="bench")
+        await front.start()
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
@@ -329,5 +503,5 @@ if __name__ == "__main__" and sys.argv[1:2] == ["--_front"]:
     import uvloop
 
     sys.path.insert(0, str(ROOT))
-    port, upstream, cert, key = sys.argv[2:6]
-    uvloop.run(_serve_front(int(port), int(upstream), cert, key))
+    cert, key = sys.argv[2:4]
+    uvloop.run(_serve_front(cert, key, [int(p) for p in sys.argv[4:]]))
