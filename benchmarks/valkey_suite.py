@@ -71,6 +71,27 @@ def valkey_server(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s (a test may leave the server busy or paused)."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def read_logs(logs: Path) -> Outcome:
+    """The outcome of a side whose per-file logs are in ``logs`` (``--from-logs``)."""
+    total = Outcome()
+    for log in sorted(logs.glob("*.log")):
+        test = log.stem
+        outcome = parse(log.read_text(errors="replace"))
+        total.passed |= {f"{test}: {name}" for name in outcome.passed}
+        total.failed |= {f"{test}: {name}": why for name, why in outcome.failed.items()}
+    return total
+
+
 def parse(log: str) -> Outcome:
     outcome = Outcome()
     lines = [ANSI.sub("", line) for line in log.splitlines()]
@@ -108,10 +129,24 @@ def run_suite(suite: Path, port: int, tests: Sequence[str], logs: Path, timeout:
                 total.code = -1
                 out.write(f"\n*** [err]: {test} did not finish in {timeout:.0f} s\n")
         outcome = parse(log.read_text(errors="replace"))
-        total.passed |= {f"{test}: {name}" for name in outcome.passed}
-        total.failed |= {f"{test}: {name}": why for name, why in outcome.failed.items()}
+        total.passed |= {f"{log.stem}: {name}" for name in outcome.passed}
+        total.failed |= {f"{log.stem}: {name}": why for name, why in outcome.failed.items()}
     total.seconds = time.monotonic() - started
     return total
+
+
+def report(direct: Outcome, through: Outcome, out: Path) -> None:
+    """The figure, and every test that passed directly but not through fleetgate."""
+    lost = sorted(direct.passed - through.passed)
+    share = len(through.passed & direct.passed) / max(1, len(direct.passed))
+    print(f"\npassed through fleetgate / passed directly: {share:.1%} "
+          f"({len(direct.passed) - len(lost)} of {len(direct.passed)})")  # fmt: skip
+    if lost:
+        print(f"\n{len(lost)} passed directly but not through fleetgate:")
+        for name in lost:
+            why = through.failed.get(name, "(not reached: its file ended early)")
+            print(f"  - {name}: {why}")
+    (out / "differences.txt").write_text("\n".join(lost) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,7 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tests", nargs="*", help="units such as unit/type/list (default: all)")
     parser.add_argument("--out", type=Path, help="where the logs go (default: a temp dir)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per test file")
+    parser.add_argument(
+        "--from-logs", type=Path, help="only report, from an earlier run's --out directory"
+    )
     args = parser.parse_args(argv)
+    if args.from_logs:
+        report(read_logs(args.from_logs / "direct"), read_logs(args.from_logs / "fleetgate"),
+               args.from_logs)  # fmt: skip
+        return 0
     suite: Path = args.suite.resolve()
     if not (suite / "runtest").is_file() or not (suite / "tests" / "test_helper.tcl").is_file():
         parser.error(f"{suite} is not a Valkey source tree (no runtest, tests/test_helper.tcl)")
@@ -135,8 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         direct = run_suite(suite, direct_port, tests, out / "direct", args.timeout)
     finally:
-        direct_proc.terminate()
-        direct_proc.wait(10)
+        stop(direct_proc)
     print(f"direct:          {len(direct.passed)} passed, {len(direct.failed)} failed "
           f"in {direct.seconds:.0f} s", flush=True)  # fmt: skip
 
@@ -147,21 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         through = run_suite(suite, fleet.tunnel_port, tests, out / "fleetgate", args.timeout)
     finally:
         fleet.stop()
-        proxied_proc.terminate()
-        proxied_proc.wait(10)
+        stop(proxied_proc)
     print(f"through fleetgate: {len(through.passed)} passed, {len(through.failed)} failed "
           f"in {through.seconds:.0f} s", flush=True)  # fmt: skip
 
-    lost = sorted(direct.passed - through.passed)
-    share = len(through.passed & direct.passed) / max(1, len(direct.passed))
-    print(f"\npassed through fleetgate / passed directly: {share:.1%} "
-          f"({len(direct.passed) - len(lost)} of {len(direct.passed)})")  # fmt: skip
-    if lost:
-        print(f"\n{len(lost)} passed directly but not through fleetgate:")
-        for name in lost:
-            why = through.failed.get(name, "(not reached: its file ended early)")
-            print(f"  - {name}: {why}")
-    (out / "differences.txt").write_text("\n".join(lost) + "\n")
+    report(direct, through, out)
     return 0
 
 
