@@ -323,6 +323,36 @@ def test_client_reply_is_refused(proxy: ThreadedProxy) -> None:
     raw.close()
 
 
+def test_client_reply_forms_the_server_refuses_get_its_error(
+    node: ValkeyNode, proxy: ThreadedProxy
+) -> None:
+    """Only the valid OFF/SKIP are refused; a malformed CLIENT REPLY (and the no-op ON)
+    reaches the server, so the client sees the server's own answer, byte for byte."""
+    forms = [
+        ("CLIENT", "REPLY", "wrongInput"),
+        ("CLIENT", "REPLY"),
+        ("CLIENT", "REPLY", "OFF", "extra"),
+        ("CLIENT", "reply", "on"),
+    ]
+    payload = b"".join(cmd(*f) for f in forms) + cmd("PING")
+    replies = []
+    for port in (node.port, proxy.port):
+        raw = RawClient(port)
+        raw.send(payload)
+        replies.append([raw.read() for _ in range(len(forms) + 1)])
+        raw.close()
+    direct, proxied = ([repr(r) for r in side] for side in replies)
+    assert proxied == direct
+    assert "syntax error" in direct[0] and direct[-1] == "'PONG'"
+    raw = RawClient(proxy.port)
+    for mode in ("OFF", "skip", b"SKIP\x00x"):
+        raw.send(cmd("CLIENT", "REPLY", mode) + cmd("PING"))
+        err = raw.read()
+        assert isinstance(err, Exception) and str(err).startswith("ERR CLIENT REPLY "), err
+        assert raw.read() == "PONG"
+    raw.close()
+
+
 def test_inline_commands(proxy: ThreadedProxy) -> None:
     raw = RawClient(proxy.port)
     raw.send(b'PING\r\n\r\nSET greeting "hello world"\nGET greeting\r\n')

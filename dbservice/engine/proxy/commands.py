@@ -467,9 +467,14 @@ class CommandParser:
             return self._auth(args)
         if spec == _HELLO:
             return self._hello(args)
-        if spec == _CLIENT and argc >= 2 and server_word(args[1]) == b"REPLY":
+        if (
+            spec == _CLIENT
+            and argc == 3  # any other count: the server's arity error
+            and server_word(args[1]) == b"REPLY"
+            and server_word(args[2]) in _REPLY_OFF
+        ):
             self.refused += 1
-            reply = error_reply("CLIENT REPLY is not supported through the proxy")
+            reply = error_reply(f"ERR CLIENT REPLY {server_word(args[2]).decode()} {_REPLY_WHY}")
             self._local(Local(self._refusal(name, reply)))
             return b""
         if spec is not None and spec not in _NEEDS_ARGS and spec != _INSPECT:
@@ -578,6 +583,14 @@ class CommandParser:
         if action.replacement is not None:
             return encode_command(action.replacement)
         return None
+
+
+_REPLY_OFF = frozenset({b"OFF", b"SKIP"})
+"""The ``CLIENT REPLY`` modes refused: the server would then leave commands without a
+reply, so replies could no longer be matched to commands. ``ON`` (a no-op here) and the
+forms the server refuses (another mode, another argument count) are forwarded, so the
+client gets the server's own answer."""
+_REPLY_WHY = "is not supported through the proxy: every command must get its reply"
 
 
 def _ignore_reply(ok: bool) -> None:
