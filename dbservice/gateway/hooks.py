@@ -83,6 +83,9 @@ def refusal(code: str, message: str) -> bytes:
 class AgentHooks:
     """One per session. ``authenticated``: whether the upstream already is the db user."""
 
+    reply_names = _LOGIN_REPLIES
+    """:meth:`on_reply` looks only at these: the engine leaves out the other replies."""
+
     def __init__(
         self,
         *,

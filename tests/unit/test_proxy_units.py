@@ -10,6 +10,7 @@ import pytest
 
 from dbservice.engine.proxy import Action, Hello, PassThroughHooks, ProtocolError, ProxyLimits
 from dbservice.engine.proxy.commands import CommandParser, parse_hello
+from dbservice.engine.proxy.halfclose import EofSignal
 from dbservice.engine.proxy.inline import encode_command, split_args
 from dbservice.engine.proxy.pending import Item, Local
 from dbservice.engine.proxy.replies import ReplyParser
@@ -246,6 +247,33 @@ def test_reply_stream_any_split(seed: int) -> None:
     assert h.hooks.replies == [(n, n == "BAD") for n in REPLY_NAMES]
     assert h.parser.pushes == 2
     assert not h.pending and h.parser.at_boundary
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_hooks_with_reply_names_hear_only_of_those_replies(seed: int) -> None:
+    """Hooks with ``reply_names`` (the agent's: AUTH and HELLO) are told only of the
+    replies to those commands, in order; what the client gets is the same."""
+    rng = random.Random(seed)
+    h = ReplyHarness()
+    h.hooks.reply_names = frozenset({"GET", "BAD", "Z"})  # type: ignore[attr-defined]
+    h.parser = ReplyParser(
+        hooks=h.hooks,
+        limits=ProxyLimits(),
+        write=h.out.extend,
+        pending=h.pending,
+        on_close_reply=lambda: None,
+    )
+    h.parser.resp3 = True
+    h.pending.extend(REPLY_NAMES[:4])
+    h.pending.append(Local(b"-ERR local\r\n"))
+    h.pending.extend(REPLY_NAMES[4:])
+    for part in chunks(REPLIES, rng, [1, 5, 50, 5000, 1 << 20][seed % 5]):
+        h.parser.feed(part)
+    at = REPLIES.index(b">2\r\n$10\r\ninvalidate")
+    assert bytes(h.out) == REPLIES[:at] + b"-ERR local\r\n" + REPLIES[at:]
+    assert h.hooks.replies == [("GET", False), ("BAD", True), ("Z", False)]
+    assert h.parser.replies == len(REPLY_NAMES)
+    assert EofSignal(h.hooks, "EOF", lambda: None).reply_names == frozenset({"GET", "BAD", "Z"})
 
 
 def test_reply_nesting_has_no_limit() -> None:

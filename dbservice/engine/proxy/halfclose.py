@@ -50,6 +50,7 @@ class EofSignal:
         self._hooks = hooks
         self._command = command
         self._on_eof = on_eof
+        self.reply_names: frozenset[str] | None = getattr(hooks, "reply_names", None)
 
     def on_command(self, name: str, argc: int, args: Sequence[bytes] | None) -> bytes | None:
         if name == self._command and argc == 1:

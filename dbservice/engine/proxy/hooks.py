@@ -18,7 +18,8 @@ command order:
   in the same order as ``on_command`` allowed them (so a FIFO of timestamps in the
   agent gives per-command latency), with whether it was an error: this is how the agent
   learns whether an AUTH or HELLO succeeded. Push messages and pub/sub messages are not
-  replies and are not reported.
+  replies and are not reported. Hooks with a ``reply_names`` attribute (a frozenset of
+  names) hear only of the replies to commands of those names: a call fewer per reply.
 * :meth:`SessionHooks.on_reset` for a ``RESET`` the engine is about to forward: the
   server connection becomes ``default`` again, so the agent may have to log it in again
   as the session's db user before any later client command reaches the server.

@@ -62,7 +62,10 @@ class ReplyParser:
         pending: deque[Item],
         on_close_reply: Callable[[], None],
     ) -> None:
-        self._on_reply = hooks.on_reply
+        self._hook_reply = hooks.on_reply
+        self._reply_names: frozenset[str] | None = getattr(hooks, "reply_names", None)
+        """The names whose replies the hooks want to hear of (``reply_names``); None:
+        every one."""
         self._limits = limits
         self._write = write
         self._pending = pending
@@ -112,7 +115,8 @@ class ReplyParser:
             fwd = self._frame_done(data, fwd, p)
         pending = self._pending
         popleft = pending.popleft
-        on_reply = self._on_reply
+        on_reply = self._hook_reply
+        names = self._reply_names
         done = 0
         try:
             while p < n:
@@ -161,7 +165,8 @@ class ReplyParser:
                     if type(item) is str:
                         popleft()
                         done += 1
-                        on_reply(item, error)
+                        if names is None or item in names:
+                            on_reply(item, error)
                         if pending and type(pending[0]) is not str:
                             fwd = self._flush_locals(data, fwd, p)
                         continue
@@ -268,6 +273,12 @@ class ReplyParser:
                 return p
 
     # -- matching replies to commands ------------------------------------------------------
+
+    def _on_reply(self, name: str, error: bool) -> None:
+        """Tell the hooks of a reply, when they want to hear of it."""
+        names = self._reply_names
+        if names is None or name in names:
+            self._hook_reply(name, error)
 
     def _subscribed(self) -> bool:
         if self._total or self._shard:
