@@ -518,6 +518,13 @@ class ClusterSession:
                 await self._output.drained()
                 return
             future = entry.request.future if type(entry) is Forward else None
+            if future is not None and not future.done() and not self._closing:
+                if out:
+                    self._flush_client()  # what is ready goes out before waiting
+                self._awaiting = entry
+                with contextlib.suppress(LinkError):  # resolve() below answers it
+                    await future  # the common wait: the reply, with no coroutine to start
+                self._awaiting = None
             if (
                 future is not None
                 and future.done()
@@ -702,7 +709,7 @@ class ClusterSession:
             link is not None
             and link.failed is None
             and not link.closed
-            and address != self._seed.address
+            and (address != self._seed.address or link is self._seed)  # else live_seed()
         ):
             request.future = link.send_one(request.payload)  # open: it does not raise
             if link.congested and link not in self._congested:
