@@ -530,10 +530,10 @@ class ClusterSession:
                 and future.done()
                 and not future.cancelled()
                 and future.exception() is None
-                and future.result()[:1] != b"-"
+                and (reply := future.result())[:1] != b"-"
                 and entry.after is None  # type: ignore[attr-defined]
             ):
-                reply = future.result()  # the common case: no coroutine to run
+                pass  # the common case: no coroutine to run
             else:
                 if out and not entry.ready():
                     self._flush_client()  # what is ready goes out before waiting
