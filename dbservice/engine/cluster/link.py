@@ -143,7 +143,12 @@ class Link:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         if not self.pubsub:
             self._waiters.append(future)
-        self._queue(payload)
+        if type(payload) is bytes and self._writer is not None:  # the common case
+            self._buffer.append(payload)
+            self._queued += len(payload)
+            self._schedule()
+        else:
+            self._queue(payload)
         return future
 
     def write(self, payload: Payload) -> None:
