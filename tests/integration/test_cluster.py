@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from dbservice.engine.cluster.resp import encode_command
 from dbservice.engine.cluster.slots import key_slot
 from sandbox.memorydb import StandinConfig, ThreadedStandin
 from tests.kits.cluster import ClusterProxy
@@ -450,3 +451,36 @@ def test_a_half_closed_client_gets_every_reply(proxy: ClusterProxy) -> None:
         while chunk := sock.recv(65536):
             data += chunk
     assert data == b"+OK\r\n:2\r\n" * 100
+
+
+def test_the_quick_path_answers_as_the_server(proxy: ClusterProxy) -> None:
+    """Single-key commands take the engine's quick path (one table lookup, no
+    coroutine): any spelling, a wrong number of arguments, options after the key, and
+    the same commands inside MULTI are answered as the server answers them, in order."""
+    commands = [
+        [b"sEt", b"quick:a", b"1"],
+        [b"get", b"quick:a"],
+        [b"SET", b"quick:a"],
+        [b"GET"],
+        [b"GET", b"quick:a", b"extra"],
+        [b"SET", b"quick:b", b"2", b"EX", b"100"],
+        [b"incr", b"quick:c"],
+        [b"MULTI"],
+        [b"SET", b"quick:a", b"3"],
+        [b"GET", b"quick:a"],
+        [b"EXEC"],
+        [b"GET", b"quick:a"],
+    ]
+    expected = (
+        b"+OK\r\n$1\r\n1\r\n"
+        b"-ERR wrong number of arguments for 'set' command\r\n"
+        b"-ERR wrong number of arguments for 'get' command\r\n"
+        b"-ERR wrong number of arguments for 'get' command\r\n"
+        b"+OK\r\n:1\r\n+OK\r\n+QUEUED\r\n+QUEUED\r\n*2\r\n+OK\r\n$1\r\n3\r\n$1\r\n3\r\n"
+    )
+    with proxy.connect() as sock:
+        sock.sendall(b"".join(encode_command(c) for c in commands))
+        data = b""
+        while len(data) < len(expected) and (chunk := sock.recv(4096)):
+            data += chunk
+    assert data == expected

@@ -114,6 +114,22 @@ async def test_key_positions_match_command_getkeys(node: ValkeyNode) -> None:
     assert info is not None and "request_policy:multi_shard" in info.tips
 
 
+async def test_simple_commands_are_those_with_one_key(node: ValkeyNode) -> None:
+    """The quick path's table: a command's arity and its one key's position, exactly
+    for the commands whose key specs name one key, by the upper-case name."""
+    table = CommandTable.from_reply(resp.decode(await raw((node.host, node.port), "COMMAND")))
+    assert table.simple["GET"] == (2, 1)
+    assert table.simple["SET"] == (-3, 1)
+    assert table.simple["HSET"] == (-4, 1)
+    for several in ("MGET", "MSET", "DEL", "RENAME", "EVAL", "XREAD", "CLIENT", "PING"):
+        assert several not in table.simple
+    for name, (arity, at) in table.simple.items():
+        info = table.lookup([name.encode()])
+        assert info is not None and info.arity == arity and not info.subcommands
+        args = [name.encode(), *(b"k%d" % i for i in range(max(abs(arity), at + 1) - 1))]
+        assert table.key_positions(args) == [at], name
+
+
 async def test_command_table_from_resp3(node: ValkeyNode) -> None:
     frame = await raw((node.host, node.port), "COMMAND", "INFO", "xread", "get", protocol=3)
     table = CommandTable.from_reply(resp.decode(frame))

@@ -83,7 +83,7 @@ class Forward(Entry):
     def __init__(
         self, name: str, request: Request, after: Callable[[bytes], bytes] | None = None
     ) -> None:
-        super().__init__(name)
+        self.name, self.counted, self.close = name, True, False  # Entry's, made per command
         self.request = request
         self.after = after
 

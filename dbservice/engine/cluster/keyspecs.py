@@ -134,6 +134,13 @@ class CommandTable:
         """Lower-case name -> where its one key is, for commands with exactly one key
         (GET, SET, HSET...): the common case made cheap. Valid when the command has
         that many arguments; :meth:`key_positions` otherwise."""
+        self.simple: dict[str, tuple[int, int]] = {
+            name.upper(): (self.commands[name].arity, index)
+            for name, index in ((n.decode(), i) for n, i in self.single.items())
+        }
+        """Upper-case name -> (arity, where its one key is), for the same commands: a
+        client command found here by its name, with a number of arguments its arity
+        allows and its key among them, needs no other lookup to be routed."""
 
     @classmethod
     def from_reply(cls, reply: Value) -> CommandTable:

@@ -136,6 +136,21 @@ class Link:
         self._queue(payload)
         return futures
 
+    def send_one(self, payload: Payload) -> asyncio.Future[bytes]:
+        """:meth:`send` of one command (the common case, with no list made)."""
+        if self.failed is not None or self.closed:
+            raise self.failed or LinkError(f"node {self.name}: link closed")
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        if not self.pubsub:
+            self._waiters.append(future)
+        if type(payload) is bytes and self._writer is not None:  # the common case
+            self._buffer.append(payload)
+            self._queued += len(payload)
+            self._schedule()
+        else:
+            self._queue(payload)
+        return future
+
     def write(self, payload: Payload) -> None:
         """Write without expecting replies (a pub/sub link's commands)."""
         self._queue(payload)

@@ -36,6 +36,38 @@ _NOT_QUEUED: Final = ("EXEC", "DISCARD", "MULTI", "WATCH", "QUIT")
 """Commands inside MULTI that are not queued."""
 
 
+def plan_now(
+    session: ClusterSession, args: list[bytes], raw: Payload | None = None
+) -> Entry | None:
+    """:func:`plan` without a coroutine, for a command whose planning cannot wait (all
+    but the first one of a session, whose command table may still be unknown, and
+    ``RESET``); None, having done nothing, for those (then :func:`plan`). A command
+    with one key, as the command table says, with a number of arguments its arity
+    allows, goes to its slot's owner with no other lookup."""
+    spellings = session.spellings
+    name = spellings.get(args[0]) or spellings.canonical(args[0])
+    table = session.table
+    active = session.pubsub.active
+    if (name == "AUTH" or name == "HELLO") and not active:
+        session.stats.commands += 1
+        return login_command(session, name, args)
+    if table is None or (name == "RESET" and len(args) == 1):
+        return None
+    session.stats.commands += 1
+    verdict = session.hooks.on_command(name, len(args), args)
+    if verdict is not None:
+        session.stats.refused += 1
+        return Local(name, transactions.refused(session, name, verdict), counted=False)
+    simple = table.simple.get(name)
+    if simple is not None and not active and session.transaction.queued is None:
+        arity, at = simple
+        argc = len(args)
+        allowed = argc == arity or (arity < 0 and argc >= -arity)
+        if allowed and at < argc and name not in HANDLERS:
+            return session.forward(name, args, key_slot(args[at]), raw)
+    return _planned(session, table, name, args, raw)
+
+
 async def plan(session: ClusterSession, args: list[bytes], raw: Payload | None = None) -> Entry:
     """The entry for one client command, its request(s) already sent."""
     name = session.spellings.get(args[0]) or session.spellings.canonical(args[0])
@@ -57,6 +89,19 @@ async def plan(session: ClusterSession, args: list[bytes], raw: Payload | None =
         assert table is not None
     if name == "RESET" and len(args) == 1:  # also inside MULTI and subscribed, as the server
         return await reset(session, name)
+    return _planned(session, table, name, args, raw)
+
+
+def _planned(
+    session: ClusterSession,
+    table: CommandTable,
+    name: str,
+    args: list[bytes],
+    raw: Payload | None,
+) -> Entry:
+    """What follows the hooks and the command table: arity, subscribed mode, MULTI,
+    the handlers, then the route."""
+    pubsub = session.pubsub
     if (wrong := table.wrong_arity(args)) is not None:
         return _wrong_arity(session, name, wrong, args, raw)
     if pubsub.active and name not in _SUBSCRIBED_OK:

@@ -51,7 +51,7 @@ from .output import ClientOutput
 from .pubsub import PubSub
 from .redirects import BACKOFF, MAX_REDIRECTS
 from .resp import CommandReader, Payload, encode_command, error, error_of, prefixed, read_frame
-from .routing import SPLIT, Spellings, plan
+from .routing import SPLIT, Spellings, plan, plan_now
 from .state import ClusterState
 from .topology import Address, Topology, TopologyError
 from .transactions import TransactionState
@@ -370,7 +370,7 @@ class ClusterSession:
     async def _read_client(self) -> None:
         reader, size = self._client_reader, self._limits.read_size
         commands = CommandReader(self._limits)
-        gate, put, eof = self._gate, self._put, self._eof_command
+        gate, put, eof, room = self._gate, self._put, self._eof_command, self._room
         while True:
             data: bytes | None
             try:
@@ -395,11 +395,12 @@ class ClusterSession:
                     return
                 if not gate.is_set():
                     await gate.wait()
-                entry = await plan(self, args, raw)
+                entry = plan_now(self, args, raw) or await plan(self, args, raw)
                 self._sent += 1
                 if entry.holds:
                     self._hold_until_answered()
-                await put(entry)
+                if self._queue(entry):
+                    await room.wait()
                 if entry.close:
                     return
             if commands.error is not None:
@@ -471,6 +472,12 @@ class ClusterSession:
         await self._put(Local("", exc.reply, counted=False, close=True))
 
     async def _put(self, entry: Entry) -> None:
+        if self._queue(entry):
+            await self._room.wait()
+
+    def _queue(self, entry: Entry) -> bool:
+        """Hand ``entry`` to the writer; True when ``max_pending`` entries wait (then
+        the reader waits for ``_room``)."""
         entries = self._entries
         entries.append(entry)
         wake = self._wake
@@ -478,7 +485,8 @@ class ClusterSession:
             wake.set_result(None)
         if len(entries) >= self._limits.max_pending:
             self._room.clear()
-            await self._room.wait()
+            return True
+        return False
 
     async def _next(self) -> Entry:
         entries = self._entries
@@ -510,15 +518,22 @@ class ClusterSession:
                 await self._output.drained()
                 return
             future = entry.request.future if type(entry) is Forward else None
+            if future is not None and not future.done() and not self._closing:
+                if out:
+                    self._flush_client()  # what is ready goes out before waiting
+                self._awaiting = entry
+                with contextlib.suppress(LinkError):  # resolve() below answers it
+                    await future  # the common wait: the reply, with no coroutine to start
+                self._awaiting = None
             if (
                 future is not None
                 and future.done()
                 and not future.cancelled()
                 and future.exception() is None
-                and future.result()[:1] != b"-"
+                and (reply := future.result())[:1] != b"-"
                 and entry.after is None  # type: ignore[attr-defined]
             ):
-                reply = future.result()  # the common case: no coroutine to run
+                pass  # the common case: no coroutine to run
             else:
                 if out and not entry.ready():
                     self._flush_client()  # what is ready goes out before waiting
@@ -682,6 +697,27 @@ class ClusterSession:
         request = Request(args, slot, where, payload)
         self.send(request)
         return request
+
+    def forward(self, name: str, args: list[bytes], slot: int, payload: Payload | None) -> Entry:
+        """The common case of :meth:`request`: one client command to its slot's owner,
+        sent as the client spelled it (``payload``), its entry for the writer."""
+        assert self._topology is not None
+        address = self._topology.addresses[slot] or self.home()
+        request = Request(args, slot, address, payload)
+        link = self._links.get(address)
+        if (
+            link is not None
+            and link.failed is None
+            and not link.closed
+            and (address != self._seed.address or link is self._seed)  # else live_seed()
+        ):
+            request.future = link.send_one(request.payload)  # open: it does not raise
+            if link.congested and link not in self._congested:
+                self._congested.append(link)
+        else:
+            self.send(request)
+        self.last = address
+        return Forward(name, request)
 
     def hold(self) -> None:
         """Stop sending new commands until every command sent so far is answered (and
