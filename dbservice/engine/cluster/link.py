@@ -33,6 +33,7 @@ from dbservice.engine.proxy.session import Streams
 from dbservice.engine.proxy.settings import ProxyLimits
 from fleetgate.aio import take_buffered
 
+from .pieces import Pieces
 from .resp import FrameReader, Payload
 from .topology import Address
 
@@ -71,10 +72,8 @@ class Link:
         self._on_push = on_push
         self.pubsub = pubsub
         self._waiters: deque[asyncio.Future[bytes]] = deque()
-        self._buffer: deque[bytes] = deque()
-        self._queued = 0
-        """Bytes in ``_buffer`` not yet written (``_offset`` of its first piece are)."""
-        self._offset = 0
+        self._buffer = Pieces()
+        """What waits to be written."""
         self._paused = False
         """The connection's write buffer is over its high-water mark."""
         self._drain: asyncio.Future[None] | None = None
@@ -111,7 +110,7 @@ class Link:
     @property
     def congested(self) -> bool:
         """More than ``write_high_water`` bytes wait to be written."""
-        return self._queued > self._limits.write_high_water
+        return self._buffer.queued > self._limits.write_high_water
 
     async def drained(self) -> None:
         """Return once the link is not :attr:`congested` (or has ended)."""
@@ -145,7 +144,6 @@ class Link:
             self._waiters.append(future)
         if type(payload) is bytes and self._writer is not None:  # the common case
             self._buffer.append(payload)
-            self._queued += len(payload)
             self._schedule()
         else:
             self._queue(payload)
@@ -159,10 +157,8 @@ class Link:
         """Commands sent in one turn of the event loop leave in one write."""
         if isinstance(payload, bytes):
             self._buffer.append(payload)
-            self._queued += len(payload)
         else:
             self._buffer.extend(payload)
-            self._queued += sum(map(len, payload))
         if self._writer is None:
             self.start()
         else:
@@ -178,29 +174,7 @@ class Link:
         transport, buffer = self._transport, self._buffer
         if transport is None or self._paused or not buffer:
             return
-        data: bytes | memoryview
-        if self._queued <= SLICE and not self._offset:  # the common case: all of it
-            data = buffer[0] if len(buffer) == 1 else b"".join(buffer)
-            buffer.clear()
-            self._queued = 0
-        else:  # SLICE bytes now, the rest in later turns
-            parts: list[bytes | memoryview] = []
-            budget = SLICE
-            while buffer and budget:
-                piece, offset = buffer[0], self._offset
-                left = len(piece) - offset
-                if left <= budget:
-                    parts.append(memoryview(piece)[offset:] if offset else piece)
-                    buffer.popleft()
-                    self._offset = 0
-                    budget -= left
-                else:
-                    parts.append(memoryview(piece)[offset : offset + budget])
-                    self._offset = offset + budget
-                    budget = 0
-            self._queued -= SLICE - budget
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-        transport.write(data)
+        transport.write(buffer.take(SLICE))  # all of it, or SLICE now and the rest later
         if buffer:
             self._schedule()
         if self._drain is not None and not self.congested:
@@ -297,7 +271,6 @@ class Link:
             self.failed = error
         self._writer = self._transport = None
         self._buffer.clear()
-        self._queued = self._offset = 0
         self._wake_drained()
         while self._waiters:
             future = self._waiters.popleft()

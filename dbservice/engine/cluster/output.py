@@ -13,19 +13,16 @@ instead of the agent buffering all of it in the connection.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 
 from .link import SLICE
+from .pieces import Pieces
 
 
 class ClientOutput:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
-        self._pieces: deque[bytes] = deque()
-        self._offset = 0
-        """Bytes of the first piece already written."""
-        self._queued = 0
-        """Bytes in ``_pieces`` not yet written."""
+        self._pieces = Pieces()
+        """What waits to be handed to the connection."""
         self._task: asyncio.Task[None] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._wanted = 0
@@ -36,7 +33,7 @@ class ClientOutput:
     @property
     def queued(self) -> int:
         """Bytes waiting to be handed to the connection."""
-        return self._queued
+        return self._pieces.queued
 
     def write(self, data: bytes) -> None:
         if self.error is not None:
@@ -45,7 +42,6 @@ class ClientOutput:
             self._writer.write(data)
             return
         self._pieces.append(data)
-        self._queued += len(data)
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(
                 self._pump(), name="cluster-session-output"
@@ -53,7 +49,7 @@ class ClientOutput:
 
     async def drained(self, limit: int = 0) -> None:
         """Return once at most ``limit`` bytes wait; raises when the connection failed."""
-        while self._queued > limit and self.error is None:
+        while self._pieces.queued > limit and self.error is None:
             self._wanted = limit
             if self._waiter is None:
                 self._waiter = asyncio.get_running_loop().create_future()
@@ -65,38 +61,17 @@ class ClientOutput:
         writer = self._writer
         try:
             while self._pieces:
-                writer.write(self._take())
-                if self._queued <= self._wanted:
+                writer.write(self._pieces.take(SLICE))
+                if self._pieces.queued <= self._wanted:
                     self._wake()
                 await writer.drain()  # nothing more while the connection is over its mark
                 await asyncio.sleep(0)  # other sessions run between two slices
         except OSError as exc:  # ConnectionResetError and the like: the client is gone
             self.error = exc
             self._pieces.clear()
-            self._queued = self._offset = 0
         finally:
             self._task = None
             self._wake()
-
-    def _take(self) -> bytes | memoryview:
-        """The next :data:`SLICE` bytes (or fewer, when fewer wait)."""
-        pieces = self._pieces
-        parts: list[bytes | memoryview] = []
-        budget = SLICE
-        while pieces and budget:
-            piece, offset = pieces[0], self._offset
-            left = len(piece) - offset
-            if left <= budget:
-                parts.append(memoryview(piece)[offset:] if offset else piece)
-                pieces.popleft()
-                self._offset = 0
-                budget -= left
-            else:
-                parts.append(memoryview(piece)[offset : offset + budget])
-                self._offset = offset + budget
-                budget = 0
-        self._queued -= SLICE - budget
-        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _wake(self) -> None:
         waiter, self._waiter = self._waiter, None
@@ -107,7 +82,6 @@ class ClientOutput:
         """Stop writing (the session has ended); what waits is dropped."""
         task = self._task
         self._pieces.clear()
-        self._queued = self._offset = 0
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
