@@ -18,10 +18,9 @@ from bus.schemas import AWSSpec, DatabaseResource, DatabaseSpec, MemoryDBSpec, M
 from bus.server import NatsServer
 from dbservice.engine.cluster.slots import key_slot
 from dbservice.route import RouteRefused, open_route
-from sandbox.aws import ACL_MEMBERS, MotoServer
-from sandbox.iamfront import IamFront, MemoryDBLogin
-from sandbox.memorydb import MemoryDBStandin, StandinConfig
-from tests.kits import seed
+from sandbox.aws import MotoServer
+from sandbox.iamfront import MemoryDBLogin
+from sandbox.memorydb import MemoryDBStandin
 from tests.kits.agent import running_agent, wait_until
 from tests.kits.listener import (
     RawSession,
@@ -32,6 +31,7 @@ from tests.kits.listener import (
     put_roles,
     wait_events,
 )
+from tests.kits.memorydb import BOB_PASSWORD, config_endpoint, iam_cluster
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,33 +39,15 @@ REGION = "us-east-1"
 ACCOUNT = "123456789012"
 CLUSTER = "carts-prod"
 ACL = "carts-acl"
-CFG_NAME = f"clustercfg.{CLUSTER}.abc123.memorydb.{REGION}.amazonaws.com"
-BOB_PASSWORD = "bob-password-0123456789"
+CFG_NAME = config_endpoint(CLUSTER)
 
 
 @pytest.fixture
 async def standin(
     tmp_path: Path, aws: MotoServer
 ) -> AsyncIterator[tuple[MemoryDBStandin, MemoryDBLogin]]:
-    seed.cluster(REGION, CLUSTER, acl=ACL, engine_version="7.1")
-    memorydb = seed.client("memorydb", REGION)
-    for name, mode in (
-        ("alice", {"Type": "iam"}),
-        ("bob", {"Type": "password", "Passwords": [BOB_PASSWORD]}),
-    ):
-        memorydb.create_user(UserName=name, AuthenticationMode=mode, AccessString="on ~* +@all")
-        ACL_MEMBERS.setdefault((ACCOUNT, REGION, name), set()).add(ACL)
-    login = MemoryDBLogin(cluster=CLUSTER, region=REGION)
-    login.set_password("bob", BOB_PASSWORD)
-    config = StandinConfig(
-        dir=tmp_path / "db",
-        shards=3,
-        extra_dns_names=[CFG_NAME],
-        front_factory=IamFront.factory(login),
-    )
-    async with MemoryDBStandin(config) as db:
-        await login.sync_from_aws(db.nodes)
-        yield db, login
+    async with iam_cluster(tmp_path / "db", cluster=CLUSTER, acl=ACL, shards=3) as served:
+        yield served
 
 
 def record(ca_pem: str) -> DatabaseResource:

@@ -27,12 +27,13 @@ from dbservice.agent.config import AgentConfig
 from dbservice.auth.admin import sign_host
 from dbservice.route import RouteRefused
 from dbservice.upstream.iam import IamTarget, Role
-from sandbox.aws import ACL_MEMBERS, MotoServer, assumed_roles
-from sandbox.iamfront import IamFront, MemoryDBLogin
-from sandbox.memorydb import MemoryDBStandin, StandinConfig
+from sandbox.aws import MotoServer, assumed_roles
+from sandbox.iamfront import MemoryDBLogin
+from sandbox.memorydb import MemoryDBStandin
 from tests.kits import seed as seed
 from tests.kits.agent import agent_config, running_agent
 from tests.kits.listener import RawSession, client, cmd, make_fleet, put_roles
+from tests.kits.memorydb import BOB_PASSWORD, config_endpoint, iam_cluster
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -40,30 +41,15 @@ REGION = "us-east-1"
 ACCOUNT = "123456789012"
 CLUSTER = "orders-prod"
 ACL = "orders-acl"
-CFG_NAME = f"clustercfg.{CLUSTER}.abc123.memorydb.{REGION}.amazonaws.com"
-BOB_PASSWORD = "bob-password-0123456789"
+CFG_NAME = config_endpoint(CLUSTER)
 
 
 @pytest.fixture
 async def standin(
     tmp_path: Path, aws: MotoServer
 ) -> AsyncIterator[tuple[MemoryDBStandin, MemoryDBLogin]]:
-    seed.cluster(REGION, CLUSTER, acl=ACL, engine_version="7.1")
-    memorydb = seed.client("memorydb", REGION)
-    for name, mode in (
-        ("alice", {"Type": "iam"}),
-        ("bob", {"Type": "password", "Passwords": [BOB_PASSWORD]}),
-    ):
-        memorydb.create_user(UserName=name, AuthenticationMode=mode, AccessString="on ~* +@all")
-        ACL_MEMBERS.setdefault((ACCOUNT, REGION, name), set()).add(ACL)
-    login = MemoryDBLogin(cluster=CLUSTER, region=REGION)
-    login.set_password("bob", BOB_PASSWORD)
-    config = StandinConfig(
-        dir=tmp_path / "db", extra_dns_names=[CFG_NAME], front_factory=IamFront.factory(login)
-    )
-    async with MemoryDBStandin(config) as db:
-        await login.sync_from_aws(db.nodes)
-        yield db, login
+    async with iam_cluster(tmp_path / "db", cluster=CLUSTER, acl=ACL) as served:
+        yield served
 
 
 def record(
