@@ -36,6 +36,17 @@ def nats_server_binary() -> str:
     )
 
 
+def config_string(value: str) -> str:
+    """``value`` as a nats-server config string, for a ``$VARIABLE`` the config names.
+
+    nats-server reads a variable's value as config text, not as a string: unquoted,
+    ``-x1`` is a parse error, ``12345`` a number and ``true`` a boolean, and the server
+    refuses to start. Quoted, every value is the string it reads."""
+    if '"' in value or "\\" in value or "\n" in value:
+        raise ValueError('a nats-server password cannot hold ", \\ or a line break')
+    return f'"{value}"'
+
+
 class NatsServer:
     """A nats-server child process. ``start()`` returns once it accepts clients."""
 

@@ -22,7 +22,7 @@ from typing import IO, Any, TypeVar
 from bus import Bus
 from bus.access import put_role
 from bus.audit import ensure_audit_stream
-from bus.server import NatsServer
+from bus.server import NatsServer, config_string
 from dbservice.auth.admin import add_user, init_ca, parse_role, sign_host
 from dbservice.auth.passwords import hash_password
 from sandbox import children, seeding
@@ -201,7 +201,10 @@ class Sandbox:
         if not NATS_CONFIG.is_file():
             raise SandboxError(f"{NATS_CONFIG} is missing: run the sandbox from a checkout")
         self.nats_passwords = nats_passwords(self.dir)
-        env = {f"FLEETGATE_NATS_{u.upper()}_PASSWORD": pw for u, pw in self.nats_passwords.items()}
+        env = {
+            f"FLEETGATE_NATS_{user.upper()}_PASSWORD": config_string(password)
+            for user, password in self.nats_passwords.items()
+        }
         self.nats = NatsServer(
             self.path("nats"), port=self.o.nats_port or -1, config_file=NATS_CONFIG, env=env
         )

@@ -29,7 +29,7 @@ import redis.cluster
 from bus import Bus, RegistryError, subjects
 from bus.access import Role, User
 from bus.audit import SessionStart, publish_event
-from sandbox.state import names_dir
+from sandbox.state import names_dir, nats_password_file
 from tests.kits.proxy import valkey_cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
@@ -454,25 +454,29 @@ def test_status_shows_every_part_healthy(sandbox: Sandbox) -> None:
 
 def test_ctrl_c_on_a_foreground_up_stops_everything(tmp_path: Path) -> None:
     box = Sandbox(tmp_path, _env(tmp_path))
-    proc = subprocess.Popen(
+    # A kept NATS password nats-server would misread unquoted (it stopped CI once).
+    kept = nats_password_file(box.dir, "discovery")
+    kept.parent.mkdir(parents=True, mode=0o700)
+    kept.write_text("-wStartsWithADash\n")
+    kept.chmod(0o600)
+    with subprocess.Popen(  # leaving the block closes the pipes, whatever happened
         [sys.executable, "-m", "fleetgate", "sandbox", "up", "--clusters", "1"],
         env=box.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-    )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("  fleetgate sandbox down"):
-                break
-        assert any(line.startswith("ready in") for line in lines), "".join(lines)
-        state = box.state()
-        proc.send_signal(signal.SIGINT)
-        rest, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    ) as proc:  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            lines = []
+            for line in proc.stdout:
+                lines.append(line)
+                if line.startswith("  fleetgate sandbox down"):
+                    break
+            assert any(line.startswith("ready in") for line in lines), "".join(lines)
+            state = box.state()
+            proc.send_signal(signal.SIGINT)
+            rest, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
     assert proc.returncode == 0
     assert rest.splitlines()[-1].endswith("sandbox      stopped"), rest
     assert box.state()["state"] == "stopped"

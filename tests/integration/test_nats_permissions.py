@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import nats
 import nats.aio.client
 import nats.aio.msg
 import pytest
@@ -27,7 +28,7 @@ from bus.access import Role, User
 from bus.audit import SessionStart, ensure_audit_stream, publish_event, read_events
 from bus.client import inbox_prefix, url_user
 from bus.schemas import FetcherStatus, utcnow
-from bus.server import NatsServer
+from bus.server import NatsServer, config_string
 from bus.totp import claim_step, provision_totp
 from sandbox.aws import MotoServer
 from tests.kits import seed as seed
@@ -64,6 +65,29 @@ async def connect(secured: NatsServer) -> AsyncIterator[Callable[[str], Awaitabl
     yield as_user
     for bus in opened:
         await bus.close()
+
+
+@pytest.mark.parametrize("password", ["-w7Qx", "12345", "true", "1w", "a#b c"])
+async def test_a_password_nats_would_misread_starts_the_server_quoted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, password: str
+) -> None:
+    """nats-server reads a ``$VARIABLE`` as config text: a generated password starting
+    with ``-`` once kept the sandbox from starting. Quoted, it is the string itself."""
+    sample_nats_passwords(monkeypatch)
+    monkeypatch.setenv("FLEETGATE_NATS_READER_PASSWORD", config_string(password))
+    with NatsServer(tmp_path / "nats", config_file=CONFIG) as server:
+        client = await nats.connect(
+            f"nats://127.0.0.1:{server.port}", user="reader", password=password,
+            inbox_prefix=inbox_prefix("reader"), allow_reconnect=False,
+        )  # fmt: skip
+        assert client.is_connected
+        await client.close()
+
+
+def test_a_password_that_cannot_be_quoted_is_refused() -> None:
+    for bad in ('a"b', "a\\b", "a\nb"):
+        with pytest.raises(ValueError, match="cannot hold"):
+            config_string(bad)
 
 
 async def test_each_process_writes_only_what_it_owns(
