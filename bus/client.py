@@ -116,7 +116,9 @@ class Bus:
         wait: float = 0.0,
         request_timeout: float = 10.0,
     ) -> Bus:
-        """Connect to NATS at ``url``; raise BusUnavailable naming the URL when it stays
+        """Connect to NATS at ``url`` (one server, or a comma-separated list of a
+        cluster's servers: nats-py picks one and fails over to the others); raise
+        BusUnavailable naming the URL when it stays
         unreachable. A refused connection is retried for ``wait`` seconds (0 for
         commands people type: fail at once); one attempt takes at most
         ``connect_timeout``. Once connected, reconnects never stop. Replies (requests,
@@ -124,6 +126,7 @@ class Bus:
         (:func:`inbox_prefix`)."""
         bus: Bus | None = None
         shown = redact_url(url)
+        servers = [server.strip() for server in url.split(",") if server.strip()]
         first_errors: list[Exception] = []
         give_up = asyncio.Event()
         deadline = time.monotonic() + wait
@@ -131,7 +134,8 @@ class Bus:
         async def on_error(exc: Exception) -> None:
             if bus is None:  # still connecting: the caller reports it once
                 first_errors.append(exc)
-                if time.monotonic() >= deadline:
+                # every server of the list tried at least once before giving up
+                if time.monotonic() >= deadline and len(first_errors) >= len(servers):
                     give_up.set()
                 return
             logger.warning("NATS %s: %s", shown, describe(exc))
@@ -154,7 +158,7 @@ class Bus:
         }
         connecting = asyncio.ensure_future(
             nc.connect(
-                url,
+                servers,
                 name=name,
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,

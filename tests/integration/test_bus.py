@@ -38,6 +38,19 @@ async def test_put_get_delete_list(bus: Bus) -> None:
     assert [r.name for r in await bus.list_resources()] == ["b"]
 
 
+async def test_a_list_of_servers_connects_to_one_that_answers(nats_server: NatsServer) -> None:
+    with socket.socket() as closed:  # a port nobody listens on: the first server is down
+        closed.bind(("127.0.0.1", 0))
+        down = f"nats://127.0.0.1:{closed.getsockname()[1]}"
+    bus = await Bus.connect(f"{down}, {nats_server.url}", name="list", connect_timeout=2)
+    try:
+        assert bus.nc.is_connected
+        assert bus.nc.connected_url is not None
+        assert bus.nc.connected_url.port == nats_server.port
+    finally:
+        await bus.close()
+
+
 async def test_provision_is_idempotent(bus: Bus, nats_server: NatsServer) -> None:
     await bus.put_resource(db("kept"))
     other = await Bus.connect(nats_server.url, name="second")
