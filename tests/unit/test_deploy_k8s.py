@@ -474,3 +474,30 @@ async def test_discovery_probe_sees_the_nats_connection(
     assert secret not in out
     code, out = await _probe(argv, f"nats://discovery:{secret}@127.0.0.1:port")
     assert code == 1 and "cannot read a port" in out and secret not in out
+
+
+def test_the_documented_overlay_builds(tmp_path: Path) -> None:
+    """docs/deploy.md's overlay (namespace, image, IAM role, a replaced config) works on
+    this base as written."""
+    command = _kustomize_command()
+    if command is None:
+        pytest.skip("neither kustomize nor kubectl is installed")
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    (overlay,) = re.findall(r"```yaml\n# overlays/prod/kustomization.yaml\n(.*?)```", doc, re.S)
+    shutil.copytree(BASE, tmp_path / "deploy" / "k8s")
+    prod = tmp_path / "overlays" / "prod"
+    prod.mkdir(parents=True)
+    (prod / "kustomization.yaml").write_text(overlay)
+    (prod / "agent.yaml").write_text((BASE / "config" / "agent.yaml").read_text())
+    done = subprocess.run(
+        [*command, str(prod)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    built = [d for d in yaml.safe_load_all(done.stdout) if d]
+    assert {o["metadata"]["namespace"] for o in built} == {"fleetgate"}
+    images = {c["image"] for _, c in all_containers(built)}
+    assert images == {"REGISTRY/fleetgate:0.1.0"}
+    agent = by_kind(built, "ServiceAccount")["fleetgate-agent"]["metadata"]["annotations"]
+    assert agent["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::111122223333:")
+    for obj in built:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[-1], strict=True)
