@@ -58,6 +58,7 @@ HARDENING = {
     "Type": "exec",
     "KillSignal": "SIGTERM",
     "UMask": "0077",
+    "RestartPreventExitStatus": "2",
 }
 
 
@@ -140,6 +141,18 @@ def test_exec_start_is_a_real_fleetgate_command(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(NAMES))
+def test_a_config_mistake_exits_2_which_is_not_restarted(name: str, tmp_path: Path) -> None:
+    """RestartPreventExitStatus=2 holds for what a wrong config really exits with."""
+    argv = shlex.split(one(load(name), "ExecStart"))
+    argv[0] = str(Path(sys.executable).with_name("fleetgate"))
+    missing = tmp_path / "missing.yaml"
+    argv[argv.index("-c") + 1] = str(missing)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"fleetgate: error: {missing}: config file not found\n"
+
+
+@pytest.mark.parametrize("name", sorted(NAMES))
 def test_no_secret_in_the_unit(name: str) -> None:
     unit = load(name)
     service = unit["Service"]
@@ -164,6 +177,10 @@ def test_agent_state_is_its_data_dir_and_its_key_a_credential() -> None:
     assert one(unit, "StateDirectoryMode") == "0700"
     # the file `fleetgate auth sign --out /etc/fleetgate/agent` writes, 0600 root's
     assert one(unit, "LoadCredential") == f"listener-key.pem:{sample['listener']['key_file']}"
+    # where the service finds it, as the unit's comment and docs/deploy.md tell
+    handed = "key_file: /run/credentials/fleetgate-agent.service/listener-key.pem"
+    assert handed in (UNITS / "fleetgate-agent.service").read_text()
+    assert f"`{handed}`" in (ROOT / "docs" / "deploy.md").read_text()
     # the leader stops its listener processes itself, in order; systemd signals it alone
     assert one(unit, "KillMode") == "mixed"
 
