@@ -175,12 +175,19 @@ def test_agent_state_is_its_data_dir_and_its_key_a_credential() -> None:
     settings = load_model(AgentConfig, {"db_service": body}, "agent.yaml").db_service
     assert Path("/var/lib") / one(unit, "StateDirectory") == settings.data_dir
     assert one(unit, "StateDirectoryMode") == "0700"
-    # the file `fleetgate auth sign --out /etc/fleetgate/agent` writes, 0600 root's
-    assert one(unit, "LoadCredential") == f"listener-key.pem:{sample['listener']['key_file']}"
-    # where the service finds it, as the unit's comment and docs/deploy.md tell
-    handed = "key_file: /run/credentials/fleetgate-agent.service/listener-key.pem"
-    assert handed in (UNITS / "fleetgate-agent.service").read_text()
-    assert f"`{handed}`" in (ROOT / "docs" / "deploy.md").read_text()
+    # the files `fleetgate auth sign --out /etc/fleetgate/agent` writes (the key 0600
+    # root's), handed over together: the agent never pairs a new certificate with an
+    # old key
+    credentials = dict(c.split(":", 1) for c in unit["Service"]["LoadCredential"])
+    assert credentials == {
+        "listener-cert.pem": sample["listener"]["cert_file"],
+        "listener-key.pem": sample["listener"]["key_file"],
+    }
+    # where the service finds them, as the unit's comment and docs/deploy.md tell
+    for setting, ident in (("cert_file", "listener-cert.pem"), ("key_file", "listener-key.pem")):
+        handed = f"{setting}: /run/credentials/fleetgate-agent.service/{ident}"
+        assert handed in (UNITS / "fleetgate-agent.service").read_text()
+        assert f"`{handed}`" in (ROOT / "docs" / "deploy.md").read_text()
     # the leader stops its listener processes itself, in order; systemd signals it alone
     assert one(unit, "KillMode") == "mixed"
 
