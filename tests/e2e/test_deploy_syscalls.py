@@ -1,18 +1,23 @@
-"""The services work under the system-call filter their systemd units set (deploy/systemd:
-``SystemCallFilter=``, ``RestrictAddressFamilies=``, ``NoNewPrivileges=``), applied as
-systemd applies it (tests/kits/syscalls.py): the auth service serves a login, an agent
-with two listener processes serves a ``db connect`` session, discovery polls AWS (moto),
-and the agent and the auth service stop cleanly on SIGTERM. A unit whose filter took away
-a call one of them needs fails here, not on the first host it is installed on."""
+"""The services work inside what their systemd units (deploy/systemd) set up, applied as
+systemd applies it (tests/kits/syscalls.py): the system-call filter
+(``SystemCallFilter=``, ``RestrictAddressFamilies=``, ``NoNewPrivileges=``), and where
+this machine allows mount namespaces also ``ProtectSystem=strict``, ``ProtectHome=``, a
+user of their own with no capabilities (``DynamicUser=``) and only their state directory
+writable. The auth service serves a login, an agent with two listener processes serves
+``db connect`` sessions, discovery polls AWS (moto), and the agent and the auth service
+stop cleanly on SIGTERM. A unit that took away something one of them needs fails here,
+not on the first host it is installed on."""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes.util
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -33,6 +38,8 @@ ROOT = Path(__file__).resolve().parents[2]
 UNITS = ROOT / "deploy" / "systemd"
 ROLE = "kind: role\nname: dev\nallow: {db_labels: {env: dev}, db_users: [app]}\n"
 PASSWORD = "a long password"
+USERS = {"auth": 61184, "agent": 61185, "discovery": 61186}
+"""A user of its own per service, from systemd's range for dynamic users."""
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -43,13 +50,33 @@ pytestmark = [
 ]
 
 
-def confined(unit: str, *command: str) -> list[str]:
-    """``command`` run under ``unit``'s system-call filter."""
-    return [sys.executable, "-m", "tests.kits.syscalls", str(UNITS / unit), "--", *command]
+def _namespaces() -> bool:
+    """Whether this process may make a mount namespace and mount in it (root, or a
+    container allowed to)."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "t", "/mnt"],
+        capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    return done.returncode == 0
 
 
-def fleetgate_confined(unit: str, *args: str) -> list[str]:
-    return confined(unit, sys.executable, "-m", "fleetgate", *args)
+NAMESPACES = _namespaces()
+
+
+def confined(
+    unit: str, *command: str, uid: int | None = None, writable: tuple[str, ...] = ()
+) -> list[str]:
+    """``command`` run as ``unit`` runs it: its filter and, with ``uid``, its file system
+    and user."""
+    launcher = [sys.executable, "-m", "tests.kits.syscalls", str(UNITS / unit)]
+    if uid is None:
+        return [*launcher, "--", *command]
+    return [
+        "unshare", "--mount", "--propagation", "private",
+        *launcher, "--uid", str(uid), "--writable", *writable, "--", *command,
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -74,6 +101,49 @@ def test_the_filter_refuses_what_the_units_take_away(code: str) -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert (done.returncode, done.stdout) == (0, "ok\n"), done.stderr
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A directory the services' users may enter (pytest's own are root's, 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="fleetgate-units-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+@pytest.mark.skipif(not NAMESPACES, reason="needs root and mount namespaces (unshare)")
+def test_only_the_state_directory_is_writable(workdir: Path) -> None:
+    state = workdir / "state"
+    state.mkdir(mode=0o700)
+    os.chown(state, USERS["agent"], USERS["agent"])
+    code = (
+        "import os, sys\n"
+        "open(sys.argv[1] + '/written', 'w').close()\n"
+        "for path in ('/tmp', '/var/tmp', sys.argv[2], '/home', '/etc'):\n"
+        "    try:\n"
+        "        open(path + '/fleetgate-write-check', 'w')\n"
+        "    except OSError as exc:\n"
+        "        print(path, exc.strerror)\n"
+        "print(os.getuid(), os.getgroups(), os.listdir('/home'))\n"
+    )
+    done = subprocess.run(
+        confined(
+            "fleetgate-agent.service", sys.executable, "-c", code, str(state), str(workdir),
+            uid=USERS["agent"], writable=(str(state),),
+        ),
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        "/tmp Read-only file system\n/var/tmp Read-only file system\n"
+        f"{workdir} Read-only file system\n/home Read-only file system\n"
+        "/etc Read-only file system\n"
+        f"{USERS['agent']} [] []\n"
+    )
+    assert (state / "written").stat().st_uid == USERS["agent"]
 
 
 @pytest.fixture
@@ -111,54 +181,86 @@ async def stopped(proc: subprocess.Popen[bytes], limit: float) -> int:
     return proc.wait()
 
 
+def own(path: Path, uid: int) -> None:
+    """What systemd does to a StateDirectory= at start: the tree becomes the user's."""
+    for where, dirs, files in os.walk(path):
+        for name in [where, *(os.path.join(where, n) for n in dirs + files)]:
+            os.chown(name, uid, uid)
+
+
 @pytest.mark.slow
-async def test_services_run_under_their_units_filters(
+async def test_services_run_as_their_units_run_them(
     nats_server: NatsServer,
     bus: Bus,
     aws: MotoServer,
     valkey: ValkeyNode,
-    tmp_path: Path,
+    workdir: Path,
     services: list[subprocess.Popen[bytes]],
 ) -> None:
-    env = subprocess_env(FLEETGATE_NATS_URL=nats_server.url, FLEETGATE_HOME=str(tmp_path / "home"))
-    ca = tmp_path / "ca"
+    tmp = workdir
+    env = subprocess_env(FLEETGATE_NATS_URL=nats_server.url, FLEETGATE_HOME=str(tmp / "home"))
+    ca = tmp / "ca"
+    (tmp / "role.yaml").write_text(ROLE)
     for args, stdin in (
         (("auth", "init", "--dir", str(ca)), ""),
-        (("roles", "create", "-f", str(tmp_path / "role.yaml")), ""),
+        (("roles", "create", "-f", str(tmp / "role.yaml")), ""),
         (("users", "add", "alice", "--roles", "dev", "--password-stdin"), PASSWORD + "\n"),
-        (("auth", "sign", "--host", "127.0.0.1", "--out", str(tmp_path / "tls"),
+        (("auth", "sign", "--host", "127.0.0.1", "--out", str(tmp / "tls"),
           "--ca-dir", str(ca)), ""),
     ):  # fmt: skip
-        (tmp_path / "role.yaml").write_text(ROLE)
         done = await asyncio.to_thread(run, env, *args, stdin=stdin)
         assert done.returncode == 0, done.stderr
+    # as systemd hands them over: the auth service's StateDirectory= (ca_dir), the agent's
+    # (data_dir) and its LoadCredential= copies of the certificate and key
+    data_dir = tmp / "agent-data"
+    credentials = tmp / "credentials"
+    data_dir.mkdir(mode=0o700)
+    credentials.mkdir(mode=0o500)
+    for name in ("cert.pem", "key.pem"):
+        shutil.copy(tmp / "tls" / name, credentials / name)
+        (credentials / name).chmod(0o400)
+    if NAMESPACES:
+        own(ca, USERS["auth"])
+        own(data_dir, USERS["agent"])
+        own(credentials, USERS["agent"])
 
-    def start(unit: str, name: str, *args: str) -> subprocess.Popen[bytes]:
-        with (tmp_path / f"{name}.log").open("ab") as log:
+    def start(
+        unit: str, name: str, *args: str, writable: tuple[str, ...] = ()
+    ) -> subprocess.Popen[bytes]:
+        uid = USERS[name] if NAMESPACES else None
+        command = confined(
+            unit, sys.executable, "-m", "fleetgate", *args, uid=uid, writable=writable
+        )
+        with (tmp / f"{name}.log").open("ab") as log:
             proc = subprocess.Popen(
-                fleetgate_confined(unit, *args), cwd=ROOT, env=env, stdout=log,
-                stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         services.append(proc)
         return proc
 
     auth_port = free_port()
-    (tmp_path / "auth.yaml").write_text(f"listen: 127.0.0.1:{auth_port}\nca_dir: {ca}\n")
-    auth = start("fleetgate-auth.service", "auth", "auth", "run", "-c", str(tmp_path / "auth.yaml"))
-    tls = tmp_path / "tls"
+    (tmp / "auth.yaml").write_text(f"listen: 127.0.0.1:{auth_port}\nca_dir: {ca}\n")
+    auth = start(
+        "fleetgate-auth.service", "auth", "auth", "run", "-c", str(tmp / "auth.yaml"),
+        writable=(str(ca),),
+    )  # fmt: skip
     config = agent_config(
-        tmp_path,
+        tmp,
         "agent-a",
+        data_dir=str(data_dir),
         listen_addr=f"127.0.0.1:{free_port()}",
         listener={
-            "cert_file": str(tls / "cert.pem"), "key_file": str(tls / "key.pem"), "processes": 2
+            "cert_file": str(credentials / "cert.pem"),
+            "key_file": str(credentials / "key.pem"),
+            "processes": 2,
         },
         databases=[static_db("dev-cache", valkey.port, env="dev")],
-    )  # fmt: skip
-    (tmp_path / "agent.yaml").write_text(yaml.safe_dump(config))
-    agent = start(
-        "fleetgate-agent.service", "agent", "agent", "run", "-c", str(tmp_path / "agent.yaml")
     )
+    (tmp / "agent.yaml").write_text(yaml.safe_dump(config))
+    agent = start(
+        "fleetgate-agent.service", "agent", "agent", "run", "-c", str(tmp / "agent.yaml"),
+        writable=(str(data_dir),),
+    )  # fmt: skip
 
     # discovery: one whole poll of AWS (moto), exit 0 only if every fetcher succeeded
     discovery = {
@@ -166,29 +268,29 @@ async def test_services_run_under_their_units_filters(
             "aws": [{"types": ["memorydb"], "regions": ["us-east-1"], "tags": {"*": "*"}}]
         }
     }
-    (tmp_path / "discovery.yaml").write_text(yaml.safe_dump(discovery))
-    polled = await asyncio.to_thread(
-        subprocess.run,
-        fleetgate_confined(
-            "fleetgate-discovery.service", "discovery", "run", "-c",
-            str(tmp_path / "discovery.yaml"), "--once",
-        ),
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False,
+    (tmp / "discovery.yaml").write_text(yaml.safe_dump(discovery))
+    poll = start(
+        "fleetgate-discovery.service", "discovery", "discovery", "run", "-c",
+        str(tmp / "discovery.yaml"), "--once",
     )  # fmt: skip
-    assert polled.returncode == 0, polled.stdout + polled.stderr
+    await wait_until(lambda: poll.poll() is not None, 120, "discovery's poll")
+    assert poll.returncode == 0, (tmp / "discovery.log").read_text()
 
     async def healthy() -> bool:
         for name, proc in (("agent", agent), ("auth", auth)):
             if proc.poll() is not None:
-                log = (tmp_path / f"{name}.log").read_text()
+                log = (tmp / f"{name}.log").read_text()
                 raise AssertionError(f"{name} exited {proc.returncode}:\n{log[-3000:]}")
         servers = await bus.list_db_servers("dev-cache")
         return len(servers) == 1 and servers[0].target_health.status == "healthy"
 
-    await wait_until(healthy, 60, "the confined agent serving dev-cache")
-    for proc in (agent, auth):  # the launcher became the service: filtered, no new privileges
+    await wait_until(healthy, 60, "the agent serving dev-cache")
+    for name, proc in (("agent", agent), ("auth", auth)):
         status = Path(f"/proc/{proc.pid}/status").read_text()  # noqa: ASYNC240
         assert "\nSeccomp:\t2\n" in status and "\nNoNewPrivs:\t1\n" in status
+        if NAMESPACES:  # its own user, no capabilities
+            assert f"\nUid:\t{USERS[name]}\t{USERS[name]}\t" in status, status
+            assert "\nCapEff:\t0000000000000000\n" in status, status
     login = await asyncio.to_thread(
         run, env, "login", "--auth", f"127.0.0.1:{auth_port}", "--user", "alice",
         "--password-stdin", "--ca-file", str(ca / "ca.crt"), stdin=PASSWORD + "\n",
@@ -203,6 +305,9 @@ async def test_services_run_under_their_units_filters(
 
     assert await stopped(agent, 60) == 0
     assert await stopped(auth, 60) == 0
-    logs = "".join((tmp_path / f"{n}.log").read_text() for n in ("agent", "auth"))
+    logs = "".join((tmp / f"{n}.log").read_text() for n in ("agent", "auth"))
     assert "Operation not permitted" not in logs and "Traceback" not in logs, logs
     assert ", 2 listener processes" in logs and "agent stopped" in logs
+    # the state each wrote is in its own directory
+    assert (data_dir / "host_uuid").is_file()
+    assert (ca / "service" / "cert.pem").is_file()

@@ -12,7 +12,15 @@ systemd sets it up, for tests on a machine where systemd does not run the units:
 
 It uses libseccomp (``libseccomp.so.2``, which systemd itself depends on) through ctypes.
 
-    python -m tests.kits.syscalls UNIT_FILE -- COMMAND [ARG...]
+With ``--uid``, and only inside a private mount namespace (``unshare --mount
+--propagation private``), it also does what ``ProtectSystem=strict``, ``ProtectHome=yes``,
+the unit's ``StateDirectory=`` and ``DynamicUser=yes`` do: every mount but the API file
+systems (``/proc``, ``/sys``, ``/dev``) read-only except the ``--writable`` paths,
+``/home``, ``/root`` and ``/run/user`` empty (in one that holds this Python, as a pyenv
+one in /root, only its directory shows, read-only), and the command run as that user and
+group with no supplementary groups (so with no capabilities).
+
+    python -m tests.kits.syscalls UNIT_FILE [--uid N --writable PATH...] -- COMMAND [ARG...]
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from pathlib import Path
 
 SCMP_ACT_ALLOW = 0x7FFF0000
 SCMP_CMP_EQ = 4
+MS_BIND = 4096
 FAMILIES = {"AF_INET": socket.AF_INET, "AF_INET6": socket.AF_INET6, "AF_UNIX": socket.AF_UNIX}
 
 
@@ -125,9 +134,77 @@ def apply_filter(unit: Path) -> None:
     assert lib.seccomp_load(ctx) == 0, f"seccomp_load: {os.strerror(ctypes.get_errno())}"
 
 
+API_FILE_SYSTEMS = ("/proc", "/sys", "/dev")
+HIDDEN = ("/home", "/root", "/run/user")
+
+
+def mount_points() -> list[str]:
+    """This namespace's mount points (``/proc/self/mountinfo``, octal escapes undone)."""
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        assert "shared:" not in line, f"a shared mount here: {fields[4]} (use a private namespace)"
+        points.append(fields[4].encode().decode("unicode_escape"))
+    return points
+
+
+def under(path: str, tops: tuple[str, ...]) -> bool:
+    return any(path == top or path.startswith(top + "/") for top in tops)
+
+
+def hide(path: str, interpreter: str) -> None:
+    """An empty, read-only ``path``; if it holds ``interpreter`` (a pyenv Python in
+    /root), only the interpreter's top directory shows in it, read-only."""
+    keep = None
+    if under(interpreter, (path,)):
+        keep = os.path.join(path, os.path.relpath(interpreter, path).split(os.sep)[0])
+    fd = os.open(keep, os.O_PATH | os.O_DIRECTORY) if keep else -1
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "mode=0755", "tmpfs", path], check=True)
+    if keep:
+        os.mkdir(keep)
+        # the kernel follows the descriptor to the original; mount(8) would resolve its
+        # name, now the new, empty directory
+        libc = ctypes.CDLL(None, use_errno=True)
+        bound = libc.mount(f"/proc/self/fd/{fd}".encode(), keep.encode(), None, MS_BIND, None)
+        assert bound == 0, f"bind {keep}: {os.strerror(ctypes.get_errno())}"
+        os.close(fd)
+        subprocess.run(["mount", "-o", "remount,bind,ro", keep], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", path], check=True)
+
+
+def protect_system(writable: list[str], uid: int) -> None:
+    """ProtectSystem=strict, ProtectHome=yes, StateDirectory=, DynamicUser=yes (see the
+    module's doc). Only in a namespace of its own: it refuses to run in the first one."""
+    parent = f"/proc/{os.getppid()}/ns/mnt"
+    if os.readlink("/proc/self/ns/mnt") == os.readlink(parent):
+        raise SystemExit("--uid: run me in a private mount namespace (unshare --mount)")
+    kept = tuple(os.path.realpath(p) for p in writable)
+    for path in kept:  # each its own mount, which stays writable
+        subprocess.run(["mount", "--bind", path, path], check=True)
+    for point in sorted(set(mount_points())):
+        if under(point, API_FILE_SYSTEMS) or point in kept:
+            continue
+        # remount,bind changes this mount's flags only, never the file system's
+        subprocess.run(["mount", "-o", "remount,bind,ro", point], check=False,
+                       stderr=subprocess.DEVNULL)  # fmt: skip
+    interpreter = os.path.realpath(sys.executable)
+    for path in HIDDEN:
+        if os.path.isdir(path):
+            hide(path, interpreter)
+    os.setgroups([])
+    os.setgid(uid)
+    os.setuid(uid)
+    os.environ["HOME"] = "/"
+
+
 def main(argv: list[str]) -> None:
-    unit, sep, *command = argv
-    assert sep == "--" and command, __doc__
+    unit, *rest = argv
+    sep = rest.index("--")
+    options, command = rest[:sep], rest[sep + 1 :]
+    assert command, __doc__
+    if options:
+        assert options[0] == "--uid" and options[2] == "--writable", __doc__
+        protect_system(options[3:], int(options[1]))
     apply_filter(Path(unit))
     os.execvp(command[0], command)
 
