@@ -1,5 +1,5 @@
-"""Run a command under the system-call filter of one of deploy/systemd's units, set up as
-systemd sets it up, for tests on a machine where systemd does not run the units:
+"""Run a command as one of deploy/systemd's units runs it, for tests on a machine where
+systemd does not run the units. Its system-call filter, set up as systemd sets it up:
 
 * ``SystemCallFilter=``: the first line's groups and names are the allow list, lines
   starting with ``~`` take theirs out again (groups expanded by ``systemd-analyze
@@ -20,7 +20,7 @@ systems (``/proc``, ``/sys``, ``/dev``) read-only except the ``--writable`` path
 one in /root, only its directory shows, read-only), and the command run as that user and
 group with no supplementary groups (so with no capabilities).
 
-    python -m tests.kits.syscalls UNIT_FILE [--uid N --writable PATH...] -- COMMAND [ARG...]
+    python -m tests.kits.unitrun UNIT_FILE [--uid N --writable PATH...] -- COMMAND [ARG...]
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The services work inside what their systemd units (deploy/systemd) set up, applied as
-systemd applies it (tests/kits/syscalls.py): the system-call filter
+systemd applies it (tests/kits/unitrun.py): the system-call filter
 (``SystemCallFilter=``, ``RestrictAddressFamilies=``, ``NoNewPrivileges=``), and where
 this machine allows mount namespaces also ``ProtectSystem=strict``, ``ProtectHome=``, a
 user of their own with no capabilities (``DynamicUser=``) and only their state directory
@@ -70,7 +70,7 @@ def confined(
 ) -> list[str]:
     """``command`` run as ``unit`` runs it: its filter and, with ``uid``, its file system
     and user."""
-    launcher = [sys.executable, "-m", "tests.kits.syscalls", str(UNITS / unit)]
+    launcher = [sys.executable, "-m", "tests.kits.unitrun", str(UNITS / unit)]
     if uid is None:
         return [*launcher, "--", *command]
     return [
