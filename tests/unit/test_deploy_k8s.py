@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as dt
+import logging
 import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -38,6 +40,9 @@ from discovery.settings import DiscoveryConfig
 from fleetgate.addresses import split_host_port
 from fleetgate.cli.main import build_parser
 from fleetgate.config import load_model
+from tests.kits.agent import running_agent
+from tests.kits.connect import world
+from tests.kits.listener import Fleet, static_db
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "k8s"
@@ -501,3 +506,48 @@ def test_the_documented_overlay_builds(tmp_path: Path) -> None:
     assert agent["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::111122223333:")
     for obj in built:
         kubernetes_validate.validate(obj, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+async def _kubelet_https_get(port: int, path: str) -> tuple[int, bytes]:
+    """What kubelet's HTTPS probe does: TLS without checking the certificate, no client
+    certificate, a GET; the status and the body."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
+    response = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def test_probes_pass_on_the_running_services(
+    objects: list[Obj],
+    bus: Bus,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The auth service answers its probe's GET; the agent's listener takes the TCP
+    probe's connections and logs nothing about them (they close before any TLS)."""
+    http = main_container(objects, "auth")["readinessProbe"]["httpGet"]
+    tcp = main_container(objects, "agent")["readinessProbe"]["tcpSocket"]
+    assert tcp == {"port": "clients"}
+    async with world(bus, tmp_path, nats_server.url) as w:
+        assert await _kubelet_https_get(w.service.port, http["path"]) == (200, b"ok")
+        fleet = Fleet(bus, w.ca, tmp_path, nats_server.url)
+        config = fleet.agent("agent-a", [static_db("dev-cache", 1, env="dev")])
+        async with running_agent(config, nats_server.url) as agent:
+            assert agent.listener is not None
+            caplog.clear()
+            with caplog.at_level(logging.DEBUG, logger="dbservice.gateway"):
+                for _ in range(3):
+                    _, writer = await asyncio.open_connection("127.0.0.1", agent.listener.port)
+                    writer.close()
+                    await writer.wait_closed()
+                await asyncio.sleep(0.5)
+            said = [r for r in caplog.records if r.name.startswith("dbservice.gateway")]
+            assert said and all(r.levelno == logging.DEBUG for r in said), [
+                r.getMessage() for r in said
+            ]
