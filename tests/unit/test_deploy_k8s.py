@@ -61,14 +61,18 @@ HASH_SUFFIX = re.compile(r"-[a-z0-9]{10}$")
 
 def build(base: Path = BASE) -> list[Obj]:
     """What ``kustomize build`` makes of this base, without the ConfigMaps' hash suffix:
-    the resources, and a ConfigMap per configMapGenerator entry (key: the file's name)."""
+    the resources (files, or directories with a kustomization of their own), and a
+    ConfigMap per configMapGenerator entry (key: the file's name)."""
     kustomization = yaml.safe_load((base / "kustomization.yaml").read_text())
     known = {"apiVersion", "kind", "resources", "configMapGenerator"}
     assert set(kustomization) <= known, f"the builder here knows only {sorted(known)}"
     objects: list[Obj] = []
     for resource in kustomization["resources"]:
-        objects += [d for d in yaml.safe_load_all((base / resource).read_text()) if d]
-    for generator in kustomization["configMapGenerator"]:
+        if (base / resource).is_dir():
+            objects += build(base / resource)
+        else:
+            objects += [d for d in yaml.safe_load_all((base / resource).read_text()) if d]
+    for generator in kustomization.get("configMapGenerator", []):
         data = {}
         for entry in generator["files"]:
             key, _, path = entry.rpartition("=")
@@ -131,12 +135,14 @@ def _unhashed(obj: Obj) -> Obj:
     return out
 
 
-def test_kustomize_builds_the_same(objects: list[Obj]) -> None:
+@pytest.mark.parametrize("part", ["", "discovery", "agent", "auth"])
+def test_kustomize_builds_the_same(part: str) -> None:
+    """The whole base, and each service's base alone (a region may run only agents)."""
     command = _kustomize_command()
     if command is None:
         pytest.skip("neither kustomize nor kubectl is installed (the build here is checked)")
     done = subprocess.run(
-        [*command, str(BASE)], capture_output=True, text=True, timeout=120, check=False
+        [*command, str(BASE / part)], capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 0, done.stderr
     built = [d for d in yaml.safe_load_all(done.stdout) if d]
@@ -146,7 +152,11 @@ def test_kustomize_builds_the_same(objects: list[Obj]) -> None:
     def key(o: Obj) -> tuple[str, str]:
         return o["kind"], o["metadata"]["name"]
 
-    assert sorted(map(_unhashed, built), key=key) == sorted(objects, key=key)
+    assert sorted(map(_unhashed, built), key=key) == sorted(build(BASE / part), key=key)
+    if part:
+        assert {o["metadata"]["name"] for o in built if o["kind"] == "Deployment"} == {
+            f"fleetgate-{part}"
+        }
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -493,7 +503,7 @@ def test_the_documented_overlay_builds(tmp_path: Path) -> None:
     prod = tmp_path / "overlays" / "prod"
     prod.mkdir(parents=True)
     (prod / "kustomization.yaml").write_text(overlay)
-    (prod / "agent.yaml").write_text((BASE / "config" / "agent.yaml").read_text())
+    (prod / "agent.yaml").write_text((BASE / "agent" / "agent.yaml").read_text())
     done = subprocess.run(
         [*command, str(prod)], capture_output=True, text=True, timeout=120, check=False
     )
