@@ -239,6 +239,29 @@ async def test_refusals_say_why_and_show_no_secret(
     assert SECRET not in caplog.text and "not-" + SECRET not in caplog.text
 
 
+async def test_tls_handshake_first(tmp_path: Path) -> None:
+    """With handshake_first, TLS starts before the server's greeting; a server that
+    does not speak TLS first is refused, so no login crosses in the clear."""
+    pki = Pki(tmp_path)
+    conf = tmp_path / "nats.conf"
+    conf.write_text(
+        f'tls {{ cert_file: "{pki.server_cert}", key_file: "{pki.server_key}", '
+        "handshake_first: true }\n"
+    )
+    tls = {"ca_file": str(pki.ca_file), "handshake_first": True}
+    with NatsServer(tmp_path / "store", config_file=conf) as server:
+        conn = resolve_nats(server.url, settings(tls=tls), env={})
+        async with await Bus.connect(conn, name="test") as bus:
+            await use(bus)
+    with NatsServer(tmp_path / "plain") as plain:
+        token = tmp_path / "token"
+        token.write_text(SECRET)
+        conn = resolve_nats(plain.url, settings(tls=tls, token_file=str(token)), env={})
+        with pytest.raises(BusUnavailable) as caught:
+            await Bus.connect(conn, name="test", connect_timeout=2)
+        assert SECRET not in str(caught.value)
+
+
 async def test_a_jwt_user_from_a_creds_file(tmp_path: Path) -> None:
     operator = Operator()
     conf = tmp_path / "nats.conf"
