@@ -340,3 +340,16 @@ def test_the_deploy_examples_load() -> None:
         loaded = load_model(nats, section, f"{name}: nats")
         assert loaded.creds_file is not None and loaded.tls is not None
         assert all(server.startswith("tls://") for server in loaded.servers)
+
+
+def test_sandbox_children_get_only_their_own_nats_login(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from sandbox.children import child_env
+
+    monkeypatch.setenv("FLEETGATE_NATS_CREDS_FILE", str(tmp_path / "mine.creds"))
+    monkeypatch.setenv("FLEETGATE_NATS_SERVERS", "tls://prod:4222")
+    env = child_env({}, f"nats://agent:{SECRET}@127.0.0.1:4222", tmp_path)
+    assert [name for name in env if name.startswith("FLEETGATE_NATS_")] == ["FLEETGATE_NATS_URL"]
+    conn = resolve_nats(None, None, env=env)
+    assert conn.servers == (f"nats://agent:{SECRET}@127.0.0.1:4222",)
