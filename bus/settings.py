@@ -313,7 +313,10 @@ def resolve_nats(
     checked. ConfigError names the setting and what to do."""
     env = os.environ if env is None else env
     settings, source = _layer(flag, configured or NatsSettings(), env)
-    servers = settings.server_list() or [DEFAULT_NATS_URL]
+    servers = [
+        server if "://" in server else f"nats://{server}"
+        for server in settings.server_list() or [DEFAULT_NATS_URL]
+    ]
 
     def where(name: str) -> str:
         return source.get(name, f"nats.{name}")

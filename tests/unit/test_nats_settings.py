@@ -81,6 +81,8 @@ def test_servers_list_and_the_older_url_form() -> None:
     assert listed.servers == ("nats://a:4222", "nats://b:4222")
     old = resolve_nats(None, settings(url="nats://a:4222, nats://b:4222"), env={})
     assert old.servers == listed.servers
+    bare = resolve_nats(None, settings(servers=["nats-1:4222"], tls={}), env={})
+    assert bare.servers == ("tls://nats-1:4222",)
     assert "set servers or url, not both" in invalid(servers=["nats://a:1"], url="nats://b:1")
 
 
