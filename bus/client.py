@@ -459,19 +459,44 @@ class Bus:
         return [hb for hb in found.values() if database is None or hb.name == database]
 
 
+class PlaintextRefused(ConnectionError):
+    """A server did not start TLS although TLS is configured: the password or token is
+    not sent (nats-py starts TLS only when the server asks for it)."""
+
+
 def _credentials(conn: NatsConnection) -> dict[str, Any]:
-    """nats-py's options for the TLS and the credentials ``conn`` holds."""
+    """nats-py's options for the TLS and the credentials ``conn`` holds. With TLS, a
+    password or a token is handed over only on a connection whose TLS handshake
+    completed: nats-py asks for them (callbacks) just before it sends CONNECT."""
     options: dict[str, Any] = {}
-    if conn.tls is not None:
-        options["tls"] = conn.tls
+    tls = conn.new_tls()
+
+    def guarded(secret: str) -> str | Callable[[], str]:
+        if tls is None:
+            return secret
+        handshake_done = tls[1]
+
+        def give() -> str:
+            if not handshake_done():
+                raise PlaintextRefused(
+                    "the server did not start TLS, so the NATS password or token was "
+                    "not sent: require TLS on the server (tls {...} in its config), or "
+                    "drop the client's tls section"
+                )
+            return secret
+
+        return give
+
+    if tls is not None:
+        options["tls"] = tls[0]
         options["tls_handshake_first"] = conn.tls_handshake_first
         if conn.tls_hostname:
             options["tls_hostname"] = conn.tls_hostname
     if conn.user is not None and conn.password is not None:
         options["user"] = conn.user
-        options["password"] = conn.password
+        options["password"] = guarded(conn.password)
     if conn.token is not None:
-        options["token"] = conn.token
+        options["token"] = guarded(conn.token)
     if conn.nkey_seed_file is not None:
         options["nkeys_seed"] = conn.nkey_seed_file
     if conn.creds_file is not None:

@@ -252,6 +252,28 @@ class NatsConnection:
     def shown(self) -> str:
         return ",".join(redact_url(server) for server in self.servers)
 
+    def new_tls(self) -> tuple[ssl.SSLContext, Callable[[], bool]] | None:
+        """A TLS context of its own for one client (None without TLS), and a check:
+        whether a TLS handshake completed since the check was last asked (each
+        connection to a server is preceded by one, when TLS started)."""
+        if self.settings.tls is None:
+            return None
+        context = _tls_context(self.settings.tls, lambda name: f"nats.tls.{name}")
+        done = [False]
+
+        class Watched(ssl.SSLObject):
+            def do_handshake(self) -> None:
+                super().do_handshake()
+                done[0] = True
+
+        context.sslobject_class = Watched
+
+        def handshake_done() -> bool:
+            seen, done[0] = done[0], False
+            return seen
+
+        return context, handshake_done
+
     @classmethod
     def from_url(cls, url: str) -> NatsConnection:
         """A connection given by URL alone (a list, maybe with a password inside), as

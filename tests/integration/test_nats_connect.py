@@ -11,6 +11,8 @@ follows the login.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -364,3 +366,63 @@ async def test_each_process_config_loads_and_connects(
         stop.set()
         assert await asyncio.wait_for(task, 20) == 0
     assert SECRET not in caplog.text and ADMIN_SECRET not in caplog.text
+
+
+async def test_no_password_in_the_clear_to_a_server_that_skips_tls(tmp_path: Path) -> None:
+    """With a tls section, a server (or an impostor) that does not start TLS never gets
+    the password or the token: the client refuses to send them, and says why."""
+    pki = Pki(tmp_path)
+    received = bytearray()
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        info = {
+            "server_id": "x",
+            "version": "2.11.0",
+            "max_payload": 1048576,
+            "auth_required": True,
+        }
+        writer.write(f"INFO {json.dumps(info)}\r\n".encode())
+        await writer.drain()
+        with contextlib.suppress(Exception):
+            while chunk := await asyncio.wait_for(reader.read(4096), 3):
+                received.extend(chunk)
+        writer.close()
+
+    server = await asyncio.start_server(impostor, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    token = tmp_path / "token"
+    token.write_text("tok-" + SECRET)
+    try:
+        for login in (
+            {"user": "agent", "password_file": str(token)},
+            {"token_file": str(token)},
+        ):
+            configured = settings(tls={"ca_file": str(pki.ca_file)}, **login)
+            conn = resolve_nats(f"nats://127.0.0.1:{port}", configured, env={})
+            with pytest.raises(BusUnavailable) as caught:
+                await Bus.connect(conn, name="test", connect_timeout=2)
+            assert SECRET not in bytes(received).decode(errors="replace")
+            assert "did not start TLS" in str(caught.value)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_the_tls_check_works_on_uvloop(
+    secure: tuple[NatsServer, Pki, Path], password_file: Path
+) -> None:
+    """The processes run on uvloop (fleetgate.aio.run), whose TLS is its own: the
+    check that TLS started before the password is sent must see its handshakes too."""
+    import uvloop
+
+    server, pki, _ = secure
+    configured = settings(
+        servers=[server.url], tls=pki.client_tls(), user="agent", password_file=str(password_file)
+    )
+
+    async def main() -> None:
+        async with await Bus.connect(resolve_nats(None, configured, env={}), name="t") as bus:
+            await use(bus)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
