@@ -34,8 +34,11 @@ from dbservice.agent.app import Agent
 from dbservice.agent.config import AgentConfig
 from dbservice.auth.service import AuthConfig
 from discovery.settings import DiscoveryConfig
+from fleetgate.cli import main
 from fleetgate.config import load_model, read_yaml
+from sandbox.aws import MotoServer
 from sandbox.tlsca import IssuedCert, TestCA
+from tests.kits import seed
 from tests.kits.agent import FAST, wait_until
 from tests.kits.natsauth import Operator, new_seed, public_key
 
@@ -426,3 +429,54 @@ def test_the_tls_check_works_on_uvloop(
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(main())
+
+
+def test_discovery_run_and_the_cli_over_tls(
+    secure: tuple[NatsServer, Pki, Path],
+    aws: MotoServer,
+    password_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``fleetgate discovery run --once`` on a config file with mutual TLS and an NKey,
+    then ``fleetgate db ls`` with the same kind of settings from FLEETGATE_NATS_*
+    variables and the password from FLEETGATE_NATS_PASSWORD."""
+    caplog.set_level(logging.DEBUG)
+    server, pki, seed_file = secure
+    seed.cluster("us-east-1", "orders", tags={"env": "prod"})
+    config = write_config(
+        tmp_path / "discovery.yaml",
+        {
+            "nats": {
+                "servers": [server.url],
+                "tls": pki.client_tls(),
+                "nkey_seed_file": str(seed_file),
+            },
+            "discovery_service": {"aws": [{"types": ["memorydb"], "regions": ["us-east-1"]}]},
+        },
+    )
+    assert main(["discovery", "run", "-c", str(config), "--once"]) == 0
+
+    for name, value in {
+        "FLEETGATE_NATS_SERVERS": server.url,
+        "FLEETGATE_NATS_CA_FILE": str(pki.ca_file),
+        "FLEETGATE_NATS_CERT_FILE": str(pki.cert_file),
+        "FLEETGATE_NATS_KEY_FILE": str(pki.key_file),
+        "FLEETGATE_NATS_USER": "agent",
+        "FLEETGATE_NATS_PASSWORD": SECRET,
+    }.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    assert main(["db", "ls", "--format", "json"]) == 0
+    out, err = capsys.readouterr()
+    # (the server is shared by this file's tests: others leave their records)
+    assert "orders-memorydb-us-east-1-123456789012" in [d["name"] for d in json.loads(out)]
+
+    monkeypatch.setenv("FLEETGATE_NATS_KEY_FILE", str(tmp_path / "missing.key"))
+    assert main(["db", "ls"]) == 2
+    err = capsys.readouterr().err
+    assert "FLEETGATE_NATS_KEY_FILE" in err and "does not exist" in err
+    assert "Traceback" not in err
+    assert SECRET not in out + err + caplog.text
