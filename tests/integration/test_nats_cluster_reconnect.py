@@ -10,6 +10,8 @@ changing the registry and two clients race compare-and-set increments of one rec
 * every compare-and-set write that succeeded is in the record's history, and no two
   writes were based on the same revision (the history counts 1, 2, 3 ... without a
   repeat): a write whose answer was lost in the failover is never applied twice;
+* every audit event emitted meanwhile is stored once (the emitter retries, the stream
+  drops a retried duplicate by its message id): none lost, none twice;
 * the killed server, back, catches up: read through it alone, the registry is the same.
 
 The cluster kit here is private to this file and minimal (a shared one is
@@ -29,15 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import KeyValueConfig, StorageType, StreamConfig
 from pydantic import BaseModel
 
 from bus import Bus, leases, subjects
+from bus.audit import Login
 from bus.client import FAILURES
 from bus.schemas import DatabaseResource, DatabaseSpec, Metadata, TLSSettings
 from bus.server import NatsServer, wait_port_free
 from bus.specs import SPECS
 from bus.watch import Event
+from dbservice.access.audit import AuditEmitter
 from tests.kits.agent import wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -133,6 +137,15 @@ async def create_r3_buckets(bus: Bus) -> None:
                         bucket=name, history=history, replicas=3, storage=StorageType.FILE
                     )
                 )
+            await bus.js.add_stream(
+                StreamConfig(
+                    name=subjects.AUDIT_STREAM,
+                    subjects=[subjects.audit_filter()],
+                    storage=StorageType.FILE,
+                    num_replicas=3,
+                    duplicate_window=120.0,
+                )
+            )
         except Exception:
             return False
         return True
@@ -234,18 +247,38 @@ async def test_watches_and_compare_and_set_through_a_failover(cluster: Cluster) 
             for _ in range(count):
                 await increment(bus, who, successes)
 
+        emitted: list[str] = []
+
+        async def audit(emitter: AuditEmitter, count: int) -> None:
+            for i in range(count):
+                event = Login(user=f"user-{i}")
+                assert emitter.emit(event)
+                emitted.append(event.id)
+                await asyncio.sleep(0.03)
+
         await write(range(0, 20))
         victim = cluster.index_of(watcher)
-        # The victim also leads both streams: the failover elects new leaders too.
-        for stream in (f"KV_{subjects.DATABASES_BUCKET}", f"KV_{COUNTER_BUCKET}"):
+        # The victim also leads every stream: the failover elects new leaders too.
+        for stream in (
+            f"KV_{subjects.DATABASES_BUCKET}",
+            f"KV_{COUNTER_BUCKET}",
+            subjects.AUDIT_STREAM,
+        ):
             await lead_from(writer, stream, f"n{victim}")
+        emitter = AuditEmitter.for_bus(watcher, host_id="agent-1")
+        emitter.start()
         work = asyncio.gather(
-            write(range(20, 60)), race(writer, "writer", 15), race(racer, "racer", 15)
+            write(range(20, 60)),
+            race(writer, "writer", 15),
+            race(racer, "racer", 15),
+            audit(emitter, 100),
         )
         await asyncio.sleep(0.3)
         killed = time.monotonic()
         cluster.servers[victim].kill()
         await work
+        assert await emitter.flush(60), "audit events still unpublished"
+        await emitter.aclose()
         print(
             f"failover: {len(RETRIES)} calls retried, the last "
             f"{max(RETRIES, default=killed) - killed:.2f}s after the kill; "
@@ -281,6 +314,13 @@ async def test_watches_and_compare_and_set_through_a_failover(cluster: Cluster) 
         # a lost answer may let a write land that its writer then retried as another
         # increment: the count is still exact, each value taken once
         assert history[-1][0] >= 30
+
+        # -- audit: every event stored once ---------------------------------------------
+        stored = await retried("the audit stream", lambda: audit_ids(writer))
+        assert emitter.dropped_total == 0
+        assert sorted(stored) == sorted(emitted), (
+            f"{len(set(emitted) - set(stored))} lost, {len(stored) - len(set(stored))} twice"
+        )
 
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -323,6 +363,17 @@ def state(events: list[Event[DatabaseResource]]) -> dict[str, str]:
         elif event.kind == "deleted":
             out.pop(event.key, None)
     return out
+
+
+async def audit_ids(bus: Bus) -> list[str]:
+    info = await bus.js.stream_info(subjects.AUDIT_STREAM)
+    ids = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        message = await bus.js.get_msg(subjects.AUDIT_STREAM, seq)
+        body = json.loads(message.data or b"{}")
+        if body.get("type") == "auth.login":
+            ids.append(str(body["id"]))
+    return ids
 
 
 async def counter_history(bus: Bus) -> list[tuple[int, str]]:
