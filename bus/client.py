@@ -11,11 +11,9 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
 
 import nats
 import nats.errors
@@ -29,6 +27,18 @@ from bus import subjects
 from bus.errors import BusError, BusUnavailable, RegistryError
 from bus.schemas import DatabaseResource, FetcherStatus
 from bus.servers import DbServerHeartbeat
+from bus.settings import (
+    NatsConnection,
+)
+from bus.settings import (
+    inbox_prefix as inbox_prefix,
+)
+from bus.settings import (
+    redact_url as redact_url,
+)
+from bus.settings import (
+    url_user as url_user,
+)
 from bus.specs import BUCKETS, DB_SERVERS, SPECS, BucketSpec
 from bus.watch import Event, KvWatch, describe
 
@@ -45,41 +55,6 @@ FAILURES: tuple[type[Exception], ...] = (
 )
 """What a call to NATS may raise besides our own errors: catch these to treat NATS as
 unreachable without importing nats-py outside ``bus/``."""
-
-
-def redact_url(url: str) -> str:
-    """Hide secrets in a URL that may be logged: ``nats://user:secret@h`` ->
-    ``nats://user:***@h``, ``nats://token@h`` -> ``nats://***@h``."""
-    return re.sub(
-        r"//([^/@:]*)(:[^/@]*)?@",
-        lambda m: f"//{m[1]}:***@" if m[2] else "//***@",
-        url,
-    )
-
-
-def url_user(url: str) -> str | None:
-    """The user a NATS URL logs in as (``nats://user:secret@h`` -> ``user``); None for
-    a URL without credentials or with a token (``nats://token@h``). Of a comma-separated
-    list of servers, the first one that names a user."""
-    for server in url.split(","):
-        try:
-            parts = urlsplit(server.strip())
-        except ValueError:
-            continue
-        if parts.username is not None and parts.password is not None:
-            return unquote(parts.username)
-    return None
-
-
-def inbox_prefix(user: str | None) -> str:
-    """The subject prefix of every reply this client receives: ``_INBOX_<user>``, so that
-    deploy/nats/nats-server.conf lets each user subscribe to its own replies only
-    (``_INBOX_<user>.>``), never to another user's. A character NATS does not allow in
-    a subject token (or that would be a wildcard) becomes ``_``. Without a user (no
-    authentication, or a token), NATS's default ``_INBOX``."""
-    if not user:
-        return "_INBOX"
-    return "_INBOX_" + re.sub(r"[^A-Za-z0-9_-]", "_", user)
 
 
 def decode(model: type[M], key: str, data: bytes) -> M | None:
@@ -108,7 +83,7 @@ class Bus:
     @classmethod
     async def connect(
         cls,
-        url: str,
+        target: str | NatsConnection,
         *,
         name: str,
         connect_timeout: float = 5.0,
@@ -116,17 +91,19 @@ class Bus:
         wait: float = 0.0,
         request_timeout: float = 10.0,
     ) -> Bus:
-        """Connect to NATS at ``url`` (one server, or a comma-separated list of a
-        cluster's servers: nats-py picks one and fails over to the others); raise
-        BusUnavailable naming the URL when it stays
-        unreachable. A refused connection is retried for ``wait`` seconds (0 for
-        commands people type: fail at once); one attempt takes at most
-        ``connect_timeout``. Once connected, reconnects never stop. Replies (requests,
-        JetStream API answers, watches' deliveries) come on the user's own inbox prefix
-        (:func:`inbox_prefix`)."""
+        """Connect to NATS as ``target`` says (:func:`bus.settings.resolve_nats`: its
+        servers, TLS and credentials; or a URL, one server or a comma-separated list of
+        a cluster's servers: nats-py picks one and fails over to the others); raise
+        BusUnavailable naming the servers (never a secret) when they stay unreachable.
+        A refused connection is retried for ``wait`` seconds (0 for commands people
+        type: fail at once); one attempt takes at most ``connect_timeout``. Once
+        connected, reconnects never stop. Replies (requests, JetStream API answers,
+        watches' deliveries) come on the user's own inbox prefix
+        (:attr:`NatsConnection.inbox_prefix`)."""
+        conn = NatsConnection.from_url(target) if isinstance(target, str) else target
         bus: Bus | None = None
-        shown = redact_url(url)
-        servers = [server.strip() for server in url.split(",") if server.strip()]
+        shown = conn.shown
+        servers = list(conn.servers)
         first_errors: list[Exception] = []
         give_up = asyncio.Event()
         deadline = time.monotonic() + wait
@@ -156,6 +133,7 @@ class Bus:
             "connect_timeout": connect_timeout,
             "reconnect_time_wait": reconnect_wait,
         }
+        options.update(_credentials(conn))
         connecting = asyncio.ensure_future(
             nc.connect(
                 servers,
@@ -165,7 +143,7 @@ class Bus:
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
-                inbox_prefix=inbox_prefix(url_user(url)),
+                inbox_prefix=conn.inbox_prefix,
                 **options,
             )
         )
@@ -200,9 +178,9 @@ class Bus:
             reason = describe(first_errors[-1] if first_errors else exc)
             raise BusUnavailable(
                 f"cannot reach NATS at {shown} ({reason}); start nats-server "
-                "there, or point at yours with --nats URL or FLEETGATE_NATS_URL"
+                "there, or point at yours with --nats URL or FLEETGATE_NATS_SERVERS"
             ) from exc
-        bus = cls(nc, url, request_timeout=request_timeout)
+        bus = cls(nc, shown, request_timeout=request_timeout)
         return bus
 
     def reconnected(self) -> None:
@@ -479,6 +457,51 @@ class Bus:
             subjects.DB_SERVERS_BUCKET, DbServerHeartbeat, keys=keys, create=create
         )
         return [hb for hb in found.values() if database is None or hb.name == database]
+
+
+class PlaintextRefused(ConnectionError):
+    """A server did not start TLS although TLS is configured: the password or token is
+    not sent (nats-py starts TLS only when the server asks for it)."""
+
+
+def _credentials(conn: NatsConnection) -> dict[str, Any]:
+    """nats-py's options for the TLS and the credentials ``conn`` holds. With TLS, a
+    password or a token is handed over only on a connection whose TLS handshake
+    completed: nats-py asks for them (callbacks) just before it sends CONNECT."""
+    options: dict[str, Any] = {}
+    tls = conn.new_tls()
+
+    def guarded(secret: str) -> str | Callable[[], str]:
+        if tls is None:
+            return secret
+        handshake_done = tls[1]
+
+        def give() -> str:
+            if not handshake_done():
+                raise PlaintextRefused(
+                    "the server did not start TLS, so the NATS password or token was "
+                    "not sent: require TLS on the server (tls {...} in its config), or "
+                    "drop the client's tls section"
+                )
+            return secret
+
+        return give
+
+    if tls is not None:
+        options["tls"] = tls[0]
+        options["tls_handshake_first"] = conn.tls_handshake_first
+        if conn.tls_hostname:
+            options["tls_hostname"] = conn.tls_hostname
+    if conn.user is not None and conn.password is not None:
+        options["user"] = conn.user
+        options["password"] = guarded(conn.password)
+    if conn.token is not None:
+        options["token"] = guarded(conn.token)
+    if conn.nkey_seed_file is not None:
+        options["nkeys_seed"] = conn.nkey_seed_file
+    if conn.creds_file is not None:
+        options["user_credentials"] = conn.creds_file
+    return options
 
 
 def _spec(name: str) -> BucketSpec:

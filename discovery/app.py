@@ -11,6 +11,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from bus import BUCKETS, Bus, BusError, subjects
+from bus.settings import NatsConnection
 from discovery.aws.session import AwsSession
 from discovery.poller import Poller
 from discovery.settings import DiscoveryConfig
@@ -23,7 +24,9 @@ START_WAIT = 30.0
 """Seconds the service keeps trying to reach NATS at start before giving up."""
 
 
-async def run_discovery(config: DiscoveryConfig, *, nats_url: str, once: bool) -> int:
+async def run_discovery(
+    config: DiscoveryConfig, *, nats_url: str | NatsConnection, once: bool
+) -> int:
     """Poll once (exit status 0 only if every fetcher succeeded) or until SIGTERM/SIGINT."""
     settings = config.discovery_service
     # A service waits a while for NATS (it may be starting beside it); --once does not.

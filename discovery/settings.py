@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bus.labels import check_selector
+from bus.settings import NatsSettings
 from fleetgate.config import check_external_id, check_role_arn
 from fleetgate.durations import Duration
 
@@ -16,11 +17,6 @@ _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d+$")
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class NatsSettings(Strict):
-    url: str | None = None
-    """NATS URL; ``--nats`` and ``FLEETGATE_NATS_URL`` take precedence."""
 
 
 def _match_all() -> dict[str, str | list[str]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, TypeVar
@@ -11,8 +10,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
-
-DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 
 
 class ConfigError(Exception):
@@ -71,11 +68,6 @@ def load_model(model: type[M], data: dict[str, Any], source: str) -> M:
         return model.model_validate(data)
     except ValidationError as exc:
         raise explain(exc, source) from None
-
-
-def resolve_nats_url(flag: str | None, configured: str | None = None) -> str:
-    """The NATS URL: ``--nats`` beats ``FLEETGATE_NATS_URL`` beats the config file."""
-    return flag or os.environ.get("FLEETGATE_NATS_URL") or configured or DEFAULT_NATS_URL
 
 
 ROLE_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")

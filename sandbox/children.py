@@ -81,8 +81,13 @@ class Child:
 def child_env(aws: Mapping[str, str], nats_url: str, directory: Path) -> dict[str, str]:
     """This environment with AWS pointed at the sandbox's moto (no profile or shared
     files of the person running it) and NATS at the sandbox's server: ``nats_url``
-    carries the child's own NATS user and password, so that no file holds it."""
-    env = {k: v for k, v in os.environ.items() if k not in ("AWS_PROFILE", "AWS_SESSION_TOKEN")}
+    carries the child's own NATS user and password, so that no file holds it (and no
+    FLEETGATE_NATS_* setting of the person's shell, say a .creds file, gets in)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("AWS_PROFILE", "AWS_SESSION_TOKEN") and not k.startswith("FLEETGATE_NATS_")
+    }
     env.update(aws)
     env["AWS_CONFIG_FILE"] = str(directory / "config" / "no-aws-config")
     env["AWS_SHARED_CREDENTIALS_FILE"] = str(directory / "config" / "no-aws-credentials")

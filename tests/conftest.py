@@ -136,11 +136,13 @@ async def no_leaked_tasks() -> AsyncIterator[None]:
 def fleetgate_home(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> Path:
-    """Every test gets its own empty FLEETGATE_HOME (and NATS URL unset), so a login or
-    setting of the person running the tests never changes what a test sees."""
+    """Every test gets its own empty FLEETGATE_HOME (and no FLEETGATE_NATS_* setting),
+    so a login or setting of the person running the tests never changes what a test
+    sees."""
     home = tmp_path_factory.mktemp("fleetgate-home")
     monkeypatch.setenv("FLEETGATE_HOME", str(home))
-    monkeypatch.delenv("FLEETGATE_NATS_URL", raising=False)
+    for name in [name for name in os.environ if name.startswith("FLEETGATE_NATS_")]:
+        monkeypatch.delenv(name)
     return home
 
 

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Sequence
 
 from bus import BUCKETS, Bus, DatabaseResource, leases, subjects
 from bus.errors import BusError
+from bus.settings import NatsConnection
 from dbservice.agent.config import AgentConfig
 from dbservice.agent.health import Prober, TLSContexts, probe
 from dbservice.agent.heartbeat import AgentIdentity, Announcer
@@ -70,7 +71,7 @@ class Agent:
         self,
         config: AgentConfig,
         *,
-        nats_url: str,
+        nats_url: str | NatsConnection,
         prober: Prober = probe,
         acl_membership: AclMembership | None = None,
         listener_process: ListenerProcess | None = None,
@@ -89,7 +90,8 @@ class Agent:
         self.managed: ManagedUsers | None = None
         """The managed-user service (None when ``managed_users.enabled`` is false)."""
         self.settings = config.db_service
-        self.nats_url = nats_url
+        self.nats = NatsConnection.from_url(nats_url) if isinstance(nats_url, str) else nats_url
+        """How to reach NATS (files read, secrets held; never logged whole)."""
         self.prober = prober
         self.synced = asyncio.Event()
         """Set once the first registry snapshot has been reconciled."""
@@ -111,7 +113,7 @@ class Agent:
             host_id = child.host_id
         try:
             bus = await Bus.connect(
-                self.nats_url,
+                self.nats,
                 name=f"fleetgate-agent {self.settings.hostname}"
                 + (f" listener {child.index}" if child is not None else ""),
                 reconnect_wait=0.5,
@@ -273,7 +275,7 @@ class Agent:
                             identity.host_id,
                             os.getpid(),
                             self.config.model_dump(mode="json"),
-                            self.nats_url,
+                            self.nats.settings.model_dump(mode="json", exclude_none=True),
                         ),
                         argv=self.process_argv,
                     )
@@ -335,7 +337,7 @@ def default_argv() -> list[str]:
 async def run_agent(
     config: AgentConfig,
     *,
-    nats_url: str,
+    nats_url: str | NatsConnection,
     listener_process: ListenerProcess | None = None,
     process_argv: Sequence[str] | None = None,
 ) -> int:

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from bus.labels import check_selector, is_valid_label_key
+from bus.settings import NatsSettings as BusNatsSettings
 from dbservice.gateway.settings import (
     MAX_PROCESSES as MAX_PROCESSES,
 )
@@ -32,9 +33,10 @@ DEFAULT_DATA_DIR = "/var/lib/fleetgate/agent"
 DEFAULT_PORT = 6379
 
 
-class NatsSettings(Strict):
-    url: str | None = None
-    """NATS URL; ``--nats`` and ``FLEETGATE_NATS_URL`` take precedence."""
+class NatsSettings(BusNatsSettings):
+    """How the agent reaches NATS (:class:`bus.settings.NatsSettings`), and for how long
+    it tries at start."""
+
     start_wait: Duration = 30.0
     """How long to keep trying to reach NATS at start (it may be starting beside us)."""
 

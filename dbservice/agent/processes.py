@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dbservice.agent.config import AgentConfig
@@ -60,9 +60,11 @@ class ListenerProcess:
     leader_pid: int
     config: dict[str, Any]
     """The leader's config, validated there (JSON-ready)."""
-    nats_url: str = ""
-    """The NATS URL the leader uses (here, not on the command line: it may hold a
-    password, and anyone on the host can read a command line)."""
+    nats: dict[str, Any] = field(default_factory=dict)
+    """The NATS settings the leader uses, after its flag and environment (here, not on
+    the command line: a URL may hold a password, and anyone on the host can read a
+    command line). Secrets themselves stay in their files (or FLEETGATE_NATS_PASSWORD,
+    which the listener process inherits)."""
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -70,7 +72,7 @@ class ListenerProcess:
                 "host_id": self.host_id,
                 "leader_pid": self.leader_pid,
                 "config": self.config,
-                "nats_url": self.nats_url,
+                "nats": self.nats,
             }
         ).encode()
 
@@ -84,7 +86,7 @@ class ListenerProcess:
                 str(body["host_id"]),
                 int(body["leader_pid"]),
                 body["config"],
-                str(body.get("nats_url") or ""),
+                dict(body.get("nats") or {}),
             )
         except (ValueError, KeyError, TypeError):
             raise ConfigError(

@@ -62,6 +62,7 @@ from bus import Bus, login_failures
 from bus.access import Identity, get_roles, get_user, provision_access
 from bus.audit import Login, ensure_audit_stream
 from bus.client import FAILURES
+from bus.settings import NatsConnection, NatsSettings
 from bus.totp import claim_step, provision_totp
 from dbservice.access.audit import AuditEmitter
 from dbservice.access.ca import (
@@ -104,10 +105,6 @@ class RegistryUnavailable(Exception):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class NatsSettings(Strict):
-    url: str | None = None
 
 
 class RateLimitSettings(Strict):
@@ -644,7 +641,7 @@ async def start_service(
     return RunningService(runner, service, bound, listener)
 
 
-async def run_auth(config: AuthConfig, *, nats_url: str) -> int:
+async def run_auth(config: AuthConfig, *, nats_url: str | NatsConnection) -> int:
     ca = CertificateAuthority.load(Path(config.ca_dir))
     async with await Bus.connect(nats_url, name="fleetgate-auth") as bus:
         await provision_access(bus)

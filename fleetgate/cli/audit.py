@@ -20,13 +20,17 @@ from bus.audit import (
     SessionQuery,
     read_events,
 )
+from bus.settings import resolve_nats
 from bus.subjects import audit_filter
 from fleetgate import aio
 from fleetgate.cli.errors import UsageError
-from fleetgate.config import resolve_nats_url
 from fleetgate.durations import parse_duration
 
-NATS_HELP = "NATS URL (default: FLEETGATE_NATS_URL or nats://127.0.0.1:4222)"
+NATS_HELP = (
+    "NATS server URL(s), comma-separated (default: FLEETGATE_NATS_SERVERS or "
+    "FLEETGATE_NATS_URL, else nats://127.0.0.1:4222; TLS and credentials: "
+    "FLEETGATE_NATS_*, docs/nats-client.md)"
+)
 
 
 def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -123,7 +127,7 @@ def _search(args: argparse.Namespace) -> int:
     subject = subject_for(args.type)
 
     async def go() -> list[AuditEvent]:
-        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-audit") as bus:
+        async with await Bus.connect(resolve_nats(args.nats), name="fleetgate-audit") as bus:
             return [
                 event
                 async for event in read_events(bus, subject=subject, since=since)
@@ -144,7 +148,7 @@ def _tail(args: argparse.Namespace) -> int:
     subject = subject_for(args.type)
 
     async def go() -> int:
-        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-audit") as bus:
+        async with await Bus.connect(resolve_nats(args.nats), name="fleetgate-audit") as bus:
             events = read_events(
                 bus, subject=subject, last=max(args.n, 0), follow=not args.no_follow
             )

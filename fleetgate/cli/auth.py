@@ -27,17 +27,22 @@ from bus.access import (
 )
 from bus.audit import ensure_audit_stream, publish_event
 from bus.errors import BusError
+from bus.settings import resolve_nats
 from fleetgate import aio
 from fleetgate.cli.errors import UsageError
 from fleetgate.cli.tables import print_table
-from fleetgate.config import ConfigError, load_model, read_yaml, resolve_nats_url
+from fleetgate.config import ConfigError, load_model, read_yaml
 from fleetgate.durations import format_duration, parse_duration
 
 T = TypeVar("T")
 Common = Callable[[argparse.ArgumentParser], None]
 
 DEFAULT_CA_DIR = "/var/lib/fleetgate/ca"
-NATS_HELP = "NATS URL (default: FLEETGATE_NATS_URL or nats://127.0.0.1:4222)"
+NATS_HELP = (
+    "NATS server URL(s), comma-separated (default: FLEETGATE_NATS_SERVERS or "
+    "FLEETGATE_NATS_URL, else nats://127.0.0.1:4222; TLS and credentials: "
+    "FLEETGATE_NATS_*, docs/nats-client.md)"
+)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -151,7 +156,7 @@ def _auth_init(args: argparse.Namespace) -> int:
     from dbservice.auth.admin import init_ca
 
     async def go() -> int:
-        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+        async with await Bus.connect(resolve_nats(args.nats), name="fleetgate-admin") as bus:
             result = await init_ca(bus, Path(args.dir), force=args.force)
             await ensure_audit_stream(bus)
         verb = "created" if result.created else "kept the existing"
@@ -170,7 +175,7 @@ def _auth_run(args: argparse.Namespace) -> int:
     from dbservice.auth.service import AuthConfig, run_auth
 
     config = load_model(AuthConfig, read_yaml(args.config), args.config)
-    return _run(run_auth(config, nats_url=resolve_nats_url(args.nats, config.nats.url)))
+    return _run(run_auth(config, nats_url=resolve_nats(args.nats, config.nats)))
 
 
 def _auth_sign(args: argparse.Namespace) -> int:
@@ -191,7 +196,7 @@ def _auth_sign(args: argparse.Namespace) -> int:
         return 0
 
     async def go() -> int:
-        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+        async with await Bus.connect(resolve_nats(args.nats), name="fleetgate-admin") as bus:
             result = await sign_user(bus, ca, args.user, args.ttl, out)
             try:
                 await ensure_audit_stream(bus)
@@ -251,7 +256,7 @@ def _users_add(args: argparse.Namespace) -> int:
     totp = new_totp_secret() if args.totp else None
 
     async def go() -> int:
-        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+        async with await Bus.connect(resolve_nats(args.nats), name="fleetgate-admin") as bus:
             user = await add_user(
                 bus,
                 args.name,
@@ -275,7 +280,7 @@ def _users_add(args: argparse.Namespace) -> int:
 
 def _users_ls(args: argparse.Namespace) -> int:
     async def go() -> int:
-        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+        async with await Bus.connect(resolve_nats(args.nats), name="fleetgate-admin") as bus:
             users = await list_users(bus)
         if args.format == "json":
             rows = [
@@ -303,7 +308,7 @@ def _users_ls(args: argparse.Namespace) -> int:
 
 def _users_rm(args: argparse.Namespace) -> int:
     async def go() -> int:
-        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+        async with await Bus.connect(resolve_nats(args.nats), name="fleetgate-admin") as bus:
             if await get_user(bus, args.name) is None:
                 raise UsageError(f"no user {args.name!r} (see fleetgate users ls)")
             await delete_user(bus, args.name)
@@ -342,7 +347,7 @@ def _roles_create(args: argparse.Namespace) -> int:
     role = load_role_file(args.file)
 
     async def go() -> int:
-        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+        async with await Bus.connect(resolve_nats(args.nats), name="fleetgate-admin") as bus:
             exists = await get_role(bus, role.name) is not None
             if exists and not args.replace:
                 raise UsageError(f"role {role.name!r} exists already; pass --replace to change it")
@@ -355,7 +360,7 @@ def _roles_create(args: argparse.Namespace) -> int:
 
 def _roles_ls(args: argparse.Namespace) -> int:
     async def go() -> int:
-        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+        async with await Bus.connect(resolve_nats(args.nats), name="fleetgate-admin") as bus:
             roles = await list_roles(bus)
         docs = [role_document(r) for r in roles]
         if args.format == "json":
@@ -379,7 +384,7 @@ def _roles_ls(args: argparse.Namespace) -> int:
 
 def _roles_rm(args: argparse.Namespace) -> int:
     async def go() -> int:
-        async with await Bus.connect(resolve_nats_url(args.nats), name="fleetgate-admin") as bus:
+        async with await Bus.connect(resolve_nats(args.nats), name="fleetgate-admin") as bus:
             if await get_role(bus, args.name) is None:
                 raise UsageError(f"no role {args.name!r} (see fleetgate roles ls)")
             holders = [u.name for u in await list_users(bus) if args.name in u.roles]

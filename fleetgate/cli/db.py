@@ -10,13 +10,13 @@ from typing import Any, TypeVar
 
 from bus import Bus, DatabaseResource, RegistryError, parse_label_filter
 from bus.labels import matches
+from bus.settings import NatsConnection, resolve_nats
 from client import connect, people
 from fleetgate import aio
 from fleetgate.cli import auth as auth_cli
 from fleetgate.cli import servers as servers_cli
 from fleetgate.cli import tables
 from fleetgate.cli.errors import UsageError
-from fleetgate.config import resolve_nats_url
 
 HIDDEN_LABEL_PREFIX = "fleetgate.dev/"
 T = TypeVar("T")
@@ -36,7 +36,8 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
     ls.add_argument(
         "--nats",
         help="read NATS at this URL (operators), even when logged in "
-        "(default without a login: FLEETGATE_NATS_URL or nats://127.0.0.1:4222)",
+        "(default without a login: FLEETGATE_NATS_SERVERS, FLEETGATE_NATS_URL or "
+        "nats://127.0.0.1:4222; docs/nats-client.md)",
     )
     common(ls)
     ls.set_defaults(handler=_ls)
@@ -54,7 +55,7 @@ def _ls(args: argparse.Namespace) -> int:
     if ident is not None:  # a person: ask the auth service what their roles reach
         resources, health = _people_run(people.fetch_databases(ident))
     else:
-        resources, health = aio.run(_list(resolve_nats_url(args.nats)))
+        resources, health = aio.run(_list(resolve_nats(args.nats)))
     if selector is not None:
         resources = [r for r in resources if matches(selector, r.metadata.labels)]
     if args.format == "json":
@@ -81,7 +82,9 @@ def _people_run(coro: Coroutine[Any, Any, T]) -> T:
         raise UsageError(f"{exc} (operators: --nats URL reads the registry directly)") from None
 
 
-async def _list(url: str) -> tuple[list[DatabaseResource], dict[str, tuple[int, int]]]:
+async def _list(
+    url: str | NatsConnection,
+) -> tuple[list[DatabaseResource], dict[str, tuple[int, int]]]:
     """Registry databases plus static ones that agents serve, and per database
     (healthy agents, agents)."""
     async with await Bus.connect(url, name="fleetgate-cli") as bus:

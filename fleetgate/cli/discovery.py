@@ -6,8 +6,9 @@ import argparse
 from collections.abc import Callable
 from typing import Any
 
+from bus.settings import resolve_nats
 from fleetgate import aio
-from fleetgate.config import load_model, read_yaml, resolve_nats_url
+from fleetgate.config import load_model, read_yaml
 
 
 def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -19,7 +20,9 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
         "--once", action="store_true", help="poll once and exit (0 only if every fetcher succeeded)"
     )
     run.add_argument(
-        "--nats", help="NATS URL (default: config, FLEETGATE_NATS_URL, nats://127.0.0.1:4222)"
+        "--nats",
+        help="NATS server URL(s), comma-separated, over FLEETGATE_NATS_SERVERS (or "
+        "FLEETGATE_NATS_URL) over the config file's nats section (docs/nats-client.md)",
     )
     common(run)
     run.set_defaults(handler=_run)
@@ -30,5 +33,5 @@ def _run(args: argparse.Namespace) -> int:
     from discovery.settings import DiscoveryConfig
 
     config = load_model(DiscoveryConfig, read_yaml(args.config), args.config)
-    url = resolve_nats_url(args.nats, config.nats.url)
+    url = resolve_nats(args.nats, config.nats)
     return aio.run(run_discovery(config, nats_url=url, once=args.once))

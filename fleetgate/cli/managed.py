@@ -16,12 +16,16 @@ from collections.abc import Callable
 from typing import Any
 
 from bus import Bus, leases, subjects
+from bus.settings import resolve_nats
 from fleetgate import aio
 from fleetgate.cli.tables import print_table
-from fleetgate.config import resolve_nats_url
 from fleetgate.durations import parse_duration
 
-NATS_HELP = "NATS URL (default: FLEETGATE_NATS_URL or nats://127.0.0.1:4222)"
+NATS_HELP = (
+    "NATS server URL(s), comma-separated (default: FLEETGATE_NATS_SERVERS or "
+    "FLEETGATE_NATS_URL, else nats://127.0.0.1:4222; TLS and credentials: "
+    "FLEETGATE_NATS_*, docs/nats-client.md)"
+)
 
 
 def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -70,7 +74,7 @@ def _ls(args: argparse.Namespace) -> int:
     from dbservice.managed.state import ManagedUser
 
     async def go() -> tuple[dict[str, Any], set[str]]:
-        url = resolve_nats_url(args.nats)
+        url = resolve_nats(args.nats)
         async with await Bus.connect(url, name="fleetgate-managed") as bus:
             found = await leases.records(bus, subjects.LEASES_BUCKET, ManagedUser)
             serving = {hb.name for hb in await bus.list_db_servers(create=False)}
@@ -125,7 +129,7 @@ def _cleanup(args: argparse.Namespace) -> int:
         raise UsageError("--recovery-days must be from 7 to 30 (Secrets Manager's limits)")
 
     async def go() -> int:
-        url = resolve_nats_url(args.nats)
+        url = resolve_nats(args.nats)
         async with await Bus.connect(url, name="fleetgate-managed") as bus:
             verdicts = await sweep(
                 bus,

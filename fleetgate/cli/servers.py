@@ -17,11 +17,11 @@ from typing import Any
 
 from bus import Bus, DbServerHeartbeat, RegistryError
 from bus.servers import health_rank
+from bus.settings import NatsConnection, resolve_nats
 from client import people
 from fleetgate import aio
 from fleetgate.cli.errors import UsageError
 from fleetgate.cli.tables import print_table
-from fleetgate.config import resolve_nats_url
 
 
 def register(actions: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
@@ -31,7 +31,8 @@ def register(actions: Any, common: Callable[[argparse.ArgumentParser], None]) ->
     servers.add_argument(
         "--nats",
         help="read NATS at this URL (operators), even when logged in "
-        "(default without a login: FLEETGATE_NATS_URL or nats://127.0.0.1:4222)",
+        "(default without a login: FLEETGATE_NATS_SERVERS, FLEETGATE_NATS_URL or "
+        "nats://127.0.0.1:4222; docs/nats-client.md)",
     )
     common(servers)
     servers.set_defaults(handler=_servers)
@@ -50,7 +51,7 @@ def _servers(args: argparse.Namespace) -> int:
             raise UsageError(f"{exc} (operators: --nats URL reads the registry directly)") from None
         rows = [agent_json(a, args.name) for a in agents]  # healthiest first already
     else:
-        found = aio.run(list_servers(resolve_nats_url(args.nats), args.name))
+        found = aio.run(list_servers(resolve_nats(args.nats), args.name))
         found.sort(key=health_rank)
         rows = [server_json(s) for s in found]
     if args.format == "json":
@@ -63,7 +64,7 @@ def _servers(args: argparse.Namespace) -> int:
     return 0
 
 
-async def list_servers(url: str, name: str | None) -> list[DbServerHeartbeat]:
+async def list_servers(url: str | NatsConnection, name: str | None) -> list[DbServerHeartbeat]:
     async with await Bus.connect(url, name="fleetgate-cli") as bus:
         return await read_servers(bus, name)
 
