@@ -41,6 +41,7 @@ from dbservice.agent.processes import (
 from dbservice.agent.served import Selection, follow_registry, static_resource
 from dbservice.agent.supervisor import Supervisor
 from dbservice.agent.worker import DatabaseWorker, PassiveWorker, Worker
+from dbservice.gateway.audit_spool import open_spool
 from dbservice.gateway.listener import Listener
 from dbservice.managed.login import ManagedLogins
 from dbservice.managed.membership import AclMembership
@@ -213,6 +214,11 @@ class Agent:
         listener = None
         if settings.listener is not None:
             handles = supervisor.handles
+            spool = open_spool(
+                settings.data_dir,
+                child.index if child is not None else 0,
+                max_bytes=int(settings.listener.audit.spool_max_bytes),
+            )
 
             def lookup(name: str) -> DatabaseResource | None:
                 handle = handles.get(name)
@@ -231,6 +237,8 @@ class Agent:
                 login=IamLogins(auth, matcher_role=selection.role)
                 if managed is None
                 else ManagedLogins(managed, IamLogins(auth, matcher_role=selection.role)),
+                offline_grace=settings.offline_grace,
+                audit_spool=spool,
             )
             if child is None:
                 if processes > 1:
@@ -310,6 +318,8 @@ def _start_listener(roots: RootTasks, listener: Listener) -> None:
     one-shot check of the audit stream. Its sessions are its own (:meth:`Listener.aclose`)."""
     roots.start("client-listener", listener.accept())
     roots.start("fleet-ca-watch", listener.trust.follow(listener.bus))
+    roots.start("roles-watch", listener.roles.follow(listener.bus))
+    roots.start("fleet-link", listener.link.follow())
     roots.start("audit-stream", listener.check_audit_stream(), on_return="done")
 
 
