@@ -11,16 +11,20 @@ import stat
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from bus import Bus
+from bus import Bus, leases
 from bus.access import Role, put_role
 from bus.audit import SessionEnd, SessionQuery, SessionStart
 from bus.server import NatsServer, wait_port_free
 from dbservice.agent.app import Agent
 from dbservice.agent.config import AgentConfig
 from dbservice.gateway.audit_spool import spool_dir
+from dbservice.managed.aws import ManagedAws, SecretVersion
+from dbservice.managed.passwords import ManagedPasswords
+from dbservice.managed.rotation import UserRef
 from dbservice.route import RouteRefused
 from tests.kits.agent import running_agent, wait_until
 from tests.kits.listener import (
@@ -219,3 +223,39 @@ async def test_roles_edited_while_linked_apply_to_the_next_session(
         await put_role(bus, Role.model_validate({"name": "dev", **ROLES["dev"]}))
         session = await open_session(listener.port, alice, fleet.ca.pem)
         session.close()
+
+
+class OneSecret:
+    """The Secrets Manager side of :class:`ManagedPasswords` (our seam): one password."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def get_version(self, name: str, stage: str) -> SecretVersion | None:
+        self.reads += 1
+        return SecretVersion("v1", "s3cret") if stage == "AWSPREVIOUS" else None
+
+
+@pytest.mark.leaks(
+    "nats-py's Client.close raises ConnectionResetError when it still holds unsent data "
+    "while reconnecting, before it cancels its subscriptions"
+)
+async def test_managed_logins_use_the_cached_password_while_nats_is_away(
+    nats_server: NatsServer,
+) -> None:
+    """Each managed login reads the user's record from NATS; cut off, that read waited
+    out the request timeout (10 s) on every new session before using the cache."""
+    bus = await Bus.connect(nats_server.url, name="agent", reconnect_wait=0.1)
+    try:
+        await bus.provision(leases.LEASES)
+        secret = OneSecret()
+        passwords = ManagedPasswords(bus, lambda ref: cast(ManagedAws, secret))
+        ref = UserRef("svc", "eu-west-1", "123456789012", "arn:user/svc", (), "fleetgate/svc")
+        assert (await passwords.password(ref)).password == "s3cret"
+        stop_nats(nats_server)
+        await wait_until(lambda: not bus.nc.is_connected, 10, "the client to see the cut")
+        async with asyncio.timeout(1.5):
+            assert (await passwords.password(ref)).password == "s3cret"
+        assert secret.reads == 1
+    finally:
+        await bus.close()
