@@ -218,6 +218,7 @@ class Agent:
                 settings.data_dir,
                 child.index if child is not None else 0,
                 max_bytes=int(settings.listener.audit.spool_max_bytes),
+                processes=processes,
             )
 
             def lookup(name: str) -> DatabaseResource | None:

@@ -10,6 +10,7 @@ import pytest
 
 from bus.audit import Spooled
 from dbservice.access.spool import AuditSpool, SpoolError
+from dbservice.gateway.audit_spool import open_spool, spool_dir
 
 
 def item(n: int, events: int = 1) -> Spooled:
@@ -110,3 +111,16 @@ def test_an_unusable_directory_says_so(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(SpoolError, match=r"the audit spool .*: cannot use it"):
         AuditSpool.open(tmp_path / "file" / "s", max_bytes=1 << 20)
+
+
+def test_the_agent_takes_over_the_spools_of_listener_processes_it_no_longer_runs(
+    tmp_path: Path,
+) -> None:
+    for process, first in ((0, 0), (1, 10), (3, 20)):
+        spool = AuditSpool.open(spool_dir(tmp_path, process), max_bytes=1 << 20)
+        spool.append(item(first + i) for i in range(2))
+        spool.close()
+    spool = open_spool(tmp_path, 0, max_bytes=1 << 20, processes=2)
+    assert drain(spool, window=10) == ["id-0", "id-1", "id-20", "id-21"]
+    assert not spool_dir(tmp_path, 3).exists()  # process 3 is gone: its events moved
+    assert len(AuditSpool.open(spool_dir(tmp_path, 1), max_bytes=1 << 20)) == 2  # still its own
