@@ -17,7 +17,7 @@ import pytest
 
 from bus import Bus, leases
 from bus.access import Role, put_role
-from bus.audit import SessionEnd, SessionQuery, SessionStart
+from bus.audit import EventsDropped, SessionEnd, SessionQuery, SessionStart
 from bus.server import NatsServer, wait_port_free
 from dbservice.agent.app import Agent
 from dbservice.agent.config import AgentConfig
@@ -259,3 +259,47 @@ async def test_managed_logins_use_the_cached_password_while_nats_is_away(
         assert secret.reads == 1
     finally:
         await bus.close()
+
+
+@pytest.mark.leaks(
+    "nats-py's Client.close raises ConnectionResetError when it still holds unsent data "
+    "while reconnecting, before it cancels its subscriptions"
+)
+async def test_a_full_spool_refuses_commands_and_sessions_until_nats_takes_it(
+    nats_server: NatsServer, tmp_path: Path, valkey_port: int
+) -> None:
+    async with await Bus.connect(nats_server.url, name="setup") as setup:
+        await setup.provision()
+        fleet = await make_fleet(setup, tmp_path, nats_server.url)
+    config = fleet.agent("agent-1", [static_db("dev-cache", valkey_port, env="dev")])
+    config["db_service"]["listener"]["audit"] = {"spool_max_bytes": "1MiB"}
+    alice = fleet.identity("alice", ["dev"])
+    session: RawSession | None = None
+    async with running_agent(config, nats_server.url) as agent:
+        listener = agent.listener
+        assert listener is not None
+        session = await open_session(listener.port, alice, fleet.ca.pem)
+        port = stop_nats(nats_server)
+        value = "v" * 250
+        full = b"-ERR the agent's audit spool is full (1 MiB, listener.audit.spool_max_bytes)"
+        for sent in range(20_000):
+            reply = await session.call("SET", f"k{sent}", value)
+            if reply != b"+OK":
+                break
+        assert reply.startswith(full), reply
+        assert sent > 2000  # about 1 MiB of commands were recorded and run first
+        assert await session.call("GET", "k0") == b"-" + full[1:] + reply[len(full) :]
+        with pytest.raises(RouteRefused, match="the agent's audit spool is full"):
+            await RawSession.open(listener.port, alice, fleet.ca.pem, "dev-cache", "app")
+        start_nats(nats_server, port)
+        await wait_until(lambda: not listener.audit.full(), 30, "the spool to drain")
+        again = await open_session(listener.port, alice, fleet.ca.pem)
+        assert await again.call("GET", "k0") == value.encode()
+        again.close()
+        session.close()
+    async with await Bus.connect(nats_server.url, name="reader") as reader:
+        events = await audit_events(reader)
+    sets = [e for e in events if isinstance(e, SessionQuery) and e.command == "SET"]
+    assert [e.args[0] for e in sets if e.success] == [f"k{i}" for i in range(sent)]
+    drops = [e for e in events if isinstance(e, EventsDropped)]
+    assert sum(e.dropped for e in drops) == 3  # the refused SET, GET and session
