@@ -18,9 +18,12 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
    captured by the context's ``sni_callback``), else the route preamble
    (:func:`~dbservice.route.read_route`), by the handshake's deadline (below). Both
    lead to the same checks below; only the preamble is answered with ``+OK``.
-3. The database must be one this agent serves.
-4. :func:`~dbservice.access.authorize.authorize_session`: the roles named in the
-   certificate, read fresh from the registry for every connection.
+3. Not cut off from the fleet for longer than ``offline_grace``
+   (:class:`~dbservice.gateway.offline.FleetLink`), nor holding a full audit spool; the
+   database must be one this agent serves.
+4. :func:`~dbservice.access.authorize.grant_for` with the roles named in the
+   certificate, read fresh from the registry for every connection (cut off from it: as
+   last watched, :class:`~dbservice.gateway.offline.RoleBook`).
 5. The upstream connection: host aliases and TLS exactly as the health checks dial it,
    then :class:`~dbservice.engine.login.UpstreamLogin`.
 6. ``+OK``, ``db.session.start``, and the proxy engine with :class:`AgentHooks` until
@@ -651,7 +654,7 @@ class Listener:
             offline = self.link.refusal()
             if offline is not None:
                 raise Refused(offline)
-            if self.audit.full():
+            if self.audit.spool is not None and self.audit.full():
                 raise Refused(self.audit.full_reason())
             resource = self.lookup(database)
             if resource is None:
