@@ -569,8 +569,9 @@ class AuditEmitter:
                     self._pending.append(item)
             self._report_drops()
             results: list[BaseException | None]
-            if not from_spool and self.spool is not None and not self._online():
-                # No connection: to the spool now, not after each publish timed out.
+            if self.spool is not None and not self._online():
+                # No connection: to the spool now (or left there), not after each publish
+                # waited for its timeout in the client's reconnect buffer.
                 results = [NotConnected("not connected to NATS")] * len(self._pending)
             else:
                 results = await asyncio.gather(

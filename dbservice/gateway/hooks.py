@@ -257,9 +257,10 @@ class AgentHooks:
 
     def _pass(self, shown: Sequence[bytes], action: Action, creds: tuple[bytes, ...]) -> Action:
         answered = action.reply is not None or action.replacement is not None
+        if not self._audit.query(shown, reason=LOCAL_AUTH if answered else ""):
+            return Action.respond(self._unrecorded())
         if action.reply is None:
             self._auth_owed.append(() if answered else creds)
-        self._audit.query(shown, reason=LOCAL_AUTH if answered else "")
         return action
 
     def _refuse_auth(self, shown: Sequence[bytes], reason: str) -> Action:

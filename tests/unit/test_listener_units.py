@@ -165,4 +165,6 @@ async def test_a_full_audit_spool_refuses_commands_instead_of_running_them_unaud
         for name, args in (("GET", [b"GET", b"k"]), ("DEL", None)):  # known, then streamed
             refused = h.on_command(name, 2, args) or b""
             assert refused.startswith(b"-ERR the agent's audit spool is full ("), refused
-        assert h.refused == 2 and emitter.dropped_total == 2
+        reply = h.on_auth(None, b"pw").reply or b""  # a login is not run unrecorded either
+        assert reply.startswith(b"-ERR the agent's audit spool is full ("), reply
+        assert h.refused == 3 and emitter.dropped_total == 3
