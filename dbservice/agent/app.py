@@ -2,12 +2,13 @@
 per-database workers, and a graceful stop on SIGTERM/SIGINT.
 
 Its long-running loops are named root tasks of one :class:`~fleetgate.supervise.RootTasks`
-(registry-watch, managed-users, client-listener, fleet-ca-watch, audit-stream, and in a
-listener process leader): the stop event or any root failing or ending cancels them all,
-and the process then ends, in order and waiting for each, what they leave behind: the
-managed-user service, the client sessions and audit events (:meth:`Listener.aclose`),
-the per-database workers and their heartbeats (:meth:`Supervisor.stop_all`), and the
-listener processes. A root failure is logged with its name and the agent exits 1.
+(registry-watch, managed-users, client-listener, fleet-ca-watch, roles-watch, fleet-link,
+audit-stream, and in a listener process leader): the stop event or any root failing or
+ending cancels them all, and the process then ends, in order and waiting for each, what
+they leave behind: the managed-user service, the client sessions and audit events
+(:meth:`Listener.aclose`), the per-database workers and their heartbeats
+(:meth:`Supervisor.stop_all`), and the listener processes. A root failure is logged with
+its name and the agent exits 1.
 
 With ``listener.processes`` above 1 this process is the *leader*: it does all of the
 above and starts the listener processes (:mod:`dbservice.agent.processes`), which run
