@@ -211,6 +211,9 @@ def encode_query(
     )
 
 
+_QUERY_SUBJECT: Final = subjects.audit_subject("db.session.query")
+
+
 @dataclass(frozen=True, slots=True)
 class QueryBatch:
     """A batch as the emitter builds it: commands already encoded one by one
@@ -248,8 +251,30 @@ class QueryBatch:
         return self.event().expand()
 
 
-Outgoing = AuditEvent | QueryBatch
-"""What an emitter publishes: an event, or a batch of a session's commands."""
+@dataclass(frozen=True, slots=True)
+class Spooled:
+    """An event or batch as it waits in an agent's audit spool: already encoded."""
+
+    subject: str
+    id: str
+    events: int
+    """Events it stands for (a batch: its commands)."""
+    data: bytes
+
+    def __len__(self) -> int:
+        return self.events
+
+
+def spooled(event: AuditEvent | QueryBatch) -> Spooled:
+    """``event`` encoded as it is published."""
+    if isinstance(event, QueryBatch):
+        return Spooled(_QUERY_SUBJECT, event.id, len(event), event.encode())
+    return Spooled(subjects.audit_subject(event.type), event.id, 1, encode_event(event))
+
+
+Outgoing = AuditEvent | QueryBatch | Spooled
+"""What an emitter publishes: an event, a batch of a session's commands, or either
+read back from the spool."""
 
 
 # -- the stream ----------------------------------------------------------------------
@@ -285,13 +310,12 @@ async def ensure_audit_stream(
         raise RegistryError(f"no JetStream answer from {bus.url} for the audit stream") from exc
 
 
-_QUERY_SUBJECT: Final = subjects.audit_subject("db.session.query")
-
-
 async def publish_event(bus: Bus, event: Outgoing, *, ack_wait: float = 2.0) -> None:
     """Store one event or batch; raises nats errors (the emitter retries, dedup keeps it
     single)."""
-    if isinstance(event, QueryBatch):
+    if isinstance(event, Spooled):
+        subject, data = event.subject, event.data
+    elif isinstance(event, QueryBatch):
         subject, data = _QUERY_SUBJECT, event.encode()
     else:
         subject, data = subjects.audit_subject(event.type), encode_event(event)

@@ -45,9 +45,13 @@ from bus.audit import (
     QueryBatch,
     SessionEnd,
     SessionStart,
+    Spooled,
     encode_query,
     publish_event,
+    spooled,
 )
+from bus.link import connected
+from dbservice.access.spool import AuditSpool
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +259,14 @@ class BatchLimits:
     """At most this many seconds after a command came (one timer per emitter)."""
 
 
+class NotConnected(Exception):
+    """The bus is not connected: nothing was published."""
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):g} MiB"
+
+
 class AuditEmitter:
     """A bounded queue of audit events and the task that publishes them."""
 
@@ -268,8 +280,21 @@ class AuditEmitter:
         limits: BatchLimits = BatchLimits(),
         retry_min: float = 0.1,
         retry_max: float = 5.0,
+        spool: AuditSpool | None = None,
+        online: Callable[[], bool] = lambda: True,
     ) -> None:
         self._publish = publish
+        self._online = online
+        """Whether the bus is connected now: while it is not, events go straight to the
+        spool (when there is one) instead of waiting in memory for a publish to fail."""
+        self.spool = spool
+        """Where events wait while the bus does not take them (None: in memory only,
+        dropped and counted when the queue is full)."""
+        self._spooling = spool is not None and len(spool) > 0
+        """Whether new events go to the spool, behind the ones waiting there (from the
+        first failed publish until the spool is empty again). Then the memory queue is
+        empty; ``_pending`` may still hold older events, published first."""
+        self._failing = False
         self.host_id = host_id
         self.limits = limits
         self._maxsize = maxsize
@@ -303,13 +328,18 @@ class AuditEmitter:
         async def publish(event: Outgoing) -> None:
             await publish_event(bus, event)
 
-        return cls(publish, **kwargs)
+        return cls(publish, online=lambda: connected(bus), **kwargs)
 
     @property
     def backlog(self) -> int:
-        """Events waiting to be published (queued and being retried; a batch counts its
-        commands), not counting commands still in sessions' buffers."""
-        return self._held
+        """Events waiting to be published (queued, spooled and being retried; a batch
+        counts its commands), not counting commands still in sessions' buffers."""
+        return self._held + (self.spool.pending_events if self.spool is not None else 0)
+
+    @property
+    def spooling(self) -> bool:
+        """Whether events are kept on disk now, waiting for the bus."""
+        return self._spooling
 
     def emit(self, event: AuditEvent) -> bool:
         """Queue ``event`` without waiting; False (and counted) when the queue is full."""
@@ -317,7 +347,17 @@ class AuditEmitter:
             event = event.model_copy(update={"host_id": self.host_id})
         return self._put(event, 1)
 
-    def _put(self, item: Outgoing, events: int) -> bool:
+    def _put(self, item: AuditEvent | QueryBatch, events: int) -> bool:
+        if self.spool is not None and (
+            self._spooling or self._held + events > self._maxsize or not self._online()
+        ):
+            if self.spool.full() and not isinstance(item, (SessionEnd, QueryBatch)):
+                # What still comes closes sessions that are open; anything else (a
+                # refused session) is counted, and its session was refused.
+                self.drop(events)
+                return False
+            self._to_spool(item)
+            return True
         if self._held + events > self._maxsize:
             self.drop(events)
             return False
@@ -329,8 +369,88 @@ class AuditEmitter:
         return True
 
     def full(self) -> bool:
-        """Whether the next :meth:`emit` would be dropped (checked for every command)."""
+        """Whether the next :meth:`emit` would be dropped (checked for every command);
+        with a spool, whether it holds its ``max_bytes``."""
+        if self.spool is not None:
+            return self.spool.full()
         return self._held >= self._maxsize
+
+    def full_reason(self) -> str:
+        """Why new sessions and commands are refused while :meth:`full` (with a spool)."""
+        spool = self.spool
+        size = spool.max_bytes if spool is not None else 0
+        return (
+            f"the agent's audit spool is full ({_mib(size)}, listener.audit.spool_max_bytes): "
+            "it cannot reach NATS to deliver the audit events it keeps, so it refuses new "
+            "sessions and commands rather than lose their audit"
+        )
+
+    # -- the spool ----------------------------------------------------------------------
+
+    def _to_spool(self, item: AuditEvent | QueryBatch) -> None:
+        spool = self.spool
+        assert spool is not None
+        if not self._spooling:
+            self._start_spooling()
+        was_full = spool.full()
+        spool.append((spooled(item),))
+        if spool.full() and not was_full:
+            logger.error(
+                "audit: the spool %s is full (%d events, %d bytes): new sessions and commands "
+                "are refused until NATS takes events again",
+                spool.directory,
+                spool.pending_events,
+                spool.pending_bytes,
+            )
+        self._idle.clear()
+        self._wake.set()
+
+    def _start_spooling(self) -> None:
+        """From now on events go to the spool: first what the memory queue holds."""
+        spool = self.spool
+        assert spool is not None
+        self._spooling = True
+        queue = self._queue
+        spool.append([spooled(item) for item in queue if not isinstance(item, Spooled)])
+        queue.clear()
+        self._held -= self._queued
+        self._queued = 0
+        logger.warning(
+            "audit: keeping events in the spool %s until NATS takes them (%d waiting; at most %s)",
+            spool.directory,
+            spool.pending_events,
+            _mib(spool.max_bytes),
+        )
+
+    def _keep_in_spool(self) -> int:
+        """At the stop: what is still in memory goes to the spool, in order; how many
+        events the spool holds then."""
+        spool = self.spool
+        assert spool is not None
+        older = [spooled(e) for e in self._pending if not isinstance(e, Spooled)]
+        spool.prepend(older)
+        spool.append([spooled(e) for e in self._queue if not isinstance(e, Spooled)])
+        if self._unreported:
+            spool.append((spooled(self._dropped_event(self._unreported)),))
+            self._unreported = 0
+        self._pending, self._pending_events = [], 0
+        self._queue.clear()
+        self._queued = self._held = 0
+        spool.sync()
+        spool.close()
+        return spool.pending_events
+
+    async def _sync_loop(self) -> None:
+        """``fsync`` the spool about once a second while it grows."""
+        spool = self.spool
+        assert spool is not None
+        while True:
+            await asyncio.sleep(1.0)
+            if spool.dirty:
+                try:
+                    spool.sync()
+                except OSError as exc:
+                    logger.error("audit: cannot sync the spool %s (%s)", spool.directory, exc)
 
     def drop(self, events: int = 1) -> None:
         """Count events lost to a full queue (reported as ``audit.dropped``)."""
@@ -370,10 +490,15 @@ class AuditEmitter:
             self._task = asyncio.create_task(self.run(), name="audit-emitter")
 
     async def aclose(self, *, flush_timeout: float = 5.0) -> None:
-        """Publish what is queued (up to ``flush_timeout``), then stop the task."""
+        """Publish what is queued (up to ``flush_timeout``; not waiting when the bus is
+        failing and there is a spool), then stop the task; with a spool, what is left
+        is kept in it for the next start."""
         if self._task is None:
+            if self.spool is not None:
+                self.flush_sessions()
+                self._keep_in_spool()
             return
-        await self.flush(flush_timeout)
+        await self.flush(0 if self.spool is not None and self._failing else flush_timeout)
         task, self._task = self._task, None
         task.cancel()
         # wait() rather than awaiting the task: a cancellation of *our* caller must not
@@ -381,7 +506,16 @@ class AuditEmitter:
         await asyncio.wait([task])
         if not task.cancelled() and (error := task.exception()) is not None:
             logger.error("audit: the emitter had failed", exc_info=error)
-        if self.backlog:
+        if self.spool is not None:
+            kept = self._keep_in_spool()
+            if kept:
+                logger.warning(
+                    "audit: %d events not published yet are kept in the spool %s; they are "
+                    "published when the agent next runs and reaches NATS",
+                    kept,
+                    self.spool.directory,
+                )
+        elif self.backlog:
             logger.warning("audit: %d events not published at shutdown", self.backlog)
 
     async def flush(self, wait: float) -> bool:
@@ -409,17 +543,24 @@ class AuditEmitter:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._tick(), name="audit-batch-timer")
             group.create_task(self._publish_loop(), name="audit-publisher")
+            if self.spool is not None:
+                group.create_task(self._sync_loop(), name="audit-spool-sync")
 
     async def _publish_loop(self) -> None:
         delay = self._retry[0]
-        failing = False
         queue = self._queue
         while True:
+            from_spool = False
             if not self._pending:
-                while not queue and not self._unreported:
+                while not queue and not self._unreported and not self._spooling:
                     self._idle.set()
                     self._wake.clear()
                     await self._wake.wait()
+                if self._spooling and self.spool is not None:
+                    self._pending = list(self.spool.peek(self._in_flight))
+                    from_spool = bool(self._pending)
+                    if not from_spool:
+                        self._spooling = False
                 while len(self._pending) < self._in_flight and queue:
                     item = queue.popleft()
                     events = len(item) if isinstance(item, QueryBatch) else 1
@@ -427,47 +568,98 @@ class AuditEmitter:
                     self._pending_events += events
                     self._pending.append(item)
             self._report_drops()
-            results = await asyncio.gather(
-                *(self._publish(e) for e in self._pending), return_exceptions=True
-            )
-            failed = [e for e, r in zip(self._pending, results, strict=True) if r is not None]
+            results: list[BaseException | None]
+            if self.spool is not None and not self._online():
+                # No connection: to the spool now (or left there), not after each publish
+                # waited for its timeout in the client's reconnect buffer.
+                results = [NotConnected("not connected to NATS")] * len(self._pending)
+            else:
+                results = await asyncio.gather(
+                    *(self._publish_one(e) for e in self._pending), return_exceptions=True
+                )
             errors = [r for r in results if r is not None]
-            left = sum(len(e) if isinstance(e, QueryBatch) else 1 for e in failed)
-            self.published_total += self._pending_events - left
-            self._held -= self._pending_events - left
-            self._pending, self._pending_events = failed, left
+            if from_spool:
+                failed = self._acknowledge_spooled(results)
+            else:
+                failed = self._acknowledge(results)
             if failed:
-                if not failing:
+                if not self._failing:
                     logger.warning(
                         "audit: cannot publish (%s); holding %d events and retrying",
                         errors[0],
                         self.backlog,
                     )
-                failing = True
+                self._failing = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self._retry[1])
             else:
-                if failing:
+                if self._failing:
                     logger.info("audit: publishing again")
-                failing, delay = False, self._retry[0]
+                self._failing, delay = False, self._retry[0]
+
+    async def _publish_one(self, item: Outgoing) -> None:
+        if isinstance(item, Spooled) and not item.subject:
+            return  # an unreadable spool line (logged): nothing to publish
+        await self._publish(item)
+
+    def _acknowledge(self, results: list[BaseException | None]) -> bool:
+        """After publishing from memory: count what was stored, keep what failed (in the
+        spool, when there is one); whether anything failed."""
+        failed = [e for e, r in zip(self._pending, results, strict=True) if r is not None]
+        left = sum(len(e) if isinstance(e, (QueryBatch, Spooled)) else 1 for e in failed)
+        self.published_total += self._pending_events - left
+        self._held -= self._pending_events - left
+        self._pending, self._pending_events = failed, left
+        if failed and self.spool is not None:
+            # The failed ones are older than anything spooled: they go first.
+            self.spool.prepend([spooled(e) for e in failed if not isinstance(e, Spooled)])
+            self._held -= left
+            self._pending, self._pending_events = [], 0
+            if not self._spooling:
+                self._start_spooling()
+        return bool(failed)
+
+    def _acknowledge_spooled(self, results: list[BaseException | None]) -> bool:
+        """After publishing from the spool: remove the messages stored, up to the first
+        that failed (those after it are published again: their ids make JetStream store
+        them once); whether anything failed."""
+        spool = self.spool
+        assert spool is not None
+        stored = next((i for i, r in enumerate(results) if r is not None), len(results))
+        self.published_total += sum(
+            e.events if isinstance(e, Spooled) else 1 for e in self._pending[:stored]
+        )
+        spool.ack(stored)
+        failed = stored < len(results)
+        self._pending, self._pending_events = [], 0
+        if not len(spool):
+            self._spooling = False
+            logger.info("audit: the spool %s is delivered", spool.directory)
+        return failed
+
+    def _dropped_event(self, count: int) -> EventsDropped:
+        what = (
+            f"audit spool full: {count} events not recorded (their sessions and commands "
+            "were refused)"
+            if self.spool is not None
+            else f"audit queue full: {count} events dropped"
+        )
+        return EventsDropped(host_id=self.host_id, dropped=count, success=False, reason=what)
 
     def _report_drops(self) -> None:
         if not self._unreported:
             return
         count, self._unreported = self._unreported, 0
+        if self.spool is not None:
+            self._to_spool(self._dropped_event(count))
+            logger.error("audit: spool full, %d events not recorded", count)
+            return
         for i, event in enumerate(self._pending):
             if isinstance(event, EventsDropped) and event.host_id == self.host_id:
                 count += event.dropped
                 self._pending[i] = event.model_copy(update={"dropped": count})
                 return
-        self._pending.append(
-            EventsDropped(
-                host_id=self.host_id,
-                dropped=count,
-                success=False,
-                reason=f"audit queue full: {count} events dropped",
-            )
-        )
+        self._pending.append(self._dropped_event(count))
         self._pending_events += 1
         self._held += 1
         logger.error("audit: queue full, %d events dropped", count)
@@ -531,54 +723,57 @@ class SessionAudit:
     def session_id(self) -> str:
         return str(self.common["session_id"])
 
+    def full_reason(self) -> str:
+        """Why a command is refused when :meth:`query` answered False."""
+        return self._emitter.full_reason()
+
     def start(self, *, success: bool = True, reason: str = "") -> None:
         self._emitter.emit(SessionStart(**self.common, success=success, reason=reason))
 
-    def query(self, args: Sequence[bytes | str], *, success: bool = True, reason: str = "") -> None:
-        """One command; ``success=False`` with ``reason`` when it was refused."""
+    def query(self, args: Sequence[bytes | str], *, success: bool = True, reason: str = "") -> bool:
+        """One command; ``success=False`` with ``reason`` when it was refused. False
+        when it could not be recorded and must be refused (the emitter's spool is full;
+        without a spool, a full queue drops and counts it, and the answer is True)."""
         self.commands += 1
         emitter = self._emitter
         if emitter.full():  # dropped: counted, not described
             self.flush()  # (the numbering of the next batch starts after this one)
             self._flushed += 1
             emitter.drop()
-            return
+            return emitter.spool is None
         name, shown = describe_command(args, self.redaction)
         self._add(encode_query(time.time(), name, shown, success, reason))
+        return True
 
-    def allowed(self, args: Sequence[bytes]) -> None:
+    def allowed(self, args: Sequence[bytes]) -> bool:
         """``query(args)`` for an allowed command as the client sent it: the same event,
         the short way when nothing is to be masked, cut or redacted and every argument
         is UTF-8 (the command path of every proxied command). Sizes are checked before
-        anything is decoded, so a large argument costs no more than a small one."""
+        anything is decoded, so a large argument costs no more than a small one. False
+        as :meth:`query`: the command must be refused."""
         emitter = self._emitter
         name = _PLAIN.get(args[0])
         argc = len(args)
         if name is None or argc > self._plain_argc or emitter.full():
-            self.query(args)
-            return
+            return self.query(args)
         cut = self._plain_len
         try:  # GET k, SET k v unrolled: a comprehension is a call of its own
             if argc == 3:
                 key, value = args[1], args[2]
                 if len(key) > cut or len(value) > cut:
-                    self.query(args)
-                    return
+                    return self.query(args)
                 text = [key.decode(), value.decode()]
             elif argc == 2:
                 key = args[1]
                 if len(key) > cut:
-                    self.query(args)
-                    return
+                    return self.query(args)
                 text = [key.decode()]
             else:
                 if any(len(a) > cut for a in args[1:]):
-                    self.query(args)
-                    return
+                    return self.query(args)
                 text = [a.decode() for a in args[1:]]
         except UnicodeDecodeError:
-            self.query(args)
-            return
+            return self.query(args)
         self.commands += 1
         # _add inlined: a call fewer on every proxied command.
         item = _dumps({"time": time.time(), "command": name, "args": text})
@@ -589,6 +784,7 @@ class SessionAudit:
             emitter.buffering_in(self)
         if len(buffer) >= self._max_commands or self._buffer_bytes >= self._max_bytes:
             self.flush()
+        return True
 
     def _add(self, item: bytes) -> None:
         emitter = self._emitter

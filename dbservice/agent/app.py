@@ -2,12 +2,13 @@
 per-database workers, and a graceful stop on SIGTERM/SIGINT.
 
 Its long-running loops are named root tasks of one :class:`~fleetgate.supervise.RootTasks`
-(registry-watch, managed-users, client-listener, fleet-ca-watch, audit-stream, and in a
-listener process leader): the stop event or any root failing or ending cancels them all,
-and the process then ends, in order and waiting for each, what they leave behind: the
-managed-user service, the client sessions and audit events (:meth:`Listener.aclose`),
-the per-database workers and their heartbeats (:meth:`Supervisor.stop_all`), and the
-listener processes. A root failure is logged with its name and the agent exits 1.
+(registry-watch, managed-users, client-listener, fleet-ca-watch, roles-watch, fleet-link,
+audit-stream, and in a listener process leader): the stop event or any root failing or
+ending cancels them all, and the process then ends, in order and waiting for each, what
+they leave behind: the managed-user service, the client sessions and audit events
+(:meth:`Listener.aclose`), the per-database workers and their heartbeats
+(:meth:`Supervisor.stop_all`), and the listener processes. A root failure is logged with
+its name and the agent exits 1.
 
 With ``listener.processes`` above 1 this process is the *leader*: it does all of the
 above and starts the listener processes (:mod:`dbservice.agent.processes`), which run
@@ -42,6 +43,7 @@ from dbservice.agent.processes import (
 from dbservice.agent.served import Selection, follow_registry, static_resource
 from dbservice.agent.supervisor import Supervisor
 from dbservice.agent.worker import DatabaseWorker, PassiveWorker, Worker
+from dbservice.gateway.audit_spool import open_spool
 from dbservice.gateway.listener import Listener
 from dbservice.managed.login import ManagedLogins
 from dbservice.managed.membership import AclMembership
@@ -215,6 +217,12 @@ class Agent:
         listener = None
         if settings.listener is not None:
             handles = supervisor.handles
+            spool = open_spool(
+                settings.data_dir,
+                child.index if child is not None else 0,
+                max_bytes=int(settings.listener.audit.spool_max_bytes),
+                processes=processes,
+            )
 
             def lookup(name: str) -> DatabaseResource | None:
                 handle = handles.get(name)
@@ -233,6 +241,8 @@ class Agent:
                 login=IamLogins(auth, matcher_role=selection.role)
                 if managed is None
                 else ManagedLogins(managed, IamLogins(auth, matcher_role=selection.role)),
+                offline_grace=settings.offline_grace,
+                audit_spool=spool,
             )
             if child is None:
                 if processes > 1:
@@ -312,6 +322,8 @@ def _start_listener(roots: RootTasks, listener: Listener) -> None:
     one-shot check of the audit stream. Its sessions are its own (:meth:`Listener.aclose`)."""
     roots.start("client-listener", listener.accept())
     roots.start("fleet-ca-watch", listener.trust.follow(listener.bus))
+    roots.start("roles-watch", listener.roles.follow(listener.bus))
+    roots.start("fleet-link", listener.link.follow())
     roots.start("audit-stream", listener.check_audit_stream(), on_return="done")
 
 

@@ -247,6 +247,10 @@ class DbService(Strict):
     health_check: HealthCheckConfig = HealthCheckConfig()
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     managed_users: ManagedUsersConfig = ManagedUsersConfig()
+    offline_grace: Duration = Field(default=900.0, ge=0)
+    """How long after its last contact with the fleet's JetStream the agent still opens
+    new sessions, checked against the last known CA, roles and registry; then it refuses
+    them (saying why) until it reconnects. Open sessions are never cut for it."""
 
     @field_validator("hostname")
     @classmethod

@@ -119,10 +119,11 @@ class AgentHooks:
     def on_command(self, name: str, argc: int, args: Sequence[bytes] | None) -> bytes | None:
         if name in self._plain and self.authenticated:  # the common case
             if args is not None:
-                self._allowed(args)
-            else:
-                self._audit.query(self._shown(name, argc, args))
-            return None
+                if self._allowed(args):
+                    return None
+            elif self._audit.query(self._shown(name, argc, args)):
+                return None
+            return self._unrecorded()
         if name in CONNECTION_COMMANDS:
             if (name == "AUTH" and argc in (2, 3)) or (
                 name == "HELLO" and args is not None and parse_hello(args) is not None
@@ -178,10 +179,11 @@ class AgentHooks:
         if name != "RESET" and name not in CONTAINERS and len(self._plain) < _PLAIN_MAX:
             self._plain.add(name)
         if args is not None:
-            self._allowed(args)
-        else:
-            self._audit.query(self._shown(name, argc, args))
-        return None
+            if self._allowed(args):
+                return None
+        elif self._audit.query(self._shown(name, argc, args)):
+            return None
+        return self._unrecorded()
 
     def on_reply(self, name: str, error: bool) -> None:
         if name in _LOGIN_REPLIES and self._auth_owed:
@@ -255,15 +257,22 @@ class AgentHooks:
 
     def _pass(self, shown: Sequence[bytes], action: Action, creds: tuple[bytes, ...]) -> Action:
         answered = action.reply is not None or action.replacement is not None
+        if not self._audit.query(shown, reason=LOCAL_AUTH if answered else ""):
+            return Action.respond(self._unrecorded())
         if action.reply is None:
             self._auth_owed.append(() if answered else creds)
-        self._audit.query(shown, reason=LOCAL_AUTH if answered else "")
         return action
 
     def _refuse_auth(self, shown: Sequence[bytes], reason: str) -> Action:
         self.refused += 1
         self._audit.query(shown, success=False, reason=reason)
         return Action.respond(refusal("ERR", reason))
+
+    def _unrecorded(self) -> bytes:
+        """The answer to a command the audit could not record (the agent's spool is
+        full): refused, never run unaudited; it was counted as not recorded."""
+        self.refused += 1
+        return refusal("ERR", self._audit.full_reason())
 
     def _refuse(
         self, name: str, argc: int, args: Sequence[bytes] | None, code: str, reason: str

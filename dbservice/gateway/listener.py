@@ -18,9 +18,12 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
    captured by the context's ``sni_callback``), else the route preamble
    (:func:`~dbservice.route.read_route`), by the handshake's deadline (below). Both
    lead to the same checks below; only the preamble is answered with ``+OK``.
-3. The database must be one this agent serves.
-4. :func:`~dbservice.access.authorize.authorize_session`: the roles named in the
-   certificate, read fresh from the registry for every connection.
+3. Not cut off from the fleet for longer than ``offline_grace``
+   (:class:`~dbservice.gateway.offline.FleetLink`), nor holding a full audit spool; the
+   database must be one this agent serves.
+4. :func:`~dbservice.access.authorize.grant_for` with the roles named in the
+   certificate, read fresh from the registry for every connection (cut off from it: as
+   last watched, :class:`~dbservice.gateway.offline.RoleBook`).
 5. The upstream connection: host aliases and TLS exactly as the health checks dial it,
    then :class:`~dbservice.engine.login.UpstreamLogin`.
 6. ``+OK``, ``db.session.start``, and the proxy engine with :class:`AgentHooks` until
@@ -62,12 +65,12 @@ from typing import Final
 from cryptography import x509
 
 from bus import Bus, subjects
-from bus.access import CACertificate, Identity
+from bus.access import CACertificate, Identity, Role, get_roles
 from bus.audit import SessionStart, ensure_audit_stream
 from bus.errors import BusError
 from bus.schemas import DatabaseResource
 from dbservice.access.audit import AuditEmitter, QueryRedaction, SessionAudit
-from dbservice.access.authorize import authorize_session
+from dbservice.access.authorize import grant_for
 from dbservice.access.ca import (
     CertificateRejected,
     ClientVerifier,
@@ -77,6 +80,7 @@ from dbservice.access.ca import (
     load_certs,
     mtls_server_context,
 )
+from dbservice.access.spool import AuditSpool
 from dbservice.engine.cluster.session import ClusterSession
 from dbservice.engine.login import ClientCredentials, UpstreamLogin, UpstreamLoginError
 from dbservice.engine.proxy import ProxyLimits, ProxySession, ProxyTimeouts, Streams, TcpConnector
@@ -89,6 +93,7 @@ from dbservice.gateway.clusters import (
     cluster_mode,
 )
 from dbservice.gateway.hooks import AgentHooks
+from dbservice.gateway.offline import FleetLink, RoleBook
 from dbservice.gateway.settings import ListenerConfig
 from dbservice.route import (
     EOF_COMMAND,
@@ -127,6 +132,9 @@ REFUSAL_LOG_INTERVAL: Final = 10.0
 READ_LIMIT: Final = 256 * 1024
 STOP_GRACE: Final = 2.0
 AUDIT_FLUSH: Final = 5.0
+ROLES_READ: Final = 2.0
+"""Longest wait for a fresh read of a session's roles before the watched ones are used."""
+DEFAULT_OFFLINE_GRACE: Final = 900.0
 
 Lookup = Callable[[str], DatabaseResource | None]
 
@@ -373,6 +381,8 @@ class Listener:
         login: Callable[[DatabaseResource], UpstreamLogin] = lambda _: ClientCredentials(),
         host_aliases: Mapping[str, str] | None = None,
         upstream_ca_file: Path | None = None,
+        offline_grace: float = DEFAULT_OFFLINE_GRACE,
+        audit_spool: AuditSpool | None = None,
     ) -> None:
         self.hostname = hostname
         self.listen_addr = listen_addr
@@ -398,7 +408,11 @@ class Listener:
             aliases=self.host_aliases, contexts=contexts, connect_timeout=config.connect_timeout
         )
         """The cluster engine's per-database state (MemoryDB in cluster mode)."""
-        self.audit = AuditEmitter.for_bus(bus, host_id=host_id)
+        self.audit = AuditEmitter.for_bus(bus, host_id=host_id, spool=audit_spool)
+        self.link = FleetLink(bus, grace=offline_grace)
+        """Whether the agent reaches the fleet's JetStream (:meth:`FleetLink.follow`)."""
+        self.roles = RoleBook()
+        """The roles as last read (:meth:`RoleBook.follow`): used while cut off."""
         self.sessions: set[asyncio.Task[None]] = set()
         self.heap = HeapTrimmer.for_this_process()
         """Gives closed sessions' memory back to the system (glibc only)."""
@@ -637,21 +651,22 @@ class Listener:
         database, db_user = route.database, route.db_user
         try:
             node = route.node
+            offline = self.link.refusal()
+            if offline is not None:
+                raise Refused(offline)
+            if self.audit.spool is not None and self.audit.full():
+                raise Refused(self.audit.full_reason())
             resource = self.lookup(database)
             if resource is None:
                 raise Refused(f"agent {self.hostname} does not serve database {database!r}")
-            try:
-                async with asyncio.timeout(limit):
-                    grant = await authorize_session(
-                        self.bus,
-                        identity,
-                        database=database,
-                        labels=resource.metadata.labels,
-                        db_user=db_user,
-                    )
-            except (BusError, TimeoutError) as exc:
-                logger.warning("cannot read roles for %s: %s", identity.user, exc)
-                raise Refused("cannot read your roles from the registry now; try again") from None
+            roles = await self._roles(identity, min(limit, ROLES_READ))
+            grant = grant_for(
+                identity,
+                roles,
+                database=database,
+                labels=resource.metadata.labels,
+                db_user=db_user,
+            )
             if not grant.allowed:
                 raise Refused(grant.decision.reason)
         except Refused as exc:
@@ -707,6 +722,26 @@ class Listener:
             stats = session.stats
             audit.add_bytes(to_db=stats.bytes_from_client, to_client=stats.bytes_to_client)
             audit.end(reason=stats.reason or "stopped")
+
+    async def _roles(self, identity: Identity, wait: float) -> list[Role]:
+        """The roles named in the certificate: read fresh while the agent reaches the
+        fleet (an edited role applies to the next connection), else as last watched
+        (within ``offline_grace``, checked before)."""
+        if self.link.cut_for() == 0.0:
+            try:
+                async with asyncio.timeout(wait):
+                    roles = await get_roles(self.bus, identity.roles)
+            except (BusError, TimeoutError) as exc:
+                self.link.lost(f"cannot read roles: {str(exc) or 'no answer'}")
+            else:
+                self.link.contact()
+                return roles
+        if not self.roles.synced.is_set():
+            raise Refused(
+                "cannot read your roles from the registry now, and this agent has not read "
+                "them since it started; try again"
+            )
+        return self.roles.get(identity.roles)
 
     def _keep_alive(
         self, login: UpstreamLogin, session: ProxySession | ClusterSession

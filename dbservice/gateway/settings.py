@@ -33,6 +33,10 @@ class QueryAuditConfig(Strict):
     """Longer arguments are cut."""
     max_args: int = Field(default=64, ge=0)
     """Further arguments are replaced by their count."""
+    spool_max_bytes: ByteSize = Field(default=ByteSize(1024 * 1024 * 1024), ge=1024 * 1024)
+    """Audit events kept in ``<data_dir>/audit-spool`` while NATS cannot take them, at
+    most (bytes of encoded events; ``1GiB``, ``500MB``). At this size new sessions and
+    commands are refused, never run unaudited."""
 
     @model_validator(mode="after")
     def _fits_a_message(self) -> QueryAuditConfig:

@@ -18,12 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bus import Bus, BusError, leases, subjects
+from bus.link import connected
 from dbservice.managed.aws import ManagedAws, ManagedError, SecretVersion
 from dbservice.managed.rotation import UserRef
 from dbservice.managed.state import ManagedUser
 from dbservice.upstream.auth import send_auth
 
 logger = logging.getLogger(__name__)
+
+RECORD_WAIT = 2.0
+"""Longest wait for a managed user's record before a login uses the cached password."""
 
 
 class LoginRefused(Exception):
@@ -54,11 +58,19 @@ class ManagedPasswords:
         self._cache.pop(key, None)
 
     async def _version(self, ref: UserRef) -> str:
+        """The record's ``applied_version``; while NATS is away (not connected, or no
+        answer within :data:`RECORD_WAIT`), that of the password cached, so a cut-off
+        agent logs sessions in without waiting for NATS on each."""
+        cached = self._cache.get(ref.key)
+        if not connected(self.bus):
+            return cached.version if cached is not None else ""
         try:
-            found = await leases.read(self.bus, subjects.LEASES_BUCKET, ref.key, ManagedUser)
-        except BusError as exc:
-            logger.warning("managed user %s: cannot read its record (%s)", ref.user, exc)
-            cached = self._cache.get(ref.key)
+            async with asyncio.timeout(RECORD_WAIT):
+                found = await leases.read(self.bus, subjects.LEASES_BUCKET, ref.key, ManagedUser)
+        except (BusError, TimeoutError) as exc:
+            logger.warning(
+                "managed user %s: cannot read its record (%s)", ref.user, str(exc) or "no answer"
+            )
             return cached.version if cached is not None else ""
         return found.record.applied_version if found is not None else ""
 

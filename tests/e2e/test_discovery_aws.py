@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from bus import Bus, FetcherStatus
+from bus import Bus, DbServerHeartbeat, FetcherStatus
 from bus.server import NatsServer
 from discovery.aws.session import AwsSession
 from discovery.poller import Poller, PollReport
@@ -22,6 +22,7 @@ from discovery.settings import DiscoveryService
 from fleetgate.cli import main
 from sandbox.aws import MotoServer
 from tests.kits import seed as seed
+from tests.kits.agent import wait_until
 
 ACCOUNT = "123456789012"
 OTHER = "222222222222"
@@ -373,3 +374,26 @@ async def test_status_records_partial_when_tags_fail(
     (status,) = await bus.list_fetcher_status()
     assert isinstance(status, FetcherStatus)
     assert status.state == "partial" and "ThrottlingException" in status.error
+
+
+async def test_a_region_whose_agents_are_cut_off_keeps_its_databases(poll: Any, bus: Bus) -> None:
+    """Discovery reads AWS, never the agents: when a region's leaf loses the hub, its
+    agents' heartbeats expire in the hub, and the region's databases stay enrolled (they
+    go only when AWS says the cluster is gone; a failed AWS call keeps them too)."""
+    seed.cluster("eu-west-1", "cut", tags={"env": "prod"})
+    cfg = settings(matcher("eu-west-1"))
+    assert (await poll(cfg)).ok
+    (resource,) = await bus.list_resources()
+    heartbeat = DbServerHeartbeat(
+        host_id="agent-eu", hostname="agent-eu", version="1", addr="10.0.0.1:6390",
+        database=resource,
+    )  # fmt: skip
+    await bus.put_db_server(heartbeat, 1.0)
+
+    async def expired() -> bool:
+        return await bus.list_db_servers() == []
+
+    await wait_until(expired, 10, "the heartbeat to expire")  # the region's agents are gone
+    report = await poll(cfg)
+    assert report.ok and report.plan.deletes == [] and report.registry_writes == 0
+    assert await bus.list_resources() == [resource]

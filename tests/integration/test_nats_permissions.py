@@ -27,6 +27,7 @@ from bus import (
 from bus.access import Role, User
 from bus.audit import SessionStart, ensure_audit_stream, publish_event, read_events
 from bus.client import inbox_prefix, url_user
+from bus.link import jetstream_answers
 from bus.schemas import FetcherStatus, utcnow
 from bus.server import NatsServer, config_string
 from bus.totp import claim_step, provision_totp
@@ -144,6 +145,8 @@ async def test_agents_read_roles_but_never_password_hashes_and_only_append_audit
     await admin.put(subjects.USERS_BUCKET, "alice", User(name="alice", roles=("dev",)))
 
     agent = await connect("agent")
+    # The agent's link probe (a denied one would look like a cut from the fleet).
+    assert await jetstream_answers(agent, wait=2.0) is None
     assert list(await agent.snapshot(subjects.ROLES_BUCKET, Role)) == ["dev"]
     with pytest.raises(RegistryError):
         await agent.snapshot(subjects.USERS_BUCKET, User)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from bus.schemas import AWSSpec, DatabaseResource, DatabaseSpec, MemoryDBSpec, Metadata
 from dbservice.agent.config import AgentConfig
@@ -20,6 +21,7 @@ from dbservice.agent.health import (
 )
 from dbservice.agent.identity import DataDir
 from dbservice.agent.served import Selection, static_resource
+from dbservice.gateway.settings import QueryAuditConfig
 from dbservice.upstream.iam import Role
 from fleetgate.addresses import split_host_port
 from fleetgate.cli import main
@@ -47,6 +49,16 @@ def test_defaults_and_durations() -> None:
     assert s.health_check.healthy_threshold == 2 and s.health_check.unhealthy_threshold == 1
     assert s.heartbeat.interval == 10.0 and s.heartbeat.ttl == 60.0
     assert s.hostname and s.listen_addr == "0.0.0.0:6390"
+
+
+def test_offline_grace_and_the_audit_spool_bound() -> None:
+    assert config().db_service.offline_grace == 900.0
+    assert config(offline_grace="1h").db_service.offline_grace == 3600.0
+    assert "db_service.offline_grace" in error_of(offline_grace="-1s")
+    assert QueryAuditConfig().spool_max_bytes == 1024**3
+    assert QueryAuditConfig(spool_max_bytes="2GiB").spool_max_bytes == 2 * 1024**3
+    with pytest.raises(ValidationError, match="spool_max_bytes"):
+        QueryAuditConfig(spool_max_bytes="10KiB")
 
 
 @pytest.mark.parametrize(

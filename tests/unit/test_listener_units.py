@@ -3,14 +3,18 @@ lists, and what each decision leaves in the audit trail."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bus.access import Identity, Role
-from bus.audit import AuditEvent, Outgoing, SessionQuery
+from bus.audit import AuditEvent, Outgoing, SessionQuery, SessionStart
 from dbservice.access.audit import AuditEmitter
 from dbservice.access.authorize import grant_for
+from dbservice.access.spool import AuditSpool
 from dbservice.engine.login import ClientCredentials
 from dbservice.engine.proxy import Action
 from dbservice.engine.proxy.commands import parse_hello
 from dbservice.gateway.hooks import AgentHooks
+from tests.kits.agent import wait_until
 
 ALICE = Identity(user="alice", roles=("dev",))
 DEV = Role.model_validate(
@@ -137,3 +141,30 @@ async def test_a_command_seen_before_is_checked_and_audited_again() -> None:
         ("FLUSHDB", (), False),
     ] * 2 + [("RESET", (), True), ("GET", ("k",), False)]
     assert h.refused == 3
+
+
+async def test_a_full_audit_spool_refuses_commands_instead_of_running_them_unaudited(
+    tmp_path: Path,
+) -> None:
+    async def unreachable(_: Outgoing) -> None:
+        raise TimeoutError("nats: timeout")
+
+    spool = AuditSpool.open(tmp_path / "spool", max_bytes=2048)
+    emitter = AuditEmitter(unreachable, retry_max=0.1, spool=spool)
+    grant = grant_for(ALICE, [DEV], database="d", labels={"env": "dev"}, db_user="default")
+    audit = emitter.session(ALICE, database="d", db_user="default", client_addr="127.0.0.1:1")
+    h = AgentHooks(
+        grant=grant, audit=audit, db_user="default", login=ClientCredentials(), authenticated=True
+    )
+    async with emitter:
+        assert h.on_command("GET", 2, [b"GET", b"k"]) is None
+        audit.flush()
+        await wait_until(lambda: emitter.spooling, 5, "spooling")  # the publish failed
+        while not emitter.full():
+            emitter.emit(SessionStart(reason="x" * 500))
+        for name, args in (("GET", [b"GET", b"k"]), ("DEL", None)):  # known, then streamed
+            refused = h.on_command(name, 2, args) or b""
+            assert refused.startswith(b"-ERR the agent's audit spool is full ("), refused
+        reply = h.on_auth(None, b"pw").reply or b""  # a login is not run unrecorded either
+        assert reply.startswith(b"-ERR the agent's audit spool is full ("), reply
+        assert h.refused == 3 and emitter.dropped_total == 3
