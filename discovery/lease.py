@@ -69,7 +69,8 @@ class _Held:
     revision: int
     valid_until: float
     """Monotonic time until which no other replica can have taken the lease."""
-    renewed_at: float
+    next_renewal: float
+    """Monotonic time of the next renewal (sooner after a failed one)."""
     acquired: datetime
 
 
@@ -112,6 +113,9 @@ class Leases:
         self._tasks: list[asyncio.Task[None]] = []
         self._failing = False
         self._stopping = False
+        self._retry_at: dict[str, float] = {}
+        """Monotonic time before which a failed take is not tried again."""
+        self._retry = min(1.0, self.renew_every / 2)
 
     # -- names ------------------------------------------------------------------------
 
@@ -200,11 +204,9 @@ class Leases:
         """Take the leases ``names`` now if they are free or their holder stopped
         renewing (fetchers no longer in the config, whose resources are to be deleted);
         the names taken. They are renewed while held and not taken again once released."""
-        taken = set()
-        for name in names:
-            if await self._try_take(self._key(name)):
-                taken.add(name)
-        return {n for n in taken if self.holds(n)}
+        names = sorted(names)
+        done = await asyncio.gather(*(self._try_take(self._key(n)) for n in names))
+        return {n for n, ok in zip(names, done, strict=True) if ok and self.holds(n)}
 
     # -- the background ---------------------------------------------------------------
 
@@ -243,7 +245,7 @@ class Leases:
         while not self._stopping:
             self._changed.clear()
             now = time.monotonic()
-            due = [k for k, h in self._held.items() if now >= h.renewed_at + self.renew_every]
+            due = [k for k, h in self._held.items() if now >= h.next_renewal]
             if due:
                 await asyncio.gather(*(self._renew(k) for k in due))
             for key, held in list(self._held.items()):  # renewals failed for too long
@@ -265,25 +267,20 @@ class Leases:
 
     def _next_wake(self) -> float:
         now = time.monotonic()
-        times = [h.renewed_at + self.renew_every for h in self._held.values()]
+        times = [h.next_renewal for h in self._held.values()]
         for name in self.wanted:
             key = self._key(name)
             seen = self._seen.get(key)
             if key not in self._held and seen is not None:
-                times.append(seen.since + seen.period)
+                times.append(max(seen.since + seen.period, self._retry_at.get(key, 0.0)))
         return max(0.01, min(times, default=now + self.renew_every) - now)
 
     async def _acquire_round(self) -> set[str]:
-        taken = set()
-        for name in sorted(self.wanted):
-            key = self._key(name)
-            if key in self._held:
-                continue
-            seen = self._seen.get(key)
-            if seen is not None and time.monotonic() < seen.since + seen.period:
-                continue
-            if await self._try_take(key):
-                taken.add(name)
+        # concurrently: with NATS slow to answer, one try per lease in a row would hold
+        # up the renewals of the leases held
+        names = sorted(n for n in self.wanted if self._key(n) not in self._held)
+        done = await asyncio.gather(*(self._try_take(self._key(n)) for n in names))
+        taken = {name for name, ok in zip(names, done, strict=True) if ok}
         if taken:
             logger.info(
                 "replica %s now polls %d of %d fetchers (took %s)",
@@ -305,7 +302,10 @@ class Leases:
         if key in self._held:
             return True
         seen = self._seen.get(key)
-        if seen is not None and time.monotonic() < seen.since + seen.period:
+        now = time.monotonic()
+        if seen is not None and now < seen.since + seen.period:
+            return False
+        if now < self._retry_at.get(key, 0.0):
             return False
         record = self._record()
         sent = time.monotonic()
@@ -316,10 +316,12 @@ class Leases:
                 revision = await cas.update(self.bus, _bucket(), key, record, last=seen.revision)
         except FAILURES as exc:
             self._failed(f"cannot take the lease of fetcher {self._names.get(key, key)}", exc)
+            self._retry_at[key] = time.monotonic() + self._retry
             return False
         self._failing = False
-        if revision is None:
-            return False  # another replica was faster; the watch tells us who
+        if revision is None:  # another replica was faster; the watch tells us who
+            self._retry_at[key] = time.monotonic() + self._retry
+            return False
         if seen is not None:
             logger.warning(
                 "took over fetcher %s from replica %s: its lease was not renewed for %s",
@@ -327,7 +329,9 @@ class Leases:
                 seen.holder,
                 format_duration(seen.period),
             )
-        self._held[key] = _Held(revision, sent + self.period, sent, record.acquired)
+        self._held[key] = _Held(
+            revision, sent + self.period, sent + self.renew_every, record.acquired
+        )
         return True
 
     async def _renew(self, key: str) -> None:
@@ -340,6 +344,7 @@ class Leases:
             revision = await cas.update(self.bus, _bucket(), key, record, last=held.revision)
         except FAILURES as exc:
             self._failed(f"cannot renew the lease of fetcher {self._names.get(key, key)}", exc)
+            held.next_renewal = time.monotonic() + self._retry
             return
         self._failing = False
         if self._held.get(key) is not held:
@@ -347,7 +352,8 @@ class Leases:
         if revision is None:
             self._lost(key, "another replica wrote it")
             return
-        held.revision, held.valid_until, held.renewed_at = revision, sent + self.period, sent
+        held.revision, held.valid_until = revision, sent + self.period
+        held.next_renewal = sent + self.renew_every
 
     def _failed(self, what: str, exc: Exception) -> None:
         if not self._failing:  # once per outage, not per lease and try

@@ -127,7 +127,13 @@ async def test_a_dead_holder_is_taken_over_within_one_period_never_before(
     assert (await b.poller.poll_once()).skipped  # a standby polls nothing
 
     taken: dict[str, float] = {}
-    b.leases.on_acquired = lambda names: taken.update(dict.fromkeys(names, time.monotonic()))
+    a_still_writing: list[str] = []
+
+    def took_over(names: set[str]) -> None:
+        taken.update(dict.fromkeys(names, time.monotonic()))
+        a_still_writing.extend(n for n in names if a.leases.holds(n))
+
+    b.leases.on_acquired = took_over
     # a's last renewals: b may take over no earlier than a period after each was sent
     await a.leases.confirm(everything)
     a_valid = {name: a.leases._held[a.leases._key(name)].valid_until for name in everything}
@@ -136,6 +142,7 @@ async def test_a_dead_holder_is_taken_over_within_one_period_never_before(
 
     took = await wait_for(lambda: b.leases.held() == everything)
     assert all(taken[name] >= a_valid[name] for name in everything)
+    assert a_still_writing == []  # a stopped writing before b could take over
     assert took <= PERIOD + 1.5, f"takeover took {took:.2f}s with a {PERIOD}s period"
     found = await cas.snapshot(b.bus, subjects.DISCOVERY_LEASES_BUCKET, DiscoveryLease)
     assert sorted(v.record.holder for v in found.values()) == ["b"] * len(everything)
