@@ -2,8 +2,9 @@
 
 Each "replica" here is its own NATS connection, its own :class:`Leases` and its own
 AWS session (so AWS calls are counted per replica), in one process; a replica dies by
-stopping its leases without releasing them, and is paused by holding its poll at our
-own seam (the fetch) while its leases stop being renewed. The same with real processes
+stopping its leases without releasing them, is paused by holding its poll at our own
+seam (the fetch) while its leases stop being renewed, and is cut off from NATS by a TCP
+link the test closes. The same with real processes
 and signals is in tests/e2e/test_discovery_replicas.py.
 """
 
@@ -32,12 +33,17 @@ from tests.kits import seed
 
 ACCOUNT = "123456789012"
 PERIOD = 2.0
+"""The lease period of tests that wait for a takeover."""
+STEADY = 15.0
+"""The lease period of tests where no lease may change hands: long enough that a loaded
+machine (a blocking call of the test, moto in this process) never delays a renewal
+past it."""
 REGIONS = ("us-east-1", "eu-west-1", "ap-south-1")
 
 
-def settings(*matchers: dict[str, Any]) -> DiscoveryService:
+def settings(*matchers: dict[str, Any], period: float = PERIOD) -> DiscoveryService:
     return DiscoveryService.model_validate(
-        {"aws": list(matchers), "lease": {"period": PERIOD}, "poll_interval": 60}
+        {"aws": list(matchers), "lease": {"period": period}, "poll_interval": 60}
     )
 
 
@@ -94,7 +100,7 @@ async def resources(bus: Bus) -> dict[str, DatabaseResource]:
 async def test_each_fetcher_is_polled_by_exactly_one_replica(replicas: Any) -> None:
     for region in REGIONS:
         seed.cluster(region, f"c-{region}")
-    cfg = settings(matcher(*REGIONS))
+    cfg = settings(matcher(*REGIONS), period=STEADY)
     a, b = await asyncio.gather(replicas(cfg, "a"), replicas(cfg, "b"))
     everything = {k.status_key for k in a.poller.fetchers}
     assert a.leases.held().isdisjoint(b.leases.held())
@@ -262,8 +268,8 @@ async def test_replicas_that_disagree_on_the_config_never_delete_each_others_ent
     the other holds their fetcher's lease. Once a stops, b cleans up a's fetcher."""
     seed.cluster("us-east-1", "orders", tags={"env": "prod"})
     seed.cluster("us-east-1", "devbox", tags={"env": "dev"})
-    old = settings(matcher("us-east-1", tags={"env": "prod"}))
-    new = settings(matcher("us-east-1", tags={"env": ["prod", "dev"]}))
+    old = settings(matcher("us-east-1", tags={"env": "prod"}), period=STEADY)
+    new = settings(matcher("us-east-1", tags={"env": ["prod", "dev"]}), period=STEADY)
     a = await replicas(old, "a")
     b = await replicas(new, "b")
     assert (await a.poller.poll_once()).ok
@@ -291,11 +297,100 @@ async def test_replicas_that_disagree_on_the_config_never_delete_each_others_ent
 
 async def test_status_names_the_replica_and_lease_records_the_holder(replicas: Any) -> None:
     seed.cluster("us-east-1", "orders")
-    cfg = settings(matcher("us-east-1"))
+    cfg = settings(matcher("us-east-1"), period=STEADY)
     a = await replicas(cfg, "host-1-abc")
     await a.poller.poll_once()
     (status,) = await a.bus.list_fetcher_status()
     assert isinstance(status, FetcherStatus) and status.replica == "host-1-abc"
     leases = await cas.snapshot(a.bus, subjects.DISCOVERY_LEASES_BUCKET, DiscoveryLease)
     assert [v.record.holder for v in leases.values()] == ["host-1-abc"]
-    assert [v.record.period for v in leases.values()] == [PERIOD]
+    assert [v.record.period for v in leases.values()] == [STEADY]
+
+
+class Link:
+    """A TCP link from a client to nats-server that the test can cut and restore."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.pipes: set[asyncio.Task[None]] = set()
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def up(self) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in list(self.writers):
+            writer.close()
+        for pipe in list(self.pipes):
+            pipe.cancel()
+        await asyncio.gather(*self.pipes, return_exceptions=True)
+        await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        for task in (
+            asyncio.create_task(pipe(reader, up_writer)),
+            asyncio.create_task(pipe(up_reader, writer)),
+        ):
+            self.pipes.add(task)
+            task.add_done_callback(self.pipes.discard)
+
+
+async def test_a_holder_cut_off_from_nats_stops_writing_before_it_is_taken_over(
+    aws: MotoServer, nats_server: NatsServer, replicas: Any
+) -> None:
+    seed.cluster("us-east-1", "orders")
+    cfg = settings(matcher("us-east-1"))
+    link = Link(nats_server.port)
+    await link.up()
+    bus = await Bus.connect(f"nats://127.0.0.1:{link.port}", name="a", reconnect_wait=0.2)
+    a = Replica(bus, cfg, "a")
+    try:
+        await a.leases.start()
+        b = await replicas(cfg, "b")
+        assert (await a.poller.poll_once()).registry_writes == 1
+        name = a.poller.fetchers[0].status_key
+        a_stopped: list[float] = []  # when a no longer writes
+        b_took: list[float] = []
+        b.leases.on_acquired = lambda names: b_took.append(time.monotonic())
+
+        cut = time.monotonic()
+        await link.cut()
+        await wait_for(lambda: not a.leases.holds(name))
+        a_stopped.append(time.monotonic())
+        await wait_for(lambda: bool(b_took))
+        assert a_stopped[0] <= b_took[0]
+        print(
+            f"\ncut off at 0s: a stopped writing at {a_stopped[0] - cut:.2f}s, "
+            f"b took over at {b_took[0] - cut:.2f}s (period {PERIOD}s)"
+        )
+        assert (await b.poller.poll_once()).ok
+
+        await link.up()  # a comes back: it learns it lost the lease, and writes nothing
+        await wait_for(lambda: a.bus.reconnects >= 1)
+        report = await a.poller.poll_once()
+        assert report.results == [] and report.registry_writes == 0 and report.skipped
+        assert a.leases.held() == set() and a.leases.holder_of(name) == "b"
+        (status,) = await b.bus.list_fetcher_status()
+        assert status.replica == "b"
+    finally:
+        await a.leases.stop()
+        await bus.close()
+        await link.cut()
