@@ -94,13 +94,14 @@ async def records(bus: Bus, bucket: str, model: type[M]) -> dict[str, Versioned[
 
 
 async def snapshot(
-    bus: Bus, bucket: str, model: type[M], *, keys: str = ">"
+    bus: Bus, bucket: str, model: type[M], *, keys: str = ">", create: bool = True
 ) -> dict[str, Versioned[M]]:
     """Every readable record of ``bucket`` (or of the ``keys`` filter) with its revision,
     read through one watch (one round trip for the whole bucket, unlike :func:`records`);
-    fails with a reason instead of retrying."""
+    fails with a reason instead of retrying (also when the bucket does not exist and
+    ``create`` is False)."""
     out: dict[str, Versioned[M]] = {}
-    watch = bus.watch(bucket, model, keys=keys, retry_open=False)
+    watch = bus.watch(bucket, model, keys=keys, create=create, retry_open=False)
     async with contextlib.aclosing(watch) as events:
         async for event in events:
             if event.kind == "synced":

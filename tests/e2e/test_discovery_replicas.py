@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -212,3 +213,42 @@ def _replica_of(log: str) -> str:
     """The replica id a process logged at start."""
     line = next(x for x in log.splitlines() if "discovery replica " in x)
     return line.split("discovery replica ", 1)[1].split()[0]
+
+
+def test_once_leaves_held_fetchers_to_their_replica_and_status_names_it(
+    replicas: Replicas, nats_server: NatsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fleetgate.cli import main
+
+    seed.cluster("us-east-1", "orders")
+    assert main(["discovery", "status", "--nats", nats_server.url]) == 1
+    assert "start discovery (or an agent) once" in capsys.readouterr().err
+
+    service = replicas.start()
+    deadline = time.monotonic() + 30
+    while "poll done" not in replicas.log(service):
+        assert time.monotonic() < deadline, replicas.log(service)
+        time.sleep(0.1)
+    replica = _replica_of(replicas.log(service))
+
+    # --once while the service holds every lease: polls nothing, says who does
+    assert main(["discovery", "run", "-c", str(replicas.config), "--once"]) == 0
+    err = capsys.readouterr().err
+    assert "3 fetcher(s) not polled, another replica holds them" in err
+    assert f"(polled by {replica})" in err
+
+    assert main(["discovery", "status", "--nats", nats_server.url, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == len(REGIONS)
+    assert {(r["polled_by"], r["lease_holder"], r["state"]) for r in rows} == {
+        (replica, replica, "ok")
+    }
+    assert main(["discovery", "status", "--nats", nats_server.url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:4] == ["FETCHER", "STATE", "DATABASES", "LEASE"]
+    assert all(replica in line for line in lines[1:]) and len(lines) == 1 + len(REGIONS)
+
+    service.send_signal(signal.SIGTERM)  # a clean stop releases: nobody holds them now
+    assert service.wait(15) == 0
+    assert main(["discovery", "status", "--nats", nats_server.url]) == 0
+    assert all("none (not polled)" in line for line in capsys.readouterr().out.splitlines()[1:])
