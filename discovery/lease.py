@@ -10,11 +10,12 @@ record, and only the replica holding it polls that fetcher and writes what it ow
 * **Renew.** The holder rewrites its record every ``period / 4`` with compare-and-set on
   the revision it last wrote. A failed compare-and-set means another replica took it:
   the lease is lost at once.
-* **Take over.** Every replica watches the bucket and notes, by its own monotonic clock,
-  when it first saw each revision. A revision unchanged for the holder's ``period``
-  (the period written in the record) means the holder stopped renewing: the watcher
-  takes it over with compare-and-set on that revision. No wall clocks are compared, so
-  clock skew between hosts or regions does not matter; only clock *rates* do.
+* **Take over.** Every replica watches the bucket and notes, by its own clock
+  (:func:`lease_clock`), when it first saw each revision. A revision unchanged for the
+  holder's ``period`` (the period written in the record) means the holder stopped
+  renewing: the watcher takes it over with compare-and-set on that revision. No wall
+  clocks are compared, so clock skew between hosts or regions does not matter; only
+  clock *rates* do.
 * **Fencing.** A holder counts its lease valid until ``period`` after it *sent* its last
   successful renewal (the server applied it later, and a taker saw it later still, so
   the taker cannot take over before then), minus a margin of ``period / 10``. Writes are
@@ -56,6 +57,14 @@ the lease to silence."""
 
 FENCE_MARGIN = 0.1
 """Fraction of the period before its end at which a holder stops writing."""
+
+
+def lease_clock() -> float:
+    """Seconds on a clock that keeps counting while the host is suspended (Linux's
+    CLOCK_BOOTTIME; monotonic elsewhere): a holder whose machine slept must not think
+    its lease still runs."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
 
 
 def replica_id() -> str:
@@ -133,7 +142,7 @@ class Leases:
     def holds(self, name: str) -> bool:
         """Whether this replica holds ``name``'s lease and may still write for it."""
         held = self._held.get(self._key(name))
-        return held is not None and time.monotonic() < held.valid_until - self.margin
+        return held is not None and lease_clock() < held.valid_until - self.margin
 
     def held(self) -> set[str]:
         """Names of every lease this replica may write for now."""
@@ -225,7 +234,7 @@ class Leases:
                     if seen is None or seen.revision != event.revision:
                         self._seen[event.key] = _Seen(
                             event.revision,
-                            time.monotonic(),
+                            lease_clock(),
                             event.value.holder,
                             event.value.period,
                         )
@@ -244,12 +253,12 @@ class Leases:
     async def _keep(self) -> None:
         while not self._stopping:
             self._changed.clear()
-            now = time.monotonic()
+            now = lease_clock()
             due = [k for k, h in self._held.items() if now >= h.next_renewal]
             if due:
                 await asyncio.gather(*(self._renew(k) for k in due))
             for key, held in list(self._held.items()):  # renewals failed for too long
-                if time.monotonic() >= held.valid_until - self.margin:
+                if lease_clock() >= held.valid_until - self.margin:
                     self._held.pop(key, None)
                     logger.warning(
                         "lost the lease of fetcher %s: not renewed for %s (is NATS "
@@ -266,7 +275,7 @@ class Leases:
                 await asyncio.wait_for(self._changed.wait(), self._next_wake())
 
     def _next_wake(self) -> float:
-        now = time.monotonic()
+        now = lease_clock()
         times = [h.next_renewal for h in self._held.values()]
         for name in self.wanted:
             key = self._key(name)
@@ -302,13 +311,13 @@ class Leases:
         if key in self._held:
             return True
         seen = self._seen.get(key)
-        now = time.monotonic()
+        now = lease_clock()
         if seen is not None and now < seen.since + seen.period:
             return False
         if now < self._retry_at.get(key, 0.0):
             return False
         record = self._record()
-        sent = time.monotonic()
+        sent = lease_clock()
         try:
             if seen is None:
                 revision = await cas.create(self.bus, _bucket(), key, record)
@@ -316,11 +325,11 @@ class Leases:
                 revision = await cas.update(self.bus, _bucket(), key, record, last=seen.revision)
         except FAILURES as exc:
             self._failed(f"cannot take the lease of fetcher {self._names.get(key, key)}", exc)
-            self._retry_at[key] = time.monotonic() + self._retry
+            self._retry_at[key] = lease_clock() + self._retry
             return False
         self._failing = False
         if revision is None:  # another replica was faster; the watch tells us who
-            self._retry_at[key] = time.monotonic() + self._retry
+            self._retry_at[key] = lease_clock() + self._retry
             return False
         if seen is not None:
             logger.warning(
@@ -339,12 +348,12 @@ class Leases:
         if held is None:
             return
         record = self._record(held.acquired)
-        sent = time.monotonic()
+        sent = lease_clock()
         try:
             revision = await cas.update(self.bus, _bucket(), key, record, last=held.revision)
         except FAILURES as exc:
             self._failed(f"cannot renew the lease of fetcher {self._names.get(key, key)}", exc)
-            held.next_renewal = time.monotonic() + self._retry
+            held.next_renewal = lease_clock() + self._retry
             return
         self._failing = False
         if self._held.get(key) is not held:

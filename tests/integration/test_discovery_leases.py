@@ -24,7 +24,7 @@ from bus.schemas import DatabaseResource, DiscoveryLease, FetcherStatus
 from bus.server import NatsServer
 from discovery import poller as poller_module
 from discovery.aws.session import AwsSession
-from discovery.lease import Leases
+from discovery.lease import Leases, lease_clock
 from discovery.matchers import expand, status_key_of
 from discovery.poller import Poller
 from discovery.settings import DiscoveryService
@@ -136,7 +136,7 @@ async def test_a_dead_holder_is_taken_over_within_one_period_never_before(
     a_still_writing: list[str] = []
 
     def took_over(names: set[str]) -> None:
-        taken.update(dict.fromkeys(names, time.monotonic()))
+        taken.update(dict.fromkeys(names, lease_clock()))  # the leases' own clock
         a_still_writing.extend(n for n in names if a.leases.holds(n))
 
     b.leases.on_acquired = took_over
