@@ -94,7 +94,8 @@ class Poller:
         calls_before = self.session.total_calls
         versions = await self._registry()
         current = {name: v.record for name, v in versions.items()}
-        fetchers, skipped, scope = self.fetchers, [], None
+        fetchers, skipped = self.fetchers, []
+        scope: set[str] | None = None
         adopted: set[str] = set()
         if self.leases is not None:
             held = self.leases.held()
@@ -109,6 +110,22 @@ class Poller:
             else:
                 adopted = await self._adopt_orphans(current)
             scope = {k.status_key for k in fetchers} | adopted
+        try:
+            return await self._run(started, calls_before, versions, fetchers, scope, skipped)
+        finally:
+            if adopted and self.leases is not None:
+                await self.leases.release(adopted)
+
+    async def _run(
+        self,
+        started: float,
+        calls_before: int,
+        versions: dict[str, Versioned[DatabaseResource]],
+        fetchers: list[FetcherKey],
+        scope: set[str] | None,
+        skipped: list[str],
+    ) -> PollReport:
+        current = {name: v.record for name, v in versions.items()}
         limit = asyncio.Semaphore(self.settings.fetcher_concurrency)
         cache = RegionCache()
 
@@ -131,12 +148,8 @@ class Poller:
         for conflict in plan.conflicts:
             logger.warning("not written: %s", conflict)
         refused: list[str] = []
-        try:
-            await self._apply(plan, versions, scope, refused)
-            status_writes = await self._record(results, refused)
-        finally:
-            if adopted and self.leases is not None:
-                await self.leases.release(adopted)
+        await self._apply(plan, versions, scope, refused)
+        status_writes = await self._record(results, refused)
         failures = [
             f"{r.key.type} {r.key.region} (matcher {r.key.matcher_index}): {r.state}: {r.error}"
             for r in results
