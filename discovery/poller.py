@@ -246,7 +246,12 @@ class Poller:
                         self.bus, subjects.DATABASES_BUCKET, key, res, last=previous.revision
                     )
                 if done is None:
-                    refused.append(f"{res.name}: written by someone else since this poll read it")
+                    refused.append(
+                        f"{res.name}: written by someone else since this poll read it"
+                        if previous is not None
+                        else f"{res.name}: created by someone else since this poll read the "
+                        "registry, or there but unreadable (see the warning about it)"
+                    )
                     return
                 logger.info("enrolled %s (%s)", res.name, res.spec.uri)
 
