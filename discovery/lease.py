@@ -77,9 +77,9 @@ def replica_id() -> str:
 class _Held:
     revision: int
     valid_until: float
-    """Monotonic time until which no other replica can have taken the lease."""
+    """:func:`lease_clock` time until which no other replica can have taken the lease."""
     next_renewal: float
-    """Monotonic time of the next renewal (sooner after a failed one)."""
+    """:func:`lease_clock` time of the next renewal (sooner after a failed one)."""
     acquired: datetime
 
 
@@ -87,7 +87,7 @@ class _Held:
 class _Seen:
     revision: int
     since: float
-    """Monotonic time this replica first saw ``revision``."""
+    """:func:`lease_clock` time this replica first saw ``revision``."""
     holder: str
     period: float
 
@@ -123,7 +123,7 @@ class Leases:
         self._failing = False
         self._stopping = False
         self._retry_at: dict[str, float] = {}
-        """Monotonic time before which a failed take is not tried again."""
+        """:func:`lease_clock` time before which a failed take is not tried again."""
         self._retry = min(1.0, self.renew_every / 2)
 
     # -- names ------------------------------------------------------------------------
