@@ -11,6 +11,7 @@ and signals is in tests/e2e/test_discovery_replicas.py.
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -394,3 +395,59 @@ async def test_a_holder_cut_off_from_nats_stops_writing_before_it_is_taken_over(
         await a.leases.stop()
         await bus.close()
         await link.cut()
+
+
+async def test_never_two_writers_for_one_fetcher_while_replicas_come_and_go(
+    nats_server: NatsServer,
+) -> None:
+    """Replicas started, cut off (they stop renewing but are still asked whether they
+    may write, like a paused process or one that lost NATS) or stopped (release) at
+    random, a 1s period: sampled every few milliseconds, no fetcher ever has two
+    replicas that may write for it, and every fetcher has a holder again at the end."""
+    rng = random.Random(19)
+    names = {f"memorydb.r{i}.d" for i in range(4)}
+    live: list[Leases] = []
+    cut_off: list[Leases] = []
+    buses: list[Bus] = []
+    overlaps: list[str] = []
+    next_id = 0
+
+    async def start() -> None:
+        nonlocal next_id
+        bus = await Bus.connect(nats_server.url, name=f"r{next_id}")
+        buses.append(bus)
+        leases = Leases(bus, group="g", period=1.0, wanted=names, replica=f"r{next_id}")
+        next_id += 1
+        await leases.start()
+        live.append(leases)
+
+    async def sample(until: float) -> None:
+        while lease_clock() < until:
+            for name in names:
+                writers = [x.replica for x in live + cut_off if x.holds(name)]
+                if len(writers) > 1:
+                    overlaps.append(f"{name}: {writers}")
+            await asyncio.sleep(0.005)
+
+    try:
+        for _ in range(3):
+            await start()
+        sampler = asyncio.create_task(sample(lease_clock() + 10))
+        for _ in range(6):
+            await asyncio.sleep(rng.uniform(0.3, 1.5))
+            gone = max(live, key=lambda x: len(x.held()))  # a holder: the case that counts
+            live.remove(gone)
+            if rng.random() < 0.5:
+                await gone.stop()
+            else:
+                await gone.stop(release=False)
+                cut_off.append(gone)
+            await start()
+        await sampler
+        assert overlaps == []
+        await wait_for(lambda: set().union(*(x.held() for x in live)) == names, limit=5)
+    finally:
+        for leases in live:
+            await leases.stop()
+        for bus in buses:
+            await bus.close()
