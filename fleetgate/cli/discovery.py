@@ -20,7 +20,10 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
     run = actions.add_parser("run", help="poll AWS and keep the registry in step")
     run.add_argument("-c", "--config", required=True, help="discovery YAML config file")
     run.add_argument(
-        "--once", action="store_true", help="poll once and exit (0 only if every fetcher succeeded)"
+        "--once",
+        action="store_true",
+        help="poll once and exit (0 only if every fetcher polled succeeded; fetchers "
+        "another running replica holds are left to it)",
     )
     run.add_argument(
         "--nats", help="NATS URL (default: config, FLEETGATE_NATS_URL, nats://127.0.0.1:4222)"
