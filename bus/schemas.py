@@ -140,6 +140,9 @@ class DiscoveryLease(Record):
     """Seconds the holder may go without renewing before another replica takes over."""
     acquired: datetime
     renewed: datetime
+    config: str = ""
+    """A digest of the fetchers the holder's config has: replicas of one group should
+    share it (they differ only during a rolling change of the config)."""
 
 
 def utcnow() -> datetime:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
@@ -125,6 +126,9 @@ class Leases:
         self._retry_at: dict[str, float] = {}
         """:func:`lease_clock` time before which a failed take is not tried again."""
         self._retry = min(1.0, self.renew_every / 2)
+        self.config = hashlib.sha256("\n".join(sorted(self.wanted)).encode()).hexdigest()[:10]
+        """Digest of the fetchers wanted, written in each lease (see DiscoveryLease)."""
+        self._other_configs: set[str] = set()
 
     # -- names ------------------------------------------------------------------------
 
@@ -240,7 +244,23 @@ class Leases:
                         )
                     if event.value.holder != self.replica:
                         self._lost(event.key, f"replica {event.value.holder} took it")
+                        self._check_config(event.value)
                 self._changed.set()
+
+    def _check_config(self, lease: DiscoveryLease) -> None:
+        if not lease.config or lease.config == self.config:
+            return
+        if lease.holder not in self._other_configs:
+            self._other_configs.add(lease.holder)
+            logger.warning(
+                "replica %s of discovery group %r runs another config (fetchers %s, ours "
+                "%s): expected only during a rolling change of the config; services with "
+                "different matchers need their own discovery_group",
+                lease.holder,
+                self.group,
+                lease.config,
+                self.config,
+            )
 
     def _lost(self, key: str, why: str) -> None:
         if self._held.pop(key, None) is not None:
@@ -303,7 +323,11 @@ class Leases:
     def _record(self, acquired: datetime | None = None) -> DiscoveryLease:
         now = utcnow()
         return DiscoveryLease(
-            holder=self.replica, period=self.period, acquired=acquired or now, renewed=now
+            holder=self.replica,
+            period=self.period,
+            acquired=acquired or now,
+            renewed=now,
+            config=self.config,
         )
 
     async def _try_take(self, key: str) -> bool:

@@ -98,7 +98,9 @@ async def resources(bus: Bus) -> dict[str, DatabaseResource]:
     return {r.name: r for r in await bus.list_resources()}
 
 
-async def test_each_fetcher_is_polled_by_exactly_one_replica(replicas: Any) -> None:
+async def test_each_fetcher_is_polled_by_exactly_one_replica(
+    replicas: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     for region in REGIONS:
         seed.cluster(region, f"c-{region}")
     cfg = settings(matcher(*REGIONS), period=STEADY)
@@ -116,6 +118,7 @@ async def test_each_fetcher_is_polled_by_exactly_one_replica(replicas: Any) -> N
     for replica in (a, b):
         assert (replica.session.total_calls == 0) == (not replica.leases.held())
     assert len(await resources(a.bus)) == len(REGIONS)
+    assert "runs another config" not in caplog.text
     statuses = {s.fetcher: s.replica for s in await a.bus.list_fetcher_status()}
     assert statuses == {
         name: ("a" if name in a.leases.held() else "b") for name in sorted(everything)
@@ -262,7 +265,7 @@ async def test_the_registry_refuses_a_write_made_after_a_pause_past_the_lease_ch
 
 
 async def test_replicas_that_disagree_on_the_config_never_delete_each_others_entries(
-    replicas: Any,
+    replicas: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A rolling change of the config: old replica a has matcher 'prod', new replica b
     matcher 'all'. Each sees the other's entries as orphans; neither deletes them while
@@ -273,6 +276,10 @@ async def test_replicas_that_disagree_on_the_config_never_delete_each_others_ent
     new = settings(matcher("us-east-1", tags={"env": ["prod", "dev"]}), period=STEADY)
     a = await replicas(old, "a")
     b = await replicas(new, "b")
+    # each says so once
+    await wait_for(lambda: caplog.text.count("runs another config") == 2)
+    assert "replica a of discovery group '' runs another config" in caplog.text
+    assert "replica b of discovery group '' runs another config" in caplog.text
     assert (await a.poller.poll_once()).ok
     assert (await b.poller.poll_once()).ok
     # both fetchers name orders: the first writer keeps it, the other says why
