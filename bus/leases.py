@@ -1,5 +1,6 @@
-"""Compare-and-set records on the bus, for state several agents share (the managed-user
-records in :data:`~bus.subjects.LEASES_BUCKET`).
+"""Compare-and-set records on the bus, for state several processes share (the managed-user
+records in :data:`~bus.subjects.LEASES_BUCKET`, discovery's leases, the registry writes
+of a discovery replica).
 
 A record is read with its revision and written back only if nobody wrote it since:
 :func:`create` succeeds only when the key is absent, :func:`update` only when the key is
@@ -9,6 +10,7 @@ one of several agents racing for the same change goes ahead.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -20,6 +22,9 @@ from bus.client import Bus, decode
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
+
+WRONG_LAST_SEQUENCE = 10071
+"""JetStream's error code for a compare-and-set that lost (the key moved on)."""
 
 LEASES = specs.LEASES
 """The managed-user records' bucket (its spec lives with every other in :mod:`bus.specs`)."""
@@ -88,6 +93,24 @@ async def records(bus: Bus, bucket: str, model: type[M]) -> dict[str, Versioned[
     return out
 
 
+async def snapshot(
+    bus: Bus, bucket: str, model: type[M], *, keys: str = ">", create: bool = True
+) -> dict[str, Versioned[M]]:
+    """Every readable record of ``bucket`` (or of the ``keys`` filter) with its revision,
+    read through one watch (one round trip for the whole bucket, unlike :func:`records`);
+    fails with a reason instead of retrying (also when the bucket does not exist and
+    ``create`` is False)."""
+    out: dict[str, Versioned[M]] = {}
+    watch = bus.watch(bucket, model, keys=keys, create=create, retry_open=False)
+    async with contextlib.aclosing(watch) as events:
+        async for event in events:
+            if event.kind == "synced":
+                break
+            if event.kind == "upsert" and event.value is not None:
+                out[event.key] = Versioned(event.value, event.revision)
+    return out
+
+
 async def delete(bus: Bus, bucket: str, key: str, *, last: int) -> bool:
     """Delete ``key`` only if it is still at revision ``last``; False when it moved on."""
     kv = await bus.bucket(bucket)
@@ -96,3 +119,9 @@ async def delete(bus: Bus, bucket: str, key: str, *, last: int) -> bool:
             return bool(await kv.delete(key, last=last))
         except nats.js.errors.KeyWrongLastSequenceError:
             return False
+        except nats.js.errors.BadRequestError as exc:
+            # nats-py's delete, unlike its update, passes the server's "wrong last
+            # sequence" on as it came
+            if exc.err_code == WRONG_LAST_SEQUENCE:
+                return False
+            raise

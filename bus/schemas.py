@@ -123,6 +123,26 @@ class FetcherStatus(Record):
     databases: int = 0
     last_attempt: datetime
     last_success: datetime | None = None
+    replica: str = ""
+    """The discovery replica that polled the fetcher (host, pid and a random part)."""
+
+
+class DiscoveryLease(Record):
+    """Which discovery replica polls a fetcher (bucket ``fleetgate_discovery_leases``,
+    keyed like the fetcher's status). Taken and renewed by compare-and-set; another
+    replica may take it over once its revision has not changed for ``period`` seconds
+    by that replica's own clock (no wall clocks are compared)."""
+
+    schema_version: int = SCHEMA_VERSION
+    holder: str
+    """The replica holding it: ``<host>-<pid>-<random>``."""
+    period: float
+    """Seconds the holder may go without renewing before another replica takes over."""
+    acquired: datetime
+    renewed: datetime
+    config: str = ""
+    """A digest of the fetchers the holder's config has: replicas of one group should
+    share it (they differ only during a rolling change of the config)."""
 
 
 def utcnow() -> datetime:

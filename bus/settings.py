@@ -29,6 +29,11 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from fleetgate.config import ConfigError, Strict, explain
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+NATS_HELP = (  # every command's --nats
+    "NATS server URL(s), comma-separated (default: FLEETGATE_NATS_SERVERS or "
+    "FLEETGATE_NATS_URL, else nats://127.0.0.1:4222; TLS and credentials: "
+    "FLEETGATE_NATS_*, docs/nats-client.md)"
+)
 
 ENV_URL = "FLEETGATE_NATS_URL"
 ENV_SERVERS = "FLEETGATE_NATS_SERVERS"

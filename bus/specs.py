@@ -5,7 +5,7 @@ Whichever call opens a bucket first creates it (:meth:`bus.client.Bus.bucket`), 
 with the spec below, so its history and expiry never depend on which process or command
 came first. :data:`BUCKETS` is the subset every process provisions at start; the others
 are created by the processes that write them (access buckets by admins and the auth
-service, compare-and-set buckets by agents and the auth service), so a process that
+service, compare-and-set buckets by agents, discovery and the auth service), so a process that
 never touches them needs no permission for them.
 """
 
@@ -62,6 +62,12 @@ USERS: Final = BucketSpec(subjects.USERS_BUCKET, "fleetgate users and password h
 
 # -- written by compare-and-set (bus.leases) -------------------------------------------
 
+DISCOVERY_LEASES: Final = BucketSpec(
+    subjects.DISCOVERY_LEASES_BUCKET,
+    "fleetgate discovery replicas' leases: which replica polls each fetcher",
+    history=1,
+)
+
 LEASES: Final = BucketSpec(
     subjects.LEASES_BUCKET,
     "fleetgate managed MemoryDB users: versions, rotation leases (written by agents)",
@@ -91,5 +97,7 @@ BUCKETS: Final = _by_name(DATABASES, DISCOVERY_STATUS, DB_SERVERS)
 ACCESS_BUCKETS: Final = (AUTH, ROLES, USERS)
 """Users, roles and the CA: provisioned by admins and the auth service, never discovery."""
 
-SPECS: Final = _by_name(*BUCKETS.values(), *ACCESS_BUCKETS, LEASES, TOTP, LOGIN_FAILURES)
+SPECS: Final = _by_name(
+    *BUCKETS.values(), *ACCESS_BUCKETS, DISCOVERY_LEASES, LEASES, TOTP, LOGIN_FAILURES
+)
 """Every bucket of the bus by name: the spec it is created with, whoever opens it first."""

@@ -7,6 +7,7 @@ Buckets are split by who may write them, so NATS permissions can say exactly tha
 |----------------------------|-------------------|--------------------------------|
 | ``fleetgate_databases``    | discovery only    | agents, ``db ls``, auth service |
 | ``fleetgate_discovery``    | discovery only    | operators (fetcher status)     |
+| ``fleetgate_discovery_leases`` | discovery only | discovery replicas, operators  |
 | ``fleetgate_db_servers``   | agents only       | ``db ls``, clients, auth       |
 | ``fleetgate_auth``         | ``auth init``     | agents, auth service, clients  |
 | ``fleetgate_roles``        | admins (``roles``) | agents, auth service          |
@@ -27,6 +28,10 @@ DATABASES_BUCKET: Final = "fleetgate_databases"
 
 DISCOVERY_STATUS_BUCKET: Final = "fleetgate_discovery"
 """One status record per discovery fetcher, keyed by :func:`fetcher_status_key`."""
+
+DISCOVERY_LEASES_BUCKET: Final = "fleetgate_discovery_leases"
+"""Which discovery replica polls each fetcher: one lease per fetcher, keyed like its
+status record (:func:`fetcher_status_key`), taken and renewed by compare-and-set."""
 
 DB_SERVERS_BUCKET: Final = "fleetgate_db_servers"
 """Agent heartbeats, one per (database, agent), keyed by :func:`db_server_key`."""

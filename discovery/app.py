@@ -1,4 +1,5 @@
-"""The discovery service: one bus connection, one poller, an apscheduler interval job."""
+"""The discovery service: one bus connection, its leases, one poller, an apscheduler
+interval job, and an immediate poll of every fetcher taken over from another replica."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from bus import BUCKETS, Bus, BusError, subjects
 from bus.settings import NatsConnection
+from bus.specs import DISCOVERY_LEASES
 from discovery.aws.session import AwsSession
+from discovery.lease import Leases
+from discovery.matchers import expand
 from discovery.poller import Poller
 from discovery.settings import DiscoveryConfig
 from fleetgate.aio import stop_on_signals
@@ -27,34 +31,61 @@ START_WAIT = 30.0
 async def run_discovery(
     config: DiscoveryConfig, *, nats_url: str | NatsConnection, once: bool
 ) -> int:
-    """Poll once (exit status 0 only if every fetcher succeeded) or until SIGTERM/SIGINT."""
+    """Poll once (exit status 0 only if every fetcher polled succeeded; those another
+    replica holds are left to it) or until SIGTERM/SIGINT. Either way only the fetchers
+    whose lease this replica holds are polled, and the leases are released at the end."""
     settings = config.discovery_service
     # A service waits a while for NATS (it may be starting beside it); --once does not.
     wait = 0.0 if once else START_WAIT
     async with await Bus.connect(nats_url, name="fleetgate-discovery", wait=wait) as bus:
         # Only the buckets discovery writes: NATS permissions may forbid creating others.
         await bus.provision(
-            BUCKETS[subjects.DATABASES_BUCKET], BUCKETS[subjects.DISCOVERY_STATUS_BUCKET]
+            BUCKETS[subjects.DATABASES_BUCKET],
+            BUCKETS[subjects.DISCOVERY_STATUS_BUCKET],
+            DISCOVERY_LEASES,
         )
-        poller = Poller(settings=settings, bus=bus, session=AwsSession())
-        if once:
-            report = await poller.poll_once()
-            return 0 if report.ok else 1
-        return await _serve(poller, settings.poll_interval, settings.poll_jitter)
+        leases = Leases(
+            bus,
+            group=settings.discovery_group,
+            period=settings.lease.period,
+            wanted={k.status_key for k in expand(settings.aws)},
+        )
+        poller = Poller(settings=settings, bus=bus, session=AwsSession(), leases=leases)
+        await leases.start()
+        try:
+            logger.info(
+                "discovery replica %s polls %d of %d fetchers (lease period %s)",
+                leases.replica,
+                len(leases.held()),
+                len(poller.fetchers),
+                format_duration(settings.lease.period),
+            )
+            if once:
+                report = await poller.poll_once()
+                if report.skipped:
+                    logger.warning(
+                        "%d fetcher(s) not polled, another replica holds them: %s",
+                        len(report.skipped),
+                        ", ".join(report.skipped),
+                    )
+                return 0 if report.ok else 1
+            return await _serve(poller, leases, settings.poll_interval, settings.poll_jitter)
+        finally:
+            await leases.stop(release=True)
 
 
-async def _serve(poller: Poller, interval: float, jitter: float) -> int:
+async def _serve(poller: Poller, leases: Leases, interval: float, jitter: float) -> int:
     stop = asyncio.Event()
     stop_on_signals(stop)
     running: set[asyncio.Task[Any]] = set()
 
-    async def job() -> None:
+    async def job(only: set[str] | None = None) -> None:
         # The poll runs in a task of its own, which the stop cancels and waits for; the
         # scheduler's task only waits for it (cancelling that one would make apscheduler
         # log the cancellation as a failed job, with a traceback).
         if stop.is_set():  # started by the scheduler just before its shutdown
             return
-        poll = asyncio.create_task(poller.poll_once(), name="poll")
+        poll = asyncio.create_task(poller.poll_once(only), name="poll")
         running.add(poll)
         try:
             await asyncio.wait([poll])
@@ -70,6 +101,20 @@ async def _serve(poller: Poller, interval: float, jitter: float) -> int:
         elif error is not None:
             raise error  # apscheduler logs it; the next poll comes on time
 
+    async def takeover(names: set[str]) -> None:
+        try:
+            await job(names)
+        except Exception:
+            logger.exception("the poll of fetchers taken over failed; polled again on time")
+
+    def taken_over(names: set[str]) -> None:
+        # A fetcher taken from a replica that stopped is polled now, not at our next
+        # interval: its last poll may be up to an interval old already.
+        task = asyncio.create_task(takeover(names), name="takeover-poll")
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    leases.on_acquired = taken_over
     scheduler = AsyncIOScheduler()
     scheduler.add_job(
         job,
@@ -91,6 +136,7 @@ async def _serve(poller: Poller, interval: float, jitter: float) -> int:
     finally:
         logger.info("stopping discovery")
         scheduler.shutdown(wait=False)
+        leases.on_acquired = None
         polls = list(running)
         for task in polls:
             task.cancel()

@@ -51,6 +51,17 @@ class FetcherKey:
         return f"{self.type}.{self.region}.{account_id}.{matcher_digest(self.matcher)}"
 
 
+def status_key_of(fetcher_id: str) -> str:
+    """The status key (and lease name) of the fetcher that wrote ``fetcher_id``:
+    ``<type>.<region>.<account>.<digest>`` -> ``<type>.<region>.<digest>``. An id of
+    another shape is its own key, so whatever wrote it is still one fetcher."""
+    parts = fetcher_id.split(".")
+    if len(parts) != 4 or not all(parts):
+        return fetcher_id
+    kind, region, _account, digest = parts
+    return f"{kind}.{region}.{digest}"
+
+
 def expand(matchers: list[AwsMatcher]) -> list[FetcherKey]:
     """Every fetcher the matchers ask for, in config order."""
     return [

@@ -1,19 +1,30 @@
-"""One poll: run every fetcher (bounded), reconcile, write what changed, record status."""
+"""One poll: run every fetcher (bounded), reconcile, write what changed, record status.
+
+With :class:`~discovery.lease.Leases` (discovery running as replicas) a poll runs only
+the fetchers whose lease this replica holds, touches only their resources, and writes
+by compare-and-set on the revisions it read at its start: renewed leases right before
+the writes, a lease check before each write, and the revision check at the server
+together make sure a replica that lost a lease (or was paused past it) never overwrites
+or deletes what another replica wrote since (see :mod:`discovery.lease`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from bus import Bus, subjects
+from bus import leases as cas
+from bus.leases import Versioned
 from bus.schemas import DatabaseResource, FetcherStatus, utcnow
 from discovery.aws.session import AwsSession
 from discovery.convert import Warnings
 from discovery.fetcher import RegionCache, fetch
-from discovery.matchers import FetcherKey, expand
+from discovery.lease import Leases
+from discovery.matchers import FetcherKey, expand, status_key_of
 from discovery.reconcile import Plan, reconcile
 from discovery.results import FetchResult
 from discovery.settings import DiscoveryService
@@ -32,6 +43,10 @@ class PollReport:
     aws_calls: int
     status_writes: int = 0
     failures: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    """Fetchers not polled: another replica holds their lease."""
+    refused: list[str] = field(default_factory=list)
+    """Writes not made: the lease was lost, or the entry changed since this poll read it."""
 
     @property
     def registry_writes(self) -> int:
@@ -45,20 +60,72 @@ def _status_content(status: FetcherStatus) -> dict[str, object]:
 class Poller:
     """Owns no tasks; ``poll_once`` is the whole cycle and is safe to call repeatedly."""
 
-    def __init__(self, *, settings: DiscoveryService, bus: Bus, session: AwsSession) -> None:
+    def __init__(
+        self,
+        *,
+        settings: DiscoveryService,
+        bus: Bus,
+        session: AwsSession,
+        leases: Leases | None = None,
+    ) -> None:
         self.settings = settings
         self.bus = bus
         self.session = session
+        self.leases = leases
+        """None: this poller alone writes its group (polls every fetcher)."""
         self.fetchers = expand(settings.aws)
-        self._statuses: dict[str, FetcherStatus] | None = None
+        self._lock = asyncio.Lock()
         self.warnings = Warnings()
         """Warnings about clusters and tags already given: each once per poller (the
         discovery process has one), not once per poll."""
 
-    async def poll_once(self) -> PollReport:
+    @property
+    def replica(self) -> str:
+        return self.leases.replica if self.leases is not None else ""
+
+    async def poll_once(self, only: Collection[str] | None = None) -> PollReport:
+        """Poll every fetcher this replica holds (or, with ``only``, those of them named
+        there, by status key); one poll at a time."""
+        async with self._lock:
+            return await self._poll(only)
+
+    async def _poll(self, only: Collection[str] | None) -> PollReport:
         started = time.monotonic()
         calls_before = self.session.total_calls
-        current = await self._registry()
+        versions = await self._registry()
+        current = {name: v.record for name, v in versions.items()}
+        fetchers, skipped = self.fetchers, []
+        scope: set[str] | None = None
+        adopted: set[str] = set()
+        if self.leases is not None:
+            held = self.leases.held()
+            fetchers = [k for k in self.fetchers if k.status_key in held]
+            skipped = [
+                f"{k.status_key} (polled by {self.leases.holder_of(k.status_key) or 'nobody yet'})"
+                for k in self.fetchers
+                if k.status_key not in held
+            ]
+            if only is not None:
+                fetchers = [k for k in fetchers if k.status_key in only]
+            else:
+                adopted = await self._adopt_orphans(current)
+            scope = {k.status_key for k in fetchers} | adopted
+        try:
+            return await self._run(started, calls_before, versions, fetchers, scope, skipped)
+        finally:
+            if adopted and self.leases is not None:
+                await self.leases.release(adopted)
+
+    async def _run(
+        self,
+        started: float,
+        calls_before: int,
+        versions: dict[str, Versioned[DatabaseResource]],
+        fetchers: list[FetcherKey],
+        scope: set[str] | None,
+        skipped: list[str],
+    ) -> PollReport:
+        current = {name: v.record for name, v in versions.items()}
         limit = asyncio.Semaphore(self.settings.fetcher_concurrency)
         cache = RegionCache()
 
@@ -74,14 +141,15 @@ class Poller:
                 )
 
         try:
-            results = list(await asyncio.gather(*(run(k) for k in self.fetchers)))
+            results = list(await asyncio.gather(*(run(k) for k in fetchers)))
         finally:
             cache.close()
-        plan = reconcile(current, results, group=self.settings.discovery_group)
+        plan = reconcile(current, results, group=self.settings.discovery_group, scope=scope)
         for conflict in plan.conflicts:
             logger.warning("not written: %s", conflict)
-        await self._apply(plan)
-        status_writes = await self._record(results)
+        refused: list[str] = []
+        await self._apply(plan, versions, scope, refused)
+        status_writes = await self._record(results, refused)
         failures = [
             f"{r.key.type} {r.key.region} (matcher {r.key.matcher_index}): {r.state}: {r.error}"
             for r in results
@@ -101,7 +169,11 @@ class Poller:
             aws_calls=self.session.total_calls - calls_before,
             status_writes=status_writes,
             failures=failures,
+            skipped=skipped,
+            refused=refused,
         )
+        if refused:
+            logger.warning("%d writes not made: %s", len(refused), "; ".join(refused))
         logger.info(
             "poll done in %.2fs: %d fetchers (%d not ok), %d clusters seen, %d created or "
             "updated, %d deleted, %d AWS calls",
@@ -115,37 +187,106 @@ class Poller:
         )
         return report
 
-    async def _registry(self) -> dict[str, DatabaseResource]:
-        found = await self.bus.snapshot(subjects.DATABASES_BUCKET, DatabaseResource)
-        return {r.name: r for r in found.values()}
+    async def _registry(self) -> dict[str, Versioned[DatabaseResource]]:
+        found = await cas.snapshot(self.bus, subjects.DATABASES_BUCKET, DatabaseResource)
+        return {v.record.name: v for v in found.values()}
 
-    async def _apply(self, plan: Plan) -> None:
+    async def _adopt_orphans(self, current: dict[str, DatabaseResource]) -> set[str]:
+        """Take the leases of fetchers no longer in the config that still own resources
+        (free, or their holder stopped renewing), so that their resources are deleted
+        by exactly one replica, and never while a replica whose config still has that
+        fetcher (during a rolling change of the config) holds its lease."""
+        assert self.leases is not None
+        configured = {k.status_key for k in self.fetchers}
+        orphans = {
+            status_key_of(r.origin.fetcher_id)
+            for r in current.values()
+            if r.origin is not None and r.origin.group == self.settings.discovery_group
+        } - configured
+        return await self.leases.adopt(sorted(orphans)) if orphans else set()
+
+    def _may_write(self, fetcher_id: str, scope: Collection[str] | None) -> bool:
+        if self.leases is None or scope is None:
+            return True
+        return self.leases.holds(status_key_of(fetcher_id))
+
+    async def _apply(
+        self,
+        plan: Plan,
+        versions: dict[str, Versioned[DatabaseResource]],
+        scope: Collection[str] | None,
+        refused: list[str],
+    ) -> None:
+        """Write the plan, each entry by compare-and-set on the revision this poll read:
+        created only if still absent, updated or deleted only if nobody wrote it since."""
+        if self.leases is not None and scope is not None and (plan.puts or plan.deletes):
+            confirmed = await self.leases.confirm(scope)
+            lost = set(scope) - confirmed
+            if lost:
+                logger.warning(
+                    "lost the lease of %s before writing: not writing for it", ", ".join(lost)
+                )
         limit = asyncio.Semaphore(WRITE_CONCURRENCY)
 
-        async def bounded(write: Awaitable[object]) -> None:
+        def owner(name: str, res: DatabaseResource | None) -> str:
+            found = res or versions[name].record
+            return found.origin.fetcher_id if found.origin is not None else ""
+
+        async def put(res: DatabaseResource) -> None:
             async with limit:
-                await write
+                if not self._may_write(owner(res.name, res), scope):
+                    refused.append(f"{res.name}: this replica no longer holds its fetcher's lease")
+                    return
+                key = subjects.database_key(res.name)
+                previous = versions.get(res.name)
+                if previous is None:
+                    done = await cas.create(self.bus, subjects.DATABASES_BUCKET, key, res)
+                else:
+                    done = await cas.update(
+                        self.bus, subjects.DATABASES_BUCKET, key, res, last=previous.revision
+                    )
+                if done is None:
+                    refused.append(
+                        f"{res.name}: written by someone else since this poll read it"
+                        if previous is not None
+                        else f"{res.name}: created by someone else since this poll read the "
+                        "registry, or there but unreadable (see the warning about it)"
+                    )
+                    return
+                logger.info("enrolled %s (%s)", res.name, res.spec.uri)
 
-        await asyncio.gather(
-            *(bounded(self.bus.put_resource(r)) for r in plan.puts),
-            *(bounded(self.bus.delete_resource(n)) for n in plan.deletes),
+        async def delete(name: str) -> None:
+            async with limit:
+                if not self._may_write(owner(name, None), scope):
+                    refused.append(f"{name}: this replica no longer holds its fetcher's lease")
+                    return
+                key = subjects.database_key(name)
+                last = versions[name].revision
+                if not await cas.delete(self.bus, subjects.DATABASES_BUCKET, key, last=last):
+                    refused.append(f"{name}: written by someone else since this poll read it")
+                    return
+                logger.info("removed %s: no longer listed by AWS or by the config", name)
+
+        await asyncio.gather(*(put(r) for r in plan.puts), *(delete(n) for n in plan.deletes))
+
+    async def _record(self, results: list[FetchResult], refused: list[str]) -> int:
+        """Write a fetcher's status only when it changed (an unchanged poll writes none),
+        by compare-and-set on the record read now (another replica may have written it)."""
+        group = self.settings.discovery_group
+        found = await cas.snapshot(
+            self.bus,
+            subjects.DISCOVERY_STATUS_BUCKET,
+            FetcherStatus,
+            keys=f"{subjects.kv_token(group or '_')}.>",
         )
-        for res in plan.puts:
-            logger.info("enrolled %s (%s)", res.name, res.spec.uri)
-        for name in plan.deletes:
-            logger.info("removed %s: no longer listed by AWS or by the config", name)
-
-    async def _record(self, results: list[FetchResult]) -> int:
-        """Write a fetcher's status only when it changed (an unchanged poll writes none)."""
-        if self._statuses is None:
-            found = await self.bus.snapshot(subjects.DISCOVERY_STATUS_BUCKET, FetcherStatus)
-            self._statuses = {s.fetcher: s for s in found.values()}
         now = utcnow()
         writes = 0
         for r in results:
-            previous = self._statuses.get(r.key.status_key)
+            key = subjects.fetcher_status_key(group, r.key.status_key)
+            known = found.get(key)
+            previous = known.record if known is not None else None
             status = FetcherStatus(
-                group=self.settings.discovery_group,
+                group=group,
                 fetcher=r.key.status_key,
                 fetcher_id=r.fetcher_id or "",
                 matcher=r.key.matcher_index,
@@ -161,10 +302,21 @@ class Poller:
                 last_success=now
                 if r.state == "ok"
                 else (previous.last_success if previous else None),
+                replica=self.replica,
             )
             if previous is not None and _status_content(previous) == _status_content(status):
                 continue
-            await self.bus.put_fetcher_status(status)
-            self._statuses[r.key.status_key] = status
+            if self.leases is not None and not self.leases.holds(r.key.status_key):
+                refused.append(f"status of {r.key.status_key}: lease lost")
+                continue
+            if known is None:
+                done = await cas.create(self.bus, subjects.DISCOVERY_STATUS_BUCKET, key, status)
+            else:
+                done = await cas.update(
+                    self.bus, subjects.DISCOVERY_STATUS_BUCKET, key, status, last=known.revision
+                )
+            if done is None:
+                refused.append(f"status of {r.key.status_key}: written by someone else")
+                continue
             writes += 1
         return writes

@@ -13,10 +13,11 @@ The rules that keep a fleet safe:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from bus.schemas import DatabaseResource
+from discovery.matchers import status_key_of
 from discovery.results import FetchResult
 
 
@@ -34,11 +35,20 @@ def _arn(resource: DatabaseResource) -> str:
 
 
 def reconcile(
-    current: Mapping[str, DatabaseResource], results: Iterable[FetchResult], *, group: str
+    current: Mapping[str, DatabaseResource],
+    results: Iterable[FetchResult],
+    *,
+    group: str,
+    scope: Collection[str] | None = None,
 ) -> Plan:
     plan = Plan()
     results = list(results)
-    owned = {n: r for n, r in current.items() if r.origin is not None and r.origin.group == group}
+    ours = {n: r for n, r in current.items() if r.origin is not None and r.origin.group == group}
+    owned = {
+        n: r
+        for n, r in ours.items()
+        if scope is None or (r.origin is not None and status_key_of(r.origin.fetcher_id) in scope)
+    }
     by_fetcher: dict[str, dict[str, DatabaseResource]] = {}
     for name, res in owned.items():
         assert res.origin is not None
@@ -51,6 +61,13 @@ def reconcile(
     frozen: set[str] = set()  # names that must stay exactly as they are
     for fid in failed:
         frozen |= by_fetcher.get(fid, {}).keys()
+    by_key = {r.key.status_key: r for r in results}
+    if scope is not None:  # a failed fetcher's account may be unknown: freeze its key
+        for name, res in owned.items():
+            assert res.origin is not None
+            result = by_key.get(status_key_of(res.origin.fetcher_id))
+            if result is not None and result.state == "failed":
+                frozen.add(name)
 
     desired: dict[str, DatabaseResource] = {}
     for result in results:
@@ -78,6 +95,13 @@ def reconcile(
             continue
         existing = current.get(name)
         if existing is not None and name not in owned:
+            if name in ours:
+                plan.conflicts.append(
+                    f"{name}: the name is already used by another fetcher of this discovery "
+                    "group, which another replica polls; rename the cluster with the "
+                    "FleetgateDatabaseName tag"
+                )
+                continue
             plan.conflicts.append(
                 f"{name}: the name is already used by a resource this discovery group does "
                 f"not own; rename the cluster with the FleetgateDatabaseName tag"
@@ -91,6 +115,10 @@ def reconcile(
             continue
         assert res.origin is not None
         fid = res.origin.fetcher_id
-        if fid in succeeded or (fid not in failed and all_known):
+        if scope is not None:
+            # in the scope and not frozen: its fetcher succeeded (the account may have
+            # changed) or is gone from the config
+            plan.deletes.append(name)
+        elif fid in succeeded or (fid not in failed and all_known):
             plan.deletes.append(name)
     return plan

@@ -64,6 +64,21 @@ class AwsMatcher(Strict):
         return self
 
 
+class LeaseSettings(Strict):
+    """Discovery replicas: one polls each fetcher at a time, holding its lease."""
+
+    period: Duration = 30.0
+    """A holder renews every quarter of it; when a holder stops (killed, cut off from
+    NATS), another replica takes its fetchers over one period after its last renewal."""
+
+    @field_validator("period")
+    @classmethod
+    def _period(cls, seconds: float) -> float:
+        if not 1 <= seconds <= 3600:
+            raise ValueError("lease period must be between 1s and 1h")
+        return seconds
+
+
 class DiscoveryService(Strict):
     discovery_group: str = ""
     """Resources are owned per group: two discovery services with different groups never
@@ -75,6 +90,8 @@ class DiscoveryService(Strict):
     """Fetchers (matcher x type x region x account) running at once."""
     api_concurrency: int = Field(default=16, ge=1, le=128)
     """AWS calls in flight at once per fetcher (ListTags fan-out)."""
+    lease: LeaseSettings = LeaseSettings()
+    """Several replicas may run with the same config; a single one holds every lease."""
     aws: list[AwsMatcher] = Field(min_length=1)
 
     @field_validator("poll_interval")

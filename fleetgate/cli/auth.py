@@ -27,7 +27,7 @@ from bus.access import (
 )
 from bus.audit import ensure_audit_stream, publish_event
 from bus.errors import BusError
-from bus.settings import resolve_nats
+from bus.settings import NATS_HELP, resolve_nats
 from fleetgate import aio
 from fleetgate.cli.errors import UsageError
 from fleetgate.cli.tables import print_table
@@ -38,11 +38,6 @@ T = TypeVar("T")
 Common = Callable[[argparse.ArgumentParser], None]
 
 DEFAULT_CA_DIR = "/var/lib/fleetgate/ca"
-NATS_HELP = (
-    "NATS server URL(s), comma-separated (default: FLEETGATE_NATS_SERVERS or "
-    "FLEETGATE_NATS_URL, else nats://127.0.0.1:4222; TLS and credentials: "
-    "FLEETGATE_NATS_*, docs/nats-client.md)"
-)
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:

@@ -16,16 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 from bus import Bus, leases, subjects
-from bus.settings import resolve_nats
+from bus.settings import NATS_HELP, resolve_nats
 from fleetgate import aio
 from fleetgate.cli.tables import print_table
 from fleetgate.durations import parse_duration
-
-NATS_HELP = (
-    "NATS server URL(s), comma-separated (default: FLEETGATE_NATS_SERVERS or "
-    "FLEETGATE_NATS_URL, else nats://127.0.0.1:4222; TLS and credentials: "
-    "FLEETGATE_NATS_*, docs/nats-client.md)"
-)
 
 
 def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:

@@ -38,6 +38,26 @@ async def test_put_get_delete_list(bus: Bus) -> None:
     assert [r.name for r in await bus.list_resources()] == ["b"]
 
 
+async def test_compare_and_set_writes_lose_to_a_newer_revision_without_error(bus: Bus) -> None:
+    from bus import leases
+
+    bucket, key = subjects.DATABASES_BUCKET, "a"
+    first = await leases.create(bus, bucket, key, db("a"))
+    assert first is not None
+    assert await leases.create(bus, bucket, key, db("a", v="2")) is None
+    second = await leases.update(bus, bucket, key, db("a", v="2"), last=first)
+    assert second is not None
+    assert await leases.update(bus, bucket, key, db("a", v="3"), last=first) is None
+    assert await leases.delete(bus, bucket, key, last=first) is False  # moved on: kept
+    found = await leases.snapshot(bus, bucket, DatabaseResource)
+    assert {k: (v.record.metadata.labels, v.revision) for k, v in found.items()} == {
+        "a": ({"v": "2"}, second)
+    }
+    assert await leases.delete(bus, bucket, key, last=second) is True
+    assert await bus.get_resource("a") is None
+    assert await leases.create(bus, bucket, key, db("a")) is not None  # over the marker
+
+
 async def test_a_list_of_servers_connects_to_one_that_answers(nats_server: NatsServer) -> None:
     with socket.socket() as closed:  # a port nobody listens on: the first server is down
         closed.bind(("127.0.0.1", 0))

@@ -17,10 +17,10 @@ from bus.schemas import (
 )
 from discovery.aws.errors import FetchForbidden, FetchThrottled, NoCredentials, map_error
 from discovery.convert import Context, Warnings, convert, discovered_name, usable
-from discovery.matchers import FetcherKey
+from discovery.matchers import FetcherKey, status_key_of
 from discovery.reconcile import reconcile
 from discovery.results import FetchResult
-from discovery.settings import AwsMatcher, DiscoveryConfig
+from discovery.settings import AwsMatcher, DiscoveryConfig, DiscoveryService
 from fleetgate.config import ConfigError, load_model
 from fleetgate.durations import parse_duration
 
@@ -264,6 +264,14 @@ def test_bad_selectors_are_explained(selector: dict[str, Any], message: str) -> 
             "external_id 'x' is not one AWS accepts: 2 to 1224 characters",
         ),
         ({"aws": []}, "discovery_service.aws"),
+        (
+            {"aws": [{"types": ["memorydb"], "regions": ["us-east-1"]}], "lease": {"period": 0.5}},
+            "discovery_service.lease.period: lease period must be between 1s and 1h",
+        ),
+        (
+            {"aws": [{"types": ["memorydb"], "regions": ["us-east-1"]}], "lease": {"ttl": "5s"}},
+            "discovery_service.lease.ttl: unknown field",
+        ),
     ],
 )
 def test_config_errors_name_the_field(service: dict[str, Any], needle: str) -> None:
@@ -392,3 +400,54 @@ def test_reconcile_same_name_from_two_clusters_keeps_first() -> None:
     )
     assert [r.spec.aws.memorydb.arn for r in plan.puts] == ["arn:1"]  # type: ignore[union-attr]
     assert "want this name" in plan.conflicts[0]
+
+
+# -- reconcile with a scope (discovery replicas) ---------------------------------------
+
+SCOPED = KEY.status_key  # memorydb.us-east-1.<digest>
+DIGEST = SCOPED.rsplit(".", 1)[1]
+MINE = f"memorydb.us-east-1.1.{DIGEST}"  # the fetcher id of KEY in account 1
+
+
+def test_status_key_of_a_fetcher_id() -> None:
+    assert status_key_of(MINE) == SCOPED
+    assert status_key_of(KEY.fetcher_id("222")) == SCOPED
+    assert status_key_of("legacy-id") == "legacy-id"
+    assert status_key_of("a..b.c") == "a..b.c"
+
+
+def test_lease_period_default_and_forms() -> None:
+    aws = [{"types": ["memorydb"], "regions": ["us-east-1"]}]
+    assert DiscoveryService.model_validate({"aws": aws}).lease.period == 30
+    cfg = DiscoveryService.model_validate({"aws": aws, "lease": {"period": "2m"}})
+    assert cfg.lease.period == 120
+
+
+def test_scoped_reconcile_touches_only_fetchers_in_scope() -> None:
+    other = "memorydb.eu-west-1.1.ffffffffff"  # another replica's fetcher
+    current = {"a": res("a", fid=MINE), "b": res("b", fid=other), "gone": res("gone", fid=MINE)}
+    plan = reconcile(
+        current,
+        [result(MINE, resources=[res("a", fid=MINE, env="dev"), res("b", fid=MINE)])],
+        group="",
+        scope={SCOPED},
+    )
+    assert [r.name for r in plan.puts] == ["a"]
+    assert plan.deletes == ["gone"]  # b is another fetcher's, polled by another replica
+    assert "another fetcher of this discovery group" in plan.conflicts[0]
+
+
+def test_scoped_reconcile_failed_fetcher_with_unknown_account_freezes_its_key() -> None:
+    current = {"a": res("a", fid=MINE), "old": res("old", fid=f"memorydb.us-east-1.9.{DIGEST}")}
+    plan = reconcile(current, [result(None, state="failed")], group="", scope={SCOPED})
+    assert plan.puts == [] and plan.deletes == []
+
+
+def test_scoped_reconcile_deletes_an_adopted_orphans_resources_only() -> None:
+    orphan = "memorydb.us-east-1.1.0000000000"  # a matcher no longer in the config
+    elsewhere = "memorydb.us-east-1.1.1111111111"  # another replica's config still has it
+    current = {"o": res("o", fid=orphan), "e": res("e", fid=elsewhere)}
+    plan = reconcile(current, [result(MINE)], group="", scope={SCOPED, status_key_of(orphan)})
+    assert plan.deletes == ["o"]
+    # without a scope every unknown fetcher's resources go (one discovery alone)
+    assert sorted(reconcile(current, [result(MINE)], group="").deletes) == ["e", "o"]
