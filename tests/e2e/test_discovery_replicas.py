@@ -151,8 +151,10 @@ async def test_replicas_kill_and_pause(replicas: Replicas, watcher: Bus) -> None
             f"(lease period {PERIOD}s, renewed every {PERIOD / 4}s)"
         )
         # never before the dead holder's last renewal could have run out; the upper
-        # bound is loose: this machine is shared
-        assert PERIOD / 2 <= takeover <= PERIOD + 3.0
+        # bound is loose (this machine is shared: the in-process test
+        # test_a_dead_holder_is_taken_over_within_one_period_never_before holds it to
+        # one period)
+        assert PERIOD / 2 <= takeover <= 3 * PERIOD + 5.0
 
         # -- the holder pauses past its lease: c takes over; b must not write on wake --
         c = replicas.start()
