@@ -2,11 +2,12 @@
 per-database workers, and a graceful stop on SIGTERM/SIGINT.
 
 Its long-running loops are named root tasks of one :class:`~fleetgate.supervise.RootTasks`
-(registry-watch, managed-users, client-listener, fleet-ca-watch, audit-stream, and in a
-listener process leader): the stop event or any root failing or ending cancels them all,
-and the process then ends, in order and waiting for each, what they leave behind: the
-managed-user service, the client sessions and audit events (:meth:`Listener.aclose`),
-the per-database workers and their heartbeats (:meth:`Supervisor.stop_all`), and the
+(registry-watch, managed-users, client-listener, fleet-ca-watch, roles-watch,
+audit-stream, and in a listener process leader): the stop event or any root failing or
+ending cancels them all, and the process then ends, in order and waiting for each, what
+they leave behind: the managed-user service, the client sessions and audit events
+(:meth:`Listener.aclose`), the per-database workers and their heartbeats
+(:meth:`Supervisor.stop_all`), and the
 listener processes. A root failure is logged with its name and the agent exits 1.
 
 With ``listener.processes`` above 1 this process is the *leader*: it does all of the
@@ -306,10 +307,12 @@ class Agent:
 
 
 def _start_listener(roots: RootTasks, listener: Listener) -> None:
-    """The listener's loops as root tasks: the accept loop, the fleet CA watch, and the
-    one-shot check of the audit stream. Its sessions are its own (:meth:`Listener.aclose`)."""
+    """The listener's loops as root tasks: the accept loop, the fleet CA and roles
+    watches, and the one-shot check of the audit stream. Its sessions are its own
+    (:meth:`Listener.aclose`)."""
     roots.start("client-listener", listener.accept())
     roots.start("fleet-ca-watch", listener.trust.follow(listener.bus))
+    roots.start("roles-watch", listener.roles.follow())
     roots.start("audit-stream", listener.check_audit_stream(), on_return="done")
 
 

@@ -20,7 +20,9 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
    lead to the same checks below; only the preamble is answered with ``+OK``.
 3. The database must be one this agent serves.
 4. :func:`~dbservice.access.authorize.authorize_session`: the roles named in the
-   certificate, read fresh from the registry for every connection.
+   certificate, as the listener's watch of the registry last delivered them
+   (:class:`~dbservice.access.authorize.RoleCache`; read from the registry for the
+   connection while that watch is not live).
 5. The upstream connection: host aliases and TLS exactly as the health checks dial it,
    then :class:`~dbservice.engine.login.UpstreamLogin`.
 6. ``+OK``, ``db.session.start``, and the proxy engine with :class:`AgentHooks` until
@@ -67,7 +69,7 @@ from bus.audit import SessionStart, ensure_audit_stream
 from bus.errors import BusError
 from bus.schemas import DatabaseResource
 from dbservice.access.audit import AuditEmitter, QueryRedaction, SessionAudit
-from dbservice.access.authorize import authorize_session
+from dbservice.access.authorize import RoleCache, authorize_session
 from dbservice.access.ca import (
     CertificateRejected,
     ClientVerifier,
@@ -385,6 +387,8 @@ class Listener:
         self.contexts = contexts
         self.login = login
         self.trust = FleetTrust(config)
+        self.roles = RoleCache(bus)
+        """Every role, kept current by a watch (:meth:`RoleCache.follow`, a root task)."""
         self.redaction = QueryRedaction(
             max_arg_len=config.audit.max_arg_len,
             max_args=config.audit.max_args,
@@ -648,6 +652,7 @@ class Listener:
                         database=database,
                         labels=resource.metadata.labels,
                         db_user=db_user,
+                        cache=self.roles,
                     )
             except (BusError, TimeoutError) as exc:
                 logger.warning("cannot read roles for %s: %s", identity.user, exc)
