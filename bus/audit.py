@@ -10,6 +10,12 @@ success and reason) on the ``db.session.query`` subject, so subject filters and 
 permissions for ``db.session.query`` cover them. Readers never see a batch:
 :func:`read_events` expands it into one :class:`SessionQuery` per command, with the id
 ``<batch id>:<n>`` (``n`` the command's number in its session, from ``first_seq``).
+A session's first batch also carries its ``db.session.start`` (``start``: the event's
+own id, time, success and reason; the common fields are the batch's), so a session that
+sends a command costs no message for its start; readers get it back as a
+:class:`SessionStart` before the commands, and a filter on ``db.session.start`` finds it
+(:func:`read_events` also reads the subject of the batches for it, and keeps of each
+message only the events its filter asks for).
 
 Event types:
 
@@ -116,16 +122,28 @@ class BatchedQuery(Record):
     reason: str = ""
 
 
+class BatchedStart(Record):
+    """The session's ``db.session.start``, carried by its first batch."""
+
+    id: str
+    time: datetime
+    success: bool = True
+    reason: str = ""
+
+
 class SessionQueries(AuditEvent):
     """Several commands of one session in one message; readers expand it."""
 
     type: Literal["db.session.queries"] = "db.session.queries"
     first_seq: int = 1
     """The number, in its session (from 1), of the first command here."""
+    start: BatchedStart | None = None
+    """The session's start event, in its first batch (when it was still held then)."""
     queries: tuple[BatchedQuery, ...] = ()
 
     def expand(self) -> list[AuditEvent]:
-        """One :class:`SessionQuery` per command, ids ``<batch id>:<n>``."""
+        """The session's :class:`SessionStart` when the batch carries it, then one
+        :class:`SessionQuery` per command, ids ``<batch id>:<n>``."""
         common = self.model_dump(
             include={
                 "user",
@@ -138,7 +156,10 @@ class SessionQueries(AuditEvent):
                 "schema_version",
             }
         )
-        return [
+        start: list[AuditEvent] = []
+        if self.start is not None:
+            start = [SessionStart(**common, **self.start.model_dump())]
+        return start + [
             SessionQuery(
                 **common,
                 id=f"{self.id}:{self.first_seq + i}",
@@ -214,8 +235,8 @@ def encode_query(
 @dataclass(frozen=True, slots=True)
 class QueryBatch:
     """A batch as the emitter builds it: commands already encoded one by one
-    (:func:`encode_query`), joined into one message. It reads back as a
-    :class:`SessionQueries`."""
+    (:func:`encode_query`), joined into one message, and maybe the session's start. It
+    reads back as a :class:`SessionQueries`."""
 
     common: Mapping[str, Any]
     """The session's fields: user, roles, database, db_user, client_addr, host_id,
@@ -224,22 +245,32 @@ class QueryBatch:
     queries: Sequence[bytes]
     id: str = field(default_factory=_new_id)
     time: datetime = field(default_factory=_now)
+    start: SessionStart | None = None
+    """The session's start event (with the session's first commands)."""
 
     def __len__(self) -> int:
-        return len(self.queries)
+        """The events it stands for."""
+        return len(self.queries) + (self.start is not None)
 
     def encode(self) -> bytes:
-        head = orjson.dumps(
-            {
-                "type": QUERY_BATCH,
-                "id": self.id,
-                "time": self.time,
-                **self.common,
-                "schema_version": SCHEMA_VERSION,
-                "first_seq": self.first_seq,
+        head: dict[str, Any] = {
+            "type": QUERY_BATCH,
+            "id": self.id,
+            "time": self.time,
+            **self.common,
+            "schema_version": SCHEMA_VERSION,
+            "first_seq": self.first_seq,
+        }
+        if self.start is not None:
+            start = self.start
+            head["start"] = {
+                "id": start.id,
+                "time": start.time,
+                "success": start.success,
+                "reason": start.reason,
             }
-        )
-        return b"".join((head[:-1], b',"queries":[', b",".join(self.queries), b"]}"))
+        encoded = orjson.dumps(head)
+        return b"".join((encoded[:-1], b',"queries":[', b",".join(self.queries), b"]}"))
 
     def event(self) -> SessionQueries:
         return SessionQueries.model_validate_json(self.encode())
@@ -286,6 +317,7 @@ async def ensure_audit_stream(
 
 
 _QUERY_SUBJECT: Final = subjects.audit_subject("db.session.query")
+_START_SUBJECT: Final = subjects.audit_subject("db.session.start")
 
 
 async def publish_event(bus: Bus, event: Outgoing, *, ack_wait: float = 2.0) -> None:
@@ -317,11 +349,22 @@ async def read_events(
     stopping when caught up unless ``follow``. ``subject`` narrows by event type. Batches
     of commands come out as one :class:`SessionQuery` per command."""
     filter_subject = subject or subjects.audit_filter()
+    # A session's start may ride in its first batch, on the batches' subject: a filter
+    # that asks for starts reads that subject too, and each message is cut down to the
+    # events the filter asks for.
+    filters = [filter_subject]
+    if subjects.subject_matches(filter_subject, _START_SUBJECT) and not (
+        subjects.subject_matches(filter_subject, _QUERY_SUBJECT)
+    ):
+        filters.append(_QUERY_SUBJECT)
+    narrow = filter_subject != subjects.audit_filter()
     config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     if since is not None:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
     elif follow and last is None:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+    if len(filters) > 1:
+        config.filter_subjects = filters
     try:
         stream = await bus.js.stream_info(subjects.AUDIT_STREAM)
     except nats.js.errors.NotFoundError:
@@ -344,7 +387,9 @@ async def read_events(
         # A consistent count at the server: delivered (maybe in flight) plus not yet.
         delivered = info.delivered.consumer_seq if info.delivered else 0
         total = (info.num_pending or 0) + (delivered or 0)
-        skip = max(0, total - last) if last is not None else 0
+        # Each message holds at least one event the filter asks for, except a batch read
+        # only for the start it may carry: then nothing is skipped unread.
+        skip = max(0, total - last) if last is not None and len(filters) == 1 else 0
         if total == 0:
             if not follow:
                 return
@@ -364,6 +409,10 @@ async def read_events(
                 for one in event.expand() if event is not None else ():
                     if batch and since is not None and one.time < since:
                         continue  # in a batch stored after ``since``, from before it
+                    if narrow and not subjects.subject_matches(
+                        filter_subject, subjects.audit_subject(one.type)
+                    ):
+                        continue  # the other events of a batch read for its start
                     if tail is not None:
                         tail.append(one)
                     else:

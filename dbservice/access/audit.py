@@ -15,7 +15,10 @@ calls: ``start()``, ``query(args)`` per command, ``add_bytes()``, ``end()`` in `
 encodes it to JSON bytes and appends them to the session's buffer; the buffer goes out
 as one ``db.session.queries`` batch when it holds :attr:`BatchLimits.commands` commands
 or :attr:`BatchLimits.bytes` bytes, on the emitter's timer (every
-:attr:`BatchLimits.interval`), and at ``end()`` (before ``db.session.end``). A command
+:attr:`BatchLimits.interval`), and at ``end()`` (before ``db.session.end``). A session's
+``start()`` is held until its first commands and goes out in their batch, flushed as
+soon as the read that brought them is handled (alone on the timer when none came): a
+session start costs no message of its own. A command
 that finds the queue full is counted as dropped without being described.
 ``allowed(args)`` is ``query(args)`` for an allowed command as sent, the agent's command
 path: the same record, without the general description when nothing is to be masked,
@@ -345,10 +348,18 @@ class AuditEmitter:
         self._buffered[session] = None
         self._buffering.set()
 
-    def emit_queries(self, session: SessionAudit, first_seq: int, queries: list[bytes]) -> None:
-        """Queue a session's buffered commands as one batch (or drop and count them)."""
+    def emit_queries(
+        self,
+        session: SessionAudit,
+        first_seq: int,
+        queries: list[bytes],
+        start: SessionStart | None = None,
+    ) -> None:
+        """Queue a session's buffered commands (and its start, when it was still held)
+        as one batch (or drop and count them)."""
         self._buffered.pop(session, None)
-        self._put(QueryBatch(session.common, first_seq, queries), len(queries))
+        batch = QueryBatch(session.common, first_seq, queries, start=start)
+        self._put(batch, len(batch))
 
     def flush_sessions(self) -> None:
         """Queue every session's buffered commands now."""
@@ -522,6 +533,8 @@ class SessionAudit:
         self._max_bytes = emitter.limits.bytes
         self._flushed = 0
         """Commands already handed to the emitter (the next batch's first is this + 1)."""
+        self._start: SessionStart | None = None
+        """The session's start while it waits for the first batch (:meth:`start`)."""
         self._plain_argc = 0 if redaction.redact_values else redaction.max_args + 1
         """Commands of at most this many words (name included) may take the short way
         in :meth:`allowed` (0: none, every value is redacted)."""
@@ -532,7 +545,32 @@ class SessionAudit:
         return str(self.common["session_id"])
 
     def start(self, *, success: bool = True, reason: str = "") -> None:
-        self._emitter.emit(SessionStart(**self.common, success=success, reason=reason))
+        """``db.session.start``. A refusal is queued at once. A session that starts
+        holds its start until its first commands come, and they go out in one
+        message as soon as the read that brought them is handled
+        (:meth:`_send_start_soon`); a session that sends nothing has its start go out
+        alone on the emitter's next tick, like a buffered command."""
+        event = SessionStart(**self.common, success=success, reason=reason)
+        if not success:
+            self._emitter.emit(event)
+            return
+        self._start = event
+        self._emitter.buffering_in(self)
+
+    def _send_start_soon(self) -> None:
+        """The first command came while the start is held: flush once the engine has
+        handled the rest of this read (a callback after the current one), so the start
+        waits for no timer and takes the read's commands with it."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop (a synchronous caller): at once
+            self.flush()
+            return
+        loop.call_soon(self._flush_start)
+
+    def _flush_start(self) -> None:
+        if self._start is not None:
+            self.flush()
 
     def query(self, args: Sequence[bytes | str], *, success: bool = True, reason: str = "") -> None:
         """One command; ``success=False`` with ``reason`` when it was refused."""
@@ -587,6 +625,8 @@ class SessionAudit:
         self._buffer_bytes += len(item)
         if len(buffer) == 1:
             emitter.buffering_in(self)
+            if self._start is not None:
+                self._send_start_soon()
         if len(buffer) >= self._max_commands or self._buffer_bytes >= self._max_bytes:
             self.flush()
 
@@ -597,18 +637,23 @@ class SessionAudit:
         self._buffer_bytes += len(item)
         if len(buffer) == 1:
             emitter.buffering_in(self)
+            if self._start is not None:
+                self._send_start_soon()
         if len(buffer) >= self._max_commands or self._buffer_bytes >= self._max_bytes:
             self.flush()
 
     def flush(self) -> None:
-        """Hand the buffered commands to the emitter as one batch."""
+        """Hand the buffered commands (and the held start) to the emitter as one batch."""
         queries = self._buffer
+        start, self._start = self._start, None
         if not queries:
+            if start is not None:
+                self._emitter.emit(start)
             return
         self._buffer, self._buffer_bytes = [], 0
         first = self._flushed + 1
         self._flushed += len(queries)
-        self._emitter.emit_queries(self, first, queries)
+        self._emitter.emit_queries(self, first, queries, start)
 
     def add_bytes(self, to_db: int = 0, to_client: int = 0) -> None:
         self.bytes_in += to_db

@@ -19,6 +19,7 @@ from bus.audit import (
     QueryBatch,
     SessionEnd,
     SessionQuery,
+    SessionStart,
     encode_query,
     ensure_audit_stream,
     publish_event,
@@ -205,6 +206,56 @@ async def test_last_and_since_count_commands_not_messages(bus: Bus) -> None:
     since = [e for e in await collect(bus, since=middle) if isinstance(e, SessionQuery)]
     assert all(e.time >= middle for e in since)  # not the batch's older commands
     assert [e.args for e in since][-30:] == [(f"k{i}",) for i in range(120, 150)]
+
+
+async def test_a_start_in_a_batch_reads_back_under_every_filter(bus: Bus) -> None:
+    """A session that sends commands at once: its start goes out in its first batch,
+    and every filter sees exactly the events of its type, in order, as if the start had
+    been a message of its own."""
+    await ensure_audit_stream(bus)
+    async with AuditEmitter.for_bus(bus, host_id="agent-1") as emitter:
+        for n in range(3):
+            session = emitter.session(
+                ALICE, database="orders", db_user="app", client_addr="x:1", session_id=f"s{n}"
+            )
+            session.start(reason="allowed by role dev")
+            for i in range(4):
+                session.query([b"GET", f"k{i}".encode()])
+            emitter.flush_sessions()
+            session.end(reason="client closed")
+        assert await emitter.flush(5)
+        idle = emitter.session(ALICE, database="orders", db_user="app", client_addr="x:1")
+        idle.start()  # no command: the start goes out alone, on its own subject
+        assert await emitter.flush(5)
+    info = await bus.js.stream_info(subjects.AUDIT_STREAM)
+    assert info.state.messages == 3 * 2 + 1  # each session: one batch with its start, its end
+
+    events = await collect(bus)
+    assert [e.type for e in events] == [
+        "db.session.start",
+        *["db.session.query"] * 4,
+        "db.session.end",
+    ] * 3 + ["db.session.start"]
+    starts = [e for e in events if isinstance(e, SessionStart)]
+    assert [(e.session_id, e.reason, e.user, e.host_id) for e in starts[:3]] == [
+        (f"s{n}", "allowed by role dev", "alice", "agent-1") for n in range(3)
+    ]
+    assert len({e.id for e in events}) == len(events)
+
+    start_filter = subjects.audit_filter("db.session.start")
+    assert [e.id for e in await collect(bus, subject=start_filter)] == [e.id for e in starts]
+    assert [e.id for e in await collect(bus, subject=start_filter, last=2)] == [
+        e.id for e in starts[-2:]
+    ]
+    assert [e.id for e in await collect(bus, subject=start_filter, since=starts[1].time)] == [
+        e.id for e in starts[1:]
+    ]
+    queries = await collect(bus, subject=QUERY_SUBJECT)
+    assert {e.type for e in queries} == {"db.session.query"} and len(queries) == 12
+    ends = await collect(bus, subject=subjects.audit_filter("db.session.end"))
+    assert [e.type for e in ends] == ["db.session.end"] * 3
+    prefix = await collect(bus, subject=subjects.audit_filter("db.session", exact=False))
+    assert [e.id for e in prefix] == [e.id for e in events]
 
 
 async def test_commands_go_out_on_time_without_end(bus: Bus) -> None:

@@ -19,11 +19,12 @@ from nats.aio.msg import Msg
 
 from bus import Bus, subjects
 from bus.access import Role, put_role
-from bus.audit import SessionStart
+from bus.audit import SessionQuery, SessionStart
 from bus.server import NatsServer
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.agent import health, running_agent, wait_until
 from tests.kits.listener import (
+    APP_PASSWORD,
     Fleet,
     RawSession,
     add_acl_users,
@@ -119,6 +120,42 @@ async def agent(
 
 def shown(seen: list[Seen]) -> list[str]:
     return [s.subject.split(".", 2)[0] + "." + s.subject.split(".", 2)[1] for s in seen]
+
+
+async def test_a_session_start_with_its_first_command_costs_one_publish(
+    agent: tuple[Fleet, int], wire: Wire
+) -> None:
+    """Route, roles, upstream, ``+OK``, one command: the roles come from the agent's
+    watch, and the start event goes out in the same message as the first command's
+    (one JetStream publish and its acknowledgement; it was six messages: a role read
+    and its answer, the start event and its acknowledgement, the batch and its
+    acknowledgement)."""
+    fleet, port = agent
+    alice = fleet.identity("alice", ["dev"])
+    sessions: list[RawSession] = []
+
+    async def start() -> None:
+        session = await RawSession.open(port, alice, fleet.ca.pem, "dev-cache", "app")
+        sessions.append(session)
+        assert await session.call("AUTH", "app", APP_PASSWORD) == b"+OK"
+
+    seen = await wire.count(start())
+    sessions[0].close()
+    assert [s.subject for s in seen if not s.subject.startswith("_INBOX")] == [
+        subjects.audit_subject("db.session.query")
+    ], [(s.subject, s.reply) for s in seen]
+    assert len(seen) == 2, [(s.subject, s.reply) for s in seen]  # and its acknowledgement
+    assert seen[1].subject == seen[0].reply
+
+    # Nothing was lost: the start and the command read back as two events, in order.
+    found = await wait_events(fleet.bus, 4, "the start and the AUTH", user="alice")
+    events = [e for e in found if e.session_id == found[-1].session_id]  # not the warm-up's
+    assert [e.type for e in events][:2] == ["db.session.start", "db.session.query"]
+    assert isinstance(events[0], SessionStart) and events[0].success
+    assert events[0].reason == "allowed by role dev"
+    assert isinstance(events[1], SessionQuery) and events[1].command == "AUTH"
+    assert events[1].args == ("app", "******")
+    assert events[0].session_id == events[1].session_id
 
 
 async def test_an_idle_session_start_costs_one_publish(
