@@ -11,10 +11,11 @@ permissions for ``db.session.query`` cover them. Readers never see a batch:
 :func:`read_events` expands it into one :class:`SessionQuery` per command, with the id
 ``<batch id>:<n>`` (``n`` the command's number in its session, from ``first_seq``).
 A session's first batch also carries its ``db.session.start`` (``start``: the event's
-own id, time, success and reason; the common fields are the batch's), so a session that
-sends a command costs no message for its start; readers get it back as a
-:class:`SessionStart` before the commands, and a filter on ``db.session.start`` finds it
-(:func:`read_events` also reads the subject of the batches for it, and keeps of each
+own id, time, success and reason; the common fields are the batch's), and its last one
+its ``db.session.end`` (``end``), so a session that sends a command costs no message for
+either; readers get them back as a :class:`SessionStart` before the commands and a
+:class:`SessionEnd` after them, and a filter on either type finds them
+(:func:`read_events` also reads the subject of the batches for them, and keeps of each
 message only the events its filter asks for).
 
 Event types:
@@ -131,6 +132,19 @@ class BatchedStart(Record):
     reason: str = ""
 
 
+class BatchedEnd(Record):
+    """The session's ``db.session.end``, carried by its last batch."""
+
+    id: str
+    time: datetime
+    success: bool = True
+    reason: str = ""
+    duration: float = 0.0
+    commands: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
 class SessionQueries(AuditEvent):
     """Several commands of one session in one message; readers expand it."""
 
@@ -140,10 +154,14 @@ class SessionQueries(AuditEvent):
     start: BatchedStart | None = None
     """The session's start event, in its first batch (when it was still held then)."""
     queries: tuple[BatchedQuery, ...] = ()
+    end: BatchedEnd | None = None
+    """The session's end event, in its last batch (when the session ended with
+    commands still buffered)."""
 
     def expand(self) -> list[AuditEvent]:
-        """The session's :class:`SessionStart` when the batch carries it, then one
-        :class:`SessionQuery` per command, ids ``<batch id>:<n>``."""
+        """The session's :class:`SessionStart` when the batch carries it, one
+        :class:`SessionQuery` per command (ids ``<batch id>:<n>``), then the session's
+        :class:`SessionEnd` when the batch carries it."""
         common = self.model_dump(
             include={
                 "user",
@@ -159,7 +177,7 @@ class SessionQueries(AuditEvent):
         start: list[AuditEvent] = []
         if self.start is not None:
             start = [SessionStart(**common, **self.start.model_dump())]
-        return start + [
+        events = start + [
             SessionQuery(
                 **common,
                 id=f"{self.id}:{self.first_seq + i}",
@@ -171,6 +189,9 @@ class SessionQueries(AuditEvent):
             )
             for i, q in enumerate(self.queries)
         ]
+        if self.end is not None:
+            events.append(SessionEnd(**common, **self.end.model_dump()))
+        return events
 
 
 class SessionEnd(AuditEvent):
@@ -247,10 +268,12 @@ class QueryBatch:
     time: datetime = field(default_factory=_now)
     start: SessionStart | None = None
     """The session's start event (with the session's first commands)."""
+    end: SessionEnd | None = None
+    """The session's end event (with the session's last commands)."""
 
     def __len__(self) -> int:
         """The events it stands for."""
-        return len(self.queries) + (self.start is not None)
+        return len(self.queries) + (self.start is not None) + (self.end is not None)
 
     def encode(self) -> bytes:
         head: dict[str, Any] = {
@@ -269,6 +292,13 @@ class QueryBatch:
                 "success": start.success,
                 "reason": start.reason,
             }
+        if self.end is not None:
+            head["end"] = self.end.model_dump(
+                include={
+                    "id", "time", "success", "reason", "duration", "commands", "bytes_in",
+                    "bytes_out",
+                }
+            )  # fmt: skip
         encoded = orjson.dumps(head)
         return b"".join((encoded[:-1], b',"queries":[', b",".join(self.queries), b"]}"))
 
@@ -317,7 +347,11 @@ async def ensure_audit_stream(
 
 
 _QUERY_SUBJECT: Final = subjects.audit_subject("db.session.query")
-_START_SUBJECT: Final = subjects.audit_subject("db.session.start")
+_CARRIED: Final = (
+    subjects.audit_subject("db.session.start"),
+    subjects.audit_subject("db.session.end"),
+)
+"""The subjects of the events a batch may carry besides its commands."""
 
 
 async def publish_event(bus: Bus, event: Outgoing, *, ack_wait: float = 2.0) -> None:
@@ -349,11 +383,11 @@ async def read_events(
     stopping when caught up unless ``follow``. ``subject`` narrows by event type. Batches
     of commands come out as one :class:`SessionQuery` per command."""
     filter_subject = subject or subjects.audit_filter()
-    # A session's start may ride in its first batch, on the batches' subject: a filter
-    # that asks for starts reads that subject too, and each message is cut down to the
-    # events the filter asks for.
+    # A session's start and end may ride in its batches, on the batches' subject: a
+    # filter that asks for either reads that subject too, and each message is cut down
+    # to the events the filter asks for.
     filters = [filter_subject]
-    if subjects.subject_matches(filter_subject, _START_SUBJECT) and not (
+    if any(subjects.subject_matches(filter_subject, s) for s in _CARRIED) and not (
         subjects.subject_matches(filter_subject, _QUERY_SUBJECT)
     ):
         filters.append(_QUERY_SUBJECT)
@@ -388,7 +422,7 @@ async def read_events(
         delivered = info.delivered.consumer_seq if info.delivered else 0
         total = (info.num_pending or 0) + (delivered or 0)
         # Each message holds at least one event the filter asks for, except a batch read
-        # only for the start it may carry: then nothing is skipped unread.
+        # only for the start or end it may carry: then nothing is skipped unread.
         skip = max(0, total - last) if last is not None and len(filters) == 1 else 0
         if total == 0:
             if not follow:
@@ -412,7 +446,7 @@ async def read_events(
                     if narrow and not subjects.subject_matches(
                         filter_subject, subjects.audit_subject(one.type)
                     ):
-                        continue  # the other events of a batch read for its start
+                        continue  # the other events of a batch read for its start or end
                     if tail is not None:
                         tail.append(one)
                     else:

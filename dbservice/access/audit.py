@@ -17,8 +17,9 @@ as one ``db.session.queries`` batch when it holds :attr:`BatchLimits.commands` c
 or :attr:`BatchLimits.bytes` bytes, on the emitter's timer (every
 :attr:`BatchLimits.interval`), and at ``end()`` (before ``db.session.end``). A session's
 ``start()`` is held until its first commands and goes out in their batch, flushed as
-soon as the read that brought them is handled (alone on the timer when none came): a
-session start costs no message of its own. A command
+soon as the read that brought them is handled (alone on the timer when none came); and
+``end()`` puts ``db.session.end`` in the batch of the commands still buffered: a
+session's start and end cost no message of their own. A command
 that finds the queue full is counted as dropped without being described.
 ``allowed(args)`` is ``query(args)`` for an allowed command as sent, the agent's command
 path: the same record, without the general description when nothing is to be masked,
@@ -354,11 +355,12 @@ class AuditEmitter:
         first_seq: int,
         queries: list[bytes],
         start: SessionStart | None = None,
+        end: SessionEnd | None = None,
     ) -> None:
-        """Queue a session's buffered commands (and its start, when it was still held)
-        as one batch (or drop and count them)."""
+        """Queue a session's buffered commands (and its start, when it was still held,
+        and its end, when it ended) as one batch (or drop and count them)."""
         self._buffered.pop(session, None)
-        batch = QueryBatch(session.common, first_seq, queries, start=start)
+        batch = QueryBatch(session.common, first_seq, queries, start=start, end=end)
         self._put(batch, len(batch))
 
     def flush_sessions(self) -> None:
@@ -642,18 +644,21 @@ class SessionAudit:
         if len(buffer) >= self._max_commands or self._buffer_bytes >= self._max_bytes:
             self.flush()
 
-    def flush(self) -> None:
-        """Hand the buffered commands (and the held start) to the emitter as one batch."""
+    def flush(self, *, end: SessionEnd | None = None) -> None:
+        """Hand the buffered commands (with the held start, and ``end`` when the session
+        ends) to the emitter as one batch."""
         queries = self._buffer
         start, self._start = self._start, None
         if not queries:
             if start is not None:
                 self._emitter.emit(start)
+            if end is not None:
+                self._emitter.emit(end)
             return
         self._buffer, self._buffer_bytes = [], 0
         first = self._flushed + 1
         self._flushed += len(queries)
-        self._emitter.emit_queries(self, first, queries, start)
+        self._emitter.emit_queries(self, first, queries, start, end)
 
     def add_bytes(self, to_db: int = 0, to_client: int = 0) -> None:
         self.bytes_in += to_db
@@ -665,14 +670,16 @@ class SessionAudit:
         if self._ended:
             return
         self._ended = True
-        self.flush()
-        self._emitter.emit(
-            SessionEnd(
-                **self.common,
-                reason=reason,
-                duration=round(time.monotonic() - self.started, 6),
-                commands=self.commands,
-                bytes_in=self.bytes_in,
-                bytes_out=self.bytes_out,
-            )
+        event = SessionEnd(
+            **self.common,
+            reason=reason,
+            duration=round(time.monotonic() - self.started, 6),
+            commands=self.commands,
+            bytes_in=self.bytes_in,
+            bytes_out=self.bytes_out,
         )
+        if self._buffer:  # one message: the last commands (and the start) and the end
+            self.flush(end=event)
+            return
+        self.flush()
+        self._emitter.emit(event)

@@ -208,10 +208,11 @@ async def test_last_and_since_count_commands_not_messages(bus: Bus) -> None:
     assert [e.args for e in since][-30:] == [(f"k{i}",) for i in range(120, 150)]
 
 
-async def test_a_start_in_a_batch_reads_back_under_every_filter(bus: Bus) -> None:
+async def test_a_start_and_end_in_a_batch_read_back_under_every_filter(bus: Bus) -> None:
     """A session that sends commands at once: its start goes out in its first batch,
-    and every filter sees exactly the events of its type, in order, as if the start had
-    been a message of its own."""
+    and its end in the batch of the commands still buffered when it ends; every filter
+    sees exactly the events of its type, in order, as if each had been a message of its
+    own."""
     await ensure_audit_stream(bus)
     async with AuditEmitter.for_bus(bus, host_id="agent-1") as emitter:
         for n in range(3):
@@ -221,14 +222,17 @@ async def test_a_start_in_a_batch_reads_back_under_every_filter(bus: Bus) -> Non
             session.start(reason="allowed by role dev")
             for i in range(4):
                 session.query([b"GET", f"k{i}".encode()])
-            emitter.flush_sessions()
+                if n == 1 and i == 1:
+                    emitter.flush_sessions()  # s1: two batches, the end in the second
+            if n == 2:
+                emitter.flush_sessions()  # s2: nothing buffered at the end
             session.end(reason="client closed")
         assert await emitter.flush(5)
         idle = emitter.session(ALICE, database="orders", db_user="app", client_addr="x:1")
         idle.start()  # no command: the start goes out alone, on its own subject
         assert await emitter.flush(5)
     info = await bus.js.stream_info(subjects.AUDIT_STREAM)
-    assert info.state.messages == 3 * 2 + 1  # each session: one batch with its start, its end
+    assert info.state.messages == 1 + 2 + 2 + 1  # s0: one; s1: two; s2: batch, end; idle
 
     events = await collect(bus)
     assert [e.type for e in events] == [
@@ -253,7 +257,13 @@ async def test_a_start_in_a_batch_reads_back_under_every_filter(bus: Bus) -> Non
     queries = await collect(bus, subject=QUERY_SUBJECT)
     assert {e.type for e in queries} == {"db.session.query"} and len(queries) == 12
     ends = await collect(bus, subject=subjects.audit_filter("db.session.end"))
-    assert [e.type for e in ends] == ["db.session.end"] * 3
+    assert [e.id for e in ends] == [e.id for e in events if isinstance(e, SessionEnd)]
+    assert [(e.session_id, e.reason, e.commands) for e in ends] == [  # type: ignore[attr-defined]
+        (f"s{n}", "client closed", 4) for n in range(3)
+    ]
+    assert [
+        e.id for e in await collect(bus, subject=subjects.audit_filter("db.session.end"), last=1)
+    ] == [ends[-1].id]
     prefix = await collect(bus, subject=subjects.audit_filter("db.session", exact=False))
     assert [e.id for e in prefix] == [e.id for e in events]
 

@@ -199,3 +199,37 @@ async def test_a_role_edit_reaches_the_agent_through_its_watch(
     await fleet.bus.delete(subjects.ROLES_BUCKET, subjects.role_key("dev"))
     with pytest.raises(Exception, match="you have no roles, so no database access"):
         await RawSession.open(port, alice, fleet.ca.pem, "dev-cache", "app")
+
+
+async def test_a_one_command_session_costs_two_publishes(
+    agent: tuple[Fleet, int], wire: Wire
+) -> None:
+    """Connect, one command, close (what a one-shot client or a connection per request
+    does): the start with the command as soon as it is read, then the end (four
+    messages with the acknowledgements; it was eight: the role read, the start, the
+    batch and the end, each with its answer). A session whose last commands are still
+    buffered when it ends sends its end with them."""
+    fleet, port = agent
+    alice = fleet.identity("alice", ["dev"])
+
+    async def session() -> None:
+        s = await RawSession.open(port, alice, fleet.ca.pem, "dev-cache", "app")
+        assert await s.call("AUTH", "app", APP_PASSWORD) == b"+OK"
+        assert await s.call("SET", "k", "v") == b"+OK"
+        s.close()
+
+    seen = await wire.count(session())
+    published = [s.subject for s in seen if not s.subject.startswith("_INBOX")]
+    # the start and the AUTH; the SET and the end (the SET alone and the end alone when
+    # the batch timer fires between the SET and the close: 0.2 s apart, it rarely does)
+    assert published in (
+        [subjects.audit_subject("db.session.query")] * 2,
+        [subjects.audit_subject(t) for t in ("db.session.query",) * 2 + ("db.session.end",)],
+    ), [(s.subject, s.reply) for s in seen]
+    assert len(seen) == 2 * len(published), [(s.subject, s.reply) for s in seen]  # acks
+    found = await wait_events(fleet.bus, 6, "the session's events", user="alice")
+    events = [e for e in found if e.session_id == found[-1].session_id]
+    assert [e.type for e in events] == [
+        "db.session.start", "db.session.query", "db.session.query", "db.session.end"
+    ]  # fmt: skip
+    assert events[-1].commands == 2  # type: ignore[attr-defined]
