@@ -10,13 +10,12 @@ success and reason) on the ``db.session.query`` subject, so subject filters and 
 permissions for ``db.session.query`` cover them. Readers never see a batch:
 :func:`read_events` expands it into one :class:`SessionQuery` per command, with the id
 ``<batch id>:<n>`` (``n`` the command's number in its session, from ``first_seq``).
-A session's first batch also carries its ``db.session.start`` (``start``: the event's
-own id, time, success and reason; the common fields are the batch's), and its last one
-its ``db.session.end`` (``end``), so a session that sends a command costs no message for
-either; readers get them back as a :class:`SessionStart` before the commands and a
-:class:`SessionEnd` after them, and a filter on either type finds them
-(:func:`read_events` also reads the subject of the batches for them, and keeps of each
-message only the events its filter asks for).
+A session's last batch also carries its ``db.session.end`` (``end``: the event's own
+fields; the common ones are the batch's), so a session that ends with commands still
+buffered costs no message for its end; readers get it back as a :class:`SessionEnd`
+after the commands, and a filter on ``db.session.end`` finds it (:func:`read_events`
+also reads the subject of the batches for it, and keeps of each message only the events
+its filter asks for).
 
 Event types:
 
@@ -123,15 +122,6 @@ class BatchedQuery(Record):
     reason: str = ""
 
 
-class BatchedStart(Record):
-    """The session's ``db.session.start``, carried by its first batch."""
-
-    id: str
-    time: datetime
-    success: bool = True
-    reason: str = ""
-
-
 class BatchedEnd(Record):
     """The session's ``db.session.end``, carried by its last batch."""
 
@@ -151,17 +141,14 @@ class SessionQueries(AuditEvent):
     type: Literal["db.session.queries"] = "db.session.queries"
     first_seq: int = 1
     """The number, in its session (from 1), of the first command here."""
-    start: BatchedStart | None = None
-    """The session's start event, in its first batch (when it was still held then)."""
     queries: tuple[BatchedQuery, ...] = ()
     end: BatchedEnd | None = None
     """The session's end event, in its last batch (when the session ended with
     commands still buffered)."""
 
     def expand(self) -> list[AuditEvent]:
-        """The session's :class:`SessionStart` when the batch carries it, one
-        :class:`SessionQuery` per command (ids ``<batch id>:<n>``), then the session's
-        :class:`SessionEnd` when the batch carries it."""
+        """One :class:`SessionQuery` per command (ids ``<batch id>:<n>``), then the
+        session's :class:`SessionEnd` when the batch carries it."""
         common = self.model_dump(
             include={
                 "user",
@@ -174,10 +161,7 @@ class SessionQueries(AuditEvent):
                 "schema_version",
             }
         )
-        start: list[AuditEvent] = []
-        if self.start is not None:
-            start = [SessionStart(**common, **self.start.model_dump())]
-        events = start + [
+        events: list[AuditEvent] = [
             SessionQuery(
                 **common,
                 id=f"{self.id}:{self.first_seq + i}",
@@ -256,7 +240,7 @@ def encode_query(
 @dataclass(frozen=True, slots=True)
 class QueryBatch:
     """A batch as the emitter builds it: commands already encoded one by one
-    (:func:`encode_query`), joined into one message, and maybe the session's start. It
+    (:func:`encode_query`), joined into one message, and maybe the session's end. It
     reads back as a :class:`SessionQueries`."""
 
     common: Mapping[str, Any]
@@ -266,14 +250,12 @@ class QueryBatch:
     queries: Sequence[bytes]
     id: str = field(default_factory=_new_id)
     time: datetime = field(default_factory=_now)
-    start: SessionStart | None = None
-    """The session's start event (with the session's first commands)."""
     end: SessionEnd | None = None
     """The session's end event (with the session's last commands)."""
 
     def __len__(self) -> int:
         """The events it stands for."""
-        return len(self.queries) + (self.start is not None) + (self.end is not None)
+        return len(self.queries) + (self.end is not None)
 
     def encode(self) -> bytes:
         head: dict[str, Any] = {
@@ -284,14 +266,6 @@ class QueryBatch:
             "schema_version": SCHEMA_VERSION,
             "first_seq": self.first_seq,
         }
-        if self.start is not None:
-            start = self.start
-            head["start"] = {
-                "id": start.id,
-                "time": start.time,
-                "success": start.success,
-                "reason": start.reason,
-            }
         if self.end is not None:
             head["end"] = self.end.model_dump(
                 include={
@@ -347,10 +321,7 @@ async def ensure_audit_stream(
 
 
 _QUERY_SUBJECT: Final = subjects.audit_subject("db.session.query")
-_CARRIED: Final = (
-    subjects.audit_subject("db.session.start"),
-    subjects.audit_subject("db.session.end"),
-)
+_CARRIED: Final = (subjects.audit_subject("db.session.end"),)
 """The subjects of the events a batch may carry besides its commands."""
 
 
@@ -383,9 +354,9 @@ async def read_events(
     stopping when caught up unless ``follow``. ``subject`` narrows by event type. Batches
     of commands come out as one :class:`SessionQuery` per command."""
     filter_subject = subject or subjects.audit_filter()
-    # A session's start and end may ride in its batches, on the batches' subject: a
-    # filter that asks for either reads that subject too, and each message is cut down
-    # to the events the filter asks for.
+    # A session's end may ride in its last batch, on the batches' subject: a filter that
+    # asks for ends reads that subject too, and each message is cut down to the events
+    # the filter asks for.
     filters = [filter_subject]
     if any(subjects.subject_matches(filter_subject, s) for s in _CARRIED) and not (
         subjects.subject_matches(filter_subject, _QUERY_SUBJECT)
@@ -422,7 +393,7 @@ async def read_events(
         delivered = info.delivered.consumer_seq if info.delivered else 0
         total = (info.num_pending or 0) + (delivered or 0)
         # Each message holds at least one event the filter asks for, except a batch read
-        # only for the start or end it may carry: then nothing is skipped unread.
+        # only for the end it may carry: then nothing is skipped unread.
         skip = max(0, total - last) if last is not None and len(filters) == 1 else 0
         if total == 0:
             if not follow:
@@ -446,7 +417,7 @@ async def read_events(
                     if narrow and not subjects.subject_matches(
                         filter_subject, subjects.audit_subject(one.type)
                     ):
-                        continue  # the other events of a batch read for its start or end
+                        continue  # the other events of a batch read for its end
                     if tail is not None:
                         tail.append(one)
                     else:

@@ -15,12 +15,10 @@ calls: ``start()``, ``query(args)`` per command, ``add_bytes()``, ``end()`` in `
 encodes it to JSON bytes and appends them to the session's buffer; the buffer goes out
 as one ``db.session.queries`` batch when it holds :attr:`BatchLimits.commands` commands
 or :attr:`BatchLimits.bytes` bytes, on the emitter's timer (every
-:attr:`BatchLimits.interval`), and at ``end()`` (before ``db.session.end``). A session's
-``start()`` is held until its first commands and goes out in their batch, flushed as
-soon as the read that brought them is handled (alone on the timer when none came); and
-``end()`` puts ``db.session.end`` in the batch of the commands still buffered: a
-session's start and end cost no message of their own. A command
-that finds the queue full is counted as dropped without being described.
+:attr:`BatchLimits.interval`), and at ``end()``, which puts ``db.session.end`` in the
+same message when commands are still buffered then (a session's end costs no message of
+its own). A command that finds the queue full is counted as dropped without being
+described.
 ``allowed(args)`` is ``query(args)`` for an allowed command as sent, the agent's command
 path: the same record, without the general description when nothing is to be masked,
 cut or redacted (about 0.75 us per GET or SET with the hooks, against 1.6 us).
@@ -354,13 +352,12 @@ class AuditEmitter:
         session: SessionAudit,
         first_seq: int,
         queries: list[bytes],
-        start: SessionStart | None = None,
         end: SessionEnd | None = None,
     ) -> None:
-        """Queue a session's buffered commands (and its start, when it was still held,
-        and its end, when it ended) as one batch (or drop and count them)."""
+        """Queue a session's buffered commands (and its end, when it ended) as one batch
+        (or drop and count them)."""
         self._buffered.pop(session, None)
-        batch = QueryBatch(session.common, first_seq, queries, start=start, end=end)
+        batch = QueryBatch(session.common, first_seq, queries, end=end)
         self._put(batch, len(batch))
 
     def flush_sessions(self) -> None:
@@ -535,8 +532,6 @@ class SessionAudit:
         self._max_bytes = emitter.limits.bytes
         self._flushed = 0
         """Commands already handed to the emitter (the next batch's first is this + 1)."""
-        self._start: SessionStart | None = None
-        """The session's start while it waits for the first batch (:meth:`start`)."""
         self._plain_argc = 0 if redaction.redact_values else redaction.max_args + 1
         """Commands of at most this many words (name included) may take the short way
         in :meth:`allowed` (0: none, every value is redacted)."""
@@ -547,32 +542,7 @@ class SessionAudit:
         return str(self.common["session_id"])
 
     def start(self, *, success: bool = True, reason: str = "") -> None:
-        """``db.session.start``. A refusal is queued at once. A session that starts
-        holds its start until its first commands come, and they go out in one
-        message as soon as the read that brought them is handled
-        (:meth:`_send_start_soon`); a session that sends nothing has its start go out
-        alone on the emitter's next tick, like a buffered command."""
-        event = SessionStart(**self.common, success=success, reason=reason)
-        if not success:
-            self._emitter.emit(event)
-            return
-        self._start = event
-        self._emitter.buffering_in(self)
-
-    def _send_start_soon(self) -> None:
-        """The first command came while the start is held: flush once the engine has
-        handled the rest of this read (a callback after the current one), so the start
-        waits for no timer and takes the read's commands with it."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no loop (a synchronous caller): at once
-            self.flush()
-            return
-        loop.call_soon(self._flush_start)
-
-    def _flush_start(self) -> None:
-        if self._start is not None:
-            self.flush()
+        self._emitter.emit(SessionStart(**self.common, success=success, reason=reason))
 
     def query(self, args: Sequence[bytes | str], *, success: bool = True, reason: str = "") -> None:
         """One command; ``success=False`` with ``reason`` when it was refused."""
@@ -627,8 +597,6 @@ class SessionAudit:
         self._buffer_bytes += len(item)
         if len(buffer) == 1:
             emitter.buffering_in(self)
-            if self._start is not None:
-                self._send_start_soon()
         if len(buffer) >= self._max_commands or self._buffer_bytes >= self._max_bytes:
             self.flush()
 
@@ -639,26 +607,21 @@ class SessionAudit:
         self._buffer_bytes += len(item)
         if len(buffer) == 1:
             emitter.buffering_in(self)
-            if self._start is not None:
-                self._send_start_soon()
         if len(buffer) >= self._max_commands or self._buffer_bytes >= self._max_bytes:
             self.flush()
 
     def flush(self, *, end: SessionEnd | None = None) -> None:
-        """Hand the buffered commands (with the held start, and ``end`` when the session
-        ends) to the emitter as one batch."""
+        """Hand the buffered commands (and ``end`` when the session ends) to the emitter
+        as one batch."""
         queries = self._buffer
-        start, self._start = self._start, None
         if not queries:
-            if start is not None:
-                self._emitter.emit(start)
             if end is not None:
                 self._emitter.emit(end)
             return
         self._buffer, self._buffer_bytes = [], 0
         first = self._flushed + 1
         self._flushed += len(queries)
-        self._emitter.emit_queries(self, first, queries, start, end)
+        self._emitter.emit_queries(self, first, queries, end)
 
     def add_bytes(self, to_db: int = 0, to_client: int = 0) -> None:
         self.bytes_in += to_db

@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 
 from bus import Bus, subjects
 from bus.access import Role, put_role
-from bus.audit import SessionQuery, SessionStart
+from bus.audit import SessionEnd, SessionQuery, SessionStart
 from bus.server import NatsServer
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.agent import health, running_agent, wait_until
@@ -118,51 +118,10 @@ async def agent(
         yield fleet, port
 
 
-def shown(seen: list[Seen]) -> list[str]:
-    return [s.subject.split(".", 2)[0] + "." + s.subject.split(".", 2)[1] for s in seen]
-
-
-async def test_a_session_start_with_its_first_command_costs_one_publish(
-    agent: tuple[Fleet, int], wire: Wire
-) -> None:
-    """Route, roles, upstream, ``+OK``, one command: the roles come from the agent's
-    watch, and the start event goes out in the same message as the first command's
-    (one JetStream publish and its acknowledgement; it was six messages: a role read
-    and its answer, the start event and its acknowledgement, the batch and its
-    acknowledgement)."""
-    fleet, port = agent
-    alice = fleet.identity("alice", ["dev"])
-    sessions: list[RawSession] = []
-
-    async def start() -> None:
-        session = await RawSession.open(port, alice, fleet.ca.pem, "dev-cache", "app")
-        sessions.append(session)
-        assert await session.call("AUTH", "app", APP_PASSWORD) == b"+OK"
-
-    seen = await wire.count(start())
-    sessions[0].close()
-    assert [s.subject for s in seen if not s.subject.startswith("_INBOX")] == [
-        subjects.audit_subject("db.session.query")
-    ], [(s.subject, s.reply) for s in seen]
-    assert len(seen) == 2, [(s.subject, s.reply) for s in seen]  # and its acknowledgement
-    assert seen[1].subject == seen[0].reply
-
-    # Nothing was lost: the start and the command read back as two events, in order.
-    found = await wait_events(fleet.bus, 4, "the start and the AUTH", user="alice")
-    events = [e for e in found if e.session_id == found[-1].session_id]  # not the warm-up's
-    assert [e.type for e in events][:2] == ["db.session.start", "db.session.query"]
-    assert isinstance(events[0], SessionStart) and events[0].success
-    assert events[0].reason == "allowed by role dev"
-    assert isinstance(events[1], SessionQuery) and events[1].command == "AUTH"
-    assert events[1].args == ("app", "******")
-    assert events[0].session_id == events[1].session_id
-
-
-async def test_an_idle_session_start_costs_one_publish(
-    agent: tuple[Fleet, int], wire: Wire
-) -> None:
-    """A session that sends nothing: its start event alone, 0.2 s later at the latest
-    (it was four messages: the role read and its answer, the event and its ack)."""
+async def test_a_session_start_is_one_publish(agent: tuple[Fleet, int], wire: Wire) -> None:
+    """Route, roles, upstream, ``+OK``: the roles come from the agent's watch, so the
+    start event and its acknowledgement are all (it was four messages: the role read
+    and its answer, the event and its acknowledgement)."""
     fleet, port = agent
     alice = fleet.identity("alice", ["dev"])
     sessions: list[RawSession] = []
@@ -178,8 +137,43 @@ async def test_an_idle_session_start_costs_one_publish(
         ], [(s.subject, s.reply) for s in seen]
         events = await wait_events(fleet.bus, 3, "the start", user="alice")
         assert isinstance(events[-1], SessionStart) and events[-1].success
+        assert events[-1].reason == "allowed by role dev"
     finally:
         sessions[0].close()
+
+
+async def test_a_one_command_session_is_two_publishes(agent: tuple[Fleet, int], wire: Wire) -> None:
+    """Connect, two commands, close (what a one-shot client or a connection per request
+    does): the start, then the commands with the end in one message; four messages
+    with the acknowledgements (it was eight: the role read, the start, the batch and
+    the end, each with its answer)."""
+    fleet, port = agent
+    alice = fleet.identity("alice", ["dev"])
+
+    async def session() -> None:
+        s = await RawSession.open(port, alice, fleet.ca.pem, "dev-cache", "app")
+        assert await s.call("AUTH", "app", APP_PASSWORD) == b"+OK"
+        assert await s.call("SET", "k", "v") == b"+OK"
+        s.close()
+
+    seen = await wire.count(session())
+    published = [s.subject for s in seen if not s.subject.startswith("_INBOX")]
+    # The start; the commands and the end (the commands alone, then the end alone, when
+    # the batch timer fires between the SET and the close: 0.2 s apart, it rarely does).
+    start, query, end = (
+        subjects.audit_subject(t)
+        for t in ("db.session.start", "db.session.query", "db.session.end")
+    )
+    assert published in ([start, query], [start, query, end]), [(s.subject, s.reply) for s in seen]
+    assert len(seen) == 2 * len(published), [(s.subject, s.reply) for s in seen]  # acks
+    # Nothing was lost: every event reads back, in order.
+    found = await wait_events(fleet.bus, 6, "the session's events", user="alice")
+    events = [e for e in found if e.session_id == found[-1].session_id]  # not the warm-up's
+    assert [e.type for e in events] == [
+        "db.session.start", "db.session.query", "db.session.query", "db.session.end"
+    ]  # fmt: skip
+    assert isinstance(events[1], SessionQuery) and events[1].args == ("app", "******")
+    assert isinstance(events[-1], SessionEnd) and events[-1].commands == 2
 
 
 async def test_a_role_edit_reaches_the_agent_through_its_watch(
@@ -199,37 +193,3 @@ async def test_a_role_edit_reaches_the_agent_through_its_watch(
     await fleet.bus.delete(subjects.ROLES_BUCKET, subjects.role_key("dev"))
     with pytest.raises(Exception, match="you have no roles, so no database access"):
         await RawSession.open(port, alice, fleet.ca.pem, "dev-cache", "app")
-
-
-async def test_a_one_command_session_costs_two_publishes(
-    agent: tuple[Fleet, int], wire: Wire
-) -> None:
-    """Connect, one command, close (what a one-shot client or a connection per request
-    does): the start with the command as soon as it is read, then the end (four
-    messages with the acknowledgements; it was eight: the role read, the start, the
-    batch and the end, each with its answer). A session whose last commands are still
-    buffered when it ends sends its end with them."""
-    fleet, port = agent
-    alice = fleet.identity("alice", ["dev"])
-
-    async def session() -> None:
-        s = await RawSession.open(port, alice, fleet.ca.pem, "dev-cache", "app")
-        assert await s.call("AUTH", "app", APP_PASSWORD) == b"+OK"
-        assert await s.call("SET", "k", "v") == b"+OK"
-        s.close()
-
-    seen = await wire.count(session())
-    published = [s.subject for s in seen if not s.subject.startswith("_INBOX")]
-    # the start and the AUTH; the SET and the end (the SET alone and the end alone when
-    # the batch timer fires between the SET and the close: 0.2 s apart, it rarely does)
-    assert published in (
-        [subjects.audit_subject("db.session.query")] * 2,
-        [subjects.audit_subject(t) for t in ("db.session.query",) * 2 + ("db.session.end",)],
-    ), [(s.subject, s.reply) for s in seen]
-    assert len(seen) == 2 * len(published), [(s.subject, s.reply) for s in seen]  # acks
-    found = await wait_events(fleet.bus, 6, "the session's events", user="alice")
-    events = [e for e in found if e.session_id == found[-1].session_id]
-    assert [e.type for e in events] == [
-        "db.session.start", "db.session.query", "db.session.query", "db.session.end"
-    ]  # fmt: skip
-    assert events[-1].commands == 2  # type: ignore[attr-defined]
