@@ -10,6 +10,12 @@ success and reason) on the ``db.session.query`` subject, so subject filters and 
 permissions for ``db.session.query`` cover them. Readers never see a batch:
 :func:`read_events` expands it into one :class:`SessionQuery` per command, with the id
 ``<batch id>:<n>`` (``n`` the command's number in its session, from ``first_seq``).
+A session's last batch also carries its ``db.session.end`` (``end``: the event's own
+fields; the common ones are the batch's), so a session that ends with commands still
+buffered costs no message for its end; readers get it back as a :class:`SessionEnd`
+after the commands, and a filter on ``db.session.end`` finds it (:func:`read_events`
+also reads the subject of the batches for it, and keeps of each message only the events
+its filter asks for).
 
 Event types:
 
@@ -116,6 +122,19 @@ class BatchedQuery(Record):
     reason: str = ""
 
 
+class BatchedEnd(Record):
+    """The session's ``db.session.end``, carried by its last batch."""
+
+    id: str
+    time: datetime
+    success: bool = True
+    reason: str = ""
+    duration: float = 0.0
+    commands: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
 class SessionQueries(AuditEvent):
     """Several commands of one session in one message; readers expand it."""
 
@@ -123,9 +142,13 @@ class SessionQueries(AuditEvent):
     first_seq: int = 1
     """The number, in its session (from 1), of the first command here."""
     queries: tuple[BatchedQuery, ...] = ()
+    end: BatchedEnd | None = None
+    """The session's end event, in its last batch (when the session ended with
+    commands still buffered)."""
 
     def expand(self) -> list[AuditEvent]:
-        """One :class:`SessionQuery` per command, ids ``<batch id>:<n>``."""
+        """One :class:`SessionQuery` per command (ids ``<batch id>:<n>``), then the
+        session's :class:`SessionEnd` when the batch carries it."""
         common = self.model_dump(
             include={
                 "user",
@@ -138,7 +161,7 @@ class SessionQueries(AuditEvent):
                 "schema_version",
             }
         )
-        return [
+        events: list[AuditEvent] = [
             SessionQuery(
                 **common,
                 id=f"{self.id}:{self.first_seq + i}",
@@ -150,6 +173,9 @@ class SessionQueries(AuditEvent):
             )
             for i, q in enumerate(self.queries)
         ]
+        if self.end is not None:
+            events.append(SessionEnd(**common, **self.end.model_dump()))
+        return events
 
 
 class SessionEnd(AuditEvent):
@@ -217,8 +243,8 @@ _QUERY_SUBJECT: Final = subjects.audit_subject("db.session.query")
 @dataclass(frozen=True, slots=True)
 class QueryBatch:
     """A batch as the emitter builds it: commands already encoded one by one
-    (:func:`encode_query`), joined into one message. It reads back as a
-    :class:`SessionQueries`."""
+    (:func:`encode_query`), joined into one message, and maybe the session's end. It
+    reads back as a :class:`SessionQueries`."""
 
     common: Mapping[str, Any]
     """The session's fields: user, roles, database, db_user, client_addr, host_id,
@@ -227,22 +253,31 @@ class QueryBatch:
     queries: Sequence[bytes]
     id: str = field(default_factory=_new_id)
     time: datetime = field(default_factory=_now)
+    end: SessionEnd | None = None
+    """The session's end event (with the session's last commands)."""
 
     def __len__(self) -> int:
-        return len(self.queries)
+        """The events it stands for."""
+        return len(self.queries) + (self.end is not None)
 
     def encode(self) -> bytes:
-        head = orjson.dumps(
-            {
-                "type": QUERY_BATCH,
-                "id": self.id,
-                "time": self.time,
-                **self.common,
-                "schema_version": SCHEMA_VERSION,
-                "first_seq": self.first_seq,
-            }
-        )
-        return b"".join((head[:-1], b',"queries":[', b",".join(self.queries), b"]}"))
+        head: dict[str, Any] = {
+            "type": QUERY_BATCH,
+            "id": self.id,
+            "time": self.time,
+            **self.common,
+            "schema_version": SCHEMA_VERSION,
+            "first_seq": self.first_seq,
+        }
+        if self.end is not None:
+            head["end"] = self.end.model_dump(
+                include={
+                    "id", "time", "success", "reason", "duration", "commands", "bytes_in",
+                    "bytes_out",
+                }
+            )  # fmt: skip
+        encoded = orjson.dumps(head)
+        return b"".join((encoded[:-1], b',"queries":[', b",".join(self.queries), b"]}"))
 
     def event(self) -> SessionQueries:
         return SessionQueries.model_validate_json(self.encode())
@@ -310,6 +345,10 @@ async def ensure_audit_stream(
         raise RegistryError(f"no JetStream answer from {bus.url} for the audit stream") from exc
 
 
+_CARRIED: Final = (subjects.audit_subject("db.session.end"),)
+"""The subjects of the events a batch may carry besides its commands."""
+
+
 async def publish_event(bus: Bus, event: Outgoing, *, ack_wait: float = 2.0) -> None:
     """Store one event or batch; raises nats errors (the emitter retries, dedup keeps it
     single)."""
@@ -341,11 +380,22 @@ async def read_events(
     stopping when caught up unless ``follow``. ``subject`` narrows by event type. Batches
     of commands come out as one :class:`SessionQuery` per command."""
     filter_subject = subject or subjects.audit_filter()
+    # A session's end may ride in its last batch, on the batches' subject: a filter that
+    # asks for ends reads that subject too, and each message is cut down to the events
+    # the filter asks for.
+    filters = [filter_subject]
+    if any(subjects.subject_matches(filter_subject, s) for s in _CARRIED) and not (
+        subjects.subject_matches(filter_subject, _QUERY_SUBJECT)
+    ):
+        filters.append(_QUERY_SUBJECT)
+    narrow = filter_subject != subjects.audit_filter()
     config = ConsumerConfig(deliver_policy=DeliverPolicy.ALL)
     if since is not None:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
     elif follow and last is None:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
+    if len(filters) > 1:
+        config.filter_subjects = filters
     try:
         stream = await bus.js.stream_info(subjects.AUDIT_STREAM)
     except nats.js.errors.NotFoundError:
@@ -368,7 +418,9 @@ async def read_events(
         # A consistent count at the server: delivered (maybe in flight) plus not yet.
         delivered = info.delivered.consumer_seq if info.delivered else 0
         total = (info.num_pending or 0) + (delivered or 0)
-        skip = max(0, total - last) if last is not None else 0
+        # Each message holds at least one event the filter asks for, except a batch read
+        # only for the end it may carry: then nothing is skipped unread.
+        skip = max(0, total - last) if last is not None and len(filters) == 1 else 0
         if total == 0:
             if not follow:
                 return
@@ -388,6 +440,10 @@ async def read_events(
                 for one in event.expand() if event is not None else ():
                     if batch and since is not None and one.time < since:
                         continue  # in a batch stored after ``since``, from before it
+                    if narrow and not subjects.subject_matches(
+                        filter_subject, subjects.audit_subject(one.type)
+                    ):
+                        continue  # the other events of a batch read for its end
                     if tail is not None:
                         tail.append(one)
                     else:

@@ -183,6 +183,11 @@ class Bus:
         bus = cls(nc, shown, request_timeout=request_timeout)
         return bus
 
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to NATS is up now (False while reconnecting)."""
+        return bool(self.nc.is_connected)
+
     def reconnected(self) -> None:
         """Count a reconnect and tell every open watch to resync (called by the NATS
         client's reconnect callback)."""

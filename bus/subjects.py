@@ -145,3 +145,15 @@ def audit_filter(event_type: str | None = None, *, exact: bool = True) -> str:
     if not event_type:
         return f"{AUDIT_SUBJECT_PREFIX}.>"
     return audit_subject(event_type) if exact else f"{AUDIT_SUBJECT_PREFIX}.{event_type}.>"
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether ``subject`` matches the NATS subject filter ``pattern`` (``*`` is one
+    token, a final ``>`` one or more)."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)

@@ -318,11 +318,12 @@ class Agent:
 
 
 def _start_listener(roots: RootTasks, listener: Listener) -> None:
-    """The listener's loops as root tasks: the accept loop, the fleet CA watch, and the
-    one-shot check of the audit stream. Its sessions are its own (:meth:`Listener.aclose`)."""
+    """The listener's loops as root tasks: the accept loop, the fleet CA and roles
+    watches, and the one-shot check of the audit stream. Its sessions are its own
+    (:meth:`Listener.aclose`)."""
     roots.start("client-listener", listener.accept())
     roots.start("fleet-ca-watch", listener.trust.follow(listener.bus))
-    roots.start("roles-watch", listener.roles.follow(listener.bus))
+    roots.start("roles-watch", listener.roles.follow())
     roots.start("fleet-link", listener.link.follow())
     roots.start("audit-stream", listener.check_audit_stream(), on_return="done")
 

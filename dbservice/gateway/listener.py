@@ -22,8 +22,9 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
    (:class:`~dbservice.gateway.offline.FleetLink`), nor holding a full audit spool; the
    database must be one this agent serves.
 4. :func:`~dbservice.access.authorize.grant_for` with the roles named in the
-   certificate, read fresh from the registry for every connection (cut off from it: as
-   last watched, :class:`~dbservice.gateway.offline.RoleBook`).
+   certificate, as the listener's watch of the registry last delivered them
+   (:class:`~dbservice.access.authorize.RoleCache`); while that watch is not live, read
+   from the registry for the connection, and cut off from it, as last watched.
 5. The upstream connection: host aliases and TLS exactly as the health checks dial it,
    then :class:`~dbservice.engine.login.UpstreamLogin`.
 6. ``+OK``, ``db.session.start``, and the proxy engine with :class:`AgentHooks` until
@@ -70,7 +71,7 @@ from bus.audit import SessionStart, ensure_audit_stream
 from bus.errors import BusError
 from bus.schemas import DatabaseResource
 from dbservice.access.audit import AuditEmitter, QueryRedaction, SessionAudit
-from dbservice.access.authorize import grant_for
+from dbservice.access.authorize import RoleCache, grant_for
 from dbservice.access.ca import (
     CertificateRejected,
     ClientVerifier,
@@ -93,7 +94,7 @@ from dbservice.gateway.clusters import (
     cluster_mode,
 )
 from dbservice.gateway.hooks import AgentHooks
-from dbservice.gateway.offline import FleetLink, RoleBook
+from dbservice.gateway.offline import FleetLink
 from dbservice.gateway.settings import ListenerConfig
 from dbservice.route import (
     EOF_COMMAND,
@@ -395,6 +396,9 @@ class Listener:
         self.contexts = contexts
         self.login = login
         self.trust = FleetTrust(config)
+        self.roles = RoleCache(bus)
+        """Every role, kept current by a watch (:meth:`RoleCache.follow`, a root task);
+        as last delivered while cut off."""
         self.redaction = QueryRedaction(
             max_arg_len=config.audit.max_arg_len,
             max_args=config.audit.max_args,
@@ -411,8 +415,6 @@ class Listener:
         self.audit = AuditEmitter.for_bus(bus, host_id=host_id, spool=audit_spool)
         self.link = FleetLink(bus, grace=offline_grace)
         """Whether the agent reaches the fleet's JetStream (:meth:`FleetLink.follow`)."""
-        self.roles = RoleBook()
-        """The roles as last read (:meth:`RoleBook.follow`): used while cut off."""
         self.sessions: set[asyncio.Task[None]] = set()
         self.heap = HeapTrimmer.for_this_process()
         """Gives closed sessions' memory back to the system (glibc only)."""
@@ -724,9 +726,12 @@ class Listener:
             audit.end(reason=stats.reason or "stopped")
 
     async def _roles(self, identity: Identity, wait: float) -> list[Role]:
-        """The roles named in the certificate: read fresh while the agent reaches the
-        fleet (an edited role applies to the next connection), else as last watched
-        (within ``offline_grace``, checked before)."""
+        """The roles named in the certificate: from the roles watch while it is live (no
+        NATS message); else read fresh while the agent reaches the fleet; else as last
+        watched (within ``offline_grace``, checked before)."""
+        live = self.roles.roles(identity.roles)
+        if live is not None:
+            return live
         if self.link.cut_for() == 0.0:
             try:
                 async with asyncio.timeout(wait):
@@ -736,12 +741,13 @@ class Listener:
             else:
                 self.link.contact()
                 return roles
-        if not self.roles.synced.is_set():
+        last = self.roles.last_known(identity.roles)
+        if last is None:
             raise Refused(
                 "cannot read your roles from the registry now, and this agent has not read "
                 "them since it started; try again"
             )
-        return self.roles.get(identity.roles)
+        return last
 
     def _keep_alive(
         self, login: UpstreamLogin, session: ProxySession | ClusterSession

@@ -3,9 +3,10 @@
 
 The agent serves from state it watches: the fleet CA
 (:class:`~dbservice.gateway.listener.FleetTrust`), the registry
-(:func:`~dbservice.agent.served.follow_registry`) and the roles (:class:`RoleBook`).
-While it reaches JetStream, a new session reads its roles fresh (an edited role applies
-to the next connection); when it does not (:class:`FleetLink`: the connection is down,
+(:func:`~dbservice.agent.served.follow_registry`) and the roles
+(:class:`~dbservice.access.authorize.RoleCache`). While it reaches JetStream, a new
+session takes its roles from the live watch (or reads them when the watch is not live);
+when it does not (:class:`FleetLink`: the connection is down,
 or no JetStream answers behind it, as when a region's leaf node lost the hub), sessions
 are checked against the last known CA, roles and registry, for at most
 ``offline_grace`` after the last contact. After that new sessions are refused with a
@@ -15,17 +16,13 @@ reason that says so; sessions already open are never cut for it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Final
 
-from bus import Bus, subjects
-from bus.access import Role
-from bus.errors import BusError
+from bus import Bus
 from bus.link import connected, jetstream_answers
-from fleetgate.backoff import backoff_delay
 from fleetgate.durations import format_duration
 
 logger = logging.getLogger(__name__)
@@ -125,47 +122,3 @@ class FleetLink:
         while True:
             await asyncio.sleep(self.every)
             await self.probe()
-
-
-class RoleBook:
-    """The roles as last read from ``fleetgate_roles`` (a watch): what new sessions are
-    checked against while the agent is cut off from the fleet."""
-
-    def __init__(self) -> None:
-        self.roles: dict[str, Role] = {}
-        self._names: dict[str, str] = {}
-        """Key -> role name."""
-        self.synced = asyncio.Event()
-        """Set once the whole bucket was read."""
-
-    def get(self, names: Sequence[str]) -> list[Role]:
-        """The last known definitions of the named roles; unknown names left out."""
-        return [role for name in names if (role := self.roles.get(name)) is not None]
-
-    async def follow(self, bus: Bus) -> None:
-        """Keep :attr:`roles` in step with the bucket, forever (resyncs after reconnects).
-        Until an admin created the bucket, it is looked for again every few seconds."""
-        attempt = 0
-        while True:
-            try:
-                await bus.bucket(subjects.ROLES_BUCKET, create=False)
-                break
-            except BusError as exc:
-                logger.debug("cannot watch the roles yet: %s", exc)
-                await asyncio.sleep(backoff_delay(BUCKET_RETRY, attempt))
-                attempt += 1
-        watch = bus.watch(subjects.ROLES_BUCKET, Role, create=False)
-        async with contextlib.aclosing(watch) as events:
-            async for event in events:
-                if event.kind == "upsert" and event.value is not None:
-                    old = self._names.get(event.key)
-                    if old is not None and old != event.value.name:
-                        self.roles.pop(old, None)
-                    self._names[event.key] = event.value.name
-                    self.roles[event.value.name] = event.value
-                elif event.kind == "deleted":
-                    name = self._names.pop(event.key, None)
-                    if name is not None:
-                        self.roles.pop(name, None)
-                elif event.kind == "synced":
-                    self.synced.set()

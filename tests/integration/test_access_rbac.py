@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
-from bus import Bus
+from bus import Bus, subjects
 from bus.access import Identity, Role
+from bus.client import FAILURES
+from bus.server import NatsServer
 from dbservice.access.rbac import (
     FAMILIES,
     CommandPolicy,
@@ -218,3 +221,58 @@ def test_command_families_are_a_constant() -> None:
     assert FAMILIES["EVAL"] == ("EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO")
     with pytest.raises(TypeError):
         FAMILIES["FLUSHALL"] = ()  # type: ignore[index]
+
+
+async def test_the_role_cache_answers_only_while_its_watch_is_live(
+    nats_server: NatsServer,
+) -> None:
+    """The agent's RoleCache: roles from its watch once synced, edits and deletions as
+    they are pushed; while NATS is away (and after a reconnect until the watch has its
+    new snapshot) it answers None, so the session reads the roles, which fails."""
+    from bus.access import put_role
+    from bus.server import wait_port_free
+    from dbservice.access.authorize import RoleCache, authorize_session
+    from tests.kits.agent import wait_until
+
+    admin = await Bus.connect(nats_server.url, name="admin")
+    agent = await Bus.connect(nats_server.url, name="agent", reconnect_wait=0.1)
+    try:
+        await admin.provision()
+        await put_role(admin, DEV)
+        cache = RoleCache(agent)
+        assert cache.roles(("payments-dev",)) is None  # not synced yet
+        follow = asyncio.create_task(cache.follow())
+        try:
+            await wait_until(lambda: cache.live, 10, "the roles watch synced")
+            assert cache.roles(("payments-dev", "gone")) == [DEV]
+            alice = Identity(user="alice", roles=("payments-dev",))
+            grant = await authorize_session(
+                agent, alice, database="orders", labels=DEV_DB, db_user="app", cache=cache
+            )
+            assert grant.allowed
+            await admin.delete(subjects.ROLES_BUCKET, subjects.role_key("payments-dev"))
+            await wait_until(lambda: cache.roles(("payments-dev",)) == [], 10, "the deletion")
+
+            port = nats_server.port
+            nats_server.stop()
+            wait_port_free("127.0.0.1", port)
+            await wait_until(lambda: not cache.live, 10, "the cache no longer live")
+            assert cache.roles(("payments-dev",)) is None
+            with pytest.raises(FAILURES):  # no stale answer: the read fails
+                await asyncio.wait_for(
+                    authorize_session(
+                        agent, alice, database="orders", labels=DEV_DB, db_user="app",
+                        cache=cache,
+                    ),
+                    2,
+                )  # fmt: skip
+            nats_server.port = port
+            nats_server.start()
+            await wait_until(lambda: cache.live, 20, "the watch live again after a reconnect")
+            assert cache.roles(("payments-dev",)) == []
+        finally:
+            follow.cancel()
+            await asyncio.wait([follow])
+    finally:
+        await agent.close()
+        await admin.close()

@@ -207,6 +207,54 @@ async def test_last_and_since_count_commands_not_messages(bus: Bus) -> None:
     assert [e.args for e in since][-30:] == [(f"k{i}",) for i in range(120, 150)]
 
 
+async def test_an_end_in_a_batch_reads_back_under_every_filter(bus: Bus) -> None:
+    """A session that ends with commands still buffered sends its end in their batch;
+    every filter sees exactly the events of its type, in order, as if the end had been
+    a message of its own."""
+    await ensure_audit_stream(bus)
+    async with AuditEmitter.for_bus(bus, host_id="agent-1") as emitter:
+        for n in range(3):
+            session = emitter.session(
+                ALICE, database="orders", db_user="app", client_addr="x:1", session_id=f"s{n}"
+            )
+            session.start(reason="allowed by role dev")
+            for i in range(4):
+                session.query([b"GET", f"k{i}".encode()])
+                if n == 1 and i == 1:
+                    emitter.flush_sessions()  # s1: two batches, the end in the second
+            if n == 2:
+                emitter.flush_sessions()  # s2: nothing buffered at the end
+            session.end(reason="client closed")
+        assert await emitter.flush(5)
+    info = await bus.js.stream_info(subjects.AUDIT_STREAM)
+    assert info.state.messages == 2 + 3 + 3  # s0: start, batch; s1, s2: one more each
+
+    events = await collect(bus)
+    assert [e.type for e in events] == [
+        "db.session.start", *["db.session.query"] * 4, "db.session.end"
+    ] * 3  # fmt: skip
+    assert len({e.id for e in events}) == len(events)
+    ends = [e for e in events if isinstance(e, SessionEnd)]
+    assert [(e.session_id, e.reason, e.commands, e.host_id) for e in ends] == [
+        (f"s{n}", "client closed", 4, "agent-1") for n in range(3)
+    ]
+
+    end_filter = subjects.audit_filter("db.session.end")
+    assert [e.id for e in await collect(bus, subject=end_filter)] == [e.id for e in ends]
+    assert [e.id for e in await collect(bus, subject=end_filter, last=2)] == [
+        e.id for e in ends[-2:]
+    ]
+    assert [e.id for e in await collect(bus, subject=end_filter, since=ends[1].time)] == [
+        e.id for e in ends[1:]
+    ]
+    queries = await collect(bus, subject=QUERY_SUBJECT)
+    assert {e.type for e in queries} == {"db.session.query"} and len(queries) == 12
+    starts = await collect(bus, subject=subjects.audit_filter("db.session.start"))
+    assert [e.type for e in starts] == ["db.session.start"] * 3
+    prefix = await collect(bus, subject=subjects.audit_filter("db.session", exact=False))
+    assert [e.id for e in prefix] == [e.id for e in events]
+
+
 async def test_commands_go_out_on_time_without_end(bus: Bus) -> None:
     await ensure_audit_stream(bus)
     async with AuditEmitter.for_bus(
