@@ -5,7 +5,9 @@ Redis client connects in plain RESP. For each accepted connection:
 
 1. the agents serving NAME come from the auth service (``/v1/databases/NAME/servers``,
    cached for :data:`AGENTS_CACHE_SECONDS`), tried healthy first, then unknown, then
-   unhealthy, shuffled within each tier so clients spread over agents;
+   unhealthy, shuffled within each tier so clients spread over agents; when the list
+   comes back empty, the agents listed last are tried (a region cut off from the hub:
+   their heartbeats expired there while they serve within ``offline_grace``);
 2. mutual TLS to the agent with the login certificate (re-read for each connection, so a
    new ``fleetgate login`` applies without restarting the tunnel), trusting only the
    fleet CA. The agent's certificate must name the host of the address it advertises
@@ -160,9 +162,21 @@ class Tunnel:
         async with self._lock:
             if fresh or loop.time() - self._agents_at > AGENTS_CACHE_SECONDS:
                 try:
-                    self._agents = await self.fetch(ident, self.database, self.db_user)
+                    listed = await self.fetch(ident, self.database, self.db_user)
                 except people.AccessError as exc:
                     raise ConnectError(str(exc)) from None
+                if not listed and self._agents:
+                    # A region cut off from the hub: its agents' heartbeats expire there
+                    # while the agents still serve (offline_grace). Each checks the
+                    # certificate and the roles itself, so trying them costs nothing.
+                    logger.warning(
+                        "the auth service lists no agent for %s now; trying the %d it "
+                        "listed last (they may be cut off from the fleet, not gone)",
+                        self.database,
+                        len(self._agents),
+                    )
+                else:
+                    self._agents = listed
                 self._agents_at = loop.time()
             agents = list(self._agents)
         if not agents:

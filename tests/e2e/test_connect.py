@@ -19,7 +19,7 @@ import redis.exceptions
 from bus import Bus
 from bus.access import Role, put_role
 from bus.server import NatsServer
-from client import connect
+from client import connect, people
 from client.people import AccessError, fetch_databases, fetch_servers, require_identity
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.connect import (
@@ -278,6 +278,37 @@ async def test_slow_local_reader_is_pushed_back_not_buffered(
             assert await reader.readexactly(9) == b"\r\n+PONG\r\n"
     finally:
         writer.close()
+        server.close()
+        await tunnel.stop_sessions()
+        await server.wait_closed()
+
+
+async def test_a_tunnel_keeps_its_agents_when_the_list_comes_back_empty(
+    w: World, agent: StandInAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A region cut off from the hub: its agents' heartbeats expire there, so the auth
+    service lists none, while the agents still serve within offline_grace. A running
+    tunnel keeps trying the agents it was given last."""
+    calls: list[int] = []
+
+    async def listed_then_gone(
+        ident: people.ClientIdentity, name: str, db_user: str
+    ) -> list[people.AgentAddress]:
+        calls.append(1)
+        return await people.fetch_servers(ident, name, db_user) if len(calls) == 1 else []
+
+    tunnel = connect.Tunnel("dev-cache", "app", home=w.home, fetch=listed_then_gone)
+    server = await tunnel.serve()
+    port = int(server.sockets[0].getsockname()[1])
+    try:
+        for _ in range(2):
+            local = aredis.Redis(host="127.0.0.1", port=port, socket_timeout=10)
+            async with local:
+                assert await local.ping()
+            await tunnel.agents(fresh=True)  # the second list is empty
+        assert len(calls) >= 3
+        assert "trying the 1 it listed last" in caplog.text
+    finally:
         server.close()
         await tunnel.stop_sessions()
         await server.wait_closed()
