@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bus.labels import check_selector
-from fleetgate.config import check_external_id, check_role_arn
+from fleetgate.config import JetStreamSettings, check_external_id, check_role_arn
 from fleetgate.durations import Duration
 
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d+$")
@@ -98,4 +98,6 @@ class DiscoveryService(Strict):
 
 class DiscoveryConfig(Strict):
     nats: NatsSettings = NatsSettings()
+    jetstream: JetStreamSettings | None = None
+    """Replicas and placement of the buckets discovery creates (see deploy/discovery.yaml)."""
     discovery_service: DiscoveryService

@@ -193,6 +193,9 @@ class NatsTopology:
         self.env: dict[str, str] = {
             _password_var(user): config_string(password_of(user)) for user in HUB_USERS
         }
+        # every password the file names (its sample leaf users too), and the regions'
+        for user in re.findall(r"\{ user: ([\w-]+), password:", HUB_CONF.read_text()):
+            self.env[_password_var(user)] = config_string(password_of(user))
         for region in self.regions:
             self.env[_password_var(f"leaf-{region}")] = config_string(password_of(f"leaf-{region}"))
         for n in range(1, self.hubs + 1):
@@ -275,6 +278,8 @@ class NatsTopology:
             raise AssertionError("hub.conf has no 'routes: [ ... ]' list the kit can fill")
         mine = "\n".join(f"    tls://127.0.0.1:{hub.cluster_port}" for hub in self.hub_nodes)
         text = text[: routes.start(1)] + mine + text[routes.end(1) :]
+        if not self.regions:
+            return text  # no leaf: the file's sample leaf users stay
         # the leaf users: one per region of the kit, made like the file's first one
         leaf_user = re.search(r"\n( *\{ user: leaf-[^\n]*\})", text)
         if leaf_user is None:
