@@ -170,6 +170,16 @@ class Node:
         _, routez = self.monitor("/routez")
         return {str(r.get("remote_name") or r.get("remote_id")) for r in routez.get("routes") or []}
 
+    def stream_state(self, stream: str) -> dict[str, Any] | None:
+        """This server's own copy of a stream (/jsz): messages, last_seq...; None when it
+        holds none (or is down)."""
+        _, jsz = self.monitor("/jsz?accounts=true&streams=true")
+        for account in jsz.get("account_details") or []:
+            for detail in account.get("stream_detail") or []:
+                if detail.get("name") == stream:
+                    return dict(detail.get("state") or {})
+        return None
+
     def leaf_links(self) -> list[dict[str, Any]]:
         _, leafz = self.monitor("/leafz")
         return list(leafz.get("leafs") or [])

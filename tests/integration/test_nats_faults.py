@@ -1,0 +1,305 @@
+"""The "hub server lost" fault with real processes: a hub of 3 nats-servers (R3), two
+regions behind leaf nodes, and the bus's users at work through the leaves: discovery-like
+registry writes, agent-like watches in both regions, audit publishes, and two agents
+racing compare-and-set rounds like managed rotation leases. One hub server is SIGKILLed
+(the one a region's leaf is linked to), then started again.
+
+Nothing may be lost or doubled: every acknowledged registry write is there and every
+watch saw it once, every audit event is stored once, no compare-and-set round is won
+twice, and the restarted server catches up with the others. The figures are printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from pydantic import BaseModel
+
+from bus import Bus, DatabaseResource, DatabaseSpec, Metadata, leases, subjects
+from bus.audit import SessionStart, ensure_audit_stream, publish_event, read_events
+from bus.client import FAILURES, kv_stream_name
+from bus.specs import Replication
+from fleetgate.cli.jetstream import provision
+from tests.kits.agent import wait_until
+from tests.kits.natscluster import NatsTopology, Node
+
+T = TypeVar("T")
+REGIONS = ("us-east-1", "eu-west-1")
+R3 = Replication(3)
+PAUSE = 0.02
+"""Between two operations of one worker: a few hundred of each in the test."""
+
+
+class Round(BaseModel):
+    holder: str
+    round: int
+
+
+@dataclass
+class Worker:
+    """One client's tally: operations acknowledged, attempts that failed, and the longest
+    time without an acknowledgement (how long the fault stalled it)."""
+
+    name: str
+    ok: int = 0
+    failed: int = 0
+    longest_stall: float = 0.0
+    last_ok: float = field(default_factory=time.monotonic)
+
+    def succeeded(self) -> None:
+        now = time.monotonic()
+        self.longest_stall = max(self.longest_stall, now - self.last_ok)
+        self.last_ok = now
+        self.ok += 1
+
+    def line(self) -> str:
+        return (
+            f"  {self.name:<34} {self.ok:>6} ok {self.failed:>5} failed attempts, "
+            f"longest stall {self.longest_stall:5.2f}s"
+        )
+
+
+def db(name: str) -> DatabaseResource:
+    return DatabaseResource(metadata=Metadata(name=name), spec=DatabaseSpec(uri=f"{name}:6379"))
+
+
+async def until_ok(worker: Worker, call: Callable[[], Awaitable[T]]) -> T:
+    """Retry one operation until it is acknowledged, counting the failed attempts."""
+    while True:
+        try:
+            result = await call()
+        except FAILURES:
+            worker.failed += 1
+            await asyncio.sleep(0.05)
+            continue
+        worker.succeeded()
+        return result
+
+
+@pytest.fixture
+def topo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NatsTopology]:
+    topology = NatsTopology(tmp_path / "nats", regions=REGIONS)
+    topology.trust(monkeypatch)
+    with topology:
+        yield topology
+
+
+async def bus_at(url: str, name: str) -> Bus:
+    bus = await Bus.connect(url, name=name, request_timeout=1.0)
+    bus.replication = R3
+    return bus
+
+
+def copies(topo: NatsTopology, stream: str) -> list[tuple[str, int, int]]:
+    """(server, messages, last sequence) of every hub server's copy of a stream."""
+    out = []
+    for hub in topo.hub_nodes:
+        state = hub.stream_state(stream) or {}
+        out.append((hub.name, int(state.get("messages", -1)), int(state.get("last_seq", -1))))
+    return out
+
+
+async def test_losing_a_hub_server_loses_nothing(
+    topo: NatsTopology, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await provision(topo.hub_urls("admin"), R3, migrate=False) == 0
+    discovery = await bus_at(topo.leaf_url("eu-west-1", "discovery"), "discovery")
+    agents = {region: await bus_at(topo.leaf_url(region, "agent"), region) for region in REGIONS}
+    auditor = await Bus.connect(topo.hub_urls("auditor"), name="auditor")
+    buses = [discovery, *agents.values(), auditor]
+    for agent in agents.values():
+        await ensure_audit_stream(agent, update=False)
+    stop = asyncio.Event()
+
+    # -- the workload ------------------------------------------------------------------
+    written: dict[str, int] = {}
+    writes = Worker("registry writes (eu-west-1)")
+
+    async def write() -> None:
+        n = 0
+        while not stop.is_set():
+            name = f"db-{n:04d}"
+            key = subjects.database_key(name)
+            record = db(name)
+            written[key] = await until_ok(writes, lambda r=record: discovery.put_resource(r))
+            n += 1
+            await asyncio.sleep(PAUSE)
+
+    seen: dict[str, Counter[tuple[str, int]]] = {region: Counter() for region in REGIONS}
+    synced: dict[str, int] = dict.fromkeys(REGIONS, 0)
+
+    async def watch(region: str) -> None:
+        async for event in agents[region].watch_resources():
+            if event.kind == "upsert":
+                seen[region][(event.key, event.revision)] += 1
+            elif event.kind == "synced":
+                synced[region] += 1
+
+    published: list[str] = []
+    audits = Worker("audit publishes (us-east-1)")
+
+    async def audit() -> None:
+        n = 0
+        while not stop.is_set():
+            event = SessionStart(user="alice", database=f"db-{n}", host_id="h1")
+            await until_ok(audits, lambda e=event: publish_event(agents["us-east-1"], e))
+            published.append(event.id)
+            n += 1
+            await asyncio.sleep(PAUSE)
+
+    won: list[tuple[int, str]] = []
+    cas = {region: Worker(f"compare-and-set ({region})") for region in REGIONS}
+    lease = (subjects.LEASES_BUCKET, "rotation.orders")
+
+    async def contend(region: str) -> None:
+        agent, worker = agents[region], cas[region]
+        while not stop.is_set():
+            try:
+                current = await leases.read(agent, *lease, Round)
+                if current is None:
+                    rev = await leases.create(agent, *lease, Round(holder=region, round=1))
+                    next_round = 1
+                else:
+                    next_round = current.record.round + 1
+                    rev = await leases.update(
+                        agent, *lease, Round(holder=region, round=next_round), last=current.revision
+                    )
+            except FAILURES:
+                worker.failed += 1
+                await asyncio.sleep(0.05)
+                continue
+            worker.succeeded()
+            if rev is not None:
+                won.append((next_round, region))
+            await asyncio.sleep(PAUSE)
+
+    tasks = [
+        asyncio.create_task(write()),
+        asyncio.create_task(audit()),
+        *(asyncio.create_task(watch(region)) for region in REGIONS),
+        *(asyncio.create_task(contend(region)) for region in REGIONS),
+    ]
+    try:
+        await asyncio.sleep(1.5)
+        # -- the fault: SIGKILL the hub server us-east-1's leaf is linked to -------------
+        victim = linked_hub(topo, "us-east-1")
+        roles = hub_roles(topo, victim)
+        killed_at = time.monotonic()
+        topo.kill(victim)
+        await asyncio.sleep(4.0)
+        restart_began = time.monotonic()
+        await asyncio.to_thread(topo.restart, victim)
+        back_in = time.monotonic() - restart_began
+        await asyncio.sleep(2.0)
+        stop.set()
+        workers = tasks[:2] + tasks[4:]
+        await asyncio.wait_for(asyncio.gather(*workers), 30)
+
+        # -- nothing lost, nothing doubled -----------------------------------------------
+        final = await discovery.snapshot(subjects.DATABASES_BUCKET, DatabaseResource)
+        lost = [key for key in written if key not in final]
+        with contextlib.suppress(AssertionError):  # the figures below say what is missing
+            await wait_until(
+                lambda: all(
+                    (key, rev) in seen[region] for key, rev in written.items() for region in REGIONS
+                ),
+                20,
+            )
+        missed = {
+            region: [key for key, rev in written.items() if (key, rev) not in seen[region]]
+            for region in REGIONS
+        }
+        doubled = {
+            region: sum(1 for count in seen[region].values() if count > 1) for region in REGIONS
+        }
+        stored = [event.id async for event in read_events(auditor)]
+        audit_lost = set(published) - set(stored)
+        audit_doubled = len(stored) - len(set(stored))
+        rounds = Counter(round_ for round_, _ in won)
+        double_wins = [round_ for round_, count in rounds.items() if count > 1]
+
+        # -- the restarted server catches up --------------------------------------------
+        streams = [
+            kv_stream_name(subjects.DATABASES_BUCKET),
+            kv_stream_name(subjects.LEASES_BUCKET),
+            subjects.AUDIT_STREAM,
+        ]
+        caught_up_in = await caught_up(topo, streams, since=restart_began)
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for bus in buses:
+            await bus.close()
+
+    with capsys.disabled():
+        print(
+            "\n".join(
+                [
+                    "",
+                    f"hub server lost: SIGKILL {victim.name} ({', '.join(roles) or 'no leader'}) "
+                    f"with 3 hub servers (R3) and 2 leaves; restarted after "
+                    f"{restart_began - killed_at:.1f}s, back in its cluster in {back_in:.2f}s, "
+                    f"caught up in {caught_up_in:.2f}s",
+                    writes.line(),
+                    audits.line(),
+                    *(worker.line() for worker in cas.values()),
+                    f"  registry entries written {len(written)}, lost {len(lost)}; watches "
+                    + ", ".join(
+                        f"{region}: {len(seen[region])} seen, {len(missed[region])} missed, "
+                        f"{doubled[region]} doubled, {synced[region]} snapshots"
+                        for region in REGIONS
+                    ),
+                    f"  audit events published {len(published)}, stored {len(stored)}, "
+                    f"lost {len(audit_lost)}, duplicated {audit_doubled}",
+                    f"  compare-and-set rounds won {len(won)}, won twice {len(double_wins)}",
+                    "  copies after catching up: "
+                    + "; ".join(f"{s}: {copies(topo, s)}" for s in streams),
+                ]
+            )
+        )
+    assert not lost
+    assert missed == {region: [] for region in REGIONS}
+    assert doubled == dict.fromkeys(REGIONS, 0)
+    assert not audit_lost and audit_doubled == 0
+    assert set(stored) == set(published)
+    assert not double_wins
+    assert writes.ok > 50 and audits.ok > 50 and all(w.ok > 20 for w in cas.values())
+
+
+def linked_hub(topo: NatsTopology, region: str) -> Node:
+    name = topo.leaf_nodes[region].leaf_links()[0]["name"]
+    return next(hub for hub in topo.hub_nodes if hub.name == name)
+
+
+def hub_roles(topo: NatsTopology, hub: Node) -> list[str]:
+    """What the server leads: the JetStream meta group, streams."""
+    roles = []
+    _, jsz = hub.monitor("/jsz?accounts=true&streams=true")
+    if (jsz.get("meta_cluster") or {}).get("leader") == hub.name:
+        roles.append("meta leader")
+    for account in jsz.get("account_details") or []:
+        for detail in account.get("stream_detail") or []:
+            if (detail.get("cluster") or {}).get("leader") == hub.name:
+                roles.append(f"leader of {detail['name']}")
+    return roles
+
+
+async def caught_up(topo: NatsTopology, streams: list[str], *, since: float) -> float:
+    """Seconds from ``since`` until every hub server's copy of each stream is the same."""
+
+    def same() -> bool:
+        states = [copies(topo, stream) for stream in streams]
+        return all(len({(m, last) for _, m, last in state}) == 1 for state in states)
+
+    await wait_until(same, 30, "the restarted server to catch up")
+    return time.monotonic() - since
