@@ -47,6 +47,18 @@ FAILURES: tuple[type[Exception], ...] = (
 unreachable without importing nats-py outside ``bus/``."""
 
 
+UNANSWERED: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+)
+"""How a JetStream call that nobody answered fails: a timeout, or no responders (which
+nats-py's JetStream API calls report as ServiceUnavailableError): JetStream down or
+unreachable (a leaf node cut off from its hub), or a refused publish."""
+
+_RETRY_UNANSWERED = 0.1
+
+
 def redact_url(url: str) -> str:
     """Hide secrets in a URL that may be logged: ``nats://user:secret@h`` ->
     ``nats://user:***@h``, ``nats://token@h`` -> ``nats://***@h``."""
@@ -379,7 +391,7 @@ class Bus:
         try:
             try:
                 yield
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            except UNANSWERED as exc:
                 raise RegistryError(
                     f"no answer to {what} {bucket}/{key} on {self.url} ({describe(exc)}): "
                     "is JetStream up, and may this NATS user do that?"
@@ -399,7 +411,21 @@ class Bus:
         async with self.kv_call("a write to", bucket, key):
             return int(await kv.put(key, record.model_dump_json(exclude_none=True).encode()))
 
-    async def get(self, bucket: str, key: str, model: type[M]) -> M | None:
+    async def get(self, bucket: str, key: str, model: type[M], *, wait: float = 0.0) -> M | None:
+        """The record at ``key`` (None when absent). While JetStream does not answer at
+        all (behind a leaf node that is moving to another hub server, or a stream
+        electing its leader after a server was lost), the read is tried again for up to
+        ``wait`` seconds before RegistryError."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return await self._get(bucket, key, model)
+            except RegistryError as exc:
+                if not isinstance(exc.__cause__, UNANSWERED) or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(_RETRY_UNANSWERED)
+
+    async def _get(self, bucket: str, key: str, model: type[M]) -> M | None:
         kv = await self.bucket(bucket)
         async with self.kv_call("a read of", bucket, key):
             try:

@@ -26,10 +26,13 @@ from pydantic import BaseModel
 from bus import Bus, DatabaseResource, DatabaseSpec, Metadata, leases, subjects
 from bus.audit import SessionStart, ensure_audit_stream, publish_event, read_events
 from bus.client import FAILURES, kv_stream_name
+from bus.servers import DbServerHeartbeat
 from bus.specs import Replication
 from fleetgate.cli.jetstream import provision
-from tests.kits.agent import wait_until
+from tests.kits.agent import running_agent, wait_until
+from tests.kits.listener import APP_PASSWORD, RawSession, add_acl_users, make_fleet, static_db
 from tests.kits.natscluster import NatsTopology, Node
+from tests.kits.proxy import serve_single_node
 
 T = TypeVar("T")
 REGIONS = ("us-east-1", "eu-west-1")
@@ -303,3 +306,160 @@ async def caught_up(topo: NatsTopology, streams: list[str], *, since: float) -> 
 
     await wait_until(same, 30, "the restarted server to catch up")
     return time.monotonic() - since
+
+
+@pytest.fixture
+def valkey_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    for node in serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users):
+        yield node.port
+
+
+async def test_losing_a_hub_server_keeps_every_session_serving(
+    topo: NatsTopology,
+    tmp_path: Path,
+    valkey_port: int,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Real agents behind each leaf, clients with sessions to them: while a hub server is
+    killed and restarted, established sessions run their commands, new sessions open,
+    no heartbeat expires and every session start is audited."""
+    assert await provision(topo.hub_urls("admin"), R3, migrate=False) == 0
+    admin = await bus_at(topo.hub_urls("admin"), "admin")
+    reader = await Bus.connect(topo.hub_urls("reader"), name="reader")
+    auditor = await Bus.connect(topo.hub_urls("auditor"), name="auditor")
+    fleet = await make_fleet(admin, tmp_path, topo.hub_urls("admin"))
+    alice = fleet.identity("alice", ["dev"])
+    stop = asyncio.Event()
+    async with contextlib.AsyncExitStack() as stack:
+        listeners = {}
+        for region in REGIONS:
+            config = fleet.agent(
+                f"agent-{region}",
+                [static_db(f"cache-{region}", valkey_port, env="dev")],
+                heartbeat={"interval": "1s", "ttl": "15s"},
+            )
+            config["jetstream"] = {"replicas": 3}
+            agent = await stack.enter_async_context(
+                running_agent(config, topo.leaf_url(region, "agent"))
+            )
+            assert agent.listener is not None
+            listeners[region] = agent.listener.port
+
+        async def session(region: str) -> RawSession:
+            opened = await RawSession.open(
+                listeners[region], alice, fleet.ca.pem, f"cache-{region}", "app"
+            )
+            assert await opened.call("AUTH", "app", APP_PASSWORD) == b"+OK"
+            return opened
+
+        commands = {region: Worker(f"commands on open sessions ({region})") for region in REGIONS}
+        opens = {region: Worker(f"new sessions ({region})") for region in REGIONS}
+        opened_ok: dict[str, int] = dict.fromkeys(REGIONS, 0)
+
+        async def run_commands(region: str, n: int) -> None:
+            open_session = await session(region)
+            opened_ok[region] += 1
+            worker, i = commands[region], 0
+            try:
+                while not stop.is_set():
+                    key, value = f"k-{region}-{n}", f"v{i}"
+                    try:
+                        ok = await open_session.call("SET", key, value) == b"+OK"
+                        ok = ok and await open_session.call("GET", key) == value.encode()
+                    except (OSError, TimeoutError, asyncio.IncompleteReadError):
+                        ok = False
+                    if ok:
+                        worker.succeeded()
+                    else:
+                        worker.failed += 1
+                    i += 1
+                    await asyncio.sleep(PAUSE)
+            finally:
+                open_session.close()
+
+        async def open_sessions(region: str) -> None:
+            worker = opens[region]
+            while not stop.is_set():
+                try:
+                    fresh = await session(region)
+                    ok = await fresh.call("PING") == b"+PONG"
+                    fresh.close()
+                except Exception:  # a refusal or a broken connection: counted
+                    ok = False
+                if ok:
+                    opened_ok[region] += 1
+                    worker.succeeded()
+                else:
+                    worker.failed += 1
+                await asyncio.sleep(0.1)
+
+        renewals: Counter[str] = Counter()
+        expired: Counter[str] = Counter()
+
+        async def heartbeats() -> None:
+            """Every agent's heartbeats as a watch sees them: renewals, and deletes (an
+            expiry leaves a marker; one that happened while the watch resynced shows as
+            a vanished key)."""
+            async for event in reader.watch(subjects.DB_SERVERS_BUCKET, DbServerHeartbeat):
+                if event.kind == "upsert" and event.value is not None:
+                    renewals[event.value.hostname] += 1
+                elif event.kind == "deleted":
+                    expired[event.key] += 1
+
+        tasks = [
+            *(asyncio.create_task(run_commands(region, n)) for region in REGIONS for n in (0, 1)),
+            *(asyncio.create_task(open_sessions(region)) for region in REGIONS),
+        ]
+        watching = asyncio.create_task(heartbeats())
+        try:
+            await asyncio.sleep(1.5)
+            victim = linked_hub(topo, "us-east-1")
+            roles = hub_roles(topo, victim)
+            topo.kill(victim)
+            await asyncio.sleep(4.0)
+            await asyncio.to_thread(topo.restart, victim)
+            await asyncio.sleep(2.0)
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 30)
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+
+        starts: list[str] = []
+
+        async def all_starts_audited() -> bool:
+            nonlocal starts
+            starts = [
+                e.session_id
+                async for e in read_events(auditor, subject="fleetgate.audit.db.session.start")
+                if e.success and e.user == "alice"
+            ]
+            return len(starts) >= sum(opened_ok.values())
+
+        with contextlib.suppress(AssertionError):
+            await wait_until(all_starts_audited, 20, "every session start audited")
+
+    for bus in (admin, reader, auditor):
+        await bus.close()
+    with capsys.disabled():
+        print(
+            "\n".join(
+                [
+                    "",
+                    f"hub server lost, real agents: SIGKILL {victim.name} "
+                    f"({', '.join(roles) or 'no leader'}), restarted after 4.0s",
+                    *(w.line() for w in commands.values()),
+                    *(w.line() for w in opens.values()),
+                    "  heartbeats renewed "
+                    + ", ".join(f"{host}: {count}" for host, count in sorted(renewals.items()))
+                    + f"; expired {sum(expired.values())}",
+                    f"  sessions opened {sum(opened_ok.values())}, starts audited {len(starts)}, "
+                    f"duplicated {len(starts) - len(set(starts))}",
+                ]
+            )
+        )
+    assert all(w.failed == 0 for w in commands.values())
+    assert all(w.failed == 0 for w in opens.values())
+    assert all(w.ok > 20 for w in [*commands.values(), *opens.values()])
+    assert not expired and all(renewals[f"agent-{region}"] >= 3 for region in REGIONS)
+    assert len(starts) == len(set(starts)) == sum(opened_ok.values())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import random
 import re
 import socket
 import time
@@ -47,9 +48,17 @@ LEAF_USERS = ("discovery", "agent")
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A free loopback port below Linux's ephemeral range (32768-60999), so that no
+    outgoing connection (a route, a leaf link, a client) takes it while its server is
+    down for a restart."""
+    while True:
+        port = random.randint(20000, 32000)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
 
 
 def password_of(user: str) -> str:
