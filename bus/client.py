@@ -281,8 +281,9 @@ class Bus:
                     await self.check_replication(kv_stream_name(spec.name), what)
         except nats.js.errors.ServiceUnavailableError as exc:
             raise RegistryError(
-                f"JetStream is not enabled on the NATS server at {self.url}: start it with -js "
-                "(or 'jetstream {}' in its config)"
+                f"no JetStream answers at {self.url}: it is not enabled there (start "
+                "nats-server with -js, or 'jetstream {}' in its config), or that server is a "
+                "leaf node cut off from its hub"
             ) from exc
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
             raise RegistryError(
@@ -370,6 +371,8 @@ class Bus:
             return False
         config.num_replicas = want.replicas
         config.placement = placement_of(want)
+        if stream.startswith("KV_"):
+            config.allow_direct = True  # reads from every copy (see _kv_stream)
         await self.js.update_stream(config)
         return True
 
@@ -605,13 +608,17 @@ def placement_of(replication: Replication) -> Placement | None:
 
 def _kv_stream(spec: BucketSpec, replication: Replication) -> StreamConfig:
     """A bucket's stream, as nats-py's ``create_key_value`` makes it, with placement
-    (which ``create_key_value`` does not pass on)."""
+    (which ``create_key_value`` does not pass on) and direct gets: every copy answers
+    reads, so they go on while the stream elects a new leader after losing a server
+    (what other NATS clients make a bucket with; a read may then trail a write by
+    moments, which compare-and-set writes tolerate by design)."""
     window = min(_DUPLICATE_WINDOW, spec.ttl) if spec.ttl else _DUPLICATE_WINDOW
     return StreamConfig(
         name=kv_stream_name(spec.name),
         description=spec.description,
         subjects=[f"$KV.{spec.name}.>"],
         allow_rollup_hdrs=True,
+        allow_direct=True,
         allow_msg_ttl=True,
         deny_delete=True,
         discard=DiscardPolicy.NEW,
