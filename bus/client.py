@@ -357,21 +357,22 @@ class Bus:
 
     async def migrate(self, stream: str) -> bool:
         """Give an existing stream :attr:`wanted`'s replicas and placement (JetStream
-        adds or removes copies and moves them while it stays available); False when it
-        already had them."""
+        adds or removes copies and moves them while it stays available), and a bucket's
+        stream direct gets; False when it already had them."""
         want = self.wanted
         info = await self.js.stream_info(stream)
         config = info.config
         placement = config.placement
+        bucket = stream.startswith("KV_")
         if want.matches(
             config.num_replicas or 1,
             placement.cluster if placement is not None else None,
             tuple(placement.tags or ()) if placement is not None else (),
-        ):
+        ) and (config.allow_direct or not bucket):
             return False
         config.num_replicas = want.replicas
         config.placement = placement_of(want)
-        if stream.startswith("KV_"):
+        if bucket:
             config.allow_direct = True  # reads from every copy (see _kv_stream)
         await self.js.update_stream(config)
         return True

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from nats.js.api import KeyValueConfig, StorageType
 
 from bus import Bus, DatabaseResource, DatabaseSpec, Metadata, RegistryError, subjects
 from bus.audit import ensure_audit_stream
@@ -85,7 +86,10 @@ async def test_the_hub_keeps_three_copies_of_every_bucket_and_the_audit_stream(
 async def test_an_existing_bucket_with_other_replicas_is_refused_with_how_to_migrate(
     hub_admin: Bus, hub: NatsTopology
 ) -> None:
-    await hub_admin.provision(DATABASES)  # R1: made before the fleet moved to the hub
+    # R1, made by an older fleetgate (nats-py's create_key_value) before the move to a hub
+    await hub_admin.js.create_key_value(
+        config=KeyValueConfig(bucket=DATABASES.name, storage=StorageType.FILE)
+    )
     await ensure_audit_stream(hub_admin)
     async with await Bus.connect(hub.hub_urls("admin"), name="r3 process") as configured:
         configured.replication = Replication(3)
@@ -105,6 +109,8 @@ async def test_an_existing_bucket_with_other_replicas_is_refused_with_how_to_mig
     assert await provision(hub.hub_urls("admin"), Replication(3), migrate=True) == 0
     assert (await replication_of(hub_admin, kv_stream_name(DATABASES.name)))[0] == 3
     assert (await replication_of(hub_admin, subjects.AUDIT_STREAM))[0] == 3
+    info = await hub_admin.js.stream_info(kv_stream_name(DATABASES.name))
+    assert info.config.allow_direct  # every copy answers reads
     async with await Bus.connect(hub.hub_urls("admin"), name="r3 process") as configured:
         configured.replication = Replication(3)
         await configured.provision(DATABASES)
