@@ -321,8 +321,8 @@ class Bus:
                 f"cannot create {what} with {want.describe()} on NATS at {self.url}: "
                 f"{exc.description or describe(exc)} (one nats-server holds 1 replica; R3 "
                 "needs a cluster of at least 3 servers, R5 of 5; a placement needs a "
-                "cluster of that name or servers with those tags): fix jetstream: in this "
-                "process's config"
+                "cluster of that name or servers with those tags): ask for what the servers "
+                "have (jetstream: in a process's config, or jetstream provision's flags)"
             ) from exc
 
     async def check_replication(self, stream: str, what: str) -> None:

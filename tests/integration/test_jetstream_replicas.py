@@ -66,7 +66,7 @@ async def test_r3_asked_of_one_server_says_why_it_cannot_be(nats_server: NatsSer
     message = str(raised.value)
     assert "cannot create bucket fleetgate_databases with 3 replicas" in message
     assert "one nats-server holds 1 replica" in message
-    assert "jetstream:" in message
+    assert "jetstream: in a process's config" in message
 
 
 async def test_the_hub_keeps_three_copies_of_every_bucket_and_the_audit_stream(
