@@ -133,16 +133,20 @@ async def test_losing_a_hub_server_loses_nothing(
             key = subjects.database_key(name)
             record = db(name)
             written[key] = await until_ok(writes, lambda r=record: discovery.put_resource(r))
+            acked_at[key] = time.monotonic()
             n += 1
             await asyncio.sleep(PAUSE)
 
     seen: dict[str, Counter[tuple[str, int]]] = {region: Counter() for region in REGIONS}
+    acked_at: dict[str, float] = {}
+    seen_at: dict[str, dict[str, float]] = {region: {} for region in REGIONS}
     synced: dict[str, int] = dict.fromkeys(REGIONS, 0)
 
     async def watch(region: str) -> None:
         async for event in agents[region].watch_resources():
             if event.kind == "upsert":
                 seen[region][(event.key, event.revision)] += 1
+                seen_at[region].setdefault(event.key, time.monotonic())
             elif event.kind == "synced":
                 synced[region] += 1
 
@@ -262,6 +266,10 @@ async def test_losing_a_hub_server_loses_nothing(
                         f"{doubled[region]} doubled, {synced[region]} snapshots"
                         for region in REGIONS
                     ),
+                    "  write acknowledged -> seen by the watch: "
+                    + ", ".join(
+                        f"{region} {delays(acked_at, seen_at[region])}" for region in REGIONS
+                    ),
                     f"  audit events published {len(published)}, stored {len(stored)}, "
                     f"lost {len(audit_lost)}, duplicated {audit_doubled}",
                     f"  compare-and-set rounds won {len(won)}, won twice {len(double_wins)}",
@@ -277,6 +285,16 @@ async def test_losing_a_hub_server_loses_nothing(
     assert set(stored) == set(published)
     assert not double_wins
     assert writes.ok > 50 and audits.ok > 50 and all(w.ok > 20 for w in cas.values())
+
+
+def delays(acked_at: dict[str, float], seen_at: dict[str, float]) -> str:
+    """Median, 99th percentile and longest time from a write's acknowledgement to its
+    watch event (negative: the event came before the writer had its ack)."""
+    spans = sorted(seen_at[key] - at for key, at in acked_at.items() if key in seen_at)
+    if not spans:
+        return "none seen"
+    pick = lambda q: spans[min(len(spans) - 1, int(q * len(spans)))]  # noqa: E731
+    return f"p50 {pick(0.5) * 1000:.0f} ms, p99 {pick(0.99) * 1000:.0f} ms, max {spans[-1]:.2f}s"
 
 
 def linked_hub(topo: NatsTopology, region: str) -> Node:
@@ -474,3 +492,59 @@ async def test_losing_a_hub_server_keeps_every_session_serving(
     assert all(w.ok > 20 for w in [*commands.values(), *opens.values()])
     assert not missing and all(present[region] > 10 for region in REGIONS)
     assert len(starts) == len(set(starts)) == sum(opened_ok.values())
+
+
+async def test_a_watch_whose_consumer_dies_with_its_server_picks_up_again(
+    topo: NatsTopology, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A watch reads through a consumer that lives on one hub server: killed with it, the
+    watch heard nothing more (nats-py only notices a gap when a message arrives, and
+    none does) until the server came back, or forever when the consumer could not be
+    made again. It must notice, open again and report what it missed, once."""
+    assert await provision(topo.hub_urls("admin"), R3, migrate=False) == 0
+    discovery = await bus_at(topo.leaf_url("eu-west-1", "discovery"), "discovery")
+    agent = await bus_at(topo.leaf_url("us-east-1", "agent"), "agent")
+    seen: Counter[tuple[str, int]] = Counter()
+    synced = asyncio.Event()
+
+    async def watch() -> None:
+        async for event in agent.watch_resources():
+            if event.kind == "upsert":
+                seen[(event.key, event.revision)] += 1
+            elif event.kind == "synced":
+                synced.set()
+
+    watching = asyncio.create_task(watch())
+    try:
+        await asyncio.wait_for(synced.wait(), 10)
+        watches = [w for w in agent._watches]
+        consumer = await watches[0]._watcher._sub.consumer_info()
+        host = consumer.cluster.leader if consumer.cluster is not None else None
+        victim = next(hub for hub in topo.hub_nodes if hub.name == host)
+        topo.kill(victim)
+        writes = Worker("registry writes")
+        written: dict[str, int] = {}
+        began = time.monotonic()
+        for n in range(20):
+            key = subjects.database_key(f"db-{n}")
+            written[key] = await until_ok(writes, lambda n=n: discovery.put_resource(db(f"db-{n}")))
+            await asyncio.sleep(0.1)
+        took = await wait_until(
+            lambda: all((key, rev) in seen for key, rev in written.items()), 60, "the watch"
+        )
+        after_kill = time.monotonic() - began
+        with capsys.disabled():
+            print(
+                f"\nwatch consumer's server {victim.name} killed: the watch had every write "
+                f"{after_kill:.1f}s after the kill ({took:.1f}s after the last write); "
+                f"doubled {sum(1 for c in seen.values() if c > 1)}"
+            )
+        assert all(count == 1 for count in seen.values())
+        # it noticed by itself: seconds (20 s before it checked its consumer)
+        assert after_kill < 12.0
+        await asyncio.to_thread(topo.restart, victim)
+    finally:
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
+        for bus in (discovery, agent):
+            await bus.close()
