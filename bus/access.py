@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pydantic import Field, field_validator
 
@@ -171,8 +171,13 @@ async def put_role(bus: Bus, role: Role) -> int:
     return await bus.put(subjects.ROLES_BUCKET, subjects.role_key(role.name), role)
 
 
+ROLE_READ_WAIT: Final = 3.0
+"""How long a role read waits out JetStream not answering (a leaf moving to another hub
+server takes about a second): a session or login checked meanwhile is not refused."""
+
+
 async def get_role(bus: Bus, name: str) -> Role | None:
-    return await bus.get(subjects.ROLES_BUCKET, subjects.role_key(name), Role)
+    return await bus.get(subjects.ROLES_BUCKET, subjects.role_key(name), Role, wait=ROLE_READ_WAIT)
 
 
 async def get_roles(bus: Bus, names: tuple[str, ...] | list[str]) -> list[Role]:

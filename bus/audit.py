@@ -46,7 +46,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from pydantic import Field, TypeAdapter, ValidationError
 
 from bus import subjects
-from bus.client import Bus
+from bus.client import Bus, placement_of
 from bus.errors import RegistryError
 from bus.schemas import SCHEMA_VERSION, Record
 
@@ -318,9 +318,11 @@ read back from the spool."""
 async def ensure_audit_stream(
     bus: Bus, *, max_age: float = DEFAULT_MAX_AGE, update: bool = True
 ) -> None:
-    """Create the audit stream, or set its retention to ``max_age`` seconds (unless
-    ``update`` is False: agents create a missing stream but leave retention to the
-    auth service and admins)."""
+    """Create the audit stream (replicas and placement: ``bus.replication``), or set its
+    retention to ``max_age`` seconds (unless ``update`` is False: agents create a missing
+    stream but leave retention to the auth service and admins). An existing stream with
+    other replicas or placement than configured is refused (:meth:`Bus.check_replication`)."""
+    what = f"the audit stream {subjects.AUDIT_STREAM}"
     config = StreamConfig(
         name=subjects.AUDIT_STREAM,
         description="fleetgate audit events",
@@ -328,15 +330,20 @@ async def ensure_audit_stream(
         storage=StorageType.FILE,
         max_age=max_age,
         duplicate_window=120.0,
+        num_replicas=bus.wanted.replicas,
+        placement=placement_of(bus.wanted),
     )
     try:
         try:
             info = await bus.js.stream_info(subjects.AUDIT_STREAM)
         except nats.js.errors.NotFoundError:
-            await bus.js.add_stream(config)
+            await bus.create_stream(config, what)
             return
+        await bus.check_replication(subjects.AUDIT_STREAM, what)
         if update and info.config.max_age != max_age:
-            await bus.js.update_stream(config)
+            # only the retention: replicas and placement stay as they are
+            info.config.max_age = max_age
+            await bus.js.update_stream(info.config)
     except nats.js.errors.ServiceUnavailableError as exc:
         raise RegistryError(
             f"JetStream is not enabled on the NATS server at {bus.url}: start it with -js"

@@ -19,7 +19,7 @@ import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import DiscardPolicy, Placement, StorageType, StreamConfig
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ValidationError
 
@@ -39,7 +39,7 @@ from bus.settings import (
 from bus.settings import (
     url_user as url_user,
 )
-from bus.specs import BUCKETS, DB_SERVERS, SPECS, BucketSpec
+from bus.specs import BUCKETS, DB_SERVERS, SPECS, BucketSpec, Replication, describe_replication
 from bus.watch import Event, KvWatch, describe
 
 logger = logging.getLogger(__name__)
@@ -55,6 +55,18 @@ FAILURES: tuple[type[Exception], ...] = (
 )
 """What a call to NATS may raise besides our own errors: catch these to treat NATS as
 unreachable without importing nats-py outside ``bus/``."""
+
+
+UNANSWERED: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+)
+"""How a JetStream call that nobody answered fails: a timeout, or no responders (which
+nats-py's JetStream API calls report as ServiceUnavailableError): JetStream down or
+unreachable (a leaf node cut off from its hub), or a refused publish."""
+
+_RETRY_UNANSWERED = 0.1
 
 
 def decode(model: type[M], key: str, data: bytes) -> M | None:
@@ -77,6 +89,11 @@ class Bus:
         self._watches: set[KvWatch[Any]] = set()
         self.reconnects = 0
         self.closing = False
+        self.replication: Replication | None = None
+        """Replicas and placement of the buckets and audit stream this connection
+        creates. Set (from a process's ``jetstream:`` config), an existing one that
+        differs is refused with what differs and how to migrate it; None creates with
+        R1 and uses what exists as it is."""
 
     # -- connection -------------------------------------------------------------------
 
@@ -230,6 +247,7 @@ class Bus:
         return kv
 
     async def _open(self, spec: BucketSpec, *, create: bool) -> KeyValue:
+        what = f"bucket {spec.name}"
         try:
             try:
                 kv = await self.js.key_value(spec.name)
@@ -239,28 +257,16 @@ class Bus:
                         f"bucket {spec.name} does not exist yet: start discovery (or an "
                         "agent) once against this NATS so it is created"
                     ) from None
-                config = KeyValueConfig(
-                    bucket=spec.name,
-                    description=spec.description,
-                    history=spec.history,
-                    ttl=spec.ttl,
-                    limit_marker_ttl=spec.marker_ttl,
-                    storage=StorageType.FILE,
-                )
-                try:
-                    kv = await self.js.create_key_value(config=config)
-                except nats.js.errors.BadRequestError:
-                    # Someone else created it between our two calls: use theirs.
-                    kv = await self.js.key_value(spec.name)
-        except nats.js.errors.KeyValueLimitMarkerTTLNotSupportedError as exc:
-            raise RegistryError(
-                f"the NATS server at {self.url} is too old for bucket {spec.name}, whose "
-                "records expire one by one: use nats-server 2.11 or newer"
-            ) from exc
+                await self.create_stream(_kv_stream(spec, self.wanted), what)
+                kv = await self.js.key_value(spec.name)
+            else:
+                if create:
+                    await self.check_replication(kv_stream_name(spec.name), what)
         except nats.js.errors.ServiceUnavailableError as exc:
             raise RegistryError(
-                f"JetStream is not enabled on the NATS server at {self.url}: start it with -js "
-                "(or 'jetstream {}' in its config)"
+                f"no JetStream answers at {self.url}: it is not enabled there (start "
+                "nats-server with -js, or 'jetstream {}' in its config), or that server is a "
+                "leaf node cut off from its hub"
             ) from exc
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
             raise RegistryError(
@@ -269,6 +275,90 @@ class Bus:
             ) from exc
         self._buckets[spec.name] = kv
         return kv
+
+    @property
+    def wanted(self) -> Replication:
+        """The replication of what this connection creates (R1 unless configured)."""
+        return self.replication or Replication()
+
+    async def create_stream(self, config: StreamConfig, what: str) -> None:
+        """Create a bucket's or the audit stream's stream as :attr:`wanted`; when another
+        process created it first, check theirs instead."""
+        want = self.wanted
+        if config.subject_delete_marker_ttl:
+            info = await self.js.account_info()
+            if not info.api.level or info.api.level < 1:
+                raise RegistryError(
+                    f"the NATS server at {self.url} is too old for {what}, whose records "
+                    "expire one by one: use nats-server 2.11 or newer"
+                )
+        try:
+            await self.js.add_stream(config)
+        except nats.js.errors.ServiceUnavailableError:
+            raise
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _STREAM_NAME_IN_USE:  # created by someone else meanwhile
+                await self.check_replication(str(config.name), what)
+                return
+            raise RegistryError(
+                f"cannot create {what} with {want.describe()} on NATS at {self.url}: "
+                f"{exc.description or describe(exc)} (one nats-server holds 1 replica; R3 "
+                "needs a cluster of at least 3 servers, R5 of 5; a placement needs a "
+                "cluster of that name or servers with those tags): ask for what the servers "
+                "have (jetstream: in a process's config, or jetstream provision's flags)"
+            ) from exc
+
+    async def check_replication(self, stream: str, what: str) -> None:
+        """Refuse an existing stream whose replicas or placement differ from
+        :attr:`replication` (when set), saying what differs and how to migrate."""
+        want = self.replication
+        if want is None:
+            return
+        info = await self.js.stream_info(stream)
+        replicas = info.config.num_replicas or 1
+        placement = info.config.placement
+        cluster = placement.cluster if placement is not None else None
+        tags = tuple(placement.tags or ()) if placement is not None else ()
+        if want.matches(replicas, cluster, tags):
+            return
+        have = describe_replication(replicas, cluster, tags)
+        raise RegistryError(
+            f"{what} exists with {have}, but this process is configured for "
+            f"{want.describe()} (jetstream: in its config); fleetgate never changes an "
+            "existing stream by itself. Migrate it once as the NATS admin user: "
+            f"fleetgate jetstream provision {want.edit_flags()} --migrate (or: nats "
+            f"stream edit {stream} {want.edit_flags()}); or make jetstream: in this "
+            f"config say {have}"
+        )
+
+    async def stream_exists(self, stream: str) -> bool:
+        try:
+            await self.js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            return False
+        return True
+
+    async def migrate(self, stream: str) -> bool:
+        """Give an existing stream :attr:`wanted`'s replicas and placement (JetStream
+        adds or removes copies and moves them while it stays available), and a bucket's
+        stream direct gets; False when it already had them."""
+        want = self.wanted
+        info = await self.js.stream_info(stream)
+        config = info.config
+        placement = config.placement
+        bucket = stream.startswith("KV_")
+        if want.matches(
+            config.num_replicas or 1,
+            placement.cluster if placement is not None else None,
+            tuple(placement.tags or ()) if placement is not None else (),
+        ) and (config.allow_direct or not bucket):
+            return False
+        config.num_replicas = want.replicas
+        config.placement = placement_of(want)
+        if bucket:
+            config.allow_direct = True  # reads from every copy (see _kv_stream)
+        await self.js.update_stream(config)
+        return True
 
     # -- generic typed KV ---------------------------------------------------------------
 
@@ -288,7 +378,7 @@ class Bus:
         try:
             try:
                 yield
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            except UNANSWERED as exc:
                 raise RegistryError(
                     f"no answer to {what} {bucket}/{key} on {self.url} ({describe(exc)}): "
                     "is JetStream up, and may this NATS user do that?"
@@ -308,7 +398,21 @@ class Bus:
         async with self.kv_call("a write to", bucket, key):
             return int(await kv.put(key, record.model_dump_json(exclude_none=True).encode()))
 
-    async def get(self, bucket: str, key: str, model: type[M]) -> M | None:
+    async def get(self, bucket: str, key: str, model: type[M], *, wait: float = 0.0) -> M | None:
+        """The record at ``key`` (None when absent). While JetStream does not answer at
+        all (behind a leaf node that is moving to another hub server, or a stream
+        electing its leader after a server was lost), the read is tried again for up to
+        ``wait`` seconds before RegistryError."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                return await self._get(bucket, key, model)
+            except RegistryError as exc:
+                if not isinstance(exc.__cause__, UNANSWERED) or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(_RETRY_UNANSWERED)
+
+    async def _get(self, bucket: str, key: str, model: type[M]) -> M | None:
         kv = await self.bucket(bucket)
         async with self.kv_call("a read of", bucket, key):
             try:
@@ -511,6 +615,52 @@ def _credentials(conn: NatsConnection) -> dict[str, Any]:
 
 def _spec(name: str) -> BucketSpec:
     return SPECS.get(name) or BucketSpec(name, name)
+
+
+_STREAM_NAME_IN_USE = 10058
+"""JetStream's error code for a stream created meanwhile with another config."""
+
+_DUPLICATE_WINDOW = 120.0
+
+
+def kv_stream_name(bucket: str) -> str:
+    """The JetStream stream that holds a KV bucket."""
+    return f"KV_{bucket}"
+
+
+def placement_of(replication: Replication) -> Placement | None:
+    """The JetStream placement of a stream replicated as ``replication``."""
+    if not replication.placed:
+        return None
+    return Placement(cluster=replication.cluster, tags=list(replication.tags) or None)
+
+
+def _kv_stream(spec: BucketSpec, replication: Replication) -> StreamConfig:
+    """A bucket's stream, as nats-py's ``create_key_value`` makes it, with placement
+    (which ``create_key_value`` does not pass on) and direct gets: every copy answers
+    reads, so they go on while the stream elects a new leader after losing a server
+    (what other NATS clients make a bucket with; a read may then trail a write by
+    moments, which compare-and-set writes tolerate by design)."""
+    window = min(_DUPLICATE_WINDOW, spec.ttl) if spec.ttl else _DUPLICATE_WINDOW
+    return StreamConfig(
+        name=kv_stream_name(spec.name),
+        description=spec.description,
+        subjects=[f"$KV.{spec.name}.>"],
+        allow_rollup_hdrs=True,
+        allow_direct=True,
+        allow_msg_ttl=True,
+        deny_delete=True,
+        discard=DiscardPolicy.NEW,
+        duplicate_window=window,
+        max_age=spec.ttl,
+        max_consumers=-1,
+        max_msgs=-1,
+        max_msgs_per_subject=spec.history,
+        num_replicas=replication.replicas,
+        placement=placement_of(replication),
+        storage=StorageType.FILE,
+        subject_delete_marker_ttl=spec.marker_ttl,
+    )
 
 
 WatchFactory = Callable[[], AsyncIterator[Event[Any]]]

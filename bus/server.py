@@ -58,14 +58,22 @@ class NatsServer:
         host: str = "127.0.0.1",
         config_file: str | Path | None = None,
         env: Mapping[str, str] | None = None,
+        jetstream: bool = True,
+        monitor_port: int | None = None,
     ) -> None:
         """``env`` is added to the server's environment (the passwords a config file
-        names as ``$VARIABLE``: never on its command line)."""
+        names as ``$VARIABLE``: never on its command line). ``jetstream`` starts
+        JetStream with ``store_dir`` from the command line; without it the config file
+        decides (a hub server's ``jetstream`` block, or none on a leaf node);
+        ``monitor_port`` opens the HTTP monitoring endpoints (/healthz, /routez,
+        /leafz) there."""
         self.store_dir = Path(store_dir)
         self.host = host
         self.port = port
         self.config_file = config_file
         self.env = dict(env or {})
+        self.jetstream = jetstream
+        self.monitor_port = monitor_port
         self.proc: subprocess.Popen[str] | None = None
         self._log: list[str] = []
         self._reader: threading.Thread | None = None
@@ -84,10 +92,11 @@ class NatsServer:
             self.host,
             "-p",
             str(self.port),
-            "-js",
-            "-sd",
-            str(self.store_dir),
         ]
+        if self.jetstream:
+            args += ["-js", "-sd", str(self.store_dir)]
+        if self.monitor_port is not None:
+            args += ["-m", str(self.monitor_port)]
         if self.config_file:
             args += ["-c", str(self.config_file)]
         self.proc = subprocess.Popen(

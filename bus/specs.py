@@ -11,12 +11,59 @@ never touches them needs no permission for them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final
 
 from bus import subjects
+
+REPLICA_COUNTS: Final = (1, 3, 5)
+"""The replica counts JetStream offers for a stream (a Raft group needs an odd size)."""
+
+
+@dataclass(frozen=True)
+class Replication:
+    """How many copies of each bucket and of the audit stream JetStream keeps, and where
+    (a cluster's name and server tags, for a super-cluster or tagged servers). R1, no
+    placement: one server (the sandbox, a small fleet); the hub cluster runs R3."""
+
+    replicas: int = 1
+    cluster: str | None = None
+    tags: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.replicas not in REPLICA_COUNTS:
+            raise ValueError(f"replicas must be 1, 3 or 5, not {self.replicas}")
+
+    @property
+    def placed(self) -> bool:
+        return self.cluster is not None or bool(self.tags)
+
+    def describe(self) -> str:
+        """``3 replicas in cluster hub, on servers tagged ssd``."""
+        return describe_replication(self.replicas, self.cluster, self.tags)
+
+    def matches(self, replicas: int, cluster: str | None, tags: Sequence[str]) -> bool:
+        """Whether a stream with these settings is placed as this asks."""
+        return (replicas, cluster, sorted(tags)) == (self.replicas, self.cluster, sorted(self.tags))
+
+    def edit_flags(self) -> str:
+        """The ``nats stream edit`` flags that give a stream this replication."""
+        flags = f"--replicas {self.replicas}"
+        if self.cluster is not None:
+            flags += f" --cluster {self.cluster}"
+        return flags + "".join(f" --tag {tag}" for tag in self.tags)
+
+
+def describe_replication(replicas: int, cluster: str | None, tags: Sequence[str]) -> str:
+    """How an existing stream is replicated and placed, in words."""
+    text = f"{replicas} replica{'s' if replicas != 1 else ''}"
+    if cluster is not None:
+        text += f" in cluster {cluster}"
+    if tags:
+        text += f", on servers tagged {', '.join(tags)}"
+    return text
 
 
 @dataclass(frozen=True)

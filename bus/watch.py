@@ -9,6 +9,9 @@ what a long-running reader needs:
   or changed keys, deletes for keys that vanished while it was away, then ``synced``;
 * it drops duplicates (a revision it already reported), so readers may apply events
   blindly;
+* it checks that its consumer still exists while nothing arrives: a consumer lives on
+  one NATS server, and when that server dies nothing tells the client (nats-py notices
+  a gap only when a message arrives); a watch whose consumer is gone opens again;
 * an unreadable record is logged and treated as absent.
 """
 
@@ -17,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
+import nats.js.errors
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from bus.errors import RegistryError
@@ -41,6 +46,10 @@ _STOP = object()
 _BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 _DEFERRED_SYNC_WAIT = 2.0
 """Longest wait for snapshot entries the server sent before nats-py's end marker."""
+LIVENESS_INTERVAL = 2.0
+"""How often a watch that received nothing checks that its consumer still exists."""
+_LIVENESS_FAILURES = 2
+"""Consecutive unanswered checks after which the watch opens again."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,8 @@ class KvWatch(Generic[T]):
         self._known: dict[str, int] = {}
         self._watcher: Any = None
         self._pump: asyncio.Task[None] | None = None
+        self._liveness: asyncio.Task[None] | None = None
+        self._last_entry = 0.0
         self._stopped = False
         self.resyncs = 0
 
@@ -86,6 +97,11 @@ class KvWatch(Generic[T]):
         await self._close_watcher()
 
     async def _close_watcher(self) -> None:
+        if self._liveness is not None:
+            self._liveness.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._liveness
+            self._liveness = None
         if self._pump is not None:
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -100,10 +116,15 @@ class KvWatch(Generic[T]):
         kv = await self._open_bucket()
         self._watcher = await kv.watch(self._keys)
         self._pump = asyncio.create_task(self._pump_from(self._watcher), name="kv-watch-pump")
+        self._last_entry = time.monotonic()
+        self._liveness = asyncio.create_task(
+            self._check_alive(self._watcher), name="kv-watch-liveness"
+        )
 
     async def _pump_from(self, watcher: Any) -> None:
         try:
             async for entry in watcher:
+                self._last_entry = time.monotonic()
                 self._queue.put_nowait(entry)
         except Exception as exc:  # the watch broke: make the reader reopen it
             self._queue.put_nowait(exc)
@@ -183,6 +204,35 @@ class KvWatch(Generic[T]):
             self.resyncs += 1
             await self._close_watcher()
             self._drain()
+
+    async def _check_alive(self, watcher: Any) -> None:
+        """While nothing arrives, ask every :data:`LIVENESS_INTERVAL` seconds whether the
+        consumer still exists; gone, or unanswered twice in a row: open the watch again
+        (its snapshot reports what was missed; revisions already reported are dropped)."""
+        sub = getattr(watcher, "_sub", None)  # nats-py's KeyWatcher keeps it there
+        if sub is None:
+            return
+        unanswered = 0
+        while True:
+            await asyncio.sleep(LIVENESS_INTERVAL)
+            if time.monotonic() - self._last_entry < LIVENESS_INTERVAL:
+                unanswered = 0
+                continue
+            try:
+                await asyncio.wait_for(sub.consumer_info(), LIVENESS_INTERVAL)
+            except nats.js.errors.NotFoundError:
+                reason = "its consumer is gone"
+            except Exception as exc:  # no answer: its server may be down
+                unanswered += 1
+                if unanswered < _LIVENESS_FAILURES:
+                    continue
+                reason = f"its consumer does not answer ({describe(exc)})"
+            else:
+                unanswered = 0
+                continue
+            logger.warning("watch on %s: %s; opening it again", self._keys, reason)
+            self._queue.put_nowait(_RESYNC)
+            return
 
     async def _server_delivered(self) -> int:
         """How many messages the server has sent this watch's consumer (0 when unknown)."""

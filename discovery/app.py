@@ -38,6 +38,8 @@ async def run_discovery(
     # A service waits a while for NATS (it may be starting beside it); --once does not.
     wait = 0.0 if once else START_WAIT
     async with await Bus.connect(nats_url, name="fleetgate-discovery", wait=wait) as bus:
+        if config.jetstream is not None:
+            bus.replication = config.jetstream.replication()
         # Only the buckets discovery writes: NATS permissions may forbid creating others.
         await bus.provision(
             BUCKETS[subjects.DATABASES_BUCKET],

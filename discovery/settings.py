@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from bus.labels import check_selector
 from bus.settings import NatsSettings
-from fleetgate.config import check_external_id, check_role_arn
+from fleetgate.config import JetStreamSettings, check_external_id, check_role_arn
 from fleetgate.durations import Duration
 
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d+$")
@@ -111,4 +111,6 @@ class DiscoveryService(Strict):
 
 class DiscoveryConfig(Strict):
     nats: NatsSettings = NatsSettings()
+    jetstream: JetStreamSettings | None = None
+    """Replicas and placement of the buckets discovery creates (see deploy/discovery.yaml)."""
     discovery_service: DiscoveryService

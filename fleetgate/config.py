@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from bus.specs import Replication
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -100,3 +102,25 @@ class Strict(BaseModel):
     """A config section: unknown fields are an error (a typo is named), values frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class JetStreamPlacement(Strict):
+    """Where JetStream keeps the copies: a cluster's name (in a super-cluster) and/or
+    server tags (``server_tags`` in nats-server's config); each optional."""
+
+    cluster: str | None = Field(default=None, min_length=1)
+    tags: tuple[str, ...] = ()
+
+
+class JetStreamSettings(Strict):
+    """The ``jetstream:`` block of every process config: how many copies of each bucket
+    and of the audit stream JetStream keeps, and where. Applied when a process creates
+    them; an existing one that differs is refused with how to migrate it. Without the
+    block, a process creates R1 and uses what exists."""
+
+    replicas: Literal[1, 3, 5] = 1
+    placement: JetStreamPlacement | None = None
+
+    def replication(self) -> Replication:
+        placement = self.placement or JetStreamPlacement()
+        return Replication(self.replicas, placement.cluster, placement.tags)

@@ -122,6 +122,8 @@ class Agent:
                 wait=self.config.nats.start_wait,
             )
             self.bus = bus
+            if self.config.jetstream is not None:
+                bus.replication = self.config.jetstream.replication()
             try:
                 if child is None:
                     await bus.provision(BUCKETS[subjects.DB_SERVERS_BUCKET])

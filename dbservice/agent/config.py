@@ -24,7 +24,7 @@ from dbservice.gateway.settings import (
     check_processes as check_processes,
 )
 from fleetgate.addresses import check_host, join_host_port, split_host_port
-from fleetgate.config import Strict, check_external_id, check_role_arn
+from fleetgate.config import JetStreamSettings, Strict, check_external_id, check_role_arn
 from fleetgate.durations import Duration
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,126}[a-z0-9])?$")
@@ -345,4 +345,6 @@ def outbound_ip() -> str | None:
 
 class AgentConfig(Strict):
     nats: NatsSettings = NatsSettings()
+    jetstream: JetStreamSettings | None = None
+    """Replicas and placement of the buckets and audit stream an agent creates."""
     db_service: DbService

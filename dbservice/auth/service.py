@@ -80,6 +80,7 @@ from dbservice.auth.catalog import Catalog
 from dbservice.auth.listener import ConnectionLimits, GuardedListener, RefusalLog
 from dbservice.auth.passwords import totp_step, verify_password
 from fleetgate.aio import stop_on_signals
+from fleetgate.config import JetStreamSettings
 from fleetgate.durations import Duration, format_duration
 from fleetgate.supervise import RootTasks
 
@@ -175,6 +176,8 @@ class AuthConfig(Strict):
     """The directory ``fleetgate auth init --dir`` wrote (ca.key, ca.crt)."""
     host_id: str = Field(default_factory=socket.gethostname)
     nats: NatsSettings = NatsSettings()
+    jetstream: JetStreamSettings | None = None
+    """Replicas and placement of the buckets and audit stream the service creates."""
     tls: TLSSettings = TLSSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
     connections: ConnectionSettings = ConnectionSettings()
@@ -644,6 +647,8 @@ async def start_service(
 async def run_auth(config: AuthConfig, *, nats_url: str | NatsConnection) -> int:
     ca = CertificateAuthority.load(Path(config.ca_dir))
     async with await Bus.connect(nats_url, name="fleetgate-auth") as bus:
+        if config.jetstream is not None:
+            bus.replication = config.jetstream.replication()
         await provision_access(bus)
         await provision_totp(bus)
         await login_failures.provision_login_failures(bus)

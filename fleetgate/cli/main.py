@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fleetgate.cli import configure as configure_cli
     from fleetgate.cli import db as db_cli
     from fleetgate.cli import discovery as discovery_cli
+    from fleetgate.cli import jetstream as jetstream_cli
     from fleetgate.cli import managed as managed_cli
     from fleetgate.cli import sandbox as sandbox_cli
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     configure_cli.register(sub, _common)
     sandbox_cli.register(sub, _common)
     managed_cli.register(sub, _common)
+    jetstream_cli.register(sub, _common)
     return parser
 
 

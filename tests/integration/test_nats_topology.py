@@ -1,0 +1,156 @@
+"""The topology of deploy/nats with real servers: a hub cluster of 3 (hub.conf) and a leaf
+node per region (leaf.conf). A region's agents and discovery use the hub's JetStream
+through their leaf (KV reads, direct gets, watches, compare-and-set, audit), and what
+crosses a leaf link is limited by the link's own credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from bus import Bus, DatabaseResource, DatabaseSpec, Metadata, RegistryError, leases, subjects
+from bus.access import User
+from bus.audit import SessionStart, ensure_audit_stream, publish_event, read_events
+from bus.servers import DbServerHeartbeat
+from bus.specs import ACCESS_BUCKETS, DB_SERVERS
+from tests.kits.natscluster import NatsTopology
+
+Connect = Callable[[str], Awaitable[Bus]]
+
+
+def db(name: str) -> DatabaseResource:
+    return DatabaseResource(metadata=Metadata(name=name), spec=DatabaseSpec(uri=f"{name}:6379"))
+
+
+class Lease(BaseModel):
+    holder: str
+    round: int
+
+
+@pytest.fixture
+def topo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NatsTopology]:
+    topology = NatsTopology(tmp_path / "nats", leaf_admin=True)
+    topology.trust(monkeypatch)
+    with topology:
+        yield topology
+
+
+@pytest.fixture
+async def opened() -> AsyncIterator[list[Bus]]:
+    buses: list[Bus] = []
+    yield buses
+    for bus in buses:
+        await bus.close()
+
+
+async def connect(opened: list[Bus], url: str, user: str) -> Bus:
+    bus = await Bus.connect(url, name=user, request_timeout=2.0)
+    opened.append(bus)
+    return bus
+
+
+def test_the_hub_and_its_leaves_come_up_from_the_deploy_configs(topo: NatsTopology) -> None:
+    for hub in topo.hub_nodes:
+        others = {other.name for other in topo.hub_nodes if other is not hub}
+        assert others <= hub.route_peers()
+        _, jsz = hub.monitor("/jsz")
+        assert jsz["meta_cluster"]["cluster_size"] == 3
+        _, varz = hub.monitor("/varz")
+        assert varz["tls_required"] and varz["cluster"]["tls_required"]
+        assert varz["leaf"]["tls_required"]
+    linked = [link["name"] for hub in topo.hub_nodes for link in hub.leaf_links()]
+    assert sorted(linked) == ["leaf-eu-west-1", "leaf-us-east-1"]
+    for leaf in topo.leaf_nodes.values():
+        _, varz = leaf.monitor("/varz")
+        assert varz["tls_required"]
+        assert not varz.get("jetstream", {}).get("config")  # no JetStream of its own
+        # the hub's leaf password never shows in a log line
+        assert not [line for line in leaf.server._log if "pw-leaf" in line]
+
+
+async def test_a_region_uses_the_hub_s_jetstream_through_its_leaf(
+    topo: NatsTopology, opened: list[Bus]
+) -> None:
+    admin = await connect(opened, topo.hub_urls("admin"), "admin")
+    await admin.provision()
+    await ensure_audit_stream(admin)
+    discovery = await connect(opened, topo.leaf_url("eu-west-1", "discovery"), "discovery")
+    agent = await connect(opened, topo.leaf_url("us-east-1", "agent"), "agent")
+
+    # a watch behind one leaf sees a write made behind another
+    events = agent.watch_resources()
+    async with contextlib.aclosing(events):
+        first = await anext(events)
+        assert first.kind == "synced"
+        await discovery.put_resource(db("orders"))
+        seen = await asyncio.wait_for(anext(events), 10)
+        assert (seen.kind, seen.key) == ("upsert", subjects.database_key("orders"))
+    # a direct get, both ways
+    assert (await agent.get_resource("orders")) == db("orders")
+    assert (await discovery.get_resource("orders")) == db("orders")
+
+    # heartbeats with their own TTL
+    beat = DbServerHeartbeat(
+        host_id="h1", hostname="agent-1", version="1", addr="10.0.0.1:6390", database=db("orders")
+    )
+    await agent.put_db_server(beat, ttl=30)
+    assert [hb.host_id for hb in await admin.list_db_servers("orders")] == ["h1"]
+
+    # compare-and-set: one winner
+    await agent.provision(leases.LEASES)
+    bucket, key = subjects.LEASES_BUCKET, "rotation.orders"
+    rev = await leases.create(agent, bucket, key, Lease(holder="a", round=1))
+    assert rev is not None
+    assert await leases.create(agent, bucket, key, Lease(holder="b", round=1)) is None
+    assert await leases.update(agent, bucket, key, Lease(holder="a", round=2), last=rev)
+    assert await leases.update(agent, bucket, key, Lease(holder="b", round=2), last=rev) is None
+
+    # audit events published behind a leaf land in the hub's stream
+    await ensure_audit_stream(agent, update=False)
+    event = SessionStart(user="alice", database="orders", host_id="h1")
+    await publish_event(agent, event)
+    auditor = await connect(opened, topo.hub_urls("auditor"), "auditor")
+    got = [e.id async for e in read_events(auditor)]
+    assert got == [event.id]
+
+
+async def test_what_crosses_a_leaf_link_is_limited_by_its_credentials(
+    topo: NatsTopology, opened: list[Bus]
+) -> None:
+    """A region's leaf with an all-powerful local admin: in the hub, that admin may do
+    only what the leaf link may (the region's agents and discovery), never read users."""
+    hub_admin = await connect(opened, topo.hub_urls("admin"), "admin")
+    await hub_admin.provision(*ACCESS_BUCKETS)
+    await hub_admin.put(subjects.USERS_BUCKET, "alice", User(name="alice", roles=("dev",)))
+    assert await hub_admin.get(subjects.USERS_BUCKET, "alice", User) is not None
+
+    await hub_admin.provision(DB_SERVERS)
+    leaf_admin = await connect(opened, topo.leaf_url("us-east-1", "admin"), "admin")
+    with pytest.raises(RegistryError):
+        await leaf_admin.get(subjects.USERS_BUCKET, "alice", User)
+    mallory = User(name="mallory", roles=("admin",))
+    with pytest.raises(RegistryError):
+        await leaf_admin.put(subjects.USERS_BUCKET, "mallory", mallory)
+    # fire and forget: what an agent may write lands, a user record does not
+    beat = DbServerHeartbeat(
+        host_id="h9", hostname="agent-9", version="1", addr="10.0.0.9:6390", database=db("x")
+    )
+    key = subjects.db_server_key("x", "h9")
+    await leaf_admin.nc.publish(
+        subjects.kv_subject(subjects.DB_SERVERS_BUCKET, key), beat.model_dump_json().encode()
+    )
+    await leaf_admin.nc.publish(
+        subjects.kv_subject(subjects.USERS_BUCKET, "mallory"), mallory.model_dump_json().encode()
+    )
+    await leaf_admin.nc.flush()
+    for _ in range(100):
+        if await hub_admin.get(subjects.DB_SERVERS_BUCKET, key, DbServerHeartbeat):
+            break
+        await asyncio.sleep(0.05)
+    assert await hub_admin.get(subjects.DB_SERVERS_BUCKET, key, DbServerHeartbeat) == beat
+    assert await hub_admin.get(subjects.USERS_BUCKET, "mallory", User) is None
