@@ -18,7 +18,7 @@ import json
 import os
 import re
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -86,6 +86,18 @@ def url_user(url: str) -> str | None:
             continue
         if parts.username is not None and parts.password is not None:
             return unquote(parts.username)
+    return None
+
+
+def url_login(servers: Sequence[str]) -> tuple[str, str] | None:
+    """The user and password inside the first server URL that has both, or None."""
+    for server in servers:
+        try:
+            parts = urlsplit(server.strip())
+        except ValueError:
+            continue
+        if parts.username is not None and parts.password is not None:
+            return unquote(parts.username), unquote(parts.password)
     return None
 
 
@@ -381,6 +393,13 @@ def resolve_nats(
         prefix_user = _creds_user(settings.creds_file, where("creds_file"))
         creds = str(settings.creds_file)
 
+    if user is None and token is None and nkey_seed is None and creds is None:
+        # A password inside a URL is also handed over as the login of every server: the
+        # servers a cluster announces (and nats-py reconnects to) carry no password, so
+        # without it a reconnect to one of them is refused (Authorization Violation).
+        login = url_login(servers)
+        if login is not None:
+            user, password = login
     return NatsConnection(
         servers=tuple(servers),
         settings=settings,

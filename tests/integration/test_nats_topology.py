@@ -16,8 +16,9 @@ from pydantic import BaseModel
 from bus import Bus, DatabaseResource, DatabaseSpec, Metadata, RegistryError, leases, subjects
 from bus.access import User
 from bus.audit import SessionStart, ensure_audit_stream, publish_event, read_events
+from bus.client import FAILURES
 from bus.servers import DbServerHeartbeat
-from bus.specs import ACCESS_BUCKETS, DB_SERVERS
+from bus.specs import ACCESS_BUCKETS, DB_SERVERS, Replication
 from tests.kits.natscluster import NatsTopology
 
 Connect = Callable[[str], Awaitable[Bus]]
@@ -154,3 +155,33 @@ async def test_what_crosses_a_leaf_link_is_limited_by_its_credentials(
         await asyncio.sleep(0.05)
     assert await hub_admin.get(subjects.DB_SERVERS_BUCKET, key, DbServerHeartbeat) == beat
     assert await hub_admin.get(subjects.USERS_BUCKET, "mallory", User) is None
+
+
+async def test_a_password_in_the_url_logs_in_to_the_servers_the_cluster_announces(
+    topo: NatsTopology, opened: list[Bus], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Given one hub server's URL with the password inside, the client learns the
+    others from the cluster (their URLs carry no password). When that server dies, the
+    reconnect to another one logs in with the same user: no Authorization Violation."""
+    first = topo.hub_nodes[0]
+    bus = await connect(opened, first.url("admin"), "admin")
+    bus.replication = Replication(3)
+    await bus.provision()
+    before = DatabaseResource(metadata=Metadata(name="before"), spec=DatabaseSpec(uri="b:6379"))
+    await bus.put_resource(before)
+    topo.kill(first)
+
+    async def retried(call: Callable[[], Awaitable[object]]) -> object:
+        deadline = asyncio.get_running_loop().time() + 30
+        while True:
+            try:
+                return await call()
+            except (RegistryError, *FAILURES):
+                assert asyncio.get_running_loop().time() < deadline, "no answer in 30s"
+                await asyncio.sleep(0.2)
+
+    after = DatabaseResource(metadata=Metadata(name="after"), spec=DatabaseSpec(uri="a:6379"))
+    await retried(lambda: bus.put_resource(after))
+    assert await retried(lambda: bus.get_resource("before")) == before
+    assert bus.nc.connected_url is not None and bus.nc.connected_url.port != first.client_port
+    assert "Authorization Violation" not in caplog.text
