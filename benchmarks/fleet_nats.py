@@ -59,7 +59,7 @@ from benchmarks.sizing import resource  # noqa: E402
 from bus import Bus, DatabaseResource, subjects  # noqa: E402
 from bus import leases as cas  # noqa: E402
 from bus.access import Identity  # noqa: E402
-from bus.audit import SessionStart, encode_query, ensure_audit_stream  # noqa: E402
+from bus.audit import SessionStart, encode_query, ensure_audit_stream, publish_event  # noqa: E402
 from bus.server import NatsServer  # noqa: E402
 from bus.specs import Replication  # noqa: E402
 from dbservice.access.audit import AuditEmitter  # noqa: E402
@@ -402,9 +402,31 @@ async def check_sync(w: Watcher, databases: int) -> dict[str, Any]:
 WORKLOADS = ("starts", "batches")
 
 
-async def audit_rate(url: str, workload: str, messages: int) -> float:
-    """Events per second the agent's emitter gets acknowledged by the audit stream
-    (``starts``: one session start per message; ``batches``: 32 commands per message)."""
+@dataclass(frozen=True)
+class Rate:
+    """One cell of one round."""
+
+    events_per_s: float
+    server_us: float
+    """CPU of every nats-server process of the run, per message, in microseconds."""
+    client_us: float
+    """CPU of the publishing process (this one), per message, in microseconds."""
+
+
+def cpu_of(pids: Sequence[int]) -> float:
+    """User and system CPU seconds the processes ``pids`` have used (from /proc)."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def audit_rate(url: str, workload: str, messages: int, servers: Sequence[int]) -> Rate:
+    """How fast the agent's emitter gets events acknowledged by the audit stream
+    (``starts``: one session start per message; ``batches``: 32 commands per message),
+    and what it costs the servers (``servers``: their process ids) and the client."""
     async with await Bus.connect(url, name="bench-audit") as bus:
         emitter = AuditEmitter.for_bus(bus, host_id="bench", maxsize=messages * AUDIT_BATCH + 1)
         expected = 0
@@ -425,10 +447,14 @@ async def audit_rate(url: str, workload: str, messages: int) -> float:
                 ]
                 emitter.emit_queries(session, n * AUDIT_BATCH + 1, queries)
             expected = messages * AUDIT_BATCH
+        # one event first, untimed: the connection's way to the stream is set up
+        await publish_event(bus, SessionStart(user="warm-up"))
+        server_cpu, client_cpu = cpu_of(servers), time.process_time()
         began = time.monotonic()
         emitter.start()
         done = await emitter.flush(120)
         took = time.monotonic() - began
+        server_cpu, client_cpu = cpu_of(servers) - server_cpu, time.process_time() - client_cpu
         published = emitter.published_total
         await emitter.aclose()
         if not done or published != expected or emitter.dropped_total:
@@ -436,7 +462,7 @@ async def audit_rate(url: str, workload: str, messages: int) -> float:
                 f"audit at {bus.url}: {published} of {expected} events acknowledged, "
                 f"{emitter.dropped_total} dropped"
             )
-        return expected / took
+        return Rate(expected / took, server_cpu / messages * 1e6, client_cpu / messages * 1e6)
 
 
 async def fresh_audit_stream(url: str, replicas: int) -> None:
@@ -448,16 +474,19 @@ async def fresh_audit_stream(url: str, replicas: int) -> None:
 
 
 COLUMNS = ("R1 lone server", "R1 in the hub", "R3 in the hub")
+CLIENTS = ("hub", "leaf")
 
 
 def audit(topo: Any, lone: NatsServer, opts: Options, out: Callable[[str], None]) -> None:
-    rates: dict[tuple[str, str, str], list[float]] = {}
+    rates: dict[tuple[str, str, str], list[Rate]] = {}
     hub, leaf = topo.hub_urls("agent"), topo.leaf_url(REGIONS[0], "agent")
+    servers = [node.server.proc.pid for node in topo.nodes]
+    assert lone.proc is not None
+    lone_pid = lone.proc.pid
 
     async def rounds() -> None:
         for _ in range(opts.rounds):
             for workload in WORKLOADS:
-                messages = opts.audit_messages if workload == "starts" else opts.audit_messages // 5
                 admin = topo.hub_urls("admin")
                 runs: list[tuple[str, str, str, tuple[str, int] | None]] = [
                     ("hub", COLUMNS[0], lone.url, (lone.url, 1)),
@@ -469,42 +498,66 @@ def audit(topo: Any, lone: NatsServer, opts: Options, out: Callable[[str], None]
                 for client, column, url, stream in runs:
                     if stream is not None:
                         await fresh_audit_stream(*stream)
-                    rate = await audit_rate(url, workload, messages)
+                    pids = [lone_pid] if column == COLUMNS[0] else servers
+                    rate = await audit_rate(url, workload, opts.audit_messages, pids)
                     rates.setdefault((workload, client, column), []).append(rate)
 
     asyncio.run(rounds())
 
-    def cell(values: list[float] | None) -> str:
-        if not values:
-            return "-"
+    def spread(values: Sequence[float], digits: int = 0) -> str:
         mid = statistics.median(values)
         if len(values) == 1:
-            return f"{mid:,.0f}"
-        return f"{mid:,.0f} ({min(values):,.0f}-{max(values):,.0f})"
+            return f"{mid:,.{digits}f}"
+        return f"{mid:,.{digits}f} ({min(values):,.{digits}f}-{max(values):,.{digits}f})"
+
+    def ratios(over: list[Rate] | None, under: list[Rate] | None) -> str:
+        """The median (range) of one round's ``over / under``: both measured back to back,
+        so a change of the machine's load between rounds cancels out."""
+        if not over or not under:
+            return "-"
+        each = [o.events_per_s / u.events_per_s for o, u in zip(over, under, strict=True)]
+        return spread(each, 2)
+
+    def label(workload: str) -> str:
+        return "session starts" if workload == "starts" else f"commands in {AUDIT_BATCH}s"
 
     out(
         f"audit        AuditEmitter, 64 messages in flight, each acknowledged; "
-        f"{opts.audit_messages} session starts and {opts.audit_messages // 5} batches of "
-        f"{AUDIT_BATCH} commands per cell; events/s, median (range) of {opts.rounds} round(s)"
+        f"{opts.audit_messages} messages per cell (session starts, or batches of "
+        f"{AUDIT_BATCH} commands); median (range) of {opts.rounds} round(s)"
     )
     out(
-        f"  {'workload':<18} {'client':<8}"
+        f"  {'events/s':<16} {'client':<6}"
         + "".join(f"{c:>26}" for c in COLUMNS)
-        + f"{'R3/R1 hub':>11}{'R3/lone':>9}"
+        + f"{'R3/R1 hub':>19}{'R3/lone':>19}"
     )
     for workload in WORKLOADS:
-        label = "session starts" if workload == "starts" else f"commands in {AUDIT_BATCH}s"
-        for client in ("hub", "leaf"):
+        for client in CLIENTS:
             cells = [rates.get((workload, client, c)) for c in COLUMNS]
-            r1, r3, alone = cells[1], cells[2], cells[0]
-            ratio = statistics.median(r3) / statistics.median(r1) if r1 and r3 else math.nan
-            vs_lone = statistics.median(r3) / statistics.median(alone) if alone and r3 else math.nan
+            alone, r1, r3 = cells
             out(
-                f"  {label:<18} {client:<8}"
-                + "".join(f"{cell(c):>26}" for c in cells)
-                + f"{ratio:>11.2f}"
-                + (f"{vs_lone:>9.2f}" if not math.isnan(vs_lone) else f"{'-':>9}")
+                f"  {label(workload):<16} {client:<6}"
+                + "".join(f"{spread([r.events_per_s for r in c]) if c else '-':>26}" for c in cells)
+                + f"{ratios(r3, r1):>19}{ratios(r3, alone):>19}"
             )
+    out(
+        f"  {'CPU us/message':<16} {'client':<6}"
+        + "".join(f"{c:>26}" for c in COLUMNS)
+        + "   (servers: every nats-server of the run; client: this process)"
+    )
+    for workload in WORKLOADS:
+        for client in CLIENTS:
+            cells = [rates.get((workload, client, c)) for c in COLUMNS]
+            out(
+                f"  {label(workload):<16} {client:<6}"
+                + "".join(f"{cpu(c):>26}" if c else f"{'-':>26}" for c in cells)
+            )
+
+
+def cpu(rates: Sequence[Rate]) -> str:
+    server = statistics.median(r.server_us for r in rates)
+    client = statistics.median(r.client_us for r in rates)
+    return f"servers {server:.0f}, client {client:.0f}"
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -547,7 +600,7 @@ def main() -> None:
         "--audit-messages",
         type=int,
         default=10_000,
-        help="session starts per cell (and a fifth of it in batches of 32 commands)",
+        help="messages per cell: session starts, or batches of 32 commands",
     )
     parser.add_argument("--rounds", type=int, default=3, help="audit rounds, interleaved")
     parser.add_argument("--quick", action="store_true", help="a smoke run: small everything")
