@@ -8,7 +8,9 @@ batches, end) and reads JetStream's stored bytes per message back from stream in
 Multiply by the replica count for the disk of the whole hub.
 
     python benchmarks/sizing.py [--databases 1000] [--agents 2] [--commands 50]
-                                [--throughput 20000]
+
+The audit stream's write rate at R1 and R3 (the cost of replication) is measured by
+benchmarks/fleet_nats.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))  # tests.kits, for the hub cluster
+sys.path.insert(0, str(_HERE.parent))  # the repository, when run as a script
 
 from bus import Bus, DatabaseResource, DatabaseSpec, Metadata, leases, subjects  # noqa: E402
 from bus.audit import (  # noqa: E402
@@ -38,7 +40,6 @@ from bus.client import kv_stream_name  # noqa: E402
 from bus.schemas import AWSSpec, DiscoveryOrigin, MemoryDBSpec  # noqa: E402
 from bus.server import NatsServer  # noqa: E402
 from bus.servers import DbServerHeartbeat  # noqa: E402
-from bus.specs import Replication  # noqa: E402
 from dbservice.managed.state import ManagedUser  # noqa: E402
 
 BATCH = 32
@@ -46,9 +47,10 @@ BATCH = 32
 batches; a short session's commands go in one)."""
 
 
-def resource(i: int) -> DatabaseResource:
-    account, region = "123456789012", "us-east-1"
-    name = f"orders-{i:05d}"
+def resource(i: int, *, region: str = "us-east-1", name: str = "") -> DatabaseResource:
+    """A discovered MemoryDB cluster with 15 labels (``orders-<i>`` unless ``name``)."""
+    account = "123456789012"
+    name = name or f"orders-{i:05d}"
     arn = f"arn:aws:memorydb:{region}:{account}:cluster/{name}"
     labels = {
         "env": "prod",
@@ -79,7 +81,7 @@ def resource(i: int) -> DatabaseResource:
                 ),
             ),
         ),
-        origin=DiscoveryOrigin(group="prod-fleet", fetcher_id="memorydb/us-east-1/0"),
+        origin=DiscoveryOrigin(group="prod-fleet", fetcher_id=f"memorydb/{region}/0"),
     )
 
 
@@ -187,58 +189,14 @@ async def measure(databases: int, agents: int, commands: int) -> list[str]:
     return lines
 
 
-async def publish_rate(url: str, replication: Replication, events: int) -> float:
-    """Audit events per second, stored and acknowledged, with 64 in flight."""
-    async with await Bus.connect(url, name="throughput") as bus:
-        bus.replication = replication
-        await ensure_audit_stream(bus)
-        pending = asyncio.Semaphore(64)
-
-        async def one(n: int) -> None:
-            async with pending:
-                await publish_event(bus, SessionStart(user="alice", database=f"db-{n}"))
-
-        began = time.monotonic()
-        await asyncio.gather(*(one(n) for n in range(events)))
-        return events / (time.monotonic() - began)
-
-
-def throughput(events: int) -> list[str]:
-    """The audit stream's write rate on one server (R1) and on the hub cluster of
-    deploy/nats/hub.conf (R3, TLS, loopback): the cost of replication."""
-    from tests.kits.natscluster import NatsTopology
-
-    lines = []
-    with tempfile.TemporaryDirectory() as tmp:
-        with NatsServer(Path(tmp) / "one") as server:
-            rate = asyncio.run(publish_rate(server.url, Replication(1), events))
-            lines.append(f"audit stream, one server, R1: {rate:8.0f} events/s")
-        topology = NatsTopology(Path(tmp) / "hub", regions=())
-        os.environ["SSL_CERT_FILE"] = str(topology.tls.ca_file)
-        with topology:
-            rate = asyncio.run(publish_rate(topology.hub_urls("admin"), Replication(3), events))
-            lines.append(f"audit stream, hub of 3, R3:   {rate:8.0f} events/s")
-    return lines
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--databases", type=int, default=1000)
     parser.add_argument("--agents", type=int, default=2)
     parser.add_argument("--commands", type=int, default=50)
-    parser.add_argument(
-        "--throughput",
-        type=int,
-        default=0,
-        metavar="EVENTS",
-        help="also publish this many audit events at R1 and at R3 and print the rates",
-    )
     args = parser.parse_args()
     for line in asyncio.run(measure(args.databases, args.agents, args.commands)):
         print(line)
-    if args.throughput:
-        for line in throughput(args.throughput):
-            print(line)
 
 
 if __name__ == "__main__":
