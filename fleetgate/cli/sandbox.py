@@ -59,6 +59,9 @@ def register(sub: Any, common: Common) -> None:
                     help="MemoryDB clusters to create (default 4)")  # fmt: skip
     up.add_argument("--shards", type=lambda t: _count(t, 1, 8), default=3,
                     help="shards per cluster (default 3)")  # fmt: skip
+    up.add_argument("--regions", type=lambda t: _count(t, 1, 5), default=0, metavar="N",
+                    help="NATS as a hub cluster (3 servers) and a leaf node per region, "
+                    "N regions with an agent each (default: one server, 2 regions)")  # fmt: skip
     up.add_argument("--detach", action="store_true",
                     help="run in the background; return once it is ready")  # fmt: skip
     up.add_argument("--nats-port", type=_port, help="NATS client port (default: a free one)")
@@ -102,6 +105,11 @@ def _up(args: argparse.Namespace) -> int:
     os.umask(PRIVATE_UMASK)
     make_private(directory)
     check_chosen_port(args.nats_port, "--nats-port")
+    if args.regions and args.nats_port:
+        raise SandboxError(
+            "--nats-port names the one NATS server; with --regions every server gets a "
+            "free port (see fleetgate sandbox status): leave --nats-port out"
+        )
     check_chosen_port(args.auth_port, "--auth-port")
     if args.detach:
         return _detach(args, directory)
@@ -113,6 +121,7 @@ def _up(args: argparse.Namespace) -> int:
         shards=args.shards,
         nats_port=args.nats_port,
         auth_port=args.auth_port,
+        regions=args.regions,
     )
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     return aio.run(_supervise(options, foreground=sys.stdout.isatty()))
@@ -191,7 +200,9 @@ def _detach(args: argparse.Namespace, directory: Path) -> int:
     out_path, log_path = logs / "sandbox.out", logs / "sandbox.log"
     argv = [sys.executable, "-m", "fleetgate", "sandbox", "up", "--dir", str(directory),
             "--clusters", str(args.clusters), "--shards", str(args.shards)]  # fmt: skip
-    for flag, value in (("--nats-port", args.nats_port), ("--auth-port", args.auth_port)):
+    flags = (("--nats-port", args.nats_port), ("--auth-port", args.auth_port),
+             ("--regions", args.regions))  # fmt: skip
+    for flag, value in flags:
         if value:
             argv += [flag, str(value)]
     with out_path.open("wb") as out, log_path.open("ab") as err:
