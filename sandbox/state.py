@@ -212,10 +212,12 @@ def make_private(directory: Path) -> None:
     new files are private through :data:`PRIVATE_UMASK`)."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
-    for root, dirs, files in os.walk(directory):
+    for root, dirs, files in os.walk(directory):  # never into a symlinked directory
         for name in dirs:
-            with contextlib.suppress(OSError):
-                os.chmod(os.path.join(root, name), 0o700, follow_symlinks=False)
+            path = os.path.join(root, name)
+            if not os.path.islink(path):  # Linux cannot chmod a link itself
+                with contextlib.suppress(OSError):
+                    os.chmod(path, 0o700)
         for name in files:
             path = os.path.join(root, name)
             if os.path.isfile(path) and not os.path.islink(path):
