@@ -237,8 +237,8 @@ class Sandbox:
                     node.server.kill()  # reaps it, closes its log pipe
                     fleet.restart(node, 30.0, wait=False)
 
-                try:
-                    await asyncio.to_thread(again)
+                try:  # a thread stop() waits for: no server started behind its back
+                    await self._in_thread(again)
                 except Exception as exc:
                     self.progress.line("nats", f"{node.name} did not start: {exc}; trying again")
                     continue

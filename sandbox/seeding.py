@@ -61,12 +61,11 @@ class SeededCluster:
 
 def plan(count: int, regions: Sequence[str] = REGIONS) -> list[tuple[str, str, str, str]]:
     """(name, team, env, region) of ``count`` clusters: the four of the walkthrough
-    first, then more spread over the teams, environments and the regions. A walkthrough
-    cluster whose region is not among ``regions`` goes to one that is, so that every
-    region gets its share."""
+    first, then more spread over the teams and environments; the regions in turn (for
+    the two default regions, the walkthrough's own)."""
     out = [
-        (f"{team}-{env}", team, env, region if region in regions else regions[i % len(regions)])
-        for i, (team, env, region) in enumerate(FIRST[:count])
+        (f"{team}-{env}", team, env, regions[i % len(regions)])
+        for i, (team, env, _) in enumerate(FIRST[:count])
     ]
     for i in range(len(out), count):
         team, env = TEAMS[i % len(TEAMS)], ENVS[i % len(ENVS)]

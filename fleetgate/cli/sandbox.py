@@ -55,8 +55,8 @@ def register(sub: Any, common: Common) -> None:
     )
     actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
     up = actions.add_parser("up", help="start the sandbox (Ctrl-C stops it)")
-    up.add_argument("--clusters", type=lambda t: _count(t, 1, 50), default=4,
-                    help="MemoryDB clusters to create (default 4)")  # fmt: skip
+    up.add_argument("--clusters", type=lambda t: _count(t, 1, 50),
+                    help="MemoryDB clusters to create (default 4, or one per region)")  # fmt: skip
     up.add_argument("--shards", type=lambda t: _count(t, 1, 8), default=3,
                     help="shards per cluster (default 3)")  # fmt: skip
     up.add_argument("--regions", type=lambda t: _count(t, 1, 5), default=0, metavar="N",
@@ -96,6 +96,18 @@ def _up(args: argparse.Namespace) -> int:
     from sandbox import parts
 
     parts.check()
+    if args.clusters is None:
+        args.clusters = max(4, args.regions)
+    elif args.clusters < args.regions:
+        raise SandboxError(
+            f"--clusters {args.clusters} leaves a region without a database: give each of "
+            f"the {args.regions} regions one (--clusters {args.regions} or more)"
+        )
+    if args.regions and args.nats_port:
+        raise SandboxError(
+            "--nats-port names the one NATS server; with --regions every server gets a "
+            "free port (see fleetgate sandbox status): leave --nats-port out"
+        )
     directory = resolve_dir(args.dir)
     if is_locked(directory):
         raise SandboxError(already_running(directory))
@@ -105,11 +117,6 @@ def _up(args: argparse.Namespace) -> int:
     os.umask(PRIVATE_UMASK)
     make_private(directory)
     check_chosen_port(args.nats_port, "--nats-port")
-    if args.regions and args.nats_port:
-        raise SandboxError(
-            "--nats-port names the one NATS server; with --regions every server gets a "
-            "free port (see fleetgate sandbox status): leave --nats-port out"
-        )
     check_chosen_port(args.auth_port, "--auth-port")
     if args.detach:
         return _detach(args, directory)

@@ -14,6 +14,7 @@ import signal
 import time
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -66,6 +67,29 @@ def session_works(box: Sandbox, database: str) -> None:
         with client:
             assert client.set(f"regions:{database}", "v")
             assert client.get(f"regions:{database}") == b"v"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--regions", "3", "--clusters", "2"],
+         "--clusters 2 leaves a region without a database: give each of the 3 regions one "
+         "(--clusters 3 or more)"),
+        (["--regions", "2", "--nats-port", "4222"],
+         "--nats-port names the one NATS server; with --regions every server gets a free "
+         "port (see fleetgate sandbox status): leave --nats-port out"),
+        (["--regions", "6"], "argument --regions: must be a whole number from 1 to 5"),
+    ],
+)  # fmt: skip
+def test_flags_that_do_not_fit_regions_are_refused_before_anything_starts(
+    tmp_path: Path, flags: list[str], message: str
+) -> None:
+    box = Sandbox(tmp_path, _env(tmp_path))
+    done = box.fleetgate("sandbox", "up", "--dir", str(tmp_path / "box"), *flags)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "box").exists()
 
 
 def test_the_hub_and_a_leaf_per_region_with_their_agents(regions: Sandbox) -> None:
