@@ -34,7 +34,7 @@ def summary(sandbox: Sandbox, *, foreground: bool) -> str:
         for node in st.nats_servers:
             role = "hub (JetStream R3, domain hub)" if node.role == "hub" else (
                 f"leaf of {node.region} for {', '.join(node.agents)}")  # fmt: skip
-            lines.append(f"  nats       {node.name:<16} {node.address}  {role}")
+            lines.append(f"  nats       {node.name:<19} {node.address}  {role}")
         lines.append(f"             (deploy/nats/hub.conf and leaf.conf; TLS CA "
                      f"{st.nats_ca_file}, passwords in {d}/nats-users)")  # fmt: skip
     else:
