@@ -78,11 +78,14 @@ class Child:
         return f"{self.name} (pid {proc.pid}) did not exit {grace:.0f}s after SIGTERM: killed"
 
 
-def child_env(aws: Mapping[str, str], nats_url: str, directory: Path) -> dict[str, str]:
+def child_env(
+    aws: Mapping[str, str], nats_url: str, directory: Path, *, nats_ca_file: Path | None = None
+) -> dict[str, str]:
     """This environment with AWS pointed at the sandbox's moto (no profile or shared
-    files of the person running it) and NATS at the sandbox's server: ``nats_url``
+    files of the person running it) and NATS at the sandbox's server(s): ``nats_url``
     carries the child's own NATS user and password, so that no file holds it (and no
-    FLEETGATE_NATS_* setting of the person's shell, say a .creds file, gets in)."""
+    FLEETGATE_NATS_* setting of the person's shell, say a .creds file, gets in);
+    ``nats_ca_file``, the CA the servers' TLS certificates are checked against."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -92,6 +95,8 @@ def child_env(aws: Mapping[str, str], nats_url: str, directory: Path) -> dict[st
     env["AWS_CONFIG_FILE"] = str(directory / "config" / "no-aws-config")
     env["AWS_SHARED_CREDENTIALS_FILE"] = str(directory / "config" / "no-aws-credentials")
     env["FLEETGATE_NATS_URL"] = nats_url
+    if nats_ca_file is not None:
+        env["FLEETGATE_NATS_CA_FILE"] = str(nats_ca_file)
     return env
 
 

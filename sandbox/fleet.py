@@ -2,9 +2,13 @@
 
 It hosts moto (AWS) and one MemoryDB stand-in per cluster itself, and runs as child
 processes ``nats-server -js`` and the very commands an operator runs: ``fleetgate
-discovery run``, ``fleetgate auth run`` and two ``fleetgate agent run``, each agent
-selecting one VPC. Parts start in parallel as soon as what they need is there; one line
-is printed as each becomes ready. :meth:`Sandbox.stop` stops everything it started.
+discovery run``, ``fleetgate auth run`` and one ``fleetgate agent run`` per region, each
+agent selecting its region's VPC. With ``--regions N`` NATS is the topology of
+deploy/nats instead (:mod:`sandbox.natsfleet`): a hub of 3 servers (JetStream R3) where
+discovery and the auth service connect, and a leaf node per region for its agent; a hub
+server or leaf that dies is started again, as systemd would. Parts start in parallel
+as soon as what they need is there; one line is printed as each becomes ready.
+:meth:`Sandbox.stop` stops everything it started.
 """
 
 from __future__ import annotations
@@ -23,19 +27,24 @@ from bus import Bus
 from bus.access import put_role
 from bus.audit import ensure_audit_stream
 from bus.server import NatsServer, config_string
+from bus.settings import NatsConnection, NatsSettings, NatsTLS, resolve_nats
+from bus.specs import Replication
 from dbservice.auth.admin import add_user, init_ca, parse_role, sign_host
 from dbservice.auth.passwords import hash_password
 from sandbox import children, seeding
 from sandbox.aws import MotoServer
 from sandbox.iamfront import IamFront, MemoryDBLogin
 from sandbox.memorydb import MemoryDBStandin, StandinConfig
+from sandbox.natsfleet import REGION_NAMES, NatsFleet, Node, write_tls
 from sandbox.state import (
     Database,
+    NatsNode,
     Part,
     SandboxError,
     SandboxState,
     free_port,
     make_private,
+    nats_password_file,
     nats_passwords,
     nats_url_as,
     secret_file,
@@ -77,6 +86,9 @@ class Options:
     """Shards per stand-in cluster (cluster mode either way)."""
     nats_port: int | None = None
     auth_port: int | None = None
+    regions: int = 0
+    """0: one NATS server, agents in us-east-1 and eu-west-1. N: the hub cluster and a
+    leaf node per region, N regions with an agent each."""
     ready_timeout: float = 60.0
 
 
@@ -119,6 +131,13 @@ class Sandbox:
         self.progress = progress
         self.state = SandboxState(dir=str(self.dir), pid=os.getpid(), started_at=time.time())
         self.nats: NatsServer | None = None
+        self.fleet: NatsFleet | None = None
+        self.regions: tuple[str, ...] = (
+            REGION_NAMES[: options.regions] if options.regions else seeding.REGIONS
+        )
+        self.agents = {f"agent-{n}": region for n, region in enumerate(self.regions, start=1)}
+        """agent name -> its region"""
+        self._keeper: asyncio.Task[None] | None = None
         self.moto: MotoServer | None = None
         self.standins: dict[str, MemoryDBStandin] = {}
         self.children: dict[str, children.Child] = {}
@@ -137,12 +156,34 @@ class Sandbox:
 
     @property
     def nats_url(self) -> str:
+        """Where clients of the hub connect: the server, or every hub server."""
+        if self.fleet is not None:
+            return ",".join(hub.address for hub in self.fleet.hub_nodes)
         assert self.nats is not None
         return self.nats.url
 
-    def nats_url_as(self, user: str) -> str:
-        """The NATS URL logged in as ``user`` of deploy/nats/nats-server.conf."""
-        return nats_url_as(self.nats_url, user, self.nats_passwords[user])
+    @property
+    def nats_ca_file(self) -> Path | None:
+        """With ``--regions``, the CA of the servers' certificates (TLS everywhere)."""
+        return self.path("tls", "nats", "ca.pem") if self.fleet is not None else None
+
+    def nats_url_as(self, user: str, region: str | None = None) -> str:
+        """The NATS URL logged in as ``user`` of deploy/nats/nats-server.conf; with
+        ``--regions`` and a ``region``, that region's leaf node, else the hub."""
+        password = self.nats_passwords[user]
+        if self.fleet is not None and region is not None:
+            return nats_url_as(self.fleet.leaf_nodes[region].address, user, password)
+        return ",".join(nats_url_as(url, user, password) for url in self.nats_url.split(","))
+
+    def nats_connection(self, user: str) -> NatsConnection:
+        """How the supervisor connects to the hub as ``user`` (TLS with ``--regions``)."""
+        ca = self.nats_ca_file
+        settings = NatsSettings(tls=NatsTLS(ca_file=ca)) if ca is not None else NatsSettings()
+        return resolve_nats(self.nats_url_as(user), settings, env={})
+
+    def jetstream(self, config: dict[str, Any]) -> dict[str, Any]:
+        """A process config with the hub's replication (R3) when it runs a cluster."""
+        return {**config, "jetstream": {"replicas": 3}} if self.fleet is not None else config
 
     @property
     def aws_env(self) -> dict[str, str]:
@@ -177,6 +218,43 @@ class Sandbox:
         self.state.state = "ready"
         self.state.ready_seconds = round(self.progress.elapsed(), 1)
         self._record()
+        if self.fleet is not None:
+            self._keeper = asyncio.create_task(self._keep_nats_up(self.fleet))
+
+    async def _keep_nats_up(self, fleet: NatsFleet) -> None:
+        """A hub server or leaf node that exits is started again on its ports and store
+        (as systemd's ``Restart=always`` would); sandbox.json follows its new pid."""
+        while not self.stopping:
+            await asyncio.sleep(0.5)
+            for node in fleet.nodes:
+                if node.running or self.stopping:
+                    continue
+                code = node.server.proc.poll() if node.server.proc is not None else None
+                self.progress.line("nats", f"{node.name} exited (code {code}); starting it again")
+                old = node.pid
+
+                def again(node: Node = node) -> None:
+                    node.server.kill()  # reaps it, closes its log pipe
+                    fleet.restart(node, 30.0, wait=False)
+
+                try:  # a thread stop() waits for: no server started behind its back
+                    await self._in_thread(again)
+                except Exception as exc:
+                    self.progress.line("nats", f"{node.name} did not start: {exc}; trying again")
+                    continue
+                self._new_pid(node, old)
+                self.progress.line("nats", f"{node.name} started again (pid {node.pid})")
+
+    def _new_pid(self, node: Node, old: int) -> None:
+        st = self.state
+        st.pids = [node.pid if pid == old else pid for pid in st.pids]
+        for part in st.parts:
+            if part.name == f"nats {node.name}":
+                part.pid = node.pid
+        for server in st.nats_servers:
+            if server.name == node.name:
+                server.pid = node.pid
+        st.save()
 
     async def _step(self, part: str, work: Coroutine[Any, Any, T]) -> T:
         try:
@@ -198,6 +276,9 @@ class Sandbox:
         self.state.save()
 
     async def _start_nats(self) -> None:
+        if self.o.regions:
+            await self._start_nats_fleet()
+            return
         if not NATS_CONFIG.is_file():
             raise SandboxError(f"{NATS_CONFIG} is missing: run the sandbox from a checkout")
         self.nats_passwords = nats_passwords(self.dir)
@@ -213,6 +294,28 @@ class Sandbox:
         self.bus = await Bus.connect(self.nats_url_as("admin"), name="fleetgate-sandbox")
         self.progress.line("nats", f"ready  {self.nats_url} (JetStream, store {self.path('nats')})")
 
+    async def _start_nats_fleet(self) -> None:
+        """The hub cluster (3 servers, JetStream domain hub) and a leaf node per region,
+        from deploy/nats/hub.conf and leaf.conf, TLS from the sandbox CA, passwords in
+        ``nats-users/`` (each leaf link's as ``leaf-REGION``)."""
+        self.nats_passwords = nats_passwords(self.dir)
+
+        def password(user: str) -> str:
+            if user not in self.nats_passwords:
+                self.nats_passwords[user] = secret_file(nats_password_file(self.dir, user))
+            return self.nats_passwords[user]
+
+        tls = self.path("tls", "nats")
+        write_tls(tls, self.db_ca)
+        self.fleet = NatsFleet(self.path("nats"), password, tls, regions=self.regions)
+        await self._in_thread(self.fleet.start, self.o.ready_timeout)
+        self.bus = await Bus.connect(self.nats_connection("admin"), name="fleetgate-sandbox")
+        self.bus.replication = Replication(3)
+        hubs = ", ".join(hub.address for hub in self.fleet.hub_nodes)
+        self.progress.line("nats", f"ready  hub {hubs} (JetStream R3, domain hub)")
+        for leaf in self.fleet.leaf_nodes.values():
+            self.progress.line("nats", f"ready  {leaf.name} {leaf.address} (linked to the hub)")
+
     async def _start_aws(self) -> None:
         def start() -> None:  # importing moto takes a while: not on the loop
             self.moto = MotoServer()
@@ -225,15 +328,17 @@ class Sandbox:
         os.environ["AWS_CONFIG_FILE"] = str(self.path("config", "no-aws-config"))
         os.environ["AWS_SHARED_CREDENTIALS_FILE"] = str(self.path("config", "no-aws-credentials"))
         ops = self._secret_file("ops.password")
-        self.vpcs, self.clusters = await self._in_thread(seeding.seed, self.o.clusters, ops)
+        self.vpcs, self.clusters = await self._in_thread(
+            seeding.seed, self.o.clusters, ops, self.regions
+        )
         made = count_of(len(self.clusters), "MemoryDB cluster")
-        regions = ", ".join(seeding.REGIONS)
+        regions = ", ".join(self.regions)
         self.progress.line("aws", f"ready  {self.moto.url} (moto: {made}, {regions})")
 
     async def _start_standins(self, aws: Awaitable[None]) -> None:
         await aws
         self.db_ca.write(self.path("tls"), "memorydb-ca")
-        users = {r: await self._in_thread(seeding.describe_users, r) for r in seeding.REGIONS}
+        users = {r: await self._in_thread(seeding.describe_users, r) for r in self.regions}
         await asyncio.gather(*(self._start_standin(c, users[c.region]) for c in self.clusters))
         made = count_of(len(self.standins), "stand-in")
         shards = count_of(self.o.shards, "shard")
@@ -273,12 +378,12 @@ class Sandbox:
         self.password = self._secret_file("alice.password")
         hashed = await asyncio.to_thread(hash_password, self.password)
         await add_user(self.bus, USER, USER_ROLES, [], password_hash=hashed, replace=True)
-        for name in ("agent-1", "agent-2"):
+        for name in self.agents:
             sign_host(result.ca, ["127.0.0.1", "localhost"], AGENT_CERT_TTL, self.path("tls", name))
         self.auth_port = self.o.auth_port or free_port()
         config = children.write_config(
             self.path("config", "auth.yaml"),
-            children.auth_config(self.auth_port, self.path("ca")),
+            self.jetstream(children.auth_config(self.auth_port, self.path("ca"))),
         )
         self._spawn("auth", ["auth", "run", "-c", str(config)], {}, nats_user="auth")
         self.progress.line("auth", f"CA {self.ca_fingerprint}; roles dev-access, admin; user alice")
@@ -288,7 +393,7 @@ class Sandbox:
         await aws
         config = children.write_config(
             self.path("config", "discovery.yaml"),
-            children.discovery_config(seeding.REGIONS),
+            self.jetstream(children.discovery_config(self.regions)),
         )
         self._spawn(
             "discovery",
@@ -304,12 +409,12 @@ class Sandbox:
         for cluster in self.clusters:
             host, port = self.standins[cluster.name].endpoint
             aliases[f"{cluster.endpoint}:{cluster.port}"] = f"{host}:{port}"
-        for name, region in zip(("agent-1", "agent-2"), seeding.REGIONS, strict=True):
+        for name, region in self.agents.items():
             vpc = self.vpcs[region]
             self.agent_ports[name] = port = free_port()
             config = children.write_config(
                 self.path("config", f"{name}.yaml"),
-                children.agent_config(
+                self.jetstream(children.agent_config(
                     name=name,
                     port=port,
                     data_dir=self.path("agents", name),
@@ -317,9 +422,15 @@ class Sandbox:
                     vpc_id=vpc,
                     host_aliases=aliases,
                     upstream_ca=self.path("tls", "memorydb-ca.crt"),
-                ),
+                )),
+            )  # fmt: skip
+            self._spawn(
+                name,
+                ["agent", "run", "-c", str(config)],
+                self.aws_env,
+                nats_user="agent",
+                region=region,
             )
-            self._spawn(name, ["agent", "run", "-c", str(config)], self.aws_env, nats_user="agent")
 
     async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
         """``func`` in a thread; a cancelled start leaves the thread running, so
@@ -328,10 +439,20 @@ class Sandbox:
         self._threads.append(future)
         return await asyncio.shield(future)
 
-    def _spawn(self, name: str, args: list[str], aws: dict[str, str], *, nats_user: str) -> None:
+    def _spawn(
+        self,
+        name: str,
+        args: list[str],
+        aws: dict[str, str],
+        *,
+        nats_user: str,
+        region: str | None = None,
+    ) -> None:
         """Start ``fleetgate ARGS``, logged in to NATS as ``nats_user`` through its
-        environment (the password in no config file and no command line)."""
-        env = children.child_env(aws, self.nats_url_as(nats_user), self.dir)
+        environment (the password in no config file and no command line); with
+        ``--regions``, an agent (``region``) connects to its region's leaf node."""
+        url = self.nats_url_as(nats_user, region)
+        env = children.child_env(aws, url, self.dir, nats_ca_file=self.nats_ca_file)
         log = self.path("logs", f"{name}.log")
         self.children[name] = children.Child(name, args, log, env).start()
 
@@ -343,9 +464,9 @@ class Sandbox:
     async def _wait_ready(self) -> None:
         assert self.bus is not None
         expected = {c.database for c in self.clusters}
-        agent_of = {
-            c.database: f"agent-{seeding.REGIONS.index(c.region) + 1}" for c in self.clusters
-        }
+        agent_in = {region: agent for agent, region in self.agents.items()}
+        agent_of = {c.database: agent_in[c.region] for c in self.clusters}
+        waiting = {"discovery", "auth", *self.agents}
         shown: set[str] = set()
         deadline = time.monotonic() + self.o.ready_timeout
         while True:
@@ -359,7 +480,7 @@ class Sandbox:
             for hb in await self.bus.list_db_servers():
                 if hb.target_health.status == "healthy":
                     healthy.setdefault(hb.hostname, set()).add(hb.name)
-            for agent in ("agent-1", "agent-2"):
+            for agent in self.agents:
                 mine = {db for db, a in agent_of.items() if a == agent}
                 listening = await _answers(self.agent_ports[agent])
                 if agent not in shown and mine <= healthy.get(agent, set()) and listening:
@@ -371,10 +492,10 @@ class Sandbox:
             if "auth" not in shown and await _answers(self.auth_port):
                 shown.add("auth")
                 self.progress.line("auth", f"ready  https://127.0.0.1:{self.auth_port}")
-            if {"discovery", "agent-1", "agent-2", "auth"} <= shown:
+            if waiting <= shown:
                 return
             if time.monotonic() > deadline:
-                missing = sorted({"discovery", "agent-1", "agent-2", "auth"} - shown)
+                missing = sorted(waiting - shown)
                 raise SandboxError(
                     f"not ready after {self.o.ready_timeout:.0f}s: waiting for "
                     f"{', '.join(missing)} (logs in {self.path('logs')})"
@@ -392,19 +513,40 @@ class Sandbox:
 
     def _record(self) -> None:
         """Fill sandbox.json and env with what runs where."""
-        assert self.nats is not None and self.nats.proc is not None and self.moto is not None
+        assert self.moto is not None
         st = self.state
         me = os.getpid()
         logs = self.path("logs")
-        st.parts = [
-            Part("nats", "process", self.nats.proc.pid, self.nats_url, str(self.path("nats"))),
+        agent_in = {region: agent for agent, region in self.agents.items()}
+        nats_ports: list[int] = []
+        if self.fleet is None:
+            assert self.nats is not None and self.nats.proc is not None
+            st.parts = [
+                Part("nats", "process", self.nats.proc.pid, self.nats_url, str(self.path("nats")))
+            ]
+            nats_ports.append(_port(self.nats_url))
+        else:
+            st.parts = [
+                Part(f"nats {n.name}", "process", n.pid, n.address,
+                     str(self.path("nats", n.name)), f"monitor 127.0.0.1:{n.monitor_port}")
+                for n in self.fleet.nodes
+            ]  # fmt: skip
+            st.nats_servers = [
+                NatsNode(n.name, "hub" if n.role == "hub" else "leaf", n.pid, n.address,
+                         n.monitor_port, n.region,
+                         [a for a, r in self.agents.items() if n.region and r == n.region])
+                for n in self.fleet.nodes
+            ]  # fmt: skip
+            st.nats_ca_file = str(self.nats_ca_file)
+            nats_ports += [port for n in self.fleet.nodes for port in n.ports]
+        st.parts += [
             Part("aws", "in-process", me, self.moto.url, str(logs / "sandbox.log"), "moto"),
             Part("auth", "process", self.children["auth"].pid, f"https://127.0.0.1:{self.auth_port}",
                  str(logs / "auth.log"), self.ca_fingerprint),
             Part("discovery", "process", self.children["discovery"].pid, "",
                  str(logs / "discovery.log")),
         ]  # fmt: skip
-        for agent, region in zip(("agent-1", "agent-2"), seeding.REGIONS, strict=True):
+        for agent, region in self.agents.items():
             vpc = self.vpcs[region]
             st.parts.append(
                 Part(agent, "process", self.children[agent].pid,
@@ -420,13 +562,13 @@ class Sandbox:
                 Part(f"memorydb {c.name}", "in-process", me, f"{host}:{port}",
                      str(self.path("memorydb", c.name)), f"valkey pids {nodes}")
             )  # fmt: skip
-            agent = f"agent-{seeding.REGIONS.index(c.region) + 1}"
+            agent = agent_in[c.region]
             st.databases.append(
                 Database(c.database, c.name, c.region, c.env, c.team, c.vpc_id,
                          f"{c.endpoint}:{c.port}", f"{host}:{port}", agent)
             )  # fmt: skip
         st.pids = [p.pid for p in st.parts if p.kind == "process"]
-        st.ports = [_port(self.nats_url), _port(self.moto.url), self.auth_port,
+        st.ports = [*nats_ports, _port(self.moto.url), self.auth_port,
                     *self.agent_ports.values()]  # fmt: skip
         for standin in self.standins.values():
             st.pids += [n.proc.pid for n in standin.nodes if n.proc is not None]
@@ -440,6 +582,8 @@ class Sandbox:
             "FLEETGATE_SANDBOX_DIR": str(self.dir),
             "FLEETGATE_SANDBOX_AUTH": f"127.0.0.1:{self.auth_port}",
         }
+        if self.nats_ca_file is not None:
+            st.env["FLEETGATE_NATS_CA_FILE"] = str(self.nats_ca_file)
         st.save()
         st.write_env()
 
@@ -460,6 +604,9 @@ class Sandbox:
         Returns notes on parts that had to be killed or failed to stop."""
         self.stopping = True
         notes: list[str] = []
+        if self._keeper is not None:
+            self._keeper.cancel()
+            await asyncio.gather(self._keeper, return_exceptions=True)
         await asyncio.gather(*self._threads, return_exceptions=True)
         started = list(self.children.values())
         for child in started:
@@ -470,11 +617,12 @@ class Sandbox:
         for unfollow in self._unfollow:
             unfollow()
         await asyncio.gather(*(s.stop() for s in self.standins.values()), return_exceptions=True)
-        moto, bus, nats = self.moto, self.bus, self.nats
+        moto, bus, nats, fleet = self.moto, self.bus, self.nats, self.fleet
         steps: list[tuple[str, Callable[[], Awaitable[None]]]] = [
             ("aws (moto)", lambda: asyncio.to_thread(moto.stop) if moto else _nothing()),
             ("the NATS client", lambda: bus.close() if bus else _nothing()),
             ("nats-server", lambda: asyncio.to_thread(nats.stop) if nats else _nothing()),
+            ("the NATS servers", lambda: asyncio.to_thread(fleet.stop) if fleet else _nothing()),
         ]
         for what, step in steps:
             try:

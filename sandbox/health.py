@@ -1,20 +1,25 @@
 """``fleetgate sandbox status`` (each part: alive, answering, and what NATS says of the
-agents and databases) and ``fleetgate sandbox down`` (stop, then make sure)."""
+agents and databases; with ``--regions``, the NATS topology and a verdict per link) and
+``fleetgate sandbox down`` (stop, then make sure)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fleetgate.cli.tables import print_table
+from sandbox.natsfleet import monitor
 from sandbox.state import (
+    NatsNode,
     Part,
     SandboxError,
     SandboxState,
@@ -43,13 +48,20 @@ class Fleet:
     error: str = ""
 
 
-def _fleet(nats_url: str) -> Fleet:
+def _fleet(nats_url: str, ca_file: str = "") -> Fleet:
     from bus import Bus
     from bus.errors import BusError
+    from bus.settings import NatsSettings, NatsTLS, resolve_nats
     from fleetgate import aio
 
+    settings = NatsSettings(tls=NatsTLS(ca_file=Path(ca_file))) if ca_file else NatsSettings()
+
+    # nats-py closing a TLS connection makes asyncio warn about eof_received: not news
+    logging.getLogger("asyncio").setLevel(logging.ERROR)
+
     async def read() -> Fleet:
-        async with await Bus.connect(nats_url, name="fleetgate-sandbox-status") as bus:
+        target = resolve_nats(nats_url, settings, env={})
+        async with await Bus.connect(target, name="fleetgate-sandbox-status") as bus:
             enrolled = {r.name for r in await bus.list_resources(create=False)}
             served: dict[str, list[tuple[str, str]]] = {}
             for hb in await bus.list_db_servers(create=False):
@@ -62,12 +74,117 @@ def _fleet(nats_url: str) -> Fleet:
         return Fleet(set(), {}, error=str(exc))
 
 
+# -- the NATS topology (--regions) ---------------------------------------------------------
+
+
+@dataclass
+class ServerView:
+    """What a hub server or leaf node's monitoring endpoints say, and the verdict."""
+
+    name: str
+    role: str
+    verdict: str
+    routes: list[str] = field(default_factory=list)
+    """Hub: the hub servers it routes to."""
+    jetstream: str = ""
+    """Hub: "ok (meta leader hub-2)" or why JetStream is unavailable."""
+    linked_to: str = ""
+    """Leaf: the hub server its link is up to ("" while down)."""
+    clients: list[str] = field(default_factory=list)
+    """Leaf: the connection names of its clients (``fleetgate-agent agent-1``, ...)."""
+
+
+@dataclass
+class Link:
+    name: str
+    kind: str  # route, leaf, agent
+    state: str
+
+
+def _server_view(node: NatsNode, hubs: int) -> ServerView:
+    view = ServerView(node.name, node.role, "")
+    if not pid_alive(node.pid):
+        view.verdict = "DOWN: process gone"
+        return view
+    code, _ = monitor(node.monitor_port, "/varz")
+    if code != 200:
+        view.verdict = f"DOWN: its monitoring port {node.monitor_port} does not answer"
+        return view
+    if node.role == "hub":
+        _, routez = monitor(node.monitor_port, "/routez")
+        view.routes = sorted(
+            {str(r.get("remote_name") or r.get("remote_id")) for r in routez.get("routes") or []}
+        )
+        health, body = monitor(node.monitor_port, "/healthz?js-enabled-only=true")
+        status, body = monitor(node.monitor_port, "/healthz") if health == 200 else (health, body)
+        _, jsz = monitor(node.monitor_port, "/jsz")
+        leader = (jsz.get("meta_cluster") or {}).get("leader")
+        if status == 200 and leader:
+            view.jetstream = f"ok (meta leader {leader})"
+        else:
+            why = body.get("error") or ("no meta leader" if not leader else f"healthz {status}")
+            view.jetstream = f"UNAVAILABLE: {why}"
+        want = hubs - 1
+        routes = f"{len(view.routes)}/{want} routes"
+        ok = len(view.routes) >= want and view.jetstream.startswith("ok")
+        view.verdict = f"{'ok' if ok else 'DEGRADED'}: {routes}, JetStream {view.jetstream}"
+        return view
+    _, leafz = monitor(node.monitor_port, "/leafz")
+    links = [str(link.get("name") or "?") for link in leafz.get("leafs") or []]
+    view.linked_to = links[0] if links else ""
+    _, connz = monitor(node.monitor_port, "/connz?limit=1024")
+    conns = connz.get("connections") or []
+    view.clients = sorted(str(c["name"]) for c in conns if c.get("name"))
+    view.verdict = (
+        f"ok: linked to the hub ({view.linked_to})"
+        if links
+        else "DOWN: no link to the hub (JetStream unavailable to its region)"
+    )
+    return view
+
+
+def topology(state: SandboxState) -> tuple[list[ServerView], list[Link]]:
+    """Each NATS server's view and a verdict per link: every route between two hub
+    servers, every leaf's link to the hub, every agent's connection to its leaf."""
+    hubs = [n for n in state.nats_servers if n.role == "hub"]
+    views = {n.name: _server_view(n, len(hubs)) for n in state.nats_servers}
+    links: list[Link] = []
+    for i, a in enumerate(hubs):
+        for b in hubs[i + 1 :]:
+            up = b.name in views[a.name].routes or a.name in views[b.name].routes
+            down = [n.name for n in (a, b) if views[n.name].verdict.startswith("DOWN")]
+            why = f"DOWN: {', '.join(down)} down" if down else "DOWN: no route"
+            links.append(Link(f"{a.name} <-> {b.name}", "route", "up" if up else why))
+    for leaf in (n for n in state.nats_servers if n.role == "leaf"):
+        view = views[leaf.name]
+        if view.linked_to:
+            state_ = f"up (to {view.linked_to})"
+        elif view.verdict.startswith("DOWN: no link"):
+            state_ = "DOWN: the leaf has no link to any hub server"
+        else:
+            state_ = f"DOWN: {leaf.name} is {view.verdict.removeprefix('DOWN: ')}"
+        links.append(Link(f"{leaf.name} -> hub", "leaf", state_))
+        for agent in leaf.agents:
+            if view.verdict.startswith("DOWN") and not view.linked_to and not view.clients:
+                state_ = f"DOWN: {leaf.name} does not answer"
+            elif f"fleetgate-agent {agent}" in view.clients:
+                state_ = "up"
+            else:
+                state_ = "DOWN: not connected"
+            links.append(Link(f"{agent} -> {leaf.name}", "agent", state_))
+    return list(views.values()), links
+
+
 def _port_of(address: str) -> int | None:
     tail = address.rsplit(":", 1)[-1].rstrip("/")
     return int(tail) if tail.isdigit() else None
 
 
-def _part_health(part: Part, fleet: Fleet, state: SandboxState) -> str:
+def _part_health(
+    part: Part, fleet: Fleet, state: SandboxState, servers: dict[str, ServerView]
+) -> str:
+    if part.name.startswith("nats ") and part.name[5:] in servers:
+        return servers[part.name[5:]].verdict
     if not pid_alive(part.pid):
         return "DOWN: process gone"
     port = _port_of(part.address)
@@ -114,18 +231,27 @@ def status(directory: Path, fmt: str) -> int:
             print(f"  processes left: {left}; fleetgate sandbox down stops them")
         return 1
     try:  # reads databases and heartbeats: the read-only user is enough
-        fleet = _fleet(nats_url_of(directory, state, "reader"))
+        fleet = _fleet(nats_url_of(directory, state, "reader"), state.nats_ca_file)
     except SandboxError as exc:
         fleet = Fleet(set(), {}, error=str(exc))
-    parts = [(p.name, p.pid, p.address or "-", _part_health(p, fleet, state)) for p in state.parts]
+    views, links = topology(state)
+    servers = {v.name: v for v in views}
+    parts = [
+        (p.name, p.pid, p.address or "-", _part_health(p, fleet, state, servers))
+        for p in state.parts
+    ]
     dbs = []
     for db in state.databases:
         agents = fleet.served.get(db.name, [])
         health = ", ".join(f"{a} {s}" for a, s in sorted(agents)) or "no agent"
         dbs.append((db.name, db.env, db.team, db.region, UNKNOWN if fleet.error else health))
-    ok = all(r[3].startswith("ok") for r in parts) and all(
-        all(s == "healthy" for _, s in fleet.served.get(db.name, [("", "none")]))
-        for db in state.databases
+    ok = (
+        all(r[3].startswith("ok") for r in parts)
+        and all(link.state.startswith("up") for link in links)
+        and all(
+            all(s == "healthy" for _, s in fleet.served.get(db.name, [("", "none")]))
+            for db in state.databases
+        )
     )
     if fmt == "json":
         doc = {
@@ -136,6 +262,7 @@ def status(directory: Path, fmt: str) -> int:
                       for r in parts],
             "databases": [dict(zip(("name", "env", "team", "region", "agents"), d, strict=True))
                           for d in dbs],
+            "topology": _topology_doc(state, views, links) if state.nats_servers else None,
         }  # fmt: skip
         print(json.dumps(doc, indent=2))
         return 0 if ok else 1
@@ -147,9 +274,45 @@ def status(directory: Path, fmt: str) -> int:
     print()
     rows = [(name, str(pid), address, health) for name, pid, address, health in parts]
     print_table([("PART", "PID", "ADDRESS", "HEALTH"), *rows])
+    if state.nats_servers:
+        print()
+        print_table([("NATS SERVER", "ROLE", "ROUTES / LINK", "JETSTREAM", "AGENTS"),
+                     *(_server_row(state, v) for v in views)])  # fmt: skip
+        print()
+        print_table([("LINK", "KIND", "STATE"), *((k.name, k.kind, k.state) for k in links)])
     print()
     print_table([("DATABASE", "ENV", "TEAM", "REGION", "AGENTS"), *dbs])
     return 0 if ok else 1
+
+
+def _server_row(state: SandboxState, view: ServerView) -> tuple[str, ...]:
+    node = next(n for n in state.nats_servers if n.name == view.name)
+    down = view.verdict if view.verdict.startswith("DOWN") else ""
+    if view.role == "hub":
+        routes = down or f"routes to {', '.join(view.routes) or 'none'}"
+        return (view.name, "hub", routes, view.jetstream or "-", "-")
+    link = down or f"linked to {view.linked_to}"
+    agents = ", ".join(node.agents) or "-"
+    return (view.name, f"leaf {node.region}", link, "the hub's, via the link", agents)
+
+
+def _topology_doc(
+    state: SandboxState, views: list[ServerView], links: list[Link]
+) -> dict[str, Any]:
+    nodes = {n.name: n for n in state.nats_servers}
+    return {
+        "servers": [
+            {
+                "name": v.name, "role": v.role, "pid": nodes[v.name].pid,
+                "address": nodes[v.name].address, "region": nodes[v.name].region or None,
+                "verdict": v.verdict, "routes": v.routes if v.role == "hub" else None,
+                "jetstream": v.jetstream or None, "linked_to": v.linked_to or None,
+                "agents": nodes[v.name].agents,
+            }
+            for v in views
+        ],
+        "links": [{"name": k.name, "kind": k.kind, "state": k.state} for k in links],
+    }  # fmt: skip
 
 
 # -- down --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from typing import Any, Final
@@ -58,13 +59,17 @@ class SeededCluster:
         return f"{self.name}-memorydb-{self.region}-{ACCOUNT}"
 
 
-def plan(count: int) -> list[tuple[str, str, str, str]]:
+def plan(count: int, regions: Sequence[str] = REGIONS) -> list[tuple[str, str, str, str]]:
     """(name, team, env, region) of ``count`` clusters: the four of the walkthrough
-    first, then more spread over the teams, environments and both regions."""
-    out = [(f"{team}-{env}", team, env, region) for team, env, region in FIRST[:count]]
+    first, then more spread over the teams and environments; the regions in turn (for
+    the two default regions, the walkthrough's own)."""
+    out = [
+        (f"{team}-{env}", team, env, regions[i % len(regions)])
+        for i, (team, env, _) in enumerate(FIRST[:count])
+    ]
     for i in range(len(out), count):
         team, env = TEAMS[i % len(TEAMS)], ENVS[i % len(ENVS)]
-        out.append((f"{team}-{env}-{i + 1}", team, env, REGIONS[i % len(REGIONS)]))
+        out.append((f"{team}-{env}-{i + 1}", team, env, regions[i % len(regions)]))
     return out
 
 
@@ -107,14 +112,16 @@ def _users(region: str, ops_password: str) -> None:
     ACL_MEMBERS.setdefault((ACCOUNT, region, MANAGED_USER), set()).add(ACL)
 
 
-def seed(count: int, ops_password: str) -> tuple[dict[str, str], list[SeededCluster]]:
-    """Create the networks, users and ``count`` clusters; return the VPC id of each
-    region, and the clusters."""
-    vpcs = {region: _network(region, f"10.{n}.0.0/16") for n, region in enumerate(REGIONS, start=1)}
-    for region in REGIONS:
+def seed(
+    count: int, ops_password: str, regions: Sequence[str] = REGIONS
+) -> tuple[dict[str, str], list[SeededCluster]]:
+    """Create the networks, users and ``count`` clusters in ``regions``; return the VPC
+    id of each region, and the clusters."""
+    vpcs = {region: _network(region, f"10.{n}.0.0/16") for n, region in enumerate(regions, start=1)}
+    for region in regions:
         _users(region, ops_password)
     out: list[SeededCluster] = []
-    for name, team, env, region in plan(count):
+    for name, team, env, region in plan(count, regions):
         cluster = client("memorydb", region).create_cluster(
             ClusterName=name,
             NodeType="db.t4g.small",

@@ -96,6 +96,21 @@ class Database:
 
 
 @dataclass
+class NatsNode:
+    """One server of ``up --regions N``'s NATS: a hub server or a region's leaf node."""
+
+    name: str
+    role: Literal["hub", "leaf"]
+    pid: int
+    address: str
+    """Its client URL (``tls://127.0.0.1:PORT``)."""
+    monitor_port: int
+    region: str = ""
+    agents: list[str] = field(default_factory=list)
+    """The agents connected to it (a leaf's region's)."""
+
+
+@dataclass
 class SandboxState:
     dir: str
     pid: int
@@ -110,6 +125,10 @@ class SandboxState:
     """Every process the sandbox started (``down`` checks each is gone)."""
     ports: list[int] = field(default_factory=list)
     """Every loopback port the sandbox listens on (``down`` checks each is free)."""
+    nats_servers: list[NatsNode] = field(default_factory=list)
+    """With ``--regions``: the hub servers and the leaf nodes (else empty: one server)."""
+    nats_ca_file: str = ""
+    """With ``--regions``: the CA of the NATS servers' certificates (TLS everywhere)."""
 
     def save(self) -> None:
         """Write ``sandbox.json`` atomically."""
@@ -136,6 +155,7 @@ class SandboxState:
             raise SandboxError(f"{directory / STATE_FILE} is unreadable ({exc})") from None
         data["parts"] = [Part(**p) for p in data.get("parts", [])]
         data["databases"] = [Database(**d) for d in data.get("databases", [])]
+        data["nats_servers"] = [NatsNode(**n) for n in data.get("nats_servers", [])]
         return cls(**data)
 
 
@@ -174,15 +194,17 @@ def nats_url_as(url: str, user: str, password: str) -> str:
 
 
 def nats_url_of(directory: Path, state: SandboxState, user: str) -> str:
-    """The sandbox's NATS URL logged in as ``user`` (its password read from its file)."""
-    url = next((p.address for p in state.parts if p.name == "nats"), "")
-    if not url:
+    """The sandbox's NATS URL logged in as ``user`` (its password read from its file);
+    with ``--regions``, every hub server's, comma-separated."""
+    hubs = [n.address for n in state.nats_servers if n.role == "hub"]
+    urls = hubs or [p.address for p in state.parts if p.name == "nats" and p.address]
+    if not urls:
         raise SandboxError(f"{directory / STATE_FILE} names no NATS: is the sandbox ready?")
     try:
         password = nats_password_file(directory, user).read_text().strip()
     except OSError as exc:
         raise SandboxError(f"cannot read the NATS password of {user}: {exc}") from None
-    return nats_url_as(url, user, password)
+    return ",".join(nats_url_as(url, user, password) for url in urls)
 
 
 def make_private(directory: Path) -> None:
@@ -190,10 +212,12 @@ def make_private(directory: Path) -> None:
     new files are private through :data:`PRIVATE_UMASK`)."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(directory, 0o700)
-    for root, dirs, files in os.walk(directory):
+    for root, dirs, files in os.walk(directory):  # never into a symlinked directory
         for name in dirs:
-            with contextlib.suppress(OSError):
-                os.chmod(os.path.join(root, name), 0o700, follow_symlinks=False)
+            path = os.path.join(root, name)
+            if not os.path.islink(path):  # Linux cannot chmod a link itself
+                with contextlib.suppress(OSError):
+                    os.chmod(path, 0o700)
         for name in files:
             path = os.path.join(root, name)
             if os.path.isfile(path) and not os.path.islink(path):

@@ -18,16 +18,35 @@ def summary(sandbox: Sandbox, *, foreground: bool) -> str:
     dir_flag = "" if d == default_dir() else f" --dir {d}"
     parts = {p.name: p for p in st.parts}
     clusters = count_of(len(st.databases), "MemoryDB cluster")
+    agents = count_of(len(sandbox.agents), "agent")
+    regions = ", ".join(sandbox.regions)
+    if st.nats_servers:
+        hubs = [n for n in st.nats_servers if n.role == "hub"]
+        nats = f"a NATS hub of {len(hubs)} and {count_of(len(sandbox.regions), 'leaf node')}"
+    else:
+        nats = "NATS"
     lines = [
-        f"ready in {st.ready_seconds}s: {clusters}, 2 agents, "
-        "discovery, auth, NATS and AWS (moto), all on 127.0.0.1",
+        f"ready in {st.ready_seconds}s: {clusters}, {agents}, "
+        f"discovery, auth, {nats} and AWS (moto), all on 127.0.0.1",
         "",
-        f"  nats       {parts['nats'].address}  (users of deploy/nats/nats-server.conf, "
-        f"passwords in {d}/nats-users)",
-        f"  aws        {parts['aws'].address}  (moto; us-east-1, eu-west-1)",
+    ]
+    if st.nats_servers:
+        for node in st.nats_servers:
+            role = "hub (JetStream R3, domain hub)" if node.role == "hub" else (
+                f"leaf of {node.region} for {', '.join(node.agents)}")  # fmt: skip
+            lines.append(f"  nats       {node.name:<19} {node.address}  {role}")
+        lines.append(f"             (deploy/nats/hub.conf and leaf.conf; TLS CA "
+                     f"{st.nats_ca_file}, passwords in {d}/nats-users)")  # fmt: skip
+    else:
+        lines.append(
+            f"  nats       {parts['nats'].address}  (users of deploy/nats/nats-server.conf, "
+            f"passwords in {d}/nats-users)"
+        )
+    lines += [
+        f"  aws        {parts['aws'].address}  (moto; {regions})",
         f"  auth       {parts['auth'].address}  (CA {sandbox.ca_fingerprint})",
     ]
-    for agent in ("agent-1", "agent-2"):
+    for agent in sandbox.agents:
         dbs = ", ".join(db.cluster for db in st.databases if db.agent == agent)
         lines.append(f"  {agent}    {parts[agent].address}  {parts[agent].detail}: {dbs}")
     lines += [

@@ -55,10 +55,13 @@ def register(sub: Any, common: Common) -> None:
     )
     actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
     up = actions.add_parser("up", help="start the sandbox (Ctrl-C stops it)")
-    up.add_argument("--clusters", type=lambda t: _count(t, 1, 50), default=4,
-                    help="MemoryDB clusters to create (default 4)")  # fmt: skip
+    up.add_argument("--clusters", type=lambda t: _count(t, 1, 50),
+                    help="MemoryDB clusters to create (default 4, or one per region)")  # fmt: skip
     up.add_argument("--shards", type=lambda t: _count(t, 1, 8), default=3,
                     help="shards per cluster (default 3)")  # fmt: skip
+    up.add_argument("--regions", type=lambda t: _count(t, 1, 5), default=0, metavar="N",
+                    help="NATS as a hub cluster (3 servers) and a leaf node per region, "
+                    "N regions with an agent each (default: one server, 2 regions)")  # fmt: skip
     up.add_argument("--detach", action="store_true",
                     help="run in the background; return once it is ready")  # fmt: skip
     up.add_argument("--nats-port", type=_port, help="NATS client port (default: a free one)")
@@ -93,6 +96,18 @@ def _up(args: argparse.Namespace) -> int:
     from sandbox import parts
 
     parts.check()
+    if args.clusters is None:
+        args.clusters = max(4, args.regions)
+    elif args.clusters < args.regions:
+        raise SandboxError(
+            f"--clusters {args.clusters} leaves a region without a database: give each of "
+            f"the {args.regions} regions one (--clusters {args.regions} or more)"
+        )
+    if args.regions and args.nats_port:
+        raise SandboxError(
+            "--nats-port names the one NATS server; with --regions every server gets a "
+            "free port (see fleetgate sandbox status): leave --nats-port out"
+        )
     directory = resolve_dir(args.dir)
     if is_locked(directory):
         raise SandboxError(already_running(directory))
@@ -113,6 +128,7 @@ def _up(args: argparse.Namespace) -> int:
         shards=args.shards,
         nats_port=args.nats_port,
         auth_port=args.auth_port,
+        regions=args.regions,
     )
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     return aio.run(_supervise(options, foreground=sys.stdout.isatty()))
@@ -191,7 +207,9 @@ def _detach(args: argparse.Namespace, directory: Path) -> int:
     out_path, log_path = logs / "sandbox.out", logs / "sandbox.log"
     argv = [sys.executable, "-m", "fleetgate", "sandbox", "up", "--dir", str(directory),
             "--clusters", str(args.clusters), "--shards", str(args.shards)]  # fmt: skip
-    for flag, value in (("--nats-port", args.nats_port), ("--auth-port", args.auth_port)):
+    flags = (("--nats-port", args.nats_port), ("--auth-port", args.auth_port),
+             ("--regions", args.regions))  # fmt: skip
+    for flag, value in flags:
         if value:
             argv += [flag, str(value)]
     with out_path.open("wb") as out, log_path.open("ab") as err:
