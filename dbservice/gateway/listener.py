@@ -390,7 +390,7 @@ class Listener:
             max_args=config.audit.max_args,
             redact_values=config.audit.redact_values,
         )
-        self.timeouts = ProxyTimeouts(idle=config.idle_timeout)
+        self.timeouts = ProxyTimeouts(idle=config.idle_timeout, link_idle=config.shard_idle_timeout)
         self.limits = ProxyLimits(max_command_buffer=config.max_command_buffer)
         self.buffers = CommandBuffers(config.max_command_buffer_total)
         """Bytes the sessions hold of commands still arriving, all together."""
@@ -692,6 +692,7 @@ class Listener:
                 streams, upstream, resource=resource, login=login, db_user=db_user,
                 hooks=hooks, timeouts=self.timeouts, client_port=route.port,
                 eof_command=eof_command, limits=self.limits, buffers=self.buffers,
+                on_link_closed=self.heap.closed,
             )  # fmt: skip
         else:
             session = ProxySession(

@@ -48,12 +48,17 @@ class LoopbackCluster(LoopbackServer):
         self.db_user = db_user
         self.state = ClusterState("loopback")
         self.dials = 0
+        self.links_closed = 0
+        """Shard connections the sessions closed for going unused (``link_idle``)."""
         self._ids = itertools.count(1)
 
     async def dial(self, address: Address) -> Streams:
         self.dials += 1
         connector = TcpConnector(address[0], address[1], ssl=self.tls, connect_timeout=5.0)
         return await connector.connect()
+
+    def _link_closed(self) -> None:
+        self.links_closed += 1
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         login = self.login()
@@ -79,5 +84,6 @@ class LoopbackCluster(LoopbackServer):
             timeouts=self.timeouts,
             client_id=next(self._ids),
             buffers=self.buffers,
+            on_link_closed=self._link_closed,
         )
         self.finished.append(await session.run())
