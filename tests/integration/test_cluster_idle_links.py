@@ -6,6 +6,8 @@ CLIENT NO-TOUCH) are kept."""
 
 from __future__ import annotations
 
+import gc
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +15,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from bus import Bus
+from bus.schemas import AWSSpec, DatabaseResource, DatabaseSpec, MemoryDBSpec, Metadata, TLSSettings
+from bus.server import NatsServer
 from dbservice.access.ca import CertificateAuthority
 from dbservice.agent.config import AgentConfig
 from dbservice.auth.admin import sign_host
@@ -20,9 +25,12 @@ from dbservice.engine.cluster.resp import encode_command
 from dbservice.engine.login import UpstreamLoginError
 from dbservice.engine.proxy import Action, Hello, Streams
 from dbservice.engine.proxy.settings import ProxyTimeouts
+from sandbox.aws import MotoServer
 from sandbox.memorydb import StandinConfig, ThreadedStandin
-from tests.kits.agent import agent_config
+from tests.kits.agent import agent_config, running_agent, wait_until
 from tests.kits.cluster import ClusterProxy
+from tests.kits.listener import client, make_fleet, put_roles
+from tests.kits.memorydb import config_endpoint, iam_cluster
 
 LINGER = 0.4
 """Seconds a shard connection may go unused here (checked every tenth of a second)."""
@@ -203,3 +211,69 @@ def test_shard_idle_timeout_in_the_agent_config(tmp_path: Path) -> None:
         read(shard_idle_timeout="500ms")
     assert "db_service.listener.shard_idle_timeout" in str(info.value)
     assert "1s or more" in str(info.value)
+
+
+def _upstream_tls(hostnames: set[str]) -> int:
+    """TLS connections of this process, alive as objects, to ``hostnames``."""
+    gc.collect()
+    return sum(
+        1
+        for o in gc.get_objects()
+        if isinstance(o, ssl.SSLObject) and not o.server_side and o.server_hostname in hostnames
+    )
+
+
+async def test_the_agent_closes_an_idle_sessions_connections_and_frees_them(
+    bus: Bus,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    aws: MotoServer,
+) -> None:
+    """Through the agent (IAM login, listener.shard_idle_timeout 1s): the session's
+    connections to the cluster close once unused, none is kept alive by a reference
+    (their TLS state is freed), and the next commands log in again, as the same user."""
+    async with iam_cluster(tmp_path / "db", cluster="carts", acl="carts-acl", shards=3) as (
+        db,
+        login,
+    ):
+        fleet = await make_fleet(bus, tmp_path, nats_server.url)
+        await put_roles(
+            bus, carts={"allow": {"db_labels": {"env": "cluster"}, "db_users": ["alice"]}}
+        )
+        name = config_endpoint("carts")
+        record = DatabaseResource(
+            metadata=Metadata(name="carts", labels={"env": "cluster"}),
+            spec=DatabaseSpec(
+                uri=f"{name}:6379",
+                tls=TLSSettings(mode="verify-full", ca_cert=db.ca_pem.decode()),
+                aws=AWSSpec(
+                    region="us-east-1",
+                    account_id="123456789012",
+                    memorydb=MemoryDBSpec(cluster_name="carts", acl_name="carts-acl"),
+                ),
+            ),
+        )
+        await bus.put_resource(record)
+        host, port = db.endpoint
+        config = fleet.agent(
+            "agent-1", [], resources=[{"labels": {"env": "cluster"}}],
+            host_aliases={f"{name}:6379": f"{host}:{port}"},
+        )  # fmt: skip
+        config["db_service"]["listener"]["shard_idle_timeout"] = "1s"
+        hostnames = {name, *(h for h, _ in db.node_fronts)}
+        erin = fleet.identity("erin", ["carts"])
+        keys = [f"cart:{i}" for i in range(30)]
+        async with running_agent(config, nats_server.url) as agent:
+            assert agent.listener is not None
+            r = client(agent.listener.port, erin, "carts", "alice")
+            async with r:
+                assert await r.mset({k: k for k in keys})
+                # this client's, and the session's: the configuration endpoint's, 2 more
+                active = _upstream_tls(hostnames)
+                assert active == 4
+                logins = login.accepted
+                # every one of the session's closed, and not kept alive by a reference
+                await wait_until(lambda: _upstream_tls(hostnames) == active - 3, 10, "closed")
+                assert await r.mget(keys) == [k.encode() for k in keys]
+                assert await r.acl_whoami() in ("alice", b"alice")
+                assert login.accepted >= logins + 3  # each opened again with an IAM token

@@ -86,4 +86,5 @@ class LoopbackCluster(LoopbackServer):
             buffers=self.buffers,
             on_link_closed=self._link_closed,
         )
+        del seed  # the session's now: it may close it while the session goes on
         self.finished.append(await session.run())
