@@ -6,11 +6,13 @@ CLIENT NO-TOUCH) are kept."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import redis
@@ -31,6 +33,8 @@ from tests.kits.agent import agent_config, running_agent, wait_until
 from tests.kits.cluster import ClusterProxy
 from tests.kits.listener import client, make_fleet, put_roles
 from tests.kits.memorydb import config_endpoint, iam_cluster
+
+T = TypeVar("T")
 
 LINGER = 0.4
 """Seconds a shard connection may go unused here (checked every tenth of a second)."""
@@ -277,3 +281,28 @@ async def test_the_agent_closes_an_idle_sessions_connections_and_frees_them(
                 assert await r.mget(keys) == [k.encode() for k in keys]
                 assert await r.acl_whoami() in ("alice", b"alice")
                 assert login.accepted >= logins + 3  # each opened again with an IAM token
+
+
+def test_nothing_to_renew_on_a_session_with_no_connection_open(proxy: ClusterProxy) -> None:
+    """The agent's IAM renewal (``inject``) on a session whose connections all closed
+    unused: done at once (each new connection logs in afresh), not refused for a retry
+    every minute."""
+    with proxy.client() as client:
+        assert client.set(KEYS[0], b"v")
+        _wait_closed(proxy, 1)
+        time.sleep(LINGER)
+        answers: list[bool] = []
+        (session,) = _on_loop(proxy, lambda: list(proxy.proxy.live) if proxy.proxy else [])
+        accepted = _on_loop(proxy, lambda: session.inject([b"PING"], answers.append))
+        assert accepted and answers == [True]
+        assert client.get(KEYS[0]) == b"v"
+
+
+def _on_loop(proxy: ClusterProxy, call: Callable[[], T]) -> T:
+    """Run ``call`` on the engine's loop (sessions are not thread-safe)."""
+
+    async def run() -> T:
+        return call()
+
+    assert proxy._loop is not None
+    return asyncio.run_coroutine_threadsafe(run(), proxy._loop).result(5)

@@ -382,8 +382,10 @@ class ClusterSession:
         from the client: each link matches replies to their own futures, so the client's
         replies are untouched. ``on_reply(ok)`` once all have answered, False when any
         answered with an error (a connection lost meanwhile does not count: a new one
-        logs in afresh). Returns False, sending nothing, inside MULTI or WATCH or when no
-        connection is open; the caller retries later."""
+        logs in afresh). With no connection open (all closed unused) there is nothing to
+        renew: ``on_reply(True)`` at once, since each new connection logs in afresh.
+        Returns False, sending nothing, inside MULTI or WATCH; the caller retries
+        later."""
         transaction = self.transaction
         if self._released or transaction.queued is not None or transaction.watched is not None:
             return False
@@ -393,7 +395,8 @@ class ClusterSession:
             with contextlib.suppress(LinkError):
                 futures.extend(link.send(payload))
         if not futures:
-            return False
+            on_reply(True)
+            return True
         left = [len(futures), 1]  # replies still owed, and whether all were fine
 
         def answered(future: asyncio.Future[bytes]) -> None:

@@ -49,6 +49,8 @@ class LoopbackCluster(LoopbackServer):
         self.state = ClusterState("loopback")
         self.dials = 0
         self.links_closed = 0
+        self.live: list[ClusterSession] = []
+        """The running sessions, oldest first."""
         """Shard connections the sessions closed for going unused (``link_idle``)."""
         self._ids = itertools.count(1)
 
@@ -87,4 +89,8 @@ class LoopbackCluster(LoopbackServer):
             on_link_closed=self._link_closed,
         )
         del seed  # the session's now: it may close it while the session goes on
-        self.finished.append(await session.run())
+        self.live.append(session)
+        try:
+            self.finished.append(await session.run())
+        finally:
+            self.live.remove(session)
