@@ -825,10 +825,12 @@ async def _idle_sessions(
     tls: ssl.SSLContext | None = None,
     sni: str | None = None,
     gets: Sequence[bytes] = (),
-) -> tuple[int, list[tuple[int, int]]]:
+    quiet: float = 0.0,
+) -> tuple[int, list[tuple[int, int, int]]]:
     """The proxy's RSS before, then for each round: while ``count`` idle sessions are
     open (each answered a PING, then a GET of each of ``gets``, keys the GET runs
-    filled), and a second after they all closed."""
+    filled), a second after they all closed, and (third) after the sessions stayed
+    open without a command for ``quiet`` seconds more (the open figure when 0)."""
 
     async def hold() -> list[asyncio.StreamWriter]:
         writers = []
@@ -855,16 +857,19 @@ async def _idle_sessions(
     figures = []
     for _ in range(rounds):
         writers = await hold()
-        open_ = _rss_kib(pid)
+        open_ = quiet_ = _rss_kib(pid)
+        if quiet:
+            await asyncio.sleep(quiet)
+            quiet_ = _rss_kib(pid)
         await release(writers)
-        figures.append((open_, _rss_kib(pid)))
+        figures.append((open_, _rss_kib(pid), quiet_))
     return before, figures
 
 
-def _idle_line(what: str, count: int, before: int, figures: list[tuple[int, int]]) -> str:
+def _idle_line(what: str, count: int, before: int, figures: list[tuple[int, int, int]]) -> str:
     rounds = "; ".join(
         f"round {i}: {open_ / 1024:.1f} open, {closed / 1024:.1f} closed"
-        for i, (open_, closed) in enumerate(figures, 1)
+        for i, (open_, closed, _) in enumerate(figures, 1)
     )
     each = (figures[0][0] - before) / count
     return (
@@ -1204,7 +1209,11 @@ def _idle_agent(fleet: Fleet, proxies: list[_Proxy], count: int, rounds: int) ->
     upstream: one connection for the single-node engine, one per shard for the cluster
     engine, which opens its shard links on first use), the engines taking turns (node first in
     odd rounds, cluster first in even ones) so neither always meets the heap the other
-    left; KiB per session, median of the rounds, by row name."""
+    left. Measured twice per session: just after those commands (*active*: the cluster
+    engine then holds a connection per shard), and once the sessions stayed without a
+    command past the agent's ``listener.shard_idle_timeout`` (*idle*: the cluster engine
+    has closed the shard connections it did not start with, the agent trimmed its heap).
+    KiB per idle session, median of the rounds, by row name (the floor's figure)."""
     context = ssl.create_default_context(cafile=str(fleet.identity / "ca.pem"))
     context.check_hostname = False  # the chain is checked; see docs/access.md
     context.load_cert_chain(fleet.identity / "cert.pem", fleet.identity / "key.pem")
@@ -1212,30 +1221,48 @@ def _idle_agent(fleet: Fleet, proxies: list[_Proxy], count: int, rounds: int) ->
     rows = [p.name for p in proxies if p.name in names]
     gets = _key_per_shard()
     each: dict[str, list[float]] = {name: [] for name in rows}
+    active: dict[str, list[float]] = {name: [] for name in rows}
     lines: dict[str, list[str]] = {name: [] for name in rows}
+    quiet = _shard_idle_timeout() * 1.25 + HEAP_TRIM_EVERY + 2.0
     for round_ in range(-1, rounds):  # round -1: a warm-up, not counted
         for name in rows if round_ % 2 == 0 else rows[::-1]:
             idle = _idle_sessions(
                 fleet.pid("agent"), fleet.agent_port, count, rounds=1, tls=context,
-                sni=names[name], gets=gets,
+                sni=names[name], gets=gets, quiet=quiet if round_ >= 0 else 0.0,
             )  # fmt: skip
-            before, ((open_, closed),) = asyncio.run(idle)
+            before, ((open_, closed, quiet_),) = asyncio.run(idle)
             time.sleep(5.5)  # the agent trims the heap at most every 5 s (fleetgate/heap.py)
             if round_ < 0:
                 continue
-            each[name].append((open_ - before) / count)
+            each[name].append((quiet_ - before) / count)
+            active[name].append((open_ - before) / count)
             lines[name].append(
-                f"{before / 1024:.1f} before, {open_ / 1024:.1f} open, {closed / 1024:.1f} closed"
+                f"{before / 1024:.1f} before, {open_ / 1024:.1f} active, {quiet_ / 1024:.1f} "
+                f"idle, {closed / 1024:.1f} closed"
             )
     print()
     out = {}
     for name in rows:
         out[name] = statistics.median(each[name])
         engine = "cluster engine, 3 shards" if name == "agent cluster" else "single-node engine"
-        print(f"idle         {name} ({engine}): {count} idle sessions (PING, {len(gets)} GETs), "
-              f"{out[name]:.1f} KiB each (median of {rounds}); agent RSS MiB: "
+        print(f"idle         {name} ({engine}): {count} sessions (PING, {len(gets)} GETs), "
+              f"{statistics.median(active[name]):.1f} KiB each active, {out[name]:.1f} KiB "
+              f"idle {quiet:.0f} s more (medians of {rounds}); agent RSS MiB: "
               f"{'; '.join(lines[name])}")  # fmt: skip
+    if len(rows) == 2 and statistics.median(active["agent"]):
+        ratio = statistics.median(active["agent cluster"]) / statistics.median(active["agent"])
+        print(f"idle         active sessions cluster/node: {ratio:.2f}x (every shard used "
+              f"within listener.shard_idle_timeout; the floor is on idle sessions)")  # fmt: skip
     return out
+
+
+def _shard_idle_timeout() -> float:
+    """The agent's default ``listener.shard_idle_timeout`` (the benchmark's agent keeps
+    it), 0 when shard connections are kept."""
+    from dbservice.gateway.settings import ListenerConfig
+
+    default = ListenerConfig.model_fields["shard_idle_timeout"].default
+    return float(default or 0.0)
 
 
 FLOORS: tuple[tuple[str, int, float], ...] = (
@@ -1257,6 +1284,8 @@ CPU_FLOORS = {"agent": 2.5, "agent cluster": 3.0}
 """Issue 18: the agent's CPU per request at pipeline 16, microseconds, by engine."""
 ADDED_P50_FLOOR = 0.15
 """Issue 18: the p50 the agent adds (either engine) to TLS direct's, open loop, ms."""
+HEAP_TRIM_EVERY = 5.0
+"""Seconds between two heap trims of the agent at least (fleetgate/heap.py's EVERY)."""
 IDLE_FLOOR = 1.5
 """Issue 18: an idle session through the cluster engine (3 shards) costs at most this
 times one through the single-node engine."""

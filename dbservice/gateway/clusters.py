@@ -7,7 +7,7 @@ upstream of a per-node session (``fleetgate db connect NAME --node <shard>``).
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from bus.schemas import DatabaseResource
 from dbservice.engine.cluster.link import Dial, Link, LinkError
@@ -84,6 +84,7 @@ class ClusterEngines:
         eof_command: str | None = None,
         limits: ProxyLimits | None = None,
         buffers: CommandBuffers | None = None,
+        on_link_closed: Callable[[], None] | None = None,
     ) -> ClusterSession:
         """The engine for one client, over ``seed`` (the logged-in connection to the
         configuration endpoint the listener made)."""
@@ -104,6 +105,7 @@ class ClusterEngines:
             client_port=client_port,
             eof_command=eof_command,
             buffers=buffers,
+            on_link_closed=on_link_closed,
         )
 
     async def node_upstream(

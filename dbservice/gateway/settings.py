@@ -79,6 +79,13 @@ class ListenerConfig(Strict):
     limit (logged once per interval)."""
     idle_timeout: Duration | None = None
     """Close a session after this long without a byte either way (default: never)."""
+    shard_idle_timeout: Duration | None = 30.0
+    """Cluster engine: close a session's connection to a node (each shard's, and the
+    configuration endpoint's it started with) after this long unused (nothing sent there,
+    nothing owed), within a quarter more; the session's next command for that node opens
+    and logs in a new one. A session's connections are kept while it is in
+    ``WATCH``/``MULTI`` or after ``CLIENT NO-EVICT``/``NO-TOUCH``. An idle session then
+    holds no connection to the cluster (``null``: keep them until the session ends)."""
     max_command_buffer: ByteSize = Field(default=ByteSize(128 * 1024 * 1024), ge=1024 * 1024)
     """Most bytes one session holds of a command still arriving (``128MiB``, ``1GiB``...).
     The cluster engine holds each command whole (to route it, and to send it again on a
@@ -112,6 +119,16 @@ class ListenerConfig(Strict):
                 f"({self.max_command_buffer} > {self.max_command_buffer_total} bytes)"
             )
         return self
+
+    @field_validator("shard_idle_timeout")
+    @classmethod
+    def _shard_idle(cls, seconds: float | None) -> float | None:
+        if seconds is not None and seconds < 1:
+            raise ValueError(
+                "must be 1s or more (each session checks its connections every quarter of "
+                "it), or null to keep them until the session ends; the default is 30s"
+            )
+        return seconds
 
     @field_validator("iam_reauth")
     @classmethod

@@ -12,8 +12,9 @@ from pathlib import Path
 import redis
 
 from dbservice.engine.cluster.testing import LoopbackCluster
+from dbservice.engine.login import ClientCredentials, UpstreamLogin
 from dbservice.engine.proxy import PassThroughHooks, ProxyLimits, SessionHooks
-from dbservice.engine.proxy.settings import CommandBuffers
+from dbservice.engine.proxy.settings import CommandBuffers, ProxyTimeouts
 from sandbox.memorydb import ThreadedStandin
 from tests.kits.proxy import ThreadedServer
 
@@ -33,8 +34,14 @@ class ClusterProxy(ThreadedServer[LoopbackCluster]):
         limits: ProxyLimits | None = None,
         buffers: CommandBuffers | None = None,
         client_tls: bool = False,
+        timeouts: ProxyTimeouts | None = None,
+        login: Callable[[], UpstreamLogin] = ClientCredentials,
+        db_user: str = "default",
     ) -> None:
         super().__init__()
+        self.timeouts = timeouts
+        self.login = login
+        self.db_user = db_user
         self.standin = standin
         self.client_tls = client_tls
         self.hooks = hooks
@@ -55,6 +62,9 @@ class ClusterProxy(ThreadedServer[LoopbackCluster]):
             limits=self.limits,
             buffers=self.buffers,
             client_tls=client_tls,
+            timeouts=self.timeouts,
+            login=self.login,
+            db_user=self.db_user,
         )
 
     def client(self, protocol: int = 2, **kwargs: object) -> redis.Redis:

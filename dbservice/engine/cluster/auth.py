@@ -43,7 +43,7 @@ class ClientSetup:
     session opens later: its last ``AUTH`` the server accepted, its protocol and its
     name."""
 
-    __slots__ = ("creds", "name", "proto", "resp3")
+    __slots__ = ("creds", "name", "pinned", "proto", "resp3")
 
     def __init__(self) -> None:
         self.proto = 2
@@ -53,6 +53,10 @@ class ClientSetup:
         self.creds: list[bytes] | None = None
         """The client's last ``AUTH`` the server accepted (replayed on new links)."""
         self.name: bytes | None = None
+        self.pinned = False
+        """The client set a mode of the connections themselves that is not replayed
+        (``CLIENT NO-EVICT``/``NO-TOUCH``): the session keeps its shard connections
+        however long they go unused."""
 
     def replay(self, *, logged_in: bool) -> list[list[bytes]]:
         """The commands that make a new connection the same, after the agent's login

@@ -155,6 +155,7 @@ def _client(session: ClusterSession, name: str, args: list[bytes]) -> Entry:
     if sub == b"SETINFO":
         return Local(name, OK)
     if sub in (b"NO-EVICT", b"NO-TOUCH"):
+        session.setup.pinned = True
         request = session.request(args, None)
         _broadcast(session, request.payload, skip=request.address)
         return Forward(name, request)

@@ -86,6 +86,10 @@ class Link:
         self.serves: Address | None = None
         """The node this link reaches when ``address`` is the configuration endpoint
         and the endpoint led to a primary (messages then name both)."""
+        self.used = 0
+        """Writes asked of the link so far (:meth:`quiet_for` compares them)."""
+        self._seen = -1
+        self._quiet = 0.0
 
     @property
     def name(self) -> str:
@@ -101,6 +105,22 @@ class Link:
     @property
     def owed(self) -> int:
         return len(self._waiters)
+
+    def quiet_for(self, now: float) -> float:
+        """Seconds the link has been open with nothing to write, no reply owed and no
+        command sent, as far as the calls to this method (at ``now``) could see: 0.0
+        the first time, and whenever any of that changed since the last call."""
+        if (
+            self.used != self._seen
+            or self._waiters
+            or self._buffer
+            or self._writer is None
+            or self.failed is not None
+            or self.closed
+        ):
+            self._seen, self._quiet = self.used, now
+            return 0.0
+        return now - self._quiet
 
     def start(self, streams: Streams | None = None) -> None:
         """Open the link (or adopt ``streams``, a connection already made ready)."""
@@ -142,6 +162,7 @@ class Link:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         if not self.pubsub:
             self._waiters.append(future)
+        self.used += 1
         if type(payload) is bytes and self._writer is not None:  # the common case
             self._buffer.append(payload)
             self._schedule()
@@ -155,6 +176,7 @@ class Link:
 
     def _queue(self, payload: Payload) -> None:
         """Commands sent in one turn of the event loop leave in one write."""
+        self.used += 1
         if isinstance(payload, bytes):
             self._buffer.append(payload)
         else:

@@ -90,6 +90,7 @@ class ClusterSession:
         client_port: int = 0,
         eof_command: str | None = None,
         buffers: CommandBuffers | None = None,
+        on_link_closed: Callable[[], None] | None = None,
     ) -> None:
         self._client_reader, self._client_writer = client
         self._limits = limits or ProxyLimits()
@@ -166,6 +167,9 @@ class ClusterSession:
         waited for (:mod:`dbservice.engine.proxy.halfclose`)."""
         self._awaiting: Entry | None = None
         """The entry whose reply the writer is waiting for."""
+        self._on_link_closed = on_link_closed
+        """Told each time an unused shard connection is closed (the agent's heap trimmer
+        counts closed connections)."""
 
     # -- running -------------------------------------------------------------------------
 
@@ -320,16 +324,55 @@ class ClusterSession:
         self._client_writer.transport.abort()
 
     async def _idle(self) -> None:
-        limit = self._timeouts.idle
-        if limit is None:
-            await asyncio.Event().wait()
-            return
+        """Ends the session after ``idle`` without a byte from the client, and closes
+        the shard connections unused for ``link_idle`` (checked every quarter of it)."""
+        limit, linger = self._timeouts.idle, self._timeouts.link_idle
         while True:
-            remaining = self._activity + limit - self._loop.time()
-            if remaining <= 0:
-                self.stats.reason = "idle"
+            now = self._loop.time()
+            wait = None
+            if limit is not None:
+                wait = self._activity + limit - now
+                if wait <= 0:
+                    self.stats.reason = "idle"
+                    return
+            if linger is not None:
+                await self._close_unused_links(now, linger)
+                wait = linger / 4 if wait is None else min(wait, linger / 4)
+            if wait is None:
+                await asyncio.Event().wait()
                 return
-            await asyncio.sleep(remaining)
+            await asyncio.sleep(wait)
+
+    async def _close_unused_links(self, now: float, linger: float) -> None:
+        """Close the connections unused for ``linger`` seconds, the configuration
+        endpoint's too (the next command for a node opens a new one, made the session's
+        as any new link: login, AUTH, protocol, name). Kept: every connection while a
+        ``WATCH`` or ``MULTI`` is open or after ``CLIENT NO-EVICT``/``NO-TOUCH`` (state
+        of the connection itself that a new one would not have)."""
+        transaction = self.transaction
+        if (
+            self._released
+            or self.setup.pinned
+            or transaction.queued is not None
+            or transaction.watched is not None
+        ):
+            return
+        seed, links = self._seed, self._links
+        unused = [seed] if seed.quiet_for(now) >= linger else []
+        for address, link in list(links.items()):
+            if link is seed:
+                if unused and unused[0] is seed:
+                    del links[address]  # the shard it served gets a link of its own
+            elif link.failed is not None or link.closed:
+                del links[address]  # gone already: nothing to keep
+            elif link.quiet_for(now) >= linger:
+                del links[address]
+                unused.append(link)
+        for link in unused:
+            logger.debug("cluster %s: closing the unused link to %s", self.database, link.name)
+            await link.aclose()
+            if self._on_link_closed is not None:
+                self._on_link_closed()
 
     # -- the agent's own commands (a renewed IAM AUTH) --------------------------------------
 
@@ -339,8 +382,10 @@ class ClusterSession:
         from the client: each link matches replies to their own futures, so the client's
         replies are untouched. ``on_reply(ok)`` once all have answered, False when any
         answered with an error (a connection lost meanwhile does not count: a new one
-        logs in afresh). Returns False, sending nothing, inside MULTI or WATCH or when no
-        connection is open; the caller retries later."""
+        logs in afresh). With no connection open (all closed unused) there is nothing to
+        renew: ``on_reply(True)`` at once, since each new connection logs in afresh.
+        Returns False, sending nothing, inside MULTI or WATCH; the caller retries
+        later."""
         transaction = self.transaction
         if self._released or transaction.queued is not None or transaction.watched is not None:
             return False
@@ -350,7 +395,8 @@ class ClusterSession:
             with contextlib.suppress(LinkError):
                 futures.extend(link.send(payload))
         if not futures:
-            return False
+            on_reply(True)
+            return True
         left = [len(futures), 1]  # replies still owed, and whether all were fine
 
         def answered(future: asyncio.Future[bytes]) -> None:

@@ -48,12 +48,19 @@ class LoopbackCluster(LoopbackServer):
         self.db_user = db_user
         self.state = ClusterState("loopback")
         self.dials = 0
+        self.links_closed = 0
+        self.live: list[ClusterSession] = []
+        """The running sessions, oldest first."""
+        """Shard connections the sessions closed for going unused (``link_idle``)."""
         self._ids = itertools.count(1)
 
     async def dial(self, address: Address) -> Streams:
         self.dials += 1
         connector = TcpConnector(address[0], address[1], ssl=self.tls, connect_timeout=5.0)
         return await connector.connect()
+
+    def _link_closed(self) -> None:
+        self.links_closed += 1
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         login = self.login()
@@ -79,5 +86,11 @@ class LoopbackCluster(LoopbackServer):
             timeouts=self.timeouts,
             client_id=next(self._ids),
             buffers=self.buffers,
+            on_link_closed=self._link_closed,
         )
-        self.finished.append(await session.run())
+        del seed  # the session's now: it may close it while the session goes on
+        self.live.append(session)
+        try:
+            self.finished.append(await session.run())
+        finally:
+            self.live.remove(session)

@@ -50,6 +50,11 @@ class ProxyTimeouts:
     close_grace: float = 2.0
     """After the client stops (EOF or protocol error), seconds to wait for the replies
     already owed before closing."""
+    link_idle: float | None = 30.0
+    """The cluster engine: seconds a session's connection to a node may stay unused
+    (nothing sent, nothing owed) before it is closed, to be opened again, and logged in
+    again, when the session next sends there (None: kept until the session ends). An
+    idle session then holds no connection to the cluster, whatever it used before."""
 
 
 BUFFER_FLOOR = 1 * MiB
