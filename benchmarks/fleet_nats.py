@@ -568,7 +568,7 @@ def fleet_topology(directory: Path) -> Iterator[Any]:
     from tests.kits.natscluster import NatsTopology
 
     topo = NatsTopology(directory, regions=REGIONS)
-    os.environ["SSL_CERT_FILE"] = str(topo.tls.ca_file)  # the kit's CA, for every client
+    os.environ["SSL_CERT_FILE"] = str(topo.ca_file)  # the kit's CA, for every client
     with topo:
         yield topo
 
