@@ -34,7 +34,8 @@ still being reaped, or a task finishing its last step)."""
 # is torn down, and no child process of this pytest process that it started. Processes
 # started by fixtures wider than a test (a module's valkey-server) belong to them and
 # are left alone. A test that must leave something for a later one says so with
-# ``@pytest.mark.leaks("why")``.
+# ``@pytest.mark.leaks("why")``; ``@pytest.mark.leaks("why", tasks_only=True)`` lets
+# tasks (a library's own, say) outlive the test but still checks its processes.
 
 
 def child_pids() -> set[int]:
@@ -87,10 +88,10 @@ def no_leaks(request: pytest.FixtureRequest) -> Iterator[None]:
     """Fails the test when it leaves child processes behind, and (for an async test,
     through :func:`no_leaked_tasks`) asyncio tasks."""
     marker = request.node.get_closest_marker("leaks")
-    if marker is not None:
+    if marker is not None and not marker.kwargs.get("tasks_only"):
         yield
         return
-    if inspect.iscoroutinefunction(getattr(request.node, "obj", None)):
+    if marker is None and inspect.iscoroutinefunction(getattr(request.node, "obj", None)):
         # Requested first, so it is torn down after every fixture of the test.
         request.getfixturevalue("no_leaked_tasks")
     before = child_pids()

@@ -332,6 +332,11 @@ def valkey_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
         yield node.port
 
 
+@pytest.mark.leaks(
+    "nats-py's ordered consumers start a recreate_consumer task of their own after a "
+    "server is lost and do not stop it when the client closes",
+    tasks_only=True,
+)
 async def test_losing_a_hub_server_keeps_every_session_serving(
     topo: NatsTopology,
     tmp_path: Path,
