@@ -181,7 +181,7 @@ class AwsRule(Record):
     @field_validator("account")
     @classmethod
     def _account(cls, value: str | None) -> str | None:
-        if value is not None and not ACCOUNT_RE.match(value):
+        if value is not None and not ACCOUNT_RE.fullmatch(value):
             raise ValueError(f"account {value!r}: twelve digits (globs * and ? allowed)")
         return value
 

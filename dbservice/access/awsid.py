@@ -49,11 +49,19 @@ DEFAULT_MAX_AGE: Final = 300.0
 """How far a signed request's date may be from now (either way), by default."""
 LONGEST_MAX_AGE: Final = 900.0
 """STS itself refuses a signature more than 15 minutes off: a longer window buys nothing."""
+FRAMING_HEADERS: Final = frozenset(
+    {"content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer",
+     "upgrade", "expect", "proxy-authorization", "proxy-connection"}
+)  # fmt: skip
+"""Headers about the connection or the message's framing: the service's HTTP client
+sets them itself, so a proof that signs or sends them is refused rather than forwarded."""
 MAX_HEADERS: Final = 32
 MAX_HEADER_BYTES: Final = 8192
 MAX_ANSWER: Final = 64 * 1024
 STS_TIMEOUT: Final = 10.0
 
+_PRINTABLE: Final = re.compile(r"[ -~]*")
+_TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _NS: Final = "{https://sts.amazonaws.com/doc/2011-06-15/}"
 _AMZ_DATE: Final = "%Y%m%dT%H%M%SZ"
 _REGION: Final = r"[a-z]{2}(?:-[a-z]+)+-\d{1,2}"
@@ -100,7 +108,7 @@ class AwsIdentity:
 def principal_arn(arn: str) -> str:
     """``arn:aws:sts::ACC:assumed-role/ROLE/SESSION`` -> ``arn:aws:iam::ACC:role/ROLE``;
     any other ARN unchanged."""
-    found = _ARN.match(arn)
+    found = _ARN.fullmatch(arn)
     if found is None or found["service"] != "sts":
         return arn
     kind, _, rest = found["resource"].partition("/")
@@ -202,7 +210,7 @@ def _allowed_url(url: str, overrides: Iterable[str]) -> bool:
     scheme, host, port, path = _endpoint(url)
     if path not in ("", "/"):
         return False
-    if scheme == "https" and port in (None, 443) and STANDARD_HOSTS.match(host):
+    if scheme == "https" and port in (None, 443) and STANDARD_HOSTS.fullmatch(host):
         return True
     for override in overrides:
         o_scheme, o_host, o_port, _ = _endpoint(override)
@@ -246,8 +254,14 @@ def check_proof(
         key = name.lower()
         if key in lower:
             raise IdentityRefused(f"headers: {name} is given twice")
-        if any(c in "\r\n\0" for c in name + value):
-            raise IdentityRefused(f"headers: {name} holds a line break or NUL")
+        if not _PRINTABLE.fullmatch(name + value) or not _TOKEN.fullmatch(name):
+            raise IdentityRefused(
+                f"headers: {name!r} is not a header name with a printable ASCII value"
+            )
+        if key in FRAMING_HEADERS:
+            raise IdentityRefused(
+                f"headers: {name} may not be sent (the service frames the request)"
+            )
         lower[key] = value
     if not isinstance(body64, str):
         raise IdentityRefused("body: missing (base64 of the signed request's body)")
@@ -263,7 +277,7 @@ def check_proof(
         raise IdentityRefused(
             "body: the signed request must be exactly Action=GetCallerIdentity&Version=2011-06-15"
         )
-    found = _AUTH.match(lower.get("authorization", ""))
+    found = _AUTH.fullmatch(lower.get("authorization", ""))
     if found is None:
         raise IdentityRefused("headers: no AWS4-HMAC-SHA256 Authorization (the SigV4 signature)")
     scope = found["credential"].split("/")

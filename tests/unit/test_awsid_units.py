@@ -273,3 +273,28 @@ def test_the_certificate_carries_the_aws_principal_and_old_ones_read_without() -
     assert decode_identity(cert).aws_arn == arn
     plain = ca.issue_client(new_key().public_key(), Identity(user="alice"), 60)
     assert decode_identity(plain).aws_arn == ""
+
+
+@pytest.mark.parametrize("header", ["Transfer-Encoding", "content-length", "Connection"])
+def test_framing_headers_are_refused_not_forwarded(header: str) -> None:
+    """The service's HTTP client frames the request to STS itself: a proof may not set
+    Transfer-Encoding or Content-Length (an aiohttp error, a 500, or a second request)."""
+    proof = sign_identity_request(session(), SERVER)
+    proof["headers"][header] = "chunked"
+    assert "may not be sent" in refusal(proof, now=signed_at(proof))
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("X-Amz-Date", "2026\r\nX-Evil: 1"),
+        ("X-Note", "caf\u00e9"),
+        ("Bad Name", "x"),
+        ("X-A", "\0"),
+    ],
+)
+def test_header_names_and_values_must_be_printable_ascii(name: str, value: str) -> None:
+    proof = sign_identity_request(session(), SERVER)
+    now = signed_at(proof)
+    proof["headers"][name] = value
+    assert "printable ASCII" in refusal(proof, now=now)
