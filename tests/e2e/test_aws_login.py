@@ -23,16 +23,27 @@ import redis.asyncio as aredis
 
 from bus import Bus, subjects
 from bus.access import Identity
-from bus.audit import AuditEvent, Login, read_events
+from bus.audit import Login, read_events
 from bus.server import NatsServer
-from dbservice.access.audit import AuditEmitter
 from dbservice.access.awsid import SERVER_ID_HEADER, sign_identity_request
-from dbservice.auth.admin import add_aws_rule
+from dbservice.access.ca import cert_pem, key_pem, new_key
+from dbservice.auth.admin import add_aws_rule, write_identity
 from dbservice.auth.service import AuthConfig, start_service
+from dbservice.route import RouteRefused
 from sandbox.aws import MotoServer
 from sandbox.valkeynode import ValkeyNode
+from tests.kits.agent import running_agent
 from tests.kits.common import boto
 from tests.kits.connect import StandInAgent, Tunnel, World, resource, world
+from tests.kits.listener import (
+    APP_PASSWORD,
+    RawSession,
+    add_acl_users,
+    audit_events,
+    make_fleet,
+    static_db,
+    wait_events,
+)
 from tests.kits.proxy import start_single_node
 
 ACC = "123456789012"
@@ -235,40 +246,40 @@ async def test_old_dates_other_services_and_other_urls_are_refused(
     assert len(reasons) == 5 and any("signed for another service" in r for r in reasons)
 
 
-async def test_audit_events_of_a_session_carry_the_principal(bus: Bus) -> None:
-    from bus.audit import ensure_audit_stream
-
-    await ensure_audit_stream(bus)
+async def test_the_agents_audit_events_name_the_aws_principal(
+    bus: Bus, tmp_path: Path, nats_server: NatsServer, valkey: ValkeyNode
+) -> None:
+    """Through a real agent: a session of an identity from ``login --aws`` (its
+    certificate carries the ARN) is audited with ``principal``, its refusals too; a
+    person's session without."""
+    await add_acl_users(valkey)
+    fleet = await make_fleet(bus, tmp_path, nats_server.url)
     arn = f"arn:aws:sts::{ACC}:assumed-role/ci-deploy/job-42"
-    emitter = AuditEmitter.for_bus(bus, host_id="agent-1")
-    emitter.start()
-    try:
-        identity = Identity(user="ci-bot", roles=("dev",), kind="bot", aws_arn=arn)
-        session = emitter.session(identity, database="dev-cache", db_user="app", client_addr="x")
-        session.start()
-        session.query([b"GET", b"k"])
-        session.end()
-        plain = emitter.session(
-            Identity(user="alice"), database="d", db_user="app", client_addr="y"
+    key = new_key()
+    identity = Identity(user="ci-bot", roles=("dev",), kind="bot", aws_arn=arn)
+    cert = fleet.ca.issue_client(key.public_key(), identity, 600)
+    ci = tmp_path / "ids" / "ci-bot"
+    write_identity(ci, key_pem(key), cert_pem(cert), fleet.ca.pem)
+    config = fleet.agent("agent-1", [static_db("dev-cache", valkey.port, env="dev")])
+    async with running_agent(config, fleet.nats_url) as running:
+        assert running.listener is not None
+        port = running.listener.port
+        session = await RawSession.open(port, ci, fleet.ca.pem, "dev-cache", "app")
+        assert await session.call("AUTH", "app", APP_PASSWORD) == b"+OK"
+        assert await session.call("GET", "k") == b"$-1"
+        session.close()
+        with pytest.raises(RouteRefused, match="admin"):
+            await RawSession.open(port, ci, fleet.ca.pem, "dev-cache", "admin")
+        alice = await RawSession.open(
+            port, fleet.identity("alice", ["dev"]), fleet.ca.pem, "dev-cache", "app"
         )
-        plain.start()
-        assert await emitter.flush(5)
-    finally:
-        await emitter.aclose()
+        alice.close()
+        await wait_events(bus, 2, "session ends", type="db.session.end")
 
-    async def read() -> list[AuditEvent]:
-        return [
-            e
-            async for e in read_events(
-                bus, subject=subjects.audit_filter("db.session", exact=False)
-            )
-        ]
-
-    events = await asyncio.wait_for(read(), 10)
-    mine = [(e.type, e.principal) for e in events if e.user == "ci-bot"]
-    assert mine == [
-        ("db.session.start", arn),
-        ("db.session.query", arn),
-        ("db.session.end", arn),
-    ]
-    assert [e.principal for e in events if e.user == "alice"] == [""]
+    events = await audit_events(bus)
+    mine = [(e.type, e.success, e.principal) for e in events if e.user == "ci-bot"]
+    assert ("db.session.start", True, arn) in mine
+    assert ("db.session.query", True, arn) in mine
+    assert ("db.session.end", True, arn) in mine
+    assert ("db.session.start", False, arn) in mine  # the refused db user
+    assert {e.principal for e in events if e.user == "alice"} == {""}
