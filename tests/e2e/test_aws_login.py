@@ -283,3 +283,36 @@ async def test_the_agents_audit_events_name_the_aws_principal(
     assert ("db.session.end", True, arn) in mine
     assert ("db.session.start", False, arn) in mine  # the refused db user
     assert {e.principal for e in events if e.user == "alice"} == {""}
+
+
+async def test_admins_manage_aws_rules_from_the_command_line(w: World) -> None:
+    added = await w.fleetgate(
+        "users", "add-aws", "deployer", "--arn", f"arn:aws:iam::{ACC}:role/deploy-*",
+        "--arn", f"arn:aws:sts::{ACC}:assumed-role/ops/*", "--account", ACC,
+        "--roles", "dev", "--ttl", "15m",
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert "log in as deployer with roles dev (fleetgate login --aws)" in added.stdout
+    listed = await w.fleetgate("users", "ls-aws", "--format", "json")
+    rules = {r["name"]: r for r in json.loads(listed.stdout)}
+    assert sorted(rules) == ["ci-bot", "deployer"]
+    assert (rules["deployer"]["account"], rules["deployer"]["ttl"]) == (ACC, 900.0)
+    table = await w.fleetgate("users", "ls-aws")
+    assert "deploy-*" in table.stdout and "15m" in table.stdout
+
+    again = await w.fleetgate("users", "add-aws", "deployer", "--arn", "arn:aws:iam::1:role/x",
+                              "--roles", "dev")  # fmt: skip
+    assert again.returncode == 2 and "exists already" in again.stderr
+    for bad, problem in (
+        (["--arn", "role/ci-*", "--roles", "dev"], "is not an ARN pattern"),
+        (["--arn", "arn:aws:iam::1:role/x", "--roles", "nope"], "unknown role(s): nope"),
+        (["--arn", "arn:aws:iam::1:role/x", "--roles", "dev", "--account", "x"], "twelve digits"),
+    ):
+        done = await w.fleetgate("users", "add-aws", "other", *bad)
+        assert done.returncode == 2 and problem in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+    removed = await w.fleetgate("users", "rm-aws", "deployer")
+    assert removed.returncode == 0, removed.stderr
+    gone = await w.fleetgate("users", "rm-aws", "deployer")
+    assert gone.returncode == 2 and "no AWS rule 'deployer'" in gone.stderr
