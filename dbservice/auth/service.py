@@ -11,6 +11,12 @@ API (JSON over HTTPS):
   rate-limited, 400 ``{"error"}`` naming what is wrong for a malformed request (413 for
   a body over :data:`MAX_BODY`), 503 when NATS (users, roles, the record of used
   one-time codes, the failed logins) cannot be reached.
+* ``GET /v1/login/aws`` -> ``{"server_id", "max_age"}`` and ``POST /v1/login/aws``
+  ``{"proof", "csr", "ttl"?, "role"?}`` -> the same answer as a login (plus
+  ``"principal"``): programs log in with a signed ``sts:GetCallerIdentity`` request
+  (:mod:`dbservice.access.awsid`) mapped by the AWS rules to an identity; 404 when
+  ``aws`` is not configured, 401 with the reason when refused, 503 when STS or NATS
+  cannot be asked.
 * Any request that needs NATS answers 503 ``{"error"}`` (with ``Retry-After``) when NATS
   cannot be reached: the catalog at once while the connection is down.
 * ``GET /v1/ca`` -> ``{"pem", "fingerprint"}``: the fleet CA (clients pin it).
