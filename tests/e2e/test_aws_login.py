@@ -197,13 +197,16 @@ def sign(server_id: str = SERVER_ID) -> dict[str, Any]:
     return sign_identity_request(session, server_id)
 
 
-async def post(w: World, proof: dict[str, Any]) -> tuple[int, str]:
+async def post(w: World, proof: dict[str, Any], *, port: int | None = None) -> tuple[int, str]:
     from tests.integration.test_access_login import CSR
 
     tls = ssl.create_default_context(cafile=str(w.tmp / "ca" / "ca.crt"))
     async with (
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as http,
-        http.post(f"https://{w.auth}/v1/login/aws", json={"proof": proof, "csr": CSR}) as resp,
+        http.post(
+            f"https://127.0.0.1:{port or w.service.port}/v1/login/aws",
+            json={"proof": proof, "csr": CSR},
+        ) as resp,
     ):
         answer = await resp.json()
         return resp.status, str(answer.get("error", ""))
@@ -218,6 +221,22 @@ async def test_a_signed_request_works_once(w: World) -> None:
         "AWS identity refused: this signed request was used before: sign a new one for each login"
     )
     assert (await post(w, sign()))[0] == 200  # a new signature is a new login
+
+
+async def test_two_instances_racing_with_one_signed_request_let_one_in(w: World, bus: Bus) -> None:
+    """Used signatures are shared through NATS: the same request sent to two instances
+    behind one name at once logs in once."""
+    config = w.service.service.config
+    other = await start_service(
+        config.model_copy(update={"listen": "127.0.0.1:0"}), bus=bus, ca=w.ca, audit=w.audit
+    )
+    try:
+        for _ in range(3):
+            proof = sign()
+            answers = await asyncio.gather(post(w, proof), post(w, proof, port=other.port))
+            assert sorted(status for status, _ in answers) == [200, 401]
+    finally:
+        await other.close()
 
 
 async def test_old_dates_other_services_and_other_urls_are_refused(
