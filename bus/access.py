@@ -135,6 +135,64 @@ class User(Record):
         return check_name("user", value)
 
 
+def check_arn_pattern(pattern: str) -> str:
+    """An AWS rule's ARN glob (``*`` and ``?``), or ValueError saying what is wrong."""
+    if not pattern.startswith("arn:") or pattern.count(":") < 5:
+        raise ValueError(
+            f"{pattern!r} is not an ARN pattern: use e.g. 'arn:aws:iam::123456789012:role/ci-*'"
+        )
+    if any(c.isspace() for c in pattern) or "[" in pattern or "]" in pattern:
+        raise ValueError(f"{pattern!r}: no spaces or [ ] in an ARN pattern (globs are * and ?)")
+    return pattern
+
+
+ACCOUNT_RE = re.compile(r"^[0-9*?]{1,12}$")
+
+
+class AwsRule(Record):
+    """Programs whose AWS identity matches log in as ``name`` (``fleetgate login --aws``)."""
+
+    name: str
+    """The fleetgate identity the certificate names."""
+    arns: tuple[str, ...]
+    """ARN globs matched against the principal ARN (an assumed role's session reads as
+    its role, ``arn:aws:iam::ACC:role/NAME``) and against the ARN STS returned."""
+    account: str | None = None
+    """An account id (or glob) the identity must also be in."""
+    roles: tuple[str, ...] = ()
+    db_users: tuple[str, ...] = ()
+    ttl: Duration | None = None
+    """Longest certificate (the roles' caps apply too); None: the roles' cap."""
+    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    schema_version: int = SCHEMA_VERSION
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name("user", value)
+
+    @field_validator("arns")
+    @classmethod
+    def _arns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("at least one ARN pattern")
+        return tuple(check_arn_pattern(p) for p in value)
+
+    @field_validator("account")
+    @classmethod
+    def _account(cls, value: str | None) -> str | None:
+        if value is not None and not ACCOUNT_RE.fullmatch(value):
+            raise ValueError(f"account {value!r}: twelve digits (globs * and ? allowed)")
+        return value
+
+    @field_validator("ttl")
+    @classmethod
+    def _ttl(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError("ttl must be longer than zero")
+        return value
+
+
 class CACertificate(Record):
     """The fleet CA as published in the registry."""
 
@@ -157,6 +215,9 @@ class Identity(Record):
     """Not stored in the extension: taken from the certificate's notAfter."""
     serial: str = ""
     """The certificate serial number in hex, for audit correlation."""
+    aws_arn: str = ""
+    """For a login with an AWS identity (``fleetgate login --aws``): the ARN STS
+    returned; audit events carry it as ``principal``. Empty otherwise."""
 
 
 # -- registry access ----------------------------------------------------------------
@@ -210,6 +271,23 @@ async def list_users(bus: Bus) -> list[User]:
 
 async def delete_user(bus: Bus, name: str) -> None:
     await bus.delete(subjects.USERS_BUCKET, subjects.user_key(name))
+
+
+async def put_aws_rule(bus: Bus, rule: AwsRule) -> int:
+    return await bus.put(subjects.AWS_RULES_BUCKET, subjects.user_key(rule.name), rule)
+
+
+async def get_aws_rule(bus: Bus, name: str) -> AwsRule | None:
+    return await bus.get(subjects.AWS_RULES_BUCKET, subjects.user_key(name), AwsRule)
+
+
+async def list_aws_rules(bus: Bus) -> list[AwsRule]:
+    found = await bus.snapshot(subjects.AWS_RULES_BUCKET, AwsRule)
+    return sorted(found.values(), key=lambda r: r.name)
+
+
+async def delete_aws_rule(bus: Bus, name: str) -> None:
+    await bus.delete(subjects.AWS_RULES_BUCKET, subjects.user_key(name))
 
 
 async def put_ca(bus: Bus, ca: CACertificate) -> int:

@@ -92,6 +92,9 @@ class AuditEvent(Record):
     success: bool = True
     reason: str = ""
     """Why it failed (failures), or a note."""
+    principal: str = ""
+    """The AWS identity (the ARN STS returned) of a user logged in with
+    ``fleetgate login --aws``; empty for others."""
     schema_version: int = SCHEMA_VERSION
 
     def expand(self) -> list[AuditEvent]:
@@ -158,6 +161,7 @@ class SessionQueries(AuditEvent):
                 "client_addr",
                 "host_id",
                 "session_id",
+                "principal",
                 "schema_version",
             }
         )
@@ -248,7 +252,7 @@ class QueryBatch:
 
     common: Mapping[str, Any]
     """The session's fields: user, roles, database, db_user, client_addr, host_id,
-    session_id."""
+    session_id (and principal, for an AWS identity)."""
     first_seq: int
     queries: Sequence[bytes]
     id: str = field(default_factory=_new_id)

@@ -87,6 +87,10 @@ LOGIN_FAILURES_KEEP: Final = 86400.0
 """How long a user's failed logins are kept after the last one: the longest rate-limit
 window (see :mod:`bus.login_failures`)."""
 
+AWS_SIGNATURES_KEEP: Final = 1800.0
+"""How long a used AWS signature is remembered: STS refuses a signature more than 15
+minutes from its date either way, so after 30 minutes none can be used again anyway."""
+
 # -- provisioned by every process -----------------------------------------------------
 
 DATABASES: Final = BucketSpec(
@@ -106,6 +110,9 @@ DB_SERVERS: Final = BucketSpec(
 AUTH: Final = BucketSpec(subjects.AUTH_BUCKET, "fleetgate fleet CA certificate (never keys)")
 ROLES: Final = BucketSpec(subjects.ROLES_BUCKET, "fleetgate roles", history=5)
 USERS: Final = BucketSpec(subjects.USERS_BUCKET, "fleetgate users and password hashes", history=5)
+AWS_RULES: Final = BucketSpec(
+    subjects.AWS_RULES_BUCKET, "fleetgate AWS identities that may log in (users add-aws)", history=5
+)
 
 # -- written by compare-and-set (bus.leases) -------------------------------------------
 
@@ -133,6 +140,13 @@ LOGIN_FAILURES: Final = BucketSpec(
     ttl=LOGIN_FAILURES_KEEP,
 )
 
+AWS_SIGNATURES: Final = BucketSpec(
+    subjects.AWS_SIGNATURES_BUCKET,
+    "fleetgate signed AWS requests already used to log in (written by the auth service)",
+    history=1,
+    ttl=AWS_SIGNATURES_KEEP,
+)
+
 
 def _by_name(*specs: BucketSpec) -> Mapping[str, BucketSpec]:
     return MappingProxyType({spec.name: spec for spec in specs})
@@ -145,6 +159,13 @@ ACCESS_BUCKETS: Final = (AUTH, ROLES, USERS)
 """Users, roles and the CA: provisioned by admins and the auth service, never discovery."""
 
 SPECS: Final = _by_name(
-    *BUCKETS.values(), *ACCESS_BUCKETS, DISCOVERY_LEASES, LEASES, TOTP, LOGIN_FAILURES
+    *BUCKETS.values(),
+    *ACCESS_BUCKETS,
+    DISCOVERY_LEASES,
+    LEASES,
+    TOTP,
+    LOGIN_FAILURES,
+    AWS_RULES,
+    AWS_SIGNATURES,
 )
 """Every bucket of the bus by name: the spec it is created with, whoever opens it first."""

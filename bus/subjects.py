@@ -62,6 +62,15 @@ LOGIN_FAILURES_BUCKET: Final = "fleetgate_login_failures"
 every auth service instance so the per-user limit counts failures at all of them.
 Written and read only by the auth service."""
 
+AWS_RULES_BUCKET: Final = "fleetgate_aws_rules"
+"""Which AWS identities log in as which fleetgate identity (``fleetgate users add-aws``),
+keyed by the identity's name. Written by admins; read only by the auth service."""
+
+AWS_SIGNATURES_BUCKET: Final = "fleetgate_aws_signatures"
+"""Signatures of the signed GetCallerIdentity requests already used to log in, keyed by
+the signature: shared by every auth service instance so a signed request works once.
+Written and read only by the auth service."""
+
 AUDIT_STREAM: Final = "FLEETGATE_AUDIT"
 """JetStream stream of audit events, on subjects ``fleetgate.audit.<event type>``."""
 

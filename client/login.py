@@ -19,6 +19,7 @@ Without either, an interactive login shows the fingerprint the service presents 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -35,8 +36,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from bus.access import Identity
+from dbservice.access.awsid import IdentityRefused, sign_identity_request
 from dbservice.access.ca import (
     CertificateRejected,
+    PrivateKey,
     decode_identity,
     fingerprint,
     key_pem,
@@ -205,16 +208,29 @@ async def login(
         body["totp"] = totp
     if ttl:
         body["ttl"] = ttl
+    status, data = await _post(url, "/v1/login", body, trust)
+    if status != 200:
+        message = str(data.get("error") or f"HTTP {status}")
+        if data.get("need") == "totp":
+            message += " (pass --otp CODE)"
+        raise LoginError(f"login failed: {message}")
+    return _keep(home, url, key, data)
+
+
+async def _post(url: str, path: str, body: dict[str, Any], trust: str) -> tuple[int, Any]:
+    """POST ``body`` as JSON to the auth service: its status and JSON answer."""
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
-            http.post(f"{url}/v1/login", json=body, ssl=trusting(trust)) as resp,
+            http.post(f"{url}{path}", json=body, ssl=trusting(trust)) as resp,
         ):
             try:
                 data = await resp.json()
             except (aiohttp.ContentTypeError, ValueError):
+                data = None
+            if not isinstance(data, dict):
                 data = {"error": f"unexpected answer (HTTP {resp.status})"}
-            status = resp.status
+            return resp.status, data
     except aiohttp.ClientConnectorCertificateError as exc:
         raise LoginError(
             f"the auth service at {url} is not trusted by the pinned CA ({exc.certificate_error}); "
@@ -225,16 +241,79 @@ async def login(
             f"cannot reach the auth service at {url}: {http_reason(exc)}; "
             "check the address (--auth HOST:PORT) with your admin"
         ) from None
-    if status != 200:
-        message = str(data.get("error") or f"HTTP {status}")
-        if data.get("need") == "totp":
-            message += " (pass --otp CODE)"
-        raise LoginError(f"login failed: {message}")
+
+
+def _keep(home: Path, url: str, key: PrivateKey, data: dict[str, Any]) -> LoginResult:
     cert = load_certs(data["certificate"])[0]
     if cert.public_key() != key.public_key():
         raise LoginError("the auth service returned a certificate for another key")
     identity = save_identity(home, url, key_pem(key), cert, data["certificate"], data["ca"])
     return LoginResult(identity, float(data.get("ttl", 0)), home)
+
+
+async def login_aws(
+    address: str,
+    *,
+    role: str | None = None,
+    ttl: float | None = None,
+    region: str | None = None,
+    ca_file: str | None = None,
+    ca_fingerprint: str | None = None,
+    confirm: Callable[[str], bool] | None = None,
+    home: Path | None = None,
+) -> LoginResult:
+    """Log in with this machine's AWS identity: sign ``sts:GetCallerIdentity`` for the
+    auth service (its id comes from ``GET /v1/login/aws``, over the verified connection)
+    and send the signed request, never the credentials (:mod:`dbservice.access.awsid`)."""
+    home = home or fleetgate_home()
+    url = normalize_auth(address)
+    trust = await resolve_trust(
+        url, home, ca_file=ca_file, ca_fingerprint=ca_fingerprint, confirm=confirm
+    )
+    server_id = await _aws_server_id(url, trust)
+    try:
+        proof = await asyncio.to_thread(_sign, server_id, region)
+    except IdentityRefused as exc:
+        raise LoginError(f"cannot sign with an AWS identity: {exc}") from None
+    key = new_key()
+    body: dict[str, Any] = {"proof": proof, "csr": make_csr(key, "aws")}
+    if role:
+        body["role"] = role
+    if ttl:
+        body["ttl"] = ttl
+    status, data = await _post(url, "/v1/login/aws", body, trust)
+    if status != 200:
+        raise LoginError(f"login failed: {data.get('error') or f'HTTP {status}'}")
+    return _keep(home, url, key, data)
+
+
+def _sign(server_id: str, region: str | None) -> dict[str, Any]:
+    import botocore.session
+
+    return sign_identity_request(botocore.session.Session(), server_id, region=region)
+
+
+async def _aws_server_id(url: str, trust: str) -> str:
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http,
+            http.get(f"{url}/v1/login/aws", ssl=trusting(trust)) as resp,
+        ):
+            try:
+                data = await resp.json()
+            except (aiohttp.ContentTypeError, ValueError):
+                data = None
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError, ssl.SSLError) as exc:
+        raise LoginError(
+            f"cannot reach the auth service at {url}: {http_reason(exc)}; "
+            "check the address (--auth HOST:PORT) with your admin"
+        ) from None
+    if not isinstance(data, dict):
+        raise LoginError(f"login failed: unexpected answer (HTTP {status})")
+    if status != 200 or not isinstance(data.get("server_id"), str):
+        raise LoginError(f"login failed: {data.get('error') or f'HTTP {status}'}")
+    return str(data["server_id"])
 
 
 def save_identity(

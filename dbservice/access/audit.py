@@ -686,19 +686,18 @@ class AuditEmitter:
         session_id: str | None = None,
         redaction: QueryRedaction = QueryRedaction(),
     ) -> SessionAudit:
-        return SessionAudit(
-            self,
-            common={
-                "user": identity.user,
-                "roles": identity.roles,
-                "database": database,
-                "db_user": db_user,
-                "client_addr": client_addr,
-                "host_id": self.host_id,
-                "session_id": session_id or uuid.uuid4().hex,
-            },
-            redaction=redaction,
-        )
+        common: dict[str, Any] = {
+            "user": identity.user,
+            "roles": identity.roles,
+            "database": database,
+            "db_user": db_user,
+            "client_addr": client_addr,
+            "host_id": self.host_id,
+            "session_id": session_id or uuid.uuid4().hex,
+        }
+        if identity.aws_arn:  # only then: every other session's messages stay as they were
+            common["principal"] = identity.aws_arn
+        return SessionAudit(self, common=common, redaction=redaction)
 
 
 class SessionAudit:

@@ -12,6 +12,9 @@ How a client certificate carries its identity
 
       {"v": 1, "user": "alice", "roles": ["dev"], "db_users": ["alice-rw"], "kind": "user"}
 
+  A login with an AWS identity adds ``"aws": "<the ARN STS returned>"`` (readers that
+  do not know the key ignore it; a certificate without it has no AWS principal).
+
   Non-critical, so standard TLS stacks (OpenSSL in Python's ``ssl``) accept the
   certificate; fleetgate's verifier requires it.
 * Validity: ``notBefore`` one minute in the past (clock skew), ``notAfter`` the expiry.
@@ -141,6 +144,8 @@ def encode_identity(identity: Identity) -> bytes:
         "db_users": list(identity.db_users),
         "kind": identity.kind,
     }
+    if identity.aws_arn:  # only then: a certificate without it reads as before
+        doc["aws"] = identity.aws_arn
     return _der_utf8(json.dumps(doc, separators=(",", ":"), sort_keys=True))
 
 
@@ -159,6 +164,7 @@ def decode_identity(cert: x509.Certificate) -> Identity:
             roles=tuple(doc.get("roles", ())),
             db_users=tuple(doc.get("db_users", ())),
             kind=doc.get("kind", "user"),
+            aws_arn=doc.get("aws", ""),
             expires=cert.not_valid_after_utc,
             serial=format(cert.serial_number, "x"),
         )

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from bus import Bus
 from bus.access import (
+    AwsRule,
     CACertificate,
     Identity,
     Role,
@@ -27,6 +28,7 @@ from bus.access import (
     put_user,
 )
 from bus.audit import Login
+from dbservice.access.awsid import AwsIdentity, account_matches, arn_matches
 from dbservice.access.ca import (
     CA_CERT_FILE,
     CA_KEY_FILE,
@@ -202,3 +204,92 @@ def parse_role(data: dict[str, Any], source: str) -> Role:
         return Role.model_validate(body)
     except ValidationError as exc:
         raise explain(exc, source) from None
+
+
+# -- AWS identities (fleetgate login --aws) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuleChoice:
+    """The rule an AWS identity logs in with, and the roles its certificate carries."""
+
+    rule: AwsRule
+    roles: tuple[str, ...]
+
+
+def rule_matches(rule: AwsRule, identity: AwsIdentity) -> bool:
+    """Whether ``identity`` is admitted by ``rule``: its account (when the rule names one)
+    and one of its ARN globs, on the principal ARN or the ARN STS returned."""
+    return account_matches(rule.account, identity) and any(
+        arn_matches(pattern, identity) for pattern in rule.arns
+    )
+
+
+def choose_aws_rule(
+    rules: list[AwsRule], identity: AwsIdentity, role: str | None = None
+) -> RuleChoice | str:
+    """The rule ``identity`` logs in with (with ``role``: the one rule granting it, and
+    only that role), or why there is none, for the program. Several rules matching
+    without ``role`` to choose is refused: which identity to issue is the admin's
+    decision, never a guess."""
+    matching = [r for r in rules if rule_matches(r, identity)]
+    who = f"{identity.arn} (account {identity.account})"
+    if identity.principal != identity.arn:
+        who = f"{identity.arn} (as {identity.principal}, account {identity.account})"
+    if not matching:
+        return (
+            f"no rule admits {who}; an admin adds one with "
+            "fleetgate users add-aws NAME --arn PATTERN --roles ..."
+        )
+    if role is not None:
+        granting = [r for r in matching if role in r.roles]
+        if not granting:
+            names = ", ".join(r.name for r in matching)
+            return f"role {role!r} is not granted to {who} (its rules: {names})"
+        matching = granting
+    if len(matching) > 1:
+        names = ", ".join(r.name for r in matching)
+        hint = "" if role is not None else " (or pick a role with --role)"
+        return f"{who} matches several rules ({names}): an admin must make them distinct{hint}"
+    rule = matching[0]
+    return RuleChoice(rule, (role,) if role is not None else rule.roles)
+
+
+async def add_aws_rule(
+    bus: Bus,
+    name: str,
+    arns: list[str],
+    roles: list[str],
+    *,
+    account: str | None = None,
+    db_users: list[str] | None = None,
+    ttl: float | None = None,
+    replace: bool = False,
+) -> AwsRule:
+    from bus.access import get_aws_rule, put_aws_rule
+    from bus.aws_logins import provision_aws_logins
+
+    try:
+        rule = AwsRule(
+            name=name,
+            arns=tuple(arns),
+            account=account,
+            roles=tuple(roles),
+            db_users=tuple(db_users or ()),
+            ttl=ttl,
+        )
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in error["loc"] if not isinstance(p, int))
+        raise AdminError(f"{where}: {error['msg'].removeprefix('Value error, ')}") from None
+    await provision_aws_logins(bus)
+    if not replace and await get_aws_rule(bus, name) is not None:
+        raise AdminError(f"AWS rule {name!r} exists already (remove it first, or pass --replace)")
+    unknown = [r for r in roles if await get_role(bus, r) is None]
+    if unknown:
+        raise AdminError(
+            f"unknown role(s): {', '.join(unknown)}; create them first with "
+            "fleetgate roles create -f role.yaml (see fleetgate roles ls)"
+        )
+    await put_aws_rule(bus, rule)
+    return rule

@@ -11,6 +11,12 @@ API (JSON over HTTPS):
   rate-limited, 400 ``{"error"}`` naming what is wrong for a malformed request (413 for
   a body over :data:`MAX_BODY`), 503 when NATS (users, roles, the record of used
   one-time codes, the failed logins) cannot be reached.
+* ``GET /v1/login/aws`` -> ``{"server_id", "max_age"}`` and ``POST /v1/login/aws``
+  ``{"proof", "csr", "ttl"?, "role"?}`` -> the same answer as a login (plus
+  ``"principal"``): programs log in with a signed ``sts:GetCallerIdentity`` request
+  (:mod:`dbservice.access.awsid`) mapped by the AWS rules to an identity; 404 when
+  ``aws`` is not configured, 401 with the reason when refused, 503 when STS or NATS
+  cannot be asked.
 * Any request that needs NATS answers 503 ``{"error"}`` (with ``Retry-After``) when NATS
   cannot be reached: the catalog at once while the connection is down.
 * ``GET /v1/ca`` -> ``{"pem", "fingerprint"}``: the fleet CA (clients pin it).
@@ -59,12 +65,21 @@ from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bus import Bus, login_failures
-from bus.access import Identity, get_roles, get_user, provision_access
+from bus.access import Identity, get_roles, get_user, list_aws_rules, provision_access
 from bus.audit import Login, ensure_audit_stream
+from bus.aws_logins import claim_signature, provision_aws_logins
 from bus.client import FAILURES
 from bus.settings import NatsConnection, NatsSettings
 from bus.totp import claim_step, provision_totp
 from dbservice.access.audit import AuditEmitter
+from dbservice.access.awsid import (
+    DEFAULT_MAX_AGE,
+    LONGEST_MAX_AGE,
+    AwsIdentity,
+    IdentityRefused,
+    StsUnavailable,
+    verify_identity_request,
+)
 from dbservice.access.ca import (
     CertificateAuthority,
     CertificateRejected,
@@ -75,7 +90,7 @@ from dbservice.access.ca import (
     write_private,
 )
 from dbservice.access.rbac import session_ttl_cap
-from dbservice.auth.admin import AdminError
+from dbservice.auth.admin import AdminError, choose_aws_rule
 from dbservice.auth.catalog import Catalog
 from dbservice.auth.listener import ConnectionLimits, GuardedListener, RefusalLog
 from dbservice.auth.passwords import totp_step, verify_password
@@ -162,6 +177,22 @@ class ConnectionSettings(Strict):
         return ConnectionLimits(**self.model_dump())
 
 
+class AwsLoginSettings(Strict):
+    """``fleetgate login --aws``: programs prove their AWS identity with a signed
+    ``sts:GetCallerIdentity`` request (:mod:`dbservice.access.awsid`)."""
+
+    server_id: str = Field(min_length=1, max_length=256, pattern=r"^[!-~]+$")
+    """This service's name in the signed requests (header ``X-Fleetgate-Server-Id``): a
+    request signed for another service is refused. Give every instance behind one name
+    the same id, e.g. its host name."""
+    sts_endpoints: list[str] = Field(default_factory=list)
+    """Endpoints accepted besides AWS's own ``https://sts[.REGION].amazonaws.com``
+    (e.g. a VPC endpoint's URL, or a test server): scheme, host and port must match."""
+    max_age: Duration = Field(DEFAULT_MAX_AGE, gt=0, le=LONGEST_MAX_AGE)
+    """How far a signed request's date may be from this service's clock (at most 15m,
+    STS's own limit)."""
+
+
 class AuditSettings(Strict):
     max_age: Duration = 90 * 86400.0
     """How long the audit stream keeps events."""
@@ -182,6 +213,8 @@ class AuthConfig(Strict):
     rate_limit: RateLimitSettings = RateLimitSettings()
     connections: ConnectionSettings = ConnectionSettings()
     audit: AuditSettings = AuditSettings()
+    aws: AwsLoginSettings | None = None
+    """Logins with an AWS identity; absent: ``POST /v1/login/aws`` answers 404."""
 
 
 MAX_BODY = 64 * 1024
@@ -198,6 +231,20 @@ class LoginRequest(BaseModel):
     csr: str = Field(max_length=16384)
     ttl: Duration | None = Field(None, ge=0)
     """Seconds or a duration (``"2h"``); finite; 0 or absent: the roles' cap."""
+
+
+class AwsLoginRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    proof: dict[str, Any]
+    """The signed request: ``{method, url, headers, body}`` (body in base64)."""
+    csr: str = Field(max_length=16384)
+    ttl: Duration | None = Field(None, ge=0)
+    role: str | None = Field(None, min_length=1, max_length=128)
+    """Ask for this one role of the matching rule only."""
+
+
+R = TypeVar("R", bound=BaseModel)
 
 
 class _Who(BaseModel):
@@ -337,6 +384,8 @@ class LoginService:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
         app.router.add_post("/v1/login", self.login)
+        app.router.add_get("/v1/login/aws", self.aws_parameters)
+        app.router.add_post("/v1/login/aws", self.login_aws)
         app.router.add_get("/v1/ca", self.get_ca)
         app.router.add_get("/healthz", self.health)
         Catalog(bus=self.bus, trusted=[self.ca.cert]).add_routes(app)
@@ -380,6 +429,9 @@ class LoginService:
     async def _read_body(self, request: web.Request) -> tuple[LoginRequest, EcPublicKey]:
         """The login request and its CSR's public key; :class:`BadRequest` saying what is
         wrong otherwise (nothing is counted or checked for a malformed request)."""
+        return await self._read(request, LoginRequest)
+
+    async def _read(self, request: web.Request, model: type[R]) -> tuple[R, EcPublicKey]:
         timeout = self.config.connections.body_timeout
         try:
             async with asyncio.timeout(timeout):
@@ -393,13 +445,13 @@ class LoginService:
         except ConnectionError:
             raise ClientGone from None
         try:
-            body = LoginRequest.model_validate_json(raw)
+            body = model.model_validate_json(raw)
         except ValidationError as exc:
             raise BadRequest(describe_invalid(exc), user_of(raw)) from None
         try:
-            public_key, _ = csr_public_key(body.csr)
+            public_key, _ = csr_public_key(getattr(body, "csr", ""))
         except CertificateRejected as exc:
-            raise BadRequest(f"csr: {exc}", body.user) from None
+            raise BadRequest(f"csr: {exc}", getattr(body, "user", "")) from None
         return body, public_key
 
     async def login(self, request: web.Request) -> web.Response:
@@ -540,6 +592,148 @@ class LoginService:
             }
         )
 
+    # -- programs: an AWS identity ---------------------------------------------------------
+
+    async def aws_parameters(self, request: web.Request) -> web.Response:
+        """What a client signs for: this service's id (``X-Fleetgate-Server-Id``)."""
+        settings = self.config.aws
+        if settings is None:
+            return web.json_response({"error": AWS_DISABLED}, status=404)
+        return web.json_response({"server_id": settings.server_id, "max_age": settings.max_age})
+
+    def _refuse_aws(
+        self,
+        request: web.Request,
+        reason: str,
+        status: int,
+        message: str,
+        *,
+        user: str = "",
+        principal: str = "",
+        retry_after: float | None = None,
+    ) -> web.Response:
+        self.audit.emit(
+            Login(
+                user=user,
+                client_addr=request.remote or "",
+                success=False,
+                reason=reason,
+                method="aws",
+                principal=principal,
+            )
+        )
+        logger.info(
+            "AWS login refused for %s from %s: %s", principal or "?", request.remote, reason
+        )
+        headers = {}
+        if retry_after is not None:
+            headers["Retry-After"] = str(int(retry_after) + 1)
+        return web.json_response({"error": message}, status=status, headers=headers)
+
+    async def login_aws(self, request: web.Request) -> web.Response:
+        """``POST /v1/login/aws`` ``{"proof", "csr", "ttl"?, "role"?}``: a certificate for
+        the fleetgate identity of the AWS rule the signer's identity matches."""
+        settings = self.config.aws
+        if settings is None:
+            return self._refuse_aws(request, "AWS logins not enabled", 404, AWS_DISABLED)
+        try:
+            body, public_key = await self._read(request, AwsLoginRequest)
+        except ClientGone:
+            self.refusals.note("connection lost before the body arrived", request.remote or "?")
+            return web.Response(status=400)
+        except BadRequest as exc:
+            if exc.status == 408:
+                self.refusals.note("request body too slow", request.remote or "unknown")
+            return self._refuse_aws(request, f"malformed request: {exc}", exc.status, str(exc))
+        address = request.remote or "unknown"
+        now = time.monotonic()
+        wait = self.by_address.reserve(address, now)
+        if wait is not None:
+            return self._refuse_aws(
+                request, "rate limited", 429,
+                f"too many failed logins; try again in {int(wait) + 1}s", retry_after=wait,
+            )  # fmt: skip
+
+        async def claim(signature: str, signed_at: datetime) -> bool:
+            used = claim_signature(self.bus, signature, signed_at)
+            return await self._ask("used AWS signatures", used)
+
+        who: AwsIdentity | None = None
+        try:
+            who = await verify_identity_request(
+                body.proof,
+                settings.server_id,
+                claim=claim,
+                endpoints=settings.sts_endpoints,
+                max_age=settings.max_age,
+            )
+            rules = await self._ask("AWS rules", list_aws_rules(self.bus))
+            choice = choose_aws_rule(rules, who, body.role)
+            if isinstance(choice, str):
+                raise IdentityRefused(choice)
+            roles = await self._ask("roles", get_roles(self.bus, choice.roles))
+        except IdentityRefused as exc:  # a failure: the address's attempt stays counted
+            arn = who.arn if who is not None else ""
+            return self._refuse_aws(
+                request, str(exc), 401, f"AWS identity refused: {exc}", principal=arn
+            )
+        except StsUnavailable as exc:
+            self.by_address.release(address, now)
+            logger.warning("AWS login not checked: %s", exc)
+            return self._refuse_aws(
+                request, f"not checked: {exc}", 503,
+                f"the login service cannot ask AWS STS right now ({exc}): try again in a moment",
+                retry_after=5,
+            )  # fmt: skip
+        except RegistryUnavailable as exc:
+            self.by_address.release(address, now)
+            logger.warning("AWS login not checked: %s", exc)
+            return self._refuse_aws(
+                request, f"{exc.what} not checked: NATS unavailable", 503,
+                UNAVAILABLE.format(what=exc.what), retry_after=1,
+            )  # fmt: skip
+        rule = choice.rule
+        missing = sorted(set(choice.roles) - {r.name for r in roles})
+        if missing:
+            logger.warning("AWS rule %s names unknown roles: %s", rule.name, ", ".join(missing))
+        cap = session_ttl_cap(roles)
+        if rule.ttl:
+            cap = min(cap, rule.ttl)
+        ttl = min(body.ttl, cap) if body.ttl else cap
+        identity = Identity(
+            user=rule.name, roles=choice.roles, db_users=rule.db_users, kind="bot",
+            aws_arn=who.arn,
+        )  # fmt: skip
+        cert = self.ca.issue_client(public_key, identity, ttl)
+        self.by_address.release(address, now)
+        expires = cert.not_valid_after_utc
+        self.audit.emit(
+            Login(
+                user=rule.name, roles=choice.roles, client_addr=address, method="aws",
+                expires=expires, principal=who.arn,
+            )
+        )  # fmt: skip
+        logger.info(
+            "AWS login: %s as %s from %s, certificate until %s", who.arn, rule.name, address,
+            expires,
+        )  # fmt: skip
+        return web.json_response(
+            {
+                "certificate": cert_pem(cert),
+                "ca": self.ca.pem,
+                "user": rule.name,
+                "roles": list(choice.roles),
+                "db_users": list(rule.db_users),
+                "principal": who.arn,
+                "expires": expires.isoformat(),
+                "ttl": ttl,
+            }
+        )
+
+
+AWS_DISABLED = (
+    "this auth service does not accept AWS identities (operators: set aws.server_id in its config)"
+)
 
 REGISTRY_DOWN = (
     "the auth service cannot reach the registry (NATS) right now ({why}); "
@@ -652,6 +846,8 @@ async def run_auth(config: AuthConfig, *, nats_url: str | NatsConnection) -> int
         await provision_access(bus)
         await provision_totp(bus)
         await login_failures.provision_login_failures(bus)
+        if config.aws is not None:
+            await provision_aws_logins(bus)
         await ensure_audit_stream(bus, max_age=config.audit.max_age)
         emitter = AuditEmitter.for_bus(bus, host_id=config.host_id, maxsize=config.audit.queue_size)
         async with emitter:

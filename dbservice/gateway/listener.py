@@ -566,6 +566,7 @@ class Listener:
                     reason,
                     user=identity.user,
                     roles=identity.roles,
+                    principal=identity.aws_arn,
                     database=route.database,
                     db_user=route.db_user,
                     log=False,
@@ -640,7 +641,10 @@ class Listener:
                 reason = f"no route preamble within {limit:g}s (listener.handshake_timeout)"
             else:
                 reason = str(exc)
-            self._refused_start(client_addr, reason, user=identity.user, roles=identity.roles)
+            self._refused_start(
+                client_addr, reason, user=identity.user, roles=identity.roles,
+                principal=identity.aws_arn,
+            )  # fmt: skip
             await _refuse(writer, reason)
             return None
         return identity, route, by_name
@@ -677,6 +681,7 @@ class Listener:
                 str(exc),
                 user=identity.user,
                 roles=identity.roles,
+                principal=identity.aws_arn,
                 database=database,
                 db_user=db_user,
             )
@@ -853,6 +858,7 @@ class Listener:
         roles: tuple[str, ...] = (),
         database: str = "",
         db_user: str = "",
+        principal: str = "",
         log: bool = True,
     ) -> None:
         self.refusals += 1
@@ -868,6 +874,7 @@ class Listener:
                 host_id=self.host_id,
                 success=False,
                 reason=reason,
+                principal=principal,
             )
         )
 

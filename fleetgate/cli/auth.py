@@ -16,16 +16,20 @@ import yaml
 from bus import Bus
 from bus.access import (
     Role,
+    delete_aws_rule,
     delete_role,
     delete_user,
+    get_aws_rule,
     get_role,
     get_user,
+    list_aws_rules,
     list_roles,
     list_users,
     put_role,
     role_document,
 )
 from bus.audit import ensure_audit_stream, publish_event
+from bus.aws_logins import provision_aws_logins
 from bus.errors import BusError
 from bus.settings import NATS_HELP, resolve_nats
 from fleetgate import aio
@@ -92,7 +96,15 @@ def register(sub: Any, common: Common) -> None:
     _register_roles(sub, common)
     login = sub.add_parser("login", help="log in at the auth service and keep a certificate")
     login.add_argument("--auth", required=True, help="the auth service, HOST:PORT")
-    login.add_argument("--user", required=True)
+    login.add_argument("--user", help="your user name (a person's login)")
+    login.add_argument(
+        "--aws",
+        action="store_true",
+        help="log in with this machine's AWS identity (programs: CI jobs, services in AWS); "
+        "no password",
+    )
+    login.add_argument("--role", help="with --aws: only this role of the matching rule")
+    login.add_argument("--region", help="with --aws: the STS region to sign for")
     login.add_argument("--password-stdin", action="store_true", help="read the password there")
     login.add_argument("--otp", help="one-time code, when your user has a second factor")
     login.add_argument("--ttl", type=_duration, help="ask for a shorter certificate, e.g. 1h")
@@ -232,7 +244,34 @@ def _register_users(sub: Any, common: Common) -> None:
     ls.add_argument("--format", default="text", choices=["text", "json"])
     rm = actions.add_parser("rm", help="remove a user")
     rm.add_argument("name")
-    for parser, handler in ((add, _users_add), (ls, _users_ls), (rm, _users_rm)):
+    add_aws = actions.add_parser(
+        "add-aws", help="let programs with a matching AWS identity log in as NAME (login --aws)"
+    )
+    add_aws.add_argument("name", help="the fleetgate identity their certificates name")
+    add_aws.add_argument(
+        "--arn",
+        action="append",
+        required=True,
+        help="ARN glob, e.g. 'arn:aws:iam::123456789012:role/ci-*' (an assumed role's "
+        "session matches its role's ARN); repeat for several",
+    )
+    add_aws.add_argument("--account", help="the AWS account id it must also be in")
+    add_aws.add_argument("--roles", type=_names, required=True, help="r1,r2")
+    add_aws.add_argument("--db-users", type=_names, default=[], help="for {{internal.db_users}}")
+    add_aws.add_argument("--ttl", type=_duration, help="longest certificate (roles cap it too)")
+    add_aws.add_argument("--replace", action="store_true", help="replace an existing rule")
+    ls_aws = actions.add_parser("ls-aws", help="list the AWS identity rules")
+    ls_aws.add_argument("--format", default="text", choices=["text", "json"])
+    rm_aws = actions.add_parser("rm-aws", help="remove an AWS identity rule")
+    rm_aws.add_argument("name")
+    for parser, handler in (
+        (add, _users_add),
+        (ls, _users_ls),
+        (rm, _users_rm),
+        (add_aws, _users_add_aws),
+        (ls_aws, _users_ls_aws),
+        (rm_aws, _users_rm_aws),
+    ):
         parser.add_argument("--nats", help=NATS_HELP)
         common(parser)
         parser.set_defaults(handler=handler)
@@ -308,6 +347,62 @@ def _users_rm(args: argparse.Namespace) -> int:
                 raise UsageError(f"no user {args.name!r} (see fleetgate users ls)")
             await delete_user(bus, args.name)
         print(f"removed user {args.name}; certificates already issued last until they expire")
+        return 0
+
+    return _run(go())
+
+
+def _users_add_aws(args: argparse.Namespace) -> int:
+    from dbservice.auth.admin import add_aws_rule
+
+    async def go() -> int:
+        async with await Bus.connect(resolve_nats(args.nats), name="fleetgate-admin") as bus:
+            rule = await add_aws_rule(
+                bus,
+                args.name,
+                args.arn,
+                args.roles,
+                account=args.account,
+                db_users=args.db_users,
+                ttl=args.ttl,
+                replace=args.replace,
+            )
+        account = f" in account {rule.account}" if rule.account else ""
+        print(
+            f"AWS identities matching {', '.join(rule.arns)}{account} log in as {rule.name} "
+            f"with roles {', '.join(rule.roles)} (fleetgate login --aws)"
+        )
+        return 0
+
+    return _run(go())
+
+
+def _users_ls_aws(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with await Bus.connect(resolve_nats(args.nats), name="fleetgate-admin") as bus:
+            await provision_aws_logins(bus)
+            rules = await list_aws_rules(bus)
+        if args.format == "json":
+            print(json.dumps([r.model_dump(mode="json") for r in rules], indent=2))
+            return 0
+        table = [("NAME", "ARNS", "ACCOUNT", "ROLES", "MAX TTL")]
+        for r in rules:
+            ttl = format_duration(r.ttl) if r.ttl else "roles'"
+            table.append((r.name, " ".join(r.arns), r.account or "*", ",".join(r.roles), ttl))
+        print_table(table)
+        return 0
+
+    return _run(go())
+
+
+def _users_rm_aws(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with await Bus.connect(resolve_nats(args.nats), name="fleetgate-admin") as bus:
+            await provision_aws_logins(bus)
+            if await get_aws_rule(bus, args.name) is None:
+                raise UsageError(f"no AWS rule {args.name!r} (see fleetgate users ls-aws)")
+            await delete_aws_rule(bus, args.name)
+        print(f"removed AWS rule {args.name}; certificates already issued last until they expire")
         return 0
 
     return _run(go())
@@ -405,6 +500,12 @@ def _confirm(fingerprint: str) -> bool:
 def _login(args: argparse.Namespace) -> int:
     from client.login import login
 
+    if args.aws:
+        return _login_aws(args)
+    if args.role or args.region:
+        raise UsageError("--role and --region go with --aws")
+    if not args.user:
+        raise UsageError("--user NAME is required (or --aws for a program with an AWS identity)")
     password = _read_password(args.password_stdin)
     result = _run(
         login(
@@ -421,6 +522,31 @@ def _login(args: argparse.Namespace) -> int:
     identity = result.identity
     print(
         f"logged in as {identity.user} (roles: {', '.join(identity.roles) or 'none'}) "
+        f"until {identity.expires:%Y-%m-%d %H:%M:%SZ}"
+    )
+    return 0
+
+
+def _login_aws(args: argparse.Namespace) -> int:
+    from client.login import login_aws
+
+    if args.user or args.password_stdin or args.otp:
+        raise UsageError("--aws logs in without --user, --password-stdin or --otp")
+    result = _run(
+        login_aws(
+            args.auth,
+            role=args.role,
+            ttl=args.ttl,
+            region=args.region,
+            ca_file=args.ca_file,
+            ca_fingerprint=args.ca_fingerprint,
+            confirm=None,  # programs: trust only --ca-file, --ca-fingerprint or the pin
+        )
+    )
+    identity = result.identity
+    print(
+        f"logged in as {identity.user} with AWS identity {identity.aws_arn} "
+        f"(roles: {', '.join(identity.roles) or 'none'}) "
         f"until {identity.expires:%Y-%m-%d %H:%M:%SZ}"
     )
     return 0
@@ -446,6 +572,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"user:      {ident.user} ({ident.kind})")
         print(f"roles:     {', '.join(ident.roles) or '(none)'}")
         print(f"db users:  {', '.join(ident.db_users) or '(none)'}")
+        if ident.aws_arn:
+            print(f"aws:       {ident.aws_arn}")
         print(f"expires:   {ident.expires:%Y-%m-%d %H:%M:%SZ} ({state})")
         print(f"auth:      {st.auth or '(unknown)'}")
     return 1 if st.expired else 0

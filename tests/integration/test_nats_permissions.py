@@ -24,8 +24,9 @@ from bus import (
     login_failures,
     subjects,
 )
-from bus.access import Role, User
+from bus.access import AwsRule, Role, User, list_aws_rules, put_aws_rule
 from bus.audit import SessionStart, ensure_audit_stream, publish_event, read_events
+from bus.aws_logins import claim_signature, provision_aws_logins
 from bus.client import inbox_prefix, url_user
 from bus.link import jetstream_answers
 from bus.schemas import FetcherStatus, utcnow
@@ -244,6 +245,30 @@ async def test_only_the_auth_service_counts_failed_logins(
             await login_failures.forget(other, "alice", seen)
     assert await login_failures.forget(auth, "alice", seen)
     assert await login_failures.recent(auth, "alice", window=60.0, now=1010.0) is None
+
+
+async def test_only_the_auth_service_reads_aws_rules_and_spends_signatures(
+    connect: Callable[[str], Awaitable[Bus]],
+) -> None:
+    admin = await connect("admin")
+    rule = AwsRule(name="ci-bot", arns=("arn:aws:iam::123456789012:role/ci-*",), roles=("dev",))
+    await provision_aws_logins(admin)
+    await put_aws_rule(admin, rule)
+    auth = await connect("auth")
+    await provision_aws_logins(auth)  # what the auth service's start does
+    assert [r.name for r in await list_aws_rules(auth)] == ["ci-bot"]
+    with pytest.raises(RegistryError):
+        await put_aws_rule(auth, rule.model_copy(update={"roles": ("admin",)}))
+    at = utcnow()
+    assert await claim_signature(auth, "ab" * 32, at)
+    assert not await claim_signature(auth, "ab" * 32, at)
+    for user in ("agent", "reader"):
+        other = await connect(user)
+        with pytest.raises(RegistryError):
+            await list_aws_rules(other)
+        with pytest.raises(RegistryError):  # nor spends (or pre-spends) a signature
+            await claim_signature(other, "cd" * 32, at)
+    assert await claim_signature(auth, "cd" * 32, at)
 
 
 async def test_no_user_reads_the_replies_of_another(

@@ -211,7 +211,8 @@ class World:
 
 
 @contextlib.asynccontextmanager
-async def world(bus: Bus, tmp: Path, nats_url: str) -> AsyncIterator[World]:
+async def world(bus: Bus, tmp: Path, nats_url: str, **settings: object) -> AsyncIterator[World]:
+    """``settings``: more of the auth service's config (e.g. ``aws={...}``)."""
     result = await init_ca(bus, tmp / "ca")
     await ensure_audit_stream(bus)
     await put_role(bus, Role.model_validate(
@@ -219,7 +220,7 @@ async def world(bus: Bus, tmp: Path, nats_url: str) -> AsyncIterator[World]:
     ))  # fmt: skip
     await put_user(bus, User(name="alice", roles=("dev",), password_hash=hash_password(PASSWORD)))
     config = AuthConfig.model_validate(
-        {"listen": "127.0.0.1:0", "ca_dir": str(tmp / "ca"), "host_id": "auth-1"}
+        {"listen": "127.0.0.1:0", "ca_dir": str(tmp / "ca"), "host_id": "auth-1", **settings}
     )
     emitter = AuditEmitter.for_bus(bus, host_id="auth-1")
     emitter.start()
