@@ -132,6 +132,16 @@ LOGIN_FAILURES: Final = BucketSpec(
     history=1,
     ttl=LOGIN_FAILURES_KEEP,
 )
+JOIN_TOKENS: Final = BucketSpec(
+    subjects.JOIN_TOKENS_BUCKET,
+    "fleetgate one-time agent join tokens: keyed hashes, never secrets (spent by compare-and-set)",
+    history=1,
+)
+AGENTS: Final = BucketSpec(
+    subjects.AGENTS_BUCKET,
+    "fleetgate joined agents: certificate serials and expiry (written by the auth service)",
+    history=1,
+)
 
 
 def _by_name(*specs: BucketSpec) -> Mapping[str, BucketSpec]:
@@ -145,6 +155,13 @@ ACCESS_BUCKETS: Final = (AUTH, ROLES, USERS)
 """Users, roles and the CA: provisioned by admins and the auth service, never discovery."""
 
 SPECS: Final = _by_name(
-    *BUCKETS.values(), *ACCESS_BUCKETS, DISCOVERY_LEASES, LEASES, TOTP, LOGIN_FAILURES
+    *BUCKETS.values(),
+    *ACCESS_BUCKETS,
+    DISCOVERY_LEASES,
+    LEASES,
+    TOTP,
+    LOGIN_FAILURES,
+    JOIN_TOKENS,
+    AGENTS,
 )
 """Every bucket of the bus by name: the spec it is created with, whoever opens it first."""
