@@ -28,6 +28,7 @@ import aiohttp
 from cryptography import x509
 
 from dbservice.access.ca import (
+    CLOCK_SKEW,
     CertificateRejected,
     agent_host_id,
     fingerprint,
@@ -221,7 +222,9 @@ async def ensure_identity(settings: DbService, host_id: str) -> x509.Certificate
 def renew_delay(cert: x509.Certificate, now: datetime | None = None) -> float:
     """Seconds until the renewal of ``cert``: at two thirds of its life, minus up to a
     tenth of it (random)."""
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    # notBefore is set back by the CA's allowance for clock skew: the life counts from
+    # the issue
+    start, end = cert.not_valid_before_utc + CLOCK_SKEW, cert.not_valid_after_utc
     life = (end - start).total_seconds()
     at = RENEW_AT * life - random.uniform(0, JITTER * life)
     return max(0.0, (start - (now or datetime.now(UTC))).total_seconds() + at)
