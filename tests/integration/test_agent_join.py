@@ -244,8 +244,9 @@ async def test_renewal_happens_without_a_client_noticing(
         assert renewer.status.error == ""
 
 
+@pytest.mark.parametrize("cert_ttl", ["6s"])
 async def test_a_removed_agent_or_token_cannot_renew(
-    fleet: Fleet, auth: RunningService, valkey: ValkeyNode
+    fleet: Fleet, auth: RunningService, valkey: ValkeyNode, cert_ttl: str
 ) -> None:
     token = await add_token(fleet.bus)
     config = joining_agent(fleet, auth, token, valkey)
@@ -258,6 +259,14 @@ async def test_a_removed_agent_or_token_cannot_renew(
         with pytest.raises(JoinRefused, match=r"was removed \(fleetgate agents rm\)") as refused:
             await renewer.renew()
         assert refused.value.status == 403
+        # its own renewals fail loudly, and the heartbeats say so (fleetgate db servers)
+        await wait_until(lambda: "was removed" in renewer.status.error, 15, "a failed renewal")
+
+        async def heartbeat_says() -> bool:
+            servers = await fleet.bus.list_db_servers()
+            return bool(servers) and "was removed" in servers[0].cert_error
+
+        await wait_until(heartbeat_says, 10, "the renewal error in the heartbeat")
     # the same for the token it joined with
     token = await add_token(fleet.bus)
     config = joining_agent(fleet, auth, token, valkey, name="agent-2")
