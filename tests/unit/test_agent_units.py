@@ -252,3 +252,33 @@ def test_sample_config_is_valid() -> None:
         "10.20.0.15",
         6380,
     )
+
+
+def test_a_joining_agents_listener_uses_its_own_files_in_data_dir(tmp_path: Path) -> None:
+    join = {"auth": "auth.internal", "token_file": str(tmp_path / "token")}
+    static = [{"name": "cache", "uri": "127.0.0.1:6379", "tls": {"mode": "disabled"}}]
+    config = load_model(
+        AgentConfig,
+        {"db_service": {"data_dir": str(tmp_path / "d"), "join": join, "listener": {},
+                        "databases": static}},
+        "agent.yaml",
+    )  # fmt: skip
+    listener = config.db_service.listener
+    assert listener is not None and listener.from_join
+    assert listener.cert_file == listener.key_file == tmp_path / "d" / "agent.pem"
+    assert (
+        config.db_service.join is not None and config.db_service.join.auth == "auth.internal:3025"
+    )
+    # without join, the files are still required and checked
+    with pytest.raises(ConfigError, match="cert_file"):
+        load_model(
+            AgentConfig,
+            {"db_service": {"listener": {}, "databases": static}},
+            "agent.yaml",
+        )
+    with pytest.raises(ConfigError, match="ca_fingerprint"):
+        load_model(
+            AgentConfig,
+            {"db_service": {"join": {**join, "ca_fingerprint": "abc"}, "databases": static}},
+            "agent.yaml",
+        )
