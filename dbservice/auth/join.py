@@ -97,7 +97,7 @@ class JoinRequest(BaseModel):
     @field_validator("hostname")
     @classmethod
     def _hostname(cls, value: str) -> str:
-        if not all(c.isalnum() or c in "-._" for c in value):
+        if not all(c.isascii() and (c.isalnum() or c in "-._") for c in value):
             raise ValueError("a host name holds letters, digits, '-', '_' and '.' only")
         return value
 

@@ -18,7 +18,8 @@ import aiohttp
 import pytest
 from cryptography import x509
 
-from bus import Bus, joins
+from bus import Bus, joins, subjects
+from bus.audit import Login, read_events
 from bus.schemas import utcnow
 from bus.server import NatsServer
 from dbservice.access.audit import AuditEmitter
@@ -56,7 +57,7 @@ def cert_ttl() -> str:
 async def auth(fleet: Fleet, cert_ttl: str) -> AsyncIterator[RunningService]:
     config = AuthConfig.model_validate({
         "listen": "127.0.0.1:0", "ca_dir": str(fleet.tmp / "ca"), "host_id": "auth-1",
-        "join": {"cert_ttl": cert_ttl},
+        "join": {"cert_ttl": cert_ttl}, "rate_limit": {"per_address": 10, "window": "1m"},
     })  # fmt: skip
     await fleet.bus.provision(joins.TOKENS, joins.AGENTS)
     emitter = AuditEmitter.for_bus(fleet.bus, host_id="auth-1")
@@ -206,7 +207,7 @@ async def test_a_spent_expired_unknown_or_malformed_token_is_refused_saying_why(
 
 
 async def test_two_joins_racing_with_one_token_one_wins(fleet: Fleet, auth: RunningService) -> None:
-    for _ in range(3):
+    for _ in range(2):  # (6 failures: under the per-address limit)
         token = await add_token(fleet.bus)
         results = await asyncio.gather(*(post_join(auth, fleet, token=token) for _ in range(4)))
         statuses = sorted(status for status, _ in results)
@@ -290,3 +291,22 @@ async def test_renewal_needs_the_agents_certificate(fleet: Fleet, auth: RunningS
             ) as resp:
                 assert resp.status == 401
                 assert "agent" in (await resp.json())["error"]
+
+
+async def test_failed_joins_are_rate_limited_per_address_and_audited(
+    fleet: Fleet, auth: RunningService
+) -> None:
+    token = await add_token(fleet.bus)
+    for _ in range(10):
+        status, _ = await post_join(auth, fleet, token="0123456789abcdef." + "x" * 32)
+        assert status == 401
+    # past the limit even a good token waits (and is not spent)
+    status, answer = await post_join(auth, fleet, token=token)
+    assert status == 429 and "too many failed joins" in answer["error"]
+    found = await joins.get_token(fleet.bus, token.split(".")[0])
+    assert found is not None and found.record.spent is None
+    await auth.service.audit.flush(5)
+    subject = subjects.audit_filter("auth.login")
+    events = [e async for e in read_events(fleet.bus, subject=subject)]
+    assert len(events) == 11
+    assert all(isinstance(e, Login) and not e.success and e.method == "join" for e in events)
