@@ -239,6 +239,8 @@ class JoinConfig(Strict):
 
     auth: str
     """The auth service, ``HOST:PORT``."""
+    method: Literal["token"] = "token"
+    """How the agent proves it may join: a one-time token (``token_file``)."""
     token_file: Path | None = None
     """The join token (``fleetgate tokens add --type agent``); read only when the agent
     has no valid certificate in data_dir yet."""

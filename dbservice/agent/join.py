@@ -158,7 +158,7 @@ async def join(settings: DbService, host_id: str) -> x509.Certificate:
         ) from None
     key = new_key()
     body = {
-        "method": "token",
+        "method": config.method,
         "token": token,
         "csr": make_csr(key, host_id),
         "host_id": host_id,
@@ -208,7 +208,15 @@ async def join(settings: DbService, host_id: str) -> x509.Certificate:
 
 async def ensure_identity(settings: DbService, host_id: str) -> x509.Certificate:
     """The agent's valid certificate in data_dir, joining first when there is none."""
-    cert = read_identity(identity_file(settings), host_id)
+    path = identity_file(settings)
+    cert = read_identity(path, host_id)
+    if cert is None and path.exists():
+        logger.warning(
+            "the certificate in %s has expired or is not this agent's: joining again with "
+            "the token in %s",
+            path,
+            settings.join.token_file if settings.join is not None else None,
+        )
     if cert is not None:
         logger.info(
             "using the certificate in %s (until %s)",

@@ -76,7 +76,10 @@ class Limiter(Protocol):
 
 
 class JoinRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    """A join request. Fields a join method needs besides these (e.g. a signed request)
+    are kept in ``model_extra`` for it to check."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     method: str = Field(min_length=1, max_length=32)
     token: str | None = Field(None, max_length=256)
@@ -135,11 +138,12 @@ class Admission:
     labels: dict[str, str] = field(default_factory=dict)
 
 
-Admit = Callable[[Bus, JoinRequest], Awaitable[Admission]]
-"""A join method: an :class:`Admission`, or :class:`Refused` saying why not."""
+Admit = Callable[[Bus, JoinRequest, web.Request], Awaitable[Admission]]
+"""A join method: an :class:`Admission`, or :class:`Refused` saying why not (the HTTP
+request is there for what a method checks of it, e.g. the address or headers)."""
 
 
-async def admit_token(bus: Bus, body: JoinRequest) -> Admission:
+async def admit_token(bus: Bus, body: JoinRequest, request: web.Request) -> Admission:
     """The ``token`` method: a one-time token, spent here (compare-and-set)."""
     if not body.token:
         raise Refused(400, "token: the join token is missing (method token)")
@@ -254,7 +258,7 @@ class Joins:
                 raise Refused(
                     400, f"method: join method {body.method!r} is not known here (known: {known})"
                 )
-            admission = await admit(self.bus, body)
+            admission = await admit(self.bus, body, request)
         except Refused as exc:
             if not exc.counted:
                 self.limiter.release(address, now)
