@@ -32,7 +32,7 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -187,8 +187,11 @@ class Joins:
         cert_ttl: float,
         body_timeout: float,
         nats_credentials_for: NatsCredentials = no_nats_credentials,
+        reserved_names: Sequence[str] = (),
     ) -> None:
         self.bus = bus
+        self.reserved_names = {name.lower().rstrip(".") for name in reserved_names}
+        """Host names no agent gets a certificate for (the auth service's own)."""
         self.ca = ca
         self.audit = audit
         self.limiter = limiter
@@ -252,6 +255,13 @@ class Joins:
                 public_key, _ = csr_public_key(body.csr)
             except CertificateRejected as exc:
                 raise Refused(400, f"csr: {exc}") from None
+            for name in (split_host_port(body.addr)[0], body.hostname):
+                if name.lower().rstrip(".") in self.reserved_names:
+                    raise Refused(
+                        403,
+                        f"{name} is a name of the auth service: an agent gets no certificate "
+                        "for it; give the agent its own hostname and advertise_addr",
+                    )
             admit = self.methods.get(body.method)
             if admit is None:
                 known = ", ".join(sorted(self.methods))

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -353,6 +354,7 @@ class LoginService:
             cert_ttl=config.join.cert_ttl,
             body_timeout=config.connections.body_timeout,
             nats_credentials_for=nats_credentials_for,
+            reserved_names=[h for h in config.tls.hosts if not _is_ip(h)],
         )
 
     def app(self) -> web.Application:
@@ -616,6 +618,14 @@ def server_tls(config: AuthConfig, ca: CertificateAuthority) -> ssl.SSLContext:
     (directory / "cert.pem").write_text(cert_pem(cert) + ca.pem)
     ctx.load_cert_chain(directory / "cert.pem", directory / "key.pem")
     return ctx
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -57,7 +57,7 @@ def cert_ttl() -> str:
 async def auth(fleet: Fleet, cert_ttl: str) -> AsyncIterator[RunningService]:
     config = AuthConfig.model_validate({
         "listen": "127.0.0.1:0", "ca_dir": str(fleet.tmp / "ca"), "host_id": "auth-1",
-        "join": {"cert_ttl": cert_ttl}, "rate_limit": {"per_address": 10, "window": "1m"},
+        "join": {"cert_ttl": cert_ttl}, "rate_limit": {"per_address": 12, "window": "1m"},
     })  # fmt: skip
     await fleet.bus.provision(joins.TOKENS, joins.AGENTS)
     emitter = AuditEmitter.for_bus(fleet.bus, host_id="auth-1")
@@ -197,6 +197,9 @@ async def test_a_spent_expired_unknown_or_malformed_token_is_refused_saying_why(
     assert status == 400 and "join method 'kerberos' is not known here" in answer["error"]
     status, answer = await post_join(auth, fleet, token=fresh, addr="0.0.0.0:6390")
     assert status == 400 and answer["error"].startswith("addr:")
+    # no agent gets a certificate for the auth service's own names
+    status, answer = await post_join(auth, fleet, token=fresh, hostname="LocalHost")
+    assert status == 403 and "LocalHost is a name of the auth service" in answer["error"]
     # the agent's own start says the same, as a config error naming the field
     config = joining_agent(fleet, auth, token, valkey, name="agent-2")
     agent = Agent(AgentConfig.model_validate(config), nats_url=fleet.nats_url)
@@ -297,7 +300,7 @@ async def test_failed_joins_are_rate_limited_per_address_and_audited(
     fleet: Fleet, auth: RunningService
 ) -> None:
     token = await add_token(fleet.bus)
-    for _ in range(10):
+    for _ in range(12):
         status, _ = await post_join(auth, fleet, token="0123456789abcdef." + "x" * 32)
         assert status == 401
     # past the limit even a good token waits (and is not spent)
@@ -308,5 +311,5 @@ async def test_failed_joins_are_rate_limited_per_address_and_audited(
     await auth.service.audit.flush(5)
     subject = subjects.audit_filter("auth.login")
     events = [e async for e in read_events(fleet.bus, subject=subject)]
-    assert len(events) == 11
+    assert len(events) == 13
     assert all(isinstance(e, Login) and not e.success and e.method == "join" for e in events)
