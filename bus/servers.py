@@ -50,6 +50,10 @@ class DbServerHeartbeat(Record):
     target_health: TargetHealth = TargetHealth()
     expires: datetime | None = None
     """When this record expires unless renewed."""
+    cert_expires: datetime | None = None
+    """When the agent's own certificate expires (agents that joined; else unset)."""
+    cert_error: str = ""
+    """Why the last renewal of that certificate failed (empty once one succeeds)."""
 
     @property
     def name(self) -> str:

@@ -139,6 +139,16 @@ LOGIN_FAILURES: Final = BucketSpec(
     history=1,
     ttl=LOGIN_FAILURES_KEEP,
 )
+JOIN_TOKENS: Final = BucketSpec(
+    subjects.JOIN_TOKENS_BUCKET,
+    "fleetgate one-time agent join tokens: keyed hashes, never secrets (spent by compare-and-set)",
+    history=1,
+)
+AGENTS: Final = BucketSpec(
+    subjects.AGENTS_BUCKET,
+    "fleetgate joined agents: certificate serials and expiry (written by the auth service)",
+    history=1,
+)
 
 AWS_SIGNATURES: Final = BucketSpec(
     subjects.AWS_SIGNATURES_BUCKET,
@@ -167,5 +177,7 @@ SPECS: Final = _by_name(
     LOGIN_FAILURES,
     AWS_RULES,
     AWS_SIGNATURES,
+    JOIN_TOKENS,
+    AGENTS,
 )
 """Every bucket of the bus by name: the spec it is created with, whoever opens it first."""

@@ -15,6 +15,8 @@ Buckets are split by who may write them, so NATS permissions can say exactly tha
 | ``fleetgate_leases``       | agents only       | agents, ``managed`` commands   |
 | ``fleetgate_totp``         | auth service only | auth service only              |
 | ``fleetgate_login_failures`` | auth service only | auth service only            |
+| ``fleetgate_join_tokens``  | admins, auth svc  | auth service, admins           |
+| ``fleetgate_agents``       | auth service, admins (rm) | auth service, admins   |
 | ``FLEETGATE_AUDIT`` stream | agents, auth svc  | auditors (``audit tail``)      |
 """
 
@@ -70,6 +72,14 @@ AWS_SIGNATURES_BUCKET: Final = "fleetgate_aws_signatures"
 """Signatures of the signed GetCallerIdentity requests already used to log in, keyed by
 the signature: shared by every auth service instance so a signed request works once.
 Written and read only by the auth service."""
+
+JOIN_TOKENS_BUCKET: Final = "fleetgate_join_tokens"
+"""One-time join tokens (only a keyed hash of each secret), keyed by token id. Written by
+admins (``tokens add``/``rm``) and by the auth service (spending one)."""
+
+AGENTS_BUCKET: Final = "fleetgate_agents"
+"""Agents that joined, keyed by host_id: their certificate's serial and expiry. Written by
+the auth service (join, renew) and admins (``agents rm``: revoke)."""
 
 AUDIT_STREAM: Final = "FLEETGATE_AUDIT"
 """JetStream stream of audit events, on subjects ``fleetgate.audit.<event type>``."""
@@ -136,6 +146,16 @@ def totp_key(user: str) -> str:
 def login_failures_key(user: str) -> str:
     """KV key of a user name's recent failed logins."""
     return kv_token(user)
+
+
+def join_token_key(token_id: str) -> str:
+    """KV key of a join token's record."""
+    return kv_token(token_id)
+
+
+def agent_key(host_id: str) -> str:
+    """KV key of a joined agent's record."""
+    return kv_token(host_id)
 
 
 def role_key(name: str) -> str:

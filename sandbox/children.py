@@ -129,6 +129,9 @@ def auth_config(port: int, ca_dir: Path) -> dict[str, Any]:
         "ca_dir": str(ca_dir),
         "host_id": "sandbox-auth",
         "tls": {"hosts": ["127.0.0.1", "localhost"]},
+        # agents join with a token and renew: certificates far shorter than a sandbox
+        # lives, so renewals happen while people use it (every ~6 minutes)
+        "join": {"cert_ttl": "10m"},
     }
 
 
@@ -137,7 +140,7 @@ def agent_config(
     name: str,
     port: int,
     data_dir: Path,
-    tls_dir: Path,
+    join: Mapping[str, str],
     vpc_id: str,
     host_aliases: Mapping[str, str],
     upstream_ca: Path,
@@ -147,10 +150,8 @@ def agent_config(
             "hostname": name,
             "data_dir": str(data_dir),
             "listen_addr": f"127.0.0.1:{port}",
-            "listener": {
-                "cert_file": str(tls_dir / "cert.pem"),
-                "key_file": str(tls_dir / "key.pem"),
-            },
+            "join": dict(join),  # its certificate: data_dir/agent.pem, renewed by itself
+            "listener": {},
             "resources": [{"labels": {"vpc-id": vpc_id}}],
             "host_aliases": dict(host_aliases),
             "upstream_ca_file": str(upstream_ca),

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from bus import Bus
+from bus import Bus, joins
 from bus.access import put_role
 from bus.audit import ensure_audit_stream
 from bus.server import NatsServer, config_string
 from bus.settings import NatsConnection, NatsSettings, NatsTLS, resolve_nats
 from bus.specs import Replication
-from dbservice.auth.admin import add_user, init_ca, parse_role, sign_host
+from dbservice.access.ca import write_private
+from dbservice.auth.admin import add_user, init_ca, parse_role
 from dbservice.auth.passwords import hash_password
 from sandbox import children, seeding
 from sandbox.aws import MotoServer
@@ -72,7 +73,7 @@ NATS_CONFIG = Path(__file__).resolve().parents[1] / "deploy" / "nats" / "nats-se
 """The production NATS config: the sandbox runs with its users and permissions."""
 USER = "alice"
 USER_ROLES = ["dev-access"]
-AGENT_CERT_TTL = 30 * 86400.0
+JOIN_TOKEN_TTL = 3600.0
 FRESH = ("nats", "memorydb", "agents", "config", "tls")
 """Directories rebuilt on every ``up`` (the fleet CA and alice's password are kept, so a
 login made against an earlier run keeps trusting the auth service)."""
@@ -378,8 +379,12 @@ class Sandbox:
         self.password = self._secret_file("alice.password")
         hashed = await asyncio.to_thread(hash_password, self.password)
         await add_user(self.bus, USER, USER_ROLES, [], password_hash=hashed, replace=True)
-        for name in self.agents:
-            sign_host(result.ca, ["127.0.0.1", "localhost"], AGENT_CERT_TTL, self.path("tls", name))
+        await self.bus.provision(joins.TOKENS, joins.AGENTS)
+        for name in self.agents:  # each agent joins with its own token
+            token, record = joins.new_token(ttl=JOIN_TOKEN_TTL, labels={}, creator="sandbox")
+            await joins.add_token(self.bus, record)
+            self.path("tls", name).mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_private(self.path("tls", name, "join-token"), token.encode())
         self.auth_port = self.o.auth_port or free_port()
         config = children.write_config(
             self.path("config", "auth.yaml"),
@@ -418,7 +423,11 @@ class Sandbox:
                     name=name,
                     port=port,
                     data_dir=self.path("agents", name),
-                    tls_dir=self.path("tls", name),
+                    join={
+                        "auth": f"127.0.0.1:{self.auth_port}",
+                        "token_file": str(self.path("tls", name, "join-token")),
+                        "ca_file": str(self.path("ca", "ca.crt")),
+                    },
                     vpc_id=vpc,
                     host_aliases=aliases,
                     upstream_ca=self.path("tls", "memorydb-ca.crt"),

@@ -339,6 +339,52 @@ class CertificateAuthority:
             .sign(self.key, hashes.SHA256())
         )
 
+    def issue_agent(
+        self,
+        public_key: ec.EllipticCurvePublicKey,
+        hosts: Sequence[str],
+        ttl: float,
+        *,
+        host_id: str,
+    ) -> x509.Certificate:
+        """A joined agent's certificate: a server certificate for ``hosts`` that also
+        authenticates the agent to the auth service when it renews (``clientAuth``, SAN
+        URI ``fleetgate://agent/<host_id>``). It carries no fleetgate identity, so agents
+        and the catalog never accept it from a client."""
+        names: list[x509.GeneralName] = []
+        for host in dict.fromkeys(hosts):
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        names.append(x509.UniformResourceIdentifier(f"{AGENT_URI}{host_id}"))
+        builder, _ = self._builder(public_key, host_id, ttl)
+        return (
+            builder.add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+
+
+AGENT_URI: Final = "fleetgate://agent/"
+
+
+def agent_host_id(cert: x509.Certificate) -> str | None:
+    """The host_id a joined agent's certificate names (:meth:`issue_agent`), or None."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(AGENT_URI):
+            return uri[len(AGENT_URI) :]
+    return None
+
 
 def csr_public_key(csr_pem: str | bytes) -> tuple[ec.EllipticCurvePublicKey, str]:
     """The EC public key of a certificate request, and its subject CN, after checking its

@@ -1,14 +1,14 @@
 """The agent process: one bus connection, the registry watch, one supervisor of
 per-database workers, and a graceful stop on SIGTERM/SIGINT.
 
-Its long-running loops are named root tasks of one :class:`~fleetgate.supervise.RootTasks`
-(registry-watch, managed-users, client-listener, fleet-ca-watch, roles-watch, fleet-link,
-audit-stream, and in a listener process leader): the stop event or any root failing or
-ending cancels them all, and the process then ends, in order and waiting for each, what
-they leave behind: the managed-user service, the client sessions and audit events
-(:meth:`Listener.aclose`), the per-database workers and their heartbeats
-(:meth:`Supervisor.stop_all`), and the listener processes. A root failure is logged with
-its name and the agent exits 1.
+Its long-running loops are named root tasks of one
+:class:`~fleetgate.supervise.RootTasks` (registry-watch, managed-users, cert-renewal,
+client-listener, fleet-ca-watch, roles-watch, fleet-link, audit-stream, and in a
+listener process leader): the stop event or any root failing or ending cancels them all,
+and the process then ends, in order and waiting for each, what they leave behind: the
+managed-user service, the client sessions and audit events (:meth:`Listener.aclose`),
+the per-database workers and their heartbeats (:meth:`Supervisor.stop_all`), and the
+listener processes. A root failure is logged with its name and the agent exits 1.
 
 With ``listener.processes`` above 1 this process is the *leader*: it does all of the
 above and starts the listener processes (:mod:`dbservice.agent.processes`), which run
@@ -32,6 +32,7 @@ from dbservice.agent.config import AgentConfig
 from dbservice.agent.health import Prober, TLSContexts, probe
 from dbservice.agent.heartbeat import AgentIdentity, Announcer
 from dbservice.agent.identity import DataDir
+from dbservice.agent.join import Renewer, ensure_identity
 from dbservice.agent.managed_users import build_service
 from dbservice.agent.processes import (
     ListenerProcess,
@@ -102,6 +103,8 @@ class Agent:
         self.bus: Bus | None = None
         self.listener: Listener | None = None
         """The client listener (None without ``db_service.listener``)."""
+        self.renewer: Renewer | None = None
+        """Renews the agent's own certificate (with ``db_service.join``)."""
 
     async def run(self, stop: asyncio.Event) -> int:
         """0 after a graceful stop, 1 when the registry watch failed."""
@@ -111,6 +114,13 @@ class Agent:
         if child is None:
             data_dir = DataDir.open(self.settings.data_dir)
             host_id = data_dir.host_id
+            if self.settings.join is not None:
+                try:
+                    cert = await ensure_identity(self.settings, host_id)
+                except BaseException:
+                    data_dir.close()
+                    raise
+                self.renewer = Renewer(self.settings, host_id, cert)
         else:  # a listener process: its leader's host_id; data_dir stays the leader's
             host_id = child.host_id
         try:
@@ -153,6 +163,9 @@ class Agent:
             if child is None
             else None
         )
+        renewer = self.renewer
+        if announcer is not None and renewer is not None:
+            announcer.cert_status = lambda: (renewer.status.expires, renewer.status.error)
         contexts = TLSContexts(extra_ca_file=settings.upstream_ca_file)
         probe_slots = asyncio.Semaphore(PROBE_CONCURRENCY)
 
@@ -267,6 +280,8 @@ class Agent:
                 )
                 if managed is not None:
                     roots.start("managed-users", managed.run())
+                if renewer is not None and child is None:
+                    roots.start("cert-renewal", renewer.run())
                 if child is not None:
                     roots.start("leader", follow_leader(child.leader_pid), on_return="stop")
                 if self.listener is not None:

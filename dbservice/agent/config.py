@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -228,6 +228,49 @@ class ManagedUsersConfig(Strict):
         return self
 
 
+JOINED_IDENTITY_FILE = "agent.pem"
+"""In data_dir: the joined agent's key and certificate in one file (0600), replaced at
+once on renewal so the listener never reads a key and a certificate that do not match."""
+
+
+class JoinConfig(Strict):
+    """Get the listener's certificate from the auth service with a one-time token, and
+    renew it there (docs/agents-join.md)."""
+
+    auth: str
+    """The auth service, ``HOST:PORT``."""
+    method: Literal["token"] = "token"
+    """How the agent proves it may join: a one-time token (``token_file``)."""
+    token_file: Path | None = None
+    """The join token (``fleetgate tokens add --type agent``); read only when the agent
+    has no valid certificate in data_dir yet."""
+    ca_file: Path | None = None
+    """The CA of the auth service's HTTPS certificate (the fleet's ``ca.crt``, as for
+    ``fleetgate login --ca-file``)."""
+    ca_fingerprint: str | None = None
+    """Or that CA's fingerprint (``SHA256:...``, as ``auth init`` printed it): the CA is
+    fetched once, checked and kept in data_dir (``auth-ca.pem``). With neither, the
+    system's trusted roots (an auth service with a certificate from a public CA)."""
+
+    @field_validator("auth")
+    @classmethod
+    def _auth(cls, addr: str) -> str:
+        host, port = split_host_port(addr, default_port=3025)
+        return join_host_port(host, port)
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_file(cls, path: Path | None) -> Path | None:
+        return _readable_pem(path)
+
+    @field_validator("ca_fingerprint")
+    @classmethod
+    def _fingerprint(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"SHA256:[0-9a-fA-F]{64}", value.strip()):
+            raise ValueError("expected SHA256: and 64 hex digits, as fleetgate auth init printed")
+        return value.strip() if value is not None else None
+
+
 class DbService(Strict):
     hostname: str = Field(default_factory=socket.gethostname)
     data_dir: Path = Path(DEFAULT_DATA_DIR)
@@ -247,10 +290,27 @@ class DbService(Strict):
     health_check: HealthCheckConfig = HealthCheckConfig()
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     managed_users: ManagedUsersConfig = ManagedUsersConfig()
+    join: JoinConfig | None = None
+    """Join the fleet with a one-time token and renew the certificate in data_dir; the
+    listener then needs no ``cert_file``/``key_file``."""
     offline_grace: Duration = Field(default=900.0, ge=0)
     """How long after its last contact with the fleet's JetStream the agent still opens
     new sessions, checked against the last known CA, roles and registry; then it refuses
     them (saying why) until it reconnects. Open sessions are never cut for it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _joined_listener(cls, data: Any) -> Any:
+        """With ``join`` and a listener without certificate files, the listener uses the
+        agent's own (:data:`JOINED_IDENTITY_FILE` in data_dir)."""
+        if not isinstance(data, dict) or not data.get("join"):
+            return data
+        listener = data.get("listener")
+        if not isinstance(listener, dict) or "cert_file" in listener or "key_file" in listener:
+            return data
+        path = str(Path(data.get("data_dir") or DEFAULT_DATA_DIR) / JOINED_IDENTITY_FILE)
+        listener = {**listener, "from_join": True, "cert_file": path, "key_file": path}
+        return {**data, "listener": listener}
 
     @field_validator("hostname")
     @classmethod

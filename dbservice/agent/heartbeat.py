@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from bus import Bus
 from bus.client import FAILURES
@@ -49,6 +50,8 @@ class Announcer:
         self.writes = 0
         self.failures = 0
         self._failing = False
+        self.cert_status: Callable[[], tuple[datetime | None, str]] | None = None
+        """The agent's certificate expiry and last renewal error (agents that joined)."""
 
     @property
     def connected(self) -> bool:
@@ -56,6 +59,7 @@ class Announcer:
 
     def record(self, database: DatabaseResource, health: TargetHealth) -> DbServerHeartbeat:
         me = self.identity
+        cert_expires, cert_error = self.cert_status() if self.cert_status else (None, "")
         return DbServerHeartbeat(
             host_id=me.host_id,
             hostname=me.hostname,
@@ -64,6 +68,8 @@ class Announcer:
             database=database,
             target_health=health,
             expires=utcnow() + timedelta(seconds=self.ttl),
+            cert_expires=cert_expires,
+            cert_error=cert_error,
         )
 
     async def put(self, database: DatabaseResource, health: TargetHealth) -> bool:

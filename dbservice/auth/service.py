@@ -24,6 +24,8 @@ API (JSON over HTTPS):
   reach and the agents serving it (:mod:`dbservice.auth.catalog`); these need the fleet
   certificate from login as the TLS client certificate. The TLS layer asks every client
   for an optional certificate verified against the fleet CA; login works without one.
+* ``POST /v1/join`` and ``POST /v1/renew``: agents join with a one-time token and renew
+  their certificates (:mod:`dbservice.auth.join`).
 * ``GET /healthz`` -> ``ok``.
 
 Failed logins are counted per user and per source address in a sliding window; past the
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import socket
 import ssl
@@ -64,7 +67,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePublicKey as EcPublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from bus import Bus, login_failures
+from bus import Bus, joins, login_failures
 from bus.access import Identity, get_roles, get_user, list_aws_rules, provision_access
 from bus.audit import Login, ensure_audit_stream
 from bus.aws_logins import claim_signature, provision_aws_logins
@@ -92,6 +95,7 @@ from dbservice.access.ca import (
 from dbservice.access.rbac import session_ttl_cap
 from dbservice.auth.admin import AdminError, choose_aws_rule
 from dbservice.auth.catalog import Catalog
+from dbservice.auth.join import Joins, NatsCredentials, no_nats_credentials
 from dbservice.auth.listener import ConnectionLimits, GuardedListener, RefusalLog
 from dbservice.auth.passwords import totp_step, verify_password
 from fleetgate.aio import stop_on_signals
@@ -199,6 +203,13 @@ class AuditSettings(Strict):
     queue_size: int = Field(10_000, ge=1)
 
 
+class JoinSettings(Strict):
+    """Agents that join (``POST /v1/join``) and renew (``POST /v1/renew``)."""
+
+    cert_ttl: Duration = Field(86400.0, ge=1, le=30 * 86400.0)
+    """How long an agent's certificate lives; agents renew at two thirds of it."""
+
+
 class AuthConfig(Strict):
     """``fleetgate auth run -c FILE``."""
 
@@ -215,6 +226,7 @@ class AuthConfig(Strict):
     audit: AuditSettings = AuditSettings()
     aws: AwsLoginSettings | None = None
     """Logins with an AWS identity; absent: ``POST /v1/login/aws`` answers 404."""
+    join: JoinSettings = JoinSettings()
 
 
 MAX_BODY = 64 * 1024
@@ -370,6 +382,7 @@ class LoginService:
         ca: CertificateAuthority,
         audit: AuditEmitter,
         refusals: RefusalLog | None = None,
+        nats_credentials_for: NatsCredentials = no_nats_credentials,
     ) -> None:
         self.config = config
         self.bus = bus
@@ -380,6 +393,16 @@ class LoginService:
         self.by_address = RateLimiter(limits.per_address, limits.window)
         # Each argon2 verification takes 64 MiB and a CPU for ~50 ms: bound them.
         self.verifications = asyncio.Semaphore(4)
+        self.joins = Joins(
+            bus=bus,
+            ca=ca,
+            audit=audit,
+            limiter=RateLimiter(limits.per_address, limits.window),
+            cert_ttl=config.join.cert_ttl,
+            body_timeout=config.connections.body_timeout,
+            nats_credentials_for=nats_credentials_for,
+            reserved_names=[h for h in config.tls.hosts if not _is_ip(h)],
+        )
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
@@ -389,6 +412,7 @@ class LoginService:
         app.router.add_get("/v1/ca", self.get_ca)
         app.router.add_get("/healthz", self.health)
         Catalog(bus=self.bus, trusted=[self.ca.cert]).add_routes(app)
+        self.joins.add_routes(app)
         app.middlewares.append(registry_unavailable(self.bus))
         return app
 
@@ -739,7 +763,7 @@ REGISTRY_DOWN = (
     "the auth service cannot reach the registry (NATS) right now ({why}); "
     "operators: check the auth service's NATS connection"
 )
-NEEDS_REGISTRY = ("/v1/databases",)
+NEEDS_REGISTRY = ("/v1/databases", "/v1/join", "/v1/renew")
 """Paths answered from NATS alone (login has its own 503s, with its audit)."""
 
 
@@ -788,6 +812,14 @@ def server_tls(config: AuthConfig, ca: CertificateAuthority) -> ssl.SSLContext:
     (directory / "cert.pem").write_text(cert_pem(cert) + ca.pem)
     ctx.load_cert_chain(directory / "cert.pem", directory / "key.pem")
     return ctx
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -848,6 +880,7 @@ async def run_auth(config: AuthConfig, *, nats_url: str | NatsConnection) -> int
         await login_failures.provision_login_failures(bus)
         if config.aws is not None:
             await provision_aws_logins(bus)
+        await bus.provision(joins.TOKENS, joins.AGENTS)
         await ensure_audit_stream(bus, max_age=config.audit.max_age)
         emitter = AuditEmitter.for_bus(bus, host_id=config.host_id, maxsize=config.audit.queue_size)
         async with emitter:

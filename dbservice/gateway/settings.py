@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from cryptography import x509
-from pydantic import ByteSize, Field, field_validator, model_validator
+from pydantic import ByteSize, Field, ValidationInfo, field_validator, model_validator
 
 from fleetgate.config import Strict
 from fleetgate.durations import Duration
@@ -54,6 +54,10 @@ class ListenerConfig(Strict):
     """Where clients connect: mutual TLS with a certificate from the fleet CA (read from
     the registry), then the route preamble. Without it the agent accepts no clients."""
 
+    from_join: bool = False
+    """Set by the agent when ``db_service.join`` is configured and no ``cert_file`` is
+    given: the files are the agent's own in its data_dir (written at join and renewal),
+    checked when they are written rather than here."""
     cert_file: Path
     """The agent's server certificate (``fleetgate auth sign --host NAME --out DIR``
     writes ``DIR/cert.pem``); it must name the host of ``advertise_addr``."""
@@ -142,7 +146,9 @@ class ListenerConfig(Strict):
 
     @field_validator("cert_file")
     @classmethod
-    def _cert(cls, path: Path) -> Path:
+    def _cert(cls, path: Path, info: ValidationInfo) -> Path:
+        if info.data.get("from_join"):
+            return path
         text = read_text(path)
         if "-----BEGIN CERTIFICATE-----" not in text:
             raise ValueError(f"{path} holds no PEM certificate")
@@ -150,13 +156,17 @@ class ListenerConfig(Strict):
 
     @field_validator("key_file")
     @classmethod
-    def _key(cls, path: Path) -> Path:
+    def _key(cls, path: Path, info: ValidationInfo) -> Path:
+        if info.data.get("from_join"):
+            return path
         if "PRIVATE KEY-----" not in read_text(path):
             raise ValueError(f"{path} holds no PEM private key")
         return path
 
     @model_validator(mode="after")
     def _pair(self) -> ListenerConfig:
+        if self.from_join:
+            return self
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
             context.load_cert_chain(str(self.cert_file), str(self.key_file))

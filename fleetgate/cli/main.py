@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fleetgate.cli import db as db_cli
     from fleetgate.cli import discovery as discovery_cli
     from fleetgate.cli import jetstream as jetstream_cli
+    from fleetgate.cli import joins as joins_cli
     from fleetgate.cli import managed as managed_cli
     from fleetgate.cli import sandbox as sandbox_cli
 
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     sandbox_cli.register(sub, _common)
     managed_cli.register(sub, _common)
     jetstream_cli.register(sub, _common)
+    joins_cli.register(sub, _common)
     return parser
 
 

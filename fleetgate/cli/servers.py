@@ -93,6 +93,8 @@ def server_json(server: DbServerHeartbeat) -> dict[str, Any]:
         ),
         "target_health": health.model_dump(mode="json", exclude_none=True),
         "expires": server.expires.isoformat() if server.expires else None,
+        "cert_expires": server.cert_expires.isoformat() if server.cert_expires else None,
+        "cert_error": server.cert_error,
     }
 
 
@@ -117,6 +119,11 @@ def print_servers(servers: list[dict[str, Any]]) -> None:
         message = str(health.get("message", ""))
         if health.get("status") != "healthy" and health.get("error"):
             message = f"{message}: {health['error']}"
+        if s.get("cert_error"):
+            message += (
+                f"{'; ' if message else ''}certificate renewal failing (expires "
+                f"{s.get('cert_expires')}): {s['cert_error']}"
+            )
         status = str(health.get("status", ""))
         rows.append((s["hostname"], s["host_id"], s["addr"], status, s["version"], message))
     print_table(rows)

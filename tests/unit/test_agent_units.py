@@ -3,7 +3,7 @@ the data directory; and the command line's answer to a bad config."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -252,3 +252,52 @@ def test_sample_config_is_valid() -> None:
         "10.20.0.15",
         6380,
     )
+
+
+def test_a_joining_agents_listener_uses_its_own_files_in_data_dir(tmp_path: Path) -> None:
+    join = {"auth": "auth.internal", "token_file": str(tmp_path / "token")}
+    static = [{"name": "cache", "uri": "127.0.0.1:6379", "tls": {"mode": "disabled"}}]
+    config = load_model(
+        AgentConfig,
+        {"db_service": {"data_dir": str(tmp_path / "d"), "join": join, "listener": {},
+                        "databases": static}},
+        "agent.yaml",
+    )  # fmt: skip
+    listener = config.db_service.listener
+    assert listener is not None and listener.from_join
+    assert listener.cert_file == listener.key_file == tmp_path / "d" / "agent.pem"
+    assert (
+        config.db_service.join is not None and config.db_service.join.auth == "auth.internal:3025"
+    )
+    # what a listener process is given (the leader's config, dumped) reads back the same
+    again = AgentConfig.model_validate(config.model_dump(mode="json"))
+    assert again.db_service.listener == listener
+    # without join, the files are still required and checked
+    with pytest.raises(ConfigError, match="cert_file"):
+        load_model(
+            AgentConfig,
+            {"db_service": {"listener": {}, "databases": static}},
+            "agent.yaml",
+        )
+    with pytest.raises(ConfigError, match="ca_fingerprint"):
+        load_model(
+            AgentConfig,
+            {"db_service": {"join": {**join, "ca_fingerprint": "abc"}, "databases": static}},
+            "agent.yaml",
+        )
+
+
+def test_renewal_comes_at_two_thirds_of_the_life_from_the_issue() -> None:
+    """The CA sets notBefore a minute back for clock skew: the life counts from the
+    issue, or a short certificate would be renewed at once, again and again."""
+    from dbservice.access.ca import CertificateAuthority, new_key
+    from dbservice.agent.join import renew_delay
+
+    ca = CertificateAuthority.create()
+    cert = ca.issue_agent(new_key().public_key(), ["127.0.0.1"], 600, host_id="h")
+    issued = cert.not_valid_after_utc - timedelta(seconds=600)
+    delays = [renew_delay(cert, now=issued) for _ in range(200)]
+    assert all(340 <= d <= 400 for d in delays), (min(delays), max(delays))
+    assert max(delays) - min(delays) > 20  # jittered
+    # a restart late in the life renews at once
+    assert renew_delay(cert, now=issued + timedelta(seconds=500)) == 0

@@ -1,0 +1,193 @@
+"""``fleetgate tokens add|ls|rm`` and ``fleetgate agents ls|rm``: join tokens and the
+agents that joined with them (admins, on the bus; docs/agents-join.md)."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import socket
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from bus import Bus, joins
+from bus.labels import is_valid_label_key
+from bus.settings import NATS_HELP, resolve_nats
+from fleetgate import aio
+from fleetgate.cli.errors import UsageError
+from fleetgate.cli.tables import print_table
+from fleetgate.durations import format_duration, parse_duration
+
+Common = Callable[[argparse.ArgumentParser], None]
+MAX_TOKEN_TTL = 7 * 86400.0
+
+
+def _ttl(text: str) -> float:
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if not 0 < seconds <= MAX_TOKEN_TTL:
+        raise argparse.ArgumentTypeError(
+            f"must be longer than zero and at most {format_duration(MAX_TOKEN_TTL)}"
+        )
+    return seconds
+
+
+def _labels(text: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not is_valid_label_key(key.strip()):
+            raise argparse.ArgumentTypeError(f"{part!r}: expected key=value, e.g. env=prod")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
+def register(sub: Any, common: Common) -> None:
+    tokens = sub.add_parser("tokens", help="one-time join tokens for agents (admins)")
+    actions = tokens.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = actions.add_parser("add", help="make a join token and print it (once)")
+    add.add_argument("--type", required=True, choices=["agent"], help="what joins with it")
+    add.add_argument("--ttl", type=_ttl, default=3600.0, help="how long it may be used (1h)")
+    add.add_argument("--labels", type=_labels, default={}, help="k=v,... given to the agent")
+    ls = actions.add_parser("ls", help="list join tokens (never their secrets)")
+    ls.add_argument("--format", default="text", choices=["text", "json"])
+    rm = actions.add_parser(
+        "rm", help="remove a token (agents that joined with it can no longer renew)"
+    )
+    rm.add_argument("id")
+    for parser, handler in ((add, _tokens_add), (ls, _tokens_ls), (rm, _tokens_rm)):
+        parser.add_argument("--nats", help=NATS_HELP)
+        common(parser)
+        parser.set_defaults(handler=handler)
+    agents = sub.add_parser("agents", help="agents that joined the fleet (admins)")
+    actions = agents.add_subparsers(dest="action", metavar="ACTION", required=True)
+    ls = actions.add_parser("ls", help="list joined agents")
+    ls.add_argument("--format", default="text", choices=["text", "json"])
+    rm = actions.add_parser("rm", help="revoke an agent: it can no longer renew")
+    rm.add_argument("host_id")
+    for parser, handler in ((ls, _agents_ls), (rm, _agents_rm)):
+        parser.add_argument("--nats", help=NATS_HELP)
+        common(parser)
+        parser.set_defaults(handler=handler)
+
+
+async def _connect(args: argparse.Namespace) -> Bus:
+    return await Bus.connect(resolve_nats(args.nats), name="fleetgate-admin")
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%SZ") if moment is not None else "-"
+
+
+def _creator() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "?"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _tokens_add(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        text, record = joins.new_token(ttl=args.ttl, labels=args.labels, creator=_creator())
+        async with await _connect(args) as bus:
+            await joins.add_token(bus, record)
+        print(text)
+        print(
+            f"join token {record.id} for an agent, valid until {_when(record.expires)} and "
+            "for one join; it is shown only now. Put it in the agent's join.token_file.",
+            flush=True,
+        )
+        return 0
+
+    return aio.run(go())
+
+
+def _tokens_ls(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with await _connect(args) as bus:
+            tokens = await joins.list_tokens(bus)
+        if args.format == "json":
+            rows = [
+                {**t.model_dump(mode="json", exclude={"hash"}), "state": t.state()} for t in tokens
+            ]
+            print(json.dumps(rows, indent=2))
+            return 0
+        table = [("ID", "TYPE", "STATE", "EXPIRES", "LABELS", "CREATOR", "SPENT BY")]
+        for t in tokens:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(t.labels.items()))
+            table.append(
+                (
+                    t.id,
+                    t.type,
+                    t.state(),
+                    _when(t.expires),
+                    labels or "-",
+                    t.creator,
+                    t.spent_by or "-",
+                )
+            )
+        print_table(table)
+        return 0
+
+    return aio.run(go())
+
+
+def _tokens_rm(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with await _connect(args) as bus:
+            found = await joins.get_token(bus, args.id)
+            if found is None:
+                raise UsageError(f"no join token {args.id!r} (see fleetgate tokens ls)")
+            await joins.delete_token(bus, args.id)
+        if found.record.spent is not None:
+            print(
+                f"removed join token {args.id}; agent {found.record.spent_by}, which joined "
+                "with it, can no longer renew its certificate"
+            )
+        else:
+            print(f"removed join token {args.id}; it can no longer be used")
+        return 0
+
+    return aio.run(go())
+
+
+def _agents_ls(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with await _connect(args) as bus:
+            agents = await joins.list_agents(bus)
+        if args.format == "json":
+            rows = [{**a.model_dump(mode="json"), "state": joins.agent_state(a)} for a in agents]
+            print(json.dumps(rows, indent=2))
+            return 0
+        table = [("HOST ID", "HOSTNAME", "ADDR", "LABELS", "CERT EXPIRES", "JOINED", "RENEWED")]
+        for a in agents:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(a.labels.items()))
+            expires = _when(a.expires) + (" (expired)" if joins.agent_state(a) == "expired" else "")
+            table.append(
+                (a.host_id, a.hostname, a.addr, labels or "-", expires, _when(a.joined_at),
+                 _when(a.renewed_at))
+            )  # fmt: skip
+        print_table(table)
+        return 0
+
+    return aio.run(go())
+
+
+def _agents_rm(args: argparse.Namespace) -> int:
+    async def go() -> int:
+        async with await _connect(args) as bus:
+            if not await joins.delete_agent(bus, args.host_id):
+                raise UsageError(f"no joined agent {args.host_id!r} (see fleetgate agents ls)")
+        print(
+            f"removed agent {args.host_id}: it can no longer renew; its certificate (and the "
+            "sessions through it) last until it expires"
+        )
+        return 0
+
+    return aio.run(go())

@@ -1,0 +1,77 @@
+"""``fleetgate tokens`` and ``fleetgate agents`` against a real NATS server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from bus import Bus, joins
+from bus.schemas import utcnow
+from bus.server import NatsServer
+from fleetgate.cli import main
+
+
+@pytest.fixture
+def cli(nats_server: NatsServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> str:
+    monkeypatch.setenv("FLEETGATE_NATS_URL", nats_server.url)
+    monkeypatch.setenv("FLEETGATE_HOME", str(tmp_path / "home"))
+    return nats_server.url
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_tokens_are_shown_once_stored_hashed_listed_and_removed(
+    cli: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(
+        capsys, "tokens", "add", "--type", "agent", "--ttl", "30m", "--labels", "team=pay,env=dev"
+    )
+    assert code == 0, err
+    token = out.splitlines()[0]
+    token_id, secret = joins.parse_token(token)
+    assert len(secret) >= 32  # 192 random bits, base64url
+    code, out, _ = run(capsys, "tokens", "ls", "--format", "json")
+    [listed] = json.loads(out)
+    assert listed["id"] == token_id and listed["state"] == "valid"
+    assert listed["labels"] == {"team": "pay", "env": "dev"}
+    assert secret not in out and "hash" not in listed
+    code, out, _ = run(capsys, "tokens", "ls")
+    assert token_id in out and secret not in out and "team=pay" in out
+    code, out, _ = run(capsys, "tokens", "rm", token_id)
+    assert code == 0 and "can no longer be used" in out
+    code, _, err = run(capsys, "tokens", "rm", token_id)
+    assert code == 2 and f"no join token '{token_id}'" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as usage:
+        run(capsys, "tokens", "add", "--type", "agent", "--labels", "nokey")
+    assert usage.value.code == 2 and "expected key=value" in capsys.readouterr().err
+
+
+def test_agents_are_listed_and_removed(cli: str, capsys: pytest.CaptureFixture[str]) -> None:
+    host_id = str(uuid.uuid4())
+
+    async def add() -> None:
+        async with await Bus.connect(cli, name="tests") as bus:
+            await bus.provision(joins.AGENTS)
+            now = utcnow()
+            await joins.put_agent(bus, joins.JoinedAgent(
+                host_id=host_id, hostname="db-agent-1", addr="10.0.0.5:6390", serial="ab",
+                expires=now, joined_at=now, labels={"team": "pay"},
+            ))  # fmt: skip
+
+    asyncio.run(add())
+    code, out, _ = run(capsys, "agents", "ls")
+    assert code == 0 and host_id in out and "db-agent-1" in out and "(expired)" in out
+    code, out, _ = run(capsys, "agents", "rm", host_id)
+    assert code == 0 and "can no longer renew" in out
+    code, out, _ = run(capsys, "agents", "ls", "--format", "json")
+    assert json.loads(out) == []
+    code, _, err = run(capsys, "agents", "rm", host_id)
+    assert code == 2 and "no joined agent" in err
