@@ -58,15 +58,26 @@ class DeployConfigChanged(AssertionError):
 def free_port() -> int:
     """A free loopback port below Linux's ephemeral range (32768-60999), so that no
     outgoing connection (a route, a leaf link, a client) takes it while its server is
-    down for a restart."""
+    down for a restart.
+
+    Never the same port twice in one process: a port is only known free when chosen, so
+    two choices for one topology could otherwise meet."""
     while True:
         port = random.randint(20000, 32000)
+        if port in _GIVEN:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        if len(_GIVEN) > 8000:  # most of the range: start over
+            _GIVEN.clear()
+        _GIVEN.add(port)
+        return port
+
+
+_GIVEN: set[int] = set()
 
 
 def password_var(user: str) -> str:
