@@ -24,6 +24,7 @@ from bus.access import put_role
 from bus.audit import ensure_audit_stream
 from bus.server import NatsServer, config_string
 from dbservice.auth.admin import add_user, init_ca, parse_role, sign_host
+from dbservice.auth.natsrights import issuer_public_key, new_issuer_seed
 from dbservice.auth.passwords import hash_password
 from sandbox import children, seeding
 from sandbox.aws import MotoServer
@@ -205,6 +206,11 @@ class Sandbox:
             f"FLEETGATE_NATS_{user.upper()}_PASSWORD": config_string(password)
             for user, password in self.nats_passwords.items()
         }
+        # agents' own NATS users are admitted by the auth service (auth_callout)
+        issuer = self.path("nats-callout.seed")
+        if not issuer.exists():
+            issuer.write_bytes(new_issuer_seed())
+        env["FLEETGATE_NATS_CALLOUT_ISSUER"] = issuer_public_key(issuer.read_bytes().strip())
         self.nats = NatsServer(
             self.path("nats"), port=self.o.nats_port or -1, config_file=NATS_CONFIG, env=env
         )

@@ -61,6 +61,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bus import Bus, login_failures
 from bus.access import Identity, get_roles, get_user, provision_access
 from bus.audit import Login, ensure_audit_stream
+from bus.callout import serve_callout
 from bus.client import FAILURES
 from bus.settings import NatsConnection, NatsSettings
 from bus.totp import claim_step, provision_totp
@@ -78,6 +79,7 @@ from dbservice.access.rbac import session_ttl_cap
 from dbservice.auth.admin import AdminError
 from dbservice.auth.catalog import Catalog
 from dbservice.auth.listener import ConnectionLimits, GuardedListener, RefusalLog
+from dbservice.auth.natsrights import DEFAULT_TTL, AgentAuthorizer, CalloutError
 from dbservice.auth.passwords import totp_step, verify_password
 from fleetgate.aio import stop_on_signals
 from fleetgate.config import JetStreamSettings
@@ -168,6 +170,30 @@ class AuditSettings(Strict):
     queue_size: int = Field(10_000, ge=1)
 
 
+class NatsCalloutSettings(Strict):
+    """``nats_callout``: answer nats-server's auth callout for agents' connections, each
+    with its own rights on the bus (docs/ARCHITECTURE.md, "Each agent's rights")."""
+
+    issuer_seed_file: str
+    """The account NKey seed (``SA...``) whose public key nats-server's
+    ``auth_callout { issuer }`` names; agents' passwords derive from it too."""
+    ttl: Duration = DEFAULT_TTL
+    """How long an agent's connection is admitted before it is asked again."""
+
+    def authorizer(self) -> AgentAuthorizer:
+        path = Path(self.issuer_seed_file)
+        try:
+            seed = path.read_bytes().strip()
+        except OSError as exc:
+            raise AdminError(
+                f"nats_callout.issuer_seed_file {path}: cannot read it ({exc.strerror or exc})"
+            ) from None
+        try:
+            return AgentAuthorizer(seed, ttl=self.ttl)
+        except CalloutError as exc:
+            raise AdminError(f"nats_callout.issuer_seed_file {path}: {exc}") from None
+
+
 class AuthConfig(Strict):
     """``fleetgate auth run -c FILE``."""
 
@@ -182,6 +208,7 @@ class AuthConfig(Strict):
     rate_limit: RateLimitSettings = RateLimitSettings()
     connections: ConnectionSettings = ConnectionSettings()
     audit: AuditSettings = AuditSettings()
+    nats_callout: NatsCalloutSettings | None = None
 
 
 MAX_BODY = 64 * 1024
@@ -596,6 +623,25 @@ def server_tls(config: AuthConfig, ca: CertificateAuthority) -> ssl.SSLContext:
     return ctx
 
 
+def callout_answer(authorizer: AgentAuthorizer) -> Any:
+    """The responder of :func:`bus.callout.serve_callout`: a refusal is logged once per
+    connection attempt (nats-server logs it too), a malformed request answered never."""
+
+    def answer(request: bytes) -> bytes | None:
+        try:
+            response, host_id, reason = authorizer.answer(request)
+        except CalloutError as exc:
+            logger.warning("NATS auth callout: ignored a request: %s", exc)
+            return None
+        if reason:
+            logger.warning("NATS auth callout: refused a connection: %s", reason)
+        else:
+            logger.debug("NATS auth callout: admitted agent %s", host_id)
+        return response
+
+    return answer
+
+
 def split_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
@@ -654,6 +700,8 @@ async def run_auth(config: AuthConfig, *, nats_url: str | NatsConnection) -> int
         await login_failures.provision_login_failures(bus)
         await ensure_audit_stream(bus, max_age=config.audit.max_age)
         emitter = AuditEmitter.for_bus(bus, host_id=config.host_id, maxsize=config.audit.queue_size)
+        if config.nats_callout is not None:
+            await serve_callout(bus, callout_answer(config.nats_callout.authorizer()))
         async with emitter:
             running = await start_service(config, bus=bus, ca=ca, audit=emitter)
             logger.info(

@@ -12,6 +12,7 @@ from pathlib import Path
 import nats
 import nats.aio.client
 import nats.aio.msg
+import nats.errors
 import pytest
 
 from bus import (
@@ -25,15 +26,22 @@ from bus import (
     subjects,
 )
 from bus.access import Role, User
-from bus.audit import SessionStart, ensure_audit_stream, publish_event, read_events
+from bus.audit import SessionStart, encode_event, ensure_audit_stream, publish_event, read_events
+from bus.callout import serve_callout
 from bus.client import inbox_prefix, url_user
 from bus.link import jetstream_answers
 from bus.schemas import FetcherStatus, utcnow
 from bus.server import NatsServer, config_string
+from bus.servers import DbServerHeartbeat
 from bus.totp import claim_step, provision_totp
+from dbservice.auth.natsrights import AgentAuthorizer, nats_credentials_for
+from dbservice.auth.service import callout_answer
 from sandbox.aws import MotoServer
+from sandbox.valkeynode import ValkeyNode
 from tests.kits import seed as seed
-from tests.kits.common import SAMPLE_NATS_CONF, sample_nats_passwords
+from tests.kits.agent import agent_config, running_agent, wait_until
+from tests.kits.agent import db as agent_db
+from tests.kits.common import CALLOUT_SEED, SAMPLE_NATS_CONF, sample_nats_passwords
 
 CONFIG = SAMPLE_NATS_CONF
 USERS = ("discovery", "agent", "auth", "reader", "auditor", "operator", "admin")
@@ -333,3 +341,171 @@ async def test_the_operator_reads_what_people_on_call_need_and_writes_nothing(
         await operator.put(subjects.LEASES_BUCKET, "us-east-1.1.svc", db("forged"))
     with pytest.raises(Exception):  # noqa: B017 - refused publish: no ack ever comes
         await publish_event(operator, SessionStart(user="mallory"), ack_wait=1.0)
+
+
+# -- each agent's own rights (auth callout answered by the auth service) --------------
+
+
+@pytest.fixture
+async def callout(
+    connect: Callable[[str], Awaitable[Bus]],
+) -> AsyncIterator[AgentAuthorizer]:
+    """The auth service's callout responder, as ``fleetgate auth run`` starts it with
+    ``nats_callout`` (over the auth user, its only rights)."""
+    authorizer = AgentAuthorizer(CALLOUT_SEED)
+    auth = await connect("auth")
+    sub = await serve_callout(auth, callout_answer(authorizer))
+    yield authorizer
+    await sub.unsubscribe()
+
+
+def agent_url(server: NatsServer, host_id: str, password: str | None = None) -> str:
+    creds = nats_credentials_for(host_id, CALLOUT_SEED)
+    return f"nats://{creds.user}:{password or creds.password}@127.0.0.1:{server.port}"
+
+
+def beat(host_id: str, database: str = "orders") -> DbServerHeartbeat:
+    return DbServerHeartbeat(
+        host_id=host_id, hostname=host_id, version="t", addr="a:1", database=db(database)
+    )
+
+
+async def refused(url: str) -> None:
+    client = nats.aio.client.Client()
+    try:
+        with pytest.raises(Exception, match=r"(?i)authorization"):
+            await client.connect(url, allow_reconnect=False, max_reconnect_attempts=0)
+    finally:
+        await client.close()
+
+
+HOST_A = "0b6c2b7e-0000-4000-8000-00000000000a"
+HOST_B = "0b6c2b7e-0000-4000-8000-00000000000b"
+
+
+async def test_an_agent_writes_only_its_own_heartbeats_and_audit_events(
+    secured: NatsServer, connect: Callable[[str], Awaitable[Bus]], callout: AgentAuthorizer
+) -> None:
+    admin = await connect("admin")
+    await admin.provision()
+    await admin.bucket(subjects.DB_SERVERS_BUCKET)
+    await admin.bucket(subjects.LEASES_BUCKET)
+    await ensure_audit_stream(admin)
+    await admin.put(subjects.USERS_BUCKET, "alice", User(name="alice", roles=("dev",)))
+    await admin.put(subjects.ROLES_BUCKET, "dev", Role(name="dev"))
+    await admin.put_db_server(beat(HOST_B), ttl=60)
+
+    a = await Bus.connect(agent_url(secured, HOST_A), name="agent-a", request_timeout=1.0)
+    try:
+        # what an agent needs: its heartbeats, the registry, roles, leases, its audit
+        assert await jetstream_answers(a, wait=2.0) is None
+        await a.put_db_server(beat(HOST_A), ttl=60)
+        assert list(await a.snapshot(subjects.ROLES_BUCKET, Role)) == ["dev"]
+        assert sorted(s.host_id for s in await a.list_db_servers("orders")) == [HOST_A, HOST_B]
+        await a.put(subjects.LEASES_BUCKET, "us-east-1.1.svc", db("lease-stand-in"))
+        await publish_event(a, SessionStart(user="alice", host_id=HOST_A))
+        await a.delete_db_server("orders", HOST_A)
+
+        # what it may not: another agent's heartbeat (write or delete), users' records
+        # (a TTL write is a plain publish: refused, its acknowledgement never comes)
+        with pytest.raises((RegistryError, nats.errors.TimeoutError)):
+            await a.put_db_server(beat(HOST_B), ttl=60)
+        with pytest.raises((RegistryError, nats.errors.TimeoutError)):
+            await a.delete_db_server("orders", HOST_B)
+        with pytest.raises(RegistryError):
+            await a.snapshot(subjects.USERS_BUCKET, User, create=False)
+        with pytest.raises(RegistryError, match="may this NATS user do that"):
+            await a.put_resource(db("forged"))
+        # an audit event on B's subject: refused by NATS (no ack ever comes)
+        forged = SessionStart(user="mallory", host_id=HOST_B)
+        with pytest.raises(Exception):  # noqa: B017
+            await a.js.publish(
+                subjects.audit_subject("db.session.start", HOST_B),
+                encode_event(forged),
+                timeout=1.0,
+                stream=subjects.AUDIT_STREAM,
+            )
+        # ... or on an older writer's subject (no host): refused too
+        with pytest.raises(Exception):  # noqa: B017
+            await a.js.publish(
+                subjects.audit_subject("db.session.start"),
+                encode_event(forged),
+                timeout=1.0,
+                stream=subjects.AUDIT_STREAM,
+            )
+        # on its own subject, B's name in the event is flagged by every reader
+        await a.js.publish(
+            subjects.audit_subject("db.session.start", HOST_A),
+            encode_event(forged),
+            timeout=1.0,
+            stream=subjects.AUDIT_STREAM,
+        )
+    finally:
+        await a.close()
+
+    beats = await admin.list_db_servers("orders")
+    assert [b.host_id for b in beats] == [HOST_B]  # B's intact, A's deleted
+    auditor = await connect("auditor")
+    seen = [(e.user, e.host_id, e.publisher, e.identity) async for e in read_events(auditor)]
+    assert seen == [
+        ("alice", HOST_A, HOST_A, "checked"),
+        ("mallory", HOST_B, HOST_A, "mismatch"),
+    ]
+
+
+async def test_only_agents_with_their_own_password_are_admitted(
+    secured: NatsServer, callout: AgentAuthorizer
+) -> None:
+    for url in (
+        agent_url(secured, HOST_A, password="guessed"),  # wrong password
+        # B's password for A's name
+        agent_url(secured, HOST_A, password=nats_credentials_for(HOST_B, CALLOUT_SEED).password),
+        f"nats://mallory:pw-mallory@127.0.0.1:{secured.port}",  # not an agent
+        f"nats://agent-a.b:x@127.0.0.1:{secured.port}",  # not a host_id
+    ):
+        await refused(url)
+    client = await nats.connect(agent_url(secured, HOST_A), allow_reconnect=False)
+    await client.close()
+
+
+async def test_a_revoked_agent_is_refused(secured: NatsServer, callout: AgentAuthorizer) -> None:
+    callout.revoked = lambda host_id: host_id == HOST_A
+    await refused(agent_url(secured, HOST_A))
+    client = await nats.connect(agent_url(secured, HOST_B), allow_reconnect=False)
+    await client.close()
+
+
+@pytest.fixture
+async def valkey(tmp_path: Path) -> AsyncIterator[ValkeyNode]:
+    node = ValkeyNode(index=0, directory=tmp_path / "valkey", client_port=0)
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.stop()
+
+
+async def test_a_real_agent_runs_with_its_own_rights(
+    tmp_path: Path,
+    secured: NatsServer,
+    connect: Callable[[str], Awaitable[Bus]],
+    callout: AgentAuthorizer,
+    valkey: ValkeyNode,
+) -> None:
+    admin = await connect("admin")
+    await admin.provision()
+    discovery = await connect("discovery")
+    await discovery.put_resource(agent_db("orders", f"127.0.0.1:{valkey.port}", env="prod"))
+    config = agent_config(tmp_path, "agent-a", resources=[{"labels": {"env": "prod"}}])
+    (tmp_path / "agent-a").mkdir()
+    (tmp_path / "agent-a" / "host_uuid").write_text(HOST_A + "\n")
+    reader = await connect("reader")
+    async with running_agent(config, agent_url(secured, HOST_A)):
+
+        async def healthy() -> bool:
+            beats = await reader.list_db_servers("orders", create=False)
+            return [(b.host_id, b.target_health.status) for b in beats] == [(HOST_A, "healthy")]
+
+        await wait_until(healthy, 15, "the agent's own heartbeat")
+    assert await reader.list_db_servers(create=False) == []  # deleted on stop
+    assert "Violation" not in "\n".join(secured._log)
