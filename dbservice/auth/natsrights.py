@@ -38,10 +38,7 @@ import nacl.signing
 import nkeys
 
 from bus import subjects
-from bus.settings import inbox_prefix
-
-AGENT_USER_PREFIX: Final = "agent-"
-"""An agent's NATS user is ``agent-<host_id>`` (the fixed users never start so)."""
+from bus.settings import AGENT_USER_PREFIX, inbox_prefix
 
 REQUEST_AUDIENCE: Final = "nats-authorization-request"
 

@@ -37,7 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bus.server import NatsServer, config_string, wait_port_free
-from tests.kits.common import ROOT
+from tests.kits.common import CALLOUT_SEED, ROOT
+from tests.kits.natsauth import public_key
 
 DEPLOY = ROOT / "deploy" / "nats"
 HUB_CONF = DEPLOY / "hub.conf"
@@ -212,6 +213,7 @@ class NatsTopology:
         self.env: dict[str, str] = {
             _password_var(user): config_string(password_of(user)) for user in HUB_USERS
         }
+        self.env["FLEETGATE_NATS_CALLOUT_ISSUER"] = public_key(CALLOUT_SEED)
         # every password the file names (its sample leaf users too), and the regions'
         for user in re.findall(r"\{ user: ([\w-]+), password:", HUB_CONF.read_text()):
             self.env[_password_var(user)] = config_string(password_of(user))
@@ -256,6 +258,7 @@ class NatsTopology:
                 **{_password_var(user): self.env[_password_var(user)] for user in users},
                 "FLEETGATE_NATS_SERVER_NAME": name,
                 "FLEETGATE_NATS_HUB_LEAF_URLS": f"[{urls}]",
+                "FLEETGATE_NATS_CALLOUT_ISSUER": self.env["FLEETGATE_NATS_CALLOUT_ISSUER"],
             }
             server = NatsServer(
                 self.directory / name / "store",
@@ -310,15 +313,22 @@ class NatsTopology:
             for region in self.regions
         ]
         text = re.sub(r"\n *\{ user: leaf-[^\n]*\}", "", text)
-        end = text.rindex("\n  ]\n}")  # the end of the authorization's users
+        end = text.rindex("\n  ]\n")  # the end of the authorization's users
         return text[:end] + "\n" + "\n".join(lines) + text[end:]
 
     def _leaf_config(self, client_port: int, monitor_port: int) -> str:
         text = self._common(LEAF_CONF.read_text(), client_port, monitor_port)
         if self.leaf_admin:
-            end = text.rindex("\n  ]\n}")
+            end = text.rindex("\n  ]\n")
             admin = "\n    { user: admin, password: $FLEETGATE_NATS_ADMIN_PASSWORD }"
             text = text[:end] + admin + text[end:]
+            # a local user the auth callout does not ask about
+            text = _replace(
+                text,
+                "auth_users: [ discovery, agent ]",
+                "auth_users: [ discovery, agent, admin ]",
+                count=1,
+            )
         return text
 
     # -- life -----------------------------------------------------------------------------
