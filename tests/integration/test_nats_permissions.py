@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.aio.client
@@ -26,7 +28,16 @@ from bus import (
     subjects,
 )
 from bus.access import Role, User
-from bus.audit import SessionStart, encode_event, ensure_audit_stream, publish_event, read_events
+from bus.audit import (
+    QueryBatch,
+    SessionEnd,
+    SessionStart,
+    encode_event,
+    encode_query,
+    ensure_audit_stream,
+    publish_event,
+    read_events,
+)
 from bus.callout import serve_callout
 from bus.client import inbox_prefix, url_user
 from bus.link import jetstream_answers
@@ -509,3 +520,40 @@ async def test_a_real_agent_runs_with_its_own_rights(
         await wait_until(healthy, 15, "the agent's own heartbeat")
     assert await reader.list_db_servers(create=False) == []  # deleted on stop
     assert "Violation" not in "\n".join(secured._log)
+
+
+async def test_readers_find_events_of_older_writers_and_new_ones_by_type(bus: Bus) -> None:
+    """The stream holds both subject forms after an upgrade: ``audit tail/search --type``
+    (exact, a prefix, or every event, with --last) finds both; an end carried in a
+    batch still comes out for a db.session.end filter."""
+    await ensure_audit_stream(bus)
+    old = SessionStart(user="old", host_id="h-old")
+    await bus.js.publish(
+        subjects.audit_subject("db.session.start"), encode_event(old), stream=subjects.AUDIT_STREAM
+    )
+    new = SessionStart(user="new", host_id="h-new")
+    await publish_event(bus, new)
+    await publish_event(
+        bus,
+        QueryBatch(
+            common={"user": "new", "host_id": "h-new", "session_id": "s"},
+            first_seq=1,
+            queries=[encode_query(time.time(), "GET", ["k"])],
+            end=SessionEnd(user="new", host_id="h-new", commands=1),
+        ),
+    )
+
+    async def users(logical: str | None, **kw: Any) -> list[tuple[str, str, str]]:
+        return [(e.type, e.user, e.identity) async for e in read_events(bus, subject=logical, **kw)]
+
+    starts = [("db.session.start", "old", "unchecked"), ("db.session.start", "new", "checked")]
+    assert await users(subjects.audit_filter("db.session.start")) == starts
+    assert (await users(subjects.audit_filter("db.session", exact=False)))[:2] == starts
+    assert await users(subjects.audit_filter("db.session.end")) == [
+        ("db.session.end", "new", "checked")
+    ]
+    everything = await users(None)
+    assert [e[0] for e in everything] == [
+        "db.session.start", "db.session.start", "db.session.query", "db.session.end"
+    ]  # fmt: skip
+    assert await users(None, last=2) == everything[-2:]
