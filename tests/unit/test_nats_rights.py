@@ -8,6 +8,7 @@ import base64
 import json
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import nkeys
@@ -24,6 +25,7 @@ from bus.audit import (
     spooled,
 )
 from bus.settings import inbox_prefix
+from dbservice.auth.admin import AdminError
 from dbservice.auth.natsrights import (
     AgentAuthorizer,
     CalloutError,
@@ -32,6 +34,7 @@ from dbservice.auth.natsrights import (
     nats_credentials_for,
     new_issuer_seed,
 )
+from dbservice.auth.service import NatsCalloutSettings
 from tests.kits.common import ROOT
 from tests.kits.natsauth import encode_jwt, new_seed, public_key
 
@@ -210,3 +213,21 @@ def test_readers_check_the_event_s_host_against_its_subject() -> None:
     )
     assert claims.identity == "checked"
     assert checked(claims, subjects.audit_subject("db.session.start", "x")).identity == "mismatch"
+
+
+def test_the_auth_service_s_callout_settings_say_what_is_wrong(tmp_path: Path) -> None:
+    missing = NatsCalloutSettings(issuer_seed_file=str(tmp_path / "none.seed"))
+    with pytest.raises(AdminError, match=r"none\.seed: cannot read it"):
+        missing.authorizer()
+    user_seed = tmp_path / "user.seed"
+    user_seed.write_bytes(new_seed())
+    with pytest.raises(AdminError, match="must be an account seed"):
+        NatsCalloutSettings(issuer_seed_file=str(user_seed)).authorizer()
+    junk = tmp_path / "junk.seed"
+    junk.write_text("not a seed\n")
+    with pytest.raises(AdminError, match="not an NKey seed"):
+        NatsCalloutSettings(issuer_seed_file=str(junk)).authorizer()
+    good = tmp_path / "issuer.seed"
+    good.write_bytes(SEED + b"\n")
+    authorizer = NatsCalloutSettings(issuer_seed_file=str(good), ttl="1h").authorizer()
+    assert authorizer.issuer == public_key(SEED) and authorizer.ttl == 3600
