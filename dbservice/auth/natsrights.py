@@ -69,8 +69,16 @@ class NatsCredentials:
 
 def check_host_id(host_id: str) -> str:
     """``host_id`` if it can name an agent on the bus (one subject token, no escapes)."""
-    if not host_id or len(host_id) > 128 or not set(host_id) <= _HOST_ID_CHARS:
-        raise CalloutError(f"host_id {host_id[:140]!r}: expected 1-128 letters, digits, '-' or '_'")
+    if (
+        not host_id
+        or len(host_id) > 128
+        or not set(host_id) <= _HOST_ID_CHARS
+        or not host_id[0].isalnum()  # "_" names events without a host (audit_host_token)
+    ):
+        raise CalloutError(
+            f"host_id {host_id[:140]!r}: expected 1-128 letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
     return host_id
 
 

@@ -53,6 +53,8 @@ from tests.kits import seed as seed
 from tests.kits.agent import agent_config, running_agent, wait_until
 from tests.kits.agent import db as agent_db
 from tests.kits.common import CALLOUT_SEED, SAMPLE_NATS_CONF, sample_nats_passwords
+from tests.kits.listener import APP_PASSWORD, RawSession, add_acl_users, make_fleet, static_db
+from tests.kits.proxy import serve_single_node
 
 CONFIG = SAMPLE_NATS_CONF
 USERS = ("discovery", "agent", "auth", "reader", "auditor", "operator", "admin")
@@ -557,3 +559,50 @@ async def test_readers_find_events_of_older_writers_and_new_ones_by_type(bus: Bu
         "db.session.start", "db.session.start", "db.session.query", "db.session.end"
     ]  # fmt: skip
     assert await users(None, last=2) == everything[-2:]
+
+
+@pytest.fixture
+def single_valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
+    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
+
+
+async def test_a_real_agent_serves_clients_and_audits_with_its_own_rights(
+    tmp_path: Path,
+    secured: NatsServer,
+    connect: Callable[[str], Awaitable[Bus]],
+    callout: AgentAuthorizer,
+    single_valkey: ValkeyNode,
+) -> None:
+    """The agent's listener, sessions and audit (batches, session ends) all work with the
+    per-agent rights, and every event reads back as checked."""
+    valkey = single_valkey
+    admin = await connect("admin")
+    await admin.provision()
+    fleet = await make_fleet(admin, tmp_path, "unused")
+    config = fleet.agent("agent-a", [static_db("dev-cache", valkey.port, env="dev")])
+    (tmp_path / "agent-a").mkdir(exist_ok=True)
+    (tmp_path / "agent-a" / "host_uuid").write_text(HOST_A + "\n")
+    async with running_agent(config, agent_url(secured, HOST_A)) as running:
+        assert running.listener is not None
+        identity = fleet.identity("alice", ["dev"])
+        session = await RawSession.open(
+            running.listener.port, identity, fleet.ca.pem, "dev-cache", "app"
+        )
+        try:
+            assert await session.call("AUTH", "app", APP_PASSWORD) == b"+OK"
+            assert await session.call("SET", "k", "v") == b"+OK"
+            assert await session.call("GET", "k") == b"v"
+        finally:
+            session.close()
+        auditor = await connect("auditor")
+
+        async def audited() -> bool:
+            events = [e async for e in read_events(auditor, idle=0.2)]
+            return {e.type for e in events} >= {
+                "db.session.start",
+                "db.session.query",
+                "db.session.end",
+            } and all(e.host_id == HOST_A and e.identity == "checked" for e in events)
+
+        await wait_until(audited, 15, "the agent's audit, checked")
+    assert "iolation" not in "\n".join(secured._log)

@@ -79,7 +79,7 @@ def test_credentials_are_derived_per_agent_and_stable() -> None:
     assert a.user == f"agent-{HOST}"
     assert a.password != nats_credentials_for(HOST.replace("1", "2"), SEED).password
     assert a.password != nats_credentials_for(HOST, new_issuer_seed()).password
-    for bad in ("", "a.b", "a*", "a>", "x" * 129, "a b"):
+    for bad in ("", "a.b", "a*", "a>", "x" * 129, "a b", "_", "-a", "é"):
         with pytest.raises(CalloutError, match="host_id"):
             nats_credentials_for(bad, SEED)
 
