@@ -282,10 +282,10 @@ class Sandbox:
         for name in ("agent-1", "agent-2"):
             sign_host(result.ca, ["127.0.0.1", "localhost"], AGENT_CERT_TTL, self.path("tls", name))
         self.auth_port = self.o.auth_port or free_port()
-        config = children.write_config(
-            self.path("config", "auth.yaml"),
-            children.auth_config(self.auth_port, self.path("ca")),
-        )
+        body = children.auth_config(self.auth_port, self.path("ca"))
+        # answers NATS's auth callout: agents that log in as themselves (agent-<host_id>)
+        body["nats_callout"] = {"issuer_seed_file": str(self.path("nats-callout.seed"))}
+        config = children.write_config(self.path("config", "auth.yaml"), body)
         self._spawn("auth", ["auth", "run", "-c", str(config)], {}, nats_user="auth")
         self.progress.line("auth", f"CA {self.ca_fingerprint}; roles dev-access, admin; user alice")
 
