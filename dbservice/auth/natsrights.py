@@ -29,7 +29,7 @@ import hmac
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -38,6 +38,8 @@ import nacl.signing
 import nkeys
 
 from bus import subjects
+from bus.labels import Selector, matches
+from bus.schemas import DatabaseResource
 from bus.settings import AGENT_USER_PREFIX, inbox_prefix
 
 REQUEST_AUDIENCE: Final = "nats-authorization-request"
@@ -170,6 +172,26 @@ def agent_permissions(host_id: str, leases: Sequence[str] = (">",)) -> dict[str,
     ]
     inbox = inbox_prefix(AGENT_USER_PREFIX + host_id)
     return {"pub": {"allow": publish}, "sub": {"allow": [f"{inbox}.>"]}}
+
+
+def lease_filters(databases: Iterable[DatabaseResource], selector: Selector | None) -> list[str]:
+    """The managed-user key filters (``<region>.<account>.*`` of :data:`LEASES_BUCKET`)
+    of the MemoryDB databases ``selector`` selects: what an agent admitted to serve only
+    those databases (e.g. the labels of its join token) may write. None: every key (the
+    agent is not limited to labels). Computed at login; databases added later count
+    from the agent's next login (at most ``ttl`` later)."""
+    if selector is None:
+        return [">"]
+    keys = {
+        f"{subjects.kv_token(db.spec.aws.region)}.{subjects.kv_token(db.spec.aws.account_id)}.*"
+        for db in databases
+        if db.spec.aws is not None
+        and db.spec.aws.memorydb is not None
+        and db.spec.aws.region
+        and db.spec.aws.account_id
+        and matches(selector, db.metadata.labels)
+    }
+    return sorted(keys)
 
 
 # -- JWTs ----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Any
 import nkeys
 import pytest
 
-from bus import subjects
+from bus import AWSSpec, DatabaseResource, DatabaseSpec, MemoryDBSpec, Metadata, subjects
 from bus.audit import (
     QueryBatch,
     SessionStart,
@@ -31,6 +31,7 @@ from dbservice.auth.natsrights import (
     CalloutError,
     agent_permissions,
     decode_request,
+    lease_filters,
     nats_credentials_for,
     new_issuer_seed,
 )
@@ -231,3 +232,41 @@ def test_the_auth_service_s_callout_settings_say_what_is_wrong(tmp_path: Path) -
     good.write_bytes(SEED + b"\n")
     authorizer = NatsCalloutSettings(issuer_seed_file=str(good), ttl="1h").authorizer()
     assert authorizer.issuer == public_key(SEED) and authorizer.ttl == 3600
+
+
+def memorydb(name: str, region: str, account: str, **labels: str) -> DatabaseResource:
+    return DatabaseResource(
+        metadata=Metadata(name=name, labels=labels),
+        spec=DatabaseSpec(
+            uri=f"{name}:6379",
+            aws=AWSSpec(
+                region=region, account_id=account, memorydb=MemoryDBSpec(cluster_name=name)
+            ),
+        ),
+    )
+
+
+def test_lease_filters_follow_the_databases_an_agent_may_serve() -> None:
+    """An agent limited to labels may write the managed-user records of the accounts of
+    the MemoryDB databases those labels select, and no other."""
+    registry = [
+        memorydb("a", "us-east-1", "111111111111", env="prod", team="pay"),
+        memorydb("b", "eu-west-1", "111111111111", env="prod", team="pay"),
+        memorydb("c", "us-east-1", "222222222222", env="dev", team="pay"),
+        DatabaseResource(
+            metadata=Metadata(name="self-hosted", labels={"env": "prod"}),
+            spec=DatabaseSpec(uri="10.0.0.1:6379"),
+        ),
+    ]
+    assert lease_filters(registry, {"env": "prod"}) == [
+        "eu-west-1.111111111111.*",
+        "us-east-1.111111111111.*",
+    ]
+    assert lease_filters(registry, {"team": "pay", "env": "dev"}) == ["us-east-1.222222222222.*"]
+    assert lease_filters(registry, {"env": "staging"}) == []
+    assert lease_filters(registry, None) == [">"]
+    # an agent limited to nothing writes no managed-user record at all
+    allowed = set(
+        agent_permissions(HOST, lease_filters(registry, {"env": "staging"}))["pub"]["allow"]
+    )
+    assert not [s for s in allowed if "fleetgate_leases." in s and "$KV" in s]
