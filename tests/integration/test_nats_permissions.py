@@ -24,6 +24,7 @@ from bus import (
     DatabaseSpec,
     Metadata,
     RegistryError,
+    leases,
     login_failures,
     subjects,
 )
@@ -606,3 +607,26 @@ async def test_a_real_agent_serves_clients_and_audits_with_its_own_rights(
 
         await wait_until(audited, 15, "the agent's audit, checked")
     assert "iolation" not in "\n".join(secured._log)
+
+
+async def test_an_agent_limited_to_accounts_writes_only_their_managed_user_records(
+    secured: NatsServer, connect: Callable[[str], Awaitable[Bus]], callout: AgentAuthorizer
+) -> None:
+    admin = await connect("admin")
+    await admin.bucket(subjects.LEASES_BUCKET)
+    callout.leases = lambda host_id: ["us-east-1.111111111111.*"]
+    a = await Bus.connect(agent_url(secured, HOST_A), name="agent-a", request_timeout=1.0)
+    try:
+        key = subjects.managed_user_key("us-east-1", "111111111111", "svc")
+        assert await leases.create(a, subjects.LEASES_BUCKET, key, db("lease")) is not None
+        other = subjects.managed_user_key("eu-west-1", "111111111111", "svc")
+        with pytest.raises(RegistryError, match="may this NATS user do that"):
+            await leases.create(a, subjects.LEASES_BUCKET, other, db("lease"))
+        # it still reads every record (what the others hold)
+        await admin.put(subjects.LEASES_BUCKET, other, db("held-elsewhere"))
+        assert sorted(await leases.records(a, subjects.LEASES_BUCKET, DatabaseResource)) == [
+            other,
+            key,
+        ]
+    finally:
+        await a.close()
