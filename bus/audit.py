@@ -87,7 +87,15 @@ class AuditEvent(Record):
     db_user: str = ""
     client_addr: str = ""
     host_id: str = ""
-    """The agent (or auth service) that emitted the event."""
+    """The agent (or auth service) that emitted the event, as the event says."""
+    publisher: str = ""
+    """Set by :func:`read_events` from the subject, never taken from the message: the
+    host token NATS let publish it (an agent may publish only on subjects ending in its
+    own host_id), ``""`` for events of older writers (subjects without a host)."""
+    identity: Literal["checked", "unchecked", "mismatch"] = "unchecked"
+    """Set by :func:`read_events`: ``checked`` when ``host_id`` is the publisher's,
+    ``mismatch`` when another publisher claims it (a forgery: do not trust ``host_id``),
+    ``unchecked`` for events of older writers."""
     session_id: str = ""
     success: bool = True
     reason: str = ""
@@ -163,6 +171,8 @@ class SessionQueries(AuditEvent):
                 "session_id",
                 "principal",
                 "schema_version",
+                "publisher",
+                "identity",
             }
         )
         events: list[AuditEvent] = [
@@ -241,7 +251,14 @@ def encode_query(
     )
 
 
-_QUERY_SUBJECT: Final = subjects.audit_subject("db.session.query")
+_QUERY_TYPE: Final = "db.session.query"
+"""The subject type of a batch (``db.session.queries``)."""
+_QUERY_SUBJECT: Final = subjects.audit_subject(_QUERY_TYPE)
+
+
+def wire_type(event_type: str) -> str:
+    """The type in an event's subject (a batch travels on ``db.session.query``)."""
+    return _QUERY_TYPE if event_type == QUERY_BATCH else event_type
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,8 +324,28 @@ class Spooled:
 def spooled(event: AuditEvent | QueryBatch) -> Spooled:
     """``event`` encoded as it is published."""
     if isinstance(event, QueryBatch):
-        return Spooled(_QUERY_SUBJECT, event.id, len(event), event.encode())
-    return Spooled(subjects.audit_subject(event.type), event.id, 1, encode_event(event))
+        host = str(event.common.get("host_id", ""))
+        subject = subjects.audit_subject(_QUERY_TYPE, host)
+        return Spooled(subject, event.id, len(event), event.encode())
+    subject = subjects.audit_subject(event.type, event.host_id)
+    return Spooled(subject, event.id, 1, encode_event(event))
+
+
+_LEGACY: Final = frozenset(subjects.audit_subject(t) for t in EVENT_TYPES)
+"""Subjects of events spooled by an older agent (no host token)."""
+
+
+def _current_subject(item: Spooled) -> str:
+    """The subject to publish a spooled item on: an older agent spooled it without its
+    host, which an agent's own NATS rights now refuse, so the host is added from the
+    message itself."""
+    if item.subject not in _LEGACY:
+        return item.subject
+    try:
+        head = orjson.loads(item.data)
+        return subjects.audit_subject(wire_type(str(head["type"])), str(head.get("host_id", "")))
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return item.subject
 
 
 Outgoing = AuditEvent | QueryBatch | Spooled
@@ -364,11 +401,10 @@ async def publish_event(bus: Bus, event: Outgoing, *, ack_wait: float = 2.0) -> 
     """Store one event or batch; raises nats errors (the emitter retries, dedup keeps it
     single)."""
     if isinstance(event, Spooled):
-        subject, data = event.subject, event.data
-    elif isinstance(event, QueryBatch):
-        subject, data = _QUERY_SUBJECT, event.encode()
+        subject, data = _current_subject(event), event.data
     else:
-        subject, data = subjects.audit_subject(event.type), encode_event(event)
+        item = spooled(event)
+        subject, data = item.subject, item.data
     await bus.js.publish(
         subject,
         data,
@@ -376,6 +412,21 @@ async def publish_event(bus: Bus, event: Outgoing, *, ack_wait: float = 2.0) -> 
         stream=subjects.AUDIT_STREAM,
         headers={"Nats-Msg-Id": event.id},
     )
+
+
+def checked(event: AuditEvent, subject: str) -> AuditEvent:
+    """``event`` with :attr:`~AuditEvent.publisher` and :attr:`~AuditEvent.identity`
+    taken from the subject it was stored on (whatever the message said of them)."""
+    publisher = subjects.audit_publisher(subject, wire_type(event.type))
+    if publisher is None:  # stored on another type's subject: nothing vouches for it
+        publisher, identity = "", "mismatch"
+    elif publisher == "":
+        identity = "unchecked"
+    elif publisher == subjects.audit_host_token(event.host_id):
+        identity = "checked"
+    else:
+        identity = "mismatch"
+    return event.model_copy(update={"publisher": publisher, "identity": identity})
 
 
 async def read_events(
@@ -405,8 +456,9 @@ async def read_events(
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
     elif follow and last is None:
         config = ConsumerConfig(deliver_policy=DeliverPolicy.NEW)
-    if len(filters) > 1:
-        config.filter_subjects = filters
+    wire = [w for f in filters for w in subjects.audit_wire_filters(f)]
+    if len(wire) > 1:
+        config.filter_subjects = wire
     try:
         stream = await bus.js.stream_info(subjects.AUDIT_STREAM)
     except nats.js.errors.NotFoundError:
@@ -420,7 +472,7 @@ async def read_events(
         first = max(stream.state.first_seq, stream.state.last_seq - last + 1, 1)
         config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=first)
     sub = await bus.js.subscribe(
-        filter_subject, stream=subjects.AUDIT_STREAM, ordered_consumer=True, config=config
+        wire[0], stream=subjects.AUDIT_STREAM, ordered_consumer=True, config=config
     )
     # With ``last``, events are held here until caught up, then the newest ``last`` go out.
     tail: deque[AuditEvent] | None = deque(maxlen=last) if last is not None else None
@@ -447,6 +499,8 @@ async def read_events(
                 skip -= 1
             else:
                 event = parse_event(msg.data)
+                if event is not None:
+                    event = checked(event, msg.subject)
                 batch = isinstance(event, SessionQueries)
                 for one in event.expand() if event is not None else ():
                     if batch and since is not None and one.time < since:

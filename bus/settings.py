@@ -21,6 +21,7 @@ import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 from urllib.parse import unquote, urlsplit
 
 import nkeys
@@ -106,10 +107,25 @@ def inbox_prefix(user: str | None) -> str:
     deploy/nats/nats-server.conf lets each user subscribe to its own replies only
     (``_INBOX_<user>.>``), never to another user's. A character NATS does not allow in
     a subject token (or that would be a wildcard) becomes ``_``. Without a user (no
-    authentication, or a token), NATS's default ``_INBOX``."""
+    authentication, or a token), NATS's default ``_INBOX``. An agent's own user
+    (``agent-<host_id>``, admitted by the auth callout) gets ``_INBOX_agents.<host_id>``:
+    one prefix token for every agent, so that a leaf node's link may carry all agents'
+    replies (NATS wildcards match whole tokens only) while each agent reads its own."""
     if not user:
         return "_INBOX"
-    return "_INBOX_" + re.sub(r"[^A-Za-z0-9_-]", "_", user)
+    if user.startswith(AGENT_USER_PREFIX) and len(user) > len(AGENT_USER_PREFIX):
+        return AGENTS_INBOX + "." + _token(user[len(AGENT_USER_PREFIX) :])
+    return "_INBOX_" + _token(user)
+
+
+AGENT_USER_PREFIX: Final = "agent-"
+"""The NATS user of one agent is ``agent-<host_id>`` (the fixed users never start so)."""
+
+AGENTS_INBOX: Final = "_INBOX_agents"
+
+
+def _token(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text)
 
 
 def _check_server(url: str) -> str:

@@ -82,7 +82,8 @@ AGENTS_BUCKET: Final = "fleetgate_agents"
 the auth service (join, renew) and admins (``agents rm``: revoke)."""
 
 AUDIT_STREAM: Final = "FLEETGATE_AUDIT"
-"""JetStream stream of audit events, on subjects ``fleetgate.audit.<event type>``."""
+"""JetStream stream of audit events, on subjects ``fleetgate.audit.<event type>.<host>``
+(and ``fleetgate.audit.<event type>`` from older writers): :func:`audit_subject`."""
 
 AUDIT_SUBJECT_PREFIX: Final = "fleetgate.audit"
 
@@ -163,17 +164,51 @@ def role_key(name: str) -> str:
     return kv_token(name)
 
 
-def audit_subject(event_type: str) -> str:
-    """Subject of one audit event type: ``auth.login`` -> ``fleetgate.audit.auth.login``."""
-    return f"{AUDIT_SUBJECT_PREFIX}.{event_type}"
+def audit_subject(event_type: str, host_id: str | None = None) -> str:
+    """Subject of one audit event type. With the publisher's ``host_id`` (what every
+    writer sends since agents got their own NATS rights), the host is the last token:
+    ``auth.login`` from ``h1`` -> ``fleetgate.audit.auth.login.h1``, so NATS permissions
+    can let an agent publish only as itself (``fleetgate.audit.*.*.<host_id>``).
+    Without it, the subject of older writers: ``fleetgate.audit.auth.login``."""
+    if host_id is None:
+        return f"{AUDIT_SUBJECT_PREFIX}.{event_type}"
+    return f"{AUDIT_SUBJECT_PREFIX}.{event_type}.{audit_host_token(host_id)}"
+
+
+def audit_host_token(host_id: str) -> str:
+    """The subject token naming a publisher (``_`` when it has no host_id)."""
+    return kv_token(host_id) if host_id else "_"
+
+
+def audit_publisher(subject: str, event_type: str) -> str | None:
+    """The host token of an event's subject (the identity NATS permissions vouch for),
+    ``""`` for the subject of older writers (no host token), None when the subject is
+    not one of ``event_type`` at all."""
+    base = audit_subject(event_type)
+    if subject == base:
+        return ""
+    head, _, token = subject.rpartition(".")
+    return token if head == base and token else None
 
 
 def audit_filter(event_type: str | None = None, *, exact: bool = True) -> str:
-    """Subject filter: one event type, every type under a prefix (``db.session``, with
-    ``exact=False``), or every event when ``event_type`` is None."""
+    """Subject filter, in the form of :func:`audit_subject` without a host: one event
+    type, every type under a prefix (``db.session``, with ``exact=False``), or every
+    event when ``event_type`` is None. :func:`audit_wire_filters` turns it into what a
+    consumer filters on."""
     if not event_type:
         return f"{AUDIT_SUBJECT_PREFIX}.>"
     return audit_subject(event_type) if exact else f"{AUDIT_SUBJECT_PREFIX}.{event_type}.>"
+
+
+def audit_wire_filters(logical: str) -> list[str]:
+    """The stream subjects behind an :func:`audit_filter`: an exact type is stored on
+    ``<type>.<host>`` and, from older writers, on ``<type>`` (token counts differ, so
+    the two never overlap, as NATS requires of one consumer's filters); a filter
+    ending in ``>`` already covers both."""
+    if logical.endswith(">"):
+        return [logical]
+    return [f"{logical}.*", logical]
 
 
 def subject_matches(pattern: str, subject: str) -> bool:

@@ -31,6 +31,7 @@ from bus.settings import NatsConnection, NatsSettings, NatsTLS, resolve_nats
 from bus.specs import Replication
 from dbservice.access.ca import write_private
 from dbservice.auth.admin import add_user, init_ca, parse_role
+from dbservice.auth.natsrights import issuer_public_key, new_issuer_seed
 from dbservice.auth.passwords import hash_password
 from sandbox import children, seeding
 from sandbox.aws import MotoServer
@@ -276,6 +277,14 @@ class Sandbox:
                 log.unlink()
         self.state.save()
 
+    def _callout_issuer(self) -> str:
+        """The public key of the auth callout's issuer (its seed made on first use, kept
+        for the auth service's ``nats_callout``)."""
+        issuer = self.path("nats-callout.seed")
+        if not issuer.exists():
+            write_private(issuer, new_issuer_seed())
+        return issuer_public_key(issuer.read_bytes().strip())
+
     async def _start_nats(self) -> None:
         if self.o.regions:
             await self._start_nats_fleet()
@@ -287,6 +296,8 @@ class Sandbox:
             f"FLEETGATE_NATS_{user.upper()}_PASSWORD": config_string(password)
             for user, password in self.nats_passwords.items()
         }
+        # agents' own NATS users are admitted by the auth service (auth_callout)
+        env["FLEETGATE_NATS_CALLOUT_ISSUER"] = self._callout_issuer()
         self.nats = NatsServer(
             self.path("nats"), port=self.o.nats_port or -1, config_file=NATS_CONFIG, env=env
         )
@@ -308,7 +319,10 @@ class Sandbox:
 
         tls = self.path("tls", "nats")
         write_tls(tls, self.db_ca)
-        self.fleet = NatsFleet(self.path("nats"), password, tls, regions=self.regions)
+        self.fleet = NatsFleet(
+            self.path("nats"), password, tls, regions=self.regions,
+            callout_issuer=self._callout_issuer(),
+        )  # fmt: skip
         await self._in_thread(self.fleet.start, self.o.ready_timeout)
         self.bus = await Bus.connect(self.nats_connection("admin"), name="fleetgate-sandbox")
         self.bus.replication = Replication(3)
@@ -386,10 +400,10 @@ class Sandbox:
             self.path("tls", name).mkdir(parents=True, exist_ok=True, mode=0o700)
             write_private(self.path("tls", name, "join-token"), token.encode())
         self.auth_port = self.o.auth_port or free_port()
-        config = children.write_config(
-            self.path("config", "auth.yaml"),
-            self.jetstream(children.auth_config(self.auth_port, self.path("ca"))),
-        )
+        body = children.auth_config(self.auth_port, self.path("ca"))
+        # answers NATS's auth callout: agents that log in as themselves (agent-<host_id>)
+        body["nats_callout"] = {"issuer_seed_file": str(self.path("nats-callout.seed"))}
+        config = children.write_config(self.path("config", "auth.yaml"), self.jetstream(body))
         self._spawn("auth", ["auth", "run", "-c", str(config)], {}, nats_user="auth")
         self.progress.line("auth", f"CA {self.ca_fingerprint}; roles dev-access, admin; user alice")
 

@@ -226,6 +226,9 @@ class NatsFleet:
     leaf_admin: bool = False
     """Give every leaf a local ``admin`` user without permissions (a region that trusts
     its own people more): what it may do in the hub is still only the leaf link's."""
+    callout_issuer: str = ""
+    """The public key (``A...``) of the auth callout's issuer that leaves name
+    (``FLEETGATE_NATS_CALLOUT_ISSUER``): agents behind a leaf log in as themselves."""
     hub_nodes: list[Node] = field(default_factory=list)
     leaf_nodes: dict[str, Node] = field(default_factory=dict)
 
@@ -282,6 +285,7 @@ class NatsFleet:
                     **{password_var(user): env[password_var(user)] for user in users},
                     "FLEETGATE_NATS_SERVER_NAME": name,
                     "FLEETGATE_NATS_HUB_LEAF_URLS": f"[{urls}]",
+                    "FLEETGATE_NATS_CALLOUT_ISSUER": self.callout_issuer,
                 },
                 jetstream=False,
                 monitor_port=monitor_port,
@@ -333,15 +337,22 @@ class NatsFleet:
             for region in self.regions
         ]
         text = re.sub(r"\n *\{ user: leaf-[^\n]*\}", "", text)
-        end = text.rindex("\n  ]\n}")  # the end of the authorization's users
+        end = text.rindex("\n  ]\n")  # the end of the authorization's users
         return text[:end] + "\n" + "\n".join(lines) + text[end:]
 
     def _leaf_config(self, client_port: int, monitor_port: int) -> str:
         text = self._common(LEAF_CONF.read_text(), client_port, monitor_port)
         if self.leaf_admin:
-            end = text.rindex("\n  ]\n}")
+            end = text.rindex("\n  ]\n")
             admin = "\n    { user: admin, password: $FLEETGATE_NATS_ADMIN_PASSWORD }"
             text = text[:end] + admin + text[end:]
+            # a local user the auth callout does not ask about
+            text = _replace(
+                text,
+                "auth_users: [ discovery, agent ]",
+                "auth_users: [ discovery, agent, admin ]",
+                count=1,
+            )
         return text
 
     # -- life -----------------------------------------------------------------------------

@@ -71,6 +71,7 @@ from bus import Bus, joins, login_failures
 from bus.access import Identity, get_roles, get_user, list_aws_rules, provision_access
 from bus.audit import Login, ensure_audit_stream
 from bus.aws_logins import claim_signature, provision_aws_logins
+from bus.callout import serve_callout
 from bus.client import FAILURES
 from bus.settings import NatsConnection, NatsSettings
 from bus.totp import claim_step, provision_totp
@@ -97,6 +98,7 @@ from dbservice.auth.admin import AdminError, choose_aws_rule
 from dbservice.auth.catalog import Catalog
 from dbservice.auth.join import Joins, NatsCredentials, no_nats_credentials
 from dbservice.auth.listener import ConnectionLimits, GuardedListener, RefusalLog
+from dbservice.auth.natsrights import DEFAULT_TTL, AgentAuthorizer, CalloutError
 from dbservice.auth.passwords import totp_step, verify_password
 from fleetgate.aio import stop_on_signals
 from fleetgate.config import JetStreamSettings
@@ -210,6 +212,30 @@ class JoinSettings(Strict):
     """How long an agent's certificate lives; agents renew at two thirds of it."""
 
 
+class NatsCalloutSettings(Strict):
+    """``nats_callout``: answer nats-server's auth callout for agents' connections, each
+    with its own rights on the bus (docs/ARCHITECTURE.md, "Each agent's rights")."""
+
+    issuer_seed_file: str
+    """The account NKey seed (``SA...``) whose public key nats-server's
+    ``auth_callout { issuer }`` names; agents' passwords derive from it too."""
+    ttl: Duration = DEFAULT_TTL
+    """How long an agent's connection is admitted before it is asked again."""
+
+    def authorizer(self) -> AgentAuthorizer:
+        path = Path(self.issuer_seed_file)
+        try:
+            seed = path.read_bytes().strip()
+        except OSError as exc:
+            raise AdminError(
+                f"nats_callout.issuer_seed_file {path}: cannot read it ({exc.strerror or exc})"
+            ) from None
+        try:
+            return AgentAuthorizer(seed, ttl=self.ttl)
+        except CalloutError as exc:
+            raise AdminError(f"nats_callout.issuer_seed_file {path}: {exc}") from None
+
+
 class AuthConfig(Strict):
     """``fleetgate auth run -c FILE``."""
 
@@ -227,6 +253,7 @@ class AuthConfig(Strict):
     aws: AwsLoginSettings | None = None
     """Logins with an AWS identity; absent: ``POST /v1/login/aws`` answers 404."""
     join: JoinSettings = JoinSettings()
+    nats_callout: NatsCalloutSettings | None = None
 
 
 MAX_BODY = 64 * 1024
@@ -822,6 +849,25 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def callout_answer(authorizer: AgentAuthorizer) -> Any:
+    """The responder of :func:`bus.callout.serve_callout`: a refusal is logged once per
+    connection attempt (nats-server logs it too), a malformed request answered never."""
+
+    def answer(request: bytes) -> bytes | None:
+        try:
+            response, host_id, reason = authorizer.answer(request)
+        except CalloutError as exc:
+            logger.warning("NATS auth callout: ignored a request: %s", exc)
+            return None
+        if reason:
+            logger.warning("NATS auth callout: refused a connection: %s", reason)
+        else:
+            logger.debug("NATS auth callout: admitted agent %s", host_id)
+        return response
+
+    return answer
+
+
 def split_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
@@ -883,6 +929,8 @@ async def run_auth(config: AuthConfig, *, nats_url: str | NatsConnection) -> int
         await bus.provision(joins.TOKENS, joins.AGENTS)
         await ensure_audit_stream(bus, max_age=config.audit.max_age)
         emitter = AuditEmitter.for_bus(bus, host_id=config.host_id, maxsize=config.audit.queue_size)
+        if config.nats_callout is not None:
+            await serve_callout(bus, callout_answer(config.nats_callout.authorizer()))
         async with emitter:
             running = await start_service(config, bus=bus, ca=ca, audit=emitter)
             logger.info(

@@ -102,6 +102,10 @@ def format_event(event: AuditEvent) -> str:
         parts.append(f"FAILED: {event.reason}")
     elif event.type == "db.session.start":
         parts.append("ok")
+    if event.identity == "mismatch":
+        parts.append(
+            f"NOT FROM {event.host_id or '-'}: published by {event.publisher or 'another type'}"
+        )
     return "  ".join(parts)
 
 

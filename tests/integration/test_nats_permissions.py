@@ -6,12 +6,15 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.aio.client
 import nats.aio.msg
+import nats.errors
 import pytest
 
 from bus import (
@@ -21,20 +24,39 @@ from bus import (
     DatabaseSpec,
     Metadata,
     RegistryError,
+    leases,
     login_failures,
     subjects,
 )
 from bus.access import AwsRule, Role, User, list_aws_rules, put_aws_rule
-from bus.audit import SessionStart, ensure_audit_stream, publish_event, read_events
+from bus.audit import (
+    QueryBatch,
+    SessionEnd,
+    SessionStart,
+    encode_event,
+    encode_query,
+    ensure_audit_stream,
+    publish_event,
+    read_events,
+)
 from bus.aws_logins import claim_signature, provision_aws_logins
+from bus.callout import serve_callout
 from bus.client import inbox_prefix, url_user
 from bus.link import jetstream_answers
 from bus.schemas import FetcherStatus, utcnow
 from bus.server import NatsServer, config_string
+from bus.servers import DbServerHeartbeat
 from bus.totp import claim_step, provision_totp
+from dbservice.auth.natsrights import AgentAuthorizer, nats_credentials_for
+from dbservice.auth.service import callout_answer
 from sandbox.aws import MotoServer
+from sandbox.valkeynode import ValkeyNode
 from tests.kits import seed as seed
-from tests.kits.common import SAMPLE_NATS_CONF, sample_nats_passwords
+from tests.kits.agent import agent_config, running_agent, wait_until
+from tests.kits.agent import db as agent_db
+from tests.kits.common import CALLOUT_SEED, SAMPLE_NATS_CONF, sample_nats_passwords
+from tests.kits.listener import APP_PASSWORD, RawSession, add_acl_users, make_fleet, static_db
+from tests.kits.proxy import serve_single_node
 
 CONFIG = SAMPLE_NATS_CONF
 USERS = ("discovery", "agent", "auth", "reader", "auditor", "operator", "admin")
@@ -358,3 +380,278 @@ async def test_the_operator_reads_what_people_on_call_need_and_writes_nothing(
         await operator.put(subjects.LEASES_BUCKET, "us-east-1.1.svc", db("forged"))
     with pytest.raises(Exception):  # noqa: B017 - refused publish: no ack ever comes
         await publish_event(operator, SessionStart(user="mallory"), ack_wait=1.0)
+
+
+# -- each agent's own rights (auth callout answered by the auth service) --------------
+
+
+@pytest.fixture
+async def callout(
+    connect: Callable[[str], Awaitable[Bus]],
+) -> AsyncIterator[AgentAuthorizer]:
+    """The auth service's callout responder, as ``fleetgate auth run`` starts it with
+    ``nats_callout`` (over the auth user, its only rights)."""
+    authorizer = AgentAuthorizer(CALLOUT_SEED)
+    auth = await connect("auth")
+    sub = await serve_callout(auth, callout_answer(authorizer))
+    yield authorizer
+    await sub.unsubscribe()
+
+
+def agent_url(server: NatsServer, host_id: str, password: str | None = None) -> str:
+    creds = nats_credentials_for(host_id, CALLOUT_SEED)
+    return f"nats://{creds.user}:{password or creds.password}@127.0.0.1:{server.port}"
+
+
+def beat(host_id: str, database: str = "orders") -> DbServerHeartbeat:
+    return DbServerHeartbeat(
+        host_id=host_id, hostname=host_id, version="t", addr="a:1", database=db(database)
+    )
+
+
+async def refused(url: str) -> None:
+    client = nats.aio.client.Client()
+    try:
+        with pytest.raises(Exception, match=r"(?i)authorization"):
+            await client.connect(url, allow_reconnect=False, max_reconnect_attempts=0)
+    finally:
+        await client.close()
+
+
+HOST_A = "0b6c2b7e-0000-4000-8000-00000000000a"
+HOST_B = "0b6c2b7e-0000-4000-8000-00000000000b"
+
+
+async def test_an_agent_writes_only_its_own_heartbeats_and_audit_events(
+    secured: NatsServer, connect: Callable[[str], Awaitable[Bus]], callout: AgentAuthorizer
+) -> None:
+    admin = await connect("admin")
+    await admin.provision()
+    await admin.bucket(subjects.DB_SERVERS_BUCKET)
+    await admin.bucket(subjects.LEASES_BUCKET)
+    await ensure_audit_stream(admin)
+    await admin.put(subjects.USERS_BUCKET, "alice", User(name="alice", roles=("dev",)))
+    await admin.put(subjects.ROLES_BUCKET, "dev", Role(name="dev"))
+    await admin.put_db_server(beat(HOST_B), ttl=60)
+
+    a = await Bus.connect(agent_url(secured, HOST_A), name="agent-a", request_timeout=1.0)
+    try:
+        # what an agent needs: its heartbeats, the registry, roles, leases, its audit
+        assert await jetstream_answers(a, wait=2.0) is None
+        await a.put_db_server(beat(HOST_A), ttl=60)
+        assert list(await a.snapshot(subjects.ROLES_BUCKET, Role)) == ["dev"]
+        assert sorted(s.host_id for s in await a.list_db_servers("orders")) == [HOST_A, HOST_B]
+        await a.put(subjects.LEASES_BUCKET, "us-east-1.1.svc", db("lease-stand-in"))
+        await publish_event(a, SessionStart(user="alice", host_id=HOST_A))
+        await a.delete_db_server("orders", HOST_A)
+
+        # what it may not: another agent's heartbeat (write or delete), users' records
+        # (a TTL write is a plain publish: refused, its acknowledgement never comes)
+        with pytest.raises((RegistryError, nats.errors.TimeoutError)):
+            await a.put_db_server(beat(HOST_B), ttl=60)
+        with pytest.raises((RegistryError, nats.errors.TimeoutError)):
+            await a.delete_db_server("orders", HOST_B)
+        with pytest.raises(RegistryError):
+            await a.snapshot(subjects.USERS_BUCKET, User, create=False)
+        with pytest.raises(RegistryError, match="may this NATS user do that"):
+            await a.put_resource(db("forged"))
+        # an audit event on B's subject: refused by NATS (no ack ever comes)
+        forged = SessionStart(user="mallory", host_id=HOST_B)
+        with pytest.raises(Exception):  # noqa: B017
+            await a.js.publish(
+                subjects.audit_subject("db.session.start", HOST_B),
+                encode_event(forged),
+                timeout=1.0,
+                stream=subjects.AUDIT_STREAM,
+            )
+        # ... or on an older writer's subject (no host): refused too
+        with pytest.raises(Exception):  # noqa: B017
+            await a.js.publish(
+                subjects.audit_subject("db.session.start"),
+                encode_event(forged),
+                timeout=1.0,
+                stream=subjects.AUDIT_STREAM,
+            )
+        # on its own subject, B's name in the event is flagged by every reader
+        await a.js.publish(
+            subjects.audit_subject("db.session.start", HOST_A),
+            encode_event(forged),
+            timeout=1.0,
+            stream=subjects.AUDIT_STREAM,
+        )
+    finally:
+        await a.close()
+
+    beats = await admin.list_db_servers("orders")
+    assert [b.host_id for b in beats] == [HOST_B]  # B's intact, A's deleted
+    auditor = await connect("auditor")
+    seen = [(e.user, e.host_id, e.publisher, e.identity) async for e in read_events(auditor)]
+    assert seen == [
+        ("alice", HOST_A, HOST_A, "checked"),
+        ("mallory", HOST_B, HOST_A, "mismatch"),
+    ]
+
+
+async def test_only_agents_with_their_own_password_are_admitted(
+    secured: NatsServer, callout: AgentAuthorizer
+) -> None:
+    for url in (
+        agent_url(secured, HOST_A, password="guessed"),  # wrong password
+        # B's password for A's name
+        agent_url(secured, HOST_A, password=nats_credentials_for(HOST_B, CALLOUT_SEED).password),
+        f"nats://mallory:pw-mallory@127.0.0.1:{secured.port}",  # not an agent
+        f"nats://agent-a.b:x@127.0.0.1:{secured.port}",  # not a host_id
+    ):
+        await refused(url)
+    client = await nats.connect(agent_url(secured, HOST_A), allow_reconnect=False)
+    await client.close()
+
+
+async def test_a_revoked_agent_is_refused(secured: NatsServer, callout: AgentAuthorizer) -> None:
+    callout.revoked = lambda host_id: host_id == HOST_A
+    await refused(agent_url(secured, HOST_A))
+    client = await nats.connect(agent_url(secured, HOST_B), allow_reconnect=False)
+    await client.close()
+
+
+@pytest.fixture
+async def valkey(tmp_path: Path) -> AsyncIterator[ValkeyNode]:
+    node = ValkeyNode(index=0, directory=tmp_path / "valkey", client_port=0)
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.stop()
+
+
+async def test_a_real_agent_runs_with_its_own_rights(
+    tmp_path: Path,
+    secured: NatsServer,
+    connect: Callable[[str], Awaitable[Bus]],
+    callout: AgentAuthorizer,
+    valkey: ValkeyNode,
+) -> None:
+    admin = await connect("admin")
+    await admin.provision()
+    discovery = await connect("discovery")
+    await discovery.put_resource(agent_db("orders", f"127.0.0.1:{valkey.port}", env="prod"))
+    config = agent_config(tmp_path, "agent-a", resources=[{"labels": {"env": "prod"}}])
+    (tmp_path / "agent-a").mkdir()
+    (tmp_path / "agent-a" / "host_uuid").write_text(HOST_A + "\n")
+    reader = await connect("reader")
+    async with running_agent(config, agent_url(secured, HOST_A)):
+
+        async def healthy() -> bool:
+            beats = await reader.list_db_servers("orders", create=False)
+            return [(b.host_id, b.target_health.status) for b in beats] == [(HOST_A, "healthy")]
+
+        await wait_until(healthy, 15, "the agent's own heartbeat")
+    assert await reader.list_db_servers(create=False) == []  # deleted on stop
+    assert "Violation" not in "\n".join(secured._log)
+
+
+async def test_readers_find_events_of_older_writers_and_new_ones_by_type(bus: Bus) -> None:
+    """The stream holds both subject forms after an upgrade: ``audit tail/search --type``
+    (exact, a prefix, or every event, with --last) finds both; an end carried in a
+    batch still comes out for a db.session.end filter."""
+    await ensure_audit_stream(bus)
+    old = SessionStart(user="old", host_id="h-old")
+    await bus.js.publish(
+        subjects.audit_subject("db.session.start"), encode_event(old), stream=subjects.AUDIT_STREAM
+    )
+    new = SessionStart(user="new", host_id="h-new")
+    await publish_event(bus, new)
+    await publish_event(
+        bus,
+        QueryBatch(
+            common={"user": "new", "host_id": "h-new", "session_id": "s"},
+            first_seq=1,
+            queries=[encode_query(time.time(), "GET", ["k"])],
+            end=SessionEnd(user="new", host_id="h-new", commands=1),
+        ),
+    )
+
+    async def users(logical: str | None, **kw: Any) -> list[tuple[str, str, str]]:
+        return [(e.type, e.user, e.identity) async for e in read_events(bus, subject=logical, **kw)]
+
+    starts = [("db.session.start", "old", "unchecked"), ("db.session.start", "new", "checked")]
+    assert await users(subjects.audit_filter("db.session.start")) == starts
+    assert (await users(subjects.audit_filter("db.session", exact=False)))[:2] == starts
+    assert await users(subjects.audit_filter("db.session.end")) == [
+        ("db.session.end", "new", "checked")
+    ]
+    everything = await users(None)
+    assert [e[0] for e in everything] == [
+        "db.session.start", "db.session.start", "db.session.query", "db.session.end"
+    ]  # fmt: skip
+    assert await users(None, last=2) == everything[-2:]
+
+
+@pytest.fixture
+def single_valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
+    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
+
+
+async def test_a_real_agent_serves_clients_and_audits_with_its_own_rights(
+    tmp_path: Path,
+    secured: NatsServer,
+    connect: Callable[[str], Awaitable[Bus]],
+    callout: AgentAuthorizer,
+    single_valkey: ValkeyNode,
+) -> None:
+    """The agent's listener, sessions and audit (batches, session ends) all work with the
+    per-agent rights, and every event reads back as checked."""
+    valkey = single_valkey
+    admin = await connect("admin")
+    await admin.provision()
+    fleet = await make_fleet(admin, tmp_path, "unused")
+    config = fleet.agent("agent-a", [static_db("dev-cache", valkey.port, env="dev")])
+    (tmp_path / "agent-a").mkdir(exist_ok=True)
+    (tmp_path / "agent-a" / "host_uuid").write_text(HOST_A + "\n")
+    async with running_agent(config, agent_url(secured, HOST_A)) as running:
+        assert running.listener is not None
+        identity = fleet.identity("alice", ["dev"])
+        session = await RawSession.open(
+            running.listener.port, identity, fleet.ca.pem, "dev-cache", "app"
+        )
+        try:
+            assert await session.call("AUTH", "app", APP_PASSWORD) == b"+OK"
+            assert await session.call("SET", "k", "v") == b"+OK"
+            assert await session.call("GET", "k") == b"v"
+        finally:
+            session.close()
+        auditor = await connect("auditor")
+
+        async def audited() -> bool:
+            events = [e async for e in read_events(auditor, idle=0.2)]
+            return {e.type for e in events} >= {
+                "db.session.start",
+                "db.session.query",
+                "db.session.end",
+            } and all(e.host_id == HOST_A and e.identity == "checked" for e in events)
+
+        await wait_until(audited, 15, "the agent's audit, checked")
+    assert "iolation" not in "\n".join(secured._log)
+
+
+async def test_an_agent_limited_to_accounts_writes_only_their_managed_user_records(
+    secured: NatsServer, connect: Callable[[str], Awaitable[Bus]], callout: AgentAuthorizer
+) -> None:
+    admin = await connect("admin")
+    await admin.bucket(subjects.LEASES_BUCKET)
+    callout.leases = lambda host_id: ["us-east-1.111111111111.*"]
+    a = await Bus.connect(agent_url(secured, HOST_A), name="agent-a", request_timeout=1.0)
+    try:
+        key = subjects.managed_user_key("us-east-1", "111111111111", "svc")
+        assert await leases.create(a, subjects.LEASES_BUCKET, key, db("lease")) is not None
+        other = subjects.managed_user_key("eu-west-1", "111111111111", "svc")
+        with pytest.raises(RegistryError, match="may this NATS user do that"):
+            await leases.create(a, subjects.LEASES_BUCKET, other, db("lease"))
+        # it still reads every record (what the others hold)
+        await admin.put(subjects.LEASES_BUCKET, other, db("held-elsewhere"))
+        assert sorted(await leases.records(a, subjects.LEASES_BUCKET, DatabaseResource)) == [
+            other,
+            key,
+        ]
+    finally:
+        await a.close()

@@ -10,15 +10,20 @@ import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import nats.errors
 import pytest
 from pydantic import BaseModel
 
 from bus import Bus, DatabaseResource, DatabaseSpec, Metadata, RegistryError, leases, subjects
 from bus.access import User
 from bus.audit import SessionStart, ensure_audit_stream, publish_event, read_events
+from bus.callout import serve_callout
 from bus.client import FAILURES
 from bus.servers import DbServerHeartbeat
 from bus.specs import ACCESS_BUCKETS, DB_SERVERS, Replication
+from dbservice.auth.natsrights import AgentAuthorizer, nats_credentials_for
+from dbservice.auth.service import callout_answer
+from tests.kits.common import CALLOUT_SEED
 from tests.kits.natscluster import NatsTopology
 
 Connect = Callable[[str], Awaitable[Bus]]
@@ -185,3 +190,37 @@ async def test_a_password_in_the_url_logs_in_to_the_servers_the_cluster_announce
     assert await retried(lambda: bus.get_resource("before")) == before
     assert bus.nc.connected_url is not None and bus.nc.connected_url.port != first.client_port
     assert "Authorization Violation" not in caplog.text
+
+
+async def test_an_agent_behind_a_leaf_is_admitted_by_the_auth_service_at_the_hub(
+    topo: NatsTopology, opened: list[Bus]
+) -> None:
+    """A leaf's auth callout crosses the leaf link to the auth service connected to the
+    hub; the agent gets its own rights there (its heartbeats only), as on one server."""
+    admin = await connect(opened, topo.hub_urls("admin"), "admin")
+    await admin.provision()
+    await admin.bucket(subjects.DB_SERVERS_BUCKET)
+    await ensure_audit_stream(admin)
+    auth = await connect(opened, topo.hub_urls("auth"), "auth")
+    await serve_callout(auth, callout_answer(AgentAuthorizer(CALLOUT_SEED)))
+
+    host_a, host_b = "leaf-agent-a", "leaf-agent-b"
+    creds = nats_credentials_for(host_a, CALLOUT_SEED)
+    port = topo.leaf_nodes["us-east-1"].client_port
+    url = f"nats://{creds.user}:{creds.password}@127.0.0.1:{port}"
+    agent = await connect(opened, url, creds.user)
+
+    def beat(host_id: str) -> DbServerHeartbeat:
+        return DbServerHeartbeat(
+            host_id=host_id, hostname=host_id, version="t", addr="a:1", database=db("orders")
+        )
+
+    await agent.put_db_server(beat(host_a), ttl=60)
+    await publish_event(agent, SessionStart(user="alice", host_id=host_a))
+    assert [s.host_id for s in await agent.list_db_servers("orders")] == [host_a]
+    with pytest.raises((RegistryError, nats.errors.TimeoutError)):
+        await agent.put_db_server(beat(host_b), ttl=60)
+    with pytest.raises(Exception):  # noqa: B017 - refused publish: no ack ever comes
+        await publish_event(agent, SessionStart(user="mallory", host_id=host_b), ack_wait=1.0)
+    assert [s.host_id for s in await admin.list_db_servers("orders")] == [host_a]
+    assert [(e.user, e.identity) async for e in read_events(admin)] == [("alice", "checked")]

@@ -8,7 +8,10 @@ import re
 from pathlib import Path
 
 import boto3
+import nkeys
 import pytest
+
+from tests.kits.natsauth import new_seed, public_key
 
 ROOT = Path(__file__).resolve().parents[2]
 """The repository's top folder."""
@@ -17,12 +20,19 @@ SAMPLE_NATS_CONF = ROOT / "deploy" / "nats" / "nats-server.conf"
 """The production NATS config; its users' passwords come from the environment."""
 
 
+CALLOUT_SEED = new_seed(nkeys.PREFIX_BYTE_ACCOUNT)
+"""The auth callout issuer of the tests' NATS servers (``FLEETGATE_NATS_CALLOUT_ISSUER``
+is its public key): the seed an auth service's ``nats_callout`` is given."""
+
+
 def sample_nats_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
     """Set every ``FLEETGATE_NATS_<USER>_PASSWORD`` that :data:`SAMPLE_NATS_CONF` reads
-    to ``pw-<user>`` (nats-server refuses to start with one missing)."""
+    to ``pw-<user>``, and the callout issuer to :data:`CALLOUT_SEED`'s public key
+    (nats-server refuses to start with one missing)."""
     text = SAMPLE_NATS_CONF.read_text()
     for var, user in set(re.findall(r"\$(FLEETGATE_NATS_(\w+)_PASSWORD)", text)):
         monkeypatch.setenv(var, f"pw-{user.lower()}")
+    monkeypatch.setenv("FLEETGATE_NATS_CALLOUT_ISSUER", public_key(CALLOUT_SEED))
 
 
 def boto(service: str, region: str = "us-east-1", **kwargs: object) -> object:

@@ -20,6 +20,8 @@ import pytest
 from sandbox.natsfleet import NatsFleet, Node, free_port
 from sandbox.natsfleet import user_url as _user_url
 from sandbox.tlsca import TestCA
+from tests.kits.common import CALLOUT_SEED
+from tests.kits.natsauth import public_key
 
 __all__ = ["NatsTopology", "Node", "free_port", "password_of", "topology", "user_url"]
 
@@ -52,6 +54,7 @@ class NatsTopology(NatsFleet):
             regions=regions,
             hubs=hubs,
             leaf_admin=leaf_admin,
+            callout_issuer=public_key(CALLOUT_SEED),
         )
 
     def trust(self, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -42,13 +42,23 @@ def test_every_jetstream_call_is_allowed_from_behind_a_leaf_too(user: str) -> No
     assert direct == mapped
 
 
+CALLOUT_LINK = {"publish": {"$SYS.REQ.USER.AUTH"}, "subscribe": {"$SYS._INBOX.>"}}
+"""What a leaf's auth callout sends to the auth service at the hub, and its answer."""
+
+
 def test_the_leaf_link_carries_what_agents_and_discovery_send_and_nothing_more() -> None:
     wanted: set[str] = set()
     for user in ("agent", "discovery"):
         wanted |= {s for s in allowed(user, "publish") if not s.startswith((API_PREFIX, KV_PREFIX))}
-    assert allowed("leaf", "publish") == wanted
-    assert allowed("leaf", "subscribe") == allowed("agent", "subscribe") | allowed(
-        "discovery", "subscribe"
+    # each agent's own user: writes narrower than the agent user's, replies under
+    # _INBOX_agents.<host_id> (bus.settings.inbox_prefix)
+    assert allowed("leaf", "publish") == wanted | CALLOUT_LINK["publish"]
+    assert (
+        allowed("leaf", "subscribe")
+        == allowed("agent", "subscribe")
+        | allowed("discovery", "subscribe")
+        | {"_INBOX_agents.>"}
+        | CALLOUT_LINK["subscribe"]
     )
     # what it must never carry: the auth service's buckets
     for subject in allowed("leaf", "publish"):

@@ -1,0 +1,81 @@
+"""``fleetgate auth run`` with ``nats_callout`` as a process, against nats-server running
+deploy/nats/nats-server.conf: agents log in as themselves, others are refused."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import nats
+import nats.aio.client
+import pytest
+
+from bus.server import NatsServer
+from dbservice.auth.natsrights import nats_credentials_for
+from tests.e2e.test_access_process import fleetgate, free_port, wait_listening
+from tests.kits.common import CALLOUT_SEED, SAMPLE_NATS_CONF, sample_nats_passwords, subprocess_env
+
+HOST = "7c1d9e0a-2222-4000-8000-000000000001"
+
+
+@pytest.fixture
+def secured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NatsServer]:
+    sample_nats_passwords(monkeypatch)
+    server = NatsServer(tmp_path / "nats", config_file=SAMPLE_NATS_CONF).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def login(url: str) -> str:
+    """ "ok", or the reason the server gave for refusing the login."""
+    client = nats.aio.client.Client()
+    try:
+        await client.connect(url, allow_reconnect=False, max_reconnect_attempts=0)
+    except Exception as exc:
+        return str(exc)
+    finally:
+        await client.close()
+    return "ok"
+
+
+@pytest.mark.slow
+def test_auth_run_admits_each_agent_as_itself(secured: NatsServer, tmp_path: Path) -> None:
+    base = f"127.0.0.1:{secured.port}"
+    admin = subprocess_env(FLEETGATE_NATS_URL=f"nats://admin:pw-admin@{base}")
+    ca_dir = tmp_path / "ca"
+    assert fleetgate(admin, "auth", "init", "--dir", str(ca_dir)).returncode == 0
+    seed = tmp_path / "nats-callout.seed"
+    seed.write_bytes(CALLOUT_SEED + b"\n")
+    seed.chmod(0o600)
+    port = free_port()
+    config = tmp_path / "auth.yaml"
+    config.write_text(
+        f"listen: 127.0.0.1:{port}\nca_dir: {ca_dir}\nnats_callout:\n  issuer_seed_file: {seed}\n"
+    )
+    env = subprocess_env(FLEETGATE_NATS_URL=f"nats://auth:pw-auth@{base}")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "fleetgate", "auth", "run", "-c", str(config)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_listening(port, server)
+        creds = nats_credentials_for(HOST, CALLOUT_SEED)
+        assert asyncio.run(login(f"nats://{creds.user}:{creds.password}@{base}")) == "ok"
+        refused = asyncio.run(login(f"nats://{creds.user}:guessed@{base}"))
+        assert "authorization" in refused.lower()
+        assert (
+            asyncio.run(login(f"nats://reader:pw-reader@{base}")) == "ok"
+        )  # fixed users as before
+    finally:
+        server.terminate()
+        server.wait(10)
+        assert server.stderr is not None
+        log = server.stderr.read()
+        server.stderr.close()
+    assert server.returncode == 0, log
+    assert f"agent {HOST}: wrong password" in log
