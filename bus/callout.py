@@ -8,8 +8,9 @@ instances share the requests through one queue group.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import nats.aio.msg
@@ -22,8 +23,9 @@ logger = logging.getLogger(__name__)
 REQUEST_SUBJECT: Final = "$SYS.REQ.USER.AUTH"
 QUEUE: Final = "fleetgate-auth-callout"
 
-Answer = Callable[[bytes], bytes | None]
-"""A request's bytes -> the response to send (None: send nothing, the server times out)."""
+Answer = Callable[[bytes], bytes | Awaitable[bytes | None] | None]
+"""A request's bytes -> the response to send (None: send nothing, the server times out);
+a coroutine function too (an answer that reads the bus first)."""
 
 
 async def serve_callout(bus: Bus, answer: Answer) -> nats.aio.subscription.Subscription:
@@ -32,6 +34,8 @@ async def serve_callout(bus: Bus, answer: Answer) -> nats.aio.subscription.Subsc
     async def on_request(msg: nats.aio.msg.Msg) -> None:
         try:
             response = answer(msg.data)
+            if inspect.isawaitable(response):
+                response = await response
         except Exception:  # one bad request never stops the responder
             logger.exception("auth callout: could not answer a request")
             return

@@ -169,13 +169,18 @@ class Sandbox:
         """With ``--regions``, the CA of the servers' certificates (TLS everywhere)."""
         return self.path("tls", "nats", "ca.pem") if self.fleet is not None else None
 
-    def nats_url_as(self, user: str, region: str | None = None) -> str:
-        """The NATS URL logged in as ``user`` of deploy/nats/nats-server.conf; with
-        ``--regions`` and a ``region``, that region's leaf node, else the hub."""
-        password = self.nats_passwords[user]
+    def nats_url_as(self, user: str | None, region: str | None = None) -> str:
+        """The NATS URL logged in as ``user`` of deploy/nats/nats-server.conf (None: no
+        login in it, for an agent that logs in as itself); with ``--regions`` and a
+        ``region``, that region's leaf node, else the hub."""
         if self.fleet is not None and region is not None:
-            return nats_url_as(self.fleet.leaf_nodes[region].address, user, password)
-        return ",".join(nats_url_as(url, user, password) for url in self.nats_url.split(","))
+            urls = [self.fleet.leaf_nodes[region].address]
+        else:
+            urls = self.nats_url.split(",")
+        if user is None:
+            return ",".join(urls)
+        password = self.nats_passwords[user]
+        return ",".join(nats_url_as(url, user, password) for url in urls)
 
     def nats_connection(self, user: str) -> NatsConnection:
         """How the supervisor connects to the hub as ``user`` (TLS with ``--regions``)."""
@@ -451,7 +456,7 @@ class Sandbox:
                 name,
                 ["agent", "run", "-c", str(config)],
                 self.aws_env,
-                nats_user="agent",
+                nats_user=None,  # it logs in as itself (agent-<host_id>), given at join
                 region=region,
             )
 
@@ -468,12 +473,13 @@ class Sandbox:
         args: list[str],
         aws: dict[str, str],
         *,
-        nats_user: str,
+        nats_user: str | None,
         region: str | None = None,
     ) -> None:
         """Start ``fleetgate ARGS``, logged in to NATS as ``nats_user`` through its
-        environment (the password in no config file and no command line); with
-        ``--regions``, an agent (``region``) connects to its region's leaf node."""
+        environment (the password in no config file and no command line; None: none,
+        an agent's own login comes from its join); with ``--regions``, an agent
+        (``region``) connects to its region's leaf node."""
         url = self.nats_url_as(nats_user, region)
         env = children.child_env(aws, url, self.dir, nats_ca_file=self.nats_ca_file)
         log = self.path("logs", f"{name}.log")

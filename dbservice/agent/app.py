@@ -32,7 +32,7 @@ from dbservice.agent.config import AgentConfig
 from dbservice.agent.health import Prober, TLSContexts, probe
 from dbservice.agent.heartbeat import AgentIdentity, Announcer
 from dbservice.agent.identity import DataDir
-from dbservice.agent.join import Renewer, ensure_identity
+from dbservice.agent.join import Renewer, ensure_identity, with_nats_login
 from dbservice.agent.managed_users import build_service
 from dbservice.agent.processes import (
     ListenerProcess,
@@ -123,6 +123,13 @@ class Agent:
                 self.renewer = Renewer(self.settings, host_id, cert)
         else:  # a listener process: its leader's host_id; data_dir stays the leader's
             host_id = child.host_id
+        if self.settings.join is not None:  # its own NATS user, when join gave it one
+            try:
+                self.nats = with_nats_login(self.nats, self.settings.data_dir)
+            except BaseException:
+                if data_dir is not None:
+                    data_dir.close()
+                raise
         try:
             bus = await Bus.connect(
                 self.nats,

@@ -16,6 +16,8 @@ the certificate expired the agent must join again with a new token.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import json
 import logging
 import random
 import ssl
@@ -27,6 +29,7 @@ from typing import Any
 import aiohttp
 from cryptography import x509
 
+from bus.settings import AGENT_USER_PREFIX, NatsConnection, inbox_prefix
 from dbservice.access.ca import (
     CLOCK_SKEW,
     CertificateRejected,
@@ -46,6 +49,8 @@ from fleetgate.durations import format_duration
 logger = logging.getLogger(__name__)
 
 PINNED_CA_FILE = "auth-ca.pem"
+NATS_LOGIN_FILE = "nats-login.json"
+"""The agent's own NATS login from join/renew (``{"user", "password"}``, 0600)."""
 JOIN_WAIT = 30.0
 """How long the agent keeps trying to reach the auth service at start."""
 RETRY = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
@@ -140,6 +145,65 @@ def _keep(
     return cert
 
 
+def keep_nats_login(data_dir: Path, host_id: str, answer: dict[str, Any]) -> bool:
+    """Keep the NATS login of a join or renew answer in data_dir (0600); an answer
+    without one (the auth service does not answer NATS's auth callout) removes a kept
+    one. Whether what is kept changed."""
+    path = data_dir / NATS_LOGIN_FILE
+    login = answer.get("nats") or {}
+    if not isinstance(login, dict):
+        raise JoinRefused(502, "the auth service's answer holds a malformed NATS login")
+    before = path.read_bytes() if path.exists() else None
+    if not login:
+        if before is None:
+            return False
+        path.unlink()
+        return True
+    user, password = login.get("user"), login.get("password")
+    if user != AGENT_USER_PREFIX + host_id or not isinstance(password, str) or not password:
+        raise JoinRefused(502, f"the auth service's NATS login is not agent {host_id}'s")
+    data = json.dumps({"user": user, "password": password}).encode()
+    if data == before:
+        return False
+    write_private(path, data)
+    return True
+
+
+def read_nats_login(data_dir: Path) -> tuple[str, str] | None:
+    """The NATS ``(user, password)`` kept by :func:`keep_nats_login`, or None."""
+    path = data_dir / NATS_LOGIN_FILE
+    try:
+        login = json.loads(path.read_bytes())
+        return str(login["user"]), str(login["password"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{path}: cannot read the agent's NATS login ({exc}); delete the file and "
+            f"{JOINED_IDENTITY_FILE} next to it, and join again with a new token"
+        ) from None
+
+
+def with_nats_login(nats: NatsConnection, data_dir: Path) -> NatsConnection:
+    """``nats`` logged in as the agent's own NATS user when join gave it one. Credentials
+    in the agent's ``nats:`` settings as well are an error: the agent would otherwise
+    keep a shared user's wider rights without anyone noticing."""
+    login = read_nats_login(data_dir)
+    if login is None:
+        return nats
+    configured = nats.settings.credential_kinds()
+    if configured or nats.user or nats.token or nats.creds_file or nats.nkey_seed_file:
+        what = " and ".join(configured) or "NATS credentials"
+        raise ConfigError(
+            f"nats: {what} set, but this agent joined and logs in to NATS as its own user "
+            f"{login[0]} ({data_dir / NATS_LOGIN_FILE}): remove the credentials from the "
+            "agent's nats settings (and FLEETGATE_NATS_* in its environment)"
+        )
+    user, password = login
+    prefix = nats.settings.inbox_prefix or inbox_prefix(user)
+    return dataclasses.replace(nats, user=user, password=password, inbox_prefix=prefix)
+
+
 async def join(settings: DbService, host_id: str) -> x509.Certificate:
     """Join once with the token (see the module docstring); the certificate kept."""
     config = settings.join
@@ -196,6 +260,7 @@ async def join(settings: DbService, host_id: str) -> x509.Certificate:
         await asyncio.sleep(backoff_delay(RETRY, attempt))
         attempt += 1
     cert = _keep(identity_file(settings), key_pem(key), answer, key.public_key())
+    keep_nats_login(settings.data_dir, host_id, answer)
     logger.info(
         "joined the fleet at %s as %s: certificate %x until %s",
         config.auth,
@@ -259,7 +324,14 @@ class Renewer:
         answer = await _post(
             f"https://{self.config.auth}/v1/renew", {"csr": make_csr(key, self.host_id)}, context
         )
-        return _keep(path, key_pem(key), answer, key.public_key())
+        cert = _keep(path, key_pem(key), answer, key.public_key())
+        if keep_nats_login(self.settings.data_dir, self.host_id, answer):
+            logger.warning(
+                "the agent's NATS login changed at renewal (kept in %s): the agent uses it "
+                "from its next start",
+                self.settings.data_dir / NATS_LOGIN_FILE,
+            )
+        return cert
 
     async def run(self) -> None:
         # 0.1 s when the clock already passed the renewal (a restart late in a life)

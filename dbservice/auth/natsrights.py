@@ -281,6 +281,10 @@ class AgentAuthorizer:
         self.revoked = revoked or (lambda _host: False)
         self.leases = leases or (lambda _host: (">",))
 
+    def credentials(self, host_id: str) -> NatsCredentials:
+        """The NATS login of agent ``host_id`` (what join and renew hand it)."""
+        return nats_credentials_for(host_id, self._seed)
+
     def authorize(self, user: str, password: str) -> str:
         """The host_id of the agent these credentials belong to; CalloutError if none."""
         if not user.startswith(AGENT_USER_PREFIX):

@@ -73,6 +73,7 @@ from bus.audit import Login, ensure_audit_stream
 from bus.aws_logins import claim_signature, provision_aws_logins
 from bus.callout import serve_callout
 from bus.client import FAILURES
+from bus.joins import JoinedAgent
 from bus.settings import NatsConnection, NatsSettings
 from bus.totp import claim_step, provision_totp
 from dbservice.access.audit import AuditEmitter
@@ -95,10 +96,11 @@ from dbservice.access.ca import (
 )
 from dbservice.access.rbac import session_ttl_cap
 from dbservice.auth.admin import AdminError, choose_aws_rule
+from dbservice.auth.agentrights import AgentRights
 from dbservice.auth.catalog import Catalog
 from dbservice.auth.join import Joins, NatsCredentials, no_nats_credentials
 from dbservice.auth.listener import ConnectionLimits, GuardedListener, RefusalLog
-from dbservice.auth.natsrights import DEFAULT_TTL, AgentAuthorizer, CalloutError
+from dbservice.auth.natsrights import DEFAULT_TTL, AgentAuthorizer, CalloutError, decode_request
 from dbservice.auth.passwords import totp_step, verify_password
 from fleetgate.aio import stop_on_signals
 from fleetgate.config import JetStreamSettings
@@ -222,7 +224,9 @@ class NatsCalloutSettings(Strict):
     ttl: Duration = DEFAULT_TTL
     """How long an agent's connection is admitted before it is asked again."""
 
-    def authorizer(self) -> AgentAuthorizer:
+    def authorizer(self, rights: AgentRights | None = None) -> AgentAuthorizer:
+        """The callout's authorizer; with ``rights``, agents removed (or whose join token
+        was) are refused and labelled agents write only their databases' leases."""
         path = Path(self.issuer_seed_file)
         try:
             seed = path.read_bytes().strip()
@@ -231,9 +235,21 @@ class NatsCalloutSettings(Strict):
                 f"nats_callout.issuer_seed_file {path}: cannot read it ({exc.strerror or exc})"
             ) from None
         try:
-            return AgentAuthorizer(seed, ttl=self.ttl)
+            if rights is None:
+                return AgentAuthorizer(seed, ttl=self.ttl)
+            return AgentAuthorizer(seed, ttl=self.ttl, revoked=rights.revoked, leases=rights.leases)
         except CalloutError as exc:
             raise AdminError(f"nats_callout.issuer_seed_file {path}: {exc}") from None
+
+
+def joined_nats_login(authorizer: AgentAuthorizer) -> NatsCredentials:
+    """The join/renew answer's ``nats``: the agent's own NATS login (user agent-<host_id>)."""
+
+    async def credentials(agent: JoinedAgent) -> dict[str, Any]:
+        login = authorizer.credentials(agent.host_id)
+        return {"user": login.user, "password": login.password}
+
+    return credentials
 
 
 class AuthConfig(Strict):
@@ -849,9 +865,11 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def callout_answer(authorizer: AgentAuthorizer) -> Any:
+def callout_answer(authorizer: AgentAuthorizer, rights: AgentRights | None = None) -> Any:
     """The responder of :func:`bus.callout.serve_callout`: a refusal is logged once per
-    connection attempt (nats-server logs it too), a malformed request answered never."""
+    connection attempt (nats-server logs it too), a malformed request answered never.
+    With ``rights`` (those ``authorizer`` was made with), the agent's record is read
+    first (:meth:`AgentRights.prepare`)."""
 
     def answer(request: bytes) -> bytes | None:
         try:
@@ -865,7 +883,22 @@ def callout_answer(authorizer: AgentAuthorizer) -> Any:
             logger.debug("NATS auth callout: admitted agent %s", host_id)
         return response
 
-    return answer
+    if rights is None:
+        return answer
+
+    async def checked(request: bytes) -> bytes | None:
+        try:
+            user = str((decode_request(request)["nats"].get("connect_opts") or {}).get("user", ""))
+        except CalloutError as exc:
+            logger.warning("NATS auth callout: ignored a request: %s", exc)
+            return None
+        await rights.prepare(user)
+        try:  # no await from prepare to here: the decision is this request's
+            return answer(request)
+        finally:
+            rights.forget(user)
+
+    return checked
 
 
 def split_listen(listen: str) -> tuple[str, int]:
@@ -888,13 +921,25 @@ class RunningService:
 
 
 async def start_service(
-    config: AuthConfig, *, bus: Bus, ca: CertificateAuthority, audit: AuditEmitter
+    config: AuthConfig,
+    *,
+    bus: Bus,
+    ca: CertificateAuthority,
+    audit: AuditEmitter,
+    nats_credentials_for: NatsCredentials = no_nats_credentials,
 ) -> RunningService:
     """Serve the login API on ``config.listen`` (port 0: an ephemeral port)."""
     host, port = split_listen(config.listen)
     limits = config.connections
     refusals = RefusalLog(limits.log_interval)
-    service = LoginService(config=config, bus=bus, ca=ca, audit=audit, refusals=refusals)
+    service = LoginService(
+        config=config,
+        bus=bus,
+        ca=ca,
+        audit=audit,
+        refusals=refusals,
+        nats_credentials_for=nats_credentials_for,
+    )
     # keepalive_timeout bounds the wait for a request head (from the handshake or the
     # previous answer); an unread body is not drained (lingering_time 0): closed.
     runner = web.AppRunner(
@@ -929,10 +974,16 @@ async def run_auth(config: AuthConfig, *, nats_url: str | NatsConnection) -> int
         await bus.provision(joins.TOKENS, joins.AGENTS)
         await ensure_audit_stream(bus, max_age=config.audit.max_age)
         emitter = AuditEmitter.for_bus(bus, host_id=config.host_id, maxsize=config.audit.queue_size)
+        credentials: NatsCredentials = no_nats_credentials
         if config.nats_callout is not None:
-            await serve_callout(bus, callout_answer(config.nats_callout.authorizer()))
+            rights = AgentRights(bus)
+            authorizer = config.nats_callout.authorizer(rights)
+            await serve_callout(bus, callout_answer(authorizer, rights))
+            credentials = joined_nats_login(authorizer)
         async with emitter:
-            running = await start_service(config, bus=bus, ca=ca, audit=emitter)
+            running = await start_service(
+                config, bus=bus, ca=ca, audit=emitter, nats_credentials_for=credentials
+            )
             logger.info(
                 "auth service on https://%s:%d (CA %s) since %s",
                 split_listen(config.listen)[0],

@@ -7,12 +7,16 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import nats
 import nats.aio.client
 import pytest
 
+from bus import Bus, joins
+from bus.joins import JoinedAgent
+from bus.schemas import utcnow
 from bus.server import NatsServer
 from dbservice.auth.natsrights import nats_credentials_for
 from tests.e2e.test_access_process import fleetgate, free_port, wait_listening
@@ -43,12 +47,25 @@ async def login(url: str) -> str:
     return "ok"
 
 
+async def add_joined_agent(url: str, host_id: str) -> None:
+    """The record join writes (only joined agents are admitted)."""
+    async with await Bus.connect(url, name="admin") as bus:
+        await bus.provision(joins.AGENTS)
+        now = utcnow()
+        agent = JoinedAgent(
+            host_id=host_id, hostname="a", addr="10.0.0.1:6380", serial="1",
+            expires=now + timedelta(hours=1), joined_at=now,
+        )  # fmt: skip
+        await joins.put_agent(bus, agent)
+
+
 @pytest.mark.slow
 def test_auth_run_admits_each_agent_as_itself(secured: NatsServer, tmp_path: Path) -> None:
     base = f"127.0.0.1:{secured.port}"
     admin = subprocess_env(FLEETGATE_NATS_URL=f"nats://admin:pw-admin@{base}")
     ca_dir = tmp_path / "ca"
     assert fleetgate(admin, "auth", "init", "--dir", str(ca_dir)).returncode == 0
+    asyncio.run(add_joined_agent(f"nats://admin:pw-admin@{base}", HOST))
     seed = tmp_path / "nats-callout.seed"
     seed.write_bytes(CALLOUT_SEED + b"\n")
     seed.chmod(0o600)

@@ -427,6 +427,20 @@ def test_the_managed_user_is_set_up_by_the_agents(sandbox: Sandbox) -> None:
     assert "password" not in text
 
 
+def test_each_agent_logs_in_to_nats_as_itself(sandbox: Sandbox) -> None:
+    """The agents' environment names no NATS user: each got its own login at join
+    (agent-<host_id>, kept 0600 in its data_dir) and is connected with it."""
+    agents = sorted((sandbox.dir / "agents").iterdir())
+    assert len(agents) == 2
+    for data_dir in agents:
+        host_id = (data_dir / "host_uuid").read_text().strip()
+        login = data_dir / "nats-login.json"
+        assert stat.S_IMODE(login.stat().st_mode) == 0o600
+        assert json.loads(login.read_text())["user"] == f"agent-{host_id}"
+        log = (sandbox.dir / "logs" / f"{data_dir.name}.log").read_text()
+        assert "Authorization Violation" not in log
+
+
 def test_a_chosen_port_in_use_is_named(tmp_path: Path) -> None:
     box = Sandbox(tmp_path, _env(tmp_path))
     with socket.socket() as taken:
