@@ -5,6 +5,7 @@ agent, a redis-py client over mutual TLS verifying the agent against the fleet C
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -13,6 +14,7 @@ import pytest
 
 from bus import Bus, joins
 from bus.aws_logins import provision_aws_logins
+from bus.schemas import utcnow
 from bus.server import NatsServer
 from dbservice.access.audit import AuditEmitter
 from dbservice.access.awsid import sign_identity_request
@@ -23,11 +25,20 @@ from dbservice.auth.service import AuthConfig, RunningService, start_service
 from fleetgate.config import ConfigError
 from sandbox.aws import MotoServer
 from sandbox.valkeynode import ValkeyNode
-from tests.integration.test_agent_join import post_join
-from tests.kits.agent import agent_config, running_agent
+from tests.integration.test_agent_join import post_join, served_certificate
+from tests.kits.agent import agent_config, running_agent, wait_until
 from tests.kits.common import boto
 from tests.kits.connect import free_port
-from tests.kits.listener import APP_PASSWORD, Fleet, add_acl_users, client, make_fleet, static_db
+from tests.kits.listener import (
+    APP_PASSWORD,
+    Fleet,
+    RawSession,
+    add_acl_users,
+    client,
+    make_fleet,
+    static_db,
+    wait_events,
+)
 from tests.kits.proxy import serve_single_node
 
 pytestmark = pytest.mark.timeout(120)
@@ -46,10 +57,17 @@ async def fleet(bus: Bus, tmp_path: Any, nats_server: NatsServer) -> Fleet:
     return await make_fleet(bus, tmp_path, nats_server.url)
 
 
-async def start_auth(fleet: Fleet, aws: MotoServer | None) -> tuple[RunningService, AuditEmitter]:
+@pytest.fixture
+def cert_ttl() -> str:
+    return "1h"
+
+
+async def start_auth(
+    fleet: Fleet, aws: MotoServer | None, cert_ttl: str = "1h"
+) -> tuple[RunningService, AuditEmitter]:
     settings: dict[str, Any] = {
         "listen": "127.0.0.1:0", "ca_dir": str(fleet.tmp / "ca"), "host_id": "auth-1",
-        "join": {"cert_ttl": "1h"}, "rate_limit": {"per_address": 20, "window": "1m"},
+        "join": {"cert_ttl": cert_ttl}, "rate_limit": {"per_address": 20, "window": "1m"},
     }  # fmt: skip
     if aws is not None:
         settings["aws"] = {"server_id": SERVER_ID, "sts_endpoints": [aws.url]}
@@ -62,8 +80,8 @@ async def start_auth(fleet: Fleet, aws: MotoServer | None) -> tuple[RunningServi
 
 
 @pytest.fixture
-async def auth(fleet: Fleet, aws: MotoServer) -> AsyncIterator[RunningService]:
-    service, emitter = await start_auth(fleet, aws)
+async def auth(fleet: Fleet, aws: MotoServer, cert_ttl: str) -> AsyncIterator[RunningService]:
+    service, emitter = await start_auth(fleet, aws, cert_ttl)
     try:
         yield service
     finally:
@@ -158,11 +176,13 @@ async def test_an_unmatched_identity_a_replay_and_a_disabled_service_are_refused
     )
     with pytest.raises(ConfigError, match=r"refused: AWS identity .*someone-else.* matches no"):
         await agent.run(asyncio.Event())
-    # a matching identity: one use per signature
+    # a matching identity: one use per signature; two signed in one second both work
     assume(monkeypatch, "fleetgate-agent")
-    signed = proof()
-    status, answer = await post_join(auth, fleet, method="aws", proof=signed)
-    assert status == 200, answer
+    signed, other = proof(), proof()
+    assert signed["headers"]["Authorization"] != other["headers"]["Authorization"]
+    for each in (signed, other):
+        status, answer = await post_join(auth, fleet, method="aws", proof=each)
+        assert status == 200, answer
     status, answer = await post_join(auth, fleet, method="aws", proof=signed)
     assert status == 401 and "used before" in answer["error"], answer
     # no proof, a forged one
@@ -187,3 +207,46 @@ async def test_a_service_without_aws_settings_refuses_aws_joins_saying_so(
     finally:
         await service.close()
         await emitter.aclose()
+
+
+@pytest.mark.parametrize("cert_ttl", ["8s"])
+async def test_a_revoked_agents_sessions_end_at_its_certificates_expiry(
+    fleet: Fleet,
+    auth: RunningService,
+    valkey: ValkeyNode,
+    monkeypatch: pytest.MonkeyPatch,
+    cert_ttl: str,
+) -> None:
+    rule = await add_rule(fleet.bus)
+    assume(monkeypatch, "fleetgate-agent")
+    config = aws_agent(fleet, auth, valkey)
+    alice = fleet.identity("alice", ["dev"])
+    async with running_agent(config, fleet.nats_url) as agent:
+        assert agent.listener is not None and agent.renewer is not None
+        port = agent.listener.port
+        served = await served_certificate(port, fleet, alice)
+        # tokens rm of its rule: the agent cannot renew
+        assert await joins.delete_token(fleet.bus, rule.id)
+        session = await RawSession.open(port, alice, fleet.ca.pem, "dev-cache", "app")
+        assert await session.call("AUTH", "app", APP_PASSWORD) == b"+OK"
+        assert await session.call("PING") == b"+PONG"
+        renewer = agent.renewer
+        await wait_until(lambda: "was removed" in renewer.status.error, 15, "a failed renewal")
+        # still served until the expiry ...
+        assert await session.call("PING") == b"+PONG"
+        # ... and closed by the agent at that moment
+        async with asyncio.timeout(15):
+            assert await session.reader.read() == b""
+        closed = utcnow()
+        session.close()
+        assert closed >= served.not_valid_after_utc
+        assert (closed - served.not_valid_after_utc).total_seconds() < 3
+        # new connections are closed before TLS: no handshake with an expired certificate
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            await RawSession.open(port, alice, fleet.ca.pem, "dev-cache", "app")
+        ended = await wait_events(fleet.bus, 1, "the session's end", type="db.session.end")
+        assert "certificate" in ended[0].reason and "expired at" in ended[0].reason
+        refused = await wait_events(
+            fleet.bus, 1, "the refused connection", type="db.session.start", success=False
+        )
+        assert any("own certificate" in e.reason for e in refused)
