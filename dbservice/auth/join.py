@@ -139,10 +139,14 @@ class RenewRequest(BaseModel):
 class Refused(Exception):
     """A join or renewal refused: ``status`` and a message for the agent's operator."""
 
-    def __init__(self, status: int, message: str, *, counted: bool = True) -> None:
+    def __init__(
+        self, status: int, message: str, *, counted: bool = True, principal: str = ""
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.counted = counted
+        self.principal = principal
+        """Who the request proved to be, when known (an AWS ARN), for the audit."""
         """Whether it counts as a failed attempt for the rate limit."""
 
 
@@ -153,6 +157,8 @@ class Admission:
     method: str
     token_id: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    principal: str = ""
+    """Who the proof showed (an AWS ARN), for the audit."""
 
 
 Admit = Callable[[Bus, JoinRequest, web.Request], Awaitable[Admission]]
@@ -234,12 +240,15 @@ class AwsJoin:
             assert rule.allow is not None
             if account_matches(rule.allow.account, who) and arn_matches(rule.allow.arn, who):
                 logger.info("AWS join: %s admitted by rule %s", who.arn, rule.id)
-                return Admission(method="aws", token_id=rule.id, labels=dict(rule.labels))
+                return Admission(
+                    method="aws", token_id=rule.id, labels=dict(rule.labels), principal=who.arn
+                )
         raise Refused(
             403,
             f"AWS identity {who.arn} (account {who.account}) matches no agent join rule: an "
             "admin adds one with fleetgate tokens add --type agent --method aws --allow "
             "'account=...,arn=...'",
+            principal=who.arn,
         )
 
 
@@ -308,6 +317,7 @@ class Joins:
                 success=False,
                 method=what,
                 reason=str(refused),
+                principal=refused.principal,
             )
         )
         logger.info("%s refused for %s from %s: %s", what, who or "?", request.remote, refused)
@@ -367,14 +377,28 @@ class Joins:
             joined_at=joined,
         )
         await joins.put_agent(self.bus, agent)
-        return await self._issued(request, agent, cert, f"join-{admission.method}", who)
+        return await self._issued(
+            request, agent, cert, f"join-{admission.method}", who, admission.principal
+        )
 
     async def _issued(
-        self, request: web.Request, agent: JoinedAgent, cert: x509.Certificate, what: str, who: str
+        self,
+        request: web.Request,
+        agent: JoinedAgent,
+        cert: x509.Certificate,
+        what: str,
+        who: str,
+        principal: str = "",
     ) -> web.Response:
         expires = cert.not_valid_after_utc
         self.audit.emit(
-            Login(user=who, client_addr=request.remote or "", method=what, expires=expires)
+            Login(
+                user=who,
+                client_addr=request.remote or "",
+                method=what,
+                expires=expires,
+                principal=principal,
+            )
         )
         logger.info("%s: %s from %s, certificate until %s", what, who, request.remote, expires)
         nats = await self.nats_credentials_for(agent)

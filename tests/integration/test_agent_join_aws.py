@@ -135,7 +135,7 @@ async def test_an_agent_joins_with_its_aws_identity_serves_and_is_revoked_with_i
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     rule = await add_rule(fleet.bus, team="payments")
-    assume(monkeypatch, "fleetgate-agent")
+    arn = assume(monkeypatch, "fleetgate-agent")
     config = aws_agent(fleet, auth, valkey)
     alice = fleet.identity("alice", ["dev"])
     async with running_agent(config, fleet.nats_url) as agent:
@@ -150,6 +150,9 @@ async def test_an_agent_joins_with_its_aws_identity_serves_and_is_revoked_with_i
         assert found is not None
         assert (found.record.method, found.record.token_id) == ("aws", rule.id)
         assert found.record.labels == {"team": "payments"}
+        # the audit names the AWS principal that joined
+        joined = await wait_events(fleet.bus, 1, "the join", type="auth.login", method="join-aws")
+        assert joined[0].principal == arn and joined[0].success
         # the rule is not spent: it admits the next agent too
         stored = await joins.get_token(fleet.bus, rule.id)
         assert stored is not None and stored.record.state() == "valid"
@@ -170,6 +173,8 @@ async def test_an_unmatched_identity_a_replay_and_a_disabled_service_are_refused
     status, answer = await post_join(auth, fleet, method="aws", proof=proof())
     assert status == 403, answer
     assert f"AWS identity {arn} (account {ACC}) matches no agent join rule" in answer["error"]
+    refused = await wait_events(fleet.bus, 1, "the refusal", type="auth.login", principal=arn)
+    assert not refused[0].success and "matches no agent join rule" in refused[0].reason
     # the agent's own start says the same, as a config error, without a traceback
     agent = Agent(
         AgentConfig.model_validate(aws_agent(fleet, auth, valkey)), nats_url=fleet.nats_url
