@@ -255,3 +255,11 @@ async def test_a_revoked_agents_sessions_end_at_its_certificates_expiry(
             fleet.bus, 1, "the refused connection", type="db.session.start", success=False
         )
         assert any("own certificate" in e.reason for e in refused)
+
+
+def test_the_agent_config_refuses_a_token_file_with_method_aws(tmp_path: Any) -> None:
+    token = tmp_path / "token"
+    token.write_text("x")
+    join = {"auth": "auth.internal:3025", "method": "aws", "token_file": str(token)}
+    with pytest.raises(ValueError, match="token_file is for method token; method aws joins"):
+        AgentConfig.model_validate(agent_config(tmp_path, "a", join=join, listener={}))
