@@ -7,10 +7,16 @@ and never stored: the record keeps HMAC-SHA256 of the secret keyed by the id. A 
 is spent by compare-and-set on its record (:mod:`bus.leases`), so of two joins racing
 with one token exactly one wins. Spent tokens stay (marked spent): removing one
 (``tokens rm``) revokes the agents that joined with it, as ``agents rm`` revokes one.
+
+An AWS allow rule (``method: aws``, :class:`AwsAllow`) is a record of the same bucket
+with no secret: it admits every agent whose AWS identity (a signed
+``sts:GetCallerIdentity``) matches it, until it expires (if it has a ``--ttl``) or is
+removed; removing it revokes every agent that joined by it.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import hmac
 import re
@@ -30,25 +36,87 @@ TOKEN_SECRET_BYTES = 24
 _TOKEN = re.compile(r"^([0-9a-f]{16})\.([A-Za-z0-9_-]{20,64})$")
 
 
+_ALLOW_KEY = re.compile(r"(?:^|,)\s*(account|arn)\s*=")
+_ALLOW_ACCOUNT = re.compile(r"^[0-9*?]{1,12}$")
+_ALLOW_ARN = re.compile(
+    r"^arn:(?P<partition>aws[a-z-]*|\*):(?P<service>iam|sts|\*)::(?P<account>[0-9*?]+):"
+    r"(?P<resource>[!-~]+)$"
+)
+
+
+class AwsAllow(Record):
+    """Who an AWS allow rule admits: an account (glob, optional) and an ARN glob
+    (``*``, ``?``), matched against the principal ARN or the ARN STS returned."""
+
+    account: str | None = None
+    arn: str
+
+    def text(self) -> str:
+        return (f"account={self.account}," if self.account else "") + f"arn={self.arn}"
+
+
+def parse_allow(text: str) -> AwsAllow:
+    """``account=ACCOUNT,arn=ARN`` (``account`` optional); ValueError saying what is wrong."""
+    example = "expected account=123456789012,arn=arn:aws:sts::123456789012:assumed-role/ROLE/*"
+    starts = list(_ALLOW_KEY.finditer(text))
+    if not starts or starts[0].start() != 0 or not text.strip():
+        raise ValueError(f"{text!r}: {example}")
+    found: dict[str, str] = {}
+    for i, start in enumerate(starts):
+        end = starts[i + 1].start() if i + 1 < len(starts) else len(text)
+        key, value = start.group(1), text[start.end() : end].strip()
+        if key in found:
+            raise ValueError(f"{text!r}: {key} is given twice")
+        if not value:
+            raise ValueError(f"{text!r}: {key} is empty; {example}")
+        found[key] = value
+    if "arn" not in found:
+        raise ValueError(f"{text!r}: arn is missing; {example}")
+    account = found.get("account")
+    if account is not None and not _ALLOW_ACCOUNT.fullmatch(account):
+        raise ValueError(f"account {account!r}: expected a 12-digit AWS account id")
+    arn = _ALLOW_ARN.fullmatch(found["arn"])
+    if arn is None:
+        raise ValueError(
+            f"arn {found['arn']!r}: expected arn:aws:iam::ACCOUNT:role/NAME or "
+            "arn:aws:sts::ACCOUNT:assumed-role/NAME/SESSION (globs * and ? allowed)"
+        )
+    if (
+        account is not None
+        and arn["account"].isdigit()
+        and not fnmatch.fnmatchcase(arn["account"], account)
+    ):
+        raise ValueError(
+            f"account {account} and the account {arn['account']} in the arn differ: the rule "
+            "would never match"
+        )
+    return AwsAllow(account=account, arn=found["arn"])
+
+
 class JoinToken(Record):
     """A join token as stored: never its secret."""
 
     id: str
     type: Literal["agent"] = "agent"
     method: str = "token"
-    hash: str
-    """HMAC-SHA256 of the secret, keyed by the id (hex)."""
+    hash: str = ""
+    """HMAC-SHA256 of the secret, keyed by the id (hex); empty for an AWS allow rule."""
+    allow: AwsAllow | None = None
+    """Method ``aws``: who it admits."""
     labels: dict[str, str] = {}
     """Given to every agent that joins with it."""
     created: datetime
-    expires: datetime
+    expires: datetime | None = None
+    """None: never (an AWS allow rule without ``--ttl``)."""
     creator: str = ""
     spent: datetime | None = None
     spent_by: str = ""
     """The host_id of the agent that spent it."""
 
     def state(self, now: datetime | None = None) -> str:
-        """``spent``, ``expired`` or ``valid``."""
+        """``spent``, ``expired`` or ``valid`` (an AWS allow rule is never spent)."""
+        if self.expires is None:
+            return "valid"
         if self.spent is not None:
             return "spent"
         return "expired" if self.expires <= (now or utcnow()) else "valid"
@@ -62,7 +130,7 @@ class JoinedAgent(Record):
     addr: str
     labels: dict[str, str] = {}
     token_id: str = ""
-    """The token it joined with (removing that token revokes the agent)."""
+    """The token or AWS allow rule it joined by (removing that revokes the agent)."""
     method: str = "token"
     serial: str
     """Its current certificate's serial (hex)."""
@@ -104,7 +172,25 @@ def new_token(
     return f"{token_id}.{secret}", record
 
 
+def new_aws_rule(
+    *, allow: AwsAllow, ttl: float | None, labels: dict[str, str], creator: str
+) -> JoinToken:
+    """An AWS allow rule's record (no secret: it admits by the identity STS returns)."""
+    now = utcnow()
+    return JoinToken(
+        id=secrets.token_hex(TOKEN_ID_BYTES),
+        method="aws",
+        allow=allow,
+        labels=labels,
+        created=now,
+        expires=now + timedelta(seconds=ttl) if ttl else None,
+        creator=creator,
+    )
+
+
 def matches(record: JoinToken, secret: str) -> bool:
+    if not record.hash:
+        return False
     return hmac.compare_digest(record.hash, token_hash(record.id, secret))
 
 

@@ -31,6 +31,7 @@ import binascii
 import datetime as dt
 import fnmatch
 import re
+import secrets
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -41,6 +42,10 @@ import aiohttp
 
 SERVER_ID_HEADER: Final = "X-Fleetgate-Server-Id"
 """The header that names the auth service a request was signed for (signed with it)."""
+NONCE_HEADER: Final = "X-Fleetgate-Nonce"
+"""Random, signed with the request: two requests signed with the same credentials in the
+same second (SigV4 dates have seconds) differ, so one use per signature does not refuse
+the second (two agents on one instance role, a retry)."""
 
 STS_BODY: Final = b"Action=GetCallerIdentity&Version=2011-06-15"
 STS_PARAMS: Final = {"Action": "GetCallerIdentity", "Version": "2011-06-15"}
@@ -169,7 +174,11 @@ def sign_identity_request(
         method="POST",
         url=url,
         data=STS_BODY,
-        headers={"Content-Type": CONTENT_TYPE, SERVER_ID_HEADER: server_id},
+        headers={
+            "Content-Type": CONTENT_TYPE,
+            SERVER_ID_HEADER: server_id,
+            NONCE_HEADER: secrets.token_hex(16),
+        },
     )
     SigV4Auth(frozen, "sts", signing_region).add_auth(request)
     return {

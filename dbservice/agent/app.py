@@ -3,12 +3,13 @@ per-database workers, and a graceful stop on SIGTERM/SIGINT.
 
 Its long-running loops are named root tasks of one
 :class:`~fleetgate.supervise.RootTasks` (registry-watch, managed-users, cert-renewal,
-client-listener, fleet-ca-watch, roles-watch, fleet-link, audit-stream, and in a
-listener process leader): the stop event or any root failing or ending cancels them all,
-and the process then ends, in order and waiting for each, what they leave behind: the
-managed-user service, the client sessions and audit events (:meth:`Listener.aclose`),
-the per-database workers and their heartbeats (:meth:`Supervisor.stop_all`), and the
-listener processes. A root failure is logged with its name and the agent exits 1.
+client-listener, fleet-ca-watch, roles-watch, fleet-link, own-cert-expiry,
+audit-stream, and in a listener process leader): the stop event or any root failing or
+ending cancels them all, and the process then ends, in order and waiting for each, what
+they leave behind: the managed-user service, the client sessions and audit events
+(:meth:`Listener.aclose`), the per-database workers and their heartbeats
+(:meth:`Supervisor.stop_all`), and the listener processes. A root failure is logged with
+its name and the agent exits 1.
 
 With ``listener.processes`` above 1 this process is the *leader*: it does all of the
 above and starts the listener processes (:mod:`dbservice.agent.processes`), which run
@@ -343,12 +344,13 @@ class Agent:
 
 def _start_listener(roots: RootTasks, listener: Listener) -> None:
     """The listener's loops as root tasks: the accept loop, the fleet CA and roles
-    watches, and the one-shot check of the audit stream. Its sessions are its own
-    (:meth:`Listener.aclose`)."""
+    watches, the end of sessions at the agent's certificate's expiry, and the one-shot
+    check of the audit stream. Its sessions are its own (:meth:`Listener.aclose`)."""
     roots.start("client-listener", listener.accept())
     roots.start("fleet-ca-watch", listener.trust.follow(listener.bus))
     roots.start("roles-watch", listener.roles.follow())
     roots.start("fleet-link", listener.link.follow())
+    roots.start("own-cert-expiry", listener.expire_sessions())
     roots.start("audit-stream", listener.check_audit_stream(), on_return="done")
 
 

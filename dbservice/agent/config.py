@@ -239,8 +239,10 @@ class JoinConfig(Strict):
 
     auth: str
     """The auth service, ``HOST:PORT``."""
-    method: Literal["token"] = "token"
-    """How the agent proves it may join: a one-time token (``token_file``)."""
+    method: Literal["token", "aws"] = "token"
+    """How the agent proves it may join: a one-time token (``token_file``), or ``aws``:
+    its own AWS identity (the standard credential chain; ``AWS_ENDPOINT_URL`` honoured),
+    admitted by an allow rule (``fleetgate tokens add --type agent --method aws``)."""
     token_file: Path | None = None
     """The join token (``fleetgate tokens add --type agent``); read only when the agent
     has no valid certificate in data_dir yet."""
@@ -257,6 +259,15 @@ class JoinConfig(Strict):
     def _auth(cls, addr: str) -> str:
         host, port = split_host_port(addr, default_port=3025)
         return join_host_port(host, port)
+
+    @model_validator(mode="after")
+    def _method(self) -> JoinConfig:
+        if self.method == "aws" and self.token_file is not None:
+            raise ValueError(
+                "token_file is for method token; method aws joins with the agent's AWS "
+                "identity (remove one of them)"
+            )
+        return self
 
     @field_validator("ca_file")
     @classmethod

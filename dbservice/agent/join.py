@@ -1,5 +1,5 @@
-"""The agent's own certificate: joined once with a token, renewed by itself
-(docs/agents-join.md).
+"""The agent's own certificate: joined once with a token (or its AWS identity), renewed
+by itself (docs/agents-join.md).
 
 At start (:func:`ensure_identity`), an agent with ``db_service.join`` and no valid
 certificate in its data_dir makes a key there, sends a CSR with the token to the auth
@@ -7,10 +7,14 @@ service (``POST /v1/join``) and keeps key and certificate in ``data_dir/agent.pe
 (0600, replaced atomically). :class:`Renewer` then renews at two thirds of the
 certificate's life (minus up to a tenth of it, random, so a fleet joined at once does not
 renew at once), with a new key each time, over mutual TLS with the current certificate
-(``POST /v1/renew``). The listener takes the new file up for the next connection; open
-sessions keep the TLS they have. A failed renewal is logged as a warning naming what to
-do, retried with backoff, and shown in the heartbeats (``fleetgate db servers``); once
-the certificate expired the agent must join again with a new token.
+(``POST /v1/renew``). With ``method: aws`` there is no token: the agent asks the auth
+service for its server id (``GET /v1/login/aws``, as ``fleetgate login --aws`` does) and
+sends a ``sts:GetCallerIdentity`` signed with its own AWS credentials (botocore's
+standard chain), a new signature for each attempt. The listener takes the new file up for
+the next connection; open sessions keep the TLS they have. A failed renewal is logged as
+a warning naming what to do, retried with backoff, and shown in the heartbeats
+(``fleetgate db servers``); once the certificate expired the agent must join again (a new
+token, or its AWS identity at restart).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import aiohttp
 from cryptography import x509
 
 from bus.settings import AGENT_USER_PREFIX, NatsConnection, inbox_prefix
+from dbservice.access.awsid import IdentityRefused, sign_identity_request
 from dbservice.access.ca import (
     CLOCK_SKEW,
     CertificateRejected,
@@ -204,24 +209,61 @@ def with_nats_login(nats: NatsConnection, data_dir: Path) -> NatsConnection:
     return dataclasses.replace(nats, user=user, password=password, inbox_prefix=prefix)
 
 
+async def _aws_server_id(join_config: JoinConfig, context: ssl.SSLContext) -> str:
+    url = f"https://{join_config.auth}/v1/login/aws"
+    async with (
+        aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=HTTP_TIMEOUT)) as http,
+        http.get(url, ssl=context) as resp,
+    ):
+        try:
+            data = await resp.json()
+        except (aiohttp.ContentTypeError, ValueError):
+            data = {}
+        if resp.status == 404:
+            raise JoinRefused(403, str(data.get("error") or "AWS identities not accepted"))
+        if resp.status != 200 or not isinstance(data.get("server_id"), str):
+            raise JoinRefused(resp.status, str(data.get("error") or f"HTTP {resp.status}"))
+    return str(data["server_id"])
+
+
+def _sign(server_id: str) -> dict[str, Any]:
+    import botocore.session
+
+    return sign_identity_request(botocore.session.Session(), server_id)
+
+
+async def aws_proof(join_config: JoinConfig, context: ssl.SSLContext) -> dict[str, Any]:
+    """A fresh signed GetCallerIdentity for the auth service; :class:`ConfigError` when
+    this machine has no usable AWS credentials."""
+    server_id = await _aws_server_id(join_config, context)
+    try:
+        return await asyncio.to_thread(_sign, server_id)
+    except IdentityRefused as exc:
+        raise ConfigError(f"db_service.join (method aws): cannot sign: {exc}") from None
+
+
 async def join(settings: DbService, host_id: str) -> x509.Certificate:
-    """Join once with the token (see the module docstring); the certificate kept."""
+    """Join once with the token or the AWS identity (see the module docstring); the
+    certificate kept."""
     config = settings.join
     assert config is not None
     where = "db_service.join"
-    if config.token_file is None:
+    if config.method == "aws":
+        token = None
+    elif config.token_file is None:
         raise ConfigError(
             f"{where}: this agent has no valid certificate in {settings.data_dir} and no "
             "token_file to join with: give it a token from fleetgate tokens add --type agent"
         )
-    try:
-        token = config.token_file.read_text().strip()
-    except OSError as exc:
-        raise ConfigError(
-            f"{where}.token_file {config.token_file}: cannot read it ({exc.strerror or exc})"
-        ) from None
+    else:
+        try:
+            token = config.token_file.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(
+                f"{where}.token_file {config.token_file}: cannot read it ({exc.strerror or exc})"
+            ) from None
     key = new_key()
-    body = {
+    body: dict[str, Any] = {
         "method": config.method,
         "token": token,
         "csr": make_csr(key, host_id),
@@ -236,6 +278,8 @@ async def join(settings: DbService, host_id: str) -> x509.Certificate:
     while True:
         try:
             context = await auth_trust(config, settings.data_dir)
+            if config.method == "aws":
+                body["proof"] = await aws_proof(config, context)
             answer = await _post(url, body, context)
             break
         except JoinRefused as exc:
@@ -276,11 +320,13 @@ async def ensure_identity(settings: DbService, host_id: str) -> x509.Certificate
     path = identity_file(settings)
     cert = read_identity(path, host_id)
     if cert is None and path.exists():
+        join_config = settings.join
         logger.warning(
-            "the certificate in %s has expired or is not this agent's: joining again with "
-            "the token in %s",
+            "the certificate in %s has expired or is not this agent's: joining again with %s",
             path,
-            settings.join.token_file if settings.join is not None else None,
+            "its AWS identity"
+            if join_config is not None and join_config.method == "aws"
+            else f"the token in {join_config.token_file if join_config else None}",
         )
     if cert is not None:
         logger.info(
@@ -364,19 +410,26 @@ class Renewer:
         expires = self.cert.not_valid_after_utc
         left = (expires - datetime.now(UTC)).total_seconds()
         self.status = CertStatus(expires=expires, error=why)
+        aws = self.config.method == "aws"
         if left <= 0:
+            again = (
+                "restart the agent (it joins again with its AWS identity, if an AWS join rule "
+                "admits it)"
+                if aws
+                else f"put a new token from fleetgate tokens add --type agent in "
+                f"{self.config.token_file}, delete {identity_file(self.settings)} and restart "
+                "the agent"
+            )
             logger.error(
                 "the agent's certificate expired at %s and was not renewed (%s): clients can "
-                "no longer verify this agent; join it again: put a new token from fleetgate "
-                "tokens add --type agent in %s, delete %s and restart the agent",
+                "no longer verify this agent; join it again: %s",
                 expires.isoformat(timespec="seconds"),
                 why,
-                self.config.token_file,
-                identity_file(self.settings),
+                again,
             )
         else:
             what = (
-                "it was revoked; join it again with a new token"
+                ("it was revoked; join it again" + ("" if aws else " with a new token"))
                 if isinstance(exc, JoinRefused) and exc.status == 403
                 else f"check the auth service at {self.config.auth} and this agent's access to it"
             )

@@ -21,6 +21,15 @@ revoked agent, 429 (``Retry-After``) past the per-address limit of failed joins 
 login limiter's ``per_address`` and ``window``), 503 when NATS does not answer. Every
 answer is audited (``auth.login`` with method ``join-token`` or ``renew``).
 
+``method: aws`` (:class:`AwsJoin`): ``"proof"`` is a signed ``sts:GetCallerIdentity``
+for this service's ``aws.server_id`` (:mod:`dbservice.access.awsid`, as ``login --aws``
+signs it; the id from ``GET /v1/login/aws``). It is checked and sent to STS, its
+signature claimed once (:func:`bus.aws_logins.claim_signature`), and the identity STS
+returns matched against the AWS allow rules (``tokens add --method aws``; the oldest
+matching rule admits): 401 for a proof refused (STS's reason, a replay), 403 for an
+identity no rule admits or when AWS proofs are not enabled here, 503 when STS does not
+answer. The agent's record names the rule, so ``tokens rm`` of it revokes the agent.
+
 What the agent needs to reach NATS comes from :attr:`Joins.nats_credentials_for` (by
 default nothing: the agent uses its own ``nats:`` settings).
 """
@@ -44,8 +53,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from bus import Bus, joins
 from bus.audit import Login
+from bus.aws_logins import claim_signature
 from bus.joins import JoinedAgent
 from dbservice.access.audit import AuditEmitter
+from dbservice.access.awsid import (
+    IdentityRefused,
+    StsUnavailable,
+    account_matches,
+    arn_matches,
+    verify_identity_request,
+)
 from dbservice.access.ca import (
     CertificateAuthority,
     CertificateRejected,
@@ -122,10 +139,14 @@ class RenewRequest(BaseModel):
 class Refused(Exception):
     """A join or renewal refused: ``status`` and a message for the agent's operator."""
 
-    def __init__(self, status: int, message: str, *, counted: bool = True) -> None:
+    def __init__(
+        self, status: int, message: str, *, counted: bool = True, principal: str = ""
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.counted = counted
+        self.principal = principal
+        """Who the request proved to be, when known (an AWS ARN), for the audit."""
         """Whether it counts as a failed attempt for the rate limit."""
 
 
@@ -136,6 +157,8 @@ class Admission:
     method: str
     token_id: str = ""
     labels: dict[str, str] = field(default_factory=dict)
+    principal: str = ""
+    """Who the proof showed (an AWS ARN), for the audit."""
 
 
 Admit = Callable[[Bus, JoinRequest, web.Request], Awaitable[Admission]]
@@ -174,6 +197,65 @@ async def admit_token(bus: Bus, body: JoinRequest, request: web.Request) -> Admi
     return Admission(method="token", token_id=token_id, labels=dict(token.labels))
 
 
+AWS_NOT_ENABLED = (
+    "this auth service does not accept AWS identities (method aws): operators set "
+    "aws.server_id in its config"
+)
+
+
+@dataclass(frozen=True)
+class AwsJoin:
+    """The ``aws`` method: the auth service's ``aws:`` settings."""
+
+    server_id: str
+    endpoints: Sequence[str] = ()
+    max_age: float = 300.0
+
+    async def __call__(self, bus: Bus, body: JoinRequest, request: web.Request) -> Admission:
+        proof = (body.model_extra or {}).get("proof")
+        if proof is None:
+            raise Refused(400, "proof: the signed AWS request is missing (method aws)")
+
+        async def claim(signature: str, signed_at: datetime) -> bool:
+            return await claim_signature(bus, signature, signed_at)
+
+        try:
+            who = await verify_identity_request(
+                proof, self.server_id, claim=claim, endpoints=self.endpoints,
+                max_age=self.max_age,
+            )  # fmt: skip
+        except IdentityRefused as exc:
+            raise Refused(401, f"AWS identity refused: {exc}") from None
+        except StsUnavailable as exc:
+            raise Refused(
+                503, f"the auth service cannot ask AWS STS right now ({exc}): try again later",
+                counted=False,
+            ) from None  # fmt: skip
+        now = datetime.now(UTC)
+        rules = [
+            t for t in await joins.list_tokens(bus)
+            if t.method == "aws" and t.allow is not None and t.state(now) == "valid"
+        ]  # fmt: skip
+        for rule in rules:
+            assert rule.allow is not None
+            if account_matches(rule.allow.account, who) and arn_matches(rule.allow.arn, who):
+                logger.info("AWS join: %s admitted by rule %s", who.arn, rule.id)
+                return Admission(
+                    method="aws", token_id=rule.id, labels=dict(rule.labels), principal=who.arn
+                )
+        raise Refused(
+            403,
+            f"AWS identity {who.arn} (account {who.account}) matches no agent join rule: an "
+            "admin adds one with fleetgate tokens add --type agent --method aws --allow "
+            "'account=...,arn=...'",
+            principal=who.arn,
+        )
+
+
+async def aws_not_enabled(bus: Bus, body: JoinRequest, request: web.Request) -> Admission:
+    raise Refused(403, AWS_NOT_ENABLED)
+
+
 class Joins:
     """The join and renew handlers (added to the auth service's app)."""
 
@@ -188,6 +270,7 @@ class Joins:
         body_timeout: float,
         nats_credentials_for: NatsCredentials = no_nats_credentials,
         reserved_names: Sequence[str] = (),
+        aws: AwsJoin | None = None,
     ) -> None:
         self.bus = bus
         self.reserved_names = {name.lower().rstrip(".") for name in reserved_names}
@@ -198,7 +281,10 @@ class Joins:
         self.cert_ttl = cert_ttl
         self.body_timeout = body_timeout
         self.nats_credentials_for = nats_credentials_for
-        self.methods: dict[str, Admit] = {"token": admit_token}
+        self.methods: dict[str, Admit] = {
+            "token": admit_token,
+            "aws": aws if aws is not None else aws_not_enabled,
+        }
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/join", self.join)
@@ -231,6 +317,7 @@ class Joins:
                 success=False,
                 method=what,
                 reason=str(refused),
+                principal=refused.principal,
             )
         )
         logger.info("%s refused for %s from %s: %s", what, who or "?", request.remote, refused)
@@ -290,14 +377,28 @@ class Joins:
             joined_at=joined,
         )
         await joins.put_agent(self.bus, agent)
-        return await self._issued(request, agent, cert, f"join-{admission.method}", who)
+        return await self._issued(
+            request, agent, cert, f"join-{admission.method}", who, admission.principal
+        )
 
     async def _issued(
-        self, request: web.Request, agent: JoinedAgent, cert: x509.Certificate, what: str, who: str
+        self,
+        request: web.Request,
+        agent: JoinedAgent,
+        cert: x509.Certificate,
+        what: str,
+        who: str,
+        principal: str = "",
     ) -> web.Response:
         expires = cert.not_valid_after_utc
         self.audit.emit(
-            Login(user=who, client_addr=request.remote or "", method=what, expires=expires)
+            Login(
+                user=who,
+                client_addr=request.remote or "",
+                method=what,
+                expires=expires,
+                principal=principal,
+            )
         )
         logger.info("%s: %s from %s, certificate until %s", what, who, request.remote, expires)
         nats = await self.nats_credentials_for(agent)
@@ -348,7 +449,11 @@ class Joins:
             except CertificateRejected as exc:
                 raise Refused(400, f"csr: {exc}") from None
             found = await joins.get_agent(self.bus, host_id)
-            rejoin = "join it again with a new token (fleetgate tokens add --type agent)"
+            rejoin = (
+                "join it again with a new token (fleetgate tokens add --type agent)"
+                if found is None or found.record.method == "token"
+                else "an admin adds a matching AWS join rule, then the agent joins again"
+            )
             if found is None:
                 raise Refused(
                     403,
@@ -364,9 +469,10 @@ class Joins:
                     f"agent's latest certificate renews; {rejoin}",
                 )
             if record.token_id and await joins.get_token(self.bus, record.token_id) is None:
+                what = "AWS join rule" if record.method == "aws" else "join token"
                 raise Refused(
                     403,
-                    f"the join token {record.token_id} of agent {host_id} was removed "
+                    f"the {what} {record.token_id} of agent {host_id} was removed "
                     f"(fleetgate tokens rm): it cannot renew; {rejoin}",
                 )
         except Refused as exc:

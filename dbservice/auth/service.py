@@ -98,7 +98,7 @@ from dbservice.access.rbac import session_ttl_cap
 from dbservice.auth.admin import AdminError, choose_aws_rule
 from dbservice.auth.agentrights import AgentRights
 from dbservice.auth.catalog import Catalog
-from dbservice.auth.join import Joins, NatsCredentials, no_nats_credentials
+from dbservice.auth.join import AwsJoin, Joins, NatsCredentials, no_nats_credentials
 from dbservice.auth.listener import ConnectionLimits, GuardedListener, RefusalLog
 from dbservice.auth.natsrights import DEFAULT_TTL, AgentAuthorizer, CalloutError, decode_request
 from dbservice.auth.passwords import totp_step, verify_password
@@ -445,6 +445,15 @@ class LoginService:
             body_timeout=config.connections.body_timeout,
             nats_credentials_for=nats_credentials_for,
             reserved_names=[h for h in config.tls.hosts if not _is_ip(h)],
+            aws=(
+                AwsJoin(
+                    server_id=config.aws.server_id,
+                    endpoints=tuple(config.aws.sts_endpoints),
+                    max_age=config.aws.max_age,
+                )
+                if config.aws is not None
+                else None
+            ),
         )
 
     def app(self) -> web.Application:

@@ -36,6 +36,14 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
    (a fresh ``AUTH`` every ``listener.iam_reauth``, injected between two client commands,
    or on every shard connection of a cluster session), cancelled when the session ends.
 
+The agent's own certificate (the one the listener serves) bounds every session: when it
+expires without a newer one in its place (revoked, the auth service unreachable),
+:meth:`Listener.expire_sessions` ends the open sessions at that moment (logged, and
+audited as ended for that reason) and new connections are closed before their TLS
+handshake, with the reason logged and audited, until a valid certificate is in place.
+The sessions are closed rather than sent an ``-ERR``: a line written into a session
+could land inside a reply still on its way.
+
 Connections the listener accepts but that never start a TLS handshake (port probes,
 load-balancer checks) are only logged at debug level.
 
@@ -60,6 +68,7 @@ import ssl
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
@@ -132,6 +141,12 @@ REFUSAL_LOG_INTERVAL: Final = 10.0
 """Connections refused or closed for the limits are logged in one line per interval."""
 READ_LIMIT: Final = 256 * 1024
 STOP_GRACE: Final = 2.0
+OWN_CHECK: Final = 60.0
+"""At most this long between two looks at the agent's own certificate's expiry (a
+renewal moves it; a clock step is caught up with)."""
+OWN_RETRY: Final = 1.0
+"""While the agent's own certificate is expired: how often sessions are looked for (and
+the certificate file for a new one)."""
 AUDIT_FLUSH: Final = 5.0
 ROLES_READ: Final = 2.0
 """Longest wait for a fresh read of a session's roles before the watched ones are used."""
@@ -255,6 +270,8 @@ class FleetTrust:
         self.fingerprint = ""
         self.known = asyncio.Event()
         """Set once the registry was read (with or without a CA in it)."""
+        self.own_expires: datetime | None = None
+        """When the certificate the listener serves expires (as last loaded)."""
         self._record: CACertificate | None = None
         self._stamp = self._files_stamp()
         self._server_names: weakref.WeakKeyDictionary[ssl.SSLObject, str] = (
@@ -308,8 +325,20 @@ class FleetTrust:
         self.fingerprint = record.fingerprint if record is not None else ""
         self.known.set()
 
+    def own_expired(self, now: datetime | None = None) -> str | None:
+        """Why the listener may not serve (its own certificate expired), or None."""
+        expires = self.own_expires
+        if expires is None or expires > (now or datetime.now(UTC)):
+            return None
+        return (
+            f"the agent's own certificate ({self.config.cert_file}) expired at "
+            f"{expires:%Y-%m-%d %H:%M:%SZ} and was not renewed"
+        )
+
     def _build(self, record: CACertificate | None) -> tuple[list[x509.Certificate], ssl.SSLContext]:
         files = (self.config.cert_file, self.config.key_file)
+        own = x509.load_pem_x509_certificate(self.config.cert_file.read_bytes())
+        self.own_expires = own.not_valid_after_utc
         if record is None:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -323,7 +352,6 @@ class FleetTrust:
         context.verify_mode = ssl.CERT_OPTIONAL
         context.verify_flags |= NO_CHECK_TIME
         context.num_tickets = SESSION_TICKETS
-        own = x509.load_pem_x509_certificate(self.config.cert_file.read_bytes())
         if not any(check_signed_by(own, ca) for ca in certs):
             logger.warning(
                 "%s was not issued by the fleet CA %s: clients will not trust this agent "
@@ -426,6 +454,8 @@ class Listener:
         """Sessions past their handshake (``listener.max_connections``)."""
         self.limited = RefusalLog()
         """Connections refused or closed for a limit, logged once per interval."""
+        self.ended_for: str | None = None
+        """Why the open sessions are being ended (the agent's certificate expired)."""
         self._sock: socket.socket | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -482,6 +512,34 @@ class Listener:
                 )
                 for task in late:
                     task.cancel()
+
+    async def expire_sessions(self) -> None:
+        """Forever (a root task): at the expiry of the agent's own certificate, unless a
+        newer one is in place by then, end every open session (see the module
+        docstring); then wait for a valid certificate."""
+        await self.trust.known.wait()
+        while True:
+            self.trust.refresh()
+            expires = self.trust.own_expires
+            now = datetime.now(UTC)
+            if expires is None or expires > now:
+                left = (expires - now).total_seconds() if expires is not None else OWN_CHECK
+                await asyncio.sleep(min(max(left, 0.01), OWN_CHECK))
+                continue
+            reason = self.trust.own_expired(now)
+            if reason is not None and self.sessions:
+                logger.error(
+                    "%s: ending the %d open client sessions; new connections are refused "
+                    "until the agent has a valid certificate",
+                    reason,
+                    len(self.sessions),
+                )
+                self.ended_for = reason
+                try:
+                    await self._end_sessions()
+                finally:
+                    self.ended_for = None
+            await asyncio.sleep(OWN_RETRY)
 
     async def check_audit_stream(self) -> None:
         """Create the audit stream when it is missing; its retention is the auth
@@ -591,6 +649,11 @@ class Listener:
             async with asyncio.timeout_at(deadline):
                 await self.trust.known.wait()
                 self.trust.refresh()
+                expired = self.trust.own_expired()
+                if expired is not None:
+                    self.limited.note("closed before TLS: the agent's own certificate expired")
+                    self._refused_start(client_addr, expired, log=False)
+                    return None
                 context = self.trust.context
                 if context is None:
                     logger.warning(
@@ -732,7 +795,10 @@ class Listener:
                 await _stop_renewal(renewal, audit.session_id)
             stats = session.stats
             audit.add_bytes(to_db=stats.bytes_from_client, to_client=stats.bytes_to_client)
-            audit.end(reason=stats.reason or "stopped")
+            reason = stats.reason or "stopped"
+            if reason == "stopped" and self.ended_for is not None:
+                reason = self.ended_for
+            audit.end(reason=reason)
 
     async def _roles(self, identity: Identity, wait: float) -> list[Role]:
         """The roles named in the certificate: from the roles watch while it is live (no

@@ -47,12 +47,36 @@ def _labels(text: str) -> dict[str, str]:
     return labels
 
 
+def _allow(text: str) -> joins.AwsAllow:
+    try:
+        return joins.parse_allow(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def register(sub: Any, common: Common) -> None:
     tokens = sub.add_parser("tokens", help="one-time join tokens for agents (admins)")
     actions = tokens.add_subparsers(dest="action", metavar="ACTION", required=True)
     add = actions.add_parser("add", help="make a join token and print it (once)")
     add.add_argument("--type", required=True, choices=["agent"], help="what joins with it")
-    add.add_argument("--ttl", type=_ttl, default=3600.0, help="how long it may be used (1h)")
+    add.add_argument(
+        "--method",
+        default="token",
+        choices=["token", "aws"],
+        help="token: a one-time token (default); aws: an allow rule for AWS identities",
+    )
+    add.add_argument(
+        "--allow",
+        type=_allow,
+        metavar="account=ACCOUNT,arn=ARN",
+        help="with --method aws: the AWS identities admitted (ARN glob, * and ?)",
+    )
+    add.add_argument(
+        "--ttl",
+        type=_ttl,
+        default=None,
+        help="how long it may be used (1h; an AWS rule: until removed)",
+    )
     add.add_argument("--labels", type=_labels, default={}, help="k=v,... given to the agent")
     ls = actions.add_parser("ls", help="list join tokens (never their secrets)")
     ls.add_argument("--format", default="text", choices=["text", "json"])
@@ -94,13 +118,38 @@ def _creator() -> str:
 
 def _tokens_add(args: argparse.Namespace) -> int:
     async def go() -> int:
-        text, record = joins.new_token(ttl=args.ttl, labels=args.labels, creator=_creator())
+        if args.method == "aws":
+            return await add_rule()
+        if args.allow is not None:
+            raise UsageError("--allow is for --method aws (a token admits whoever holds it)")
+        text, record = joins.new_token(
+            ttl=args.ttl or 3600.0, labels=args.labels, creator=_creator()
+        )
         async with await _connect(args) as bus:
             await joins.add_token(bus, record)
         print(text)
         print(
             f"join token {record.id} for an agent, valid until {_when(record.expires)} and "
             "for one join; it is shown only now. Put it in the agent's join.token_file.",
+            flush=True,
+        )
+        return 0
+
+    async def add_rule() -> int:
+        if args.allow is None:
+            raise UsageError(
+                "--method aws needs --allow 'account=ACCOUNT,arn=ARN': the AWS identities it admits"
+            )
+        record = joins.new_aws_rule(
+            allow=args.allow, ttl=args.ttl, labels=args.labels, creator=_creator()
+        )
+        async with await _connect(args) as bus:
+            await joins.add_token(bus, record)
+        print(record.id)
+        until = f"until {_when(record.expires)}" if record.expires else "until removed"
+        print(
+            f"AWS join rule {record.id}: agents with join.method aws whose identity matches "
+            f"{args.allow.text()} join, {until}; fleetgate tokens rm {record.id} revokes them.",
             flush=True,
         )
         return 0
@@ -118,15 +167,16 @@ def _tokens_ls(args: argparse.Namespace) -> int:
             ]
             print(json.dumps(rows, indent=2))
             return 0
-        table = [("ID", "TYPE", "STATE", "EXPIRES", "LABELS", "CREATOR", "SPENT BY")]
+        table = [("ID", "TYPE", "METHOD", "STATE", "EXPIRES", "LABELS", "CREATOR", "SPENT BY")]
         for t in tokens:
             labels = ",".join(f"{k}={v}" for k, v in sorted(t.labels.items()))
             table.append(
                 (
                     t.id,
                     t.type,
+                    t.method + (f" {t.allow.text()}" if t.allow else ""),
                     t.state(),
-                    _when(t.expires),
+                    _when(t.expires) if t.expires else "never",
                     labels or "-",
                     t.creator,
                     t.spent_by or "-",
@@ -145,7 +195,12 @@ def _tokens_rm(args: argparse.Namespace) -> int:
             if found is None:
                 raise UsageError(f"no join token {args.id!r} (see fleetgate tokens ls)")
             await joins.delete_token(bus, args.id)
-        if found.record.spent is not None:
+        if found.record.method == "aws":
+            print(
+                f"removed AWS join rule {args.id}; agents that joined by it can no longer "
+                "renew their certificates"
+            )
+        elif found.record.spent is not None:
             print(
                 f"removed join token {args.id}; agent {found.record.spent_by}, which joined "
                 "with it, can no longer renew its certificate"

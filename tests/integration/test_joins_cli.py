@@ -75,3 +75,43 @@ def test_agents_are_listed_and_removed(cli: str, capsys: pytest.CaptureFixture[s
     assert json.loads(out) == []
     code, _, err = run(capsys, "agents", "rm", host_id)
     assert code == 2 and "no joined agent" in err
+
+
+def test_an_aws_rule_is_added_listed_and_removed_and_bad_rules_say_why(
+    cli: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arn = "arn:aws:sts::123456789012:assumed-role/fleetgate-agent/*"
+    code, out, err = run(
+        capsys, "tokens", "add", "--type", "agent", "--method", "aws",
+        "--allow", f"account=123456789012,arn={arn}", "--labels", "team=pay",
+    )  # fmt: skip
+    assert code == 0, err
+    rule_id = out.splitlines()[0]
+    assert "until removed" in out and f"tokens rm {rule_id}" in out
+    code, out, _ = run(capsys, "tokens", "ls", "--format", "json")
+    [listed] = json.loads(out)
+    assert listed["id"] == rule_id and listed["method"] == "aws" and listed["state"] == "valid"
+    assert listed["allow"] == {"account": "123456789012", "arn": arn}
+    assert listed["expires"] is None and listed["labels"] == {"team": "pay"}
+    code, out, _ = run(capsys, "tokens", "ls")
+    assert f"aws account=123456789012,arn={arn}" in out and "never" in out
+    code, out, _ = run(capsys, "tokens", "rm", rule_id)
+    assert code == 0 and f"removed AWS join rule {rule_id}" in out
+    assert "can no longer renew" in out
+    bad = {
+        "arn=role/x": "expected arn:aws:iam::ACCOUNT:role/NAME",
+        "account=12,arn=" + arn: "account 12 and the account 123456789012 in the arn differ",
+        "account=1234567890ab,arn=" + arn: "expected a 12-digit AWS account id",
+        "account=123456789012": "arn is missing",
+        f"arn={arn},arn={arn}": "arn is given twice",
+        "role=x": "expected account=123456789012,arn=",
+    }
+    for text, why in bad.items():
+        with pytest.raises(SystemExit) as usage:
+            run(capsys, "tokens", "add", "--type", "agent", "--method", "aws", "--allow", text)
+        err = capsys.readouterr().err
+        assert usage.value.code == 2 and why in err, (text, err)
+    code, _, err = run(capsys, "tokens", "add", "--type", "agent", "--method", "aws")
+    assert code == 2 and "--method aws needs --allow" in err and "Traceback" not in err
+    code, _, err = run(capsys, "tokens", "add", "--type", "agent", "--allow", f"arn={arn}")
+    assert code == 2 and "--allow is for --method aws" in err
