@@ -98,11 +98,14 @@ from dbservice.auth.admin import AdminError, choose_aws_rule
 from dbservice.auth.catalog import Catalog
 from dbservice.auth.join import Joins, NatsCredentials, no_nats_credentials
 from dbservice.auth.listener import ConnectionLimits, GuardedListener, RefusalLog
+from dbservice.auth.metrics import AuthMetrics
 from dbservice.auth.natsrights import DEFAULT_TTL, AgentAuthorizer, CalloutError
 from dbservice.auth.passwords import totp_step, verify_password
+from fleetgate.addresses import join_host_port, split_host_port
 from fleetgate.aio import stop_on_signals
 from fleetgate.config import JetStreamSettings
 from fleetgate.durations import Duration, format_duration
+from fleetgate.metrics import Check, DiagServer
 from fleetgate.supervise import RootTasks
 
 logger = logging.getLogger(__name__)
@@ -254,6 +257,17 @@ class AuthConfig(Strict):
     """Logins with an AWS identity; absent: ``POST /v1/login/aws`` answers 404."""
     join: JoinSettings = JoinSettings()
     nats_callout: NatsCalloutSettings | None = None
+    diag_addr: str | None = None
+    """``host:port`` of the diagnostics listener (plain HTTP: ``/metrics``, ``/healthz``,
+    ``/readyz``; docs/operations.md); off when unset."""
+
+    @field_validator("diag_addr")
+    @classmethod
+    def _diag(cls, addr: str | None) -> str | None:
+        if addr is None:
+            return None
+        host, port = split_host_port(addr)
+        return join_host_port(host, port)
 
 
 MAX_BODY = 64 * 1024
@@ -410,8 +424,10 @@ class LoginService:
         audit: AuditEmitter,
         refusals: RefusalLog | None = None,
         nats_credentials_for: NatsCredentials = no_nats_credentials,
+        metrics: AuthMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics if metrics is not None else AuthMetrics()
         self.bus = bus
         self.ca = ca
         self.audit = audit
@@ -432,7 +448,7 @@ class LoginService:
         )
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY)
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self.metrics.middleware()])
         app.router.add_post("/v1/login", self.login)
         app.router.add_get("/v1/login/aws", self.aws_parameters)
         app.router.add_post("/v1/login/aws", self.login_aws)
@@ -888,13 +904,20 @@ class RunningService:
 
 
 async def start_service(
-    config: AuthConfig, *, bus: Bus, ca: CertificateAuthority, audit: AuditEmitter
+    config: AuthConfig,
+    *,
+    bus: Bus,
+    ca: CertificateAuthority,
+    audit: AuditEmitter,
+    metrics: AuthMetrics | None = None,
 ) -> RunningService:
     """Serve the login API on ``config.listen`` (port 0: an ephemeral port)."""
     host, port = split_listen(config.listen)
     limits = config.connections
     refusals = RefusalLog(limits.log_interval)
-    service = LoginService(config=config, bus=bus, ca=ca, audit=audit, refusals=refusals)
+    service = LoginService(
+        config=config, bus=bus, ca=ca, audit=audit, refusals=refusals, metrics=metrics
+    )
     # keepalive_timeout bounds the wait for a request head (from the handshake or the
     # previous answer); an unread body is not drained (lingering_time 0): closed.
     runner = web.AppRunner(
@@ -918,7 +941,48 @@ async def start_service(
 
 async def run_auth(config: AuthConfig, *, nats_url: str | NatsConnection) -> int:
     ca = CertificateAuthority.load(Path(config.ca_dir))
+    metrics = AuthMetrics()
+    state: dict[str, Any] = {}
+
+    def readiness() -> list[Check]:
+        bus, running = state.get("bus"), state.get("running")
+        connected = bus is not None and bus.connected
+        return [
+            Check("nats", connected, "" if connected else "not connected to NATS"),
+            Check(
+                "listener",
+                running is not None,
+                f"https on {config.listen}" if running is not None else "not listening yet",
+            ),
+        ]
+
+    diag = None
+    if config.diag_addr is not None:
+        diag = DiagServer(config.diag_addr, metrics.registry, readiness, process="auth service")
+        try:
+            await diag.start()
+        except OSError as exc:
+            raise AdminError(
+                f"diag_addr {config.diag_addr}: cannot listen there ({exc.strerror or exc})"
+            ) from None
+        logger.info("diagnostics on http://%s/ (metrics, healthz, readyz)", config.diag_addr)
+    try:
+        return await _run_auth(config, ca, nats_url=nats_url, metrics=metrics, state=state)
+    finally:
+        if diag is not None:
+            await diag.aclose()
+
+
+async def _run_auth(
+    config: AuthConfig,
+    ca: CertificateAuthority,
+    *,
+    nats_url: str | NatsConnection,
+    metrics: AuthMetrics,
+    state: dict[str, Any],
+) -> int:
     async with await Bus.connect(nats_url, name="fleetgate-auth") as bus:
+        state["bus"] = bus
         if config.jetstream is not None:
             bus.replication = config.jetstream.replication()
         await provision_access(bus)
@@ -932,7 +996,8 @@ async def run_auth(config: AuthConfig, *, nats_url: str | NatsConnection) -> int
         if config.nats_callout is not None:
             await serve_callout(bus, callout_answer(config.nats_callout.authorizer()))
         async with emitter:
-            running = await start_service(config, bus=bus, ca=ca, audit=emitter)
+            running = await start_service(config, bus=bus, ca=ca, audit=emitter, metrics=metrics)
+            state["running"] = running
             logger.info(
                 "auth service on https://%s:%d (CA %s) since %s",
                 split_listen(config.listen)[0],
