@@ -48,7 +48,13 @@ from dbservice.agent.supervisor import Supervisor
 from dbservice.agent.worker import DatabaseWorker, PassiveWorker, Worker
 from dbservice.gateway.audit_spool import open_spool
 from dbservice.gateway.listener import Listener
-from dbservice.gateway.metrics import AgentMetrics, counter, gauge, labelled_gauge
+from dbservice.gateway.metrics import (
+    AgentMetrics,
+    counter,
+    gauge,
+    labelled_counter,
+    labelled_gauge,
+)
 from dbservice.managed.login import ManagedLogins
 from dbservice.managed.membership import AclMembership
 from dbservice.managed.service import ManagedUsers
@@ -113,6 +119,8 @@ class Agent:
         self.metrics = AgentMetrics()
         """This process's metrics (its own registry), served on ``db_service.diag_addr``."""
         self.diag: DiagServer | None = None
+        self.iam: IamAuth | None = None
+        """Signs IAM tokens and keeps AWS calls counted (read by the metrics)."""
 
     async def run(self, stop: asyncio.Event) -> int:
         """0 after a graceful stop, 1 when the registry watch failed."""
@@ -226,7 +234,7 @@ class Agent:
                 format_duration(settings.heartbeat.ttl),
                 f", {processes} listener processes" if processes > 1 else "",
             )
-        auth = IamAuth()
+        auth = self.iam = IamAuth()
         managed = None
         if settings.managed_users.enabled:
             handles_now = supervisor.handles
@@ -401,6 +409,63 @@ class Agent:
                     for name, state in states
                     if state is not None and state.status in ("healthy", "unhealthy")
                 ],
+            )
+        )
+        announcer = supervisor.announcer
+        if announcer is not None:
+            out += [
+                counter(
+                    "fleetgate_agent_heartbeats_written",
+                    "Heartbeats written to the registry",
+                    announcer.writes,
+                ),
+                counter(
+                    "fleetgate_agent_heartbeat_failures",
+                    "Heartbeats not written (NATS unreachable or slow)",
+                    announcer.failures,
+                ),
+            ]
+            if announcer.last_write is not None:
+                out.append(
+                    gauge(
+                        "fleetgate_agent_heartbeat_age_seconds",
+                        "Seconds since the agent last wrote a heartbeat",
+                        time.monotonic() - announcer.last_write,
+                    )
+                )
+        calls: dict[str, int] = {}
+        if self.iam is not None:
+            out.append(
+                counter(
+                    "fleetgate_agent_iam_tokens_signed",
+                    "IAM authentication tokens signed (new sessions and renewals)",
+                    self.iam.tokens_signed,
+                )
+            )
+            calls.update(self.iam.calls)
+        if self.managed is not None:
+            for op, n in self.managed.calls.items():
+                calls[op] = calls.get(op, 0) + n
+            out += [
+                labelled_counter(
+                    "fleetgate_agent_managed_cycles",
+                    "Managed-user cycles by outcome (set-up, rotated, repaired, not-due, "
+                    "held, lost, skipped)",
+                    "outcome",
+                    self.managed.rotator.outcomes.items(),
+                ),
+                counter(
+                    "fleetgate_agent_managed_failures",
+                    "Managed-user cycles or look-ups that failed",
+                    self.managed.errors,
+                ),
+            ]
+        out.append(
+            labelled_counter(
+                "fleetgate_agent_aws_calls",
+                "AWS calls of IAM logins and managed users, by operation",
+                "operation",
+                calls.items(),
             )
         )
         if listener is not None:

@@ -126,3 +126,12 @@ def labelled_gauge(
 
 def counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
     return CounterMetricFamily(name, documentation, value=value)
+
+
+def labelled_counter(
+    name: str, documentation: str, label: str, values: Iterable[tuple[str, float]]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, value in sorted(values):
+        family.add_metric([key], value)
+    return family

@@ -66,7 +66,10 @@ async def test_metrics_count_sessions_commands_and_refusals(
     diag = free_port()
     config = fleet.agent(
         "agent-1",
-        [static_db("dev-cache", valkey.port, env="dev")],
+        [
+            static_db("dev-cache", valkey.port, env="dev"),
+            static_db("dev-down", free_port(), env="dev"),
+        ],
         diag_addr=f"127.0.0.1:{diag}",
     )
     alice = fleet.identity("alice", ["dev"])
@@ -93,6 +96,8 @@ async def test_metrics_count_sessions_commands_and_refusals(
         await wait_until(lambda: listener.established == 0, 10, "sessions ended")
         with pytest.raises(RouteRefused):
             await RawSession.open(listener.port, alice, fleet.ca.pem, "no-such-db", "app")
+        with pytest.raises(RouteRefused, match="cannot reach dev-down"):
+            await RawSession.open(listener.port, alice, fleet.ca.pem, "dev-down", "app")
 
         status, text = await get(diag, "/metrics")
         assert status == 200
@@ -103,13 +108,19 @@ async def test_metrics_count_sessions_commands_and_refusals(
         assert got[("fleetgate_agent_commands_refused_total", db)] == sessions
         refused = (("reason", "unknown_database"),)
         assert got[("fleetgate_agent_sessions_refused_total", refused)] == 1
-        assert got[("fleetgate_agent_sessions_refused_total", (("reason", "upstream"),))] == 0
+        assert got[("fleetgate_agent_sessions_refused_total", (("reason", "upstream"),))] == 1
+        assert got[("fleetgate_agent_upstream_failures_total", (("kind", "connect"),))] == 1
+        assert got[("fleetgate_agent_sessions_refused_total", (("reason", "access_denied"),))] == 0
         assert got[("fleetgate_agent_session_duration_seconds_count", ())] == sessions
         assert got[("fleetgate_agent_upstream_connect_seconds_count", ())] == sessions
         assert got[("fleetgate_agent_sessions_active", ())] == 0
-        assert got[("fleetgate_agent_databases_served", ())] == 1
+        assert got[("fleetgate_agent_databases_served", ())] == 2
         assert got[("fleetgate_agent_bytes_total", (("direction", "to_db"),))] > 0
         assert ("fleetgate_event_loop_lag_seconds", ()) in got
+        assert got[("fleetgate_agent_heartbeats_written_total", ())] >= 1
+        assert 0 <= got[("fleetgate_agent_heartbeat_age_seconds", ())] < 60
+        assert got[("fleetgate_agent_iam_tokens_signed_total", ())] == 0  # password logins
+        assert got[("fleetgate_agent_upstream_failures_total", (("kind", "tls"),))] == 0
         # the refused session's start and every session's start/end/queries get published
         await wait_until(lambda: listener.audit.published_total > 0, 10, "audit events published")
         # no key, argument or user name is a label value anywhere
