@@ -491,6 +491,11 @@ class Agent:
                     "Audit events not published yet (queued, spooled or being retried)",
                     audit.backlog,
                 ),
+                gauge(
+                    "fleetgate_agent_audit_events_spooled",
+                    "Of those, audit events kept in the spool on disk",
+                    audit.spool.pending_events if audit.spool is not None else 0,
+                ),
             ]
         return out
 
