@@ -844,7 +844,9 @@ class Listener:
                 )
                 raise Refused(f"cannot reach {resource.name}: TLS: {tls_reason(exc)}") from None
             except (OSError, ValueError, UpstreamLoginError) as exc:
-                failure = login_kind(login) if isinstance(exc, UpstreamLoginError) else "connect"
+                failure = (
+                    login_kind(login, db_user) if isinstance(exc, UpstreamLoginError) else "connect"
+                )
                 raise Refused(f"cannot reach {resource.name}: {os_reason(exc)}") from None
         except Refused as exc:
             if up is not None:
@@ -956,10 +958,13 @@ async def _stop_renewal(task: asyncio.Task[None], session_id: str) -> None:
         raise asyncio.CancelledError
 
 
-def login_kind(login: UpstreamLogin) -> str:
-    """The ``kind`` of a failed upstream login: ``iam``, ``managed_password`` or ``other``."""
+def login_kind(login: UpstreamLogin, db_user: str) -> str:
+    """The ``kind`` of a failed upstream login as ``db_user``: ``iam``,
+    ``managed_password`` or ``other`` (the client's own credentials)."""
     if isinstance(login, ManagedLogin):
-        return "managed_password"
+        if login.managed or login.service.managed(login.resource, db_user) is not None:
+            return "managed_password"
+        return login_kind(login.inner, db_user)
     if isinstance(login, IamLogin):
         return "iam"
     return "other"
