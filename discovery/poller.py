@@ -85,7 +85,6 @@ class Poller:
         """None: this poller alone writes its group (polls every fetcher)."""
         self.fetchers = expand(settings.aws)
         self._lock = asyncio.Lock()
-        self._writes = {"written": 0, "deleted": 0}
         self.warnings = Warnings()
         """Warnings about clusters and tags already given: each once per poller (the
         discovery process has one), not once per poll."""
@@ -168,7 +167,7 @@ class Poller:
         for conflict in plan.conflicts:
             logger.warning("not written: %s", conflict)
         refused: list[str] = []
-        await self._apply(plan, versions, scope, refused)
+        done = await self._apply(plan, versions, scope, refused)
         status_writes = await self._record(results, refused)
         failures = [
             f"{r.key.type} {r.key.region} (matcher {r.key.matcher_index}): {r.state}: {r.error}"
@@ -188,8 +187,8 @@ class Poller:
             plan=plan,
             aws_calls=self.session.total_calls - calls_before,
             status_writes=status_writes,
-            written=self._writes["written"],
-            deleted=self._writes["deleted"],
+            written=done["written"],
+            deleted=done["deleted"],
             failures=failures,
             skipped=skipped,
             refused=refused,
@@ -250,9 +249,10 @@ class Poller:
         versions: dict[str, Versioned[DatabaseResource]],
         scope: Collection[str] | None,
         refused: list[str],
-    ) -> None:
+    ) -> dict[str, int]:
         """Write the plan, each entry by compare-and-set on the revision this poll read:
-        created only if still absent, updated or deleted only if nobody wrote it since."""
+        created only if still absent, updated or deleted only if nobody wrote it since.
+        Returns the entries ``written`` and ``deleted``."""
         if self.leases is not None and scope is not None and (plan.puts or plan.deletes):
             confirmed = await self.leases.confirm(scope)
             lost = set(scope) - confirmed
@@ -261,7 +261,7 @@ class Poller:
                     "lost the lease of %s before writing: not writing for it", ", ".join(lost)
                 )
         limit = asyncio.Semaphore(WRITE_CONCURRENCY)
-        done_counts = self._writes = {"written": 0, "deleted": 0}
+        done_counts = {"written": 0, "deleted": 0}
 
         def owner(name: str, res: DatabaseResource | None) -> str:
             found = res or versions[name].record
@@ -305,6 +305,7 @@ class Poller:
                 logger.info("removed %s: no longer listed by AWS or by the config", name)
 
         await asyncio.gather(*(put(r) for r in plan.puts), *(delete(n) for n in plan.deletes))
+        return done_counts
 
     async def _record(self, results: list[FetchResult], refused: list[str]) -> int:
         """Write a fetcher's status only when it changed (an unchanged poll writes none),

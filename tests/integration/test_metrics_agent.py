@@ -71,6 +71,7 @@ async def test_metrics_count_sessions_commands_and_refusals(
             static_db("dev-down", free_port(), env="dev"),
         ],
         diag_addr=f"127.0.0.1:{diag}",
+        health_check={"interval": "1s", "timeout": "1s", "healthy_threshold": 1},
     )
     alice = fleet.identity("alice", ["dev"])
     async with running_agent(config, fleet.nats_url) as agent:
@@ -123,6 +124,16 @@ async def test_metrics_count_sessions_commands_and_refusals(
         assert got[("fleetgate_agent_upstream_failures_total", (("kind", "tls"),))] == 0
         # the refused session's start and every session's start/end/queries get published
         await wait_until(lambda: listener.audit.published_total > 0, 10, "audit events published")
+
+        async def health() -> dict[str, float]:
+            scraped = samples((await get(diag, "/metrics"))[1])
+            name = "fleetgate_agent_database_healthy"
+            return {dict(k)["database"]: v for (n, k), v in scraped.items() if n == name}
+
+        async def both_known() -> bool:
+            return await health() == {"dev-cache": 1.0, "dev-down": 0.0}
+
+        await wait_until(both_known, 15, "health per database")
         # no key, argument or user name is a label value anywhere
         assert "k00" not in text and "alice" not in text
 
