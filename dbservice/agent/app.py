@@ -120,6 +120,8 @@ class Agent:
         """This process's metrics (its own registry), served on ``db_service.diag_addr``."""
         self.diag: DiagServer | None = None
         self.iam: IamAuth | None = None
+        self.watched: set[str] = set()
+        """Keys of the registry entries the watch has seen (served or not)."""
         """Signs IAM tokens and keeps AWS calls counted (read by the metrics)."""
 
     async def run(self, stop: asyncio.Event) -> int:
@@ -297,7 +299,11 @@ class Agent:
                 roots.start(
                     "registry-watch",
                     follow_registry(
-                        bus=bus, selection=selection, supervisor=supervisor, on_synced=on_synced
+                        bus=bus,
+                        selection=selection,
+                        supervisor=supervisor,
+                        on_synced=on_synced,
+                        watched=self.watched,
                     ),
                 )
                 if managed is not None:
@@ -389,6 +395,11 @@ class Agent:
     def _levels(self, supervisor: Supervisor, listener: Listener | None) -> list[Metric]:
         """The agent's levels, read when scraped (nothing counted on the command path)."""
         out: list[Metric] = [
+            gauge(
+                "fleetgate_agent_registry_entries_watched",
+                "Registry entries the agent's watch sees (served or not)",
+                len(self.watched),
+            ),
             gauge(
                 "fleetgate_agent_databases_served",
                 "Databases this agent serves (registry entries selected and static)",

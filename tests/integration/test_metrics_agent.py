@@ -19,7 +19,7 @@ from dbservice.agent.config import AgentConfig
 from dbservice.route import RouteRefused
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.agent import running_agent, wait_until
-from tests.kits.connect import free_port
+from tests.kits.connect import free_port, resource
 from tests.kits.listener import (
     APP_PASSWORD,
     Fleet,
@@ -74,6 +74,7 @@ async def test_metrics_count_sessions_commands_and_refusals(
         health_check={"interval": "1s", "timeout": "1s", "healthy_threshold": 1},
     )
     alice = fleet.identity("alice", ["dev"])
+    await fleet.bus.put_resource(resource("elsewhere", env="prod"))  # watched, not served
     async with running_agent(config, fleet.nats_url) as agent:
         listener = agent.listener
         assert listener is not None
@@ -116,6 +117,7 @@ async def test_metrics_count_sessions_commands_and_refusals(
         assert got[("fleetgate_agent_upstream_connect_seconds_count", ())] == sessions
         assert got[("fleetgate_agent_sessions_active", ())] == 0
         assert got[("fleetgate_agent_databases_served", ())] == 2
+        assert got[("fleetgate_agent_registry_entries_watched", ())] == 1
         assert got[("fleetgate_agent_bytes_total", (("direction", "to_db"),))] > 0
         assert ("fleetgate_event_loop_lag_seconds", ()) in got
         assert got[("fleetgate_agent_heartbeats_written_total", ())] >= 1
