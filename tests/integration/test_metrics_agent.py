@@ -5,6 +5,7 @@ workload shows exactly what happened; ``/readyz`` and ``/healthz`` answer for a 
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from bus.server import NatsServer
 from dbservice.agent.app import Agent
 from dbservice.agent.config import AgentConfig
 from dbservice.route import RouteRefused
+from fleetgate.config import ConfigError
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.agent import running_agent, wait_until
 from tests.kits.connect import free_port, resource
@@ -174,3 +176,18 @@ async def test_readyz_is_503_until_nats_is_up_and_the_registry_synced(
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
+
+
+async def test_a_diag_port_in_use_is_a_config_error(fleet: Fleet, valkey: ValkeyNode) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = fleet.agent(
+            "agent-3",
+            [static_db("dev-cache", valkey.port, env="dev")],
+            diag_addr=f"127.0.0.1:{port}",
+        )
+        agent = Agent(AgentConfig.model_validate(config), nats_url=fleet.nats_url)
+        with pytest.raises(ConfigError, match=rf"db_service.diag_addr 127.0.0.1:{port}: cannot"):
+            await agent.run(asyncio.Event())
