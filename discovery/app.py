@@ -17,10 +17,13 @@ from bus.specs import DISCOVERY_LEASES
 from discovery.aws.session import AwsSession
 from discovery.lease import Leases
 from discovery.matchers import expand
+from discovery.metrics import DiscoveryMetrics
 from discovery.poller import Poller
 from discovery.settings import DiscoveryConfig
 from fleetgate.aio import stop_on_signals
+from fleetgate.config import ConfigError
 from fleetgate.durations import format_duration
+from fleetgate.metrics import Check, DiagServer
 
 logger = logging.getLogger(__name__)
 
@@ -35,9 +38,60 @@ async def run_discovery(
     replica holds are left to it) or until SIGTERM/SIGINT. Either way only the fetchers
     whose lease this replica holds are polled, and the leases are released at the end."""
     settings = config.discovery_service
+    metrics = DiscoveryMetrics()
+    state = _State()
+    diag = None
+    if settings.diag_addr is not None and not once:
+        diag = DiagServer(
+            settings.diag_addr, metrics.registry, state.readiness, process="discovery"
+        )
+        try:
+            await diag.start()
+        except OSError as exc:
+            raise ConfigError(
+                f"discovery_service.diag_addr {settings.diag_addr}: cannot listen ({exc})"
+            ) from None
+        logger.info("diagnostics on http://%s/ (metrics, healthz, readyz)", settings.diag_addr)
+    try:
+        return await _run(config, nats_url=nats_url, once=once, metrics=metrics, state=state)
+    finally:
+        if diag is not None:
+            await diag.aclose()
+
+
+class _State:
+    """What ``/readyz`` reports: NATS connected, and the last poll's outcome."""
+
+    def __init__(self) -> None:
+        self.bus: Bus | None = None
+        self.poller: Poller | None = None
+
+    def readiness(self) -> list[Check]:
+        connected = self.bus is not None and self.bus.connected
+        checks = [Check("nats", connected, "" if connected else "not connected to NATS")]
+        last = self.poller.last if self.poller is not None else None
+        if last is None:
+            checks.append(Check("last poll", False, "no poll has ended yet"))
+        elif last.ok:
+            checks.append(Check("last poll", True, f"{len(last.results)} fetchers ok"))
+        else:
+            checks.append(Check("last poll", False, "; ".join(last.failures)))
+        return checks
+
+
+async def _run(
+    config: DiscoveryConfig,
+    *,
+    nats_url: str | NatsConnection,
+    once: bool,
+    metrics: DiscoveryMetrics,
+    state: _State,
+) -> int:
+    settings = config.discovery_service
     # A service waits a while for NATS (it may be starting beside it); --once does not.
     wait = 0.0 if once else START_WAIT
     async with await Bus.connect(nats_url, name="fleetgate-discovery", wait=wait) as bus:
+        state.bus = bus
         if config.jetstream is not None:
             bus.replication = config.jetstream.replication()
         # Only the buckets discovery writes: NATS permissions may forbid creating others.
@@ -52,7 +106,10 @@ async def run_discovery(
             period=settings.lease.period,
             wanted={k.status_key for k in expand(settings.aws)},
         )
-        poller = Poller(settings=settings, bus=bus, session=AwsSession(), leases=leases)
+        poller = Poller(
+            settings=settings, bus=bus, session=AwsSession(), leases=leases, metrics=metrics
+        )
+        state.poller = poller
         await leases.start()
         try:
             logger.info(

@@ -25,6 +25,7 @@ from discovery.convert import Warnings
 from discovery.fetcher import RegionCache, fetch
 from discovery.lease import Leases
 from discovery.matchers import FetcherKey, expand, status_key_of
+from discovery.metrics import DiscoveryMetrics
 from discovery.reconcile import Plan, reconcile
 from discovery.results import FetchResult
 from discovery.settings import DiscoveryService
@@ -47,6 +48,10 @@ class PollReport:
     """Fetchers not polled: another replica holds their lease."""
     refused: list[str] = field(default_factory=list)
     """Writes not made: the lease was lost, or the entry changed since this poll read it."""
+    written: int = 0
+    """Registry entries created or updated."""
+    deleted: int = 0
+    """Registry entries deleted."""
 
     @property
     def registry_writes(self) -> int:
@@ -67,8 +72,13 @@ class Poller:
         bus: Bus,
         session: AwsSession,
         leases: Leases | None = None,
+        metrics: DiscoveryMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics if metrics is not None else DiscoveryMetrics()
+        self.metrics.aws_calls(lambda: dict(session.outcomes))
+        self.last: PollReport | None = None
+        """The last poll's report (``/readyz``), None before the first one ended."""
         self.bus = bus
         self.session = session
         self.leases = leases
@@ -131,14 +141,23 @@ class Poller:
 
         async def run(key: FetcherKey) -> FetchResult:
             async with limit:
-                return await fetch(
-                    key,
-                    session=self.session,
-                    group=self.settings.discovery_group,
-                    cache=cache,
-                    api_concurrency=self.settings.api_concurrency,
-                    warnings=self.warnings,
-                )
+                began = time.monotonic()
+                try:
+                    return await fetch_one(key)
+                finally:
+                    self.metrics.poll_duration.labels(key.status_key).observe(
+                        time.monotonic() - began
+                    )
+
+        async def fetch_one(key: FetcherKey) -> FetchResult:
+            return await fetch(
+                key,
+                session=self.session,
+                group=self.settings.discovery_group,
+                cache=cache,
+                api_concurrency=self.settings.api_concurrency,
+                warnings=self.warnings,
+            )
 
         try:
             results = list(await asyncio.gather(*(run(k) for k in fetchers)))
@@ -148,7 +167,7 @@ class Poller:
         for conflict in plan.conflicts:
             logger.warning("not written: %s", conflict)
         refused: list[str] = []
-        await self._apply(plan, versions, scope, refused)
+        done = await self._apply(plan, versions, scope, refused)
         status_writes = await self._record(results, refused)
         failures = [
             f"{r.key.type} {r.key.region} (matcher {r.key.matcher_index}): {r.state}: {r.error}"
@@ -168,10 +187,13 @@ class Poller:
             plan=plan,
             aws_calls=self.session.total_calls - calls_before,
             status_writes=status_writes,
+            written=done["written"],
+            deleted=done["deleted"],
             failures=failures,
             skipped=skipped,
             refused=refused,
         )
+        self._count(report)
         if refused:
             logger.warning("%d writes not made: %s", len(refused), "; ".join(refused))
         logger.info(
@@ -186,6 +208,17 @@ class Poller:
             report.aws_calls,
         )
         return report
+
+    def _count(self, report: PollReport) -> None:
+        m, now = self.metrics, time.time()
+        for r in report.results:
+            m.polls.labels(r.key.status_key, r.state).inc()
+            if r.state == "ok":
+                m.last_success.labels(r.key.status_key).set(now)
+            m.resources.labels("carried").inc(len(r.carried))
+        m.resources.labels("written").inc(report.written)
+        m.resources.labels("deleted").inc(report.deleted)
+        self.last = report
 
     async def _registry(self) -> dict[str, Versioned[DatabaseResource]]:
         found = await cas.snapshot(self.bus, subjects.DATABASES_BUCKET, DatabaseResource)
@@ -216,9 +249,10 @@ class Poller:
         versions: dict[str, Versioned[DatabaseResource]],
         scope: Collection[str] | None,
         refused: list[str],
-    ) -> None:
+    ) -> dict[str, int]:
         """Write the plan, each entry by compare-and-set on the revision this poll read:
-        created only if still absent, updated or deleted only if nobody wrote it since."""
+        created only if still absent, updated or deleted only if nobody wrote it since.
+        Returns the entries ``written`` and ``deleted``."""
         if self.leases is not None and scope is not None and (plan.puts or plan.deletes):
             confirmed = await self.leases.confirm(scope)
             lost = set(scope) - confirmed
@@ -227,6 +261,7 @@ class Poller:
                     "lost the lease of %s before writing: not writing for it", ", ".join(lost)
                 )
         limit = asyncio.Semaphore(WRITE_CONCURRENCY)
+        done_counts = {"written": 0, "deleted": 0}
 
         def owner(name: str, res: DatabaseResource | None) -> str:
             found = res or versions[name].record
@@ -253,6 +288,7 @@ class Poller:
                         "registry, or there but unreadable (see the warning about it)"
                     )
                     return
+                done_counts["written"] += 1
                 logger.info("enrolled %s (%s)", res.name, res.spec.uri)
 
         async def delete(name: str) -> None:
@@ -265,9 +301,11 @@ class Poller:
                 if not await cas.delete(self.bus, subjects.DATABASES_BUCKET, key, last=last):
                     refused.append(f"{name}: written by someone else since this poll read it")
                     return
+                done_counts["deleted"] += 1
                 logger.info("removed %s: no longer listed by AWS or by the config", name)
 
         await asyncio.gather(*(put(r) for r in plan.puts), *(delete(n) for n in plan.deletes))
+        return done_counts
 
     async def _record(self, results: list[FetchResult], refused: list[str]) -> int:
         """Write a fetcher's status only when it changed (an unchanged poll writes none),

@@ -151,6 +151,8 @@ class Sandbox:
         self.password = ""
         self.nats_passwords: dict[str, str] = {}
         self.agent_ports: dict[str, int] = {}
+        self.diag_ports: dict[str, int] = {}
+        """Each process's diagnostics listener (/metrics, /healthz, /readyz)."""
         self.auth_port = 0
         self.stopping = False
         self._threads: list[asyncio.Future[Any]] = []
@@ -408,6 +410,7 @@ class Sandbox:
         body = children.auth_config(self.auth_port, self.path("ca"))
         # answers NATS's auth callout: agents that log in as themselves (agent-<host_id>)
         body["nats_callout"] = {"issuer_seed_file": str(self.path("nats-callout.seed"))}
+        body = self._with_diag("auth", body, body)
         config = children.write_config(self.path("config", "auth.yaml"), self.jetstream(body))
         self._spawn("auth", ["auth", "run", "-c", str(config)], {}, nats_user="auth")
         self.progress.line("auth", f"CA {self.ca_fingerprint}; roles dev-access, admin; user alice")
@@ -417,7 +420,7 @@ class Sandbox:
         await aws
         config = children.write_config(
             self.path("config", "discovery.yaml"),
-            self.jetstream(children.discovery_config(self.regions)),
+            self.jetstream(self._with_diag("discovery", children.discovery_config(self.regions))),
         )
         self._spawn(
             "discovery",
@@ -438,7 +441,7 @@ class Sandbox:
             self.agent_ports[name] = port = free_port()
             config = children.write_config(
                 self.path("config", f"{name}.yaml"),
-                self.jetstream(children.agent_config(
+                self.jetstream(self._with_diag(name, children.agent_config(
                     name=name,
                     port=port,
                     data_dir=self.path("agents", name),
@@ -450,7 +453,7 @@ class Sandbox:
                     vpc_id=vpc,
                     host_aliases=aliases,
                     upstream_ca=self.path("tls", "memorydb-ca.crt"),
-                )),
+                ))),
             )  # fmt: skip
             self._spawn(
                 name,
@@ -459,6 +462,21 @@ class Sandbox:
                 nats_user=None,  # it logs in as itself (agent-<host_id>), given at join
                 region=region,
             )
+
+    def _with_diag(
+        self, name: str, body: dict[str, Any], section: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """``body`` with a diagnostics listener on a free port (in ``section``, else in
+        its one service section)."""
+        self.diag_ports[name] = port = free_port()
+        if section is None:
+            (section,) = body.values()
+        section["diag_addr"] = f"127.0.0.1:{port}"
+        return body
+
+    def _diag(self, name: str) -> str:
+        """Where a part's /metrics, /healthz and /readyz answer."""
+        return f"http://127.0.0.1:{self.diag_ports[name]}/"
 
     async def _in_thread(self, func: Callable[..., T], *args: Any) -> T:
         """``func`` in a thread; a cancelled start leaves the thread running, so
@@ -571,16 +589,16 @@ class Sandbox:
         st.parts += [
             Part("aws", "in-process", me, self.moto.url, str(logs / "sandbox.log"), "moto"),
             Part("auth", "process", self.children["auth"].pid, f"https://127.0.0.1:{self.auth_port}",
-                 str(logs / "auth.log"), self.ca_fingerprint),
+                 str(logs / "auth.log"), self.ca_fingerprint, self._diag("auth")),
             Part("discovery", "process", self.children["discovery"].pid, "",
-                 str(logs / "discovery.log")),
+                 str(logs / "discovery.log"), diag=self._diag("discovery")),
         ]  # fmt: skip
         for agent, region in self.agents.items():
             vpc = self.vpcs[region]
             st.parts.append(
                 Part(agent, "process", self.children[agent].pid,
                      f"127.0.0.1:{self.agent_ports[agent]}", str(logs / f"{agent}.log"),
-                     f"vpc-id {vpc} ({region})")
+                     f"vpc-id {vpc} ({region})", self._diag(agent))
             )  # fmt: skip
         st.databases = []
         for c in self.clusters:
@@ -598,7 +616,7 @@ class Sandbox:
             )  # fmt: skip
         st.pids = [p.pid for p in st.parts if p.kind == "process"]
         st.ports = [*nats_ports, _port(self.moto.url), self.auth_port,
-                    *self.agent_ports.values()]  # fmt: skip
+                    *self.agent_ports.values(), *self.diag_ports.values()]  # fmt: skip
         for standin in self.standins.values():
             st.pids += [n.proc.pid for n in standin.nodes if n.proc is not None]
             st.ports += [p for _, p in standin.node_fronts] + [standin.endpoint[1]]

@@ -259,7 +259,8 @@ def status(directory: Path, fmt: str) -> int:
             "ready_seconds": state.ready_seconds,
             "nats_error": fleet.error or None,
             "parts": [dict(zip(("name", "pid", "address", "health"), r, strict=True))
-                      for r in parts],
+                      | ({"diag": p.diag} if p.diag else {})
+                      for r, p in zip(parts, state.parts, strict=True)],
             "databases": [dict(zip(("name", "env", "team", "region", "agents"), d, strict=True))
                           for d in dbs],
             "topology": _topology_doc(state, views, links) if state.nats_servers else None,
@@ -274,6 +275,10 @@ def status(directory: Path, fmt: str) -> int:
     print()
     rows = [(name, str(pid), address, health) for name, pid, address, health in parts]
     print_table([("PART", "PID", "ADDRESS", "HEALTH"), *rows])
+    diag = [(p.name, f"{p.diag}metrics  {p.diag}readyz") for p in state.parts if p.diag]
+    if diag:
+        print()
+        print_table([("PART", "DIAGNOSTICS (docs/operations.md)"), *diag])
     if state.nats_servers:
         print()
         print_table([("NATS SERVER", "ROLE", "ROUTES / LINK", "JETSTREAM", "AGENTS"),

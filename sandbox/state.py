@@ -78,6 +78,8 @@ class Part:
     """What answers: a URL or host:port ("" when the part listens nowhere)."""
     log: str = ""
     detail: str = ""
+    diag: str = ""
+    """Its diagnostics listener (``/metrics``, ``/healthz``, ``/readyz``), as a URL."""
 
 
 @dataclass

@@ -26,6 +26,8 @@ import sys
 import time
 from collections.abc import Awaitable, Sequence
 
+from prometheus_client.core import Metric
+
 from bus import BUCKETS, Bus, DatabaseResource, leases, subjects
 from bus.errors import BusError
 from bus.settings import NatsConnection
@@ -47,15 +49,24 @@ from dbservice.agent.supervisor import Supervisor
 from dbservice.agent.worker import DatabaseWorker, PassiveWorker, Worker
 from dbservice.gateway.audit_spool import open_spool
 from dbservice.gateway.listener import Listener
+from dbservice.gateway.metrics import (
+    AgentMetrics,
+    counter,
+    gauge,
+    labelled_counter,
+    labelled_gauge,
+)
 from dbservice.managed.login import ManagedLogins
 from dbservice.managed.membership import AclMembership
 from dbservice.managed.service import ManagedUsers
 from dbservice.upstream.iam import IamAuth
 from dbservice.upstream.iam_login import IamLogins
 from fleetgate import __version__
+from fleetgate.addresses import join_host_port, split_host_port
 from fleetgate.aio import stop_on_signals
 from fleetgate.config import ConfigError
 from fleetgate.durations import format_duration
+from fleetgate.metrics import Check, DiagServer
 from fleetgate.supervise import RootTasks
 
 logger = logging.getLogger(__name__)
@@ -106,6 +117,13 @@ class Agent:
         """The client listener (None without ``db_service.listener``)."""
         self.renewer: Renewer | None = None
         """Renews the agent's own certificate (with ``db_service.join``)."""
+        self.metrics = AgentMetrics()
+        """This process's metrics (its own registry), served on ``db_service.diag_addr``."""
+        self.diag: DiagServer | None = None
+        self.iam: IamAuth | None = None
+        self.watched: set[str] = set()
+        """Keys of the registry entries the watch has seen (served or not)."""
+        """Signs IAM tokens and keeps AWS calls counted (read by the metrics)."""
 
     async def run(self, stop: asyncio.Event) -> int:
         """0 after a graceful stop, 1 when the registry watch failed."""
@@ -132,6 +150,7 @@ class Agent:
                     data_dir.close()
                 raise
         try:
+            await self._start_diag(child)  # answers /readyz 503 while NATS is not reached
             bus = await Bus.connect(
                 self.nats,
                 name=f"fleetgate-agent {self.settings.hostname}"
@@ -158,6 +177,9 @@ class Agent:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(bus.close(), CLOSE_TIMEOUT)
         finally:
+            if self.diag is not None:
+                await self.diag.aclose()
+                self.diag = None
             if data_dir is not None:
                 data_dir.close()
 
@@ -222,7 +244,7 @@ class Agent:
                 format_duration(settings.heartbeat.ttl),
                 f", {processes} listener processes" if processes > 1 else "",
             )
-        auth = IamAuth()
+        auth = self.iam = IamAuth()
         managed = None
         if settings.managed_users.enabled:
             handles_now = supervisor.handles
@@ -266,6 +288,7 @@ class Agent:
                 else ManagedLogins(managed, IamLogins(auth, matcher_role=selection.role)),
                 offline_grace=settings.offline_grace,
                 audit_spool=spool,
+                metrics=self.metrics,
             )
             if child is None:
                 if processes > 1:
@@ -277,13 +300,18 @@ class Agent:
                 "no db_service.listener configured: this agent accepts no clients; it only "
                 "checks and announces its databases"
             )
+        self.metrics.levels(lambda: self._levels(supervisor, listener))
         roots = RootTasks(stop, expected=EXPECTED)
         try:
             async with roots:
                 roots.start(
                     "registry-watch",
                     follow_registry(
-                        bus=bus, selection=selection, supervisor=supervisor, on_synced=on_synced
+                        bus=bus,
+                        selection=selection,
+                        supervisor=supervisor,
+                        on_synced=on_synced,
+                        watched=self.watched,
                     ),
                 )
                 if managed is not None:
@@ -326,6 +354,191 @@ class Agent:
             return 1
         logger.info("listener process stopped" if child is not None else "agent stopped")
         return 0
+
+    async def _start_diag(self, child: ListenerProcess | None) -> None:
+        """The diagnostics listener (``db_service.diag_addr``): port + K in listener
+        process K, so that every process of the agent is scraped on its own."""
+        addr = self.settings.diag_addr
+        if addr is None:
+            return
+        if child is not None:
+            host, port = split_host_port(addr)
+            addr = join_host_port(host, port + child.index)
+        diag = DiagServer(
+            addr,
+            self.metrics.registry,
+            self._readiness,
+            process="agent" if child is None else f"agent listener process {child.index}",
+        )
+        try:
+            await diag.start()
+        except OSError as exc:
+            raise ConfigError(f"db_service.diag_addr {addr}: cannot listen ({exc})") from None
+        self.diag = diag
+        logger.info("diagnostics on http://%s/ (metrics, healthz, readyz)", addr)
+
+    def _readiness(self) -> list[Check]:
+        connected = self.bus is not None and self.bus.connected
+        checks = [
+            Check("nats", connected, "" if connected else "not connected to NATS"),
+            Check(
+                "registry",
+                self.synced.is_set(),
+                "" if self.synced.is_set() else "the registry has not been read yet",
+            ),
+        ]
+        if self.settings.listener is not None:
+            up = self.listener is not None
+            checks.append(
+                Check(
+                    "listener",
+                    up,
+                    self.settings.listen_addr
+                    if up
+                    else f"not listening on {self.settings.listen_addr} yet",
+                )
+            )
+        return checks
+
+    def _levels(self, supervisor: Supervisor, listener: Listener | None) -> list[Metric]:
+        """The agent's levels, read when scraped (nothing counted on the command path)."""
+        out: list[Metric] = [
+            gauge(
+                "fleetgate_agent_registry_entries_watched",
+                "Registry entries the agent's watch sees (served or not)",
+                len(self.watched),
+            ),
+            gauge(
+                "fleetgate_agent_databases_served",
+                "Databases this agent serves (registry entries selected and static)",
+                len(supervisor.handles),
+            ),
+        ]
+        states = [
+            (name, getattr(h.worker, "state", None)) for name, h in supervisor.handles.items()
+        ]
+        out.append(
+            labelled_gauge(
+                "fleetgate_agent_database_healthy",
+                "1 when the database's last health checks passed, 0 when they failed "
+                "(absent while unknown)",
+                "database",
+                [
+                    (name, 1.0 if state.status == "healthy" else 0.0)
+                    for name, state in states
+                    if state is not None and state.status in ("healthy", "unhealthy")
+                ],
+            )
+        )
+        announcer = supervisor.announcer
+        if announcer is not None:
+            out += [
+                counter(
+                    "fleetgate_agent_heartbeats_written",
+                    "Heartbeats written to the registry",
+                    announcer.writes,
+                ),
+                counter(
+                    "fleetgate_agent_heartbeat_failures",
+                    "Heartbeats not written (NATS unreachable or slow)",
+                    announcer.failures,
+                ),
+            ]
+            if announcer.last_write is not None:
+                out.append(
+                    gauge(
+                        "fleetgate_agent_heartbeat_age_seconds",
+                        "Seconds since the agent last wrote a heartbeat",
+                        time.monotonic() - announcer.last_write,
+                    )
+                )
+        if self.renewer is not None:
+            renewer = self.renewer
+            if renewer.status.expires is not None:
+                out.append(
+                    gauge(
+                        "fleetgate_agent_certificate_expiry_timestamp_seconds",
+                        "When the agent's own certificate (db_service.join) expires, Unix time",
+                        renewer.status.expires.timestamp(),
+                    )
+                )
+            out += [
+                counter(
+                    "fleetgate_agent_certificate_renewals",
+                    "Renewals of the agent's own certificate that succeeded",
+                    renewer.renewals,
+                ),
+                counter(
+                    "fleetgate_agent_certificate_renewal_failures",
+                    "Renewal attempts of the agent's own certificate that failed",
+                    renewer.failures,
+                ),
+            ]
+        calls: dict[str, int] = {}
+        if self.iam is not None:
+            out.append(
+                counter(
+                    "fleetgate_agent_iam_tokens_signed",
+                    "IAM authentication tokens signed (new sessions and renewals)",
+                    self.iam.tokens_signed,
+                )
+            )
+            calls.update(self.iam.calls)
+        if self.managed is not None:
+            for op, n in self.managed.calls.items():
+                calls[op] = calls.get(op, 0) + n
+            out += [
+                labelled_counter(
+                    "fleetgate_agent_managed_cycles",
+                    "Managed-user cycles by outcome (set-up, rotated, repaired, not-due, "
+                    "held, lost, skipped)",
+                    "outcome",
+                    self.managed.rotator.outcomes.items(),
+                ),
+                counter(
+                    "fleetgate_agent_managed_failures",
+                    "Managed-user cycles or look-ups that failed",
+                    self.managed.errors,
+                ),
+            ]
+        out.append(
+            labelled_counter(
+                "fleetgate_agent_aws_calls",
+                "AWS calls of IAM logins and managed users, by operation",
+                "operation",
+                calls.items(),
+            )
+        )
+        if listener is not None:
+            audit = listener.audit
+            out += [
+                gauge(
+                    "fleetgate_agent_sessions_active",
+                    "Client sessions open now (past their handshake)",
+                    listener.established,
+                ),
+                counter(
+                    "fleetgate_agent_audit_events_published",
+                    "Audit events published to the audit stream",
+                    audit.published_total,
+                ),
+                counter(
+                    "fleetgate_agent_audit_events_dropped",
+                    "Audit events lost to a full queue (reported as audit.dropped)",
+                    audit.dropped_total,
+                ),
+                gauge(
+                    "fleetgate_agent_audit_events_held",
+                    "Audit events not published yet (queued, spooled or being retried)",
+                    audit.backlog,
+                ),
+                gauge(
+                    "fleetgate_agent_audit_events_spooled",
+                    "Of those, audit events kept in the spool on disk",
+                    audit.spool.pending_events if audit.spool is not None else 0,
+                ),
+            ]
+        return out
 
     async def _stop(self, supervisor: Supervisor, managed: ManagedUsers | None) -> None:
         """After the root tasks: end what they left behind, in order, waiting for each."""

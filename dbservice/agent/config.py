@@ -304,6 +304,9 @@ class DbService(Strict):
     join: JoinConfig | None = None
     """Join the fleet with a one-time token and renew the certificate in data_dir; the
     listener then needs no ``cert_file``/``key_file``."""
+    diag_addr: str | None = None
+    """``host:port`` of the diagnostics listener (``/metrics``, ``/healthz``, ``/readyz``;
+    docs/operations.md); off when unset. Listener process K serves on port + K."""
     offline_grace: Duration = Field(default=900.0, ge=0)
     """How long after its last contact with the fleet's JetStream the agent still opens
     new sessions, checked against the last known CA, roles and registry; then it refuses
@@ -333,6 +336,14 @@ class DbService(Strict):
     @field_validator("listen_addr")
     @classmethod
     def _listen(cls, addr: str) -> str:
+        host, port = split_host_port(addr)
+        return join_host_port(host, port)
+
+    @field_validator("diag_addr")
+    @classmethod
+    def _diag(cls, addr: str | None) -> str | None:
+        if addr is None:
+            return None
         host, port = split_host_port(addr)
         return join_host_port(host, port)
 

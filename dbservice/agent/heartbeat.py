@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -49,6 +50,8 @@ class Announcer:
         self._slots = asyncio.Semaphore(concurrency)
         self.writes = 0
         self.failures = 0
+        self.last_write: float | None = None
+        """``time.monotonic()`` of the last heartbeat written (the metrics' heartbeat age)."""
         self._failing = False
         self.cert_status: Callable[[], tuple[datetime | None, str]] | None = None
         """The agent's certificate expiry and last renewal error (agents that joined)."""
@@ -90,6 +93,7 @@ class Announcer:
                 logger.debug("heartbeat for %s not written: %s", database.name, describe(exc))
             return False
         self.writes += 1
+        self.last_write = time.monotonic()
         if self._failing:
             self._failing = False
             logger.info("heartbeats are written again (%d failed writes so far)", self.failures)

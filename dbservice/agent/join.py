@@ -360,6 +360,8 @@ class Renewer:
         self.cert = cert
         self.status = CertStatus(expires=cert.not_valid_after_utc)
         self.renewals = 0
+        self.failures = 0
+        """Renewal attempts that failed (a metric: renewal failing is loud)."""
 
     async def renew(self) -> x509.Certificate:
         """One renewal; the new certificate is in place when it returns."""
@@ -406,6 +408,7 @@ class Renewer:
             await asyncio.sleep(delay)
 
     def _failed(self, exc: BaseException, attempt: int) -> float:
+        self.failures += 1
         why = str(exc) or type(exc).__name__
         expires = self.cert.not_valid_after_utc
         left = (expires - datetime.now(UTC)).total_seconds()

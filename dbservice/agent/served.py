@@ -96,10 +96,12 @@ async def follow_registry(
     selection: Selection,
     supervisor: Supervisor,
     on_synced: Callable[[int], None] | None = None,
+    watched: set[str] | None = None,
 ) -> None:
     """Watch the registry forever: at each ``synced`` reconcile the whole set (the only
     time anything absent is removed); between, apply each change at once. Only the
-    databases this agent serves are kept, keyed by registry key."""
+    databases this agent serves are kept, keyed by registry key. ``watched``, when
+    given, is kept as the keys of every registry entry (served or not: the metrics)."""
     chosen: dict[str, DatabaseResource] = {}
     shadowed: set[str] = set()
     synced = False
@@ -108,6 +110,8 @@ async def follow_registry(
         async for event in events:
             if event.kind == "upsert" and event.value is not None:
                 seen += 1
+                if watched is not None:
+                    watched.add(event.key)
                 resource = event.value
                 if resource.name in selection.static and resource.name not in shadowed:
                     shadowed.add(resource.name)
@@ -127,6 +131,8 @@ async def follow_registry(
                 elif old is not None:
                     await supervisor.remove(old.name, "no longer matches")
             elif event.kind == "deleted":
+                if watched is not None:
+                    watched.discard(event.key)
                 old = chosen.pop(event.key, None)
                 if synced and old is not None:
                     await supervisor.remove(old.name, "deleted from the registry")

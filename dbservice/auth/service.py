@@ -100,11 +100,14 @@ from dbservice.auth.agentrights import AgentRights
 from dbservice.auth.catalog import Catalog
 from dbservice.auth.join import AwsJoin, Joins, NatsCredentials, no_nats_credentials
 from dbservice.auth.listener import ConnectionLimits, GuardedListener, RefusalLog
+from dbservice.auth.metrics import AuthMetrics
 from dbservice.auth.natsrights import DEFAULT_TTL, AgentAuthorizer, CalloutError, decode_request
 from dbservice.auth.passwords import totp_step, verify_password
+from fleetgate.addresses import join_host_port, split_host_port
 from fleetgate.aio import stop_on_signals
 from fleetgate.config import JetStreamSettings
 from fleetgate.durations import Duration, format_duration
+from fleetgate.metrics import Check, DiagServer
 from fleetgate.supervise import RootTasks
 
 logger = logging.getLogger(__name__)
@@ -270,6 +273,17 @@ class AuthConfig(Strict):
     """Logins with an AWS identity; absent: ``POST /v1/login/aws`` answers 404."""
     join: JoinSettings = JoinSettings()
     nats_callout: NatsCalloutSettings | None = None
+    diag_addr: str | None = None
+    """``host:port`` of the diagnostics listener (plain HTTP: ``/metrics``, ``/healthz``,
+    ``/readyz``; docs/operations.md); off when unset."""
+
+    @field_validator("diag_addr")
+    @classmethod
+    def _diag(cls, addr: str | None) -> str | None:
+        if addr is None:
+            return None
+        host, port = split_host_port(addr)
+        return join_host_port(host, port)
 
 
 MAX_BODY = 64 * 1024
@@ -426,8 +440,10 @@ class LoginService:
         audit: AuditEmitter,
         refusals: RefusalLog | None = None,
         nats_credentials_for: NatsCredentials = no_nats_credentials,
+        metrics: AuthMetrics | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics if metrics is not None else AuthMetrics()
         self.bus = bus
         self.ca = ca
         self.audit = audit
@@ -457,7 +473,7 @@ class LoginService:
         )
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY)
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self.metrics.middleware()])
         app.router.add_post("/v1/login", self.login)
         app.router.add_get("/v1/login/aws", self.aws_parameters)
         app.router.add_post("/v1/login/aws", self.login_aws)
@@ -936,6 +952,7 @@ async def start_service(
     ca: CertificateAuthority,
     audit: AuditEmitter,
     nats_credentials_for: NatsCredentials = no_nats_credentials,
+    metrics: AuthMetrics | None = None,
 ) -> RunningService:
     """Serve the login API on ``config.listen`` (port 0: an ephemeral port)."""
     host, port = split_listen(config.listen)
@@ -948,6 +965,7 @@ async def start_service(
         audit=audit,
         refusals=refusals,
         nats_credentials_for=nats_credentials_for,
+        metrics=metrics,
     )
     # keepalive_timeout bounds the wait for a request head (from the handshake or the
     # previous answer); an unread body is not drained (lingering_time 0): closed.
@@ -972,7 +990,48 @@ async def start_service(
 
 async def run_auth(config: AuthConfig, *, nats_url: str | NatsConnection) -> int:
     ca = CertificateAuthority.load(Path(config.ca_dir))
+    metrics = AuthMetrics()
+    state: dict[str, Any] = {}
+
+    def readiness() -> list[Check]:
+        bus, running = state.get("bus"), state.get("running")
+        connected = bus is not None and bus.connected
+        return [
+            Check("nats", connected, "" if connected else "not connected to NATS"),
+            Check(
+                "listener",
+                running is not None,
+                f"https on {config.listen}" if running is not None else "not listening yet",
+            ),
+        ]
+
+    diag = None
+    if config.diag_addr is not None:
+        diag = DiagServer(config.diag_addr, metrics.registry, readiness, process="auth service")
+        try:
+            await diag.start()
+        except OSError as exc:
+            raise AdminError(
+                f"diag_addr {config.diag_addr}: cannot listen there ({exc.strerror or exc})"
+            ) from None
+        logger.info("diagnostics on http://%s/ (metrics, healthz, readyz)", config.diag_addr)
+    try:
+        return await _run_auth(config, ca, nats_url=nats_url, metrics=metrics, state=state)
+    finally:
+        if diag is not None:
+            await diag.aclose()
+
+
+async def _run_auth(
+    config: AuthConfig,
+    ca: CertificateAuthority,
+    *,
+    nats_url: str | NatsConnection,
+    metrics: AuthMetrics,
+    state: dict[str, Any],
+) -> int:
     async with await Bus.connect(nats_url, name="fleetgate-auth") as bus:
+        state["bus"] = bus
         if config.jetstream is not None:
             bus.replication = config.jetstream.replication()
         await provision_access(bus)
@@ -991,8 +1050,10 @@ async def run_auth(config: AuthConfig, *, nats_url: str | NatsConnection) -> int
             credentials = joined_nats_login(authorizer)
         async with emitter:
             running = await start_service(
-                config, bus=bus, ca=ca, audit=emitter, nats_credentials_for=credentials
-            )
+                config, bus=bus, ca=ca, audit=emitter, nats_credentials_for=credentials,
+                metrics=metrics,
+            )  # fmt: skip
+            state["running"] = running
             logger.info(
                 "auth service on https://%s:%d (CA %s) since %s",
                 split_listen(config.listen)[0],

@@ -65,6 +65,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -94,6 +95,7 @@ from dbservice.access.spool import AuditSpool
 from dbservice.engine.cluster.session import ClusterSession
 from dbservice.engine.login import ClientCredentials, UpstreamLogin, UpstreamLoginError
 from dbservice.engine.proxy import ProxyLimits, ProxySession, ProxyTimeouts, Streams, TcpConnector
+from dbservice.engine.proxy.session import SessionStats
 from dbservice.engine.proxy.settings import CommandBuffers
 from dbservice.gateway.clusters import (
     ClusterEngines,
@@ -103,8 +105,10 @@ from dbservice.gateway.clusters import (
     cluster_mode,
 )
 from dbservice.gateway.hooks import AgentHooks
+from dbservice.gateway.metrics import AgentMetrics
 from dbservice.gateway.offline import FleetLink
 from dbservice.gateway.settings import ListenerConfig
+from dbservice.managed.login import ManagedLogin
 from dbservice.route import (
     EOF_COMMAND,
     ROUTE_OK,
@@ -116,6 +120,7 @@ from dbservice.route import (
 )
 from dbservice.upstream.auth import REAUTH_RETRY
 from dbservice.upstream.dial import TLSContexts, build_target
+from dbservice.upstream.iam_login import IamLogin
 from dbservice.upstream.tls import verify_failure
 from fleetgate.addresses import join_host_port, split_host_port
 from fleetgate.backoff import backoff_delay
@@ -156,7 +161,12 @@ Lookup = Callable[[str], DatabaseResource | None]
 
 
 class Refused(Exception):
-    """A connection is refused; the message goes to the client and the audit trail."""
+    """A connection is refused; the message goes to the client and the audit trail;
+    ``kind`` is the bounded reason counted in the metrics (:data:`REFUSAL_REASONS`)."""
+
+    def __init__(self, message: str, kind: str = "upstream") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def address_key(host: str) -> str:
@@ -412,8 +422,10 @@ class Listener:
         upstream_ca_file: Path | None = None,
         offline_grace: float = DEFAULT_OFFLINE_GRACE,
         audit_spool: AuditSpool | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.hostname = hostname
+        self.metrics = metrics if metrics is not None else AgentMetrics()
         self.listen_addr = listen_addr
         self.host_aliases: Mapping[str, str] = dict(host_aliases or {})
         self.upstream_ca_file = upstream_ca_file
@@ -628,6 +640,7 @@ class Listener:
                     database=route.database,
                     db_user=route.db_user,
                     log=False,
+                    kind="limit",
                 )
                 await _refuse(writer, reason)
                 return
@@ -652,7 +665,9 @@ class Listener:
                 expired = self.trust.own_expired()
                 if expired is not None:
                     self.limited.note("closed before TLS: the agent's own certificate expired")
-                    self._refused_start(client_addr, expired, log=False)
+                    self._refused_start(
+                        client_addr, expired, log=False, kind="own_certificate_expired"
+                    )
                     return None
                 context = self.trust.context
                 if context is None:
@@ -667,7 +682,9 @@ class Listener:
                     ssl_handshake_timeout=max(deadline - loop.time(), 0.001),
                 )
         except ssl.SSLError as exc:
-            self._refused_start(client_addr, f"TLS handshake failed: {tls_reason(exc)}")
+            self._refused_start(
+                client_addr, f"TLS handshake failed: {tls_reason(exc)}", kind="tls_handshake"
+            )
             return None
         except TimeoutError:
             self.limited.note("closed with no TLS handshake within listener.handshake_timeout")
@@ -689,7 +706,9 @@ class Listener:
             identity = identity_from_ssl(ssl_object, self.trust.verifier)
         except CertificateRejected as exc:
             reason = str(exc) if self.trust.certs else NO_CA
-            self._refused_start(client_addr, reason, user=self._claimed_user(ssl_object))
+            self._refused_start(
+                client_addr, reason, user=self._claimed_user(ssl_object), kind="certificate"
+            )
             await _refuse(writer, reason)
             return None
         try:
@@ -706,7 +725,7 @@ class Listener:
                 reason = str(exc)
             self._refused_start(
                 client_addr, reason, user=identity.user, roles=identity.roles,
-                principal=identity.aws_arn,
+                principal=identity.aws_arn, kind="route",
             )  # fmt: skip
             await _refuse(writer, reason)
             return None
@@ -722,12 +741,15 @@ class Listener:
             node = route.node
             offline = self.link.refusal()
             if offline is not None:
-                raise Refused(offline)
+                raise Refused(offline, "offline")
             if self.audit.spool is not None and self.audit.full():
-                raise Refused(self.audit.full_reason())
+                raise Refused(self.audit.full_reason(), "audit_full")
             resource = self.lookup(database)
             if resource is None:
-                raise Refused(f"agent {self.hostname} does not serve database {database!r}")
+                raise Refused(
+                    f"agent {self.hostname} does not serve database {database!r}",
+                    "unknown_database",
+                )
             roles = await self._roles(identity, min(limit, ROLES_READ))
             grant = grant_for(
                 identity,
@@ -737,7 +759,7 @@ class Listener:
                 db_user=db_user,
             )
             if not grant.allowed:
-                raise Refused(grant.decision.reason)
+                raise Refused(grant.decision.reason, "access_denied")
         except Refused as exc:
             self._refused_start(
                 client_addr,
@@ -747,6 +769,7 @@ class Listener:
                 principal=identity.aws_arn,
                 database=database,
                 db_user=db_user,
+                kind=exc.kind,
             )
             await _refuse(writer, str(exc))
             return
@@ -767,6 +790,7 @@ class Listener:
         if not by_name:
             writer.write(ROUTE_OK)
         audit.start(reason=grant.decision.reason)
+        self.metrics.sessions_opened.labels(database).inc()
         logger.debug(
             "session %s: %s to %s as %s", audit.session_id, identity.user, database, db_user
         )
@@ -799,6 +823,7 @@ class Listener:
             if reason == "stopped" and self.ended_for is not None:
                 reason = self.ended_for
             audit.end(reason=reason)
+            self._count(database, stats, hooks)
 
     async def _roles(self, identity: Identity, wait: float) -> list[Role]:
         """The roles named in the certificate: from the roles watch while it is live (no
@@ -820,7 +845,8 @@ class Listener:
         if last is None:
             raise Refused(
                 "cannot read your roles from the registry now, and this agent has not read "
-                "them since it started; try again"
+                "them since it started; try again",
+                "roles_unavailable",
             )
         return last
 
@@ -848,6 +874,8 @@ class Listener:
     ) -> tuple[Streams, bool, UpstreamLogin] | None:
         login = self.login(resource)
         up: Streams | None = None
+        began = time.monotonic()
+        failure = "other"
         try:
             try:
                 target = build_target(resource, aliases=self.host_aliases, contexts=self.contexts)
@@ -864,11 +892,13 @@ class Listener:
                     if node:
                         up, ready = await self._to_node(resource, up, login, db_user, node)
             except TimeoutError:
+                failure = "timeout"
                 raise Refused(
                     f"cannot reach {resource.name}: no answer within "
                     f"{self.config.connect_timeout:g}s"
                 ) from None
             except ssl.SSLError as exc:
+                failure = "tls"
                 tls = resource.spec.tls
                 logger.warning(
                     "%s",
@@ -882,15 +912,21 @@ class Listener:
                 )
                 raise Refused(f"cannot reach {resource.name}: TLS: {tls_reason(exc)}") from None
             except (OSError, ValueError, UpstreamLoginError) as exc:
+                failure = (
+                    login_kind(login, db_user) if isinstance(exc, UpstreamLoginError) else "connect"
+                )
                 raise Refused(f"cannot reach {resource.name}: {os_reason(exc)}") from None
         except Refused as exc:
             if up is not None:
                 up[1].transport.abort()
             self.refusals += 1
+            self.metrics.sessions_refused.labels("upstream").inc()
+            self.metrics.upstream_failures.labels(failure).inc()
             logger.info("session %s refused: %s", audit.session_id, exc)
             audit.start(success=False, reason=str(exc))
             await _refuse(writer, str(exc))
             return None
+        self.metrics.upstream_connect.observe(time.monotonic() - began)
         return up, ready, login
 
     async def _to_node(
@@ -913,6 +949,17 @@ class Listener:
         except (LinkError, TopologyError) as exc:
             raise Refused(f"cannot reach {resource.name}: {exc}") from None
 
+    def _count(self, database: str, stats: SessionStats, hooks: AgentHooks) -> None:
+        """A session's commands and bytes, once, when it ends (nothing per command)."""
+        m = self.metrics
+        refused = max(stats.refused, hooks.refused)
+        m.commands_forwarded.labels(database).inc(max(stats.commands - refused, 0))
+        if refused:
+            m.commands_refused.labels(database).inc(refused)
+        m.bytes.labels("to_db").inc(stats.bytes_from_client)
+        m.bytes.labels("to_client").inc(stats.bytes_to_client)
+        m.session_duration.observe(stats.duration or time.time() - stats.started)
+
     # -- refusals --------------------------------------------------------------------------
 
     def _refused_start(
@@ -926,8 +973,10 @@ class Listener:
         db_user: str = "",
         principal: str = "",
         log: bool = True,
+        kind: str,
     ) -> None:
         self.refusals += 1
+        self.metrics.sessions_refused.labels(kind).inc()
         if log:
             logger.info("client %s%s refused: %s", user + "@" if user else "", client_addr, reason)
         self.audit.emit(
@@ -975,6 +1024,18 @@ async def _stop_renewal(task: asyncio.Task[None], session_id: str) -> None:
         )
     if interrupted:
         raise asyncio.CancelledError
+
+
+def login_kind(login: UpstreamLogin, db_user: str) -> str:
+    """The ``kind`` of a failed upstream login as ``db_user``: ``iam``,
+    ``managed_password`` or ``other`` (the client's own credentials)."""
+    if isinstance(login, ManagedLogin):
+        if login.managed or login.service.managed(login.resource, db_user) is not None:
+            return "managed_password"
+        return login_kind(login.inner, db_user)
+    if isinstance(login, IamLogin):
+        return "iam"
+    return "other"
 
 
 async def _refuse(writer: asyncio.StreamWriter, reason: str) -> None:

@@ -56,3 +56,12 @@ def map_error(exc: Exception, what: str) -> FetchError:
     if code in THROTTLED_CODES:
         return FetchThrottled(text)
     return FetchFailed(text)
+
+
+def outcome_of(error: FetchError) -> str:
+    """The ``outcome`` label of a failed AWS call: throttled, forbidden or failed."""
+    if isinstance(error, FetchThrottled):
+        return "throttled"
+    if isinstance(error, FetchForbidden | NoCredentials):
+        return "forbidden"
+    return "failed"

@@ -42,7 +42,8 @@ class AioMemoryDB:
                 out.extend(page.get(key, []))
         except Exception as exc:
             name = "".join(part.title() for part in operation.split("_"))
-            raise map_error(exc, f"{name} in {self.region}") from exc
+            error = map_error(exc, f"{name} in {self.region}")
+            raise self._session.failed(f"memorydb:{operation}", error) from exc
         return out
 
     async def describe_clusters(self) -> list[dict[str, Any]]:
@@ -65,8 +66,9 @@ class AioMemoryDB:
 
     async def list_tags(self, arn: str) -> dict[str, str]:
         try:
-            self._session.count("memorydb:list_tags")
             reply = await self._client.list_tags(ResourceArn=arn)
         except Exception as exc:
-            raise map_error(exc, f"ListTags {arn}") from exc
+            error = map_error(exc, f"ListTags {arn}")
+            raise self._session.failed("memorydb:list_tags", error) from exc
+        self._session.count("memorydb:list_tags")
         return {t["Key"]: t.get("Value", "") for t in reply.get("TagList", [])}

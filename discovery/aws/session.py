@@ -19,7 +19,13 @@ from typing import Any
 from aiobotocore.config import AioConfig
 from aiobotocore.session import AioSession, get_session
 
-from discovery.aws.errors import NO_CREDENTIALS_HELP, NoCredentials, map_error
+from discovery.aws.errors import (
+    NO_CREDENTIALS_HELP,
+    FetchError,
+    NoCredentials,
+    map_error,
+    outcome_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +63,18 @@ class AwsSession:
         self._lock = asyncio.Lock()
         self._caller_account: str | None = None
         self.calls: dict[str, int] = {}
+        self.outcomes: dict[tuple[str, str], int] = {}
+        """(operation, outcome) -> calls; outcome: ok, throttled, forbidden, failed."""
 
-    def count(self, operation: str) -> None:
+    def count(self, operation: str, outcome: str = "ok") -> None:
         self.calls[operation] = self.calls.get(operation, 0) + 1
+        key = (operation, outcome)
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+
+    def failed(self, operation: str, error: FetchError) -> FetchError:
+        """Count a call of ``operation`` that failed with ``error``; returns it."""
+        self.count(operation, outcome_of(error))
+        return error
 
     @property
     def total_calls(self) -> int:
@@ -111,10 +126,12 @@ class AwsSession:
                 params["ExternalId"] = external_id
             try:
                 async with self.client("sts", region) as sts:
-                    self.count("sts:AssumeRole")
                     reply = await sts.assume_role(**params)
             except Exception as exc:
-                raise map_error(exc, f"AssumeRole {role_arn}") from exc
+                raise self.failed(
+                    "sts:AssumeRole", map_error(exc, f"AssumeRole {role_arn}")
+                ) from exc
+            self.count("sts:AssumeRole")
             c = reply["Credentials"]
             lifetime = c["Expiration"].timestamp() - time.time()
             fresh = Credentials(
@@ -136,9 +153,11 @@ class AwsSession:
         if self._caller_account is None:
             try:
                 async with self.client("sts", region) as sts:
-                    self.count("sts:GetCallerIdentity")
                     reply = await sts.get_caller_identity()
             except Exception as exc:
-                raise map_error(exc, "GetCallerIdentity") from exc
+                raise self.failed(
+                    "sts:GetCallerIdentity", map_error(exc, "GetCallerIdentity")
+                ) from exc
+            self.count("sts:GetCallerIdentity")
             self._caller_account = str(reply["Account"])
         return self._caller_account

@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -464,6 +465,24 @@ def test_status_shows_every_part_healthy(sandbox: Sandbox) -> None:
     assert isinstance(doc["pid"], int) and all(isinstance(p["pid"], int) for p in doc["parts"])
     assert len(doc["databases"]) == 4
     assert all(d["agents"].endswith("healthy") for d in doc["databases"]), doc["databases"]
+
+
+def test_every_process_serves_its_diagnostics(sandbox: Sandbox) -> None:
+    """sandbox status names each process's diagnostics listener; each answers /readyz
+    and /metrics (docs/operations.md)."""
+    done = sandbox.fleetgate("sandbox", "status", "--format", "json")
+    diag = {p["name"]: p["diag"] for p in json.loads(done.stdout)["parts"] if "diag" in p}
+    assert set(diag) == {"auth", "discovery", "agent-1", "agent-2"}, diag
+    prefixes = {"auth": "fleetgate_auth_", "discovery": "fleetgate_discovery_"}
+    for name, url in diag.items():
+        with urllib.request.urlopen(url + "readyz", timeout=10) as resp:
+            assert resp.status == 200 and "ready" in resp.read().decode()
+        with urllib.request.urlopen(url + "metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        assert prefixes.get(name, "fleetgate_agent_") in text, name
+        assert "fleetgate_event_loop_lag_seconds" in text
+    table = sandbox.fleetgate("sandbox", "status").stdout
+    assert "DIAGNOSTICS" in table and diag["agent-1"] + "metrics" in table
 
 
 def test_ctrl_c_on_a_foreground_up_stops_everything(tmp_path: Path) -> None:

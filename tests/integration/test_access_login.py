@@ -175,6 +175,11 @@ async def test_failed_logins_are_rate_limited_per_user_and_audited(env: AuthEnv)
         ("alice", False, "rate limited"),
         ("carol", True, ""),
     ]
+    registry = env.service.service.metrics.registry
+    for outcome, count in (("denied", 4), ("rate_limited", 1), ("ok", 1)):
+        labels = {"endpoint": "password", "outcome": outcome}
+        assert registry.get_sample_value("fleetgate_auth_logins_total", labels) == count
+    assert registry.get_sample_value("fleetgate_auth_rate_limited_requests_total") == 1
 
 
 async def test_failed_logins_are_rate_limited_per_address(env: AuthEnv) -> None:

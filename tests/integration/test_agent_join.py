@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
 
 from bus import Bus, joins, subjects
 from bus.audit import Login, read_events
@@ -254,6 +255,8 @@ async def test_a_removed_agent_or_token_cannot_renew(
 ) -> None:
     token = await add_token(fleet.bus)
     config = joining_agent(fleet, auth, token, valkey)
+    diag = free_port()
+    config["db_service"]["diag_addr"] = f"127.0.0.1:{diag}"
     async with running_agent(config, fleet.nats_url) as agent:
         renewer = agent.renewer
         assert renewer is not None and agent.identity is not None
@@ -271,6 +274,20 @@ async def test_a_removed_agent_or_token_cannot_renew(
             return bool(servers) and "was removed" in servers[0].cert_error
 
         await wait_until(heartbeat_says, 10, "the renewal error in the heartbeat")
+        # ... and its metrics (fleetgate_agent_certificate_*)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{diag}/metrics") as resp,
+        ):
+            scraped = {
+                s.name: s.value
+                for family in text_string_to_metric_families(await resp.text())
+                for s in family.samples
+            }
+        assert scraped["fleetgate_agent_certificate_renewal_failures_total"] >= 1
+        assert renewer.status.expires is not None
+        expires = renewer.status.expires.timestamp()
+        assert scraped["fleetgate_agent_certificate_expiry_timestamp_seconds"] == expires
     # the same for the token it joined with
     token = await add_token(fleet.bus)
     config = joining_agent(fleet, auth, token, valkey, name="agent-2")

@@ -131,6 +131,12 @@ async def test_person_reaches_memorydb_as_an_iam_user(
             session.close()
         assert "memorydb:Connect" in info.value.reason
         assert f"arn:aws:memorydb:{REGION}:{ACCOUNT}:user/alice" in info.value.reason
+        # counted by kind (docs/operations.md)
+        metrics = agent.metrics.registry
+        failures = "fleetgate_agent_upstream_failures_total"
+        assert metrics.get_sample_value(failures, {"kind": "iam"}) == 1
+        assert metrics.get_sample_value(failures, {"kind": "connect"}) == 0
+        assert metrics.get_sample_value("fleetgate_agent_iam_tokens_signed_total") == 1
 
 
 @pytest.mark.parametrize("endpoint", ["cluster", "node"])
