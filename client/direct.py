@@ -36,6 +36,8 @@ from dbservice.route import RouteError, route_from_server_name
 from fleetgate import aio
 
 ENV_PREFIX = "FLEETGATE_DB_"
+MAX_LABEL = 63
+"""Longest DNS label: longer names are refused by some TLS clients (Python's ``ssl``)."""
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,12 @@ def server_name(database: str, db_user: str) -> str:
         route = route_from_server_name(name)
     except RouteError:
         route = None
-    if route is None or route.db_user != db_user or route.database != database:
+    fits = max(len(database), len(db_user)) <= MAX_LABEL
+    if not fits or route is None or route.db_user != db_user or route.database != database:
         raise ConnectError(
             f"database {database!r} as db user {db_user!r} cannot be named in a TLS server "
-            "name (letters, digits and '-' only): use fleetgate db connect"
+            f"name (letters, digits and '-' only, at most {MAX_LABEL} each): use "
+            "fleetgate db connect"
         )
     return name
 

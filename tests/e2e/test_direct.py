@@ -130,3 +130,5 @@ async def test_clear_errors(w: World, agent_port: int) -> None:
     assert odd.returncode == 1
     assert "cannot be named in a TLS server name" in odd.stderr
     assert "use fleetgate db connect" in odd.stderr
+    long = await w.fleetgate("db", "env", "x" * 64, "--db-user", "app")
+    assert long.returncode == 1 and "at most 63 each" in long.stderr
