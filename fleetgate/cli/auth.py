@@ -116,6 +116,15 @@ def register(sub: Any, common: Common) -> None:
     st.add_argument("--format", default="text", choices=["text", "json"])
     common(st)
     st.set_defaults(handler=_status)
+    out = sub.add_parser(
+        "logout",
+        help="log out: remove your certificate, key and every database's kept state",
+        description="Remove the login's certificate, key, fleet CA copy, profile and every "
+        "database's kept state under FLEETGATE_HOME, and say what was removed. The pinned "
+        "CA of the auth service stays (it is trust, not a credential). Safe to repeat.",
+    )
+    common(out)
+    out.set_defaults(handler=_logout, name=None)
 
 
 def register_logout(actions: Any, common: Common) -> None:

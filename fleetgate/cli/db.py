@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from bus import Bus, DatabaseResource, RegistryError, parse_label_filter
 from bus.labels import matches
 from bus.settings import NatsConnection, resolve_nats
-from client import connect, people
+from client import connect, direct, people
 from fleetgate import aio
 from fleetgate.cli import auth as auth_cli
 from fleetgate.cli import servers as servers_cli
@@ -44,6 +44,7 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
     auth_cli.register_logout(actions, common)
     servers_cli.register(actions, common)
     connect.register(actions, common)
+    direct.register(actions, common)
 
 
 def _ls(args: argparse.Namespace) -> int:

@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fleetgate",
         description="Safe, audited access to fleets of MemoryDB and Valkey/Redis databases.",
     )
+    from client import doctor as doctor_cli
     from fleetgate import __version__
 
     parser.add_argument("--version", action="version", version=f"fleetgate {__version__}")
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     managed_cli.register(sub, _common)
     jetstream_cli.register(sub, _common)
     joins_cli.register(sub, _common)
+    doctor_cli.register(sub, _common)
     return parser
 
 

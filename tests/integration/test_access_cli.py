@@ -246,3 +246,27 @@ def test_sample_configs_load() -> None:
     load_model(AuthConfig, read_yaml(root / "auth.yaml"), "auth.yaml")
     for path in (root / "roles").glob("*.yaml"):
         assert parse_role(read_yaml(path), str(path)).allow.db_labels
+
+
+def test_logout_all(
+    cli: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``fleetgate logout`` removes the identity, the profile and every database's state,
+    names each, keeps the pinned auth CA, and is safe to repeat."""
+    home = tmp_path / "home"
+    (home / "identity").mkdir(parents=True)
+    for name in ("cert.pem", "key.pem", "ca.pem"):
+        (home / "identity" / name).write_text("x")
+    (home / "db" / "orders").mkdir(parents=True)
+    (home / "profile.json").write_text("{}")
+    (home / "auth-ca.pem").write_text("pinned")
+    code, out, _ = run(capsys, "logout")
+    assert code == 0
+    assert sorted(out.splitlines()) == sorted(
+        f"removed {home / part}" for part in ("identity", "db", "profile.json")
+    )
+    assert sorted(p.name for p in home.iterdir()) == ["auth-ca.pem"]
+    assert run(capsys, "logout") == (0, "nothing to remove\n", "")
+    with pytest.raises(SystemExit):
+        main(["logout", "--help"])
+    assert "pinned CA of the auth service stays" in " ".join(capsys.readouterr().out.split())
