@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fleetgate.cli import agent as agent_cli
     from fleetgate.cli import audit as audit_cli
     from fleetgate.cli import auth as auth_cli
+    from fleetgate.cli import completion as completion_cli
     from fleetgate.cli import configure as configure_cli
     from fleetgate.cli import db as db_cli
     from fleetgate.cli import discovery as discovery_cli
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     managed_cli.register(sub, _common)
     jetstream_cli.register(sub, _common)
     joins_cli.register(sub, _common)
+    completion_cli.register(sub, _common, parser)
     return parser
 
 
