@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -37,6 +37,9 @@ from fleetgate.cli.errors import UsageError
 from fleetgate.cli.tables import print_table
 from fleetgate.config import ConfigError, load_model, read_yaml
 from fleetgate.durations import format_duration, parse_duration
+
+if TYPE_CHECKING:
+    from client.login import LoginResult
 
 T = TypeVar("T")
 Common = Callable[[argparse.ArgumentParser], None]
@@ -110,10 +113,23 @@ def register(sub: Any, common: Common) -> None:
     login.add_argument("--ttl", type=_duration, help="ask for a shorter certificate, e.g. 1h")
     login.add_argument("--ca-file", help="CA certificate of the auth service (ca.crt)")
     login.add_argument("--ca-fingerprint", help="SHA256:... of that CA, as auth init printed")
+    login.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one object with user, kind, roles, db_users, aws_arn, expires, serial, "
+        "auth and ttl (seconds) (default text: one line)",
+    )
     common(login)
     login.set_defaults(handler=_login)
     st = sub.add_parser("status", help="who you are logged in as, your roles, expiry")
-    st.add_argument("--format", default="text", choices=["text", "json"])
+    st.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one object with user, kind, roles, db_users, aws_arn, expires, serial, "
+        "auth and expired (default text: one field a line)",
+    )
     common(st)
     st.set_defaults(handler=_status)
 
@@ -520,6 +536,8 @@ def _login(args: argparse.Namespace) -> int:
         )
     )
     identity = result.identity
+    if args.format == "json":
+        return _print_login_json(result, args.auth)
     print(
         f"logged in as {identity.user} (roles: {', '.join(identity.roles) or 'none'}) "
         f"until {identity.expires:%Y-%m-%d %H:%M:%SZ}"
@@ -544,11 +562,25 @@ def _login_aws(args: argparse.Namespace) -> int:
         )
     )
     identity = result.identity
+    if args.format == "json":
+        return _print_login_json(result, args.auth)
     print(
         f"logged in as {identity.user} with AWS identity {identity.aws_arn} "
         f"(roles: {', '.join(identity.roles) or 'none'}) "
         f"until {identity.expires:%Y-%m-%d %H:%M:%SZ}"
     )
+    return 0
+
+
+def _print_login_json(result: LoginResult, address: str) -> int:
+    """The identity just stored, as ``status --format json`` shows it, with the
+    certificate's lifetime; ``auth`` is the service as the stored login names it."""
+    from client.login import status
+
+    st = status(result.home)
+    auth = st.auth if st is not None and st.auth else address
+    doc = result.identity.model_dump(mode="json") | {"auth": auth, "ttl": result.ttl}
+    print(json.dumps(doc, indent=2))
     return 0
 
 
