@@ -742,7 +742,7 @@ def register(actions: Any, common: Callable[[argparse.ArgumentParser], None]) ->
         "--format",
         default="text",
         choices=["text", "json"],
-        help="with --no-exec, the ready line: json is one object on one line with host, "
+        help="with --no-exec, the ready line; json: one object on one line with host, "
         "port, database, db_user, node and command (default text: a sentence)",
     )
     parser.add_argument(

@@ -45,6 +45,7 @@ T = TypeVar("T")
 Common = Callable[[argparse.ArgumentParser], None]
 
 DEFAULT_CA_DIR = "/var/lib/fleetgate/ca"
+LIST_JSON = "json: a list of objects, one per row (default text: a table)"
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -257,7 +258,7 @@ def _register_users(sub: Any, common: Common) -> None:
     add.add_argument("--totp", action="store_true", help="require a one-time code at login")
     add.add_argument("--replace", action="store_true", help="replace an existing user")
     ls = actions.add_parser("ls", help="list users")
-    ls.add_argument("--format", default="text", choices=["text", "json"])
+    ls.add_argument("--format", default="text", choices=["text", "json"], help=LIST_JSON)
     rm = actions.add_parser("rm", help="remove a user")
     rm.add_argument("name")
     add_aws = actions.add_parser(
@@ -277,7 +278,7 @@ def _register_users(sub: Any, common: Common) -> None:
     add_aws.add_argument("--ttl", type=_duration, help="longest certificate (roles cap it too)")
     add_aws.add_argument("--replace", action="store_true", help="replace an existing rule")
     ls_aws = actions.add_parser("ls-aws", help="list the AWS identity rules")
-    ls_aws.add_argument("--format", default="text", choices=["text", "json"])
+    ls_aws.add_argument("--format", default="text", choices=["text", "json"], help=LIST_JSON)
     rm_aws = actions.add_parser("rm-aws", help="remove an AWS identity rule")
     rm_aws.add_argument("name")
     for parser, handler in (
@@ -434,7 +435,13 @@ def _register_roles(sub: Any, common: Common) -> None:
     create.add_argument("-f", "--file", required=True, help="role YAML (kind: role)")
     create.add_argument("--replace", action="store_true", help="replace an existing role")
     ls = actions.add_parser("ls", help="list roles")
-    ls.add_argument("--format", default="text", choices=["text", "json", "yaml"])
+    ls.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json", "yaml"],
+        help="json: a list of role objects; yaml: documents role create takes (default text: "
+        "a table)",
+    )
     rm = actions.add_parser("rm", help="remove a role")
     rm.add_argument("name")
     for parser, handler in ((create, _roles_create), (ls, _roles_ls), (rm, _roles_rm)):

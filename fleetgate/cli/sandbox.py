@@ -76,7 +76,12 @@ def register(sub: Any, common: Common) -> None:
         "progress goes to standard error (default text: progress and a summary)",
     )
     status = actions.add_parser("status", help="each part, its pid, address and health")
-    status.add_argument("--format", default="text", choices=["text", "json"])
+    status.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one object with the state, each part and database (default text: a table)",
+    )
     down = actions.add_parser("down", help="stop everything the sandbox started")
     env = actions.add_parser("env", help='print the exports for a shell: eval "$(... env)"')
     handlers = ((up, _up), (status, _status), (down, _down), (env, _env))

@@ -160,6 +160,7 @@ def _env(home: Path) -> dict[str, str]:
     env["FLEETGATE_HOME"] = str(home)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(ROOT)  # the `fleetgate` script imports this checkout
+    env["COLUMNS"] = "100"  # db ls fits the terminal: the README shows 100 columns
     return env
 
 
