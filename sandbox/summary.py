@@ -3,10 +3,11 @@ the next commands to type."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 from sandbox.fleet import count_of
-from sandbox.state import default_dir
+from sandbox.state import ENV_FILE, default_dir
 
 if TYPE_CHECKING:
     from sandbox.fleet import Sandbox
@@ -69,3 +70,42 @@ def summary(sandbox: Sandbox, *, foreground: bool) -> str:
         f"  fleetgate sandbox down{dir_flag}" + ("    # or Ctrl-C here" if foreground else ""),
     ]
     return "\n".join(lines)
+
+
+def summary_doc(sandbox: Sandbox) -> dict[str, Any]:
+    """:func:`summary` as one JSON object (``sandbox up --format json``): where each part
+    answers, the databases, the login to use and the state directory."""
+    st = sandbox.state
+    d = sandbox.dir
+    parts = {p.name: p for p in st.parts}
+    auth = parts["auth"].address
+    return {
+        "state": st.state,
+        "ready_seconds": st.ready_seconds,
+        "dir": str(d),
+        "env_file": str(d / ENV_FILE),
+        "regions": list(sandbox.regions),
+        "parts": [
+            {"name": p.name, "pid": p.pid, "address": p.address, "diag": p.diag or None}
+            for p in st.parts
+        ],
+        "nats_servers": [asdict(n) for n in st.nats_servers],
+        "auth": {
+            "address": auth,
+            "ca_file": str(d / "ca" / "ca.crt"),
+            "ca_fingerprint": sandbox.ca_fingerprint,
+        },
+        "agents": [
+            {
+                "name": agent,
+                "region": region,
+                "address": parts[agent].address,
+                "databases": [db.name for db in st.databases if db.agent == agent],
+            }
+            for agent, region in sandbox.agents.items()
+        ],
+        "databases": [asdict(db) for db in st.databases],
+        "user": {"name": "alice", "role": "dev-access", "password_file": str(d / "alice.password")},
+        "login": f"fleetgate login --auth {auth.removeprefix('https://')} --user alice "
+        f"--ca-file {d}/ca/ca.crt",
+    }

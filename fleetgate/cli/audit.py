@@ -42,7 +42,12 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
         parser.add_argument(
             "--type", help=f"event type or prefix: {', '.join(EVENT_TYPES)}, db.session"
         )
-        parser.add_argument("--format", default="text", choices=["text", "json"])
+        parser.add_argument(
+            "--format",
+            default="text",
+            choices=["text", "json"],
+            help="json: one audit event a line, as a JSON object (default text: a line each)",
+        )
         parser.add_argument("--nats", help=NATS_HELP)
         common(parser)
     tail.set_defaults(handler=_tail)

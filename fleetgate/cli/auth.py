@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -38,10 +38,14 @@ from fleetgate.cli.tables import print_table
 from fleetgate.config import ConfigError, load_model, read_yaml
 from fleetgate.durations import format_duration, parse_duration
 
+if TYPE_CHECKING:
+    from client.login import LoginResult
+
 T = TypeVar("T")
 Common = Callable[[argparse.ArgumentParser], None]
 
 DEFAULT_CA_DIR = "/var/lib/fleetgate/ca"
+LIST_JSON = "json: a list of objects, one per row (default text: a table)"
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -110,10 +114,23 @@ def register(sub: Any, common: Common) -> None:
     login.add_argument("--ttl", type=_duration, help="ask for a shorter certificate, e.g. 1h")
     login.add_argument("--ca-file", help="CA certificate of the auth service (ca.crt)")
     login.add_argument("--ca-fingerprint", help="SHA256:... of that CA, as auth init printed")
+    login.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one object with user, kind, roles, db_users, aws_arn, expires, serial, "
+        "auth and ttl (seconds) (default text: one line)",
+    )
     common(login)
     login.set_defaults(handler=_login)
     st = sub.add_parser("status", help="who you are logged in as, your roles, expiry")
-    st.add_argument("--format", default="text", choices=["text", "json"])
+    st.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one object with user, kind, roles, db_users, aws_arn, expires, serial, "
+        "auth and expired (default text: one field a line)",
+    )
     common(st)
     st.set_defaults(handler=_status)
     out = sub.add_parser(
@@ -250,7 +267,7 @@ def _register_users(sub: Any, common: Common) -> None:
     add.add_argument("--totp", action="store_true", help="require a one-time code at login")
     add.add_argument("--replace", action="store_true", help="replace an existing user")
     ls = actions.add_parser("ls", help="list users")
-    ls.add_argument("--format", default="text", choices=["text", "json"])
+    ls.add_argument("--format", default="text", choices=["text", "json"], help=LIST_JSON)
     rm = actions.add_parser("rm", help="remove a user")
     rm.add_argument("name")
     add_aws = actions.add_parser(
@@ -270,7 +287,7 @@ def _register_users(sub: Any, common: Common) -> None:
     add_aws.add_argument("--ttl", type=_duration, help="longest certificate (roles cap it too)")
     add_aws.add_argument("--replace", action="store_true", help="replace an existing rule")
     ls_aws = actions.add_parser("ls-aws", help="list the AWS identity rules")
-    ls_aws.add_argument("--format", default="text", choices=["text", "json"])
+    ls_aws.add_argument("--format", default="text", choices=["text", "json"], help=LIST_JSON)
     rm_aws = actions.add_parser("rm-aws", help="remove an AWS identity rule")
     rm_aws.add_argument("name")
     for parser, handler in (
@@ -427,7 +444,13 @@ def _register_roles(sub: Any, common: Common) -> None:
     create.add_argument("-f", "--file", required=True, help="role YAML (kind: role)")
     create.add_argument("--replace", action="store_true", help="replace an existing role")
     ls = actions.add_parser("ls", help="list roles")
-    ls.add_argument("--format", default="text", choices=["text", "json", "yaml"])
+    ls.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json", "yaml"],
+        help="json: a list of role objects; yaml: documents role create takes (default text: "
+        "a table)",
+    )
     rm = actions.add_parser("rm", help="remove a role")
     rm.add_argument("name")
     for parser, handler in ((create, _roles_create), (ls, _roles_ls), (rm, _roles_rm)):
@@ -529,6 +552,8 @@ def _login(args: argparse.Namespace) -> int:
         )
     )
     identity = result.identity
+    if args.format == "json":
+        return _print_login_json(result, args.auth)
     print(
         f"logged in as {identity.user} (roles: {', '.join(identity.roles) or 'none'}) "
         f"until {identity.expires:%Y-%m-%d %H:%M:%SZ}"
@@ -553,11 +578,25 @@ def _login_aws(args: argparse.Namespace) -> int:
         )
     )
     identity = result.identity
+    if args.format == "json":
+        return _print_login_json(result, args.auth)
     print(
         f"logged in as {identity.user} with AWS identity {identity.aws_arn} "
         f"(roles: {', '.join(identity.roles) or 'none'}) "
         f"until {identity.expires:%Y-%m-%d %H:%M:%SZ}"
     )
+    return 0
+
+
+def _print_login_json(result: LoginResult, address: str) -> int:
+    """The identity just stored, as ``status --format json`` shows it, with the
+    certificate's lifetime; ``auth`` is the service as the stored login names it."""
+    from client.login import status
+
+    st = status(result.home)
+    auth = st.auth if st is not None and st.auth else address
+    doc = result.identity.model_dump(mode="json") | {"auth": auth, "ttl": result.ttl}
+    print(json.dumps(doc, indent=2))
     return 0
 
 

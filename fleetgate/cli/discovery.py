@@ -36,7 +36,12 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
     status = actions.add_parser(
         "status", help="each fetcher's last poll and the replica that polls it"
     )
-    status.add_argument("--format", default="text", choices=["text", "json"])
+    status.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json"],
+        help="json: a list of objects, one per fetcher (default text: a table)",
+    )
     status.add_argument("--nats", help=NATS_HELP)
     common(status)
     status.set_defaults(handler=_status)

@@ -22,6 +22,8 @@ from fleetgate.durations import format_duration, parse_duration
 Common = Callable[[argparse.ArgumentParser], None]
 MAX_TOKEN_TTL = 7 * 86400.0
 
+LIST_JSON = "json: a list of objects, one per row (default text: a table)"
+
 
 def _ttl(text: str) -> float:
     try:
@@ -79,7 +81,7 @@ def register(sub: Any, common: Common) -> None:
     )
     add.add_argument("--labels", type=_labels, default={}, help="k=v,... given to the agent")
     ls = actions.add_parser("ls", help="list join tokens (never their secrets)")
-    ls.add_argument("--format", default="text", choices=["text", "json"])
+    ls.add_argument("--format", default="text", choices=["text", "json"], help=LIST_JSON)
     rm = actions.add_parser(
         "rm", help="remove a token (agents that joined with it can no longer renew)"
     )
@@ -91,7 +93,7 @@ def register(sub: Any, common: Common) -> None:
     agents = sub.add_parser("agents", help="agents that joined the fleet (admins)")
     actions = agents.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = actions.add_parser("ls", help="list joined agents")
-    ls.add_argument("--format", default="text", choices=["text", "json"])
+    ls.add_argument("--format", default="text", choices=["text", "json"], help=LIST_JSON)
     rm = actions.add_parser("rm", help="revoke an agent: it can no longer renew")
     rm.add_argument("host_id")
     for parser, handler in ((ls, _agents_ls), (rm, _agents_rm)):

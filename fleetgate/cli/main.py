@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fleetgate.cli import agent as agent_cli
     from fleetgate.cli import audit as audit_cli
     from fleetgate.cli import auth as auth_cli
+    from fleetgate.cli import completion as completion_cli
     from fleetgate.cli import configure as configure_cli
     from fleetgate.cli import db as db_cli
     from fleetgate.cli import discovery as discovery_cli
@@ -61,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     jetstream_cli.register(sub, _common)
     joins_cli.register(sub, _common)
     doctor_cli.register(sub, _common)
+    completion_cli.register(sub, _common, parser)
     return parser
 
 

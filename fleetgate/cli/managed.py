@@ -26,7 +26,12 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
     group = sub.add_parser("managed", help="managed MemoryDB users (rotated passwords)")
     actions = group.add_subparsers(dest="action", metavar="ACTION", required=True)
     ls = actions.add_parser("ls", help="managed users, their state and last rotation")
-    ls.add_argument("--format", default="text", choices=["text", "json"])
+    ls.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json"],
+        help="json: a list of objects, one per row (default text: a table)",
+    )
     cleanup = actions.add_parser(
         "cleanup",
         help="delete the secrets of managed users no agent serves any more",

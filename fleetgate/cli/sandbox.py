@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shlex
@@ -14,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from fleetgate import aio
 from fleetgate.cli.errors import UsageError
@@ -66,8 +67,21 @@ def register(sub: Any, common: Common) -> None:
                     help="run in the background; return once it is ready")  # fmt: skip
     up.add_argument("--nats-port", type=_port, help="NATS client port (default: a free one)")
     up.add_argument("--auth-port", type=_port, help="auth service port (default: a free one)")
+    up.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json"],
+        help="json: once ready, the summary as one JSON object on one line (state, dir, "
+        "env_file, regions, parts, nats_servers, auth, agents, databases, user, login); "
+        "progress goes to standard error (default text: progress and a summary)",
+    )
     status = actions.add_parser("status", help="each part, its pid, address and health")
-    status.add_argument("--format", default="text", choices=["text", "json"])
+    status.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one object with the state, each part and database (default text: a table)",
+    )
     down = actions.add_parser("down", help="stop everything the sandbox started")
     env = actions.add_parser("env", help='print the exports for a shell: eval "$(... env)"')
     handlers = ((up, _up), (status, _status), (down, _down), (env, _env))
@@ -111,7 +125,7 @@ def _up(args: argparse.Namespace) -> int:
     directory = resolve_dir(args.dir)
     if is_locked(directory):
         raise SandboxError(already_running(directory))
-    _clean_up_after_a_killed_sandbox(directory)
+    _clean_up_after_a_killed_sandbox(directory, sys.stderr if args.format == "json" else sys.stdout)
     # Only the person running it may read what the sandbox and its processes write
     # (logs, configs, stores, the CA key, passwords).
     os.umask(PRIVATE_UMASK)
@@ -131,24 +145,24 @@ def _up(args: argparse.Namespace) -> int:
         regions=args.regions,
     )
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    return aio.run(_supervise(options, foreground=sys.stdout.isatty()))
+    return aio.run(_supervise(options, foreground=sys.stdout.isatty(), output=args.format))
 
 
-def _clean_up_after_a_killed_sandbox(directory: Path) -> None:
+def _clean_up_after_a_killed_sandbox(directory: Path, out: IO[str]) -> None:
     """Processes a killed supervisor left behind would hold ports and the old store."""
     from sandbox.health import stop_leftovers
 
     state = _load_quietly(directory)
     if state is not None:
         for note in stop_leftovers(directory, state):
-            print(f"note: {note}", flush=True)
+            print(f"note: {note}", file=out, flush=True)
 
 
-async def _supervise(options: Any, *, foreground: bool) -> int:
+async def _supervise(options: Any, *, foreground: bool, output: str = "text") -> int:
     from sandbox.fleet import Progress, Sandbox
-    from sandbox.summary import summary
+    from sandbox.summary import summary, summary_doc
 
-    progress = Progress(sys.stdout)
+    progress = Progress(sys.stderr if output == "json" else sys.stdout)
     with held_lock(options.dir):
         sandbox = Sandbox(options, progress)
         stop = asyncio.Event()
@@ -168,7 +182,10 @@ async def _supervise(options: Any, *, foreground: bool) -> int:
                 code = 130
             else:
                 starting.result()
-                print(summary(sandbox, foreground=foreground), flush=True)
+                if output == "json":
+                    print(json.dumps(summary_doc(sandbox)), flush=True)
+                else:
+                    print(summary(sandbox, foreground=foreground), flush=True)
                 while not stop.is_set():
                     for note in sandbox.child_exits():
                         progress.line("sandbox", f"warning: {note}")
@@ -179,7 +196,8 @@ async def _supervise(options: Any, *, foreground: bool) -> int:
             sandbox.state.error = str(exc)
             sandbox.state.save()
             print(f"fleetgate: error: {exc}", file=sys.stderr, flush=True)
-            print(f"fleetgate: error: {exc}", flush=True)
+            if output != "json":  # standard output holds JSON or nothing
+                print(f"fleetgate: error: {exc}", flush=True)
             code = 1
         finally:
             stopped.cancel()
@@ -212,6 +230,7 @@ def _detach(args: argparse.Namespace, directory: Path) -> int:
     for flag, value in flags:
         if value:
             argv += [flag, str(value)]
+    argv += ["--format", args.format]
     with out_path.open("wb") as out, log_path.open("ab") as err:
         log_start = err.tell()
         proc = subprocess.Popen(
@@ -233,7 +252,8 @@ def _detach(args: argparse.Namespace, directory: Path) -> int:
             shown = len(complete)
         state = _load_quietly(directory)
         ready = state is not None and state.pid == proc.pid and state.state == "ready"
-        if ready and ("\nnext" in complete or proc.poll() is not None):
+        summarised = "\nnext" in complete or complete.startswith("{")  # text or JSON
+        if ready and (summarised or proc.poll() is not None):
             return 0
         if proc.poll() is not None:
             _show_failure(complete, log_path, log_start)

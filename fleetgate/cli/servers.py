@@ -27,7 +27,12 @@ from fleetgate.cli.tables import print_table
 def register(actions: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
     servers = actions.add_parser("servers", help="list the agents serving a database")
     servers.add_argument("name", metavar="NAME", help="database name (as in 'fleetgate db ls')")
-    servers.add_argument("--format", default="text", choices=["text", "json"])
+    servers.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json"],
+        help="json: a list of objects, one per agent and database (default text: a table)",
+    )
     servers.add_argument(
         "--nats",
         help="read NATS at this URL (operators), even when logged in "

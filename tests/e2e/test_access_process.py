@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -77,6 +78,18 @@ def test_auth_run_login_status(nats_server: NatsServer, tmp_path: Path) -> None:
         status = fleetgate(env, "status")
         assert status.returncode == 0 and "roles:     dev" in status.stdout
         assert f"https://127.0.0.1:{port}" in status.stdout
+        again = fleetgate(env, "login", "--auth", auth, "--user", "alice", "--password-stdin",
+                          "--ca-file", ca_file, "--format", "json",
+                          stdin="a long password\n")  # fmt: skip
+        assert again.returncode == 0, again.stderr
+        logged = json.loads(again.stdout)
+        assert logged["user"] == "alice" and logged["roles"] == ["dev"]
+        assert logged["auth"] == f"https://127.0.0.1:{port}" and logged["ttl"] > 0
+        st_json = fleetgate(env, "status", "--format", "json")
+        assert st_json.returncode == 0, st_json.stderr
+        assert json.loads(st_json.stdout) == {k: v for k, v in logged.items() if k != "ttl"} | {
+            "expired": False
+        }
         assert fleetgate(env, "db", "logout").returncode == 0
         assert fleetgate(env, "status").returncode == 1
     finally:

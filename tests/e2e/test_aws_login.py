@@ -124,6 +124,13 @@ async def test_a_ci_job_logs_in_with_its_role_and_connects(w: World, valkey: Val
 
     [event] = [e for e in await logins(w) if e.method == "aws"]
     assert (event.user, event.principal, event.success) == ("ci-bot", arn, True)
+    again = await login_aws(w, assume("ci-deploy"), "--format", "json")
+    assert again.returncode == 0, again.stderr
+    logged = json.loads(again.stdout)
+    assert {k: logged[k] for k in ("user", "kind", "roles", "aws_arn")} == {
+        k: doc[k] for k in ("user", "kind", "roles", "aws_arn")
+    }
+    assert 0 < logged["ttl"] <= 1800 and logged["auth"] == doc["auth"]
 
     agent = await StandInAgent(w.bus, w.ca, w.tmp / "agent-1", DATABASES, valkey.port).start()
     try:

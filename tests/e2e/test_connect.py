@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import socket
 import ssl
 import tracemalloc
@@ -153,6 +154,36 @@ async def test_connect_set_get_and_valkey_cli(w: World, agent: StandInAgent) -> 
     finally:
         assert await tunnel.stop() == 0
     assert ("alice", "dev-cache", "app") in agent.routes
+
+
+async def test_no_exec_ready_line_as_json_names_a_working_port_and_command(
+    w: World, agent: StandInAgent
+) -> None:
+    tunnel = await Tunnel.start(w, "dev-cache", "app", "--format", "json")
+    try:
+        ready = tunnel.ready
+        assert set(ready) == {"host", "port", "database", "db_user", "node", "command"}
+        assert (ready["host"], ready["database"], ready["db_user"], ready["node"]) == (
+            "127.0.0.1",
+            "dev-cache",
+            "app",
+            None,
+        )
+        assert ready["command"].endswith(f" -p {tunnel.port}")
+        cli = await asyncio.create_subprocess_exec(
+            *shlex.split(ready["command"]), "PING",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(cli.communicate(), 10)
+        assert (cli.returncode, out) == (0, b"PONG\n"), err
+    finally:
+        assert await tunnel.stop() == 0
+
+
+async def test_json_ready_line_needs_no_exec(w: World) -> None:
+    done = await w.fleetgate("db", "connect", "dev-cache", "--db-user", "app", "--format", "json")
+    assert done.returncode == 2 and done.stdout == ""
+    assert "--format json formats the ready line of --no-exec" in done.stderr
 
 
 async def test_connect_runs_valkey_cli_and_returns_its_exit_code(

@@ -237,7 +237,11 @@ discovery_service:
 
 
 def test_cli_once_then_db_ls(
-    aws: MotoServer, nats_server: NatsServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    aws: MotoServer,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seed.cluster("us-east-1", "orders", tags={"env": "prod", "team": "pay"})
     seed.cluster("us-east-1", "carts", tags={"env": "staging", "team": "shop"})
@@ -255,7 +259,7 @@ def test_cli_once_then_db_ls(
     assert listed[0]["labels"]["team"] == "pay"
     assert listed[0]["aws"]["memorydb"]["cluster_name"] == "orders"
 
-    assert main(["db", "ls", "--nats", nats_server.url]) == 0
+    assert main(["db", "ls", "--nats", nats_server.url, "--wide"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["NAME", "DESCRIPTION", "HEALTH", "LABELS"]
     import re
@@ -264,6 +268,15 @@ def test_cli_once_then_db_ls(
     assert cells[:2] == [f"carts-memorydb-us-east-1-{ACCOUNT}", "MemoryDB cluster in us-east-1"]
     assert cells[2] == "0/0"  # no agent serves it
     assert "env=staging" in cells[3] and "fleetgate.dev/" not in lines[1]
+    assert cells[3].startswith("env=staging, team=shop, region=us-east-1, engine=")  # env first
+    assert f"account-id={ACCOUNT}" in cells[3] and "vpc-id=vpc-" in cells[3]  # --wide: all
+
+    monkeypatch.setenv("COLUMNS", "100")  # without --wide: fits the terminal
+    assert main(["db", "ls", "--nats", nats_server.url]) == 0
+    narrow = capsys.readouterr().out.splitlines()
+    assert len(narrow) == len(lines) and max(map(len, narrow)) <= 100
+    assert narrow[1].startswith(f"carts-memorydb-us-east-1-{ACCOUNT} ")
+    assert narrow[1].endswith(" more") and "env=staging" in narrow[1]
 
 
 def test_cli_errors_are_one_clear_line(

@@ -160,6 +160,7 @@ def _env(home: Path) -> dict[str, str]:
     env["FLEETGATE_HOME"] = str(home)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = str(ROOT)  # the `fleetgate` script imports this checkout
+    env["COLUMNS"] = "100"  # db ls fits the terminal: the README shows 100 columns
     return env
 
 
@@ -452,6 +453,32 @@ def test_a_chosen_port_in_use_is_named(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert f"port {port} (given with --nats-port) is in use" in done.stderr
     assert not (tmp_path / "sandbox" / "sandbox.json").exists()
+
+
+def test_up_detached_prints_its_summary_as_json(tmp_path: Path) -> None:
+    """``sandbox up --detach --format json``: standard output is the summary as one JSON
+    object, progress goes to the log; a second, small sandbox of its own."""
+    box = Sandbox(tmp_path, _env(tmp_path))
+    try:
+        done = box.fleetgate("sandbox", "up", "--detach", "--clusters", "2", "--format", "json",
+                             timeout=180)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        [line] = done.stdout.splitlines()  # no progress lines among the JSON
+        doc = json.loads(line)
+        assert doc["state"] == "ready" and doc["ready_seconds"] > 0
+        assert doc["dir"] == str(box.dir) and Path(doc["env_file"]).is_file()
+        names = {p["name"] for p in doc["parts"]}
+        assert {"nats", "aws", "auth", "discovery", "agent-1", "agent-2"} <= names
+        assert doc["auth"]["ca_fingerprint"].startswith("SHA256:")
+        assert Path(doc["auth"]["ca_file"]).is_file()
+        served = sorted(n for a in doc["agents"] for n in a["databases"])
+        assert served == sorted(d["name"] for d in doc["databases"]) and len(served) == 2
+        assert Path(doc["user"]["password_file"]).is_file()
+        assert doc["login"].startswith("fleetgate login --auth 127.0.0.1:")
+    finally:
+        if (box.dir / "sandbox.json").exists():
+            down = box.fleetgate("sandbox", "down", timeout=120)
+            assert down.returncode == 0, down.stdout + down.stderr
 
 
 def test_status_shows_every_part_healthy(sandbox: Sandbox) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import socket
 import subprocess
@@ -237,21 +238,29 @@ class Tunnel:
     Start it with ``await Tunnel.start(...)`` (the constructor blocks until ready)."""
 
     @classmethod
-    async def start(cls, w: World, name: str, db_user: str) -> Tunnel:
-        return await asyncio.to_thread(cls, w, name, db_user)
+    async def start(cls, w: World, name: str, db_user: str, *extra: str) -> Tunnel:
+        return await asyncio.to_thread(cls, w, name, db_user, *extra)
 
     async def stop(self) -> int:
         return await asyncio.to_thread(self.close)
 
-    def __init__(self, w: World, name: str, db_user: str) -> None:
+    def __init__(self, w: World, name: str, db_user: str, *extra: str) -> None:
         self.stdout = self.stderr = ""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fleetgate", "db", "connect", name, "--db-user", db_user,
-             "--no-exec"],
+             "--no-exec", *extra],
             env=w.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         assert self.proc.stdout is not None
         line = self.line = self.proc.stdout.readline()
+        if "json" in extra:  # --format json: one object, parsed as ``ready``
+            try:
+                self.ready = json.loads(line)
+            except ValueError:
+                self.close()
+                raise AssertionError(f"db connect did not start: {line!r} {self.stderr}") from None
+            self.port = int(self.ready["port"])
+            return
         found = READY.match(line)
         if found is None:
             self.close()
