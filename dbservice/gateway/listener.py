@@ -126,6 +126,7 @@ from fleetgate.addresses import join_host_port, split_host_port
 from fleetgate.backoff import backoff_delay
 from fleetgate.config import ConfigError
 from fleetgate.heap import HeapTrimmer
+from fleetgate.logs import bind_context
 
 logger = logging.getLogger(__name__)
 
@@ -609,6 +610,7 @@ class Listener:
 
     async def _serve(self, sock: socket.socket, address: tuple[str, int] | tuple[str, ...]) -> None:
         client_addr = join_host_port(str(address[0]), int(address[1]))
+        bind_context(client_addr=client_addr)  # this task's log lines (and its children's)
         deadline = asyncio.get_running_loop().time() + self.config.handshake_timeout
         try:
             streams = await self._handshake(sock, client_addr, deadline)
@@ -624,6 +626,7 @@ class Listener:
             self.handshakes.discard(asyncio.current_task())
             if known is None:
                 return
+            bind_context(user=known[0].user, database=known[1].database)
             if self.established >= self.config.max_connections:
                 reason = (
                     f"agent {self.hostname} has {self.established} sessions open, "
@@ -780,6 +783,7 @@ class Listener:
             client_addr=client_addr,
             redaction=self.redaction,
         )
+        bind_context(session_id=audit.session_id)
         connected = await self._upstream(resource, db_user, audit, writer, node=node)
         if connected is None:
             return

@@ -1,0 +1,123 @@
+"""JSON log lines about a session carry its id (and the client's address, user and
+database), so logs join audit events: a real agent, real NATS, valkey-server and TLS
+clients; the lines are parsed back and compared with the events on the audit stream."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bus import Bus
+from bus.server import NatsServer
+from dbservice.route import RouteRefused
+from fleetgate.logs import ContextFilter, JsonFormatter
+from sandbox.valkeynode import ValkeyNode
+from tests.kits.agent import running_agent, wait_until
+from tests.kits.connect import free_port
+from tests.kits.listener import (
+    APP_PASSWORD,
+    Fleet,
+    RawSession,
+    add_acl_users,
+    make_fleet,
+    static_db,
+    wait_events,
+)
+from tests.kits.proxy import serve_single_node
+
+pytestmark = pytest.mark.timeout(90)
+
+
+@pytest.fixture(scope="module")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
+    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
+
+
+@pytest.fixture
+async def fleet(bus: Bus, tmp_path: Path, nats_server: NatsServer) -> Fleet:
+    return await make_fleet(bus, tmp_path, nats_server.url)
+
+
+@pytest.fixture
+def json_lines() -> Iterator[io.StringIO]:
+    """The root logger's records as JSON lines, wired as ``--log-format json`` wires them."""
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(ContextFilter())
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield out
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def parsed(out: io.StringIO, logger: str) -> list[dict[str, Any]]:
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    return [line for line in lines if line["logger"] == logger]
+
+
+async def test_session_lines_carry_the_audit_session_id(
+    fleet: Fleet, valkey: ValkeyNode, json_lines: io.StringIO
+) -> None:
+    config = fleet.agent(
+        "agent-1",
+        [
+            static_db("dev-cache", valkey.port, env="dev"),
+            static_db("dev-down", free_port(), env="dev"),
+        ],
+    )
+    alice = fleet.identity("alice", ["dev"])
+    async with running_agent(config, fleet.nats_url) as agent:
+        listener = agent.listener
+        assert listener is not None
+        # refused before a session id exists: the line still names the client
+        with pytest.raises(RouteRefused):
+            await RawSession.open(listener.port, alice, fleet.ca.pem, "no-such-db", "app")
+        # refused once the session id exists: its upstream is down
+        with pytest.raises(RouteRefused, match="cannot reach dev-down"):
+            await RawSession.open(listener.port, alice, fleet.ca.pem, "dev-down", "app")
+        # a session that runs (its opening line is a debug line)
+        session = await RawSession.open(listener.port, alice, fleet.ca.pem, "dev-cache", "app")
+        try:
+            assert await session.call("AUTH", "app", APP_PASSWORD) == b"+OK"
+        finally:
+            session.close()
+        await wait_until(lambda: listener.established == 0, 10, "the session ended")
+        down = (await wait_events(fleet.bus, 1, "refused start", database="dev-down"))[0]
+        no_db = (await wait_events(fleet.bus, 1, "refused start", database="no-such-db"))[0]
+        ran = (await wait_events(fleet.bus, 1, "session end", type="db.session.end"))[0]
+
+    lines = parsed(json_lines, "dbservice.gateway.listener")
+    refused = [line for line in lines if "refused" in line["message"]]
+    by_db = {line.get("database"): line for line in refused}
+
+    # the upstream refusal: the same session id as its audit event
+    line = by_db["dev-down"]
+    assert down.session_id and line["session_id"] == down.session_id, line
+    assert (line["user"], line["client_addr"]) == ("alice", down.client_addr)
+    assert line["client_addr"].startswith("127.0.0.1:")
+
+    # the route refusal: no session yet, but the client's address, user and database
+    line = by_db["no-such-db"]
+    assert "session_id" not in line, line
+    assert (line["user"], line["client_addr"]) == ("alice", no_db.client_addr)
+
+    # the session that ran: its lines carry its id, the audit events' one
+    opened = [line for line in lines if line.get("session_id") == ran.session_id]
+    assert opened, lines
+    assert all(line["database"] == "dev-cache" for line in opened)
+
+    # lines about no session (the agent's own) carry none of it
+    own = parsed(json_lines, "dbservice.agent.app")
+    assert own and not any("session_id" in line or "client_addr" in line for line in own)
