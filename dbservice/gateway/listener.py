@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import ipaddress
 import logging
@@ -241,7 +242,10 @@ class RefusalLog:
         self.counts[reason] += 1
         self.total += 1
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.interval, self.flush)
+            # a line about many connections: not in the context of the one noted first
+            self._timer = asyncio.get_running_loop().call_later(
+                self.interval, self.flush, context=contextvars.Context()
+            )
 
     def flush(self) -> None:
         self._timer = None
@@ -588,9 +592,13 @@ class Listener:
                 )
                 sock.close()
                 continue
-            task = asyncio.create_task(self._serve(sock, address), name="client-session")
+            # the session's log context, also for the line that reports its failure
+            context = contextvars.copy_context()
+            task = asyncio.create_task(
+                self._serve(sock, address), name="client-session", context=context
+            )
             self.sessions.add(task)
-            task.add_done_callback(self._session_done)
+            task.add_done_callback(self._session_done, context=context)
             oldest = self.handshakes.add(task, key)
             if oldest is not None:
                 self.limited.note(

@@ -4,6 +4,7 @@ clients; the lines are parsed back and compared with the events on the audit str
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -15,8 +16,9 @@ import pytest
 
 from bus import Bus
 from bus.server import NatsServer
+from dbservice.gateway.listener import RefusalLog
 from dbservice.route import RouteRefused
-from fleetgate.logs import ContextFilter, JsonFormatter
+from fleetgate.logs import ContextFilter, JsonFormatter, bind_context
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.agent import running_agent, wait_until
 from tests.kits.connect import free_port
@@ -121,3 +123,52 @@ async def test_session_lines_carry_the_audit_session_id(
     # lines about no session (the agent's own) carry none of it
     own = parsed(json_lines, "dbservice.agent.app")
     assert own and not any("session_id" in line or "client_addr" in line for line in own)
+
+
+async def test_a_failed_session_is_reported_with_its_context(
+    fleet: Fleet, valkey: ValkeyNode, json_lines: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The line that reports a session task's unexpected failure (logged when the task
+    is done, outside it) carries the client's address, user and database all the same."""
+    config = fleet.agent("agent-1", [static_db("dev-cache", valkey.port, env="dev")])
+    alice = fleet.identity("alice", ["dev"])
+    async with running_agent(config, fleet.nats_url) as agent:
+        listener = agent.listener
+        assert listener is not None
+
+        async def broken(*_args: object) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(listener, "_session", broken)
+        with pytest.raises((RouteRefused, OSError, asyncio.IncompleteReadError)):
+            session = await RawSession.open(listener.port, alice, fleet.ca.pem, "dev-cache", "app")
+            try:
+                await session.call("PING")
+            finally:
+                session.close()
+
+        def failed() -> list[dict[str, Any]]:
+            lines = parsed(json_lines, "dbservice.gateway.listener")
+            return [line for line in lines if line["message"] == "a client session failed"]
+
+        await wait_until(lambda: bool(failed()), 10, "the failure logged")
+    line = failed()[0]
+    assert "RuntimeError: a bug" in line["exception"]
+    assert (line["user"], line["database"]) == ("alice", "dev-cache")
+    assert line["client_addr"].startswith("127.0.0.1:")
+
+
+async def test_the_refusal_summary_is_about_no_one_client(json_lines: io.StringIO) -> None:
+    """Limits are logged as one line per interval over many clients: that line carries
+    no client's context, not even the first noted one's."""
+    refusals = RefusalLog(interval=0.01)
+
+    async def serve() -> None:
+        bind_context(client_addr="127.0.0.1:5000", user="alice", database="dev-cache")
+        refusals.note("over listener.max_connections")
+
+    await asyncio.create_task(serve())
+    await wait_until(lambda: refusals.lines == 1, 10, "the summary line")
+    (line,) = parsed(json_lines, "dbservice.gateway.listener")
+    assert "1 over listener.max_connections" in line["message"]
+    assert not {"client_addr", "user", "database"} & set(line), line
