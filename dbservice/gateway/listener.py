@@ -67,6 +67,7 @@ import os
 import socket
 import ssl
 import time
+import uuid
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -127,7 +128,7 @@ from fleetgate.addresses import join_host_port, split_host_port
 from fleetgate.backoff import backoff_delay
 from fleetgate.config import ConfigError
 from fleetgate.heap import HeapTrimmer
-from fleetgate.logs import bind_context
+from fleetgate.logs import bind_context, log_context
 
 logger = logging.getLogger(__name__)
 
@@ -618,7 +619,10 @@ class Listener:
 
     async def _serve(self, sock: socket.socket, address: tuple[str, int] | tuple[str, ...]) -> None:
         client_addr = join_host_port(str(address[0]), int(address[1]))
-        bind_context(client_addr=client_addr)  # this task's log lines (and its children's)
+        # the connection's id from its first byte: its session's audit events (or its
+        # refusal's) and every log line made while serving it (in this task, its children
+        # and its transports' callbacks) carry it
+        bind_context(client_addr=client_addr, session_id=uuid.uuid4().hex)
         deadline = asyncio.get_running_loop().time() + self.config.handshake_timeout
         try:
             streams = await self._handshake(sock, client_addr, deadline)
@@ -790,8 +794,8 @@ class Listener:
             db_user=db_user,
             client_addr=client_addr,
             redaction=self.redaction,
+            session_id=log_context().get("session_id"),
         )
-        bind_context(session_id=audit.session_id)
         connected = await self._upstream(resource, db_user, audit, writer, node=node)
         if connected is None:
             return
@@ -1002,6 +1006,7 @@ class Listener:
                 success=False,
                 reason=reason,
                 principal=principal,
+                session_id=log_context().get("session_id", ""),
             )
         )
 

@@ -5,6 +5,7 @@ clients; the lines are parsed back and compared with the events on the audit str
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -83,10 +84,10 @@ async def test_session_lines_carry_the_audit_session_id(
     async with running_agent(config, fleet.nats_url) as agent:
         listener = agent.listener
         assert listener is not None
-        # refused before a session id exists: the line still names the client
+        # refused before the session begins (no such database)
         with pytest.raises(RouteRefused):
             await RawSession.open(listener.port, alice, fleet.ca.pem, "no-such-db", "app")
-        # refused once the session id exists: its upstream is down
+        # refused as the session begins: its upstream is down
         with pytest.raises(RouteRefused, match="cannot reach dev-down"):
             await RawSession.open(listener.port, alice, fleet.ca.pem, "dev-down", "app")
         # a session that runs (its opening line is a debug line)
@@ -110,10 +111,11 @@ async def test_session_lines_carry_the_audit_session_id(
     assert (line["user"], line["client_addr"]) == ("alice", down.client_addr)
     assert line["client_addr"].startswith("127.0.0.1:")
 
-    # the route refusal: no session yet, but the client's address, user and database
+    # the route refusal, before the session began: the refusal's event has the same id
     line = by_db["no-such-db"]
-    assert "session_id" not in line, line
+    assert no_db.session_id and line["session_id"] == no_db.session_id, line
     assert (line["user"], line["client_addr"]) == ("alice", no_db.client_addr)
+    assert no_db.session_id != down.session_id
 
     # the session that ran: its lines carry its id, the audit events' one
     opened = [line for line in lines if line.get("session_id") == ran.session_id]
@@ -172,3 +174,40 @@ async def test_the_refusal_summary_is_about_no_one_client(json_lines: io.StringI
     (line,) = parsed(json_lines, "dbservice.gateway.listener")
     assert "1 over listener.max_connections" in line["message"]
     assert not {"client_addr", "user", "database"} & set(line), line
+
+
+async def test_engine_warnings_carry_the_session_id(fleet: Fleet, json_lines: io.StringIO) -> None:
+    """A warning the proxy engine logs while serving a session (the server's reply does
+    not parse) carries that session's id, the one of its audit events."""
+
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while await reader.read(65536):
+                writer.write(b"@not RESP\r\n")
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(garbage, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    config = fleet.agent("agent-1", [static_db("dev-odd", port, env="dev")])
+    alice = fleet.identity("alice", ["dev"])
+    try:
+        async with running_agent(config, fleet.nats_url) as agent:
+            listener = agent.listener
+            assert listener is not None
+            session = await RawSession.open(listener.port, alice, fleet.ca.pem, "dev-odd", "app")
+            try:
+                with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+                    await session.call("AUTH", "app", APP_PASSWORD)
+                    await session.call("GET", "k")
+            finally:
+                session.close()
+            await wait_until(lambda: listener.established == 0, 10, "the session ended")
+            ended = await wait_events(fleet.bus, 1, "session end", type="db.session.end")
+    finally:
+        server.close()
+    lines = parsed(json_lines, "dbservice.engine.proxy.session")
+    warned = [line for line in lines if "did not parse" in line["message"]]
+    assert warned, lines
+    assert warned[0]["session_id"] == ended[0].session_id
+    assert warned[0]["database"] == "dev-odd"
