@@ -676,7 +676,8 @@ class Listener:
         try:
             async with asyncio.timeout_at(deadline):
                 await self.trust.known.wait()
-                self.trust.refresh()
+                # the listener's certificate is not this connection's affair
+                contextvars.Context().run(self.trust.refresh)
                 expired = self.trust.own_expired()
                 if expired is not None:
                     self.limited.note("closed before TLS: the agent's own certificate expired")

@@ -17,6 +17,7 @@ import pytest
 
 from bus import Bus
 from bus.server import NatsServer
+from dbservice.auth.admin import sign_host
 from dbservice.gateway.listener import RefusalLog
 from dbservice.route import RouteRefused
 from fleetgate.logs import ContextFilter, JsonFormatter, bind_context
@@ -211,3 +212,21 @@ async def test_engine_warnings_carry_the_session_id(fleet: Fleet, json_lines: io
     assert warned, lines
     assert warned[0]["session_id"] == ended[0].session_id
     assert warned[0]["database"] == "dev-odd"
+
+
+async def test_reloading_the_listener_certificate_is_about_no_session(
+    fleet: Fleet, valkey: ValkeyNode, json_lines: io.StringIO
+) -> None:
+    """The listener notices its renewed certificate when a client connects; the line
+    that says so is about the agent, not about that client."""
+    config = fleet.agent("agent-1", [static_db("dev-cache", valkey.port, env="dev")])
+    alice = fleet.identity("alice", ["dev"])
+    async with running_agent(config, fleet.nats_url) as agent:
+        listener = agent.listener
+        assert listener is not None
+        sign_host(fleet.ca, ["127.0.0.1"], 7200, fleet.tmp / "agent-1-tls")  # renewed
+        session = await RawSession.open(listener.port, alice, fleet.ca.pem, "dev-cache", "app")
+        session.close()
+    lines = parsed(json_lines, "dbservice.gateway.listener")
+    (line,) = [line for line in lines if "changed: loading it" in line["message"]]
+    assert not {"client_addr", "session_id", "user", "database"} & set(line), line

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from fleetgate.heap import HeapTrimmer
 from fleetgate.logs import CONTEXT_FIELDS, bind_context, log_format, setup_logging
 
 
@@ -100,3 +101,25 @@ def test_listener_processes_log_in_the_agents_format(monkeypatch: pytest.MonkeyP
     argv = default_argv()
     assert argv[argv.index("--log-format") + 1] == "json"
     assert argv[argv.index("--log-level") + 1] == "warning"
+
+
+async def test_the_heap_trim_line_is_about_no_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trim is scheduled when some connection closes (in its session's context), but
+    is about the process: its line carries no session's fields."""
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stderr", out)
+    setup_logging("debug", "json")
+    heap = HeapTrimmer(after=1, settle=0.0, every=0.0, trim=lambda: 0)
+
+    async def session() -> None:
+        bind_context(session_id="abc123", client_addr="127.0.0.1:5000")
+        heap.closed()
+
+    await asyncio.create_task(session())
+    for _ in range(500):
+        if heap.trims:
+            break
+        await asyncio.sleep(0.01)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    (line,) = [line for line in lines if line["message"].startswith("heap trimmed")]
+    assert not set(CONTEXT_FIELDS) & set(line), line
