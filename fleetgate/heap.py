@@ -15,6 +15,7 @@ macOS, jemalloc preloaded) it does nothing.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ctypes
 import logging
 import time
@@ -97,7 +98,8 @@ class HeapTrimmer:
             return
         loop = asyncio.get_running_loop()
         wait = max(self.settle, self._last + self.every - self.clock())
-        self._pending = loop.call_later(wait, self._start)
+        # about the process, not the connection that happened to close last
+        self._pending = loop.call_later(wait, self._start, context=contextvars.Context())
 
     def _start(self) -> None:
         self._pending = None

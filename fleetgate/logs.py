@@ -1,11 +1,53 @@
-"""Logging set-up shared by every command: text for people, JSON for collectors."""
+"""Logging set-up shared by every command: text for people, JSON for collectors.
+
+A service binds what a line is about (a client's address, then its session's id, user
+and database) with :func:`bind_context` once, in the task that serves it; asyncio copies
+the context into every task that one spawns, so each record made there carries it
+(:class:`ContextFilter`), and JSON lines join the session's audit events by
+``session_id``. Nothing is done per command: one set per connection, one read per record.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from collections.abc import Mapping
+from contextvars import ContextVar
+from types import MappingProxyType
 from typing import Any
+
+CONTEXT_FIELDS = ("session_id", "user", "database", "client_addr")
+"""The fields a JSON line may carry about what it concerns (bounded: no client input
+beyond the certificate's user and the routed database name)."""
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+_context: ContextVar[Mapping[str, str]] = ContextVar("fleetgate_log_context", default=_EMPTY)
+
+
+def bind_context(**fields: str) -> None:
+    """Add ``fields`` (of :data:`CONTEXT_FIELDS`) to the current context's log lines, for
+    the rest of the current task and the tasks it spawns from now on (not its parent's)."""
+    unknown = set(fields) - set(CONTEXT_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown log context fields: {sorted(unknown)}")
+    merged = {**_context.get(), **{k: v for k, v in fields.items() if v}}
+    _context.set(MappingProxyType(merged))
+
+
+def log_context() -> Mapping[str, str]:
+    """What :func:`bind_context` bound in the current context (empty when nothing)."""
+    return _context.get()
+
+
+class ContextFilter(logging.Filter):
+    """Stamps each record with the context it was made in (``record.log_context``), at
+    emission, so that a formatter run later still sees the right one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "log_context"):
+            record.log_context = _context.get()
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -16,6 +58,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        context = getattr(record, "log_context", None)
+        if context is None:  # a handler set up without the filter
+            context = _context.get()
+        out.update(context)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out)
@@ -34,8 +80,15 @@ class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
         pass
 
 
+def log_format() -> str:
+    """The format :func:`setup_logging` chose ("json" or "text"), for a child process."""
+    handlers = logging.getLogger().handlers
+    return "json" if any(isinstance(h.formatter, JsonFormatter) for h in handlers) else "text"
+
+
 def setup_logging(level: str = "info", fmt: str = "text") -> None:
     handler = StderrHandler()
+    handler.addFilter(ContextFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -66,6 +66,7 @@ from fleetgate.addresses import join_host_port, split_host_port
 from fleetgate.aio import stop_on_signals
 from fleetgate.config import ConfigError
 from fleetgate.durations import format_duration
+from fleetgate.logs import log_format
 from fleetgate.metrics import Check, DiagServer
 from fleetgate.supervise import RootTasks
 
@@ -583,7 +584,19 @@ def default_argv() -> list[str]:
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
     if level not in ("debug", "info", "warning", "error"):
         level = "info"
-    return [sys.executable, "-m", "fleetgate", "agent", "run", "-c", "-", "--log-level", level]
+    return [
+        sys.executable,
+        "-m",
+        "fleetgate",
+        "agent",
+        "run",
+        "-c",
+        "-",
+        "--log-level",
+        level,
+        "--log-format",
+        log_format(),
+    ]
 
 
 async def run_agent(

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import ipaddress
 import logging
@@ -66,6 +67,7 @@ import os
 import socket
 import ssl
 import time
+import uuid
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -126,6 +128,7 @@ from fleetgate.addresses import join_host_port, split_host_port
 from fleetgate.backoff import backoff_delay
 from fleetgate.config import ConfigError
 from fleetgate.heap import HeapTrimmer
+from fleetgate.logs import bind_context, log_context
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +243,10 @@ class RefusalLog:
         self.counts[reason] += 1
         self.total += 1
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self.interval, self.flush)
+            # a line about many connections: not in the context of the one noted first
+            self._timer = asyncio.get_running_loop().call_later(
+                self.interval, self.flush, context=contextvars.Context()
+            )
 
     def flush(self) -> None:
         self._timer = None
@@ -587,9 +593,13 @@ class Listener:
                 )
                 sock.close()
                 continue
-            task = asyncio.create_task(self._serve(sock, address), name="client-session")
+            # the session's log context, also for the line that reports its failure
+            context = contextvars.copy_context()
+            task = asyncio.create_task(
+                self._serve(sock, address), name="client-session", context=context
+            )
             self.sessions.add(task)
-            task.add_done_callback(self._session_done)
+            task.add_done_callback(self._session_done, context=context)
             oldest = self.handshakes.add(task, key)
             if oldest is not None:
                 self.limited.note(
@@ -609,6 +619,10 @@ class Listener:
 
     async def _serve(self, sock: socket.socket, address: tuple[str, int] | tuple[str, ...]) -> None:
         client_addr = join_host_port(str(address[0]), int(address[1]))
+        # the connection's id from its first byte: its session's audit events (or its
+        # refusal's) and every log line made while serving it (in this task, its children
+        # and its transports' callbacks) carry it
+        bind_context(client_addr=client_addr, session_id=uuid.uuid4().hex)
         deadline = asyncio.get_running_loop().time() + self.config.handshake_timeout
         try:
             streams = await self._handshake(sock, client_addr, deadline)
@@ -624,6 +638,7 @@ class Listener:
             self.handshakes.discard(asyncio.current_task())
             if known is None:
                 return
+            bind_context(user=known[0].user, database=known[1].database)
             if self.established >= self.config.max_connections:
                 reason = (
                     f"agent {self.hostname} has {self.established} sessions open, "
@@ -661,7 +676,8 @@ class Listener:
         try:
             async with asyncio.timeout_at(deadline):
                 await self.trust.known.wait()
-                self.trust.refresh()
+                # the listener's certificate is not this connection's affair
+                contextvars.Context().run(self.trust.refresh)
                 expired = self.trust.own_expired()
                 if expired is not None:
                     self.limited.note("closed before TLS: the agent's own certificate expired")
@@ -779,6 +795,7 @@ class Listener:
             db_user=db_user,
             client_addr=client_addr,
             redaction=self.redaction,
+            session_id=log_context().get("session_id"),
         )
         connected = await self._upstream(resource, db_user, audit, writer, node=node)
         if connected is None:
@@ -990,6 +1007,7 @@ class Listener:
                 success=False,
                 reason=reason,
                 principal=principal,
+                session_id=log_context().get("session_id", ""),
             )
         )
 
