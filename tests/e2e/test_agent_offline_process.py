@@ -88,7 +88,15 @@ async def test_a_killed_cut_off_agent_keeps_what_it_spooled(
             events = await audit_events(reader)
     finally:
         agent.send_signal(signal.SIGTERM)
-        await exited(agent, 20)
+        try:
+            await exited(agent, 20)
+        except AssertionError:
+            agent.kill()  # not left for the next tests to trip over
+            agent.wait()
+            raise AssertionError(
+                "the restarted agent did not stop on SIGTERM within 20s; its log:\n"
+                + "\n".join(log.read_text().splitlines()[-15:])
+            ) from None
     queries = [e for e in events if isinstance(e, SessionQuery) and e.command == "SET"]
     assert [n for n in Counter(e.id for e in queries).values() if n > 1] == []
     assert [e.args[1] for e in queries] == sent  # every command once, in order
