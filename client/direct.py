@@ -143,7 +143,11 @@ def cli_line(found: Direct) -> str:
 
 # -- command line -------------------------------------------------------------------------
 
-FORMAT_HELP = "text (env: shell export lines) or json"
+FORMAT_HELP = (
+    "json: db env, the FLEETGATE_DB_* variables as one object; db config, database, "
+    "db_user, host, port, server_name, cert_file, key_file, ca_file, agent and cli "
+    "(default text: shell export lines for db env, a readable list for db config)"
+)
 
 
 def register(actions: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:

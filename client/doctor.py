@@ -206,7 +206,13 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
         "configured), a valkey-cli/redis-cli. Exit 0 when all pass, 1 otherwise.",
     )
     parser.add_argument("--nats", help="also check this NATS server (default: FLEETGATE_NATS_*)")
-    parser.add_argument("--format", default="text", choices=["text", "json"])
+    parser.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json"],
+        help='json: {"ok": ..., "checks": [{"name", "ok", "detail", "fix"}, ...]} '
+        "(default text: one line per check)",
+    )
     common(parser)
     parser.set_defaults(handler=_doctor)
 
