@@ -28,6 +28,9 @@ def stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A process inherits its parent's signal mask: one started with SIGTERM blocked would
+    # leave it pending forever and never stop.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
 
 
 def take_buffered(reader: asyncio.StreamReader) -> bytes:
