@@ -41,6 +41,7 @@ from bus.settings import (
 )
 from bus.specs import BUCKETS, DB_SERVERS, SPECS, BucketSpec, Replication, describe_replication
 from bus.watch import Event, KvWatch, describe
+from fleetgate.aio import cancel_and_wait, cancellation_kept
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +174,7 @@ class Bus:
             )
             giving_up.cancel()
             if not connecting.done():
-                connecting.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await connecting
+                await cancel_and_wait(connecting)
                 raise TimeoutError("no answer")
             connecting.result()
         except asyncio.CancelledError:
@@ -374,10 +373,12 @@ class Bus:
         With ``reopen`` every NATS error becomes :class:`RegistryError`, and after any
         failure the bucket is opened again on the next call (and created again, should
         NATS have lost its store: a missing stream answers like a refusal, with no
-        responders)."""
+        responders). A cancellation that nats-py lost on the way (Python 3.11) is raised
+        at the end (:func:`fleetgate.aio.cancellation_kept`)."""
         try:
             try:
-                yield
+                with cancellation_kept():
+                    yield
             except UNANSWERED as exc:
                 raise RegistryError(
                     f"no answer to {what} {bucket}/{key} on {self.url} ({describe(exc)}): "

@@ -78,19 +78,10 @@ async def update(bus: Bus, bucket: str, key: str, record: BaseModel, *, last: in
 
 
 async def records(bus: Bus, bucket: str, model: type[M]) -> dict[str, Versioned[M]]:
-    """Every readable record of ``bucket`` by key (one-shot; fails with a reason)."""
-    out: dict[str, Versioned[M]] = {}
-    kv = await bus.bucket(bucket)
-    async with bus.kv_call("a listing of", bucket, "*", reopen=True):
-        try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return out
-    for key in keys:
-        found = await read(bus, bucket, key, model)
-        if found is not None:
-            out[key] = found
-    return out
+    """Every readable record of ``bucket`` by key (one-shot; fails with a reason): one
+    watch, as :func:`snapshot` reads it (nats-py's ``KeyValue.keys`` waits without a
+    deadline and leaves its consumer on the server for five minutes)."""
+    return await snapshot(bus, bucket, model)
 
 
 async def snapshot(

@@ -18,7 +18,6 @@ what a long-running reader needs:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,6 +28,7 @@ import nats.js.errors
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from bus.errors import RegistryError
+from fleetgate.aio import cancel_and_wait, cancellation_kept, finished
 from fleetgate.backoff import backoff_delay
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,13 @@ LIVENESS_INTERVAL = 2.0
 """How often a watch that received nothing checks that its consumer still exists."""
 _LIVENESS_FAILURES = 2
 """Consecutive unanswered checks after which the watch opens again."""
+CONSUMER_INACTIVE = 5.0
+"""Seconds without interest after which the server removes a watch's consumer.
+nats-py's default is five minutes and its stop does not delete the consumer, so each
+one-shot read (a snapshot: ``db ls``, a sweep, a listing) would keep one on the server
+that long, and a bucket stops answering at nats-server's 1,000 consumers. A live watch
+always has interest; one whose consumer went during a long disconnect is reopened (its
+liveness check, or the resync after a reconnect)."""
 
 
 @dataclass(frozen=True)
@@ -97,24 +104,42 @@ class KvWatch(Generic[T]):
         await self._close_watcher()
 
     async def _close_watcher(self) -> None:
-        if self._liveness is not None:
-            self._liveness.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._liveness
-            self._liveness = None
-        if self._pump is not None:
-            self._pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._pump
-            self._pump = None
-        if self._watcher is not None:
-            watcher, self._watcher = self._watcher, None
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(watcher.stop(), 2)
+        """Stop the liveness check, the pump and nats-py's watcher, each to its end (their
+        errors were reported where they happened). A cancellation of the caller meanwhile
+        is raised once all three are done: an interrupted close would leave the pump and
+        nats-py's heartbeat task running for the connection's life."""
+        liveness, self._liveness = self._liveness, None
+        pump, self._pump = self._pump, None
+        watcher, self._watcher = self._watcher, None
+        steps: list[Awaitable[object]] = [cancel_and_wait(t) for t in (liveness, pump) if t]
+        if watcher is not None:
+            # within 2 s: a lost connection does not hold the caller
+            steps.append(finished(asyncio.ensure_future(watcher.stop()), 2))
+        interrupted = False
+        for step in steps:
+            try:
+                await step
+            except asyncio.CancelledError:  # each step waited for its part to end
+                interrupted = True
+        if interrupted:
+            raise asyncio.CancelledError
 
     async def _open(self) -> None:
-        kv = await self._open_bucket()
-        self._watcher = await kv.watch(self._keys)
+        with cancellation_kept():  # nats-py may lose a cancellation (Python 3.11)
+            kv = await self._open_bucket()
+            # Interrupted half-way, nats-py's watch leaves its subscription and heartbeat
+            # task behind: let it finish, and keep what it made for stop() to close.
+            opening = asyncio.ensure_future(
+                kv.watch(self._keys, inactive_threshold=CONSUMER_INACTIVE)
+            )
+            try:
+                await asyncio.shield(opening)
+            finally:
+                try:
+                    await finished(opening)  # the caller's cancellation is raised after
+                finally:
+                    if not opening.cancelled() and opening.exception() is None:
+                        self._watcher = opening.result()
         self._pump = asyncio.create_task(self._pump_from(self._watcher), name="kv-watch-pump")
         self._last_entry = time.monotonic()
         self._liveness = asyncio.create_task(
@@ -163,7 +188,8 @@ class KvWatch(Generic[T]):
             while True:
                 if deferred:
                     try:
-                        item = await asyncio.wait_for(self._queue.get(), _DEFERRED_SYNC_WAIT)
+                        async with asyncio.timeout(_DEFERRED_SYNC_WAIT):
+                            item = await self._queue.get()
                     except TimeoutError:
                         item = None
                         seen_last = True
@@ -219,7 +245,8 @@ class KvWatch(Generic[T]):
                 unanswered = 0
                 continue
             try:
-                await asyncio.wait_for(sub.consumer_info(), LIVENESS_INTERVAL)
+                async with asyncio.timeout(LIVENESS_INTERVAL):
+                    await sub.consumer_info()
             except nats.js.errors.NotFoundError:
                 reason = "its consumer is gone"
             except Exception as exc:  # no answer: its server may be down

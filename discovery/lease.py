@@ -292,7 +292,8 @@ class Leases:
             if taken and self.on_acquired is not None:
                 self.on_acquired(taken)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), self._next_wake())
+                async with asyncio.timeout(self._next_wake()):
+                    await self._changed.wait()
 
     def _next_wake(self) -> float:
         now = lease_clock()

@@ -10,7 +10,6 @@ one request handler, no thread."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
 from fleetgate.addresses import split_host_port
+from fleetgate.aio import cancel_and_wait
 
 LAG_INTERVAL = 0.5
 """Seconds between two event-loop lag samples."""
@@ -107,10 +107,8 @@ class DiagServer:
 
     async def aclose(self) -> None:
         if self._lag_task is not None:
-            self._lag_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._lag_task
-            self._lag_task = None
+            lag, self._lag_task = self._lag_task, None
+            await cancel_and_wait(lag)
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

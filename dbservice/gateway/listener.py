@@ -125,6 +125,7 @@ from dbservice.upstream.dial import TLSContexts, build_target
 from dbservice.upstream.iam_login import IamLogin
 from dbservice.upstream.tls import verify_failure
 from fleetgate.addresses import join_host_port, split_host_port
+from fleetgate.aio import cancel_and_wait
 from fleetgate.backoff import backoff_delay
 from fleetgate.config import ConfigError
 from fleetgate.heap import HeapTrimmer
@@ -1028,20 +1029,10 @@ class Listener:
 async def _stop_renewal(task: asyncio.Task[None], session_id: str) -> None:
     """Cancel the session's re-authentication loop and wait until it has ended, also
     when the session is cancelled again meanwhile (that cancellation is raised after)."""
-    task.cancel()
-    interrupted = False
-    while not task.done():
-        try:
-            await asyncio.wait([task])
-        except asyncio.CancelledError:
-            interrupted = True
-            task.cancel()
-    if not task.cancelled() and (error := task.exception()) is not None:
+    if (error := await cancel_and_wait(task)) is not None:
         logger.error(
             "session %s: the IAM re-authentication loop failed", session_id, exc_info=error
         )
-    if interrupted:
-        raise asyncio.CancelledError
 
 
 def login_kind(login: UpstreamLogin, db_user: str) -> str:

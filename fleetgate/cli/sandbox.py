@@ -175,9 +175,7 @@ async def _supervise(options: Any, *, foreground: bool, output: str = "text") ->
         try:
             await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
             if not starting.done():
-                starting.cancel()
-                with contextlib.suppress(asyncio.CancelledError, SandboxError):
-                    await starting
+                await aio.cancel_and_wait(starting)  # its SandboxError: moot, it was stopped
                 progress.line("sandbox", "interrupted while starting")
                 code = 130
             else:

@@ -233,7 +233,7 @@ async def test_watch_waits_for_entries_sent_before_an_early_end_marker() -> None
     )
 
     class Bucket:
-        async def watch(self, keys: str) -> _EarlyMarkerWatcher:
+        async def watch(self, keys: str, **options: object) -> _EarlyMarkerWatcher:
             return _EarlyMarkerWatcher([entry])
 
     async def open_bucket() -> Bucket:
@@ -249,3 +249,44 @@ async def test_watch_waits_for_entries_sent_before_an_early_end_marker() -> None
     assert (first.kind, first.key, first.value) == ("upsert", "orders", b"x")
     assert (await asyncio.wait_for(it.__anext__(), 5)).kind == "synced"
     await watch.stop()
+
+
+@pytest.mark.leaks(
+    "nats-py's subscription task can miss its own cancellation (Python 3.11 wait_for) "
+    "when stopped as its first message arrives; the test checks every other task",
+    tasks_only=True,
+)
+async def test_a_task_reading_snapshots_stops_when_cancelled_at_any_moment(bus: Bus) -> None:
+    """A root task that reads the registry (as the managed-user service's sweep does)
+    ends when it is cancelled, wherever the cancellation lands: while nats-py waits for a
+    reply (Python 3.11's wait_for drops a cancellation that meets the reply), or while a
+    finished snapshot's watch is being closed. Before, such a task went on reading
+    (the agent's stop, and SIGTERM, waited forever) and each interrupted close left its
+    consumer's tasks running; nothing is left behind now but nats-py's own."""
+    await bus.put_resource(db("a"))
+    before = asyncio.all_tasks()
+
+    async def reader() -> None:
+        while True:
+            await bus.list_resources()
+
+    loop = asyncio.get_running_loop()
+    for n in range(100):  # a snapshot takes 1-2 ms: cancel at every moment of one
+        task = loop.create_task(reader())
+        await asyncio.sleep(0.0002 * (n % 25))
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=3)
+        if not done:
+            task.cancel()  # once more, not to leave it running
+            await asyncio.wait([task], timeout=3)
+            pytest.fail(f"round {n}: the task went on after its cancellation")
+        assert task.cancelled(), task
+    await asyncio.sleep(0.2)
+    left = [
+        t.get_coro()
+        for t in asyncio.all_tasks() - before
+        if not t.done() and t is not asyncio.current_task()
+    ]
+    ours = [c for c in left if getattr(c, "__qualname__", "") != "Subscription._wait_for_msgs"]
+    assert not ours, ours
+    assert len(left) <= 5, left

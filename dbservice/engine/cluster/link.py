@@ -31,7 +31,7 @@ from typing import Final, cast
 from dbservice.engine.proxy.errors import UpstreamProtocolError
 from dbservice.engine.proxy.session import Streams
 from dbservice.engine.proxy.settings import ProxyLimits
-from fleetgate.aio import take_buffered
+from fleetgate.aio import cancel_and_wait, take_buffered
 
 from .pieces import Pieces
 from .resp import FrameReader, Payload
@@ -306,9 +306,7 @@ class Link:
         self.closed = True
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         self._fail(LinkError(f"node {self.name}: link closed"))
 
 
