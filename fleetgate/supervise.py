@@ -8,7 +8,10 @@ one :class:`RootTasks`:
   that fails is logged once, with its name, and stops the process (:class:`RootFailed`);
 * the stop event (SIGTERM/SIGINT, :func:`fleetgate.aio.stop_on_signals`) and roots whose
   end is a normal stop raise :class:`Stopping`, which cancels the group without an error;
-* leaving the ``async with`` waits for every root. Afterwards :attr:`RootTasks.failed`
+* leaving the ``async with`` waits for every root; a root still running 2 s after its
+  cancellation is cancelled again, with a warning that names it (a cancellation can be
+  lost: Python 3.11's ``asyncio.wait_for``, used by libraries, drops one that meets the
+  result it waits for), so a stop never waits forever for one. Afterwards :attr:`RootTasks.failed`
   names the roots that failed (the process exits 1); anything else raised in the group
   (by the body, or a cancellation of the process itself) propagates, a lone exception
   unwrapped from its group.
@@ -26,6 +29,9 @@ from types import TracebackType
 from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
+
+RECANCEL_AFTER = 2.0
+"""Seconds after which a root that was cancelled but runs on is cancelled again."""
 
 OnReturn = Literal["fail", "stop", "done"]
 """What a root's return means: a failure (it should run until stopped), a normal stop
@@ -117,6 +123,7 @@ class RootTasks:
     ) -> bool:
         group, self._group = self._group, None
         assert group is not None
+        watchdog = asyncio.ensure_future(self._cancel_again())
         try:
             await group.__aexit__(kind, exc, tb)
         except BaseExceptionGroup as errors:
@@ -131,7 +138,30 @@ class RootTasks:
             if len(leaves) == 1:
                 raise leaves[0] from None
             raise rest from None
+        finally:
+            watchdog.cancel()
         return False
+
+    async def _cancel_again(self) -> None:
+        """While the group winds down: cancel again each root that was cancelled but has
+        not ended within :data:`RECANCEL_AFTER` (see the module docstring)."""
+        first_seen: dict[str, float] = {}
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(RECANCEL_AFTER / 4)
+            now = loop.time()
+            for name, task in self.tasks.items():
+                if task.done() or not task.cancelling():
+                    continue
+                since = first_seen.setdefault(name, now)
+                if now - since >= RECANCEL_AFTER:
+                    logger.warning(
+                        "%s did not stop %.0fs after its cancellation; cancelling it again",
+                        name,
+                        now - since,
+                    )
+                    first_seen[name] = now
+                    task.cancel()
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
