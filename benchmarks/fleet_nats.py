@@ -55,11 +55,15 @@ sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))  # benchmarks.sizing, tests.kits
 SCRIPT = Path(__file__).resolve()
 
+import nats.errors  # noqa: E402
+import nats.js.errors  # noqa: E402
+
 from benchmarks.sizing import resource  # noqa: E402
 from bus import Bus, DatabaseResource, subjects  # noqa: E402
 from bus import leases as cas  # noqa: E402
 from bus.access import Identity  # noqa: E402
 from bus.audit import SessionStart, encode_query, ensure_audit_stream, publish_event  # noqa: E402
+from bus.errors import RegistryError  # noqa: E402
 from bus.server import NatsServer  # noqa: E402
 from bus.specs import Replication  # noqa: E402
 from dbservice.access.audit import AuditEmitter  # noqa: E402
@@ -466,11 +470,23 @@ async def audit_rate(url: str, workload: str, messages: int, servers: Sequence[i
 
 
 async def fresh_audit_stream(url: str, replicas: int) -> None:
+    """The audit stream made anew. A hub on a busy machine may leave a JetStream request
+    unanswered for a while (its meta leader is elected again when a server misses its
+    heartbeats): tried again for up to a minute, as an operator would."""
+    deadline = time.monotonic() + 60
     async with await Bus.connect(url, name="bench-admin") as admin:
         admin.replication = Replication(replicas)
-        with contextlib.suppress(Exception):
-            await admin.js.delete_stream(subjects.AUDIT_STREAM)
-        await ensure_audit_stream(admin)
+        while True:
+            try:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await admin.js.delete_stream(subjects.AUDIT_STREAM)
+                await ensure_audit_stream(admin)
+                return
+            except (RegistryError, nats.errors.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                print(f"  (audit stream at {replicas} replicas: {exc}; trying again)")
+                await asyncio.sleep(1)
 
 
 COLUMNS = ("R1 lone server", "R1 in the hub", "R3 in the hub")
