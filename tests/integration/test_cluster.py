@@ -484,3 +484,40 @@ def test_the_quick_path_answers_as_the_server(proxy: ClusterProxy) -> None:
         while len(data) < len(expected) and (chunk := sock.recv(4096)):
             data += chunk
     assert data == expected
+
+
+def _until_closed(sock: socket.socket, payload: bytes) -> bytes:
+    """``payload`` in one write; everything that comes back until the peer closes."""
+    sock.sendall(payload)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            raise AssertionError(f"not closed after {data!r}") from None
+        if not chunk:
+            return data
+        data += chunk
+
+
+@pytest.mark.parametrize("keys", [["{q}a"], ["{q}a", "b", "c"]], ids=["one-shard", "shards"])
+def test_replies_owed_before_a_pipelined_quit_are_delivered(
+    proxy: ClusterProxy, standin: ThreadedStandin, keys: list[str]
+) -> None:
+    """Commands and QUIT in one write: the server answers each, then +OK, then closes;
+    the engine once dropped every reply still owed when its QUIT arrived."""
+    node = standin.node_fronts[standin.owner_of_slot(key_slot(b"{q}a"))]
+    tls = ssl.create_default_context(cafile=str(standin.ca_file))
+    tls.check_hostname = False
+    local = [k for k in keys if k.startswith("{q}")]  # the node answers only its own slots
+    out = []
+    for target, names in ((node, local), (("127.0.0.1", proxy.port), keys)):
+        payload = b"".join(_command(b"SET", k.encode(), b"v") for k in names)
+        payload += b"".join(_command(b"GET", k.encode()) for k in names) + _command(b"QUIT")
+        raw = socket.create_connection(target, timeout=10)
+        sock = tls.wrap_socket(raw) if target == node else raw
+        with sock:
+            out.append(_until_closed(sock, payload))
+    direct, through = out
+    assert direct == b"+OK\r\n" * len(local) + b"$1\r\nv\r\n" * len(local) + b"+OK\r\n"
+    assert through == b"+OK\r\n" * len(keys) + b"$1\r\nv\r\n" * len(keys) + b"+OK\r\n"

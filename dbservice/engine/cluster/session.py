@@ -167,6 +167,9 @@ class ClusterSession:
         waited for (:mod:`dbservice.engine.proxy.halfclose`)."""
         self._awaiting: Entry | None = None
         """The entry whose reply the writer is waiting for."""
+        self._quitting = False
+        """The reader queued a command that ends the session (QUIT): the writer delivers
+        the replies owed before it, then closes."""
         self._on_link_closed = on_link_closed
         """Told each time an unused shard connection is closed (the agent's heap trimmer
         counts closed connections)."""
@@ -183,7 +186,8 @@ class ClusterSession:
                 (reader, writer, idle), return_when=asyncio.FIRST_COMPLETED
             )
             if reader in done and not done & {writer, idle} and not self._stop_waiting():
-                # a half-closed client: the replies it is owed, for close_grace at most
+                # a half-closed client, or QUIT behind other commands: the replies it is
+                # owed, for close_grace at most
                 more, _ = await asyncio.wait(
                     (writer, idle),
                     timeout=self._timeouts.close_grace,
@@ -215,6 +219,8 @@ class ClusterSession:
         them, or the next one owed may block (the server drops such a command of a
         client that leaves; waiting would let it take data on behalf of nobody), or
         it is subscribed."""
+        if self._quitting:
+            return False  # the client reads on until the +OK of its QUIT
         awaiting = self._awaiting
         return (
             not self._half_closed
@@ -448,6 +454,7 @@ class ClusterSession:
                 if self._queue(entry):
                     await room.wait()
                 if entry.close:
+                    self._quitting = True
                     return
             if commands.error is not None:
                 await self._protocol_error(commands.error)
