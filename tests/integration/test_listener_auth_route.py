@@ -20,7 +20,9 @@ from bus.audit import SessionQuery, SessionStart
 from bus.server import NatsServer
 from dbservice.gateway.listener import with_first_command
 from dbservice.route import USE_CONNECT
+from sandbox.aws import MotoServer
 from sandbox.valkeynode import ValkeyNode
+from tests.integration.test_cluster_agent import ACL, CFG_NAME, CLUSTER, record
 from tests.kits.agent import running_agent
 from tests.kits.listener import (
     ADMIN_PASSWORD,
@@ -31,9 +33,11 @@ from tests.kits.listener import (
     client_context,
     cmd,
     make_fleet,
+    put_roles,
     static_db,
     wait_events,
 )
+from tests.kits.memorydb import iam_cluster
 from tests.kits.proxy import serve_single_node
 
 pytestmark = pytest.mark.timeout(90)
@@ -304,3 +308,43 @@ async def test_the_first_command_goes_ahead_of_everything_read_after_it() -> Non
             data = await got
         client_writer.close()
     assert data == b"FIRST" + sent[len(sent) // 1000 :]
+
+
+async def test_a_cluster_database_routed_by_user_name(
+    bus: Bus, nats_server: NatsServer, tmp_path: Path, aws: MotoServer
+) -> None:
+    """MemoryDB in cluster mode behind the cluster engine, with the agent's IAM login:
+    the client's password is answered by the agent (any will do), every shard is
+    reached, and commands pipelined behind the login run (the session is logged in)."""
+    fleet = await make_fleet(bus, tmp_path, nats_server.url)
+    await put_roles(bus, carts={"allow": {"db_labels": {"env": "cluster"}, "db_users": ["alice"]}})
+    erin = fleet.identity("erin", ["carts"])
+    keys = [f"cart:{i}" for i in range(30)]
+    async with iam_cluster(tmp_path / "db", cluster=CLUSTER, acl=ACL, shards=3) as (db, _):
+        await bus.put_resource(record(db.ca_pem.decode()))
+        host, port = db.endpoint
+        config = fleet.agent(
+            "agent-1", [], resources=[{"labels": {"env": "cluster"}}],
+            host_aliases={f"{CFG_NAME}:6379": f"{host}:{port}"},
+        )  # fmt: skip
+        async with running_agent(config, nats_server.url) as agent:
+            assert agent.listener is not None
+            listen = agent.listener.port
+            for protocol in (2, 3):
+                r = redis_py(listen, erin, "alice@carts", "-", protocol=protocol)
+                async with r:
+                    assert await r.mset({k: k for k in keys})
+                    assert await r.mget(keys) == [k.encode() for k in keys]
+                    assert await r.dbsize() == 30
+                    assert await r.acl_whoami() in ("alice", b"alice")
+            # (no QUIT behind them: the cluster engine drops the replies still owed
+            # when QUIT is pipelined, whatever the route; the preamble does the same)
+            counters = [f"n:{i}" for i in range(30)]
+            piped = (
+                cmd("AUTH", "alice@carts", "-")
+                + b"".join(cmd("INCR", k) for k in counters)
+                + cmd("GET", counters[-1])
+            )
+            end = b"$1\r\n1\r\n"
+            answer = await exchange(listen, erin, fleet.ca.pem, piped, until=end)
+            assert answer == b"+OK\r\n" + b":1\r\n" * 30 + end
