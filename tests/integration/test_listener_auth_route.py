@@ -7,6 +7,7 @@ real agent, redis-py and raw TLS sockets."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -187,8 +188,14 @@ async def test_a_denied_route_is_refused_as_by_server_name(fleet: Fleet, agent: 
     ],
 )
 async def test_commands_before_the_route_are_refused_and_never_forwarded(
-    fleet: Fleet, agent: int, valkey: ValkeyNode, data: bytes, message: bytes
+    fleet: Fleet,
+    agent: int,
+    valkey: ValkeyNode,
+    data: bytes,
+    message: bytes,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO)
     alice = fleet.identity("alice", ["dev"])
     await valkey.command("DEL", "k")
     answer = await exchange(agent, alice, fleet.ca.pem, data)
@@ -198,6 +205,8 @@ async def test_commands_before_the_route_are_refused_and_never_forwarded(
     failed = await wait_events(fleet.bus, 1, "refusal", type="db.session.start", success=False)
     assert [(e.user, e.database) for e in failed] == [("alice", "")]
     assert not [e for e in await audit_events(fleet.bus) if isinstance(e, SessionQuery)]
+    # a refusal like any other: one line, no traceback
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
 
 
 async def test_a_second_login_never_reroutes(fleet: Fleet, agent: int) -> None:
