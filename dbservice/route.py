@@ -50,7 +50,24 @@ that does not end in ``.fleetgate`` (an agent's host name, or none) means "no ro
 here", and the preamble is expected as before. With a route in the server name the agent
 sends no ``+OK``: the connection is a plain RESP stream from the first byte (a refusal
 is still one ``-ERR <reason>`` line, then the close). Names whose db user or database
-does not fit that alphabet, and clients that cannot set SNI, use the preamble.
+does not fit that alphabet use the preamble or the login below.
+
+**The route in the login user name.** A client that cannot choose its TLS server name
+(redis-py always sends the host it dials) names the route in its first command instead,
+when the server name names none (the agent's host name or address, or none)::
+
+    AUTH <db_user>@<database> <password>
+    HELLO <2|3> AUTH <db_user>@<database> <password> [SETNAME <name>]
+
+:func:`read_opening` reads that one command (the database is what follows the last
+``@``) and gives it back as the session's first command with the db user alone as user
+name (:class:`LoginRoute`): from there on the connection is exactly one routed by its
+server name that sent ``AUTH <db_user> <password>`` first (the password goes to the
+server when the client brings it, and is answered by the agent when the agent logs in
+itself; a later ``AUTH`` for another user is refused, never a new route). Any other
+first command is refused with :data:`USE_CONNECT`, and nothing is forwarded or audited
+as a command before the route is known. No ``+OK`` is sent: the reply to the ``AUTH`` or
+``HELLO`` is the session's.
 """
 
 from __future__ import annotations
@@ -65,6 +82,12 @@ from typing import Final, Protocol
 from fleetgate.resp import OK, encode_command
 
 ROUTE_COMMAND: Final = b"FLEETGATE.ROUTE"
+_OPENINGS: Final = frozenset({ROUTE_COMMAND, b"AUTH", b"HELLO"})
+_OPENING_SIZES: Final = frozenset(str(len(name)).encode() for name in _OPENINGS)
+LOGIN_FORMAT: Final = "<db_user>@<database>"
+"""The user name of a first ``AUTH``/``HELLO`` that names the route."""
+MAX_PASSWORD: Final = 4096
+"""Longest password :func:`read_opening` accepts in the ``AUTH`` that names the route."""
 ROUTE_OK: Final = OK
 EOF_COMMAND: Final = b"FLEETGATE.EOF"
 """What a tunnel that routed with ``HALFCLOSE 1`` sends when its client half-closed."""
@@ -78,7 +101,8 @@ MAX_ANSWER: Final = 4096
 USE_CONNECT: Final = (
     "this is a fleetgate agent: clients must go through `fleetgate db connect`, "
     "which opens a local port for any Redis client, or name the route in the TLS "
-    "server name (SNI) as <db_user>.<database>.fleetgate"
+    "server name (SNI) as <db_user>.<database>.fleetgate, or log in first with "
+    "AUTH <db_user>@<database> <password> (or HELLO 3 AUTH <db_user>@<database> <password>)"
 )
 SNI_SUFFIX: Final = "fleetgate"
 """Last label of a TLS server name that carries a route: ``<db_user>.<database>.fleetgate``."""
@@ -191,12 +215,21 @@ def _text(data: bytes, what: str) -> str:
 async def _is_route_command(reader: Reader) -> bool:
     """Whether the array's first element is ``FLEETGATE.ROUTE`` (any case); reads no
     further than needed to tell, so another command of any size is refused at once."""
+    return await _opening_name(reader) == ROUTE_COMMAND
+
+
+async def _opening_name(reader: Reader) -> bytes | None:
+    """The array's first element in upper case when it is one of the commands that may
+    open a connection (:data:`_OPENINGS`), else None; reads no further than needed to
+    tell, so another command of any size is refused at once."""
     if await reader.readexactly(1) != b"$":
-        return False
-    if await _line(reader, MAX_HEADER, "command length") != str(len(ROUTE_COMMAND)).encode():
-        return False
-    data = await reader.readexactly(len(ROUTE_COMMAND) + 2)
-    return data[:-2].upper() == ROUTE_COMMAND and data[-2:] == b"\r\n"
+        return None
+    size = await _line(reader, MAX_HEADER, "command length")
+    if size not in _OPENING_SIZES:
+        return None
+    data = await reader.readexactly(int(size) + 2)
+    name = data[:-2].upper()
+    return name if name in _OPENINGS and data[-2:] == b"\r\n" else None
 
 
 async def read_route(reader: Reader, *, limit: int = DEFAULT_LIMIT) -> Route:
@@ -211,6 +244,14 @@ async def read_route(reader: Reader, *, limit: int = DEFAULT_LIMIT) -> Route:
         count = _number(await _line(reader, MAX_HEADER, "array header"), "array length")
         if not await _is_route_command(reader):
             raise RouteError(USE_CONNECT)
+        return await _preamble(reader, count, limit)
+    except asyncio.IncompleteReadError:
+        raise RouteError("the connection closed before the route preamble was complete") from None
+
+
+async def _preamble(reader: Reader, count: int, limit: int) -> Route:
+    """The preamble's arguments, after ``*<count>`` and ``FLEETGATE.ROUTE``."""
+    try:
         if count not in (3, 4, 5, 7, 9):
             raise RouteError(
                 f"{ROUTE_COMMAND.decode()} takes a database name and a db user "
@@ -241,6 +282,103 @@ async def read_route(reader: Reader, *, limit: int = DEFAULT_LIMIT) -> Route:
     except asyncio.IncompleteReadError:
         raise RouteError("the connection closed before the route preamble was complete") from None
     return Route(database, db_user, node, port, half_close)
+
+
+@dataclass(frozen=True)
+class LoginRoute:
+    """A route named in the user name of the client's first ``AUTH``/``HELLO``."""
+
+    route: Route
+    command: bytes
+    """That command as the session sees it, with the db user alone as user name (the
+    same command on a connection routed by its server name), to be run as the
+    session's first command."""
+
+
+async def read_opening(reader: Reader, *, limit: int = DEFAULT_LIMIT) -> Route | LoginRoute:
+    """What a client says first when its TLS server name names no route: the route
+    preamble (a :class:`Route`, to be answered with ``+OK``), or ``AUTH
+    <db_user>@<database> <password>`` / ``HELLO <2|3> AUTH <db_user>@<database>
+    <password> [SETNAME <name>]`` (a :class:`LoginRoute`). Nothing after that first
+    command is read. RouteError (message fit for ``-ERR``) for anything else."""
+    try:
+        if await reader.readexactly(1) != b"*":
+            raise RouteError(USE_CONNECT)
+        count = _number(await _line(reader, MAX_HEADER, "array header"), "array length")
+        name = await _opening_name(reader)
+        if name == ROUTE_COMMAND:
+            return await _preamble(reader, count, limit)
+        if name == b"AUTH":
+            return await _auth_route(reader, count, limit)
+        if name == b"HELLO":
+            return await _hello_route(reader, count, limit)
+        raise RouteError(USE_CONNECT)
+    except asyncio.IncompleteReadError:
+        raise RouteError("the connection closed before its first command was complete") from None
+
+
+async def _login_user(reader: Reader, limit: int) -> tuple[Route, bytes, bytes]:
+    """``<db_user>@<database>`` and the password after it: the route, the db user as
+    bytes and the password (any bytes, passed on as the client sent them)."""
+    name = _text(await _bulk(reader, 2 * limit + 1, "user name"), "user name")
+    db_user, at, database = name.rpartition("@")
+    if not at or not all(part and part == part.strip() for part in (db_user, database)):
+        raise RouteError(
+            f"the first AUTH names no route: log in as {LOGIN_FORMAT} "
+            f"(user name {_shown(name)!r}), or name the route in the TLS server name as "
+            f"{SNI_FORMAT}"
+        )
+    if len(database.encode()) > limit or len(db_user.encode()) > limit:
+        raise RouteError(f"AUTH: the database name and the db user take at most {limit} bytes")
+    password = await _bulk(reader, MAX_PASSWORD, "password")
+    return Route(database=database, db_user=db_user), db_user.encode(), password
+
+
+async def _auth_route(reader: Reader, count: int, limit: int) -> LoginRoute:
+    if count != 3:
+        raise RouteError(
+            f"the first command must name the route: AUTH {LOGIN_FORMAT} <password> "
+            "(AUTH <password> alone names no db user or database)"
+        )
+    route, db_user, password = await _login_user(reader, limit)
+    return LoginRoute(route, encode_command([b"AUTH", db_user, password]))
+
+
+async def _hello_route(reader: Reader, count: int, limit: int) -> LoginRoute:
+    if count not in (5, 7):
+        raise RouteError(
+            f"the first HELLO must name the route: HELLO <2|3> AUTH {LOGIN_FORMAT} "
+            "<password> [SETNAME <name>]"
+        )
+    version = await _bulk(reader, MAX_HEADER, "protocol version")
+    if version not in (b"2", b"3"):
+        raise RouteError(f"HELLO: protocol version {version[:16]!r} is not 2 or 3")
+    login: tuple[Route, bytes, bytes] | None = None
+    setname: list[bytes] = []
+    left = count - 2  # elements after HELLO <version>
+    while left:
+        option = (await _bulk(reader, MAX_HEADER, "HELLO option")).upper()
+        if option == b"AUTH" and login is None and left >= 3:
+            login = await _login_user(reader, limit)
+            left -= 3
+        elif option == b"SETNAME" and not setname and left >= 2:
+            setname = [b"SETNAME", await _bulk(reader, limit, "client name")]
+            left -= 2
+        else:
+            raise RouteError(
+                f"HELLO: unknown, repeated or incomplete option {option[:16]!r} before the "
+                f"route is known (AUTH {LOGIN_FORMAT} <password> and SETNAME <name> are known)"
+            )
+    if login is None:
+        raise RouteError(f"the first HELLO must name the route: HELLO 3 AUTH {LOGIN_FORMAT} ...")
+    route, db_user, password = login
+    return LoginRoute(
+        route, encode_command([b"HELLO", version, b"AUTH", db_user, password, *setname])
+    )
+
+
+def _shown(text: str) -> str:
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def route_from_server_name(server_name: str | None) -> Route | None:

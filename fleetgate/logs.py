@@ -12,14 +12,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from types import MappingProxyType
 from typing import Any
 
-CONTEXT_FIELDS = ("session_id", "user", "database", "client_addr")
+CONTEXT_FIELDS = ("session_id", "request_id", "user", "database", "client_addr")
 """The fields a JSON line may carry about what it concerns (bounded: no client input
-beyond the certificate's user and the routed database name)."""
+beyond the certificate's user, the routed database name and an HTTP request's id, which
+is checked first: :mod:`dbservice.auth.requestid`)."""
 
 _EMPTY: Mapping[str, str] = MappingProxyType({})
 _context: ContextVar[Mapping[str, str]] = ContextVar("fleetgate_log_context", default=_EMPTY)
@@ -33,6 +35,18 @@ def bind_context(**fields: str) -> None:
         raise ValueError(f"unknown log context fields: {sorted(unknown)}")
     merged = {**_context.get(), **{k: v for k, v in fields.items() if v}}
     _context.set(MappingProxyType(merged))
+
+
+@contextmanager
+def bound_context(**fields: str) -> Iterator[None]:
+    """:func:`bind_context` for the ``with`` block only (the previous context after it):
+    for work that shares its task with other work, as requests of one HTTP connection."""
+    token = _context.set(_context.get())
+    try:
+        bind_context(**fields)
+        yield
+    finally:
+        _context.reset(token)
 
 
 def log_context() -> Mapping[str, str]:

@@ -103,6 +103,7 @@ from dbservice.auth.listener import ConnectionLimits, GuardedListener, RefusalLo
 from dbservice.auth.metrics import AuthMetrics
 from dbservice.auth.natsrights import DEFAULT_TTL, AgentAuthorizer, CalloutError, decode_request
 from dbservice.auth.passwords import totp_step, verify_password
+from dbservice.auth.requestid import request_ids
 from fleetgate.addresses import join_host_port, split_host_port
 from fleetgate.aio import stop_on_signals
 from fleetgate.config import JetStreamSettings
@@ -473,7 +474,9 @@ class LoginService:
         )
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self.metrics.middleware()])
+        app = web.Application(
+            client_max_size=MAX_BODY, middlewares=[request_ids, self.metrics.middleware()]
+        )
         app.router.add_post("/v1/login", self.login)
         app.router.add_get("/v1/login/aws", self.aws_parameters)
         app.router.add_post("/v1/login/aws", self.login_aws)

@@ -15,9 +15,12 @@ client, when TLS is up, and a failed ``db.session.start`` audit event):
    the CA); its dates and its CA's are still checked on every connection.
 2. The route: from the TLS server name when the client put one there
    (``<db_user>.<database>.fleetgate``, :func:`~dbservice.route.route_from_server_name`,
-   captured by the context's ``sni_callback``), else the route preamble
-   (:func:`~dbservice.route.read_route`), by the handshake's deadline (below). Both
-   lead to the same checks below; only the preamble is answered with ``+OK``.
+   captured by the context's ``sni_callback``), else from the client's first command
+   (:func:`~dbservice.route.read_opening`): the route preamble, or an ``AUTH``/``HELLO``
+   whose user name is ``<db_user>@<database>``, by the handshake's deadline (below). All
+   lead to the same checks below; only the preamble is answered with ``+OK``. Such an
+   ``AUTH``/``HELLO`` becomes the session's first command, with the db user alone as
+   user name (:func:`with_first_command`), answered as on a connection routed by name.
 3. Not cut off from the fleet for longer than ``offline_grace``
    (:class:`~dbservice.gateway.offline.FleetLink`), nor holding a full audit spool; the
    database must be one this agent serves.
@@ -73,7 +76,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 from cryptography import x509
 
@@ -114,10 +117,11 @@ from dbservice.managed.login import ManagedLogin
 from dbservice.route import (
     EOF_COMMAND,
     ROUTE_OK,
+    LoginRoute,
     Route,
     RouteError,
     encode_refusal,
-    read_route,
+    read_opening,
     route_from_server_name,
 )
 from dbservice.upstream.auth import REAUTH_RETRY
@@ -125,7 +129,7 @@ from dbservice.upstream.dial import TLSContexts, build_target
 from dbservice.upstream.iam_login import IamLogin
 from dbservice.upstream.tls import verify_failure
 from fleetgate.addresses import join_host_port, split_host_port
-from fleetgate.aio import cancel_and_wait
+from fleetgate.aio import cancel_and_wait, take_buffered
 from fleetgate.backoff import backoff_delay
 from fleetgate.config import ConfigError
 from fleetgate.heap import HeapTrimmer
@@ -714,9 +718,11 @@ class Listener:
 
     async def _authenticate(
         self, streams: Streams, client_addr: str, deadline: float
-    ) -> tuple[Identity, Route, bool] | None:
-        """The client's certificate, then its route (the server name, else the preamble
-        by ``deadline``); None when refused (the client was told why)."""
+    ) -> tuple[Identity, Route, bytes | None] | None:
+        """The client's certificate, then its route (the server name, else the client's
+        first command by ``deadline``) and what the session starts with: None for the
+        preamble (answered ``+OK``), empty for the server name, else the first command
+        (an AUTH/HELLO naming the route); None when refused (the client was told why)."""
         reader, writer = streams
         ssl_object = writer.get_extra_info("ssl_object")
         try:
@@ -730,14 +736,21 @@ class Listener:
             return None
         try:
             route: Route | None = route_from_server_name(self.trust.server_name(ssl_object))
-            by_name = route is not None
+            first: bytes | None = b""
             if route is None:
                 async with asyncio.timeout_at(deadline):
-                    route = await read_route(reader)
+                    opening = await read_opening(reader)
+                if isinstance(opening, LoginRoute):
+                    route, first = opening.route, opening.command
+                else:
+                    route, first = opening, None
         except (TimeoutError, RouteError) as exc:
             if isinstance(exc, TimeoutError):
                 limit = self.config.handshake_timeout
-                reason = f"no route preamble within {limit:g}s (listener.handshake_timeout)"
+                reason = (
+                    f"no route within {limit:g}s (listener.handshake_timeout): send the "
+                    "route preamble or AUTH <db_user>@<database> <password> first"
+                )
             else:
                 reason = str(exc)
             self._refused_start(
@@ -746,10 +759,15 @@ class Listener:
             )  # fmt: skip
             await _refuse(writer, reason)
             return None
-        return identity, route, by_name
+        return identity, route, first
 
     async def _session(
-        self, streams: Streams, client_addr: str, identity: Identity, route: Route, by_name: bool
+        self,
+        streams: Streams,
+        client_addr: str,
+        identity: Identity,
+        route: Route,
+        first: bytes | None,
     ) -> None:
         writer = streams[1]
         limit = self.config.handshake_timeout
@@ -805,8 +823,11 @@ class Listener:
         hooks = AgentHooks(
             grant=grant, audit=audit, db_user=db_user, login=login, authenticated=ready
         )
-        if not by_name:
+        if first is None:
             writer.write(ROUTE_OK)
+        elif first:
+            # no await from here to the engine taking the connection over
+            streams = with_first_command(streams, first)
         audit.start(reason=grant.decision.reason)
         self.metrics.sessions_opened.labels(database).inc()
         logger.debug(
@@ -1045,6 +1066,26 @@ def login_kind(login: UpstreamLogin, db_user: str) -> str:
     if isinstance(login, IamLogin):
         return "iam"
     return "other"
+
+
+def with_first_command(streams: Streams, command: bytes) -> Streams:
+    """The client's streams with ``command`` ahead of what it sent after its first
+    command (read from here on, nothing read twice nor lost): a new reader fed by the
+    same transport, for the engine to take over at once (no await in between)."""
+    reader, writer = streams
+    transport = cast(asyncio.Transport, writer.transport)  # it reads too
+    loop = asyncio.get_running_loop()
+    fresh = asyncio.StreamReader(limit=READ_LIMIT, loop=loop)
+    protocol = asyncio.StreamReaderProtocol(fresh, loop=loop)
+    fresh.feed_data(command + take_buffered(reader))
+    if reader.at_eof() or reader.exception() is not None or transport.is_closing():
+        fresh.feed_eof()
+    else:
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+        # the old reader may have paused reading with its buffer full; this one reads on
+        transport.resume_reading()
+    return fresh, asyncio.StreamWriter(transport, protocol, fresh, loop)
 
 
 async def _refuse(writer: asyncio.StreamWriter, reason: str) -> None:

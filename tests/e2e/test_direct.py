@@ -10,6 +10,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -68,7 +69,8 @@ async def test_config_and_env_name_what_a_tls_client_needs(w: World, agent_port:
     doc = json.loads(out.stdout)
     identity = w.home / "identity"
     cli = doc.pop("cli")
-    assert doc.pop("agent") and cli
+    redis_py = doc.pop("redis_py")
+    assert doc.pop("agent") and cli and redis_py
     assert doc == {
         "database": "dev-cache",
         "db_user": "app",
@@ -82,6 +84,7 @@ async def test_config_and_env_name_what_a_tls_client_needs(w: World, agent_port:
     text = await w.fleetgate("db", "config", "dev-cache", "--db-user", "app")
     assert text.returncode == 0
     assert f"cli:          {cli}\n" in text.stdout
+    assert f"redis-py:     {redis_py}\n" in text.stdout
     assert "server name:  app.dev-cache.fleetgate\n" in text.stdout
 
     env = await w.fleetgate("db", "env", "dev-cache", "--db-user", "app")
@@ -107,6 +110,30 @@ async def test_the_printed_cli_line_works_as_printed(w: World, agent_port: int) 
             env=os.environ | {"REDISCLI_AUTH": APP_PASSWORD},
         )  # fmt: skip
         assert (ran.returncode, ran.stdout) == (0, expected), ran.stderr
+
+
+async def test_the_printed_redis_py_line_works_as_printed(w: World, agent_port: int) -> None:
+    """redis-py sends the host as the TLS server name (checked against the agent's
+    certificate) and names the route in its user name."""
+    out = await w.fleetgate("db", "config", "dev-cache", "--db-user", "app", "--format", "json")
+    line = json.loads(out.stdout)["redis_py"]
+    assert "username='app@dev-cache'" in line and "host='127.0.0.1'" in line
+    script = (
+        f"{line}\n"
+        "print(r.ping(), r.set('direct-py', 'yes'), r.get('direct-py'), r.acl_whoami())\n"
+        "r.close()\n"
+    )
+    ran = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", script], capture_output=True, text=True,
+        timeout=30, env=os.environ | {"REDISCLI_AUTH": APP_PASSWORD},
+    )  # fmt: skip
+    assert (ran.returncode, ran.stdout) == (0, "True True b'yes' app\n"), ran.stderr
+    # the wrong password is the server's to refuse, as for any login of app
+    ran = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", f"{line}\nr.ping()\n"], capture_output=True,
+        text=True, timeout=30, env={k: v for k, v in os.environ.items() if k != "REDISCLI_AUTH"},
+    )  # fmt: skip
+    assert ran.returncode == 1 and "AuthenticationError: invalid username-password" in ran.stderr
 
 
 async def test_clear_errors(w: World, agent_port: int) -> None:

@@ -13,14 +13,17 @@ from dbservice.access.ca import CertificateAuthority, cert_pem, key_pem, new_key
 from dbservice.route import (
     ROUTE_OK,
     USE_CONNECT,
+    LoginRoute,
     Route,
     RouteError,
     RouteRefused,
     encode_refusal,
     encode_route,
     open_route,
+    read_opening,
     read_route,
 )
+from fleetgate.resp import encode_command
 
 
 def reader_of(data: bytes, *, eof: bool = True) -> asyncio.StreamReader:
@@ -122,6 +125,66 @@ async def test_sizes_are_bounded() -> None:
         await parse(encode_route("a" * 65, "u"), limit=64)
     with pytest.raises(RouteError, match="db user is longer than 64 bytes"):
         await parse(encode_route("d", "u" * 65), limit=64)
+
+
+def command(*args: str | bytes) -> bytes:
+    return encode_command([a if isinstance(a, bytes) else a.encode() for a in args])
+
+
+async def opening(data: bytes) -> Route | LoginRoute:
+    return await asyncio.wait_for(read_opening(reader_of(data)), 5)
+
+
+async def test_the_first_auth_or_hello_names_the_route_and_is_given_back() -> None:
+    assert await opening(command("AUTH", "app@orders", "pw")) == LoginRoute(
+        Route("orders", "app"), command("AUTH", "app", "pw")
+    )
+    # the database follows the last @; the password is passed on as sent
+    assert await opening(command("auth", "a@b@orders", b"\x00\r\n")) == LoginRoute(
+        Route("orders", "a@b"), command("AUTH", "a@b", b"\x00\r\n")
+    )
+    assert await opening(command("HELLO", "3", "auth", "app@orders", "pw")) == LoginRoute(
+        Route("orders", "app"), command("HELLO", "3", "AUTH", "app", "pw")
+    )
+    both = command("hello", "2", "SetName", "me", "AUTH", "app@orders", "pw")
+    assert await opening(both) == LoginRoute(
+        Route("orders", "app"), command("HELLO", "2", "AUTH", "app", "pw", "SETNAME", "me")
+    )
+    assert await opening(encode_route("orders", "app")) == Route("orders", "app")
+    reader = reader_of(command("AUTH", "app@orders", "pw") + command("PING"))
+    assert isinstance(await read_opening(reader), LoginRoute)
+    assert await reader.read() == command("PING")  # the stream after it, unread
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (command("PING"), USE_CONNECT),
+        (b"AUTH app@orders pw\r\n", USE_CONNECT),
+        (command("AUTH\x00", "app@orders", "pw"), USE_CONNECT),
+        (command("AUTH", "pw"), "AUTH <password> alone names no db user or database"),
+        (command("AUTH", "app@orders", "pw", "x"), "AUTH <password> alone"),
+        (command("AUTH", "app", "pw"), "the first AUTH names no route"),
+        (command("AUTH", "@orders", "pw"), "the first AUTH names no route"),
+        (command("AUTH", "app@", "pw"), "the first AUTH names no route"),
+        (command("AUTH", "app @orders", "pw"), "the first AUTH names no route"),
+        (command("AUTH", "app@orders\n", "pw"), "printable"),
+        (command("AUTH", "app@orders", "p" * 4097), "password is longer than 4096 bytes"),
+        (command("AUTH", "a" * 513 + "@orders", "pw"), "at most 512 bytes"),
+        (command("HELLO", "3"), "the first HELLO must name the route"),
+        (command("HELLO", "3", "SETNAME", "x", "SETNAME", "y", "z"), "repeated"),
+        (command("HELLO", "3", "SETNAME", "x", "AUTH"), "incomplete option b'AUTH'"),
+        (command("HELLO", "4", "AUTH", "app@orders", "pw"), "protocol version b'4'"),
+        (command("HELLO", "3", "AUTH\x00", "app@orders", "pw"), "option b'AUTH\\x00'"),
+        (command("HELLO", "3", "AUTH", "app@orders", "pw", "AUTH", "x"), "repeated"),
+        (b"*3\r\n$4\r\nAUTH\r\n$999999999\r\n", "user name is longer than 1025"),
+        (b"*3\r\n$4\r\nAUTH\r\n$5\r\na@b", "closed before its first command"),
+    ],
+)
+async def test_other_first_commands_are_refused(data: bytes, message: str) -> None:
+    with pytest.raises(RouteError) as info:
+        await opening(data)
+    assert message in str(info.value)
 
 
 def test_refusal_is_one_line() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import json
 import logging
@@ -11,7 +12,14 @@ from collections.abc import Iterator
 import pytest
 
 from fleetgate.heap import HeapTrimmer
-from fleetgate.logs import CONTEXT_FIELDS, bind_context, log_format, setup_logging
+from fleetgate.logs import (
+    CONTEXT_FIELDS,
+    bind_context,
+    bound_context,
+    log_context,
+    log_format,
+    setup_logging,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -62,10 +70,10 @@ async def test_json_lines_carry_the_context_of_the_task_and_its_children(
     log.info("outside")
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [(line["message"], {k: line.get(k) for k in CONTEXT_FIELDS}) for line in lines] == [
-        ("before the session", {"session_id": None, "user": None, "database": None,
-                                "client_addr": "127.0.0.1:5000"}),
-        ("inside", {"session_id": "abc123", "user": "alice", "database": "dev-cache",
-                    "client_addr": "127.0.0.1:5000"}),
+        ("before the session", {"session_id": None, "request_id": None, "user": None,
+                                "database": None, "client_addr": "127.0.0.1:5000"}),
+        ("inside", {"session_id": "abc123", "request_id": None, "user": "alice",
+                    "database": "dev-cache", "client_addr": "127.0.0.1:5000"}),
         ("outside", dict.fromkeys(CONTEXT_FIELDS)),
     ]  # fmt: skip
     assert log_format() == "json"
@@ -84,6 +92,22 @@ async def test_text_lines_stay_as_they_were(monkeypatch: pytest.MonkeyPatch) -> 
     assert out.getvalue().rstrip().endswith(" INFO    fleetgate.test: hello")
     assert "abc123" not in out.getvalue()
     assert log_format() == "text"
+
+
+def test_a_bound_context_ends_with_its_block() -> None:
+    """Requests served one after another in one task (an HTTP connection's) do not leak
+    their ids into each other, nor into what comes after."""
+
+    def connection() -> None:
+        bind_context(client_addr="10.0.0.1:1")
+        with bound_context(request_id="r1", client_addr="10.0.0.2:2"):
+            assert dict(log_context()) == {"request_id": "r1", "client_addr": "10.0.0.2:2"}
+        with bound_context(request_id="r2"):
+            assert dict(log_context()) == {"request_id": "r2", "client_addr": "10.0.0.1:1"}
+        assert dict(log_context()) == {"client_addr": "10.0.0.1:1"}
+
+    contextvars.copy_context().run(connection)  # not this test process's context
+    assert "client_addr" not in log_context()
 
 
 def test_unknown_context_fields_are_refused() -> None:

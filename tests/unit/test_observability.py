@@ -6,8 +6,9 @@ The exported names come from the real exporters: each process's metrics classes 
 fresh registry, rendered by ``generate_latest`` and parsed back; the agent's levels
 (read from its state at each scrape) are taken from the metric families
 ``Agent._levels`` builds, read from its source, so renaming any metric fails here.
-``promtool`` is used where installed (``promtool check rules``); otherwise the rules get
-a structure check only."""
+``promtool`` is used where installed (``promtool check rules``, and ``promtool test
+rules`` with deploy/observability/alerts.test.yaml); otherwise the rules get a structure
+check only."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "observability"
 DASHBOARD = DEPLOY / "grafana-dashboard.json"
 ALERTS = DEPLOY / "alerts.yaml"
+ALERTS_TEST = DEPLOY / "alerts.test.yaml"
 OPERATIONS = ROOT / "docs" / "operations.md"
 
 METRIC = re.compile(r"\bfleetgate_[a-z_]+")
@@ -298,7 +300,10 @@ def test_alert_rules_cover_the_issue() -> None:
     assert unhealthy["for"] == "5m"
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed")
+NO_PROMTOOL = "promtool is not installed (apt-get install prometheus, or a Prometheus release)"
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason=NO_PROMTOOL)
 def test_promtool_checks_rules() -> None:
     promtool = shutil.which("promtool")
     assert promtool is not None
@@ -306,3 +311,21 @@ def test_promtool_checks_rules() -> None:
         [promtool, "check", "rules", str(ALERTS)], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    assert f"SUCCESS: {len(rules())} rules found" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason=NO_PROMTOOL)
+def test_promtool_unit_tests_of_the_alerts_pass() -> None:
+    """deploy/observability/alerts.test.yaml: series as the processes export them fire
+    (or do not fire) the alerts, with their labels and rendered annotations."""
+    promtool = shutil.which("promtool")
+    assert promtool is not None
+    done = subprocess.run(
+        [promtool, "test", "rules", str(ALERTS_TEST)], capture_output=True, text=True,
+        check=False, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    tested = yaml.safe_load(ALERTS_TEST.read_text())
+    assert tested["rule_files"] == [ALERTS.name]
+    named = {case["alertname"] for test in tested["tests"] for case in test["alert_rule_test"]}
+    assert len(named) >= 3 and named <= {rule["alert"] for rule in rules()}
