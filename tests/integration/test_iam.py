@@ -15,6 +15,8 @@ import redis.asyncio
 import redis.exceptions
 from aiobotocore.config import AioConfig
 from botocore.credentials import ReadOnlyCredentials
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from bus.schemas import AWSSpec, DatabaseResource, DatabaseSpec, MemoryDBSpec, Metadata
 from dbservice.upstream import auth as wire
@@ -93,6 +95,8 @@ async def standin(
 
 
 def client(standin: MemoryDBStandin, user: str, password: str, **kw: Any) -> redis.asyncio.Redis:
+    """redis-py to the stand-in; a refused login is tried once (redis-py's default retries
+    an AuthenticationError ten times with backoff: seconds per refusal, the same answer)."""
     host, port = standin.endpoint
     return redis.asyncio.Redis(
         host=host,
@@ -101,6 +105,7 @@ def client(standin: MemoryDBStandin, user: str, password: str, **kw: Any) -> red
         ssl_ca_certs=str(standin.ca_file),
         username=user,
         password=password,
+        retry=Retry(NoBackoff(), 0),
         **TIMEOUTS,
         **kw,
     )
