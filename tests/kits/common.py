@@ -10,11 +10,21 @@ from pathlib import Path
 import boto3
 import nkeys
 import pytest
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.kits.natsauth import new_seed, public_key
 
 ROOT = Path(__file__).resolve().parents[2]
 """The repository's top folder."""
+
+NO_RETRY = Retry(NoBackoff(), 0)
+"""``retry=`` for a redis-py client that expects a refusal: redis-py's default retries a
+ConnectionError (an AuthenticationError is one) ten times with backoff, seconds per
+refusal for the same answer."""
+NO_RETRY_ASYNC = AsyncRetry(NoBackoff(), 0)
+""":data:`NO_RETRY` for a ``redis.asyncio`` client."""
 
 SAMPLE_NATS_CONF = ROOT / "deploy" / "nats" / "nats-server.conf"
 """The production NATS config; its users' passwords come from the environment."""
