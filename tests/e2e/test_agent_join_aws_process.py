@@ -10,14 +10,13 @@ import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from bus.server import NatsServer
 from sandbox.aws import MotoServer
 from sandbox.valkeynode import ValkeyNode
-from tests.kits.common import boto, subprocess_env
+from tests.kits.common import assumed_role_env, subprocess_env
 from tests.kits.join import JoinFleet
 from tests.kits.listener import APP_PASSWORD, RawSession, add_acl_users
 from tests.kits.proxy import serve_single_node
@@ -29,17 +28,6 @@ ACC = "123456789012"
 @pytest.fixture(scope="module")
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
     yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
-
-
-def assumed(role: str, session: str) -> dict[str, str]:
-    sts: Any = boto("sts")
-    creds = sts.assume_role(RoleArn=f"arn:aws:iam::{ACC}:role/{role}", RoleSessionName=session)
-    c = creds["Credentials"]
-    return {
-        "AWS_ACCESS_KEY_ID": c["AccessKeyId"],
-        "AWS_SECRET_ACCESS_KEY": c["SecretAccessKey"],
-        "AWS_SESSION_TOKEN": c["SessionToken"],
-    }
 
 
 @pytest.mark.slow
@@ -61,7 +49,10 @@ async def test_an_agent_process_joins_with_its_aws_identity_until_its_rule_is_re
         )
         config, agent_port = fleet.agent_config("agent-1", valkey.port, method="aws")
         await fleet.start_agent(
-            "agent-1", config, agent_port, env={**env, **assumed("fleetgate-agent", "i-0abc")}
+            "agent-1",
+            config,
+            agent_port,
+            env={**env, **assumed_role_env("fleetgate-agent", "i-0abc", ACC)},
         )
         alice = fleet.identity()
         ca_pem = (alice / "ca.pem").read_text()
@@ -75,7 +66,11 @@ async def test_an_agent_process_joins_with_its_aws_identity_until_its_rule_is_re
         # another role matches no rule: that agent stops at start, saying why
         second, _ = fleet.agent_config("agent-2", valkey.port, method="aws")
         refused = await fleet.run_async(
-            "agent", "run", "-c", str(second), env={**env, **assumed("web-server", "i-0def")}
+            "agent",
+            "run",
+            "-c",
+            str(second),
+            env={**env, **assumed_role_env("web-server", "i-0def", ACC)},
         )
         assert refused.returncode == 2, refused.stderr
         assert (
