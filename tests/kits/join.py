@@ -94,7 +94,7 @@ class JoinFleet:
     async def run_async(
         self, *args: str, env: dict[str, str] | None = None
     ) -> subprocess.CompletedProcess[str]:
-        """:meth:`run` in a thread: for a command that talks to a process of this loop."""
+        """:meth:`run` in a thread, so that this event loop's tasks go on meanwhile."""
         return await asyncio.to_thread(self.run, *args, env=env)
 
     def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
