@@ -24,7 +24,7 @@ from tests.kits.agent import wait_until
 from tests.kits.discovery import DiscoveryProcesses, discovery_processes
 
 ACCOUNT = "123456789012"
-PERIOD = 2.0
+PERIOD = 3.0
 REGIONS = ("us-east-1", "eu-west-1", "ap-south-1")
 CONFIG = f"""
 discovery_service:
