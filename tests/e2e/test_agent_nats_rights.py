@@ -10,8 +10,6 @@ from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import nats
-import nats.aio.client
 import pytest
 
 from bus import Bus, joins
@@ -20,31 +18,15 @@ from bus.schemas import utcnow
 from bus.server import NatsServer
 from dbservice.auth.natsrights import nats_credentials_for
 from tests.e2e.test_access_process import fleetgate, free_port, wait_listening
-from tests.kits.common import CALLOUT_SEED, SAMPLE_NATS_CONF, sample_nats_passwords, subprocess_env
+from tests.kits.common import CALLOUT_SEED, subprocess_env
+from tests.kits.join import callout_seed_file, nats_login, secured_nats
 
 HOST = "7c1d9e0a-2222-4000-8000-000000000001"
 
 
 @pytest.fixture
 def secured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NatsServer]:
-    sample_nats_passwords(monkeypatch)
-    server = NatsServer(tmp_path / "nats", config_file=SAMPLE_NATS_CONF).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-async def login(url: str) -> str:
-    """ "ok", or the reason the server gave for refusing the login."""
-    client = nats.aio.client.Client()
-    try:
-        await client.connect(url, allow_reconnect=False, max_reconnect_attempts=0)
-    except Exception as exc:
-        return str(exc)
-    finally:
-        await client.close()
-    return "ok"
+    yield from secured_nats(tmp_path, monkeypatch)
 
 
 async def add_joined_agent(url: str, host_id: str) -> None:
@@ -66,9 +48,7 @@ def test_auth_run_admits_each_agent_as_itself(secured: NatsServer, tmp_path: Pat
     ca_dir = tmp_path / "ca"
     assert fleetgate(admin, "auth", "init", "--dir", str(ca_dir)).returncode == 0
     asyncio.run(add_joined_agent(f"nats://admin:pw-admin@{base}", HOST))
-    seed = tmp_path / "nats-callout.seed"
-    seed.write_bytes(CALLOUT_SEED + b"\n")
-    seed.chmod(0o600)
+    seed = callout_seed_file(tmp_path)
     port = free_port()
     config = tmp_path / "auth.yaml"
     config.write_text(
@@ -82,11 +62,11 @@ def test_auth_run_admits_each_agent_as_itself(secured: NatsServer, tmp_path: Pat
     try:
         wait_listening(port, server)
         creds = nats_credentials_for(HOST, CALLOUT_SEED)
-        assert asyncio.run(login(f"nats://{creds.user}:{creds.password}@{base}")) == "ok"
-        refused = asyncio.run(login(f"nats://{creds.user}:guessed@{base}"))
+        assert asyncio.run(nats_login(f"nats://{creds.user}:{creds.password}@{base}")) == "ok"
+        refused = asyncio.run(nats_login(f"nats://{creds.user}:guessed@{base}"))
         assert "authorization" in refused.lower()
         assert (
-            asyncio.run(login(f"nats://reader:pw-reader@{base}")) == "ok"
+            asyncio.run(nats_login(f"nats://reader:pw-reader@{base}")) == "ok"
         )  # fixed users as before
     finally:
         server.terminate()

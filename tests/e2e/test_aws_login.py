@@ -33,7 +33,7 @@ from dbservice.route import RouteRefused
 from sandbox.aws import MotoServer
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.agent import running_agent
-from tests.kits.common import boto
+from tests.kits.common import assumed_role_env
 from tests.kits.connect import StandInAgent, Tunnel, World, resource, world
 from tests.kits.listener import (
     APP_PASSWORD,
@@ -75,14 +75,7 @@ async def w(
 
 def assume(role: str, session: str = "job-42") -> dict[str, str]:
     """Credentials of an assumed role from moto's STS, as a CI job's environment has."""
-    sts: Any = boto("sts")
-    creds = sts.assume_role(RoleArn=f"arn:aws:iam::{ACC}:role/{role}", RoleSessionName=session)
-    c = creds["Credentials"]
-    return {
-        "AWS_ACCESS_KEY_ID": c["AccessKeyId"],
-        "AWS_SECRET_ACCESS_KEY": c["SecretAccessKey"],
-        "AWS_SESSION_TOKEN": c["SessionToken"],
-    }
+    return assumed_role_env(role, session, ACC)
 
 
 async def login_aws(w: World, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:

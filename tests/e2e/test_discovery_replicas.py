@@ -8,10 +8,8 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ from bus.server import NatsServer
 from sandbox.aws import MotoServer
 from tests.kits import seed
 from tests.kits.agent import wait_until
-from tests.kits.common import subprocess_env
+from tests.kits.discovery import DiscoveryProcesses, discovery_processes
 
 ACCOUNT = "123456789012"
 PERIOD = 3.0
@@ -38,61 +36,12 @@ discovery_service:
 """
 
 
-class Replicas:
-    """``fleetgate discovery run`` processes, each logging to its own file."""
-
-    def __init__(self, tmp_path: Path, nats_url: str) -> None:
-        self.tmp_path = tmp_path
-        self.config = tmp_path / "discovery.yaml"
-        self.config.write_text(f"nats: {{url: {nats_url}}}\n{CONFIG}")
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self) -> subprocess.Popen[bytes]:
-        log = self.tmp_path / f"replica-{len(self.procs)}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "fleetgate", "discovery", "run", "-c", str(self.config)],
-                env=subprocess_env(),
-                stdout=subprocess.DEVNULL,
-                stderr=out,
-            )
-        self.procs.append(proc)
-        return proc
-
-    def log(self, proc: subprocess.Popen[bytes]) -> str:
-        return (self.tmp_path / f"replica-{self.procs.index(proc)}.log").read_text()
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                with contextlib.suppress(OSError):
-                    os.kill(proc.pid, signal.SIGCONT)
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
 @pytest.fixture
-def replicas(aws: MotoServer, nats_server: NatsServer, tmp_path: Path) -> Iterator[Replicas]:
-    fleet = Replicas(tmp_path, nats_server.url)
-    try:
+def replicas(
+    aws: MotoServer, nats_server: NatsServer, tmp_path: Path
+) -> Iterator[DiscoveryProcesses]:
+    with discovery_processes(tmp_path, nats_server.url, CONFIG) as fleet:
         yield fleet
-    finally:
-        fleet.stop_all()
-
-
-@pytest.fixture
-async def watcher(nats_server: NatsServer) -> AsyncIterator[Bus]:
-    bus = await Bus.connect(nats_server.url, name="test")
-    await bus.provision()
-    try:
-        yield bus
-    finally:
-        await bus.close()
 
 
 def pid_of(holder: str) -> int:
@@ -109,14 +58,14 @@ async def statuses(bus: Bus) -> dict[str, FetcherStatus]:
     return {s.fetcher: s for s in await bus.list_fetcher_status()}
 
 
-async def test_replicas_kill_and_pause(replicas: Replicas, watcher: Bus) -> None:
+async def test_replicas_kill_and_pause(replicas: DiscoveryProcesses, bus: Bus) -> None:
     for region in REGIONS:
         seed.cluster(region, "orders", tags={"team": "a"})
     orders = f"orders-memorydb-us-east-1-{ACCOUNT}"
     deletes: list[str] = []
 
     async def record_deletes() -> None:
-        async with contextlib.aclosing(watcher.watch_resources()) as events:
+        async with contextlib.aclosing(bus.watch_resources()) as events:
             async for event in events:
                 if event.kind == "deleted":
                     deletes.append(event.key)
@@ -125,15 +74,15 @@ async def test_replicas_kill_and_pause(replicas: Replicas, watcher: Bus) -> None
     try:
         a = replicas.start()
         await wait_until(
-            lambda: _holds_all(watcher, a.pid), limit=30, what="the first replica to hold all"
+            lambda: _holds_all(bus, a.pid), limit=30, what="the first replica to hold all"
         )
         b = replicas.start()
         await wait_until(lambda: "polls 0 of 3 fetchers" in replicas.log(b), limit=30)
         await wait_until(
-            lambda: _all_polled_by(watcher, a.pid), limit=30, what="every fetcher polled by a"
+            lambda: _all_polled_by(bus, a.pid), limit=30, what="every fetcher polled by a"
         )
-        assert len(await watcher.list_resources()) == len(REGIONS)
-        assert await holders(watcher) == [a.pid] * 3  # b stands by, polls nothing
+        assert len(await bus.list_resources()) == len(REGIONS)
+        assert await holders(bus) == [a.pid] * 3  # b stands by, polls nothing
         assert ": 0 fetchers (0 not ok)" in replicas.log(b)
         assert "s: 3 fetchers" not in replicas.log(b)  # no "poll done in 0.1s: 3 ..."
 
@@ -141,9 +90,9 @@ async def test_replicas_kill_and_pause(replicas: Replicas, watcher: Bus) -> None
         killed = time.monotonic()
         a.send_signal(signal.SIGKILL)
         a.wait()
-        await wait_until(lambda: _holds_all(watcher, b.pid), limit=15, what="b's takeover")
+        await wait_until(lambda: _holds_all(bus, b.pid), limit=15, what="b's takeover")
         takeover = time.monotonic() - killed
-        await wait_until(lambda: _all_polled_by(watcher, b.pid), limit=15, what="b's poll")
+        await wait_until(lambda: _all_polled_by(bus, b.pid), limit=15, what="b's poll")
         first_poll = time.monotonic() - killed
         print(
             f"\nSIGKILL of the holder -> every lease taken over in {takeover:.2f}s, "
@@ -161,27 +110,27 @@ async def test_replicas_kill_and_pause(replicas: Replicas, watcher: Bus) -> None
         await wait_until(lambda: "polls 0 of 3 fetchers" in replicas.log(c), limit=30)
         paused = time.monotonic()
         os.kill(b.pid, signal.SIGSTOP)
-        await wait_until(lambda: _holds_all(watcher, c.pid), limit=15, what="c's takeover")
+        await wait_until(lambda: _holds_all(bus, c.pid), limit=15, what="c's takeover")
         print(f"SIGSTOP of the holder -> taken over in {time.monotonic() - paused:.2f}s")
-        current = await watcher.get_resource(orders)
+        current = await bus.get_resource(orders)
         assert current is not None
         seed.tag("us-east-1", _arn(current), {"team": "c"})
         await wait_until(
-            lambda: _label(watcher, orders, "team", "c"), limit=15, what="c's write of team=c"
+            lambda: _label(bus, orders, "team", "c"), limit=15, what="c's write of team=c"
         )
         key = subjects.database_key(orders)
-        written = await cas.read(watcher, subjects.DATABASES_BUCKET, key, DatabaseResource)
+        written = await cas.read(bus, subjects.DATABASES_BUCKET, key, DatabaseResource)
         assert written is not None
         os.kill(b.pid, signal.SIGCONT)
         await wait_until(lambda: "lost the lease" in replicas.log(b), limit=15, what="b knows")
         await asyncio.sleep(3 * PERIOD)  # b runs again: its scheduler, its leases, polls
-        after = await cas.read(watcher, subjects.DATABASES_BUCKET, key, DatabaseResource)
+        after = await cas.read(bus, subjects.DATABASES_BUCKET, key, DatabaseResource)
         assert after == written  # the same revision: nobody wrote it since c did
-        assert await holders(watcher) == [c.pid] * 3
-        polled_by = {s.replica for s in (await statuses(watcher)).values()}
+        assert await holders(bus) == [c.pid] * 3
+        polled_by = {s.replica for s in (await statuses(bus)).values()}
         assert polled_by == {_replica_of(replicas.log(c))}
         assert deletes == []  # no replica ever deleted an entry
-        assert len(await watcher.list_resources()) == len(REGIONS)
+        assert len(await bus.list_resources()) == len(REGIONS)
     finally:
         watching.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -218,7 +167,7 @@ def _replica_of(log: str) -> str:
 
 
 def test_once_leaves_held_fetchers_to_their_replica_and_status_names_it(
-    replicas: Replicas, nats_server: NatsServer, capsys: pytest.CaptureFixture[str]
+    replicas: DiscoveryProcesses, nats_server: NatsServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from fleetgate.cli import main
 

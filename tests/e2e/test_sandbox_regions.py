@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from bus import subjects
+from sandbox.natsfleet import monitor
 from tests.e2e.test_sandbox import STAGING_DB, Sandbox, Tunnel, _env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -161,6 +162,15 @@ def test_a_whole_hub_restart_shows_in_status_and_heals_by_itself(regions: Sandbo
 
     # back by itself: servers started again, routes, JetStream, links, heartbeats
     deadline = time.monotonic() + 90
+    # status reads the registry: asked before the restarted hubs' JetStream is current,
+    # it waits out its request timeout (10 s); their /healthz says when it is
+    while not all(
+        monitor(s["monitor_port"], "/healthz")[0] == 200
+        for s in regions.state()["nats_servers"]
+        if s["role"] == "hub"
+    ):
+        assert time.monotonic() < deadline, "the hubs' JetStream did not come back"
+        time.sleep(0.2)
     while True:
         code, doc = status(regions)
         if code == 0 or time.monotonic() > deadline:

@@ -23,7 +23,8 @@ from bus.server import NatsServer
 from dbservice.auth.agentrights import AgentRights
 from dbservice.auth.natsrights import AgentAuthorizer, nats_credentials_for
 from dbservice.auth.service import callout_answer
-from tests.kits.common import CALLOUT_SEED, SAMPLE_NATS_CONF, sample_nats_passwords
+from tests.kits.common import CALLOUT_SEED
+from tests.kits.join import nats_login, secured_nats
 
 HOST_A = "0b6c2b7e-0000-4000-8000-0000000000a1"
 HOST_B = "0b6c2b7e-0000-4000-8000-0000000000b2"
@@ -31,12 +32,7 @@ HOST_B = "0b6c2b7e-0000-4000-8000-0000000000b2"
 
 @pytest.fixture
 def secured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NatsServer]:
-    sample_nats_passwords(monkeypatch)
-    server = NatsServer(tmp_path / "nats", config_file=SAMPLE_NATS_CONF).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from secured_nats(tmp_path, monkeypatch)
 
 
 @pytest.fixture
@@ -83,36 +79,24 @@ def url(server: NatsServer, host_id: str) -> str:
     return f"nats://{creds.user}:{creds.password}@127.0.0.1:{server.port}"
 
 
-async def login(target: str) -> str:
-    """ "ok", or why the server refused."""
-    client = nats.aio.client.Client()
-    try:
-        await client.connect(target, allow_reconnect=False, max_reconnect_attempts=0)
-    except Exception as exc:
-        return str(exc) or type(exc).__name__
-    finally:
-        await client.close()
-    return "ok"
-
-
 async def test_a_removed_agent_is_refused_from_its_next_connection(
     secured: NatsServer, admin: Bus, auth: AgentRights, caplog: pytest.LogCaptureFixture
 ) -> None:
     # never joined: its derived password alone does not admit it
-    assert "authorization" in (await login(url(secured, HOST_A))).lower()
+    assert "authorization" in (await nats_login(url(secured, HOST_A))).lower()
     await joined(admin, HOST_A)
     token_b = await joined(admin, HOST_B)
     # an open connection of A, as the running agent has
     running = await nats.connect(url(secured, HOST_A), allow_reconnect=False)
     try:
-        assert await login(url(secured, HOST_A)) == "ok"
-        assert await login(url(secured, HOST_B)) == "ok"
+        assert await nats_login(url(secured, HOST_A)) == "ok"
+        assert await nats_login(url(secured, HOST_B)) == "ok"
         assert await joins.delete_agent(admin, HOST_A)  # fleetgate agents rm
-        assert "authorization" in (await login(url(secured, HOST_A))).lower()
+        assert "authorization" in (await nats_login(url(secured, HOST_A))).lower()
         assert running.is_connected  # until its user JWT expires (nats_callout.ttl)
-        assert await login(url(secured, HOST_B)) == "ok"
+        assert await nats_login(url(secured, HOST_B)) == "ok"
         assert await joins.delete_token(admin, token_b)  # fleetgate tokens rm
-        assert "authorization" in (await login(url(secured, HOST_B))).lower()
+        assert "authorization" in (await nats_login(url(secured, HOST_B))).lower()
     finally:
         await running.close()
     assert "not a joined agent" in caplog.text

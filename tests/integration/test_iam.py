@@ -24,6 +24,7 @@ from sandbox.aws import ACL_MEMBERS, MotoServer, assumed_role
 from sandbox.iamfront import IamFront, MemoryDBLogin, check_token
 from sandbox.memorydb import MemoryDBStandin, StandinConfig
 from tests.kits import seed as seed
+from tests.kits.common import NO_RETRY_ASYNC
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -93,6 +94,7 @@ async def standin(
 
 
 def client(standin: MemoryDBStandin, user: str, password: str, **kw: Any) -> redis.asyncio.Redis:
+    """redis-py to the stand-in; a refused login is tried once (:data:`NO_RETRY_ASYNC`)."""
     host, port = standin.endpoint
     return redis.asyncio.Redis(
         host=host,
@@ -101,6 +103,7 @@ def client(standin: MemoryDBStandin, user: str, password: str, **kw: Any) -> red
         ssl_ca_certs=str(standin.ca_file),
         username=user,
         password=password,
+        retry=NO_RETRY_ASYNC,
         **TIMEOUTS,
         **kw,
     )

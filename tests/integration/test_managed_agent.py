@@ -47,9 +47,9 @@ CFG_NAME = f"clustercfg.{CLUSTER}.abc123.memorydb.{REGION}.amazonaws.com"
 INITIAL = "a-password-a-human-once-knew-0123456789"
 BOB_PASSWORD = "bob-password-0123456789"
 INTERVAL = 2.0
-SOAK = float(os.environ.get("FLEETGATE_MANAGED_SOAK", "60"))
-"""Seconds of rotation under load: the issue's minute (FLEETGATE_MANAGED_SOAK=20 for a
-quicker run)."""
+SOAK = float(os.environ.get("FLEETGATE_MANAGED_SOAK", "20"))
+"""Seconds of rotation under load: 20 s (about nine rotations) in the suite;
+FLEETGATE_MANAGED_SOAK=60 for the issue's minute (docs/managed-users.md has both)."""
 SECRET = secret_name("fleetgate/", REGION, ACCOUNT, "app")
 KEY = subjects.managed_user_key(REGION, ACCOUNT, "app")
 
@@ -295,7 +295,18 @@ async def test_two_agents_rotate_while_clients_keep_working(
         fetches = [m.passwords.fetches for m in services]
         retries = [m.passwords.retries for m in services]
         every_version = len(versions())
-        current_pw, previous_pw = password("AWSCURRENT"), password("AWSPREVIOUS")
+        # the user holds the secret's previous and current passwords, read while no
+        # rotation is between its two writes (the agents rotate on: read here and compared
+        # after the stop, a rotation in between failed the test)
+        pair = ("", "")
+
+        def in_step() -> bool:
+            nonlocal pair
+            pair = (password("AWSPREVIOUS"), password("AWSCURRENT"))
+            return USER_PASSWORDS[(ACCOUNT, REGION, "app")] == pair
+
+        await wait_until(in_step, 10, "the user's passwords to be its secret's two")
+        previous_pw, current_pw = pair
         records = await leases.records(bus, subjects.LEASES_BUCKET, ManagedUser)
 
     print(
@@ -313,7 +324,6 @@ async def test_two_agents_rotate_while_clients_keep_working(
     gaps = [b[1] - a[1] for a, b in itertools.pairwise(seen)]
     assert gaps and min(gaps) >= INTERVAL
     assert login.max_passwords <= 2
-    assert USER_PASSWORDS[(ACCOUNT, REGION, "app")] == (previous_pw, current_pw)
     # one Secrets Manager read per rotation per agent (not per connection)
     # (the first login after set-up reads AWSPREVIOUS, finds none, and reads AWSCURRENT; a
     # retry after WRONGPASS reads at most two)

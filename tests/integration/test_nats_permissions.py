@@ -55,6 +55,7 @@ from tests.kits import seed as seed
 from tests.kits.agent import agent_config, running_agent, wait_until
 from tests.kits.agent import db as agent_db
 from tests.kits.common import CALLOUT_SEED, SAMPLE_NATS_CONF, sample_nats_passwords
+from tests.kits.join import secured_nats
 from tests.kits.listener import APP_PASSWORD, RawSession, add_acl_users, make_fleet, static_db
 from tests.kits.proxy import serve_single_node
 
@@ -68,12 +69,7 @@ def db(name: str) -> DatabaseResource:
 
 @pytest.fixture
 def secured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[NatsServer]:
-    sample_nats_passwords(monkeypatch)
-    server = NatsServer(tmp_path / "nats", config_file=CONFIG).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from secured_nats(tmp_path, monkeypatch)
 
 
 @pytest.fixture

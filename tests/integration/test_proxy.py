@@ -16,6 +16,7 @@ import redis.asyncio as aredis
 from dbservice.engine.proxy import Action, Hello, PassThroughHooks, ProxyLimits, ProxyTimeouts
 from sandbox.valkeynode import ValkeyNode
 from tests.kits import proxy as proxykit
+from tests.kits.common import NO_RETRY
 from tests.kits.proxy import RawClient, Recorder, ThreadedProxy, cmd
 
 node, proxy = proxykit.node, proxykit.proxy  # the kit's fixtures, used by name
@@ -24,7 +25,14 @@ PROTOCOLS = [2, 3]
 
 
 def client(proxy: ThreadedProxy, protocol: int = 2, **kwargs: object) -> redis.Redis:
-    return redis.Redis(port=proxy.port, protocol=protocol, socket_timeout=10, **kwargs)  # type: ignore[arg-type]
+    """redis-py through the proxy; a refusal is answered once (:data:`NO_RETRY`)."""
+    return redis.Redis(
+        port=proxy.port,
+        protocol=protocol,
+        socket_timeout=10,
+        retry=NO_RETRY,
+        **kwargs,  # type: ignore[arg-type]
+    )
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

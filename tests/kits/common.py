@@ -6,15 +6,26 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import boto3
 import nkeys
 import pytest
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from tests.kits.natsauth import new_seed, public_key
 
 ROOT = Path(__file__).resolve().parents[2]
 """The repository's top folder."""
+
+NO_RETRY = Retry(NoBackoff(), 0)
+"""``retry=`` for a redis-py client that expects a refusal: redis-py's default retries a
+ConnectionError (an AuthenticationError is one) ten times with backoff, seconds per
+refusal for the same answer."""
+NO_RETRY_ASYNC = AsyncRetry(NoBackoff(), 0)
+""":data:`NO_RETRY` for a ``redis.asyncio`` client."""
 
 SAMPLE_NATS_CONF = ROOT / "deploy" / "nats" / "nats-server.conf"
 """The production NATS config; its users' passwords come from the environment."""
@@ -38,6 +49,19 @@ def sample_nats_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
 def boto(service: str, region: str = "us-east-1", **kwargs: object) -> object:
     """A boto3 client against the current environment (moto, when ``aws`` is in use)."""
     return boto3.client(service, region_name=region, **kwargs)
+
+
+def assumed_role_env(role: str, session: str, account: str = "123456789012") -> dict[str, str]:
+    """The AWS environment of a process that assumed ``role`` of ``account`` through STS
+    (moto's, when ``aws`` is in use): its access key, secret key and session token."""
+    sts: Any = boto("sts")
+    arn = f"arn:aws:iam::{account}:role/{role}"
+    c = sts.assume_role(RoleArn=arn, RoleSessionName=session)["Credentials"]
+    return {
+        "AWS_ACCESS_KEY_ID": c["AccessKeyId"],
+        "AWS_SECRET_ACCESS_KEY": c["SecretAccessKey"],
+        "AWS_SESSION_TOKEN": c["SessionToken"],
+    }
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
