@@ -563,7 +563,16 @@ async def test_cleanup_prints_its_verdicts_as_json(
     """``managed cleanup --format json``: one object per managed user with its verdict,
     the same verdicts the text lines show; no secret is touched with --dry-run."""
     ref = ref_of("app", make_user("app"))
-    assert await rotator(lease_bus, "h1").cycle(ref) == "set-up"
+    hour_ago = time.time() - 3600  # set up an hour ago (CLOCK is other tests' time)
+    auth = IamAuth()
+    one = Rotator(
+        lease_bus,
+        "h1",
+        lambda ref: ManagedAws(auth, ref.region, ref.roles),
+        RotationSettings(interval=INTERVAL, jitter=0.0, lease=LEASE),
+        clock=lambda: hour_ago,
+    )
+    assert await one.cycle(ref) == "set-up"
     argv = ["managed", "cleanup", "--grace", "0", "--dry-run", "--nats", nats_server.url]
     assert await asyncio.to_thread(main, [*argv, "--format", "json"]) == 0
     [verdict] = json.loads(capsys.readouterr().out)
