@@ -406,11 +406,21 @@ def stop_leftovers(directory: Path, state: SandboxState) -> list[str]:
     return notes
 
 
-def down(directory: Path) -> int:
+def down(directory: Path, fmt: str = "text") -> int:
+    """Stop the sandbox in ``directory``; say what was done (``fmt`` json: one object with
+    dir, outcome, notes and ports)."""
+
+    def done(outcome: str, text: str, notes: list[str], ports: int) -> int:
+        if fmt == "json":
+            doc = {"dir": str(directory), "outcome": outcome, "notes": notes, "ports": ports}
+            print(json.dumps(doc, indent=2))
+        else:
+            print(text)
+        return 0
+
     state = SandboxState.load(directory)
     if state is None:
-        print(f"no sandbox in {directory}: nothing to stop")
-        return 0
+        return done("no sandbox", f"no sandbox in {directory}: nothing to stop", [], 0)
     notes: list[str] = []
     supervisor = state.pid if pid_alive(state.pid) and "sandbox" in cmdline(state.pid) else None
     if supervisor is not None:
@@ -430,16 +440,18 @@ def down(directory: Path) -> int:
         busy = [p for p in busy if not port_free(p)]
         if busy:
             time.sleep(0.05)
-    for note in notes:
-        print(f"note: {note}")
     alive = [p for p in state.pids if _is_sandbox_process(p, directory)]
+    for note in notes if fmt != "json" or alive or busy else ():
+        print(f"note: {note}", file=sys.stdout if fmt != "json" else sys.stderr)
     if alive or busy:
         print(f"fleetgate: error: the sandbox in {directory} left processes {alive} and "
               f"ports in use {busy}", file=sys.stderr)  # fmt: skip
         return 1
     if supervisor is None and not notes:
-        print(f"sandbox in {directory} is not running: nothing to stop")
-        return 0
+        text = f"sandbox in {directory} is not running: nothing to stop"
+        return done("not running", text, notes, len(state.ports))
     was = "stopped" if supervisor is not None else "was not running; cleaned up"
-    print(f"sandbox in {directory} {was}: no process left, {len(state.ports)} ports free")
-    return 0
+    text = f"sandbox in {directory} {was}: no process left, {len(state.ports)} ports free"
+    return done(
+        "stopped" if supervisor is not None else "cleaned up", text, notes, len(state.ports)
+    )

@@ -34,6 +34,7 @@ from bus.errors import BusError
 from bus.settings import NATS_HELP, resolve_nats
 from fleetgate import aio
 from fleetgate.cli.errors import UsageError
+from fleetgate.cli.output import add_format, print_json
 from fleetgate.cli.tables import print_table
 from fleetgate.config import ConfigError, load_model, read_yaml
 from fleetgate.durations import format_duration, parse_duration
@@ -46,6 +47,8 @@ Common = Callable[[argparse.ArgumentParser], None]
 
 DEFAULT_CA_DIR = "/var/lib/fleetgate/ca"
 LIST_JSON = "json: a list of objects, one per row (default text: a table)"
+LOGOUT_JSON = "one object with name (the database, or null for all) and removed (the paths)"
+REMOVED_JSON = "one object with name and removed (true)"
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
@@ -140,6 +143,7 @@ def register(sub: Any, common: Common) -> None:
         "database's kept state under FLEETGATE_HOME, and say what was removed. The pinned "
         "CA of the auth service stays (it is trust, not a credential). Safe to repeat.",
     )
+    add_format(out, LOGOUT_JSON, text="a line per removed path")
     common(out)
     out.set_defaults(handler=_logout, name=None)
 
@@ -148,6 +152,7 @@ def register_logout(actions: Any, common: Common) -> None:
     """``fleetgate db logout [NAME]`` (added to the ``db`` group)."""
     out = actions.add_parser("logout", help="remove your credentials (or one database's)")
     out.add_argument("name", nargs="?", help="only this database's local state")
+    add_format(out, LOGOUT_JSON, text="a line per removed path")
     common(out)
     out.set_defaults(handler=_logout)
 
@@ -162,6 +167,11 @@ def _register_auth(sub: Any, common: Common) -> None:
     init.add_argument("--dir", required=True, help="CA directory on the auth host")
     init.add_argument("--force", action="store_true", help="replace an existing CA")
     init.add_argument("--nats", help=NATS_HELP)
+    add_format(
+        init,
+        "one object with created (false: the existing CA was kept), dir, key, cert and fingerprint",
+        text="what was done and what to give people",
+    )
     common(init)
     init.set_defaults(handler=_auth_init)
     run = actions.add_parser("run", help="serve logins over HTTPS")
@@ -181,6 +191,12 @@ def _register_auth(sub: Any, common: Common) -> None:
         help=f"CA directory (default: FLEETGATE_CA_DIR or {DEFAULT_CA_DIR})",
     )
     sign.add_argument("--nats", help=NATS_HELP)
+    add_format(
+        sign,
+        "one object with user (null for --host), hosts (null for --user), roles, expires, "
+        "ttl (seconds), capped and files (the paths written: key, certificate, CA)",
+        text="who it is for, until when, and the files",
+    )
     common(sign)
     sign.set_defaults(handler=_auth_sign)
 
@@ -192,6 +208,17 @@ def _auth_init(args: argparse.Namespace) -> int:
         async with await Bus.connect(resolve_nats(args.nats), name="fleetgate-admin") as bus:
             result = await init_ca(bus, Path(args.dir), force=args.force)
             await ensure_audit_stream(bus)
+        if args.format == "json":
+            print_json(
+                {
+                    "created": result.created,
+                    "dir": args.dir,
+                    "key": f"{args.dir}/ca.key",
+                    "cert": str(result.cert_path),
+                    "fingerprint": result.ca.fingerprint,
+                }
+            )
+            return 0
         verb = "created" if result.created else "kept the existing"
         print(f"{verb} fleet CA in {args.dir} (key {args.dir}/ca.key, mode 0600)")
         print(f"published its certificate to the registry; fingerprint {result.ca.fingerprint}")
@@ -224,6 +251,19 @@ def _auth_sign(args: argparse.Namespace) -> int:
             files = sign_host(ca, args.host, args.ttl, out)
         except ValueError as exc:
             raise UsageError(f"--host: {exc}") from None
+        if args.format == "json":
+            print_json(
+                {
+                    "user": None,
+                    "hosts": args.host,
+                    "roles": [],
+                    "expires": _cert_expires(files),
+                    "ttl": args.ttl,
+                    "capped": False,
+                    "files": [str(f) for f in files],
+                }
+            )
+            return 0
         print(f"server certificate for {', '.join(args.host)}, {format_duration(args.ttl)}:")
         print("\n".join(f"  {f}" for f in files))
         return 0
@@ -236,6 +276,19 @@ def _auth_sign(args: argparse.Namespace) -> int:
                 await publish_event(bus, sign_event(result, os.uname().nodename))
             except BusError as exc:
                 print(f"fleetgate: warning: not audited: {exc}", file=sys.stderr)
+        if args.format == "json":
+            print_json(
+                {
+                    "user": result.identity.user,
+                    "hosts": None,
+                    "roles": list(result.identity.roles),
+                    "expires": result.identity.model_dump(mode="json")["expires"],
+                    "ttl": result.ttl,
+                    "capped": result.capped,
+                    "files": [str(f) for f in result.files],
+                }
+            )
+            return 0
         capped = " (capped by the user's roles)" if result.capped else ""
         print(
             f"certificate for {result.identity.user} "
@@ -246,6 +299,14 @@ def _auth_sign(args: argparse.Namespace) -> int:
         return 0
 
     return _run(go())
+
+
+def _cert_expires(files: tuple[Path, ...]) -> str:
+    """When the certificate just written (``cert.pem``, the second file) expires."""
+    from dbservice.access.ca import load_certs
+
+    [cert, *_] = load_certs(files[1].read_bytes())
+    return cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")  # as identities show it
 
 
 # -- users -----------------------------------------------------------------------------
@@ -290,6 +351,20 @@ def _register_users(sub: Any, common: Common) -> None:
     ls_aws.add_argument("--format", default="text", choices=["text", "json"], help=LIST_JSON)
     rm_aws = actions.add_parser("rm-aws", help="remove an AWS identity rule")
     rm_aws.add_argument("name")
+    add_format(
+        add,
+        "one object with name, roles, db_users, password and totp (booleans: how the user "
+        "logs in) and totp_uri (the one-time code secret, shown only now; null without "
+        "--totp)",
+        text="the user, its roles and how it logs in",
+    )
+    add_format(rm, REMOVED_JSON)
+    add_format(
+        add_aws,
+        "the rule as one object, as users ls-aws --format json shows it (name, arns, "
+        "account, roles, db_users, ttl)",
+    )
+    add_format(rm_aws, REMOVED_JSON)
     for parser, handler in (
         (add, _users_add),
         (ls, _users_ls),
@@ -326,6 +401,18 @@ def _users_add(args: argparse.Namespace) -> int:
                 totp_secret=totp,
                 replace=args.replace,
             )
+        if args.format == "json":
+            print_json(
+                {
+                    "name": user.name,
+                    "roles": list(user.roles),
+                    "db_users": list(user.db_users),
+                    "password": password_hash is not None,
+                    "totp": totp is not None,
+                    "totp_uri": totp_uri(totp, user.name) if totp else None,
+                }
+            )
+            return 0
         print(f"user {user.name} with roles {', '.join(user.roles)}")
         if password_hash is None:
             print("no password: certificates only from fleetgate auth sign --user", user.name)
@@ -372,6 +459,9 @@ def _users_rm(args: argparse.Namespace) -> int:
             if await get_user(bus, args.name) is None:
                 raise UsageError(f"no user {args.name!r} (see fleetgate users ls)")
             await delete_user(bus, args.name)
+        if args.format == "json":
+            print_json({"name": args.name, "removed": True})
+            return 0
         print(f"removed user {args.name}; certificates already issued last until they expire")
         return 0
 
@@ -393,6 +483,9 @@ def _users_add_aws(args: argparse.Namespace) -> int:
                 ttl=args.ttl,
                 replace=args.replace,
             )
+        if args.format == "json":
+            print_json(rule.model_dump(mode="json"))
+            return 0
         account = f" in account {rule.account}" if rule.account else ""
         print(
             f"AWS identities matching {', '.join(rule.arns)}{account} log in as {rule.name} "
@@ -428,6 +521,9 @@ def _users_rm_aws(args: argparse.Namespace) -> int:
             if await get_aws_rule(bus, args.name) is None:
                 raise UsageError(f"no AWS rule {args.name!r} (see fleetgate users ls-aws)")
             await delete_aws_rule(bus, args.name)
+        if args.format == "json":
+            print_json({"name": args.name, "removed": True})
+            return 0
         print(f"removed AWS rule {args.name}; certificates already issued last until they expire")
         return 0
 
@@ -453,6 +549,16 @@ def _register_roles(sub: Any, common: Common) -> None:
     )
     rm = actions.add_parser("rm", help="remove a role")
     rm.add_argument("name")
+    add_format(
+        create,
+        "one object with name and action (created or replaced)",
+    )
+    add_format(
+        rm,
+        "one object with name, removed (true) and still_named_by (the users whose roles "
+        "still name it; it grants them nothing now)",
+        text="a line, and a note naming the users that still name it",
+    )
     for parser, handler in ((create, _roles_create), (ls, _roles_ls), (rm, _roles_rm)):
         parser.add_argument("--nats", help=NATS_HELP)
         common(parser)
@@ -474,7 +580,11 @@ def _roles_create(args: argparse.Namespace) -> int:
             if exists and not args.replace:
                 raise UsageError(f"role {role.name!r} exists already; pass --replace to change it")
             await put_role(bus, role)
-        print(f"{'replaced' if exists else 'created'} role {role.name}")
+        action = "replaced" if exists else "created"
+        if args.format == "json":
+            print_json({"name": role.name, "action": action})
+            return 0
+        print(f"{action} role {role.name}")
         return 0
 
     return _run(go())
@@ -511,6 +621,9 @@ def _roles_rm(args: argparse.Namespace) -> int:
                 raise UsageError(f"no role {args.name!r} (see fleetgate roles ls)")
             holders = [u.name for u in await list_users(bus) if args.name in u.roles]
             await delete_role(bus, args.name)
+        if args.format == "json":
+            print_json({"name": args.name, "removed": True, "still_named_by": holders})
+            return 0
         print(f"removed role {args.name}")
         if holders:
             print(f"note: still named by users {', '.join(holders)} (it grants them nothing now)")
@@ -631,6 +744,9 @@ def _logout(args: argparse.Namespace) -> int:
     from client.login import logout
 
     removed = _run_sync(lambda: logout(args.name))
+    if args.format == "json":
+        print_json({"name": args.name, "removed": [str(p) for p in removed]})
+        return 0
     if not removed:
         print("nothing to remove" + (f" for {args.name}" if args.name else ""))
     for path in removed:

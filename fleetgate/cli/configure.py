@@ -54,6 +54,13 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
         metavar="ARN",
         help="IAM role the process assumes (matcher or database assume_role_arn; repeat)",
     )
+    policy.add_argument(
+        "--format",
+        default="json",
+        choices=["json"],
+        help="json: the policy document alone with one of --discovery/--agent, else one "
+        "object with discovery and agent (the only format: policies are JSON)",
+    )
     common(policy)
     policy.set_defaults(handler=_iam)
 

@@ -20,6 +20,7 @@ from bus.settings import NATS_HELP, NatsConnection, resolve_nats
 from bus.specs import SPECS, Replication
 from fleetgate import aio
 from fleetgate.cli.errors import UsageError
+from fleetgate.cli.output import add_format, print_json
 
 Common = Callable[[argparse.ArgumentParser], None]
 
@@ -45,6 +46,14 @@ def register(actions: Any, common: Common) -> None:
         help="give existing buckets and the audit stream these replicas and placement",
     )
     provision.add_argument("--nats", help="the admin user's NATS servers; " + NATS_HELP)
+    add_format(
+        provision,
+        "a list of objects, one per bucket and the audit stream: name (the bucket, or "
+        "audit for the stream), stream (JetStream's name), action (created; kept: it "
+        "existed and was left as it is; migrated: --migrate gave it these replicas or "
+        "placement) and replication",
+        text="a line per bucket and the audit stream",
+    )
     common(provision)
     provision.set_defaults(handler=_provision)
 
@@ -54,24 +63,41 @@ def _provision(args: argparse.Namespace) -> int:
         replication = Replication(args.replicas, args.cluster, tuple(args.tag))
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    return aio.run(provision(resolve_nats(args.nats), replication, migrate=args.migrate))
+    return aio.run(
+        provision(resolve_nats(args.nats), replication, migrate=args.migrate, output=args.format)
+    )
 
 
-async def provision(url: str | NatsConnection, replication: Replication, *, migrate: bool) -> int:
-    """Create (or migrate) every bucket and the audit stream; print one line each."""
+async def provision(
+    url: str | NatsConnection, replication: Replication, *, migrate: bool, output: str = "text"
+) -> int:
+    """Create (or migrate) every bucket and the audit stream; print one line each (or,
+    with ``output`` json, one JSON list at the end)."""
     from bus import subjects
 
+    done: list[dict[str, str]] = []
     async with await Bus.connect(url, name="fleetgate-admin") as bus:
         bus.replication = replication
-        streams = [(kv_stream_name(name), f"bucket {name}") for name in SPECS]
-        streams.append((subjects.AUDIT_STREAM, "the audit stream"))
-        for stream, what in streams:
-            if migrate and await bus.stream_exists(stream) and await bus.migrate(stream):
-                print(f"{what}: now {replication.describe()}")
-                continue
-            if stream == subjects.AUDIT_STREAM:
-                await ensure_audit_stream(bus, update=False)
+        streams = [(kv_stream_name(name), name) for name in SPECS]
+        streams.append((subjects.AUDIT_STREAM, "audit"))
+        for stream, name in streams:
+            what = "the audit stream" if stream == subjects.AUDIT_STREAM else f"bucket {name}"
+            existed = await bus.stream_exists(stream)
+            if migrate and existed and await bus.migrate(stream):
+                action = "migrated"
+                line = f"{what}: now {replication.describe()}"
             else:
-                await bus.provision(SPECS[what.removeprefix("bucket ")])
-            print(f"{what}: {replication.describe()}")
+                if stream == subjects.AUDIT_STREAM:
+                    await ensure_audit_stream(bus, update=False)
+                else:
+                    await bus.provision(SPECS[name])
+                action = "kept" if existed else "created"
+                line = f"{what}: {replication.describe()}"
+            if output == "json":
+                done.append({"name": name, "stream": stream, "action": action,
+                             "replication": replication.describe()})  # fmt: skip
+            else:
+                print(line)
+    if output == "json":
+        print_json(done)
     return 0

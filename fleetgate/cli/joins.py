@@ -16,6 +16,7 @@ from bus.labels import is_valid_label_key
 from bus.settings import NATS_HELP, resolve_nats
 from fleetgate import aio
 from fleetgate.cli.errors import UsageError
+from fleetgate.cli.output import add_format, print_json
 from fleetgate.cli.tables import print_table
 from fleetgate.durations import format_duration, parse_duration
 
@@ -80,12 +81,24 @@ def register(sub: Any, common: Common) -> None:
         help="how long it may be used (1h; an AWS rule: until removed)",
     )
     add.add_argument("--labels", type=_labels, default={}, help="k=v,... given to the agent")
+    add_format(
+        add,
+        "one object as tokens ls --format json shows the token (id, type, method, allow, "
+        "expires, labels, creator, state, ...) plus token: the join token itself (shown "
+        "only now; null for --method aws, whose id is all an agent needs)",
+        text="the token (or rule id) on the first line, then what it admits",
+    )
     ls = actions.add_parser("ls", help="list join tokens (never their secrets)")
     ls.add_argument("--format", default="text", choices=["text", "json"], help=LIST_JSON)
     rm = actions.add_parser(
         "rm", help="remove a token (agents that joined with it can no longer renew)"
     )
     rm.add_argument("id")
+    add_format(
+        rm,
+        "one object with id, method, removed (true) and spent_by (the agent that joined "
+        "with it, which can no longer renew; null if none)",
+    )
     for parser, handler in ((add, _tokens_add), (ls, _tokens_ls), (rm, _tokens_rm)):
         parser.add_argument("--nats", help=NATS_HELP)
         common(parser)
@@ -96,6 +109,7 @@ def register(sub: Any, common: Common) -> None:
     ls.add_argument("--format", default="text", choices=["text", "json"], help=LIST_JSON)
     rm = actions.add_parser("rm", help="revoke an agent: it can no longer renew")
     rm.add_argument("host_id")
+    add_format(rm, "one object with host_id and removed (true)")
     for parser, handler in ((ls, _agents_ls), (rm, _agents_rm)):
         parser.add_argument("--nats", help=NATS_HELP)
         common(parser)
@@ -129,6 +143,9 @@ def _tokens_add(args: argparse.Namespace) -> int:
         )
         async with await _connect(args) as bus:
             await joins.add_token(bus, record)
+        if args.format == "json":
+            print_json(_token_doc(record, text))
+            return 0
         print(text)
         print(
             f"join token {record.id} for an agent, valid until {_when(record.expires)} and "
@@ -147,6 +164,9 @@ def _tokens_add(args: argparse.Namespace) -> int:
         )
         async with await _connect(args) as bus:
             await joins.add_token(bus, record)
+        if args.format == "json":
+            print_json(_token_doc(record, None))
+            return 0
         print(record.id)
         until = f"until {_when(record.expires)}" if record.expires else "until removed"
         print(
@@ -157,6 +177,12 @@ def _tokens_add(args: argparse.Namespace) -> int:
         return 0
 
     return aio.run(go())
+
+
+def _token_doc(record: joins.JoinToken, token: str | None) -> dict[str, Any]:
+    """A token as ``tokens ls --format json`` lists it, with the secret text when given."""
+    doc: dict[str, Any] = record.model_dump(mode="json", exclude={"hash"})
+    return {**doc, "state": record.state(), "token": token}
 
 
 def _tokens_ls(args: argparse.Namespace) -> int:
@@ -197,6 +223,16 @@ def _tokens_rm(args: argparse.Namespace) -> int:
             if found is None:
                 raise UsageError(f"no join token {args.id!r} (see fleetgate tokens ls)")
             await joins.delete_token(bus, args.id)
+        if args.format == "json":
+            print_json(
+                {
+                    "id": args.id,
+                    "method": found.record.method,
+                    "removed": True,
+                    "spent_by": found.record.spent_by or None,
+                }
+            )
+            return 0
         if found.record.method == "aws":
             print(
                 f"removed AWS join rule {args.id}; agents that joined by it can no longer "
@@ -241,6 +277,9 @@ def _agents_rm(args: argparse.Namespace) -> int:
         async with await _connect(args) as bus:
             if not await joins.delete_agent(bus, args.host_id):
                 raise UsageError(f"no joined agent {args.host_id!r} (see fleetgate agents ls)")
+        if args.format == "json":
+            print_json({"host_id": args.host_id, "removed": True})
+            return 0
         print(
             f"removed agent {args.host_id}: it can no longer renew; its certificate (and the "
             "sessions through it) last until it expires"

@@ -18,6 +18,7 @@ from typing import Any
 from bus import Bus, leases, subjects
 from bus.settings import NATS_HELP, resolve_nats
 from fleetgate import aio
+from fleetgate.cli.output import add_format, print_json
 from fleetgate.cli.tables import print_table
 from fleetgate.durations import parse_duration
 
@@ -53,6 +54,13 @@ def register(sub: Any, common: Callable[[argparse.ArgumentParser], None]) -> Non
     )
     cleanup.add_argument(
         "--force-delete", action="store_true", help="delete without a recovery window"
+    )
+    add_format(
+        cleanup,
+        "a list of verdicts, one object per managed user: key, user, region, account, "
+        "secret, databases and action (in use, waiting, deleted, would delete, kept or "
+        "failed: REASON); exit 1 when one failed, as in text",
+        text="a line per managed user: user, region, action, secret",
     )
     for parser in (ls, cleanup):
         parser.add_argument("--nats", help=NATS_HELP)
@@ -138,12 +146,27 @@ def _cleanup(args: argparse.Namespace) -> int:
                 dry_run=args.dry_run,
                 users=set(args.user) if args.user else None,
             )
-        failed = 0
+        failed = sum(v.action.startswith("failed") for v in verdicts)
+        if args.format == "json":
+            print_json(
+                [
+                    {
+                        "key": v.key,
+                        "user": v.record.user,
+                        "region": v.record.region,
+                        "account": v.record.account,
+                        "secret": v.record.secret_name,
+                        "databases": list(v.record.databases),
+                        "action": v.action,
+                    }
+                    for v in verdicts
+                ]
+            )
+            return 1 if failed else 0
         for v in verdicts:
             print(
                 f"{v.record.user:<20} {v.record.region:<14} {v.action:<12} {v.record.secret_name}"
             )
-            failed += v.action.startswith("failed")
         if not verdicts:
             print("(no managed users)", file=sys.stderr)
         return 1 if failed else 0

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from fleetgate import aio
 from fleetgate.cli.errors import UsageError
+from fleetgate.cli.output import add_format, print_json
 from sandbox.state import (
     PRIVATE_UMASK,
     SHELL_NATS_USER,
@@ -83,7 +84,20 @@ def register(sub: Any, common: Common) -> None:
         help="json: one object with the state, each part and database (default text: a table)",
     )
     down = actions.add_parser("down", help="stop everything the sandbox started")
+    add_format(
+        down,
+        "one object with dir, outcome (stopped; cleaned up: its supervisor was gone and "
+        "its leftover processes were stopped; not running; no sandbox), notes (what had "
+        "to be stopped or killed) and ports (how many are free again)",
+        text="notes, then one line",
+    )
     env = actions.add_parser("env", help='print the exports for a shell: eval "$(... env)"')
+    add_format(
+        env,
+        "one object, each variable's name to its value (FLEETGATE_NATS_URL with the "
+        "sandbox's NATS login)",
+        text="export lines for a shell",
+    )
     handlers = ((up, _up), (status, _status), (down, _down), (env, _env))
     for parser, handler in handlers:
         parser.add_argument(
@@ -297,7 +311,7 @@ def _status(args: argparse.Namespace) -> int:
 def _down(args: argparse.Namespace) -> int:
     from sandbox.health import down
 
-    return down(resolve_dir(args.dir))
+    return down(resolve_dir(args.dir), args.format)
 
 
 def _env(args: argparse.Namespace) -> int:
@@ -307,8 +321,11 @@ def _env(args: argparse.Namespace) -> int:
         raise SandboxError(
             f"no sandbox running in {directory}: start one with fleetgate sandbox up"
         )
-    sys.stdout.write((directory / "env").read_text())
     # The NATS login is added here, read from its 0600 file: no other file holds it.
     url = nats_url_of(directory, state, SHELL_NATS_USER)
+    if args.format == "json":
+        print_json({**state.env, "FLEETGATE_NATS_URL": url})
+        return 0
+    sys.stdout.write((directory / "env").read_text())
     sys.stdout.write(f"export FLEETGATE_NATS_URL={shlex.quote(url)}\n")
     return 0

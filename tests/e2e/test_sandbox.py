@@ -475,6 +475,25 @@ def test_up_detached_prints_its_summary_as_json(tmp_path: Path) -> None:
         assert served == sorted(d["name"] for d in doc["databases"]) and len(served) == 2
         assert Path(doc["user"]["password_file"]).is_file()
         assert doc["login"].startswith("fleetgate login --auth 127.0.0.1:")
+        # env and down take --format json too: the variables, then what was stopped
+        text = box.fleetgate("sandbox", "env")
+        as_json = box.fleetgate("sandbox", "env", "--format", "json")
+        assert text.returncode == 0 == as_json.returncode, text.stderr + as_json.stderr
+        exports = dict(
+            shlex.split(line.removeprefix("export "))[0].split("=", 1)
+            for line in text.stdout.splitlines()
+            if line.startswith("export ")
+        )
+        variables = json.loads(as_json.stdout)
+        assert variables == exports and variables["FLEETGATE_NATS_URL"].startswith("nats://")
+        ports = len(box.state()["ports"])
+        down = box.fleetgate("sandbox", "down", "--format", "json", timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert json.loads(down.stdout) == {
+            "dir": str(box.dir), "outcome": "stopped", "notes": [], "ports": ports,
+        }  # fmt: skip
+        again = box.fleetgate("sandbox", "down", "--format", "json")
+        assert json.loads(again.stdout)["outcome"] == "not running"
     finally:
         if (box.dir / "sandbox.json").exists():
             down = box.fleetgate("sandbox", "down", timeout=120)

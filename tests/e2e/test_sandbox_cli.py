@@ -132,3 +132,18 @@ def test_down_after_the_supervisor_was_killed(tmp_path: Path) -> None:
     left = [p for p in state["pids"] if _alive(p) and names_dir(p, directory)]
     assert not left, left
     assert took < 60, took
+
+
+def test_down_and_env_without_a_sandbox_in_json(tmp_path: Path) -> None:
+    """``down --format json`` with no sandbox says so in its object; ``env --format json``
+    with none is the same one-line error as in text, with nothing on standard output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FLEETGATE_"))}
+    env["FLEETGATE_HOME"] = str(tmp_path)
+    down = fleetgate("sandbox", "down", "--format", "json", env=env)
+    assert down.returncode == 0, down.stderr
+    assert json.loads(down.stdout) == {
+        "dir": str(tmp_path / "sandbox"), "outcome": "no sandbox", "notes": [], "ports": 0,
+    }  # fmt: skip
+    shown = fleetgate("sandbox", "env", "--format", "json", env=env)
+    assert shown.returncode == 2 and shown.stdout == ""
+    assert shown.stderr.startswith("fleetgate: error: no sandbox running in ")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import json
 import stat
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -270,3 +272,119 @@ def test_logout_all(
     with pytest.raises(SystemExit):
         main(["logout", "--help"])
     assert "pinned CA of the auth service stays" in " ".join(capsys.readouterr().out.split())
+
+
+def test_admin_commands_print_json_results(
+    cli: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """``--format json`` on auth init/sign, roles create/rm, users add/rm/add-aws/rm-aws:
+    one JSON document on standard output that says what was done; errors stay one
+    ``fleetgate: error:`` line on standard error with nothing on standard output."""
+
+    def as_json(*argv: str) -> Any:
+        code, out, err = run(capsys, *argv, "--format", "json")
+        assert code == 0, err
+        return json.loads(out)
+
+    ca_dir = tmp_path / "ca"
+    init = as_json("auth", "init", "--dir", str(ca_dir))
+    assert init == {
+        "created": True,
+        "dir": str(ca_dir),
+        "key": f"{ca_dir}/ca.key",
+        "cert": str(ca_dir / "ca.crt"),
+        "fingerprint": init["fingerprint"],
+    }
+    assert init["fingerprint"].startswith("SHA256:")
+    assert as_json("auth", "init", "--dir", str(ca_dir))["created"] is False
+
+    role = write(tmp_path / "role.yaml", ROLE)
+    assert as_json("roles", "create", "-f", role) == {"name": "payments-dev", "action": "created"}
+    assert as_json("roles", "create", "-f", role, "--replace") == {
+        "name": "payments-dev",
+        "action": "replaced",
+    }
+    code, out, err = run(capsys, "roles", "create", "-f", role, "--format", "json")
+    assert code == 2 and out == "" and "exists already" in one_error(err)
+
+    cli.setattr("sys.stdin", io.StringIO("a good password\n"))
+    added = as_json(
+        "users", "add", "alice", "--roles", "payments-dev", "--db-users", "alice-rw",
+        "--password-stdin", "--totp",
+    )  # fmt: skip
+    uri = added.pop("totp_uri")
+    assert str(uri).startswith("otpauth://totp/") and "alice" in str(uri)
+    assert added == {
+        "name": "alice",
+        "roles": ["payments-dev"],
+        "db_users": ["alice-rw"],
+        "password": True,
+        "totp": True,
+    }
+    bot = as_json("users", "add", "ci-bot", "--roles", "payments-dev")
+    assert bot == {
+        "name": "ci-bot", "roles": ["payments-dev"], "db_users": [], "password": False,
+        "totp": False, "totp_uri": None,
+    }  # fmt: skip
+
+    signed = as_json(
+        "auth", "sign", "--user", "ci-bot", "--ttl", "1h", "--out", str(tmp_path / "b")
+    )
+    cert = load_certs((tmp_path / "b" / "cert.pem").read_text())[0]
+    assert signed["user"] == "ci-bot" and signed["hosts"] is None and signed["capped"] is True
+    assert signed["roles"] == ["payments-dev"] and signed["ttl"] <= 30 * 60
+    assert datetime.fromisoformat(signed["expires"]) == cert.not_valid_after_utc
+    assert signed["files"] == [str(tmp_path / "b" / f) for f in ("key.pem", "cert.pem", "ca.pem")]
+    host = as_json(
+        "auth", "sign", "--host", "agent-1,10.0.0.7", "--ttl", "2h", "--out", str(tmp_path / "a")
+    )
+    cert = load_certs((tmp_path / "a" / "cert.pem").read_text())[0]
+    assert host["user"] is None and host["hosts"] == ["agent-1", "10.0.0.7"]
+    assert host["ttl"] == 7200 and host["expires"].endswith("Z")
+    assert datetime.fromisoformat(host["expires"]) == cert.not_valid_after_utc
+    assert host["files"] == [str(tmp_path / "a" / f) for f in ("key.pem", "cert.pem", "ca.pem")]
+    code, out, err = run(
+        capsys, "auth", "sign", "--user", "nobody", "--out", "x", "--format", "json"
+    )
+    assert code == 2 and out == "" and "no user 'nobody'" in one_error(err)
+
+    arn = "arn:aws:iam::123456789012:role/ci-*"
+    rule = as_json("users", "add-aws", "ci", "--arn", arn, "--roles", "payments-dev")
+    listed = json.loads(run(capsys, "users", "ls-aws", "--format", "json")[1])
+    assert [rule] == listed and rule["arns"] == [arn]
+    assert as_json("users", "rm-aws", "ci") == {"name": "ci", "removed": True}
+    assert as_json("users", "rm", "alice") == {"name": "alice", "removed": True}
+    code, out, err = run(capsys, "users", "rm", "alice", "--format", "json")
+    assert code == 2 and out == "" and "no user 'alice'" in one_error(err)
+    assert as_json("roles", "rm", "payments-dev") == {
+        "name": "payments-dev",
+        "removed": True,
+        "still_named_by": ["ci-bot"],
+    }
+
+
+def test_logout_prints_what_it_removed_as_json(
+    cli: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    (home / "identity").mkdir(parents=True)
+    (home / "identity" / "cert.pem").write_text("x")
+    (home / "db" / "orders").mkdir(parents=True)
+    (home / "auth-ca.pem").write_text("pinned")
+    code, out, _ = run(capsys, "db", "logout", "orders", "--format", "json")
+    assert code == 0 and json.loads(out) == {
+        "name": "orders",
+        "removed": [str(home / "db" / "orders")],
+    }
+    code, out, _ = run(capsys, "logout", "--format", "json")
+    assert code == 0 and json.loads(out) == {
+        "name": None,
+        "removed": [str(home / "identity"), str(home / "db")],
+    }
+    assert run(capsys, "logout", "--format", "json") == (
+        0,
+        json.dumps({"name": None, "removed": []}, indent=2) + "\n",
+        "",
+    )
+    code, out, err = run(capsys, "db", "logout", "../x", "--format", "json")
+    assert code == 2 and out == "" and one_error(err)

@@ -4,6 +4,8 @@ that differs from a process's config refused with what differs and how to migrat
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from bus.audit import ensure_audit_stream
 from bus.client import kv_stream_name
 from bus.server import NatsServer
 from bus.specs import BUCKETS, DATABASES, SPECS, Replication
+from fleetgate.cli import main
 from fleetgate.cli.jetstream import provision
 from fleetgate.config import ConfigError, JetStreamSettings, load_model
 from tests.kits.common import ROOT
@@ -173,3 +176,38 @@ def test_the_sample_configs_jetstream_block_reads(sample: str) -> None:
     assert "jetstream" in model.model_fields
     settings = load_model(JetStreamSettings, data["jetstream"], sample)
     assert settings.replication() == Replication(3, "fleetgate-hub")
+
+
+def test_provision_says_per_bucket_what_it_did_as_json(
+    nats_server: NatsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``jetstream provision --format json``: one object per bucket and the audit stream
+    with what was done (created, kept, migrated); the text is one line each, as before."""
+
+    async def old_bucket() -> None:  # an older fleetgate's bucket: no direct gets
+        async with await Bus.connect(nats_server.url, name="old") as bus:
+            await bus.js.create_key_value(
+                config=KeyValueConfig(bucket=DATABASES.name, storage=StorageType.FILE)
+            )
+
+    asyncio.run(old_bucket())
+    argv = ["jetstream", "provision", "--nats", nats_server.url]
+    assert main([*argv, "--format", "json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    names = [*SPECS, "audit"]
+    assert [d["name"] for d in first] == names
+    assert [d["stream"] for d in first] == [*map(kv_stream_name, SPECS), subjects.AUDIT_STREAM]
+    assert {d["replication"] for d in first} == {"1 replica"}
+    assert {d["name"]: d["action"] for d in first} == {
+        n: "kept" if n == DATABASES.name else "created" for n in names
+    }
+    assert main([*argv, "--migrate", "--format", "json"]) == 0
+    migrated = json.loads(capsys.readouterr().out)
+    assert {d["name"]: d["action"] for d in migrated} == {
+        n: "migrated" if n == DATABASES.name else "kept" for n in names
+    }
+    assert main(argv) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        *(f"bucket {name}: 1 replica" for name in SPECS),
+        "the audit stream: 1 replica",
+    ]

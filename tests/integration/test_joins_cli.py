@@ -115,3 +115,57 @@ def test_an_aws_rule_is_added_listed_and_removed_and_bad_rules_say_why(
     assert code == 2 and "--method aws needs --allow" in err and "Traceback" not in err
     code, _, err = run(capsys, "tokens", "add", "--type", "agent", "--allow", f"arn={arn}")
     assert code == 2 and "--allow is for --method aws" in err
+
+
+def test_tokens_add_and_rm_and_agents_rm_print_json(
+    cli: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--format json``: tokens add prints the token with its id, expiry and labels (the
+    record as tokens ls shows it); tokens rm and agents rm say what was removed; an error
+    is one line on standard error and nothing on standard output."""
+    code, out, err = run(
+        capsys, "tokens", "add", "--type", "agent", "--ttl", "30m", "--labels", "team=pay",
+        "--format", "json",
+    )  # fmt: skip
+    assert code == 0, err
+    added = json.loads(out)
+    token_id, secret = joins.parse_token(added["token"])
+    [listed] = json.loads(run(capsys, "tokens", "ls", "--format", "json")[1])
+    assert added == {**listed, "token": added["token"]} and added["id"] == token_id
+    assert added["labels"] == {"team": "pay"} and added["state"] == "valid"
+    assert added["expires"] is not None and len(secret) >= 32
+    code, out, _ = run(capsys, "tokens", "rm", token_id, "--format", "json")
+    assert code == 0 and json.loads(out) == {
+        "id": token_id, "method": "token", "removed": True, "spent_by": None,
+    }  # fmt: skip
+    code, out, err = run(capsys, "tokens", "rm", token_id, "--format", "json")
+    assert code == 2 and out == "" and err.startswith("fleetgate: error: no join token")
+
+    arn = "arn:aws:iam::123456789012:role/fleetgate-agent"
+    code, out, err = run(
+        capsys, "tokens", "add", "--type", "agent", "--method", "aws",
+        "--allow", f"account=123456789012,arn={arn}", "--format", "json",
+    )  # fmt: skip
+    assert code == 0, err
+    rule = json.loads(out)
+    assert rule["token"] is None and rule["method"] == "aws" and rule["expires"] is None
+    assert rule["allow"] == {"account": "123456789012", "arn": arn}
+    code, out, _ = run(capsys, "tokens", "rm", rule["id"], "--format", "json")
+    assert json.loads(out)["method"] == "aws"
+
+    host_id = str(uuid.uuid4())
+
+    async def add_agent() -> None:
+        async with await Bus.connect(cli, name="tests") as bus:
+            await bus.provision(joins.AGENTS)
+            now = utcnow()
+            await joins.put_agent(bus, joins.JoinedAgent(
+                host_id=host_id, hostname="db-agent-1", addr="10.0.0.5:6390", serial="ab",
+                expires=now, joined_at=now,
+            ))  # fmt: skip
+
+    asyncio.run(add_agent())
+    code, out, _ = run(capsys, "agents", "rm", host_id, "--format", "json")
+    assert code == 0 and json.loads(out) == {"host_id": host_id, "removed": True}
+    code, out, err = run(capsys, "agents", "rm", host_id, "--format", "json")
+    assert code == 2 and out == "" and "no joined agent" in err

@@ -28,6 +28,7 @@ from dbservice.managed.state import (
     secret_name,
 )
 from dbservice.upstream.iam import IamAuth
+from fleetgate.cli import main
 from sandbox.aws import USER_PASSWORDS, MotoServer
 from tests.kits import seed as seed
 from tests.kits.common import SAMPLE_NATS_CONF, sample_nats_passwords
@@ -554,3 +555,38 @@ async def test_a_secret_made_by_somebody_else_during_set_up_is_never_used(
         await rotator(lease_bus, "h2").cycle(ref)
     untouched(ref.secret_name, version, theirs)
     assert USER_PASSWORDS[(ACCOUNT, REGION, "x")] == before
+
+
+async def test_cleanup_prints_its_verdicts_as_json(
+    aws: MotoServer, lease_bus: Bus, nats_server: NatsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``managed cleanup --format json``: one object per managed user with its verdict,
+    the same verdicts the text lines show; no secret is touched with --dry-run."""
+    ref = ref_of("app", make_user("app"))
+    hour_ago = time.time() - 3600  # set up an hour ago (CLOCK is other tests' time)
+    auth = IamAuth()
+    one = Rotator(
+        lease_bus,
+        "h1",
+        lambda ref: ManagedAws(auth, ref.region, ref.roles),
+        RotationSettings(interval=INTERVAL, jitter=0.0, lease=LEASE),
+        clock=lambda: hour_ago,
+    )
+    assert await one.cycle(ref) == "set-up"
+    argv = ["managed", "cleanup", "--grace", "0", "--dry-run", "--nats", nats_server.url]
+    assert await asyncio.to_thread(main, [*argv, "--format", "json"]) == 0
+    [verdict] = json.loads(capsys.readouterr().out)
+    assert verdict == {
+        "key": ref.key,
+        "user": "app",
+        "region": REGION,
+        "account": ACCOUNT,
+        "secret": ref.secret_name,
+        "databases": verdict["databases"],
+        "action": verdict["action"],
+    }
+    assert verdict["action"] == "would delete"
+    assert await asyncio.to_thread(main, argv) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.split() == ["app", REGION, *verdict["action"].split(), ref.secret_name]
+    assert len(versions(ref.secret_name)) == 1  # a dry run deletes nothing

@@ -81,3 +81,13 @@ def test_bad_input_is_one_line(
     assert code == 2
     assert err.startswith("fleetgate: error: ") and message in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_format_json_prints_the_same_documents(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--format json`` (the only format: policies are JSON) prints exactly what the
+    command prints without it; another format is a usage error."""
+    assert run(capsys, "--agent", "--format", "json") == run(capsys, "--agent")
+    assert run(capsys, "--format", "json") == run(capsys)
+    with pytest.raises(SystemExit) as usage:
+        main(["configure", "iam", "--format", "text"])
+    assert usage.value.code == 2 and "invalid choice: 'text'" in capsys.readouterr().err
