@@ -137,18 +137,24 @@ async def _serve(poller: Poller, leases: Leases, interval: float, jitter: float)
     stop = asyncio.Event()
     stop_on_signals(stop)
     running: set[asyncio.Task[Any]] = set()
+    jobs: set[asyncio.Task[Any]] = set()
 
     async def job(only: set[str] | None = None) -> None:
         # The poll runs in a task of its own, which the stop cancels and waits for; the
-        # scheduler's task only waits for it (cancelling that one would make apscheduler
-        # log the cancellation as a failed job, with a traceback).
+        # scheduler's task only waits for it, and the stop lets it end before shutting
+        # the scheduler down (a cancelled job is logged by apscheduler as a failed one,
+        # with a traceback).
         if stop.is_set():  # started by the scheduler just before its shutdown
             return
         poll = asyncio.create_task(poller.poll_once(only), name="poll")
         running.add(poll)
+        me = asyncio.current_task()
+        assert me is not None
+        jobs.add(me)
         try:
             await asyncio.wait([poll])
         finally:
+            jobs.discard(me)
             if poll.done():
                 running.discard(poll)
         if poll.cancelled():
@@ -194,13 +200,14 @@ async def _serve(poller: Poller, leases: Leases, interval: float, jitter: float)
         await stop.wait()
     finally:
         logger.info("stopping discovery")
-        scheduler.shutdown(wait=False)
+        scheduler.pause()  # no new job; the one running ends once its poll has
         leases.on_acquired = None
         polls = list(running)
         for task in polls:
             task.cancel()
-        if polls:
+        if polls or jobs:
             # wait() rather than awaiting each: a cancellation of *this* task must not
             # be taken for the poll's own.
-            await asyncio.wait(polls)
+            await asyncio.wait([*polls, *jobs], timeout=10)
+        scheduler.shutdown(wait=False)
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -329,11 +331,39 @@ async def test_cli_service_polls_on_interval_and_stops_on_sigterm(
             at = log.find(f"enrolled {second}")
             return at >= 0 and "poll done" in log[at:]
 
-        # stopped between polls: a SIGTERM in the middle of one currently logs the
-        # cancelled job's traceback (apscheduler's ERROR), a defect of its own
+        # stopped between polls (the next test stops one in the middle of a poll)
         await wait_until(that_poll_ended, 20, "the end of that poll")
     assert proc.returncode == 0, service.log(proc)
     assert "Traceback" not in service.log(proc)
+
+
+async def test_a_sigterm_in_the_middle_of_a_poll_stops_quietly(
+    aws: MotoServer,
+    nats_server: NatsServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """AWS that accepts and never answers holds the first poll; SIGTERM then stops the
+    service at once, exit 0, with no traceback nor ERROR (apscheduler logged the
+    cancelled job as a failure)."""
+    hold = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{hold.getsockname()[1]}")
+    try:
+        with discovery_processes(tmp_path, nats_server.url, CONFIG) as service:
+            proc = service.start()
+            hold.settimeout(20)
+            held.append(hold.accept()[0])  # the poll's first AWS call: it waits
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+            log = service.log(proc)
+        assert proc.returncode == 0, log
+        assert "Traceback" not in log and " ERROR " not in log, log
+        assert "poll stopped" in log, log
+    finally:
+        for conn in held:
+            conn.close()
+        hold.close()
 
 
 async def _listed(bus: Bus, name: str) -> bool:
