@@ -48,9 +48,7 @@ def plan_now(
     name = spellings.get(args[0]) or spellings.canonical(args[0])
     table = session.table
     pubsub = session.pubsub  # RESP2 subscribed mode (``PubSub.active``), spelled out
-    active = (
-        bool(pubsub.channels or pubsub.patterns or pubsub.shard_channels) and not session.resp3
-    )
+    active = bool(pubsub.channels or pubsub.patterns or pubsub.shard_channels) and not session.resp3
     if (name == "AUTH" or name == "HELLO") and not active:
         session.stats.commands += 1
         return login_command(session, name, args)
