@@ -226,6 +226,27 @@ def test_hooks_see_every_command_in_order(standin: ThreadedStandin) -> None:
         client.flushall()
 
 
+class _SomeReplies(Recorder):
+    reply_names = frozenset({"GET", "INCRBY"})  # redis-py's incr()
+
+
+def test_hooks_with_reply_names_hear_only_of_those_replies(standin: ThreadedStandin) -> None:
+    """As the single-node engine: hooks naming ``reply_names`` (the agent's: AUTH and
+    HELLO) hear of those replies only, in order, with whether each was an error."""
+    recorders: list[Recorder] = []
+
+    def hooks() -> Recorder:
+        recorders.append(_SomeReplies())
+        return recorders[-1]
+
+    with ClusterProxy(standin, hooks=hooks) as proxy, proxy.client() as client:
+        pipe = client.pipeline(transaction=False)
+        pipe.set("rn:a", "x").get("rn:a").incr("rn:a").get("rn:b").delete("rn:a")
+        results = pipe.execute(raise_on_error=False)
+        assert results[1] == b"x" and isinstance(results[2], redis.ResponseError)
+    assert recorders[0].replies == [("GET", False), ("INCRBY", True), ("GET", False)]
+
+
 def test_blocking_command_does_not_block_other_sessions(proxy: ClusterProxy) -> None:
     with proxy.client() as waiter, proxy.client() as other:
         other.delete("queue")

@@ -177,7 +177,7 @@ def test_command_reader_keeps_order_across_reads_and_joins_large_values_once() -
         + b"*0\r\n"
         + resp.encode_command([b"GET", b"k"])
     )
-    got: list[tuple[list[bytes], bytes]] = []
+    got: list[tuple[list[bytes], resp.Payload]] = []
     for i in range(0, len(data), 7000):
         got += reader.feed(data[i : i + 7000])
     assert [args[0] for args, _ in got] == [b"SET", b"PING", b"GET"]
@@ -220,6 +220,42 @@ def test_frame_reader_finds_whole_replies() -> None:
     assert out == frames
     assert resp.decode(frames[5]) == 5  # an attribute is skipped
     assert resp.decode(frames[3]) == {b"a": []}
+
+
+def test_frame_reader_small_replies_split_anywhere() -> None:
+    """Small bulk replies (``$<digit>``) and one-line replies are framed without the
+    scanner; whatever way the bytes arrive, the frames are the ones sent, whole."""
+    frames = [
+        b"$0\r\n\r\n",
+        b"$5\r\nab\r\nc\r\n",  # a CRLF inside the value
+        b"$9\r\n123456789\r\n",
+        b"$10\r\n1234567890\r\n",
+        b"$-1\r\n",
+        b"+OK\r\n",
+        b"-MOVED 3999 127.0.0.1:6381\r\n",
+        b":12345\r\n",
+        b"_\r\n",
+        b"#t\r\n",
+        b"!3\r\nerr\r\n",
+        b"=8\r\ntxt:abcd\r\n",
+        b"*2\r\n$1\r\na\r\n+b\r\n",
+        b"$3\r\nxyz\r\n",
+    ]
+    data = b"".join(frames)
+    assert resp.FrameReader(LIMITS).feed(data) == frames
+    for cut in range(1, len(data)):
+        reader = resp.FrameReader(LIMITS)
+        assert reader.feed(data[:cut]) + reader.feed(data[cut:]) == frames, cut
+    rng = random.Random(18)
+    for _ in range(200):
+        reader = resp.FrameReader(LIMITS)
+        out: list[bytes] = []
+        p = 0
+        while p < len(data):
+            step = rng.randint(1, 12)
+            out += reader.feed(data[p : p + step])
+            p += step
+        assert out == frames
 
 
 def test_scan_cursor_walks_shards_in_order() -> None:

@@ -90,6 +90,9 @@ class Link:
         """Writes asked of the link so far (:meth:`quiet_for` compares them)."""
         self._seen = -1
         self._quiet = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        """The event loop, kept at first use: ``asyncio.get_running_loop`` costs a
+        system call (``getpid``) per call on Python 3.11, once per command here."""
 
     @property
     def name(self) -> str:
@@ -159,7 +162,10 @@ class Link:
         """:meth:`send` of one command (the common case, with no list made)."""
         if self.failed is not None or self.closed:
             raise self.failed or LinkError(f"node {self.name}: link closed")
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        future: asyncio.Future[bytes] = loop.create_future()
         if not self.pubsub:
             self._waiters.append(future)
         self.used += 1
@@ -189,7 +195,10 @@ class Link:
     def _schedule(self) -> None:
         if not self._flush_scheduled and not self._paused:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

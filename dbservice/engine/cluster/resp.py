@@ -534,6 +534,21 @@ class FrameReader:
             p = end
         n = len(data)
         while p < n:
+            t = data[p]
+            if t == 36 and p + 3 < n and data[p + 3] == 10 and data[p + 2] == 13:
+                size = data[p + 1] - 48
+                if 0 <= size <= 9:  # "$<digit>\r\n": a small value, no find or int
+                    end = p + size + 6
+                    if end <= n:
+                        out.append(data[p:end])
+                        p = end
+                        continue
+            elif t in _LINE_TYPES:  # "+OK", ":1", "-ERR ...": one line
+                e = data.find(b"\r\n", p + 1)
+                if e >= 0:
+                    out.append(data[p : e + 2])
+                    p = e + 2
+                    continue
             end = self._scan(data, p, n, 1, [])
             if end < 0:
                 body = self._body = io.BytesIO()

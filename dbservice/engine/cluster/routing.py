@@ -47,7 +47,8 @@ def plan_now(
     spellings = session.spellings
     name = spellings.get(args[0]) or spellings.canonical(args[0])
     table = session.table
-    active = session.pubsub.active
+    pubsub = session.pubsub  # RESP2 subscribed mode (``PubSub.active``), spelled out
+    active = bool(pubsub.channels or pubsub.patterns or pubsub.shard_channels) and not session.resp3
     if (name == "AUTH" or name == "HELLO") and not active:
         session.stats.commands += 1
         return login_command(session, name, args)

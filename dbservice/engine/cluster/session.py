@@ -423,6 +423,7 @@ class ClusterSession:
         reader, size = self._client_reader, self._limits.read_size
         commands = CommandReader(self._limits)
         gate, put, eof, room = self._gate, self._put, self._eof_command, self._room
+        entries, max_pending = self._entries, self._limits.max_pending
         while True:
             data: bytes | None
             try:
@@ -451,7 +452,12 @@ class ClusterSession:
                 self._sent += 1
                 if entry.holds:
                     self._hold_until_answered()
-                if self._queue(entry):
+                entries.append(entry)  # _queue(), inline: once per command
+                wake = self._wake
+                if wake is not None and not wake.done():
+                    wake.set_result(None)
+                if len(entries) >= max_pending:
+                    room.clear()
                     await room.wait()
                 if entry.close:
                     self._quitting = True
@@ -561,33 +567,36 @@ class ClusterSession:
         writer = self._client_writer
         high = self._limits.write_high_water
         hooks, stats = self.hooks, self.stats
-        out, entries = self._out, self._entries
+        # the names whose replies the hooks hear of (as the single-node engine); None: all
+        names: frozenset[str] | None = getattr(hooks, "reply_names", None)
+        out, entries, room, gate = self._out, self._entries, self._room, self._gate
         while True:
             if not entries and out:
                 self._flush_client()
-            entry = entries.popleft() if entries and self._room.is_set() else await self._next()
+            entry = entries.popleft() if entries and room.is_set() else await self._next()
             if entry is END:
                 self._flush_client()
                 await self._output.drained()
                 return
-            future = entry.request.future if type(entry) is Forward else None
-            if future is not None and not future.done() and not self._closing:
-                if out:
-                    self._flush_client()  # what is ready goes out before waiting
-                self._awaiting = entry
-                with contextlib.suppress(LinkError):  # resolve() below answers it
-                    await future  # the common wait: the reply, with no coroutine to start
-                self._awaiting = None
-            if (
-                future is not None
-                and future.done()
-                and not future.cancelled()
-                and future.exception() is None
-                and (reply := future.result())[:1] != b"-"
-                and entry.after is None  # type: ignore[attr-defined]
-            ):
-                pass  # the common case: no coroutine to run
-            else:
+            reply: bytes | None = None
+            if type(entry) is Forward and (future := entry.request.future) is not None:
+                if not future.done() and not self._closing:
+                    if out:
+                        self._flush_client()  # what is ready goes out before waiting
+                    self._awaiting = entry
+                    with contextlib.suppress(LinkError):  # resolve() below answers it
+                        await future  # the common wait: the reply, with no coroutine to start
+                    self._awaiting = None
+                if (
+                    entry.after is None
+                    and future.done()
+                    and not future.cancelled()
+                    and future.exception() is None
+                ):
+                    reply = future.result()  # the common case: no coroutine to run
+                    if reply[0] == 45:  # '-': perhaps a redirect, resolve() looks
+                        reply = None
+            if reply is None:
                 if out and not entry.ready():
                     self._flush_client()  # what is ready goes out before waiting
                 if self._closing and not entry.ready():
@@ -613,10 +622,11 @@ class ClusterSession:
                         await writer.drain()
             if entry.counted:
                 stats.replies += 1
-                hooks.on_reply(entry.name, reply[:1] in (b"-", b"!"))
+                if names is None or entry.name in names:
+                    hooks.on_reply(entry.name, reply[:1] in (b"-", b"!"))
             self._written += 1
-            if not self._gate.is_set() and self._written >= self._barrier:
-                self._gate.set()
+            if not gate.is_set() and self._written >= self._barrier:
+                gate.set()
             if entry.close:
                 self._flush_client()
                 with contextlib.suppress(OSError):
