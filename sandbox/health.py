@@ -11,6 +11,8 @@ import os
 import signal
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +192,8 @@ def _part_health(
     port = _port_of(part.address)
     if port is not None and not port_answers(port):
         return f"DOWN: nothing answers on port {port}"
+    if part.diag and (why := _not_ready(part.diag)):
+        return f"NOT READY: {why}"  # its own word: NATS lost, not synced, a poll failed
     if part.name == "nats" and fleet.error:
         return f"DOWN: {fleet.error}"
     if fleet.error and (part.name == "discovery" or part.name.startswith("agent-")):
@@ -208,6 +212,27 @@ def _part_health(
         dead = [p for p in _valkey_pids(part) if not pid_alive(p)]
         return f"DOWN: valkey pids {dead} gone" if dead else "ok"
     return "ok"
+
+
+def _not_ready(diag: str) -> str:
+    """Why the process behind diagnostics URL ``diag`` says it is not ready (its
+    ``/readyz``: the failing checks), or "" when it is."""
+    try:
+        with urllib.request.urlopen(f"{diag.rstrip('/')}/readyz", timeout=2) as answer:
+            answer.read()
+            return ""
+    except urllib.error.HTTPError as exc:
+        with contextlib.suppress(Exception):
+            failing = [
+                line.strip()[5:]
+                for line in exc.read().decode(errors="replace").splitlines()
+                if line.strip().startswith("FAIL ")
+            ]
+            if failing:
+                return "; ".join(failing)
+        return f"/readyz answers {exc.code}"
+    except (OSError, ValueError) as exc:
+        return f"/readyz does not answer ({exc})"
 
 
 def _valkey_pids(part: Part) -> list[int]:

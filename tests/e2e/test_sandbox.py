@@ -226,18 +226,20 @@ class Tunnel:
         line = self.proc.stdout.readline()
         found = READY.match(line)
         if found is None:
-            self.close()
-            raise AssertionError(f"db connect did not start: {line!r} {self.proc.stderr}")
+            err = self.close()
+            raise AssertionError(f"db connect did not start: {line!r}; it said: {err}")
         self.port = int(found[1])
 
-    def close(self) -> None:
+    def close(self) -> str:
+        """Stop it; what it wrote to stderr."""
         if self.proc.poll() is None:
             self.proc.terminate()
         try:
-            self.proc.communicate(timeout=10)
+            _, err = self.proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            self.proc.communicate()
+            _, err = self.proc.communicate()
+        return str(err or "")
 
     def __enter__(self) -> Tunnel:
         return self

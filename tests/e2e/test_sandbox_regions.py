@@ -159,8 +159,12 @@ def test_a_whole_hub_restart_shows_in_status_and_heals_by_itself(regions: Sandbo
     for region in ("us-east-1", "eu-west-1"):
         assert links[f"leaf-{region} -> hub"].startswith("DOWN"), links
     assert {d["agents"] for d in doc["databases"]} == {"UNKNOWN: NATS is down"}
+    # each process says so itself (its /readyz), and status shows why
+    parts = {p["name"]: p["health"] for p in doc["parts"]}
+    assert parts["auth"].startswith("NOT READY: "), parts
 
-    # back by itself: servers started again, routes, JetStream, links, heartbeats
+    # back by itself: servers started again, routes, JetStream, links, heartbeats,
+    # and every process ready for work again (so a new session works at once)
     deadline = time.monotonic() + 90
     # status reads the registry: asked before the restarted hubs' JetStream is current,
     # it waits out its request timeout (10 s); their /healthz says when it is
