@@ -118,13 +118,24 @@ async def test_login_two_agents_connect_failover_and_audit(
         (entry,) = json.loads(listed.stdout)
         assert entry["name"] == "dev-cache"
 
+        async def sessions_audited(count: int) -> bool:
+            found = await w.fleetgate(
+                "audit", "search", "--user", "alice", "--db", "dev-cache",
+                "--type", "db.session.start", "--format", "json",
+            )  # fmt: skip
+            assert found.returncode == 0, found.stderr
+            events = [json.loads(line) for line in found.stdout.splitlines()]  # JSON lines
+            return sum(1 for e in events if e["success"]) >= count
+
         tunnel = await Tunnel.start(w, "dev-cache", "app")
         try:
             for n in range(4):
                 assert (
                     await set_and_get(tunnel.port, f"before-{n}") == f"value of before-{n}".encode()
                 )
-
+            # A SIGKILL loses what an agent has not published yet (by design, up to its
+            # batching delay): the crash comes once the first sessions are on record.
+            await wait_until(lambda: sessions_audited(4), 20, "4 successful session starts")
             first.kill()  # as a crash: its heartbeat stays until its TTL runs out
             first.wait(10)
             # Every new connection still works: a dead agent is skipped for the next one.
@@ -138,16 +149,7 @@ async def test_login_two_agents_connect_failover_and_audit(
             assert await tunnel.stop() == 0
         assert "agent agent-a at" in tunnel.stderr and "connection refused" in tunnel.stderr
 
-        async def sessions_audited() -> bool:
-            found = await w.fleetgate(
-                "audit", "search", "--user", "alice", "--db", "dev-cache",
-                "--type", "db.session.start", "--format", "json",
-            )  # fmt: skip
-            assert found.returncode == 0, found.stderr
-            events = [json.loads(line) for line in found.stdout.splitlines()]  # JSON lines
-            return sum(1 for e in events if e["success"]) >= 16
-
-        await wait_until(sessions_audited, 20, "16 successful session starts in the audit")
+        await wait_until(lambda: sessions_audited(16), 20, "16 successful session starts")
         queries = await w.fleetgate(
             "audit", "search", "--user", "alice", "--type", "db.session.query", "--format", "json"
         )
