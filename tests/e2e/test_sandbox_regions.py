@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -131,10 +132,35 @@ def test_a_session_in_each_region(regions: Sandbox) -> None:
     session_works(regions, EU_DB)
 
 
+def _call(sock: socket.socket, *args: bytes) -> bytes:
+    """One command on a raw connection; its one-line or bulk reply (b"" when closed)."""
+    sock.sendall(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in args))
+    data = b""
+    while not (data.endswith(b"\r\n") and (data[:1] != b"$" or data.count(b"\r\n") == 2)):
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data
+        data += chunk
+    return data
+
+
 def test_a_whole_hub_restart_shows_in_status_and_heals_by_itself(regions: Sandbox) -> None:
     state = regions.state()
     supervisor = state["pid"]
     hubs = [s["pid"] for s in state["nats_servers"] if s["role"] == "hub"]
+    # a session opened before the outage, on one connection all along
+    tunnel = Tunnel(regions, US_DB, "app")
+    with tunnel, socket.create_connection(("127.0.0.1", tunnel.port), timeout=30) as held:
+        assert _call(held, b"SET", b"{through}k", b"before") == b"+OK\r\n"
+        _outage_and_heal(regions, supervisor, hubs)
+        # and the session opened before the outage went on through it
+        assert _call(held, b"GET", b"{through}k") == b"$6\r\nbefore\r\n"
+        assert _call(held, b"SET", b"{through}k", b"after") == b"+OK\r\n"
+
+
+def _outage_and_heal(regions: Sandbox, supervisor: int, hubs: list[int]) -> None:
+    """Every hub server SIGKILLed: status says so; then back by itself, and new
+    sessions work in both regions."""
     # Hold the supervisor (which starts a dead server again, as systemd would) while
     # the hub is down, so that status sees the outage however slow this machine is.
     os.kill(supervisor, signal.SIGSTOP)
