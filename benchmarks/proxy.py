@@ -982,6 +982,8 @@ def main() -> int:
         parser.error("--latency-rate: give a rate in requests per second, or 0 to skip")
     if args.latency_connections < 1:
         parser.error("--latency-connections: give at least 1 connection")
+    if args.idle_rounds < 1:
+        parser.error("--idle-rounds: give at least 1 (--idle 0 skips the idle sessions)")
     if args.quick:
         args.seconds, args.rounds, args.idle_rounds = 1.0, 1, 1
         args.idle = min(args.idle, 200)
