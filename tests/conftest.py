@@ -19,6 +19,9 @@ import pytest
 from bus import Bus
 from bus.server import NatsServer
 from sandbox.aws import MotoServer
+from sandbox.valkeynode import ValkeyNode
+from tests.kits.listener import Fleet, add_acl_users, make_fleet
+from tests.kits.proxy import serve_single_node
 
 logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's request log
 
@@ -166,6 +169,19 @@ async def bus(nats_server: NatsServer) -> AsyncIterator[Bus]:
         yield client
     finally:
         await client.close()
+
+
+@pytest.fixture
+async def fleet(bus: Bus, tmp_path: Path, nats_server: NatsServer) -> Fleet:
+    """A CA, roles and an agent config factory on this test's NATS (tests.kits.listener)."""
+    return await make_fleet(bus, tmp_path, nats_server.url)
+
+
+@pytest.fixture(scope="module")
+def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
+    """One valkey-server for the module, with the ACL users ``app`` and ``admin``
+    (a module that needs another defines its own ``valkey``)."""
+    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
 
 
 @pytest.fixture(scope="session")

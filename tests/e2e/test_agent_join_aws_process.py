@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,10 @@ from sandbox.aws import MotoServer
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.common import assumed_role_env, subprocess_env
 from tests.kits.join import JoinFleet
-from tests.kits.listener import APP_PASSWORD, RawSession, add_acl_users
-from tests.kits.proxy import serve_single_node
+from tests.kits.listener import APP_PASSWORD, RawSession
 
 pytestmark = pytest.mark.timeout(180)
 ACC = "123456789012"
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ agent with the same token is refused at start, saying why."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,15 +13,9 @@ from bus.server import NatsServer
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.common import subprocess_env
 from tests.kits.join import JoinFleet
-from tests.kits.listener import APP_PASSWORD, add_acl_users, client
-from tests.kits.proxy import serve_single_node
+from tests.kits.listener import APP_PASSWORD, client
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
 
 
 @pytest.mark.slow

@@ -25,16 +25,10 @@ from tests.integration.test_nats_permissions import db
 from tests.kits.agent import wait_until
 from tests.kits.common import subprocess_env
 from tests.kits.join import JoinFleet, callout_seed_file, nats_login, secured_nats
-from tests.kits.listener import APP_PASSWORD, add_acl_users, client
-from tests.kits.proxy import serve_single_node
+from tests.kits.listener import APP_PASSWORD, client
 
 pytestmark = pytest.mark.timeout(180)
 OTHER = "0b6c2b7e-0000-4000-8000-00000000000f"
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
 
 
 @pytest.fixture

@@ -44,7 +44,7 @@ from tests.integration.test_managed_agent import (
 from tests.kits.agent import agent_config, wait_until
 from tests.kits.common import subprocess_env
 from tests.kits.connect import free_port
-from tests.kits.listener import Fleet, RawSession, audit_events, client, make_fleet, static_db
+from tests.kits.listener import Fleet, RawSession, audit_events, client, static_db
 from tests.kits.proxy import serve_single_node
 
 READS = {
@@ -66,11 +66,6 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
     yield from serve_single_node(tmp_path_factory.mktemp("vk"))
-
-
-@pytest.fixture
-async def fleet(bus: Bus, tmp_path: Path, nats_server: NatsServer) -> Fleet:
-    return await make_fleet(bus, tmp_path, nats_server.url)
 
 
 # -- helpers -----------------------------------------------------------------------------

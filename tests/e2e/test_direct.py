@@ -11,7 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,15 +22,9 @@ from client.direct import find_tls_cli
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.agent import running_agent
 from tests.kits.connect import World, resource, world
-from tests.kits.listener import APP_PASSWORD, Fleet, add_acl_users, static_db
-from tests.kits.proxy import serve_single_node
+from tests.kits.listener import APP_PASSWORD, Fleet, static_db
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
 
 
 @pytest.fixture

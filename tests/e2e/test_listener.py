@@ -28,7 +28,6 @@ from tests.kits.listener import (
     add_acl_users,
     client,
     cmd,
-    make_fleet,
     put_roles,
     static_db,
     wait_events,
@@ -43,11 +42,6 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
     """One server for the module, with the ACL users ``app`` and ``admin``."""
 
     yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
-
-
-@pytest.fixture
-async def fleet(bus: Bus, tmp_path: Path, nats_server: NatsServer) -> Fleet:
-    return await make_fleet(bus, tmp_path, nats_server.url)
 
 
 @pytest.fixture

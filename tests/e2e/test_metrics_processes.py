@@ -14,12 +14,10 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bus import Bus
-from bus.server import NatsServer
 from sandbox.valkeynode import ValkeyNode
 from tests.e2e.test_agent_processes import AgentProcess, session
 from tests.kits.agent import wait_until
-from tests.kits.listener import Fleet, make_fleet, static_db
+from tests.kits.listener import Fleet, static_db
 from tests.kits.proxy import serve_single_node
 
 pytestmark = [
@@ -31,11 +29,6 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
     yield from serve_single_node(tmp_path_factory.mktemp("vk"))
-
-
-@pytest.fixture
-async def fleet(bus: Bus, tmp_path: Path, nats_server: NatsServer) -> Fleet:
-    return await make_fleet(bus, tmp_path, nats_server.url)
 
 
 def two_free_ports() -> int:

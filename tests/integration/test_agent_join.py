@@ -9,7 +9,7 @@ import json
 import ssl
 import stat
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from bus import Bus, joins, subjects
 from bus.audit import Login, read_events
 from bus.schemas import utcnow
-from bus.server import NatsServer
 from dbservice.access.audit import AuditEmitter
 from dbservice.access.ca import agent_host_id, make_csr, new_key
 from dbservice.agent.app import Agent
@@ -33,20 +32,9 @@ from fleetgate.config import ConfigError
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.agent import agent_config, running_agent, wait_until
 from tests.kits.connect import free_port
-from tests.kits.listener import APP_PASSWORD, Fleet, add_acl_users, client, make_fleet, static_db
-from tests.kits.proxy import serve_single_node
+from tests.kits.listener import APP_PASSWORD, Fleet, client, static_db
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
-
-
-@pytest.fixture
-async def fleet(bus: Bus, tmp_path: Path, nats_server: NatsServer) -> Fleet:
-    return await make_fleet(bus, tmp_path, nats_server.url)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import botocore.session
@@ -33,23 +33,16 @@ from tests.kits.listener import (
     APP_PASSWORD,
     Fleet,
     RawSession,
-    add_acl_users,
     client,
     make_fleet,
     static_db,
     wait_events,
 )
-from tests.kits.proxy import serve_single_node
 
 pytestmark = pytest.mark.timeout(120)
 ACC = "123456789012"
 SERVER_ID = "fleetgate-test-auth"
 RULE = joins.AwsAllow(account=ACC, arn=f"arn:aws:sts::{ACC}:assumed-role/fleetgate-agent/*")
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
 
 
 @pytest.fixture

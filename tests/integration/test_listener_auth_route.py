@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,6 @@ from tests.kits.listener import (
     ADMIN_PASSWORD,
     APP_PASSWORD,
     Fleet,
-    add_acl_users,
     audit_events,
     client_context,
     cmd,
@@ -39,19 +38,8 @@ from tests.kits.listener import (
     wait_events,
 )
 from tests.kits.memorydb import iam_cluster
-from tests.kits.proxy import serve_single_node
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
-
-
-@pytest.fixture
-async def fleet(bus: Bus, tmp_path: Path, nats_server: NatsServer) -> Fleet:
-    return await make_fleet(bus, tmp_path, nats_server.url)
 
 
 @pytest.fixture

@@ -9,12 +9,9 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from bus import Bus
-from bus.server import NatsServer
 from dbservice.gateway.listener import Handshakes, address_key
 from dbservice.route import RouteRefused
 from sandbox.valkeynode import ValkeyNode
@@ -23,25 +20,12 @@ from tests.kits.listener import (
     APP_PASSWORD,
     Fleet,
     RawSession,
-    add_acl_users,
-    make_fleet,
     static_db,
 )
-from tests.kits.proxy import serve_single_node
 
 pytestmark = pytest.mark.timeout(90)
 
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
-
-
-@pytest.fixture
-async def fleet(bus: Bus, tmp_path: Path, nats_server: NatsServer) -> Fleet:
-    return await make_fleet(bus, tmp_path, nats_server.url)
 
 
 def half_client_hello() -> bytes:

@@ -9,7 +9,7 @@ import asyncio
 import shutil
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +18,7 @@ import redis.asyncio as aredis
 import redis.exceptions
 from redis.asyncio.connection import SSLConnection
 
-from bus import Bus
 from bus.audit import SessionQuery, SessionStart
-from bus.server import NatsServer
 from dbservice.auth.admin import sign_host
 from dbservice.route import RouteError, route_from_server_name
 from sandbox.valkeynode import ValkeyNode
@@ -28,26 +26,14 @@ from tests.kits.agent import running_agent
 from tests.kits.listener import (
     APP_PASSWORD,
     Fleet,
-    add_acl_users,
     client_context,
     cmd,
-    make_fleet,
     static_db,
     wait_events,
 )
-from tests.kits.proxy import serve_single_node, valkey_cli
+from tests.kits.proxy import valkey_cli
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
-
-
-@pytest.fixture
-async def fleet(bus: Bus, tmp_path: Path, nats_server: NatsServer) -> Fleet:
-    return await make_fleet(bus, tmp_path, nats_server.url)
 
 
 @pytest.fixture

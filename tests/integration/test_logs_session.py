@@ -10,13 +10,10 @@ import io
 import json
 import logging
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from bus import Bus
-from bus.server import NatsServer
 from dbservice.auth.admin import sign_host
 from dbservice.gateway.listener import RefusalLog
 from dbservice.route import RouteRefused
@@ -28,24 +25,11 @@ from tests.kits.listener import (
     APP_PASSWORD,
     Fleet,
     RawSession,
-    add_acl_users,
-    make_fleet,
     static_db,
     wait_events,
 )
-from tests.kits.proxy import serve_single_node
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
-
-
-@pytest.fixture
-async def fleet(bus: Bus, tmp_path: Path, nats_server: NatsServer) -> Fleet:
-    return await make_fleet(bus, tmp_path, nats_server.url)
 
 
 @pytest.fixture

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bus import Bus
 from bus.server import NatsServer
 from dbservice.agent.app import Agent
 from dbservice.agent.config import AgentConfig
@@ -26,23 +24,10 @@ from tests.kits.listener import (
     APP_PASSWORD,
     Fleet,
     RawSession,
-    add_acl_users,
-    make_fleet,
     static_db,
 )
-from tests.kits.proxy import serve_single_node
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module")
-def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    yield from serve_single_node(tmp_path_factory.mktemp("valkey"), setup=add_acl_users)
-
-
-@pytest.fixture
-async def fleet(bus: Bus, tmp_path: Path, nats_server: NatsServer) -> Fleet:
-    return await make_fleet(bus, tmp_path, nats_server.url)
 
 
 async def get(port: int, path: str) -> tuple[int, str]:

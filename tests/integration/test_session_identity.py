@@ -13,7 +13,6 @@ import pytest
 from bus.audit import SessionQuery
 from dbservice.engine.proxy.commands import parse_hello
 from sandbox.valkeynode import ValkeyNode
-from tests.e2e.test_listener import fleet  # noqa: F401  (fixture)
 from tests.kits.agent import running_agent
 from tests.kits.listener import (
     ADMIN_PASSWORD,
@@ -37,7 +36,7 @@ def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
 
 
 @pytest.fixture
-async def agent(fleet: Fleet, valkey: ValkeyNode) -> AsyncIterator[int]:  # noqa: F811
+async def agent(fleet: Fleet, valkey: ValkeyNode) -> AsyncIterator[int]:
     config = fleet.agent(
         "agent-1",
         [
@@ -65,7 +64,7 @@ class Direct:
 
 
 async def test_hello_auth_spelled_with_nul_or_case_is_auth(
-    fleet: Fleet,  # noqa: F811
+    fleet: Fleet,
     agent: int,
     valkey: ValkeyNode,
 ) -> None:
@@ -120,7 +119,7 @@ async def test_hello_auth_spelled_with_nul_or_case_is_auth(
 
 
 async def test_a_nul_in_a_command_or_subcommand_name_is_refused(
-    fleet: Fleet,  # noqa: F811
+    fleet: Fleet,
     agent: int,
 ) -> None:
     """Redis 7 runs ``AUTH\\x00<n>``/``FLUSHALL\\x00<n>`` as AUTH/FLUSHALL for some
@@ -154,7 +153,7 @@ async def test_a_nul_in_a_command_or_subcommand_name_is_refused(
 
 
 async def test_reset_logs_the_session_in_again_with_the_clients_credentials(
-    fleet: Fleet,  # noqa: F811
+    fleet: Fleet,
     agent: int,
 ) -> None:
     """RESET makes the server connection ``default``; the agent logs it in again as the
@@ -190,7 +189,7 @@ async def test_reset_logs_the_session_in_again_with_the_clients_credentials(
 
 
 async def test_replication_commands_are_refused_up_front(
-    fleet: Fleet,  # noqa: F811
+    fleet: Fleet,
     agent: int,
 ) -> None:
     """SYNC/PSYNC turn the connection into an RDB payload and a replication stream,
