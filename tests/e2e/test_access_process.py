@@ -43,8 +43,10 @@ def wait_listening(port: int, proc: subprocess.Popen[str], timeout: float = 20) 
     raise AssertionError("auth run did not listen")
 
 
-@pytest.mark.slow
-def test_auth_run_login_status(nats_server: NatsServer, tmp_path: Path) -> None:
+def auth_with_alice(nats_server: NatsServer, tmp_path: Path) -> tuple[dict[str, str], Path]:
+    """A CA made by ``auth init`` in ``tmp_path/ca``, the role ``dev`` and the user alice
+    (password "a long password"), all through the CLI: the environment for further
+    ``fleetgate`` calls, and the CA directory."""
     env = subprocess_env(FLEETGATE_NATS_URL=nats_server.url, FLEETGATE_HOME=str(tmp_path / "home"))
     ca_dir = tmp_path / "ca"
     assert fleetgate(env, "auth", "init", "--dir", str(ca_dir)).returncode == 0
@@ -53,6 +55,12 @@ def test_auth_run_login_status(nats_server: NatsServer, tmp_path: Path) -> None:
     added = fleetgate(env, "users", "add", "alice", "--roles", "dev", "--password-stdin",
                       stdin="a long password\n")  # fmt: skip
     assert added.returncode == 0, added.stderr
+    return env, ca_dir
+
+
+@pytest.mark.slow
+def test_auth_run_login_status(nats_server: NatsServer, tmp_path: Path) -> None:
+    env, ca_dir = auth_with_alice(nats_server, tmp_path)
     port = free_port()
     config = tmp_path / "auth.yaml"
     config.write_text(f"listen: 127.0.0.1:{port}\nca_dir: {ca_dir}\n")

@@ -18,8 +18,12 @@ import pytest
 
 from bus.server import NatsServer
 from dbservice.access.ca import make_csr, new_key
-from tests.e2e.test_access_process import ROLE, fleetgate, free_port, wait_listening
-from tests.kits.common import subprocess_env
+from tests.e2e.test_access_process import (
+    auth_with_alice,
+    fleetgate,
+    free_port,
+    wait_listening,
+)
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
 
@@ -44,14 +48,7 @@ def call(
 def test_requests_get_an_id_in_the_answer_and_the_json_logs(
     nats_server: NatsServer, tmp_path: Path
 ) -> None:
-    env = subprocess_env(FLEETGATE_NATS_URL=nats_server.url, FLEETGATE_HOME=str(tmp_path / "home"))
-    ca_dir = tmp_path / "ca"
-    assert fleetgate(env, "auth", "init", "--dir", str(ca_dir)).returncode == 0
-    (tmp_path / "role.yaml").write_text(ROLE)
-    assert fleetgate(env, "roles", "create", "-f", str(tmp_path / "role.yaml")).returncode == 0
-    added = fleetgate(env, "users", "add", "alice", "--roles", "dev", "--password-stdin",
-                      stdin="a long password\n")  # fmt: skip
-    assert added.returncode == 0, added.stderr
+    env, ca_dir = auth_with_alice(nats_server, tmp_path)
     port = free_port()
     config = tmp_path / "auth.yaml"
     config.write_text(f"listen: 127.0.0.1:{port}\nca_dir: {ca_dir}\n")

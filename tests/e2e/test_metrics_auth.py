@@ -13,8 +13,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bus.server import NatsServer
-from tests.e2e.test_access_process import ROLE, fleetgate, free_port, wait_listening
-from tests.kits.common import subprocess_env
+from tests.e2e.test_access_process import (
+    auth_with_alice,
+    fleetgate,
+    free_port,
+    wait_listening,
+)
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -27,14 +31,7 @@ def get(port: int, path: str) -> tuple[int, str]:
 
 @pytest.mark.slow
 def test_auth_metrics_count_logins_by_outcome(nats_server: NatsServer, tmp_path: Path) -> None:
-    env = subprocess_env(FLEETGATE_NATS_URL=nats_server.url, FLEETGATE_HOME=str(tmp_path / "home"))
-    ca_dir = tmp_path / "ca"
-    assert fleetgate(env, "auth", "init", "--dir", str(ca_dir)).returncode == 0
-    (tmp_path / "role.yaml").write_text(ROLE)
-    assert fleetgate(env, "roles", "create", "-f", str(tmp_path / "role.yaml")).returncode == 0
-    added = fleetgate(env, "users", "add", "alice", "--roles", "dev", "--password-stdin",
-                      stdin="a long password\n")  # fmt: skip
-    assert added.returncode == 0, added.stderr
+    env, ca_dir = auth_with_alice(nats_server, tmp_path)
     port, diag = free_port(), free_port()
     config = tmp_path / "auth.yaml"
     config.write_text(f"listen: 127.0.0.1:{port}\nca_dir: {ca_dir}\ndiag_addr: 127.0.0.1:{diag}\n")
