@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from bus.labels import check_selector
 from bus.settings import NatsSettings
-from fleetgate.addresses import join_host_port, split_host_port
+from fleetgate.addresses import HostPort
 from fleetgate.config import JetStreamSettings, check_external_id, check_role_arn
 from fleetgate.durations import Duration
 
@@ -94,17 +94,9 @@ class DiscoveryService(Strict):
     lease: LeaseSettings = LeaseSettings()
     """Several replicas may run with the same config; a single one holds every lease."""
     aws: list[AwsMatcher] = Field(min_length=1)
-    diag_addr: str | None = None
+    diag_addr: HostPort | None = None
     """``host:port`` of the diagnostics listener (``/metrics``, ``/healthz``, ``/readyz``;
     docs/operations.md); off when unset."""
-
-    @field_validator("diag_addr")
-    @classmethod
-    def _diag(cls, addr: str | None) -> str | None:
-        if addr is None:
-            return None
-        host, port = split_host_port(addr)
-        return join_host_port(host, port)
 
     @field_validator("poll_interval")
     @classmethod

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 _HOST = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,252})$")
 
@@ -48,3 +51,13 @@ def check_host(host: str, text: str) -> str:
 
 def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def normal_addr(text: str) -> str:
+    """``host:port`` checked and written one way (``[::1]:6379`` for IPv6); ValueError
+    with an example otherwise."""
+    return join_host_port(*split_host_port(text))
+
+
+HostPort = Annotated[str, AfterValidator(normal_addr)]
+"""A config field holding ``host:port`` (a listen or diagnostics address)."""

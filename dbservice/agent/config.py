@@ -23,7 +23,7 @@ from dbservice.gateway.settings import (
 from dbservice.gateway.settings import (
     check_processes as check_processes,
 )
-from fleetgate.addresses import check_host, join_host_port, split_host_port
+from fleetgate.addresses import HostPort, check_host, join_host_port, split_host_port
 from fleetgate.config import JetStreamSettings, Strict, check_external_id, check_role_arn
 from fleetgate.durations import Duration
 
@@ -286,7 +286,7 @@ class DbService(Strict):
     hostname: str = Field(default_factory=socket.gethostname)
     data_dir: Path = Path(DEFAULT_DATA_DIR)
     """Keeps the agent's host_id across restarts; one agent per directory."""
-    listen_addr: str = "0.0.0.0:6390"
+    listen_addr: HostPort = "0.0.0.0:6390"
     advertise_addr: str | None = None
     """Address clients reach this agent at; derived from listen_addr when unset."""
     listener: ListenerConfig | None = None
@@ -304,7 +304,7 @@ class DbService(Strict):
     join: JoinConfig | None = None
     """Join the fleet with a one-time token and renew the certificate in data_dir; the
     listener then needs no ``cert_file``/``key_file``."""
-    diag_addr: str | None = None
+    diag_addr: HostPort | None = None
     """``host:port`` of the diagnostics listener (``/metrics``, ``/healthz``, ``/readyz``;
     docs/operations.md); off when unset. Listener process K serves on port + K."""
     offline_grace: Duration = Field(default=900.0, ge=0)
@@ -332,20 +332,6 @@ class DbService(Strict):
         if not name.strip():
             raise ValueError("hostname cannot be empty")
         return name.strip()
-
-    @field_validator("listen_addr")
-    @classmethod
-    def _listen(cls, addr: str) -> str:
-        host, port = split_host_port(addr)
-        return join_host_port(host, port)
-
-    @field_validator("diag_addr")
-    @classmethod
-    def _diag(cls, addr: str | None) -> str | None:
-        if addr is None:
-            return None
-        host, port = split_host_port(addr)
-        return join_host_port(host, port)
 
     @field_validator("advertise_addr")
     @classmethod

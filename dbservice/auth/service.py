@@ -104,7 +104,7 @@ from dbservice.auth.metrics import AuthMetrics
 from dbservice.auth.natsrights import DEFAULT_TTL, AgentAuthorizer, CalloutError, decode_request
 from dbservice.auth.passwords import totp_step, verify_password
 from dbservice.auth.requestid import request_ids
-from fleetgate.addresses import join_host_port, split_host_port
+from fleetgate.addresses import HostPort
 from fleetgate.aio import stop_on_signals
 from fleetgate.config import JetStreamSettings
 from fleetgate.durations import Duration, format_duration
@@ -274,17 +274,9 @@ class AuthConfig(Strict):
     """Logins with an AWS identity; absent: ``POST /v1/login/aws`` answers 404."""
     join: JoinSettings = JoinSettings()
     nats_callout: NatsCalloutSettings | None = None
-    diag_addr: str | None = None
+    diag_addr: HostPort | None = None
     """``host:port`` of the diagnostics listener (plain HTTP: ``/metrics``, ``/healthz``,
     ``/readyz``; docs/operations.md); off when unset."""
-
-    @field_validator("diag_addr")
-    @classmethod
-    def _diag(cls, addr: str | None) -> str | None:
-        if addr is None:
-            return None
-        host, port = split_host_port(addr)
-        return join_host_port(host, port)
 
 
 MAX_BODY = 64 * 1024
