@@ -70,6 +70,7 @@ from dbservice.access.audit import AuditEmitter  # noqa: E402
 from dbservice.agent.config import ResourceMatcher  # noqa: E402
 from dbservice.agent.served import Selection, follow_registry  # noqa: E402
 from dbservice.agent.supervisor import Supervisor  # noqa: E402
+from dbservice.agent.worker import PassiveWorker  # noqa: E402
 from discovery.poller import WRITE_CONCURRENCY  # noqa: E402
 
 REGIONS = ("us-east-1", "eu-west-1", "ap-southeast-2")
@@ -84,22 +85,12 @@ AUDIT_BATCH = 32
 # -- the watcher process (an agent's registry watch) ---------------------------------------
 
 
-class _Noting:
+class _Noting(PassiveWorker):
     """A supervisor's worker that notes, on stdout, each change of its database."""
 
-    def __init__(self, resource: DatabaseResource) -> None:
-        self.resource = resource
-
-    @property
-    def name(self) -> str:
-        return self.resource.name
-
     def update(self, resource: DatabaseResource) -> None:
-        self.resource = resource
+        super().update(resource)
         _say(seen=resource.name, mark=resource.metadata.labels.get(MARK, ""), t=time.monotonic())
-
-    async def run(self) -> None:
-        await asyncio.Event().wait()  # until cancelled
 
 
 def _say(**fields: Any) -> None:
