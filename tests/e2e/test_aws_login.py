@@ -44,7 +44,7 @@ from tests.kits.listener import (
     static_db,
     wait_events,
 )
-from tests.kits.proxy import start_single_node
+from tests.kits.proxy import serve_single_node
 
 ACC = "123456789012"
 SERVER_ID = "fleetgate-test-auth"
@@ -53,12 +53,7 @@ DATABASES = {"dev-cache": resource("dev-cache", env="dev")}
 
 @pytest.fixture(scope="module")
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
-    directory = tmp_path_factory.mktemp("valkey")
-    node = asyncio.run(asyncio.wait_for(start_single_node(directory), 20))
-    try:
-        yield node
-    finally:
-        asyncio.run(node.stop())
+    yield from serve_single_node(tmp_path_factory.mktemp("valkey"))
 
 
 @pytest.fixture

@@ -32,7 +32,7 @@ from tests.kits.connect import (
     resource,
     world,
 )
-from tests.kits.proxy import start_single_node, valkey_cli
+from tests.kits.proxy import serve_single_node, valkey_cli
 
 DATABASES = {
     "dev-cache": resource("dev-cache", env="dev"),
@@ -45,12 +45,7 @@ DATABASES = {
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
     """One server for the module (a cluster node takes two seconds to become ready); it is
     a plain process, so each test's loop can use it."""
-    directory = tmp_path_factory.mktemp("valkey")
-    node = asyncio.run(asyncio.wait_for(start_single_node(directory), 20))
-    try:
-        yield node
-    finally:
-        asyncio.run(node.stop())
+    yield from serve_single_node(tmp_path_factory.mktemp("valkey"))
 
 
 @pytest.fixture
