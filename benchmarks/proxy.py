@@ -630,6 +630,10 @@ def _core_cpu(core: int) -> tuple[float, float]:
     return 0.0, 0.0
 
 
+LOAD_SIDE_FULL = 0.95
+"""``--pin``: the load side's core busy at least this share of a run: that row's
+throughput is bounded by the load side (generator, fronts, servers), not by the proxy."""
+
 PIN: dict[str, int] = {}
 """``--pin``: ``{"proxy": core, "rest": core}``; empty otherwise."""
 
@@ -643,6 +647,7 @@ def _snapshot(roles: dict[str, tuple[int, ...]]) -> dict[str, float]:
     out["busy"], out["idle"], out["irq"] = _machine_cpu()
     if PIN:
         out["core_busy"], out["core_idle"] = _core_cpu(PIN["proxy"])
+        out["rest_busy"], out["rest_idle"] = _core_cpu(PIN["rest"])
     out["wall"] = time.perf_counter()
     return out
 
@@ -676,6 +681,9 @@ def _cpu_split(
     if "core_busy" in spent:
         core = spent["core_busy"] + spent["core_idle"]
         out["core"] = spent["core_busy"] / core if core > 0 else 0.0
+    if "rest_busy" in spent:
+        rest = spent["rest_busy"] + spent["rest_idle"]
+        out["rest"] = spent["rest_busy"] / rest if rest > 0 else 0.0
     return out
 
 
@@ -1372,6 +1380,25 @@ def _floors(
                 if (row, op, 16) in with_setup
             )
         )
+    for (row, op, pipeline), value in sorted(rps.items()):
+        # information: how much of the cluster/node ratio the reference paths set alone
+        node = rps.get(("direct TLS", op, pipeline))
+        if row == "direct TLS cluster" and node:
+            print(f"  {'(direct TLS cluster/direct TLS ' + op + ' P' + str(pipeline) + ')':<32} "
+                  f"{value / node:.2f}x: the reference paths alone, information")  # fmt: skip
+    saturated = [
+        f"{proxy.name} {op} P{pipeline}"
+        for proxy in proxies
+        if proxy.name in ("agent", "agent cluster", "haproxy TLS")
+        for (op, pipeline, n), results in proxy.results.items()
+        if n == clients and _median_parts(results).get("rest", 0.0) >= LOAD_SIDE_FULL
+    ]
+    if saturated:
+        print(
+            f"  the load side's core was at least {LOAD_SIDE_FULL:.0%} busy in: "
+            + ", ".join(saturated)
+            + ": there the ratio measures the load side as much as the proxy"
+        )
     for pipeline in PEER_FLOORS:  # information: the same ratio in CPU per request
         for op in ("SET", "GET"):
             agent, peer = cpu.get(("agent", op, pipeline)), cpu.get(("haproxy TLS", op, pipeline))
@@ -1434,8 +1461,9 @@ def _cpu_report(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> Non
           f"machine's busy share ({os.cpu_count()} cores)")  # fmt: skip
     names = (*CPU_ROLES, "other", "total", "irq")
     core = f"core{PIN['proxy']}" if PIN else ""
+    rest = f"core{PIN['rest']}" if PIN else ""
     print(f"{'test':<12}{'row':<18}" + "".join(f"{n:>8}" for n in names[:-1]) + f"{'busy':>7}"
-          f"{'(irq)':>8}{core:>7}")  # fmt: skip
+          f"{'(irq)':>8}{core:>7}{rest:>7}")  # fmt: skip
     for test in tests:
         op, pipeline, clients = test
         label = f"{op} P{pipeline}" + (f" c{clients}" if clients != tests[0][2] else "")
@@ -1443,6 +1471,7 @@ def _cpu_report(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> Non
             parts = _median_parts(proxy.results[test])
             cells = "".join(f"{parts[n]:>8.1f}" if n in parts else f"{'-':>8}" for n in names[:-1])
             pinned = f"{parts['core'] * 100:>6.0f}%" if "core" in parts else ""
+            pinned += f"{parts['rest'] * 100:>6.0f}%" if "rest" in parts else ""
             print(f"{label:<12}{proxy.name:<18}{cells}{parts['busy'] * 100:>6.0f}%"
                   f"{parts.get('irq', 0.0):>8.1f}{pinned}")  # fmt: skip
         print()
@@ -1454,7 +1483,9 @@ def _cpu_report(proxies: list[_Proxy], tests: list[tuple[str, int, int]]) -> Non
         " machine's busy time per request; busy: its share of all cores over the run;"
         " (irq): of that time, the kernel's interrupt time (moving loopback packets),"
         " already inside the processes' system time; core N (--pin): the pinned proxy's core's"
-        " busy share (its own and any other work on the machine that ran there)."
+        " busy share (its own and any other work on the machine that ran there); the other"
+        " core N: the load side's core (generator, fronts, servers, NATS): near 100% there,"
+        " the row's throughput is the load side's as much as the proxy's."
         " Each run's figures include"
         " connecting its clients (TLS handshakes) once"
     )
