@@ -85,7 +85,7 @@ def test_the_digest_follows_every_dependency_list(tmp_path: Path) -> None:
     digest = script.dependency_digest(base)
     for old, new in (
         ('"moto[server]>=5.2.5"', '"moto[server]>=5.2.6"'),
-        ('"pytest>=8"', '"pytest>=9"'),
+        ('"pytest>=8.4"', '"pytest>=9"'),
     ):
         assert old in original
         changed = tmp_path / "changed.toml"
