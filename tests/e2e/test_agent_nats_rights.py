@@ -18,7 +18,7 @@ from bus.schemas import utcnow
 from bus.server import NatsServer
 from dbservice.auth.natsrights import nats_credentials_for
 from tests.e2e.test_access_process import fleetgate, free_port, wait_listening
-from tests.kits.common import CALLOUT_SEED, subprocess_env
+from tests.kits.common import CALLOUT_SEED, stopped_log, subprocess_env
 from tests.kits.join import callout_seed_file, nats_login, secured_nats
 
 HOST = "7c1d9e0a-2222-4000-8000-000000000001"
@@ -69,10 +69,6 @@ def test_auth_run_admits_each_agent_as_itself(secured: NatsServer, tmp_path: Pat
             asyncio.run(nats_login(f"nats://reader:pw-reader@{base}")) == "ok"
         )  # fixed users as before
     finally:
-        server.terminate()
-        server.wait(10)
-        assert server.stderr is not None
-        log = server.stderr.read()
-        server.stderr.close()
+        log = stopped_log(server)
     assert server.returncode == 0, log
     assert f"agent {HOST}: wrong password" in log

@@ -24,6 +24,7 @@ from tests.e2e.test_access_process import (
     free_port,
     wait_listening,
 )
+from tests.kits.common import stopped_log
 
 GENERATED = re.compile(r"[0-9a-f]{32}")
 
@@ -75,11 +76,7 @@ def test_requests_get_an_id_in_the_answer_and_the_json_logs(
                           stdin="a long password\n")  # fmt: skip
         assert right.returncode == 0, right.stderr
     finally:
-        server.terminate()
-        server.wait(10)
-        assert server.stderr is not None
-        log = server.stderr.read()
-        server.stderr.close()
+        log = stopped_log(server)
     assert server.returncode == 0, log
     lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     refused = [x for x in lines if x["message"].startswith("login refused for 'alice'")]

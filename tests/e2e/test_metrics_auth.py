@@ -19,6 +19,7 @@ from tests.e2e.test_access_process import (
     free_port,
     wait_listening,
 )
+from tests.kits.common import stopped_log
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -63,9 +64,5 @@ def test_auth_metrics_count_logins_by_outcome(nats_server: NatsServer, tmp_path:
         assert got[("fleetgate_auth_rate_limited_requests_total", ())] == 0
         assert "alice" not in text
     finally:
-        server.terminate()
-        server.wait(10)
-        assert server.stderr is not None
-        log = server.stderr.read()
-        server.stderr.close()
+        log = stopped_log(server)
     assert server.returncode == 0, log

@@ -17,7 +17,7 @@ import redis.asyncio as aredis
 import redis.exceptions
 
 from bus import Bus
-from bus.audit import SessionQuery, SessionStart
+from bus.audit import SessionQuery
 from bus.server import NatsServer
 from dbservice.gateway.listener import with_first_command
 from dbservice.route import USE_CONNECT
@@ -29,12 +29,14 @@ from tests.kits.listener import (
     ADMIN_PASSWORD,
     APP_PASSWORD,
     Fleet,
+    assert_dev_sessions_audited,
     audit_events,
     client_context,
     cmd,
     make_fleet,
     put_roles,
     static_db,
+    use_as_dev_app,
     wait_events,
 )
 from tests.kits.memorydb import iam_cluster
@@ -106,21 +108,8 @@ async def test_redis_py_routed_by_its_user_name_is_checked_and_audited(
         r = redis_py(agent, alice, "app@dev-cache", APP_PASSWORD, protocol=protocol)
         async with r:
             assert await r.ping()
-            assert await r.set(f"byuser{protocol}", "hello")
-            assert await r.get(f"byuser{protocol}") == b"hello"
-            assert await r.acl_whoami() in ("app", b"app")
-            with pytest.raises(redis.exceptions.NoPermissionError) as denied:
-                await r.flushall()
-            assert str(denied.value) == "role dev denies the command FLUSHALL"
-    starts = await wait_events(fleet.bus, 2, "session starts", type="db.session.start")
-    assert all(isinstance(e, SessionStart) and e.success for e in starts)
-    assert {(e.user, e.database, e.db_user, e.reason) for e in starts} == {
-        ("alice", "dev-cache", "app", "allowed by role dev")
-    }
-    queries = await wait_events(fleet.bus, 2, "queries", type="db.session.query", command="SET")
-    assert {q.args for q in queries if isinstance(q, SessionQuery)} == {
-        ("byuser2", "hello"), ("byuser3", "hello"),
-    }  # fmt: skip
+            await use_as_dev_app(r, f"byuser{protocol}")
+    await assert_dev_sessions_audited(fleet.bus, ["byuser2", "byuser3"])
     # the routing login is the session's first command, with the db user alone
     logins = [
         e for e in await audit_events(fleet.bus)

@@ -18,7 +18,6 @@ import redis.asyncio as aredis
 import redis.exceptions
 from redis.asyncio.connection import SSLConnection
 
-from bus.audit import SessionQuery, SessionStart
 from dbservice.auth.admin import sign_host
 from dbservice.route import RouteError, route_from_server_name
 from sandbox.valkeynode import ValkeyNode
@@ -26,9 +25,11 @@ from tests.kits.agent import running_agent
 from tests.kits.listener import (
     APP_PASSWORD,
     Fleet,
+    assert_dev_sessions_audited,
     client_context,
     cmd,
     static_db,
+    use_as_dev_app,
     wait_events,
 )
 from tests.kits.proxy import valkey_cli
@@ -120,21 +121,8 @@ async def test_redis_py_with_the_route_in_sni_is_checked_and_audited(
             username="app", password=APP_PASSWORD, protocol=protocol,
         )  # fmt: skip
         async with r:
-            assert await r.set(f"sni{protocol}", "hello")
-            assert await r.get(f"sni{protocol}") == b"hello"
-            assert await r.acl_whoami() in ("app", b"app")
-            with pytest.raises(redis.exceptions.NoPermissionError) as denied:
-                await r.flushall()
-            assert str(denied.value) == "role dev denies the command FLUSHALL"
-    starts = await wait_events(fleet.bus, 2, "session starts", type="db.session.start")
-    assert all(isinstance(e, SessionStart) and e.success for e in starts)
-    assert {(e.user, e.database, e.db_user, e.reason) for e in starts} == {
-        ("alice", "dev-cache", "app", "allowed by role dev")
-    }
-    queries = await wait_events(fleet.bus, 2, "queries", type="db.session.query", command="SET")
-    assert {q.args for q in queries if isinstance(q, SessionQuery)} == {
-        ("sni2", "hello"), ("sni3", "hello"),
-    }  # fmt: skip
+            await use_as_dev_app(r, f"sni{protocol}")
+    await assert_dev_sessions_audited(fleet.bus, ["sni2", "sni3"])
 
 
 async def test_refusals_and_a_bad_server_name_get_a_clear_error(fleet: Fleet, agent: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,14 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+def stopped_log(server: subprocess.Popen[str]) -> str:
+    """Stop ``server`` (SIGTERM), wait for it and return what it wrote to its stderr (a
+    pipe, in text mode)."""
+    server.terminate()
+    server.wait(10)
+    assert server.stderr is not None
+    log = server.stderr.read()
+    server.stderr.close()
+    return log

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis.asyncio as aredis
 import redis.exceptions
 from redis.asyncio.connection import SSLConnection
 
 from bus import Bus
 from bus.access import Identity, Role, put_role
-from bus.audit import AuditEvent, ensure_audit_stream, read_events
+from bus.audit import AuditEvent, SessionQuery, SessionStart, ensure_audit_stream, read_events
 from dbservice.access.ca import CertificateAuthority, cert_pem, key_pem, new_key
 from dbservice.auth.admin import init_ca, sign_host, write_identity
 from dbservice.route import encode_route, open_route
@@ -212,3 +213,28 @@ async def wait_events(bus: Bus, count: int, what: str, **fields: Any) -> list[Au
 
     await wait_until(check, 10, what)
     return found
+
+
+async def use_as_dev_app(r: aredis.Redis, key: str) -> None:
+    """What role ``dev`` lets db user ``app`` do, and what it denies: SET and GET of
+    ``key``, ``ACL WHOAMI`` is app, FLUSHALL refused with the role's reason."""
+    assert await r.set(key, "hello")
+    assert await r.get(key) == b"hello"
+    assert await r.acl_whoami() in ("app", b"app")
+    with pytest.raises(redis.exceptions.NoPermissionError) as denied:
+        await r.flushall()
+    assert str(denied.value) == "role dev denies the command FLUSHALL"
+
+
+async def assert_dev_sessions_audited(bus: Bus, keys: Sequence[str]) -> None:
+    """alice's sessions of :func:`use_as_dev_app`, one per key, in the audit trail: each
+    started as allowed by role dev on dev-cache as app, and each key's SET recorded."""
+    starts = await wait_events(bus, len(keys), "session starts", type="db.session.start")
+    assert all(isinstance(e, SessionStart) and e.success for e in starts)
+    assert {(e.user, e.database, e.db_user, e.reason) for e in starts} == {
+        ("alice", "dev-cache", "app", "allowed by role dev")
+    }
+    queries = await wait_events(bus, len(keys), "queries", type="db.session.query", command="SET")
+    assert {q.args for q in queries if isinstance(q, SessionQuery)} == {
+        (key, "hello") for key in keys
+    }
