@@ -170,13 +170,20 @@ def test_auth_init_sign_and_status(
     assert (event["user"], event["method"]) == ("ci-bot", "sign")
 
 
-def test_db_logout(
-    cli: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
+def logged_in_home(tmp_path: Path) -> Path:
+    """A FLEETGATE_HOME (the ``cli`` fixture's) with an identity and a ``db connect``
+    set-up for the database orders."""
     home = tmp_path / "home"
     (home / "identity").mkdir(parents=True)
     (home / "identity" / "cert.pem").write_text("x")
     (home / "db" / "orders").mkdir(parents=True)
+    return home
+
+
+def test_db_logout(
+    cli: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    home = logged_in_home(tmp_path)
     code, out, _ = run(capsys, "db", "logout", "orders")
     assert code == 0 and "removed" in out and not (home / "db" / "orders").exists()
     assert (home / "identity").exists()
@@ -366,10 +373,7 @@ def test_admin_commands_print_json_results(
 def test_logout_prints_what_it_removed_as_json(
     cli: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    home = tmp_path / "home"
-    (home / "identity").mkdir(parents=True)
-    (home / "identity" / "cert.pem").write_text("x")
-    (home / "db" / "orders").mkdir(parents=True)
+    home = logged_in_home(tmp_path)
     (home / "auth-ca.pem").write_text("pinned")
     code, out, _ = run(capsys, "db", "logout", "orders", "--format", "json")
     assert code == 0 and json.loads(out) == {

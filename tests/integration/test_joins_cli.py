@@ -54,7 +54,8 @@ def test_tokens_are_shown_once_stored_hashed_listed_and_removed(
     assert usage.value.code == 2 and "expected key=value" in capsys.readouterr().err
 
 
-def test_agents_are_listed_and_removed(cli: str, capsys: pytest.CaptureFixture[str]) -> None:
+def add_joined_agent(cli: str, labels: dict[str, str] | None = None) -> str:
+    """Record a joined agent ``db-agent-1`` whose certificate has expired; its host id."""
     host_id = str(uuid.uuid4())
 
     async def add() -> None:
@@ -63,10 +64,15 @@ def test_agents_are_listed_and_removed(cli: str, capsys: pytest.CaptureFixture[s
             now = utcnow()
             await joins.put_agent(bus, joins.JoinedAgent(
                 host_id=host_id, hostname="db-agent-1", addr="10.0.0.5:6390", serial="ab",
-                expires=now, joined_at=now, labels={"team": "pay"},
+                expires=now, joined_at=now, labels=labels or {},
             ))  # fmt: skip
 
     asyncio.run(add())
+    return host_id
+
+
+def test_agents_are_listed_and_removed(cli: str, capsys: pytest.CaptureFixture[str]) -> None:
+    host_id = add_joined_agent(cli, labels={"team": "pay"})
     code, out, _ = run(capsys, "agents", "ls")
     assert code == 0 and host_id in out and "db-agent-1" in out and "(expired)" in out
     code, out, _ = run(capsys, "agents", "rm", host_id)
@@ -153,18 +159,7 @@ def test_tokens_add_and_rm_and_agents_rm_print_json(
     code, out, _ = run(capsys, "tokens", "rm", rule["id"], "--format", "json")
     assert json.loads(out)["method"] == "aws"
 
-    host_id = str(uuid.uuid4())
-
-    async def add_agent() -> None:
-        async with await Bus.connect(cli, name="tests") as bus:
-            await bus.provision(joins.AGENTS)
-            now = utcnow()
-            await joins.put_agent(bus, joins.JoinedAgent(
-                host_id=host_id, hostname="db-agent-1", addr="10.0.0.5:6390", serial="ab",
-                expires=now, joined_at=now,
-            ))  # fmt: skip
-
-    asyncio.run(add_agent())
+    host_id = add_joined_agent(cli)
     code, out, _ = run(capsys, "agents", "rm", host_id, "--format", "json")
     assert code == 0 and json.loads(out) == {"host_id": host_id, "removed": True}
     code, out, err = run(capsys, "agents", "rm", host_id, "--format", "json")
