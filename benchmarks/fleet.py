@@ -34,6 +34,8 @@ from pathlib import Path
 
 import yaml
 
+from sandbox.ports import free_port
+
 PASSWORD = "bench password"
 DATABASE = "bench"
 DB_USER = "default"
@@ -42,12 +44,6 @@ CLUSTER = "bench-cluster"
 CLUSTER_SERVER_NAME = f"{DB_USER}.{CLUSTER}.fleetgate"
 SHARDS = 3
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_port(port: int, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:

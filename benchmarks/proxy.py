@@ -587,11 +587,9 @@ def _connect_rate(args: argparse.Namespace) -> int:
 
 
 def _free_port() -> int:
-    import socket
+    from sandbox.ports import free_port
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return free_port()
 
 
 def _cpu_of(pid: int) -> tuple[float, float]:

@@ -38,13 +38,13 @@ from sandbox.aws import MotoServer
 from sandbox.iamfront import IamFront, MemoryDBLogin
 from sandbox.memorydb import MemoryDBStandin, StandinConfig
 from sandbox.natsfleet import REGION_NAMES, NatsFleet, Node, write_tls
+from sandbox.ports import free_port, reached_itself
 from sandbox.state import (
     Database,
     NatsNode,
     Part,
     SandboxError,
     SandboxState,
-    free_port,
     make_private,
     nats_password_file,
     nats_passwords,
@@ -693,8 +693,9 @@ async def _answers(port: int) -> bool:
         _, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 1)
     except (OSError, TimeoutError):
         return False
+    itself = reached_itself(writer.get_extra_info("socket"))
     writer.close()
-    return True
+    return not itself
 
 
 async def _nothing() -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from fleetgate.cli.tables import print_table
 from sandbox.natsfleet import monitor
+from sandbox.ports import port_answers, port_free
 from sandbox.state import (
     NatsNode,
     Part,
@@ -30,8 +31,6 @@ from sandbox.state import (
     names_dir,
     nats_url_of,
     pid_alive,
-    port_answers,
-    port_free,
 )
 
 SUPERVISOR_GRACE = 30.0

@@ -20,9 +20,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import random
 import re
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bus.server import NatsServer, config_string, wait_port_free
+from sandbox.ports import free_port
 from sandbox.tlsca import TestCA
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "nats"
@@ -53,31 +52,6 @@ REGION_NAMES = ("us-east-1", "eu-west-1", "ap-southeast-2", "us-west-2", "eu-cen
 
 class DeployConfigChanged(AssertionError):
     """A deploy config no longer has the text this module renders for loopback."""
-
-
-def free_port() -> int:
-    """A free loopback port below Linux's ephemeral range (32768-60999), so that no
-    outgoing connection (a route, a leaf link, a client) takes it while its server is
-    down for a restart.
-
-    Never the same port twice in one process: a port is only known free when chosen, so
-    two choices for one topology could otherwise meet."""
-    while True:
-        port = random.randint(20000, 32000)
-        if port in _GIVEN:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        if len(_GIVEN) > 8000:  # most of the range: start over
-            _GIVEN.clear()
-        _GIVEN.add(port)
-        return port
-
-
-_GIVEN: set[int] = set()
 
 
 def password_var(user: str) -> str:

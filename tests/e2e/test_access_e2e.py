@@ -17,10 +17,11 @@ import yaml
 
 from bus import Bus
 from bus.server import NatsServer
+from sandbox.ports import free_port
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.agent import agent_config, wait_until
 from tests.kits.common import subprocess_env
-from tests.kits.connect import Tunnel, World, free_port, world
+from tests.kits.connect import Tunnel, World, world
 from tests.kits.listener import APP_PASSWORD, add_acl_users, static_db
 from tests.kits.proxy import start_single_node
 

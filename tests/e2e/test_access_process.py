@@ -12,15 +12,10 @@ from pathlib import Path
 import pytest
 
 from bus.server import NatsServer
+from sandbox.ports import free_port
 from tests.kits.common import subprocess_env
 
 ROLE = "kind: role\nname: dev\nallow: {db_labels: {env: dev}, db_users: [app]}\n"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def fleetgate(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

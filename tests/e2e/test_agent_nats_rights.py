@@ -17,7 +17,8 @@ from bus.joins import JoinedAgent
 from bus.schemas import utcnow
 from bus.server import NatsServer
 from dbservice.auth.natsrights import nats_credentials_for
-from tests.e2e.test_access_process import fleetgate, free_port, wait_listening
+from sandbox.ports import free_port
+from tests.e2e.test_access_process import fleetgate, wait_listening
 from tests.kits.common import CALLOUT_SEED, stopped_log, subprocess_env
 from tests.kits.join import callout_seed_file, nats_login, secured_nats
 

@@ -32,6 +32,7 @@ from fleetgate.config import ConfigError, load_model
 from sandbox.aws import SandboxAclMembership
 from sandbox.iamfront import MemoryDBLogin
 from sandbox.memorydb import MemoryDBStandin
+from sandbox.ports import free_port
 from sandbox.valkeynode import ValkeyNode
 from tests.integration.test_managed_agent import (
     agent_running,
@@ -43,7 +44,6 @@ from tests.integration.test_managed_agent import (
 )
 from tests.kits.agent import agent_config, wait_until
 from tests.kits.common import subprocess_env
-from tests.kits.connect import free_port
 from tests.kits.listener import Fleet, RawSession, audit_events, client, static_db
 from tests.kits.proxy import serve_single_node
 

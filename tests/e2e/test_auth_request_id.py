@@ -18,10 +18,10 @@ import pytest
 
 from bus.server import NatsServer
 from dbservice.access.ca import make_csr, new_key
+from sandbox.ports import free_port
 from tests.e2e.test_access_process import (
     auth_with_alice,
     fleetgate,
-    free_port,
     wait_listening,
 )
 from tests.kits.common import stopped_log

@@ -19,9 +19,10 @@ from bus import Bus
 from bus.server import NatsServer
 from client.people import RegistryDown, fetch_databases, fetch_servers, require_identity
 from dbservice.engine.cluster.merge import node_id
+from sandbox.ports import free_port
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.common import subprocess_env
-from tests.kits.connect import StandInAgent, Tunnel, World, free_port, resource, world
+from tests.kits.connect import StandInAgent, Tunnel, World, resource, world
 from tests.kits.proxy import start_single_node
 
 REPR = re.compile(r"object at 0x|<[a-zA-Z_.]+ ")

@@ -22,13 +22,13 @@ from bus.access import Role, put_role
 from bus.server import NatsServer
 from client import connect, people
 from client.people import AccessError, fetch_databases, fetch_servers, require_identity
+from sandbox.ports import free_port
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.connect import (
     OLD_AGENT_REFUSAL,
     StandInAgent,
     Tunnel,
     World,
-    free_port,
     resource,
     world,
 )

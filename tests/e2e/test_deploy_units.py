@@ -27,10 +27,10 @@ import yaml
 from bus import Bus
 from bus.server import NatsServer
 from sandbox.aws import MotoServer
+from sandbox.ports import free_port
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.agent import agent_config, wait_until
 from tests.kits.common import subprocess_env
-from tests.kits.connect import free_port
 from tests.kits.listener import APP_PASSWORD, add_acl_users, static_db
 from tests.kits.proxy import start_single_node
 

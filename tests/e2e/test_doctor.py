@@ -16,7 +16,8 @@ from bus import Bus
 from bus.server import NatsServer
 from client.doctor import clock_check
 from dbservice.access.ca import CertificateAuthority
-from tests.kits.connect import World, free_port, world
+from sandbox.ports import free_port
+from tests.kits.connect import World, world
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -17,9 +17,10 @@ from bus.audit import SessionEnd, SessionQuery, SessionStart
 from bus.server import NatsServer
 from dbservice.access.ca import CertificateAuthority
 from dbservice.route import RouteRefused
+from sandbox.ports import free_port
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.agent import agent_config, running_agent, wait_until
-from tests.kits.connect import Tunnel, free_port, world
+from tests.kits.connect import Tunnel, world
 from tests.kits.listener import (
     ADMIN_PASSWORD,
     APP_PASSWORD,

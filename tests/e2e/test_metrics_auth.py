@@ -13,10 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bus.server import NatsServer
+from sandbox.ports import free_port
 from tests.e2e.test_access_process import (
     auth_with_alice,
     fleetgate,
-    free_port,
     wait_listening,
 )
 from tests.kits.common import stopped_log

@@ -24,8 +24,8 @@ from discovery.matchers import expand
 from discovery.poller import Poller
 from discovery.settings import DiscoveryService
 from sandbox.aws import MotoServer
+from sandbox.ports import free_port
 from tests.kits import seed as seed
-from tests.kits.connect import free_port
 
 pytestmark = pytest.mark.timeout(120)
 

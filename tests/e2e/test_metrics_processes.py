@@ -4,7 +4,6 @@ their ``/metrics`` count every session once."""
 
 from __future__ import annotations
 
-import socket
 import sys
 import urllib.error
 import urllib.request
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from sandbox.ports import free_port
 from sandbox.valkeynode import ValkeyNode
 from tests.e2e.test_agent_processes import AgentProcess, session
 from tests.kits.agent import wait_until
@@ -29,21 +29,6 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def valkey(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ValkeyNode]:
     yield from serve_single_node(tmp_path_factory.mktemp("vk"))
-
-
-def two_free_ports() -> int:
-    """A port P with P + 1 free too."""
-    for _ in range(100):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return int(port)
-    raise AssertionError("no two consecutive free ports")
 
 
 def scrape(port: int, path: str) -> tuple[int, str]:
@@ -68,7 +53,7 @@ def opened(text: str) -> float:
 async def test_each_listener_process_serves_its_own_metrics(
     fleet: Fleet, valkey: ValkeyNode, tmp_path: Path
 ) -> None:
-    diag = two_free_ports()
+    diag = free_port(offset=1)  # and diag + 1 for the second process
     config = fleet.agent(
         "multi", [static_db("cache", valkey.port, env="standin")], diag_addr=f"127.0.0.1:{diag}"
     )

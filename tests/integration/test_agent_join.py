@@ -29,9 +29,9 @@ from dbservice.agent.config import AgentConfig
 from dbservice.agent.join import JoinRefused
 from dbservice.auth.service import AuthConfig, RunningService, start_service
 from fleetgate.config import ConfigError
+from sandbox.ports import free_port
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.agent import agent_config, running_agent, wait_until
-from tests.kits.connect import free_port
 from tests.kits.listener import APP_PASSWORD, Fleet, client, static_db
 
 pytestmark = pytest.mark.timeout(90)

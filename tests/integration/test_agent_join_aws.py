@@ -24,11 +24,11 @@ from dbservice.agent.join import JoinRefused
 from dbservice.auth.service import AuthConfig, RunningService, start_service
 from fleetgate.config import ConfigError
 from sandbox.aws import MotoServer
+from sandbox.ports import free_port
 from sandbox.valkeynode import ValkeyNode
 from tests.integration.test_agent_join import post_join, served_certificate
 from tests.kits.agent import agent_config, running_agent, wait_until
 from tests.kits.common import boto
-from tests.kits.connect import free_port
 from tests.kits.listener import (
     APP_PASSWORD,
     Fleet,

@@ -18,9 +18,9 @@ from dbservice.auth.admin import sign_host
 from dbservice.gateway.listener import RefusalLog
 from dbservice.route import RouteRefused
 from fleetgate.logs import ContextFilter, JsonFormatter, bind_context
+from sandbox.ports import free_port
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.agent import running_agent, wait_until
-from tests.kits.connect import free_port
 from tests.kits.listener import (
     APP_PASSWORD,
     Fleet,

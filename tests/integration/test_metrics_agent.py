@@ -17,9 +17,10 @@ from dbservice.agent.app import Agent
 from dbservice.agent.config import AgentConfig
 from dbservice.route import RouteRefused
 from fleetgate.config import ConfigError
+from sandbox.ports import free_port
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.agent import running_agent, wait_until
-from tests.kits.connect import free_port, resource
+from tests.kits.connect import resource
 from tests.kits.listener import (
     APP_PASSWORD,
     Fleet,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
@@ -42,6 +41,7 @@ from bus.server import NatsServer, wait_port_free
 from bus.specs import SPECS
 from bus.watch import Event
 from dbservice.access.audit import AuditEmitter
+from sandbox.ports import free_ports
 from tests.kits.agent import wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -49,19 +49,6 @@ pytestmark = pytest.mark.timeout(240)
 COUNTER_BUCKET = "test_counter"
 """A record compare-and-set like the leases bucket's, kept with its history."""
 COUNTER_KEY = "counter"
-
-
-def free_ports(count: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [sock.getsockname()[1] for sock in socks]
-    finally:
-        for sock in socks:
-            sock.close()
 
 
 class Cluster:

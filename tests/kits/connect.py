@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -44,12 +43,6 @@ OLD_AGENT_REFUSAL = (
 )
 """What an agent from before the route option ``HALFCLOSE`` answers a route with it."""
 READY = re.compile(r"listening on 127\.0\.0\.1:(\d+) for (\S+) as (\S+); connect with: ")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def resource(name: str, **labels: str) -> DatabaseResource:

@@ -24,7 +24,8 @@ from bus.access import Identity
 from bus.server import NatsServer
 from dbservice.access.ca import CertificateAuthority, cert_pem, key_pem, new_key
 from dbservice.auth.admin import write_identity
-from tests.e2e.test_access_process import fleetgate, free_port
+from sandbox.ports import free_port
+from tests.e2e.test_access_process import fleetgate
 from tests.kits.common import CALLOUT_SEED, SAMPLE_NATS_CONF, sample_nats_passwords
 
 ROLE = "kind: role\nname: dev\nallow: {db_labels: {env: dev}, db_users: [app]}\n"

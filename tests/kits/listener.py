@@ -22,9 +22,9 @@ from bus.audit import AuditEvent, SessionQuery, SessionStart, ensure_audit_strea
 from dbservice.access.ca import CertificateAuthority, cert_pem, key_pem, new_key
 from dbservice.auth.admin import init_ca, sign_host, write_identity
 from dbservice.route import encode_route, open_route
+from sandbox.ports import free_port
 from sandbox.valkeynode import ValkeyNode
 from tests.kits.agent import agent_config, wait_until
-from tests.kits.connect import free_port
 
 APP_PASSWORD = "apppass"
 ADMIN_PASSWORD = "adminpass"

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox.natsfleet import NatsFleet, Node, free_port
+from sandbox.natsfleet import NatsFleet, Node
 from sandbox.natsfleet import user_url as _user_url
+from sandbox.ports import free_port
 from sandbox.tlsca import TestCA
 from tests.kits.common import CALLOUT_SEED
 from tests.kits.natsauth import public_key

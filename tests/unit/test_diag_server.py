@@ -8,7 +8,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 
 from fleetgate.metrics import UNRESPONSIVE, Check, DiagServer
-from tests.kits.connect import free_port
+from sandbox.ports import free_port
 
 
 async def get(port: int, path: str) -> tuple[int, str, str]:
