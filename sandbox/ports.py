@@ -2,26 +2,74 @@
 
 A port chosen now and bound later by another process is only safe if nothing else can
 take it in between. The kernel hands out its ephemeral range (Linux: 32768-60999) to
-every outgoing connection, so a port chosen there can be taken by any connect() on the
-machine, or even by a connection to itself: a client that dials an ephemeral port with
-no listener can be given that same port as its own, and the TCP "simultaneous open"
-then connects it to itself, so the port seems to answer while nothing listens. Ports
-are therefore chosen below (or, failing that, above) the ephemeral range, and a
-connection that reached itself never counts as an answer."""
+every server that binds port 0 and to every outgoing connection, so a port chosen there
+can be taken by any other process's server or client, or even by a connection to
+itself: a client that dials an ephemeral port with no listener can be given that same
+port as its own, and the TCP "simultaneous open" then connects it to itself, so the
+port seems to answer while nothing listens. Ports are therefore chosen below (or,
+failing that, above) the ephemeral range, and a connection that reached itself never
+counts as an answer.
+
+Outside that range only the processes that choose ports can meet, so they agree: a port
+handed out is reserved for a while in a directory every process of this user shares
+(one empty file per port, made with O_EXCL), and no other process hands it out before
+the reservation lapses, however long its part takes to start and bind it."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
 import socket
+import tempfile
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
 LOWEST = 10000
 """No port below this is chosen: well-known and registered services live there."""
 
+RESERVED_FOR = 300.0
+"""Seconds a handed-out port stays reserved for the part it was given to."""
+
 _given: set[int] = set()
 """Ports this process already handed out: never handed out twice, even before the part
 that was given one binds it."""
+
+
+def reservations() -> Path:
+    """Where the processes of this user keep their port reservations."""
+    return Path(tempfile.gettempdir()) / f"fleetgate-ports-{os.getuid()}"
+
+
+def _reserve(port: int) -> bool:
+    """Reserve ``port`` unless another process holds it (see the module's text); a
+    lapsed reservation is taken over."""
+    directory = reservations()
+    directory.mkdir(mode=0o700, exist_ok=True)
+    path = directory / str(port)
+    for _ in range(2):
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            with contextlib.suppress(FileNotFoundError):
+                if time.time() - path.stat().st_mtime < RESERVED_FOR:
+                    return False
+                path.unlink()
+            continue
+        if random.random() < 0.01:
+            _prune(directory)
+        return True
+    return False
+
+
+def _prune(directory: Path) -> None:
+    """Drop lapsed reservations, so the directory stays small."""
+    now = time.time()
+    for entry in os.scandir(directory):
+        with contextlib.suppress(OSError):
+            if now - entry.stat().st_mtime > RESERVED_FOR:
+                os.unlink(entry.path)
 
 
 def ephemeral_range() -> tuple[int, int]:
@@ -70,7 +118,7 @@ def free_port(host: str = "127.0.0.1", *, offset: int = 0) -> int:
         wanted = {port, port + offset}
         if wanted & _given:
             continue
-        if all(port_free(p, host) for p in wanted):
+        if all(port_free(p, host) for p in wanted) and all(_reserve(p) for p in wanted):
             if len(_given) > 20000:  # most of the space: start over
                 _given.clear()
             _given.update(wanted)

@@ -5,10 +5,15 @@ itself is never taken for a server's answer."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import subprocess
+import sys
+import time
 
-from sandbox import fleet
+from sandbox import fleet, ports
 from sandbox.ports import ephemeral_range, free_port, port_answers, port_free, reached_itself
+from tests.kits.common import subprocess_env
 
 
 def _outside(port: int) -> bool:
@@ -64,3 +69,28 @@ async def test_the_sandbox_does_not_take_itself_for_a_ready_part() -> None:
         _, writer = await asyncio.open_connection(sock=sock)
         assert reached_itself(writer.get_extra_info("socket"))
         writer.close()
+
+
+def test_a_port_another_process_was_given_is_not_handed_out_again() -> None:
+    """The sandbox's port for auth was once bound first by another worker's server,
+    while auth was still starting: the sandbox took that server for auth."""
+    child = subprocess.run(
+        [sys.executable, "-c", "from sandbox.ports import free_ports; print(*free_ports(50))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=subprocess_env(),
+    )
+    theirs = [int(p) for p in child.stdout.split()]
+    assert len(theirs) == 50
+    assert not any(ports._reserve(p) for p in theirs)  # still theirs, though all are free
+    assert all(port_free(p) for p in theirs)
+
+
+def test_a_lapsed_reservation_is_taken_over() -> None:
+    port = free_port()
+    assert not ports._reserve(port)
+    lapsed = time.time() - ports.RESERVED_FOR - 1
+    os.utime(ports.reservations() / str(port), (lapsed, lapsed))
+    assert ports._reserve(port)
+    assert not ports._reserve(port)
