@@ -108,8 +108,8 @@ def free_port(host: str = "127.0.0.1", *, offset: int = 0) -> int:
     and its cluster bus)."""
     ranges = _candidates(offset)
     for _ in range(2000):
-        if ranges:
-            a, b = random.choice(ranges)
+        if ranges:  # any port of the ranges, equally likely
+            a, b = random.choices(ranges, weights=[b - a + 1 for a, b in ranges])[0]
             port = random.randint(a, b)
         else:  # the whole port space is ephemeral: the kernel's choice is all there is
             port = _kernel_port(host)
