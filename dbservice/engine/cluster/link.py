@@ -54,6 +54,22 @@ class LinkError(Exception):
     and why, and is shown to the client."""
 
 
+class Waiter:
+    """What takes its reply from the link itself instead of through a future (a plain
+    forwarded command, :class:`~.entries.Sent`): a call per reply, no future per
+    command."""
+
+    __slots__ = ()
+
+    def answer(self, frame: bytes) -> None:
+        """The reply arrived."""
+        raise NotImplementedError
+
+    def fail(self, error: LinkError) -> None:
+        """The link ended before the reply arrived."""
+        raise NotImplementedError
+
+
 class Link:
     def __init__(
         self,
@@ -71,7 +87,7 @@ class Link:
         self._limits = limits
         self._on_push = on_push
         self.pubsub = pubsub
-        self._waiters: deque[asyncio.Future[bytes]] = deque()
+        self._waiters: deque[asyncio.Future[bytes] | Waiter] = deque()
         self._buffer = Pieces()
         """What waits to be written."""
         self._paused = False
@@ -175,6 +191,16 @@ class Link:
         else:
             self._queue(payload)
         return future
+
+    def send_waiter(self, waiter: Waiter, payload: bytes) -> None:
+        """:meth:`send_one` for a link that is open (:attr:`ready`, not failed or
+        closed, not pub/sub) and one command in one piece: ``waiter`` takes the reply."""
+        self._waiters.append(waiter)
+        self.used += 1
+        buffer = self._buffer
+        buffer.append(payload)
+        if not self._flush_scheduled and not self._paused:
+            self._schedule()
 
     def write(self, payload: Payload) -> None:
         """Write without expecting replies (a pub/sub link's commands)."""
@@ -293,9 +319,11 @@ class Link:
                 continue
             if not waiters:
                 raise UpstreamProtocolError("a reply nobody asked for")
-            future = waiters.popleft()
-            if not future.done():
-                future.set_result(frame)
+            waiter = waiters.popleft()
+            if isinstance(waiter, Waiter):
+                waiter.answer(frame)
+            elif not waiter.done():
+                waiter.set_result(frame)
 
     def _fail(self, error: LinkError) -> None:
         if self.failed is None:
@@ -305,7 +333,9 @@ class Link:
         self._wake_drained()
         while self._waiters:
             future = self._waiters.popleft()
-            if not future.done():
+            if isinstance(future, Waiter):
+                future.fail(error)
+            elif not future.done():
                 future.set_exception(error)
                 future.exception()  # retrieved: nobody may be waiting any more
         if self.pubsub and self._on_push is not None and not self.closed:

@@ -44,7 +44,7 @@ from fleetgate.aio import set_nodelay
 
 from .auth import ClientSetup
 from .commands import NOT_HERE, Handler
-from .entries import END, Entry, Forward, Local, Request, retrieve
+from .entries import END, Entry, Forward, Local, Request, Sent, retrieve
 from .keyspecs import CommandTable
 from .link import SLICE, Dial, Link, LinkError
 from .output import ClientOutput
@@ -570,6 +570,7 @@ class ClusterSession:
         # the names whose replies the hooks hear of (as the single-node engine); None: all
         names: frozenset[str] | None = getattr(hooks, "reply_names", None)
         out, entries, room, gate = self._out, self._entries, self._room, self._gate
+        loop = self._loop
         while True:
             if not entries and out:
                 self._flush_client()
@@ -579,7 +580,19 @@ class ClusterSession:
                 await self._output.drained()
                 return
             reply: bytes | None = None
-            if type(entry) is Forward and (future := entry.request.future) is not None:
+            if type(entry) is Sent:  # the common case: the link answered it itself
+                reply = entry.reply
+                if reply is None and entry.error is None and not self._closing:
+                    if out:
+                        self._flush_client()  # what is ready goes out before waiting
+                    self._awaiting = entry
+                    with contextlib.suppress(LinkError):  # resolve() below answers it
+                        await entry.waiter(loop)
+                    self._awaiting = None
+                    reply = entry.reply
+                if reply is not None and reply[0] == 45:  # '-': perhaps a redirect
+                    reply = None
+            elif type(entry) is Forward and (future := entry.request.future) is not None:
                 if not future.done() and not self._closing:
                     if out:
                         self._flush_client()  # what is ready goes out before waiting
@@ -766,20 +779,27 @@ class ClusterSession:
         sent as the client spelled it (``payload``), its entry for the writer."""
         assert self._topology is not None
         address = self._topology.addresses[slot] or self.home()
-        request = Request(args, slot, address, payload)
         link = self._links.get(address)
+        self.last = address
         if (
             link is not None
             and link.failed is None
             and not link.closed
             and (address != self._seed.address or link is self._seed)  # else live_seed()
         ):
+            if type(payload) is bytes and link.ready:  # the common case: no future
+                sent = Sent(name, args, slot, address, payload)
+                link.send_waiter(sent, payload)
+                if link.congested and link not in self._congested:
+                    self._congested.append(link)
+                return sent
+            request = Request(args, slot, address, payload)
             request.future = link.send_one(request.payload)  # open: it does not raise
             if link.congested and link not in self._congested:
                 self._congested.append(link)
         else:
+            request = Request(args, slot, address, payload)
             self.send(request)
-        self.last = address
         return Forward(name, request)
 
     def hold(self) -> None:
