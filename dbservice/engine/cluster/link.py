@@ -192,15 +192,17 @@ class Link:
             self._queue(payload)
         return future
 
-    def send_waiter(self, waiter: Waiter, payload: bytes) -> None:
+    def send_waiter(self, waiter: Waiter, payload: bytes) -> bool:
         """:meth:`send_one` for a link that is open (:attr:`ready`, not failed or
-        closed, not pub/sub) and one command in one piece: ``waiter`` takes the reply."""
+        closed, not pub/sub) and one command in one piece: ``waiter`` takes the reply.
+        Returns :attr:`congested`."""
         self._waiters.append(waiter)
         self.used += 1
         buffer = self._buffer
         buffer.append(payload)
         if not self._flush_scheduled and not self._paused:
             self._schedule()
+        return buffer.queued > self._limits.write_high_water
 
     def write(self, payload: Payload) -> None:
         """Write without expecting replies (a pub/sub link's commands)."""

@@ -637,15 +637,39 @@ class ClusterSession:
                 stats.replies += 1
                 if names is None or entry.name in names:
                     hooks.on_reply(entry.name, reply[:1] in (b"-", b"!"))
-            self._written += 1
-            if not gate.is_set() and self._written >= self._barrier:
-                gate.set()
             if entry.close:
+                self._written += 1
+                if not gate.is_set() and self._written >= self._barrier:
+                    gate.set()
                 self._flush_client()
                 with contextlib.suppress(OSError):
                     await self._output.drained()
                     await writer.drain()
                 return
+            # the plain replies already here after it, as above with nothing to decide
+            written = self._written + 1
+            while entries and room.is_set() and self._out_size <= high:
+                entry = entries[0]
+                if type(entry) is not Sent:
+                    break
+                reply = entry.reply
+                if reply is None or reply[0] == 45 or len(reply) > SLICE:
+                    break
+                entries.popleft()
+                stats.bytes_to_client += len(reply)
+                out.append(reply)
+                self._out_size += len(reply)
+                stats.replies += 1
+                if names is None or entry.name in names:
+                    hooks.on_reply(entry.name, reply[0] == 33)  # '!'
+                written += 1
+            self._written = written
+            if self._out_size > high:
+                self._flush_client()
+                await self._wait_output()
+                await writer.drain()
+            if not gate.is_set() and written >= self._barrier:
+                gate.set()
 
     def _flush_client(self) -> None:
         """Replies ready together leave in one write."""
@@ -789,8 +813,7 @@ class ClusterSession:
         ):
             if type(payload) is bytes and link.ready:  # the common case: no future
                 sent = Sent(name, args, slot, address, payload)
-                link.send_waiter(sent, payload)
-                if link.congested and link not in self._congested:
+                if link.send_waiter(sent, payload) and link not in self._congested:
                     self._congested.append(link)
                 return sent
             request = Request(args, slot, address, payload)
