@@ -80,8 +80,11 @@ class Link:
         limits: ProxyLimits,
         on_push: Callable[[Link, bytes], None] | None = None,
         pubsub: bool = False,
+        on_answer: Callable[[], None] | None = None,
     ) -> None:
         self.address = address
+        self._on_answer = on_answer
+        """Told after a read answered (or the link's end failed) a :class:`Waiter`."""
         self._dial = dial
         self._prepare = prepare
         self._limits = limits
@@ -314,18 +317,24 @@ class Link:
 
     def _frames(self, frames: list[bytes]) -> None:
         waiters = self._waiters
-        for frame in frames:
-            if self.pubsub or frame[0] == 62:  # '>'
-                if self._on_push is not None:
-                    self._on_push(self, frame)
-                continue
-            if not waiters:
-                raise UpstreamProtocolError("a reply nobody asked for")
-            waiter = waiters.popleft()
-            if isinstance(waiter, Waiter):
-                waiter.answer(frame)
-            elif not waiter.done():
-                waiter.set_result(frame)
+        answered = False
+        try:
+            for frame in frames:
+                if self.pubsub or frame[0] == 62:  # '>'
+                    if self._on_push is not None:
+                        self._on_push(self, frame)
+                    continue
+                if not waiters:
+                    raise UpstreamProtocolError("a reply nobody asked for")
+                waiter = waiters.popleft()
+                if isinstance(waiter, Waiter):
+                    waiter.answer(frame)
+                    answered = True
+                elif not waiter.done():
+                    waiter.set_result(frame)
+        finally:
+            if answered and self._on_answer is not None:
+                self._on_answer()
 
     def _fail(self, error: LinkError) -> None:
         if self.failed is None:
@@ -333,13 +342,17 @@ class Link:
         self._writer = self._transport = None
         self._buffer.clear()
         self._wake_drained()
+        answered = False
         while self._waiters:
             future = self._waiters.popleft()
             if isinstance(future, Waiter):
                 future.fail(error)
+                answered = True
             elif not future.done():
                 future.set_exception(error)
                 future.exception()  # retrieved: nobody may be waiting any more
+        if answered and self._on_answer is not None:
+            self._on_answer()
         if self.pubsub and self._on_push is not None and not self.closed:
             self._on_push(self, b"")
 

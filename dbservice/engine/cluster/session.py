@@ -122,6 +122,7 @@ class ClusterSession:
             dial=dial,
             prepare=self._prepare,
             limits=self._limits,
+            on_answer=self._answered,
         )
         self._seed.start(seed)
         self._topology: Topology | None = None
@@ -130,6 +131,15 @@ class ClusterSession:
         """Planned commands in the client's order, for the writer."""
         self._wake: asyncio.Future[None] | None = None
         """The writer waits on it when it has nothing to write."""
+        self._parked = False
+        """The writer waits (on ``_wake``) for the links to answer the plain entries at
+        the head of the queue, or for the reader: the links' answers go out without it
+        (:meth:`_deliver`)."""
+        self._delivering = False
+        """A :meth:`_deliver` is due in this turn of the event loop."""
+        self._reply_names: frozenset[str] | None = getattr(hooks, "reply_names", None)
+        """The names whose replies the hooks hear of (as the single-node engine); None:
+        all."""
         self._room = asyncio.Event()
         """Cleared while ``max_pending`` commands wait for replies: the reader waits."""
         self._room.set()
@@ -454,7 +464,12 @@ class ClusterSession:
                     self._hold_until_answered()
                 entries.append(entry)  # _queue(), inline: once per command
                 wake = self._wake
-                if wake is not None and not wake.done():
+                if (
+                    wake is not None
+                    and not wake.done()
+                    and not (self._parked and type(entry) is Sent)  # the link will tell
+                ):
+                    self._parked = False
                     wake.set_result(None)
                 if len(entries) >= max_pending:
                     room.clear()
@@ -539,9 +554,7 @@ class ClusterSession:
         the reader waits for ``_room``)."""
         entries = self._entries
         entries.append(entry)
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
+        self._unpark()
         if len(entries) >= self._limits.max_pending:
             self._room.clear()
             return True
@@ -567,11 +580,22 @@ class ClusterSession:
         writer = self._client_writer
         high = self._limits.write_high_water
         hooks, stats = self.hooks, self.stats
-        # the names whose replies the hooks hear of (as the single-node engine); None: all
-        names: frozenset[str] | None = getattr(hooks, "reply_names", None)
+        names = self._reply_names
         out, entries, room, gate = self._out, self._entries, self._room, self._gate
         loop = self._loop
         while True:
+            self._take_plain()
+            if self._out_size > high:
+                self._flush_client()
+                await self._wait_output()
+                await writer.drain()
+            if not gate.is_set() and self._written >= self._barrier:
+                gate.set()
+            if not self._closing and (not entries or _pending(entries[0])):
+                if out:
+                    self._flush_client()  # what is ready goes out before waiting
+                await self._park()  # the links answer the plain entries (_deliver)
+                continue
             if not entries and out:
                 self._flush_client()
             entry = entries.popleft() if entries and room.is_set() else await self._next()
@@ -637,39 +661,91 @@ class ClusterSession:
                 stats.replies += 1
                 if names is None or entry.name in names:
                     hooks.on_reply(entry.name, reply[:1] in (b"-", b"!"))
+            self._written += 1
+            if not gate.is_set() and self._written >= self._barrier:
+                gate.set()
             if entry.close:
-                self._written += 1
-                if not gate.is_set() and self._written >= self._barrier:
-                    gate.set()
                 self._flush_client()
                 with contextlib.suppress(OSError):
                     await self._output.drained()
                     await writer.drain()
                 return
-            # the plain replies already here after it, as above with nothing to decide
-            written = self._written + 1
-            while entries and room.is_set() and self._out_size <= high:
-                entry = entries[0]
-                if type(entry) is not Sent:
-                    break
-                reply = entry.reply
-                if reply is None or reply[0] == 45 or len(reply) > SLICE:
-                    break
-                entries.popleft()
-                stats.bytes_to_client += len(reply)
-                out.append(reply)
-                self._out_size += len(reply)
-                stats.replies += 1
-                if names is None or entry.name in names:
-                    hooks.on_reply(entry.name, reply[0] == 33)  # '!'
-                written += 1
+
+    def _take_plain(self) -> None:
+        """Take the plain replies already here at the head of the queue (:class:`Sent`,
+        not an error, not large) into the client's output, as the writer takes any
+        entry, with nothing to decide; up to ``write_high_water`` bytes (the caller
+        then writes them and waits, and looks at the gate)."""
+        entries, out, stats, hooks = self._entries, self._out, self.stats, self.hooks
+        names, high = self._reply_names, self._limits.write_high_water
+        written = self._written
+        while entries and self._out_size <= high:
+            entry = entries[0]
+            if type(entry) is not Sent:
+                break
+            reply = entry.reply
+            if reply is None or reply[0] == 45 or len(reply) > SLICE:  # '-': a redirect?
+                break
+            entries.popleft()
+            stats.bytes_to_client += len(reply)
+            out.append(reply)
+            self._out_size += len(reply)
+            stats.replies += 1
+            if names is None or entry.name in names:
+                hooks.on_reply(entry.name, reply[0] == 33)  # '!'
+            written += 1
+        if written != self._written:
             self._written = written
-            if self._out_size > high:
-                self._flush_client()
-                await self._wait_output()
-                await writer.drain()
-            if not gate.is_set() and written >= self._barrier:
-                gate.set()
+            room = self._room
+            if not room.is_set() and len(entries) <= self._limits.max_pending // 2:
+                room.set()
+
+    async def _park(self) -> None:
+        """Wait until the writer has more to do than write plain replies: the links hand
+        those to :meth:`_deliver` meanwhile."""
+        entries = self._entries
+        self._awaiting = entries[0] if entries else None
+        self._wake = wake = self._loop.create_future()
+        self._parked = True
+        try:
+            await wake
+        finally:
+            self._parked = False
+            self._awaiting = None
+
+    def _unpark(self) -> None:
+        self._parked = False
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def _answered(self) -> None:
+        """A link answered plain entries (or failed them): while the writer is parked,
+        they go out at the end of this turn of the event loop, the replies of every
+        link read in it together."""
+        if self._parked and not self._delivering:
+            self._delivering = True
+            self._loop.call_soon(self._deliver)
+
+    def _deliver(self) -> None:
+        """The writer's work while it is parked: the plain replies now here go out in
+        one write; anything else (an entry to decide on, an error, a full output, the
+        client leaving) is the writer's own again."""
+        self._delivering = False
+        if not self._parked or self._released:
+            return
+        self._take_plain()
+        entries = self._entries
+        if self._out_size > self._limits.write_high_water or self._closing:
+            self._unpark()  # it writes, waits for the client, and looks at the gate
+            return
+        if not self._gate.is_set() and self._written >= self._barrier:
+            self._gate.set()
+        if entries and not _pending(entries[0]):
+            self._unpark()  # an entry of its own next: what is taken goes out with it
+            return
+        self._flush_client()
+        self._awaiting = entries[0] if entries else None
 
     def _flush_client(self) -> None:
         """Replies ready together leave in one write."""
@@ -708,7 +784,10 @@ class ClusterSession:
     def link(self, address: Address, *, pubsub: bool = False) -> Link:
         link = self._links.get(address)
         if link is None or link.failed is not None or link.closed:
-            link = Link(address, dial=self._dial, prepare=self._prepare, limits=self._limits)
+            link = Link(
+                address, dial=self._dial, prepare=self._prepare, limits=self._limits,
+                on_answer=self._answered,
+            )  # fmt: skip
             self._links[address] = link
         return link
 
@@ -750,7 +829,10 @@ class ClusterSession:
         """The configuration endpoint's connection, dialled again if it was lost."""
         seed = self._seed
         if seed.failed is not None or seed.closed:
-            seed = Link(seed.address, dial=self._dial, prepare=self._prepare, limits=self._limits)
+            seed = Link(
+                seed.address, dial=self._dial, prepare=self._prepare, limits=self._limits,
+                on_answer=self._answered,
+            )  # fmt: skip
             for address, link in list(self._links.items()):
                 if link is self._seed:
                     del self._links[address]
@@ -860,3 +942,8 @@ class ClusterSession:
                 return link, False
         seed = self._seed.address
         return Link(seed, dial=self._dial, prepare=self._prepare, limits=self._limits), True
+
+
+def _pending(entry: Entry) -> bool:
+    """A plain entry whose link has not answered yet."""
+    return type(entry) is Sent and entry.reply is None and entry.error is None
