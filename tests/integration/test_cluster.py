@@ -582,3 +582,49 @@ def test_a_shard_connection_lost_under_a_pipeline_answers_each_command_on_it(
     assert str(lost[0]).startswith("fleetgate: connection to node "), replies
     assert replies[2] is True and replies[4] == b"v", replies
     assert client.get("{lost}warm") == b"1" and client.get("{lost}b") is None
+
+
+@pytest.mark.parametrize("piece", [0, 1, 5, 64], ids=["whole", "bytes", "fives", "64s"])
+def test_a_pipeline_in_pieces_is_answered_as_the_server_does(
+    proxy: ClusterProxy, standin: ThreadedStandin, piece: int
+) -> None:
+    """A pipeline a session starts with (its first command waits for the cluster to be
+    learned while the rest arrives), sent whole or in pieces of a few bytes: replies,
+    errors and the close after QUIT are the server's own, byte for byte. Keys share a
+    hash tag so that the node owning it can answer the same bytes."""
+    node = standin.node_fronts[standin.owner_of_slot(key_slot(b"{pp}"))]
+    tls = ssl.create_default_context(cafile=str(standin.ca_file))
+    tls.check_hostname = False
+    payload = b"".join(
+        [
+            _command(b"DEL", b"{pp}a", b"{pp}h"),
+            _command(b"SET", b"{pp}a", b"1"),
+            _command(b"get", b"{pp}a"),
+            _command(b"INCR", b"{pp}a"),
+            _command(b"GET", b"{pp}missing"),
+            _command(b"HSET", b"{pp}a", b"f", b"v"),  # WRONGTYPE
+            b"PING\r\n",  # inline
+            _command(b"GET"),  # wrong number of arguments
+            _command(b"GET", b"{pp}a", b"extra"),
+            _command(b"NOSUCH", b"{pp}a"),
+            _command(b"ECHO", b"x" * 300),
+            _command(b"HSET", b"{pp}h", b"f", b"v"),
+            _command(b"HGET", b"{pp}h", b"f"),
+            _command(b"DEL", b"{pp}a", b"{pp}h"),
+            _command(b"QUIT"),
+        ]
+    )
+    out = []
+    for target in (node, ("127.0.0.1", proxy.port)):
+        raw = socket.create_connection(target, timeout=10)
+        sock = tls.wrap_socket(raw) if target == node else raw
+        with sock:
+            if target == node or not piece:
+                out.append(_until_closed(sock, payload))
+                continue
+            for at in range(0, len(payload) - 1, piece):
+                sock.sendall(payload[at : min(at + piece, len(payload) - 1)])
+            out.append(_until_closed(sock, payload[-1:]))
+    direct, through = out
+    assert through == direct
+    assert direct.endswith(b"+OK\r\n") and b"WRONGTYPE" in direct

@@ -12,6 +12,16 @@ Two tasks per session:
   answer. Replies are therefore in the client's order whatever order the shards answer
   in.
 
+The common case runs in the connections' callbacks, with neither task woken: while the
+reader waits for bytes, the client's protocol (:class:`_ClientInput`) plans and sends
+the commands of each read at once, and hands the reader only what must wait; while the
+head of the queue is a plain command (:class:`~.entries.Sent`: one key, sent as it
+came, over an open link) the writer is *parked*, the links hand such commands their
+replies, and the session writes those that are there at the end of each turn of the
+event loop, in one write (:meth:`ClusterSession._deliver`). Anything else at the head
+(an entry to decide on, an error that may be a redirect, a large reply, a full output,
+a client leaving) is the writer's.
+
 While the writer follows a redirect, the reader stops sending (the *gate*) until every
 command sent before it is answered, so two commands on one key are never reordered by
 a retry.
