@@ -542,3 +542,89 @@ def test_replies_owed_before_a_pipelined_quit_are_delivered(
     direct, through = out
     assert direct == b"+OK\r\n" * len(local) + b"$1\r\nv\r\n" * len(local) + b"+OK\r\n"
     assert through == b"+OK\r\n" * len(keys) + b"$1\r\nv\r\n" * len(keys) + b"+OK\r\n"
+
+
+def test_a_shard_connection_lost_under_a_pipeline_answers_each_command_on_it(
+    client: redis.Redis, standin: ThreadedStandin
+) -> None:
+    """Plain commands pipelined behind a BLPOP on one shard's connection, and others on
+    another shard: when that connection ends, each command owed on it gets the engine's
+    error, in the client's order, the other shard's replies are untouched, and the
+    session goes on with a new connection."""
+    shard = standin.owner_of_slot(key_slot(b"{lost}"))
+    other = next(
+        f"o{i}" for i in range(100) if standin.owner_of_slot(key_slot(b"o%d" % i)) != shard
+    )
+    assert client.set("{lost}warm", 1) and client.set(other, "w")  # both links open
+    pipe = client.pipeline(transaction=False)
+    pipe.blpop(["{lost}list"], 0)
+    pipe.get("{lost}a")
+    pipe.set(other, "v")
+    pipe.set("{lost}b", "v")
+    pipe.get(other)
+    replies: list[object] = []
+    running = threading.Thread(target=lambda: replies.extend(pipe.execute(raise_on_error=False)))
+    running.start()
+    with direct(standin, shard) as node:
+        deadline = time.monotonic() + 10
+        while True:
+            blocked = [c for c in node.client_list() if c.get("cmd") == "blpop"]
+            if blocked or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert blocked, "the BLPOP never reached the node"
+        node.execute_command("CLIENT", "KILL", "ID", blocked[0]["id"])
+    running.join(10)
+    assert not running.is_alive()
+    lost = [replies[i] for i in (0, 1, 3)]
+    assert all(isinstance(r, redis.ResponseError) for r in lost), replies
+    assert len({str(r) for r in lost}) == 1, replies
+    assert str(lost[0]).startswith("fleetgate: connection to node "), replies
+    assert replies[2] is True and replies[4] == b"v", replies
+    assert client.get("{lost}warm") == b"1" and client.get("{lost}b") is None
+
+
+@pytest.mark.parametrize("piece", [0, 1, 5, 64], ids=["whole", "bytes", "fives", "64s"])
+def test_a_pipeline_in_pieces_is_answered_as_the_server_does(
+    proxy: ClusterProxy, standin: ThreadedStandin, piece: int
+) -> None:
+    """A pipeline a session starts with (its first command waits for the cluster to be
+    learned while the rest arrives), sent whole or in pieces of a few bytes: replies,
+    errors and the close after QUIT are the server's own, byte for byte. Keys share a
+    hash tag so that the node owning it can answer the same bytes."""
+    node = standin.node_fronts[standin.owner_of_slot(key_slot(b"{pp}"))]
+    tls = ssl.create_default_context(cafile=str(standin.ca_file))
+    tls.check_hostname = False
+    payload = b"".join(
+        [
+            _command(b"DEL", b"{pp}a", b"{pp}h"),
+            _command(b"SET", b"{pp}a", b"1"),
+            _command(b"get", b"{pp}a"),
+            _command(b"INCR", b"{pp}a"),
+            _command(b"GET", b"{pp}missing"),
+            _command(b"HSET", b"{pp}a", b"f", b"v"),  # WRONGTYPE
+            b"PING\r\n",  # inline
+            _command(b"GET"),  # wrong number of arguments
+            _command(b"GET", b"{pp}a", b"extra"),
+            _command(b"NOSUCH", b"{pp}a"),
+            _command(b"ECHO", b"x" * 300),
+            _command(b"HSET", b"{pp}h", b"f", b"v"),
+            _command(b"HGET", b"{pp}h", b"f"),
+            _command(b"DEL", b"{pp}a", b"{pp}h"),
+            _command(b"QUIT"),
+        ]
+    )
+    out = []
+    for target in (node, ("127.0.0.1", proxy.port)):
+        raw = socket.create_connection(target, timeout=10)
+        sock = tls.wrap_socket(raw) if target == node else raw
+        with sock:
+            if target == node or not piece:
+                out.append(_until_closed(sock, payload))
+                continue
+            for at in range(0, len(payload) - 1, piece):
+                sock.sendall(payload[at : min(at + piece, len(payload) - 1)])
+            out.append(_until_closed(sock, payload[-1:]))
+    direct, through = out
+    assert through == direct
+    assert direct.endswith(b"+OK\r\n") and b"WRONGTYPE" in direct

@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
+from .link import LinkError, Waiter
 from .redirects import complete
 from .resp import Payload, encode_payload
 from .topology import Address
@@ -94,6 +95,68 @@ class Forward(Entry):
     def ready(self) -> bool:
         future = self.request.future
         return future is not None and future.done()
+
+
+class Sent(Entry, Waiter):
+    """The common case of :class:`Forward`, made cheap: one client command sent as it
+    came (``payload``) to its slot's owner over a link already open. The link hands it
+    its reply (or its error) itself, with no future per command and no
+    :class:`Request`: the writer asks for a future (:meth:`waiter`) only for the entry
+    it must wait for, and a reply that is not a plain one (an error, perhaps a
+    redirect) goes through :meth:`resolve` as a :class:`Forward`'s does."""
+
+    __slots__ = ("address", "args", "error", "future", "payload", "reply", "slot")
+
+    def __init__(
+        self, name: str, args: Sequence[bytes], slot: int, address: Address, payload: bytes
+    ) -> None:
+        self.name, self.counted, self.close = name, True, False  # Entry's, made per command
+        self.args = args
+        self.slot = slot
+        self.address = address
+        self.payload = payload
+        self.reply: bytes | None = None
+        """The node's reply, once the link has it."""
+        self.error: LinkError | None = None
+        """Why the link could not give one (a :class:`~.link.LinkError`)."""
+        self.future: asyncio.Future[bytes] | None = None
+        """Made by :meth:`waiter` only; the link resolves it too."""
+
+    def answer(self, frame: bytes) -> None:
+        """The link's: the reply arrived."""
+        self.reply = frame
+        future = self.future
+        if future is not None and not future.done():
+            future.set_result(frame)
+
+    def fail(self, error: LinkError) -> None:
+        """The link's: it ended before the reply arrived."""
+        if self.reply is None and self.error is None:
+            self.error = error
+            future = self.future
+            if future is not None and not future.done():
+                future.set_exception(error)
+                future.exception()  # retrieved: nobody may be waiting any more
+
+    def waiter(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[bytes]:
+        """A future of the reply (resolved already when it is here)."""
+        future = self.future
+        if future is None:
+            future = self.future = loop.create_future()
+            if self.reply is not None:
+                future.set_result(self.reply)
+            elif self.error is not None:
+                future.set_exception(self.error)
+                future.exception()
+        return future
+
+    async def resolve(self, session: ClusterSession) -> bytes:
+        request = Request(self.args, self.slot, self.address, self.payload)
+        request.future = self.waiter(asyncio.get_running_loop())
+        return await complete(session, request)
+
+    def ready(self) -> bool:
+        return self.reply is not None or self.error is not None
 
 
 class Fan(Entry):

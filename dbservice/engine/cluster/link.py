@@ -54,6 +54,22 @@ class LinkError(Exception):
     and why, and is shown to the client."""
 
 
+class Waiter:
+    """What takes its reply from the link itself instead of through a future (a plain
+    forwarded command, :class:`~.entries.Sent`): a call per reply, no future per
+    command."""
+
+    __slots__ = ()
+
+    def answer(self, frame: bytes) -> None:
+        """The reply arrived."""
+        raise NotImplementedError
+
+    def fail(self, error: LinkError) -> None:
+        """The link ended before the reply arrived."""
+        raise NotImplementedError
+
+
 class Link:
     def __init__(
         self,
@@ -64,14 +80,17 @@ class Link:
         limits: ProxyLimits,
         on_push: Callable[[Link, bytes], None] | None = None,
         pubsub: bool = False,
+        on_answer: Callable[[], None] | None = None,
     ) -> None:
         self.address = address
+        self._on_answer = on_answer
+        """Told after a read answered (or the link's end failed) a :class:`Waiter`."""
         self._dial = dial
         self._prepare = prepare
         self._limits = limits
         self._on_push = on_push
         self.pubsub = pubsub
-        self._waiters: deque[asyncio.Future[bytes]] = deque()
+        self._waiters: deque[asyncio.Future[bytes] | Waiter] = deque()
         self._buffer = Pieces()
         """What waits to be written."""
         self._paused = False
@@ -175,6 +194,18 @@ class Link:
         else:
             self._queue(payload)
         return future
+
+    def send_waiter(self, waiter: Waiter, payload: bytes) -> bool:
+        """:meth:`send_one` for a link that is open (:attr:`ready`, not failed or
+        closed, not pub/sub) and one command in one piece: ``waiter`` takes the reply.
+        Returns :attr:`congested`."""
+        self._waiters.append(waiter)
+        self.used += 1
+        buffer = self._buffer
+        buffer.append(payload)
+        if not self._flush_scheduled and not self._paused:
+            self._schedule()
+        return buffer.queued > self._limits.write_high_water
 
     def write(self, payload: Payload) -> None:
         """Write without expecting replies (a pub/sub link's commands)."""
@@ -286,16 +317,24 @@ class Link:
 
     def _frames(self, frames: list[bytes]) -> None:
         waiters = self._waiters
-        for frame in frames:
-            if self.pubsub or frame[0] == 62:  # '>'
-                if self._on_push is not None:
-                    self._on_push(self, frame)
-                continue
-            if not waiters:
-                raise UpstreamProtocolError("a reply nobody asked for")
-            future = waiters.popleft()
-            if not future.done():
-                future.set_result(frame)
+        answered = False
+        try:
+            for frame in frames:
+                if self.pubsub or frame[0] == 62:  # '>'
+                    if self._on_push is not None:
+                        self._on_push(self, frame)
+                    continue
+                if not waiters:
+                    raise UpstreamProtocolError("a reply nobody asked for")
+                waiter = waiters.popleft()
+                if isinstance(waiter, Waiter):
+                    waiter.answer(frame)
+                    answered = True
+                elif not waiter.done():
+                    waiter.set_result(frame)
+        finally:
+            if answered and self._on_answer is not None:
+                self._on_answer()
 
     def _fail(self, error: LinkError) -> None:
         if self.failed is None:
@@ -303,11 +342,17 @@ class Link:
         self._writer = self._transport = None
         self._buffer.clear()
         self._wake_drained()
+        answered = False
         while self._waiters:
             future = self._waiters.popleft()
-            if not future.done():
+            if isinstance(future, Waiter):
+                future.fail(error)
+                answered = True
+            elif not future.done():
                 future.set_exception(error)
                 future.exception()  # retrieved: nobody may be waiting any more
+        if answered and self._on_answer is not None:
+            self._on_answer()
         if self.pubsub and self._on_push is not None and not self.closed:
             self._on_push(self, b"")
 

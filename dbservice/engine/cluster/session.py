@@ -12,6 +12,16 @@ Two tasks per session:
   answer. Replies are therefore in the client's order whatever order the shards answer
   in.
 
+The common case runs in the connections' callbacks, with neither task woken: while the
+reader waits for bytes, the client's protocol (:class:`_ClientInput`) plans and sends
+the commands of each read at once, and hands the reader only what must wait; while the
+head of the queue is a plain command (:class:`~.entries.Sent`: one key, sent as it
+came, over an open link) the writer is *parked*, the links hand such commands their
+replies, and the session writes those that are there at the end of each turn of the
+event loop, in one write (:meth:`ClusterSession._deliver`). Anything else at the head
+(an entry to decide on, an error that may be a redirect, a large reply, a full output,
+a client leaving) is the writer's.
+
 While the writer follows a redirect, the reader stops sending (the *gate*) until every
 command sent before it is answered, so two commands on one key are never reordered by
 a retry.
@@ -32,7 +42,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Final
+from typing import Final, cast
 
 from dbservice.engine.login import UpstreamLogin, UpstreamLoginError
 from dbservice.engine.proxy.errors import ProtocolError
@@ -40,11 +50,11 @@ from dbservice.engine.proxy.halfclose import BLOCKING
 from dbservice.engine.proxy.hooks import SessionHooks
 from dbservice.engine.proxy.session import SessionStats, Streams
 from dbservice.engine.proxy.settings import BUFFER_FLOOR, CommandBuffers, ProxyLimits, ProxyTimeouts
-from fleetgate.aio import set_nodelay
+from fleetgate.aio import set_nodelay, take_buffered
 
 from .auth import ClientSetup
 from .commands import NOT_HERE, Handler
-from .entries import END, Entry, Forward, Local, Request, retrieve
+from .entries import END, Entry, Forward, Local, Request, Sent, retrieve
 from .keyspecs import CommandTable
 from .link import SLICE, Dial, Link, LinkError
 from .output import ClientOutput
@@ -122,6 +132,7 @@ class ClusterSession:
             dial=dial,
             prepare=self._prepare,
             limits=self._limits,
+            on_answer=self._answered,
         )
         self._seed.start(seed)
         self._topology: Topology | None = None
@@ -130,6 +141,29 @@ class ClusterSession:
         """Planned commands in the client's order, for the writer."""
         self._wake: asyncio.Future[None] | None = None
         """The writer waits on it when it has nothing to write."""
+        self._commands = CommandReader(self._limits)
+        """The client's commands out of its bytes."""
+        self._input: deque[bytes | _Rest] = deque()
+        """What the client sent that the reader has not taken yet (:meth:`_client_data`)."""
+        self._input_size = 0
+        self._input_paused = False
+        """Reading the client is paused: ``read_size`` bytes wait for the reader."""
+        self._input_ended = False
+        self._input_end: bytes | None = b""
+        """Once ``_input_ended``: ``b""`` when the client sent its last byte, None when
+        its connection was lost (what :meth:`_client_input` returns then)."""
+        self._reading: asyncio.Future[None] | None = None
+        self._reader_waits = False
+        """The reader waits for bytes: those that arrive are planned at once."""
+        self._parked = False
+        """The writer waits (on ``_wake``) for the links to answer the plain entries at
+        the head of the queue, or for the reader: the links' answers go out without it
+        (:meth:`_deliver`)."""
+        self._delivering = False
+        """A :meth:`_deliver` is due in this turn of the event loop."""
+        self._reply_names: frozenset[str] | None = getattr(hooks, "reply_names", None)
+        """The names whose replies the hooks hear of (as the single-node engine); None:
+        all."""
         self._room = asyncio.Event()
         """Cleared while ``max_pending`` commands wait for replies: the reader waits."""
         self._room.set()
@@ -178,6 +212,7 @@ class ClusterSession:
 
     async def run(self) -> SessionStats:
         set_nodelay(self._client_writer)
+        self._take_client()
         reader = asyncio.create_task(self._read_client(), name="cluster-session-reader")
         writer = asyncio.create_task(self._write_client(), name="cluster-session-writer")
         idle = asyncio.create_task(self._idle(), name="cluster-session-idle")
@@ -419,62 +454,223 @@ class ClusterSession:
 
     # -- the client side ------------------------------------------------------------------
 
-    async def _read_client(self) -> None:
-        reader, size = self._client_reader, self._limits.read_size
-        commands = CommandReader(self._limits)
-        gate, put, eof, room = self._gate, self._put, self._eof_command, self._room
-        entries, max_pending = self._entries, self._limits.max_pending
-        while True:
-            data: bytes | None
+    def _take_client(self) -> None:
+        """The client's bytes come to :meth:`_client_data` from now on (its transport
+        takes the session's protocol, :class:`_ClientInput`)."""
+        reader, transport = self._client_reader, self._client_writer.transport
+        buffered = take_buffered(reader)
+        at_eof = reader.at_eof()
+        stream = transport.get_protocol()
+        transport.set_protocol(
+            _ClientInput(stream, self._client_data, self._client_eof, self._client_lost)
+        )
+        if buffered:
+            self._input.append(buffered)
+            self._input_size += len(buffered)
+        if at_eof:
+            self._input_ended = True
+        elif transport.is_closing():
+            self._input_ended, self._input_end = True, None
+        with contextlib.suppress(AttributeError, RuntimeError):
+            cast(asyncio.ReadTransport, transport).resume_reading()
+
+    def _client_data(self, data: bytes) -> None:
+        """Bytes from the client. While the reader waits for them, they are planned and
+        sent at once, here (the common case: no task to wake); what must wait (the
+        first command, a held gate, a full queue...) goes on in the reader."""
+        if self._reader_waits and not self._input:
             try:
-                data = await reader.read(size)
-                batch = commands.feed(data) if data else []
-            except ProtocolError as exc:
-                await self._protocol_error(exc)
+                rest = self._take(data)
+            except Exception as exc:  # the reader's failure, as if it had planned them
+                rest = _Rest(crash=exc)
+            if rest is None:
                 return
+            self._input.append(rest)
+        else:
+            self._input.append(data)
+            self._input_size += len(data)
+            if self._input_size > self._limits.read_size and not self._input_paused:
+                self._input_paused = True
+                with contextlib.suppress(AttributeError, RuntimeError):
+                    cast(asyncio.ReadTransport, self._client_writer.transport).pause_reading()
+        self._wake_reader()
+
+    def _client_eof(self) -> None:
+        self._input_ended = True
+        self._wake_reader()
+
+    def _client_lost(self) -> None:
+        if not self._input_ended:
+            self._input_ended, self._input_end = True, None
+        self._wake_reader()
+
+    def _wake_reader(self) -> None:
+        reading = self._reading
+        if reading is not None and not reading.done():
+            reading.set_result(None)
+
+    async def _client_input(self, *, planning: bool = True) -> bytes | _Rest | None:
+        """What the client sent since (up to ``read_size`` bytes at once, as a stream's
+        ``read``), or what :meth:`_client_data` left for the reader; ``b""`` at its
+        end, None when the connection was lost. ``planning``: the bytes that arrive
+        meanwhile may be planned at once."""
+        pending = self._input
+        while not pending:
+            if self._input_ended:
+                return self._input_end
+            self._reading = reading = self._loop.create_future()
+            self._reader_waits = planning
+            try:
+                await reading
+            finally:
+                self._reader_waits = False
+                self._reading = None
+        first = pending[0]
+        if not isinstance(first, bytes):
+            return pending.popleft()
+        size = self._limits.read_size
+        parts: list[bytes] = []
+        got = 0
+        while pending and isinstance(pending[0], bytes) and got < size:
+            piece = pending.popleft()
+            assert isinstance(piece, bytes)
+            if got + len(piece) > size:
+                pending.appendleft(piece[size - got :])
+                piece = piece[: size - got]
+            parts.append(piece)
+            got += len(piece)
+        self._input_size -= got
+        if self._input_paused and self._input_size <= self._limits.read_size:
+            self._input_paused = False
+            with contextlib.suppress(AttributeError, RuntimeError):
+                cast(asyncio.ReadTransport, self._client_writer.transport).resume_reading()
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _read_client(self) -> None:
+        while True:
+            try:
+                item = await self._client_input()
             except (ConnectionError, OSError):
-                data, batch = None, []
-            if not data:
-                self._client_ended(half_closed=data is not None and self._can_half_close())
-                await put(END)
+                item = None
+            rest = self._take(item) if not isinstance(item, _Rest) else item
+            if rest is not None and await self._go_on(rest):
                 return
-            self._activity = self._loop.time()
-            self.stats.bytes_from_client += len(data)
-            over = self._over_buffer(commands) if commands.held or self._held else None
-            for args, raw in batch:
-                if eof is not None and len(args) == 1 and args[0].upper() == eof:
-                    self._client_ended(half_closed=True)
-                    await put(END)
-                    return
-                if not gate.is_set():
-                    await gate.wait()
-                entry = plan_now(self, args, raw) or await plan(self, args, raw)
-                self._sent += 1
-                if entry.holds:
-                    self._hold_until_answered()
-                entries.append(entry)  # _queue(), inline: once per command
-                wake = self._wake
-                if wake is not None and not wake.done():
-                    wake.set_result(None)
-                if len(entries) >= max_pending:
-                    room.clear()
-                    await room.wait()
-                if entry.close:
-                    self._quitting = True
-                    return
-            if commands.error is not None:
-                await self._protocol_error(commands.error)
-                return
-            if self._congested:
-                await self._drain_links()
-            if over is not None:
-                self.stats.reason = f"refused: {over}"
-                del commands  # what it held goes now
-                self._hold_bytes(0)
-                await self._put(Local("", error(f"ERR {over}"), counted=False))
-                await self._discard(reader)
+
+    def _take(self, data: bytes | None) -> _Rest | None:
+        """One read of the client: its commands planned and sent up to the first that
+        must wait, and None when none did and nothing else is to be done; else what
+        is left, for the reader (:meth:`_go_on`)."""
+        commands = self._commands
+        if not data:
+            return _Rest(end=True, half=data is not None and self._can_half_close())
+        try:
+            batch = commands.feed(data)
+        except ProtocolError as exc:
+            return _Rest(error=exc)
+        self._activity = self._loop.time()
+        self.stats.bytes_from_client += len(data)
+        over = self._over_buffer(commands) if commands.held or self._held else None
+        at = self._plan_batch(batch, 0)
+        if (
+            at == len(batch)
+            and over is None
+            and commands.error is None
+            and not self._congested
+            and not self._quitting
+            and len(self._entries) < self._limits.max_pending
+        ):
+            return None
+        return _Rest(batch=batch, at=at, over=over)
+
+    def _plan_batch(self, batch: list[tuple[list[bytes], Payload]], at: int) -> int:
+        """Plan and send the commands of ``batch`` from ``at`` on while none must wait;
+        where it stopped: the first command that must (an end word, a held gate, one
+        :func:`plan_now` cannot plan), or after one that fills the queue or ends the
+        session."""
+        gate, eof, entries = self._gate, self._eof_command, self._entries
+        max_pending = self._limits.max_pending
+        n = len(batch)
+        while at < n:
+            args, raw = batch[at]
+            if eof is not None and len(args) == 1 and args[0].upper() == eof:
+                return at
+            if not gate.is_set():
+                return at
+            entry = plan_now(self, args, raw)
+            if entry is None:
+                return at
+            at += 1
+            self._enqueue(entry)
+            if len(entries) >= max_pending or entry.close:
+                return at
+        return at
+
+    def _enqueue(self, entry: Entry) -> None:
+        """A planned client command to the writer (:meth:`_queue`, for the reader)."""
+        self._sent += 1
+        if entry.holds:
+            self._hold_until_answered()
+        self._entries.append(entry)
+        wake = self._wake
+        if (
+            wake is not None
+            and not wake.done()
+            and not (self._parked and type(entry) is Sent)  # the link will tell
+        ):
+            self._parked = False
+            wake.set_result(None)
+        if entry.close:
+            self._quitting = True
+
+    async def _go_on(self, rest: _Rest) -> bool:
+        """The rest of one read, waiting where it must; True when the reader is done."""
+        if rest.crash is not None:
+            raise rest.crash
+        if rest.error is not None:
+            await self._protocol_error(rest.error)
+            return True
+        if rest.end:
+            self._client_ended(half_closed=rest.half)
+            await self._put(END)
+            return True
+        gate, eof, room, entries = self._gate, self._eof_command, self._room, self._entries
+        max_pending = self._limits.max_pending
+        batch, at = rest.batch, rest.at
+        while True:
+            if len(entries) >= max_pending:
+                room.clear()
+                await room.wait()
+            if self._quitting:
+                return True
+            if at >= len(batch):
+                break
+            args, raw = batch[at]
+            at += 1
+            if eof is not None and len(args) == 1 and args[0].upper() == eof:
+                self._client_ended(half_closed=True)
                 await self._put(END)
-                return
+                return True
+            if not gate.is_set():
+                await gate.wait()
+            entry = plan_now(self, args, raw) or await plan(self, args, raw)
+            self._enqueue(entry)
+            if len(entries) < max_pending and not entry.close:
+                at = self._plan_batch(batch, at)
+        commands = self._commands
+        if commands.error is not None:
+            await self._protocol_error(commands.error)
+            return True
+        if self._congested:
+            await self._drain_links()
+        if rest.over is not None:
+            self.stats.reason = f"refused: {rest.over}"
+            self._commands = CommandReader(self._limits)  # what it held goes now
+            self._hold_bytes(0)
+            await self._put(Local("", error(f"ERR {rest.over}"), counted=False))
+            await self._discard()
+            await self._put(END)
+            return True
+        return False
 
     async def _drain_links(self) -> None:
         """Wait until no link holds more than ``write_high_water`` bytes to write."""
@@ -482,13 +678,13 @@ class ClusterSession:
         while congested:
             await congested.pop().drained()
 
-    async def _discard(self, reader: asyncio.StreamReader) -> None:
+    async def _discard(self) -> None:
         """Read and drop what the client still sends, for ``close_grace`` at most, so
         that it reads the refusal before the connection closes (closing a socket with
         unread input resets it, and a reset drops the reply the client has not read)."""
         with contextlib.suppress(TimeoutError, OSError):
             async with asyncio.timeout(self._timeouts.close_grace):
-                while await reader.read(self._limits.read_size):
+                while await self._client_input(planning=False):
                     pass
 
     def _hold_bytes(self, held: int) -> None:
@@ -539,9 +735,7 @@ class ClusterSession:
         the reader waits for ``_room``)."""
         entries = self._entries
         entries.append(entry)
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
+        self._unpark()
         if len(entries) >= self._limits.max_pending:
             self._room.clear()
             return True
@@ -567,10 +761,22 @@ class ClusterSession:
         writer = self._client_writer
         high = self._limits.write_high_water
         hooks, stats = self.hooks, self.stats
-        # the names whose replies the hooks hear of (as the single-node engine); None: all
-        names: frozenset[str] | None = getattr(hooks, "reply_names", None)
+        names = self._reply_names
         out, entries, room, gate = self._out, self._entries, self._room, self._gate
+        loop = self._loop
         while True:
+            self._take_plain()
+            if self._out_size > high:
+                self._flush_client()
+                await self._wait_output()
+                await writer.drain()
+            if not gate.is_set() and self._written >= self._barrier:
+                gate.set()
+            if not self._closing and (not entries or _pending(entries[0])):
+                if out:
+                    self._flush_client()  # what is ready goes out before waiting
+                await self._park()  # the links answer the plain entries (_deliver)
+                continue
             if not entries and out:
                 self._flush_client()
             entry = entries.popleft() if entries and room.is_set() else await self._next()
@@ -579,7 +785,19 @@ class ClusterSession:
                 await self._output.drained()
                 return
             reply: bytes | None = None
-            if type(entry) is Forward and (future := entry.request.future) is not None:
+            if type(entry) is Sent:  # the common case: the link answered it itself
+                reply = entry.reply
+                if reply is None and entry.error is None and not self._closing:
+                    if out:
+                        self._flush_client()  # what is ready goes out before waiting
+                    self._awaiting = entry
+                    with contextlib.suppress(LinkError):  # resolve() below answers it
+                        await entry.waiter(loop)
+                    self._awaiting = None
+                    reply = entry.reply
+                if reply is not None and reply[0] == 45:  # '-': perhaps a redirect
+                    reply = None
+            elif type(entry) is Forward and (future := entry.request.future) is not None:
                 if not future.done() and not self._closing:
                     if out:
                         self._flush_client()  # what is ready goes out before waiting
@@ -634,6 +852,82 @@ class ClusterSession:
                     await writer.drain()
                 return
 
+    def _take_plain(self) -> None:
+        """Take the plain replies already here at the head of the queue (:class:`Sent`,
+        not an error, not large) into the client's output, as the writer takes any
+        entry, with nothing to decide; up to ``write_high_water`` bytes (the caller
+        then writes them and waits, and looks at the gate)."""
+        entries, out, stats, hooks = self._entries, self._out, self.stats, self.hooks
+        names, high = self._reply_names, self._limits.write_high_water
+        written = self._written
+        while entries and self._out_size <= high:
+            entry = entries[0]
+            if type(entry) is not Sent:
+                break
+            reply = entry.reply
+            if reply is None or reply[0] == 45 or len(reply) > SLICE:  # '-': a redirect?
+                break
+            entries.popleft()
+            stats.bytes_to_client += len(reply)
+            out.append(reply)
+            self._out_size += len(reply)
+            stats.replies += 1
+            if names is None or entry.name in names:
+                hooks.on_reply(entry.name, reply[0] == 33)  # '!'
+            written += 1
+        if written != self._written:
+            self._written = written
+            room = self._room
+            if not room.is_set() and len(entries) <= self._limits.max_pending // 2:
+                room.set()
+
+    async def _park(self) -> None:
+        """Wait until the writer has more to do than write plain replies: the links hand
+        those to :meth:`_deliver` meanwhile."""
+        entries = self._entries
+        self._awaiting = entries[0] if entries else None
+        self._wake = wake = self._loop.create_future()
+        self._parked = True
+        try:
+            await wake
+        finally:
+            self._parked = False
+            self._awaiting = None
+
+    def _unpark(self) -> None:
+        self._parked = False
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def _answered(self) -> None:
+        """A link answered plain entries (or failed them): while the writer is parked,
+        they go out at the end of this turn of the event loop, the replies of every
+        link read in it together."""
+        if self._parked and not self._delivering:
+            self._delivering = True
+            self._loop.call_soon(self._deliver)
+
+    def _deliver(self) -> None:
+        """The writer's work while it is parked: the plain replies now here go out in
+        one write; anything else (an entry to decide on, an error, a full output, the
+        client leaving) is the writer's own again."""
+        self._delivering = False
+        if not self._parked or self._released:
+            return
+        self._take_plain()
+        entries = self._entries
+        if self._out_size > self._limits.write_high_water or self._closing:
+            self._unpark()  # it writes, waits for the client, and looks at the gate
+            return
+        if not self._gate.is_set() and self._written >= self._barrier:
+            self._gate.set()
+        if entries and not _pending(entries[0]):
+            self._unpark()  # an entry of its own next: what is taken goes out with it
+            return
+        self._flush_client()
+        self._awaiting = entries[0] if entries else None
+
     def _flush_client(self) -> None:
         """Replies ready together leave in one write."""
         out = self._out
@@ -671,7 +965,10 @@ class ClusterSession:
     def link(self, address: Address, *, pubsub: bool = False) -> Link:
         link = self._links.get(address)
         if link is None or link.failed is not None or link.closed:
-            link = Link(address, dial=self._dial, prepare=self._prepare, limits=self._limits)
+            link = Link(
+                address, dial=self._dial, prepare=self._prepare, limits=self._limits,
+                on_answer=self._answered,
+            )  # fmt: skip
             self._links[address] = link
         return link
 
@@ -713,7 +1010,10 @@ class ClusterSession:
         """The configuration endpoint's connection, dialled again if it was lost."""
         seed = self._seed
         if seed.failed is not None or seed.closed:
-            seed = Link(seed.address, dial=self._dial, prepare=self._prepare, limits=self._limits)
+            seed = Link(
+                seed.address, dial=self._dial, prepare=self._prepare, limits=self._limits,
+                on_answer=self._answered,
+            )  # fmt: skip
             for address, link in list(self._links.items()):
                 if link is self._seed:
                     del self._links[address]
@@ -766,20 +1066,26 @@ class ClusterSession:
         sent as the client spelled it (``payload``), its entry for the writer."""
         assert self._topology is not None
         address = self._topology.addresses[slot] or self.home()
-        request = Request(args, slot, address, payload)
         link = self._links.get(address)
+        self.last = address
         if (
             link is not None
             and link.failed is None
             and not link.closed
             and (address != self._seed.address or link is self._seed)  # else live_seed()
         ):
+            if type(payload) is bytes and link.ready:  # the common case: no future
+                sent = Sent(name, args, slot, address, payload)
+                if link.send_waiter(sent, payload) and link not in self._congested:
+                    self._congested.append(link)
+                return sent
+            request = Request(args, slot, address, payload)
             request.future = link.send_one(request.payload)  # open: it does not raise
             if link.congested and link not in self._congested:
                 self._congested.append(link)
         else:
+            request = Request(args, slot, address, payload)
             self.send(request)
-        self.last = address
         return Forward(name, request)
 
     def hold(self) -> None:
@@ -817,3 +1123,68 @@ class ClusterSession:
                 return link, False
         seed = self._seed.address
         return Link(seed, dial=self._dial, prepare=self._prepare, limits=self._limits), True
+
+
+def _pending(entry: Entry) -> bool:
+    """A plain entry whose link has not answered yet."""
+    return type(entry) is Sent and entry.reply is None and entry.error is None
+
+
+class _Rest:
+    """What is left of one read of the client for the reader (:meth:`ClusterSession._go_on`):
+    its commands from ``at`` on, the buffer refusal found, or its end or error."""
+
+    __slots__ = ("at", "batch", "crash", "end", "error", "half", "over")
+
+    def __init__(
+        self,
+        *,
+        batch: list[tuple[list[bytes], Payload]] | None = None,
+        at: int = 0,
+        over: str | None = None,
+        error: ProtocolError | None = None,
+        end: bool = False,
+        half: bool = False,
+        crash: Exception | None = None,
+    ) -> None:
+        self.batch = batch or []
+        self.at = at
+        self.over = over
+        self.error = error
+        self.end = end
+        self.half = half
+        self.crash = crash
+
+
+class _ClientInput(asyncio.Protocol):
+    """The session's protocol on the client's transport: its bytes, its end and the
+    loss of its connection go to the session; the rest (flow control of the writes,
+    the loss) goes on to the stream's own protocol too, so the session's
+    ``StreamWriter`` (``drain``) works as before."""
+
+    def __init__(
+        self,
+        stream: asyncio.BaseProtocol,
+        data: Callable[[bytes], None],
+        eof: Callable[[], None],
+        lost: Callable[[], None],
+    ) -> None:
+        self._stream = stream
+        self.data_received = data  # type: ignore[method-assign,assignment]
+        self._eof, self._lost = eof, lost
+
+    def eof_received(self) -> bool | None:
+        self._eof()
+        if isinstance(self._stream, asyncio.Protocol):
+            return self._stream.eof_received()  # keeps plain TCP open for the replies
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stream.connection_lost(exc)
+        self._lost()
+
+    def pause_writing(self) -> None:
+        self._stream.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._stream.resume_writing()
