@@ -47,7 +47,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from bus import subjects
 from bus.client import Bus, placement_of
-from bus.errors import RegistryError
+from bus.errors import JetStreamUnavailable, RegistryError
 from bus.schemas import SCHEMA_VERSION, Record
 
 DEFAULT_MAX_AGE: Final = 90 * 86400.0
@@ -386,11 +386,13 @@ async def ensure_audit_stream(
             info.config.max_age = max_age
             await bus.js.update_stream(info.config)
     except nats.js.errors.ServiceUnavailableError as exc:
-        raise RegistryError(
+        raise JetStreamUnavailable(
             f"JetStream is not enabled on the NATS server at {bus.url}: start it with -js"
         ) from exc
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-        raise RegistryError(f"no JetStream answer from {bus.url} for the audit stream") from exc
+        raise JetStreamUnavailable(
+            f"no JetStream answer from {bus.url} for the audit stream"
+        ) from exc
 
 
 _CARRIED: Final = (subjects.audit_subject("db.session.end"),)

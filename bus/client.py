@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import nats
@@ -24,7 +24,7 @@ from nats.js.kv import KeyValue
 from pydantic import BaseModel, ValidationError
 
 from bus import subjects
-from bus.errors import BusError, BusUnavailable, RegistryError
+from bus.errors import BusError, BusUnavailable, JetStreamUnavailable, RegistryError
 from bus.schemas import DatabaseResource, FetcherStatus
 from bus.servers import DbServerHeartbeat
 from bus.settings import (
@@ -262,13 +262,13 @@ class Bus:
                 if create:
                     await self.check_replication(kv_stream_name(spec.name), what)
         except nats.js.errors.ServiceUnavailableError as exc:
-            raise RegistryError(
+            raise JetStreamUnavailable(
                 f"no JetStream answers at {self.url}: it is not enabled there (start "
                 "nats-server with -js, or 'jetstream {}' in its config), or that server is a "
                 "leaf node cut off from its hub"
             ) from exc
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-            raise RegistryError(
+            raise JetStreamUnavailable(
                 f"no JetStream answer from {self.url} for bucket {spec.name}: is JetStream "
                 "enabled (nats-server -js) and are we allowed to use it?"
             ) from exc
@@ -572,6 +572,38 @@ class Bus:
 class PlaintextRefused(ConnectionError):
     """A server did not start TLS although TLS is configured: the password or token is
     not sent (nats-py starts TLS only when the server asks for it)."""
+
+
+START_RETRY = (0.5, 1.0, 2.0)
+"""Seconds between tries of :func:`when_jetstream_answers` (the last one repeats)."""
+
+R = TypeVar("R")
+
+
+async def when_jetstream_answers(step: Callable[[], Awaitable[R]], *, wait: float, what: str) -> R:
+    """``step`` (a process's start: its buckets and streams set up), tried again while
+    JetStream does not answer, for ``wait`` seconds at most; then its error.
+
+    At start JetStream may not answer for a while: a leaf node's link to its hub is
+    being made, a JetStream leader is being elected, or a replicated stream another
+    process is creating takes longer than a request's timeout on a busy cluster. One
+    lost answer should not stop a process that would find everything in place a second
+    later (a stream created meanwhile is found, not created twice)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    attempt = 0
+    while True:
+        try:
+            return await step()
+        except JetStreamUnavailable as exc:
+            delay = START_RETRY[min(attempt, len(START_RETRY) - 1)]
+            left = deadline - loop.time()
+            if left < delay:
+                raise
+            if attempt == 0:
+                logger.warning("%s: %s; trying again for up to %.0f s", what, exc, left)
+            attempt += 1
+            await asyncio.sleep(delay)
 
 
 def _credentials(conn: NatsConnection) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
 from bus import BUCKETS, Bus, BusError, subjects
+from bus.client import when_jetstream_answers
 from bus.settings import NatsConnection
 from bus.specs import DISCOVERY_LEASES
 from discovery.aws.session import AwsSession
@@ -95,10 +96,14 @@ async def _run(
         if config.jetstream is not None:
             bus.replication = config.jetstream.replication()
         # Only the buckets discovery writes: NATS permissions may forbid creating others.
-        await bus.provision(
-            BUCKETS[subjects.DATABASES_BUCKET],
-            BUCKETS[subjects.DISCOVERY_STATUS_BUCKET],
-            DISCOVERY_LEASES,
+        await when_jetstream_answers(
+            lambda: bus.provision(
+                BUCKETS[subjects.DATABASES_BUCKET],
+                BUCKETS[subjects.DISCOVERY_STATUS_BUCKET],
+                DISCOVERY_LEASES,
+            ),
+            wait=wait,
+            what="setting up discovery's buckets",
         )
         leases = Leases(
             bus,

@@ -28,7 +28,8 @@ from collections.abc import Awaitable, Sequence
 
 from prometheus_client.core import Metric
 
-from bus import BUCKETS, Bus, DatabaseResource, leases, subjects
+from bus import BUCKETS, BucketSpec, Bus, DatabaseResource, leases, subjects
+from bus.client import when_jetstream_answers
 from bus.errors import BusError
 from bus.settings import NatsConnection
 from dbservice.agent.config import AgentConfig
@@ -164,9 +165,11 @@ class Agent:
                 bus.replication = self.config.jetstream.replication()
             try:
                 if child is None:
-                    await bus.provision(BUCKETS[subjects.DB_SERVERS_BUCKET])
-                    if self.settings.managed_users.enabled:
-                        await bus.provision(leases.LEASES)
+                    await when_jetstream_answers(
+                        lambda: bus.provision(*self._buckets()),
+                        wait=self.config.nats.start_wait,
+                        what="setting up the agent's buckets",
+                    )
                 self.identity = AgentIdentity(
                     host_id=host_id,
                     hostname=self.settings.hostname,
@@ -355,6 +358,13 @@ class Agent:
             return 1
         logger.info("listener process stopped" if child is not None else "agent stopped")
         return 0
+
+    def _buckets(self) -> list[BucketSpec]:
+        """The buckets the agent writes, made at its start if missing."""
+        wanted = [BUCKETS[subjects.DB_SERVERS_BUCKET]]
+        if self.settings.managed_users.enabled:
+            wanted.append(leases.LEASES)
+        return wanted
 
     async def _start_diag(self, child: ListenerProcess | None) -> None:
         """The diagnostics listener (``db_service.diag_addr``): port + K in listener

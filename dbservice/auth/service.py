@@ -72,7 +72,7 @@ from bus.access import Identity, get_roles, get_user, list_aws_rules, provision_
 from bus.audit import Login, ensure_audit_stream
 from bus.aws_logins import claim_signature, provision_aws_logins
 from bus.callout import serve_callout
-from bus.client import FAILURES
+from bus.client import FAILURES, when_jetstream_answers
 from bus.joins import JoinedAgent
 from bus.settings import NatsConnection, NatsSettings
 from bus.totp import claim_step, provision_totp
@@ -113,6 +113,9 @@ from fleetgate.supervise import RootTasks
 
 logger = logging.getLogger(__name__)
 
+START_WAIT = 30.0
+"""Seconds the service keeps setting up its buckets at start while JetStream does not
+answer (a leader being elected, a stream being created on a busy cluster)."""
 BAD_CREDENTIALS = "invalid user name or password"
 UNAVAILABLE = (
     "the login service cannot reach NATS to check the {what} right now, so it accepts "
@@ -1029,13 +1032,19 @@ async def _run_auth(
         state["bus"] = bus
         if config.jetstream is not None:
             bus.replication = config.jetstream.replication()
-        await provision_access(bus)
-        await provision_totp(bus)
-        await login_failures.provision_login_failures(bus)
-        if config.aws is not None:
-            await provision_aws_logins(bus)
-        await bus.provision(joins.TOKENS, joins.AGENTS)
-        await ensure_audit_stream(bus, max_age=config.audit.max_age)
+
+        async def provision() -> None:
+            await provision_access(bus)
+            await provision_totp(bus)
+            await login_failures.provision_login_failures(bus)
+            if config.aws is not None:
+                await provision_aws_logins(bus)
+            await bus.provision(joins.TOKENS, joins.AGENTS)
+            await ensure_audit_stream(bus, max_age=config.audit.max_age)
+
+        await when_jetstream_answers(
+            provision, wait=START_WAIT, what="setting up the auth service's buckets"
+        )
         emitter = AuditEmitter.for_bus(bus, host_id=config.host_id, maxsize=config.audit.queue_size)
         credentials: NatsCredentials = no_nats_credentials
         if config.nats_callout is not None:

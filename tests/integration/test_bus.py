@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 
 from bus import Bus, BusUnavailable, DatabaseResource, DatabaseSpec, Metadata, subjects
+from bus.client import when_jetstream_answers
+from bus.errors import JetStreamUnavailable
 from bus.server import NatsServer, wait_port_free
 from bus.specs import BUCKETS, SPECS
 from bus.watch import Event
+from sandbox.ports import free_port
 
 
 def db(name: str, **labels: str) -> DatabaseResource:
@@ -179,9 +182,7 @@ async def test_watch_survives_nats_restart_without_loss_or_duplicates(
 
 
 async def test_connect_waits_for_a_starting_server_but_not_forever(tmp_path: Path) -> None:
-    with socket.socket() as probe:  # a free port, then nobody listening on it
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nobody listening on it
     url = f"nats://user:secret@127.0.0.1:{port}"
     with pytest.raises(BusUnavailable) as refused:
         await Bus.connect(url, name="nobody-there")
@@ -196,6 +197,62 @@ async def test_connect_waits_for_a_starting_server_but_not_forever(tmp_path: Pat
     finally:
         later.cancel()
         server.stop()
+
+
+async def test_a_start_waits_for_jetstream_to_answer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process's start sets up its buckets; JetStream that does not answer yet (a leaf
+    node's link being made, a leader election, a replicated stream being created on a
+    busy cluster: an agent of the sandbox once stopped at start on one lost answer) is
+    asked again, and the start goes on once it answers."""
+    port = free_port()
+    plain = NatsServer(tmp_path / "plain", port=port, jetstream=False).start()
+    bus = await Bus.connect(plain.url, name="starting", reconnect_wait=0.1)
+    started = asyncio.ensure_future(
+        when_jetstream_answers(
+            lambda: bus.provision(BUCKETS[subjects.DATABASES_BUCKET]),
+            wait=30,
+            what="setting up the buckets",
+        )
+    )
+    js = NatsServer(tmp_path / "js", port=port)
+    try:
+        await asyncio.sleep(2)
+        assert not started.done()  # no JetStream yet: it keeps asking
+        plain.stop()
+        await asyncio.to_thread(wait_port_free, "127.0.0.1", port)
+        js.start()  # the same address, now with JetStream
+        await asyncio.wait_for(started, 30)
+        assert (await bus.js.stream_info("KV_" + subjects.DATABASES_BUCKET)).config.name
+        warnings = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+        assert len(warnings) == 1, warnings  # said once, not per try
+        assert "setting up the buckets: no JetStream" in warnings[0]
+    finally:
+        started.cancel()
+        await bus.close()
+        plain.stop()
+        js.stop()
+
+
+async def test_a_start_gives_up_on_jetstream_that_never_answers(tmp_path: Path) -> None:
+    plain = NatsServer(tmp_path / "plain", jetstream=False).start()
+    bus = await Bus.connect(plain.url, name="starting")
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    try:
+        with pytest.raises(JetStreamUnavailable) as refused:
+            await when_jetstream_answers(
+                lambda: bus.provision(BUCKETS[subjects.DATABASES_BUCKET]),
+                wait=2,
+                what="setting up the buckets",
+            )
+        assert loop.time() - began >= 1.0  # it did ask again
+        assert f"no JetStream answers at {plain.url}" in str(refused.value)
+        assert "start nats-server with -js" in str(refused.value)
+    finally:
+        await bus.close()
+        plain.stop()
 
 
 class _EarlyMarkerWatcher:
