@@ -18,6 +18,7 @@ from dbservice.gateway.audit_spool import spool_dir
 from dbservice.route import RouteRefused
 from tests.e2e.test_agent_process import exited, start_agent
 from tests.kits.agent import wait_until
+from tests.kits.common import spooled
 from tests.kits.listener import RawSession, audit_events, make_fleet, static_db
 from tests.kits.proxy import serve_single_node
 
@@ -28,12 +29,6 @@ pytestmark = pytest.mark.timeout(120)
 def valkey_port(tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     for node in serve_single_node(tmp_path_factory.mktemp("valkey")):
         yield node.port
-
-
-def spooled(directory: Path) -> bytes:
-    if not directory.exists():
-        return b""
-    return b"".join(p.read_bytes() for p in sorted(directory.iterdir()) if p.name.startswith("seg"))
 
 
 async def test_a_killed_cut_off_agent_keeps_what_it_spooled(

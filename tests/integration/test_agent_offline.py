@@ -27,6 +27,7 @@ from dbservice.managed.passwords import ManagedPasswords
 from dbservice.managed.rotation import UserRef
 from dbservice.route import RouteRefused
 from tests.kits.agent import running_agent, wait_until
+from tests.kits.common import spooled
 from tests.kits.listener import (
     APP_PASSWORD,
     ROLES,
@@ -68,9 +69,7 @@ async def open_session(port: int, identity: Path, ca_pem: str) -> RawSession:
 
 
 def spooled_lines(directory: Path) -> int:
-    return sum(
-        p.read_bytes().count(b"\n") for p in directory.iterdir() if p.name.startswith("seg-")
-    )
+    return spooled(directory).count(b"\n")
 
 
 @pytest.mark.leaks(

@@ -81,3 +81,18 @@ def stopped_log(server: subprocess.Popen[str]) -> str:
     log = server.stderr.read()
     server.stderr.close()
     return log
+
+
+def spooled(directory: Path) -> bytes:
+    """What an agent's audit spool holds now: its segments' bytes, in order. A segment
+    the agent delivers and deletes while this reads counts as empty."""
+    if not directory.exists():
+        return b""
+    held = []
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith("seg-"):
+            try:
+                held.append(path.read_bytes())
+            except FileNotFoundError:
+                continue
+    return b"".join(held)
