@@ -747,9 +747,13 @@ class ClusterSession:
             self._wake = self._loop.create_future()
             await self._wake
         entry = entries.popleft()
-        if not self._room.is_set() and len(entries) <= self._limits.max_pending // 2:
-            self._room.set()
+        self._make_room()
         return entry
+
+    def _make_room(self) -> None:
+        """Let the reader go on once the queue is down to half of ``max_pending``."""
+        if not self._room.is_set() and len(self._entries) <= self._limits.max_pending // 2:
+            self._room.set()
 
     async def _write_client(self) -> None:
         try:
@@ -877,9 +881,7 @@ class ClusterSession:
             written += 1
         if written != self._written:
             self._written = written
-            room = self._room
-            if not room.is_set() and len(entries) <= self._limits.max_pending // 2:
-                room.set()
+            self._make_room()
 
     async def _park(self) -> None:
         """Wait until the writer has more to do than write plain replies: the links hand
