@@ -42,6 +42,7 @@ from bus.settings import (
 from bus.specs import BUCKETS, DB_SERVERS, SPECS, BucketSpec, Replication, describe_replication
 from bus.watch import Event, KvWatch, describe
 from fleetgate.aio import cancel_and_wait, cancellation_kept
+from fleetgate.backoff import backoff_delay
 
 logger = logging.getLogger(__name__)
 
@@ -596,7 +597,7 @@ async def when_jetstream_answers(step: Callable[[], Awaitable[R]], *, wait: floa
         try:
             return await step()
         except JetStreamUnavailable as exc:
-            delay = START_RETRY[min(attempt, len(START_RETRY) - 1)]
+            delay = backoff_delay(START_RETRY, attempt)
             left = deadline - loop.time()
             if left < delay:
                 raise
