@@ -61,7 +61,7 @@ class _Counter(PassThroughHooks):
         return None
 
 
-def _pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     edges = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
     return [data[a:b] for a, b in itertools.pairwise(edges) if b > a]
 
@@ -81,7 +81,7 @@ def run_proxy_engine(data: bytes, cuts: list[int], inspect: tuple[str, ...] = ()
     )
     error = None
     try:
-        for piece in _pieces(data, cuts):
+        for piece in pieces(data, cuts):
             parser.feed(piece)
     except ProtocolError as exc:
         error = exc.reply
@@ -101,7 +101,7 @@ def run_cluster_engine(data: bytes, cuts: list[int]) -> AgentView:
     out = bytearray()
     count = 0
     error = None
-    for piece in _pieces(data, cuts):
+    for piece in pieces(data, cuts):
         try:
             batch = reader.feed(piece)
         except ProtocolError as exc:

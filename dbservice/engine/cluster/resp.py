@@ -26,6 +26,7 @@ from typing import Final
 
 from dbservice.engine.proxy.errors import ProtocolError, UpstreamProtocolError, error_reply
 from dbservice.engine.proxy.framing import (
+    NATIVE_SCAN,
     SHORT_LINE,
     bulk_line,
     count_line,
@@ -313,8 +314,11 @@ class CommandReader:
     is copied once as it arrives, and its command's bytes are handed on in pieces around
     it, so completing it copies nothing large on the event loop."""
 
-    def __init__(self, limits: ProxyLimits) -> None:
+    def __init__(self, limits: ProxyLimits, *, native: bool = True) -> None:
         self._limits = limits
+        self._scan = NATIVE_SCAN.commands if native and NATIVE_SCAN is not None else None
+        """The native scanner's whole canonical commands (framing.py), when it is built:
+        it reads what it can and hands the rest to :meth:`_parse`'s Python reader."""
         self._short_counts = short_counts(limits.max_multibulk)
         self._short_bulks = short_bulks(limits.max_bulk)
         self._chunks: list[bytes] = []
@@ -424,7 +428,12 @@ class CommandReader:
         self._need = 0
         max_bulk = limits.max_bulk
         counts, bulks = self._short_counts, self._short_bulks
+        scan = self._scan
         while p < n:
+            if scan is not None:
+                p = scan(buf, p, out, limits.max_multibulk, max_bulk)
+                if p == n:
+                    break
             # A line found in the framing tables is valid; any other goes to the strict
             # count_line / bulk_line (dbservice/engine/proxy/framing.py).
             head = counts.get(buf[p : p + SHORT_LINE])

@@ -26,6 +26,7 @@ from typing import Final
 
 from .errors import ProtocolError, error_reply
 from .framing import (
+    NATIVE_SCAN,
     SHORT_LINE,
     bulk_line,
     count_line,
@@ -86,6 +87,7 @@ class CommandParser:
         local: Callable[[Local], None],
         pending: deque[Item],
         inspect: Iterable[str] = (),
+        native: bool = True,
     ) -> None:
         self._hooks = hooks
         self._on_command = hooks.on_command
@@ -101,6 +103,16 @@ class CommandParser:
         for name in wanted - {"*"}:
             self._special_names.setdefault(name, _INSPECT)
         self._names: dict[bytes, str] = {}
+        self._scan = (
+            NATIVE_SCAN.command
+            if native and NATIVE_SCAN is not None and self._default_spec == _INSPECT
+            else None
+        )
+        """When every command's arguments are read (``inspect=("*",)``): the native
+        scanner's whole canonical commands (framing.py), tried first on each command; it
+        reads names and values up to ``max_inspect`` (a longer name is the Python
+        reader's to refuse), anything else is left to the Python reader below it."""
+        self._scan_limits = (limits.max_multibulk, min(limits.max_bulk, limits.max_inspect))
         self._framed_names: dict[bytes, str] = {}
         """Command names as sent with the CR LF after them, canonical (upper case)."""
         self._hot = (
@@ -194,9 +206,26 @@ class CommandParser:
             bulk_end,
         ) = self._hot
         seen = 0
+        scan = self._scan
+        names = self._names
+        max_count, max_length = self._scan_limits
         try:
             while p < n:
                 start = p
+                if scan is not None and (got := scan(data, p, max_count, max_length)):
+                    # A whole command, canonically written: decided with its arguments
+                    # as the Python reader's _INSPECT case below decides it.
+                    argv, q = got
+                    name = names.get(argv[0]) or self._canonical(argv[0])
+                    if special.get(name, default_spec) == _INSPECT:
+                        seen += 1
+                        verdict = on_command(name, len(argv), argv)
+                        if verdict is not None:
+                            fwd = self._refused(data, fwd, start, q, name, verdict)
+                        else:
+                            append(name)
+                        p = q
+                        continue
                 # The first bytes of each line are looked up in the framing tables: a
                 # hit is a valid line, a miss goes to the strict functions (framing.py).
                 head = counts.get(data[p : p + SHORT_LINE])
@@ -235,8 +264,10 @@ class CommandParser:
                 if q + 2 > n:
                     break
                 # The name with its CR LF: a name seen before, properly ended.
-                name = framed_names.get(data[e : q + 2])
-                if name is None:
+                framed = framed_names.get(data[e : q + 2])
+                if framed is not None:
+                    name = framed
+                else:
                     if data[q] != 13 or data[q + 1] != 10:
                         raise ProtocolError("invalid CRLF in request")
                     name = self._canonical(data[e:q])
@@ -318,11 +349,7 @@ class CommandParser:
                             p = q
                             break
                 if verdict is not None:
-                    self.refused += 1
-                    if fwd < start:
-                        self._forward(data[fwd:start])
-                    self._local(Local(self._refusal(name, verdict)))
-                    fwd = q
+                    fwd = self._refused(data, fwd, start, q, name, verdict)
                     if self._args_left or self._bulk_left:
                         self._dropping = True
                 p = q
@@ -340,6 +367,15 @@ class CommandParser:
             self._forward(data)  # the whole read goes on: the common case
         else:
             self._finish(data, fwd, p, n)
+
+    def _refused(self, data: bytes, fwd: int, start: int, q: int, name: str, verdict: bytes) -> int:
+        """The command at ``data[start:q]`` is answered with ``verdict`` instead of
+        forwarded: what was allowed before it goes on first. Returns the new ``fwd``."""
+        self.refused += 1
+        if fwd < start:
+            self._forward(data[fwd:start])
+        self._local(Local(self._refusal(name, verdict)))
+        return q
 
     def _finish(self, data: bytes, fwd: int, p: int, n: int) -> None:
         """Send ``data[fwd:p]`` on, keep ``data[p:]`` for the next read."""
