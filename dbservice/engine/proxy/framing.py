@@ -20,10 +20,11 @@ the error the server gives when it does refuse.
 
 from __future__ import annotations
 
-import os
 from functools import cache
 from types import ModuleType
 from typing import NoReturn
+
+from fleetgate.native import native
 
 from .errors import ProtocolError
 
@@ -105,26 +106,14 @@ def _too_long(data: bytes, p: int, n: int, invalid: str, unended: str) -> NoRetu
 
 # -- the native scanner ----------------------------------------------------------------------
 #
-# ``_scan`` (_scan.c, built by ``pip install`` when a C compiler is there) reads whole
-# multibulk commands written the canonical way ("*<count>\r\n", then "$<length>\r\n",
-# the payload and "\r\n" per argument; counts and lengths without sign or leading zero,
-# within the reader's limits) and answers None for anything else, so the Python reader
-# below it decides everything that is not such a command, exactly as without it. Both
-# engines' readers take it when it is there; ``FLEETGATE_NATIVE_SCAN=0`` in the
-# environment turns it off (tests/unit/test_native_scan.py compares the two byte for byte).
+# ``_scan`` (_scan.c, see fleetgate/native.py) reads whole multibulk commands written the
+# canonical way ("*<count>\r\n", then "$<length>\r\n", the payload and "\r\n" per
+# argument; counts and lengths without sign or leading zero, within the reader's limits)
+# and answers None for anything else, so the Python reader below it decides everything
+# that is not such a command, exactly as without it. Both engines' readers take it when
+# it is built (tests/unit/test_native_scan.py compares them with and without it).
 
-
-def _native_scanner() -> ModuleType | None:
-    if os.environ.get("FLEETGATE_NATIVE_SCAN", "1") == "0":
-        return None
-    try:
-        from . import _scan
-    except ImportError:  # not built: no compiler or no Python headers at install
-        return None
-    return _scan
-
-
-NATIVE_SCAN: ModuleType | None = _native_scanner()
+NATIVE_SCAN: ModuleType | None = native("dbservice.engine.proxy._scan")
 """The native scanner, or None when it is not built or turned off."""
 
 
