@@ -67,7 +67,7 @@ from client import people
 from dbservice.access.ca import mtls_client_context
 from dbservice.route import EOF_SIGNAL, RouteRefused, cluster_node_id, encode_refusal, open_route
 from fleetgate import aio
-from fleetgate.aio import set_nodelay, stop_on_signals, take_buffered
+from fleetgate.aio import set_nodelay, stop_on_signals, take_over
 
 logger = logging.getLogger(__name__)
 
@@ -428,9 +428,8 @@ class _Relay(asyncio.Protocol):
         assert local is not None and done is not None
         agent = self.agent = cast(asyncio.Transport, writer.transport)
         self._agent_lost = asyncio.get_running_loop().create_future()
-        buffered, at_eof = take_buffered(reader), reader.at_eof()
         side = self._agent_side = _AgentSide(self, local)
-        agent.set_protocol(side)
+        buffered, at_eof = take_over(reader, agent, side)
         if done.done() or local.is_closing():
             return  # the client left while the route was being opened
         if buffered:

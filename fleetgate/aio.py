@@ -116,6 +116,20 @@ def take_buffered(reader: asyncio.StreamReader) -> bytes:
     return data
 
 
+def take_over(
+    reader: asyncio.StreamReader, transport: asyncio.BaseTransport, protocol: asyncio.BaseProtocol
+) -> tuple[bytes, bool]:
+    """Give a stream's transport to ``protocol`` (code that reads with callbacks from
+    then on): returns what the stream had received that nobody read (removed from it)
+    and whether it had seen the end. Both are read before the protocol changes, so no
+    byte is both left in the stream and delivered to ``protocol``: the caller handles
+    those bytes (and the end) before it resumes reading."""
+    buffered = take_buffered(reader)
+    at_eof = reader.at_eof()
+    transport.set_protocol(protocol)
+    return buffered, at_eof
+
+
 def set_nodelay(conn: asyncio.BaseTransport | asyncio.StreamWriter) -> None:
     """TCP_NODELAY on a TCP connection (a transport or a stream writer): a proxy writes
     each reply as soon as it has it, and Nagle's algorithm would hold small ones back."""

@@ -31,7 +31,7 @@ from typing import Final, cast
 from dbservice.engine.proxy.errors import UpstreamProtocolError
 from dbservice.engine.proxy.session import Streams
 from dbservice.engine.proxy.settings import ProxyLimits
-from fleetgate.aio import cancel_and_wait, take_buffered
+from fleetgate.aio import cancel_and_wait, take_over
 
 from .pieces import Pieces
 from .resp import FrameReader, Payload
@@ -302,9 +302,7 @@ class Link:
         assert self._writer is not None
         transport = self._writer.transport
         protocol = _Replies(FrameReader(self._limits), self._frames, self._pause, self._resume)
-        buffered = take_buffered(reader)
-        at_eof = reader.at_eof()
-        transport.set_protocol(protocol)
+        buffered, at_eof = take_over(reader, transport, protocol)
         self._transport = transport
         self._flush()  # what was sent while the connection was being opened
         if buffered:

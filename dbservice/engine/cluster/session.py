@@ -50,7 +50,7 @@ from dbservice.engine.proxy.halfclose import BLOCKING
 from dbservice.engine.proxy.hooks import SessionHooks
 from dbservice.engine.proxy.session import SessionStats, Streams
 from dbservice.engine.proxy.settings import BUFFER_FLOOR, CommandBuffers, ProxyLimits, ProxyTimeouts
-from fleetgate.aio import set_nodelay, take_buffered
+from fleetgate.aio import set_nodelay, take_over
 
 from .auth import ClientSetup
 from .commands import NOT_HERE, Handler
@@ -458,11 +458,11 @@ class ClusterSession:
         """The client's bytes come to :meth:`_client_data` from now on (its transport
         takes the session's protocol, :class:`_ClientInput`)."""
         reader, transport = self._client_reader, self._client_writer.transport
-        buffered = take_buffered(reader)
-        at_eof = reader.at_eof()
         stream = transport.get_protocol()
-        transport.set_protocol(
-            _ClientInput(stream, self._client_data, self._client_eof, self._client_lost)
+        buffered, at_eof = take_over(
+            reader,
+            transport,
+            _ClientInput(stream, self._client_data, self._client_eof, self._client_lost),
         )
         if buffered:
             self._input.append(buffered)

@@ -39,7 +39,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import cast
 
-from fleetgate.aio import set_nodelay, take_buffered
+from fleetgate.aio import set_nodelay, take_over
 
 from .commands import CommandParser
 from .errors import ProtocolError, UpstreamProtocolError, error_reply
@@ -271,9 +271,7 @@ class ProxySession:
                     tls=tls,
                 )
                 self._sides.append(side)
-                buffered = take_buffered(reader)
-                at_eof = reader.at_eof()
-                transport.set_protocol(side)
+                buffered, at_eof = take_over(reader, transport, side)
                 if buffered:
                     side.data_received(buffered)
                 if at_eof or transport.is_closing():
