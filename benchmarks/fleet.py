@@ -326,6 +326,16 @@ class Fleet:
         wait_port(port, "haproxy with TLS on both sides", self.procs["haproxy TLS"])
         return port
 
+    def python_tls_paths(self) -> list[str]:
+        """For a Python forwarder doing haproxy TLS's work (``benchmarks/proxy.py``'s
+        ``python TLS`` row): the agent's certificate and key, the fleet CA its clients'
+        certificates are checked against, and the stand-in front's CA."""
+        tls = self.tmp / "agent-tls"
+        return [
+            str(tls / "cert.pem"), str(tls / "key.pem"), str(self.identity / "ca.pem"),
+            str(self.tmp / "front" / "ca.crt"),
+        ]  # fmt: skip
+
     def _cluster_selection(self) -> dict[str, object]:
         """The agent's config for the registry's cluster: the matcher, the front's CA."""
         return {

@@ -17,6 +17,10 @@ Rows, measured side by side and interleaved round after round (median of the rou
 * ``haproxy TLS``: the peer proxy, haproxy in TCP mode (one thread) with TLS on both
   sides: mutual TLS from the client (the fleet CA), TLS to the stand-in's front; the
   same transport work as the agent, in C;
+* ``python TLS``: the same transport work in Python and nothing else: a minimal uvloop
+  forwarder (two ``asyncio.Protocol`` s copying bytes, as ``bare uvloop``) with mutual
+  TLS from the client and verified TLS to the stand-in's front, as haproxy TLS: the
+  least any Python agent pays per request on this machine before it reads a command;
 * ``agent cluster``: the same agent serving a MemoryDB cluster stand-in (3 shards, each
   valkey-server behind its TLS front) with the cluster engine, routed by the TLS server
   name ``default.bench-cluster.fleetgate``;
@@ -90,6 +94,7 @@ ROWS = (
     "direct TLS",
     "direct TLS cluster",
     "haproxy TLS",
+    "python TLS",
     "agent",
     "agent cluster",
     "db connect",
@@ -100,11 +105,14 @@ ROWS = (
     "nutcracker",
 )
 FLEET_ROWS = ("agent", "db connect", "direct TLS", "agent cluster", "direct TLS cluster",
-              "haproxy TLS")  # fmt: skip
+              "haproxy TLS", "python TLS")  # fmt: skip
 CLUSTER_ROWS = ("agent cluster", "direct TLS cluster")
-ISSUE18_ROWS = ("direct", "direct TLS", "direct TLS cluster", "haproxy TLS", "agent",
-                "agent cluster")  # fmt: skip
+ISSUE18_ROWS = ("direct", "direct TLS", "direct TLS cluster", "haproxy TLS", "python TLS",
+                "agent", "agent cluster")  # fmt: skip
 """``--rows issue18`` (and ``--quick``'s default): the rows issue 18's floors are read on."""
+PEERS = ("haproxy TLS", "python TLS")
+"""The rows doing the agent's transport work (mutual TLS in, verified TLS out) and nothing
+else: in C, and in Python."""
 ALIASES = {"stand-in TLS": "direct TLS"}
 
 
@@ -431,7 +439,9 @@ class _Pipe(asyncio.Protocol):
 
     async def _dial(self) -> None:
         try:
-            await asyncio.get_running_loop().create_connection(lambda: _Pipe(self), *_UPSTREAM)
+            await asyncio.get_running_loop().create_connection(
+                lambda: _Pipe(self), *_UPSTREAM, ssl=_UPSTREAM_TLS
+            )
         finally:
             _DIALS.discard(cast("asyncio.Task[None]", asyncio.current_task()))
 
@@ -455,14 +465,28 @@ class _Pipe(asyncio.Protocol):
 
 
 _UPSTREAM: tuple[str, int] = ("127.0.0.1", 0)
+_UPSTREAM_TLS: ssl.SSLContext | None = None
 _DIALS: set[asyncio.Task[None]] = set()
 
 
-async def _serve_bare(upstream_port: int) -> None:
-    global _UPSTREAM
+async def _serve_bare(upstream_port: int, tls: Sequence[str] = ()) -> None:
+    """The bare forwarder; with ``tls`` (cert, key, client CA, upstream CA) TLS on both
+    sides as haproxy TLS has it: client certificates required and checked against the
+    client CA, the upstream's chain verified against its CA (no host name, as haproxy's
+    ``verify required`` without ``verifyhost``)."""
+    global _UPSTREAM, _UPSTREAM_TLS
     _UPSTREAM = ("127.0.0.1", upstream_port)
+    server_tls = None
+    if tls:
+        cert, key, client_ca, upstream_ca = tls
+        server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_tls.load_cert_chain(cert, key)
+        server_tls.load_verify_locations(client_ca)
+        server_tls.verify_mode = ssl.CERT_REQUIRED
+        _UPSTREAM_TLS = ssl.create_default_context(cafile=upstream_ca)
+        _UPSTREAM_TLS.check_hostname = False
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(_Pipe, "127.0.0.1", 0)
+    server = await loop.create_server(_Pipe, "127.0.0.1", 0, ssl=server_tls)
     print(server.sockets[0].getsockname()[1], flush=True)
     await loop.run_in_executor(None, sys.stdin.read)
 
@@ -735,9 +759,9 @@ class _Proxy:
             self.process.kill()
 
 
-def _start_python(kind: str, name: str, upstream: int) -> _Proxy:
+def _start_python(kind: str, name: str, upstream: int, paths: Sequence[str] = ()) -> _Proxy:
     process = subprocess.Popen(
-        [sys.executable, __file__, "--_serve", kind, str(upstream)],
+        [sys.executable, __file__, "--_serve", kind, str(upstream), *paths],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
     )  # fmt: skip
     assert process.stdout is not None
@@ -804,7 +828,7 @@ def _assign_roles(proxies: list[_Proxy], node: Any, fleet: Fleet | None) -> None
             proxy.roles["proxy"] = (proxy.process.pid,)
         if proxy.name == "db connect" and fleet is not None:
             proxy.roles["tunnel"] = (fleet.pid("tunnel"),)
-        elif proxy.name in ("agent", "agent cluster", "haproxy TLS") and fleet is not None:
+        elif proxy.name in ("agent", "agent cluster", *PEERS) and fleet is not None:
             ids = fleet.identity
             proxy.tls = {
                 "cafile": str(ids / "ca.pem"), "cert": str(ids / "cert.pem"),
@@ -1061,6 +1085,11 @@ def main() -> int:
                     port = fleet.start_haproxy_tls()
                     pids = (fleet.pid("haproxy TLS"),)
                     proxies.append(_Proxy(name, port, extra=fleet.tls_args(), pids=pids))
+                elif name == "python TLS" and fleet is not None:
+                    paths = fleet.python_tls_paths()
+                    proxy = _start_python("bare-tls", name, fleet.front_port, paths)
+                    proxy.extra = fleet.tls_args()
+                    proxies.append(proxy)
                 elif name == "engine":
                     proxies.append(_start_python("engine", name, node.port))
                 elif name == "engine inspect=*":
@@ -1387,7 +1416,7 @@ def _floors(
     saturated = [
         f"{proxy.name} {op} P{pipeline}"
         for proxy in proxies
-        if proxy.name in ("agent", "agent cluster", "haproxy TLS")
+        if proxy.name in ("agent", "agent cluster", *PEERS)
         for (op, pipeline, n), results in proxy.results.items()
         if n == clients and _median_parts(results).get("rest", 0.0) >= LOAD_SIDE_FULL
     ]
@@ -1681,6 +1710,8 @@ if __name__ == "__main__":
         kind, upstream = sys.argv[2], int(sys.argv[3])
         if kind == "bare":
             uvloop.run(_serve_bare(upstream))
+        elif kind == "bare-tls":
+            uvloop.run(_serve_bare(upstream, tls=sys.argv[4:8]))
         else:
             uvloop.run(_serve_engine(upstream, inspect=kind == "inspect"))
     else:
