@@ -72,6 +72,11 @@ with the rest: joining would copy it whole on the event loop)."""
 LARGE_ARGUMENT: Final = 1 << 20
 """An argument this large that is still arriving is collected as it comes rather than
 joined once complete, and a command holding one is encoded in pieces."""
+RESUME_AFTER: Final = 64 * 1024
+"""A command still arriving whose whole arguments already take this many bytes keeps
+them apart (as :attr:`CommandReader._head`), so the next read goes on from its first
+missing argument instead of reading them all again: without it, a command of many
+small arguments sent slowly costs time that grows with the square of its size."""
 
 
 def encode_payload(args: Sequence[bytes]) -> Payload:
@@ -328,6 +333,11 @@ class CommandReader:
         self._large: _Large | None = None
         """A large argument arriving (every byte read goes to it first)."""
         self._head: tuple[list[bytes], tuple[bytes, ...], int] | None = None
+        self._head_next: tuple[list[bytes], tuple[bytes, ...], int] | None = None
+        """A :attr:`_head` made by the parse under way (:meth:`_stop`), taken up once the
+        parse is done (the one before it, if any, belongs to this parse's first command)."""
+        self._prefix = b""
+        """The ``*<left>`` line :meth:`_stop` puts before the bytes it keeps."""
         """A command whose large argument is whole but whose later arguments are still
         arriving: its arguments and bytes so far, and the length of the ``*<left>``
         line put before those later arguments so that they parse as one command."""
@@ -390,7 +400,8 @@ class CommandReader:
                 raise
             self.error = exc  # the commands before it still run; then the error
             self._chunks, self._size, self._need = [], 0, 1 << 62
-            self._large = self._head = None
+            self._large = self._head = self._head_next = None
+            self._prefix = b""
             return out
         if self._head is not None and len(out) > first:
             args, pieces, skip = self._head
@@ -398,12 +409,36 @@ class CommandReader:
             later, raw = out[first]
             assert isinstance(raw, bytes)
             out[first] = ([*args, *later], (*pieces, raw[skip:]))
+        if self._head_next is not None:
+            self._head, self._head_next = self._head_next, None
         rest = buf[p:]
+        if self._prefix:
+            rest, self._prefix = self._prefix + rest, b""
         self._chunks = [rest] if rest else []
         self._size = len(rest)
         if not rest:
             self._need = 0
         return out
+
+    def _stop(self, buf: bytes, p: int, q: int, args: list[bytes], argc: int, need: int) -> int:
+        """The command at ``p`` is not all here: its arguments before ``q`` are, and the
+        one at ``q`` needs ``need`` bytes from there (0: a line not all here). Returns
+        where the bytes kept for the next read start: ``p``, or, when what is read of
+        it is long (:data:`RESUME_AFTER`), ``q``, its arguments so far kept apart and a
+        ``*<left>`` line put before the rest so that it reads as one command."""
+        if q - p < RESUME_AFTER or not args:
+            self._need = q - p + need if need else 0
+            return p
+        before: list[bytes] = []
+        pieces: tuple[bytes, ...] = ()
+        skip = 0
+        if self._head is not None and p == 0:  # its arguments before these
+            before, pieces, skip = self._head
+            self._head = None
+        self._prefix = b"*%d\r\n" % (argc - len(args))
+        self._head_next = ([*before, *args], (*pieces, buf[p + skip : q]), len(self._prefix))
+        self._need = len(self._prefix) + need if need else 0
+        return q
 
     def _collect(
         self, buf: bytes, p: int, start: int, size: int, args: list[bytes], left: int
@@ -467,18 +502,17 @@ class CommandReader:
                     end = q + head[1]
                 else:
                     if q >= n:
-                        return p
+                        return self._stop(buf, p, q, args, argc, 0)
                     bulk = bulk_line(buf, q, n, max_bulk)
                     if bulk is None:
-                        return p
+                        return self._stop(buf, p, q, args, argc, 0)
                     size, start = bulk
                     end = start + size
                 if end + 2 > n:
                     if end - start >= LARGE_ARGUMENT:
                         left = argc - len(args) - 1
                         return self._collect(buf, p, start, end - start, args, left)
-                    self._need = end + 2 - p
-                    return p
+                    return self._stop(buf, p, q, args, argc, end + 2 - q)
                 if buf[end] != 13 or buf[end + 1] != 10:
                     raise ProtocolError("invalid CRLF in request")
                 args.append(buf[start:end])
