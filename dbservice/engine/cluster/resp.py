@@ -429,14 +429,15 @@ class CommandReader:
         if q - p < RESUME_AFTER or not args:
             self._need = q - p + need if need else 0
             return p
-        before: list[bytes] = []
+        self._prefix = b"*%d\r\n" % (argc - len(args))
         pieces: tuple[bytes, ...] = ()
         skip = 0
         if self._head is not None and p == 0:  # its arguments before these
             before, pieces, skip = self._head
             self._head = None
-        self._prefix = b"*%d\r\n" % (argc - len(args))
-        self._head_next = ([*before, *args], (*pieces, buf[p + skip : q]), len(self._prefix))
+            before.extend(args)  # in place: a copy per read would cost the square again
+            args = before
+        self._head_next = (args, (*pieces, buf[p + skip : q]), len(self._prefix))
         self._need = len(self._prefix) + need if need else 0
         return q
 
