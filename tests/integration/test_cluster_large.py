@@ -109,9 +109,10 @@ def test_commands_of_many_arguments_cut_anywhere(
     apart (RESUME_AFTER), once or several times, also around large arguments and
     before an argument whose payload is not all here: the arguments and the bytes
     handed on are those sent, wherever the reads cut."""
-    monkeypatch.setattr(resp, "RESUME_AFTER", rng_choice := random.Random(seed).choice([1, 8, 30]))
-    monkeypatch.setattr(resp, "LARGE_ARGUMENT", 40 if rng_choice > 1 else 1 << 20)
     rng = random.Random(seed)
+    resume_after = rng.choice([1, 8, 30])
+    monkeypatch.setattr(resp, "RESUME_AFTER", resume_after)
+    monkeypatch.setattr(resp, "LARGE_ARGUMENT", 40 if resume_after > 1 else 1 << 20)
     commands = []
     for _ in range(rng.randint(1, 4)):
         args = [rng.randbytes(rng.choice([0, 1, 3, 9, 20, 50])) for _ in range(rng.randint(1, 30))]
