@@ -333,14 +333,15 @@ class CommandReader:
         self._large: _Large | None = None
         """A large argument arriving (every byte read goes to it first)."""
         self._head: tuple[list[bytes], tuple[bytes, ...], int] | None = None
+        """A command whose large argument is whole (or whose arguments read so far are
+        long: :meth:`_stop`) but whose later arguments are still arriving: its arguments
+        and bytes so far, and the length of the ``*<left>`` line put before those later
+        arguments so that they parse as one command."""
         self._head_next: tuple[list[bytes], tuple[bytes, ...], int] | None = None
         """A :attr:`_head` made by the parse under way (:meth:`_stop`), taken up once the
         parse is done (the one before it, if any, belongs to this parse's first command)."""
         self._prefix = b""
         """The ``*<left>`` line :meth:`_stop` puts before the bytes it keeps."""
-        """A command whose large argument is whole but whose later arguments are still
-        arriving: its arguments and bytes so far, and the length of the ``*<left>``
-        line put before those later arguments so that they parse as one command."""
         self.error: ProtocolError | None = None
         """Malformed input met after the commands ``feed`` last returned."""
 
