@@ -30,6 +30,9 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from fleetgate.config import ConfigError, Strict, explain
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+START_WAIT: Final = 30.0
+"""Seconds a service's start keeps trying to reach NATS, and JetStream to answer, before
+it gives up (it may be starting beside them; the agent's ``nats.start_wait`` default)."""
 NATS_HELP = (  # every command's --nats
     "NATS server URL(s), comma-separated (default: FLEETGATE_NATS_SERVERS or "
     "FLEETGATE_NATS_URL, else nats://127.0.0.1:4222; TLS and credentials: "

@@ -13,7 +13,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from bus import BUCKETS, Bus, BusError, subjects
 from bus.client import when_jetstream_answers
-from bus.settings import NatsConnection
+from bus.settings import START_WAIT, NatsConnection
 from bus.specs import DISCOVERY_LEASES
 from discovery.aws.session import AwsSession
 from discovery.lease import Leases
@@ -27,9 +27,6 @@ from fleetgate.durations import format_duration
 from fleetgate.metrics import Check, DiagServer
 
 logger = logging.getLogger(__name__)
-
-START_WAIT = 30.0
-"""Seconds the service keeps trying to reach NATS at start before giving up."""
 
 
 async def run_discovery(

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from bus.labels import check_selector, is_valid_label_key
+from bus.settings import START_WAIT
 from bus.settings import NatsSettings as BusNatsSettings
 from dbservice.gateway.settings import (
     MAX_PROCESSES as MAX_PROCESSES,
@@ -37,7 +38,7 @@ class NatsSettings(BusNatsSettings):
     """How the agent reaches NATS (:class:`bus.settings.NatsSettings`), and for how long
     it tries at start."""
 
-    start_wait: Duration = 30.0
+    start_wait: Duration = START_WAIT
     """How long to keep trying to reach NATS at start (it may be starting beside us)."""
 
 

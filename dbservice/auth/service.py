@@ -74,7 +74,7 @@ from bus.aws_logins import claim_signature, provision_aws_logins
 from bus.callout import serve_callout
 from bus.client import FAILURES, when_jetstream_answers
 from bus.joins import JoinedAgent
-from bus.settings import NatsConnection, NatsSettings
+from bus.settings import START_WAIT, NatsConnection, NatsSettings
 from bus.totp import claim_step, provision_totp
 from dbservice.access.audit import AuditEmitter
 from dbservice.access.awsid import (
@@ -113,9 +113,6 @@ from fleetgate.supervise import RootTasks
 
 logger = logging.getLogger(__name__)
 
-START_WAIT = 30.0
-"""Seconds the service keeps setting up its buckets at start while JetStream does not
-answer (a leader being elected, a stream being created on a busy cluster)."""
 BAD_CREDENTIALS = "invalid user name or password"
 UNAVAILABLE = (
     "the login service cannot reach NATS to check the {what} right now, so it accepts "
