@@ -146,24 +146,36 @@ PyDoc_STRVAR(command_doc,
 "The whole, canonically written multibulk command at data[p:]: (arguments, where it\n"
 "ends); None for anything else (the Python reader decides).");
 
+/* The arguments every entry point takes: data (bytes) first, the start position at
+ * argv[1], the two limits at argv[limits_at]; `name` and `wanted` for the errors. */
+static int
+begin(PyObject *const *argv, Py_ssize_t nargs, Py_ssize_t wanted, Py_ssize_t limits_at,
+      const char *name, const char **buf, Py_ssize_t *n, Py_ssize_t *p,
+      long long *max_count, long long *max_length)
+{
+    if (nargs != wanted) {
+        PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments", name, wanted);
+        return -1;
+    }
+    if (!PyBytes_Check(argv[0])) {
+        PyErr_Format(PyExc_TypeError, "%s() needs bytes", name);
+        return -1;
+    }
+    *buf = PyBytes_AS_STRING(argv[0]);
+    *n = PyBytes_GET_SIZE(argv[0]);
+    if (start_at(argv[1], *n, p) < 0 || limits(argv, limits_at, max_count, max_length) < 0)
+        return -1;
+    return 0;
+}
+
 static PyObject *
 command(PyObject *module, PyObject *const *argv, Py_ssize_t nargs)
 {
     const char *buf;
     Py_ssize_t n, p, end;
     long long max_count, max_length, argc = 0;
-    PyObject *args, *out;
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "command() takes 4 arguments");
-        return NULL;
-    }
-    if (!PyBytes_Check(argv[0])) {
-        PyErr_SetString(PyExc_TypeError, "command() needs bytes");
-        return NULL;
-    }
-    buf = PyBytes_AS_STRING(argv[0]);
-    n = PyBytes_GET_SIZE(argv[0]);
-    if (start_at(argv[1], n, &p) < 0 || limits(argv, 2, &max_count, &max_length) < 0)
+    PyObject *args;
+    if (begin(argv, nargs, 4, 2, "command", &buf, &n, &p, &max_count, &max_length) < 0)
         return NULL;
     end = measure(buf, p, n, max_count, max_length, &argc);
     if (end < 0)
@@ -171,8 +183,7 @@ command(PyObject *module, PyObject *const *argv, Py_ssize_t nargs)
     args = arguments(buf, p, argc);
     if (args == NULL)
         return NULL;
-    out = Py_BuildValue("(Nn)", args, end);
-    return out;
+    return Py_BuildValue("(Nn)", args, end);
 }
 
 PyDoc_STRVAR(commands_doc,
@@ -188,19 +199,13 @@ commands(PyObject *module, PyObject *const *argv, Py_ssize_t nargs)
     Py_ssize_t n, p, end;
     long long max_count, max_length, argc = 0;
     PyObject *out;
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "commands() takes 5 arguments");
+    if (begin(argv, nargs, 5, 3, "commands", &buf, &n, &p, &max_count, &max_length) < 0)
         return NULL;
-    }
-    if (!PyBytes_Check(argv[0]) || !PyList_Check(argv[2])) {
-        PyErr_SetString(PyExc_TypeError, "commands() needs bytes and a list");
-        return NULL;
-    }
-    buf = PyBytes_AS_STRING(argv[0]);
-    n = PyBytes_GET_SIZE(argv[0]);
     out = argv[2];
-    if (start_at(argv[1], n, &p) < 0 || limits(argv, 3, &max_count, &max_length) < 0)
+    if (!PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "commands() needs a list to append to");
         return NULL;
+    }
     while ((end = measure(buf, p, n, max_count, max_length, &argc)) >= 0) {
         PyObject *args, *raw, *item;
         int failed;
